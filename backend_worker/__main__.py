@@ -1,0 +1,3 @@
+from backend_worker.main import main
+
+raise SystemExit(main())

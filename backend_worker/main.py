@@ -1,0 +1,159 @@
+"""Backend worker process: load the model, say READY, then compute batches until told to stop.
+
+The process is a supervised child (SGLang-style prologue): it dies with its parent, logs under
+its own name, and reports a start-up failure as a typed `Fatal` message before exiting, so the
+router can print why instead of timing out. ZeroMQ's own IO thread receives the next batch while
+this thread computes the current one, so the device does not wait on the socket.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+
+import msgspec
+import numpy as np
+import zmq
+
+from shared import protocol
+from shared.config import WorkerConfig
+from shared.logs import setup_logging
+from shared.modelinfo import load_model_info
+
+log = logging.getLogger("embedserve.worker")
+
+_PR_SET_PDEATHSIG = 1
+_POLL_MS = 200
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:  # not Linux: the poll loop's parent check still ends us
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def warmup_arrays(max_batch_tokens: int, max_len: int, packed: bool) -> protocol.BatchArrays:
+    """One batch costing exactly `max_batch_tokens` (or the most a padded batch can hold)."""
+    max_len = min(max_len, max_batch_tokens)
+    count, rest = divmod(max_batch_tokens, max_len)
+    lengths = [max_len] * count + ([rest] if packed and rest else [])
+    cu = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=cu[1:])
+    total = int(cu[-1])
+    positions = np.concatenate([np.arange(n, dtype=np.int32) for n in lengths])
+    # Token 0 is a valid id in every vocabulary; the values do not matter, the shapes do.
+    zeros = np.zeros(total, dtype=np.int32)
+    return protocol.BatchArrays(zeros, positions, zeros.copy(), cu)
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, socket: zmq.Socket) -> None:
+        self.config = config
+        self.socket = socket
+        self.stopping = False
+
+    def send(self, message: protocol.Message, *arrays: np.ndarray) -> None:
+        self.socket.send_multipart(protocol.encode(message, *arrays), copy=False)
+
+    def load(self):
+        import torch
+
+        from backend_worker.engine import Engine
+
+        info = load_model_info(self.config.model_dir, self.config.pooling, self.config.dense_path)
+        device = self.config.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype_name = self.config.dtype or ("float16" if device.startswith("cuda") else "float32")
+        engine = Engine.load(info, device=device, dtype=getattr(torch, dtype_name))
+        started = time.perf_counter()
+        engine.embed(warmup_arrays(
+            self.config.max_batch_tokens, info.max_input_length,
+            engine.cost_model is protocol.CostModel.PACKED,
+        ))
+        log.info("warm-up with %d tokens took %.0f ms", self.config.max_batch_tokens,
+                 (time.perf_counter() - started) * 1e3)
+        return info, engine
+
+    def serve(self, engine) -> None:
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        while True:
+            if not poller.poll(0 if self.stopping else _POLL_MS):
+                if self.stopping:
+                    return  # drained: nothing left to compute
+                if os.getppid() != self.config.parent_pid:
+                    log.error("router is gone; exiting")
+                    return
+                continue
+            frames = self.socket.recv_multipart(copy=False)
+            message, buffers = protocol.decode(frames)
+            if not isinstance(message, protocol.Batch):
+                raise RuntimeError(f"worker got an unexpected {type(message).__name__}")
+            self.compute(engine, message, buffers)
+
+    def compute(self, engine, batch: protocol.Batch, buffers: list[memoryview]) -> None:
+        started = time.perf_counter()
+        try:
+            pooled = engine.embed(protocol.batch_arrays(buffers))
+        except Exception as exc:
+            # One bad batch costs only its own requests; the worker keeps serving.
+            log.exception("batch %d failed", batch.batch_id)
+            self.send(protocol.Failed(batch.batch_id, f"inference failed: {exc}"))
+            return
+        pooled = np.ascontiguousarray(pooled, dtype=np.float32)
+        elapsed = (time.perf_counter() - started) * 1e3
+        self.send(protocol.Result(batch.batch_id, pooled.shape[0], pooled.shape[1], elapsed),
+                  pooled)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    config = msgspec.json.decode(argv[0], type=WorkerConfig)
+    _die_with_parent(config.parent_pid)
+    setup_logging(config.json_output, f"worker-{config.worker_id}")
+    context = zmq.Context()
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.IDENTITY, config.worker_id.encode())
+    socket.setsockopt(zmq.LINGER, 2000)
+    socket.connect(config.endpoint)
+    worker = Worker(config, socket)
+
+    def on_term(signum: int, frame: object) -> None:
+        log.info("signal %d: finishing received batches, then exiting", signum)
+        worker.stopping = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the router decides when we stop
+    try:
+        info, engine = worker.load()
+    except Exception as exc:
+        log.exception("cannot load the model")
+        worker.send(protocol.Fatal(config.worker_id, f"{type(exc).__name__}: {exc}"))
+        socket.close(linger=2000)
+        return 1
+    worker.send(protocol.Ready(
+        worker_id=config.worker_id,
+        pid=os.getpid(),
+        device=engine.device_name,
+        dtype=engine.dtype_name,
+        hidden_size=info.hidden_size,
+        embedding_dim=info.embedding_dim,
+        vocab_size=info.vocab_size,
+        max_positions=engine.max_positions,
+        cost_model=engine.cost_model,
+        outputs=[protocol.OutputKind.POOLED],
+    ))
+    log.info("ready on %s (%s)", engine.device_name, engine.dtype_name)
+    worker.serve(engine)
+    socket.close(linger=2000)
+    context.term()
+    return 0

@@ -1,0 +1,206 @@
+"""`embedserve` / `text-embeddings-router`: parse the config, start workers, serve HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+from hypercorn.asyncio import serve
+from hypercorn.config import Config as HypercornConfig
+
+from router.app import AppState, build_app
+from router.inputs import InputRules
+from router.schemas import EmbeddingModelType, Info, ModelType
+from router.service import InferenceService
+from router.tokenization import TokenizerPool
+from router.workers import WorkerPool
+from shared.config import ServerConfig, WorkerConfig, parse_config
+from shared.errors import ConfigError
+from shared.logs import setup_logging
+from shared.modelinfo import ModelInfo, load_model_info
+from shared.resolve import ResolvedModel, resolve_model
+
+log = logging.getLogger("embedserve")
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("embedserve")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0+local"
+
+
+def max_input_length(info: ModelInfo, config: ServerConfig) -> int:
+    """The model's limit, capped by the batch budget as TEI does (an entry must fit a batch)."""
+    limit = info.max_input_length
+    if limit <= config.max_batch_tokens:
+        return limit
+    if not config.auto_truncate:
+        raise ConfigError(
+            f"The maximum input length is `{limit}` which exceeds "
+            f"`--max-batch-tokens={config.max_batch_tokens}`. Either increase "
+            f"`--max-batch-tokens` to at least `{limit}`, or set `--auto-truncate true` so that "
+            f"longer inputs are truncated to `{config.max_batch_tokens}` tokens."
+        )
+    log.warning("the maximum input length %d exceeds --max-batch-tokens=%d: inputs are "
+                "truncated to %d tokens", limit, config.max_batch_tokens, config.max_batch_tokens)
+    return config.max_batch_tokens
+
+
+def default_prompt(info: ModelInfo, config: ServerConfig) -> str | None:
+    if config.default_prompt is not None:
+        return config.default_prompt
+    name = config.default_prompt_name or info.default_prompt_name
+    if name is None:
+        return None
+    if name not in info.prompts:
+        raise ConfigError(
+            f"`default-prompt-name` is set to `{name}` but it was not found in the Sentence "
+            f"Transformers prompts. Available prompts: {sorted(info.prompts)}"
+        )
+    return info.prompts[name]
+
+
+def build_info(config: ServerConfig, model: ResolvedModel, info: ModelInfo, dtype: str,
+               rules: InputRules) -> Info:
+    assert info.pooling is not None
+    return Info(
+        model_id=model.model_id,
+        model_sha=model.sha or config.revision,
+        model_dtype=dtype,
+        served_model_name=config.served_model_name or model.model_id,
+        model_type=ModelType(embedding=EmbeddingModelType(info.pooling.replace("-", "_"))),
+        max_concurrent_requests=config.max_concurrent_requests,
+        max_input_length=rules.max_input_length,
+        max_batch_tokens=config.max_batch_tokens,
+        max_batch_requests=config.max_batch_requests,
+        max_client_batch_size=config.max_client_batch_size,
+        auto_truncate=config.auto_truncate,
+        tokenization_workers=config.tokenizer_processes,
+        version=_version(),
+        sha=os.environ.get("EMBEDSERVE_GIT_SHA"),
+        docker_label=os.environ.get("DOCKER_LABEL"),
+        embedding_dimension=info.embedding_dim,
+        normalize_module=info.has_normalize,
+        dense_modules=[Path(d.path).name for d in info.dense],
+        prompts=info.prompts,
+        default_prompt=rules.default_prompt,
+        workers=[],
+    )
+
+
+async def run(config: ServerConfig) -> None:
+    model = resolve_model(config)
+    info = load_model_info(model.path, config.pooling, config.dense_path)
+    if info.pooling is None:
+        raise ConfigError(
+            "The `--pooling` arg is not set and we could not find a pooling configuration "
+            "(`1_Pooling/config.json`) for this model."
+        )
+    rules = InputRules(
+        max_input_length=max_input_length(info, config),
+        max_client_batch_size=config.max_client_batch_size,
+        vocab_size=info.vocab_size,
+        prompts=info.prompts,
+        default_prompt=default_prompt(info, config),
+    )
+    log.info("serving %s from %s: max input length %d, pooling %s", model.model_id, model.path,
+             rules.max_input_length, info.pooling)
+    runtime_dir = tempfile.mkdtemp(prefix=f"{Path(config.uds_path).name}-",
+                                   dir=str(Path(config.uds_path).parent))
+    worker_config = WorkerConfig(
+        worker_id="0",
+        endpoint=f"ipc://{runtime_dir}/workers.sock",
+        model_dir=str(model.path),
+        pooling=config.pooling,
+        dense_path=config.dense_path,
+        device=config.device,
+        dtype=config.dtype,
+        max_batch_tokens=config.max_batch_tokens,
+        parent_pid=os.getpid(),
+        json_output=config.json_output,
+    )
+    service: InferenceService | None = None
+    workers = WorkerPool([worker_config], on_change=lambda: service and service.wake())
+    try:
+        service = InferenceService(
+            rules=rules,
+            embedding_dim=info.embedding_dim,
+            max_concurrent_requests=config.max_concurrent_requests,
+            max_batch_tokens=config.max_batch_tokens,
+            max_batch_requests=config.max_batch_requests,
+            auto_truncate=config.auto_truncate,
+            position_offset=info.position_offset,
+            tokenizers=TokenizerPool(str(info.tokenizer_path), config.tokenizer_processes),
+            workers=workers,
+        )
+        # The worker reports the dtype it chose (device "auto"); /info shows that once known.
+        dtype = config.dtype or "float32"
+        app = build_app(AppState(config, service, build_info(config, model, info, dtype, rules)))
+        await _serve(app, config, service)
+    finally:
+        workers.close_now()
+        shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
+async def _serve(app, config: ServerConfig, service: InferenceService) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    hyper = HypercornConfig()
+    host = f"[{config.hostname}]" if ":" in config.hostname else config.hostname
+    hyper.bind = [f"{host}:{config.port}"]
+    hyper.accesslog = None
+    hyper.graceful_timeout = config.shutdown_grace
+    # The port opens at once; /health answers 503 until the workers are ready.
+    starting = loop.create_task(service.start(config.worker_ready_timeout))
+
+    async def shutdown_trigger() -> None:
+        waiter = loop.create_task(stop.wait())
+        await asyncio.wait({waiter, starting}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done() and starting.exception() is not None:
+            waiter.cancel()
+            return  # start-up failed: close the port now; the error is raised below
+        if starting.done():
+            log.info("ready")
+        await waiter
+        log.info("shutting down: draining in-flight requests (at most %.0f s)",
+                 config.shutdown_grace)
+        await service.drain(config.shutdown_grace)
+
+    try:
+        await serve(app, hyper, shutdown_trigger=shutdown_trigger)
+    finally:
+        if not starting.done():
+            starting.cancel()
+        await service.stop()
+    if not starting.cancelled() and starting.exception() is not None:
+        raise starting.exception()
+
+
+def main(argv: list[str] | None = None) -> int:
+    prog = Path(sys.argv[0]).name or "embedserve"
+    try:
+        config = parse_config(argv, prog=prog)
+    except ConfigError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.json_output, "router")
+    try:
+        import uvloop
+
+        uvloop.run(run(config))
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -1,0 +1,76 @@
+"""Where the error taxonomy meets HTTP: the one table of statuses and the JSON bodies."""
+
+from __future__ import annotations
+
+import logging
+
+import msgspec
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from shared.errors import EmbedServeError, ErrorType
+
+log = logging.getLogger(__name__)
+
+STATUS: dict[ErrorType, int] = {
+    ErrorType.VALIDATION: 422,
+    ErrorType.TOKENIZER: 422,
+    ErrorType.EMPTY: 400,
+    ErrorType.BACKEND: 424,
+    ErrorType.OVERLOADED: 429,
+    ErrorType.UNHEALTHY: 503,
+    ErrorType.BAD_REQUEST: 400,
+    ErrorType.UNAUTHORIZED: 401,
+    ErrorType.NOT_FOUND: 404,
+    ErrorType.METHOD_NOT_ALLOWED: 405,
+    ErrorType.PAYLOAD_TOO_LARGE: 413,
+    ErrorType.UNSUPPORTED_MEDIA_TYPE: 415,
+    ErrorType.INTERNAL: 500,
+}
+
+_BY_STATUS = {status: error_type for error_type, status in STATUS.items()
+              if error_type not in (ErrorType.VALIDATION, ErrorType.TOKENIZER, ErrorType.EMPTY)}
+_BY_STATUS[400] = ErrorType.BAD_REQUEST
+
+
+class ErrorBody(msgspec.Struct):
+    error: str
+    error_type: str
+
+
+# Seconds a client is told to wait after a 429; short, since permits free up per batch.
+RETRY_AFTER_SECONDS = "1"
+
+
+def error_response(error: EmbedServeError, headers: dict[str, str] | None = None) -> Response:
+    headers = dict(headers or {})
+    if error.error_type is ErrorType.OVERLOADED:
+        headers["retry-after"] = RETRY_AFTER_SECONDS
+    if error.error_type is ErrorType.UNAUTHORIZED:
+        headers["www-authenticate"] = "Bearer"
+    body = msgspec.json.encode(ErrorBody(error.message, error.error_type.value))
+    return Response(body, status_code=STATUS[error.error_type], headers=headers,
+                    media_type="application/json")
+
+
+async def handle_embedserve_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, EmbedServeError)
+    return error_response(exc)
+
+
+async def handle_unexpected(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(EmbedServeError(ErrorType.INTERNAL, "internal server error"))
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405 (and any HTTPException) in our JSON shape."""
+    assert isinstance(exc, HTTPException)
+    error_type = _BY_STATUS.get(exc.status_code)
+    if error_type is None:
+        raise RuntimeError(f"HTTP {exc.status_code} has no error type") from exc
+    message = {404: f"route {request.url.path} not found",
+               405: f"method {request.method} not allowed on {request.url.path}"}.get(
+        exc.status_code, str(exc.detail))
+    return error_response(EmbedServeError(error_type, message), dict(exc.headers or {}))

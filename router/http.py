@@ -1,0 +1,96 @@
+"""HTTP plumbing shared by the routes: bounded JSON bodies, request ids, auth, timing headers."""
+
+from __future__ import annotations
+
+import hmac
+import uuid
+from typing import TypeVar
+
+import msgspec
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from router.errors import error_response
+from shared.errors import EmbedServeError, ErrorType
+
+T = TypeVar("T")
+
+
+async def read_json(request: Request, schema: type[T], limit: int) -> T:
+    """Decode a JSON body into `schema`, refusing it past `limit` bytes without buffering it."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise EmbedServeError(ErrorType.UNSUPPORTED_MEDIA_TYPE,
+                              "Expected request with `Content-Type: application/json`")
+    too_large = EmbedServeError(ErrorType.PAYLOAD_TOO_LARGE,
+                                f"request body larger than the payload limit of {limit} bytes")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    try:
+        return msgspec.json.decode(body, type=schema)
+    except msgspec.ValidationError as exc:
+        raise EmbedServeError(
+            ErrorType.VALIDATION,
+            f"Failed to deserialize the JSON body into the target type: {exc}",
+        ) from None
+    except msgspec.DecodeError as exc:
+        raise EmbedServeError(
+            ErrorType.BAD_REQUEST, f"Failed to parse the request body as JSON: {exc}"
+        ) from None
+
+
+class RequestIdMiddleware:
+    """Give every request an id (the client's `x-request-id`, else a new one) and echo it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = Headers(scope=scope).get("x-request-id") or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)["x-request-id"] = request_id
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+# Routes that answer without a key: probes, metrics and the API description.
+OPEN_ROUTES = frozenset({"/health", "/ping", "/metrics", "/docs", "/openapi.json",
+                         "/api-doc/openapi.json"})
+
+
+class ApiKeyMiddleware:
+    """`Authorization: Bearer <key>` on every route but the open ones (and `GET /`)."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not self._open(scope):
+            given = Headers(scope=scope).get("authorization", "").encode()
+            if not hmac.compare_digest(given, self.expected):
+                message = ("missing Authorization header" if not given
+                           else "invalid API key in the Authorization header")
+                response = error_response(EmbedServeError(ErrorType.UNAUTHORIZED, message))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def _open(scope: Scope) -> bool:
+        path = scope["path"]
+        return path in OPEN_ROUTES or (path == "/" and scope["method"] in ("GET", "HEAD"))

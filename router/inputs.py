@@ -1,0 +1,133 @@
+"""Turning a request's `inputs` into validated, tokenized entries (TEI's rules and messages)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from router.tokenization import Encoded, TokenizerPool
+from shared.errors import empty, validation
+
+# TEI refuses (or cuts, when truncating) texts longer than this many characters per allowed
+# token before tokenizing, so a huge body cannot keep a tokenizer busy for seconds.
+CHARS_PER_TOKEN_LIMIT = 250
+
+
+@dataclass(frozen=True)
+class InputRules:
+    max_input_length: int
+    max_client_batch_size: int
+    vocab_size: int
+    prompts: dict[str, str]
+    default_prompt: str | None
+
+
+def as_input_list(inputs: str | list) -> list[str | list[int]]:
+    """`"a"` / `["a", "b"]` / `[1, 2]` / `[[1, 2], "b"]` -> a list of single inputs."""
+    if isinstance(inputs, str):
+        return [inputs]
+    if not inputs:
+        raise empty("`inputs` cannot be empty")
+    if all(isinstance(x, int) for x in inputs):
+        return [inputs]
+    if any(isinstance(x, int) for x in inputs):
+        raise validation(
+            "`inputs` must be a text, a list of token ids, or a list of texts and token-id "
+            "lists; it mixes bare token ids with other inputs"
+        )
+    return inputs
+
+
+def check_batch_size(count: int, rules: InputRules) -> None:
+    if count > rules.max_client_batch_size:
+        raise validation(
+            f"batch size {count} > maximum allowed batch size {rules.max_client_batch_size}"
+        )
+
+
+def resolve_prompt(prompt_name: str | None, rules: InputRules) -> str | None:
+    if prompt_name is None:
+        return rules.default_prompt
+    if not rules.prompts:
+        raise validation(
+            f"Input validation error: `prompt_name` is set to `{prompt_name}` but no prompts "
+            "were found in the Sentence Transformers configuration"
+        )
+    if prompt_name not in rules.prompts:
+        raise validation(
+            f"Input validation error: `prompt_name` is set to `{prompt_name}` but it was not "
+            f"found in the Sentence Transformers prompts. Available prompts: "
+            f"{sorted(rules.prompts)}"
+        )
+    return rules.prompts[prompt_name]
+
+
+def _too_long(length: int, rules: InputRules) -> Exception:
+    return validation(
+        f"Input validation error: `inputs` must have less than {rules.max_input_length} tokens. "
+        f"Given: {length}"
+    )
+
+
+def _token_ids(ids: list[int], truncate: bool, direction: str, rules: InputRules) -> Encoded:
+    # Token ids are used as given (no decode/re-encode round trip): only range and length checks.
+    array = np.asarray(ids, dtype=np.int64)
+    bad = (array < 0) | (array >= rules.vocab_size)
+    if bad.any():
+        raise validation(
+            f"Input validation error: token id {int(array[bad][0])} is out of range; the "
+            f"model's vocabulary has {rules.vocab_size} tokens"
+        )
+    if array.shape[0] > rules.max_input_length:
+        if not truncate:
+            raise _too_long(array.shape[0], rules)
+        keep = rules.max_input_length
+        array = array[-keep:] if direction == "left" else array[:keep]
+    ids32 = array.astype(np.int32)
+    return Encoded(ids32, np.zeros_like(ids32))
+
+
+async def tokenize_inputs(
+    inputs: list[str | list[int]],
+    *,
+    prompt: str | None,
+    explicit_prompt: bool,
+    truncate: bool,
+    direction: str,
+    rules: InputRules,
+    tokenizers: TokenizerPool,
+) -> tuple[list[Encoded], int]:
+    """Validate and tokenize; returns the encodings in input order and the characters counted."""
+    char_limit = rules.max_input_length * CHARS_PER_TOKEN_LIMIT
+    texts: list[str] = []
+    text_slots: list[int] = []
+    encoded: list[Encoded | None] = [None] * len(inputs)
+    characters = 0
+    for index, item in enumerate(inputs):
+        if len(item) == 0:
+            raise empty("Input validation error: `inputs` cannot be empty")
+        characters += len(item)
+        if isinstance(item, list):
+            if explicit_prompt:
+                raise validation("Input validation error: `prompt_name` cannot be used with "
+                                 "token-id inputs")
+            encoded[index] = _token_ids(item, truncate, direction, rules)
+            continue
+        if len(item) > char_limit:
+            if not truncate:
+                raise validation(
+                    f"Input validation error: `inputs` must have less than {char_limit} "
+                    f"characters. Given: {len(item)}"
+                )
+            item = item[-char_limit:] if direction == "left" else item[:char_limit]
+        texts.append(item if prompt is None else prompt + item)
+        text_slots.append(index)
+    if texts:
+        max_length = rules.max_input_length if truncate else None
+        for index, enc in zip(text_slots, await tokenizers.encode(texts, max_length, direction),
+                              strict=True):
+            if enc.ids.shape[0] > rules.max_input_length:
+                raise _too_long(enc.ids.shape[0], rules)
+            encoded[index] = enc
+    return [e for e in encoded if e is not None], characters

