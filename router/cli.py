@@ -159,6 +159,7 @@ async def _serve(app, config: ServerConfig, service: InferenceService) -> None:
     host = f"[{config.hostname}]" if ":" in config.hostname else config.hostname
     hyper.bind = [f"{host}:{config.port}"]
     hyper.accesslog = None
+    hyper.errorlog = logging.getLogger("hypercorn.error")  # our handlers, not a second one
     hyper.graceful_timeout = config.shutdown_grace
     # The port opens at once; /health answers 503 until the workers are ready.
     starting = loop.create_task(service.start(config.worker_ready_timeout))

@@ -30,7 +30,8 @@ def fresh_server(minilm_dir, tmp_path):
 
     def start(*args: str, model: Path | None = minilm_dir) -> Server:
         model_args = ("--model-id", str(model)) if model else ()
-        srv = Server(*model_args, "--max-batch-tokens", "4096", *args,
+        srv = Server(*model_args, "--max-batch-tokens", "4096", "--max-client-batch-size", "64",
+                     *args,
                      log_path=tmp_path / f"server{len(servers)}.log")
         servers.append(srv)
         return srv
