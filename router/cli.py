@@ -127,8 +127,7 @@ async def run(config: ServerConfig) -> None:
         parent_pid=os.getpid(),
         json_output=config.json_output,
     )
-    service: InferenceService | None = None
-    workers = WorkerPool([worker_config], on_change=lambda: service and service.wake())
+    workers = WorkerPool([worker_config])
     try:
         service = InferenceService(
             rules=rules,
@@ -141,6 +140,7 @@ async def run(config: ServerConfig) -> None:
             tokenizers=TokenizerPool(str(info.tokenizer_path), config.tokenizer_processes),
             workers=workers,
         )
+        workers.on_change = service.on_workers_changed
         # The worker reports the dtype it chose (device "auto"); /info shows that once known.
         dtype = config.dtype or "float32"
         app = build_app(AppState(config, service, build_info(config, model, info, dtype, rules)))

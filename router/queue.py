@@ -74,6 +74,12 @@ class TokenBudgetQueue:
             )
         self._entries.append(entry)
 
+    def clear(self) -> list[Entry]:
+        """Remove and return every waiting entry (to fail them when no worker can serve)."""
+        entries = [e for e in self._entries if not e.abandoned]
+        self._entries.clear()
+        return entries
+
     def take(self) -> list[Entry]:
         """Form the next batch (possibly empty when every waiting entry was abandoned)."""
         entries = self._entries

@@ -103,7 +103,14 @@ class InferenceService:
     def ready(self) -> bool:
         return self._queue is not None and self.workers.healthy and not self.draining
 
-    def wake(self) -> None:
+    def on_workers_changed(self) -> None:
+        """Called by the worker pool on every READY, result, failure and death."""
+        if self._queue is not None and not self.workers.any_ready:
+            # Waiting entries would wait for a restart that may take long or never succeed:
+            # fail them now, as a client would rather retry than hang.
+            for entry in self._queue.clear():
+                entry.future.set_exception(
+                    unhealthy("no backend worker is up (the worker died and is restarting)"))
         self._wake.set()
 
     async def drain(self, grace: float) -> None:
@@ -206,7 +213,7 @@ class InferenceService:
         ]
         for entry in entries:
             self._queue.put(entry)
-        self.wake()
+        self._wake.set()
         try:
             results = await asyncio.gather(*(e.future for e in entries))
         except BaseException:

@@ -9,14 +9,18 @@ model's limit (from ModelInfo) instead, with the side a request asks for.
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import NamedTuple
 
 import numpy as np
 
-from shared.errors import EmbedServeError, ErrorType
+from shared.errors import EmbedServeError, ErrorType, backend
+
+log = logging.getLogger(__name__)
 
 # Per-process state of a pool worker, set once by `_init`.
 _tokenizer = None
@@ -70,12 +74,16 @@ class TokenizerPool:
     """A fixed pool of tokenizer processes (spawned: forking a uvloop process is unsafe)."""
 
     def __init__(self, tokenizer_path: str, processes: int) -> None:
+        self._tokenizer_path = tokenizer_path
         self._processes = processes
-        self._executor = ProcessPoolExecutor(
-            max_workers=processes,
+        self._executor = self._new_executor()
+
+    def _new_executor(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            max_workers=self._processes,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init,
-            initargs=(tokenizer_path,),
+            initargs=(self._tokenizer_path,),
         )
 
     async def start(self) -> None:
@@ -90,7 +98,17 @@ class TokenizerPool:
     ) -> list[Encoded]:
         """Tokenize with special tokens; truncate to `max_length` on `direction` if given."""
         loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self._executor, _encode, texts, max_length, direction)
+        executor = self._executor
+        try:
+            result = await loop.run_in_executor(executor, _encode, texts, max_length, direction)
+        except BrokenProcessPool:
+            # A tokenizer process died (OOM killer, signal): replace the pool once, fail only
+            # the requests that were in it.
+            if self._executor is executor:
+                log.error("a tokenizer process died; restarting the tokenizer pool")
+                executor.shutdown(wait=False, cancel_futures=True)
+                self._executor = self._new_executor()
+            raise backend("a tokenizer process died while tokenizing this request") from None
         if result.error is not None:
             raise EmbedServeError(ErrorType.TOKENIZER, result.error)
         assert result.items is not None

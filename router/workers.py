@@ -87,10 +87,11 @@ def pack(entries: list[Entry]) -> protocol.BatchArrays:
 class WorkerPool:
     """Spawns, feeds, watches and restarts the backend workers."""
 
-    def __init__(self, configs: list[WorkerConfig], on_change: Callable[[], None]) -> None:
+    def __init__(self, configs: list[WorkerConfig]) -> None:
         self.workers = [WorkerHandle(c.worker_id, c) for c in configs]
         self._by_id = {w.id.encode(): w for w in self.workers}
-        self._on_change = on_change
+        # Told of every READY, result, failure and death (the scheduler wakes on it).
+        self.on_change: Callable[[], None] = lambda: None
         self._context = zmq.asyncio.Context()
         self._socket = self._context.socket(zmq.ROUTER)
         # A restarted worker reuses its identity; an unknown identity must fail loudly.
@@ -160,7 +161,7 @@ class WorkerPool:
         was = worker.state
         worker.state = WorkerState.DEAD
         self._fail_in_flight(worker, f"worker {worker.id} died ({how}) while computing")
-        self._on_change()
+        self.on_change()
         if self._stopping or was is WorkerState.STOPPING:
             log.info("worker %s stopped (%s)", worker.id, how)
             return
@@ -261,7 +262,7 @@ class WorkerPool:
                         ConfigError(f"the model cannot be served: {message.message}"))
             case _:
                 raise RuntimeError(f"router got an unexpected {type(message).__name__}")
-        self._on_change()
+        self.on_change()
 
     def _fail_in_flight(self, worker: WorkerHandle, message: str) -> None:
         batches, worker.in_flight = worker.in_flight, {}

@@ -172,3 +172,30 @@ def test_help_and_tei_alias():
     for flag in ("--model-id", "--max-batch-tokens", "--auto-truncate", "--payload-limit",
                  "MAX_CLIENT_BATCH_SIZE", "--device"):
         assert flag in result.stdout
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append((int(entry.name), cmdline))
+    return found
+
+
+def test_a_dead_tokenizer_process_costs_at_most_one_request(fresh_server):
+    srv = fresh_server("--tokenization-workers", "1").wait_healthy()
+    [tokenizer_pid] = [p for p, cmd in _children(srv.process.pid) if "spawn_main" in cmd]
+    os.kill(tokenizer_pid, signal.SIGKILL)
+    time.sleep(0.2)
+    statuses = [srv.client.post("/embed", json={"inputs": f"text {i}"}).status_code
+                for i in range(3)]
+    assert statuses.count(200) >= 2 and set(statuses) <= {200, 424}, statuses
+    assert statuses[-1] == 200
+    assert srv.client.get("/health").status_code == 200
