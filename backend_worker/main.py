@@ -8,7 +8,6 @@ this thread computes the current one, so the device does not wait on the socket.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -23,21 +22,11 @@ from shared import protocol
 from shared.config import WorkerConfig
 from shared.logs import setup_logging
 from shared.modelinfo import load_model_info
+from shared.process import die_with_parent
 
 log = logging.getLogger("embedserve.worker")
 
-_PR_SET_PDEATHSIG = 1
 _POLL_MS = 200
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:  # not Linux: the poll loop's parent check still ends us
-        pass
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 def warmup_arrays(max_batch_tokens: int, max_len: int, packed: bool) -> protocol.BatchArrays:
@@ -118,7 +107,7 @@ class Worker:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     config = msgspec.json.decode(argv[0], type=WorkerConfig)
-    _die_with_parent(config.parent_pid)
+    die_with_parent(config.parent_pid)
     setup_logging(config.json_output, f"worker-{config.worker_id}")
     context = zmq.Context()
     socket = context.socket(zmq.DEALER)

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import numpy as np
 
 from shared.errors import EmbedServeError, ErrorType, backend
+from shared.process import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,9 @@ class Encoding(NamedTuple):
     error: str | None
 
 
-def _init(tokenizer_path: str) -> None:
+def _init(tokenizer_path: str, parent_pid: int) -> None:
     global _tokenizer
+    die_with_parent(parent_pid)
     # One core per process: rayon threads inside each of N processes would oversubscribe.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from tokenizers import Tokenizer
@@ -83,7 +85,7 @@ class TokenizerPool:
             max_workers=self._processes,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init,
-            initargs=(self._tokenizer_path,),
+            initargs=(self._tokenizer_path, os.getpid()),
         )
 
     async def start(self) -> None:

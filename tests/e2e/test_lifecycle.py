@@ -199,3 +199,30 @@ def test_a_dead_tokenizer_process_costs_at_most_one_request(fresh_server):
     assert statuses.count(200) >= 2 and set(statuses) <= {200, 424}, statuses
     assert statuses[-1] == 200
     assert srv.client.get("/health").status_code == 200
+
+
+def test_workers_die_with_the_router(fresh_server):
+    srv = fresh_server().wait_healthy()
+    children = [pid for pid, _ in _children(srv.process.pid)]
+    assert len(children) >= 2  # the worker and the tokenizer processes
+    srv.process.kill()
+    srv.process.wait()
+
+    def all_gone() -> bool:
+        alive = []
+        for pid in children:
+            try:
+                os.kill(pid, 0)
+                alive.append(pid)
+            except ProcessLookupError:
+                pass
+        return not alive
+
+    wait_for(all_gone, timeout=15)
+
+
+def test_ready_timeout_is_a_clear_error(minilm_dir):
+    result = run_cli("--model-id", str(minilm_dir), "--port", "0",
+                     "--worker-ready-timeout", "0.2")
+    assert result.returncode == 1
+    assert "no worker became ready within" in result.stderr
