@@ -72,13 +72,14 @@ def _too_long(length: int, rules: InputRules) -> Exception:
 
 def _token_ids(ids: list[int], truncate: bool, direction: str, rules: InputRules) -> Encoded:
     # Token ids are used as given (no decode/re-encode round trip): only range and length checks.
-    array = np.asarray(ids, dtype=np.int64)
-    bad = (array < 0) | (array >= rules.vocab_size)
-    if bad.any():
+    # Checked on Python ints first: JSON allows ids past int64, which numpy would refuse.
+    bad = next((t for t in ids if t < 0 or t >= rules.vocab_size), None)
+    if bad is not None:
         raise validation(
-            f"Input validation error: token id {int(array[bad][0])} is out of range; the "
+            f"Input validation error: token id {bad} is out of range; the "
             f"model's vocabulary has {rules.vocab_size} tokens"
         )
+    array = np.asarray(ids, dtype=np.int64)
     if array.shape[0] > rules.max_input_length:
         if not truncate:
             raise _too_long(array.shape[0], rules)

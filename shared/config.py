@@ -152,7 +152,8 @@ class ServerConfig:
             raise ConfigError("--default-prompt and --default-prompt-name are mutually exclusive")
         for f in dataclasses.fields(self):
             later = f.metadata.get("later")
-            if later and getattr(self, f.name) not in (None, False):
+            value = getattr(self, f.name)
+            if later and value is not None and value is not False:
                 raise ConfigError(
                     f"--{f.name.replace('_', '-')} is not supported yet: {later} is not built. "
                     "Remove the flag (or its environment variable) to start."

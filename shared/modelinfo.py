@@ -128,6 +128,10 @@ def parse_pooling_config(cfg: dict[str, Any], where: Path) -> str:
 
 def parse_dense(module_dir: Path) -> DenseSpec:
     cfg = _read_json(module_dir / "config.json")
+    if cfg.get("use_residual"):
+        # sentence-transformers 6 can add the input back (with a projection when the sizes
+        # differ); serving it as a plain Dense would give silently wrong vectors.
+        raise ConfigError(f"{module_dir}: Dense with use_residual=true is not supported yet")
     act_path = cfg.get("activation_function") or "torch.nn.modules.linear.Identity"
     act = DENSE_ACTIVATIONS.get(_module_kind(act_path))
     if act is None:
@@ -169,9 +173,13 @@ def load_model_info(
     if not (root / "tokenizer.json").is_file():
         raise ConfigError(f"{root}: tokenizer.json not found (a fast tokenizer is required)")
     model_type = str(config.get("model_type", ""))
-    position_offset = (
-        int(config.get("pad_token_id", 1)) + 1 if model_type in POSITION_OFFSET_MODEL_TYPES else 0
-    )
+    position_offset = 0
+    if model_type in POSITION_OFFSET_MODEL_TYPES:
+        pad = config.get("pad_token_id", 1)  # transformers' default for these families
+        if not isinstance(pad, int):
+            raise ConfigError(f"{root}/config.json: {model_type} needs an integer pad_token_id "
+                              f"(position ids start after it), found {pad!r}")
+        position_offset = pad + 1
 
     modules = _optional_json(root / "modules.json") or []
     pooling: str | None = None
@@ -183,7 +191,8 @@ def load_model_info(
         if kind == "Transformer":
             continue
         if kind == "Pooling":
-            pooling = parse_pooling_config(_read_json(path / "config.json"), path)
+            if pooling_override is None:  # an override replaces the file, even one we refuse
+                pooling = parse_pooling_config(_read_json(path / "config.json"), path)
         elif kind == "Dense":
             dense.append(parse_dense(path))
         elif kind == "Normalize":

@@ -1,0 +1,127 @@
+"""The worker's compute: a loaded model plus pooling, turning a packed batch into vectors.
+
+The engine knows nothing about tokenization; it takes token ids, positions and token types as
+BatchArrays and returns float32 [n, embedding_dim]. Device, dtype and attention implementation
+are fixed in `Engine.load`; `embed` has no per-call decisions beyond the batch's shape.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from torch import nn
+
+from backend_worker.attention import Attention, select_attention
+from backend_worker.loading import checkpoint_files, load_strict
+from backend_worker.models import EncoderModel, model_class
+from backend_worker.pooling import Pooler
+from shared.modelinfo import ModelInfo
+from shared.protocol import BatchArrays, CostModel
+
+log = logging.getLogger(__name__)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class Engine:
+    """A model ready to embed packed batches on one device."""
+
+    def __init__(
+        self,
+        info: ModelInfo,
+        model: EncoderModel,
+        pooler: Pooler,
+        attention: Attention,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.info = info
+        self.model = model
+        self.pooler = pooler
+        self.attention = attention
+        self.device = device
+        self.dtype = dtype
+        self.cost_model: CostModel = attention.cost_model
+        self.dtype_name = _dtype_name(dtype)
+        self.device_name = str(device)
+        # Position ids index the model's table directly (any family offset is already in them).
+        self._position_rows = model.max_positions
+        # Tokens one sequence may hold: what the router may send after its offset.
+        self.max_positions = model.max_positions - info.position_offset
+        self._vocab_rows = int(info.vocab_size) or None
+        type_rows = info.config.get("type_vocab_size")
+        self._type_rows = int(type_rows) if type_rows else None
+
+    @classmethod
+    def load(
+        cls, info: ModelInfo, device: str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> Engine:
+        """Build the model through the registry and load its weights strictly."""
+        target = torch.device(device)
+        attention = select_attention(target)
+        model_cls = model_class(info.config)
+        # Built on the meta device: no random init of weights that the loader overwrites anyway
+        # (strict loading guarantees every tensor is filled), then materialised on the target.
+        with torch.device("meta"):
+            model = model_cls.from_config(info.config, attention)
+        assert isinstance(model, nn.Module)
+        model = model.to(dtype).to_empty(device=target)
+        load_strict(model, checkpoint_files(info.model_dir), model_cls.weight_map)
+        model.eval()
+        pooler = Pooler(info.pooling, info.dense)
+        pooler.load_dense()
+        pooler.to(target).eval()
+        log.info(
+            "loaded %s (%s) on %s in %s, attention %s",
+            model_cls.__name__, info.model_dir, target, _dtype_name(dtype), attention.name,
+        )
+        return cls(info, model, pooler, attention, target, dtype)  # type: ignore[arg-type]
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        # int32 on the wire; int64 for embedding lookups and index ops. astype copies, which also
+        # makes the (read-only, zero-copy) wire buffer safe to hand to torch.
+        return torch.from_numpy(array.astype(np.int64)).to(self.device, non_blocking=True)
+
+    def _check(self, arrays: BatchArrays) -> int:
+        """Invariants the router guarantees, checked on the host where an out-of-range index
+        is an exception (on CUDA it is a device assert that kills the worker). Returns max_len."""
+        lengths = np.diff(arrays.cu_seqlens)
+        if lengths.size == 0 or lengths.min() <= 0 or arrays.cu_seqlens[0] != 0:
+            raise ValueError("a batch needs >= 1 sequence and every sequence >= 1 token")
+        if arrays.input_ids.shape[0] != arrays.cu_seqlens[-1]:
+            raise ValueError("cu_seqlens does not cover input_ids")
+        for name, values, rows in (
+            ("input_ids", arrays.input_ids, self._vocab_rows),
+            ("position_ids", arrays.position_ids, self._position_rows),
+            ("token_type_ids", arrays.token_type_ids, self._type_rows),
+        ):
+            if values.min() < 0 or (rows is not None and values.max() >= rows):
+                raise ValueError(f"{name} out of range [0, {rows})")
+        return int(lengths.max())
+
+    def _forward(self, arrays: BatchArrays) -> tuple[torch.Tensor, torch.Tensor]:
+        max_len = self._check(arrays)
+        cu_seqlens = self._tensor(arrays.cu_seqlens)
+        meta = self.attention.prepare(cu_seqlens, max_len, arrays.input_ids.shape[0])
+        hidden = self.model(
+            self._tensor(arrays.input_ids),
+            self._tensor(arrays.position_ids),
+            self._tensor(arrays.token_type_ids),
+            meta,
+        )
+        return hidden, cu_seqlens
+
+    def hidden_states(self, arrays: BatchArrays) -> torch.Tensor:
+        """The model's last hidden state, flat [T, hidden] in the model dtype, on the device."""
+        with torch.inference_mode():
+            return self._forward(arrays)[0]
+
+    def embed(self, arrays: BatchArrays) -> np.ndarray:
+        """float32 [n, embedding_dim] for the n sequences of a packed batch (not normalised)."""
+        with torch.inference_mode():
+            hidden, cu_seqlens = self._forward(arrays)
+            return self.pooler(hidden, cu_seqlens).cpu().numpy()

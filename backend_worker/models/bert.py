@@ -1,0 +1,143 @@
+"""BERT (model_type "bert"): absolute positions, token types, post-norm encoder layers.
+
+Everything runs on flat [T, hidden] tensors; only attention sees the sequence boundaries.
+`WEIGHT_MAP` is the whole story of how Hugging Face BERT checkpoints name their tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Self
+
+import torch
+from torch import nn
+
+from backend_worker.attention import Attention
+from backend_worker.layers import MLP, SelfAttention, activation
+from backend_worker.loading import Rule, WeightMap
+from backend_worker.models.registry import register
+from shared.errors import ConfigError
+
+WEIGHT_MAP = WeightMap(
+    rules=(
+        Rule("embeddings.word_embeddings.weight", "embeddings.word.weight"),
+        Rule("embeddings.position_embeddings.weight", "embeddings.position.weight"),
+        Rule("embeddings.token_type_embeddings.weight", "embeddings.token_type.weight"),
+        Rule("embeddings.LayerNorm.{w}", "embeddings.norm.{w}"),
+        Rule("encoder.layer.{i}.attention.self.{part}.{w}", "layers.{i}.attention.qkv.{w}",
+             fuse=("query", "key", "value")),
+        Rule("encoder.layer.{i}.attention.output.dense.{w}", "layers.{i}.attention.out.{w}"),
+        Rule("encoder.layer.{i}.attention.output.LayerNorm.{w}", "layers.{i}.attention_norm.{w}"),
+        Rule("encoder.layer.{i}.intermediate.dense.{w}", "layers.{i}.mlp.up.{w}"),
+        Rule("encoder.layer.{i}.output.dense.{w}", "layers.{i}.mlp.down.{w}"),
+        Rule("encoder.layer.{i}.output.LayerNorm.{w}", "layers.{i}.mlp_norm.{w}"),
+    ),
+    # BertFor* checkpoints (MaskedLM, SequenceClassification, ...) nest the encoder in "bert.".
+    prefixes=("bert.",),
+    # TF-era checkpoints spell LayerNorm parameters gamma/beta.
+    normalize=((r"LayerNorm\.gamma$", "LayerNorm.weight"), (r"LayerNorm\.beta$", "LayerNorm.bias")),
+    ignore=(
+        r"pooler\..*",  # sentence-transformers never uses BERT's pooler
+        r"embeddings\.position_ids",  # a buffer older transformers saved
+        # Heads of BertFor* checkpoints, dropped until the worker serves them (a later issue
+        # maps them here instead): the encoder underneath is complete without them.
+        r"cls\..*",
+        r"classifier\..*",
+    ),
+)
+
+# Config values under which this implementation would silently compute something else.
+_UNSUPPORTED: dict[str, Any] = {"is_decoder": True, "add_cross_attention": True}
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, vocab: int, positions: int, types: int, hidden: int, eps: float) -> None:
+        super().__init__()
+        self.word = nn.Embedding(vocab, hidden)
+        self.position = nn.Embedding(positions, hidden)
+        self.token_type = nn.Embedding(types, hidden)
+        self.norm = nn.LayerNorm(hidden, eps=eps)
+
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: torch.Tensor
+    ) -> torch.Tensor:
+        x = self.word(input_ids) + self.token_type(token_type_ids) + self.position(position_ids)
+        return self.norm(x)
+
+
+class BertLayer(nn.Module):
+    """Post-norm: x = norm(x + attention(x)); x = norm(x + mlp(x))."""
+
+    def __init__(
+        self, hidden: int, heads: int, intermediate: int, act: str, eps: float,
+        attention: Attention,
+    ) -> None:
+        super().__init__()
+        self.attention = SelfAttention(hidden, heads, attention)
+        self.attention_norm = nn.LayerNorm(hidden, eps=eps)
+        self.mlp = MLP(hidden, intermediate, act)
+        self.mlp_norm = nn.LayerNorm(hidden, eps=eps)
+
+    def forward(self, x: torch.Tensor, meta: Any) -> torch.Tensor:
+        x = self.attention_norm(x + self.attention(x, meta))
+        return self.mlp_norm(x + self.mlp(x))
+
+
+@register(model_types=("bert",))
+class BertModel(nn.Module):
+    """BertModel's last hidden state, flat."""
+
+    weight_map: ClassVar[WeightMap] = WEIGHT_MAP
+
+    def __init__(
+        self, *, vocab_size: int, hidden_size: int, num_hidden_layers: int,
+        num_attention_heads: int, intermediate_size: int, max_position_embeddings: int,
+        type_vocab_size: int, hidden_act: str, layer_norm_eps: float, attention: Attention,
+    ) -> None:
+        super().__init__()
+        self.max_positions = max_position_embeddings
+        self.embeddings = BertEmbeddings(
+            vocab_size, max_position_embeddings, type_vocab_size, hidden_size, layer_norm_eps
+        )
+        self.layers = nn.ModuleList(
+            BertLayer(hidden_size, num_attention_heads, intermediate_size, hidden_act,
+                      layer_norm_eps, attention)
+            for _ in range(num_hidden_layers)
+        )
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], attention: Attention) -> Self:
+        for key, bad in _UNSUPPORTED.items():
+            if config.get(key) == bad:
+                raise ConfigError(f"config.json: BERT with {key}={bad!r} is not supported")
+        position_type = config.get("position_embedding_type", "absolute")
+        if position_type != "absolute":
+            raise ConfigError(
+                f"config.json: BERT position_embedding_type {position_type!r} is not supported "
+                "(supported: absolute)"
+            )
+        hidden_act = str(config.get("hidden_act", "gelu"))
+        activation(hidden_act, where="config.json: hidden_act")  # fail with the setting's name
+        try:
+            return cls(
+                vocab_size=int(config["vocab_size"]),
+                hidden_size=int(config["hidden_size"]),
+                num_hidden_layers=int(config["num_hidden_layers"]),
+                num_attention_heads=int(config["num_attention_heads"]),
+                intermediate_size=int(config["intermediate_size"]),
+                max_position_embeddings=int(config.get("max_position_embeddings", 512)),
+                type_vocab_size=int(config.get("type_vocab_size", 2)),
+                hidden_act=hidden_act,
+                layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
+                attention=attention,
+            )
+        except KeyError as exc:
+            raise ConfigError(f"config.json: BERT config lacks {exc.args[0]!r}") from exc
+
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: torch.Tensor,
+        meta: Any,
+    ) -> torch.Tensor:
+        x = self.embeddings(input_ids, position_ids, token_type_ids)
+        for layer in self.layers:
+            x = layer(x, meta)
+        return x

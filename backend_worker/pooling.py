@@ -1,0 +1,115 @@
+"""Pooling of flat hidden states into one vector per sequence, then the Dense stack.
+
+Works on the packed layout: hidden [T, hidden] and cu_seqlens [n + 1]. Reductions accumulate in
+float32 whatever the model dtype, and the Dense modules run in float32 (they are tiny).
+There is deliberately no normalisation here: the router normalises per request, so a request
+with normalize=false gets the vector sentence-transformers has before its Normalize module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from backend_worker.layers import activation
+from backend_worker.loading import DENSE_WEIGHT_MAP, checkpoint_files, load_strict
+from shared.errors import ConfigError
+from shared.modelinfo import DenseSpec
+
+PoolFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _segments(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Sequence index of every flat token: [0, 0, 0, 1, 1, 2, ...]."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    sequences = torch.arange(lengths.shape[0], device=cu_seqlens.device)
+    # output_size spares repeat_interleave a device sync to learn the total.
+    return torch.repeat_interleave(sequences, lengths, output_size=total)
+
+
+def pool_cls(
+    hidden: torch.Tensor, cu_seqlens: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
+    return hidden.index_select(0, cu_seqlens[:-1]).float()
+
+
+def pool_last_token(
+    hidden: torch.Tensor, cu_seqlens: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
+    return hidden.index_select(0, cu_seqlens[1:] - 1).float()
+
+
+def pool_mean(
+    hidden: torch.Tensor, cu_seqlens: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
+    segments = _segments(cu_seqlens, hidden.shape[0])
+    sums = hidden.new_zeros(lengths.shape[0], hidden.shape[1], dtype=torch.float32)
+    sums.index_add_(0, segments, hidden.float())
+    return sums / lengths.unsqueeze(1).to(torch.float32)
+
+
+def pool_max(
+    hidden: torch.Tensor, cu_seqlens: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
+    segments = _segments(cu_seqlens, hidden.shape[0])
+    out = hidden.new_empty(lengths.shape[0], hidden.shape[1], dtype=torch.float32)
+    index = segments.unsqueeze(1).expand(-1, hidden.shape[1])
+    # include_self=False: every sequence has >= 1 token, so each row is written by real values.
+    return out.scatter_reduce_(0, index, hidden.float(), reduce="amax", include_self=False)
+
+
+POOLERS: dict[str, PoolFn] = {
+    "cls": pool_cls,
+    "mean": pool_mean,
+    "max": pool_max,
+    "last-token": pool_last_token,
+}
+
+
+class DenseLayer(nn.Module):
+    """A sentence-transformers Dense module: Linear then activation."""
+
+    def __init__(self, spec: DenseSpec) -> None:
+        super().__init__()
+        self.linear = nn.Linear(spec.in_features, spec.out_features, bias=spec.bias)
+        self.act = activation(spec.activation, where=f"{spec.path}: Dense activation")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.linear(x))
+
+
+class Pooler(nn.Module):
+    """Pooling mode plus the Dense stack, as described by ModelInfo."""
+
+    def __init__(self, mode: str | None, dense: list[DenseSpec]) -> None:
+        super().__init__()
+        if mode == "splade":
+            raise ConfigError("splade pooling is not supported yet")
+        if mode is None:
+            raise ConfigError(
+                "the model has no sentence-transformers pooling config; pass --pooling "
+                f"(one of {', '.join(POOLERS)})"
+            )
+        if mode not in POOLERS:
+            raise ConfigError(
+                f"pooling {mode!r} is not supported (supported: {', '.join(POOLERS)})"
+            )
+        self.mode = mode
+        self._pool = POOLERS[mode]
+        self.dense = nn.ModuleList(DenseLayer(spec) for spec in dense)
+        self._specs = list(dense)
+
+    def load_dense(self) -> None:
+        """Fill the Dense layers from their module directories, strictly."""
+        for spec, layer in zip(self._specs, self.dense, strict=True):
+            load_strict(layer.linear, checkpoint_files(spec.path), DENSE_WEIGHT_MAP)
+
+    def forward(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """hidden [T, hidden] (any float dtype), cu_seqlens int64 [n + 1] -> float32 [n, dim]."""
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        x = self._pool(hidden, cu_seqlens, lengths)
+        for layer in self.dense:
+            x = layer(x)
+        return x

@@ -1,0 +1,172 @@
+"""BERT parity: our Engine against transformers (hidden states) and sentence-transformers
+(pooled vectors), on tiny random checkpoints built offline, fp32 on CPU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from backend_worker.engine import Engine
+from shared.modelinfo import load_model_info
+from tests.fixtures.tiny import make_tiny_bert, pack, save_bert_weights, write_tokenizer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TEXTS: list[str | tuple[str, str]] = [
+    "The weather is lovely today.",
+    "hi",
+    ("what is the capital of france?", "Paris is the capital and largest city of France."),
+    "A much longer input, with punctuation; digits 0123456789 and MiXeD case: it spans "
+    "well over forty word pieces so that padding inside the batch is substantial.",
+    ("short", "pair"),
+]
+HIDDEN_TOL = 1e-4
+POOLED_TOL = 1e-5
+
+
+def hf_last_hidden(model_dir: Path, ids: list[list[int]], types: list[list[int]]) -> torch.Tensor:
+    """transformers' last_hidden_state for the inputs, flattened without padding."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(model_dir)).eval()
+    width = max(map(len, ids))
+    input_ids = torch.zeros(len(ids), width, dtype=torch.long)
+    token_types = torch.zeros_like(input_ids)
+    mask = torch.zeros_like(input_ids)
+    for row, (seq, seq_types) in enumerate(zip(ids, types, strict=True)):
+        input_ids[row, : len(seq)] = torch.tensor(seq)
+        token_types[row, : len(seq)] = torch.tensor(seq_types)
+        mask[row, : len(seq)] = 1
+    with torch.no_grad():
+        out = model(input_ids=input_ids, attention_mask=mask, token_type_ids=token_types)
+    return out.last_hidden_state[mask.bool()]
+
+
+def token_types(arrays, ids: list[list[int]]) -> list[list[int]]:
+    cu = arrays.cu_seqlens
+    return [arrays.token_type_ids[cu[i] : cu[i + 1]].tolist() for i in range(len(ids))]
+
+
+def bare_model(root: Path, **weights_kwargs) -> Path:
+    """tokenizer + config + weights, no sentence-transformers files (pooling given explicitly)."""
+    root.mkdir(parents=True)
+    write_tokenizer(root, 128)
+    save_bert_weights(root, **weights_kwargs)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("case", "weights_kwargs"),
+    [
+        ("base", {}),
+        ("sharded", {"sharded": True}),
+        ("bin", {"bin_format": True}),
+        ("sharded-bin", {"sharded": True, "bin_format": True}),
+        ("masked-lm-prefix", {"architecture": "BertForMaskedLM"}),
+        ("gelu_new", {"overrides": {"hidden_act": "gelu_new"}}),
+        ("relu", {"overrides": {"hidden_act": "relu"}}),
+        ("silu", {"overrides": {"hidden_act": "silu"}}),
+    ],
+)
+def test_hidden_states_match_transformers(tmp_path: Path, case: str, weights_kwargs: dict) -> None:
+    root = bare_model(tmp_path / case, **weights_kwargs)
+    engine = Engine.load(load_model_info(root, pooling_override="mean"))
+    arrays, ids = pack(root, TEXTS)
+    assert len(set(map(len, ids))) == len(ids), "inputs must differ in length"
+    assert arrays.token_type_ids.max() == 1, "pairs must exercise token type 1"
+    ours = engine.hidden_states(arrays)
+    ref = hf_last_hidden(root, ids, token_types(arrays, ids))
+    diff = (ours - ref).abs().max().item()
+    print(f"{case}: max abs diff of last hidden state {diff:.2e}")
+    assert diff <= HIDDEN_TOL
+
+
+ST_CASES = [
+    # (id, make_tiny_bert kwargs)
+    ("mean-v6", {"pooling": "mean"}),
+    ("cls-dense-v6", {"pooling": "cls", "dense_out": 16}),
+    ("max-v6", {"pooling": "max"}),
+    ("lasttoken-v6", {"pooling": "lasttoken"}),
+    ("mean-classic", {"pooling": "mean", "st_format": "classic"}),
+    ("cls-dense-classic", {"pooling": "cls", "dense_out": 16, "st_format": "classic"}),
+    ("max-classic", {"pooling": "max", "st_format": "classic"}),
+    ("mean-v6-sharded", {"pooling": "mean", "sharded": True}),
+    ("mean-classic-bin", {"pooling": "mean", "st_format": "classic", "bin_format": True}),
+    ("cls-dense-v6-sharded-bin",
+     {"pooling": "cls", "dense_out": 16, "sharded": True, "bin_format": True}),
+]
+
+
+@pytest.fixture(scope="module", params=ST_CASES, ids=[c[0] for c in ST_CASES])
+def st_model(request, tmp_path_factory) -> Path:
+    name, kwargs = request.param
+    return make_tiny_bert(tmp_path_factory.mktemp("st") / name, **kwargs)
+
+
+def st_encode(model_dir: Path, texts: list[str], normalized: bool) -> np.ndarray:
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize
+
+    model = SentenceTransformer(str(model_dir), device="cpu")
+    assert isinstance(model[-1], Normalize), "the fixture ends with Normalize"
+    if not normalized:
+        # Our worker returns the vector before Normalize (the router normalises per request).
+        model = SentenceTransformer(modules=list(model)[:-1], device="cpu")
+    return model.encode(texts, normalize_embeddings=False, convert_to_numpy=True, batch_size=64)
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_pooled_matches_sentence_transformers(st_model: Path) -> None:
+    texts = [t for t in TEXTS if isinstance(t, str)]
+    info = load_model_info(st_model)
+    engine = Engine.load(info)
+    arrays, _ = pack(st_model, texts, max_length=info.max_input_length)
+    ours = engine.embed(arrays)
+    assert ours.dtype == np.float32
+    assert ours.shape == (len(texts), info.embedding_dim)
+
+    ref = st_encode(st_model, texts, normalized=False)
+    diff = float(np.abs(ours - ref).max())
+    print(f"{st_model.name}: max abs diff of pooled vector {diff:.2e}")
+    assert cosine_rows(ours, ref).min() >= 0.99999
+    assert diff <= POOLED_TOL
+
+    # And what a client gets with normalize=true: ours normalised vs the full pipeline.
+    normalized = ours / np.linalg.norm(ours, axis=1, keepdims=True)
+    assert np.abs(normalized - st_encode(st_model, texts, normalized=True)).max() <= POOLED_TOL
+
+
+def test_batch_invariance(st_model: Path) -> None:
+    engine = Engine.load(load_model_info(st_model))
+    together = engine.embed(pack(st_model, TEXTS)[0])
+    for row, item in enumerate(TEXTS):
+        alone = engine.embed(pack(st_model, [item])[0])
+        assert np.abs(alone[0] - together[row]).max() <= 1e-5, item
+
+
+def test_engine_attributes(tmp_path: Path) -> None:
+    root = make_tiny_bert(tmp_path / "m", pooling="cls", dense_out=8)
+    engine = Engine.load(load_model_info(root))
+    assert engine.cost_model.value == "padded"
+    assert engine.dtype_name == "float32"
+    assert engine.device_name == "cpu"
+    assert engine.max_positions == 128
+    arrays, _ = pack(root, ["hello world"])
+    assert engine.embed(arrays).shape == (1, 8)
+
+
+def test_out_of_range_ids_fail_loudly(tmp_path: Path) -> None:
+    root = make_tiny_bert(tmp_path / "m")
+    engine = Engine.load(load_model_info(root))
+    arrays, _ = pack(root, ["hello world"])
+    too_far = arrays._replace(position_ids=arrays.position_ids + 127)
+    with pytest.raises(ValueError, match="position_ids"):
+        engine.embed(too_far)
+

