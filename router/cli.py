@@ -15,6 +15,7 @@ from pathlib import Path
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
 
+from router import tasks
 from router.app import AppState, build_app
 from router.inputs import InputRules
 from router.schemas import EmbeddingModelType, Info, ModelType
@@ -204,4 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    if tasks.failures:
+        log.error("stopped because %s failed", ", ".join(tasks.failures))
+        return 1
     return 0

@@ -24,6 +24,7 @@ from router.inputs import (
 )
 from router.queue import Entry, TokenBudgetQueue
 from router.schemas import EmbedRequest
+from router.tasks import start_supervised
 from router.tokenization import TokenizerPool
 from router.workers import WorkerPool
 from shared.errors import overloaded, unhealthy, validation
@@ -96,8 +97,7 @@ class InferenceService:
         self._queue = TokenBudgetQueue(
             self.max_batch_tokens, self.max_batch_requests, ready.cost_model
         )
-        self._scheduler = asyncio.get_running_loop().create_task(self._schedule())
-        self._scheduler.add_done_callback(self._scheduler_done)
+        self._scheduler = start_supervised(self._schedule(), "the batch scheduler")
 
     @property
     def ready(self) -> bool:
@@ -127,11 +127,6 @@ class InferenceService:
             self._scheduler.cancel()
         await self.workers.stop()
         self.tokenizers.close()
-
-    def _scheduler_done(self, task: asyncio.Task) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.critical("the scheduler failed", exc_info=task.exception())
-            raise SystemExit(1)
 
     async def _schedule(self) -> None:
         assert self._queue is not None

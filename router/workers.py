@@ -26,6 +26,7 @@ import zmq
 import zmq.asyncio
 
 from router.queue import Entry
+from router.tasks import start_supervised
 from shared import protocol
 from shared.config import WorkerConfig
 from shared.errors import ConfigError, backend
@@ -101,7 +102,7 @@ class WorkerPool:
         self._socket.bind(configs[0].endpoint)
         self._next_batch_id = 0
         self._stopping = False
-        self._tasks: set[asyncio.Task] = set()
+        self._receiver: asyncio.Task | None = None
         self._first_ready: asyncio.Future[protocol.Ready] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -110,7 +111,7 @@ class WorkerPool:
         """Spawn every worker; return the first READY. Raise ConfigError if none comes."""
         loop = asyncio.get_running_loop()
         self._first_ready = loop.create_future()
-        self._spawn_task(self._receive_loop())
+        self._receiver = start_supervised(self._receive_loop(), "the worker receive loop")
         for worker in self.workers:
             self._spawn(worker)
         try:
@@ -127,18 +128,6 @@ class WorkerPool:
     @property
     def any_ready(self) -> bool:
         return any(w.state is WorkerState.READY for w in self.workers)
-
-    def _spawn_task(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            # A supervisor task must never fail unobserved: that is how requests hang.
-            log.critical("worker supervision failed", exc_info=task.exception())
-            os.kill(os.getpid(), signal.SIGTERM)
 
     def _spawn(self, worker: WorkerHandle) -> None:
         worker.state = WorkerState.STARTING
@@ -189,8 +178,8 @@ class WorkerPool:
                 log.warning("worker %s did not stop in time; killing it", worker.id)
                 worker.process.kill()
                 worker.process.wait()
-        for task in list(self._tasks):
-            task.cancel()
+        if self._receiver is not None:
+            self._receiver.cancel()
         self._socket.close(linger=0)
         self._context.term()
 
