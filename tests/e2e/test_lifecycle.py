@@ -226,3 +226,14 @@ def test_ready_timeout_is_a_clear_error(minilm_dir):
                      "--worker-ready-timeout", "0.2")
     assert result.returncode == 1
     assert "no worker became ready within" in result.stderr
+
+
+def test_more_inputs_than_permits_is_429_at_once(fresh_server):
+    srv = fresh_server("--max-concurrent-requests", "2").wait_healthy()
+    started = time.monotonic()
+    response = srv.client.post("/embed", json={"inputs": ["a", "b", "c"]})
+    assert time.monotonic() - started < 1.0
+    assert response.status_code == 429
+    assert response.json() == {"error": "Model is overloaded", "error_type": "Overloaded"}
+    assert response.headers["retry-after"] == "1"
+    assert srv.client.post("/embed", json={"inputs": ["a", "b"]}).status_code == 200
