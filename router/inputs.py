@@ -131,4 +131,5 @@ async def tokenize_inputs(
             if enc.ids.shape[0] > rules.max_input_length:
                 raise _too_long(enc.ids.shape[0], rules)
             encoded[index] = enc
-    return [e for e in encoded if e is not None], characters
+    assert all(e is not None for e in encoded), "every input is either ids or text"
+    return encoded, characters  # type: ignore[return-value]
