@@ -27,6 +27,7 @@ from shared.process import die_with_parent
 log = logging.getLogger("embedserve.worker")
 
 _POLL_MS = 200
+_HEARTBEAT_S = 1.0
 
 
 def warmup_arrays(max_batch_tokens: int, max_len: int, packed: bool) -> protocol.BatchArrays:
@@ -48,6 +49,7 @@ class Worker:
         self.config = config
         self.socket = socket
         self.stopping = False
+        self.warmup_ms = 0.0
 
     def send(self, message: protocol.Message, *arrays: np.ndarray) -> None:
         self.socket.send_multipart(protocol.encode(message, *arrays), copy=False)
@@ -58,9 +60,13 @@ class Worker:
         from backend_worker.engine import Engine
 
         info = load_model_info(self.config.model_dir, self.config.pooling, self.config.dense_path)
+        if self.config.threads is not None:
+            torch.set_num_threads(self.config.threads)
         device = self.config.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda:"):
+            torch.cuda.set_device(torch.device(device))  # this process owns this one GPU
         dtype_name = self.config.dtype or ("float16" if device.startswith("cuda") else "float32")
         engine = Engine.load(info, device=device, dtype=getattr(torch, dtype_name))
         started = time.perf_counter()
@@ -68,13 +74,15 @@ class Worker:
             self.config.max_batch_tokens, info.max_input_length,
             engine.cost_model is protocol.CostModel.PACKED,
         ))
+        self.warmup_ms = (time.perf_counter() - started) * 1e3
         log.info("warm-up with %d tokens took %.0f ms", self.config.max_batch_tokens,
-                 (time.perf_counter() - started) * 1e3)
+                 self.warmup_ms)
         return info, engine
 
     def serve(self, engine) -> None:
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
+        last_sent = time.monotonic()
         while True:
             if not poller.poll(0 if self.stopping else _POLL_MS):
                 if self.stopping:
@@ -82,12 +90,16 @@ class Worker:
                 if os.getppid() != self.config.parent_pid:
                     log.error("router is gone; exiting")
                     return
+                if time.monotonic() - last_sent >= _HEARTBEAT_S:
+                    self.send(protocol.Heartbeat())
+                    last_sent = time.monotonic()
                 continue
             frames = self.socket.recv_multipart(copy=False)
             message, buffers = protocol.decode(frames)
             if not isinstance(message, protocol.Batch):
                 raise RuntimeError(f"worker got an unexpected {type(message).__name__}")
             self.compute(engine, message, buffers)
+            last_sent = time.monotonic()
 
     def compute(self, engine, batch: protocol.Batch, buffers: list[memoryview]) -> None:
         started = time.perf_counter()
@@ -140,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         max_positions=engine.max_positions,
         cost_model=engine.cost_model,
         outputs=[protocol.OutputKind.POOLED],
+        warmup_ms=worker.warmup_ms,
     ))
     log.info("ready on %s (%s)", engine.device_name, engine.dtype_name)
     worker.serve(engine)

@@ -15,7 +15,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from router.errors import handle_embedserve_error, handle_http_exception, handle_unexpected
-from router.http import ApiKeyMiddleware, RequestIdMiddleware, read_json
+from router.http import (
+    ApiKeyMiddleware,
+    ClientGone,
+    RequestIdMiddleware,
+    read_json,
+    unless_disconnected,
+)
 from router.schemas import EmbedRequest, Info, WorkerInfo
 from router.service import InferenceService, Timings
 from shared.config import ServerConfig
@@ -54,7 +60,7 @@ def build_app(state: AppState) -> Starlette:
     async def embed(request: Request) -> Response:
         started = time.perf_counter()
         body = await read_json(request, EmbedRequest, limit)
-        result = await service.embed(body)
+        result = await unless_disconnected(request, service.embed(body))
         # NOTE: tolist() is the fast way to floats msgspec can write; JSON needs decimal text.
         return Response(
             msgspec.json.encode(result.vectors.tolist()),
@@ -72,7 +78,8 @@ def build_app(state: AppState) -> Starlette:
     async def info(request: Request) -> Response:
         workers = [
             WorkerInfo(w.id, w.ready.device if w.ready else None,
-                       w.process.pid if w.process else None, w.state.value)
+                       w.process.pid if w.process else None, w.state.value, w.batches_done,
+                       w.restarts)
             for w in service.workers.workers
         ]
         dtypes = {w.ready.dtype for w in service.workers.workers if w.ready}
@@ -101,11 +108,17 @@ def build_app(state: AppState) -> Starlette:
         ],
         middleware=middleware,
         exception_handlers={
+            ClientGone: _client_gone,
             EmbedServeError: handle_embedserve_error,
             HTTPException: handle_http_exception,
             Exception: handle_unexpected,
         },
     )
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    # Nobody reads this; 499 (nginx's "client closed request") keeps access logs honest.
+    return Response(status_code=499)
 
 
 def _compute_type(service: InferenceService) -> str:

@@ -17,6 +17,7 @@ from hypercorn.config import Config as HypercornConfig
 
 from router import tasks
 from router.app import AppState, build_app
+from router.devices import cpu_threads_per_worker, worker_devices
 from router.inputs import InputRules
 from router.schemas import EmbeddingModelType, Info, ModelType
 from router.service import InferenceService
@@ -116,19 +117,27 @@ async def run(config: ServerConfig) -> None:
              rules.max_input_length, info.pooling)
     runtime_dir = tempfile.mkdtemp(prefix=f"{Path(config.uds_path).name}-",
                                    dir=str(Path(config.uds_path).parent))
-    worker_config = WorkerConfig(
-        worker_id="0",
-        endpoint=f"ipc://{runtime_dir}/workers.sock",
-        model_dir=str(model.path),
-        pooling=config.pooling,
-        dense_path=config.dense_path,
-        device=config.device,
-        dtype=config.dtype,
-        max_batch_tokens=config.max_batch_tokens,
-        parent_pid=os.getpid(),
-        json_output=config.json_output,
-    )
-    workers = WorkerPool([worker_config])
+    devices = worker_devices(config)
+    cpu_workers = sum(d == "cpu" for d in devices)
+    worker_configs = [
+        WorkerConfig(
+            worker_id=str(index),
+            endpoint=f"ipc://{runtime_dir}/workers.sock",
+            model_dir=str(model.path),
+            pooling=config.pooling,
+            dense_path=config.dense_path,
+            device=device,
+            dtype=config.dtype,
+            max_batch_tokens=config.max_batch_tokens,
+            parent_pid=os.getpid(),
+            json_output=config.json_output,
+            threads=cpu_threads_per_worker(cpu_workers) if device == "cpu" else None,
+        )
+        for index, device in enumerate(devices)
+    ]
+    log.info("workers: %s", ", ".join(f"{c.worker_id}={c.device}" for c in worker_configs))
+    workers = WorkerPool(worker_configs, hang_timeout=config.worker_timeout,
+                         ready_timeout=config.worker_ready_timeout)
     try:
         service = InferenceService(
             rules=rules,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import uuid
+from collections.abc import Awaitable
 from typing import TypeVar
 
 import msgspec
@@ -44,6 +47,35 @@ async def read_json(request: Request, schema: type[T], limit: int) -> T:
         raise EmbedServeError(
             ErrorType.BAD_REQUEST, f"Failed to parse the request body as JSON: {exc}"
         ) from None
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its answer was ready."""
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it as soon as the client disconnects.
+
+    Cancelling abandons the request's queue entries, which the batcher then drops unseen, and
+    returns its permits: a client that gave up costs no inference.
+    """
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    raise ClientGone
 
 
 class RequestIdMiddleware:

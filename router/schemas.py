@@ -34,6 +34,8 @@ class WorkerInfo(msgspec.Struct):
     device: str | None
     pid: int | None
     state: str
+    batches: int
+    restarts: int
 
 
 class Info(msgspec.Struct):

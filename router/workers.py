@@ -59,8 +59,12 @@ class WorkerHandle:
     process: subprocess.Popen | None = None
     ready: protocol.Ready | None = None
     in_flight: dict[int, InFlight] = field(default_factory=dict)
-    failures: int = 0
+    failures: int = 0  # consecutive deaths, for the back-off
+    restarts: int = 0
     pidfd: int | None = None
+    batches_done: int = 0
+    last_seen: float = 0.0  # monotonic time of the last message (or of the spawn)
+    kill_reason: str | None = None  # set when we kill it, for the error its requests get
 
     @property
     def outstanding_tokens(self) -> int:
@@ -88,7 +92,8 @@ def pack(entries: list[Entry]) -> protocol.BatchArrays:
 class WorkerPool:
     """Spawns, feeds, watches and restarts the backend workers."""
 
-    def __init__(self, configs: list[WorkerConfig]) -> None:
+    def __init__(self, configs: list[WorkerConfig], *, hang_timeout: float,
+                 ready_timeout: float) -> None:
         self.workers = [WorkerHandle(c.worker_id, c) for c in configs]
         self._by_id = {w.id.encode(): w for w in self.workers}
         # Told of every READY, result, failure and death (the scheduler wakes on it).
@@ -103,6 +108,9 @@ class WorkerPool:
         self._next_batch_id = 0
         self._stopping = False
         self._receiver: asyncio.Task | None = None
+        self._watchdog: asyncio.Task | None = None
+        self._hang_timeout = hang_timeout
+        self._ready_timeout = ready_timeout
         self._first_ready: asyncio.Future[protocol.Ready] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -112,6 +120,7 @@ class WorkerPool:
         loop = asyncio.get_running_loop()
         self._first_ready = loop.create_future()
         self._receiver = start_supervised(self._receive_loop(), "the worker receive loop")
+        self._watchdog = start_supervised(self._watch(), "the worker watchdog")
         for worker in self.workers:
             self._spawn(worker)
         try:
@@ -132,6 +141,8 @@ class WorkerPool:
     def _spawn(self, worker: WorkerHandle) -> None:
         worker.state = WorkerState.STARTING
         worker.ready = None
+        worker.kill_reason = None
+        worker.last_seen = time.monotonic()
         args = [sys.executable, "-m", "backend_worker",
                 msgspec.json.encode(worker.config).decode()]
         worker.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
@@ -146,7 +157,7 @@ class WorkerPool:
         os.close(worker.pidfd)
         worker.pidfd = None
         code = worker.process.wait()
-        how = f"signal {-code}" if code < 0 else f"exit code {code}"
+        how = worker.kill_reason or (f"signal {-code}" if code < 0 else f"exit code {code}")
         was = worker.state
         worker.state = WorkerState.DEAD
         self._fail_in_flight(worker, f"worker {worker.id} died ({how}) while computing")
@@ -161,7 +172,34 @@ class WorkerPool:
 
     def _restart(self, worker: WorkerHandle) -> None:
         if not self._stopping and worker.state is WorkerState.DEAD:
+            worker.restarts += 1
             self._spawn(worker)
+
+    def _silence_limit(self, worker: WorkerHandle) -> float:
+        if worker.state is WorkerState.STARTING:
+            return self._ready_timeout
+        # A full batch may legitimately take long on a slow device: never less than 10x the
+        # warm-up batch, which had exactly --max-batch-tokens tokens.
+        warmup_s = worker.ready.warmup_ms / 1e3 if worker.ready else 0.0
+        return max(self._hang_timeout, 10 * warmup_s)
+
+    async def _watch(self) -> None:
+        """Kill workers that went silent; the pidfd then reports the death as usual."""
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.monotonic()
+            for worker in self.workers:
+                if worker.state not in (WorkerState.STARTING, WorkerState.READY):
+                    continue
+                if worker.kill_reason is not None or worker.process is None:
+                    continue
+                silent = now - worker.last_seen
+                if silent > self._silence_limit(worker):
+                    worker.kill_reason = (f"hung: silent for {silent:.1f} s"
+                                          if worker.state is WorkerState.READY
+                                          else f"not ready after {silent:.0f} s")
+                    log.error("worker %s is %s; killing it", worker.id, worker.kill_reason)
+                    worker.process.kill()
 
     async def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM every worker (they finish what they hold), SIGKILL after `timeout`."""
@@ -178,8 +216,9 @@ class WorkerPool:
                 log.warning("worker %s did not stop in time; killing it", worker.id)
                 worker.process.kill()
                 worker.process.wait()
-        if self._receiver is not None:
-            self._receiver.cancel()
+        for task in (self._receiver, self._watchdog):
+            if task is not None:
+                task.cancel()
         self._socket.close(linger=0)
         self._context.term()
 
@@ -220,6 +259,7 @@ class WorkerPool:
                 log.error("message from unknown worker %r", frames[0].bytes)
                 continue
             message, buffers = protocol.decode(frames[1:])
+            worker.last_seen = time.monotonic()
             self._handle(worker, message, buffers)
 
     def _handle(self, worker: WorkerHandle, message: protocol.Message, buffers) -> None:
@@ -227,6 +267,7 @@ class WorkerPool:
             case protocol.Result():
                 done = worker.in_flight.pop(message.batch_id, None)
                 if done is not None:
+                    worker.batches_done += 1
                     rows = protocol.result_array(message, buffers)
                     finished = time.perf_counter()
                     for entry, row in zip(done.entries, rows, strict=True):
@@ -244,6 +285,8 @@ class WorkerPool:
                          message.device, message.dtype, message.cost_model.value)
                 if self._first_ready is not None and not self._first_ready.done():
                     self._first_ready.set_result(message)
+            case protocol.Heartbeat():
+                return  # last_seen is all it is for
             case protocol.Fatal():
                 log.error("worker %s cannot start: %s", worker.id, message.message)
                 if self._first_ready is not None and not self._first_ready.done():

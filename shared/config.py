@@ -132,6 +132,16 @@ class ServerConfig:
     device: Device = field(default="auto", metadata=_opt(
         "Device of the worker: auto picks cuda when available, else cpu.", env="DEVICE",
         choices=("auto", "cpu", "cuda", "mps")))
+    devices: str | None = field(default=None, metadata=_opt(
+        "CUDA devices to run workers on, as a comma-separated list of indices (e.g. 0,1). "
+        "Default: every visible GPU, one worker each.", env="DEVICES"))
+    workers_per_device: int = field(default=1, metadata=_opt(
+        "Worker processes per device. On CPU, the number of CPU workers; the cores are split "
+        "between them (torch intra-op threads).", env="WORKERS_PER_DEVICE", type=int))
+    worker_timeout: float = field(default=30.0, metadata=_opt(
+        "Seconds a worker may stay silent (no heartbeat, no result) before it is deemed hung, "
+        "killed and restarted; raised automatically to 10x its warm-up batch time.",
+        env="WORKER_TIMEOUT", type=float))
     worker_ready_timeout: float = field(default=300.0, metadata=_opt(
         "Seconds a worker may take to load and warm up before start-up fails.",
         env="WORKER_READY_TIMEOUT", type=float))
@@ -146,6 +156,16 @@ class ServerConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
         if self.max_batch_requests is not None and self.max_batch_requests <= 0:
             raise ConfigError("--max-batch-requests must be > 0")
+        if self.workers_per_device <= 0:
+            raise ConfigError("--workers-per-device must be > 0")
+        if self.worker_timeout <= 0 or self.worker_ready_timeout <= 0:
+            raise ConfigError("--worker-timeout and --worker-ready-timeout must be > 0")
+        if self.devices is not None:
+            if self.device in ("cpu", "mps"):
+                raise ConfigError(f"--devices selects CUDA devices; it cannot go with "
+                                  f"--device {self.device}")
+            if not all(d.strip().isdigit() for d in self.devices.split(",")):
+                raise ConfigError(f"--devices {self.devices!r}: expected CUDA indices like 0,1")
         if self.tokenization_workers is not None and self.tokenization_workers <= 0:
             raise ConfigError("--tokenization-workers must be > 0")
         if self.default_prompt is not None and self.default_prompt_name is not None:
@@ -177,6 +197,7 @@ class WorkerConfig(msgspec.Struct, frozen=True):
     max_batch_tokens: int
     parent_pid: int
     json_output: bool
+    threads: int | None = None  # torch intra-op threads; None: torch's default
 
 
 def _flags(f: dataclasses.Field) -> tuple[str, ...]:

@@ -8,6 +8,7 @@ is no pickle anywhere on this path.
   worker -> router:  Ready  (once, after the model is loaded and warmed up)
                      Result + [pooled float32 (n, dim)]
                      Failed (the batch could not be computed; the worker lives on)
+                     Heartbeat (idle, about once a second)
                      Fatal  (the worker cannot start; it exits right after)
 """
 
@@ -48,6 +49,9 @@ class Ready(_Message, tag="ready"):
     max_positions: int
     cost_model: CostModel
     outputs: list[OutputKind]
+    # How long one full batch (--max-batch-tokens) took at warm-up: the router's yardstick for
+    # telling a slow batch from a hung worker.
+    warmup_ms: float
 
 
 class Batch(_Message, tag="batch"):
@@ -69,6 +73,10 @@ class Failed(_Message, tag="failed"):
     message: str
 
 
+class Heartbeat(_Message, tag="heartbeat"):
+    """Sent by an idle worker about once a second: silence means it is stuck or stopped."""
+
+
 class Fatal(_Message, tag="fatal"):
     """The worker cannot serve at all (e.g. the model does not load); it exits after this."""
 
@@ -76,7 +84,7 @@ class Fatal(_Message, tag="fatal"):
     message: str
 
 
-Message = Ready | Batch | Result | Failed | Fatal
+Message = Ready | Batch | Result | Failed | Heartbeat | Fatal
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -1,0 +1,55 @@
+"""Which devices the workers run on, decided without importing torch in the router."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from shared.config import ServerConfig
+from shared.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_PROBE = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
+
+
+def cuda_device_count() -> int:
+    """Visible CUDA devices. No NVIDIA driver: 0 at once; otherwise ask torch in a child
+    process, which honours CUDA_VISIBLE_DEVICES and keeps CUDA out of the router."""
+    if not (Path("/proc/driver/nvidia/gpus").is_dir() or Path("/dev/nvidia0").exists()):
+        return 0
+    try:
+        out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
+                             timeout=120, check=True).stdout
+        return int(out.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError) as exc:
+        log.warning("could not count CUDA devices (%s); using the CPU", exc)
+        return 0
+
+
+def worker_devices(config: ServerConfig) -> list[str]:
+    """One entry per worker process: "cpu", "mps" or "cuda:N"."""
+    device = config.device
+    if device in ("auto", "cuda"):
+        count = cuda_device_count()
+        if count:
+            indices = ([int(d) for d in config.devices.split(",")] if config.devices
+                       else list(range(count)))
+            if max(indices) >= count:
+                raise ConfigError(f"--devices {config.devices}: only {count} CUDA devices "
+                                  "are visible")
+            return [f"cuda:{i}" for i in indices for _ in range(config.workers_per_device)]
+        if device == "cuda" or config.devices is not None:
+            raise ConfigError("no CUDA device is visible (asked for by --device cuda or "
+                              "--devices)")
+        device = "cpu"
+    return [device] * config.workers_per_device
+
+
+def cpu_threads_per_worker(workers: int) -> int:
+    """Split the cores the process may use between CPU workers (at least one thread each)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // workers)

@@ -1,0 +1,126 @@
+"""The serving engine under load: several workers, overload, disconnects, hung and dead workers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import httpx
+import pytest
+
+from tests.e2e.server import Server, wait_for
+from tests.e2e.test_embed_parity import LONG
+
+SLOW = {"inputs": [f"{i} {LONG}" for i in range(64)]}  # 64 x 256 tokens: seconds on CPU
+
+
+@pytest.fixture
+def start(minilm_dir, tmp_path):
+    servers: list[Server] = []
+
+    def run(*args: str) -> Server:
+        srv = Server("--model-id", str(minilm_dir), "--max-batch-tokens", "4096",
+                     "--max-client-batch-size", "64", *args,
+                     log_path=tmp_path / f"server{len(servers)}.log")
+        servers.append(srv)
+        return srv.wait_healthy()
+
+    yield run
+    for srv in servers:
+        assert srv.stop() == 0, srv.log()
+
+
+async def fire(url: str, bodies: list[dict], timeout: float = 120) -> list[tuple[int, float]]:
+    """POST every body at once; (status, seconds) per request, in order."""
+    async with httpx.AsyncClient(base_url=url, timeout=timeout,
+                                 limits=httpx.Limits(max_connections=len(bodies))) as client:
+        async def one(body: dict) -> tuple[int, float]:
+            started = time.monotonic()
+            response = await client.post("/embed", json=body)
+            return response.status_code, time.monotonic() - started
+
+        return await asyncio.gather(*(one(b) for b in bodies))
+
+
+def test_two_workers_share_the_load(start):
+    srv = start("--workers-per-device", "2")
+    info = srv.client.get("/info").json()
+    assert [w["state"] for w in info["workers"]] == ["ready", "ready"]
+    assert len({w["pid"] for w in info["workers"]}) == 2
+    bodies = [{"inputs": [f"{i} {LONG}"] * 16} for i in range(8)]
+    results = asyncio.run(fire(srv.url, bodies))
+    assert [status for status, _ in results] == [200] * 8
+    batches = [w["batches"] for w in srv.client.get("/info").json()["workers"]]
+    assert all(b > 0 for b in batches), batches
+
+
+def test_overload_answers_429_at_once_and_recovers(start):
+    srv = start("--max-concurrent-requests", "8")
+    bodies = [{"inputs": [f"{i} {LONG}"] * 4} for i in range(40)]
+    results = asyncio.run(fire(srv.url, bodies))
+    statuses = [status for status, _ in results]
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses.count(429) >= 20 and statuses.count(200) >= 2
+    refused = sorted(seconds for status, seconds in results if status == 429)
+    assert refused[len(refused) // 2] < 0.5, refused  # the median 429 comes back at once
+    assert srv.client.get("/health").status_code == 200
+    assert srv.client.post("/embed", json={"inputs": ["x"] * 8}).status_code == 200
+
+
+def test_a_client_that_disconnects_costs_no_inference(start):
+    srv = start("--max-concurrent-requests", "256")  # exactly what the 4 abandoned ones take
+
+    async def scenario() -> float:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=0.5) as impatient:
+            gone = [impatient.post("/embed", json=SLOW) for _ in range(4)]
+            for outcome in await asyncio.gather(*gone, return_exceptions=True):
+                assert isinstance(outcome, httpx.TimeoutException)
+        await asyncio.sleep(0.2)
+        async with httpx.AsyncClient(base_url=srv.url, timeout=60) as client:
+            started = time.monotonic()
+            response = await client.post("/embed", json={"inputs": ["after"] * 64})
+            assert response.status_code == 200  # the 4 x 64 permits came back
+            return time.monotonic() - started
+
+    # 4 abandoned requests hold 16 batches (several seconds); only those already sent to the
+    # worker (at most 2 batches) may delay the next request.
+    assert asyncio.run(scenario()) < 3.0
+
+
+def test_sigkill_of_one_of_two_workers_under_load(start):
+    srv = start("--workers-per-device", "2")
+    victim = srv.worker_pids()[0]
+
+    async def scenario() -> list[tuple[int, float]]:
+        load = asyncio.ensure_future(fire(srv.url, [{"inputs": [f"{i} {LONG}"] * 16}
+                                                    for i in range(12)]))
+        await asyncio.sleep(1.0)
+        os.kill(victim, signal.SIGKILL)
+        return await load
+
+    statuses = [status for status, _ in asyncio.run(scenario())]
+    assert set(statuses) <= {200, 424, 503}, statuses
+    assert 200 in statuses
+    wait_for(lambda: srv.client.get("/health").status_code == 200, timeout=60)
+    info = srv.client.get("/info").json()
+    assert victim not in [w["pid"] for w in info["workers"]]
+    assert sum(w["restarts"] for w in info["workers"]) == 1
+    assert srv.client.post("/embed", json={"inputs": "back"}).status_code == 200
+
+
+def test_a_hung_worker_is_detected_killed_and_replaced(start):
+    # A small batch budget keeps the warm-up short, so the silence limit (at least 10x the
+    # warm-up batch) is the 1.5 s asked for.
+    srv = start("--worker-timeout", "1.5", "--max-batch-tokens", "512")
+    [pid] = srv.worker_pids()
+    os.kill(pid, signal.SIGSTOP)  # alive but silent: only the heartbeat can tell
+    started = time.monotonic()
+    response = srv.client.post("/embed", json={"inputs": "anyone there?"})
+    assert response.status_code == 424, response.text
+    assert "hung" in response.json()["error"]
+    assert time.monotonic() - started < 8  # far below the default 30 s
+    wait_for(lambda: srv.client.get("/health").status_code == 200, timeout=60)
+    assert srv.worker_pids() != [pid]
+    assert srv.client.post("/embed", json={"inputs": "better"}).status_code == 200
