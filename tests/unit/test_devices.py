@@ -1,0 +1,64 @@
+"""Worker placement: which device each worker process gets."""
+
+from __future__ import annotations
+
+import pytest
+
+from router import devices
+from shared.config import parse_config
+from shared.errors import ConfigError
+
+
+def plan(argv: list[str], gpus: int, monkeypatch) -> list[str]:
+    monkeypatch.setattr(devices, "cuda_device_count", lambda: gpus)
+    return devices.worker_devices(parse_config(argv, {}))
+
+
+def test_auto_without_gpus_is_one_cpu_worker(monkeypatch):
+    assert plan([], 0, monkeypatch) == ["cpu"]
+
+
+def test_cpu_workers_per_device(monkeypatch):
+    assert plan(["--workers-per-device", "3"], 0, monkeypatch) == ["cpu"] * 3
+    assert plan(["--device", "cpu", "--workers-per-device", "2"], 4, monkeypatch) == ["cpu"] * 2
+
+
+def test_auto_with_gpus_is_one_worker_per_gpu(monkeypatch):
+    assert plan([], 2, monkeypatch) == ["cuda:0", "cuda:1"]
+    assert plan(["--workers-per-device", "2"], 2, monkeypatch) == [
+        "cuda:0", "cuda:0", "cuda:1", "cuda:1"]
+
+
+def test_devices_selects_gpus(monkeypatch):
+    assert plan(["--devices", "1,3"], 4, monkeypatch) == ["cuda:1", "cuda:3"]
+
+
+@pytest.mark.parametrize(("argv", "gpus", "match"), [
+    (["--devices", "2"], 2, "only 2 CUDA devices"),
+    (["--device", "cuda"], 0, "no CUDA device"),
+    (["--devices", "0"], 0, "no CUDA device"),
+])
+def test_impossible_placements(monkeypatch, argv, gpus, match):
+    with pytest.raises(ConfigError, match=match):
+        plan(argv, gpus, monkeypatch)
+
+
+@pytest.mark.parametrize("argv", [["--device", "cpu", "--devices", "0"],
+                                  ["--devices", "a,b"], ["--workers-per-device", "0"]])
+def test_bad_flags(argv):
+    with pytest.raises(ConfigError):
+        parse_config(argv, {})
+
+
+def test_cores_are_split_between_cpu_workers(monkeypatch):
+    monkeypatch.setattr(devices.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert devices.cpu_threads_per_worker(1) == 4
+    assert devices.cpu_threads_per_worker(2) == 2
+    assert devices.cpu_threads_per_worker(8) == 1
+
+
+def test_no_nvidia_driver_means_no_probe(monkeypatch):
+    monkeypatch.setattr(devices.Path, "is_dir", lambda self: False)
+    monkeypatch.setattr(devices.Path, "exists", lambda self: False)
+    monkeypatch.setattr(devices.subprocess, "run", lambda *a, **k: pytest.fail("probed"))
+    assert devices.cuda_device_count() == 0
