@@ -16,9 +16,10 @@ from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
 
 from router import tasks
-from router.app import AppState, build_app
+from router.app import build_app
 from router.devices import cpu_threads_per_worker, worker_devices
 from router.inputs import InputRules
+from router.routes import AppState
 from router.schemas import EmbeddingModelType, Info, ModelType
 from router.service import InferenceService
 from router.tokenization import TokenizerPool

@@ -39,29 +39,51 @@ class ErrorBody(msgspec.Struct):
     error_type: str
 
 
+class OpenAIErrorDetail(msgspec.Struct):
+    message: str
+    type: str
+    code: int
+
+
+class OpenAIErrorBody(msgspec.Struct):
+    error: OpenAIErrorDetail
+
+
+# Routes of the OpenAI API answer errors in OpenAI's shape, so its clients can read them.
+OPENAI_PATHS = frozenset({"/v1/embeddings", "/embeddings", "/v1/models"})
+
+
 # Seconds a client is told to wait after a 429; short, since permits free up per batch.
 RETRY_AFTER_SECONDS = "1"
 
 
-def error_response(error: EmbedServeError, headers: dict[str, str] | None = None) -> Response:
+def error_response(
+    error: EmbedServeError, headers: dict[str, str] | None = None, path: str = ""
+) -> Response:
+    """The one place an error becomes an HTTP response (status, body shape, headers)."""
     headers = dict(headers or {})
     if error.error_type is ErrorType.OVERLOADED:
         headers["retry-after"] = RETRY_AFTER_SECONDS
     if error.error_type is ErrorType.UNAUTHORIZED:
         headers["www-authenticate"] = "Bearer"
-    body = msgspec.json.encode(ErrorBody(error.message, error.error_type.value))
-    return Response(body, status_code=STATUS[error.error_type], headers=headers,
-                    media_type="application/json")
+    status = STATUS[error.error_type]
+    if path in OPENAI_PATHS:
+        body = msgspec.json.encode(OpenAIErrorBody(
+            OpenAIErrorDetail(error.message, error.error_type.value, status)))
+    else:
+        body = msgspec.json.encode(ErrorBody(error.message, error.error_type.value))
+    return Response(body, status_code=status, headers=headers, media_type="application/json")
 
 
 async def handle_embedserve_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, EmbedServeError)
-    return error_response(exc)
+    return error_response(exc, path=request.url.path)
 
 
 async def handle_unexpected(request: Request, exc: Exception) -> Response:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(EmbedServeError(ErrorType.INTERNAL, "internal server error"))
+    return error_response(EmbedServeError(ErrorType.INTERNAL, "internal server error"),
+                          path=request.url.path)
 
 
 async def handle_http_exception(request: Request, exc: Exception) -> Response:
@@ -73,4 +95,5 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
     message = {404: f"route {request.url.path} not found",
                405: f"method {request.method} not allowed on {request.url.path}"}.get(
         exc.status_code, str(exc.detail))
-    return error_response(EmbedServeError(error_type, message), dict(exc.headers or {}))
+    return error_response(EmbedServeError(error_type, message), dict(exc.headers or {}),
+                          path=request.url.path)

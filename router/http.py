@@ -117,7 +117,8 @@ class ApiKeyMiddleware:
             if not hmac.compare_digest(given, self.expected):
                 message = ("missing Authorization header" if not given
                            else "invalid API key in the Authorization header")
-                response = error_response(EmbedServeError(ErrorType.UNAUTHORIZED, message))
+                response = error_response(EmbedServeError(ErrorType.UNAUTHORIZED, message),
+                                          path=scope["path"])
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -61,3 +61,72 @@ class Info(msgspec.Struct):
     prompts: dict[str, str]
     default_prompt: str | None
     workers: list[WorkerInfo]
+
+
+class SimilarityInputs(msgspec.Struct):
+    source_sentence: str
+    sentences: list[str]
+
+
+class SimilarityParameters(msgspec.Struct, kw_only=True):
+    truncate: bool | None = None
+    truncation_direction: TruncationDirection = "Right"
+    prompt_name: str | None = None
+
+
+class SimilarityRequest(msgspec.Struct, kw_only=True):
+    inputs: SimilarityInputs
+    parameters: SimilarityParameters = msgspec.field(default_factory=SimilarityParameters)
+
+
+class TokenizeRequest(msgspec.Struct, kw_only=True):
+    inputs: str | list[str]
+    add_special_tokens: bool = True
+    prompt_name: str | None = None
+
+
+class DecodeRequest(msgspec.Struct, kw_only=True):
+    ids: list[int | list[int]]
+    skip_special_tokens: bool = True
+
+
+class VertexRequest(msgspec.Struct):
+    instances: list[EmbedRequest]
+
+
+class OpenAIEmbedRequest(msgspec.Struct, kw_only=True):
+    input: str | list[str | int | list[int]]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+
+class OpenAIEmbedding(msgspec.Struct, kw_only=True):
+    object: str = "embedding"
+    embedding: list[float] | str
+    index: int
+
+
+class OpenAIUsage(msgspec.Struct):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class OpenAIEmbedResponse(msgspec.Struct, kw_only=True):
+    object: str = "list"
+    data: list[OpenAIEmbedding]
+    model: str
+    usage: OpenAIUsage
+
+
+class OpenAIModel(msgspec.Struct, kw_only=True):
+    id: str
+    object: str = "model"
+    created: int = 0
+    owned_by: str = "embedserve"
+
+
+class OpenAIModelList(msgspec.Struct, kw_only=True):
+    object: str = "list"
+    data: list[OpenAIModel]

@@ -12,9 +12,10 @@ import asyncio
 import logging
 import multiprocessing
 import os
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -32,11 +33,21 @@ class Encoded(NamedTuple):
     type_ids: np.ndarray  # int32
 
 
-class Encoding(NamedTuple):
-    """Result of one pool call: encodings, or the tokenizer's error message."""
+class Outcome(NamedTuple):
+    """What a pool call returns: a value, or the tokenizer's own error message."""
 
-    items: list[Encoded] | None
-    error: str | None
+    value: Any
+    error: str | None = None
+
+
+class Token(NamedTuple):
+    """One token of /tokenize: byte offsets into the input, None for special tokens."""
+
+    id: int
+    text: str
+    special: bool
+    start: int | None
+    stop: int | None
 
 
 def _init(tokenizer_path: str, parent_pid: int) -> None:
@@ -51,7 +62,7 @@ def _init(tokenizer_path: str, parent_pid: int) -> None:
     _tokenizer.no_truncation()
 
 
-def _encode(texts: list[str], max_length: int | None, direction: str) -> Encoding:
+def _encode(texts: list[str], max_length: int | None, direction: str) -> Outcome:
     assert _tokenizer is not None, "pool process not initialised"
     if max_length is None:
         _tokenizer.no_truncation()
@@ -60,12 +71,46 @@ def _encode(texts: list[str], max_length: int | None, direction: str) -> Encodin
     try:
         encodings = _tokenizer.encode_batch(texts, add_special_tokens=True)
     except Exception as exc:  # the tokenizer's own failures are client-visible Tokenizer errors
-        return Encoding(None, str(exc))
-    return Encoding(
-        [Encoded(np.asarray(e.ids, dtype=np.int32), np.asarray(e.type_ids, dtype=np.int32))
-         for e in encodings],
-        None,
-    )
+        return Outcome(None, str(exc))
+    return Outcome([
+        Encoded(np.asarray(e.ids, dtype=np.int32), np.asarray(e.type_ids, dtype=np.int32))
+        for e in encodings
+    ])
+
+
+def _tokens(texts: list[str], add_special_tokens: bool) -> Outcome:
+    assert _tokenizer is not None, "pool process not initialised"
+    _tokenizer.no_truncation()
+    try:
+        encodings = _tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
+    except Exception as exc:
+        return Outcome(None, str(exc))
+    result = []
+    for text, encoding in zip(texts, encodings, strict=True):
+        # tokenizers reports character offsets; TEI (and its clients) use byte offsets.
+        byte_at = [0]
+        for char in text:
+            byte_at.append(byte_at[-1] + len(char.encode()))
+        tokens = []
+        for token_id, token, special, (start, stop) in zip(
+            encoding.ids, encoding.tokens, encoding.special_tokens_mask, encoding.offsets,
+            strict=True,
+        ):
+            if special:
+                tokens.append(Token(token_id, token, True, None, None))
+            else:
+                tokens.append(Token(token_id, text[start:stop], False, byte_at[start],
+                                    byte_at[stop]))
+        result.append(tokens)
+    return Outcome(result)
+
+
+def _decode(ids: list[list[int]], skip_special_tokens: bool) -> Outcome:
+    assert _tokenizer is not None, "pool process not initialised"
+    try:
+        return Outcome(_tokenizer.decode_batch(ids, skip_special_tokens=skip_special_tokens))
+    except Exception as exc:
+        return Outcome(None, str(exc))
 
 
 def _ping() -> int:
@@ -99,10 +144,20 @@ class TokenizerPool:
         self, texts: list[str], max_length: int | None, direction: str
     ) -> list[Encoded]:
         """Tokenize with special tokens; truncate to `max_length` on `direction` if given."""
+        return await self._call(_encode, texts, max_length, direction)
+
+    async def tokens(self, texts: list[str], add_special_tokens: bool) -> list[list[Token]]:
+        """Every token of each text with its byte offsets (for /tokenize)."""
+        return await self._call(_tokens, texts, add_special_tokens)
+
+    async def decode(self, ids: list[list[int]], skip_special_tokens: bool) -> list[str]:
+        return await self._call(_decode, ids, skip_special_tokens)
+
+    async def _call(self, function: Callable[..., Outcome], *args: Any) -> Any:
         loop = asyncio.get_running_loop()
         executor = self._executor
         try:
-            result = await loop.run_in_executor(executor, _encode, texts, max_length, direction)
+            outcome = await loop.run_in_executor(executor, function, *args)
         except BrokenProcessPool:
             # A tokenizer process died (OOM killer, signal): replace the pool once, fail only
             # the requests that were in it.
@@ -111,10 +166,9 @@ class TokenizerPool:
                 executor.shutdown(wait=False, cancel_futures=True)
                 self._executor = self._new_executor()
             raise backend("a tokenizer process died while tokenizing this request") from None
-        if result.error is not None:
-            raise EmbedServeError(ErrorType.TOKENIZER, result.error)
-        assert result.items is not None
-        return result.items
+        if outcome.error is not None:
+            raise EmbedServeError(ErrorType.TOKENIZER, f"tokenizer error {outcome.error}")
+        return outcome.value
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -129,6 +129,10 @@ class ServerConfig:
     grpc: bool = field(default=False, metadata=_opt(
         "Serve the gRPC API instead of HTTP.", env="GRPC", type=_bool, switch=True,
         later="gRPC (issue 7)"))
+    task: str | None = field(default=None, metadata=_opt(
+        "What `POST /` and `/invocations` do for an embedding model (Hugging Face Inference "
+        "Endpoints set TASK): sentence-similarity routes them to /similarity, anything else "
+        "to /embed.", env="TASK"))
     device: Device = field(default="auto", metadata=_opt(
         "Device of the worker: auto picks cuda when available, else cpu.", env="DEVICE",
         choices=("auto", "cpu", "cuda", "mps")))

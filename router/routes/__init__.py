@@ -1,0 +1,49 @@
+"""Route handlers, one module per API family, sharing the app state and response helpers."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from starlette.responses import Response
+
+from router.schemas import Info
+from router.service import InferenceService, Timings
+from shared.config import ServerConfig
+
+
+@dataclass(frozen=True)
+class AppState:
+    config: ServerConfig
+    service: InferenceService
+    info: Info  # the static part; workers are filled in per call
+
+    @property
+    def compute_type(self) -> str:
+        devices = {w.ready.device.split(":")[0] for w in self.service.workers.workers if w.ready}
+        return "+".join(sorted(devices)) or "cpu"
+
+
+def _ms(value: float) -> str:
+    return str(int(value))
+
+
+def timing_headers(timings: Timings, started: float, compute_type: str) -> dict[str, str]:
+    """TEI's inference headers: whole milliseconds; per-input means, summed counts."""
+    total = _ms((time.perf_counter() - started) * 1e3)
+    return {
+        "x-compute-type": compute_type,
+        "x-compute-time": total,
+        "x-total-time": total,
+        "x-compute-characters": str(timings.characters),
+        "x-compute-tokens": str(timings.tokens),
+        "x-tokenization-time": _ms(timings.tokenization_ms),
+        "x-queue-time": _ms(timings.queue_ms),
+        "x-inference-time": _ms(timings.inference_ms),
+    }
+
+
+def json_response(body: Any, headers: dict[str, str] | None = None) -> Response:
+    return Response(msgspec.json.encode(body), media_type="application/json", headers=headers)

@@ -1,0 +1,59 @@
+"""The OpenAI embeddings API: /v1/embeddings (and /embeddings), /v1/models."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+import numpy as np
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from router.http import read_json, unless_disconnected
+from router.routes import AppState, json_response, timing_headers
+from router.schemas import (
+    EmbedRequest,
+    OpenAIEmbedding,
+    OpenAIEmbedRequest,
+    OpenAIEmbedResponse,
+    OpenAIModel,
+    OpenAIModelList,
+    OpenAIUsage,
+)
+
+
+def _base64(row: np.ndarray) -> str:
+    # What the openai client decodes by default: little-endian float32 bytes.
+    return base64.b64encode(row.astype("<f4", copy=False).tobytes()).decode()
+
+
+def routes(state: AppState) -> list[Route]:
+    service = state.service
+    limit = state.config.payload_limit
+    model_name = state.info.served_model_name
+
+    async def embeddings(request: Request) -> Response:
+        started = time.perf_counter()
+        body = await read_json(request, OpenAIEmbedRequest, limit)
+        result = await unless_disconnected(request, service.embed(EmbedRequest(
+            inputs=body.input, normalize=True, dimensions=body.dimensions,
+        )))
+        encode = _base64 if body.encoding_format == "base64" else np.ndarray.tolist
+        data = [OpenAIEmbedding(embedding=encode(row), index=i)
+                for i, row in enumerate(result.vectors)]
+        tokens = result.timings.tokens
+        return json_response(
+            OpenAIEmbedResponse(data=data, model=body.model or model_name,
+                                usage=OpenAIUsage(prompt_tokens=tokens, total_tokens=tokens)),
+            timing_headers(result.timings, started, state.compute_type),
+        )
+
+    async def models(request: Request) -> Response:
+        return json_response(OpenAIModelList(data=[OpenAIModel(id=model_name)]))
+
+    return [
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/embeddings", embeddings, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+    ]

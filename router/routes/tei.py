@@ -1,0 +1,139 @@
+"""TEI's own routes: /embed, /similarity, /tokenize, /decode, /vertex, POST / and the probes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import msgspec
+import numpy as np
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from router.http import read_json, unless_disconnected
+from router.inputs import check_batch_size, resolve_prompt
+from router.routes import AppState, json_response, timing_headers
+from router.schemas import (
+    DecodeRequest,
+    EmbedRequest,
+    SimilarityRequest,
+    TokenizeRequest,
+    VertexRequest,
+    WorkerInfo,
+)
+from router.service import EmbedResult
+from shared.errors import empty, unhealthy, validation
+
+SENTENCE_SIMILARITY = "sentence-similarity"
+
+
+def routes(state: AppState) -> list[Route]:
+    service = state.service
+    limit = state.config.payload_limit
+
+    async def embed_result(request: Request, body: EmbedRequest) -> EmbedResult:
+        return await unless_disconnected(request, service.embed(body))
+
+    async def embed(request: Request) -> Response:
+        started = time.perf_counter()
+        result = await embed_result(request, await read_json(request, EmbedRequest, limit))
+        # NOTE: tolist() is the fast way to floats msgspec can write; JSON needs decimal text.
+        return json_response(result.vectors.tolist(),
+                             timing_headers(result.timings, started, state.compute_type))
+
+    async def similarity(request: Request) -> Response:
+        started = time.perf_counter()
+        body = await read_json(request, SimilarityRequest, limit)
+        if not body.inputs.sentences:
+            raise empty("`inputs.sentences` cannot be empty")
+        params = body.parameters
+        result = await embed_result(request, EmbedRequest(
+            inputs=[body.inputs.source_sentence, *body.inputs.sentences],
+            truncate=params.truncate,
+            truncation_direction=params.truncation_direction,
+            prompt_name=params.prompt_name,
+            normalize=True,
+        ))
+        cosines = result.vectors[1:] @ result.vectors[0]
+        return json_response(np.clip(cosines, -1.0, 1.0).tolist(),
+                             timing_headers(result.timings, started, state.compute_type))
+
+    async def tokenize(request: Request) -> Response:
+        body = await read_json(request, TokenizeRequest, limit)
+        texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
+        if not texts or any(not t for t in texts):
+            raise empty("`inputs` cannot be empty")
+        check_batch_size(len(texts), service.rules)
+        prompt = resolve_prompt(body.prompt_name, service.rules)
+        if prompt is not None:
+            texts = [prompt + t for t in texts]
+        tokens = await service.tokenizers.tokens(texts, body.add_special_tokens)
+        return json_response([[t._asdict() for t in per_text] for per_text in tokens])
+
+    async def decode(request: Request) -> Response:
+        body = await read_json(request, DecodeRequest, limit)
+        ids = body.ids
+        if not ids:
+            raise empty("`ids` cannot be empty")
+        batch = [ids] if all(isinstance(i, int) for i in ids) else ids
+        if not all(isinstance(item, list) for item in batch):
+            raise validation("`ids` must be a list of token ids or a list of such lists")
+        check_batch_size(len(batch), service.rules)
+        vocab = service.rules.vocab_size
+        for item in batch:
+            if not item:
+                raise empty("`ids` cannot be empty")
+            bad = next((t for t in item if t < 0 or t >= vocab), None)
+            if bad is not None:
+                raise validation(f"token id {bad} is out of range; the model's vocabulary has "
+                                 f"{vocab} tokens")
+        return json_response(await service.tokenizers.decode(batch, body.skip_special_tokens))
+
+    async def vertex(request: Request) -> Response:
+        body = await read_json(request, VertexRequest, limit)
+        if not body.instances:
+            raise empty("`instances` cannot be empty")
+        results = await asyncio.gather(*(embed_result(request, i) for i in body.instances))
+        return json_response({"predictions": [r.vectors.tolist() for r in results]})
+
+    async def root(request: Request) -> Response:
+        # Hugging Face Inference Endpoints post every task to "/": route by what is served.
+        if state.config.task == SENTENCE_SIMILARITY:
+            return await similarity(request)
+        return await embed(request)
+
+    async def health(request: Request) -> Response:
+        if not service.ready:
+            if service.draining:
+                raise unhealthy("the server is shutting down")
+            raise unhealthy("unhealthy: the model is loading or a backend worker is down")
+        return Response(status_code=200)
+
+    async def info(request: Request) -> Response:
+        workers = service.workers.workers
+        listed = [
+            WorkerInfo(w.id, w.ready.device if w.ready else None,
+                       w.process.pid if w.process else None, w.state.value, w.batches_done,
+                       w.restarts)
+            for w in workers
+        ]
+        dtypes = {w.ready.dtype for w in workers if w.ready}
+        return json_response(msgspec.structs.replace(
+            state.info, workers=listed,
+            model_dtype=dtypes.pop() if len(dtypes) == 1 else state.info.model_dtype,
+        ))
+
+    return [
+        Route("/embed", embed, methods=["POST"]),
+        Route("/similarity", similarity, methods=["POST"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/decode", decode, methods=["POST"]),
+        Route("/vertex", vertex, methods=["POST"]),
+        Route("/", root, methods=["POST"]),
+        Route("/invocations", root, methods=["POST"]),
+        Route("/", health, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/ping", health, methods=["GET"]),
+        Route("/info", info, methods=["GET"]),
+    ]

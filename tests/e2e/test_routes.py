@@ -1,0 +1,124 @@
+"""The routes beyond /embed, over real HTTP on the real MiniLM, and the real openai client."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.e2e.test_embed_parity import SENTENCES, cosines, embed
+
+
+def ok(response):
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_similarity_equals_sentence_transformers(server, st_minilm):
+    body = {"inputs": {"source_sentence": SENTENCES[1], "sentences": SENTENCES}}
+    response = server.client.post("/similarity", json=body)
+    ours = np.asarray(ok(response))
+    vectors = st_minilm.encode([SENTENCES[1], *SENTENCES])
+    theirs = vectors[1:] @ vectors[0]
+    assert np.abs(ours - theirs).max() < 1e-4
+    assert response.headers["x-compute-tokens"]
+    with_params = {**body, "parameters": {"prompt_name": "query", "truncate": True}}
+    assert not np.allclose(ok(server.client.post("/similarity", json=with_params)), ours)
+
+
+def test_similarity_errors(server):
+    empty = server.client.post("/similarity", json={"inputs": {"source_sentence": "a",
+                                                               "sentences": []}})
+    assert empty.status_code == 400 and empty.json()["error_type"] == "Empty"
+    missing = server.client.post("/similarity", json={"inputs": {"sentences": ["a"]}})
+    assert missing.status_code == 422 and "source_sentence" in missing.json()["error"]
+
+
+def test_tokenize_gives_ids_specials_and_byte_offsets(server, st_minilm):
+    text = "Café au lait, s'il vous plaît"
+    [tokens] = ok(server.client.post("/tokenize", json={"inputs": text}))
+    assert [t["id"] for t in tokens] == st_minilm.tokenizer(text)["input_ids"]
+    assert tokens[0] == {"id": 101, "text": "[CLS]", "special": True, "start": None,
+                         "stop": None}
+    assert tokens[-1]["special"] and tokens[-1]["text"] == "[SEP]"
+    raw = text.encode()
+    for token in tokens[1:-1]:
+        assert not token["special"]
+        assert raw[token["start"]:token["stop"]].decode() == token["text"]
+    plain = ok(server.client.post("/tokenize", json={"inputs": [text, "b"],
+                                                     "add_special_tokens": False}))
+    assert len(plain) == 2 and not any(t["special"] for t in plain[0])
+    prompted = ok(server.client.post("/tokenize", json={"inputs": "b", "prompt_name": "query"}))
+    assert [t["text"] for t in prompted[0][1:-1]] == ["query", ":", "b"]
+
+
+def test_decode(server, st_minilm):
+    ids = st_minilm.tokenizer("hello world")["input_ids"]
+    assert ok(server.client.post("/decode", json={"ids": ids})) == ["hello world"]
+    both = ok(server.client.post("/decode", json={"ids": [ids, ids[:2]],
+                                                  "skip_special_tokens": False}))
+    assert both == ["[CLS] hello world [SEP]", "[CLS] hello"]
+    bad = server.client.post("/decode", json={"ids": [1, 10**6]})
+    assert bad.status_code == 422 and bad.json()["error_type"] == "Validation"
+    assert server.client.post("/decode", json={"ids": []}).status_code == 400
+
+
+def test_vertex_and_root_routes_embed(server):
+    reference = embed(server, inputs=SENTENCES[:2])
+    vertex = ok(server.client.post("/vertex", json={"instances": [
+        {"inputs": SENTENCES[:2]}, {"inputs": SENTENCES[0], "normalize": False}]}))
+    assert np.allclose(vertex["predictions"][0], reference, atol=1e-6)
+    assert len(vertex["predictions"][1]) == 1
+    for path in ("/", "/invocations"):
+        routed = ok(server.client.post(path, json={"inputs": SENTENCES[:2]}))
+        assert np.allclose(routed, reference, atol=1e-6)
+    for path in ("/", "/ping", "/health"):
+        assert server.client.get(path).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def openai_client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def test_openai_client_default_base64_and_float(openai_client, st_minilm):
+    theirs = st_minilm.encode(SENTENCES[:3])
+    for fmt in ("base64", "float"):
+        kwargs = {} if fmt == "base64" else {"encoding_format": "float"}
+        response = openai_client.embeddings.create(model="minilm", input=SENTENCES[:3], **kwargs)
+        ours = np.asarray([d.embedding for d in response.data])
+        assert [d.index for d in response.data] == [0, 1, 2]
+        assert cosines(ours, theirs).min() >= 0.99999
+        assert response.usage.prompt_tokens == response.usage.total_tokens > 0
+        assert response.model == "minilm"
+
+
+def test_openai_dimensions_and_token_ids(openai_client, st_minilm):
+    response = openai_client.embeddings.create(model="m", input=SENTENCES[0], dimensions=32)
+    assert len(response.data[0].embedding) == 32
+    assert np.linalg.norm(response.data[0].embedding) == pytest.approx(1.0, abs=1e-5)
+    ids = st_minilm.tokenizer(SENTENCES[0])["input_ids"]
+    from_ids = openai_client.embeddings.create(model="m", input=[ids, ids])
+    from_text = openai_client.embeddings.create(model="m", input=SENTENCES[0])
+    assert len(from_ids.data) == 2
+    assert cosines(np.asarray(from_ids.data[0].embedding),
+                   np.asarray(from_text.data[0].embedding)) >= 0.99999
+
+
+def test_openai_errors_have_openai_shape(server, openai_client):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as caught:
+        openai_client.embeddings.create(model="m", input="")
+    assert caught.value.status_code == 400
+    response = server.client.post("/v1/embeddings", json={"input": ["a"] * 100})
+    body = response.json()
+    assert response.status_code == 422
+    assert set(body["error"]) == {"message", "type", "code"}
+    assert body["error"]["code"] == 422 and body["error"]["type"] == "Validation"
+
+
+def test_openai_models(openai_client, server):
+    [model] = openai_client.models.list().data
+    assert model.id == server.client.get("/info").json()["served_model_name"]
