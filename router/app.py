@@ -11,13 +11,17 @@ from starlette.responses import Response
 
 from router.errors import handle_embedserve_error, handle_http_exception, handle_unexpected
 from router.http import ApiKeyMiddleware, ClientGone, RequestIdMiddleware
-from router.routes import AppState, openai, tei
+from router.routes import AppState, Endpoint, openai, tei
 from shared.errors import EmbedServeError
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:
     # Nobody reads this; 499 (nginx's "client closed request") keeps access logs honest.
     return Response(status_code=499)
+
+
+def endpoints(state: AppState) -> list[Endpoint]:
+    return [*tei.routes(state), *openai.routes(state)]
 
 
 def build_app(state: AppState) -> Starlette:
@@ -33,7 +37,7 @@ def build_app(state: AppState) -> Starlette:
     if state.config.api_key:
         middleware.append(Middleware(ApiKeyMiddleware, api_key=state.config.api_key))
     return Starlette(
-        routes=[*tei.routes(state), *openai.routes(state)],
+        routes=[endpoint.route() for endpoint in endpoints(state)],
         middleware=middleware,
         exception_handlers={
             ClientGone: _client_gone,

@@ -90,8 +90,20 @@ class DecodeRequest(msgspec.Struct, kw_only=True):
     skip_special_tokens: bool = True
 
 
+class TokenInfo(msgspec.Struct):
+    id: int
+    text: str
+    special: bool
+    start: int | None
+    stop: int | None
+
+
 class VertexRequest(msgspec.Struct):
     instances: list[EmbedRequest]
+
+
+class VertexResponse(msgspec.Struct):
+    predictions: list[list[list[float]]]
 
 
 class OpenAIEmbedRequest(msgspec.Struct, kw_only=True):

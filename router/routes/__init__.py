@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
 
 from router.schemas import Info
 from router.service import InferenceService, Timings
 from shared.config import ServerConfig
+from shared.errors import ErrorType
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,25 @@ class AppState:
     def compute_type(self) -> str:
         devices = {w.ready.device.split(":")[0] for w in self.service.workers.workers if w.ready}
         return "+".join(sorted(devices)) or "cpu"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One route and what it accepts and answers: the app and the OpenAPI document both come
+    from this list, so the documentation cannot drift from the routes."""
+
+    method: str
+    path: str
+    handler: Callable[[Request], Awaitable[Response]]
+    summary: str
+    request: Any = None  # a msgspec type, or None for no body
+    response: Any = None  # a msgspec type, or None for an empty 200
+    errors: tuple[ErrorType, ...] = ()
+    tag: str = "TEI"
+    inference: bool = False  # carries the x-compute-* / x-*-time headers
+
+    def route(self) -> Route:
+        return Route(self.path, self.handler, methods=[self.method])
 
 
 def _ms(value: float) -> str:

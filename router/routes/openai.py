@@ -8,10 +8,9 @@ import time
 import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from router.http import read_json, unless_disconnected
-from router.routes import AppState, json_response, timing_headers
+from router.routes import AppState, Endpoint, json_response, timing_headers
 from router.schemas import (
     EmbedRequest,
     OpenAIEmbedding,
@@ -21,6 +20,7 @@ from router.schemas import (
     OpenAIModelList,
     OpenAIUsage,
 )
+from shared.errors import ErrorType
 
 
 def _base64(row: np.ndarray) -> str:
@@ -28,7 +28,7 @@ def _base64(row: np.ndarray) -> str:
     return base64.b64encode(row.astype("<f4", copy=False).tobytes()).decode()
 
 
-def routes(state: AppState) -> list[Route]:
+def routes(state: AppState) -> list[Endpoint]:
     service = state.service
     limit = state.config.payload_limit
     model_name = state.info.served_model_name
@@ -52,8 +52,13 @@ def routes(state: AppState) -> list[Route]:
     async def models(request: Request) -> Response:
         return json_response(OpenAIModelList(data=[OpenAIModel(id=model_name)]))
 
+    errors = (ErrorType.VALIDATION, ErrorType.EMPTY, ErrorType.TOKENIZER, ErrorType.BACKEND,
+              ErrorType.OVERLOADED, ErrorType.UNHEALTHY)
     return [
-        Route("/v1/embeddings", embeddings, methods=["POST"]),
-        Route("/embeddings", embeddings, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
+        Endpoint("POST", "/v1/embeddings", embeddings, "OpenAI embeddings", OpenAIEmbedRequest,
+                 OpenAIEmbedResponse, errors, tag="OpenAI", inference=True),
+        Endpoint("POST", "/embeddings", embeddings, "OpenAI embeddings (alias)",
+                 OpenAIEmbedRequest, OpenAIEmbedResponse, errors, tag="OpenAI", inference=True),
+        Endpoint("GET", "/v1/models", models, "OpenAI model list: the served model",
+                 response=OpenAIModelList, tag="OpenAI"),
     ]

@@ -9,26 +9,28 @@ import msgspec
 import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from router.http import read_json, unless_disconnected
 from router.inputs import check_batch_size, resolve_prompt
-from router.routes import AppState, json_response, timing_headers
+from router.routes import AppState, Endpoint, json_response, timing_headers
 from router.schemas import (
     DecodeRequest,
     EmbedRequest,
+    Info,
     SimilarityRequest,
+    TokenInfo,
     TokenizeRequest,
     VertexRequest,
+    VertexResponse,
     WorkerInfo,
 )
 from router.service import EmbedResult
-from shared.errors import empty, unhealthy, validation
+from shared.errors import ErrorType, empty, unhealthy, validation
 
 SENTENCE_SIMILARITY = "sentence-similarity"
 
 
-def routes(state: AppState) -> list[Route]:
+def routes(state: AppState) -> list[Endpoint]:
     service = state.service
     limit = state.config.payload_limit
 
@@ -95,7 +97,7 @@ def routes(state: AppState) -> list[Route]:
         if not body.instances:
             raise empty("`instances` cannot be empty")
         results = await asyncio.gather(*(embed_result(request, i) for i in body.instances))
-        return json_response({"predictions": [r.vectors.tolist() for r in results]})
+        return json_response(VertexResponse([r.vectors.tolist() for r in results]))
 
     async def root(request: Request) -> Response:
         # Hugging Face Inference Endpoints post every task to "/": route by what is served.
@@ -124,16 +126,31 @@ def routes(state: AppState) -> list[Route]:
             model_dtype=dtypes.pop() if len(dtypes) == 1 else state.info.model_dtype,
         ))
 
+    inference_errors = (ErrorType.VALIDATION, ErrorType.EMPTY, ErrorType.TOKENIZER,
+                        ErrorType.BACKEND, ErrorType.OVERLOADED, ErrorType.UNHEALTHY)
+    tokenizer_errors = (ErrorType.VALIDATION, ErrorType.EMPTY, ErrorType.TOKENIZER)
     return [
-        Route("/embed", embed, methods=["POST"]),
-        Route("/similarity", similarity, methods=["POST"]),
-        Route("/tokenize", tokenize, methods=["POST"]),
-        Route("/decode", decode, methods=["POST"]),
-        Route("/vertex", vertex, methods=["POST"]),
-        Route("/", root, methods=["POST"]),
-        Route("/invocations", root, methods=["POST"]),
-        Route("/", health, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/ping", health, methods=["GET"]),
-        Route("/info", info, methods=["GET"]),
+        Endpoint("POST", "/embed", embed, "Embed inputs (texts or token ids)", EmbedRequest,
+                 list[list[float]], inference_errors, inference=True),
+        Endpoint("POST", "/similarity", similarity,
+                 "Cosine similarity of a source sentence with each sentence",
+                 SimilarityRequest, list[float], inference_errors, inference=True),
+        Endpoint("POST", "/tokenize", tokenize, "Tokenize texts, with byte offsets",
+                 TokenizeRequest, list[list[TokenInfo]], tokenizer_errors),
+        Endpoint("POST", "/decode", decode, "Decode token ids into text", DecodeRequest,
+                 list[str], tokenizer_errors),
+        Endpoint("POST", "/vertex", vertex, "Vertex AI prediction shape", VertexRequest,
+                 VertexResponse, inference_errors, tag="Vertex"),
+        Endpoint("POST", "/", root,
+                 "Hugging Face Inference Endpoints: /embed (/similarity when "
+                 "TASK=sentence-similarity)", EmbedRequest, list[list[float]],
+                 inference_errors, inference=True),
+        Endpoint("POST", "/invocations", root, "SageMaker: same as POST /", EmbedRequest,
+                 list[list[float]], inference_errors, inference=True),
+        Endpoint("GET", "/", health, "Health (alias of /health)", errors=(ErrorType.UNHEALTHY,)),
+        Endpoint("GET", "/health", health, "200 once every worker is ready, else 503",
+                 errors=(ErrorType.UNHEALTHY,)),
+        Endpoint("GET", "/ping", health, "Health (alias of /health)",
+                 errors=(ErrorType.UNHEALTHY,)),
+        Endpoint("GET", "/info", info, "What is served and how", response=Info),
     ]
