@@ -12,6 +12,8 @@ from pathlib import Path
 
 import httpx
 
+from shared.process import die_with_parent
+
 EMBEDSERVE = str(Path(sys.executable).with_name("embedserve"))
 
 
@@ -32,6 +34,8 @@ class Server:
             [EMBEDSERVE, "--hostname", "127.0.0.1", "--port", str(self.port), *args],
             env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
             stdout=self._log, stderr=subprocess.STDOUT,
+            # A test run that dies (timeout, Ctrl-C) must not leave servers behind.
+            preexec_fn=lambda parent=os.getpid(): die_with_parent(parent),
         )
         self.client = httpx.Client(base_url=self.url, timeout=60)
 
