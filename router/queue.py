@@ -2,7 +2,8 @@
 
 A batch is formed late (when a worker can take it) so that it collects as much work as the
 budget allows. The oldest entry always goes into the next batch, so nothing starves; later
-entries fill whatever budget remains, skipping the ones that would not fit. The cost of a batch
+entries of the same output kind fill whatever budget remains, skipping the ones that would not
+fit. The cost of a batch
 is what the worker declared in READY: the sum of lengths when it packs, `max_len * n` when its
 attention runs on a padded rectangle.
 """
@@ -88,13 +89,16 @@ class TokenBudgetQueue:
         if not entries:
             return []
         limit = self.max_batch_requests or len(entries)
+        # One output kind per batch (pooled, per-token, sparse, logits): the worker computes
+        # one head for the whole batch; other kinds wait for a batch of their own.
+        output = entries[0].output
         chosen: list[int] = []
         total = 0
         longest = 0
         for index, entry in enumerate(entries):
             if index > LOOKAHEAD or len(chosen) >= limit:
                 break
-            if entry.abandoned:
+            if entry.abandoned or entry.output is not output:
                 continue
             if self.cost_model is CostModel.PACKED:
                 cost = total + entry.length

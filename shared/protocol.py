@@ -24,7 +24,10 @@ import numpy as np
 class OutputKind(enum.IntEnum):
     """What an entry of a batch asks the worker for."""
 
-    POOLED = 0
+    POOLED = 0  # one vector per entry (pooling, Dense)
+    ALL_TOKENS = 1  # the last hidden state of every token
+    SPARSE = 2  # SPLADE: relu -> log1p -> max over tokens, non-zero entries only
+    LOGITS = 3  # a classification head's scores
 
 
 class CostModel(enum.Enum):

@@ -27,13 +27,14 @@ def event_loop() -> Iterator[asyncio.AbstractEventLoop]:
         loop.close()
 
 
-def make_entry(loop: asyncio.AbstractEventLoop, request_id: int, length: int) -> Entry:
+def make_entry(loop: asyncio.AbstractEventLoop, request_id: int, length: int,
+               output: OutputKind = OutputKind.POOLED) -> Entry:
     return Entry(
         request_id=request_id,
         input_ids=np.zeros(length, dtype=np.int32),
         token_type_ids=np.zeros(length, dtype=np.int32),
         position_offset=0,
-        output=OutputKind.POOLED,
+        output=output,
         future=loop.create_future(),
     )
 
@@ -204,3 +205,24 @@ def test_long_queue_beyond_lookahead_drains_in_order(cost_model: CostModel) -> N
             assert batch_cost([e.length for e in batch], cost_model) <= 4
             seen.extend(e.request_id for e in batch)
         assert sorted(seen) == list(range(count))
+
+
+@settings(max_examples=200, deadline=None)
+@given(kinds=st.lists(st.sampled_from(list(OutputKind)), min_size=1, max_size=30))
+def test_a_batch_has_one_output_kind_and_the_oldest_goes_first(kinds):
+    loop = asyncio.new_event_loop()
+    try:
+        queue = TokenBudgetQueue(64, None, CostModel.PACKED)
+        entries = [make_entry(loop, i, 2, kind) for i, kind in enumerate(kinds)]
+        for entry in entries:
+            queue.put(entry)
+        answered = []
+        while len(queue):
+            batch = queue.take()
+            assert batch[0] is min((e for e in entries if e not in answered),
+                                   key=lambda e: e.request_id)
+            assert len({e.output for e in batch}) == 1
+            answered.extend(batch)
+        assert sorted(e.request_id for e in answered) == list(range(len(kinds)))
+    finally:
+        loop.close()
