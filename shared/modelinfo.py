@@ -58,6 +58,9 @@ class DenseSpec(msgspec.Struct, frozen=True):
     activation: str
 
 
+ModelKind = Literal["embedding", "classifier", "reranker"]
+
+
 class ModelInfo(msgspec.Struct, frozen=True):
     """The facts of one model directory, shared by router and worker."""
 
@@ -74,6 +77,13 @@ class ModelInfo(msgspec.Struct, frozen=True):
     has_normalize: bool
     prompts: dict[str, str]
     default_prompt_name: str | None
+    # A *ForSequenceClassification model is a classifier, or a re-ranker when it has one label.
+    kind: ModelKind = "embedding"
+    id2label: dict[str, str] = {}
+
+    @property
+    def splade(self) -> bool:
+        return self.pooling == "splade"
 
     @property
     def embedding_dim(self) -> int:
@@ -162,6 +172,17 @@ def _max_input_length(
     return min(int(limit), max_positions)
 
 
+def _model_kind(config: dict[str, Any]) -> tuple[ModelKind, dict[str, str]]:
+    architectures = config.get("architectures") or []
+    if not any(str(a).endswith("ForSequenceClassification") for a in architectures):
+        return "embedding", {}
+    id2label = {str(k): str(v) for k, v in (config.get("id2label") or {}).items()}
+    if not id2label:
+        count = int(config.get("num_labels", 2))
+        id2label = {str(i): f"LABEL_{i}" for i in range(count)}
+    return ("reranker" if len(id2label) == 1 else "classifier"), id2label
+
+
 def load_model_info(
     model_dir: str | Path,
     pooling_override: str | None = None,
@@ -234,7 +255,10 @@ def load_model_info(
             )
         expected_in = spec.out_features
 
+    kind, id2label = _model_kind(config)
     return ModelInfo(
+        kind=kind,
+        id2label=id2label,
         model_dir=str(root),
         config=config,
         model_type=model_type,
