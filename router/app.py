@@ -11,7 +11,7 @@ from starlette.responses import Response
 
 from router.errors import handle_embedserve_error, handle_http_exception, handle_unexpected
 from router.http import ApiKeyMiddleware, ClientGone, RequestIdMiddleware
-from router.routes import AppState, Endpoint, openai, tei
+from router.routes import AppState, Endpoint, docs, openai, tei
 from shared.errors import EmbedServeError
 
 
@@ -37,7 +37,7 @@ def build_app(state: AppState) -> Starlette:
     if state.config.api_key:
         middleware.append(Middleware(ApiKeyMiddleware, api_key=state.config.api_key))
     return Starlette(
-        routes=[endpoint.route() for endpoint in endpoints(state)],
+        routes=docs.app_routes(endpoints(state)),
         middleware=middleware,
         exception_handlers={
             ClientGone: _client_gone,

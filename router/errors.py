@@ -66,6 +66,10 @@ def error_response(
         headers["retry-after"] = RETRY_AFTER_SECONDS
     if error.error_type is ErrorType.UNAUTHORIZED:
         headers["www-authenticate"] = "Bearer"
+    if error.error_type is ErrorType.PAYLOAD_TOO_LARGE:
+        # The rest of the body is never read, so the connection cannot be reused: say so, or
+        # a keep-alive client's next request fails on the closed socket.
+        headers["connection"] = "close"
     status = STATUS[error.error_type]
     if path in OPENAI_PATHS:
         body = msgspec.json.encode(OpenAIErrorBody(

@@ -68,6 +68,9 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     watcher = asyncio.ensure_future(disconnected())
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()  # we were cancelled ourselves (e.g. a sibling failed): the work goes too
+        raise
     finally:
         watcher.cancel()
     if task.done():
@@ -102,6 +105,14 @@ class RequestIdMiddleware:
 # Routes that answer without a key: probes, metrics and the API description.
 OPEN_ROUTES = frozenset({"/health", "/ping", "/metrics", "/docs", "/openapi.json",
                          "/api-doc/openapi.json"})
+# Swagger UI's static files: a browser loads them without the key, as it does /docs.
+OPEN_PREFIX = "/docs/static/"
+
+
+def is_open(method: str, path: str) -> bool:
+    """Whether `method path` answers without an API key (the OpenAPI document uses this too)."""
+    return (path in OPEN_ROUTES or path.startswith(OPEN_PREFIX)
+            or (path == "/" and method in ("GET", "HEAD")))
 
 
 class ApiKeyMiddleware:
@@ -112,7 +123,7 @@ class ApiKeyMiddleware:
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not self._open(scope):
+        if scope["type"] == "http" and not is_open(scope["method"], scope["path"]):
             given = Headers(scope=scope).get("authorization", "").encode()
             if not hmac.compare_digest(given, self.expected):
                 message = ("missing Authorization header" if not given
@@ -122,8 +133,3 @@ class ApiKeyMiddleware:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
-
-    @staticmethod
-    def _open(scope: Scope) -> bool:
-        path = scope["path"]
-        return path in OPEN_ROUTES or (path == "/" and scope["method"] in ("GET", "HEAD"))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Iterable
+from typing import TypeVar
 
 import msgspec
 import numpy as np
@@ -28,6 +30,18 @@ from router.service import EmbedResult
 from shared.errors import ErrorType, empty, unhealthy, validation
 
 SENTENCE_SIMILARITY = "sentence-similarity"
+T = TypeVar("T")
+
+
+async def all_or_nothing(work: Iterable[Awaitable[T]]) -> list[T]:
+    """Gather; on the first failure cancel the rest (their permits and queued inputs return)."""
+    tasks = [asyncio.ensure_future(w) for w in work]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
 
 
 def routes(state: AppState) -> list[Endpoint]:
@@ -96,7 +110,7 @@ def routes(state: AppState) -> list[Endpoint]:
         body = await read_json(request, VertexRequest, limit)
         if not body.instances:
             raise empty("`instances` cannot be empty")
-        results = await asyncio.gather(*(embed_result(request, i) for i in body.instances))
+        results = await all_or_nothing(embed_result(request, i) for i in body.instances)
         return json_response(VertexResponse([r.vectors.tolist() for r in results]))
 
     async def root(request: Request) -> Response:
@@ -126,6 +140,8 @@ def routes(state: AppState) -> list[Endpoint]:
             model_dtype=dtypes.pop() if len(dtypes) == 1 else state.info.model_dtype,
         ))
 
+    root_types = ((SimilarityRequest, list[float]) if state.config.task == SENTENCE_SIMILARITY
+                  else (EmbedRequest, list[list[float]]))
     inference_errors = (ErrorType.VALIDATION, ErrorType.EMPTY, ErrorType.TOKENIZER,
                         ErrorType.BACKEND, ErrorType.OVERLOADED, ErrorType.UNHEALTHY)
     tokenizer_errors = (ErrorType.VALIDATION, ErrorType.EMPTY, ErrorType.TOKENIZER)
@@ -143,10 +159,9 @@ def routes(state: AppState) -> list[Endpoint]:
                  VertexResponse, inference_errors, tag="Vertex"),
         Endpoint("POST", "/", root,
                  "Hugging Face Inference Endpoints: /embed (/similarity when "
-                 "TASK=sentence-similarity)", EmbedRequest, list[list[float]],
+                 "TASK=sentence-similarity)", *root_types, inference_errors, inference=True),
+        Endpoint("POST", "/invocations", root, "SageMaker: same as POST /", *root_types,
                  inference_errors, inference=True),
-        Endpoint("POST", "/invocations", root, "SageMaker: same as POST /", EmbedRequest,
-                 list[list[float]], inference_errors, inference=True),
         Endpoint("GET", "/", health, "Health (alias of /health)", errors=(ErrorType.UNHEALTHY,)),
         Endpoint("GET", "/health", health, "200 once every worker is ready, else 503",
                  errors=(ErrorType.UNHEALTHY,)),

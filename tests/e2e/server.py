@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -35,7 +36,7 @@ class Server:
             env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
             stdout=self._log, stderr=subprocess.STDOUT,
             # A test run that dies (timeout, Ctrl-C) must not leave servers behind.
-            preexec_fn=lambda parent=os.getpid(): die_with_parent(parent),
+            preexec_fn=partial(die_with_parent, os.getpid()),
         )
         self.client = httpx.Client(base_url=self.url, timeout=60)
 

@@ -124,3 +124,15 @@ def test_a_hung_worker_is_detected_killed_and_replaced(start):
     wait_for(lambda: srv.client.get("/health").status_code == 200, timeout=60)
     assert srv.worker_pids() != [pid]
     assert srv.client.post("/embed", json={"inputs": "better"}).status_code == 200
+
+
+def test_vertex_over_the_permits_is_429_and_costs_nothing_after(start):
+    srv = start("--max-concurrent-requests", "64")
+    instances = [{"inputs": [f"{i} {LONG}"] * 32} for i in range(3)]  # 96 inputs > 64 permits
+    started = time.monotonic()
+    refused = srv.client.post("/vertex", json={"instances": instances})
+    assert refused.status_code == 429 and time.monotonic() - started < 1.0
+    # The instances that did get permits were cancelled with the request: no backlog left.
+    started = time.monotonic()
+    assert srv.client.post("/embed", json={"inputs": ["x"] * 64}).status_code == 200
+    assert time.monotonic() - started < 3.0
