@@ -148,6 +148,8 @@ async def run(config: ServerConfig) -> None:
             max_batch_requests=config.max_batch_requests,
             auto_truncate=config.auto_truncate,
             position_offset=info.position_offset,
+            model_kind=info.kind,
+            splade=info.splade,
             tokenizers=TokenizerPool(str(info.tokenizer_path), config.tokenizer_processes),
             workers=workers,
         )

@@ -39,6 +39,31 @@ def as_input_list(inputs: str | list) -> list[str | list[int]]:
     return inputs
 
 
+Pair = tuple[str, str]
+
+
+def as_predict_list(inputs: str | list) -> list[str | Pair]:
+    """TEI's /predict shapes: `"a"`, `["a"]` and `["a", "b"]` (a pair) are one input;
+    `[["a"], ["b", "c"]]` is a batch of single texts and pairs."""
+    if isinstance(inputs, str):
+        return [inputs]
+    if not inputs:
+        raise empty("`inputs` cannot be empty")
+    if all(isinstance(x, str) for x in inputs):
+        return [_sequence(inputs)]
+    if all(isinstance(x, list) for x in inputs):
+        return [_sequence(x) for x in inputs]
+    raise validation("`inputs` must be a text, a pair of texts, or a list of those")
+
+
+def _sequence(texts: list[str]) -> str | Pair:
+    if len(texts) == 1:
+        return texts[0]
+    if len(texts) == 2:
+        return (texts[0], texts[1])
+    raise validation(f"an input is one text or a pair of texts, got a list of {len(texts)}")
+
+
 def check_batch_size(count: int, rules: InputRules) -> None:
     if count > rules.max_client_batch_size:
         raise validation(
@@ -61,6 +86,17 @@ def resolve_prompt(prompt_name: str | None, rules: InputRules) -> str | None:
             f"{sorted(rules.prompts)}"
         )
     return rules.prompts[prompt_name]
+
+
+def _cut(text: str, char_limit: int, truncate: bool, direction: str) -> str:
+    if len(text) <= char_limit:
+        return text
+    if not truncate:
+        raise validation(
+            f"Input validation error: `inputs` must have less than {char_limit} "
+            f"characters. Given: {len(text)}"
+        )
+    return text[-char_limit:] if direction == "left" else text[:char_limit]
 
 
 def _too_long(length: int, rules: InputRules) -> Exception:
@@ -90,7 +126,7 @@ def _token_ids(ids: list[int], truncate: bool, direction: str, rules: InputRules
 
 
 async def tokenize_inputs(
-    inputs: list[str | list[int]],
+    inputs: list[str | list[int] | Pair],
     *,
     prompt: str | None,
     explicit_prompt: bool,
@@ -101,11 +137,21 @@ async def tokenize_inputs(
 ) -> tuple[list[Encoded], int]:
     """Validate and tokenize; returns the encodings in input order and the characters counted."""
     char_limit = rules.max_input_length * CHARS_PER_TOKEN_LIMIT
-    texts: list[str] = []
+    texts: list[str | Pair] = []
     text_slots: list[int] = []
     encoded: list[Encoded | None] = [None] * len(inputs)
     characters = 0
     for index, item in enumerate(inputs):
+        if isinstance(item, tuple):
+            if explicit_prompt:
+                raise validation("`prompt_name` cannot be set with dual inputs")
+            if not all(item):
+                raise empty("Input validation error: `inputs` cannot be empty")
+            first, second = (_cut(text, char_limit, truncate, direction) for text in item)
+            characters += len(first) + len(second)
+            texts.append((first, second))
+            text_slots.append(index)
+            continue
         if len(item) == 0:
             raise empty("Input validation error: `inputs` cannot be empty")
         characters += len(item)
@@ -115,13 +161,7 @@ async def tokenize_inputs(
                                  "token-id inputs")
             encoded[index] = _token_ids(item, truncate, direction, rules)
             continue
-        if len(item) > char_limit:
-            if not truncate:
-                raise validation(
-                    f"Input validation error: `inputs` must have less than {char_limit} "
-                    f"characters. Given: {len(item)}"
-                )
-            item = item[-char_limit:] if direction == "left" else item[:char_limit]
+        item = _cut(item, char_limit, truncate, direction)
         texts.append(item if prompt is None else prompt + item)
         text_slots.append(index)
     if texts:

@@ -12,11 +12,13 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from router.inputs import (
     InputRules,
+    Pair,
     as_input_list,
     check_batch_size,
     resolve_prompt,
@@ -25,9 +27,9 @@ from router.inputs import (
 from router.queue import Entry, TokenBudgetQueue
 from router.schemas import EmbedRequest
 from router.tasks import start_supervised
-from router.tokenization import TokenizerPool
+from router.tokenization import Encoded, TokenizerPool
 from router.workers import WorkerPool
-from shared.errors import overloaded, unhealthy, validation
+from shared.errors import backend, overloaded, unhealthy, validation
 from shared.protocol import OutputKind
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,14 @@ class Timings:
     tokenization_ms: float
     queue_ms: float
     inference_ms: float
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One result per input, in input order, and the request's timings."""
+
+    rows: list[Any]
+    timings: Timings
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,8 @@ class InferenceService:
         max_batch_requests: int | None,
         auto_truncate: bool,
         position_offset: int,
+        model_kind: str,
+        splade: bool,
         tokenizers: TokenizerPool,
         workers: WorkerPool,
     ) -> None:
@@ -75,6 +87,8 @@ class InferenceService:
         self.embedding_dim = embedding_dim
         self.auto_truncate = auto_truncate
         self.position_offset = position_offset
+        self.model_kind = model_kind
+        self.splade = splade
         self.tokenizers = tokenizers
         self.workers = workers
         self.max_batch_tokens = max_batch_tokens
@@ -141,23 +155,35 @@ class InferenceService:
 
     # -- requests ----------------------------------------------------------------------------
 
-    async def embed(self, request: EmbedRequest) -> EmbedResult:
+    def require(self, kind: str) -> None:
+        """424 when a route does not fit the served model (TEI's messages)."""
+        if kind == "embedding" and (self.model_kind != "embedding" or self.splade):
+            raise backend("Model is not an embedding model" if not self.splade else
+                          "Model is an embedding model with SPLADE pooling: use /embed_sparse")
+        if kind == "splade" and not self.splade:
+            raise backend("Model is not an embedding model with SPLADE pooling")
+        if kind == "classifier" and self.model_kind == "embedding":
+            raise backend("Model is not a classifier model")
+        if kind == "reranker" and self.model_kind != "reranker":
+            raise backend("model is not a re-ranker model")
+
+    async def run(
+        self,
+        inputs: list[str | list[int] | Pair],
+        output: OutputKind,
+        *,
+        truncate: bool | None,
+        direction: str,
+        prompt_name: str | None = None,
+    ) -> Outcome:
+        """Admission, tokenization, batching and inference for one request's inputs."""
         started = time.perf_counter()
         if self.draining:
             raise unhealthy("the server is shutting down")
         if self._queue is None or not self.workers.any_ready:
             raise unhealthy("no backend worker is ready (the model is loading or restarting)")
-        inputs = as_input_list(request.inputs)
         check_batch_size(len(inputs), self.rules)
-        dimensions = request.dimensions
-        if dimensions is not None:
-            if dimensions <= 0:
-                raise validation("Input validation error: `dimensions` should be positive")
-            if dimensions > self.embedding_dim:
-                raise validation("Input validation error: `dimensions` should be smaller than "
-                                 "the maximum embedding dimension.")
-        prompt = resolve_prompt(request.prompt_name, self.rules)
-        truncate = self.auto_truncate if request.truncate is None else request.truncate
+        prompt = resolve_prompt(prompt_name, self.rules)
         if len(inputs) > self._permits:
             raise overloaded()
         self._permits -= len(inputs)
@@ -167,42 +193,56 @@ class InferenceService:
             encoded, characters = await tokenize_inputs(
                 inputs,
                 prompt=prompt,
-                explicit_prompt=request.prompt_name is not None,
-                truncate=truncate,
-                direction=request.truncation_direction.lower(),
+                explicit_prompt=prompt_name is not None,
+                truncate=self.auto_truncate if truncate is None else truncate,
+                direction=direction.lower(),
                 rules=self.rules,
                 tokenizers=self.tokenizers,
             )
             tokenized = time.perf_counter()
-            rows, entries = await self._infer(encoded)
+            rows, entries = await self._infer(encoded, output)
         finally:
             self._permits += len(inputs)
             self._active -= 1
             if self._active == 0:
                 self._idle.set()
-        vectors = np.stack(rows)
+        count = len(entries)
+        return Outcome(rows, Timings(
+            characters=characters,
+            tokens=sum(e.length for e in entries),
+            tokenization_ms=(tokenized - started) * 1e3,
+            queue_ms=sum(e.dispatched_at - e.enqueued_at for e in entries) / count * 1e3,
+            inference_ms=sum(f - e.dispatched_at for e, f in entries.items()) / count * 1e3,
+        ))
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        self.require("embedding")
+        dimensions = request.dimensions
+        if dimensions is not None:
+            if dimensions <= 0:
+                raise validation("Input validation error: `dimensions` should be positive")
+            if dimensions > self.embedding_dim:
+                raise validation("Input validation error: `dimensions` should be smaller than "
+                                 "the maximum embedding dimension.")
+        outcome = await self.run(
+            as_input_list(request.inputs), OutputKind.POOLED, truncate=request.truncate,
+            direction=request.truncation_direction, prompt_name=request.prompt_name,
+        )
+        vectors = np.stack(outcome.rows)
         if dimensions is not None:
             vectors = vectors[:, :dimensions]
         if request.normalize:
             vectors = normalize_rows(vectors)
-        count = len(entries)
-        return EmbedResult(
-            vectors=np.ascontiguousarray(vectors, dtype=np.float32),
-            timings=Timings(
-                characters=characters,
-                tokens=sum(e.length for e in entries),
-                tokenization_ms=(tokenized - started) * 1e3,
-                queue_ms=sum(e.dispatched_at - e.enqueued_at for e in entries) / count * 1e3,
-                inference_ms=sum(f - e.dispatched_at for e, f in entries.items()) / count * 1e3,
-            ),
-        )
+        return EmbedResult(np.ascontiguousarray(vectors, dtype=np.float32), outcome.timings)
 
-    async def _infer(self, encoded) -> tuple[list[np.ndarray], dict[Entry, float]]:
+    async def _infer(
+        self, encoded: list[Encoded], output: OutputKind
+    ) -> tuple[list[Any], dict[Entry, float]]:
         assert self._queue is not None
         loop = asyncio.get_running_loop()
         request_id = next(self._request_ids)
         entries = [
-            Entry(request_id, enc.ids, enc.type_ids, self.position_offset, OutputKind.POOLED,
+            Entry(request_id, enc.ids, enc.type_ids, self.position_offset, output,
                   loop.create_future())
             for enc in encoded
         ]

@@ -62,7 +62,8 @@ def _init(tokenizer_path: str, parent_pid: int) -> None:
     _tokenizer.no_truncation()
 
 
-def _encode(texts: list[str], max_length: int | None, direction: str) -> Outcome:
+def _encode(texts: list[str | tuple[str, str]], max_length: int | None,
+            direction: str) -> Outcome:
     assert _tokenizer is not None, "pool process not initialised"
     if max_length is None:
         _tokenizer.no_truncation()
@@ -141,9 +142,10 @@ class TokenizerPool:
         )
 
     async def encode(
-        self, texts: list[str], max_length: int | None, direction: str
+        self, texts: list[str | tuple[str, str]], max_length: int | None, direction: str
     ) -> list[Encoded]:
-        """Tokenize with special tokens; truncate to `max_length` on `direction` if given."""
+        """Tokenize texts or text pairs with special tokens; truncate to `max_length` on
+        `direction` if given (pairs: the longest member first, as transformers does)."""
         return await self._call(_encode, texts, max_length, direction)
 
     async def tokens(self, texts: list[str], add_special_tokens: bool) -> list[list[Token]]:

@@ -268,7 +268,8 @@ class WorkerPool:
                 done = worker.in_flight.pop(message.batch_id, None)
                 if done is not None:
                     worker.batches_done += 1
-                    rows = protocol.result_array(message, buffers)
+                    rows = protocol.result_rows(message, buffers, done.entries[0].output,
+                                                [e.length for e in done.entries])
                     finished = time.perf_counter()
                     for entry, row in zip(done.entries, rows, strict=True):
                         if not entry.future.done():

@@ -15,6 +15,7 @@ is no pickle anywhere on this path.
 from __future__ import annotations
 
 import enum
+import itertools
 from typing import NamedTuple
 
 import msgspec
@@ -134,3 +135,34 @@ def result_array(message: Result, buffers: list[memoryview]) -> np.ndarray:
     if len(buffers) != 1:
         raise ValueError(f"a Result carries 1 array, got {len(buffers)}")
     return np.frombuffer(buffers[0], dtype=np.float32).reshape(message.rows, message.dim)
+
+
+def sparse_arrays(rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, ...]:
+    """Frames of a SPARSE Result: offsets (n+1), indices, values of every row's non-zeros."""
+    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum([len(i) for i, _ in rows], out=offsets[1:])
+    indices = np.concatenate([i for i, _ in rows]).astype(np.int32) if rows else offsets[:0]
+    values = (np.concatenate([v for _, v in rows]).astype(np.float32) if rows
+              else np.zeros(0, np.float32))
+    return offsets, indices, values
+
+
+def result_rows(
+    message: Result, buffers: list[memoryview], output: OutputKind, lengths: list[int]
+) -> list:
+    """One result per entry of the batch, in order.
+
+    POOLED / LOGITS: a float32 row each. ALL_TOKENS: a (length, dim) block each, the frame
+    holding every token of the batch. SPARSE: (indices, values) each, from three frames.
+    """
+    if output is OutputKind.SPARSE:
+        if len(buffers) != 3:
+            raise ValueError(f"a sparse Result carries 3 arrays, got {len(buffers)}")
+        offsets = np.frombuffer(buffers[0], dtype=np.int32)
+        indices = np.frombuffer(buffers[1], dtype=np.int32)
+        values = np.frombuffer(buffers[2], dtype=np.float32)
+        return [(indices[a:b], values[a:b]) for a, b in itertools.pairwise(offsets.tolist())]
+    array = result_array(message, buffers)
+    if output is OutputKind.ALL_TOKENS:
+        return np.split(array, np.cumsum(lengths)[:-1])
+    return list(array)
