@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 import msgspec
 import numpy as np
@@ -104,16 +105,36 @@ class Worker:
     def compute(self, engine, batch: protocol.Batch, buffers: list[memoryview]) -> None:
         started = time.perf_counter()
         try:
-            pooled = engine.embed(protocol.batch_arrays(buffers))
+            if len(set(batch.outputs)) != 1:
+                raise ValueError("a batch must ask for one output kind")
+            head = outputs(engine).get(batch.outputs[0])
+            if head is None:
+                raise ValueError(f"this model does not give {batch.outputs[0].name} outputs")
+            rows, dim, *arrays = head(protocol.batch_arrays(buffers))
         except Exception as exc:
             # One bad batch costs only its own requests; the worker keeps serving.
             log.exception("batch %d failed", batch.batch_id)
             self.send(protocol.Failed(batch.batch_id, f"inference failed: {exc}"))
             return
-        pooled = np.ascontiguousarray(pooled, dtype=np.float32)
         elapsed = (time.perf_counter() - started) * 1e3
-        self.send(protocol.Result(batch.batch_id, pooled.shape[0], pooled.shape[1], elapsed),
-                  pooled)
+        self.send(protocol.Result(batch.batch_id, rows, dim, elapsed), *arrays)
+
+
+Head = Callable[[protocol.BatchArrays], tuple]
+
+
+def _dense(array: np.ndarray) -> tuple:
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    return array.shape[0], array.shape[1], array
+
+
+def outputs(engine) -> dict[protocol.OutputKind, Head]:
+    """What this engine can compute, per output kind: (rows, dim, *frames) of a Result."""
+    return {
+        protocol.OutputKind.POOLED: lambda arrays: _dense(engine.embed(arrays)),
+        protocol.OutputKind.ALL_TOKENS: lambda arrays: _dense(
+            engine.hidden_states(arrays).float().cpu().numpy()),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         vocab_size=info.vocab_size,
         max_positions=engine.max_positions,
         cost_model=engine.cost_model,
-        outputs=[protocol.OutputKind.POOLED],
+        outputs=sorted(outputs(engine)),
         warmup_ms=worker.warmup_ms,
     ))
     log.info("ready on %s (%s)", engine.device_name, engine.dtype_name)

@@ -156,7 +156,8 @@ async def run(config: ServerConfig) -> None:
         workers.on_change = service.on_workers_changed
         # The worker reports the dtype it chose (device "auto"); /info shows that once known.
         dtype = config.dtype or "float32"
-        app = build_app(AppState(config, service, build_info(config, model, info, dtype, rules)))
+        app = build_app(AppState(config, service, build_info(config, model, info, dtype, rules),
+                                 info))
         await _serve(app, config, service)
     finally:
         workers.close_now()

@@ -208,7 +208,8 @@ def unserved_endpoints() -> list[Endpoint]:
     from router.app import endpoints  # NOTE: here, as router.app imports this module's users
     from shared.config import ServerConfig
 
-    return endpoints(AppState(ServerConfig(), cast(Any, _Unserved()), cast(Any, _Unserved())))
+    unserved = cast(Any, _Unserved())
+    return endpoints(AppState(ServerConfig(), unserved, unserved, unserved))
 
 
 def main() -> None:

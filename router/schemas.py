@@ -142,3 +142,71 @@ class OpenAIModel(msgspec.Struct, kw_only=True):
 class OpenAIModelList(msgspec.Struct, kw_only=True):
     object: str = "list"
     data: list[OpenAIModel]
+
+
+class EmbedAllRequest(msgspec.Struct, kw_only=True):
+    inputs: str | list[str | int | list[int]]
+    truncate: bool | None = None
+    truncation_direction: TruncationDirection = "Right"
+    prompt_name: str | None = None
+
+
+class SparseValue(msgspec.Struct):
+    index: int
+    value: float
+
+
+class PredictRequest(msgspec.Struct, kw_only=True):
+    # "a" or ["a"]: one text; ["a", "b"]: one pair; [["a"], ["b", "c"]]: a batch of both.
+    inputs: str | list[str | list[str]]
+    truncate: bool | None = None
+    truncation_direction: TruncationDirection = "Right"
+    raw_scores: bool = False
+
+
+class Prediction(msgspec.Struct):
+    score: float
+    label: str
+
+
+class RerankRequest(msgspec.Struct, kw_only=True):
+    query: str
+    texts: list[str]
+    truncate: bool | None = None
+    truncation_direction: TruncationDirection = "Right"
+    raw_scores: bool = False
+    return_text: bool = False
+
+
+class Rank(msgspec.Struct, omit_defaults=True):
+    index: int
+    score: float
+    text: str | None = None
+
+
+class CohereDocument(msgspec.Struct):
+    text: str
+
+
+class CohereRerankRequest(msgspec.Struct, kw_only=True):
+    query: str
+    documents: list[str | CohereDocument]
+    top_n: int | None = None
+    return_documents: bool = False
+    model: str | None = None
+
+
+class CohereResult(msgspec.Struct, omit_defaults=True):
+    index: int
+    relevance_score: float
+    document: CohereDocument | None = None
+
+
+class CohereUsage(msgspec.Struct):
+    total_tokens: int
+
+
+class CohereRerankResponse(msgspec.Struct):
+    results: list[CohereResult]
+    model: str
+    usage: CohereUsage

@@ -155,17 +155,21 @@ class InferenceService:
 
     # -- requests ----------------------------------------------------------------------------
 
-    def require(self, kind: str) -> None:
+    def require(self, route_needs: str) -> None:
         """424 when a route does not fit the served model (TEI's messages)."""
-        if kind == "embedding" and (self.model_kind != "embedding" or self.splade):
-            raise backend("Model is not an embedding model" if not self.splade else
-                          "Model is an embedding model with SPLADE pooling: use /embed_sparse")
-        if kind == "splade" and not self.splade:
-            raise backend("Model is not an embedding model with SPLADE pooling")
-        if kind == "classifier" and self.model_kind == "embedding":
-            raise backend("Model is not a classifier model")
-        if kind == "reranker" and self.model_kind != "reranker":
-            raise backend("model is not a re-ranker model")
+        refusal = {
+            "embedding": (self.model_kind != "embedding" or self.splade,
+                          "Model is not an embedding model" if not self.splade else
+                          "Model is an embedding model with SPLADE pooling: use /embed_sparse"),
+            "encoder": (self.model_kind != "embedding", "Model is not an embedding model"),
+            "splade": (not self.splade,
+                       "Model is not an embedding model with SPLADE pooling"),
+            "classifier": (self.model_kind == "embedding", "Model is not a classifier model"),
+            "reranker": (self.model_kind != "reranker", "model is not a re-ranker model"),
+        }
+        refused, message = refusal[route_needs]
+        if refused:
+            raise backend(message)
 
     async def run(
         self,

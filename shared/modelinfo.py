@@ -80,6 +80,9 @@ class ModelInfo(msgspec.Struct, frozen=True):
     # A *ForSequenceClassification model is a classifier, or a re-ranker when it has one label.
     kind: ModelKind = "embedding"
     id2label: dict[str, str] = {}
+    # How scores are squashed unless a request asks for raw scores (sentence-transformers'
+    # CrossEncoder rule): the config's activation, else sigmoid for one label, softmax for more.
+    activation: Literal["sigmoid", "softmax", "identity"] = "softmax"
 
     @property
     def splade(self) -> bool:
@@ -183,6 +186,21 @@ def _model_kind(config: dict[str, Any]) -> tuple[ModelKind, dict[str, str]]:
     return ("reranker" if len(id2label) == 1 else "classifier"), id2label
 
 
+_SCORE_ACTIVATIONS = {"Sigmoid": "sigmoid", "Identity": "identity", "Softmax": "softmax"}
+
+
+def _activation(config: dict[str, Any], labels: int) -> Literal["sigmoid", "softmax", "identity"]:
+    st = config.get("sentence_transformers") or {}
+    path = st.get("activation_fn") or config.get("sbert_ce_default_activation_function")
+    if path:
+        name = _SCORE_ACTIVATIONS.get(_module_kind(str(path)))
+        if name is None:
+            raise ConfigError(f"config.json: score activation {path!r} is not supported "
+                              f"(supported: {', '.join(_SCORE_ACTIVATIONS)})")
+        return name  # type: ignore[return-value]
+    return "sigmoid" if labels == 1 else "softmax"
+
+
 def load_model_info(
     model_dir: str | Path,
     pooling_override: str | None = None,
@@ -259,6 +277,7 @@ def load_model_info(
     return ModelInfo(
         kind=kind,
         id2label=id2label,
+        activation=_activation(config, len(id2label)),
         model_dir=str(root),
         config=config,
         model_type=model_type,

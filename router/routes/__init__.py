@@ -16,6 +16,7 @@ from router.schemas import Info
 from router.service import InferenceService, Timings
 from shared.config import ServerConfig
 from shared.errors import ErrorType
+from shared.modelinfo import ModelInfo
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class AppState:
     config: ServerConfig
     service: InferenceService
     info: Info  # the static part; workers are filled in per call
+    model: ModelInfo
 
     @property
     def compute_type(self) -> str:

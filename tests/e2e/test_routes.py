@@ -122,3 +122,31 @@ def test_openai_errors_have_openai_shape(server, openai_client):
 def test_openai_models(openai_client, server):
     [model] = openai_client.models.list().data
     assert model.id == server.client.get("/info").json()["served_model_name"]
+
+
+def test_embed_all_gives_every_tokens_hidden_state(server, st_minilm):
+    import torch
+
+    texts = ["hello world", "a longer sentence for the hidden states"]
+    response = server.client.post("/embed_all", json={"inputs": texts})
+    ours = ok(response)
+    features = st_minilm.tokenize(texts)
+    with torch.no_grad():
+        hidden = st_minilm[0](features)["token_embeddings"]
+    for index, per_token in enumerate(ours):
+        length = int(features["attention_mask"][index].sum())
+        assert np.asarray(per_token).shape == (length, 384)
+        assert np.abs(np.asarray(per_token) - hidden[index, :length].numpy()).max() < 1e-4
+    assert int(response.headers["x-compute-tokens"]) == sum(len(t) for t in ours)
+
+
+@pytest.mark.parametrize(("path", "body", "message"), [
+    ("/predict", {"inputs": "x"}, "Model is not a classifier model"),
+    ("/rerank", {"query": "q", "texts": ["a"]}, "model is not a re-ranker model"),
+    ("/v1/rerank", {"query": "q", "documents": ["a"]}, "model is not a re-ranker model"),
+    ("/embed_sparse", {"inputs": "x"}, "Model is not an embedding model with SPLADE pooling"),
+])
+def test_routes_of_other_model_kinds_answer_424(server, path, body, message):
+    response = server.client.post(path, json=body)
+    assert response.status_code == 424, response.text
+    assert response.json() == {"error": message, "error_type": "Backend"}

@@ -96,7 +96,8 @@ def test_schemathesis_loads_the_document() -> None:
 
 
 def _client(**config: Any) -> TestClient:
-    state = AppState(ServerConfig(**config), cast(Any, _Unserved()), cast(Any, _Unserved()))
+    unserved = cast(Any, _Unserved())
+    state = AppState(ServerConfig(**config), unserved, unserved, unserved)
     return TestClient(build_app(state))
 
 

@@ -1,0 +1,26 @@
+"""From a classification head's logits to the scores a client sees."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from shared.errors import backend
+
+
+def activate(logits: np.ndarray, activation: str, raw_scores: bool) -> np.ndarray:
+    """Rows of logits -> scores: raw, sigmoid or softmax (with the true max subtracted)."""
+    scores = logits.astype(np.float64)
+    if np.isnan(scores).any():
+        raise backend("the model produced a NaN score")
+    if raw_scores or activation == "identity":
+        return scores
+    if activation == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-scores))
+    shifted = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def ranked_labels(scores: np.ndarray, id2label: dict[str, str]) -> list[tuple[float, str]]:
+    """(score, label) for every label, best first."""
+    order = np.argsort(-scores, kind="stable")
+    return [(float(scores[i]), id2label.get(str(i), f"LABEL_{i}")) for i in order]
