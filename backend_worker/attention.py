@@ -4,8 +4,12 @@ The models keep every activation flat, [T, hidden] for the T tokens of a batch, 
 norms and MLPs never touch padding. Only attention needs to know where one sequence ends and the
 next begins. An implementation does that in two steps:
 
-  meta = attention.prepare(cu_seqlens, max_len)   # once per batch, shared by every layer
-  out  = attention.attend(q, k, v, meta)          # per layer; q, k, v, out are [T, heads, dim]
+  meta = attention.prepare(cu_seqlens, host_cu_seqlens)   # once per batch, shared by every layer
+  out  = attention.attend_qkv(qkv, meta)                   # per layer
+
+`qkv` is the fused projection viewed as [T, 3, heads, dim]; `out` is [T, heads, dim]. Taking the
+fused tensor lets a padded path move q, k and v in one copy; a packed (varlen) path unbinds it
+into three views for free.
 
 `select_attention(device)` picks the implementation from the device type alone: it never asks
 torch.cuda anything, so choosing (or importing this module) on a CPU machine initialises nothing.
@@ -17,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -30,77 +35,125 @@ class Attention(Protocol):
     name: str
     cost_model: CostModel
 
-    def prepare(
-        self, cu_seqlens: torch.Tensor, max_len: int, total_tokens: int | None = None
-    ) -> Any:
-        """Per-batch metadata from int64 `cu_seqlens` (n+1, on the model's device).
-
-        `total_tokens` (cu_seqlens[-1]) spares a device sync when the caller knows it.
-        """
+    def prepare(self, cu_seqlens: torch.Tensor, host_cu_seqlens: np.ndarray) -> Any:
+        """Per-batch metadata from `cu_seqlens` (int64 [n + 1] on the model's device) and the
+        same offsets on the host, so that layout decisions never synchronise with the device."""
         ...
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Any) -> torch.Tensor:
-        """Bidirectional attention of each sequence with itself; [T, heads, dim] in and out."""
+    def attend_qkv(self, qkv: torch.Tensor, meta: Any) -> torch.Tensor:
+        """Bidirectional attention of each sequence with itself: [T, 3, heads, dim] (q, k, v
+        along dim 1; a strided view is fine) in, [T, heads, dim] out."""
         ...
 
 
 @dataclass(frozen=True, slots=True)
-class PaddedMeta:
-    """Where each flat token sits in the padded [B, L] rectangle, and which keys are real."""
+class PaddedGroup:
+    """Sequences of similar length padded to one rectangle: rows batch * max_len."""
 
     batch: int
     max_len: int
-    # Row of each flat token in the padded layout flattened to [B * L]: b * L + position.
-    flat_index: torch.Tensor
-    # [B, 1, 1, L] boolean, True for real keys; broadcast over heads and queries by SDPA.
-    key_mask: torch.Tensor
+    # [batch, 1, 1, max_len] boolean, True for real keys (broadcast over heads and queries by
+    # SDPA); None when every sequence of the group is exactly max_len long.
+    key_mask: torch.Tensor | None
+
+
+@dataclass(frozen=True, slots=True)
+class PaddedMeta:
+    """The padded layout of one batch: groups stacked row-wise, and the two index maps."""
+
+    groups: tuple[PaddedGroup, ...]
+    # Flat token copied into each padded row (padding rows repeat their sequence's last token).
+    pad_index: torch.Tensor
+    # Padded row of each flat token, in flat order.
+    unpad_index: torch.Tensor
+
+
+def length_groups(lengths: np.ndarray, ratio: float) -> list[np.ndarray]:
+    """Sequence indices split into groups of similar length, longest first.
+
+    Greedy over lengths sorted in descending order: a group closes when the next sequence is
+    shorter than `ratio` times the group's longest. Padded attention costs batch * max_len**2
+    per group, so one long sequence no longer pads a whole batch of short ones.
+    """
+    order = np.argsort(-lengths, kind="stable")
+    groups: list[np.ndarray] = []
+    start = 0
+    for i in range(1, len(order) + 1):
+        if i == len(order) or lengths[order[i]] < ratio * lengths[order[start]]:
+            groups.append(order[start:i])
+            start = i
+    return groups
 
 
 class PaddedSDPA:
-    """Scatter the flat tokens into [B, heads, L, dim], run SDPA with a key-padding mask, gather.
+    """Gather the flat tokens into padded rectangles, run SDPA with a key-padding mask, gather
+    back.
 
-    The CPU path: SDPA's fused CPU kernels take a boolean mask, and the layout change costs
-    three index copies in (q, k, v) and one out per layer, against linear layers and MLPs that
-    never see padding. Padded query rows attend to their sequence's real keys (never an
-    all-masked row, so no NaN) and are dropped by the gather.
+    The CPU path. A batch is split into groups of similar length, each padded to its own
+    longest sequence (attention cost grows with the square of the padded length, and the router
+    does not sort by length). The fused qkv tensor is padded with one index_select for all
+    groups and one index_select brings the output back; linear layers and MLPs never see
+    padding. Padding rows are copies of a real token rather than zeros: as keys they are masked,
+    as values they are finite (uninitialised memory could hold NaN/inf, which 0 * x does not
+    cancel), and as queries their output is dropped. No query row is ever fully masked.
     """
 
     name = "padded-sdpa"
     cost_model = CostModel.PADDED
 
-    def prepare(
-        self, cu_seqlens: torch.Tensor, max_len: int, total_tokens: int | None = None
-    ) -> PaddedMeta:
-        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        batch = lengths.shape[0]
-        total = int(cu_seqlens[-1]) if total_tokens is None else total_tokens
-        starts = torch.arange(batch, device=cu_seqlens.device) * max_len
-        # Offset that turns a flat token index into its padded row, repeated per token; giving
-        # output_size keeps repeat_interleave from synchronising with the device.
-        shift = torch.repeat_interleave(starts - cu_seqlens[:-1], lengths, output_size=total)
-        flat_index = torch.arange(total, device=cu_seqlens.device) + shift
-        positions = torch.arange(max_len, device=cu_seqlens.device)
-        key_mask = (positions[None, :] < lengths[:, None]).view(batch, 1, 1, max_len)
-        return PaddedMeta(batch=batch, max_len=max_len, flat_index=flat_index, key_mask=key_mask)
+    def __init__(self, group_ratio: float = 0.8) -> None:
+        # 1.0 would give one group per distinct length, 0.0 one group per batch; 0.8 measured
+        # best on CPU for MiniLM-sized models (per-call overhead vs padded FLOPs).
+        self.group_ratio = group_ratio
 
-    def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: PaddedMeta
-    ) -> torch.Tensor:
-        heads, dim = q.shape[1], q.shape[2]
-        padded = [self._pad(x, meta) for x in (q, k, v)]
-        out = F.scaled_dot_product_attention(*padded, attn_mask=meta.key_mask)
-        # [B, heads, L, dim] -> [B * L, heads, dim] -> the real tokens, in flat order.
-        out = out.transpose(1, 2).reshape(meta.batch * meta.max_len, heads, dim)
-        return out.index_select(0, meta.flat_index)
+    def prepare(self, cu_seqlens: torch.Tensor, host_cu_seqlens: np.ndarray) -> PaddedMeta:
+        starts = np.asarray(host_cu_seqlens[:-1], dtype=np.int64)
+        lengths = np.diff(host_cu_seqlens).astype(np.int64)
+        device = cu_seqlens.device
+        groups = []
+        pad_parts = []
+        # First padded row of each sequence, indexed by sequence.
+        row_base = np.empty_like(lengths)
+        rows = 0
+        for members in length_groups(lengths, self.group_ratio):
+            group_lengths = lengths[members]
+            max_len = int(group_lengths[0])
+            positions = np.arange(max_len)
+            real = positions[None, :] < group_lengths[:, None]
+            pad_parts.append(
+                (starts[members, None] + np.minimum(positions, group_lengths[:, None] - 1)).ravel()
+            )
+            row_base[members] = rows + np.arange(len(members)) * max_len
+            rows += len(members) * max_len
+            key_mask = None
+            if not real.all():
+                key_mask = torch.from_numpy(real).view(len(members), 1, 1, max_len).to(device)
+            groups.append(PaddedGroup(batch=len(members), max_len=max_len, key_mask=key_mask))
+        # Row of flat token t of sequence s: row_base[s] + (t - starts[s]).
+        unpad = np.arange(int(host_cu_seqlens[-1])) + np.repeat(row_base - starts, lengths)
+        return PaddedMeta(
+            groups=tuple(groups),
+            pad_index=torch.from_numpy(np.concatenate(pad_parts)).to(device),
+            unpad_index=torch.from_numpy(unpad).to(device),
+        )
 
-    @staticmethod
-    def _pad(x: torch.Tensor, meta: PaddedMeta) -> torch.Tensor:
-        heads, dim = x.shape[1], x.shape[2]
-        # NOTE: zeros, not empty: padded keys are masked, but padded values still enter the
-        # kernel's matmul, and uninitialised memory can hold NaN/inf that 0 * x cannot cancel.
-        padded = x.new_zeros(meta.batch * meta.max_len, heads, dim)
-        padded.index_copy_(0, meta.flat_index, x)
-        return padded.view(meta.batch, meta.max_len, heads, dim).transpose(1, 2)
+    def attend_qkv(self, qkv: torch.Tensor, meta: PaddedMeta) -> torch.Tensor:
+        heads, dim = qkv.shape[2], qkv.shape[3]
+        padded = qkv.index_select(0, meta.pad_index)
+        outs = []
+        row = 0
+        for group in meta.groups:
+            rows = group.batch * group.max_len
+            block = padded[row : row + rows].view(group.batch, group.max_len, 3, heads, dim)
+            # [3, B, heads, L, dim] as strides only: SDPA's CPU kernel takes strided inputs, and
+            # making them contiguous measured slower than letting it read them in place.
+            q, k, v = block.permute(2, 0, 3, 1, 4).unbind(0)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=group.key_mask)
+            # [B, heads, L, dim] (stored as [B, L, heads, dim] by the CPU kernel) -> rows.
+            outs.append(out.transpose(1, 2).reshape(rows, heads, dim))
+            row += rows
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return out.index_select(0, meta.unpad_index)
 
 
 # Candidates per device type, best first. A factory returns None when it cannot run here (a

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from backend_worker.attention import Attention, select_attention
+from backend_worker.cpu_linear import pack_linears, packing_available
 from backend_worker.loading import checkpoint_files, load_strict
 from backend_worker.models import EncoderModel, model_class
 from backend_worker.pooling import Pooler
@@ -72,6 +73,9 @@ class Engine:
         model = model.to(dtype).to_empty(device=target)
         load_strict(model, checkpoint_files(info.model_dir), model_cls.weight_map)
         model.eval()
+        if packing_available(target, dtype):
+            # After strict loading: the packed copies are what forward uses from here on.
+            pack_linears(model)
         pooler = Pooler(info.pooling, info.dense)
         pooler.load_dense()
         pooler.to(target).eval()
@@ -86,9 +90,9 @@ class Engine:
         # makes the (read-only, zero-copy) wire buffer safe to hand to torch.
         return torch.from_numpy(array.astype(np.int64)).to(self.device, non_blocking=True)
 
-    def _check(self, arrays: BatchArrays) -> int:
+    def _check(self, arrays: BatchArrays) -> None:
         """Invariants the router guarantees, checked on the host where an out-of-range index
-        is an exception (on CUDA it is a device assert that kills the worker). Returns max_len."""
+        is an exception (on CUDA it is a device assert that kills the worker)."""
         lengths = np.diff(arrays.cu_seqlens)
         if lengths.size == 0 or lengths.min() <= 0 or arrays.cu_seqlens[0] != 0:
             raise ValueError("a batch needs >= 1 sequence and every sequence >= 1 token")
@@ -101,12 +105,11 @@ class Engine:
         ):
             if values.min() < 0 or (rows is not None and values.max() >= rows):
                 raise ValueError(f"{name} out of range [0, {rows})")
-        return int(lengths.max())
 
     def _forward(self, arrays: BatchArrays) -> tuple[torch.Tensor, torch.Tensor]:
-        max_len = self._check(arrays)
+        self._check(arrays)
         cu_seqlens = self._tensor(arrays.cu_seqlens)
-        meta = self.attention.prepare(cu_seqlens, max_len, arrays.input_ids.shape[0])
+        meta = self.attention.prepare(cu_seqlens, arrays.cu_seqlens)
         hidden = self.model(
             self._tensor(arrays.input_ids),
             self._tensor(arrays.position_ids),

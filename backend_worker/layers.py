@@ -77,6 +77,6 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, meta: Any) -> torch.Tensor:
         tokens = x.shape[0]
-        q, k, v = self.qkv(x).view(tokens, 3, self.heads, self.head_dim).unbind(1)
-        out = self.attention.attend(q, k, v, meta)
+        qkv = self.qkv(x).view(tokens, 3, self.heads, self.head_dim)
+        out = self.attention.attend_qkv(qkv, meta)
         return self.out(out.reshape(tokens, self.heads * self.head_dim))
