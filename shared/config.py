@@ -142,6 +142,9 @@ class ServerConfig:
     workers_per_device: int = field(default=1, metadata=_opt(
         "Worker processes per device. On CPU, the number of CPU workers; the cores are split "
         "between them (torch intra-op threads).", env="WORKERS_PER_DEVICE", type=int))
+    worker_threads: int | None = field(default=None, metadata=_opt(
+        "torch intra-op threads of each CPU worker. Default: the cores divided between the "
+        "CPU workers.", env="WORKER_THREADS", type=int))
     worker_timeout: float = field(default=30.0, metadata=_opt(
         "Seconds a worker may stay silent (no heartbeat, no result) before it is deemed hung, "
         "killed and restarted; raised automatically to 10x its warm-up batch time.",
@@ -160,6 +163,8 @@ class ServerConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
         if self.max_batch_requests is not None and self.max_batch_requests <= 0:
             raise ConfigError("--max-batch-requests must be > 0")
+        if self.worker_threads is not None and self.worker_threads <= 0:
+            raise ConfigError("--worker-threads must be > 0")
         if self.workers_per_device <= 0:
             raise ConfigError("--workers-per-device must be > 0")
         if self.worker_timeout <= 0 or self.worker_ready_timeout <= 0:
