@@ -1,0 +1,1 @@
+"""Benchmark harness: `python -m bench.run --help`. Results are appended to bench/RESULTS.md."""

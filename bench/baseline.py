@@ -1,0 +1,85 @@
+"""The baseline: `SentenceTransformer.encode` in-process on the same model, device and texts.
+
+Run as its own process (`python -m bench.baseline IN.json OUT.json`) by bench/run.py, before the
+server starts: the two never share the cores, and the harness process never imports torch, so
+no model, CUDA context or idle thread pool of the baseline lingers while the server is measured.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class BaselineResult:
+    corpus_s: float
+    corpus_texts: int
+    corpus_tokens: int
+    query_latencies_s: list[float]
+    torch_version: str
+    torch_threads: int
+    st_version: str
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.corpus_tokens / self.corpus_s
+
+    @property
+    def texts_per_s(self) -> float:
+        return self.corpus_texts / self.corpus_s
+
+
+def measure(model_dir: str, device: str, corpus: list[str], corpus_tokens: int,
+            queries: list[str], batch_size: int = 32) -> BaselineResult:
+    import sentence_transformers
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(model_dir, device=device)  # fp32: the library's default
+    model.eval()
+
+    def encode(texts: list[str] | str, bs: int) -> Any:
+        # convert_to_numpy copies to host, which also waits for a CUDA device to finish.
+        return model.encode(texts, batch_size=bs, convert_to_numpy=True,
+                            show_progress_bar=False)
+
+    # Warm-up: first calls pay for lazy initialisation (allocator, kernels, thread pool).
+    encode(corpus[:batch_size], batch_size)
+    for q in queries[:10]:
+        encode(q, 1)
+
+    t0 = time.perf_counter()
+    encode(corpus, batch_size)
+    corpus_s = time.perf_counter() - t0
+
+    latencies = []
+    for q in queries:
+        t0 = time.perf_counter()
+        encode(q, 1)
+        latencies.append(time.perf_counter() - t0)
+
+    return BaselineResult(
+        corpus_s=corpus_s, corpus_texts=len(corpus), corpus_tokens=corpus_tokens,
+        query_latencies_s=latencies, torch_version=torch.__version__,
+        torch_threads=torch.get_num_threads(), st_version=sentence_transformers.__version__,
+    )
+
+
+def main(argv: list[str]) -> None:
+    spec = json.loads(Path(argv[0]).read_text())
+    result = measure(spec["model_dir"], spec["device"], spec["corpus"], spec["corpus_tokens"],
+                     spec["queries"])
+    Path(argv[1]).write_text(json.dumps(asdict(result)))
+
+
+def load(path: Path) -> BaselineResult:
+    return BaselineResult(**json.loads(path.read_text()))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

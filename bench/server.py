@@ -1,0 +1,156 @@
+"""The server under test: the real `embedserve` command on a free loopback port.
+
+Also reads what /proc says about it: the router's own RSS, and the CPU time of the router and of
+its whole process tree (tokenizer pool, workers), so a table can show where the cores went.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+EMBEDSERVE = str(Path(sys.executable).with_name("embedserve"))
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _stat_fields(pid: int) -> list[str]:
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    # NOTE: the command name (field 2) may contain spaces and parentheses; split after it.
+    return raw[raw.rindex(")") + 2:].split()
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(_stat_fields(int(entry))[1])
+            except (OSError, ValueError, IndexError):
+                continue  # exited while we looked
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of one process (its threads included, its children not)."""
+    try:
+        fields = _stat_fields(pid)
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    router_s: float
+    tree_s: float
+
+    def __sub__(self, other: CpuSnapshot) -> CpuSnapshot:
+        return CpuSnapshot(self.router_s - other.router_s, self.tree_s - other.tree_s)
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all cores spent busy since boot (/proc/stat: everything but idle and iowait).
+
+    Busy time minus what the server, the client and the baseline used is other load on the
+    machine: a run that shared its cores with someone else says so instead of looking slow.
+    """
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[:7])
+    # NOTE: steal (field 8) is the hypervisor's, not a process in this machine: left out.
+    return (user + nice + system + irq + softirq) / _TICKS
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+class Server:
+    """`embedserve --hostname 127.0.0.1 --port P --model-id M --device D EXTRA...`."""
+
+    def __init__(self, model_dir: str, device: str, extra_args: list[str]) -> None:
+        self.port = free_port()
+        self.args = [EMBEDSERVE, "--hostname", "127.0.0.1", "--port", str(self.port),
+                     "--model-id", model_dir, "--device", device, *extra_args]
+        self.log_path = Path(tempfile.mkstemp(prefix="embedserve-bench-", suffix=".log")[1])
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                self.args, stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            )
+
+    def _get(self, path: str) -> tuple[int, bytes]:
+        url = f"http://127.0.0.1:{self.port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def wait_healthy(self, timeout_s: float = 300) -> float:
+        """Seconds until /health answered 200; raises with the log tail on exit or timeout."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"embedserve exited with {self.process.returncode}:\n"
+                                   f"{self.log_tail()}")
+            try:
+                if self._get("/health")[0] == 200:
+                    return time.monotonic() - t0
+            except OSError:
+                pass  # port not open yet
+            time.sleep(0.2)
+        raise TimeoutError(f"embedserve not healthy after {timeout_s} s:\n{self.log_tail()}")
+
+    def info(self) -> bytes:
+        return self._get("/info")[1]
+
+    def cpu(self) -> CpuSnapshot:
+        pid = self.process.pid
+        return CpuSnapshot(cpu_seconds(pid), sum(cpu_seconds(p) for p in _descendants(pid)))
+
+    def router_rss_kib(self) -> int:
+        return rss_kib(self.process.pid)
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def log_problems(self) -> list[str]:
+        """Log lines that say WARNING, ERROR or Traceback: worth a look after a run."""
+        text = self.log_path.read_text(errors="replace")
+        return [line for line in text.splitlines()
+                if any(word in line for word in ("WARNING", "ERROR", "Traceback", "CRITICAL"))]
+
+    def stop(self, timeout_s: float = 60) -> int:
+        """SIGTERM, as an orchestrator would; SIGKILL only if it does not exit in time."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode

