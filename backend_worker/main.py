@@ -51,6 +51,8 @@ class Worker:
         self.socket = socket
         self.stopping = False
         self.warmup_ms = 0.0
+        # Per output kind, how to compute it; fixed at load (with the model's head, if any).
+        self.outputs: dict[protocol.OutputKind, Head] = {}
 
     def send(self, message: protocol.Message, *arrays: np.ndarray) -> None:
         self.socket.send_multipart(protocol.encode(message, *arrays), copy=False)
@@ -59,6 +61,7 @@ class Worker:
         import torch
 
         from backend_worker.engine import Engine
+        from backend_worker.heads import build_head
 
         info = load_model_info(self.config.model_dir, self.config.pooling, self.config.dense_path)
         if self.config.threads is not None:
@@ -70,8 +73,13 @@ class Worker:
             torch.cuda.set_device(torch.device(device))  # this process owns this one GPU
         dtype_name = self.config.dtype or ("float16" if device.startswith("cuda") else "float32")
         engine = Engine.load(info, device=device, dtype=getattr(torch, dtype_name))
+        served = self.outputs = outputs(engine, build_head(info, engine.device))
+        # Warm up on what the model serves (a SPLADE head's [tokens, vocab] chunks are the
+        # memory peak, not pooling), so the first real batch meets no allocation surprise.
+        primary = next(k for k in (protocol.OutputKind.POOLED, protocol.OutputKind.LOGITS,
+                                   protocol.OutputKind.SPARSE) if k in served)
         started = time.perf_counter()
-        engine.embed(warmup_arrays(
+        served[primary](warmup_arrays(
             self.config.max_batch_tokens, info.max_input_length,
             engine.cost_model is protocol.CostModel.PACKED,
         ))
@@ -107,7 +115,7 @@ class Worker:
         try:
             if len(set(batch.outputs)) != 1:
                 raise ValueError("a batch must ask for one output kind")
-            head = outputs(engine).get(batch.outputs[0])
+            head = self.outputs.get(batch.outputs[0])
             if head is None:
                 raise ValueError(f"this model does not give {batch.outputs[0].name} outputs")
             rows, dim, *arrays = head(protocol.batch_arrays(buffers))
@@ -128,13 +136,21 @@ def _dense(array: np.ndarray) -> tuple:
     return array.shape[0], array.shape[1], array
 
 
-def outputs(engine) -> dict[protocol.OutputKind, Head]:
-    """What this engine can compute, per output kind: (rows, dim, *frames) of a Result."""
-    return {
-        protocol.OutputKind.POOLED: lambda arrays: _dense(engine.embed(arrays)),
-        protocol.OutputKind.ALL_TOKENS: lambda arrays: _dense(
-            engine.hidden_states(arrays).float().cpu().numpy()),
-    }
+def outputs(engine, head=None) -> dict[protocol.OutputKind, Head]:
+    """What this engine can compute, per output kind: (rows, dim, *frames) of a Result.
+
+    An embedding model gives POOLED; a classifier / re-ranker gives LOGITS and a SPLADE model
+    SPARSE through its `head` (backend_worker.heads); every model gives ALL_TOKENS.
+    """
+    from backend_worker.heads import run_head
+
+    served: dict[protocol.OutputKind, Head] = (
+        {protocol.OutputKind.POOLED: lambda arrays: _dense(engine.embed(arrays))}
+        if head is None else {head.output: run_head(engine, head)}
+    )
+    served[protocol.OutputKind.ALL_TOKENS] = lambda arrays: _dense(
+        engine.hidden_states(arrays).float().cpu().numpy())
+    return served
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         vocab_size=info.vocab_size,
         max_positions=engine.max_positions,
         cost_model=engine.cost_model,
-        outputs=sorted(outputs(engine)),
+        outputs=sorted(worker.outputs),
         warmup_ms=worker.warmup_ms,
     ))
     log.info("ready on %s (%s)", engine.device_name, engine.dtype_name)

@@ -21,7 +21,7 @@ from shared.modelinfo import DenseSpec
 PoolFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _segments(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+def token_sequences(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """Sequence index of every flat token: [0, 0, 0, 1, 1, 2, ...]."""
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     sequences = torch.arange(lengths.shape[0], device=cu_seqlens.device)
@@ -44,7 +44,7 @@ def pool_last_token(
 def pool_mean(
     hidden: torch.Tensor, cu_seqlens: torch.Tensor, lengths: torch.Tensor
 ) -> torch.Tensor:
-    segments = _segments(cu_seqlens, hidden.shape[0])
+    segments = token_sequences(cu_seqlens, hidden.shape[0])
     sums = hidden.new_zeros(lengths.shape[0], hidden.shape[1], dtype=torch.float32)
     sums.index_add_(0, segments, hidden.float())
     return sums / lengths.unsqueeze(1).to(torch.float32)
@@ -53,11 +53,17 @@ def pool_mean(
 def pool_max(
     hidden: torch.Tensor, cu_seqlens: torch.Tensor, lengths: torch.Tensor
 ) -> torch.Tensor:
-    segments = _segments(cu_seqlens, hidden.shape[0])
+    segments = token_sequences(cu_seqlens, hidden.shape[0])
     out = hidden.new_empty(lengths.shape[0], hidden.shape[1], dtype=torch.float32)
     index = segments.unsqueeze(1).expand(-1, hidden.shape[1])
     # include_self=False: every sequence has >= 1 token, so each row is written by real values.
     return out.scatter_reduce_(0, index, hidden.float(), reduce="amax", include_self=False)
+
+
+def _sparse_only(
+    hidden: torch.Tensor, cu_seqlens: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
+    raise RuntimeError("splade pooling gives sparse vectors: use the SPARSE output (heads.py)")
 
 
 POOLERS: dict[str, PoolFn] = {
@@ -86,7 +92,17 @@ class Pooler(nn.Module):
     def __init__(self, mode: str | None, dense: list[DenseSpec]) -> None:
         super().__init__()
         if mode == "splade":
-            raise ConfigError("splade pooling is not supported yet")
+            # SPLADE's vector comes from the MLM head (backend_worker/heads.py, SPARSE output),
+            # not from pooling hidden states: the Engine still builds a Pooler for every model,
+            # so this one constructs and refuses to be called (the worker never offers POOLED
+            # for a SPLADE model).
+            if dense:
+                raise ConfigError("splade pooling with Dense modules is not supported")
+            self.mode = mode
+            self._pool = _sparse_only
+            self.dense = nn.ModuleList()
+            self._specs = []
+            return
         if mode is None:
             raise ConfigError(
                 "the model has no sentence-transformers pooling config; pass --pooling "

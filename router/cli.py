@@ -20,7 +20,7 @@ from router.app import build_app
 from router.devices import cpu_threads_per_worker, worker_devices
 from router.inputs import InputRules
 from router.routes import AppState
-from router.schemas import EmbeddingModelType, Info, ModelType
+from router.schemas import ClassifierModelType, EmbeddingModelType, Info, ModelType
 from router.service import InferenceService
 from router.tokenization import TokenizerPool
 from router.workers import WorkerPool
@@ -71,15 +71,26 @@ def default_prompt(info: ModelInfo, config: ServerConfig) -> str | None:
     return info.prompts[name]
 
 
+def model_type(info: ModelInfo) -> ModelType:
+    """/info's model_type: TEI's embedding {pooling} or classifier / reranker {labels}."""
+    if info.kind == "embedding":
+        assert info.pooling is not None
+        return ModelType(embedding=EmbeddingModelType(info.pooling.replace("-", "_")))
+    labels = ClassifierModelType(
+        id2label=dict(info.id2label),
+        label2id={label: int(i) for i, label in info.id2label.items()},
+    )
+    return ModelType(classifier=labels) if info.kind == "classifier" else ModelType(reranker=labels)
+
+
 def build_info(config: ServerConfig, model: ResolvedModel, info: ModelInfo, dtype: str,
                rules: InputRules) -> Info:
-    assert info.pooling is not None
     return Info(
         model_id=model.model_id,
         model_sha=model.sha or config.revision,
         model_dtype=dtype,
         served_model_name=config.served_model_name or model.model_id,
-        model_type=ModelType(embedding=EmbeddingModelType(info.pooling.replace("-", "_"))),
+        model_type=model_type(info),
         max_concurrent_requests=config.max_concurrent_requests,
         max_input_length=rules.max_input_length,
         max_batch_tokens=config.max_batch_tokens,
@@ -102,7 +113,7 @@ def build_info(config: ServerConfig, model: ResolvedModel, info: ModelInfo, dtyp
 async def run(config: ServerConfig) -> None:
     model = resolve_model(config)
     info = load_model_info(model.path, config.pooling, config.dense_path)
-    if info.pooling is None:
+    if info.pooling is None and info.kind == "embedding":  # a classifier's head pools itself
         raise ConfigError(
             "The `--pooling` arg is not set and we could not find a pooling configuration "
             "(`1_Pooling/config.json`) for this model."
@@ -132,7 +143,8 @@ async def run(config: ServerConfig) -> None:
             max_batch_tokens=config.max_batch_tokens,
             parent_pid=os.getpid(),
             json_output=config.json_output,
-            threads=cpu_threads_per_worker(cpu_workers) if device == "cpu" else None,
+            threads=(config.worker_threads or cpu_threads_per_worker(cpu_workers)
+                     if device == "cpu" else None),
         )
         for index, device in enumerate(devices)
     ]
@@ -175,6 +187,9 @@ async def _serve(app, config: ServerConfig, service: InferenceService) -> None:
     hyper.accesslog = None
     hyper.errorlog = logging.getLogger("hypercorn.error")  # our handlers, not a second one
     hyper.graceful_timeout = config.shutdown_grace
+    # hypercorn closes a keep-alive connection after 1,000 requests by default; TEI does not,
+    # and clients that reuse connections would see it as a dropped connection.
+    hyper.keep_alive_max_requests = 2**31
     # The port opens at once; /health answers 503 until the workers are ready.
     starting = loop.create_task(service.start(config.worker_ready_timeout))
 

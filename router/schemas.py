@@ -25,8 +25,17 @@ class EmbeddingModelType(msgspec.Struct):
     pooling: str
 
 
+class ClassifierModelType(msgspec.Struct):
+    id2label: dict[str, str]
+    label2id: dict[str, int]
+
+
 class ModelType(msgspec.Struct, omit_defaults=True):
+    """Exactly one field is set: what kind of model is served."""
+
     embedding: EmbeddingModelType | None = None
+    classifier: ClassifierModelType | None = None
+    reranker: ClassifierModelType | None = None
 
 
 class WorkerInfo(msgspec.Struct):

@@ -248,9 +248,11 @@ def load_model_info(
             raise ConfigError(f"--pooling {pooling_override!r}: choose one of {POOLINGS}")
         pooling = pooling_override
     elif pooling is None and "bert" in model_type.lower():
-        # TEI's rule: a BERT variant without 1_Pooling is served with CLS pooling.
-        log.warning("no pooling configuration (1_Pooling/config.json) found; the model is a "
-                    "BERT variant, defaulting to cls pooling")
+        # TEI's rule: a BERT variant without 1_Pooling is served with CLS pooling. (A
+        # classifier's head pools by itself; there the default is unused, so say nothing.)
+        if _model_kind(config)[0] == "embedding":
+            log.warning("no pooling configuration (1_Pooling/config.json) found; the model is "
+                        "a BERT variant, defaulting to cls pooling")
         pooling = "cls"
 
     st_config = _optional_json(root / "config_sentence_transformers.json") or {}

@@ -36,10 +36,11 @@ WEIGHT_MAP = WeightMap(
     # TF-era checkpoints spell LayerNorm parameters gamma/beta.
     normalize=((r"LayerNorm\.gamma$", "LayerNorm.weight"), (r"LayerNorm\.beta$", "LayerNorm.bias")),
     ignore=(
-        r"pooler\..*",  # sentence-transformers never uses BERT's pooler
         r"embeddings\.position_ids",  # a buffer older transformers saved
-        # Heads of BertFor* checkpoints, dropped until the worker serves them (a later issue
-        # maps them here instead): the encoder underneath is complete without them.
+        # Heads of BertFor* checkpoints: not the encoder's. backend_worker/heads.py loads them,
+        # strictly, when the model serves them (pooler + classifier for a classifier, cls.* for
+        # SPLADE); an embedding model drops them (sentence-transformers never uses the pooler).
+        r"pooler\..*",
         r"cls\..*",
         r"classifier\..*",
     ),

@@ -60,20 +60,10 @@ def _auto_map_mentions(model_type: str, *needles: str) -> Callable[[dict[str, An
     return matches
 
 
-def _architecture_endswith(suffix: str) -> Callable[[dict[str, Any]], bool]:
-    def matches(config: dict[str, Any]) -> bool:
-        return any(str(a).endswith(suffix) for a in config.get("architectures") or [])
-
-    return matches
-
-
 REFUSALS: list[Refusal] = [
     # ALiBi + GLU: a plain BERT would load most of its weights and silently compute garbage.
     Refusal("JinaBERT v2 (model_type 'bert' with a JinaBert auto_map)",
             _auto_map_mentions("bert", "jina", "JinaBert")),
-    # Serving a classifier's encoder as an embedder would drop the head the model is for.
-    Refusal("a classifier / re-ranker (*ForSequenceClassification)",
-            _architecture_endswith("ForSequenceClassification")),
 ]
 
 _BY_MODEL_TYPE: dict[str, type[EncoderModel]] = {}

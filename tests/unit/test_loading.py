@@ -149,10 +149,10 @@ def test_jina_marker_alone_is_enough() -> None:
         model_class(config)
 
 
-def test_classifiers_are_refused_until_heads_are_served() -> None:
+def test_classifier_encoder_resolves_to_bert() -> None:
+    # Its head (pooler + classifier) is loaded by backend_worker/heads.py.
     config = {"model_type": "bert", "architectures": ["BertForSequenceClassification"]}
-    with pytest.raises(ConfigError, match="ForSequenceClassification"):
-        model_class(config)
+    assert model_class(config) is BertModel
 
 
 def test_plain_bert_resolves() -> None:
@@ -181,9 +181,11 @@ def test_bert_variants_we_would_compute_wrongly_are_refused(
         load(model_dir)
 
 
-def test_splade_pooling_is_refused_at_construction() -> None:
-    with pytest.raises(ConfigError, match="splade"):
-        Pooler("splade", [])
+def test_splade_pooler_constructs_but_never_pools() -> None:
+    # The Engine builds a Pooler for every model; SPLADE's vectors come from heads.SpladeHead.
+    pooler = Pooler("splade", [])
+    with pytest.raises(RuntimeError, match="SPARSE"):
+        pooler(torch.zeros(3, 4), torch.tensor([0, 3]))
 
 
 def test_missing_pooling_is_refused() -> None:

@@ -1,0 +1,210 @@
+"""The real server on classifier, re-ranker and SPLADE models: /predict, /rerank, /v1/rerank,
+/embed_sparse and /info against transformers / sentence-transformers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.e2e.server import Server
+from tests.fixtures.heads import LABELS, make_tiny_classifier, make_tiny_mlm, splade_tiny
+
+TOL = 1e-4
+QUERY = "what is the capital of france?"
+DOCS = ["Paris is the capital and largest city of France.", "hi", "the cat sat on the dog",
+        "France's capital city is Paris, on the Seine."]
+
+
+def start(model_dir: Path, log: Path, *args: str) -> Server:
+    return Server("--model-id", str(model_dir), "--max-batch-tokens", "512", *args,
+                  log_path=log).wait_healthy()
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory) -> Iterator[tuple[Server, Path]]:
+    root = tmp_path_factory.mktemp("classifier")
+    model_dir = make_tiny_classifier(root / "model", LABELS)
+    srv = start(model_dir, root / "log")
+    yield srv, model_dir
+    assert srv.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def reranker(tmp_path_factory) -> Iterator[tuple[Server, Path]]:
+    root = tmp_path_factory.mktemp("reranker")
+    model_dir = make_tiny_classifier(root / "model", ["score"], seed=1)
+    srv = start(model_dir, root / "log")
+    yield srv, model_dir
+    assert srv.stop() == 0
+
+
+def hf_logits(model_dir: Path, inputs: list[str | tuple[str, str]]) -> np.ndarray:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()
+    rows = []
+    for item in inputs:  # one at a time: no padding in the reference
+        encoded = tokenizer(*item, return_tensors="pt") if isinstance(item, tuple) \
+            else tokenizer(item, return_tensors="pt")
+        with torch.no_grad():
+            rows.append(model(**encoded).logits[0].numpy())
+    return np.stack(rows).astype(np.float64)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def check_prediction(answer: list[dict], scores: np.ndarray) -> None:
+    got = [item["score"] for item in answer]
+    assert got == sorted(got, reverse=True), "labels sorted by score, best first"
+    assert sorted(item["label"] for item in answer) == sorted(LABELS)
+    for item in answer:
+        assert abs(item["score"] - scores[LABELS.index(item["label"])]) <= TOL
+
+
+def test_predict_matches_transformers(classifier) -> None:
+    srv, model_dir = classifier
+    single, pair = "The weather is lovely today.", (QUERY, DOCS[0])
+    logits = hf_logits(model_dir, [single, pair, "hi"])
+    probs = softmax(logits)
+
+    response = srv.client.post("/predict", json={"inputs": single})
+    assert response.status_code == 200, response.text
+    check_prediction(response.json(), probs[0])
+    response = srv.client.post("/predict", json={"inputs": list(pair)})
+    check_prediction(response.json(), probs[1])
+    response = srv.client.post("/predict", json={"inputs": [[single], list(pair), ["hi"]]})
+    batch = response.json()
+    assert len(batch) == 3
+    for answer, row in zip(batch, probs, strict=True):
+        check_prediction(answer, row)
+    raw = srv.client.post("/predict", json={"inputs": single, "raw_scores": True}).json()
+    check_prediction(raw, logits[0])
+
+
+def test_classifier_refuses_embed_and_reports_labels(classifier) -> None:
+    srv, _ = classifier
+    response = srv.client.post("/embed", json={"inputs": "hi"})
+    assert response.status_code == 424
+    assert "Model is not an embedding model" in response.text
+    model_type = srv.client.get("/info").json()["model_type"]
+    assert model_type == {"classifier": {
+        "id2label": {str(i): label for i, label in enumerate(LABELS)},
+        "label2id": {label: i for i, label in enumerate(LABELS)},
+    }}
+
+
+def test_rerank_matches_cross_encoder(reranker) -> None:
+    from sentence_transformers import CrossEncoder
+
+    srv, model_dir = reranker
+    expected = CrossEncoder(str(model_dir), device="cpu").predict([(QUERY, d) for d in DOCS])
+    expected = np.asarray(expected, dtype=np.float64)
+    response = srv.client.post("/rerank", json={"query": QUERY, "texts": DOCS,
+                                                "return_text": True})
+    assert response.status_code == 200, response.text
+    ranks = response.json()
+    assert [r["index"] for r in ranks] == list(np.argsort(-expected, kind="stable"))
+    for rank in ranks:
+        assert abs(rank["score"] - expected[rank["index"]]) <= TOL
+        assert rank["text"] == DOCS[rank["index"]]
+    raw = srv.client.post("/rerank", json={"query": QUERY, "texts": DOCS,
+                                           "raw_scores": True}).json()
+    logits = hf_logits(model_dir, [(QUERY, d) for d in DOCS])[:, 0]
+    for rank in raw:
+        assert abs(rank["score"] - logits[rank["index"]]) <= TOL
+        assert "text" not in rank
+
+    cohere = srv.client.post("/v1/rerank", json={"query": QUERY, "documents": DOCS, "top_n": 2,
+                                                 "return_documents": True}).json()
+    top = list(np.argsort(-expected, kind="stable")[:2])
+    assert [r["index"] for r in cohere["results"]] == top
+    for result in cohere["results"]:
+        assert abs(result["relevance_score"] - expected[result["index"]]) <= TOL
+        assert result["document"] == {"text": DOCS[result["index"]]}
+    assert cohere["usage"]["total_tokens"] > 0
+
+    assert srv.client.get("/info").json()["model_type"] == {
+        "reranker": {"id2label": {"0": "score"}, "label2id": {"score": 0}}}
+    assert srv.client.post("/embed", json={"inputs": "hi"}).status_code == 424
+
+
+def sparse_reference(model_dir: Path, texts: list[str]) -> list[dict[int, float]]:
+    """transformers MaskedLM -> relu -> log1p -> max over tokens, one text at a time."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForMaskedLM.from_pretrained(str(model_dir)).eval()
+    rows = []
+    for text in texts:
+        with torch.no_grad():
+            logits = model(**tokenizer(text, return_tensors="pt")).logits[0]
+        vector = torch.log1p(torch.relu(logits)).max(dim=0).values
+        nonzero = torch.nonzero(vector)[:, 0]
+        rows.append({int(i): float(vector[i]) for i in nonzero})
+    return rows
+
+
+def check_sparse(answers: list[list[dict]], expected: list[dict[int, float]]) -> float:
+    worst = 0.0
+    for answer, want in zip(answers, expected, strict=True):
+        indices = [item["index"] for item in answer]
+        assert indices == sorted(indices), "indices ascending"
+        got = {item["index"]: item["value"] for item in answer}
+        assert all(v > 0 for v in got.values())
+        for index in set(got) | set(want):
+            worst = max(worst, abs(got.get(index, 0.0) - want.get(index, 0.0)))
+    assert worst <= TOL, worst
+    return worst
+
+
+TEXTS = ["The weather is lovely today.", "hi", "SPLADE expands a query into weighted terms.",
+         "what is the capital of france?"]
+
+
+def test_embed_sparse_on_tiny_masked_lm(tmp_path: Path) -> None:
+    model_dir = make_tiny_mlm(tmp_path / "model", seed=2)
+    srv = start(model_dir, tmp_path / "log", "--pooling", "splade")
+    try:
+        response = srv.client.post("/embed_sparse", json={"inputs": TEXTS})
+        assert response.status_code == 200, response.text
+        check_sparse(response.json(), sparse_reference(model_dir, TEXTS))
+        assert srv.client.get("/info").json()["model_type"] == {
+            "embedding": {"pooling": "splade"}}
+        refused = srv.client.post("/embed", json={"inputs": "hi"})
+        assert refused.status_code == 424 and "/embed_sparse" in refused.text
+    finally:
+        assert srv.stop() == 0
+
+
+def test_embed_sparse_on_splade_tiny(tmp_path_factory) -> None:
+    import json
+
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.sparse_encoder.modules import MLMTransformer, SpladePooling
+
+    root = tmp_path_factory.mktemp("splade-tiny")
+    model_dir = splade_tiny(root / "model")
+    assert json.loads((model_dir / "config.json").read_text())["architectures"] == [
+        "BertForMaskedLM"]
+    srv = start(model_dir, root / "log", "--pooling", "splade")
+    try:
+        response = srv.client.post("/embed_sparse", json={"inputs": TEXTS})
+        assert response.status_code == 200, response.text
+        answers = response.json()
+    finally:
+        assert srv.stop() == 0
+    encoder = SparseEncoder(modules=[MLMTransformer(str(model_dir)),
+                                     SpladePooling("max", activation_function="relu")],
+                            device="cpu")
+    dense = encoder.encode(TEXTS, convert_to_tensor=True).to_dense()
+    expected = [{int(i): float(row[i]) for i in torch.nonzero(row)[:, 0]} for row in dense]
+    check_sparse(answers, expected)
+    check_sparse(answers, sparse_reference(model_dir, TEXTS))

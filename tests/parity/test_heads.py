@@ -1,0 +1,220 @@
+"""Heads parity: classifier / re-ranker logits against transformers, SPLADE sparse vectors
+against a transformers MaskedLM reference and sentence-transformers' SparseEncoder, and strict
+loading of head keys. Tiny random checkpoints, fp32 on CPU."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from backend_worker.engine import Engine
+from backend_worker.heads import ClassifierHead, SpladeHead, build_head, run_head
+from backend_worker.main import outputs
+from shared import protocol
+from shared.errors import ConfigError
+from shared.modelinfo import load_model_info
+from tests.fixtures.heads import LABELS, make_tiny_classifier, make_tiny_mlm
+from tests.fixtures.tiny import pack, save_bert_weights, write_tokenizer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TEXTS: list[str | tuple[str, str]] = [
+    "The weather is lovely today.",
+    "hi",
+    ("what is the capital of france?", "Paris is the capital and largest city of France."),
+    "A much longer input, with punctuation; digits 0123456789 and MiXeD case: it spans "
+    "well over forty word pieces so that the batch is ragged.",
+    ("short", "pair"),
+]
+LOGIT_TOL = 1e-4
+SPARSE_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory) -> Path:
+    return make_tiny_classifier(tmp_path_factory.mktemp("heads") / "classifier", LABELS)
+
+
+@pytest.fixture(scope="module")
+def reranker_dir(tmp_path_factory) -> Path:
+    return make_tiny_classifier(tmp_path_factory.mktemp("heads") / "reranker", ["score"], seed=1)
+
+
+def padded(arrays: protocol.BatchArrays) -> dict[str, torch.Tensor]:
+    """transformers inputs (right-padded) for a packed batch."""
+    cu = arrays.cu_seqlens
+    lengths = np.diff(cu)
+    ids = torch.zeros(len(lengths), int(lengths.max()), dtype=torch.long)
+    types, mask = torch.zeros_like(ids), torch.zeros_like(ids)
+    for row, (a, b) in enumerate(itertools.pairwise(cu)):
+        ids[row, : b - a] = torch.from_numpy(arrays.input_ids[a:b].astype(np.int64))
+        types[row, : b - a] = torch.from_numpy(arrays.token_type_ids[a:b].astype(np.int64))
+        mask[row, : b - a] = 1
+    return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}
+
+
+def serve(model_dir: Path, pooling: str | None = None):
+    info = load_model_info(model_dir, pooling_override=pooling)
+    engine = Engine.load(info)
+    return info, engine, build_head(info, engine.device)
+
+
+@pytest.mark.parametrize("which", ["classifier", "reranker"])
+def test_logits_match_transformers(request, which: str) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    model_dir = request.getfixturevalue(f"{which}_dir")
+    info, engine, head = serve(model_dir)
+    assert isinstance(head, ClassifierHead)
+    assert info.kind == which
+    arrays, _ = pack(model_dir, TEXTS)
+    assert arrays.token_type_ids.max() == 1, "pairs must exercise token type 1"
+    rows, dim, logits = run_head(engine, head)(arrays)
+    labels = len(LABELS) if which == "classifier" else 1
+    assert (rows, dim, logits.dtype) == (len(TEXTS), labels, np.float32)
+
+    hf = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()
+    with torch.no_grad():
+        expected = hf(**padded(arrays)).logits.numpy()
+    diff = float(np.abs(logits - expected).max())
+    assert diff <= LOGIT_TOL, diff
+    # One at a time gives the same scores as the ragged batch.
+    single, _ = pack(model_dir, TEXTS[2:3])
+    assert np.abs(run_head(engine, head)(single)[2][0] - expected[2]).max() <= LOGIT_TOL
+
+
+def test_output_kinds_per_model(classifier_dir: Path, tmp_path: Path) -> None:
+    kinds = protocol.OutputKind
+    _info, engine, head = serve(classifier_dir)
+    assert set(outputs(engine, head)) == {kinds.LOGITS, kinds.ALL_TOKENS}
+    assert set(outputs(engine)) == {kinds.POOLED, kinds.ALL_TOKENS}
+    mlm = make_tiny_mlm(tmp_path / "mlm")
+    _, engine, head = serve(mlm, "splade")
+    assert set(outputs(engine, head)) == {kinds.SPARSE, kinds.ALL_TOKENS}
+    # A plain embedding model builds no head; its MLM keys stay ignored.
+    assert serve(mlm, "mean")[2] is None
+
+
+def mlm_reference(model_dir: Path, arrays: protocol.BatchArrays) -> np.ndarray:
+    """transformers MaskedLM logits -> relu -> log1p -> max over the attention-masked tokens."""
+    from transformers import AutoModelForMaskedLM
+
+    hf = AutoModelForMaskedLM.from_pretrained(str(model_dir)).eval()
+    inputs = padded(arrays)
+    with torch.no_grad():
+        logits = hf(**inputs).logits
+    values = torch.log1p(torch.relu(logits)) * inputs["attention_mask"].unsqueeze(-1)
+    return values.max(dim=1).values.numpy()
+
+
+def densify(rows: int, dim: int, frames: tuple) -> np.ndarray:
+    offsets, indices, values = frames
+    dense = np.zeros((rows, dim), dtype=np.float32)
+    for row, (a, b) in enumerate(itertools.pairwise(offsets)):
+        assert np.all(np.diff(indices[a:b]) > 0), "indices ascending"
+        dense[row, indices[a:b]] = values[a:b]
+    return dense
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_splade_matches_masked_lm_reference(tmp_path: Path, tied: bool, chunk: int | None) -> None:
+    model_dir = make_tiny_mlm(tmp_path / "mlm", tied=tied, seed=2)
+    keys = load_file(str(model_dir / "model.safetensors"))
+    assert ("cls.predictions.decoder.weight" in keys) is not tied
+    _, engine, head = serve(model_dir, "splade")
+    assert isinstance(head, SpladeHead)
+    if chunk is not None:
+        head.chunk = chunk  # several chunks, crossing sequence boundaries
+    arrays, _ = pack(model_dir, TEXTS)
+    rows, dim, *frames = run_head(engine, head)(arrays)
+    assert (rows, dim) == (len(TEXTS), engine.info.vocab_size)
+    ours = densify(rows, dim, tuple(frames))
+    expected = mlm_reference(model_dir, arrays)
+    diff = float(np.abs(ours - expected).max())
+    assert diff <= SPARSE_TOL, diff
+    assert np.array_equal(ours > 0, expected > 0) or diff <= SPARSE_TOL
+    # The frames are what protocol.sparse_arrays would build from the rows.
+    decoded = protocol.result_rows(
+        protocol.Result(0, rows, dim, 0.0), [memoryview(f) for f in frames],
+        protocol.OutputKind.SPARSE, [])
+    for got, want in zip(protocol.sparse_arrays(decoded), frames, strict=True):
+        assert np.array_equal(got, want)
+
+
+def test_splade_matches_sparse_encoder(tmp_path: Path) -> None:
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.sparse_encoder.modules import MLMTransformer, SpladePooling
+
+    model_dir = make_tiny_mlm(tmp_path / "mlm", seed=3)
+    _, engine, head = serve(model_dir, "splade")
+    texts = [t for t in TEXTS if isinstance(t, str)]
+    arrays, _ = pack(model_dir, texts)
+    rows, dim, *frames = run_head(engine, head)(arrays)
+    encoder = SparseEncoder(modules=[MLMTransformer(str(model_dir)),
+                                     SpladePooling("max", activation_function="relu")],
+                            device="cpu")
+    expected = encoder.encode(texts, convert_to_tensor=True).to_dense().numpy()
+    diff = float(np.abs(densify(rows, dim, tuple(frames)) - expected).max())
+    assert diff <= SPARSE_TOL, diff
+
+
+def drop_key(model_dir: Path, key: str, extra: dict[str, torch.Tensor] | None = None) -> None:
+    path = model_dir / "model.safetensors"
+    state = load_file(str(path))
+    del state[key]
+    save_file({**state, **(extra or {})}, str(path), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    ("key", "named"),
+    [("classifier.weight", "classifier.weight"),
+     ("bert.pooler.dense.weight", "pooler.dense.weight"),
+     ("classifier.bias", "classifier.bias")],
+)
+def test_missing_classifier_key_is_named(tmp_path: Path, key: str, named: str) -> None:
+    model_dir = make_tiny_classifier(tmp_path / "c", LABELS)
+    drop_key(model_dir, key)
+    info = load_model_info(model_dir)
+    Engine.load(info)  # the encoder is complete: the head is what fails
+    with pytest.raises(ConfigError, match=rf"missing.*{named}"):
+        build_head(info, torch.device("cpu"))
+
+
+def test_unexpected_head_key_is_named(tmp_path: Path) -> None:
+    model_dir = make_tiny_classifier(tmp_path / "c", LABELS)
+    drop_key(model_dir, "classifier.bias", {"classifier.bias": torch.zeros(5),
+                                            "classifier.extra.weight": torch.zeros(2)})
+    with pytest.raises(ConfigError, match=r"unexpected keys: classifier\.extra\.weight"):
+        build_head(load_model_info(model_dir), torch.device("cpu"))
+
+
+def test_classifier_label_count_is_checked(tmp_path: Path) -> None:
+    model_dir = make_tiny_classifier(tmp_path / "c", LABELS)
+    drop_key(model_dir, "classifier.bias", {"classifier.bias": torch.zeros(4)})
+    with pytest.raises(ConfigError, match=r"shape mismatch for classifier\.bias"):
+        build_head(load_model_info(model_dir), torch.device("cpu"))
+
+
+def test_missing_mlm_key_is_named(tmp_path: Path) -> None:
+    model_dir = make_tiny_mlm(tmp_path / "m")
+    drop_key(model_dir, "cls.predictions.transform.dense.weight")
+    with pytest.raises(ConfigError, match=r"missing.*cls\.predictions\.transform\.dense\.weight"):
+        build_head(load_model_info(model_dir, "splade"), torch.device("cpu"))
+
+
+def test_splade_needs_a_masked_lm(tmp_path: Path, classifier_dir: Path) -> None:
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    write_tokenizer(plain, 128)
+    save_bert_weights(plain)
+    with pytest.raises(ConfigError, match="ForMaskedLM"):
+        build_head(load_model_info(plain, "splade"), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="classifier"):
+        build_head(load_model_info(classifier_dir, "splade"), torch.device("cpu"))
