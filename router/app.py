@@ -11,7 +11,7 @@ from starlette.responses import Response
 
 from router.errors import handle_embedserve_error, handle_http_exception, handle_unexpected
 from router.http import ApiKeyMiddleware, ClientGone, RequestIdMiddleware
-from router.routes import AppState, Endpoint, docs, heads, openai, tei
+from router.routes import AppState, Endpoint, docs, heads, openai, root, tei
 from shared.errors import EmbedServeError
 
 
@@ -21,7 +21,8 @@ async def _client_gone(request: Request, exc: Exception) -> Response:
 
 
 def endpoints(state: AppState) -> list[Endpoint]:
-    return [*tei.routes(state), *heads.routes(state), *openai.routes(state)]
+    served = [*tei.routes(state), *heads.routes(state), *openai.routes(state)]
+    return [*served, *root.routes(state, served)]
 
 
 def build_app(state: AppState) -> Starlette:

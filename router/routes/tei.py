@@ -29,7 +29,6 @@ from router.schemas import (
 from router.service import EmbedResult
 from shared.errors import ErrorType, empty, unhealthy, validation
 
-SENTENCE_SIMILARITY = "sentence-similarity"
 T = TypeVar("T")
 
 
@@ -113,12 +112,6 @@ def routes(state: AppState) -> list[Endpoint]:
         results = await all_or_nothing(embed_result(request, i) for i in body.instances)
         return json_response(VertexResponse([r.vectors.tolist() for r in results]))
 
-    async def root(request: Request) -> Response:
-        # Hugging Face Inference Endpoints post every task to "/": route by what is served.
-        if state.config.task == SENTENCE_SIMILARITY:
-            return await similarity(request)
-        return await embed(request)
-
     async def health(request: Request) -> Response:
         if not service.ready:
             if service.draining:
@@ -140,8 +133,6 @@ def routes(state: AppState) -> list[Endpoint]:
             model_dtype=dtypes.pop() if len(dtypes) == 1 else state.info.model_dtype,
         ))
 
-    root_types = ((SimilarityRequest, list[float]) if state.config.task == SENTENCE_SIMILARITY
-                  else (EmbedRequest, list[list[float]]))
     inference_errors = (ErrorType.VALIDATION, ErrorType.EMPTY, ErrorType.TOKENIZER,
                         ErrorType.BACKEND, ErrorType.OVERLOADED, ErrorType.UNHEALTHY)
     tokenizer_errors = (ErrorType.VALIDATION, ErrorType.EMPTY, ErrorType.TOKENIZER)
@@ -157,11 +148,6 @@ def routes(state: AppState) -> list[Endpoint]:
                  list[str], tokenizer_errors),
         Endpoint("POST", "/vertex", vertex, "Vertex AI prediction shape", VertexRequest,
                  VertexResponse, inference_errors, tag="Vertex"),
-        Endpoint("POST", "/", root,
-                 "Hugging Face Inference Endpoints: /embed (/similarity when "
-                 "TASK=sentence-similarity)", *root_types, inference_errors, inference=True),
-        Endpoint("POST", "/invocations", root, "SageMaker: same as POST /", *root_types,
-                 inference_errors, inference=True),
         Endpoint("GET", "/", health, "Health (alias of /health)", errors=(ErrorType.UNHEALTHY,)),
         Endpoint("GET", "/health", health, "200 once every worker is ready, else 503",
                  errors=(ErrorType.UNHEALTHY,)),

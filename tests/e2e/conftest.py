@@ -52,3 +52,37 @@ def server(minilm_prompts_dir: Path, tmp_path_factory):
 def copy_model(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst, symlinks=True)
     return dst
+
+
+LABELS = {0: "anger", 1: "joy", 2: "fear", 3: "surprise", 4: "neutral"}
+
+
+def minilm_with_head(minilm_dir: Path, root: Path, labels: dict[int, str]) -> Path:
+    """MiniLM's trained encoder plus a seeded classification head (TESTING.md's derived
+    fixtures): a 5-label classifier, or with one label a cross-encoder."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(len(labels))
+    model = BertForSequenceClassification.from_pretrained(
+        str(minilm_dir), num_labels=len(labels), id2label=labels,
+        label2id={v: k for k, v in labels.items()})
+    with torch.no_grad():  # a head with some spread, so the scores are not all alike
+        model.classifier.weight.normal_(0, 0.5)
+        model.classifier.bias.normal_(0, 0.1)
+    model.save_pretrained(root, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "vocab.txt"):
+        shutil.copy(minilm_dir / name, root / name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def minilm_classifier_dir(minilm_dir: Path, tmp_path_factory) -> Path:
+    return minilm_with_head(minilm_dir, tmp_path_factory.mktemp("minilm-classifier"), LABELS)
+
+
+@pytest.fixture(scope="session")
+def minilm_cross_encoder_dir(minilm_dir: Path, tmp_path_factory) -> Path:
+    return minilm_with_head(minilm_dir, tmp_path_factory.mktemp("minilm-cross-encoder"),
+                            {0: "LABEL_0"})
