@@ -96,13 +96,16 @@ def routes(state: AppState) -> list[Endpoint]:
                                  CohereUsage(outcome.timings.tokens)),
             timing_headers(outcome.timings, started, state.compute_type))
 
+    async def per_input(request: Request, needs: str, output: OutputKind) -> Outcome:
+        """The shared part of /embed_sparse and /embed_all: same body, one output kind."""
+        body = await read_json(request, EmbedAllRequest, limit)
+        service.require(needs)
+        return await run(request, as_input_list(body.inputs), output, truncate=body.truncate,
+                         direction=body.truncation_direction, prompt_name=body.prompt_name)
+
     async def embed_sparse(request: Request) -> Response:
         started = time.perf_counter()
-        body = await read_json(request, EmbedAllRequest, limit)
-        service.require("splade")
-        outcome = await run(request, as_input_list(body.inputs), OutputKind.SPARSE,
-                            truncate=body.truncate, direction=body.truncation_direction,
-                            prompt_name=body.prompt_name)
+        outcome = await per_input(request, "splade", OutputKind.SPARSE)
         answers = [[SparseValue(int(i), float(v)) for i, v in zip(*row, strict=True)]
                    for row in outcome.rows]
         return json_response(answers, timing_headers(outcome.timings, started,
@@ -110,11 +113,7 @@ def routes(state: AppState) -> list[Endpoint]:
 
     async def embed_all(request: Request) -> Response:
         started = time.perf_counter()
-        body = await read_json(request, EmbedAllRequest, limit)
-        service.require("encoder")
-        outcome = await run(request, as_input_list(body.inputs), OutputKind.ALL_TOKENS,
-                            truncate=body.truncate, direction=body.truncation_direction,
-                            prompt_name=body.prompt_name)
+        outcome = await per_input(request, "encoder", OutputKind.ALL_TOKENS)
         return json_response([rows.tolist() for rows in outcome.rows],
                              timing_headers(outcome.timings, started, state.compute_type))
 

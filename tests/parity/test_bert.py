@@ -12,18 +12,17 @@ import torch
 
 from backend_worker.engine import Engine
 from shared.modelinfo import load_model_info
-from tests.fixtures.tiny import make_tiny_bert, pack, save_bert_weights, write_tokenizer
+from tests.fixtures.tiny import (
+    MIXED_TEXTS,
+    make_tiny_bert,
+    pack,
+    save_bert_weights,
+    write_tokenizer,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-TEXTS: list[str | tuple[str, str]] = [
-    "The weather is lovely today.",
-    "hi",
-    ("what is the capital of france?", "Paris is the capital and largest city of France."),
-    "A much longer input, with punctuation; digits 0123456789 and MiXeD case: it spans "
-    "well over forty word pieces so that padding inside the batch is substantial.",
-    ("short", "pair"),
-]
+TEXTS = MIXED_TEXTS
 HIDDEN_TOL = 1e-4
 POOLED_TOL = 1e-5
 

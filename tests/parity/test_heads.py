@@ -20,18 +20,11 @@ from shared import protocol
 from shared.errors import ConfigError
 from shared.modelinfo import load_model_info
 from tests.fixtures.heads import LABELS, make_tiny_classifier, make_tiny_mlm
-from tests.fixtures.tiny import pack, save_bert_weights, write_tokenizer
+from tests.fixtures.tiny import MIXED_TEXTS, pack, save_bert_weights, write_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-TEXTS: list[str | tuple[str, str]] = [
-    "The weather is lovely today.",
-    "hi",
-    ("what is the capital of france?", "Paris is the capital and largest city of France."),
-    "A much longer input, with punctuation; digits 0123456789 and MiXeD case: it spans "
-    "well over forty word pieces so that the batch is ragged.",
-    ("short", "pair"),
-]
+TEXTS = MIXED_TEXTS
 LOGIT_TOL = 1e-4
 SPARSE_TOL = 1e-4
 
