@@ -1,11 +1,28 @@
-"""`POST /` and `/invocations`: the route Hugging Face Inference Endpoints and SageMaker call
-for every task, answered by the route that fits the served model."""
+"""Routes answered by whichever route fits the served model: `POST /` and `/invocations`
+(Hugging Face Inference Endpoints and SageMaker post every task there) and `/vertex` (Vertex AI
+wraps several such request bodies in `instances`)."""
 
 from __future__ import annotations
 
-from router.routes import AppState, Endpoint
+import asyncio
+from collections.abc import Awaitable, Iterable
+from typing import TypeVar
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from router.http import read_json
+from router.routes import AppState, Endpoint, json_response
+from router.schemas import VertexRequest, VertexResponse
+from shared.errors import empty
 
 SENTENCE_SIMILARITY = "sentence-similarity"
+T = TypeVar("T")
+
+
+class _VertexBody(msgspec.Struct):
+    instances: list[msgspec.Raw]
 
 
 def target_path(state: AppState) -> str:
@@ -21,12 +38,52 @@ def target_path(state: AppState) -> str:
     return "/similarity" if state.config.task == SENTENCE_SIMILARITY else "/embed"
 
 
+async def all_or_nothing(work: Iterable[Awaitable[T]]) -> list[T]:
+    """Gather; on the first failure cancel the rest (their permits and queued inputs return)."""
+    tasks = [asyncio.ensure_future(w) for w in work]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
+
+
+def _with_body(request: Request, body: bytes) -> Request:
+    """`request` with `body` as its body; later receives wait on the real connection, so the
+    target route still notices a client that goes away."""
+    sent = False
+
+    async def receive() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await request.receive()
+
+    return Request(request.scope, receive)
+
+
 def routes(state: AppState, served: list[Endpoint]) -> list[Endpoint]:
     path = target_path(state)
     [target] = [e for e in served if e.method == "POST" and e.path == path]
+    limit = state.config.payload_limit
+
+    async def vertex(request: Request) -> Response:
+        body = await read_json(request, _VertexBody, limit)
+        if not body.instances:
+            raise empty("`instances` cannot be empty")
+        answers = await all_or_nothing(
+            target.handler(_with_body(request, bytes(instance))) for instance in body.instances)
+        # Each answer is the target route's JSON already: embed it as is.
+        return json_response({"predictions": [msgspec.Raw(a.body) for a in answers]})
+
     return [
-        Endpoint("POST", root, target.handler, f"{what}: answered as POST {path}",
-                 target.request, target.response, target.errors, target.tag, target.inference)
-        for root, what in (("/", "Hugging Face Inference Endpoints"),
-                           ("/invocations", "SageMaker"))
+        *(Endpoint("POST", root, target.handler, f"{what}: answered as POST {path}",
+                   target.request, target.response, target.errors, target.tag, target.inference)
+          for root, what in (("/", "Hugging Face Inference Endpoints"),
+                             ("/invocations", "SageMaker"))),
+        Endpoint("POST", "/vertex", vertex,
+                 f"Vertex AI: each of `instances` answered as POST {path}", VertexRequest,
+                 VertexResponse, target.errors, tag="Vertex"),
     ]

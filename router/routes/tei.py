@@ -1,10 +1,8 @@
-"""TEI's own routes: /embed, /similarity, /tokenize, /decode, /vertex, POST / and the probes."""
+"""TEI's own routes: /embed, /similarity, /tokenize, /decode and the probes."""
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Awaitable, Iterable
 from typing import TypeVar
 
 import msgspec
@@ -22,25 +20,12 @@ from router.schemas import (
     SimilarityRequest,
     TokenInfo,
     TokenizeRequest,
-    VertexRequest,
-    VertexResponse,
     WorkerInfo,
 )
 from router.service import EmbedResult
 from shared.errors import ErrorType, empty, unhealthy, validation
 
 T = TypeVar("T")
-
-
-async def all_or_nothing(work: Iterable[Awaitable[T]]) -> list[T]:
-    """Gather; on the first failure cancel the rest (their permits and queued inputs return)."""
-    tasks = [asyncio.ensure_future(w) for w in work]
-    try:
-        return await asyncio.gather(*tasks)
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        raise
 
 
 def routes(state: AppState) -> list[Endpoint]:
@@ -105,13 +90,6 @@ def routes(state: AppState) -> list[Endpoint]:
                                  f"{vocab} tokens")
         return json_response(await service.tokenizers.decode(batch, body.skip_special_tokens))
 
-    async def vertex(request: Request) -> Response:
-        body = await read_json(request, VertexRequest, limit)
-        if not body.instances:
-            raise empty("`instances` cannot be empty")
-        results = await all_or_nothing(embed_result(request, i) for i in body.instances)
-        return json_response(VertexResponse([r.vectors.tolist() for r in results]))
-
     async def health(request: Request) -> Response:
         if not service.ready:
             if service.draining:
@@ -146,8 +124,6 @@ def routes(state: AppState) -> list[Endpoint]:
                  TokenizeRequest, list[list[TokenInfo]], tokenizer_errors),
         Endpoint("POST", "/decode", decode, "Decode token ids into text", DecodeRequest,
                  list[str], tokenizer_errors),
-        Endpoint("POST", "/vertex", vertex, "Vertex AI prediction shape", VertexRequest,
-                 VertexResponse, inference_errors, tag="Vertex"),
         Endpoint("GET", "/", health, "Health (alias of /health)", errors=(ErrorType.UNHEALTHY,)),
         Endpoint("GET", "/health", health, "200 once every worker is ready, else 503",
                  errors=(ErrorType.UNHEALTHY,)),

@@ -103,3 +103,19 @@ def test_root_routes_by_model_kind(classifier, cross_encoder):
     assert predicted.status_code == 200 and predicted.json()[0]["label"] in LABELS.values()
     ranked = cross_encoder.client.post("/invocations", json={"query": QUERY, "texts": DOCS})
     assert ranked.status_code == 200 and len(ranked.json()) == len(DOCS)
+
+
+def test_vertex_answers_each_instance_as_the_models_route(classifier, cross_encoder):
+    instances = [{"inputs": TEXTS[0]}, {"inputs": [TEXTS[1], TEXTS[2]], "raw_scores": True}]
+    response = classifier.client.post("/vertex", json={"instances": instances})
+    assert response.status_code == 200, response.text
+    expected = [classifier.client.post("/predict", json=i).json() for i in instances]
+    for got, want in zip(response.json()["predictions"], expected, strict=True):
+        assert [p["label"] for p in got] == [p["label"] for p in want]
+        assert np.allclose([p["score"] for p in got], [p["score"] for p in want], atol=1e-5)
+    ranked = cross_encoder.client.post("/vertex", json={"instances": [
+        {"query": QUERY, "texts": DOCS}]}).json()["predictions"]
+    assert len(ranked) == 1 and len(ranked[0]) == len(DOCS)
+    bad = classifier.client.post("/vertex", json={"instances": [{"inputs": TEXTS[0]},
+                                                                {"nope": 1}]})
+    assert bad.status_code == 422 and bad.json()["error_type"] == "Validation"
