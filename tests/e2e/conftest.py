@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from shared.resolve import default_model_dir
-from tests.e2e.server import Server
+from tests.e2e.server import serving
 
 PROMPTS = {"query": "query: ", "passage": "passage: "}
 
@@ -42,11 +42,10 @@ def st_minilm(minilm_dir: Path):
 def server(minilm_prompts_dir: Path, tmp_path_factory):
     """The real MiniLM (with prompts) served by the real `embedserve` command."""
     log = tmp_path_factory.mktemp("logs") / "server.log"
-    srv = Server("--model-id", str(minilm_prompts_dir), "--max-batch-tokens", "4096",
+    with serving("--model-id", str(minilm_prompts_dir), "--max-batch-tokens", "4096",
                  "--max-client-batch-size", "64", "--payload-limit", "200000",
-                 log_path=log).wait_healthy()
-    yield srv
-    assert srv.stop() == 0, srv.log()
+                 log_path=log) as srv:
+        yield srv
 
 
 def copy_model(src: Path, dst: Path) -> Path:

@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -81,3 +83,14 @@ def wait_for(predicate, timeout: float = 60, interval: float = 0.1) -> None:
             return
         time.sleep(interval)
     raise TimeoutError("condition not met in time")
+
+
+@contextmanager
+def serving(*args: str, log_path: Path, env: dict[str, str] | None = None) -> Iterator[Server]:
+    """A healthy server for the block; on the way out it must stop cleanly (exit status 0)."""
+    srv = Server(*args, env=env, log_path=log_path).wait_healthy()
+    try:
+        yield srv
+    finally:
+        code = srv.stop()
+    assert code == 0, srv.log()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tests.e2e.conftest import LABELS
-from tests.e2e.server import Server
+from tests.e2e.server import serving
 
 TEXTS = ["I am so happy today!", "This is terrifying.", "The meeting is at noon."]
 QUERY = "How is the weather?"
@@ -16,18 +16,16 @@ DOCS = ["It is sunny and warm.", "The stock market fell.", "Rain is expected ton
 
 @pytest.fixture(scope="module")
 def classifier(minilm_classifier_dir, tmp_path_factory):
-    srv = Server("--model-id", str(minilm_classifier_dir), "--max-batch-tokens", "1024",
-                 log_path=tmp_path_factory.mktemp("logs") / "cls.log").wait_healthy()
-    yield srv
-    assert srv.stop() == 0, srv.log()
+    with serving("--model-id", str(minilm_classifier_dir), "--max-batch-tokens", "1024",
+                 log_path=tmp_path_factory.mktemp("logs") / "cls.log") as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
 def cross_encoder(minilm_cross_encoder_dir, tmp_path_factory):
-    srv = Server("--model-id", str(minilm_cross_encoder_dir), "--max-batch-tokens", "1024",
-                 log_path=tmp_path_factory.mktemp("logs") / "ce.log").wait_healthy()
-    yield srv
-    assert srv.stop() == 0, srv.log()
+    with serving("--model-id", str(minilm_cross_encoder_dir), "--max-batch-tokens", "1024",
+                 log_path=tmp_path_factory.mktemp("logs") / "ce.log") as srv:
+        yield srv
 
 
 def transformers_logits(model_dir, inputs) -> np.ndarray:

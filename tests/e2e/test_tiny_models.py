@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.e2e.server import Server
+from tests.e2e.server import serving
 from tests.fixtures.tiny import make_tiny_bert
 
 TEXTS = ["hello world", "the weather is lovely today", "a cat", "query: dog at night " * 5]
@@ -19,10 +19,8 @@ def tiny(request, tmp_path_factory):
                            dense_out=16, prompts=PROMPTS, default_prompt_name="query",
                            max_seq_length=24, st_format=request.param)
     log = tmp_path_factory.mktemp("logs") / "tiny.log"
-    srv = Server("--model-id", str(model), "--max-batch-tokens", "512",
-                 log_path=log).wait_healthy()
-    yield model, srv
-    assert srv.stop() == 0, srv.log()
+    with serving("--model-id", str(model), "--max-batch-tokens", "512", log_path=log) as srv:
+        yield model, srv
 
 
 def st_encode(model, texts, **kwargs) -> np.ndarray:

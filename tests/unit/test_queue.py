@@ -49,6 +49,16 @@ def abandon(entry: Entry, how: int) -> None:
         entry.future.set_result(None)
 
 
+def filled_queue(loop: asyncio.AbstractEventLoop, scenario: dict
+                 ) -> tuple[TokenBudgetQueue, list[Entry]]:
+    queue = TokenBudgetQueue(
+        scenario["max_tokens"], scenario["max_requests"], scenario["cost_model"])
+    entries = [make_entry(loop, i, n) for i, n in enumerate(scenario["lengths"])]
+    for entry in entries:
+        queue.put(entry)
+    return queue, entries
+
+
 @st.composite
 def scenarios(draw: st.DrawFn) -> dict:
     max_tokens = draw(st.integers(1, 64))
@@ -74,11 +84,7 @@ def check_batch(batch: list[Entry], queue: TokenBudgetQueue) -> None:
 @given(scenarios())
 def test_draining_answers_every_live_entry_exactly_once(scenario: dict) -> None:
     with event_loop() as loop:
-        queue = TokenBudgetQueue(
-            scenario["max_tokens"], scenario["max_requests"], scenario["cost_model"])
-        entries = [make_entry(loop, i, n) for i, n in enumerate(scenario["lengths"])]
-        for entry in entries:
-            queue.put(entry)
+        queue, entries = filled_queue(loop, scenario)
         plan: dict[int, list[tuple[int, int]]] = {}
         for index, when, how in scenario["abandons"]:
             if index < len(entries):
@@ -112,11 +118,7 @@ def test_draining_answers_every_live_entry_exactly_once(scenario: dict) -> None:
 @given(scenarios())
 def test_a_batch_leaves_out_only_what_would_not_fit(scenario: dict) -> None:
     with event_loop() as loop:
-        queue = TokenBudgetQueue(
-            scenario["max_tokens"], scenario["max_requests"], scenario["cost_model"])
-        entries = [make_entry(loop, i, n) for i, n in enumerate(scenario["lengths"])]
-        for entry in entries:
-            queue.put(entry)
+        queue, entries = filled_queue(loop, scenario)
         for index, _, how in scenario["abandons"]:
             if index < len(entries) and not entries[index].future.done():
                 abandon(entries[index], how)
