@@ -11,6 +11,14 @@ next begins. An implementation does that in two steps:
 fused tensor lets a padded path move q, k and v in one copy; a packed (varlen) path unbinds it
 into three views for free.
 
+Families whose attention is not plain bidirectional softmax(q k^T / sqrt(d)) call
+
+  out  = attention.attend(q, k, v, meta, mask)                     # per layer
+
+with a `MaskSpec` fixed when the layer is built: causal (decoders), a sliding window (ModernBERT's
+local layers, Mistral, Gemma 3), an additive per-head position bias (ALiBi, MPNet's relative
+buckets), a custom scale, and fewer key/value heads than query heads (GQA).
+
 `select_attention(device)` picks the implementation from the device type alone: it never asks
 torch.cuda anything, so choosing (or importing this module) on a CPU machine initialises nothing.
 """
@@ -18,7 +26,7 @@ torch.cuda anything, so choosing (or importing this module) on a CPU machine ini
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -27,6 +35,36 @@ import torch.nn.functional as F
 
 from shared.errors import ConfigError
 from shared.protocol import CostModel
+
+
+class PositionBias(Protocol):
+    """An additive attention bias that depends only on positions inside one sequence."""
+
+    def __call__(self, length: int, device: torch.device) -> torch.Tensor:
+        """float32 [heads, length, length]: bias[h, i, j] for query i and key j."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class MaskSpec:
+    """What a layer's attention looks like beyond "every token sees its whole sequence".
+
+    Query i sees key j when j <= i (if `causal`) and |i - j| <= `window` (if set); `bias` is
+    added to the scores; `scale` replaces 1 / sqrt(head_dim). Specs are compared by identity of
+    their bias, so layers sharing one spec share its cached masks within a batch.
+    """
+
+    causal: bool = False
+    window: int | None = None
+    bias: PositionBias | None = None
+    scale: float | None = None
+
+    @property
+    def plain(self) -> bool:
+        return not self.causal and self.window is None and self.bias is None
+
+
+BIDIRECTIONAL = MaskSpec()
 
 
 class Attention(Protocol):
@@ -43,6 +81,13 @@ class Attention(Protocol):
     def attend_qkv(self, qkv: torch.Tensor, meta: Any) -> torch.Tensor:
         """Bidirectional attention of each sequence with itself: [T, 3, heads, dim] (q, k, v
         along dim 1; a strided view is fine) in, [T, heads, dim] out."""
+        ...
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Any, mask: MaskSpec
+    ) -> torch.Tensor:
+        """Attention of each sequence with itself under `mask`: q [T, heads, dim], k and v
+        [T, kv_heads, dim] (heads a multiple of kv_heads) in, [T, heads, dim] out."""
         ...
 
 
@@ -66,6 +111,36 @@ class PaddedMeta:
     pad_index: torch.Tensor
     # Padded row of each flat token, in flat order.
     unpad_index: torch.Tensor
+    # (group index, MaskSpec) -> the SDPA mask of that group: built by the first layer that
+    # needs it, reused by the others (a batch's masks are the same in every layer).
+    masks: dict[tuple[int, MaskSpec], torch.Tensor | None] = field(default_factory=dict)
+
+
+def _group_mask(group: PaddedGroup, spec: MaskSpec, device: torch.device) -> torch.Tensor | None:
+    """The SDPA attn_mask of one padded group under `spec`: boolean (True = attend) when there
+    is no bias, else float with -inf where masked; None when nothing is masked."""
+    allowed = group.key_mask  # [B, 1, 1, L] or None
+    length = group.max_len
+    if spec.causal or spec.window is not None:
+        i = torch.arange(length, device=device)
+        distance = i[:, None] - i[None, :]  # query - key
+        shape = torch.ones(length, length, dtype=torch.bool, device=device)
+        if spec.causal:
+            shape &= distance >= 0
+        if spec.window is not None:
+            shape &= distance.abs() <= spec.window
+        allowed = shape[None, None] if allowed is None else allowed & shape
+        if group.key_mask is not None:
+            # A padding query far from every real key would see no key at all under a window
+            # (softmax of all -inf is NaN). Its output is dropped, so let it see everything.
+            allowed = allowed | ~group.key_mask.transpose(-1, -2)
+    if spec.bias is None:
+        return allowed
+    bias = spec.bias(length, device).to(torch.float32).unsqueeze(0)  # [1, heads, L, L]
+    if allowed is None:
+        return bias
+    # Every row keeps at least its diagonal (real rows) or all keys (padding rows): finite.
+    return bias.masked_fill(~allowed, float("-inf"))
 
 
 def length_groups(lengths: np.ndarray, ratio: float) -> list[np.ndarray]:
@@ -151,6 +226,34 @@ class PaddedSDPA:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=group.key_mask)
             # [B, heads, L, dim] (stored as [B, L, heads, dim] by the CPU kernel) -> rows.
             outs.append(out.transpose(1, 2).reshape(rows, heads, dim))
+            row += rows
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return out.index_select(0, meta.unpad_index)
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: PaddedMeta, mask: MaskSpec
+    ) -> torch.Tensor:
+        heads, kv_heads = q.shape[1], k.shape[1]
+        q, k, v = (x.index_select(0, meta.pad_index) for x in (q, k, v))
+        outs = []
+        row = 0
+        for index, group in enumerate(meta.groups):
+            rows = group.batch * group.max_len
+            key = (index, mask)
+            if key not in meta.masks:
+                meta.masks[key] = _group_mask(group, mask, q.device)
+            attn_mask = meta.masks[key]
+            if attn_mask is not None and attn_mask.is_floating_point():
+                attn_mask = attn_mask.to(q.dtype)
+            gq, gk, gv = (
+                x[row : row + rows].view(group.batch, group.max_len, h, -1).transpose(1, 2)
+                for x, h in ((q, heads), (k, kv_heads), (v, kv_heads))
+            )
+            out = F.scaled_dot_product_attention(
+                gq, gk, gv, attn_mask=attn_mask, scale=mask.scale,
+                enable_gqa=kv_heads != heads,
+            )
+            outs.append(out.transpose(1, 2).reshape(rows, heads, out.shape[-1]))
             row += rows
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return out.index_select(0, meta.unpad_index)

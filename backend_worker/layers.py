@@ -7,12 +7,12 @@ for sentence-transformers Dense modules), so a family never spells out an if/eli
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from backend_worker.attention import Attention
+from backend_worker.attention import BIDIRECTIONAL, Attention, MaskSpec
 from shared.errors import ConfigError
 
 # Name -> module factory. transformers' "gelu" is the exact erf form; "gelu_new" and
@@ -57,26 +57,144 @@ class MLP(nn.Module):
         return self.down(self.act(self.up(x)))
 
 
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): SwiGLU, GeGLU and friends, with gate and up fused.
+
+    `gate_up` is [2 * intermediate, hidden], the activated half first: checkpoints that store
+    the two separately fuse them at load (Rule(..., fuse=(gate_name, up_name))), and those that
+    store them fused (ModernBERT's Wi, input half first) load as they are.
+    """
+
+    def __init__(self, hidden: int, intermediate: int, act: str, bias: bool = False,
+                 down_bias: bool | None = None) -> None:
+        super().__init__()
+        self.intermediate = intermediate
+        self.gate_up = nn.Linear(hidden, 2 * intermediate, bias=bias)
+        self.act = activation(act)
+        self.down = nn.Linear(intermediate, hidden, bias=bias if down_bias is None else down_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
+        return self.down(self.act(gate) * up)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * (offset + weight), computed in float32 like the reference implementations.
+
+    Llama, Qwen and Mistral store the scale itself (offset 0); Gemma stores scale - 1 (offset 1).
+    """
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+        self.offset = offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            # Gemma multiplies in float32, then casts.
+            return (x32 * (self.offset + self.weight.float())).to(x.dtype)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(rotary_dim: int, base: float) -> torch.Tensor:
+    """The standard rotary frequencies 1 / base^(2i / d), float32 [rotary_dim / 2]."""
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).to(torch.float32) / rotary_dim
+    return 1.0 / (base**exponents)
+
+
+class Rotary:
+    """Rotary position embedding in the rotate-half convention (GPT-NeoX, Llama, BERT-style
+    rotary encoders), over the first `rotary_dim` features of each head.
+
+    Not an nn.Module and without buffers: models are built on the meta device and filled by
+    strict loading, which would leave a cached table uninitialised. `tables(position_ids)` is
+    computed once per batch (float32, like the references) and shared by every layer.
+    """
+
+    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float = 1.0) -> None:
+        self.inv_freq = inv_freq.to(torch.float32)
+        self.rotary_dim = 2 * inv_freq.shape[0]
+        self.attention_scaling = attention_scaling
+        self._on: dict[torch.device, torch.Tensor] = {}
+
+    def tables(self, position_ids: torch.Tensor, dtype: torch.dtype) -> RopeTables:
+        inv_freq = self._on.get(position_ids.device)
+        if inv_freq is None:
+            inv_freq = self._on[position_ids.device] = self.inv_freq.to(position_ids.device)
+        freqs = position_ids.to(torch.float32)[:, None] * inv_freq[None, :]
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, rotary_dim]
+        cos = (angles.cos() * self.attention_scaling).to(dtype)
+        sin = (angles.sin() * self.attention_scaling).to(dtype)
+        return RopeTables(cos, sin)
+
+
+class RopeTables(NamedTuple):
+    cos: torch.Tensor  # [T, 1, rotary_dim]
+    sin: torch.Tensor
+
+
+def apply_rotary(x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
+    """x [T, heads, head_dim] rotated on its first rotary_dim features."""
+    rotary_dim = rope.cos.shape[-1]
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    first, second = rot.chunk(2, dim=-1)
+    rotated = rot * rope.cos + torch.cat((-second, first), dim=-1) * rope.sin
+    return rotated if rest.shape[-1] == 0 else torch.cat((rotated, rest), dim=-1)
+
+
+NormFactory = Callable[[int], nn.Module]
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with one fused QKV projection (built at load time).
 
-    One [3 * hidden, hidden] matmul instead of three reads the activations once; the
-    implementation in `attention` is shared by every layer and was picked at start-up.
+    One [(heads + 2 * kv_heads) * head_dim, hidden] matmul instead of three reads the
+    activations once. Options cover the families of the zoo: grouped-query attention
+    (`kv_heads`), a `head_dim` that is not hidden / heads, per-head q/k norms (Qwen3, Gemma 3),
+    rotary tables passed in per batch, and a `MaskSpec` (causal, window, position bias, scale).
+    Plain BERT-style attention takes the fused `attend_qkv` path, which moves q, k and v in one
+    copy. The implementation in `attention` is shared by every layer and was picked at start-up.
     """
 
-    def __init__(self, hidden: int, heads: int, attention: Attention, bias: bool = True) -> None:
+    def __init__(
+        self, hidden: int, heads: int, attention: Attention, bias: bool = True, *,
+        kv_heads: int | None = None, head_dim: int | None = None, out_bias: bool | None = None,
+        qk_norm: NormFactory | None = None, mask: MaskSpec = BIDIRECTIONAL,
+    ) -> None:
         super().__init__()
-        if hidden % heads:
-            raise ConfigError(f"hidden size {hidden} is not divisible by {heads} heads")
-        self.heads = heads
-        self.head_dim = hidden // heads
-        self.qkv = nn.Linear(hidden, 3 * hidden, bias=bias)
-        self.out = nn.Linear(hidden, hidden, bias=bias)
+        if head_dim is None:
+            if hidden % heads:
+                raise ConfigError(f"hidden size {hidden} is not divisible by {heads} heads")
+            head_dim = hidden // heads
+        kv_heads = heads if kv_heads is None else kv_heads
+        if heads % kv_heads:
+            raise ConfigError(f"{heads} attention heads are not a multiple of {kv_heads} "
+                              "key/value heads")
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.qkv = nn.Linear(hidden, (heads + 2 * kv_heads) * head_dim, bias=bias)
+        self.out = nn.Linear(heads * head_dim, hidden, bias=bias if out_bias is None else out_bias)
+        self.q_norm = qk_norm(head_dim) if qk_norm else None
+        self.k_norm = qk_norm(head_dim) if qk_norm else None
+        self.mask = mask
+        self._fused = mask == BIDIRECTIONAL and kv_heads == heads and qk_norm is None
         # A plain attribute, not a submodule: it holds no weights and must not be in state_dict.
         self.attention = attention
 
-    def forward(self, x: torch.Tensor, meta: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, meta: Any, rope: RopeTables | None = None) -> torch.Tensor:
         tokens = x.shape[0]
-        qkv = self.qkv(x).view(tokens, 3, self.heads, self.head_dim)
-        out = self.attention.attend_qkv(qkv, meta)
+        qkv = self.qkv(x)
+        if self._fused and rope is None:
+            out = self.attention.attend_qkv(qkv.view(tokens, 3, self.heads, self.head_dim), meta)
+        else:
+            q, k, v = qkv.view(tokens, -1, self.head_dim).split(
+                (self.heads, self.kv_heads, self.kv_heads), dim=1
+            )
+            if self.q_norm is not None and self.k_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            if rope is not None:
+                q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+            out = self.attention.attend(q, k, v, meta, self.mask)
         return self.out(out.reshape(tokens, self.heads * self.head_dim))

@@ -22,7 +22,24 @@ Pooling = Literal["cls", "mean", "max", "last-token", "splade"]
 POOLINGS: tuple[str, ...] = ("cls", "mean", "max", "last-token", "splade")
 
 # Families whose position ids start after the padding index (fairseq heritage).
-POSITION_OFFSET_MODEL_TYPES = frozenset({"roberta", "xlm-roberta", "camembert"})
+# Families whose position ids start after the padding index (fairseq's convention, kept by
+# MPNet): the router adds pad_token_id + 1 to every position.
+POSITION_OFFSET_MODEL_TYPES = frozenset({"roberta", "xlm-roberta", "camembert", "mpnet"})
+# Config keys that name the hidden size and the position table length, by family spelling.
+_HIDDEN_SIZE_KEYS = ("hidden_size", "d_model", "dim", "n_embd")
+_MAX_POSITIONS_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len")
+
+
+def config_value(config: dict[str, Any], keys: tuple[str, ...], default: int = 0) -> int:
+    """The first of `keys` that config.json sets, as an int."""
+    for key in keys:
+        if config.get(key) is not None:
+            return int(config[key])
+    return default
+
+
+def config_max_positions(config: dict[str, Any]) -> int:
+    return config_value(config, _MAX_POSITIONS_KEYS, 512)
 
 # Classic 1_Pooling keys and the sentence-transformers 6 `pooling_mode` names, mapped to ours.
 _CLASSIC_POOLING_KEYS = {
@@ -161,7 +178,7 @@ def parse_dense(module_dir: Path) -> DenseSpec:
 def _max_input_length(
     model_dir: Path, config: dict[str, Any], position_offset: int, st_present: bool
 ) -> int:
-    max_positions = int(config.get("max_position_embeddings", 512)) - position_offset
+    max_positions = config_max_positions(config) - position_offset
     st_config = _optional_json(model_dir / "sentence_bert_config.json") or {}
     limit = st_config.get("max_seq_length")
     if limit is None and st_present:
@@ -264,7 +281,7 @@ def load_model_info(
             f"{default_prompt_name!r} is not one of the prompts {sorted(prompts)}"
         )
 
-    hidden_size = int(config.get("hidden_size") or config.get("d_model") or config.get("dim") or 0)
+    hidden_size = config_value(config, _HIDDEN_SIZE_KEYS)
     if hidden_size <= 0:
         raise ConfigError(f"{root}/config.json: no hidden_size")
     expected_in = hidden_size

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from backend_worker.attention import Attention
+from backend_worker.head_modules import Either, FamilyHeads, HeadKeys
 from backend_worker.layers import MLP, SelfAttention, activation
 from backend_worker.loading import Rule, WeightMap
 from backend_worker.models.registry import register
@@ -43,6 +44,31 @@ WEIGHT_MAP = WeightMap(
         r"pooler\..*",
         r"cls\..*",
         r"classifier\..*",
+    ),
+)
+
+HEADS = FamilyHeads(
+    encoder=WEIGHT_MAP,
+    classifier=HeadKeys(
+        rules=(Rule("pooler.dense.{w}", "pooler.{w}"), Rule("classifier.{w}", "classifier.{w}")),
+        owns=(r"pooler\.", r"classifier\."),
+    ),
+    mlm=HeadKeys(
+        rules=(
+            Rule("cls.predictions.transform.dense.{w}", "dense.{w}"),
+            Rule("cls.predictions.transform.LayerNorm.{w}", "norm.{w}"),
+        ),
+        owns=(r"cls\.",),
+    ),
+    mlm_tied=(
+        # Tied (the usual): the decoder is the word embedding matrix, saved once.
+        Either(Rule("cls.predictions.decoder.weight", "decoder.weight"),
+               Rule("embeddings.word_embeddings.weight", "decoder.weight")),
+        # NOTE: transformers applies decoder.bias. v4 tied it to predictions.bias (one tensor,
+        # both names saved in a .bin); v5 ties them only with tied embeddings and otherwise
+        # leaves predictions.bias unused. So decoder.bias wins when saved.
+        Either(Rule("cls.predictions.decoder.bias", "decoder.bias"),
+               Rule("cls.predictions.bias", "decoder.bias")),
     ),
 )
 
@@ -88,6 +114,7 @@ class BertModel(nn.Module):
     """BertModel's last hidden state, flat."""
 
     weight_map: ClassVar[WeightMap] = WEIGHT_MAP
+    heads: ClassVar[FamilyHeads | None] = HEADS
 
     def __init__(
         self, *, vocab_size: int, hidden_size: int, num_hidden_layers: int,

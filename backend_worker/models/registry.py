@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Protocol, Self, TypeVar
 import torch
 
 from backend_worker.attention import Attention
+from backend_worker.head_modules import FamilyHeads
 from backend_worker.loading import WeightMap
 from shared.errors import ConfigError
 
@@ -25,6 +26,8 @@ class EncoderModel(Protocol):
     """What the engine needs from a family's model class (an nn.Module)."""
 
     weight_map: ClassVar[WeightMap]
+    # The family's classifier / MLM heads (backend_worker/heads.py builds them); None if none.
+    heads: ClassVar[FamilyHeads | None]
     # Rows of the position table: the largest position id + 1 the model accepts.
     max_positions: int
 

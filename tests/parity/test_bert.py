@@ -22,6 +22,9 @@ from tests.fixtures.tiny import (
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# Model types this module proves against their oracle (tests/parity/test_zoo_coverage.py).
+COVERS = frozenset({"bert"})
+
 TEXTS = MIXED_TEXTS
 HIDDEN_TOL = 1e-4
 POOLED_TOL = 1e-5

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from backend_worker.engine import Engine
-from backend_worker.heads import ClassifierHead, SpladeHead, build_head, run_head
+from backend_worker.head_modules import ClassifierHead, SpladeHead
+from backend_worker.heads import build_head, run_head
 from backend_worker.main import outputs
 from shared import protocol
 from shared.errors import ConfigError

@@ -1,0 +1,159 @@
+"""Head modules and the data a family gives to describe its heads' checkpoint keys.
+
+A family file (backend_worker/models/<family>.py) declares a `FamilyHeads`: which keys its
+classifier and MLM heads own and which module computes each. backend_worker/heads.py builds and
+loads the head a model serves from that description. Head math runs in float32 whatever the
+model dtype (hidden states are cast), and every head answers `result(hidden, cu_seqlens)` with
+the frames of a worker Result.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from backend_worker.layers import activation
+from backend_worker.loading import Rule, WeightMap
+from backend_worker.pooling import token_sequences
+from shared.protocol import OutputKind
+
+# Logits of one SPLADE chunk are [tokens, vocab] float32: bound them (~128 MiB) so a 16k-token
+# batch over a 30k vocabulary does not materialise GBs; the reduction is into [n, vocab].
+_SPLADE_CHUNK_BYTES = 128 << 20
+
+
+@dataclass(frozen=True)
+class HeadKeys:
+    """One family's checkpoint names for one head, as data.
+
+    `owns`: regexes (matched at the start of a key, family prefix stripped) of the keys this
+    head must consume; every other key belongs to the encoder's strict load and is skipped here.
+    """
+
+    rules: tuple[Rule, ...]
+    owns: tuple[str, ...]
+    ignore: tuple[str, ...] = ()
+
+    def weight_map(self, family: WeightMap) -> WeightMap:
+        prefixes = "|".join(re.escape(p) for p in family.prefixes)
+        owned = "|".join(self.owns)
+        not_ours = rf"(?!(?:{prefixes})?(?:{owned})).*" if prefixes else rf"(?!(?:{owned})).*"
+        return WeightMap(rules=self.rules, prefixes=family.prefixes,
+                         normalize=family.normalize, ignore=(*self.ignore, not_ours))
+
+
+@dataclass(frozen=True)
+class Either:
+    """A parameter filled by the checkpoint's own key when present, else by a tied one."""
+
+    own: Rule
+    tied: Rule
+
+
+class Head(Protocol):
+    output: ClassVar[OutputKind]
+
+    def result(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple:
+        """Flat hidden [T, hidden], cu_seqlens int64 [n + 1] -> (rows, dim, *frames)."""
+        ...
+
+
+class LogitsHead(nn.Module):
+    """Base of the sequence classifiers: forward gives raw float32 logits [n, labels]; the
+    router applies the activation (sigmoid / softmax / none) per request."""
+
+    output: ClassVar[OutputKind] = OutputKind.LOGITS
+
+    def result(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple:
+        logits = self(hidden, cu_seqlens).cpu().numpy()
+        return logits.shape[0], logits.shape[1], np.ascontiguousarray(logits)
+
+
+class ClassifierHead(LogitsHead):
+    """BertForSequenceClassification: classifier(tanh(pooler(h[CLS])))."""
+
+    def __init__(self, hidden: int, labels: int) -> None:
+        super().__init__()
+        self.pooler = nn.Linear(hidden, hidden)
+        self.classifier = nn.Linear(hidden, labels)
+
+    def forward(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        first = hidden.index_select(0, cu_seqlens[:-1]).float()
+        return self.classifier(torch.tanh(self.pooler(first)))
+
+
+class SpladeHead(nn.Module):
+    """MLM head (dense -> act -> norm -> decoder), then relu -> log1p -> max over each
+    sequence's tokens, non-zeros only. BERT, RoBERTa, DistilBERT and ModernBERT MLM heads all
+    have this shape under different names."""
+
+    output: ClassVar[OutputKind] = OutputKind.SPARSE
+
+    def __init__(self, hidden: int, vocab: int, act: str, eps: float, *,
+                 dense_bias: bool = True, norm_bias: bool = True) -> None:
+        super().__init__()
+        self.dense = nn.Linear(hidden, hidden, bias=dense_bias)
+        self.act = activation(act, where="config.json: MLM head activation")
+        self.norm = nn.LayerNorm(hidden, eps=eps, bias=norm_bias)
+        self.decoder = nn.Linear(hidden, vocab)
+        self.chunk = max(1, _SPLADE_CHUNK_BYTES // (4 * vocab))
+
+    def forward(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """float32 [n, vocab], dense (mostly zeros)."""
+        total = hidden.shape[0]
+        segments = token_sequences(cu_seqlens, total)
+        # Zeros with include_self: max(0, max_t logit) is relu's max, and relu/log1p are
+        # monotonic, so log1p is applied once to the [n, vocab] maxima instead of T x vocab.
+        vocab = self.decoder.out_features
+        best = hidden.new_zeros(cu_seqlens.shape[0] - 1, vocab, dtype=torch.float32)
+        for start in range(0, total, self.chunk):
+            x = hidden[start : start + self.chunk].float()
+            logits = self.decoder(self.norm(self.act(self.dense(x))))
+            index = segments[start : start + self.chunk].unsqueeze(1).expand_as(logits)
+            best.scatter_reduce_(0, index, logits, reduce="amax", include_self=True)
+        return torch.log1p(best)
+
+    def result(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple:
+        dense = self(hidden, cu_seqlens)
+        # nonzero is row-major: rows in order, indices ascending within a row. The frames are
+        # protocol.sparse_arrays' layout, built without a Python loop over the sequences.
+        where = torch.nonzero(dense)
+        counts = torch.bincount(where[:, 0], minlength=dense.shape[0])
+        offsets = np.zeros(dense.shape[0] + 1, dtype=np.int32)
+        np.cumsum(counts.cpu().numpy(), out=offsets[1:])
+        indices = where[:, 1].to(torch.int32).cpu().numpy()
+        values = dense[where[:, 0], where[:, 1]].cpu().numpy()
+        return dense.shape[0], dense.shape[1], offsets, indices, values
+
+
+def _bert_style_classifier(config: dict[str, Any], hidden: int, labels: int) -> nn.Module:
+    return ClassifierHead(hidden, labels)
+
+
+def _bert_style_mlm(config: dict[str, Any], hidden: int, vocab: int) -> nn.Module:
+    return SpladeHead(hidden, vocab, str(config.get("hidden_act", "gelu")),
+                      float(config.get("layer_norm_eps", 1e-12)))
+
+
+# (config.json, hidden size, labels or vocabulary size) -> the head module, on the meta device.
+HeadFactory = Callable[[dict[str, Any], int, int], nn.Module]
+
+
+@dataclass(frozen=True)
+class FamilyHeads:
+    """How one family's checkpoints store their heads. A head the family lacks is None and
+    serving it fails at start with a message naming the family."""
+
+    encoder: WeightMap  # for its prefixes and legacy spellings
+    classifier: HeadKeys | None = None
+    make_classifier: HeadFactory = _bert_style_classifier
+    mlm: HeadKeys | None = None
+    # MLM parameters that a checkpoint may store itself or tie to another tensor.
+    mlm_tied: tuple[Either, ...] = ()
+    make_mlm: HeadFactory = _bert_style_mlm
