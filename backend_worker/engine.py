@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from backend_worker.attention import Attention, select_attention
+from backend_worker.attention import Attention, NeedsHostLayout, PackedVarlen, select_attention
 from backend_worker.cpu_linear import pack_linears, packing_available
+from backend_worker.graphs import Capture, GraphedPooling, graph_buckets
 from backend_worker.loading import checkpoint_files, load_strict
 from backend_worker.models import EncoderModel, model_class
 from backend_worker.pooling import Pooler
@@ -56,14 +57,17 @@ class Engine:
         self._vocab_rows = int(info.vocab_size) or None
         type_rows = info.config.get("type_vocab_size")
         self._type_rows = int(type_rows) if type_rows else None
+        self.graphs: GraphedPooling | None = None
 
     @classmethod
     def load(
-        cls, info: ModelInfo, device: str = "cpu", dtype: torch.dtype = torch.float32
+        cls, info: ModelInfo, device: str = "cpu", dtype: torch.dtype = torch.float32,
+        attention: Attention | None = None,
     ) -> Engine:
-        """Build the model through the registry and load its weights strictly."""
+        """Build the model through the registry and load its weights strictly. `attention`
+        overrides the device's choice (tests run the packed path's logic on the CPU)."""
         target = torch.device(device)
-        attention = select_attention(target)
+        attention = attention or select_attention(target)
         model_cls = model_class(info.config)
         # Built on the meta device: no random init of weights that the loader overwrites anyway
         # (strict loading guarantees every tensor is filled), then materialised on the target.
@@ -126,5 +130,35 @@ class Engine:
     def embed(self, arrays: BatchArrays) -> np.ndarray:
         """float32 [n, embedding_dim] for the n sequences of a packed batch (not normalised)."""
         with torch.inference_mode():
+            bucket = self.graphs.bucket_for(arrays) if self.graphs else None
+            if bucket is not None:
+                self._check(arrays)
+                return self.graphs(arrays, bucket).cpu().numpy()  # type: ignore[misc]
             hidden, cu_seqlens = self._forward(arrays)
             return self.pooler(hidden, cu_seqlens).cpu().numpy()
+
+    def _pooled_static(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor, max_len: int,
+    ) -> torch.Tensor:
+        """The pooled forward on device tensors only (what a graph captures)."""
+        assert isinstance(self.attention, PackedVarlen)
+        meta = self.attention.prepare_static(cu_seqlens, max_len)
+        hidden = self.model(input_ids, position_ids, token_type_ids, meta)
+        return self.pooler(hidden, cu_seqlens)
+
+    def capture_graphs(self, max_batch_tokens: int, capture: Capture) -> bool:
+        """Serve small pooled batches from captured graphs (the latency path). Only the packed
+        path can be captured (padded attention lays out each batch on the host); a model with a
+        layer that needs it keeps running eagerly. Returns whether graphs are in use."""
+        if not isinstance(self.attention, PackedVarlen):
+            log.info("no graphs: attention %s is not capturable", self.attention.name)
+            return False
+        buckets = graph_buckets(max_batch_tokens)
+        try:
+            with torch.inference_mode():
+                self.graphs = GraphedPooling(self._pooled_static, buckets, self.device, capture)
+        except NeedsHostLayout as exc:
+            log.info("no graphs: %s", exc)
+            return False
+        return True

@@ -145,6 +145,7 @@ async def run(config: ServerConfig) -> None:
             json_output=config.json_output,
             threads=(config.worker_threads or cpu_threads_per_worker(cpu_workers)
                      if device == "cpu" else None),
+            cuda_graphs=config.cuda_graphs,
         )
         for index, device in enumerate(devices)
     ]

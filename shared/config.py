@@ -152,6 +152,10 @@ class ServerConfig:
     worker_ready_timeout: float = field(default=300.0, metadata=_opt(
         "Seconds a worker may take to load and warm up before start-up fails.",
         env="WORKER_READY_TIMEOUT", type=float))
+    cuda_graphs: bool = field(default=True, metadata=_opt(
+        "On CUDA, replay small embedding batches (up to 512 tokens) from CUDA graphs captured "
+        "at start: several times lower latency for short queries. Off: every batch runs "
+        "eagerly.", env="CUDA_GRAPHS", type=_bool, metavar="BOOL"))
     shutdown_grace: float = field(default=30.0, metadata=_opt(
         "Seconds SIGTERM waits for in-flight requests before stopping anyway.",
         env="SHUTDOWN_GRACE", type=float))
@@ -207,6 +211,7 @@ class WorkerConfig(msgspec.Struct, frozen=True):
     parent_pid: int
     json_output: bool
     threads: int | None = None  # torch intra-op threads; None: torch's default
+    cuda_graphs: bool = True
 
 
 def _flags(f: dataclasses.Field) -> tuple[str, ...]:
