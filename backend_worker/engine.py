@@ -29,6 +29,40 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+class HostStaging:
+    """Host memory a batch's int arrays are converted into on their way to the device.
+
+    On CUDA it is one pinned buffer, grown as needed and reused batch after batch: copies from
+    pinned memory are DMA transfers queued on the stream (non_blocking), where copies from
+    ordinary memory would stall the host; pinning a fresh buffer per batch costs more than the
+    copy. Reuse is safe because every batch ends by copying its result to the host, which waits
+    for the stream. Elsewhere a plain conversion is all there is to do.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pinned = device.type == "cuda"
+        self._buffer: torch.Tensor | None = None
+        self._used = 0
+
+    def reset(self) -> None:
+        self._used = 0
+
+    def to_device(self, array: np.ndarray) -> torch.Tensor:
+        if not self.pinned:
+            return torch.from_numpy(array.astype(np.int64)).to(self.device)
+        size = array.shape[0]
+        if self._buffer is None or self._used + size > self._buffer.shape[0]:
+            # Earlier views of this batch keep the old buffer alive until their copies are done.
+            grown = max(2 * (self._used + size), 1 << 16)
+            self._buffer = torch.empty(grown, dtype=torch.int64, pin_memory=True)
+            self._used = 0
+        view = self._buffer[self._used : self._used + size]
+        self._used += size
+        view.numpy()[:] = array
+        return view.to(self.device, non_blocking=True)
+
+
 class Engine:
     """A model ready to embed packed batches on one device."""
 
@@ -58,6 +92,7 @@ class Engine:
         type_rows = info.config.get("type_vocab_size")
         self._type_rows = int(type_rows) if type_rows else None
         self.graphs: GraphedPooling | None = None
+        self._staging = HostStaging(device)
 
     @classmethod
     def load(
@@ -90,9 +125,10 @@ class Engine:
         return cls(info, model, pooler, attention, target, dtype)  # type: ignore[arg-type]
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
-        # int32 on the wire; int64 for embedding lookups and index ops. astype copies, which also
-        # makes the (read-only, zero-copy) wire buffer safe to hand to torch.
-        return torch.from_numpy(array.astype(np.int64)).to(self.device, non_blocking=True)
+        # int32 on the wire; int64 for embedding lookups and index ops. The conversion writes
+        # into the staging buffer (pinned on CUDA, so the copy to the device is asynchronous),
+        # which also makes the read-only, zero-copy wire buffer safe to hand to torch.
+        return self._staging.to_device(array)
 
     def _check(self, arrays: BatchArrays) -> None:
         """Invariants the router guarantees, checked on the host where an out-of-range index
@@ -112,6 +148,7 @@ class Engine:
 
     def _forward(self, arrays: BatchArrays) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(arrays)
+        self._staging.reset()
         cu_seqlens = self._tensor(arrays.cu_seqlens)
         meta = self.attention.prepare(cu_seqlens, arrays.cu_seqlens)
         hidden = self.model(
