@@ -3,7 +3,10 @@
 Importing this package imports every family, which is what fills the registry.
 """
 
-from backend_worker.models import bert  # noqa: F401  (registers BERT)
+from backend_worker.models import (
+    bert,  # noqa: F401  (registers BERT)
+    jina,  # noqa: F401  (registers JinaBERT v2, by auto_map marker)
+)
 from backend_worker.models.registry import EncoderModel, model_class, supported
 
 __all__ = ["EncoderModel", "model_class", "supported"]
