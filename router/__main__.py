@@ -5,4 +5,5 @@ import sys
 
 from router.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importing the package's modules (tests walk them) starts nothing
+    sys.exit(main())
