@@ -129,3 +129,15 @@ def test_rotary_matches_complex_rotation() -> None:
     # Partial rotary leaves the tail alone.
     partial = Rotary(rope_inv_freq(4, 10_000.0)).tables(positions, torch.float32)
     assert torch.equal(apply_rotary(x, partial)[..., 4:], x[..., 4:])
+
+
+def test_rotary_built_under_the_meta_device_has_values() -> None:
+    """Models are constructed under torch.device("meta"); the rotary frequencies they compute
+    there must still be real numbers (they are not parameters, so loading never fills them)."""
+    from backend_worker.layers import Rotary, rope_inv_freq
+
+    with torch.device("meta"):
+        rotary = Rotary(rope_inv_freq(8, 10_000.0))
+    assert rotary.inv_freq.device.type == "cpu"
+    torch.testing.assert_close(rotary.inv_freq, rope_inv_freq(8, 10_000.0))
+    assert rotary.tables(torch.tensor([3]), torch.float32).cos.isfinite().all()
