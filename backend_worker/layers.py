@@ -100,8 +100,13 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(rotary_dim: int, base: float) -> torch.Tensor:
-    """The standard rotary frequencies 1 / base^(2i / d), float32 [rotary_dim / 2]."""
-    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).to(torch.float32) / rotary_dim
+    """The standard rotary frequencies 1 / base^(2i / d), float32 [rotary_dim / 2].
+
+    Always on the CPU: models call this while being built under torch.device("meta"), where a
+    tensor made without an explicit device would hold no values (Rotary moves it per device).
+    """
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device="cpu")
+    exponents = exponents.to(torch.float32) / rotary_dim
     return 1.0 / (base**exponents)
 
 

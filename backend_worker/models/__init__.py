@@ -3,9 +3,11 @@
 Importing this package imports every family, which is what fills the registry.
 """
 
-from backend_worker.models import (
-    bert,  # noqa: F401  (registers BERT)
-    jina,  # noqa: F401  (registers JinaBERT v2, by auto_map marker)
+# Each import registers its family (the names themselves are not used here).
+from backend_worker.models import (  # noqa: F401
+    bert,
+    jina,  # by auto_map marker, before plain BERT
+    modernbert,
 )
 from backend_worker.models.registry import EncoderModel, model_class, supported
 

@@ -177,3 +177,15 @@ def test_packed_varlen_matches_masked_reference(name: str, kernel_kind: str) -> 
         old_limits = kernel_kind == "torch-2.10" and (
             spec.window is not None or kv_heads != 4 or spec.scale is not None)
         assert bool(calls) == (spec.bias is None and not old_limits)
+
+
+def test_rotary_built_under_the_meta_device_has_values() -> None:
+    """Models are constructed under torch.device("meta"); the rotary frequencies they compute
+    there must still be real numbers (they are not parameters, so loading never fills them)."""
+    from backend_worker.layers import Rotary, rope_inv_freq
+
+    with torch.device("meta"):
+        rotary = Rotary(rope_inv_freq(8, 10_000.0))
+    assert rotary.inv_freq.device.type == "cpu"
+    torch.testing.assert_close(rotary.inv_freq, rope_inv_freq(8, 10_000.0))
+    assert rotary.tables(torch.tensor([3]), torch.float32).cos.isfinite().all()
