@@ -16,6 +16,8 @@ from backend_worker.attention import MaskSpec, PackedVarlen, PaddedSDPA, select_
 from backend_worker.engine import Engine
 from backend_worker.graphs import cuda_capture
 from shared.modelinfo import load_model_info
+from tests.fixtures.jina import make_tiny_jina
+from tests.fixtures.modernbert import make_tiny_modernbert
 from tests.fixtures.tiny import MIXED_TEXTS, make_tiny_bert, pack
 
 COSINE = 0.999  # fp16 / bf16 against the fp32 oracle (TESTING.md section 1)
@@ -26,6 +28,10 @@ DTYPES = [torch.float16, torch.bfloat16]
 FAMILIES: dict[str, Callable[[Path], Path]] = {
     "bert-mean": lambda p: make_tiny_bert(p, pooling="mean"),
     "bert-cls-dense": lambda p: make_tiny_bert(p, pooling="cls", dense_out=24),
+    # ALiBi: its layers take padded SDPA inside the packed path (a bias varlen cannot express).
+    "jina-v2": lambda p: make_tiny_jina(p, "base"),
+    "jina-v2-code": lambda p: make_tiny_jina(p, "code"),
+    "modernbert": lambda p: make_tiny_modernbert(p, pooling="mean"),
 }
 
 
