@@ -68,6 +68,31 @@ class MaskSpec:
 BIDIRECTIONAL = MaskSpec()
 
 
+def alibi_slopes(heads: int) -> list[float]:
+    """ALiBi's per-head slopes (Press et al.): 2^(-8/n), 2^(-16/n), ... 2^-8 for n heads, n a
+    power of two; otherwise those of the largest power of two below n, followed by every other
+    slope of twice that power, as many as are missing (what jina's code computes)."""
+    if heads & (heads - 1) == 0:
+        return [2.0 ** (-8.0 * (i + 1) / heads) for i in range(heads)]
+    below = 1 << (heads.bit_length() - 1)
+    return alibi_slopes(below) + alibi_slopes(2 * below)[0::2][: heads - below]
+
+
+@dataclass(frozen=True)
+class SymmetricAlibi:
+    """bias[h, i, j] = -slope[h] * |i - j| (a `PositionBias`): ALiBi for a bidirectional
+    encoder. A frozen value, so every layer's MaskSpec compares equal and shares one mask per
+    batch."""
+
+    slopes: tuple[float, ...]
+
+    def __call__(self, length: int, device: torch.device) -> torch.Tensor:
+        position = torch.arange(length, device=device, dtype=torch.float32)
+        distance = (position[None, :] - position[:, None]).abs()
+        slopes = torch.tensor(self.slopes, dtype=torch.float32, device=device)
+        return -slopes[:, None, None] * distance
+
+
 class Attention(Protocol):
     """What a model needs from an attention implementation."""
 
@@ -326,19 +351,31 @@ def torch_varlen_kernel(function: Callable[..., Any] | None = None) -> VarlenKer
 
 def flash_attn_kernel(function: Callable[..., Any] | None = None) -> VarlenKernel | None:
     """`flash_attn.flash_attn_varlen_func` (the flash-attn package, when installed): takes GQA,
-    windows and a causal flag natively."""
+    windows, a causal flag and symmetric ALiBi natively."""
     if function is None:
         try:
             from flash_attn import flash_attn_varlen_func as function
         except ImportError:
             return None
 
+    slopes_on: dict[tuple[tuple[float, ...], torch.device], torch.Tensor] = {}
+
     def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                max_len: int, mask: MaskSpec) -> torch.Tensor | None:
+        slopes = None
         if mask.bias is not None:
-            return None
+            # flash-attn adds -slope * |i - j| itself (equal query and key lengths): ALiBi
+            # encoders stay packed. Other biases take the padded path.
+            if not isinstance(mask.bias, SymmetricAlibi) or mask.causal:
+                return None
+            key = (mask.bias.slopes, q.device)
+            if key not in slopes_on:
+                slopes_on[key] = torch.tensor(mask.bias.slopes, dtype=torch.float32,
+                                              device=q.device)
+            slopes = slopes_on[key]
         return function(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len,
-                        softmax_scale=mask.scale, causal=mask.causal, window_size=_window(mask))
+                        softmax_scale=mask.scale, causal=mask.causal, window_size=_window(mask),
+                        alibi_slopes=slopes)
 
     return kernel
 

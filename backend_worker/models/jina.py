@@ -18,13 +18,12 @@ implementation: tests/parity/test_jina.py compares against a float64 reference o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
 import torch
 from torch import nn
 
-from backend_worker.attention import Attention, MaskSpec
+from backend_worker.attention import Attention, MaskSpec, SymmetricAlibi, alibi_slopes
 from backend_worker.head_modules import FamilyHeads
 from backend_worker.layers import GatedMLP, SelfAttention
 from backend_worker.loading import Rule, WeightMap
@@ -77,31 +76,6 @@ CODE_WEIGHT_MAP = WeightMap(
     prefixes=_PREFIXES,
     ignore=_IGNORE,
 )
-
-
-def alibi_slopes(heads: int) -> list[float]:
-    """ALiBi's per-head slopes (Press et al.): 2^(-8/n), 2^(-16/n), ... 2^-8 for n heads, n a
-    power of two; otherwise those of the largest power of two below n, followed by every other
-    slope of twice that power, as many as are missing (what jina's code computes)."""
-    if heads & (heads - 1) == 0:
-        return [2.0 ** (-8.0 * (i + 1) / heads) for i in range(heads)]
-    below = 1 << (heads.bit_length() - 1)
-    return alibi_slopes(below) + alibi_slopes(2 * below)[0::2][: heads - below]
-
-
-@dataclass(frozen=True)
-class SymmetricAlibi:
-    """bias[h, i, j] = -slope[h] * |i - j| (a `PositionBias`): ALiBi for a bidirectional
-    encoder. A frozen value, so every layer's MaskSpec compares equal and shares one mask per
-    batch."""
-
-    slopes: tuple[float, ...]
-
-    def __call__(self, length: int, device: torch.device) -> torch.Tensor:
-        position = torch.arange(length, device=device, dtype=torch.float32)
-        distance = (position[None, :] - position[:, None]).abs()
-        slopes = torch.tensor(self.slopes, dtype=torch.float32, device=device)
-        return -slopes[:, None, None] * distance
 
 
 class JinaEmbeddings(nn.Module):

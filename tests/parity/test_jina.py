@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from backend_worker.attention import alibi_slopes
 from backend_worker.engine import Engine
 from backend_worker.loading import IGNORED
 from backend_worker.models import model_class
@@ -25,7 +26,6 @@ from backend_worker.models.jina import (
     WEIGHT_MAP,
     JinaBertModel,
     JinaCodeBertModel,
-    alibi_slopes,
 )
 from shared.errors import ConfigError
 from shared.modelinfo import load_model_info

@@ -10,7 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backend_worker.attention import MaskSpec, PaddedSDPA, length_groups
+from backend_worker.attention import (
+    MaskSpec,
+    PaddedSDPA,
+    SymmetricAlibi,
+    alibi_slopes,
+    length_groups,
+)
 from tests.fixtures.varlen import cpu_varlen, old_cpu_varlen
 
 HEADS, DIM = 3, 8
@@ -91,6 +97,7 @@ SPECS = {
     "causal-window": MaskSpec(causal=True, window=3),
     "bias": MaskSpec(bias=_DistanceBias(4)),
     "bias-window-scale": MaskSpec(bias=_DistanceBias(4), window=1, scale=0.3),
+    "alibi": MaskSpec(bias=SymmetricAlibi(tuple(alibi_slopes(4)))),
 }
 
 
@@ -147,11 +154,11 @@ def test_packed_varlen_matches_masked_reference(name: str, kernel_kind: str) -> 
         return wrapper
 
     def flash(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, causal=False,
-              window_size=(-1, -1)):
+              window_size=(-1, -1), alibi_slopes=None):
         left, right = window_size
         return cpu_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=softmax_scale,
-                           window_size=(left, 0 if causal else right),
-                           enable_gqa=k.shape[1] != q.shape[1])
+                          window_size=(left, 0 if causal else right),
+                          enable_gqa=k.shape[1] != q.shape[1], alibi_slopes=alibi_slopes)
 
     kernel = {
         "torch-2.13": lambda: torch_varlen_kernel(counted(cpu_varlen)),
@@ -176,7 +183,8 @@ def test_packed_varlen_matches_masked_reference(name: str, kernel_kind: str) -> 
         # window, GQA or a custom scale) is the kernel's job; the rest takes the padded path.
         old_limits = kernel_kind == "torch-2.10" and (
             spec.window is not None or kv_heads != 4 or spec.scale is not None)
-        assert bool(calls) == (spec.bias is None and not old_limits)
+        alibi = isinstance(spec.bias, SymmetricAlibi) and kernel_kind == "flash-attn"
+        assert bool(calls) == ((spec.bias is None or alibi) and not old_limits)
 
 
 def test_rotary_built_under_the_meta_device_has_values() -> None:
