@@ -8,9 +8,11 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
 
 from router.errors import handle_embedserve_error, handle_http_exception, handle_unexpected
 from router.http import ApiKeyMiddleware, ClientGone, RequestIdMiddleware
+from router.metrics import Metrics
 from router.routes import AppState, Endpoint, docs, heads, openai, root, tei
 from shared.errors import EmbedServeError
 
@@ -47,3 +49,8 @@ def build_app(state: AppState) -> Starlette:
             Exception: handle_unexpected,
         },
     )
+
+
+def metrics_app(metrics: Metrics) -> Starlette:
+    """What --prometheus-port serves: /metrics alone, from the main app's registry."""
+    return Starlette(routes=[Route("/metrics", metrics.endpoint, methods=["GET"])])
