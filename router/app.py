@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from opentelemetry.trace import Tracer
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -14,6 +15,7 @@ from router.errors import handle_embedserve_error, handle_http_exception, handle
 from router.http import ApiKeyMiddleware, ClientGone, RequestIdMiddleware
 from router.metrics import Metrics
 from router.routes import AppState, Endpoint, docs, heads, openai, root, tei
+from router.tracing import TracingMiddleware
 from shared.errors import EmbedServeError
 
 
@@ -27,8 +29,11 @@ def endpoints(state: AppState) -> list[Endpoint]:
     return [*served, *root.routes(state, served)]
 
 
-def build_app(state: AppState) -> Starlette:
+def build_app(state: AppState, tracer: Tracer | None = None) -> Starlette:
+    """The app; with a `tracer` (only when --otlp-endpoint is set) requests are traced."""
     middleware = [Middleware(RequestIdMiddleware)]
+    if tracer is not None:
+        middleware.append(Middleware(TracingMiddleware, tracer=tracer))
     if state.config.cors_allow_origin:
         middleware.append(Middleware(
             CORSMiddleware,

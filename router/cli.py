@@ -24,6 +24,7 @@ from router.routes import AppState
 from router.schemas import ClassifierModelType, EmbeddingModelType, Info, ModelType
 from router.service import InferenceService
 from router.tokenization import TokenizerPool
+from router.tracing import Tracing
 from router.workers import WorkerPool
 from shared.config import ServerConfig, WorkerConfig, parse_config
 from shared.errors import ConfigError
@@ -151,6 +152,9 @@ async def run(config: ServerConfig) -> None:
     ]
     log.info("workers: %s", ", ".join(f"{c.worker_id}={c.device}" for c in worker_configs))
     metrics = Metrics(rules.max_input_length)
+    tracing = (Tracing(config.otlp_endpoint, config.otlp_service_name, _version())
+               if config.otlp_endpoint else None)
+    tracer = tracing.tracer if tracing is not None else None
     workers = WorkerPool(worker_configs, hang_timeout=config.worker_timeout,
                          ready_timeout=config.worker_ready_timeout, metrics=metrics)
     try:
@@ -168,15 +172,18 @@ async def run(config: ServerConfig) -> None:
                                      json_logs=config.json_output),
             workers=workers,
             metrics=metrics,
+            tracer=tracer,
         )
         workers.on_change = service.on_workers_changed
         # The worker reports the dtype it chose (device "auto"); /info shows that once known.
         dtype = config.dtype or "float32"
         app = build_app(AppState(config, service, build_info(config, model, info, dtype, rules),
-                                 info))
+                                 info), tracer=tracer)
         await _serve(app, config, service)
     finally:
         workers.close_now()
+        if tracing is not None:
+            tracing.shutdown()
         shutil.rmtree(runtime_dir, ignore_errors=True)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from opentelemetry.trace import Tracer
 
 from router.inputs import (
     InputRules,
@@ -29,6 +30,7 @@ from router.queue import Entry, TokenBudgetQueue
 from router.schemas import EmbedRequest
 from router.tasks import start_supervised
 from router.tokenization import Encoded, TokenizerPool
+from router.tracing import record_phases
 from router.workers import WorkerPool
 from shared.errors import EmbedServeError, backend, overloaded, unhealthy, validation
 from shared.protocol import OutputKind
@@ -84,6 +86,7 @@ class InferenceService:
         tokenizers: TokenizerPool,
         workers: WorkerPool,
         metrics: Metrics,
+        tracer: Tracer | None = None,
     ) -> None:
         self.rules = rules
         self.embedding_dim = embedding_dim
@@ -95,6 +98,8 @@ class InferenceService:
         self.workers = workers
         self.metrics = metrics
         metrics.watch_queue(lambda: len(self._queue) if self._queue is not None else 0)
+        # None unless --otlp-endpoint is set: then no request pays for tracing.
+        self.tracer = tracer
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_requests = max_batch_requests
         self._permits = max_concurrent_requests
@@ -243,6 +248,8 @@ class InferenceService:
             if self._active == 0:
                 self._idle.set()
         self.metrics.answered(kind, started, tokenized, entries)
+        if self.tracer is not None:
+            record_phases(self.tracer, started, tokenized, entries)
         count = len(entries)
         return Outcome(rows, Timings(
             characters=characters,

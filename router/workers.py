@@ -26,7 +26,7 @@ import zmq
 import zmq.asyncio
 
 from router.metrics import Metrics
-from router.queue import Entry
+from router.queue import Dispatch, Entry
 from router.tasks import start_supervised
 from shared import protocol
 from shared.config import WorkerConfig
@@ -244,9 +244,11 @@ class WorkerPool:
             max_len=int(arrays.lengths.max()),
         )
         tokens = int(arrays.cu_seqlens[-1])
+        dispatch = Dispatch(worker.id, batch_id, len(entries), tokens)
         now = time.perf_counter()
         for entry in entries:
             entry.dispatched_at = now
+            entry.batch = dispatch
         worker.in_flight[batch_id] = InFlight(entries, tokens)
         self.metrics.batch_formed(len(entries), tokens)
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -121,8 +122,9 @@ class ServerConfig:
         "does; traces are still exported to --otlp-endpoint.", env="DISABLE_SPANS",
         type=_bool, switch=True))
     otlp_endpoint: str | None = field(default=None, metadata=_opt(
-        "OpenTelemetry OTLP gRPC endpoint for traces.", env="OTLP_ENDPOINT",
-        later="tracing (issue 7)"))
+        "OpenTelemetry collector to export traces to, as OTLP over gRPC, e.g. "
+        "http://otel-collector:4317 (https:// for TLS). Without it nothing is traced.",
+        env="OTLP_ENDPOINT"))
     otlp_service_name: str = field(default="text-embeddings-inference.server", metadata=_opt(
         "Service name of the traces.", env="OTLP_SERVICE_NAME"))
     prometheus_port: int | None = field(default=None, metadata=_opt(
@@ -182,6 +184,15 @@ class ServerConfig:
                 raise ConfigError(f"--devices {self.devices!r}: expected CUDA indices like 0,1")
         if self.tokenization_workers is not None and self.tokenization_workers <= 0:
             raise ConfigError("--tokenization-workers must be > 0")
+        if self.otlp_endpoint is not None:
+            url = urllib.parse.urlsplit(self.otlp_endpoint)
+            try:
+                url.port  # noqa: B018 (parses it: "host:abc" raises)
+            except ValueError:
+                url = url._replace(netloc="")
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise ConfigError(f"--otlp-endpoint {self.otlp_endpoint!r}: expected a URL "
+                                  "like http://otel-collector:4317")
         if self.prometheus_port is not None:
             if not 0 < self.prometheus_port < 65536:
                 raise ConfigError(f"--prometheus-port {self.prometheus_port}: expected a port "
