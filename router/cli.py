@@ -16,13 +16,15 @@ from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
 
 from router import tasks
-from router.app import build_app
+from router.app import build_app, metrics_app
 from router.devices import cpu_threads_per_worker, worker_devices
 from router.inputs import InputRules
+from router.metrics import Metrics
 from router.routes import AppState
 from router.schemas import ClassifierModelType, EmbeddingModelType, Info, ModelType
 from router.service import InferenceService
 from router.tokenization import TokenizerPool
+from router.tracing import Tracing
 from router.workers import WorkerPool
 from shared.config import ServerConfig, WorkerConfig, parse_config
 from shared.errors import ConfigError
@@ -150,8 +152,12 @@ async def run(config: ServerConfig) -> None:
         for index, device in enumerate(devices)
     ]
     log.info("workers: %s", ", ".join(f"{c.worker_id}={c.device}" for c in worker_configs))
+    metrics = Metrics(rules.max_input_length)
+    tracing = (Tracing(config.otlp_endpoint, config.otlp_service_name, _version())
+               if config.otlp_endpoint else None)
+    tracer = tracing.tracer if tracing is not None else None
     workers = WorkerPool(worker_configs, hang_timeout=config.worker_timeout,
-                         ready_timeout=config.worker_ready_timeout)
+                         ready_timeout=config.worker_ready_timeout, metrics=metrics)
     try:
         service = InferenceService(
             rules=rules,
@@ -163,18 +169,48 @@ async def run(config: ServerConfig) -> None:
             position_offset=info.position_offset,
             model_kind=info.kind,
             splade=info.splade,
-            tokenizers=TokenizerPool(str(info.tokenizer_path), config.tokenizer_processes),
+            tokenizers=TokenizerPool(str(info.tokenizer_path), config.tokenizer_processes,
+                                     json_logs=config.json_output),
             workers=workers,
+            metrics=metrics,
+            tracer=tracer,
         )
         workers.on_change = service.on_workers_changed
         # The worker reports the dtype it chose (device "auto"); /info shows that once known.
         dtype = config.dtype or "float32"
         app = build_app(AppState(config, service, build_info(config, model, info, dtype, rules),
-                                 info))
+                                 info), tracer=tracer)
         await _serve(app, config, service)
     finally:
         workers.close_now()
+        if tracing is not None:
+            tracing.shutdown()
         shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
+def _hypercorn(config: ServerConfig, port: int) -> HypercornConfig:
+    hyper = HypercornConfig()
+    host = f"[{config.hostname}]" if ":" in config.hostname else config.hostname
+    hyper.bind = [f"{host}:{port}"]
+    hyper.accesslog = None
+    hyper.errorlog = logging.getLogger("hypercorn.error")  # our handlers, not a second one
+    hyper.graceful_timeout = config.shutdown_grace
+    # hypercorn closes a keep-alive connection after 1,000 requests by default; TEI does not,
+    # and clients that reuse connections would see it as a dropped connection.
+    hyper.keep_alive_max_requests = 2**31
+    return hyper
+
+
+def _check_bindable(hyper: HypercornConfig, flag: str) -> None:
+    """Fail start-up at once, naming the flag, when its address cannot be bound (e.g. the port
+    is taken): hypercorn itself finds out only after starting its lifespan task, which then
+    outlives the failure and ends in a traceback at exit."""
+    try:
+        sockets = hyper.create_sockets()
+    except OSError as exc:
+        raise ConfigError(f"{flag} {hyper.bind[0]}: {exc.strerror or exc}") from None
+    for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
+        sock.close()
 
 
 async def _serve(app, config: ServerConfig, service: InferenceService) -> None:
@@ -182,15 +218,17 @@ async def _serve(app, config: ServerConfig, service: InferenceService) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    hyper = HypercornConfig()
-    host = f"[{config.hostname}]" if ":" in config.hostname else config.hostname
-    hyper.bind = [f"{host}:{config.port}"]
-    hyper.accesslog = None
-    hyper.errorlog = logging.getLogger("hypercorn.error")  # our handlers, not a second one
-    hyper.graceful_timeout = config.shutdown_grace
-    # hypercorn closes a keep-alive connection after 1,000 requests by default; TEI does not,
-    # and clients that reuse connections would see it as a dropped connection.
-    hyper.keep_alive_max_requests = 2**31
+    hyper = _hypercorn(config, config.port)
+    _check_bindable(hyper, "--port")
+    closed = asyncio.Event()
+    metrics_server = None
+    if config.prometheus_port is not None:
+        metrics_hyper = _hypercorn(config, config.prometheus_port)
+        _check_bindable(metrics_hyper, "--prometheus-port")
+        # /metrics alone, until the main server has closed.
+        metrics_server = tasks.start_supervised(
+            serve(metrics_app(service.metrics), metrics_hyper, shutdown_trigger=closed.wait),
+            "the Prometheus server")
     # The port opens at once; /health answers 503 until the workers are ready.
     starting = loop.create_task(service.start(config.worker_ready_timeout))
 
@@ -210,8 +248,12 @@ async def _serve(app, config: ServerConfig, service: InferenceService) -> None:
     try:
         await serve(app, hyper, shutdown_trigger=shutdown_trigger)
     finally:
+        closed.set()
+        if metrics_server is not None:
+            await asyncio.wait({metrics_server}, timeout=config.shutdown_grace)
         if not starting.done():
             starting.cancel()
+            await asyncio.wait({starting})  # cancel() only asks; cancelled() needs it done
         await service.stop()
     if not starting.cancelled() and starting.exception() is not None:
         raise starting.exception()
@@ -224,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-    setup_logging(config.json_output, "router")
+    setup_logging(config.json_output, "router", spans=not config.disable_spans)
     try:
         import uvloop
 

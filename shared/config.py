@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -113,17 +114,23 @@ class ServerConfig:
         "Require `Authorization: Bearer <key>` on every route but health, metrics and docs.",
         env="API_KEY"))
     json_output: bool = field(default=False, metadata=_opt(
-        "Log one JSON object per line.", env="JSON_OUTPUT", type=_bool, switch=True))
+        "Log one JSON object per line (timestamp, level, target, message, and inside a "
+        "request its id and span), from the router and every worker.", env="JSON_OUTPUT",
+        type=_bool, switch=True))
     disable_spans: bool = field(default=False, metadata=_opt(
-        "Do not emit tracing spans.", env="DISABLE_SPANS", type=_bool, switch=True))
+        "Leave the request span (route, trace and span ids) out of log lines, as TEI's flag "
+        "does; traces are still exported to --otlp-endpoint.", env="DISABLE_SPANS",
+        type=_bool, switch=True))
     otlp_endpoint: str | None = field(default=None, metadata=_opt(
-        "OpenTelemetry OTLP gRPC endpoint for traces.", env="OTLP_ENDPOINT",
-        later="tracing (issue 7)"))
+        "OpenTelemetry collector to export traces to, as OTLP over gRPC, e.g. "
+        "http://otel-collector:4317 (https:// for TLS). Without it nothing is traced.",
+        env="OTLP_ENDPOINT"))
     otlp_service_name: str = field(default="text-embeddings-inference.server", metadata=_opt(
         "Service name of the traces.", env="OTLP_SERVICE_NAME"))
     prometheus_port: int | None = field(default=None, metadata=_opt(
-        "Also serve /metrics on this port.", env="PROMETHEUS_PORT", type=int,
-        later="Prometheus metrics (issue 7)"))
+        "Also serve /metrics (and nothing else) on this port, e.g. to keep scrapes off the "
+        "API port. /metrics is always served on --port too.", env="PROMETHEUS_PORT",
+        type=int))
     cors_allow_origin: tuple[str, ...] | None = field(default=None, metadata=_opt(
         "Origins allowed by CORS (repeat or comma-separate).", env="CORS_ALLOW_ORIGIN"))
     grpc: bool = field(default=False, metadata=_opt(
@@ -181,6 +188,23 @@ class ServerConfig:
                 raise ConfigError(f"--devices {self.devices!r}: expected CUDA indices like 0,1")
         if self.tokenization_workers is not None and self.tokenization_workers <= 0:
             raise ConfigError("--tokenization-workers must be > 0")
+        if self.otlp_endpoint is not None:
+            url = urllib.parse.urlsplit(self.otlp_endpoint)
+            try:
+                url.port  # noqa: B018 (parses it: "host:abc" raises)
+            except ValueError:
+                url = url._replace(netloc="")
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise ConfigError(f"--otlp-endpoint {self.otlp_endpoint!r}: expected a URL "
+                                  "like http://otel-collector:4317")
+        if self.prometheus_port is not None:
+            if not 0 < self.prometheus_port < 65536:
+                raise ConfigError(f"--prometheus-port {self.prometheus_port}: expected a port "
+                                  "number from 1 to 65535")
+            if self.prometheus_port == self.port:
+                raise ConfigError(f"--prometheus-port {self.prometheus_port} is --port as well; "
+                                  "/metrics is served there anyway: choose another port or "
+                                  "leave it out")
         if self.default_prompt is not None and self.default_prompt_name is not None:
             raise ConfigError("--default-prompt and --default-prompt-name are mutually exclusive")
         for f in dataclasses.fields(self):

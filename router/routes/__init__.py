@@ -46,6 +46,7 @@ class Endpoint:
     errors: tuple[ErrorType, ...] = ()
     tag: str = "TEI"
     inference: bool = False  # carries the x-compute-* / x-*-time headers
+    media_type: str = "application/json"  # of the 200 answer
 
     def route(self) -> Route:
         return Route(self.path, self.handler, methods=[self.method])

@@ -130,4 +130,7 @@ def routes(state: AppState) -> list[Endpoint]:
         Endpoint("GET", "/ping", health, "Health (alias of /health)",
                  errors=(ErrorType.UNHEALTHY,)),
         Endpoint("GET", "/info", info, "What is served and how", response=Info),
+        Endpoint("GET", "/metrics", service.metrics.endpoint,
+                 "Prometheus metrics (text format): TEI's families plus per-worker health and "
+                 "batches", response=str, media_type="text/plain"),
     ]
