@@ -1,4 +1,5 @@
-"""`embedserve` / `text-embeddings-router`: parse the config, start workers, serve HTTP."""
+"""`embedserve` / `text-embeddings-router`: parse the config, start workers, serve HTTP (or
+gRPC with --grpc)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from hypercorn.asyncio import serve
@@ -111,6 +113,7 @@ def build_info(config: ServerConfig, model: ResolvedModel, info: ModelInfo, dtyp
 
 
 async def run(config: ServerConfig) -> None:
+    _check_grpc_installed(config)
     model = resolve_model(config)
     info = load_model_info(model.path, config.pooling, config.dense_path)
     if info.pooling is None and info.kind == "embedding":  # a classifier's head pools itself
@@ -168,32 +171,25 @@ async def run(config: ServerConfig) -> None:
         workers.on_change = service.on_workers_changed
         # The worker reports the dtype it chose (device "auto"); /info shows that once known.
         dtype = config.dtype or "float32"
-        app = build_app(AppState(config, service, build_info(config, model, info, dtype, rules),
-                                 info))
-        await _serve(app, config, service)
+        await _serve(AppState(config, service, build_info(config, model, info, dtype, rules),
+                              info))
     finally:
         workers.close_now()
         shutil.rmtree(runtime_dir, ignore_errors=True)
 
 
-async def _serve(app, config: ServerConfig, service: InferenceService) -> None:
+async def _serve(state: AppState) -> None:
+    """Open the port at once and start the service behind it; on SIGTERM/SIGINT refuse new
+    requests, drain the ones in flight, then close. The same for HTTP and gRPC."""
+    config, service = state.config, state.service
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    hyper = HypercornConfig()
-    host = f"[{config.hostname}]" if ":" in config.hostname else config.hostname
-    hyper.bind = [f"{host}:{config.port}"]
-    hyper.accesslog = None
-    hyper.errorlog = logging.getLogger("hypercorn.error")  # our handlers, not a second one
-    hyper.graceful_timeout = config.shutdown_grace
-    # hypercorn closes a keep-alive connection after 1,000 requests by default; TEI does not,
-    # and clients that reuse connections would see it as a dropped connection.
-    hyper.keep_alive_max_requests = 2**31
-    # The port opens at once; /health answers 503 until the workers are ready.
+    # Until this is done, /health answers 503 and gRPC health NOT_SERVING.
     starting = loop.create_task(service.start(config.worker_ready_timeout))
 
-    async def shutdown_trigger() -> None:
+    async def until_stopped() -> None:
         waiter = loop.create_task(stop.wait())
         await asyncio.wait({waiter, starting}, return_when=asyncio.FIRST_COMPLETED)
         if starting.done() and starting.exception() is not None:
@@ -207,13 +203,43 @@ async def _serve(app, config: ServerConfig, service: InferenceService) -> None:
         await service.drain(config.shutdown_grace)
 
     try:
-        await serve(app, hyper, shutdown_trigger=shutdown_trigger)
+        if config.grpc:
+            from router.grpc import server as grpc_server
+
+            await grpc_server.serve(state, until_stopped)
+        else:
+            await _serve_http(build_app(state), config, until_stopped)
     finally:
         if not starting.done():
             starting.cancel()
         await service.stop()
     if not starting.cancelled() and starting.exception() is not None:
         raise starting.exception()
+
+
+async def _serve_http(app, config: ServerConfig,
+                      until_stopped: Callable[[], Awaitable[None]]) -> None:
+    hyper = HypercornConfig()
+    host = f"[{config.hostname}]" if ":" in config.hostname else config.hostname
+    hyper.bind = [f"{host}:{config.port}"]
+    hyper.accesslog = None
+    hyper.errorlog = logging.getLogger("hypercorn.error")  # our handlers, not a second one
+    hyper.graceful_timeout = config.shutdown_grace
+    # hypercorn closes a keep-alive connection after 1,000 requests by default; TEI does not,
+    # and clients that reuse connections would see it as a dropped connection.
+    hyper.keep_alive_max_requests = 2**31
+    await serve(app, hyper, shutdown_trigger=until_stopped)
+
+
+def _check_grpc_installed(config: ServerConfig) -> None:
+    """Fail before loading the model when --grpc cannot be served (the `grpc` extra)."""
+    if not config.grpc:
+        return
+    try:
+        import router.grpc.server  # noqa: F401  (also generates the stubs if needed)
+    except ImportError as exc:
+        raise ConfigError(f"--grpc needs the grpc extra (pip install 'embedserve[grpc]'): "
+                          f"{exc}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,3 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("stopped because %s failed", ", ".join(tasks.failures))
         return 1
     return 0
+
+
+def grpc_main() -> int:
+    """`embedserve-grpc`: `embedserve --grpc`, as TEI's gRPC image runs it."""
+    return main(["--grpc", *sys.argv[1:]])

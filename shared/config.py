@@ -127,8 +127,8 @@ class ServerConfig:
     cors_allow_origin: tuple[str, ...] | None = field(default=None, metadata=_opt(
         "Origins allowed by CORS (repeat or comma-separate).", env="CORS_ALLOW_ORIGIN"))
     grpc: bool = field(default=False, metadata=_opt(
-        "Serve the gRPC API instead of HTTP.", env="GRPC", type=_bool, switch=True,
-        later="gRPC (issue 7)"))
+        "Serve TEI's gRPC API (package tei.v1, with health and reflection) on the port instead "
+        "of HTTP. Needs the grpc extra.", env="GRPC", type=_bool, switch=True))
     task: str | None = field(default=None, metadata=_opt(
         "What `POST /` and `/invocations` do for an embedding model (Hugging Face Inference "
         "Endpoints set TASK): sentence-similarity routes them to /similarity, anything else "

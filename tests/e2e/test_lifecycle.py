@@ -128,7 +128,7 @@ def test_cors(fresh_server):
 
 
 def test_flags_of_later_features_stop_start_up():
-    result = run_cli("--grpc")
+    result = run_cli("--prometheus-port", "9000")
     assert result.returncode == 2
     assert "not supported yet" in result.stderr
 

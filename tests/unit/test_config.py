@@ -113,7 +113,7 @@ def test_bad_env_value_names_the_variable(var: str, raw: str) -> None:
 
 @pytest.mark.parametrize(
     "argv",
-    [["--grpc"], ["--otlp-endpoint", "http://x:4317"], ["--prometheus-port", "9000"]],
+    [["--otlp-endpoint", "http://x:4317"], ["--prometheus-port", "9000"]],
 )
 def test_later_features_are_refused(argv: list[str]) -> None:
     with pytest.raises(ConfigError, match="not supported yet"):
@@ -121,7 +121,7 @@ def test_later_features_are_refused(argv: list[str]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("var", "raw"), [("GRPC", "true"), ("OTLP_ENDPOINT", "x"), ("PROMETHEUS_PORT", "9000")]
+    ("var", "raw"), [("OTLP_ENDPOINT", "x"), ("PROMETHEUS_PORT", "9000")]
 )
 def test_later_features_are_refused_from_env(var: str, raw: str) -> None:
     with pytest.raises(ConfigError, match="not supported yet"):
@@ -130,6 +130,11 @@ def test_later_features_are_refused_from_env(var: str, raw: str) -> None:
 
 def test_grpc_false_from_env_is_accepted() -> None:
     assert parse(GRPC="false").grpc is False
+
+
+def test_grpc_from_flag_or_env() -> None:
+    assert parse("--grpc").grpc is True
+    assert parse(GRPC="true").grpc is True
 
 
 def test_default_prompt_and_name_are_exclusive() -> None:
