@@ -1,4 +1,5 @@
-"""`embedserve` / `text-embeddings-router`: parse the config, start workers, serve HTTP."""
+"""`embedserve` / `text-embeddings-router`: parse the config, start workers, serve HTTP (or
+gRPC with --grpc)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
+from opentelemetry.trace import Tracer
 
 from router import tasks
 from router.app import build_app, metrics_app
@@ -113,6 +115,7 @@ def build_info(config: ServerConfig, model: ResolvedModel, info: ModelInfo, dtyp
 
 
 async def run(config: ServerConfig) -> None:
+    _check_grpc_installed(config)
     model = resolve_model(config)
     info = load_model_info(model.path, config.pooling, config.dense_path)
     if info.pooling is None and info.kind == "embedding":  # a classifier's head pools itself
@@ -178,9 +181,8 @@ async def run(config: ServerConfig) -> None:
         workers.on_change = service.on_workers_changed
         # The worker reports the dtype it chose (device "auto"); /info shows that once known.
         dtype = config.dtype or "float32"
-        app = build_app(AppState(config, service, build_info(config, model, info, dtype, rules),
-                                 info), tracer=tracer)
-        await _serve(app, config, service)
+        await _serve(AppState(config, service, build_info(config, model, info, dtype, rules),
+                              info), tracer)
     finally:
         workers.close_now()
         if tracing is not None:
@@ -213,13 +215,17 @@ def _check_bindable(hyper: HypercornConfig, flag: str) -> None:
         sock.close()
 
 
-async def _serve(app, config: ServerConfig, service: InferenceService) -> None:
+async def _serve(state: AppState, tracer: Tracer | None) -> None:
+    """Open the port at once and start the service behind it; on SIGTERM/SIGINT refuse new
+    requests, drain the ones in flight, then close. The same for HTTP and gRPC."""
+    config, service = state.config, state.service
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     hyper = _hypercorn(config, config.port)
-    _check_bindable(hyper, "--port")
+    if not config.grpc:  # the gRPC server checks its own bind
+        _check_bindable(hyper, "--port")
     closed = asyncio.Event()
     metrics_server = None
     if config.prometheus_port is not None:
@@ -229,10 +235,11 @@ async def _serve(app, config: ServerConfig, service: InferenceService) -> None:
         metrics_server = tasks.start_supervised(
             serve(metrics_app(service.metrics), metrics_hyper, shutdown_trigger=closed.wait),
             "the Prometheus server")
-    # The port opens at once; /health answers 503 until the workers are ready.
+    # The port opens at once; until this is done, /health answers 503 and gRPC health
+    # NOT_SERVING.
     starting = loop.create_task(service.start(config.worker_ready_timeout))
 
-    async def shutdown_trigger() -> None:
+    async def until_stopped() -> None:
         waiter = loop.create_task(stop.wait())
         await asyncio.wait({waiter, starting}, return_when=asyncio.FIRST_COMPLETED)
         if starting.done() and starting.exception() is not None:
@@ -246,7 +253,12 @@ async def _serve(app, config: ServerConfig, service: InferenceService) -> None:
         await service.drain(config.shutdown_grace)
 
     try:
-        await serve(app, hyper, shutdown_trigger=shutdown_trigger)
+        if config.grpc:
+            from router.grpc import server as grpc_server
+
+            await grpc_server.serve(state, until_stopped)
+        else:
+            await serve(build_app(state, tracer=tracer), hyper, shutdown_trigger=until_stopped)
     finally:
         closed.set()
         if metrics_server is not None:
@@ -257,6 +269,17 @@ async def _serve(app, config: ServerConfig, service: InferenceService) -> None:
         await service.stop()
     if not starting.cancelled() and starting.exception() is not None:
         raise starting.exception()
+
+
+def _check_grpc_installed(config: ServerConfig) -> None:
+    """Fail before loading the model when --grpc cannot be served (the `grpc` extra)."""
+    if not config.grpc:
+        return
+    try:
+        import router.grpc.server  # noqa: F401  (also generates the stubs if needed)
+    except ImportError as exc:
+        raise ConfigError(f"--grpc needs the grpc extra (pip install 'embedserve[grpc]'): "
+                          f"{exc}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -280,3 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("stopped because %s failed", ", ".join(tasks.failures))
         return 1
     return 0
+
+
+def grpc_main() -> int:
+    """`embedserve-grpc`: `embedserve --grpc`, as TEI's gRPC image runs it."""
+    return main(["--grpc", *sys.argv[1:]])

@@ -45,11 +45,10 @@ def _opt(
     choices: Sequence[str] | None = None,
     metavar: str | None = None,
     switch: bool = False,
-    later: str | None = None,
 ) -> dict[str, Any]:
-    """Metadata for one CLI option. `later` names the issue a flag's feature belongs to."""
+    """Metadata for one CLI option."""
     return {"help": help, "flags": tuple(flags), "env": env, "type": type, "choices": choices,
-            "metavar": metavar, "switch": switch, "later": later}
+            "metavar": metavar, "switch": switch}
 
 
 @dataclass(frozen=True)
@@ -134,8 +133,8 @@ class ServerConfig:
     cors_allow_origin: tuple[str, ...] | None = field(default=None, metadata=_opt(
         "Origins allowed by CORS (repeat or comma-separate).", env="CORS_ALLOW_ORIGIN"))
     grpc: bool = field(default=False, metadata=_opt(
-        "Serve the gRPC API instead of HTTP.", env="GRPC", type=_bool, switch=True,
-        later="gRPC (issue 7)"))
+        "Serve TEI's gRPC API (package tei.v1, with health and reflection) on the port instead "
+        "of HTTP. Needs the grpc extra.", env="GRPC", type=_bool, switch=True))
     task: str | None = field(default=None, metadata=_opt(
         "What `POST /` and `/invocations` do for an embedding model (Hugging Face Inference "
         "Endpoints set TASK): sentence-similarity routes them to /similarity, anything else "
@@ -207,14 +206,6 @@ class ServerConfig:
                                   "leave it out")
         if self.default_prompt is not None and self.default_prompt_name is not None:
             raise ConfigError("--default-prompt and --default-prompt-name are mutually exclusive")
-        for f in dataclasses.fields(self):
-            later = f.metadata.get("later")
-            value = getattr(self, f.name)
-            if later and value is not None and value is not False:
-                raise ConfigError(
-                    f"--{f.name.replace('_', '-')} is not supported yet: {later} is not built. "
-                    "Remove the flag (or its environment variable) to start."
-                )
 
     @property
     def tokenizer_processes(self) -> int:

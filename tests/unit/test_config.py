@@ -111,20 +111,13 @@ def test_bad_env_value_names_the_variable(var: str, raw: str) -> None:
     assert raw in str(info.value)
 
 
-@pytest.mark.parametrize("argv", [["--grpc"]])
-def test_later_features_are_refused(argv: list[str]) -> None:
-    with pytest.raises(ConfigError, match="not supported yet"):
-        parse(*argv)
-
-
-@pytest.mark.parametrize(("var", "raw"), [("GRPC", "true")])
-def test_later_features_are_refused_from_env(var: str, raw: str) -> None:
-    with pytest.raises(ConfigError, match="not supported yet"):
-        parse(**{var: raw})
-
-
 def test_grpc_false_from_env_is_accepted() -> None:
     assert parse(GRPC="false").grpc is False
+
+
+def test_grpc_from_flag_or_env() -> None:
+    assert parse("--grpc").grpc is True
+    assert parse(GRPC="true").grpc is True
 
 
 def test_default_prompt_and_name_are_exclusive() -> None:
