@@ -8,6 +8,7 @@ from backend_worker.models import (  # noqa: F401
     bert,
     jina,  # by auto_map marker, before plain BERT
     modernbert,
+    nomic_bert,
 )
 from backend_worker.models.registry import EncoderModel, model_class, supported
 
