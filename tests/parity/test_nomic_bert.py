@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from backend_worker.attention import select_attention
 from backend_worker.engine import Engine
@@ -34,6 +34,7 @@ from tests.fixtures.rotary import (
     hf_hidden,
     layer_norm,
     padded_inputs,
+    reprefix,
     rotate,
     save_model,
     self_attention,
@@ -127,21 +128,10 @@ def test_key_mapping(names: dict[str, tuple[str, str | None]]) -> None:
         assert WEIGHT_MAP.resolve(head_key) is not None and not WEIGHT_MAP.resolve(head_key).target
 
 
-def to_bert_prefix(root: Path, extra: dict[str, torch.Tensor] | None = None) -> None:
-    """Re-save the checkpoint as nomic-ai's NomicBertFor* do: the encoder under "bert."."""
-    path = root / "model.safetensors"
-    state = {}
-    for key, value in load_file(str(path)).items():
-        if not key.startswith("classifier."):
-            key = "bert." + key.removeprefix("nomic_bert.")
-        state[key] = value
-    save_file({**state, **(extra or {})}, str(path), metadata={"format": "pt"})
-
-
 def test_pretraining_checkpoint_with_bert_prefix(tmp_path: Path) -> None:
     model = native_model(seed=2)
     root = save_model(model, tmp_path / "pretraining")
-    to_bert_prefix(root, {"cls.predictions.decoder.weight": torch.zeros(VOCAB, 32)})
+    reprefix(root, "bert.", {"cls.predictions.decoder.weight": torch.zeros(VOCAB, 32)})
     assert_matches_transformers(root, model)
 
 
@@ -306,7 +296,7 @@ def test_classifier_logits_match_transformers(tmp_path: Path, prefix: str) -> No
                          label2id={v: k for k, v in labels.items()})
     root = save_model(model, tmp_path / "classifier")
     if prefix == "bert.":
-        to_bert_prefix(root)
+        reprefix(root, "bert.")
     info = load_model_info(root)
     engine = Engine.load(info)
     head = build_head(info, engine.device)
