@@ -32,6 +32,7 @@ from tests.fixtures.rotary import (
     ACT,
     TINY,
     add_sentence_transformers,
+    gte_new_config,
     hf_hidden,
     layer_norm,
     padded_inputs,
@@ -87,21 +88,6 @@ def test_in_memory_names_load_too(tmp_path: Path) -> None:
 
 
 # --- Alibaba's model_type "new" ---------------------------------------------------------------
-
-def new_config(**overrides: Any) -> dict[str, Any]:
-    """A gte-large-en-v1.5-style config.json (Alibaba-NLP/new-impl), shrunk."""
-    return {
-        "model_type": "new", "architectures": ["NewModel"],
-        "auto_map": {"AutoConfig": "Alibaba-NLP/new-impl--configuration.NewConfig",
-                     "AutoModel": "Alibaba-NLP/new-impl--modeling.NewModel"},
-        **TINY, "intermediate_size": 64, "vocab_size": VOCAB, "hidden_act": "gelu",
-        "max_position_embeddings": 128, "type_vocab_size": 2, "layer_norm_type": "layer_norm",
-        "layer_norm_eps": 1e-12, "position_embedding_type": "rope", "rope_theta": 160_000.0,
-        "rope_scaling": {"type": "ntk", "factor": 2.0}, "logn_attention_scale": False,
-        "logn_attention_clip1": False, "pack_qkv": True, "unpad_inputs": False,
-        "use_memory_efficient_attention": False, "pad_token_id": 0, **overrides,
-    }
-
 
 def native_twin(config: dict[str, Any], seed: int, architecture: str = "GteModel",
                 **extra: Any) -> Any:
@@ -193,7 +179,7 @@ def test_new_matches_the_reference_and_transformers(tmp_path: Path, case: str, o
                                                     ) -> None:
     """Our engine on the "new" directory == the float64 reference == transformers' GteModel on
     the same tensors (the key mapping: Alibaba's names onto the native layout)."""
-    config = new_config(**overrides)
+    config = gte_new_config(**overrides)
     root = tmp_path / case
     model = new_checkpoint(root, config, seed=2)
     if case == "pack-qkv-false":
@@ -210,7 +196,7 @@ def test_new_matches_the_reference_and_transformers(tmp_path: Path, case: str, o
 
 def test_ntk_scaling_changes_the_output(tmp_path: Path) -> None:
     """The scaled frequencies matter at these lengths: dropping rope_scaling must show."""
-    config = new_config()
+    config = gte_new_config()
     root = tmp_path / "ntk"
     new_checkpoint(root, config, seed=3)
     plain = tmp_path / "plain"
@@ -317,7 +303,7 @@ def test_classifier_logits_match_transformers(tmp_path: Path) -> None:
 def test_new_reranker_matches_transformers(tmp_path: Path) -> None:
     """gte-multilingual-reranker-base's shape: NewForSequenceClassification ("new." prefix,
     pooler + classifier), one label, NTK rotary; transformers' native twin is the oracle."""
-    config = new_config(architectures=["NewForSequenceClassification"], id2label={0: "LABEL_0"},
+    config = gte_new_config(architectures=["NewForSequenceClassification"], id2label={0: "LABEL_0"},
                         label2id={"LABEL_0": 0})
     root = tmp_path / "reranker"
     model = new_checkpoint(root, config, seed=7, architecture="GteForSequenceClassification",
@@ -357,7 +343,7 @@ def test_splade_matches_the_masked_lm(tmp_path: Path) -> None:
 
 def test_batch_invariance(tmp_path: Path) -> None:
     root = tmp_path / "new"
-    new_checkpoint(root, new_config(), seed=9)
+    new_checkpoint(root, gte_new_config(), seed=9)
     engine = Engine.load(load_model_info(root, pooling_override="cls"))
     together = engine.embed(pack(root, TEXTS)[0])
     for row, item in enumerate(TEXTS):
@@ -365,12 +351,13 @@ def test_batch_invariance(tmp_path: Path) -> None:
 
 
 REFUSED = [
-    (new_config(position_embedding_type="absolute"), "position_embedding_type='absolute'"),
-    (new_config(layer_norm_type="rms_norm"), "layer_norm_type='rms_norm'"),
-    (new_config(logn_attention_scale=True), "logn_attention_scale=True"),
-    (new_config(rope_scaling={"type": "dynamic", "factor": 2.0}), "rope_scaling type 'dynamic'"),
-    (new_config(rope_scaling={"type": "ntk", "factor": 2.0, "mixed_b": 0.5}), "mixed_b"),
-    (new_config(hidden_act="gelu_fast"), "hidden_act 'gelu_fast'"),
+    (gte_new_config(position_embedding_type="absolute"), "position_embedding_type='absolute'"),
+    (gte_new_config(layer_norm_type="rms_norm"), "layer_norm_type='rms_norm'"),
+    (gte_new_config(logn_attention_scale=True), "logn_attention_scale=True"),
+    (gte_new_config(rope_scaling={"type": "dynamic", "factor": 2.0}),
+     "rope_scaling type 'dynamic'"),
+    (gte_new_config(rope_scaling={"type": "ntk", "factor": 2.0, "mixed_b": 0.5}), "mixed_b"),
+    (gte_new_config(hidden_act="gelu_fast"), "hidden_act 'gelu_fast'"),
     ({"model_type": "gte", **TINY, "intermediate_size": 64, "vocab_size": VOCAB,
       "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
      "rope_type 'linear'"),

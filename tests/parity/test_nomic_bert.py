@@ -33,6 +33,7 @@ from tests.fixtures.rotary import (
     add_sentence_transformers,
     hf_hidden,
     layer_norm,
+    nomic_hub_config,
     padded_inputs,
     reprefix,
     rotate,
@@ -137,24 +138,8 @@ def test_pretraining_checkpoint_with_bert_prefix(tmp_path: Path) -> None:
 
 # --- nomic-ai's config spelling --------------------------------------------------------------
 
-def hub_config(**overrides: Any) -> dict[str, Any]:
-    """A nomic-embed-text-v1.5-style config.json, shrunk."""
-    return {
-        "model_type": "nomic_bert", "architectures": ["NomicBertModel"],
-        "auto_map": {"AutoModel":
-                     "nomic-ai/nomic-bert-2048--modeling_hf_nomic_bert.NomicBertModel"},
-        "n_embd": 32, "n_head": 4, "n_layer": 2, "n_inner": 256, "n_positions": 128,
-        "vocab_size": VOCAB, "type_vocab_size": 2, "layer_norm_epsilon": 1e-12,
-        "activation_function": "swiglu", "rotary_emb_fraction": 1.0, "rotary_emb_base": 1000,
-        "rotary_emb_interleaved": False, "rotary_emb_scale_base": None,
-        "rotary_scaling_factor": None, "max_trained_positions": 2048, "prenorm": False,
-        "qkv_proj_bias": False, "mlp_fc1_bias": False, "mlp_fc2_bias": False, "causal": False,
-        "pad_vocab_size_multiple": 1, **overrides,
-    }
-
-
 def hub_tensors(config: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
-    """Seeded tensors under the Hub's names for a hub_config (shapes as nomic-ai's code)."""
+    """Seeded tensors under the Hub's names for a nomic_hub_config (shapes as nomic-ai's code)."""
     gen = torch.Generator().manual_seed(seed)
     hidden, inner = config["n_embd"], config["n_inner"]
     multiple = config["pad_vocab_size_multiple"]
@@ -233,7 +218,7 @@ def test_hub_config_matches_transformers_and_the_reference(tmp_path: Path) -> No
     model = native_model(seed=3, intermediate_size=256)
     native = save_model(model, tmp_path / "native")
     hub = tmp_path / "hub"
-    write_checkpoint(hub, hub_config(), load_file(str(native / "model.safetensors")))
+    write_checkpoint(hub, nomic_hub_config(), load_file(str(native / "model.safetensors")))
     arrays, _ = pack(hub, TEXTS)
     expected = hf_hidden(model, arrays)
     assert (reference_hidden(hub, arrays).float() - expected).abs().max() <= HIDDEN_TOL
@@ -255,7 +240,7 @@ HUB_CASES = [
 
 @pytest.mark.parametrize(("case", "overrides"), HUB_CASES, ids=[c[0] for c in HUB_CASES])
 def test_hub_options_match_the_reference(tmp_path: Path, case: str, overrides: dict) -> None:
-    config = hub_config(**overrides)
+    config = nomic_hub_config(**overrides)
     root = write_checkpoint(tmp_path / case, config, hub_tensors(config, seed=4))
     engine = Engine.load(load_model_info(root, pooling_override="mean"))
     arrays, _ = pack(root, TEXTS)
@@ -265,7 +250,7 @@ def test_hub_options_match_the_reference(tmp_path: Path, case: str, overrides: d
 
 
 def test_batch_invariance(tmp_path: Path) -> None:
-    config = hub_config(qkv_proj_bias=True, rotary_emb_fraction=0.5)
+    config = nomic_hub_config(qkv_proj_bias=True, rotary_emb_fraction=0.5)
     root = write_checkpoint(tmp_path / "m", config, hub_tensors(config, seed=5))
     engine = Engine.load(load_model_info(root, pooling_override="mean"))
     together = engine.embed(pack(root, TEXTS)[0])
@@ -310,15 +295,15 @@ def test_classifier_logits_match_transformers(tmp_path: Path, prefix: str) -> No
 
 
 REFUSED = [
-    (hub_config(prenorm=True), "prenorm=True"),
-    (hub_config(rotary_emb_interleaved=True), "rotary_emb_interleaved"),
-    (hub_config(rotary_scaling_factor=2.0, n_positions=8192), "rotary_scaling_factor=2.0"),
-    (hub_config(rotary_scaling_factor=None, n_positions=8192, rotary_emb_scale_base=512),
+    (nomic_hub_config(prenorm=True), "prenorm=True"),
+    (nomic_hub_config(rotary_emb_interleaved=True), "rotary_emb_interleaved"),
+    (nomic_hub_config(rotary_scaling_factor=2.0, n_positions=8192), "rotary_scaling_factor=2.0"),
+    (nomic_hub_config(rotary_scaling_factor=None, n_positions=8192, rotary_emb_scale_base=512),
      "xPos"),
-    (hub_config(moe_every_n_layers=2, num_experts=8, moe_top_k=2), "mixture-of-experts"),
-    (hub_config(activation_function="gelu_new"), "activation_function 'gelu_new'"),
-    (hub_config(rotary_emb_fraction=0.0), "rotary_emb_fraction=0.0"),
-    (hub_config(causal=True), "causal=True"),
+    (nomic_hub_config(moe_every_n_layers=2, num_experts=8, moe_top_k=2), "mixture-of-experts"),
+    (nomic_hub_config(activation_function="gelu_new"), "activation_function 'gelu_new'"),
+    (nomic_hub_config(rotary_emb_fraction=0.0), "rotary_emb_fraction=0.0"),
+    (nomic_hub_config(causal=True), "causal=True"),
     ({"model_type": "nomic_bert", **TINY, "intermediate_size": 64, "vocab_size": VOCAB,
       "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1000.0}},
      "rope_type 'dynamic'"),
@@ -333,7 +318,7 @@ def test_unsupported_configs_are_refused(config: dict, message: str) -> None:
 
 
 def test_a_missing_tensor_is_named(tmp_path: Path) -> None:
-    config = hub_config(qkv_proj_bias=True)
+    config = nomic_hub_config(qkv_proj_bias=True)
     tensors = hub_tensors(config, seed=8)
     del tensors["encoder.layers.1.attn.out_proj.bias"]
     root = write_checkpoint(tmp_path / "m", config, tensors)
