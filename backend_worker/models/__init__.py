@@ -6,8 +6,10 @@ Importing this package imports every family, which is what fills the registry.
 # Each import registers its family (the names themselves are not used here).
 from backend_worker.models import (  # noqa: F401
     bert,
+    gte,  # model_types new and gte
     jina,  # by auto_map marker, before plain BERT
     modernbert,
+    nomic_bert,
 )
 from backend_worker.models.registry import EncoderModel, model_class, supported
 

@@ -18,6 +18,7 @@ from backend_worker.graphs import cuda_capture
 from shared.modelinfo import load_model_info
 from tests.fixtures.jina import make_tiny_jina
 from tests.fixtures.modernbert import make_tiny_modernbert
+from tests.fixtures.rotary import make_tiny_rotary
 from tests.fixtures.tiny import MIXED_TEXTS, make_tiny_bert, pack
 
 COSINE = 0.999  # fp16 / bf16 against the fp32 oracle (TESTING.md section 1)
@@ -32,6 +33,9 @@ FAMILIES: dict[str, Callable[[Path], Path]] = {
     "jina-v2": lambda p: make_tiny_jina(p, "base"),
     "jina-v2-code": lambda p: make_tiny_jina(p, "code"),
     "modernbert": lambda p: make_tiny_modernbert(p, pooling="mean"),
+    # Rotary encoders, in transformers' configs and the Hub's (GTE's with NTK scaling).
+    **{flavour: lambda p, f=flavour: make_tiny_rotary(p, f)
+       for flavour in ("nomic", "nomic-hub", "gte", "gte-new")},
 }
 
 
