@@ -53,7 +53,7 @@ def default_model_dir() -> Path | None:
 
 def _from_hub(config: ServerConfig, model_id: str) -> ResolvedModel:
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError
     from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
 
     if are_progress_bars_disabled():
@@ -66,8 +66,11 @@ def _from_hub(config: ServerConfig, model_id: str) -> ResolvedModel:
             )
             if not any(f.endswith(".safetensors") for f in files):
                 patterns = _NEEDED + _TORCH_BIN
-        except (HfHubHTTPError, OSError, ValueError):
-            # Offline (HF_HUB_OFFLINE) or unreachable: the cached snapshot decides below.
+        except Exception:
+            # Offline (HF_HUB_OFFLINE) or unreachable: the cached snapshot decides below. The
+            # listing only picks file patterns, and an unreachable Hub surfaces as the transport
+            # errors of whichever HTTP library this huggingface_hub uses (httpx2 in 2.x, requests
+            # before), which share no base class we could name here.
             patterns = _NEEDED + _SAFETENSORS + _TORCH_BIN
         path = Path(snapshot_download(
             model_id,
@@ -81,8 +84,11 @@ def _from_hub(config: ServerConfig, model_id: str) -> ResolvedModel:
             f"model {model_id!r} is not a local directory and is not in the Hub cache "
             f"(offline or unreachable Hub): {exc}"
         ) from exc
-    except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise ConfigError(f"cannot fetch model {model_id!r} from the Hub: {exc}") from exc
+    except Exception as exc:
+        # HTTP status errors, disk errors, and the HTTP library's own transport errors alike:
+        # start-up stops with one line naming the model, never a traceback.
+        raise ConfigError(f"cannot fetch model {model_id!r} from the Hub: "
+                          f"{type(exc).__name__}: {exc}") from exc
     return ResolvedModel(model_id=model_id, path=path, sha=path.name)
 
 

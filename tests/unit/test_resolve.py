@@ -177,3 +177,47 @@ def test_offline_hub_resolution_never_touches_the_network(
     snapshot = write_cached_repo(tmp_path, "org/name")
     resolved = resolve_model(ServerConfig(model_id="org/name", huggingface_hub_cache=str(tmp_path)))
     assert resolved.path == snapshot
+
+
+class _TransportError(Exception):
+    """Stands for the HTTP library's own connection error (httpx2.ConnectError, requests'
+    ConnectionError): no huggingface_hub or OS base class."""
+
+
+def test_unreachable_hub_falls_back_to_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not offline by setting, but the Hub cannot be reached: the listing fails with a transport
+    error, the cached snapshot serves."""
+    import huggingface_hub
+
+    import shared.resolve
+
+    def unreachable(*args: object, **kwargs: object) -> None:
+        raise _TransportError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", unreachable)
+    snapshot = write_cached_repo(tmp_path, "org/name")
+    real_download = huggingface_hub.snapshot_download
+
+    def cached_only(*args: object, **kwargs: object) -> str:
+        return real_download(*args, **{**kwargs, "local_files_only": True})
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", cached_only)
+    resolved = shared.resolve.resolve_model(
+        ServerConfig(model_id="org/name", huggingface_hub_cache=str(tmp_path)))
+    assert resolved.path == snapshot
+
+
+def test_transport_error_while_downloading_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+
+    def unreachable(*args: object, **kwargs: object) -> None:
+        raise _TransportError("connection reset")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", unreachable)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    with pytest.raises(ConfigError, match=r"org/name.*_TransportError: connection reset"):
+        resolve_model(ServerConfig(model_id="org/name", huggingface_hub_cache=str(tmp_path)))
