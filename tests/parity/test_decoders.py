@@ -211,6 +211,24 @@ def test_batch_invariance(st_model: Path) -> None:
         assert np.abs(alone[0] - together[row]).max() <= 1e-5, item
 
 
+def test_tokenizer_json_alone_decides_the_end_of_text(tmp_path: Path) -> None:
+    """The router tokenizes with tokenizer.json's post-processor (as TEI does). transformers 5,
+    hence sentence-transformers, uses the same one and does not apply tokenizer_config.json's
+    add_bos_token / add_eos_token on top: if that changed, last-token vectors would differ."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    root = make_decoder_dir(tmp_path / "m", "qwen3")
+    config_path = root / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "add_bos_token": True, "add_eos_token": False}))
+    ours = [e.ids for e in Tokenizer.from_file(str(root / "tokenizer.json")).encode_batch(
+        ["a cat", "the weather is lovely today"])]
+    theirs = AutoTokenizer.from_pretrained(str(root))(["a cat", "the weather is lovely today"])
+    assert ours == theirs["input_ids"]
+    assert all(ids[-1] == decoder_vocab()["<|endoftext|>"] for ids in ours)
+
+
 # ---------------------------------------------------------------------------- classifier
 
 CLASSIFIER_CASES = [
