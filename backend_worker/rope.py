@@ -32,16 +32,15 @@ _KEYS = {
 
 def flat_rope_settings(config: dict[str, Any], default_theta: float) -> dict[str, Any]:
     """One rope settings dict (rope_type, rope_theta, ...) from either config.json format."""
-    params = config.get("rope_parameters")
-    if params:
-        if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
-            raise ConfigError(
-                f"config.json: rope_parameters {params!r}: per-layer-type rope settings are not "
-                f"supported for model_type {config.get('model_type')!r}"
-            )
-        settings = dict(params)
-    else:
-        settings = dict(config.get("rope_scaling") or {})
+    # transformers' precedence: rope_scaling, when a config carries both.
+    params = config.get("rope_scaling") or config.get("rope_parameters")
+    if params and (not isinstance(params, dict)
+                   or any(isinstance(v, dict) for v in params.values())):
+        raise ConfigError(
+            f"config.json: rope settings {params!r}: per-layer-type rope settings are not "
+            f"supported for model_type {config.get('model_type')!r}"
+        )
+    settings = dict(params) if params else {}
     settings.setdefault("rope_theta", config.get("rope_theta") or default_theta)
     if config.get("partial_rotary_factor") is not None:
         settings.setdefault("partial_rotary_factor", config["partial_rotary_factor"])
@@ -55,8 +54,14 @@ def rope_type(settings: dict[str, Any]) -> str:
     return str(settings.get("rope_type", settings.get("type", "default")))
 
 
-def rotary(settings: dict[str, Any], head_dim: int, max_positions: int, where: str) -> Rotary:
-    """The Rotary for one settings dict; `where` names the setting in error messages."""
+def rotary(settings: dict[str, Any], head_dim: int, max_positions: int, where: str,
+           partial: bool = False) -> Rotary:
+    """The Rotary for one settings dict; `where` names the setting in error messages.
+
+    `partial`: whether the family rotates only the first partial_rotary_factor of each head
+    (transformers' Llama, Qwen, Mistral and Gemma code rotates every feature, and fails on a
+    shorter table, so for them a factor other than 1 is refused).
+    """
     kind = rope_type(settings)
     allowed = _KEYS.get(kind)
     if allowed is None:
@@ -67,7 +72,11 @@ def rotary(settings: dict[str, Any], head_dim: int, max_positions: int, where: s
         raise ConfigError(f"{where}: rope type {kind!r} with {unknown} is not supported")
     try:
         base = float(settings["rope_theta"])
-        rotary_dim = int(head_dim * float(settings.get("partial_rotary_factor", 1.0)))
+        fraction = float(settings.get("partial_rotary_factor", 1.0))
+        if fraction != 1.0 and not partial:
+            raise ConfigError(f"{where}: partial_rotary_factor {fraction} is not supported "
+                              "for this model type")
+        rotary_dim = int(head_dim * fraction)
         inv_freq = rope_inv_freq(rotary_dim, base)
         if kind == "linear":
             inv_freq = inv_freq / float(settings["factor"])

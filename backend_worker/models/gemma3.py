@@ -93,8 +93,9 @@ def _sliding_mask(window: int, bidirectional: bool, scale: float) -> MaskSpec:
 
 
 def _rope_settings(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Rope settings per layer type, from rope_parameters (transformers 5) or the older
-    rope_theta / rope_local_base_freq / rope_scaling (the scaling applies to global layers)."""
+    """Rope settings per layer type, as transformers assembles them: rope_parameters
+    (transformers 5) or rope_theta / rope_local_base_freq (older configs), with rope_scaling
+    merged into the global layers' settings in either case."""
     params = config.get("rope_parameters")
     if params:
         if not isinstance(params, dict) or not all(
@@ -104,14 +105,15 @@ def _rope_settings(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
                               f"{' and '.join(_LAYER_TYPES)} settings")
         settings = {t: dict(params[t]) for t in _LAYER_TYPES}
     else:
-        settings = {
-            "full_attention": {**(config.get("rope_scaling") or {}),
-                               "rope_theta": config.get("rope_theta")},
-            "sliding_attention": {"rope_theta": config.get("rope_local_base_freq")},
-        }
+        settings = {"full_attention": {"rope_theta": config.get("rope_theta")},
+                    "sliding_attention": {"rope_theta": config.get("rope_local_base_freq")}}
+    settings["full_attention"].update(config.get("rope_scaling") or {})
     for layer_type, theta in _DEFAULT_THETA.items():
         if settings[layer_type].get("rope_theta") is None:
             settings[layer_type]["rope_theta"] = theta
+        if config.get("partial_rotary_factor") is not None:
+            settings[layer_type].setdefault("partial_rotary_factor",
+                                            config["partial_rotary_factor"])
     return settings
 
 

@@ -133,6 +133,14 @@ def test_rope_scaling_in_the_older_config_format(tmp_path: Path) -> None:
     assert (ours - transformers_hidden(root, ids)).abs().max().item() <= HIDDEN_TOL
 
 
+def test_rope_scaling_wins_over_rope_parameters(tmp_path: Path) -> None:
+    """A config carrying both (hand-edited Hub configs do): transformers uses rope_scaling."""
+    root = make_decoder_dir(tmp_path / "m", "llama", overrides={"rope_parameters": LLAMA3_ROPE})
+    set_config(root, rope_scaling={"rope_type": "linear", "factor": 4.0, "rope_theta": 500.0})
+    ours, ids = engine_hidden(root)
+    assert (ours - transformers_hidden(root, ids)).abs().max().item() <= HIDDEN_TOL
+
+
 def test_use_bidirectional_attention_means_is_causal_false(tmp_path: Path) -> None:
     """Qwen3 embedders that attend bidirectionally say use_bidirectional_attention (TEI reads
     it; transformers reads is_causal): both switches give transformers' bidirectional model."""
@@ -306,6 +314,7 @@ REFUSALS = [
      {"use_sliding_window": True, "sliding_window": 4, "layer_types": ["full_attention"]},
      "per each of 2 layers"),
     ("activation", "llama", {"hidden_act": "gelu_fast"}, "hidden_act 'gelu_fast'"),
+    ("partial-rotary", "qwen2", {"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5"),
 ]
 
 

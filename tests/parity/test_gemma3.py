@@ -169,6 +169,7 @@ REFUSALS = [
         "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
         "full_attention": {"rope_type": "yarn", "rope_theta": 5000.0, "factor": 4.0}}},
      r"rope \(full_attention\): rope type 'yarn'"),
+    ("partial-rotary", {"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5"),
     ("layer-types", {"layer_types": ["full_attention", "chunked_attention", "full_attention"]},
      "layer_types"),
 ]
