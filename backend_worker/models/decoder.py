@@ -23,7 +23,14 @@ from torch import nn
 
 from backend_worker.attention import Attention, MaskSpec
 from backend_worker.head_modules import FamilyHeads, HeadKeys, LogitsHead
-from backend_worker.layers import GatedMLP, RMSNorm, RopeTables, SelfAttention, activation
+from backend_worker.layers import (
+    GatedMLP,
+    RMSNorm,
+    RopeTables,
+    Rotary,
+    SelfAttention,
+    activation,
+)
 from backend_worker.loading import Rule, WeightMap
 from backend_worker.models.registry import register
 from backend_worker.rope import flat_rope_settings, rotary
@@ -160,7 +167,7 @@ def _windowed_layers(config: dict[str, Any], flavour: Flavour, layers: int) -> l
                               "layers but use_sliding_window is false or sliding_window unset")
         return [False] * layers
     if layer_types is None:
-        first = int(config.get("max_window_layers", layers))
+        first = int(config.get("max_window_layers", 28))  # transformers' default
         return [i >= first for i in range(layers)]
     if len(layer_types) != layers or not set(layer_types) <= {"full_attention",
                                                                 "sliding_attention"}:
@@ -203,35 +210,29 @@ class DecoderModel(nn.Module):
     heads: ClassVar[FamilyHeads | None] = HEADS
 
     def __init__(
-        self, *, flavour: Flavour, config: dict[str, Any], vocab_size: int, hidden_size: int,
-        num_hidden_layers: int, num_attention_heads: int, num_key_value_heads: int,
-        head_dim: int, intermediate_size: int, hidden_act: str, rms_norm_eps: float,
-        max_position_embeddings: int, causal: bool, attention: Attention,
+        self, *, vocab_size: int, hidden_size: int, masks: list[MaskSpec],
+        num_attention_heads: int, num_key_value_heads: int, head_dim: int,
+        intermediate_size: int, hidden_act: str, rms_norm_eps: float, qkv_bias: bool,
+        out_bias: bool, mlp_bias: bool, qk_norm: bool, max_position_embeddings: int,
+        rotary: Rotary, attention: Attention,
     ) -> None:
         super().__init__()
         self.max_positions = max_position_embeddings
         self.embed = nn.Embedding(vocab_size, hidden_size)
-        window = config.get("sliding_window")
-        windowed = _windowed_layers(config, flavour, num_hidden_layers)
-        qk_norm = (lambda dim: RMSNorm(dim, rms_norm_eps)) if flavour.qk_norm else None
+        norm = (lambda dim: RMSNorm(dim, rms_norm_eps)) if qk_norm else None
         self.layers = nn.ModuleList(
             DecoderLayer(
                 hidden_size, intermediate_size, hidden_act, rms_norm_eps,
-                SelfAttention(
-                    hidden_size, num_attention_heads, attention,
-                    bias=flavour.bias(flavour.qkv_bias, config),
-                    out_bias=flavour.bias(flavour.out_bias, config),
-                    kv_heads=num_key_value_heads, head_dim=head_dim, qk_norm=qk_norm,
-                    mask=_mask(causal, int(window) if is_windowed else None),
-                ),
-                mlp_bias=flavour.bias(flavour.mlp_bias, config),
+                SelfAttention(hidden_size, num_attention_heads, attention, bias=qkv_bias,
+                              out_bias=out_bias, kv_heads=num_key_value_heads,
+                              head_dim=head_dim, qk_norm=norm, mask=mask),
+                mlp_bias=mlp_bias,
             )
-            for is_windowed in windowed
+            for mask in masks
         )
         self.norm = RMSNorm(hidden_size, rms_norm_eps)
         # Not a submodule: no weights, and its table is computed per batch.
-        self.rotary = rotary(flat_rope_settings(config, default_theta=10000.0), head_dim,
-                             max_position_embeddings, where="config.json: rope")
+        self.rotary = rotary
 
     @classmethod
     def from_config(cls, config: dict[str, Any], attention: Attention) -> Self:
@@ -242,24 +243,33 @@ class DecoderModel(nn.Module):
         try:
             hidden = int(config["hidden_size"])
             heads = int(config["num_attention_heads"])
-            head_dim = config.get("head_dim") or (hidden // heads if hidden % heads == 0 else 0)
+            head_dim = int(config.get("head_dim") or 0)
             if not head_dim:
-                raise ConfigError(f"config.json: hidden_size {hidden} is not divisible by "
-                                  f"{heads} heads and head_dim is unset")
+                if hidden % heads:
+                    raise ConfigError(f"config.json: hidden_size {hidden} is not divisible by "
+                                      f"{heads} heads and head_dim is unset")
+                head_dim = hidden // heads
+            causal = is_causal(config)
+            window = config.get("sliding_window")
+            windowed = _windowed_layers(config, flavour, int(config["num_hidden_layers"]))
+            max_positions = config_max_positions(config)
             return cls(
-                flavour=flavour,
-                config=config,
                 vocab_size=int(config["vocab_size"]),
                 hidden_size=hidden,
-                num_hidden_layers=int(config["num_hidden_layers"]),
+                masks=[_mask(causal, int(window) if w else None) for w in windowed],
                 num_attention_heads=heads,
                 num_key_value_heads=int(config.get("num_key_value_heads") or heads),
-                head_dim=int(head_dim),
+                head_dim=head_dim,
                 intermediate_size=int(config["intermediate_size"]),
                 hidden_act=hidden_act,
                 rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-                max_position_embeddings=config_max_positions(config),
-                causal=is_causal(config),
+                qkv_bias=flavour.bias(flavour.qkv_bias, config),
+                out_bias=flavour.bias(flavour.out_bias, config),
+                mlp_bias=flavour.bias(flavour.mlp_bias, config),
+                qk_norm=flavour.qk_norm,
+                max_position_embeddings=max_positions,
+                rotary=rotary(flat_rope_settings(config, default_theta=10000.0), head_dim,
+                              max_positions, where="config.json: rope"),
                 attention=attention,
             )
         except KeyError as exc:
