@@ -153,6 +153,7 @@ class Gemma3TextModel(nn.Module):
         self.max_positions = max_position_embeddings
         self.embed = nn.Embedding(vocab_size, hidden_size)
         self.embed_scale = hidden_size**0.5
+        self._scales: dict[torch.dtype, float] = {}
         scale = query_pre_attn_scalar**-0.5
         masks = {"full_attention": MaskSpec(causal=not bidirectional, scale=scale),
                  "sliding_attention": _sliding_mask(sliding_window, bidirectional, scale)}
@@ -210,14 +211,21 @@ class Gemma3TextModel(nn.Module):
         except KeyError as exc:
             raise ConfigError(f"config.json: gemma3_text config lacks {exc.args[0]!r}") from exc
 
+    def _embed_scale(self, dtype: torch.dtype) -> float:
+        """sqrt(hidden_size) rounded to the model dtype, as transformers multiplies by it (in
+        bfloat16 sqrt(768) = 27.71 becomes 27.75). A Python number: no host-to-device copy per
+        forward, which a CUDA graph capture would refuse."""
+        scale = self._scales.get(dtype)
+        if scale is None:
+            scale = self._scales[dtype] = torch.tensor(self.embed_scale).to(dtype).item()
+        return scale
+
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: torch.Tensor,
         meta: Any,
     ) -> torch.Tensor:
         x = self.embed(input_ids)
-        # NOTE: the scale is rounded to the model dtype first, as transformers does (in bf16,
-        # sqrt(768) = 27.71 becomes 27.75).
-        x = x * x.new_tensor(self.embed_scale)
+        x = x * self._embed_scale(x.dtype)
         tables = {t: r.tables(position_ids, x.dtype) for t, r in self.rotaries.items()}
         for layer_type, layer in zip(self.layer_types, self.layers, strict=True):
             x = layer(x, meta, tables[layer_type])

@@ -190,3 +190,18 @@ def test_final_logit_softcapping_is_irrelevant(tmp_path: Path) -> None:
     set_config(root, final_logit_softcapping=30.0)
     after, _ = engine_hidden(root)
     assert (before - after).abs().max().item() == 0.0
+
+
+def test_embedding_scale_is_rounded_to_the_model_dtype(tmp_path: Path) -> None:
+    """transformers multiplies the bfloat16 embeddings by sqrt(hidden) cast to bfloat16
+    (5.65625 for hidden 32, not 5.65685): the scaled embeddings are bit for bit the same."""
+    from transformers import AutoModel
+
+    root = make(tmp_path / "m", EMBEDDING_GEMMA)
+    engine = Engine.load(load_model_info(root, pooling_override="mean"), dtype=torch.bfloat16)
+    hf = AutoModel.from_pretrained(str(root), dtype=torch.bfloat16).eval()
+    ids = torch.arange(40)
+    scale = engine.model._embed_scale(torch.bfloat16)
+    assert scale == 5.65625
+    with torch.no_grad():
+        assert torch.equal(engine.model.embed(ids) * scale, hf.embed_tokens(ids[None])[0])
