@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.e2e.server import serving
-from tests.fixtures.decoders import GEMMA_STYLE, make_st_decoder
+from tests.fixtures.decoders import make_embedding_gemma
 
 TEXTS = [
     "hello world",
@@ -16,21 +16,10 @@ TEXTS = [
     "a cat",
     "a long passage about dogs at night, " * 12,  # longer than the model's 128 tokens
 ]
-EMBEDDING_GEMMA = {
-    "head_dim": 16,
-    "num_hidden_layers": 3,
-    "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
-    "sliding_window": 6,
-    "query_pre_attn_scalar": 12,
-    "use_bidirectional_attention": True,
-}
-
 
 @pytest.fixture(scope="module")
 def gemma(tmp_path_factory):
-    model = make_st_decoder(tmp_path_factory.mktemp("zoo") / "gemma", "gemma3_text",
-                            pooling="mean", dense=((48, False), (24, False)), style=GEMMA_STYLE,
-                            overrides=EMBEDDING_GEMMA)
+    model = make_embedding_gemma(tmp_path_factory.mktemp("zoo") / "gemma")
     log = tmp_path_factory.mktemp("logs") / "gemma.log"
     with serving("--model-id", str(model), "--max-batch-tokens", "1024", log_path=log) as srv:
         yield model, srv

@@ -237,6 +237,23 @@ def test_tokenizer_json_alone_decides_the_end_of_text(tmp_path: Path) -> None:
     assert all(ids[-1] == decoder_vocab()["<|endoftext|>"] for ids in ours)
 
 
+def test_packed_path_and_graphs_equal_the_padded_path(st_model: Path) -> None:
+    """The CUDA path's logic on the CPU: packed varlen attention (the kernel's documented
+    window semantics, tests/fixtures/varlen.py) and replayed graph buckets give the padded
+    path's vectors, so each MaskSpec (causal, window, GQA) converts to the kernel's terms."""
+    from backend_worker.attention import PackedVarlen, torch_varlen_kernel
+    from backend_worker.graphs import eager_capture
+    from tests.fixtures.varlen import cpu_varlen
+
+    info = load_model_info(st_model)
+    padded = Engine.load(info)
+    packed = Engine.load(info, attention=PackedVarlen(torch_varlen_kernel(cpu_varlen)))
+    assert packed.capture_graphs(256, eager_capture)
+    for count in (1, 3, len(TEXTS)):
+        arrays, _ = pack(st_model, TEXTS[:count], max_length=info.max_input_length)
+        np.testing.assert_allclose(packed.embed(arrays), padded.embed(arrays), atol=1e-5)
+
+
 # ---------------------------------------------------------------------------- classifier
 
 CLASSIFIER_CASES = [

@@ -16,9 +16,11 @@ from shared.errors import ConfigError
 from shared.modelinfo import load_model_info
 from tests.fixtures.decoders import (
     GEMMA_STYLE,
+    TINY_EMBEDDING_GEMMA,
+    TINY_GEMMA,
     decoder_vocab,
     make_decoder_dir,
-    make_st_decoder,
+    make_embedding_gemma,
     set_config,
     transformers_hidden,
 )
@@ -37,18 +39,8 @@ TEXTS = [
     "what is the capital of france?",
 ]
 HIDDEN_TOL = 1e-4
-# Local (sliding) and global layers; windows far shorter than the long input; distinct rotary
-# bases per layer type; a query_pre_attn_scalar that is not head_dim.
-GEMMA: dict = {
-    "head_dim": 16,
-    "num_hidden_layers": 3,
-    "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
-    "sliding_window": 6,
-    "query_pre_attn_scalar": 12,
-    "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
-                        "full_attention": {"rope_type": "default", "rope_theta": 5000.0}},
-}
-EMBEDDING_GEMMA = {**GEMMA, "use_bidirectional_attention": True}
+GEMMA = TINY_GEMMA
+EMBEDDING_GEMMA = TINY_EMBEDDING_GEMMA
 
 HIDDEN_CASES = [
     ("bidirectional", EMBEDDING_GEMMA, None),
@@ -125,11 +117,7 @@ def test_older_config_format(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def embedding_gemma(tmp_path_factory) -> Path:
-    """EmbeddingGemma's sentence-transformers stack: mean pooling, Dense(32 -> 48, no bias),
-    Dense(48 -> 24, no bias), both with identity activation, Normalize."""
-    return make_st_decoder(tmp_path_factory.mktemp("st") / "gemma", "gemma3_text",
-                           pooling="mean", dense=((48, False), (24, False)), style=GEMMA_STYLE,
-                           overrides=EMBEDDING_GEMMA)
+    return make_embedding_gemma(tmp_path_factory.mktemp("st") / "gemma")
 
 
 def test_pooled_matches_sentence_transformers(embedding_gemma: Path) -> None:
@@ -156,6 +144,22 @@ def test_batch_invariance(embedding_gemma: Path) -> None:
     for row, item in enumerate(TEXTS):
         alone = engine.embed(pack(embedding_gemma, [item])[0])
         assert np.abs(alone[0] - together[row]).max() <= 1e-5, item
+
+
+def test_packed_path_and_graphs_equal_the_padded_path(embedding_gemma: Path) -> None:
+    """The CUDA path's logic on the CPU (see tests/fixtures/varlen.py): the bidirectional
+    local window and the query_pre_attn_scalar scale convert to the varlen kernel's terms."""
+    from backend_worker.attention import PackedVarlen, torch_varlen_kernel
+    from backend_worker.graphs import eager_capture
+    from tests.fixtures.varlen import cpu_varlen
+
+    info = load_model_info(embedding_gemma)
+    padded = Engine.load(info)
+    packed = Engine.load(info, attention=PackedVarlen(torch_varlen_kernel(cpu_varlen)))
+    assert packed.capture_graphs(256, eager_capture)
+    for count in (1, 2, len(TEXTS)):
+        arrays, _ = pack(embedding_gemma, TEXTS[:count], max_length=info.max_input_length)
+        np.testing.assert_allclose(packed.embed(arrays), padded.embed(arrays), atol=1e-5)
 
 
 REFUSALS = [
