@@ -6,6 +6,8 @@ Importing this package imports every family, which is what fills the registry.
 # Each import registers its family (the names themselves are not used here).
 from backend_worker.models import (  # noqa: F401
     bert,
+    decoder,  # qwen2, qwen3, mistral, llama
+    gemma3,  # gemma3_text
     gte,  # model_types new and gte
     jina,  # by auto_map marker, before plain BERT
     modernbert,

@@ -16,6 +16,7 @@ from backend_worker.attention import MaskSpec, PackedVarlen, PaddedSDPA, select_
 from backend_worker.engine import Engine
 from backend_worker.graphs import cuda_capture
 from shared.modelinfo import load_model_info
+from tests.fixtures.decoders import make_embedding_gemma, make_st_decoder
 from tests.fixtures.jina import make_tiny_jina
 from tests.fixtures.modernbert import make_tiny_modernbert
 from tests.fixtures.rotary import make_tiny_rotary
@@ -36,6 +37,13 @@ FAMILIES: dict[str, Callable[[Path], Path]] = {
     # Rotary encoders, in transformers' configs and the Hub's (GTE's with NTK scaling).
     **{flavour: lambda p, f=flavour: make_tiny_rotary(p, f)
        for flavour in ("nomic", "nomic-hub", "gte", "gte-new")},
+    # Decoders: causal (GQA, head_dim, q/k norms), a causal sliding window, bidirectional; and
+    # EmbeddingGemma's bidirectional local window, query_pre_attn_scalar scale and Dense stack.
+    "qwen3-lasttoken": lambda p: make_st_decoder(p, "qwen3", overrides={"head_dim": 16}),
+    "mistral-window": lambda p: make_st_decoder(p, "mistral", overrides={"sliding_window": 5}),
+    "llama-bidirectional-mean": lambda p: make_st_decoder(p, "llama", pooling="mean",
+                                                          overrides={"is_causal": False}),
+    "embedding-gemma": make_embedding_gemma,
 }
 
 

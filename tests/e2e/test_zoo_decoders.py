@@ -1,0 +1,70 @@
+"""A tiny Qwen3 embedder (Qwen3-Embedding's shape: GQA, head_dim, q/k norms, last-token
+pooling, a tokenizer that appends <|endoftext|> and pads on the left, an instruction prompt)
+served by the real `embedserve`: /embed equals sentence-transformers on the same files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.e2e.server import serving
+from tests.fixtures.decoders import make_st_decoder
+
+PROMPTS = {"query": "Instruct: Given a web search query, retrieve relevant passages\nQuery:"}
+TEXTS = [
+    "hello world",
+    "the weather is lovely today",
+    "a cat",
+    # Longer than the model's 128 tokens: truncation must keep the end-of-text token last.
+    "a long passage about dogs at night, " * 12,
+]
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    model = make_st_decoder(tmp_path_factory.mktemp("zoo") / "qwen3", "qwen3",
+                            pooling="lasttoken", overrides={"head_dim": 16}, prompts=PROMPTS)
+    log = tmp_path_factory.mktemp("logs") / "qwen3.log"
+    with serving("--model-id", str(model), "--max-batch-tokens", "1024", log_path=log) as srv:
+        yield model, srv
+
+
+def st_encode(model, texts, **kwargs) -> np.ndarray:
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(model), device="cpu")
+    assert st.tokenizer.padding_side == "left"
+    return st.encode(texts, **kwargs)
+
+
+def embed(srv, **body) -> np.ndarray:
+    response = srv.client.post("/embed", json=body)
+    assert response.status_code == 200, response.text
+    return np.asarray(response.json(), dtype=np.float32)
+
+
+@pytest.mark.parametrize("prompt_name", [None, "query"])
+def test_embed_equals_sentence_transformers(qwen3, prompt_name) -> None:
+    model, srv = qwen3
+    ours = embed(srv, inputs=TEXTS, prompt_name=prompt_name)
+    theirs = st_encode(model, TEXTS, prompt_name=prompt_name)
+    assert ours.shape == theirs.shape == (len(TEXTS), 32)
+    cosine = (ours * theirs).sum(1) / (np.linalg.norm(ours, axis=1)
+                                       * np.linalg.norm(theirs, axis=1))
+    assert cosine.min() >= 0.9999
+    assert np.abs(ours - theirs).max() < 1e-4
+
+
+def test_the_end_of_text_token_is_appended(qwen3) -> None:
+    _, srv = qwen3
+    response = srv.client.post("/tokenize", json={"inputs": "a cat"})
+    assert response.status_code == 200, response.text
+    last = response.json()[0][-1]
+    assert last["text"] == "<|endoftext|>" and last["special"] is True
+
+
+def test_info_reports_last_token_pooling(qwen3) -> None:
+    _, srv = qwen3
+    info = srv.client.get("/info").json()
+    assert info["model_type"] == {"embedding": {"pooling": "last_token"}}
+    assert info["max_input_length"] == 128

@@ -1,0 +1,211 @@
+"""Gemma 3 text parity (EmbeddingGemma's architecture): our Engine against transformers'
+Gemma3TextModel (hidden states) and sentence-transformers (mean pooling + two bias-free Dense
+modules), on tiny random checkpoints built offline, fp32 on CPU; and the values we refuse."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from backend_worker.engine import Engine
+from shared.errors import ConfigError
+from shared.modelinfo import load_model_info
+from tests.fixtures.decoders import (
+    GEMMA_STYLE,
+    TINY_EMBEDDING_GEMMA,
+    TINY_GEMMA,
+    decoder_vocab,
+    make_decoder_dir,
+    make_embedding_gemma,
+    set_config,
+    transformers_hidden,
+)
+from tests.fixtures.tiny import pack
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Model types this module proves against their oracle (tests/parity/test_zoo_coverage.py).
+COVERS = frozenset({"gemma3_text"})
+
+TEXTS = [
+    "The weather is lovely today.",
+    "hi",
+    "A much longer input, with punctuation; digits 0123456789 and MiXeD case: it spans "
+    "well over forty word pieces so that padding inside the batch is substantial.",
+    "what is the capital of france?",
+]
+HIDDEN_TOL = 1e-4
+GEMMA = TINY_GEMMA
+EMBEDDING_GEMMA = TINY_EMBEDDING_GEMMA
+
+HIDDEN_CASES = [
+    ("bidirectional", EMBEDDING_GEMMA, None),
+    ("bidirectional-odd-window", {**EMBEDDING_GEMMA, "sliding_window": 7}, None),
+    ("causal", GEMMA, None),
+    ("linear-rope-global", {**EMBEDDING_GEMMA, "rope_parameters": {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+        "full_attention": {"rope_type": "linear", "rope_theta": 5000.0, "factor": 4.0}}}, None),
+    ("attention-bias", {**EMBEDDING_GEMMA, "attention_bias": True}, None),
+    ("causal-lm", GEMMA, "Gemma3ForCausalLM"),
+]
+
+
+def make(root: Path, overrides: dict, architecture: str | None = None) -> Path:
+    return make_decoder_dir(root, "gemma3_text", style=GEMMA_STYLE, overrides=overrides,
+                            architecture=architecture)
+
+
+def engine_hidden(model_dir: Path) -> tuple[torch.Tensor, list[list[int]]]:
+    engine = Engine.load(load_model_info(model_dir, pooling_override="mean"))
+    arrays, ids = pack(model_dir, TEXTS)
+    return engine.hidden_states(arrays), ids
+
+
+@pytest.mark.parametrize(("case", "overrides", "architecture"), HIDDEN_CASES,
+                         ids=[c[0] for c in HIDDEN_CASES])
+def test_hidden_states_match_transformers(tmp_path: Path, case: str, overrides: dict,
+                                          architecture: str | None) -> None:
+    root = make(tmp_path / case, overrides, architecture)
+    ours, ids = engine_hidden(root)
+    vocab = decoder_vocab()
+    assert all(s[0] == vocab["<bos>"] and s[-1] == vocab["<eos>"] for s in ids)
+    assert max(map(len, ids)) > 4 * overrides["sliding_window"]
+    ref = transformers_hidden(root, ids)
+    diff = (ours - ref).abs().max().item()
+    print(f"{case}: max abs diff of last hidden state {diff:.2e}")
+    assert diff <= HIDDEN_TOL
+
+
+@pytest.mark.parametrize(("case", "change"), [
+    ("bidirectional", {"use_bidirectional_attention": None}),
+    ("bidirectional", {"sliding_window": 64}),
+    ("bidirectional", {"rope_parameters": {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 5000.0},
+        "full_attention": {"rope_type": "default", "rope_theta": 5000.0}}}),
+    ("bidirectional", {"query_pre_attn_scalar": 16}),
+    ("linear-rope-global", {"rope_parameters": EMBEDDING_GEMMA["rope_parameters"]}),
+])
+def test_the_setting_under_test_changes_the_output(tmp_path: Path, case: str,
+                                                   change: dict) -> None:
+    """What the cases above exercise shows in the output: the direction, the local window,
+    the per-layer-type rotary base, the score scale, the global rope scaling."""
+    _, overrides, architecture = next(c for c in HIDDEN_CASES if c[0] == case)
+    root = make(tmp_path / case, overrides, architecture)
+    with_setting, _ = engine_hidden(root)
+    set_config(root, **change)
+    without, _ = engine_hidden(root)
+    assert (with_setting - without).abs().max().item() > 1e-2
+
+
+def test_older_config_format(tmp_path: Path) -> None:
+    """Hub configs written before transformers 5: sliding_window_pattern instead of
+    layer_types, rope_theta / rope_local_base_freq / rope_scaling instead of rope_parameters."""
+    overrides = {**EMBEDDING_GEMMA, "num_hidden_layers": 4, "layer_types": None,
+                 "sliding_window_pattern": 2}
+    root = make(tmp_path / "m", overrides)
+    set_config(root, layer_types=None, sliding_window_pattern=2, rope_parameters=None,
+               rope_theta=5000.0, rope_local_base_freq=100.0,
+               rope_scaling={"rope_type": "linear", "factor": 2.0})
+    ours, ids = engine_hidden(root)
+    diff = (ours - transformers_hidden(root, ids)).abs().max().item()
+    assert diff <= HIDDEN_TOL
+
+
+@pytest.fixture(scope="module")
+def embedding_gemma(tmp_path_factory) -> Path:
+    return make_embedding_gemma(tmp_path_factory.mktemp("st") / "gemma")
+
+
+def test_pooled_matches_sentence_transformers(embedding_gemma: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    info = load_model_info(embedding_gemma)
+    assert [(d.bias, d.activation) for d in info.dense] == [(False, "identity")] * 2
+    engine = Engine.load(info)
+    arrays, _ = pack(embedding_gemma, TEXTS, max_length=info.max_input_length)
+    ours = engine.embed(arrays)
+    assert ours.shape == (len(TEXTS), 24)
+    model = SentenceTransformer(str(embedding_gemma), device="cpu")
+    unnormalized = SentenceTransformer(modules=list(model)[:-1], device="cpu")
+    ref = unnormalized.encode(TEXTS, convert_to_numpy=True, batch_size=64)
+    cosine = (ours * ref).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(ref, axis=1))
+    print(f"min cosine {cosine.min():.7f}, max abs diff {np.abs(ours - ref).max():.2e}")
+    assert cosine.min() >= 0.9999
+    assert np.abs(ours - ref).max() <= 1e-4
+
+
+def test_batch_invariance(embedding_gemma: Path) -> None:
+    engine = Engine.load(load_model_info(embedding_gemma))
+    together = engine.embed(pack(embedding_gemma, TEXTS)[0])
+    for row, item in enumerate(TEXTS):
+        alone = engine.embed(pack(embedding_gemma, [item])[0])
+        assert np.abs(alone[0] - together[row]).max() <= 1e-5, item
+
+
+def test_packed_path_and_graphs_equal_the_padded_path(embedding_gemma: Path) -> None:
+    """The CUDA path's logic on the CPU (see tests/fixtures/varlen.py): the bidirectional
+    local window and the query_pre_attn_scalar scale convert to the varlen kernel's terms."""
+    from backend_worker.attention import PackedVarlen, torch_varlen_kernel
+    from backend_worker.graphs import eager_capture
+    from tests.fixtures.varlen import cpu_varlen
+
+    info = load_model_info(embedding_gemma)
+    padded = Engine.load(info)
+    packed = Engine.load(info, attention=PackedVarlen(torch_varlen_kernel(cpu_varlen)))
+    assert packed.capture_graphs(256, eager_capture)
+    for count in (1, 2, len(TEXTS)):
+        arrays, _ = pack(embedding_gemma, TEXTS[:count], max_length=info.max_input_length)
+        np.testing.assert_allclose(packed.embed(arrays), padded.embed(arrays), atol=1e-5)
+
+
+REFUSALS = [
+    ("softcapping", {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping=50.0"),
+    ("is-causal-false", {"is_causal": False}, "is_causal=False"),
+    ("is-causal-contradiction", {"is_causal": True}, "is_causal=True"),
+    ("rope-not-per-layer-type", {"rope_parameters": {"rope_type": "default",
+                                                     "rope_theta": 1e4}},
+     "must give sliding_attention and full_attention"),
+    ("rope-yarn", {"rope_parameters": {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+        "full_attention": {"rope_type": "yarn", "rope_theta": 5000.0, "factor": 4.0}}},
+     r"rope \(full_attention\): rope type 'yarn'"),
+    ("partial-rotary", {"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5"),
+    ("layer-types", {"layer_types": ["full_attention", "chunked_attention", "full_attention"]},
+     "layer_types"),
+]
+
+
+@pytest.mark.parametrize(("case", "changes", "message"), REFUSALS, ids=[r[0] for r in REFUSALS])
+def test_refused_configs(tmp_path: Path, case: str, changes: dict, message: str) -> None:
+    root = make(tmp_path / case, EMBEDDING_GEMMA)
+    set_config(root, **changes)
+    with pytest.raises(ConfigError, match=message):
+        Engine.load(load_model_info(root, pooling_override="mean"))
+
+
+def test_final_logit_softcapping_is_irrelevant(tmp_path: Path) -> None:
+    """It caps LM-head logits, which an embedder never computes: accepted, output unchanged."""
+    root = make(tmp_path / "m", EMBEDDING_GEMMA)
+    before, _ = engine_hidden(root)
+    set_config(root, final_logit_softcapping=30.0)
+    after, _ = engine_hidden(root)
+    assert (before - after).abs().max().item() == 0.0
+
+
+def test_embedding_scale_is_rounded_to_the_model_dtype(tmp_path: Path) -> None:
+    """transformers multiplies the bfloat16 embeddings by sqrt(hidden) cast to bfloat16
+    (5.65625 for hidden 32, not 5.65685): the scaled embeddings are bit for bit the same."""
+    from transformers import AutoModel
+
+    root = make(tmp_path / "m", EMBEDDING_GEMMA)
+    engine = Engine.load(load_model_info(root, pooling_override="mean"), dtype=torch.bfloat16)
+    hf = AutoModel.from_pretrained(str(root), dtype=torch.bfloat16).eval()
+    ids = torch.arange(40)
+    scale = engine.model._embed_scale(torch.bfloat16)
+    assert scale == 5.65625
+    with torch.no_grad():
+        assert torch.equal(engine.model.embed(ids) * scale, hf.embed_tokens(ids[None])[0])
