@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from backend_worker.attention import Attention, select_attention
+from backend_worker.attention import Attention, NeedsHostLayout, PackedVarlen, select_attention
 from backend_worker.cpu_linear import pack_linears, packing_available
+from backend_worker.graphs import Capture, GraphedPooling, graph_buckets
 from backend_worker.loading import checkpoint_files, load_strict
 from backend_worker.models import EncoderModel, model_class
 from backend_worker.pooling import Pooler
@@ -26,6 +27,40 @@ log = logging.getLogger(__name__)
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+class HostStaging:
+    """Host memory a batch's int arrays are converted into on their way to the device.
+
+    On CUDA it is one pinned buffer, grown as needed and reused batch after batch: copies from
+    pinned memory are DMA transfers queued on the stream (non_blocking), where copies from
+    ordinary memory would stall the host; pinning a fresh buffer per batch costs more than the
+    copy. Reuse is safe because every batch ends by copying its result to the host, which waits
+    for the stream. Elsewhere a plain conversion is all there is to do.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pinned = device.type == "cuda"
+        self._buffer: torch.Tensor | None = None
+        self._used = 0
+
+    def reset(self) -> None:
+        self._used = 0
+
+    def to_device(self, array: np.ndarray) -> torch.Tensor:
+        if not self.pinned:
+            return torch.from_numpy(array.astype(np.int64)).to(self.device)
+        size = array.shape[0]
+        if self._buffer is None or self._used + size > self._buffer.shape[0]:
+            # Earlier views of this batch keep the old buffer alive until their copies are done.
+            grown = max(2 * (self._used + size), 1 << 16)
+            self._buffer = torch.empty(grown, dtype=torch.int64, pin_memory=True)
+            self._used = 0
+        view = self._buffer[self._used : self._used + size]
+        self._used += size
+        view.numpy()[:] = array
+        return view.to(self.device, non_blocking=True)
 
 
 class Engine:
@@ -56,14 +91,18 @@ class Engine:
         self._vocab_rows = int(info.vocab_size) or None
         type_rows = info.config.get("type_vocab_size")
         self._type_rows = int(type_rows) if type_rows else None
+        self.graphs: GraphedPooling | None = None
+        self._staging = HostStaging(device)
 
     @classmethod
     def load(
-        cls, info: ModelInfo, device: str = "cpu", dtype: torch.dtype = torch.float32
+        cls, info: ModelInfo, device: str = "cpu", dtype: torch.dtype = torch.float32,
+        attention: Attention | None = None,
     ) -> Engine:
-        """Build the model through the registry and load its weights strictly."""
+        """Build the model through the registry and load its weights strictly. `attention`
+        overrides the device's choice (tests run the packed path's logic on the CPU)."""
         target = torch.device(device)
-        attention = select_attention(target)
+        attention = attention or select_attention(target)
         model_cls = model_class(info.config)
         # Built on the meta device: no random init of weights that the loader overwrites anyway
         # (strict loading guarantees every tensor is filled), then materialised on the target.
@@ -86,9 +125,10 @@ class Engine:
         return cls(info, model, pooler, attention, target, dtype)  # type: ignore[arg-type]
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
-        # int32 on the wire; int64 for embedding lookups and index ops. astype copies, which also
-        # makes the (read-only, zero-copy) wire buffer safe to hand to torch.
-        return torch.from_numpy(array.astype(np.int64)).to(self.device, non_blocking=True)
+        # int32 on the wire; int64 for embedding lookups and index ops. The conversion writes
+        # into the staging buffer (pinned on CUDA, so the copy to the device is asynchronous),
+        # which also makes the read-only, zero-copy wire buffer safe to hand to torch.
+        return self._staging.to_device(array)
 
     def _check(self, arrays: BatchArrays) -> None:
         """Invariants the router guarantees, checked on the host where an out-of-range index
@@ -108,6 +148,7 @@ class Engine:
 
     def _forward(self, arrays: BatchArrays) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(arrays)
+        self._staging.reset()
         cu_seqlens = self._tensor(arrays.cu_seqlens)
         meta = self.attention.prepare(cu_seqlens, arrays.cu_seqlens)
         hidden = self.model(
@@ -126,5 +167,35 @@ class Engine:
     def embed(self, arrays: BatchArrays) -> np.ndarray:
         """float32 [n, embedding_dim] for the n sequences of a packed batch (not normalised)."""
         with torch.inference_mode():
+            bucket = self.graphs.bucket_for(arrays) if self.graphs else None
+            if bucket is not None:
+                self._check(arrays)
+                return self.graphs(arrays, bucket).cpu().numpy()  # type: ignore[misc]
             hidden, cu_seqlens = self._forward(arrays)
             return self.pooler(hidden, cu_seqlens).cpu().numpy()
+
+    def _pooled_static(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor, max_len: int,
+    ) -> torch.Tensor:
+        """The pooled forward on device tensors only (what a graph captures)."""
+        assert isinstance(self.attention, PackedVarlen)
+        meta = self.attention.prepare_static(cu_seqlens, max_len)
+        hidden = self.model(input_ids, position_ids, token_type_ids, meta)
+        return self.pooler(hidden, cu_seqlens)
+
+    def capture_graphs(self, max_batch_tokens: int, capture: Capture) -> bool:
+        """Serve small pooled batches from captured graphs (the latency path). Only the packed
+        path can be captured (padded attention lays out each batch on the host); a model with a
+        layer that needs it keeps running eagerly. Returns whether graphs are in use."""
+        if not isinstance(self.attention, PackedVarlen):
+            log.info("no graphs: attention %s is not capturable", self.attention.name)
+            return False
+        buckets = graph_buckets(max_batch_tokens)
+        try:
+            with torch.inference_mode():
+                self.graphs = GraphedPooling(self._pooled_static, buckets, self.device, capture)
+        except NeedsHostLayout as exc:
+            log.info("no graphs: %s", exc)
+            return False
+        return True

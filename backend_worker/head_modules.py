@@ -96,12 +96,13 @@ class SpladeHead(nn.Module):
     output: ClassVar[OutputKind] = OutputKind.SPARSE
 
     def __init__(self, hidden: int, vocab: int, act: str, eps: float, *,
-                 dense_bias: bool = True, norm_bias: bool = True) -> None:
+                 dense_bias: bool = True, norm_bias: bool = True,
+                 decoder_bias: bool = True) -> None:
         super().__init__()
         self.dense = nn.Linear(hidden, hidden, bias=dense_bias)
         self.act = activation(act, where="config.json: MLM head activation")
         self.norm = nn.LayerNorm(hidden, eps=eps, bias=norm_bias)
-        self.decoder = nn.Linear(hidden, vocab)
+        self.decoder = nn.Linear(hidden, vocab, bias=decoder_bias)
         self.chunk = max(1, _SPLADE_CHUNK_BYTES // (4 * vocab))
 
     def forward(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:

@@ -61,11 +61,12 @@ class WordPositionEmbeddings(nn.Module):
 class MLP(nn.Module):
     """up -> activation -> down (BERT's intermediate/output pair, without the residual)."""
 
-    def __init__(self, hidden: int, intermediate: int, act: str, bias: bool = True) -> None:
+    def __init__(self, hidden: int, intermediate: int, act: str, bias: bool = True,
+                 down_bias: bool | None = None) -> None:
         super().__init__()
         self.up = nn.Linear(hidden, intermediate, bias=bias)
         self.act = activation(act)
-        self.down = nn.Linear(intermediate, hidden, bias=bias)
+        self.down = nn.Linear(intermediate, hidden, bias=bias if down_bias is None else down_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.act(self.up(x)))
@@ -76,19 +77,22 @@ class GatedMLP(nn.Module):
 
     `gate_up` is [2 * intermediate, hidden], the activated half first: checkpoints that store
     the two separately fuse them at load (Rule(..., fuse=(gate_name, up_name))), and those that
-    store them fused (ModernBERT's Wi, input half first) load as they are.
+    store them fused (ModernBERT's Wi, input half first) load as they are. `gate_first=False`
+    is for fused checkpoints that store the other half first (GTE's up_gate_proj).
     """
 
     def __init__(self, hidden: int, intermediate: int, act: str, bias: bool = False,
-                 down_bias: bool | None = None) -> None:
+                 down_bias: bool | None = None, gate_first: bool = True) -> None:
         super().__init__()
         self.intermediate = intermediate
+        self.gate_first = gate_first
         self.gate_up = nn.Linear(hidden, 2 * intermediate, bias=bias)
         self.act = activation(act)
         self.down = nn.Linear(intermediate, hidden, bias=bias if down_bias is None else down_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
+        first, second = self.gate_up(x).split(self.intermediate, dim=-1)
+        gate, up = (first, second) if self.gate_first else (second, first)
         return self.down(self.act(gate) * up)
 
 
@@ -114,8 +118,13 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(rotary_dim: int, base: float) -> torch.Tensor:
-    """The standard rotary frequencies 1 / base^(2i / d), float32 [rotary_dim / 2]."""
-    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).to(torch.float32) / rotary_dim
+    """The standard rotary frequencies 1 / base^(2i / d), float32 [rotary_dim / 2].
+
+    Always on the CPU: models call this while being built under torch.device("meta"), where a
+    tensor made without an explicit device would hold no values (Rotary moves it per device).
+    """
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device="cpu")
+    exponents = exponents.to(torch.float32) / rotary_dim
     return 1.0 / (base**exponents)
 
 

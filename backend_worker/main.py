@@ -8,12 +8,13 @@ this thread computes the current one, so the device does not wait on the socket.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import msgspec
 import numpy as np
@@ -21,6 +22,7 @@ import zmq
 
 from shared import protocol
 from shared.config import WorkerConfig
+from shared.errors import ConfigError
 from shared.logs import setup_logging
 from shared.modelinfo import load_model_info
 from shared.process import die_with_parent
@@ -43,6 +45,24 @@ def warmup_arrays(max_batch_tokens: int, max_len: int, packed: bool) -> protocol
     # Token 0 is a valid id in every vocabulary; the values do not matter, the shapes do.
     zeros = np.zeros(total, dtype=np.int32)
     return protocol.BatchArrays(zeros, positions, zeros.copy(), cu)
+
+
+@contextlib.contextmanager
+def _out_of_memory_says_which_flag(max_batch_tokens: int, device: str) -> Iterator[None]:
+    """Warm-up runs the largest batch the router will ever send: running out of memory there
+    is a configuration problem, so say which knob to turn instead of printing a traceback."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        text = str(exc)
+        if not isinstance(exc, MemoryError) and "out of memory" not in text.lower() \
+                and "can't allocate memory" not in text:
+            raise
+        raise ConfigError(
+            f"out of memory on {device} warming up with a batch of --max-batch-tokens "
+            f"{max_batch_tokens}: lower --max-batch-tokens (or use a smaller --dtype, or free "
+            f"the device). {text.splitlines()[0] if text else ''}"
+        ) from exc
 
 
 class Worker:
@@ -79,10 +99,16 @@ class Worker:
         primary = next(k for k in (protocol.OutputKind.POOLED, protocol.OutputKind.LOGITS,
                                    protocol.OutputKind.SPARSE) if k in served)
         started = time.perf_counter()
-        served[primary](warmup_arrays(
-            self.config.max_batch_tokens, info.max_input_length,
-            engine.cost_model is protocol.CostModel.PACKED,
-        ))
+        with _out_of_memory_says_which_flag(self.config.max_batch_tokens, engine.device_name):
+            served[primary](warmup_arrays(
+                self.config.max_batch_tokens, info.max_input_length,
+                engine.cost_model is protocol.CostModel.PACKED,
+            ))
+            if (engine.device.type == "cuda" and self.config.cuda_graphs
+                    and primary is protocol.OutputKind.POOLED):
+                from backend_worker.graphs import cuda_capture
+
+                engine.capture_graphs(self.config.max_batch_tokens, cuda_capture())
         self.warmup_ms = (time.perf_counter() - started) * 1e3
         log.info("warm-up with %d tokens took %.0f ms", self.config.max_batch_tokens,
                  self.warmup_ms)

@@ -35,13 +35,15 @@ class BaselineResult:
 
 
 def measure(model_dir: str, device: str, corpus: list[str], corpus_tokens: int,
-            queries: list[str], batch_size: int = 32) -> BaselineResult:
+            queries: list[str], batch_size: int = 32, dtype: str = "float32") -> BaselineResult:
     import sentence_transformers
     import torch
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(model_dir, device=device)  # fp32: the library's default
-    model.eval()
+    model = SentenceTransformer(model_dir, device=device)
+    # Cast after loading (works on every sentence-transformers / transformers version): fp16 on
+    # CUDA is how users run it there, and what embedserve serves by default.
+    model.to(getattr(torch, dtype)).eval()
 
     def encode(texts: list[str] | str, bs: int) -> Any:
         # convert_to_numpy copies to host, which also waits for a CUDA device to finish.
@@ -73,7 +75,7 @@ def measure(model_dir: str, device: str, corpus: list[str], corpus_tokens: int,
 def main(argv: list[str]) -> None:
     spec = json.loads(Path(argv[0]).read_text())
     result = measure(spec["model_dir"], spec["device"], spec["corpus"], spec["corpus_tokens"],
-                     spec["queries"])
+                     spec["queries"], dtype=spec.get("dtype", "float32"))
     Path(argv[1]).write_text(json.dumps(asdict(result)))
 
 

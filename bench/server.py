@@ -18,7 +18,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-EMBEDSERVE = str(Path(sys.executable).with_name("embedserve"))
+# The installed console script, or the package itself from a source checkout (the GPU host runs
+# the repository from PYTHONPATH without installing it).
+_SCRIPT = Path(sys.executable).with_name("embedserve")
+EMBEDSERVE = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "router"]
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -93,7 +96,7 @@ class Server:
 
     def __init__(self, model_dir: str, device: str, extra_args: list[str]) -> None:
         self.port = free_port()
-        self.args = [EMBEDSERVE, "--hostname", "127.0.0.1", "--port", str(self.port),
+        self.args = [*EMBEDSERVE, "--hostname", "127.0.0.1", "--port", str(self.port),
                      "--model-id", model_dir, "--device", device, *extra_args]
         self.log_path = Path(tempfile.mkstemp(prefix="embedserve-bench-", suffix=".log")[1])
         with open(self.log_path, "wb") as log:

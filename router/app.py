@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from opentelemetry.trace import Tracer
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
 
 from router.errors import handle_embedserve_error, handle_http_exception, handle_unexpected
 from router.http import ApiKeyMiddleware, ClientGone, RequestIdMiddleware
+from router.metrics import Metrics
 from router.routes import AppState, Endpoint, docs, heads, openai, root, tei
+from router.tracing import TracingMiddleware
 from shared.errors import EmbedServeError
 
 
@@ -25,8 +29,11 @@ def endpoints(state: AppState) -> list[Endpoint]:
     return [*served, *root.routes(state, served)]
 
 
-def build_app(state: AppState) -> Starlette:
+def build_app(state: AppState, tracer: Tracer | None = None) -> Starlette:
+    """The app; with a `tracer` (only when --otlp-endpoint is set) requests are traced."""
     middleware = [Middleware(RequestIdMiddleware)]
+    if tracer is not None:
+        middleware.append(Middleware(TracingMiddleware, tracer=tracer))
     if state.config.cors_allow_origin:
         middleware.append(Middleware(
             CORSMiddleware,
@@ -47,3 +54,8 @@ def build_app(state: AppState) -> Starlette:
             Exception: handle_unexpected,
         },
     )
+
+
+def metrics_app(metrics: Metrics) -> Starlette:
+    """What --prometheus-port serves: /metrics alone, from the main app's registry."""
+    return Starlette(routes=[Route("/metrics", metrics.endpoint, methods=["GET"])])

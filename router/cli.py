@@ -1,4 +1,5 @@
-"""`embedserve` / `text-embeddings-router`: parse the config, start workers, serve HTTP."""
+"""`embedserve` / `text-embeddings-router`: parse the config, start workers, serve HTTP (or
+gRPC with --grpc)."""
 
 from __future__ import annotations
 
@@ -14,15 +15,18 @@ from pathlib import Path
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
+from opentelemetry.trace import Tracer
 
 from router import tasks
-from router.app import build_app
+from router.app import build_app, metrics_app
 from router.devices import cpu_threads_per_worker, worker_devices
 from router.inputs import InputRules
+from router.metrics import Metrics
 from router.routes import AppState
 from router.schemas import ClassifierModelType, EmbeddingModelType, Info, ModelType
 from router.service import InferenceService
 from router.tokenization import TokenizerPool
+from router.tracing import Tracing
 from router.workers import WorkerPool
 from shared.config import ServerConfig, WorkerConfig, parse_config
 from shared.errors import ConfigError
@@ -111,6 +115,7 @@ def build_info(config: ServerConfig, model: ResolvedModel, info: ModelInfo, dtyp
 
 
 async def run(config: ServerConfig) -> None:
+    _check_grpc_installed(config)
     model = resolve_model(config)
     info = load_model_info(model.path, config.pooling, config.dense_path)
     if info.pooling is None and info.kind == "embedding":  # a classifier's head pools itself
@@ -145,12 +150,17 @@ async def run(config: ServerConfig) -> None:
             json_output=config.json_output,
             threads=(config.worker_threads or cpu_threads_per_worker(cpu_workers)
                      if device == "cpu" else None),
+            cuda_graphs=config.cuda_graphs,
         )
         for index, device in enumerate(devices)
     ]
     log.info("workers: %s", ", ".join(f"{c.worker_id}={c.device}" for c in worker_configs))
+    metrics = Metrics(rules.max_input_length)
+    tracing = (Tracing(config.otlp_endpoint, config.otlp_service_name, _version())
+               if config.otlp_endpoint else None)
+    tracer = tracing.tracer if tracing is not None else None
     workers = WorkerPool(worker_configs, hang_timeout=config.worker_timeout,
-                         ready_timeout=config.worker_ready_timeout)
+                         ready_timeout=config.worker_ready_timeout, metrics=metrics)
     try:
         service = InferenceService(
             rules=rules,
@@ -162,38 +172,74 @@ async def run(config: ServerConfig) -> None:
             position_offset=info.position_offset,
             model_kind=info.kind,
             splade=info.splade,
-            tokenizers=TokenizerPool(str(info.tokenizer_path), config.tokenizer_processes),
+            tokenizers=TokenizerPool(str(info.tokenizer_path), config.tokenizer_processes,
+                                     json_logs=config.json_output),
             workers=workers,
+            metrics=metrics,
+            tracer=tracer,
         )
         workers.on_change = service.on_workers_changed
         # The worker reports the dtype it chose (device "auto"); /info shows that once known.
         dtype = config.dtype or "float32"
-        app = build_app(AppState(config, service, build_info(config, model, info, dtype, rules),
-                                 info))
-        await _serve(app, config, service)
+        await _serve(AppState(config, service, build_info(config, model, info, dtype, rules),
+                              info), tracer)
     finally:
         workers.close_now()
+        if tracing is not None:
+            tracing.shutdown()
         shutil.rmtree(runtime_dir, ignore_errors=True)
 
 
-async def _serve(app, config: ServerConfig, service: InferenceService) -> None:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+def _hypercorn(config: ServerConfig, port: int) -> HypercornConfig:
     hyper = HypercornConfig()
     host = f"[{config.hostname}]" if ":" in config.hostname else config.hostname
-    hyper.bind = [f"{host}:{config.port}"]
+    hyper.bind = [f"{host}:{port}"]
     hyper.accesslog = None
     hyper.errorlog = logging.getLogger("hypercorn.error")  # our handlers, not a second one
     hyper.graceful_timeout = config.shutdown_grace
     # hypercorn closes a keep-alive connection after 1,000 requests by default; TEI does not,
     # and clients that reuse connections would see it as a dropped connection.
     hyper.keep_alive_max_requests = 2**31
-    # The port opens at once; /health answers 503 until the workers are ready.
+    return hyper
+
+
+def _check_bindable(hyper: HypercornConfig, flag: str) -> None:
+    """Fail start-up at once, naming the flag, when its address cannot be bound (e.g. the port
+    is taken): hypercorn itself finds out only after starting its lifespan task, which then
+    outlives the failure and ends in a traceback at exit."""
+    try:
+        sockets = hyper.create_sockets()
+    except OSError as exc:
+        raise ConfigError(f"{flag} {hyper.bind[0]}: {exc.strerror or exc}") from None
+    for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
+        sock.close()
+
+
+async def _serve(state: AppState, tracer: Tracer | None) -> None:
+    """Open the port at once and start the service behind it; on SIGTERM/SIGINT refuse new
+    requests, drain the ones in flight, then close. The same for HTTP and gRPC."""
+    config, service = state.config, state.service
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    hyper = _hypercorn(config, config.port)
+    if not config.grpc:  # the gRPC server checks its own bind
+        _check_bindable(hyper, "--port")
+    closed = asyncio.Event()
+    metrics_server = None
+    if config.prometheus_port is not None:
+        metrics_hyper = _hypercorn(config, config.prometheus_port)
+        _check_bindable(metrics_hyper, "--prometheus-port")
+        # /metrics alone, until the main server has closed.
+        metrics_server = tasks.start_supervised(
+            serve(metrics_app(service.metrics), metrics_hyper, shutdown_trigger=closed.wait),
+            "the Prometheus server")
+    # The port opens at once; until this is done, /health answers 503 and gRPC health
+    # NOT_SERVING.
     starting = loop.create_task(service.start(config.worker_ready_timeout))
 
-    async def shutdown_trigger() -> None:
+    async def until_stopped() -> None:
         waiter = loop.create_task(stop.wait())
         await asyncio.wait({waiter, starting}, return_when=asyncio.FIRST_COMPLETED)
         if starting.done() and starting.exception() is not None:
@@ -207,13 +253,33 @@ async def _serve(app, config: ServerConfig, service: InferenceService) -> None:
         await service.drain(config.shutdown_grace)
 
     try:
-        await serve(app, hyper, shutdown_trigger=shutdown_trigger)
+        if config.grpc:
+            from router.grpc import server as grpc_server
+
+            await grpc_server.serve(state, until_stopped)
+        else:
+            await serve(build_app(state, tracer=tracer), hyper, shutdown_trigger=until_stopped)
     finally:
+        closed.set()
+        if metrics_server is not None:
+            await asyncio.wait({metrics_server}, timeout=config.shutdown_grace)
         if not starting.done():
             starting.cancel()
+            await asyncio.wait({starting})  # cancel() only asks; cancelled() needs it done
         await service.stop()
     if not starting.cancelled() and starting.exception() is not None:
         raise starting.exception()
+
+
+def _check_grpc_installed(config: ServerConfig) -> None:
+    """Fail before loading the model when --grpc cannot be served (the `grpc` extra)."""
+    if not config.grpc:
+        return
+    try:
+        import router.grpc.server  # noqa: F401  (also generates the stubs if needed)
+    except ImportError as exc:
+        raise ConfigError(f"--grpc needs the grpc extra (pip install 'embedserve[grpc]'): "
+                          f"{exc}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-    setup_logging(config.json_output, "router")
+    setup_logging(config.json_output, "router", spans=not config.disable_spans)
     try:
         import uvloop
 
@@ -237,3 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("stopped because %s failed", ", ".join(tasks.failures))
         return 1
     return 0
+
+
+def grpc_main() -> int:
+    """`embedserve-grpc`: `embedserve --grpc`, as TEI's gRPC image runs it."""
+    return main(["--grpc", *sys.argv[1:]])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import logging
+import time
 import uuid
 from collections.abc import Awaitable
 from typing import TypeVar
@@ -15,9 +17,11 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from router.errors import error_response
+from shared import logs
 from shared.errors import EmbedServeError, ErrorType
 
 T = TypeVar("T")
+access_log = logging.getLogger("embedserve.access")
 
 
 async def read_json(request: Request, schema: type[T], limit: int) -> T:
@@ -82,7 +86,8 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 
 
 class RequestIdMiddleware:
-    """Give every request an id (the client's `x-request-id`, else a new one) and echo it."""
+    """Give every request an id (the client's `x-request-id`, else a new one), echo it, and
+    put it on the log lines written for the request; at debug level, log each answer."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -91,15 +96,26 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        started = time.perf_counter()
         request_id = Headers(scope=scope).get("x-request-id") or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        status = 0
 
         async def send_with_id(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 MutableHeaders(scope=message)["x-request-id"] = request_id
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        token = logs.current_span.set(
+            logs.LogSpan(f"{scope['method']} {scope['path']}", request_id))
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            access_log.debug("%s %s -> %d in %.1f ms", scope["method"], scope["path"], status,
+                             (time.perf_counter() - started) * 1e3)
+            logs.current_span.reset(token)
 
 
 # Routes that answer without a key: probes, metrics and the API description.

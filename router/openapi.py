@@ -112,7 +112,7 @@ def _operation(endpoint: Endpoint, schemas: dict[Any, dict[str, Any]]) -> dict[s
                            for name in TIMING_HEADERS})
     ok: dict[str, Any] = {"description": "OK", "headers": ok_headers}
     if endpoint.response is not None:
-        ok["content"] = {"application/json": {"schema": schemas[endpoint.response]}}
+        ok["content"] = {endpoint.media_type: {"schema": schemas[endpoint.response]}}
     errors = list(endpoint.errors)
     if endpoint.request is not None:
         errors.extend(BODY_ERRORS)

@@ -24,6 +24,16 @@ from shared.protocol import CostModel, OutputKind
 LOOKAHEAD = 256
 
 
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """The batch an entry went into: what its trace's inference span reports."""
+
+    worker: str
+    batch_id: int
+    size: int  # entries of the batch
+    tokens: int  # tokens of the batch
+
+
 @dataclass(eq=False, slots=True)
 class Entry:
     """One input of one request, tokenized and waiting for its result."""
@@ -36,6 +46,7 @@ class Entry:
     future: asyncio.Future
     enqueued_at: float = field(default_factory=time.perf_counter)
     dispatched_at: float = 0.0
+    batch: Dispatch | None = None  # set with dispatched_at
 
     @property
     def length(self) -> int:

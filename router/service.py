@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from opentelemetry.trace import Tracer
 
 from router.inputs import (
     InputRules,
@@ -24,12 +25,14 @@ from router.inputs import (
     resolve_prompt,
     tokenize_inputs,
 )
+from router.metrics import DROPPED, MODEL_TYPE, Metrics
 from router.queue import Entry, TokenBudgetQueue
 from router.schemas import EmbedRequest
 from router.tasks import start_supervised
 from router.tokenization import Encoded, TokenizerPool
+from router.tracing import record_phases
 from router.workers import WorkerPool
-from shared.errors import backend, overloaded, unhealthy, validation
+from shared.errors import EmbedServeError, backend, overloaded, unhealthy, validation
 from shared.protocol import OutputKind
 
 log = logging.getLogger(__name__)
@@ -82,6 +85,8 @@ class InferenceService:
         splade: bool,
         tokenizers: TokenizerPool,
         workers: WorkerPool,
+        metrics: Metrics,
+        tracer: Tracer | None = None,
     ) -> None:
         self.rules = rules
         self.embedding_dim = embedding_dim
@@ -91,6 +96,10 @@ class InferenceService:
         self.splade = splade
         self.tokenizers = tokenizers
         self.workers = workers
+        self.metrics = metrics
+        metrics.watch_queue(lambda: len(self._queue) if self._queue is not None else 0)
+        # None unless --otlp-endpoint is set: then no request pays for tracing.
+        self.tracer = tracer
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_requests = max_batch_requests
         self._permits = max_concurrent_requests
@@ -169,6 +178,7 @@ class InferenceService:
         }
         refused, message = refusal[route_needs]
         if refused:
+            self.metrics.failed(MODEL_TYPE)
             raise backend(message)
 
     async def run(
@@ -181,6 +191,29 @@ class InferenceService:
         prompt_name: str | None = None,
     ) -> Outcome:
         """Admission, tokenization, batching and inference for one request's inputs."""
+        method = "single" if len(inputs) == 1 else "batch"
+        self.metrics.request_count.labels(method).inc()
+        try:
+            outcome = await self._run(inputs, output, truncate=truncate, direction=direction,
+                                      prompt_name=prompt_name)
+        except EmbedServeError as exc:
+            self.metrics.failed_with(exc.error_type)
+            raise
+        except asyncio.CancelledError:
+            self.metrics.failed(DROPPED)
+            raise
+        self.metrics.request_success.labels(method).inc()
+        return outcome
+
+    async def _run(
+        self,
+        inputs: list[str | list[int] | Pair],
+        output: OutputKind,
+        *,
+        truncate: bool | None,
+        direction: str,
+        prompt_name: str | None,
+    ) -> Outcome:
         started = time.perf_counter()
         if self.draining:
             raise unhealthy("the server is shutting down")
@@ -193,6 +226,8 @@ class InferenceService:
         self._permits -= len(inputs)
         self._active += 1
         self._idle.clear()
+        kind = "predict" if output is OutputKind.LOGITS else "embed"
+        self.metrics.admitted(kind, len(inputs))
         try:
             encoded, characters = await tokenize_inputs(
                 inputs,
@@ -204,12 +239,17 @@ class InferenceService:
                 tokenizers=self.tokenizers,
             )
             tokenized = time.perf_counter()
+            for enc in encoded:
+                self.metrics.input_length.observe(len(enc.ids))
             rows, entries = await self._infer(encoded, output)
         finally:
             self._permits += len(inputs)
             self._active -= 1
             if self._active == 0:
                 self._idle.set()
+        self.metrics.answered(kind, started, tokenized, entries)
+        if self.tracer is not None:
+            record_phases(self.tracer, started, tokenized, entries)
         count = len(entries)
         return Outcome(rows, Timings(
             characters=characters,

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from shared.errors import EmbedServeError, ErrorType, backend
+from shared.logs import setup_logging
 from shared.process import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -63,8 +64,9 @@ def _load(tokenizer_path: str) -> None:
     _tokenizer.no_truncation()
 
 
-def _init(tokenizer_path: str, parent_pid: int) -> None:
+def _init(tokenizer_path: str, parent_pid: int, json_logs: bool) -> None:
     die_with_parent(parent_pid)
+    setup_logging(json_logs, f"tokenizer-{os.getpid()}")
     _load(tokenizer_path)
 
 
@@ -127,9 +129,10 @@ def _ping() -> int:
 class TokenizerPool:
     """A fixed pool of tokenizer processes (spawned: forking a uvloop process is unsafe)."""
 
-    def __init__(self, tokenizer_path: str, processes: int) -> None:
+    def __init__(self, tokenizer_path: str, processes: int, json_logs: bool = False) -> None:
         self._tokenizer_path = tokenizer_path
         self._processes = processes
+        self._json_logs = json_logs
         self._executor = self._new_executor()
 
     def _new_executor(self) -> ProcessPoolExecutor:
@@ -137,7 +140,7 @@ class TokenizerPool:
             max_workers=self._processes,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init,
-            initargs=(self._tokenizer_path, os.getpid()),
+            initargs=(self._tokenizer_path, os.getpid(), self._json_logs),
         )
 
     async def start(self) -> None:

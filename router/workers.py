@@ -25,7 +25,8 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-from router.queue import Entry
+from router.metrics import Metrics
+from router.queue import Dispatch, Entry
 from router.tasks import start_supervised
 from shared import protocol
 from shared.config import WorkerConfig
@@ -63,6 +64,7 @@ class WorkerHandle:
     restarts: int = 0
     pidfd: int | None = None
     batches_done: int = 0
+    tokens_done: int = 0
     last_seen: float = 0.0  # monotonic time of the last message (or of the spawn)
     kill_reason: str | None = None  # set when we kill it, for the error its requests get
 
@@ -93,8 +95,10 @@ class WorkerPool:
     """Spawns, feeds, watches and restarts the backend workers."""
 
     def __init__(self, configs: list[WorkerConfig], *, hang_timeout: float,
-                 ready_timeout: float) -> None:
+                 ready_timeout: float, metrics: Metrics) -> None:
         self.workers = [WorkerHandle(c.worker_id, c) for c in configs]
+        self.metrics = metrics
+        metrics.watch_workers(self.workers)
         self._by_id = {w.id.encode(): w for w in self.workers}
         # Told of every READY, result, failure and death (the scheduler wakes on it).
         self.on_change: Callable[[], None] = lambda: None
@@ -239,10 +243,14 @@ class WorkerPool:
             outputs=[e.output for e in entries],
             max_len=int(arrays.lengths.max()),
         )
+        tokens = int(arrays.cu_seqlens[-1])
+        dispatch = Dispatch(worker.id, batch_id, len(entries), tokens)
         now = time.perf_counter()
         for entry in entries:
             entry.dispatched_at = now
-        worker.in_flight[batch_id] = InFlight(entries, int(arrays.cu_seqlens[-1]))
+            entry.batch = dispatch
+        worker.in_flight[batch_id] = InFlight(entries, tokens)
+        self.metrics.batch_formed(len(entries), tokens)
         try:
             self._socket.send_multipart(
                 [worker.id.encode(), *protocol.encode(header, *arrays)], copy=False
@@ -268,6 +276,8 @@ class WorkerPool:
                 done = worker.in_flight.pop(message.batch_id, None)
                 if done is not None:
                     worker.batches_done += 1
+                    worker.tokens_done += done.tokens
+                    self.metrics.batch_inference.observe(message.compute_ms / 1e3)
                     rows = protocol.result_rows(message, buffers, done.entries[0].output,
                                                 [e.length for e in done.entries])
                     finished = time.perf_counter()

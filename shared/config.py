@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -44,11 +45,10 @@ def _opt(
     choices: Sequence[str] | None = None,
     metavar: str | None = None,
     switch: bool = False,
-    later: str | None = None,
 ) -> dict[str, Any]:
-    """Metadata for one CLI option. `later` names the issue a flag's feature belongs to."""
+    """Metadata for one CLI option."""
     return {"help": help, "flags": tuple(flags), "env": env, "type": type, "choices": choices,
-            "metavar": metavar, "switch": switch, "later": later}
+            "metavar": metavar, "switch": switch}
 
 
 @dataclass(frozen=True)
@@ -113,22 +113,28 @@ class ServerConfig:
         "Require `Authorization: Bearer <key>` on every route but health, metrics and docs.",
         env="API_KEY"))
     json_output: bool = field(default=False, metadata=_opt(
-        "Log one JSON object per line.", env="JSON_OUTPUT", type=_bool, switch=True))
+        "Log one JSON object per line (timestamp, level, target, message, and inside a "
+        "request its id and span), from the router and every worker.", env="JSON_OUTPUT",
+        type=_bool, switch=True))
     disable_spans: bool = field(default=False, metadata=_opt(
-        "Do not emit tracing spans.", env="DISABLE_SPANS", type=_bool, switch=True))
+        "Leave the request span (route, trace and span ids) out of log lines, as TEI's flag "
+        "does; traces are still exported to --otlp-endpoint.", env="DISABLE_SPANS",
+        type=_bool, switch=True))
     otlp_endpoint: str | None = field(default=None, metadata=_opt(
-        "OpenTelemetry OTLP gRPC endpoint for traces.", env="OTLP_ENDPOINT",
-        later="tracing (issue 7)"))
+        "OpenTelemetry collector to export traces to, as OTLP over gRPC, e.g. "
+        "http://otel-collector:4317 (https:// for TLS). Without it nothing is traced.",
+        env="OTLP_ENDPOINT"))
     otlp_service_name: str = field(default="text-embeddings-inference.server", metadata=_opt(
         "Service name of the traces.", env="OTLP_SERVICE_NAME"))
     prometheus_port: int | None = field(default=None, metadata=_opt(
-        "Also serve /metrics on this port.", env="PROMETHEUS_PORT", type=int,
-        later="Prometheus metrics (issue 7)"))
+        "Also serve /metrics (and nothing else) on this port, e.g. to keep scrapes off the "
+        "API port. /metrics is always served on --port too.", env="PROMETHEUS_PORT",
+        type=int))
     cors_allow_origin: tuple[str, ...] | None = field(default=None, metadata=_opt(
         "Origins allowed by CORS (repeat or comma-separate).", env="CORS_ALLOW_ORIGIN"))
     grpc: bool = field(default=False, metadata=_opt(
-        "Serve the gRPC API instead of HTTP.", env="GRPC", type=_bool, switch=True,
-        later="gRPC (issue 7)"))
+        "Serve TEI's gRPC API (package tei.v1, with health and reflection) on the port instead "
+        "of HTTP. Needs the grpc extra.", env="GRPC", type=_bool, switch=True))
     task: str | None = field(default=None, metadata=_opt(
         "What `POST /` and `/invocations` do for an embedding model (Hugging Face Inference "
         "Endpoints set TASK): sentence-similarity routes them to /similarity, anything else "
@@ -152,6 +158,10 @@ class ServerConfig:
     worker_ready_timeout: float = field(default=300.0, metadata=_opt(
         "Seconds a worker may take to load and warm up before start-up fails.",
         env="WORKER_READY_TIMEOUT", type=float))
+    cuda_graphs: bool = field(default=True, metadata=_opt(
+        "On CUDA, replay small embedding batches (up to 512 tokens) from CUDA graphs captured "
+        "at start: several times lower latency for short queries. Off: every batch runs "
+        "eagerly.", env="CUDA_GRAPHS", type=_bool, metavar="BOOL"))
     shutdown_grace: float = field(default=30.0, metadata=_opt(
         "Seconds SIGTERM waits for in-flight requests before stopping anyway.",
         env="SHUTDOWN_GRACE", type=float))
@@ -177,16 +187,25 @@ class ServerConfig:
                 raise ConfigError(f"--devices {self.devices!r}: expected CUDA indices like 0,1")
         if self.tokenization_workers is not None and self.tokenization_workers <= 0:
             raise ConfigError("--tokenization-workers must be > 0")
+        if self.otlp_endpoint is not None:
+            url = urllib.parse.urlsplit(self.otlp_endpoint)
+            try:
+                url.port  # noqa: B018 (parses it: "host:abc" raises)
+            except ValueError:
+                url = url._replace(netloc="")
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise ConfigError(f"--otlp-endpoint {self.otlp_endpoint!r}: expected a URL "
+                                  "like http://otel-collector:4317")
+        if self.prometheus_port is not None:
+            if not 0 < self.prometheus_port < 65536:
+                raise ConfigError(f"--prometheus-port {self.prometheus_port}: expected a port "
+                                  "number from 1 to 65535")
+            if self.prometheus_port == self.port:
+                raise ConfigError(f"--prometheus-port {self.prometheus_port} is --port as well; "
+                                  "/metrics is served there anyway: choose another port or "
+                                  "leave it out")
         if self.default_prompt is not None and self.default_prompt_name is not None:
             raise ConfigError("--default-prompt and --default-prompt-name are mutually exclusive")
-        for f in dataclasses.fields(self):
-            later = f.metadata.get("later")
-            value = getattr(self, f.name)
-            if later and value is not None and value is not False:
-                raise ConfigError(
-                    f"--{f.name.replace('_', '-')} is not supported yet: {later} is not built. "
-                    "Remove the flag (or its environment variable) to start."
-                )
 
     @property
     def tokenizer_processes(self) -> int:
@@ -207,6 +226,7 @@ class WorkerConfig(msgspec.Struct, frozen=True):
     parent_pid: int
     json_output: bool
     threads: int | None = None  # torch intra-op threads; None: torch's default
+    cuda_graphs: bool = True
 
 
 def _flags(f: dataclasses.Field) -> tuple[str, ...]:

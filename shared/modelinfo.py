@@ -264,12 +264,21 @@ def load_model_info(
         if pooling_override not in POOLINGS:
             raise ConfigError(f"--pooling {pooling_override!r}: choose one of {POOLINGS}")
         pooling = pooling_override
+    elif pooling is None and _model_kind(config)[0] != "embedding":
+        # A classifier's head pools by itself and the worker offers it no pooled output; the
+        # Engine's Pooler still needs a mode: CLS, as TEI serves every classifier.
+        pooling = "cls"
+    elif pooling is None and config.get("emb_pooler") is not None:
+        # JinaBERT v2 names its pooling in config.json (emb_pooler "mean": what its own encode()
+        # applies). Without a 1_Pooling file that states the model's intent better than CLS.
+        pooling = str(config["emb_pooler"])
+        if pooling not in POOLINGS:
+            raise ConfigError(f"{root}/config.json: emb_pooler {pooling!r} is not supported "
+                              f"(supported: {', '.join(POOLINGS)}); pass --pooling to override")
     elif pooling is None and "bert" in model_type.lower():
-        # TEI's rule: a BERT variant without 1_Pooling is served with CLS pooling. (A
-        # classifier's head pools by itself; there the default is unused, so say nothing.)
-        if _model_kind(config)[0] == "embedding":
-            log.warning("no pooling configuration (1_Pooling/config.json) found; the model is "
-                        "a BERT variant, defaulting to cls pooling")
+        # TEI's rule: a BERT variant without 1_Pooling is served with CLS pooling.
+        log.warning("no pooling configuration (1_Pooling/config.json) found; the model is "
+                    "a BERT variant, defaulting to cls pooling")
         pooling = "cls"
 
     st_config = _optional_json(root / "config_sentence_transformers.json") or {}

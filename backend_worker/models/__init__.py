@@ -3,7 +3,17 @@
 Importing this package imports every family, which is what fills the registry.
 """
 
-from backend_worker.models import bert, distilbert, mpnet, roberta  # noqa: F401  (registry)
+# Each import registers its family (the names themselves are not used here).
+from backend_worker.models import (  # noqa: F401
+    bert,
+    distilbert,
+    gte,  # model_types new and gte
+    jina,  # by auto_map marker, before plain BERT
+    modernbert,
+    mpnet,
+    nomic_bert,
+    roberta,
+)
 from backend_worker.models.registry import EncoderModel, model_class, supported
 
 __all__ = ["EncoderModel", "model_class", "supported"]

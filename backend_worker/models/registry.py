@@ -1,10 +1,11 @@
 """config.json -> model class, as data.
 
 A family registers itself with a decorator naming its `model_type`s (and, where a model type
-alone is ambiguous, `architectures`). Configs that look like a supported type but are not (for
-example JinaBERT v2, which says `model_type: "bert"` and brings its own code through `auto_map`)
-are caught first by a list of refusal markers, so they are never loaded as the family they
-imitate: that would give plausible-looking, wrong vectors.
+alone is ambiguous, `architectures`). Some checkpoints say a model type they are not: JinaBERT v2
+writes `model_type: "bert"` and brings its own code through `auto_map`. Loading those as the
+family they imitate would give plausible-looking, wrong vectors, so `Marker`s (the custom code a
+config points at) are checked before anything else: a family registered for a marker serves it,
+and a marker with no family behind it (`REFUSALS`) fails with a message saying what was found.
 """
 
 from __future__ import annotations
@@ -46,39 +47,44 @@ class EncoderModel(Protocol):
 
 
 @dataclass(frozen=True)
-class Refusal:
-    """A config we recognise and refuse; `matches` looks at the whole config.json dict."""
+class Marker:
+    """A config that says `model_type` but runs custom code: recognised by a substring of an
+    `auto_map` entry (e.g. "jinaai/jina-bert-implementation--modeling_bert.JinaBertModel")."""
 
-    what: str
-    matches: Callable[[dict[str, Any]], bool]
+    name: str  # how messages, docs and parity tests (COVERS) call what it marks
+    model_type: str
+    auto_map: tuple[str, ...]  # any of these, case-insensitive, in any auto_map value
 
-
-def _auto_map_mentions(model_type: str, *needles: str) -> Callable[[dict[str, Any]], bool]:
-    def matches(config: dict[str, Any]) -> bool:
-        if config.get("model_type") != model_type:
+    def matches(self, config: dict[str, Any]) -> bool:
+        if config.get("model_type") != self.model_type:
             return False
-        text = json.dumps(config.get("auto_map") or {}).lower()
-        return any(needle.lower() in text for needle in needles)
+        auto_map = config.get("auto_map") or {}
+        values = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
+        text = " ".join(json.dumps(value) for value in values).lower()
+        return any(needle.lower() in text for needle in self.auto_map)
 
-    return matches
 
-
-REFUSALS: list[Refusal] = [
-    # ALiBi + GLU: a plain BERT would load most of its weights and silently compute garbage.
-    Refusal("JinaBERT v2 (model_type 'bert' with a JinaBert auto_map)",
-            _auto_map_mentions("bert", "jina", "JinaBert")),
+# Markers no family serves: checked after the registered markers, so they catch the variants of
+# a marked family that its registration does not name.
+REFUSALS: list[Marker] = [
+    # Any other JinaBERT code (a flash-attention variant, or an auto_map without the repository
+    # name): ALiBi + GLU under a name we cannot place. Plain BERT would load most of its weights.
+    Marker("JinaBERT (model_type 'bert' with a JinaBert auto_map of an implementation not "
+           "supported here)", "bert", ("jina", "JinaBert")),
 ]
 
 _BY_MODEL_TYPE: dict[str, type[EncoderModel]] = {}
 _BY_ARCHITECTURE: dict[str, type[EncoderModel]] = {}
+_BY_MARKER: dict[Marker, type[EncoderModel]] = {}
 
 M = TypeVar("M")
 
 
 def register(
-    *, model_types: tuple[str, ...] = (), architectures: tuple[str, ...] = ()
+    *, model_types: tuple[str, ...] = (), architectures: tuple[str, ...] = (),
+    markers: tuple[Marker, ...] = (),
 ) -> Callable[[M], M]:
-    """Class decorator: this class serves these model types / architectures."""
+    """Class decorator: this class serves these model types / architectures / markers."""
 
     def decorate(cls: M) -> M:
         for table, names in ((_BY_MODEL_TYPE, model_types), (_BY_ARCHITECTURE, architectures)):
@@ -86,14 +92,18 @@ def register(
                 if name in table:
                     raise RuntimeError(f"{name!r} registered twice ({table[name]} and {cls})")
                 table[name] = cls  # type: ignore[assignment]
+        for marker in markers:
+            if any(marker.name == known.name for known in _BY_MARKER):
+                raise RuntimeError(f"marker {marker.name!r} registered twice")
+            _BY_MARKER[marker] = cls  # type: ignore[assignment]
         return cls
 
     return decorate
 
 
 def supported() -> list[str]:
-    """Registered model types, for messages and docs."""
-    return sorted(_BY_MODEL_TYPE)
+    """Registered model types and marker names, for messages, docs and the parity coverage."""
+    return sorted([*_BY_MODEL_TYPE, *(marker.name for marker in _BY_MARKER)])
 
 
 def model_class(config: dict[str, Any]) -> type[EncoderModel]:
@@ -101,11 +111,14 @@ def model_class(config: dict[str, Any]) -> type[EncoderModel]:
     model_type = str(config.get("model_type", ""))
     architectures = list(config.get("architectures") or [])
     found = f"model_type {model_type!r}, architectures {architectures}"
+    for marker, cls in _BY_MARKER.items():
+        if marker.matches(config):
+            return cls
     for refusal in REFUSALS:
         if refusal.matches(config):
             raise ConfigError(
-                f"config.json: {refusal.what} is not supported yet ({found}); "
-                f"supported model types: {', '.join(supported())}"
+                f"config.json: {refusal.name} is not supported ({found}, auto_map "
+                f"{config.get('auto_map')}); supported model types: {', '.join(supported())}"
             )
     for architecture in architectures:
         if architecture in _BY_ARCHITECTURE:

@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from router.schemas import Info
+from router.schemas import Info, WorkerInfo
 from router.service import InferenceService, Timings
 from shared.config import ServerConfig
 from shared.errors import ErrorType
@@ -31,6 +31,22 @@ class AppState:
         devices = {w.ready.device.split(":")[0] for w in self.service.workers.workers if w.ready}
         return "+".join(sorted(devices)) or "cpu"
 
+    def live_info(self) -> Info:
+        """/info now: the static part plus each worker's state (and the dtype the workers
+        chose, once they agree)."""
+        workers = self.service.workers.workers
+        listed = [
+            WorkerInfo(w.id, w.ready.device if w.ready else None,
+                       w.process.pid if w.process else None, w.state.value, w.batches_done,
+                       w.restarts)
+            for w in workers
+        ]
+        dtypes = {w.ready.dtype for w in workers if w.ready}
+        return msgspec.structs.replace(
+            self.info, workers=listed,
+            model_dtype=dtypes.pop() if len(dtypes) == 1 else self.info.model_dtype,
+        )
+
 
 @dataclass(frozen=True)
 class Endpoint:
@@ -46,6 +62,7 @@ class Endpoint:
     errors: tuple[ErrorType, ...] = ()
     tag: str = "TEI"
     inference: bool = False  # carries the x-compute-* / x-*-time headers
+    media_type: str = "application/json"  # of the 200 answer
 
     def route(self) -> Route:
         return Route(self.path, self.handler, methods=[self.method])

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 
+from router import operations
 from router.http import read_json, unless_disconnected
-from router.inputs import as_input_list, as_predict_list
 from router.routes import AppState, Endpoint, json_response, timing_headers
 from router.schemas import (
     CohereDocument,
@@ -25,10 +26,10 @@ from router.schemas import (
     RerankRequest,
     SparseValue,
 )
-from router.scores import activate, ranked_labels
-from router.service import Outcome
-from shared.errors import ErrorType, empty, validation
-from shared.protocol import OutputKind
+from router.service import Outcome, Timings
+from shared.errors import ErrorType, validation
+
+PerInput = Callable[..., Awaitable[Outcome]]  # operations.embed_sparse or .embed_all
 
 ERRORS = (ErrorType.VALIDATION, ErrorType.EMPTY, ErrorType.TOKENIZER, ErrorType.BACKEND,
           ErrorType.OVERLOADED, ErrorType.UNHEALTHY)
@@ -39,46 +40,33 @@ def routes(state: AppState) -> list[Endpoint]:
     info = state.model
     limit = state.config.payload_limit
 
-    async def run(request: Request, inputs: list, output: OutputKind, **options) -> Outcome:
-        return await unless_disconnected(request, service.run(inputs, output, **options))
-
-    async def scores(request: Request, pairs: list, truncate, direction, raw) -> tuple:
-        outcome = await run(request, pairs, OutputKind.LOGITS, truncate=truncate,
-                            direction=direction)
-        return activate(np.stack(outcome.rows), info.activation, raw), outcome
-
     async def predict(request: Request) -> Response:
         started = time.perf_counter()
         body = await read_json(request, PredictRequest, limit)
-        service.require("classifier")
-        inputs = as_predict_list(body.inputs)
         batch = isinstance(body.inputs, list) and all(isinstance(x, list) for x in body.inputs)
-        values, outcome = await scores(request, inputs, body.truncate,
-                                       body.truncation_direction, body.raw_scores)
-        answers = [[Prediction(s, label) for s, label in ranked_labels(row, info.id2label)]
-                   for row in values]
+        ranked, timings = await unless_disconnected(request, operations.classify(
+            service, info, body.inputs, truncate=body.truncate,
+            direction=body.truncation_direction, raw_scores=body.raw_scores))
+        answers = [[Prediction(score, label) for score, label in row] for row in ranked]
         return json_response(answers if batch else answers[0],
-                             timing_headers(outcome.timings, started, state.compute_type))
+                             timing_headers(timings, started, state.compute_type))
 
     async def rank(request: Request, query: str, texts: list[str], truncate, direction,
-                   raw: bool) -> tuple[np.ndarray, Outcome]:
-        service.require("reranker")
-        if not texts:
-            raise empty("`texts` cannot be empty")
-        values, outcome = await scores(request, [(query, t) for t in texts], truncate,
-                                       direction, raw)
-        return values[:, 0], outcome
+                   raw: bool) -> tuple[np.ndarray, np.ndarray, Timings]:
+        """Scores in text order, the order best first, and the timings."""
+        scores, timings = await unless_disconnected(request, operations.rerank(
+            service, info, query, texts, truncate=truncate, direction=direction,
+            raw_scores=raw))
+        return scores, operations.best_first(scores), timings
 
     async def rerank(request: Request) -> Response:
         started = time.perf_counter()
         body = await read_json(request, RerankRequest, limit)
-        values, outcome = await rank(request, body.query, body.texts, body.truncate,
-                                     body.truncation_direction, body.raw_scores)
-        order = np.argsort(-values, kind="stable")
+        values, order, timings = await rank(request, body.query, body.texts, body.truncate,
+                                            body.truncation_direction, body.raw_scores)
         ranks = [Rank(int(i), float(values[i]), body.texts[i] if body.return_text else None)
                  for i in order]
-        return json_response(ranks, timing_headers(outcome.timings, started,
-                                                   state.compute_type))
+        return json_response(ranks, timing_headers(timings, started, state.compute_type))
 
     async def cohere_rerank(request: Request) -> Response:
         started = time.perf_counter()
@@ -86,26 +74,25 @@ def routes(state: AppState) -> list[Endpoint]:
         texts = [d if isinstance(d, str) else d.text for d in body.documents]
         if body.top_n is not None and body.top_n <= 0:
             raise validation("`top_n` must be positive")
-        values, outcome = await rank(request, body.query, texts, None, "right", False)
-        order = np.argsort(-values, kind="stable")[: body.top_n]
+        values, order, timings = await rank(request, body.query, texts, None, "right", False)
         results = [CohereResult(int(i), float(values[i]),
                                 CohereDocument(texts[i]) if body.return_documents else None)
-                   for i in order]
+                   for i in order[: body.top_n]]
         return json_response(
             CohereRerankResponse(results, body.model or state.info.served_model_name,
-                                 CohereUsage(outcome.timings.tokens)),
-            timing_headers(outcome.timings, started, state.compute_type))
+                                 CohereUsage(timings.tokens)),
+            timing_headers(timings, started, state.compute_type))
 
-    async def per_input(request: Request, needs: str, output: OutputKind) -> Outcome:
-        """The shared part of /embed_sparse and /embed_all: same body, one output kind."""
+    async def per_input(request: Request, operation: PerInput) -> Outcome:
+        """The shared part of /embed_sparse and /embed_all: same body, one operation."""
         body = await read_json(request, EmbedAllRequest, limit)
-        service.require(needs)
-        return await run(request, as_input_list(body.inputs), output, truncate=body.truncate,
-                         direction=body.truncation_direction, prompt_name=body.prompt_name)
+        return await unless_disconnected(request, operation(
+            service, body.inputs, truncate=body.truncate, direction=body.truncation_direction,
+            prompt_name=body.prompt_name))
 
     async def embed_sparse(request: Request) -> Response:
         started = time.perf_counter()
-        outcome = await per_input(request, "splade", OutputKind.SPARSE)
+        outcome = await per_input(request, operations.embed_sparse)
         answers = [[SparseValue(int(i), float(v)) for i, v in zip(*row, strict=True)]
                    for row in outcome.rows]
         return json_response(answers, timing_headers(outcome.timings, started,
@@ -113,7 +100,7 @@ def routes(state: AppState) -> list[Endpoint]:
 
     async def embed_all(request: Request) -> Response:
         started = time.perf_counter()
-        outcome = await per_input(request, "encoder", OutputKind.ALL_TOKENS)
+        outcome = await per_input(request, operations.embed_all)
         return json_response([rows.tolist() for rows in outcome.rows],
                              timing_headers(outcome.timings, started, state.compute_type))
 

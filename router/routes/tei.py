@@ -5,13 +5,12 @@ from __future__ import annotations
 import time
 from typing import TypeVar
 
-import msgspec
 import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 
+from router import operations
 from router.http import read_json, unless_disconnected
-from router.inputs import check_batch_size, resolve_prompt
 from router.routes import AppState, Endpoint, json_response, timing_headers
 from router.schemas import (
     DecodeRequest,
@@ -20,7 +19,6 @@ from router.schemas import (
     SimilarityRequest,
     TokenInfo,
     TokenizeRequest,
-    WorkerInfo,
 )
 from router.service import EmbedResult
 from shared.errors import ErrorType, empty, unhealthy, validation
@@ -62,13 +60,9 @@ def routes(state: AppState) -> list[Endpoint]:
     async def tokenize(request: Request) -> Response:
         body = await read_json(request, TokenizeRequest, limit)
         texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
-        if not texts or any(not t for t in texts):
-            raise empty("`inputs` cannot be empty")
-        check_batch_size(len(texts), service.rules)
-        prompt = resolve_prompt(body.prompt_name, service.rules)
-        if prompt is not None:
-            texts = [prompt + t for t in texts]
-        tokens = await service.tokenizers.tokens(texts, body.add_special_tokens)
+        tokens = await operations.tokenize(service, texts,
+                                           add_special_tokens=body.add_special_tokens,
+                                           prompt_name=body.prompt_name)
         return json_response([[t._asdict() for t in per_text] for per_text in tokens])
 
     async def decode(request: Request) -> Response:
@@ -79,16 +73,8 @@ def routes(state: AppState) -> list[Endpoint]:
         batch = [ids] if all(isinstance(i, int) for i in ids) else ids
         if not all(isinstance(item, list) for item in batch):
             raise validation("`ids` must be a list of token ids or a list of such lists")
-        check_batch_size(len(batch), service.rules)
-        vocab = service.rules.vocab_size
-        for item in batch:
-            if not item:
-                raise empty("`ids` cannot be empty")
-            bad = next((t for t in item if t < 0 or t >= vocab), None)
-            if bad is not None:
-                raise validation(f"token id {bad} is out of range; the model's vocabulary has "
-                                 f"{vocab} tokens")
-        return json_response(await service.tokenizers.decode(batch, body.skip_special_tokens))
+        return json_response(await operations.decode(
+            service, batch, skip_special_tokens=body.skip_special_tokens))
 
     async def health(request: Request) -> Response:
         if not service.ready:
@@ -98,18 +84,7 @@ def routes(state: AppState) -> list[Endpoint]:
         return Response(status_code=200)
 
     async def info(request: Request) -> Response:
-        workers = service.workers.workers
-        listed = [
-            WorkerInfo(w.id, w.ready.device if w.ready else None,
-                       w.process.pid if w.process else None, w.state.value, w.batches_done,
-                       w.restarts)
-            for w in workers
-        ]
-        dtypes = {w.ready.dtype for w in workers if w.ready}
-        return json_response(msgspec.structs.replace(
-            state.info, workers=listed,
-            model_dtype=dtypes.pop() if len(dtypes) == 1 else state.info.model_dtype,
-        ))
+        return json_response(state.live_info())
 
     inference_errors = (ErrorType.VALIDATION, ErrorType.EMPTY, ErrorType.TOKENIZER,
                         ErrorType.BACKEND, ErrorType.OVERLOADED, ErrorType.UNHEALTHY)
@@ -130,4 +105,7 @@ def routes(state: AppState) -> list[Endpoint]:
         Endpoint("GET", "/ping", health, "Health (alias of /health)",
                  errors=(ErrorType.UNHEALTHY,)),
         Endpoint("GET", "/info", info, "What is served and how", response=Info),
+        Endpoint("GET", "/metrics", service.metrics.endpoint,
+                 "Prometheus metrics (text format): TEI's families plus per-worker health and "
+                 "batches", response=str, media_type="text/plain"),
     ]

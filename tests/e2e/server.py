@@ -18,6 +18,9 @@ import httpx
 from shared.process import die_with_parent
 
 EMBEDSERVE = str(Path(sys.executable).with_name("embedserve"))
+# Where the project is not installed (the GPU host runs the checkout from PYTHONPATH), the
+# package's __main__ is the same command.
+COMMAND = [EMBEDSERVE] if Path(EMBEDSERVE).exists() else [sys.executable, "-m", "router"]
 
 
 def free_port() -> int:
@@ -34,7 +37,7 @@ class Server:
         self.log_path = log_path
         self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(
-            [EMBEDSERVE, "--hostname", "127.0.0.1", "--port", str(self.port), *args],
+            [*COMMAND, "--hostname", "127.0.0.1", "--port", str(self.port), *args],
             env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
             stdout=self._log, stderr=subprocess.STDOUT,
             # A test run that dies (timeout, Ctrl-C) must not leave servers behind.

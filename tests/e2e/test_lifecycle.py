@@ -127,12 +127,6 @@ def test_cors(fresh_server):
     assert other.status_code == 400
 
 
-def test_flags_of_later_features_stop_start_up():
-    result = run_cli("--grpc")
-    assert result.returncode == 2
-    assert "not supported yet" in result.stderr
-
-
 def test_missing_model_directory_is_a_clear_error():
     result = run_cli("--model-id", "/nonexistent/model")
     assert result.returncode == 1

@@ -111,25 +111,13 @@ def test_bad_env_value_names_the_variable(var: str, raw: str) -> None:
     assert raw in str(info.value)
 
 
-@pytest.mark.parametrize(
-    "argv",
-    [["--grpc"], ["--otlp-endpoint", "http://x:4317"], ["--prometheus-port", "9000"]],
-)
-def test_later_features_are_refused(argv: list[str]) -> None:
-    with pytest.raises(ConfigError, match="not supported yet"):
-        parse(*argv)
-
-
-@pytest.mark.parametrize(
-    ("var", "raw"), [("GRPC", "true"), ("OTLP_ENDPOINT", "x"), ("PROMETHEUS_PORT", "9000")]
-)
-def test_later_features_are_refused_from_env(var: str, raw: str) -> None:
-    with pytest.raises(ConfigError, match="not supported yet"):
-        parse(**{var: raw})
-
-
 def test_grpc_false_from_env_is_accepted() -> None:
     assert parse(GRPC="false").grpc is False
+
+
+def test_grpc_from_flag_or_env() -> None:
+    assert parse("--grpc").grpc is True
+    assert parse(GRPC="true").grpc is True
 
 
 def test_default_prompt_and_name_are_exclusive() -> None:
@@ -198,6 +186,28 @@ def test_tokenizer_processes_defaults_to_at_most_four() -> None:
     assert parse("--tokenization-workers", "9").tokenizer_processes == 9
 
 
-def test_prometheus_port_zero_is_refused_too() -> None:
-    with pytest.raises(ConfigError, match="not supported yet"):
-        parse_config(["--prometheus-port", "0"], {})
+def test_observability_flags_are_accepted() -> None:
+    config = parse("--otlp-endpoint", "http://collector:4317", "--prometheus-port", "9000",
+                   "--otlp-service-name", "embed", "--disable-spans")
+    assert config.otlp_endpoint == "http://collector:4317" and config.prometheus_port == 9000
+    assert config.otlp_service_name == "embed" and config.disable_spans is True
+    assert parse(OTLP_ENDPOINT="https://collector:4317", PROMETHEUS_PORT="9100").prometheus_port \
+        == 9100
+
+
+@pytest.mark.parametrize("port", ["0", "70000", "-1"])
+def test_prometheus_port_out_of_range_is_refused(port: str) -> None:
+    with pytest.raises(ConfigError, match="--prometheus-port"):
+        parse_config(["--prometheus-port", port], {})
+
+
+def test_prometheus_port_must_differ_from_the_api_port() -> None:
+    with pytest.raises(ConfigError, match="--prometheus-port 8080 is --port as well"):
+        parse("--port", "8080", "--prometheus-port", "8080")
+
+
+@pytest.mark.parametrize("endpoint", ["collector:4317", "x", "grpc://c:4317", "http://",
+                                      "http://c:port"])
+def test_otlp_endpoint_must_be_a_url(endpoint: str) -> None:
+    with pytest.raises(ConfigError, match="--otlp-endpoint"):
+        parse("--otlp-endpoint", endpoint)

@@ -10,7 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backend_worker.attention import MaskSpec, PaddedSDPA, length_groups
+from backend_worker.attention import (
+    MaskSpec,
+    PaddedSDPA,
+    SymmetricAlibi,
+    alibi_slopes,
+    length_groups,
+)
+from tests.fixtures.varlen import cpu_varlen, old_cpu_varlen
 
 HEADS, DIM = 3, 8
 
@@ -90,6 +97,7 @@ SPECS = {
     "causal-window": MaskSpec(causal=True, window=3),
     "bias": MaskSpec(bias=_DistanceBias(4)),
     "bias-window-scale": MaskSpec(bias=_DistanceBias(4), window=1, scale=0.3),
+    "alibi": MaskSpec(bias=SymmetricAlibi(tuple(alibi_slopes(4)))),
 }
 
 
@@ -129,3 +137,63 @@ def test_rotary_matches_complex_rotation() -> None:
     # Partial rotary leaves the tail alone.
     partial = Rotary(rope_inv_freq(4, 10_000.0)).tables(positions, torch.float32)
     assert torch.equal(apply_rotary(x, partial)[..., 4:], x[..., 4:])
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+@pytest.mark.parametrize("kernel_kind", ["torch-2.13", "torch-2.10", "flash-attn"])
+def test_packed_varlen_matches_masked_reference(name: str, kernel_kind: str) -> None:
+    from backend_worker.attention import PackedVarlen, flash_attn_kernel, torch_varlen_kernel
+
+    calls = []
+
+    def counted(function):
+        def wrapper(*args, **kwargs):
+            calls.append(kwargs)
+            return function(*args, **kwargs)
+        wrapper.__signature__ = __import__("inspect").signature(function)
+        return wrapper
+
+    def flash(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, causal=False,
+              window_size=(-1, -1), alibi_slopes=None):
+        left, right = window_size
+        return cpu_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=softmax_scale,
+                          window_size=(left, 0 if causal else right),
+                          enable_gqa=k.shape[1] != q.shape[1], alibi_slopes=alibi_slopes)
+
+    kernel = {
+        "torch-2.13": lambda: torch_varlen_kernel(counted(cpu_varlen)),
+        "torch-2.10": lambda: torch_varlen_kernel(counted(old_cpu_varlen)),
+        "flash-attn": lambda: flash_attn_kernel(counted(flash)),
+    }[kernel_kind]()
+    attention = PackedVarlen(kernel)
+    spec = SPECS[name]
+    torch.manual_seed(3)
+    for kv_heads in (4, 2):
+        lengths = [1, 7, 3, 16, 9]
+        cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        total = int(cu[-1])
+        q = torch.randn(total, 4, DIM)
+        k, v = torch.randn(total, kv_heads, DIM), torch.randn(total, kv_heads, DIM)
+        meta = attention.prepare(torch.from_numpy(cu.astype(np.int64)), cu)
+        calls.clear()
+        out = attention.attend(q, k, v, meta, spec)
+        torch.testing.assert_close(out, masked_reference(q, k, v, cu, spec), atol=1e-5,
+                                   rtol=1e-4)
+        # What went to the kernel: everything but a bias (and, for the old torch signature, a
+        # window, GQA or a custom scale) is the kernel's job; the rest takes the padded path.
+        old_limits = kernel_kind == "torch-2.10" and (
+            spec.window is not None or kv_heads != 4 or spec.scale is not None)
+        alibi = isinstance(spec.bias, SymmetricAlibi) and kernel_kind == "flash-attn"
+        assert bool(calls) == ((spec.bias is None or alibi) and not old_limits)
+
+
+def test_rotary_built_under_the_meta_device_has_values() -> None:
+    """Models are constructed under torch.device("meta"); the rotary frequencies they compute
+    there must still be real numbers (they are not parameters, so loading never fills them)."""
+    from backend_worker.layers import Rotary, rope_inv_freq
+
+    with torch.device("meta"):
+        rotary = Rotary(rope_inv_freq(8, 10_000.0))
+    assert rotary.inv_freq.device.type == "cpu"
+    torch.testing.assert_close(rotary.inv_freq, rope_inv_freq(8, 10_000.0))
+    assert rotary.tables(torch.tensor([3]), torch.float32).cos.isfinite().all()

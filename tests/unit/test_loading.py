@@ -16,6 +16,7 @@ from backend_worker.engine import Engine
 from backend_worker.loading import checkpoint_files
 from backend_worker.models import model_class, supported
 from backend_worker.models.bert import BertModel
+from backend_worker.models.jina import JinaBertModel
 from backend_worker.pooling import Pooler
 from shared.errors import ConfigError
 from shared.modelinfo import load_model_info
@@ -133,18 +134,26 @@ def test_shard_listed_but_absent(model_dir: Path) -> None:
         checkpoint_files(model_dir)
 
 
-def test_jinabert_v2_is_refused(model_dir: Path) -> None:
+def test_jinabert_v2_is_served_as_jina_not_bert(model_dir: Path) -> None:
+    # A BERT checkpoint under a JinaBERT config: the marker routes it to the Jina family, whose
+    # strict load then finds BERT's position table and MLP names unexpected.
     config = json.loads((model_dir / "config.json").read_text())
     config |= {"architectures": ["JinaBertForMaskedLM"], "auto_map": JINA_AUTO_MAP,
-               "position_embedding_type": "alibi"}
+               "position_embedding_type": "alibi", "feed_forward_type": "geglu"}
     (model_dir / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match="JinaBERT"):
+    with pytest.raises(ConfigError, match="position_embeddings"):
         load(model_dir)
 
 
 def test_jina_marker_alone_is_enough() -> None:
     # Even with BERT's own architecture name, the auto_map marks custom code: never plain BERT.
     config = {"model_type": "bert", "architectures": ["BertModel"], "auto_map": JINA_AUTO_MAP}
+    assert model_class(config) is JinaBertModel
+
+
+def test_unknown_jina_implementation_is_refused() -> None:
+    config = {"model_type": "bert", "architectures": ["BertModel"],
+              "auto_map": {"AutoModel": "jinaai/jina-bert-flash-implementation--x.JinaBertModel"}}
     with pytest.raises(ConfigError, match="JinaBERT"):
         model_class(config)
 

@@ -240,6 +240,13 @@ def test_bert_variant_without_pooling_falls_back_to_cls(tmp_path: Path, model_ty
     assert load_model_info(root).pooling == "cls"
 
 
+def test_classifier_without_pooling_pools_cls(tmp_path: Path) -> None:
+    """Any family's *ForSequenceClassification (e.g. GTE's NewForSequenceClassification)."""
+    config = BERT_CONFIG | {"model_type": "new", "architectures": ["NewForSequenceClassification"]}
+    info = load_model_info(model_dir(tmp_path, config=config))
+    assert (info.kind, info.pooling) == ("classifier", "cls")
+
+
 def test_non_bert_without_pooling_has_none(tmp_path: Path) -> None:
     root = model_dir(tmp_path, config=BERT_CONFIG | {"model_type": "qwen3"})
     assert load_model_info(root).pooling is None

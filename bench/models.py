@@ -1,0 +1,68 @@
+"""Random-weight models of real shapes, for benchmarks where only speed matters.
+
+`random:bge-base` is BAAI/bge-base-en-v1.5's shape (BERT, 768 hidden, 12 layers, 12 heads, 512
+positions, CLS pooling, Normalize) with seeded random weights and the BERT uncased WordPiece
+tokenizer of the built-in all-MiniLM-L6-v2 (the same 30,522-token vocabulary): TESTING.md's GPU
+reference numbers were measured on this shape. Built once per directory with transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+SHAPES: dict[str, dict[str, int]] = {
+    "bge-base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                 "intermediate_size": 3072, "max_position_embeddings": 512},
+    "bge-small": {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 12,
+                  "intermediate_size": 1536, "max_position_embeddings": 512},
+    "bge-large": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+                  "intermediate_size": 4096, "max_position_embeddings": 512},
+}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "vocab.txt")
+
+
+def random_model(shape: str, root: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A sentence-transformers directory of `shape` under root (reused when already built)."""
+    if shape not in SHAPES:
+        raise SystemExit(f"unknown model shape {shape!r} (known: {', '.join(SHAPES)})")
+    path = root / f"random-{shape}"
+    if (path / "modules.json").is_file():
+        return path
+    import torch
+    import transformers
+
+    staging = path.with_name(path.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name in _TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copy(tokenizer_dir / name, staging / name)
+    vocab = json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"]
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=len(vocab), **SHAPES[shape])
+    transformers.BertModel(config).save_pretrained(str(staging), safe_serialization=True)
+    max_len = SHAPES[shape]["max_position_embeddings"]
+    (staging / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": max_len, "do_lower_case": True}))
+    (staging / "1_Pooling").mkdir()
+    (staging / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": SHAPES[shape]["hidden_size"], "pooling_mode_cls_token": True,
+        "pooling_mode_mean_tokens": False}))
+    (staging / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling",
+         "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize",
+         "type": "sentence_transformers.models.Normalize"},
+    ]))
+    # The real tokenizer_config says 128 or 256; this shape takes 512 tokens.
+    config_path = staging / "tokenizer_config.json"
+    if config_path.is_file():
+        tok_config = json.loads(config_path.read_text())
+        tok_config["model_max_length"] = max_len
+        config_path.write_text(json.dumps(tok_config))
+    staging.rename(path)
+    return path

@@ -1,0 +1,56 @@
+"""`authorization: Bearer <key>` metadata on every tei.v1 call when --api-key is set.
+
+Health and reflection stay open, as TEI leaves them (and as HTTP leaves /health): probes and
+tools must not need the key.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
+                 "/grpc.reflection.v1.ServerReflection/")
+
+# The handler factory of each (request streaming, response streaming) shape.
+_FACTORIES = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as `handler` that answers UNAUTHENTICATED at once."""
+
+    async def refuse(request, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    factory = _FACTORIES[(handler.request_streaming, handler.response_streaming)]
+    return factory(refuse, request_deserializer=handler.request_deserializer,
+                   response_serializer=handler.response_serializer)
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, api_key: str) -> None:
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(OPEN_SERVICES):
+            return handler  # None: an unknown method, which grpc answers UNIMPLEMENTED
+        given = next((value for key, value in details.invocation_metadata or ()
+                      if key == "authorization"), "")
+        if isinstance(given, str):
+            given = given.encode()
+        if hmac.compare_digest(given, self.expected):
+            return handler
+        return _refusal(handler, "missing authorization metadata" if not given
+                        else "invalid API key in the authorization metadata")

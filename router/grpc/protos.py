@@ -1,0 +1,90 @@
+"""The Python stubs of tei.proto (`pb`: messages, `services`: servicers and client stubs).
+
+The stubs are generated from the .proto, never written by hand nor committed: tei_pb2.py,
+tei_pb2_grpc.py and tei_pb2.pyi are made next to tei.proto (git ignores them) by grpcio-tools'
+protoc when missing or when the .proto changed since (a sha256 stamp, not file times, which
+installers do not keep). So a checkout, the test suite and the server all build them on first
+import, and nothing can go stale. Why files rather than grpc's in-memory `protos_and_services`:
+that one finds the .proto through sys.path, which editable installs (an import hook) do not
+extend, and the files give editors and type checkers the .pyi.
+
+`python -m router.grpc.protos` generates them ahead of time: run it when installing somewhere
+the package directory is read-only at run time (a container image), so the server only imports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+PROTO = PACKAGE_DIR / "tei.proto"
+# The directory holding the `router` package: protoc names the modules after the .proto's path
+# below it, so the generated code imports `router.grpc.tei_pb2` as a package module.
+ROOT = PACKAGE_DIR.parents[1]
+GENERATED = ("tei_pb2.py", "tei_pb2_grpc.py", "tei_pb2.pyi")
+STAMP = PACKAGE_DIR / "tei_pb2.sha256"
+
+
+def _proto_hash() -> str:
+    return hashlib.sha256(PROTO.read_bytes()).hexdigest()
+
+
+def stubs_fresh() -> bool:
+    return (STAMP.is_file() and STAMP.read_text().strip() == _proto_hash()
+            and all((PACKAGE_DIR / name).is_file() for name in GENERATED))
+
+
+def generate() -> None:
+    """Run protoc (in a child process: importing grpc_tools.protoc here would install its
+    import hooks in the server) into a scratch directory, then move the files in place, so a
+    second process generating at the same time never sees half-written modules."""
+    wanted = _proto_hash()
+    scratch = Path(tempfile.mkdtemp(prefix=".protoc-", dir=PACKAGE_DIR))
+    try:
+        command = [sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT}",
+                   f"--python_out={scratch}", f"--pyi_out={scratch}",
+                   f"--grpc_python_out={scratch}", str(PROTO)]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"protoc failed on {PROTO}:\n{result.stderr}")
+        made = scratch / PROTO.parent.relative_to(ROOT)
+        for name in GENERATED:
+            os.replace(made / name, PACKAGE_DIR / name)
+        stamp = scratch / STAMP.name
+        stamp.write_text(wanted + "\n")
+        os.replace(stamp, STAMP)  # last: the stamp vouches for the files before it
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def ensure_stubs() -> None:
+    if stubs_fresh():
+        return
+    if importlib.util.find_spec("grpc_tools") is None:
+        raise ImportError(
+            f"the gRPC stubs are not generated yet and grpcio-tools is missing: install "
+            f"embedserve[grpc] (or run `python -m router.grpc.protos` where it is installed) "
+            f"to generate them from {PROTO}")
+    try:
+        generate()
+    except PermissionError as exc:
+        raise ImportError(
+            f"cannot write the gRPC stubs next to {PROTO} ({exc}): run "
+            "`python -m router.grpc.protos` once as the user that installed embedserve"
+        ) from exc
+
+
+ensure_stubs()
+pb = importlib.import_module("router.grpc.tei_pb2")
+services = importlib.import_module("router.grpc.tei_pb2_grpc")
+
+if __name__ == "__main__":
+    print(f"gRPC stubs of {PROTO} are up to date in {PACKAGE_DIR}")

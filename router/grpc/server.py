@@ -1,0 +1,106 @@
+"""The gRPC server of `embedserve --grpc`: the tei.v1 services, grpc.health.v1 and reflection on
+the main port, with the HTTP server's lifecycle (router/cli.py): the port opens at once, the
+model's services report NOT_SERVING until the workers are ready, SIGTERM drains."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from router.grpc.auth import ApiKeyInterceptor
+from router.grpc.protos import services
+from router.grpc.services import SERVICE_NAMES, servicers
+from router.routes import AppState
+from router.service import InferenceService
+from router.tasks import start_supervised
+from shared.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# How often health follows the service's readiness, which changes at start-up, when a worker
+# dies or returns, and on drain.
+HEALTH_INTERVAL_SECONDS = 0.2
+
+
+def model_services(state: AppState) -> set[str]:
+    """The services the served model answers (TEI's rule); the others stay NOT_SERVING, a hint
+    that they would only answer FAILED_PRECONDITION."""
+    kind = state.model.kind
+    if kind == "classifier":
+        return {"tei.v1.Predict"}
+    if kind == "reranker":
+        return {"tei.v1.Predict", "tei.v1.Rerank"}
+    return {"tei.v1.Embed"}
+
+
+def build_server(state: AppState, health_servicer: health.aio.HealthServicer) -> grpc.aio.Server:
+    config = state.config
+    server = grpc.aio.server(
+        interceptors=[ApiKeyInterceptor(config.api_key)] if config.api_key else [],
+        options=[
+            # grpc lets a second server bind a busy port by default: fail as HTTP does.
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", config.payload_limit),
+        ],
+    )
+    named = servicers(state)
+    for name, servicer in named.items():
+        add = getattr(services, f"add_{name.removeprefix('tei.v1.')}Servicer_to_server")
+        add(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*named, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME], server)
+    return server
+
+
+async def follow_readiness(health_servicer: health.aio.HealthServicer,
+                           service: InferenceService, names: Iterable[str]) -> None:
+    """Keep `names` (and the server's overall status, "") SERVING exactly while the service is
+    ready: workers up and not draining."""
+    names = ["", *names]
+    reported = None
+    while True:
+        status = SERVING if service.ready else NOT_SERVING
+        if status != reported:
+            for name in names:
+                await health_servicer.set(name, status)
+            reported = status
+        await asyncio.sleep(HEALTH_INTERVAL_SECONDS)
+
+
+async def serve(state: AppState, until_stopped: Callable[[], Awaitable[None]]) -> None:
+    """Serve until `until_stopped` returns (after draining, or when start-up failed)."""
+    config = state.config
+    health_servicer = health.aio.HealthServicer()
+    following = {"tei.v1.Tokenize", *model_services(state)}
+    for name in SERVICE_NAMES:
+        # Info answers from the start; the rest wait for the workers (or never fit the model).
+        await health_servicer.set(name, SERVING if name == "tei.v1.Info" else NOT_SERVING)
+    await health_servicer.set("", NOT_SERVING)
+    server = build_server(state, health_servicer)
+    host = f"[{config.hostname}]" if ":" in config.hostname else config.hostname
+    address = f"{host}:{config.port}"
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise ConfigError(f"cannot listen for gRPC on {address}: {exc}") from None
+    await server.start()
+    log.info("gRPC API on %s", address)
+    follower = start_supervised(follow_readiness(health_servicer, state.service, following),
+                                "the gRPC health follower")
+    try:
+        await until_stopped()
+    finally:
+        follower.cancel()
+        await health_servicer.enter_graceful_shutdown()
+        # In-flight inference is drained by now; this bounds what is left (open streams).
+        await server.stop(config.shutdown_grace)
+

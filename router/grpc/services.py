@@ -1,0 +1,214 @@
+"""The tei.v1 servicers: each method parses its message, asks the service (through
+router.operations, as the HTTP routes do) and shapes the reply. Each answer is written once and
+serves both the unary RPC and its stream variant (`unary` / `streaming`, router/grpc/calls.py).
+
+Proto3 has no "unset" for scalars: `truncate` false means "do not truncate" here (as in TEI's
+gRPC API), where an HTTP request without `truncate` gets --auto-truncate.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import numpy as np
+
+from router import operations
+from router.grpc.calls import in_order, streaming, unary
+from router.grpc.protos import pb, services
+from router.routes import AppState
+from router.schemas import EmbedRequest
+from router.service import Timings
+from shared.errors import empty
+
+SERVICE_NAMES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
+MODEL_TYPES = {"embedding": pb.MODEL_TYPE_EMBEDDING, "classifier": pb.MODEL_TYPE_CLASSIFIER,
+               "reranker": pb.MODEL_TYPE_RERANKER}
+
+
+def _direction(value: int) -> str:
+    return "left" if value == pb.TRUNCATION_DIRECTION_LEFT else "right"
+
+
+def _prompt_name(message) -> str | None:
+    return message.prompt_name if message.HasField("prompt_name") else None
+
+
+def _ns(milliseconds: float) -> int:
+    return round(milliseconds * 1e6)
+
+
+def metadata(timings: Timings, started: float) -> pb.Metadata:
+    return pb.Metadata(
+        compute_chars=timings.characters, compute_tokens=timings.tokens,
+        total_time_ns=round((time.perf_counter() - started) * 1e9),
+        tokenization_time_ns=_ns(timings.tokenization_ms), queue_time_ns=_ns(timings.queue_ms),
+        inference_time_ns=_ns(timings.inference_ms))
+
+
+class _Servicer:
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+        self.service = state.service
+        self.model = state.model
+        # Each request of a stream holds at least one of --max-concurrent-requests' permits:
+        # more in flight could only be refused.
+        self.stream_parallelism = state.config.max_concurrent_requests
+
+
+class InfoServicer(_Servicer, services.InfoServicer):
+    async def info(self, request: pb.InfoRequest) -> pb.InfoResponse:
+        info = self.state.live_info()
+        return pb.InfoResponse(
+            version=info.version, sha=info.sha, docker_label=info.docker_label,
+            model_id=info.model_id, model_sha=info.model_sha, model_dtype=info.model_dtype,
+            model_type=MODEL_TYPES[self.model.kind],
+            max_concurrent_requests=info.max_concurrent_requests,
+            max_input_length=info.max_input_length, max_batch_tokens=info.max_batch_tokens,
+            max_batch_requests=info.max_batch_requests,
+            max_client_batch_size=info.max_client_batch_size,
+            tokenization_workers=info.tokenization_workers)
+
+    Info = unary(info)
+
+
+class EmbedServicer(_Servicer, services.EmbedServicer):
+    async def embed(self, request: pb.EmbedRequest) -> pb.EmbedResponse:
+        started = time.perf_counter()
+        result = await self.service.embed(EmbedRequest(
+            inputs=request.inputs, truncate=request.truncate, normalize=request.normalize,
+            truncation_direction=_direction(request.truncation_direction),
+            prompt_name=_prompt_name(request)))
+        return pb.EmbedResponse(embeddings=result.vectors[0].tolist(),
+                                metadata=metadata(result.timings, started))
+
+    async def embed_sparse(self, request: pb.EmbedSparseRequest) -> pb.EmbedSparseResponse:
+        started = time.perf_counter()
+        outcome = await operations.embed_sparse(
+            self.service, request.inputs, truncate=request.truncate,
+            direction=_direction(request.truncation_direction),
+            prompt_name=_prompt_name(request))
+        indices, values = outcome.rows[0]
+        return pb.EmbedSparseResponse(
+            sparse_embeddings=[pb.SparseValue(index=i, value=v)
+                               for i, v in zip(indices.tolist(), values.tolist(), strict=True)],
+            metadata=metadata(outcome.timings, started))
+
+    async def embed_all(self, request: pb.EmbedAllRequest) -> pb.EmbedAllResponse:
+        started = time.perf_counter()
+        outcome = await operations.embed_all(
+            self.service, request.inputs, truncate=request.truncate,
+            direction=_direction(request.truncation_direction),
+            prompt_name=_prompt_name(request))
+        return pb.EmbedAllResponse(
+            token_embeddings=[pb.TokenEmbedding(embeddings=row)
+                              for row in outcome.rows[0].tolist()],
+            metadata=metadata(outcome.timings, started))
+
+    Embed = unary(embed)
+    EmbedStream = streaming(embed)
+    EmbedSparse = unary(embed_sparse)
+    EmbedSparseStream = streaming(embed_sparse)
+    EmbedAll = unary(embed_all)
+    EmbedAllStream = streaming(embed_all)
+
+
+class PredictServicer(_Servicer, services.PredictServicer):
+    async def _classify(self, inputs: str | list[str], request) -> pb.PredictResponse:
+        started = time.perf_counter()
+        [ranked], timings = await operations.classify(
+            self.service, self.model, inputs, truncate=request.truncate,
+            direction=_direction(request.truncation_direction), raw_scores=request.raw_scores)
+        return pb.PredictResponse(
+            predictions=[pb.Prediction(score=score, label=label) for score, label in ranked],
+            metadata=metadata(timings, started))
+
+    async def predict(self, request: pb.PredictRequest) -> pb.PredictResponse:
+        return await self._classify(request.inputs, request)
+
+    async def predict_pair(self, request: pb.PredictPairRequest) -> pb.PredictResponse:
+        # One text or a pair: as_predict_list refuses any other length.
+        return await self._classify(list(request.inputs), request)
+
+    Predict = unary(predict)
+    PredictStream = streaming(predict)
+    PredictPair = unary(predict_pair)
+    PredictPairStream = streaming(predict_pair)
+
+
+class RerankServicer(_Servicer, services.RerankServicer):
+    def _ranks(self, scores: np.ndarray, texts: list[str], return_text: bool) -> list[pb.Rank]:
+        return [pb.Rank(index=int(i), score=float(scores[i]),
+                        text=texts[i] if return_text else None)
+                for i in operations.best_first(scores)]
+
+    async def rerank(self, request: pb.RerankRequest) -> pb.RerankResponse:
+        started = time.perf_counter()
+        texts = list(request.texts)
+        scores, timings = await operations.rerank(
+            self.service, self.model, request.query, texts, truncate=request.truncate,
+            direction=_direction(request.truncation_direction), raw_scores=request.raw_scores)
+        return pb.RerankResponse(ranks=self._ranks(scores, texts, request.return_text),
+                                 metadata=metadata(timings, started))
+
+    async def rerank_stream(
+        self, requests: AsyncIterator[pb.RerankStreamRequest]
+    ) -> pb.RerankResponse:
+        """One (query, text) per message, scored as the messages arrive; `raw_scores` and
+        `return_text` come from the first message (TEI's rule)."""
+        started = time.perf_counter()
+        self.service.require("reranker")
+        sent: list[pb.RerankStreamRequest] = []
+
+        async def noting(requests: AsyncIterator[pb.RerankStreamRequest]):
+            async for request in requests:
+                sent.append(request)  # in arrival order, before its scoring starts
+                yield request
+
+        async def score(request: pb.RerankStreamRequest) -> tuple[float, Timings]:
+            [value], timings = await operations.rerank(
+                self.service, self.model, request.query, [request.text],
+                truncate=request.truncate, direction=_direction(request.truncation_direction),
+                raw_scores=sent[0].raw_scores)
+            return value, timings
+
+        parts = [part async for part in in_order(noting(requests), score,
+                                                 self.stream_parallelism)]
+        if not parts:
+            raise empty("`texts` cannot be empty: the stream sent no message")
+        scores = np.array([value for value, _ in parts])
+        return pb.RerankResponse(
+            ranks=self._ranks(scores, [r.text for r in sent], sent[0].return_text),
+            metadata=metadata(operations.combined([timings for _, timings in parts]), started))
+
+    Rerank = unary(rerank)
+    RerankStream = unary(rerank_stream)
+
+
+class TokenizeServicer(_Servicer, services.TokenizeServicer):
+    async def tokenize(self, request: pb.EncodeRequest) -> pb.EncodeResponse:
+        [tokens] = await operations.tokenize(
+            self.service, [request.inputs], add_special_tokens=request.add_special_tokens,
+            prompt_name=_prompt_name(request))
+        return pb.EncodeResponse(tokens=[
+            pb.SimpleToken(id=t.id, text=t.text, special=t.special, start=t.start, stop=t.stop)
+            for t in tokens])
+
+    async def decode(self, request: pb.DecodeRequest) -> pb.DecodeResponse:
+        [text] = await operations.decode(self.service, [list(request.ids)],
+                                         skip_special_tokens=request.skip_special_tokens)
+        return pb.DecodeResponse(text=text)
+
+    Tokenize = unary(tokenize)
+    TokenizeStream = streaming(tokenize)
+    Decode = unary(decode)
+    DecodeStream = streaming(decode)
+
+
+def servicers(state: AppState) -> dict[str, _Servicer]:
+    """Every tei.v1 servicer, by its full service name."""
+    made = {cls.__name__.removesuffix("Servicer"): cls(state)
+            for cls in (InfoServicer, EmbedServicer, PredictServicer, RerankServicer,
+                        TokenizeServicer)}
+    assert set(made) == set(pb.DESCRIPTOR.services_by_name), "one servicer per service"
+    return {f"tei.v1.{name}": servicer for name, servicer in made.items()}

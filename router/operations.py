@@ -1,0 +1,111 @@
+"""What each API operation asks of the service, whichever API it came in by.
+
+The HTTP routes and the gRPC services parse their requests into these arguments and shape the
+results into their own replies; the checks, the model-kind refusals, the activation of scores
+and the token-id rules live here once, so both APIs answer the same numbers and errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from router.inputs import as_input_list, as_predict_list, check_batch_size, resolve_prompt
+from router.scores import activate, ranked_labels
+from router.service import InferenceService, Outcome, Timings
+from router.tokenization import Token
+from shared.errors import empty, validation
+from shared.modelinfo import ModelInfo
+from shared.protocol import OutputKind
+
+
+async def classify(
+    service: InferenceService, model: ModelInfo, inputs: str | list, *,
+    truncate: bool | None, direction: str, raw_scores: bool,
+) -> tuple[list[list[tuple[float, str]]], Timings]:
+    """Every label's (score, label) for each input (`as_predict_list`'s shapes), best first."""
+    service.require("classifier")
+    outcome = await service.run(as_predict_list(inputs), OutputKind.LOGITS, truncate=truncate,
+                                direction=direction)
+    scores = activate(np.stack(outcome.rows), model.activation, raw_scores)
+    return [ranked_labels(row, model.id2label) for row in scores], outcome.timings
+
+
+async def rerank(
+    service: InferenceService, model: ModelInfo, query: str, texts: Sequence[str], *,
+    truncate: bool | None, direction: str, raw_scores: bool,
+) -> tuple[np.ndarray, Timings]:
+    """One score per text, in the texts' order (`best_first` gives the ranking)."""
+    service.require("reranker")
+    if not texts:
+        raise empty("`texts` cannot be empty")
+    outcome = await service.run([(query, text) for text in texts], OutputKind.LOGITS,
+                                truncate=truncate, direction=direction)
+    return activate(np.stack(outcome.rows), model.activation, raw_scores)[:, 0], outcome.timings
+
+
+def best_first(scores: np.ndarray) -> np.ndarray:
+    """Indices by descending score; ties keep the input order."""
+    return np.argsort(-scores, kind="stable")
+
+
+async def embed_sparse(
+    service: InferenceService, inputs: str | list, *, truncate: bool | None,
+    direction: str, prompt_name: str | None,
+) -> Outcome:
+    """SPLADE: each row is (indices ascending, values) of the non-zero entries."""
+    service.require("splade")
+    return await service.run(as_input_list(inputs), OutputKind.SPARSE, truncate=truncate,
+                             direction=direction, prompt_name=prompt_name)
+
+
+async def embed_all(
+    service: InferenceService, inputs: str | list, *, truncate: bool | None,
+    direction: str, prompt_name: str | None,
+) -> Outcome:
+    """Each row is the (tokens, hidden) last hidden state of one input."""
+    service.require("encoder")
+    return await service.run(as_input_list(inputs), OutputKind.ALL_TOKENS, truncate=truncate,
+                             direction=direction, prompt_name=prompt_name)
+
+
+async def tokenize(
+    service: InferenceService, texts: list[str], *, add_special_tokens: bool,
+    prompt_name: str | None,
+) -> list[list[Token]]:
+    if not texts or any(not text for text in texts):
+        raise empty("`inputs` cannot be empty")
+    check_batch_size(len(texts), service.rules)
+    prompt = resolve_prompt(prompt_name, service.rules)
+    if prompt is not None:
+        texts = [prompt + text for text in texts]
+    return await service.tokenizers.tokens(texts, add_special_tokens)
+
+
+async def decode(
+    service: InferenceService, batch: list[list[int]], *, skip_special_tokens: bool
+) -> list[str]:
+    check_batch_size(len(batch), service.rules)
+    vocab = service.rules.vocab_size
+    for ids in batch:
+        if not ids:
+            raise empty("`ids` cannot be empty")
+        bad = next((t for t in ids if t < 0 or t >= vocab), None)
+        if bad is not None:
+            raise validation(f"token id {bad} is out of range; the model's vocabulary has "
+                             f"{vocab} tokens")
+    return await service.tokenizers.decode(batch, skip_special_tokens)
+
+
+def combined(timings: Sequence[Timings]) -> Timings:
+    """One request's timings from its parts': counts add up, times are per-input means (what
+    a single request of all the inputs reports)."""
+    count = len(timings)
+    return Timings(
+        characters=sum(t.characters for t in timings),
+        tokens=sum(t.tokens for t in timings),
+        tokenization_ms=sum(t.tokenization_ms for t in timings) / count,
+        queue_ms=sum(t.queue_ms for t in timings) / count,
+        inference_ms=sum(t.inference_ms for t in timings) / count,
+    )

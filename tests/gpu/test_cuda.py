@@ -1,0 +1,142 @@
+"""The CUDA path against the fp32 CPU oracle (TESTING.md sections 1 and 5): fp16/bf16 packed
+attention, captured graphs, the varlen kernel's masks, warm-up out of memory, and the real
+server on a GPU. Every test here needs CUDA; bench/gpu_check.sh runs them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from backend_worker.attention import MaskSpec, PackedVarlen, PaddedSDPA, select_attention
+from backend_worker.engine import Engine
+from backend_worker.graphs import cuda_capture
+from shared.modelinfo import load_model_info
+from tests.fixtures.jina import make_tiny_jina
+from tests.fixtures.modernbert import make_tiny_modernbert
+from tests.fixtures.rotary import make_tiny_rotary
+from tests.fixtures.tiny import MIXED_TEXTS, make_tiny_bert, pack
+
+COSINE = 0.999  # fp16 / bf16 against the fp32 oracle (TESTING.md section 1)
+DTYPES = [torch.float16, torch.bfloat16]
+
+# Tiny checkpoints per family: name -> builder(path) -> model directory. The zoo's families add
+# theirs here as they gain a packed path (every family must, to be served on CUDA).
+FAMILIES: dict[str, Callable[[Path], Path]] = {
+    "bert-mean": lambda p: make_tiny_bert(p, pooling="mean"),
+    "bert-cls-dense": lambda p: make_tiny_bert(p, pooling="cls", dense_out=24),
+    # ALiBi: its layers take padded SDPA inside the packed path (a bias varlen cannot express).
+    "jina-v2": lambda p: make_tiny_jina(p, "base"),
+    "jina-v2-code": lambda p: make_tiny_jina(p, "code"),
+    "modernbert": lambda p: make_tiny_modernbert(p, pooling="mean"),
+    # Rotary encoders, in transformers' configs and the Hub's (GTE's with NTK scaling).
+    **{flavour: lambda p, f=flavour: make_tiny_rotary(p, f)
+       for flavour in ("nomic", "nomic-hub", "gte", "gte-new")},
+}
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return (a * b).sum(axis=1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_on_cuda_matches_the_cpu_oracle(tmp_path: Path, family: str,
+                                               dtype: torch.dtype) -> None:
+    model_dir = FAMILIES[family](tmp_path / family)
+    info = load_model_info(model_dir)
+    oracle = Engine.load(info)
+    engine = Engine.load(info, device="cuda", dtype=dtype)
+    assert isinstance(engine.attention, PackedVarlen), engine.attention.name
+    arrays, _ = pack(model_dir, MIXED_TEXTS * 3)
+    got, want = engine.embed(arrays), oracle.embed(arrays)
+    assert np.isfinite(got).all()
+    assert cosines(got, want).min() >= COSINE
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bge_base_shape_on_cuda_matches_the_cpu_oracle(tmp_path: Path, dtype: torch.dtype) -> None:
+    """A real-sized stack (random weights, bench/models.py), long and short inputs."""
+    from bench.models import random_model
+    from tests.gpu.tokenizer import bert_tokenizer_dir
+
+    model_dir = random_model("bge-base", tmp_path, bert_tokenizer_dir(tmp_path))
+    info = load_model_info(model_dir)
+    texts = ["a short query", "word " * 500, *(f"passage {i} " * (i * 7) for i in range(1, 30))]
+    arrays, _ = pack(model_dir, texts, max_length=info.max_input_length)
+    want = Engine.load(info).embed(arrays)
+    got = Engine.load(info, device="cuda", dtype=dtype).embed(arrays)
+    assert cosines(got, want).min() >= COSINE
+
+
+def test_graph_replay_equals_the_eager_cuda_forward(tmp_path: Path) -> None:
+    model_dir = make_tiny_bert(tmp_path / "tiny", pooling="mean")
+    info = load_model_info(model_dir)
+    eager = Engine.load(info, device="cuda", dtype=torch.float16)
+    graphed = Engine.load(info, device="cuda", dtype=torch.float16)
+    assert graphed.capture_graphs(1024, cuda_capture())
+    for count in (1, 3, 5):
+        arrays, _ = pack(model_dir, MIXED_TEXTS[:count])
+        assert graphed.graphs is not None and graphed.graphs.bucket_for(arrays) is not None
+        np.testing.assert_allclose(graphed.embed(arrays), eager.embed(arrays), atol=2e-3)
+    # Another batch through the same bucket: static inputs were overwritten, not mixed.
+    first, _ = pack(model_dir, [MIXED_TEXTS[1]])
+    np.testing.assert_allclose(graphed.embed(first), eager.embed(first), atol=2e-3)
+
+
+@pytest.mark.parametrize("mask", [MaskSpec(), MaskSpec(causal=True), MaskSpec(window=3),
+                                  MaskSpec(causal=True, window=5), MaskSpec(scale=0.2)],
+                         ids=["plain", "causal", "window", "causal-window", "scale"])
+@pytest.mark.parametrize("kv_heads", [8, 2])
+def test_varlen_kernel_masks_match_padded_sdpa(mask: MaskSpec, kv_heads: int) -> None:
+    packed = select_attention("cuda")
+    assert isinstance(packed, PackedVarlen)
+    lengths = [1, 9, 33, 4, 70]
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    total = int(cu[-1])
+    q = torch.randn(total, 8, 64, device="cuda", dtype=torch.float16, generator=gen)
+    k = torch.randn(total, kv_heads, 64, device="cuda", dtype=torch.float16, generator=gen)
+    v = torch.randn(total, kv_heads, 64, device="cuda", dtype=torch.float16, generator=gen)
+    cu_t = torch.from_numpy(cu.astype(np.int64)).cuda()
+    got = packed.attend(q, k, v, packed.prepare(cu_t, cu), mask)
+    padded = PaddedSDPA()
+    want = padded.attend(q.float(), k.float(), v.float(), padded.prepare(cu_t, cu), mask)
+    torch.testing.assert_close(got.float(), want, atol=5e-3, rtol=5e-3)
+
+
+def test_warm_up_out_of_memory_names_the_flag(tmp_path: Path) -> None:
+    from tests.e2e.server import Server
+
+    model_dir = make_tiny_bert(tmp_path / "tiny", pooling="mean")
+    # 2^31 tokens of hidden states alone are terabytes: no GPU holds them.
+    server = Server("--model-id", str(model_dir), "--device", "cuda",
+                    "--max-batch-tokens", str(2**31 - 1), log_path=tmp_path / "log")
+    code = server.process.wait(timeout=300)
+    log = (tmp_path / "log").read_text()
+    assert code != 0
+    assert "--max-batch-tokens" in log and "out of memory" in log, log[-2000:]
+
+
+def test_server_on_cuda_answers_like_sentence_transformers(tmp_path: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    from tests.e2e.server import serving
+
+    model_dir = make_tiny_bert(tmp_path / "tiny", pooling="mean")
+    texts = [t if isinstance(t, str) else t[0] for t in MIXED_TEXTS]
+    want = SentenceTransformer(str(model_dir), device="cpu").encode(texts)
+    with serving("--model-id", str(model_dir), "--device", "cuda",
+                 log_path=tmp_path / "server.log") as server:
+        info = server.client.get("/info").json()
+        assert "cuda" in json.dumps(info)
+        got = np.array(server.client.post("/embed", json={"inputs": texts}).json())
+        one = np.array(server.client.post("/embed", json={"inputs": texts[0]}).json())
+    assert cosines(got, want).min() >= COSINE
+    assert cosines(one, want[:1]).min() >= COSINE

@@ -1,0 +1,118 @@
+"""The CUDA-graph latency path without a GPU: bucket choice, padding to a bucket, and the
+static-buffer replay discipline, run with the eager stand-in for a graph and a CPU varlen kernel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from backend_worker.attention import MaskSpec, PackedVarlen, PaddedSDPA, torch_varlen_kernel
+from backend_worker.engine import Engine
+from backend_worker.graphs import Bucket, choose_bucket, eager_capture, graph_buckets, pad_to_bucket
+from shared.modelinfo import load_model_info
+from shared.protocol import BatchArrays
+from tests.fixtures.tiny import MIXED_TEXTS, make_tiny_bert, pack
+from tests.fixtures.varlen import cpu_varlen
+
+
+def batch(lengths: list[int], seed: int = 0) -> BatchArrays:
+    rng = np.random.default_rng(seed)
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    total = int(cu[-1])
+    return BatchArrays(
+        input_ids=rng.integers(5, 50, total).astype(np.int32),
+        position_ids=np.concatenate([np.arange(n) for n in lengths]).astype(np.int32),
+        token_type_ids=np.zeros(total, dtype=np.int32),
+        cu_seqlens=cu,
+    )
+
+
+def test_buckets_respect_the_budget_and_are_ordered_by_cost() -> None:
+    buckets = graph_buckets(128)
+    assert buckets == sorted(buckets)
+    assert max(b.tokens for b in buckets) == 128
+    assert all(b.sequences < b.tokens for b in buckets)
+    assert choose_bucket(buckets, 8, 1) == Bucket(16, 2)
+    assert choose_bucket(buckets, 15, 1) == Bucket(16, 2)
+    assert choose_bucket(buckets, 16, 1) == Bucket(32, 2)  # no room left for a filler
+    assert choose_bucket(buckets, 40, 5) == Bucket(64, 8)
+    assert choose_bucket(buckets, 129, 1) is None  # too big: eager
+    assert choose_bucket(buckets, 100, 40) == Bucket(128, 64)
+    assert choose_bucket(buckets, 120, 40) is None  # 24 fillers no longer fit in 128 tokens
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=70))
+def test_padding_fills_a_bucket_exactly_and_keeps_the_real_batch(lengths: list[int]) -> None:
+    arrays = batch(lengths)
+    buckets = graph_buckets(512)
+    bucket = choose_bucket(buckets, sum(lengths), len(lengths))
+    if bucket is None:
+        assert not any(b.fits(sum(lengths), len(lengths)) for b in buckets)
+        return
+    assert all(not b.fits(sum(lengths), len(lengths)) for b in buckets if b < bucket)
+    padded = pad_to_bucket(arrays, bucket)
+    assert padded.input_ids.shape == padded.position_ids.shape == (bucket.tokens,)
+    assert padded.cu_seqlens.shape == (bucket.sequences + 1,)
+    assert padded.cu_seqlens[-1] == bucket.tokens
+    assert (np.diff(padded.cu_seqlens) >= 1).all(), "no empty sequence, ever"
+    n, total = len(lengths), sum(lengths)
+    assert np.array_equal(padded.cu_seqlens[: n + 1], arrays.cu_seqlens)
+    for name in ("input_ids", "position_ids", "token_type_ids"):
+        assert np.array_equal(getattr(padded, name)[:total], getattr(arrays, name))
+    # Fillers are token 0 at position 0: in range for any model, however long the filler.
+    assert not padded.input_ids[total:].any() and not padded.position_ids[total:].any()
+
+
+def test_padding_refuses_a_batch_that_does_not_fit() -> None:
+    with pytest.raises(ValueError, match="do not fit"):
+        pad_to_bucket(batch([10, 10]), Bucket(16, 8))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> str:
+    return str(make_tiny_bert(tmp_path_factory.mktemp("graphs") / "tiny", pooling="mean"))
+
+
+def test_replayed_buckets_equal_the_eager_forward(tiny_dir: str) -> None:
+    info = load_model_info(tiny_dir)
+    eager = Engine.load(info)  # padded SDPA: the reference path
+    packed = Engine.load(info, attention=PackedVarlen(torch_varlen_kernel(cpu_varlen)))
+    assert packed.capture_graphs(256, eager_capture)
+    assert packed.graphs is not None
+    texts = list(MIXED_TEXTS)
+    for count in (1, 2, 5):
+        arrays, _ = pack(tiny_dir, texts[:count])
+        bucket = packed.graphs.bucket_for(arrays)
+        assert bucket is not None, f"{count} inputs should take a graph"
+        np.testing.assert_allclose(packed.embed(arrays), eager.embed(arrays), atol=1e-5)
+    # Replaying a bucket again with other inputs overwrites the static buffers cleanly.
+    arrays, _ = pack(tiny_dir, texts[3:4])
+    np.testing.assert_allclose(packed.embed(arrays), eager.embed(arrays), atol=1e-5)
+    # Too big for any captured bucket: the eager packed path answers.
+    big, _ = pack(tiny_dir, texts * 4)
+    assert packed.graphs.bucket_for(big) is None
+    np.testing.assert_allclose(packed.embed(big), eager.embed(big), atol=1e-5)
+
+
+class _Bias:
+    def __call__(self, length: int, device: torch.device) -> torch.Tensor:
+        return torch.zeros(4, length, length, device=device)
+
+
+def test_a_model_needing_padded_attention_keeps_running_eagerly(tiny_dir: str) -> None:
+    info = load_model_info(tiny_dir)
+    engine = Engine.load(info, attention=PackedVarlen(torch_varlen_kernel(cpu_varlen)))
+    for layer in engine.model.layers:  # as a family with a position bias would build them
+        layer.attention.mask = MaskSpec(bias=_Bias())
+        layer.attention._fused = False
+    assert not engine.capture_graphs(64, eager_capture)
+    assert engine.graphs is None
+    arrays, _ = pack(tiny_dir, MIXED_TEXTS)
+    assert np.isfinite(engine.embed(arrays)).all()
+    # And the padded path cannot be captured at all.
+    assert not Engine.load(info, attention=PaddedSDPA()).capture_graphs(64, eager_capture)

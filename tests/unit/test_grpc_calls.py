@@ -1,0 +1,168 @@
+"""router/grpc/calls.py: stream replies in request order with bounded work in flight, and the
+one table of gRPC statuses."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+
+import grpc
+import pytest
+
+from router.grpc.calls import STATUS, in_order, streaming, unary
+from router.grpc.protos import pb
+from shared.errors import EmbedServeError, ErrorType, validation
+
+
+async def _requests(items: list[int]) -> AsyncIterator[int]:
+    for item in items:
+        yield item
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_replies_come_in_request_order_when_later_ones_finish_first() -> None:
+    finished: list[int] = []
+
+    async def answer(n: int) -> int:
+        await asyncio.sleep(0.01 * (5 - n))  # the last request is answered first
+        finished.append(n)
+        return n * 10
+
+    async def main() -> list[int]:
+        return [reply async for reply in in_order(_requests([0, 1, 2, 3, 4]), answer, 8)]
+
+    assert run(main()) == [0, 10, 20, 30, 40]
+    assert finished == [4, 3, 2, 1, 0]  # they did run at once
+
+
+def test_at_most_parallelism_requests_are_unanswered() -> None:
+    busy = 0
+    most = 0
+
+    async def answer(n: int) -> int:
+        nonlocal busy, most
+        busy += 1
+        most = max(most, busy)
+        await asyncio.sleep(0.001)
+        busy -= 1
+        return n
+
+    async def main() -> list[int]:
+        return [reply async for reply in in_order(_requests(list(range(50))), answer, 3)]
+
+    assert run(main()) == list(range(50))
+    assert most == 3
+
+
+def test_the_first_failure_ends_the_stream_and_cancels_the_rest() -> None:
+    cancelled: list[int] = []
+
+    async def answer(n: int) -> int:
+        if n == 1:
+            raise validation("bad request 1")
+        try:
+            await asyncio.sleep(0 if n == 0 else 10)
+        except asyncio.CancelledError:
+            cancelled.append(n)
+            raise
+        return n
+
+    async def main() -> list[int]:
+        got = []
+        with pytest.raises(EmbedServeError, match="bad request 1"):
+            async for reply in in_order(_requests([0, 1, 2, 3]), answer, 8):
+                got.append(reply)
+        await asyncio.sleep(0)
+        return got
+
+    assert run(main()) == [0]
+    assert sorted(cancelled) == [2, 3]
+
+
+class Aborted(Exception):
+    pass
+
+
+class FakeContext:
+    """What `unary` and `streaming` use of grpc.aio.ServicerContext."""
+
+    def __init__(self) -> None:
+        self.headers: tuple = ()
+
+    async def send_initial_metadata(self, headers) -> None:
+        self.headers = headers
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise Aborted(code, details)
+
+
+def _servicer(error: Exception | None):
+    async def answer(servicer, request):
+        if error is not None:
+            raise error
+        return pb.EmbedResponse(embeddings=[1.0], metadata=pb.Metadata(
+            compute_tokens=3, total_time_ns=7_900_000))
+
+    return SimpleNamespace(state=SimpleNamespace(compute_type="cpu"), stream_parallelism=2,
+                           unary=unary(answer), streaming=streaming(answer))
+
+
+@pytest.mark.parametrize("error_type", list(ErrorType))
+def test_every_error_type_has_its_status(error_type: ErrorType) -> None:
+    servicer = _servicer(EmbedServeError(error_type, "why"))
+    with pytest.raises(Aborted) as info:
+        run(servicer.unary(servicer, None, FakeContext()))
+    assert info.value.args == (STATUS[error_type], "why")
+
+
+def test_statuses_of_tei_and_api_md() -> None:
+    assert STATUS[ErrorType.UNHEALTHY] == grpc.StatusCode.UNAVAILABLE
+    assert STATUS[ErrorType.BACKEND] == STATUS[ErrorType.TOKENIZER] == \
+        grpc.StatusCode.FAILED_PRECONDITION
+    assert STATUS[ErrorType.OVERLOADED] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert STATUS[ErrorType.VALIDATION] == STATUS[ErrorType.EMPTY] == \
+        grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_bug_is_internal_without_its_details() -> None:
+    servicer = _servicer(KeyError("secret internals"))
+    with pytest.raises(Aborted) as info:
+        run(servicer.unary(servicer, None, FakeContext()))
+    assert info.value.args == (grpc.StatusCode.INTERNAL, "internal server error")
+
+
+def test_unary_replies_carry_the_compute_headers() -> None:
+    servicer, context = _servicer(None), FakeContext()
+    reply = run(servicer.unary(servicer, None, context))
+    assert list(reply.embeddings) == [1.0]
+    headers = dict(context.headers)
+    assert headers["x-compute-tokens"] == "3" and headers["x-total-time"] == "7"
+    assert headers["x-compute-type"] == "cpu"
+
+
+def test_a_stream_failure_becomes_the_status_after_the_earlier_replies() -> None:
+    calls = 0
+
+    async def answer(servicer, request: int):
+        nonlocal calls
+        calls += 1
+        if request == 2:
+            raise EmbedServeError(ErrorType.OVERLOADED, "busy")
+        return request
+
+    servicer = SimpleNamespace(stream_parallelism=1)
+    method = streaming(answer)
+
+    async def main() -> list[int]:
+        got = []
+        with pytest.raises(Aborted) as info:
+            async for reply in method(servicer, _requests([0, 1, 2, 3]), FakeContext()):
+                got.append(reply)
+        assert info.value.args == (grpc.StatusCode.RESOURCE_EXHAUSTED, "busy")
+        return got
+
+    assert run(main()) == [0, 1]
