@@ -44,6 +44,20 @@ def activation(name: str, where: str = "activation") -> nn.Module:
     return factory()
 
 
+class WordPositionEmbeddings(nn.Module):
+    """norm(word + absolute position embeddings): BERT's embeddings without token types
+    (DistilBERT, MPNet). Position ids index the table as given (any family offset is in them)."""
+
+    def __init__(self, vocab: int, positions: int, hidden: int, eps: float) -> None:
+        super().__init__()
+        self.word = nn.Embedding(vocab, hidden)
+        self.position = nn.Embedding(positions, hidden)
+        self.norm = nn.LayerNorm(hidden, eps=eps)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.word(input_ids) + self.position(position_ids))
+
+
 class MLP(nn.Module):
     """up -> activation -> down (BERT's intermediate/output pair, without the residual)."""
 

@@ -7,11 +7,14 @@ Importing this package imports every family, which is what fills the registry.
 from backend_worker.models import (  # noqa: F401
     bert,
     decoder,  # qwen2, qwen3, mistral, llama
+    distilbert,
     gemma3,  # gemma3_text
     gte,  # model_types new and gte
     jina,  # by auto_map marker, before plain BERT
     modernbert,
+    mpnet,
     nomic_bert,
+    roberta,
 )
 from backend_worker.models.registry import EncoderModel, model_class, supported
 

@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Self
 import torch
 from torch import nn
 
-from backend_worker.attention import Attention
+from backend_worker.attention import BIDIRECTIONAL, Attention, MaskSpec
 from backend_worker.head_modules import Either, FamilyHeads, HeadKeys
 from backend_worker.layers import MLP, SelfAttention, activation
 from backend_worker.loading import Rule, WeightMap
@@ -96,10 +96,10 @@ class BertLayer(nn.Module):
 
     def __init__(
         self, hidden: int, heads: int, intermediate: int, act: str, eps: float,
-        attention: Attention,
+        attention: Attention, mask: MaskSpec = BIDIRECTIONAL,
     ) -> None:
         super().__init__()
-        self.attention = SelfAttention(hidden, heads, attention)
+        self.attention = SelfAttention(hidden, heads, attention, mask=mask)
         self.attention_norm = nn.LayerNorm(hidden, eps=eps)
         self.mlp = MLP(hidden, intermediate, act)
         self.mlp_norm = nn.LayerNorm(hidden, eps=eps)
@@ -115,6 +115,8 @@ class BertModel(nn.Module):
 
     weight_map: ClassVar[WeightMap] = WEIGHT_MAP
     heads: ClassVar[FamilyHeads | None] = HEADS
+    # How config errors name the family (subclasses with BERT's layout say their own name).
+    family: ClassVar[str] = "BERT"
 
     def __init__(
         self, *, vocab_size: int, hidden_size: int, num_hidden_layers: int,
@@ -136,12 +138,12 @@ class BertModel(nn.Module):
     def from_config(cls, config: dict[str, Any], attention: Attention) -> Self:
         for key, bad in _UNSUPPORTED.items():
             if config.get(key) == bad:
-                raise ConfigError(f"config.json: BERT with {key}={bad!r} is not supported")
+                raise ConfigError(f"config.json: {cls.family} with {key}={bad!r} is not supported")
         position_type = config.get("position_embedding_type", "absolute")
         if position_type != "absolute":
             raise ConfigError(
-                f"config.json: BERT position_embedding_type {position_type!r} is not supported "
-                "(supported: absolute)"
+                f"config.json: {cls.family} position_embedding_type {position_type!r} is not "
+                "supported (supported: absolute)"
             )
         hidden_act = str(config.get("hidden_act", "gelu"))
         activation(hidden_act, where="config.json: hidden_act")  # fail with the setting's name
@@ -159,7 +161,7 @@ class BertModel(nn.Module):
                 attention=attention,
             )
         except KeyError as exc:
-            raise ConfigError(f"config.json: BERT config lacks {exc.args[0]!r}") from exc
+            raise ConfigError(f"config.json: {cls.family} config lacks {exc.args[0]!r}") from exc
 
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: torch.Tensor,

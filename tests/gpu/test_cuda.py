@@ -17,6 +17,7 @@ from backend_worker.engine import Engine
 from backend_worker.graphs import cuda_capture
 from shared.modelinfo import load_model_info
 from tests.fixtures.decoders import make_embedding_gemma, make_st_decoder
+from tests.fixtures.families import make_tiny, pack_offset
 from tests.fixtures.jina import make_tiny_jina
 from tests.fixtures.modernbert import make_tiny_modernbert
 from tests.fixtures.rotary import make_tiny_rotary
@@ -44,6 +45,10 @@ FAMILIES: dict[str, Callable[[Path], Path]] = {
     "llama-bidirectional-mean": lambda p: make_st_decoder(p, "llama", pooling="mean",
                                                           overrides={"is_causal": False}),
     "embedding-gemma": make_embedding_gemma,
+    "roberta": lambda p: make_tiny(p, "xlm-roberta", "XLMRobertaModel", pooling="mean"),
+    "distilbert": lambda p: make_tiny(p, "distilbert", "DistilBertModel", pooling="mean"),
+    # MPNet's relative position bias: its layers take padded SDPA inside the packed path.
+    "mpnet": lambda p: make_tiny(p, "mpnet", "MPNetModel", pooling="cls"),
 }
 
 
@@ -62,7 +67,8 @@ def test_family_on_cuda_matches_the_cpu_oracle(tmp_path: Path, family: str,
     oracle = Engine.load(info)
     engine = Engine.load(info, device="cuda", dtype=dtype)
     assert isinstance(engine.attention, PackedVarlen), engine.attention.name
-    arrays, _ = pack(model_dir, MIXED_TEXTS * 3)
+    # With the family's position offset, as the router packs (RoBERTa, MPNet: pad_token_id + 1).
+    arrays, _ = pack_offset(model_dir, MIXED_TEXTS * 3, info.position_offset)
     got, want = engine.embed(arrays), oracle.embed(arrays)
     assert np.isfinite(got).all()
     assert cosines(got, want).min() >= COSINE

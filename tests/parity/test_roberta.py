@@ -1,0 +1,239 @@
+"""RoBERTa / XLM-RoBERTa / CamemBERT parity: hidden states against transformers (which derives
+the offset positions from the ids), pooled vectors against sentence-transformers, classifier and
+re-ranker logits against *ForSequenceClassification, SPLADE against *ForMaskedLM; tiny random
+checkpoints, one of them behind multilingual-e5-small's real XLM-R tokenizer. fp32, CPU."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from backend_worker.engine import Engine
+from backend_worker.head_modules import ClassifierHead, SpladeHead
+from backend_worker.heads import build_head, run_head
+from shared.errors import ConfigError
+from shared.modelinfo import load_model_info
+from tests.fixtures.families import (
+    MAX_TOKENS,
+    make_tiny,
+    make_tiny_xlmr,
+    pack_offset,
+    padded_inputs,
+)
+from tests.fixtures.tiny import MIXED_TEXTS
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+COVERS = frozenset({"roberta", "xlm-roberta", "camembert"})
+
+TEXTS = MIXED_TEXTS
+LONG = "A much longer input, with punctuation; digits 0123456789 and MiXeD case. " * 12
+MULTILINGUAL: list[str | tuple[str, str]] = [
+    "The weather is lovely today.",
+    "Il fait très beau aujourd'hui, n'est-ce pas ?",
+    ("¿Cuál es la capital de Francia?", "París es la capital de Francia."),
+    "今日はとても良い天気ですね。",
+    ("Wie spät ist es?", "Es ist halb zehn."),
+    "Привет",
+    LONG,  # truncated at the model's limit: the last row of the position table is used
+]
+HIDDEN_TOL = 1e-4
+LOGIT_TOL = 1e-4
+
+
+def serve(model_dir: Path, pooling: str | None = None):
+    info = load_model_info(model_dir, pooling_override=pooling)
+    engine = Engine.load(info)
+    return info, engine
+
+
+def hf_hidden(model_dir: Path, arrays) -> torch.Tensor:
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(model_dir)).eval()
+    inputs = padded_inputs(arrays)
+    with torch.no_grad():
+        out = model(**inputs).last_hidden_state
+    return out[inputs["attention_mask"].bool()]
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@pytest.mark.parametrize(
+    ("model_type", "architecture"),
+    [
+        ("roberta", "RobertaModel"),
+        ("roberta", "RobertaForMaskedLM"),  # "roberta." prefix, lm_head ignored
+        ("xlm-roberta", "XLMRobertaModel"),
+        ("camembert", "CamembertModel"),
+    ],
+)
+def test_hidden_states_match_transformers(tmp_path: Path, model_type: str,
+                                          architecture: str) -> None:
+    root = make_tiny(tmp_path / "m", model_type, architecture)
+    info, engine = serve(root, "mean")
+    assert info.position_offset == 2
+    assert engine.max_positions == MAX_TOKENS
+    arrays, ids = pack_offset(root, TEXTS, info.position_offset)
+    assert len(set(map(len, ids))) == len(ids), "inputs must differ in length"
+    assert all(1 not in seq for seq in ids), "the pad id inside a sequence shifts HF's positions"
+    diff = (engine.hidden_states(arrays) - hf_hidden(root, arrays)).abs().max().item()
+    print(f"{model_type}/{architecture}: max abs diff of last hidden state {diff:.2e}")
+    assert diff <= HIDDEN_TOL
+
+
+@pytest.mark.parametrize(("model_type", "pooling"), [("roberta", "mean"), ("camembert", "cls"),
+                                                     ("xlm-roberta", "max")])
+def test_pooled_matches_sentence_transformers(tmp_path: Path, model_type: str,
+                                              pooling: str) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    architecture = {"roberta": "RobertaModel", "camembert": "CamembertModel",
+                    "xlm-roberta": "XLMRobertaModel"}[model_type]
+    root = make_tiny(tmp_path / "m", model_type, architecture, pooling=pooling, seed=4)
+    texts = [t for t in TEXTS if isinstance(t, str)] + [LONG]
+    info, engine = serve(root)
+    arrays, _ = pack_offset(root, texts, info.position_offset, info.max_input_length)
+    ours = engine.embed(arrays)
+    ours /= np.linalg.norm(ours, axis=1, keepdims=True)
+    ref = SentenceTransformer(str(root), device="cpu").encode(texts, convert_to_numpy=True)
+    assert cosine_rows(ours, ref).min() >= 0.99999
+    assert np.abs(ours - ref).max() <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def xlmr_dir(tmp_path_factory) -> Path:
+    return make_tiny_xlmr(tmp_path_factory.mktemp("xlmr") / "m", pooling="mean", max_tokens=64)
+
+
+def test_real_xlmr_tokenizer_end_to_end(xlmr_dir: Path) -> None:
+    """Unigram pieces, </s></s> between the two texts of a pair, positions 2..65 up to the last
+    row of the table, and truncation at the model's limit, against both oracles."""
+    from sentence_transformers import SentenceTransformer
+
+    info, engine = serve(xlmr_dir)
+    assert (info.position_offset, info.max_input_length, engine.max_positions) == (2, 64, 64)
+    arrays, ids = pack_offset(xlmr_dir, MULTILINGUAL, info.position_offset,
+                              info.max_input_length)
+    assert [seq[:1] + seq[-1:] for seq in ids] == [[0, 2]] * len(ids)
+    assert [2, 2] in [seq[i : i + 2] for seq in ids for i in range(len(seq))], "pair separator"
+    assert max(map(len, ids)) == 64 and int(arrays.position_ids.max()) == 65
+    assert all(1 not in seq for seq in ids)
+    assert int(arrays.input_ids.max()) > 100_000, "ids from deep in the 250k vocabulary"
+
+    diff = (engine.hidden_states(arrays) - hf_hidden(xlmr_dir, arrays)).abs().max().item()
+    assert diff <= HIDDEN_TOL, diff
+
+    texts = [t for t in MULTILINGUAL if isinstance(t, str)]
+    single, _ = pack_offset(xlmr_dir, texts, info.position_offset, info.max_input_length)
+    ours = engine.embed(single)
+    ours /= np.linalg.norm(ours, axis=1, keepdims=True)
+    ref = SentenceTransformer(str(xlmr_dir), device="cpu").encode(texts, convert_to_numpy=True)
+    assert cosine_rows(ours, ref).min() >= 0.99999
+
+
+def test_real_xlmr_tokenizer_reranker_pairs(tmp_path: Path) -> None:
+    """bge-reranker's shape (XLMRobertaForSequenceClassification, one label) on real pairs."""
+    from transformers import AutoModelForSequenceClassification
+
+    root = make_tiny_xlmr(tmp_path / "reranker", "XLMRobertaForSequenceClassification",
+                          seed=6, num_labels=1)
+    info, engine = serve(root)
+    head = build_head(info, engine.device)
+    assert info.kind == "reranker" and isinstance(head, ClassifierHead)
+    pairs = [p for p in MULTILINGUAL if isinstance(p, tuple)]
+    pairs += [("what is the capital of france?", text) for text in MULTILINGUAL[:2]]
+    arrays, _ = pack_offset(root, pairs, info.position_offset, info.max_input_length)
+    _, _, logits = run_head(engine, head)(arrays)
+    hf = AutoModelForSequenceClassification.from_pretrained(str(root)).eval()
+    with torch.no_grad():
+        expected = hf(**padded_inputs(arrays)).logits.numpy()
+    assert np.abs(logits - expected).max() <= LOGIT_TOL
+
+
+@pytest.mark.parametrize(("model_type", "architecture", "labels"), [
+    ("roberta", "RobertaForSequenceClassification", 3),
+    ("xlm-roberta", "XLMRobertaForSequenceClassification", 1),
+    ("camembert", "CamembertForSequenceClassification", 2),
+])
+def test_classifier_logits_match_transformers(tmp_path: Path, model_type: str,
+                                              architecture: str, labels: int) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    root = make_tiny(tmp_path / "c", model_type, architecture, seed=7, num_labels=labels)
+    info, engine = serve(root)
+    head = build_head(info, engine.device)
+    assert isinstance(head, ClassifierHead)
+    arrays, _ = pack_offset(root, TEXTS, info.position_offset)
+    rows, dim, logits = run_head(engine, head)(arrays)
+    assert (rows, dim) == (len(TEXTS), labels)
+    hf = AutoModelForSequenceClassification.from_pretrained(str(root)).eval()
+    with torch.no_grad():
+        expected = hf(**padded_inputs(arrays)).logits.numpy()
+    assert np.abs(logits - expected).max() <= LOGIT_TOL
+
+
+def splade_reference(model_dir: Path, arrays) -> np.ndarray:
+    """transformers MaskedLM logits -> relu -> log1p -> max over each sequence's tokens."""
+    from transformers import AutoModelForMaskedLM
+
+    hf = AutoModelForMaskedLM.from_pretrained(str(model_dir)).eval()
+    inputs = padded_inputs(arrays)
+    with torch.no_grad():
+        logits = hf(**inputs).logits
+    values = torch.log1p(torch.relu(logits)) * inputs["attention_mask"].unsqueeze(-1)
+    return values.max(dim=1).values.numpy()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("model_type", ["roberta", "xlm-roberta"])
+def test_splade_matches_masked_lm(tmp_path: Path, model_type: str, tied: bool) -> None:
+    architecture = {"roberta": "RobertaForMaskedLM", "xlm-roberta": "XLMRobertaForMaskedLM"}
+    # hidden_act is not the LM head's activation: RobertaLMHead always applies gelu.
+    root = make_tiny(tmp_path / "mlm", model_type, architecture[model_type], seed=8,
+                     tie_word_embeddings=tied, hidden_act="relu")
+    keys = load_file(str(root / "model.safetensors"))
+    assert ("lm_head.decoder.weight" in keys) is not tied
+    assert ("lm_head.decoder.bias" in keys) is not tied
+    info, engine = serve(root, "splade")
+    head = build_head(info, engine.device)
+    assert isinstance(head, SpladeHead)
+    arrays, _ = pack_offset(root, TEXTS, info.position_offset)
+    rows, dim, offsets, indices, values = run_head(engine, head)(arrays)
+    ours = np.zeros((rows, dim), dtype=np.float32)
+    for row, (start, end) in enumerate(itertools.pairwise(offsets)):
+        ours[row, indices[start:end]] = values[start:end]
+    assert np.abs(ours - splade_reference(root, arrays)).max() <= 1e-4
+
+
+def test_missing_classifier_key_is_named(tmp_path: Path) -> None:
+    root = make_tiny(tmp_path / "c", "roberta", "RobertaForSequenceClassification")
+    path = root / "model.safetensors"
+    state = load_file(str(path))
+    del state["classifier.out_proj.weight"]
+    save_file(state, str(path), metadata={"format": "pt"})
+    info, engine = serve(root)  # the encoder is complete: the head is what fails
+    with pytest.raises(ConfigError, match=r"missing.*classifier\.out_proj\.weight"):
+        build_head(info, engine.device)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ({"is_decoder": True}, "RoBERTa with is_decoder=True"),
+    ({"position_embedding_type": "relative_key"}, "RoBERTa position_embedding_type"),
+    ({"hidden_act": "mish"}, "hidden_act 'mish'"),
+])
+def test_refused_configs(tmp_path: Path, override: dict, message: str) -> None:
+    root = make_tiny(tmp_path / "m", "xlm-roberta", "XLMRobertaModel")
+    config = json.loads((root / "config.json").read_text())
+    (root / "config.json").write_text(json.dumps({**config, **override}))
+    with pytest.raises(ConfigError, match=message):
+        serve(root, "mean")
