@@ -80,6 +80,7 @@ class Worker:
     def load(self):
         import torch
 
+        from backend_worker.dtypes import default_dtype
         from backend_worker.engine import Engine
         from backend_worker.heads import build_head
 
@@ -91,7 +92,7 @@ class Worker:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda:"):
             torch.cuda.set_device(torch.device(device))  # this process owns this one GPU
-        dtype_name = self.config.dtype or ("float16" if device.startswith("cuda") else "float32")
+        dtype_name = self.config.dtype or default_dtype(torch.device(device).type)
         engine = Engine.load(info, device=device, dtype=getattr(torch, dtype_name))
         served = self.outputs = outputs(engine, build_head(info, engine.device))
         # Warm up on what the model serves (a SPLADE head's [tokens, vocab] chunks are the

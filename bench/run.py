@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         ready_s = server.wait_healthy()
         info = json.loads(server.info())
         dim = info.get("embedding_dimension")
+        served_dtype = info.get("model_dtype")
         print(f"server up on :{server.port} after {ready_s:.1f} s", flush=True)
 
         corpus_reqs = [build_request(server.port, "/embed", body, n, tok)
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         ("commit", report.git_commit()),
         ("command", f"`{report.command_line(argv)}`"),
         ("model", f"{model} (max {factory.max_length} tokens, dim {dim}), device {args.device}, "
-                  f"server args: {' '.join(args.server_arg) or 'none'}"),
+                  f"served in {served_dtype}, server args: {' '.join(args.server_arg) or 'none'}"),
         ("corpus", f"{len(corpus.texts)} texts of U[16, {hi}] tokens, "
                    f"{corpus.total_tokens:,} tokens (seed {args.seed}); "
                    f"queries: {len(queries.texts)} texts of U[6, 10] tokens"),

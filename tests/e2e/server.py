@@ -30,8 +30,16 @@ def free_port() -> int:
 
 
 class Server:
+    """`dtype`: the tests compare against float32 oracles (sentence-transformers, transformers)
+    at float32 tolerances, so a server runs float32 unless the test passes another dtype, or
+    None for the server's own default (bfloat16 on a CPU with native bfloat16,
+    backend_worker/dtypes.py). A `--dtype` among `args` wins."""
+
     def __init__(self, *args: str, env: dict[str, str] | None = None,
-                 log_path: Path | None = None) -> None:
+                 log_path: Path | None = None, dtype: str | None = "float32") -> None:
+        if dtype is not None and not any(a == "--dtype" or a.startswith("--dtype=")
+                                         for a in args):
+            args = (*args, "--dtype", dtype)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -89,9 +97,10 @@ def wait_for(predicate, timeout: float = 60, interval: float = 0.1) -> None:
 
 
 @contextmanager
-def serving(*args: str, log_path: Path, env: dict[str, str] | None = None) -> Iterator[Server]:
+def serving(*args: str, log_path: Path, env: dict[str, str] | None = None,
+            dtype: str | None = "float32") -> Iterator[Server]:
     """A healthy server for the block; on the way out it must stop cleanly (exit status 0)."""
-    srv = Server(*args, env=env, log_path=log_path).wait_healthy()
+    srv = Server(*args, env=env, log_path=log_path, dtype=dtype).wait_healthy()
     try:
         yield srv
     finally:

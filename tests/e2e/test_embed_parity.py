@@ -115,3 +115,18 @@ def test_batch_invariance(server):
     for index, text in enumerate([*SENTENCES, LONG]):
         alone = embed(server, inputs=text)[0]
         assert np.abs(alone - batch[index]).max() < 1e-5, text
+
+
+def test_default_dtype_on_this_cpu_stays_close_to_the_oracle(minilm_dir, st_minilm, tmp_path):
+    """Without --dtype the worker picks its device's default (bfloat16 on a CPU with native
+    bfloat16, backend_worker/dtypes.py): /info says which, and the vectors keep the precision
+    the README promises (cosine >= 0.999, TESTING.md's reduced-precision bound)."""
+    from backend_worker.dtypes import default_dtype
+    from tests.e2e.server import serving
+
+    with serving("--model-id", str(minilm_dir), "--max-batch-tokens", "2048",
+                 log_path=tmp_path / "server.log", dtype=None) as srv:
+        assert srv.client.get("/info").json()["model_dtype"] == default_dtype("cpu")
+        ours = embed(srv, inputs=[*SENTENCES, LONG])
+    theirs = st_minilm.encode([*SENTENCES, LONG])
+    assert cosines(ours, theirs).min() >= 0.999

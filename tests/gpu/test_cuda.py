@@ -147,9 +147,10 @@ def test_server_on_cuda_answers_like_sentence_transformers(tmp_path: Path) -> No
     texts = [t if isinstance(t, str) else t[0] for t in MIXED_TEXTS]
     want = SentenceTransformer(str(model_dir), device="cpu").encode(texts)
     with serving("--model-id", str(model_dir), "--device", "cuda",
-                 log_path=tmp_path / "server.log") as server:
+                 log_path=tmp_path / "server.log", dtype=None) as server:
         info = server.client.get("/info").json()
         assert "cuda" in json.dumps(info)
+        assert info["model_dtype"] == "float16"  # CUDA's default
         got = np.array(server.client.post("/embed", json={"inputs": texts}).json())
         one = np.array(server.client.post("/embed", json={"inputs": texts[0]}).json())
     assert cosines(got, want).min() >= COSINE

@@ -1,0 +1,32 @@
+"""The worker's default dtype per device and CPU (backend_worker/dtypes.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from backend_worker.dtypes import cpu_flags, default_dtype
+
+
+@pytest.mark.parametrize(
+    ("device", "flags", "expected"),
+    [
+        ("cuda", frozenset(), "float16"),
+        ("cpu", frozenset({"avx2", "amx_bf16", "amx_tile"}), "bfloat16"),  # Sapphire Rapids on
+        ("cpu", frozenset({"avx2", "avx512f", "avx512_bf16"}), "bfloat16"),  # Zen 4, Cooper Lake
+        ("cpu", frozenset({"avx2", "avx512f"}), "float32"),  # bf16 would be emulated: slower
+        ("cpu", frozenset(), "float32"),
+        ("mps", frozenset({"amx_bf16"}), "float32"),
+    ],
+)
+def test_default_dtype(device: str, flags: frozenset[str], expected: str) -> None:
+    assert default_dtype(device, flags) == expected
+
+
+def test_cpu_flags_reads_the_flags_line(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: X\nflags\t\t: fpu sse avx512_bf16 amx_bf16\n"
+                       "bugs\t\t: spectre\n\nprocessor\t: 1\nflags\t\t: fpu sse\n")
+    assert cpu_flags(cpuinfo) == {"fpu", "sse", "avx512_bf16", "amx_bf16"}
+    assert cpu_flags(tmp_path / "missing") == frozenset()
