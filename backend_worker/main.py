@@ -20,6 +20,7 @@ import msgspec
 import numpy as np
 import zmq
 
+from backend_worker.memory import HeapTrimmer, cap_primitive_cache
 from shared import protocol
 from shared.config import WorkerConfig
 from shared.errors import ConfigError
@@ -119,10 +120,12 @@ class Worker:
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         last_sent = time.monotonic()
+        heap = HeapTrimmer()
         while True:
             if not poller.poll(0 if self.stopping else _POLL_MS):
                 if self.stopping:
                     return  # drained: nothing left to compute
+                heap.idle()  # no batch for _POLL_MS: a good moment to give memory back
                 if os.getppid() != self.config.parent_pid:
                     log.error("router is gone; exiting")
                     return
@@ -135,6 +138,7 @@ class Worker:
             if not isinstance(message, protocol.Batch):
                 raise RuntimeError(f"worker got an unexpected {type(message).__name__}")
             self.compute(engine, message, buffers)
+            heap.worked()
             last_sent = time.monotonic()
 
     def compute(self, engine, batch: protocol.Batch, buffers: list[memoryview]) -> None:
@@ -184,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     config = msgspec.json.decode(argv[0], type=WorkerConfig)
     die_with_parent(config.parent_pid)
+    cap_primitive_cache()  # before torch is imported (Worker.load)
     setup_logging(config.json_output, f"worker-{config.worker_id}")
     context = zmq.Context()
     socket = context.socket(zmq.DEALER)
