@@ -39,5 +39,5 @@ def _capacity_after_capping(env: dict[str, str]) -> str:
 
 def test_primitive_cache_is_capped_unless_the_user_set_it() -> None:
     base = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
-    assert _capacity_after_capping(base) == "16"
+    assert _capacity_after_capping(base) == "128"
     assert _capacity_after_capping({**base, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "512"}) == "512"
