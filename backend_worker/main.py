@@ -23,6 +23,7 @@ import zmq
 from backend_worker.memory import HeapTrimmer, cap_primitive_cache
 from shared import protocol
 from shared.config import WorkerConfig
+from shared.dtypes import default_dtype
 from shared.errors import ConfigError
 from shared.logs import setup_logging
 from shared.modelinfo import load_model_info
@@ -81,7 +82,6 @@ class Worker:
     def load(self):
         import torch
 
-        from backend_worker.dtypes import default_dtype
         from backend_worker.engine import Engine
         from backend_worker.heads import build_head
 

@@ -29,6 +29,7 @@ from router.tokenization import TokenizerPool
 from router.tracing import Tracing
 from router.workers import WorkerPool
 from shared.config import ServerConfig, WorkerConfig, parse_config
+from shared.dtypes import default_dtype
 from shared.errors import ConfigError
 from shared.logs import setup_logging
 from shared.modelinfo import ModelInfo, load_model_info
@@ -179,8 +180,9 @@ async def run(config: ServerConfig) -> None:
             tracer=tracer,
         )
         workers.on_change = service.on_workers_changed
-        # The worker reports the dtype it chose (device "auto"); /info shows that once known.
-        dtype = config.dtype or "float32"
+        # What the workers will choose (shared/dtypes.py); /info shows what they report once
+        # they are ready.
+        dtype = config.dtype or default_dtype(devices[0].partition(":")[0])
         await _serve(AppState(config, service, build_info(config, model, info, dtype, rules),
                               info), tracer)
     finally:

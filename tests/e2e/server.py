@@ -33,7 +33,7 @@ class Server:
     """`dtype`: the tests compare against float32 oracles (sentence-transformers, transformers)
     at float32 tolerances, so a server runs float32 unless the test passes another dtype, or
     None for the server's own default (bfloat16 on a CPU with native bfloat16,
-    backend_worker/dtypes.py). A `--dtype` among `args` wins."""
+    shared/dtypes.py). A `--dtype` among `args` wins."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None,
                  log_path: Path | None = None, dtype: str | None = "float32") -> None:

@@ -119,9 +119,9 @@ def test_batch_invariance(server):
 
 def test_default_dtype_on_this_cpu_stays_close_to_the_oracle(minilm_dir, st_minilm, tmp_path):
     """Without --dtype the worker picks its device's default (bfloat16 on a CPU with native
-    bfloat16, backend_worker/dtypes.py): /info says which, and the vectors keep the precision
+    bfloat16, shared/dtypes.py): /info says which, and the vectors keep the precision
     the README promises (cosine >= 0.999, TESTING.md's reduced-precision bound)."""
-    from backend_worker.dtypes import default_dtype
+    from shared.dtypes import default_dtype
     from tests.e2e.server import serving
 
     with serving("--model-id", str(minilm_dir), "--max-batch-tokens", "2048",

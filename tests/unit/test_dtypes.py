@@ -1,4 +1,4 @@
-"""The worker's default dtype per device and CPU (backend_worker/dtypes.py)."""
+"""The worker's default dtype per device and CPU (shared/dtypes.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from backend_worker.dtypes import cpu_flags, default_dtype
+from shared.dtypes import cpu_flags, default_dtype
 
 
 @pytest.mark.parametrize(

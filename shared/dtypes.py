@@ -1,4 +1,5 @@
-"""The worker's compute dtype when `--dtype` is not given, decided from the device it owns.
+"""The compute dtype when `--dtype` is not given, decided from the worker's device (the worker
+chooses; the router says the same in /info before the workers are up).
 
 - CUDA: float16, as TEI (tensor cores; cosine >= 0.999 against the float32 oracle).
 - CPU with native bfloat16 matmul (AMX-BF16 or AVX512-BF16, read from /proc/cpuinfo): bfloat16.
