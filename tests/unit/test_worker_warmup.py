@@ -1,0 +1,37 @@
+"""Warm-up failures that are configuration problems say which flag to change."""
+
+from __future__ import annotations
+
+import pytest
+
+from backend_worker.main import _out_of_memory_says_which_flag, warmup_arrays
+from shared.errors import ConfigError
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB"),  # torch.OutOfMemoryError
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
+    MemoryError(),
+])
+def test_out_of_memory_in_warm_up_names_max_batch_tokens(error: BaseException) -> None:
+    with pytest.raises(ConfigError, match=r"cuda:0.*--max-batch-tokens 65536: lower --max-batch-tokens"), \
+            _out_of_memory_says_which_flag(65536, "cuda:0"):
+        raise error
+
+
+def test_other_warm_up_errors_pass_through() -> None:
+    with pytest.raises(RuntimeError, match="shape mismatch"), \
+            _out_of_memory_says_which_flag(65536, "cpu"):
+        raise RuntimeError("shape mismatch")
+
+
+@pytest.mark.parametrize(("budget", "max_len", "packed"), [(16384, 512, True), (1000, 512, True),
+                                                           (1000, 512, False), (100, 512, False)])
+def test_warm_up_batch_costs_exactly_the_budget(budget: int, max_len: int, packed: bool) -> None:
+    arrays = warmup_arrays(budget, max_len, packed)
+    lengths = arrays.cu_seqlens[1:] - arrays.cu_seqlens[:-1]
+    assert lengths.max() <= max_len
+    if packed:
+        assert lengths.sum() == budget
+    else:  # padded cost: longest * count, never above the budget
+        assert lengths.max() * len(lengths) <= budget
