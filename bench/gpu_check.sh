@@ -33,8 +33,9 @@ PY
 echo "== packages"
 missing=()
 for pair in msgspec:msgspec zmq:pyzmq starlette:starlette hypercorn:hypercorn \
-            swagger_ui:swagger-ui-py httpx:httpx pytest:pytest pytest_timeout:pytest-timeout \
-            hypothesis:hypothesis; do
+            swagger_ui:swagger-ui-py opentelemetry.trace:opentelemetry-api \
+            prometheus_client:prometheus-client httpx:httpx pytest:pytest \
+            pytest_timeout:pytest-timeout hypothesis:hypothesis; do
     "$PY" -c "import ${pair%%:*}" 2>/dev/null || missing+=("${pair##*:}")
 done
 if (( ${#missing[@]} )); then

@@ -9,7 +9,8 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PY="${PY:-$ROOT/.venv/bin/python}"
 OUT="$ROOT/.gpu"
 # Runtime dependencies the host may lack, plus what the check itself runs (pytest, httpx).
-PACKAGES=(msgspec pyzmq starlette hypercorn swagger-ui-py httpx pytest pytest-timeout hypothesis)
+PACKAGES=(msgspec pyzmq starlette hypercorn swagger-ui-py opentelemetry-api prometheus-client
+          httpx pytest pytest-timeout hypothesis)
 mkdir -p "$OUT/wheels" "$OUT/tokenizer"
 for version in 3.11 3.12 3.13; do
     "$PY" -m pip download -q --only-binary=:all: --dest "$OUT/wheels" \
