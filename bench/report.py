@@ -11,6 +11,7 @@ import os
 import platform
 import shlex
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,7 +110,14 @@ def title_now() -> str:
 
 
 def command_line(argv: list[str]) -> str:
-    return shlex.join([".venv/bin/python", "-m", "bench.run", *argv])
+    """The command as it can be re-run: the interpreter relative to the checkout when it is the
+    project's venv, else as it was (the GPU host runs its own Python)."""
+    python = Path(sys.executable)
+    try:
+        shown = str(python.relative_to(REPO))
+    except ValueError:
+        shown = str(python)
+    return shlex.join([shown, "-m", "bench.run", *argv])
 
 
 def append(path: Path, text: str) -> None:

@@ -14,7 +14,8 @@ from shared.errors import ConfigError
     MemoryError(),
 ])
 def test_out_of_memory_in_warm_up_names_max_batch_tokens(error: BaseException) -> None:
-    with pytest.raises(ConfigError, match=r"cuda:0.*--max-batch-tokens 65536: lower --max-batch-tokens"), \
+    expected = r"cuda:0.*--max-batch-tokens 65536: lower --max-batch-tokens"
+    with pytest.raises(ConfigError, match=expected), \
             _out_of_memory_says_which_flag(65536, "cuda:0"):
         raise error
 
