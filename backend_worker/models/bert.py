@@ -15,6 +15,7 @@ from backend_worker.attention import BIDIRECTIONAL, Attention, MaskSpec
 from backend_worker.head_modules import Either, FamilyHeads, HeadKeys
 from backend_worker.layers import MLP, SelfAttention, activation
 from backend_worker.loading import Rule, WeightMap
+from backend_worker.models.config import refuse_values, required_keys
 from backend_worker.models.registry import register
 from shared.errors import ConfigError
 
@@ -72,8 +73,9 @@ HEADS = FamilyHeads(
     ),
 )
 
-# Config values under which this implementation would silently compute something else.
-_UNSUPPORTED: dict[str, Any] = {"is_decoder": True, "add_cross_attention": True}
+# Config values under which this implementation would silently compute something else (BERT's
+# decoder switches; JinaBERT's config inherits them).
+DECODER_SETTINGS: dict[str, Any] = {"is_decoder": True, "add_cross_attention": True}
 
 
 class BertEmbeddings(nn.Module):
@@ -136,9 +138,7 @@ class BertModel(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict[str, Any], attention: Attention) -> Self:
-        for key, bad in _UNSUPPORTED.items():
-            if config.get(key) == bad:
-                raise ConfigError(f"config.json: {cls.family} with {key}={bad!r} is not supported")
+        refuse_values(config, DECODER_SETTINGS, cls.family)
         position_type = config.get("position_embedding_type", "absolute")
         if position_type != "absolute":
             raise ConfigError(
@@ -147,7 +147,7 @@ class BertModel(nn.Module):
             )
         hidden_act = str(config.get("hidden_act", "gelu"))
         activation(hidden_act, where="config.json: hidden_act")  # fail with the setting's name
-        try:
+        with required_keys(cls.family):
             return cls(
                 vocab_size=int(config["vocab_size"]),
                 hidden_size=int(config["hidden_size"]),
@@ -160,8 +160,6 @@ class BertModel(nn.Module):
                 layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
                 attention=attention,
             )
-        except KeyError as exc:
-            raise ConfigError(f"config.json: {cls.family} config lacks {exc.args[0]!r}") from exc
 
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: torch.Tensor,

@@ -27,14 +27,14 @@ from backend_worker.attention import Attention, MaskSpec, SymmetricAlibi, alibi_
 from backend_worker.head_modules import FamilyHeads
 from backend_worker.layers import GatedMLP, SelfAttention
 from backend_worker.loading import Rule, WeightMap
+from backend_worker.models.bert import DECODER_SETTINGS
+from backend_worker.models.config import refuse_values, required_keys
 from backend_worker.models.registry import Marker, register
 from shared.errors import ConfigError
 
 # The GLU flavours of jina's code: the activation of the gate comes from feed_forward_type
 # (hidden_act is not read by its GLU MLPs). "geglu" is torch's exact (erf) GELU.
 _GLU_ACTIVATIONS = {"geglu": "gelu", "reglu": "relu"}
-# Config values under which this implementation would silently compute something else.
-_UNSUPPORTED: dict[str, Any] = {"is_decoder": True, "add_cross_attention": True}
 
 _SHARED_RULES = (
     Rule("embeddings.word_embeddings.weight", "embeddings.word.weight"),
@@ -193,9 +193,7 @@ class _JinaBert(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict[str, Any], attention: Attention) -> Self:
-        for key, bad in _UNSUPPORTED.items():
-            if config.get(key) == bad:
-                raise ConfigError(f"config.json: JinaBERT with {key}={bad!r} is not supported")
+        refuse_values(config, DECODER_SETTINGS, "JinaBERT")
         # jina's config class defaults to absolute position embeddings; the released models
         # all say alibi, the only kind implemented here.
         position_type = config.get("position_embedding_type", "absolute")
@@ -208,7 +206,7 @@ class _JinaBert(nn.Module):
         if not isinstance(ff_type, str) or ff_type not in _GLU_ACTIVATIONS:
             raise ConfigError(f"config.json: JinaBERT feed_forward_type {ff_type!r} is not "
                               f"supported (supported: {', '.join(_GLU_ACTIVATIONS)})")
-        try:
+        with required_keys("JinaBERT"):
             return cls(
                 vocab_size=int(config["vocab_size"]),
                 hidden_size=int(config["hidden_size"]),
@@ -221,8 +219,6 @@ class _JinaBert(nn.Module):
                 layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
                 attention=attention,
             )
-        except KeyError as exc:
-            raise ConfigError(f"config.json: JinaBERT config lacks {exc.args[0]!r}") from exc
 
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: torch.Tensor,

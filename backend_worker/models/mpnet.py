@@ -23,6 +23,7 @@ from backend_worker.head_modules import FamilyHeads
 from backend_worker.layers import WordPositionEmbeddings, activation
 from backend_worker.loading import Rule, WeightMap
 from backend_worker.models.bert import BertLayer
+from backend_worker.models.config import required_keys
 from backend_worker.models.registry import register
 from shared.errors import ConfigError
 
@@ -136,7 +137,7 @@ class MPNetModel(nn.Module):
             )
         hidden_act = str(config.get("hidden_act", "gelu"))
         activation(hidden_act, where="config.json: hidden_act")
-        try:
+        with required_keys("MPNet"):
             return cls(
                 vocab_size=int(config["vocab_size"]),
                 hidden_size=int(config["hidden_size"]),
@@ -148,8 +149,6 @@ class MPNetModel(nn.Module):
                 layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
                 attention=attention,
             )
-        except KeyError as exc:
-            raise ConfigError(f"config.json: MPNet config lacks {exc.args[0]!r}") from exc
 
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: torch.Tensor,
