@@ -13,7 +13,7 @@ from torch import nn
 
 from backend_worker.attention import BIDIRECTIONAL, Attention, MaskSpec
 from backend_worker.head_modules import Either, FamilyHeads, HeadKeys
-from backend_worker.layers import MLP, SelfAttention, activation
+from backend_worker.layers import MLP, PostNormLayer, SelfAttention, activation
 from backend_worker.loading import Rule, WeightMap
 from backend_worker.models.config import refuse_values, required_keys
 from backend_worker.models.registry import register
@@ -93,22 +93,16 @@ class BertEmbeddings(nn.Module):
         return self.norm(x)
 
 
-class BertLayer(nn.Module):
-    """Post-norm: x = norm(x + attention(x)); x = norm(x + mlp(x))."""
+class BertLayer(PostNormLayer):
+    """Post-norm, with biased attention and an up -> act -> down MLP (DistilBERT and MPNet use
+    it too, MPNet with its position bias in `mask`)."""
 
     def __init__(
         self, hidden: int, heads: int, intermediate: int, act: str, eps: float,
         attention: Attention, mask: MaskSpec = BIDIRECTIONAL,
     ) -> None:
-        super().__init__()
-        self.attention = SelfAttention(hidden, heads, attention, mask=mask)
-        self.attention_norm = nn.LayerNorm(hidden, eps=eps)
-        self.mlp = MLP(hidden, intermediate, act)
-        self.mlp_norm = nn.LayerNorm(hidden, eps=eps)
-
-    def forward(self, x: torch.Tensor, meta: Any) -> torch.Tensor:
-        x = self.attention_norm(x + self.attention(x, meta))
-        return self.mlp_norm(x + self.mlp(x))
+        super().__init__(hidden, eps, SelfAttention(hidden, heads, attention, mask=mask),
+                         MLP(hidden, intermediate, act))
 
 
 @register(model_types=("bert",))

@@ -25,7 +25,7 @@ from torch import nn
 
 from backend_worker.attention import Attention, MaskSpec, SymmetricAlibi, alibi_slopes
 from backend_worker.head_modules import FamilyHeads
-from backend_worker.layers import GatedMLP, SelfAttention
+from backend_worker.layers import GatedMLP, PostNormLayer, SelfAttention, WordTypeEmbeddings
 from backend_worker.loading import Rule, WeightMap
 from backend_worker.models.bert import DECODER_SETTINGS
 from backend_worker.models.config import refuse_values, required_keys
@@ -78,34 +78,14 @@ CODE_WEIGHT_MAP = WeightMap(
 )
 
 
-class JinaEmbeddings(nn.Module):
-    """Word + token type embeddings, normalised: no position table under ALiBi."""
-
-    def __init__(self, vocab: int, types: int, hidden: int, eps: float) -> None:
-        super().__init__()
-        self.word = nn.Embedding(vocab, hidden)
-        self.token_type = nn.Embedding(types, hidden)
-        self.norm = nn.LayerNorm(hidden, eps=eps)
-
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.word(input_ids) + self.token_type(token_type_ids))
-
-
-class JinaLayer(nn.Module):
+class JinaLayer(PostNormLayer):
     """jina-bert-implementation: x = norm(x + attention(x)); x = norm(x + glu(x))."""
 
     def __init__(self, hidden: int, heads: int, intermediate: int, act: str, eps: float,
                  attention: Attention, mask: MaskSpec) -> None:
-        super().__init__()
-        self.attention = SelfAttention(hidden, heads, attention, mask=mask)
-        self.attention_norm = nn.LayerNorm(hidden, eps=eps)
         # gated_layers has no bias, wo has one.
-        self.mlp = GatedMLP(hidden, intermediate, act, bias=False, down_bias=True)
-        self.mlp_norm = nn.LayerNorm(hidden, eps=eps)
-
-    def forward(self, x: torch.Tensor, meta: Any) -> torch.Tensor:
-        x = self.attention_norm(x + self.attention(x, meta))
-        return self.mlp_norm(x + self.mlp(x))
+        super().__init__(hidden, eps, SelfAttention(hidden, heads, attention, mask=mask),
+                         GatedMLP(hidden, intermediate, act, bias=False, down_bias=True))
 
 
 class QKNormAttention(nn.Module):
@@ -181,8 +161,9 @@ class _JinaBert(nn.Module):
         # Rows of the position table an absolute model would have: here only the sequence
         # limit, since ALiBi has no table.
         self.max_positions = max_position_embeddings
-        self.embeddings = JinaEmbeddings(vocab_size, type_vocab_size, hidden_size,
-                                         layer_norm_eps)
+        # No position table under ALiBi.
+        self.embeddings = WordTypeEmbeddings(vocab_size, type_vocab_size, hidden_size,
+                                             layer_norm_eps)
         # One spec for every layer: the padded attention builds each batch's bias once.
         mask = MaskSpec(bias=SymmetricAlibi(tuple(alibi_slopes(num_attention_heads))))
         self.layers = nn.ModuleList(
