@@ -6,7 +6,7 @@ Everything runs on flat [T, hidden] tensors; only attention sees the sequence bo
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Self, TypedDict
 
 import torch
 from torch import nn
@@ -78,6 +78,31 @@ HEADS = FamilyHeads(
 DECODER_SETTINGS: dict[str, Any] = {"is_decoder": True, "add_cross_attention": True}
 
 
+class BertSizes(TypedDict):
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    layer_norm_eps: float
+
+
+def bert_sizes(config: dict[str, Any]) -> BertSizes:
+    """The sizes that configs of BERT's layout (BERT, RoBERTa, MPNet, JinaBERT) spell alike,
+    with BertConfig's defaults. A missing required key is a KeyError: call it under
+    `config.required_keys`."""
+    return BertSizes(
+        vocab_size=int(config["vocab_size"]),
+        hidden_size=int(config["hidden_size"]),
+        num_hidden_layers=int(config["num_hidden_layers"]),
+        num_attention_heads=int(config["num_attention_heads"]),
+        intermediate_size=int(config["intermediate_size"]),
+        max_position_embeddings=int(config.get("max_position_embeddings", 512)),
+        layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
+    )
+
+
 class BertEmbeddings(nn.Module):
     def __init__(self, vocab: int, positions: int, types: int, hidden: int, eps: float) -> None:
         super().__init__()
@@ -143,15 +168,9 @@ class BertModel(nn.Module):
         activation(hidden_act, where="config.json: hidden_act")  # fail with the setting's name
         with required_keys(cls.family):
             return cls(
-                vocab_size=int(config["vocab_size"]),
-                hidden_size=int(config["hidden_size"]),
-                num_hidden_layers=int(config["num_hidden_layers"]),
-                num_attention_heads=int(config["num_attention_heads"]),
-                intermediate_size=int(config["intermediate_size"]),
-                max_position_embeddings=int(config.get("max_position_embeddings", 512)),
+                **bert_sizes(config),
                 type_vocab_size=int(config.get("type_vocab_size", 2)),
                 hidden_act=hidden_act,
-                layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
                 attention=attention,
             )
 

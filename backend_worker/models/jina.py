@@ -27,7 +27,7 @@ from backend_worker.attention import Attention, MaskSpec, SymmetricAlibi, alibi_
 from backend_worker.head_modules import FamilyHeads
 from backend_worker.layers import GatedMLP, PostNormLayer, SelfAttention, WordTypeEmbeddings
 from backend_worker.loading import Rule, WeightMap
-from backend_worker.models.bert import DECODER_SETTINGS
+from backend_worker.models.bert import DECODER_SETTINGS, bert_sizes
 from backend_worker.models.config import refuse_values, required_keys
 from backend_worker.models.registry import Marker, register
 from shared.errors import ConfigError
@@ -189,15 +189,9 @@ class _JinaBert(nn.Module):
                               f"supported (supported: {', '.join(_GLU_ACTIVATIONS)})")
         with required_keys("JinaBERT"):
             return cls(
-                vocab_size=int(config["vocab_size"]),
-                hidden_size=int(config["hidden_size"]),
-                num_hidden_layers=int(config["num_hidden_layers"]),
-                num_attention_heads=int(config["num_attention_heads"]),
-                intermediate_size=int(config["intermediate_size"]),
-                max_position_embeddings=int(config.get("max_position_embeddings", 512)),
+                **bert_sizes(config),
                 type_vocab_size=int(config.get("type_vocab_size", 2)),
                 glu_act=_GLU_ACTIVATIONS[ff_type],
-                layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
                 attention=attention,
             )
 
