@@ -28,14 +28,13 @@ from backend_worker.models import model_class
 from backend_worker.models.gte import WEIGHT_MAP
 from shared.errors import ConfigError
 from shared.modelinfo import load_model_info
+from tests.fixtures.oracles import hf_hidden, padded_inputs, splade_max
 from tests.fixtures.rotary import (
     ACT,
     TINY,
     add_sentence_transformers,
     gte_new_config,
-    hf_hidden,
     layer_norm,
-    padded_inputs,
     reprefix,
     rotate,
     save_model,
@@ -334,10 +333,7 @@ def test_splade_matches_the_masked_lm(tmp_path: Path) -> None:
     with torch.inference_mode():
         dense = head(engine.hidden_states(arrays),
                      torch.from_numpy(arrays.cu_seqlens.astype(np.int64)))
-    inputs = padded_inputs(arrays)
-    with torch.no_grad():
-        logits = model(**inputs).logits
-    expected = (torch.log1p(torch.relu(logits)) * inputs["attention_mask"][..., None]).amax(1)
+    expected = splade_max(model, padded_inputs(arrays))
     assert (dense - expected).abs().max() <= 1e-4
 
 

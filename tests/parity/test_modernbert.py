@@ -23,8 +23,8 @@ from backend_worker.models.modernbert import ModernBertClassifierHead, ModernBer
 from shared.errors import ConfigError
 from shared.modelinfo import load_model_info
 from tests.fixtures.modernbert import TINY_MODERNBERT, bare_modernbert, make_tiny_modernbert
+from tests.fixtures.oracles import densify, last_hidden, mlm_reference, padded_inputs
 from tests.fixtures.tiny import MIXED_TEXTS, pack
-from tests.parity.test_heads import densify, mlm_reference, padded
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -35,13 +35,6 @@ TEXTS = MIXED_TEXTS
 HIDDEN_TOL = 1e-4
 LOGIT_TOL = 1e-4
 WINDOW = TINY_MODERNBERT["local_attention"] // 2
-
-
-def hf_inputs(arrays) -> dict[str, torch.Tensor]:
-    """Right-padded transformers inputs; ModernBERT takes no token types."""
-    inputs = padded(arrays)
-    del inputs["token_type_ids"]
-    return inputs
 
 
 def rewrite_config(root: Path, drop: tuple[str, ...] = (), **values: Any) -> None:
@@ -89,9 +82,8 @@ def test_hidden_states_match_transformers(tmp_path: Path, case: str, kwargs: dic
     hf = AutoModel.from_pretrained(str(root)).eval()
     if case == "hub-v4-config":  # transformers read the legacy keys as we do
         assert hf.config.layer_types == ["full_attention", "sliding_attention"] * 2
-    inputs = hf_inputs(arrays)
-    with torch.no_grad():
-        ref = hf(**inputs).last_hidden_state[inputs["attention_mask"].bool()]
+    # ModernBERT takes no token types.
+    ref = last_hidden(hf, padded_inputs(arrays, token_types=False))
     diff = (ours - ref).abs().max().item()
     print(f"{case}: max abs diff of last hidden state {diff:.2e}")
     assert diff <= HIDDEN_TOL
@@ -199,7 +191,7 @@ def test_classifier_logits_match_transformers(tmp_path: Path, case: str,
 
     hf = AutoModelForSequenceClassification.from_pretrained(str(root)).eval()
     with torch.no_grad():
-        expected = hf(**hf_inputs(arrays)).logits.numpy()
+        expected = hf(**padded_inputs(arrays, token_types=False)).logits.numpy()
     diff = float(np.abs(logits - expected).max())
     print(f"{case}: max abs diff of logits {diff:.2e}")
     assert diff <= LOGIT_TOL
@@ -223,7 +215,7 @@ def test_splade_matches_masked_lm(tmp_path: Path, case: str) -> None:
     rows, dim, *frames = run_head(engine, head)(arrays)
     assert (rows, dim) == (len(TEXTS), info.vocab_size)
     ours = densify(rows, dim, tuple(frames))
-    expected = mlm_reference(root, arrays)
+    expected = mlm_reference(root, padded_inputs(arrays))
     diff = float(np.abs(ours - expected).max())
     print(f"{case}: max abs diff of SPLADE vectors {diff:.2e}")
     assert diff <= LOGIT_TOL

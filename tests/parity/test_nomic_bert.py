@@ -27,14 +27,13 @@ from backend_worker.models import model_class
 from backend_worker.models.nomic_bert import WEIGHT_MAP
 from shared.errors import ConfigError
 from shared.modelinfo import load_model_info
+from tests.fixtures.oracles import hf_hidden, padded_inputs
 from tests.fixtures.rotary import (
     ACT,
     TINY,
     add_sentence_transformers,
-    hf_hidden,
     layer_norm,
     nomic_hub_config,
-    padded_inputs,
     reprefix,
     rotate,
     save_model,
