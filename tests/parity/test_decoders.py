@@ -27,6 +27,7 @@ from tests.fixtures.decoders import (
     set_config,
     transformers_hidden,
 )
+from tests.fixtures.oracles import cosine_rows
 from tests.fixtures.tiny import pack
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -202,7 +203,7 @@ def test_pooled_matches_sentence_transformers(st_model: Path) -> None:
     assert all(seq[-1] == eos for seq in ids), "the tokenizer appends end-of-text"
     ours = engine.embed(arrays)
     ref = st_reference(st_model, texts)
-    cosine = (ours * ref).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(ref, axis=1))
+    cosine = cosine_rows(ours, ref)
     print(f"{st_model.name}: min cosine {cosine.min():.7f}, max abs diff "
           f"{np.abs(ours - ref).max():.2e}")
     assert cosine.min() >= 0.9999

@@ -24,6 +24,7 @@ from tests.fixtures.decoders import (
     set_config,
     transformers_hidden,
 )
+from tests.fixtures.oracles import cosine_rows
 from tests.fixtures.tiny import pack
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -132,7 +133,7 @@ def test_pooled_matches_sentence_transformers(embedding_gemma: Path) -> None:
     model = SentenceTransformer(str(embedding_gemma), device="cpu")
     unnormalized = SentenceTransformer(modules=list(model)[:-1], device="cpu")
     ref = unnormalized.encode(TEXTS, convert_to_numpy=True, batch_size=64)
-    cosine = (ours * ref).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(ref, axis=1))
+    cosine = cosine_rows(ours, ref)
     print(f"min cosine {cosine.min():.7f}, max abs diff {np.abs(ours - ref).max():.2e}")
     assert cosine.min() >= 0.9999
     assert np.abs(ours - ref).max() <= 1e-4

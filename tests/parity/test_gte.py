@@ -28,7 +28,7 @@ from backend_worker.models import model_class
 from backend_worker.models.gte import WEIGHT_MAP
 from shared.errors import ConfigError
 from shared.modelinfo import load_model_info
-from tests.fixtures.oracles import hf_hidden, padded_inputs, splade_max
+from tests.fixtures.oracles import cosine_rows, hf_hidden, padded_inputs, splade_max
 from tests.fixtures.rotary import (
     ACT,
     TINY,
@@ -270,7 +270,7 @@ def test_pooled_matches_sentence_transformers(tmp_path: Path) -> None:
     ours = Engine.load(load_model_info(root)).embed(pack(root, texts)[0])
     st = SentenceTransformer(str(root), device="cpu")
     theirs = SentenceTransformer(modules=list(st)[:-1], device="cpu").encode(texts)
-    cosine = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
+    cosine = cosine_rows(ours, theirs)
     assert cosine.min() >= 0.9999
     assert np.abs(ours - theirs).max() <= 1e-5
 

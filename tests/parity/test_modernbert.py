@@ -23,7 +23,7 @@ from backend_worker.models.modernbert import ModernBertClassifierHead, ModernBer
 from shared.errors import ConfigError
 from shared.modelinfo import load_model_info
 from tests.fixtures.modernbert import TINY_MODERNBERT, bare_modernbert, make_tiny_modernbert
-from tests.fixtures.oracles import densify, last_hidden, mlm_reference, padded_inputs
+from tests.fixtures.oracles import cosine_rows, densify, last_hidden, mlm_reference, padded_inputs
 from tests.fixtures.tiny import MIXED_TEXTS, pack
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -138,7 +138,7 @@ def test_pooled_matches_sentence_transformers(st_model: Path) -> None:
     arrays, _ = pack(st_model, texts, max_length=info.max_input_length)
     ours = engine.embed(arrays)
     ref = st_encode(st_model, texts)
-    cosine = (ours * ref).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(ref, axis=1))
+    cosine = cosine_rows(ours, ref)
     diff = float(np.abs(ours - ref).max())
     print(f"{st_model.name}: min cosine {cosine.min():.7f}, max abs diff {diff:.2e}")
     assert cosine.min() >= 0.9999

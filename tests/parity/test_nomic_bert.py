@@ -27,7 +27,7 @@ from backend_worker.models import model_class
 from backend_worker.models.nomic_bert import WEIGHT_MAP
 from shared.errors import ConfigError
 from shared.modelinfo import load_model_info
-from tests.fixtures.oracles import hf_hidden, padded_inputs
+from tests.fixtures.oracles import cosine_rows, hf_hidden, padded_inputs
 from tests.fixtures.rotary import (
     ACT,
     TINY,
@@ -266,7 +266,7 @@ def test_pooled_matches_sentence_transformers(tmp_path: Path) -> None:
     ours = engine.embed(pack(root, texts)[0])
     st = SentenceTransformer(str(root), device="cpu")
     theirs = SentenceTransformer(modules=list(st)[:-1], device="cpu").encode(texts)
-    cosine = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
+    cosine = cosine_rows(ours, theirs)
     assert cosine.min() >= 0.9999
     assert np.abs(ours - theirs).max() <= 1e-5
 
