@@ -11,6 +11,7 @@ import pytest
 
 from backend_worker.engine import Engine
 from shared.modelinfo import load_model_info
+from tests.fixtures.checks import assert_batch_invariant
 from tests.fixtures.oracles import cosine_rows, hf_hidden
 from tests.fixtures.tiny import (
     MIXED_TEXTS,
@@ -122,10 +123,7 @@ def test_pooled_matches_sentence_transformers(st_model: Path) -> None:
 
 def test_batch_invariance(st_model: Path) -> None:
     engine = Engine.load(load_model_info(st_model))
-    together = engine.embed(pack(st_model, TEXTS)[0])
-    for row, item in enumerate(TEXTS):
-        alone = engine.embed(pack(st_model, [item])[0])
-        assert np.abs(alone[0] - together[row]).max() <= 1e-5, item
+    assert_batch_invariant(engine, st_model, TEXTS)
 
 
 def test_engine_attributes(tmp_path: Path) -> None:

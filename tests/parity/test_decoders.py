@@ -19,6 +19,7 @@ from backend_worker.heads import build_head, run_head
 from backend_worker.models.decoder import LastTokenClassifier
 from shared.errors import ConfigError
 from shared.modelinfo import load_model_info
+from tests.fixtures.checks import assert_batch_invariant
 from tests.fixtures.decoders import (
     decoder_vocab,
     make_decoder_dir,
@@ -212,12 +213,7 @@ def test_pooled_matches_sentence_transformers(st_model: Path) -> None:
 
 def test_batch_invariance(st_model: Path) -> None:
     info = load_model_info(st_model)
-    engine = Engine.load(info)
-    limit = info.max_input_length
-    together = engine.embed(pack(st_model, TEXTS, max_length=limit)[0])
-    for row, item in enumerate(TEXTS):
-        alone = engine.embed(pack(st_model, [item], max_length=limit)[0])
-        assert np.abs(alone[0] - together[row]).max() <= 1e-5, item
+    assert_batch_invariant(Engine.load(info), st_model, TEXTS, info.max_input_length)
 
 
 def test_tokenizer_json_alone_decides_the_end_of_text(tmp_path: Path) -> None:

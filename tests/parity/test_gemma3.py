@@ -14,6 +14,7 @@ import torch
 from backend_worker.engine import Engine
 from shared.errors import ConfigError
 from shared.modelinfo import load_model_info
+from tests.fixtures.checks import assert_batch_invariant
 from tests.fixtures.decoders import (
     GEMMA_STYLE,
     TINY_EMBEDDING_GEMMA,
@@ -141,10 +142,7 @@ def test_pooled_matches_sentence_transformers(embedding_gemma: Path) -> None:
 
 def test_batch_invariance(embedding_gemma: Path) -> None:
     engine = Engine.load(load_model_info(embedding_gemma))
-    together = engine.embed(pack(embedding_gemma, TEXTS)[0])
-    for row, item in enumerate(TEXTS):
-        alone = engine.embed(pack(embedding_gemma, [item])[0])
-        assert np.abs(alone[0] - together[row]).max() <= 1e-5, item
+    assert_batch_invariant(engine, embedding_gemma, TEXTS)
 
 
 def test_packed_path_and_graphs_equal_the_padded_path(embedding_gemma: Path) -> None:

@@ -28,6 +28,7 @@ from backend_worker.models import model_class
 from backend_worker.models.gte import WEIGHT_MAP
 from shared.errors import ConfigError
 from shared.modelinfo import load_model_info
+from tests.fixtures.checks import assert_batch_invariant, assert_dropped, assert_maps
 from tests.fixtures.oracles import cosine_rows, hf_hidden, padded_inputs, splade_max
 from tests.fixtures.rotary import (
     ACT,
@@ -236,15 +237,11 @@ IN_MEMORY_NAMES = {
 
 @pytest.mark.parametrize("names", [HUB_NAMES, IN_MEMORY_NAMES], ids=["hub", "in-memory"])
 def test_key_mapping(names: dict[str, tuple[str, str | None]]) -> None:
-    for key, (target, part) in names.items():
-        resolved = WEIGHT_MAP.resolve(key)
-        assert resolved is not None, key
-        assert (resolved.target, resolved.part) == (target, part), key
+    assert_maps(WEIGHT_MAP, names)
     # up_gate_proj stores the value half first; separate halves are fused in that order.
     assert WEIGHT_MAP.resolve("layers.0.mlp.up_proj.weight").fuse == ("up_proj", "gate_proj")
-    for head_key in ("new.pooler.dense.weight", "classifier.weight", "lm_head.decoder.bias"):
-        resolved = WEIGHT_MAP.resolve(head_key)
-        assert resolved is not None and not resolved.target, head_key
+    assert_dropped(WEIGHT_MAP, ("new.pooler.dense.weight", "classifier.weight",
+                                "lm_head.decoder.bias"))
 
 
 def test_transformers_reads_alibabas_prefix_as_we_do(tmp_path: Path) -> None:
@@ -341,9 +338,7 @@ def test_batch_invariance(tmp_path: Path) -> None:
     root = tmp_path / "new"
     new_checkpoint(root, gte_new_config(), seed=9)
     engine = Engine.load(load_model_info(root, pooling_override="cls"))
-    together = engine.embed(pack(root, TEXTS)[0])
-    for row, item in enumerate(TEXTS):
-        assert np.abs(engine.embed(pack(root, [item])[0])[0] - together[row]).max() <= 1e-5
+    assert_batch_invariant(engine, root, TEXTS)
 
 
 REFUSED = [

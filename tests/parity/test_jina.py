@@ -29,6 +29,7 @@ from backend_worker.models.jina import (
 )
 from shared.errors import ConfigError
 from shared.modelinfo import load_model_info
+from tests.fixtures.checks import assert_batch_invariant
 from tests.fixtures.jina import (
     auto_map,
     jina_config,
@@ -114,10 +115,7 @@ def test_pooled_matches_reference_mean_pooling(st_model: tuple[Path, str]) -> No
 def test_batch_invariance(st_model: tuple[Path, str]) -> None:
     root, _ = st_model
     engine = Engine.load(load_model_info(root))
-    together = engine.embed(pack(root, TEXTS)[0])
-    for row, item in enumerate(TEXTS):
-        alone = engine.embed(pack(root, [item])[0])
-        assert np.abs(alone[0] - together[row]).max() <= 1e-5, item
+    assert_batch_invariant(engine, root, TEXTS)
 
 
 def test_max_length_comes_from_config(tmp_path: Path) -> None:

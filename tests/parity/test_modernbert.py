@@ -22,6 +22,7 @@ from backend_worker.heads import build_head, run_head
 from backend_worker.models.modernbert import ModernBertClassifierHead, ModernBertModel
 from shared.errors import ConfigError
 from shared.modelinfo import load_model_info
+from tests.fixtures.checks import assert_batch_invariant
 from tests.fixtures.modernbert import TINY_MODERNBERT, bare_modernbert, make_tiny_modernbert
 from tests.fixtures.oracles import cosine_rows, densify, last_hidden, mlm_reference, padded_inputs
 from tests.fixtures.tiny import MIXED_TEXTS, pack
@@ -147,10 +148,7 @@ def test_pooled_matches_sentence_transformers(st_model: Path) -> None:
 
 def test_batch_invariance(st_model: Path) -> None:
     engine = Engine.load(load_model_info(st_model))
-    together = engine.embed(pack(st_model, TEXTS)[0])
-    for row, item in enumerate(TEXTS):
-        alone = engine.embed(pack(st_model, [item])[0])
-        assert np.abs(alone[0] - together[row]).max() <= 1e-5, item
+    assert_batch_invariant(engine, st_model, TEXTS)
 
 
 def test_without_pooling_config_defaults_to_cls_like_tei(tmp_path: Path) -> None:
