@@ -19,7 +19,7 @@ from backend_worker.heads import build_head, run_head
 from backend_worker.models.decoder import LastTokenClassifier
 from shared.errors import ConfigError
 from shared.modelinfo import load_model_info
-from tests.fixtures.checks import assert_batch_invariant
+from tests.fixtures.checks import assert_batch_invariant, assert_packed_equals_padded
 from tests.fixtures.decoders import (
     decoder_vocab,
     make_decoder_dir,
@@ -238,17 +238,7 @@ def test_packed_path_and_graphs_equal_the_padded_path(st_model: Path) -> None:
     """The CUDA path's logic on the CPU: packed varlen attention (the kernel's documented
     window semantics, tests/fixtures/varlen.py) and replayed graph buckets give the padded
     path's vectors, so each MaskSpec (causal, window, GQA) converts to the kernel's terms."""
-    from backend_worker.attention import PackedVarlen, torch_varlen_kernel
-    from backend_worker.graphs import eager_capture
-    from tests.fixtures.varlen import cpu_varlen
-
-    info = load_model_info(st_model)
-    padded = Engine.load(info)
-    packed = Engine.load(info, attention=PackedVarlen(torch_varlen_kernel(cpu_varlen)))
-    assert packed.capture_graphs(256, eager_capture)
-    for count in (1, 3, len(TEXTS)):
-        arrays, _ = pack(st_model, TEXTS[:count], max_length=info.max_input_length)
-        np.testing.assert_allclose(packed.embed(arrays), padded.embed(arrays), atol=1e-5)
+    assert_packed_equals_padded(st_model, TEXTS, (1, 3, len(TEXTS)))
 
 
 # ---------------------------------------------------------------------------- classifier

@@ -14,7 +14,7 @@ import torch
 from backend_worker.engine import Engine
 from shared.errors import ConfigError
 from shared.modelinfo import load_model_info
-from tests.fixtures.checks import assert_batch_invariant
+from tests.fixtures.checks import assert_batch_invariant, assert_packed_equals_padded
 from tests.fixtures.decoders import (
     GEMMA_STYLE,
     TINY_EMBEDDING_GEMMA,
@@ -148,17 +148,7 @@ def test_batch_invariance(embedding_gemma: Path) -> None:
 def test_packed_path_and_graphs_equal_the_padded_path(embedding_gemma: Path) -> None:
     """The CUDA path's logic on the CPU (see tests/fixtures/varlen.py): the bidirectional
     local window and the query_pre_attn_scalar scale convert to the varlen kernel's terms."""
-    from backend_worker.attention import PackedVarlen, torch_varlen_kernel
-    from backend_worker.graphs import eager_capture
-    from tests.fixtures.varlen import cpu_varlen
-
-    info = load_model_info(embedding_gemma)
-    padded = Engine.load(info)
-    packed = Engine.load(info, attention=PackedVarlen(torch_varlen_kernel(cpu_varlen)))
-    assert packed.capture_graphs(256, eager_capture)
-    for count in (1, 2, len(TEXTS)):
-        arrays, _ = pack(embedding_gemma, TEXTS[:count], max_length=info.max_input_length)
-        np.testing.assert_allclose(packed.embed(arrays), padded.embed(arrays), atol=1e-5)
+    assert_packed_equals_padded(embedding_gemma, TEXTS, (1, 2, len(TEXTS)))
 
 
 REFUSALS = [
