@@ -161,7 +161,6 @@ class _JinaBert(nn.Module):
         # Rows of the position table an absolute model would have: here only the sequence
         # limit, since ALiBi has no table.
         self.max_positions = max_position_embeddings
-        # No position table under ALiBi.
         self.embeddings = WordTypeEmbeddings(vocab_size, type_vocab_size, hidden_size,
                                              layer_norm_eps)
         # One spec for every layer: the padded attention builds each batch's bias once.
