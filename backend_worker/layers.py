@@ -58,6 +58,24 @@ class WordPositionEmbeddings(nn.Module):
         return self.norm(self.word(input_ids) + self.position(position_ids))
 
 
+class WordTypeEmbeddings(nn.Module):
+    """norm(word + token type embeddings): the embeddings of encoders whose positions live in
+    attention instead of a table (rotary: NomicBERT, GTE; ALiBi: JinaBERT). `types` 0: the
+    model has no token type table and token type ids are ignored."""
+
+    def __init__(self, vocab: int, types: int, hidden: int, eps: float) -> None:
+        super().__init__()
+        self.word = nn.Embedding(vocab, hidden)
+        self.token_type = nn.Embedding(types, hidden) if types > 0 else None
+        self.norm = nn.LayerNorm(hidden, eps=eps)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        x = self.word(input_ids)
+        if self.token_type is not None:
+            x = x + self.token_type(token_type_ids)
+        return self.norm(x)
+
+
 class MLP(nn.Module):
     """up -> activation -> down (BERT's intermediate/output pair, without the residual)."""
 
@@ -221,3 +239,23 @@ class SelfAttention(nn.Module):
                 q, k = apply_rotary(q, rope), apply_rotary(k, rope)
             out = self.attention.attend(q, k, v, meta, self.mask)
         return self.out(out.reshape(tokens, self.heads * self.head_dim))
+
+
+class PostNormLayer(nn.Module):
+    """BERT's post-norm residual block: x = norm(x + attention(x)); x = norm(x + mlp(x)).
+
+    The families built on it (BERT, DistilBERT, MPNet, JinaBERT, the rotary encoders) choose the
+    attention (with its mask and biases) and the MLP (plain or gated); the norms are LayerNorms
+    with bias. `rope` is passed to the attention for the rotary encoders, None elsewhere.
+    """
+
+    def __init__(self, hidden: int, eps: float, attention: SelfAttention, mlp: nn.Module) -> None:
+        super().__init__()
+        self.attention = attention
+        self.attention_norm = nn.LayerNorm(hidden, eps=eps)
+        self.mlp = mlp
+        self.mlp_norm = nn.LayerNorm(hidden, eps=eps)
+
+    def forward(self, x: torch.Tensor, meta: Any, rope: RopeTables | None = None) -> torch.Tensor:
+        x = self.attention_norm(x + self.attention(x, meta, rope))
+        return self.mlp_norm(x + self.mlp(x))

@@ -6,15 +6,16 @@ Everything runs on flat [T, hidden] tensors; only attention sees the sequence bo
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Self, TypedDict
 
 import torch
 from torch import nn
 
 from backend_worker.attention import BIDIRECTIONAL, Attention, MaskSpec
 from backend_worker.head_modules import Either, FamilyHeads, HeadKeys
-from backend_worker.layers import MLP, SelfAttention, activation
+from backend_worker.layers import MLP, PostNormLayer, SelfAttention, activation
 from backend_worker.loading import Rule, WeightMap
+from backend_worker.models.config import refuse_values, required_keys
 from backend_worker.models.registry import register
 from shared.errors import ConfigError
 
@@ -72,8 +73,34 @@ HEADS = FamilyHeads(
     ),
 )
 
-# Config values under which this implementation would silently compute something else.
-_UNSUPPORTED: dict[str, Any] = {"is_decoder": True, "add_cross_attention": True}
+# Config values under which this implementation would silently compute something else (BERT's
+# decoder switches; JinaBERT's config inherits them).
+DECODER_SETTINGS: dict[str, Any] = {"is_decoder": True, "add_cross_attention": True}
+
+
+class BertSizes(TypedDict):
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    layer_norm_eps: float
+
+
+def bert_sizes(config: dict[str, Any]) -> BertSizes:
+    """The sizes that configs of BERT's layout (BERT, RoBERTa, MPNet, JinaBERT) spell alike,
+    with BertConfig's defaults. A missing required key is a KeyError: call it under
+    `config.required_keys`."""
+    return BertSizes(
+        vocab_size=int(config["vocab_size"]),
+        hidden_size=int(config["hidden_size"]),
+        num_hidden_layers=int(config["num_hidden_layers"]),
+        num_attention_heads=int(config["num_attention_heads"]),
+        intermediate_size=int(config["intermediate_size"]),
+        max_position_embeddings=int(config.get("max_position_embeddings", 512)),
+        layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
+    )
 
 
 class BertEmbeddings(nn.Module):
@@ -91,22 +118,16 @@ class BertEmbeddings(nn.Module):
         return self.norm(x)
 
 
-class BertLayer(nn.Module):
-    """Post-norm: x = norm(x + attention(x)); x = norm(x + mlp(x))."""
+class BertLayer(PostNormLayer):
+    """Post-norm, with biased attention and an up -> act -> down MLP (DistilBERT and MPNet use
+    it too, MPNet with its position bias in `mask`)."""
 
     def __init__(
         self, hidden: int, heads: int, intermediate: int, act: str, eps: float,
         attention: Attention, mask: MaskSpec = BIDIRECTIONAL,
     ) -> None:
-        super().__init__()
-        self.attention = SelfAttention(hidden, heads, attention, mask=mask)
-        self.attention_norm = nn.LayerNorm(hidden, eps=eps)
-        self.mlp = MLP(hidden, intermediate, act)
-        self.mlp_norm = nn.LayerNorm(hidden, eps=eps)
-
-    def forward(self, x: torch.Tensor, meta: Any) -> torch.Tensor:
-        x = self.attention_norm(x + self.attention(x, meta))
-        return self.mlp_norm(x + self.mlp(x))
+        super().__init__(hidden, eps, SelfAttention(hidden, heads, attention, mask=mask),
+                         MLP(hidden, intermediate, act))
 
 
 @register(model_types=("bert",))
@@ -136,9 +157,7 @@ class BertModel(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict[str, Any], attention: Attention) -> Self:
-        for key, bad in _UNSUPPORTED.items():
-            if config.get(key) == bad:
-                raise ConfigError(f"config.json: {cls.family} with {key}={bad!r} is not supported")
+        refuse_values(config, DECODER_SETTINGS, cls.family)
         position_type = config.get("position_embedding_type", "absolute")
         if position_type != "absolute":
             raise ConfigError(
@@ -147,21 +166,13 @@ class BertModel(nn.Module):
             )
         hidden_act = str(config.get("hidden_act", "gelu"))
         activation(hidden_act, where="config.json: hidden_act")  # fail with the setting's name
-        try:
+        with required_keys(cls.family):
             return cls(
-                vocab_size=int(config["vocab_size"]),
-                hidden_size=int(config["hidden_size"]),
-                num_hidden_layers=int(config["num_hidden_layers"]),
-                num_attention_heads=int(config["num_attention_heads"]),
-                intermediate_size=int(config["intermediate_size"]),
-                max_position_embeddings=int(config.get("max_position_embeddings", 512)),
+                **bert_sizes(config),
                 type_vocab_size=int(config.get("type_vocab_size", 2)),
                 hidden_act=hidden_act,
-                layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
                 attention=attention,
             )
-        except KeyError as exc:
-            raise ConfigError(f"config.json: {cls.family} config lacks {exc.args[0]!r}") from exc
 
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: torch.Tensor,

@@ -32,6 +32,7 @@ from backend_worker.layers import (
     activation,
 )
 from backend_worker.loading import Rule, WeightMap
+from backend_worker.models.config import refusal, required_keys
 from backend_worker.models.registry import register
 from backend_worker.rope import flat_rope_settings, rotary
 from shared.errors import ConfigError
@@ -157,7 +158,7 @@ def _windowed_layers(config: dict[str, Any], flavour: Flavour, layers: int) -> l
     if flavour.sliding == "every_layer":
         if layer_types is not None:
             # transformers' MistralModel ignores layer_types (Ministral's alternating layers).
-            raise ConfigError(f"config.json: {model_type} with layer_types is not supported")
+            raise refusal(str(model_type), "layer_types")
         return [window is not None] * layers
     if flavour.sliding == "none":
         return [False] * layers
@@ -240,7 +241,7 @@ class DecoderModel(nn.Module):
         flavour = FLAVOURS[model_type]
         hidden_act = str(config.get("hidden_act", "silu"))
         activation(hidden_act, where="config.json: hidden_act")  # fail with the setting's name
-        try:
+        with required_keys(model_type):
             hidden = int(config["hidden_size"])
             heads = int(config["num_attention_heads"])
             head_dim = int(config.get("head_dim") or 0)
@@ -272,8 +273,6 @@ class DecoderModel(nn.Module):
                               max_positions, where="config.json: rope"),
                 attention=attention,
             )
-        except KeyError as exc:
-            raise ConfigError(f"config.json: {model_type} config lacks {exc.args[0]!r}") from exc
 
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: torch.Tensor,

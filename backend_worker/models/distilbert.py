@@ -20,8 +20,8 @@ from backend_worker.head_modules import Either, FamilyHeads, HeadKeys, LogitsHea
 from backend_worker.layers import WordPositionEmbeddings, activation
 from backend_worker.loading import Rule, WeightMap
 from backend_worker.models.bert import BertLayer
+from backend_worker.models.config import required_keys
 from backend_worker.models.registry import register
-from shared.errors import ConfigError
 
 EPS = 1e-12  # hard-coded in transformers' DistilBERT (embeddings, layers and MLM head)
 
@@ -118,7 +118,7 @@ class DistilBertModel(nn.Module):
     def from_config(cls, config: dict[str, Any], attention: Attention) -> Self:
         act = str(config.get("activation", "gelu"))
         activation(act, where="config.json: DistilBERT activation")
-        try:
+        with required_keys("DistilBERT"):
             return cls(
                 vocab_size=int(config["vocab_size"]),
                 dim=int(config["dim"]),
@@ -129,8 +129,6 @@ class DistilBertModel(nn.Module):
                 activation=act,
                 attention=attention,
             )
-        except KeyError as exc:
-            raise ConfigError(f"config.json: DistilBERT config lacks {exc.args[0]!r}") from exc
 
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: torch.Tensor,

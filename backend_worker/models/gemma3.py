@@ -19,6 +19,7 @@ from backend_worker.attention import Attention, MaskSpec
 from backend_worker.head_modules import FamilyHeads
 from backend_worker.layers import GatedMLP, RMSNorm, RopeTables, Rotary, SelfAttention, activation
 from backend_worker.loading import Rule, WeightMap
+from backend_worker.models.config import refusal, required_keys
 from backend_worker.models.registry import register
 from backend_worker.rope import rotary
 from shared.errors import ConfigError
@@ -177,13 +178,13 @@ class Gemma3TextModel(nn.Module):
     @classmethod
     def from_config(cls, config: dict[str, Any], attention: Attention) -> Self:
         if config.get("attn_logit_softcapping") is not None:
-            raise ConfigError("config.json: gemma3_text with attn_logit_softcapping="
-                              f"{config['attn_logit_softcapping']!r} is not supported")
+            raise refusal("gemma3_text", "attn_logit_softcapping="
+                          f"{config['attn_logit_softcapping']!r}")
         # final_logit_softcapping caps the LM head's logits, which an embedder never computes.
         act = str(config.get("hidden_activation") or config.get("hidden_act")
                   or "gelu_pytorch_tanh")
         activation(act, where="config.json: hidden_activation")
-        try:
+        with required_keys("gemma3_text"):
             hidden = int(config["hidden_size"])
             heads = int(config["num_attention_heads"])
             head_dim = int(config.get("head_dim") or 256)
@@ -208,8 +209,6 @@ class Gemma3TextModel(nn.Module):
                                     where=f"config.json: rope ({t})") for t in _LAYER_TYPES},
                 attention=attention,
             )
-        except KeyError as exc:
-            raise ConfigError(f"config.json: gemma3_text config lacks {exc.args[0]!r}") from exc
 
     def _embed_scale(self, dtype: torch.dtype) -> float:
         """sqrt(hidden_size) rounded to the model dtype, as transformers multiplies by it (in

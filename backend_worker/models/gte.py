@@ -21,9 +21,12 @@ from backend_worker.attention import Attention
 from backend_worker.head_modules import Either, FamilyHeads, HeadKeys, SpladeHead
 from backend_worker.layers import activation, rope_inv_freq
 from backend_worker.loading import Rule, WeightMap
+from backend_worker.models.config import refusal, required_keys
 from backend_worker.models.registry import register
 from backend_worker.models.rotary_encoder import EncoderSpec, RotaryEncoder
 from shared.errors import ConfigError
+
+FAMILY = "GTE"  # how config errors name it
 
 WEIGHT_MAP = WeightMap(
     rules=(
@@ -92,10 +95,6 @@ HEADS = FamilyHeads(
 )
 
 
-def _refuse(setting: str) -> ConfigError:
-    return ConfigError(f"config.json: GTE with {setting} is not supported")
-
-
 def _new_inv_freq(config: dict[str, Any], head_dim: int) -> torch.Tensor:
     """Alibaba's rotary frequencies: plain, or its fixed NTK scaling."""
     theta = float(config.get("rope_theta", 10000.0))
@@ -104,9 +103,9 @@ def _new_inv_freq(config: dict[str, Any], head_dim: int) -> torch.Tensor:
         return rope_inv_freq(head_dim, theta)
     kind = scaling.get("type") or scaling.get("rope_type")
     if kind != "ntk":
-        raise _refuse(f"rope_scaling type {kind!r} (supported: ntk)")
+        raise refusal(FAMILY, f"rope_scaling type {kind!r} (supported: ntk)")
     if scaling.get("mixed_b") is not None:
-        raise _refuse(f"rope_scaling mixed_b={scaling['mixed_b']!r} (mixed NTK)")
+        raise refusal(FAMILY, f"rope_scaling mixed_b={scaling['mixed_b']!r} (mixed NTK)")
     factor = float(scaling["factor"])
     if factor <= 1:
         # NTKScalingRotaryEmbedding only rescales when its table (max_position_embeddings *
@@ -120,12 +119,12 @@ def _new_inv_freq(config: dict[str, Any], head_dim: int) -> torch.Tensor:
 def _native_inv_freq(config: dict[str, Any], head_dim: int) -> torch.Tensor:
     """transformers' GteConfig: rope_parameters, default type only."""
     if config.get("rope_scaling") is not None:
-        raise _refuse(f"rope_scaling {config['rope_scaling']!r} in a model_type 'gte' config "
-                      "(transformers reads rope_parameters)")
+        raise refusal(FAMILY, f"rope_scaling {config['rope_scaling']!r} in a model_type 'gte' "
+                              "config (transformers reads rope_parameters)")
     rope = config.get("rope_parameters") or {}
     rope_type = rope.get("rope_type", "default")
     if rope_type != "default":
-        raise _refuse(f"rope_parameters rope_type {rope_type!r} (supported: default)")
+        raise refusal(FAMILY, f"rope_parameters rope_type {rope_type!r} (supported: default)")
     theta = rope.get("rope_theta", config.get("rope_theta", 160_000.0))  # GteConfig's default
     return rope_inv_freq(head_dim, float(theta))
 
@@ -143,7 +142,7 @@ def _spec(config: dict[str, Any]) -> EncoderSpec:
         for key, wanted in _NEW_REQUIRED.items():
             value = config.get(key, wanted)
             if value != wanted:
-                raise _refuse(f"{key}={value!r} (supported: {wanted!r})")
+                raise refusal(FAMILY, f"{key}={value!r} (supported: {wanted!r})")
     hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
     if hidden % heads:
         raise ConfigError(f"config.json: hidden_size {hidden} is not divisible by "
@@ -171,7 +170,5 @@ class GteModel(RotaryEncoder):
 
     @classmethod
     def from_config(cls, config: dict[str, Any], attention: Attention) -> Self:
-        try:
+        with required_keys(FAMILY):
             return cls(_spec(config), attention)
-        except KeyError as exc:
-            raise ConfigError(f"config.json: GTE config lacks {exc.args[0]!r}") from exc

@@ -25,16 +25,16 @@ from torch import nn
 
 from backend_worker.attention import Attention, MaskSpec, SymmetricAlibi, alibi_slopes
 from backend_worker.head_modules import FamilyHeads
-from backend_worker.layers import GatedMLP, SelfAttention
+from backend_worker.layers import GatedMLP, PostNormLayer, SelfAttention, WordTypeEmbeddings
 from backend_worker.loading import Rule, WeightMap
+from backend_worker.models.bert import DECODER_SETTINGS, bert_sizes
+from backend_worker.models.config import refuse_values, required_keys
 from backend_worker.models.registry import Marker, register
 from shared.errors import ConfigError
 
 # The GLU flavours of jina's code: the activation of the gate comes from feed_forward_type
 # (hidden_act is not read by its GLU MLPs). "geglu" is torch's exact (erf) GELU.
 _GLU_ACTIVATIONS = {"geglu": "gelu", "reglu": "relu"}
-# Config values under which this implementation would silently compute something else.
-_UNSUPPORTED: dict[str, Any] = {"is_decoder": True, "add_cross_attention": True}
 
 _SHARED_RULES = (
     Rule("embeddings.word_embeddings.weight", "embeddings.word.weight"),
@@ -78,34 +78,14 @@ CODE_WEIGHT_MAP = WeightMap(
 )
 
 
-class JinaEmbeddings(nn.Module):
-    """Word + token type embeddings, normalised: no position table under ALiBi."""
-
-    def __init__(self, vocab: int, types: int, hidden: int, eps: float) -> None:
-        super().__init__()
-        self.word = nn.Embedding(vocab, hidden)
-        self.token_type = nn.Embedding(types, hidden)
-        self.norm = nn.LayerNorm(hidden, eps=eps)
-
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.word(input_ids) + self.token_type(token_type_ids))
-
-
-class JinaLayer(nn.Module):
+class JinaLayer(PostNormLayer):
     """jina-bert-implementation: x = norm(x + attention(x)); x = norm(x + glu(x))."""
 
     def __init__(self, hidden: int, heads: int, intermediate: int, act: str, eps: float,
                  attention: Attention, mask: MaskSpec) -> None:
-        super().__init__()
-        self.attention = SelfAttention(hidden, heads, attention, mask=mask)
-        self.attention_norm = nn.LayerNorm(hidden, eps=eps)
         # gated_layers has no bias, wo has one.
-        self.mlp = GatedMLP(hidden, intermediate, act, bias=False, down_bias=True)
-        self.mlp_norm = nn.LayerNorm(hidden, eps=eps)
-
-    def forward(self, x: torch.Tensor, meta: Any) -> torch.Tensor:
-        x = self.attention_norm(x + self.attention(x, meta))
-        return self.mlp_norm(x + self.mlp(x))
+        super().__init__(hidden, eps, SelfAttention(hidden, heads, attention, mask=mask),
+                         GatedMLP(hidden, intermediate, act, bias=False, down_bias=True))
 
 
 class QKNormAttention(nn.Module):
@@ -181,8 +161,8 @@ class _JinaBert(nn.Module):
         # Rows of the position table an absolute model would have: here only the sequence
         # limit, since ALiBi has no table.
         self.max_positions = max_position_embeddings
-        self.embeddings = JinaEmbeddings(vocab_size, type_vocab_size, hidden_size,
-                                         layer_norm_eps)
+        self.embeddings = WordTypeEmbeddings(vocab_size, type_vocab_size, hidden_size,
+                                             layer_norm_eps)
         # One spec for every layer: the padded attention builds each batch's bias once.
         mask = MaskSpec(bias=SymmetricAlibi(tuple(alibi_slopes(num_attention_heads))))
         self.layers = nn.ModuleList(
@@ -193,9 +173,7 @@ class _JinaBert(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict[str, Any], attention: Attention) -> Self:
-        for key, bad in _UNSUPPORTED.items():
-            if config.get(key) == bad:
-                raise ConfigError(f"config.json: JinaBERT with {key}={bad!r} is not supported")
+        refuse_values(config, DECODER_SETTINGS, "JinaBERT")
         # jina's config class defaults to absolute position embeddings; the released models
         # all say alibi, the only kind implemented here.
         position_type = config.get("position_embedding_type", "absolute")
@@ -208,21 +186,13 @@ class _JinaBert(nn.Module):
         if not isinstance(ff_type, str) or ff_type not in _GLU_ACTIVATIONS:
             raise ConfigError(f"config.json: JinaBERT feed_forward_type {ff_type!r} is not "
                               f"supported (supported: {', '.join(_GLU_ACTIVATIONS)})")
-        try:
+        with required_keys("JinaBERT"):
             return cls(
-                vocab_size=int(config["vocab_size"]),
-                hidden_size=int(config["hidden_size"]),
-                num_hidden_layers=int(config["num_hidden_layers"]),
-                num_attention_heads=int(config["num_attention_heads"]),
-                intermediate_size=int(config["intermediate_size"]),
-                max_position_embeddings=int(config.get("max_position_embeddings", 512)),
+                **bert_sizes(config),
                 type_vocab_size=int(config.get("type_vocab_size", 2)),
                 glu_act=_GLU_ACTIVATIONS[ff_type],
-                layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
                 attention=attention,
             )
-        except KeyError as exc:
-            raise ConfigError(f"config.json: JinaBERT config lacks {exc.args[0]!r}") from exc
 
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: torch.Tensor,

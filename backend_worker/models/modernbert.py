@@ -27,6 +27,7 @@ from backend_worker.layers import (
     rope_inv_freq,
 )
 from backend_worker.loading import Rule, WeightMap
+from backend_worker.models.config import required_keys
 from backend_worker.models.registry import register
 from backend_worker.pooling import pool_cls, pool_mean
 from shared.errors import ConfigError
@@ -243,7 +244,7 @@ class ModernBertModel(nn.Module):
     def from_config(cls, config: dict[str, Any], attention: Attention) -> Self:
         hidden_activation = str(config.get("hidden_activation", "gelu"))
         activation(hidden_activation, where="config.json: hidden_activation")
-        try:
+        with required_keys("ModernBERT"):
             layers = int(config["num_hidden_layers"])
             return cls(
                 vocab_size=int(config["vocab_size"]),
@@ -259,8 +260,6 @@ class ModernBertModel(nn.Module):
                 layout=AttentionLayout.from_config(config, layers),
                 attention=attention,
             )
-        except KeyError as exc:
-            raise ConfigError(f"config.json: ModernBERT config lacks {exc.args[0]!r}") from exc
 
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: torch.Tensor,

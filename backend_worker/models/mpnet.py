@@ -22,7 +22,8 @@ from backend_worker.attention import Attention, MaskSpec
 from backend_worker.head_modules import FamilyHeads
 from backend_worker.layers import WordPositionEmbeddings, activation
 from backend_worker.loading import Rule, WeightMap
-from backend_worker.models.bert import BertLayer
+from backend_worker.models.bert import BertLayer, bert_sizes
+from backend_worker.models.config import required_keys
 from backend_worker.models.registry import register
 from shared.errors import ConfigError
 
@@ -136,20 +137,8 @@ class MPNetModel(nn.Module):
             )
         hidden_act = str(config.get("hidden_act", "gelu"))
         activation(hidden_act, where="config.json: hidden_act")
-        try:
-            return cls(
-                vocab_size=int(config["vocab_size"]),
-                hidden_size=int(config["hidden_size"]),
-                num_hidden_layers=int(config["num_hidden_layers"]),
-                num_attention_heads=int(config["num_attention_heads"]),
-                intermediate_size=int(config["intermediate_size"]),
-                max_position_embeddings=int(config.get("max_position_embeddings", 512)),
-                hidden_act=hidden_act,
-                layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
-                attention=attention,
-            )
-        except KeyError as exc:
-            raise ConfigError(f"config.json: MPNet config lacks {exc.args[0]!r}") from exc
+        with required_keys("MPNet"):
+            return cls(**bert_sizes(config), hidden_act=hidden_act, attention=attention)
 
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: torch.Tensor,

@@ -20,9 +20,12 @@ from backend_worker.attention import Attention
 from backend_worker.head_modules import FamilyHeads, HeadKeys
 from backend_worker.layers import activation, rope_inv_freq
 from backend_worker.loading import Rule, WeightMap
+from backend_worker.models.config import refusal, refuse_values, required_keys
 from backend_worker.models.registry import register
 from backend_worker.models.rotary_encoder import EncoderSpec, RotaryEncoder
 from shared.errors import ConfigError
+
+FAMILY = "NomicBERT"  # how config errors name it
 
 WEIGHT_MAP = WeightMap(
     rules=(
@@ -82,43 +85,39 @@ _HUB_UNSUPPORTED: dict[str, Any] = {
 }
 
 
-def _refuse(setting: str) -> ConfigError:
-    return ConfigError(f"config.json: NomicBERT with {setting} is not supported")
-
-
 def _hub_spec(config: dict[str, Any]) -> EncoderSpec:
     """nomic-ai's GPT2Config-based spelling (defaults are its NomicBertConfig's)."""
     if config.get("moe_every_n_layers") or config.get("num_experts"):
-        raise _refuse(f"mixture-of-experts layers (moe_every_n_layers="
-                      f"{config.get('moe_every_n_layers')!r}, num_experts="
-                      f"{config.get('num_experts')!r}, as in nomic-embed-text-v2-moe)")
-    for key, bad in _HUB_UNSUPPORTED.items():
-        if config.get(key) == bad:
-            raise _refuse(f"{key}={bad!r}")
+        raise refusal(FAMILY, f"mixture-of-experts layers (moe_every_n_layers="
+                              f"{config.get('moe_every_n_layers')!r}, num_experts="
+                              f"{config.get('num_experts')!r}, as in nomic-embed-text-v2-moe)")
+    refuse_values(config, _HUB_UNSUPPORTED, FAMILY)
     if config.get("rotary_emb_scale_base") is not None:
-        raise _refuse(f"rotary_emb_scale_base={config['rotary_emb_scale_base']!r} (xPos)")
+        raise refusal(FAMILY,
+                      f"rotary_emb_scale_base={config['rotary_emb_scale_base']!r} (xPos)")
     hidden, heads = int(config["n_embd"]), int(config["n_head"])
     if hidden % heads:
         raise ConfigError(f"config.json: n_embd {hidden} is not divisible by n_head {heads}")
     if config.get("num_heads_kv") not in (None, heads):
-        raise _refuse(f"num_heads_kv={config['num_heads_kv']!r} != n_head")
+        raise refusal(FAMILY, f"num_heads_kv={config['num_heads_kv']!r} != n_head")
     positions = int(config.get("n_positions", 1024))
     trained = int(config.get("max_trained_positions", 2048))
-    if config.get("rotary_scaling_factor", 1.0) and positions > trained:
+    factor = config.get("rotary_scaling_factor", 1.0)
+    if factor and positions > trained:
         # nomic-ai's dynamic NTK rotary changes its frequencies when the *padded batch* is
         # longer than max_trained_positions, and keeps them changed for later batches: no
         # batch-invariant server computes that. Below max_trained_positions it is inactive.
-        raise _refuse(f"rotary_scaling_factor={config.get('rotary_scaling_factor', 1.0)!r} and "
-                      f"n_positions={positions} > max_trained_positions={trained} (dynamic NTK "
-                      "rotary scaling); set rotary_scaling_factor to null, or n_positions to "
-                      f"at most {trained}")
+        raise refusal(FAMILY, f"rotary_scaling_factor={factor!r} and n_positions={positions} > "
+                              f"max_trained_positions={trained} (dynamic NTK rotary scaling); set "
+                              "rotary_scaling_factor to null, or n_positions to at most "
+                              f"{trained}")
     head_dim = hidden // heads
     fraction = float(config.get("rotary_emb_fraction", 0.0))
     rotary_dim = head_dim * fraction
     if not 0 < fraction <= 1 or rotary_dim != int(rotary_dim) or int(rotary_dim) % 2:
-        raise _refuse(f"rotary_emb_fraction={fraction!r} (head size {head_dim}: the rotary "
-                      "part must be a positive even number of features; learned absolute "
-                      "positions, fraction 0, are not implemented)")
+        raise refusal(FAMILY, f"rotary_emb_fraction={fraction!r} (head size {head_dim}: the "
+                              "rotary part must be a positive even number of features; learned "
+                              "absolute positions, fraction 0, are not implemented)")
     name = str(config.get("activation_function", "gelu_new"))
     if name not in _HUB_MLPS:
         raise ConfigError(f"config.json: NomicBERT activation_function {name!r} is not "
@@ -151,7 +150,7 @@ def _native_spec(config: dict[str, Any]) -> EncoderSpec:
     rope = config.get("rope_parameters") or {}
     rope_type = rope.get("rope_type", "default")
     if rope_type != "default":
-        raise _refuse(f"rope_parameters rope_type {rope_type!r} (supported: default)")
+        raise refusal(FAMILY, f"rope_parameters rope_type {rope_type!r} (supported: default)")
     heads = int(config["num_attention_heads"])
     hidden = int(config["hidden_size"])
     head_dim = int(config.get("head_dim") or hidden // heads)
@@ -178,7 +177,5 @@ class NomicBertModel(RotaryEncoder):
     def from_config(cls, config: dict[str, Any], attention: Attention) -> Self:
         # n_embd only exists in nomic-ai's spelling (its GPT2Config maps hidden_size onto it).
         parse = _hub_spec if "n_embd" in config else _native_spec
-        try:
+        with required_keys(FAMILY):
             return cls(parse(config), attention)
-        except KeyError as exc:
-            raise ConfigError(f"config.json: NomicBERT config lacks {exc.args[0]!r}") from exc

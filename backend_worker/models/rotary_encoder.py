@@ -18,7 +18,14 @@ from torch import nn
 
 from backend_worker.attention import Attention
 from backend_worker.head_modules import FamilyHeads
-from backend_worker.layers import MLP, GatedMLP, RopeTables, Rotary, SelfAttention
+from backend_worker.layers import (
+    MLP,
+    GatedMLP,
+    PostNormLayer,
+    Rotary,
+    SelfAttention,
+    WordTypeEmbeddings,
+)
 from backend_worker.loading import WeightMap
 
 
@@ -48,41 +55,22 @@ class EncoderSpec:
     down_bias: bool = False
 
 
-class RotaryEmbeddings(nn.Module):
-    def __init__(self, vocab: int, types: int, hidden: int, eps: float) -> None:
-        super().__init__()
-        self.word = nn.Embedding(vocab, hidden)
-        self.token_type = nn.Embedding(types, hidden) if types > 0 else None
-        self.norm = nn.LayerNorm(hidden, eps=eps)
-
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-        x = self.word(input_ids)
-        if self.token_type is not None:
-            x = x + self.token_type(token_type_ids)
-        return self.norm(x)
-
-
-class RotaryLayer(nn.Module):
-    """Post-norm: x = norm(x + attention(x)); x = norm(x + mlp(x))."""
-
-    def __init__(self, spec: EncoderSpec, attention: Attention) -> None:
-        super().__init__()
-        hidden = spec.hidden_size
-        self.attention = SelfAttention(hidden, spec.num_heads, attention, spec.qkv_bias,
-                                       head_dim=spec.head_dim, out_bias=spec.out_bias)
-        self.attention_norm = nn.LayerNorm(hidden, eps=spec.eps)
-        self.mlp: nn.Module
-        if spec.gated:
-            self.mlp = GatedMLP(hidden, spec.intermediate_size, spec.act, spec.up_bias,
-                                down_bias=spec.down_bias, gate_first=spec.gate_first)
-        else:
-            self.mlp = MLP(hidden, spec.intermediate_size, spec.act, spec.up_bias,
-                           down_bias=spec.down_bias)
-        self.mlp_norm = nn.LayerNorm(hidden, eps=spec.eps)
-
-    def forward(self, x: torch.Tensor, meta: Any, rope: RopeTables) -> torch.Tensor:
-        x = self.attention_norm(x + self.attention(x, meta, rope))
-        return self.mlp_norm(x + self.mlp(x))
+def _layer(spec: EncoderSpec, attention: Attention) -> PostNormLayer:
+    """One post-norm layer; rotary reaches its attention through PostNormLayer's `rope`."""
+    hidden = spec.hidden_size
+    mlp: nn.Module
+    if spec.gated:
+        mlp = GatedMLP(hidden, spec.intermediate_size, spec.act, spec.up_bias,
+                       down_bias=spec.down_bias, gate_first=spec.gate_first)
+    else:
+        mlp = MLP(hidden, spec.intermediate_size, spec.act, spec.up_bias,
+                  down_bias=spec.down_bias)
+    return PostNormLayer(
+        hidden, spec.eps,
+        SelfAttention(hidden, spec.num_heads, attention, spec.qkv_bias, head_dim=spec.head_dim,
+                      out_bias=spec.out_bias),
+        mlp,
+    )
 
 
 class RotaryEncoder(nn.Module):
@@ -98,9 +86,9 @@ class RotaryEncoder(nn.Module):
         # A plain attribute, not a buffer: strict loading fills only checkpoint tensors, and
         # the model is built on the meta device (see layers.Rotary).
         self.rotary = Rotary(spec.inv_freq)
-        self.embeddings = RotaryEmbeddings(spec.vocab_size, spec.type_vocab_size,
-                                           spec.hidden_size, spec.eps)
-        self.layers = nn.ModuleList(RotaryLayer(spec, attention) for _ in range(spec.num_layers))
+        self.embeddings = WordTypeEmbeddings(spec.vocab_size, spec.type_vocab_size,
+                                             spec.hidden_size, spec.eps)
+        self.layers = nn.ModuleList(_layer(spec, attention) for _ in range(spec.num_layers))
 
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: torch.Tensor,

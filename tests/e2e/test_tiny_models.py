@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.e2e.server import serving
+from tests.e2e.zoo import embed, sentence_transformer, serve_model
 from tests.fixtures.tiny import make_tiny_bert
 
 TEXTS = ["hello world", "the weather is lovely today", "a cat", "query: dog at night " * 5]
@@ -18,21 +18,12 @@ def tiny(request, tmp_path_factory):
     model = make_tiny_bert(tmp_path_factory.mktemp("tiny") / request.param, pooling="cls",
                            dense_out=16, prompts=PROMPTS, default_prompt_name="query",
                            max_seq_length=24, st_format=request.param)
-    log = tmp_path_factory.mktemp("logs") / "tiny.log"
-    with serving("--model-id", str(model), "--max-batch-tokens", "512", log_path=log) as srv:
+    with serve_model(model, tmp_path_factory.mktemp("logs")) as srv:
         yield model, srv
 
 
 def st_encode(model, texts, **kwargs) -> np.ndarray:
-    from sentence_transformers import SentenceTransformer
-
-    return SentenceTransformer(str(model), device="cpu").encode(texts, **kwargs)
-
-
-def embed(srv, **body) -> np.ndarray:
-    response = srv.client.post("/embed", json=body)
-    assert response.status_code == 200, response.text
-    return np.asarray(response.json(), dtype=np.float32)
+    return sentence_transformer(model).encode(texts, **kwargs)
 
 
 def test_cls_and_dense_with_the_default_prompt(tiny):

@@ -7,8 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.e2e.server import serving
+from tests.e2e.zoo import embed, sentence_transformer, serve_model
 from tests.fixtures.decoders import make_st_decoder
+from tests.fixtures.oracles import cosine_rows
 
 PROMPTS = {"query": "Instruct: Given a web search query, retrieve relevant passages\nQuery:"}
 TEXTS = [
@@ -24,23 +25,14 @@ TEXTS = [
 def qwen3(tmp_path_factory):
     model = make_st_decoder(tmp_path_factory.mktemp("zoo") / "qwen3", "qwen3",
                             pooling="lasttoken", overrides={"head_dim": 16}, prompts=PROMPTS)
-    log = tmp_path_factory.mktemp("logs") / "qwen3.log"
-    with serving("--model-id", str(model), "--max-batch-tokens", "1024", log_path=log) as srv:
+    with serve_model(model, tmp_path_factory.mktemp("logs"), 1024) as srv:
         yield model, srv
 
 
 def st_encode(model, texts, **kwargs) -> np.ndarray:
-    from sentence_transformers import SentenceTransformer
-
-    st = SentenceTransformer(str(model), device="cpu")
+    st = sentence_transformer(model)
     assert st.tokenizer.padding_side == "left"
     return st.encode(texts, **kwargs)
-
-
-def embed(srv, **body) -> np.ndarray:
-    response = srv.client.post("/embed", json=body)
-    assert response.status_code == 200, response.text
-    return np.asarray(response.json(), dtype=np.float32)
 
 
 @pytest.mark.parametrize("prompt_name", [None, "query"])
@@ -49,9 +41,7 @@ def test_embed_equals_sentence_transformers(qwen3, prompt_name) -> None:
     ours = embed(srv, inputs=TEXTS, prompt_name=prompt_name)
     theirs = st_encode(model, TEXTS, prompt_name=prompt_name)
     assert ours.shape == theirs.shape == (len(TEXTS), 32)
-    cosine = (ours * theirs).sum(1) / (np.linalg.norm(ours, axis=1)
-                                       * np.linalg.norm(theirs, axis=1))
-    assert cosine.min() >= 0.9999
+    assert cosine_rows(ours, theirs).min() >= 0.9999
     assert np.abs(ours - theirs).max() < 1e-4
 
 

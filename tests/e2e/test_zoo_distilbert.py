@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.e2e.server import serving
+from tests.e2e.zoo import embed, sentence_transformer, serve_model
 from tests.fixtures.families import make_tiny
+from tests.fixtures.oracles import cosine_rows
 
 TEXTS = ["hello world", "the weather is lovely today", "a",
          "A much longer input, with punctuation; digits 0123456789 and MiXeD case. " * 12]
@@ -17,19 +18,12 @@ TEXTS = ["hello world", "the weather is lovely today", "a",
 def distilbert(tmp_path_factory):
     model = make_tiny(tmp_path_factory.mktemp("distilbert") / "m", "distilbert",
                       "DistilBertModel", pooling="mean", seed=9)
-    log = tmp_path_factory.mktemp("logs") / "distilbert.log"
-    with serving("--model-id", str(model), "--max-batch-tokens", "512", log_path=log) as srv:
+    with serve_model(model, tmp_path_factory.mktemp("logs")) as srv:
         yield model, srv
 
 
 def test_embed_equals_sentence_transformers(distilbert) -> None:
-    from sentence_transformers import SentenceTransformer
-
     model, srv = distilbert
-    response = srv.client.post("/embed", json={"inputs": TEXTS, "truncate": True})
-    assert response.status_code == 200, response.text
-    ours = np.asarray(response.json(), dtype=np.float64)
-    theirs = SentenceTransformer(str(model), device="cpu").encode(TEXTS).astype(np.float64)
-    cosine = (ours * theirs).sum(1) / (np.linalg.norm(ours, axis=1) *
-                                       np.linalg.norm(theirs, axis=1))
-    assert cosine.min() >= 0.99999
+    ours = embed(srv, np.float64, inputs=TEXTS, truncate=True)
+    theirs = sentence_transformer(model).encode(TEXTS).astype(np.float64)
+    assert cosine_rows(ours, theirs).min() >= 0.99999

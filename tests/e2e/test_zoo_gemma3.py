@@ -7,8 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.e2e.server import serving
+from tests.e2e.zoo import embed, sentence_transformer, serve_model
 from tests.fixtures.decoders import make_embedding_gemma
+from tests.fixtures.oracles import cosine_rows
 
 TEXTS = [
     "hello world",
@@ -20,23 +21,16 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def gemma(tmp_path_factory):
     model = make_embedding_gemma(tmp_path_factory.mktemp("zoo") / "gemma")
-    log = tmp_path_factory.mktemp("logs") / "gemma.log"
-    with serving("--model-id", str(model), "--max-batch-tokens", "1024", log_path=log) as srv:
+    with serve_model(model, tmp_path_factory.mktemp("logs"), 1024) as srv:
         yield model, srv
 
 
 def test_embed_equals_sentence_transformers(gemma) -> None:
-    from sentence_transformers import SentenceTransformer
-
     model, srv = gemma
-    response = srv.client.post("/embed", json={"inputs": TEXTS})
-    assert response.status_code == 200, response.text
-    ours = np.asarray(response.json(), dtype=np.float32)
-    theirs = SentenceTransformer(str(model), device="cpu").encode(TEXTS)
+    ours = embed(srv, inputs=TEXTS)
+    theirs = sentence_transformer(model).encode(TEXTS)
     assert ours.shape == theirs.shape == (len(TEXTS), 24)
-    cosine = (ours * theirs).sum(1) / (np.linalg.norm(ours, axis=1)
-                                       * np.linalg.norm(theirs, axis=1))
-    assert cosine.min() >= 0.9999
+    assert cosine_rows(ours, theirs).min() >= 0.9999
     assert np.abs(ours - theirs).max() < 1e-4
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.e2e.server import serving
+from tests.e2e.zoo import embed, serve_model
 from tests.fixtures.jina import make_tiny_jina, reference_embeddings
+from tests.fixtures.oracles import sequence_token_types
 from tests.fixtures.tiny import pack
 
 # The last input is long (words outside the tiny vocabulary split into characters), so the
@@ -25,22 +26,17 @@ def jina(tmp_path_factory):
     # Six heads: the non-power-of-two ALiBi slopes, through the whole serving path.
     model = make_tiny_jina(tmp_path_factory.mktemp("jina") / "m", "base", hidden=48, heads=6,
                            seed=5)
-    log = tmp_path_factory.mktemp("logs") / "jina.log"
     # The router caps the input limit at --max-batch-tokens: 8192 leaves the config's own.
-    with serving("--model-id", str(model), "--max-batch-tokens", "8192", log_path=log) as srv:
+    with serve_model(model, tmp_path_factory.mktemp("logs"), 8192) as srv:
         yield model, srv
 
 
 def test_embed_equals_the_reference(jina):
     model, srv = jina
-    response = srv.client.post("/embed", json={"inputs": TEXTS})
-    assert response.status_code == 200, response.text
-    ours = np.asarray(response.json(), dtype=np.float64)
+    ours = embed(srv, np.float64, inputs=TEXTS)
     arrays, ids = pack(model, TEXTS)
     assert max(map(len, ids)) > 100
-    cu = arrays.cu_seqlens
-    types = [arrays.token_type_ids[cu[i] : cu[i + 1]].tolist() for i in range(len(ids))]
-    ref = reference_embeddings(model, ids, types, "base").numpy()
+    ref = reference_embeddings(model, ids, sequence_token_types(arrays), "base").numpy()
     ref /= np.linalg.norm(ref, axis=1, keepdims=True)
     assert ours.shape == (len(TEXTS), 48)
     assert np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)

@@ -3,11 +3,11 @@ on the same directory, for inputs both shorter and much longer than the local wi
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
-from tests.e2e.server import serving
+from tests.e2e.zoo import embed, sentence_transformer, serve_model
 from tests.fixtures.modernbert import make_tiny_modernbert
+from tests.fixtures.oracles import cosine_rows
 
 PROMPTS = {"search_query": "search_query: ", "search_document": "search_document: "}
 TEXTS = [
@@ -23,25 +23,19 @@ def served(tmp_path_factory):
     # modernbert-embed's shape: mean pooling, Normalize, search_query / search_document prompts.
     model = make_tiny_modernbert(tmp_path_factory.mktemp("modernbert") / "model",
                                  pooling="mean", seed=11, prompts=PROMPTS)
-    log = tmp_path_factory.mktemp("logs") / "modernbert.log"
-    with serving("--model-id", str(model), "--max-batch-tokens", "1024", log_path=log) as srv:
+    with serve_model(model, tmp_path_factory.mktemp("logs"), 1024) as srv:
         yield model, srv
 
 
 def test_embed_matches_sentence_transformers(served) -> None:
-    from sentence_transformers import SentenceTransformer
-
     model, srv = served
-    st = SentenceTransformer(str(model), device="cpu")
+    st = sentence_transformer(model)
     info = srv.client.get("/info").json()
     assert info["model_type"] == {"embedding": {"pooling": "mean"}}
     for prompt_name in (None, "search_query"):
         body = {"inputs": TEXTS} | ({"prompt_name": prompt_name} if prompt_name else {})
-        response = srv.client.post("/embed", json=body)
-        assert response.status_code == 200, response.text
-        ours = np.asarray(response.json(), dtype=np.float32)
+        ours = embed(srv, **body)
         theirs = st.encode(TEXTS, prompt_name=prompt_name, convert_to_numpy=True)
         assert ours.shape == theirs.shape == (len(TEXTS), 32)
-        cosine = (ours * theirs).sum(1) / (np.linalg.norm(ours, axis=1)
-                                           * np.linalg.norm(theirs, axis=1))
+        cosine = cosine_rows(ours, theirs)
         assert cosine.min() >= 0.9999, (prompt_name, cosine)

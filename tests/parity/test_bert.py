@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from backend_worker.engine import Engine
 from shared.modelinfo import load_model_info
+from tests.fixtures.checks import assert_batch_invariant
+from tests.fixtures.oracles import cosine_rows, hf_hidden
 from tests.fixtures.tiny import (
     MIXED_TEXTS,
     make_tiny_bert,
@@ -28,29 +29,6 @@ COVERS = frozenset({"bert"})
 TEXTS = MIXED_TEXTS
 HIDDEN_TOL = 1e-4
 POOLED_TOL = 1e-5
-
-
-def hf_last_hidden(model_dir: Path, ids: list[list[int]], types: list[list[int]]) -> torch.Tensor:
-    """transformers' last_hidden_state for the inputs, flattened without padding."""
-    from transformers import AutoModel
-
-    model = AutoModel.from_pretrained(str(model_dir)).eval()
-    width = max(map(len, ids))
-    input_ids = torch.zeros(len(ids), width, dtype=torch.long)
-    token_types = torch.zeros_like(input_ids)
-    mask = torch.zeros_like(input_ids)
-    for row, (seq, seq_types) in enumerate(zip(ids, types, strict=True)):
-        input_ids[row, : len(seq)] = torch.tensor(seq)
-        token_types[row, : len(seq)] = torch.tensor(seq_types)
-        mask[row, : len(seq)] = 1
-    with torch.no_grad():
-        out = model(input_ids=input_ids, attention_mask=mask, token_type_ids=token_types)
-    return out.last_hidden_state[mask.bool()]
-
-
-def token_types(arrays, ids: list[list[int]]) -> list[list[int]]:
-    cu = arrays.cu_seqlens
-    return [arrays.token_type_ids[cu[i] : cu[i + 1]].tolist() for i in range(len(ids))]
 
 
 def bare_model(root: Path, **weights_kwargs) -> Path:
@@ -75,13 +53,15 @@ def bare_model(root: Path, **weights_kwargs) -> Path:
     ],
 )
 def test_hidden_states_match_transformers(tmp_path: Path, case: str, weights_kwargs: dict) -> None:
+    from transformers import AutoModel
+
     root = bare_model(tmp_path / case, **weights_kwargs)
     engine = Engine.load(load_model_info(root, pooling_override="mean"))
     arrays, ids = pack(root, TEXTS)
     assert len(set(map(len, ids))) == len(ids), "inputs must differ in length"
     assert arrays.token_type_ids.max() == 1, "pairs must exercise token type 1"
     ours = engine.hidden_states(arrays)
-    ref = hf_last_hidden(root, ids, token_types(arrays, ids))
+    ref = hf_hidden(AutoModel.from_pretrained(str(root)).eval(), arrays)
     diff = (ours - ref).abs().max().item()
     print(f"{case}: max abs diff of last hidden state {diff:.2e}")
     assert diff <= HIDDEN_TOL
@@ -121,10 +101,6 @@ def st_encode(model_dir: Path, texts: list[str], normalized: bool) -> np.ndarray
     return model.encode(texts, normalize_embeddings=False, convert_to_numpy=True, batch_size=64)
 
 
-def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-
-
 def test_pooled_matches_sentence_transformers(st_model: Path) -> None:
     texts = [t for t in TEXTS if isinstance(t, str)]
     info = load_model_info(st_model)
@@ -147,10 +123,7 @@ def test_pooled_matches_sentence_transformers(st_model: Path) -> None:
 
 def test_batch_invariance(st_model: Path) -> None:
     engine = Engine.load(load_model_info(st_model))
-    together = engine.embed(pack(st_model, TEXTS)[0])
-    for row, item in enumerate(TEXTS):
-        alone = engine.embed(pack(st_model, [item])[0])
-        assert np.abs(alone[0] - together[row]).max() <= 1e-5, item
+    assert_batch_invariant(engine, st_model, TEXTS)
 
 
 def test_engine_attributes(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from backend_worker.heads import build_head, run_head
 from backend_worker.models.decoder import LastTokenClassifier
 from shared.errors import ConfigError
 from shared.modelinfo import load_model_info
+from tests.fixtures.checks import assert_batch_invariant, assert_packed_equals_padded
 from tests.fixtures.decoders import (
     decoder_vocab,
     make_decoder_dir,
@@ -27,6 +28,7 @@ from tests.fixtures.decoders import (
     set_config,
     transformers_hidden,
 )
+from tests.fixtures.oracles import cosine_rows
 from tests.fixtures.tiny import pack
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -202,7 +204,7 @@ def test_pooled_matches_sentence_transformers(st_model: Path) -> None:
     assert all(seq[-1] == eos for seq in ids), "the tokenizer appends end-of-text"
     ours = engine.embed(arrays)
     ref = st_reference(st_model, texts)
-    cosine = (ours * ref).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(ref, axis=1))
+    cosine = cosine_rows(ours, ref)
     print(f"{st_model.name}: min cosine {cosine.min():.7f}, max abs diff "
           f"{np.abs(ours - ref).max():.2e}")
     assert cosine.min() >= 0.9999
@@ -211,12 +213,7 @@ def test_pooled_matches_sentence_transformers(st_model: Path) -> None:
 
 def test_batch_invariance(st_model: Path) -> None:
     info = load_model_info(st_model)
-    engine = Engine.load(info)
-    limit = info.max_input_length
-    together = engine.embed(pack(st_model, TEXTS, max_length=limit)[0])
-    for row, item in enumerate(TEXTS):
-        alone = engine.embed(pack(st_model, [item], max_length=limit)[0])
-        assert np.abs(alone[0] - together[row]).max() <= 1e-5, item
+    assert_batch_invariant(Engine.load(info), st_model, TEXTS, info.max_input_length)
 
 
 def test_tokenizer_json_alone_decides_the_end_of_text(tmp_path: Path) -> None:
@@ -241,17 +238,7 @@ def test_packed_path_and_graphs_equal_the_padded_path(st_model: Path) -> None:
     """The CUDA path's logic on the CPU: packed varlen attention (the kernel's documented
     window semantics, tests/fixtures/varlen.py) and replayed graph buckets give the padded
     path's vectors, so each MaskSpec (causal, window, GQA) converts to the kernel's terms."""
-    from backend_worker.attention import PackedVarlen, torch_varlen_kernel
-    from backend_worker.graphs import eager_capture
-    from tests.fixtures.varlen import cpu_varlen
-
-    info = load_model_info(st_model)
-    padded = Engine.load(info)
-    packed = Engine.load(info, attention=PackedVarlen(torch_varlen_kernel(cpu_varlen)))
-    assert packed.capture_graphs(256, eager_capture)
-    for count in (1, 3, len(TEXTS)):
-        arrays, _ = pack(st_model, TEXTS[:count], max_length=info.max_input_length)
-        np.testing.assert_allclose(packed.embed(arrays), padded.embed(arrays), atol=1e-5)
+    assert_packed_equals_padded(st_model, TEXTS, (1, 3, len(TEXTS)))
 
 
 # ---------------------------------------------------------------------------- classifier

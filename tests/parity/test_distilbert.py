@@ -5,7 +5,6 @@ random checkpoints, fp32 on CPU."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 from pathlib import Path
@@ -20,7 +19,8 @@ from backend_worker.heads import build_head, run_head
 from backend_worker.models.distilbert import DistilBertClassifierHead
 from shared.errors import ConfigError
 from shared.modelinfo import load_model_info
-from tests.fixtures.families import MAX_TOKENS, make_tiny, padded_inputs
+from tests.fixtures.families import MAX_TOKENS, make_tiny
+from tests.fixtures.oracles import densify, hf_hidden, mlm_reference, padded_inputs
 from tests.fixtures.tiny import MIXED_TEXTS, pack
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -58,10 +58,8 @@ def test_hidden_states_match_transformers(tmp_path: Path, case: str, architectur
     arrays, ids = pack(root, TEXTS)
     assert len(set(map(len, ids))) == len(ids), "inputs must differ in length"
     assert arrays.token_type_ids.max() == 1, "the pair template numbers the second text 1"
-    model = AutoModel.from_pretrained(str(root)).eval()
-    inputs = padded_inputs(arrays, pad_id=0)
-    with torch.no_grad():
-        ref = model(**inputs).last_hidden_state[inputs["attention_mask"].bool()]
+    # DistilBERT takes no token types.
+    ref = hf_hidden(AutoModel.from_pretrained(str(root)).eval(), arrays, token_types=False)
     diff = (engine.hidden_states(arrays) - ref).abs().max().item()
     print(f"{case}: max abs diff of last hidden state {diff:.2e}")
     assert diff <= HIDDEN_TOL
@@ -98,31 +96,22 @@ def test_classifier_logits_match_transformers(tmp_path: Path, labels: int) -> No
     assert (rows, dim) == (len(TEXTS), labels)
     hf = AutoModelForSequenceClassification.from_pretrained(str(root)).eval()
     with torch.no_grad():
-        expected = hf(**padded_inputs(arrays, pad_id=0)).logits.numpy()
+        expected = hf(**padded_inputs(arrays, token_types=False)).logits.numpy()
     assert np.abs(logits - expected).max() <= LOGIT_TOL
 
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_splade_matches_masked_lm(tmp_path: Path, tied: bool) -> None:
-    from transformers import AutoModelForMaskedLM
-
     # The MLM head applies the config's activation too: relu, so a gelu there would show.
     root = make_tiny(tmp_path / "mlm", "distilbert", "DistilBertForMaskedLM", seed=6,
                      tie_word_embeddings=tied, activation="relu")
     assert ("vocab_projector.weight" in load_file(str(root / "model.safetensors"))) is not tied
     info, engine = serve(root, "splade")
     arrays, _ = pack(root, TEXTS)
-    rows, dim, offsets, indices, values = run_head(engine, build_head(info, engine.device))(
-        arrays)
-    ours = np.zeros((rows, dim), dtype=np.float32)
-    for row, (start, end) in enumerate(itertools.pairwise(offsets)):
-        ours[row, indices[start:end]] = values[start:end]
-    hf = AutoModelForMaskedLM.from_pretrained(str(root)).eval()
-    inputs = padded_inputs(arrays, pad_id=0)
-    with torch.no_grad():
-        logits = hf(**inputs).logits
-    expected = (torch.log1p(torch.relu(logits)) * inputs["attention_mask"].unsqueeze(-1))
-    assert np.abs(ours - expected.max(dim=1).values.numpy()).max() <= 1e-4
+    rows, dim, *frames = run_head(engine, build_head(info, engine.device))(arrays)
+    ours = densify(rows, dim, tuple(frames))
+    expected = mlm_reference(root, padded_inputs(arrays, token_types=False))
+    assert np.abs(ours - expected).max() <= 1e-4
 
 
 def test_missing_head_key_is_named(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import torch
 from backend_worker.engine import Engine
 from shared.errors import ConfigError
 from shared.modelinfo import load_model_info
+from tests.fixtures.checks import assert_batch_invariant, assert_packed_equals_padded
 from tests.fixtures.decoders import (
     GEMMA_STYLE,
     TINY_EMBEDDING_GEMMA,
@@ -24,6 +25,7 @@ from tests.fixtures.decoders import (
     set_config,
     transformers_hidden,
 )
+from tests.fixtures.oracles import cosine_rows
 from tests.fixtures.tiny import pack
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -132,7 +134,7 @@ def test_pooled_matches_sentence_transformers(embedding_gemma: Path) -> None:
     model = SentenceTransformer(str(embedding_gemma), device="cpu")
     unnormalized = SentenceTransformer(modules=list(model)[:-1], device="cpu")
     ref = unnormalized.encode(TEXTS, convert_to_numpy=True, batch_size=64)
-    cosine = (ours * ref).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(ref, axis=1))
+    cosine = cosine_rows(ours, ref)
     print(f"min cosine {cosine.min():.7f}, max abs diff {np.abs(ours - ref).max():.2e}")
     assert cosine.min() >= 0.9999
     assert np.abs(ours - ref).max() <= 1e-4
@@ -140,26 +142,13 @@ def test_pooled_matches_sentence_transformers(embedding_gemma: Path) -> None:
 
 def test_batch_invariance(embedding_gemma: Path) -> None:
     engine = Engine.load(load_model_info(embedding_gemma))
-    together = engine.embed(pack(embedding_gemma, TEXTS)[0])
-    for row, item in enumerate(TEXTS):
-        alone = engine.embed(pack(embedding_gemma, [item])[0])
-        assert np.abs(alone[0] - together[row]).max() <= 1e-5, item
+    assert_batch_invariant(engine, embedding_gemma, TEXTS)
 
 
 def test_packed_path_and_graphs_equal_the_padded_path(embedding_gemma: Path) -> None:
     """The CUDA path's logic on the CPU (see tests/fixtures/varlen.py): the bidirectional
     local window and the query_pre_attn_scalar scale convert to the varlen kernel's terms."""
-    from backend_worker.attention import PackedVarlen, torch_varlen_kernel
-    from backend_worker.graphs import eager_capture
-    from tests.fixtures.varlen import cpu_varlen
-
-    info = load_model_info(embedding_gemma)
-    padded = Engine.load(info)
-    packed = Engine.load(info, attention=PackedVarlen(torch_varlen_kernel(cpu_varlen)))
-    assert packed.capture_graphs(256, eager_capture)
-    for count in (1, 2, len(TEXTS)):
-        arrays, _ = pack(embedding_gemma, TEXTS[:count], max_length=info.max_input_length)
-        np.testing.assert_allclose(packed.embed(arrays), padded.embed(arrays), atol=1e-5)
+    assert_packed_equals_padded(embedding_gemma, TEXTS, (1, 2, len(TEXTS)))
 
 
 REFUSALS = [

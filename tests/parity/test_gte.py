@@ -28,14 +28,14 @@ from backend_worker.models import model_class
 from backend_worker.models.gte import WEIGHT_MAP
 from shared.errors import ConfigError
 from shared.modelinfo import load_model_info
+from tests.fixtures.checks import assert_batch_invariant, assert_dropped, assert_maps
+from tests.fixtures.oracles import cosine_rows, hf_hidden, padded_inputs, splade_max
 from tests.fixtures.rotary import (
     ACT,
     TINY,
     add_sentence_transformers,
     gte_new_config,
-    hf_hidden,
     layer_norm,
-    padded_inputs,
     reprefix,
     rotate,
     save_model,
@@ -237,15 +237,11 @@ IN_MEMORY_NAMES = {
 
 @pytest.mark.parametrize("names", [HUB_NAMES, IN_MEMORY_NAMES], ids=["hub", "in-memory"])
 def test_key_mapping(names: dict[str, tuple[str, str | None]]) -> None:
-    for key, (target, part) in names.items():
-        resolved = WEIGHT_MAP.resolve(key)
-        assert resolved is not None, key
-        assert (resolved.target, resolved.part) == (target, part), key
+    assert_maps(WEIGHT_MAP, names)
     # up_gate_proj stores the value half first; separate halves are fused in that order.
     assert WEIGHT_MAP.resolve("layers.0.mlp.up_proj.weight").fuse == ("up_proj", "gate_proj")
-    for head_key in ("new.pooler.dense.weight", "classifier.weight", "lm_head.decoder.bias"):
-        resolved = WEIGHT_MAP.resolve(head_key)
-        assert resolved is not None and not resolved.target, head_key
+    assert_dropped(WEIGHT_MAP, ("new.pooler.dense.weight", "classifier.weight",
+                                "lm_head.decoder.bias"))
 
 
 def test_transformers_reads_alibabas_prefix_as_we_do(tmp_path: Path) -> None:
@@ -271,7 +267,7 @@ def test_pooled_matches_sentence_transformers(tmp_path: Path) -> None:
     ours = Engine.load(load_model_info(root)).embed(pack(root, texts)[0])
     st = SentenceTransformer(str(root), device="cpu")
     theirs = SentenceTransformer(modules=list(st)[:-1], device="cpu").encode(texts)
-    cosine = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
+    cosine = cosine_rows(ours, theirs)
     assert cosine.min() >= 0.9999
     assert np.abs(ours - theirs).max() <= 1e-5
 
@@ -334,10 +330,7 @@ def test_splade_matches_the_masked_lm(tmp_path: Path) -> None:
     with torch.inference_mode():
         dense = head(engine.hidden_states(arrays),
                      torch.from_numpy(arrays.cu_seqlens.astype(np.int64)))
-    inputs = padded_inputs(arrays)
-    with torch.no_grad():
-        logits = model(**inputs).logits
-    expected = (torch.log1p(torch.relu(logits)) * inputs["attention_mask"][..., None]).amax(1)
+    expected = splade_max(model, padded_inputs(arrays))
     assert (dense - expected).abs().max() <= 1e-4
 
 
@@ -345,9 +338,7 @@ def test_batch_invariance(tmp_path: Path) -> None:
     root = tmp_path / "new"
     new_checkpoint(root, gte_new_config(), seed=9)
     engine = Engine.load(load_model_info(root, pooling_override="cls"))
-    together = engine.embed(pack(root, TEXTS)[0])
-    for row, item in enumerate(TEXTS):
-        assert np.abs(engine.embed(pack(root, [item])[0])[0] - together[row]).max() <= 1e-5
+    assert_batch_invariant(engine, root, TEXTS)
 
 
 REFUSED = [

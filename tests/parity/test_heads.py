@@ -4,7 +4,6 @@ loading of head keys. Tiny random checkpoints, fp32 on CPU."""
 
 from __future__ import annotations
 
-import itertools
 import os
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from shared import protocol
 from shared.errors import ConfigError
 from shared.modelinfo import load_model_info
 from tests.fixtures.heads import LABELS, make_tiny_classifier, make_tiny_mlm
+from tests.fixtures.oracles import densify, mlm_reference, padded_inputs
 from tests.fixtures.tiny import MIXED_TEXTS, pack, save_bert_weights, write_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -38,19 +38,6 @@ def classifier_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reranker_dir(tmp_path_factory) -> Path:
     return make_tiny_classifier(tmp_path_factory.mktemp("heads") / "reranker", ["score"], seed=1)
-
-
-def padded(arrays: protocol.BatchArrays) -> dict[str, torch.Tensor]:
-    """transformers inputs (right-padded) for a packed batch."""
-    cu = arrays.cu_seqlens
-    lengths = np.diff(cu)
-    ids = torch.zeros(len(lengths), int(lengths.max()), dtype=torch.long)
-    types, mask = torch.zeros_like(ids), torch.zeros_like(ids)
-    for row, (a, b) in enumerate(itertools.pairwise(cu)):
-        ids[row, : b - a] = torch.from_numpy(arrays.input_ids[a:b].astype(np.int64))
-        types[row, : b - a] = torch.from_numpy(arrays.token_type_ids[a:b].astype(np.int64))
-        mask[row, : b - a] = 1
-    return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}
 
 
 def serve(model_dir: Path, pooling: str | None = None):
@@ -75,7 +62,7 @@ def test_logits_match_transformers(request, which: str) -> None:
 
     hf = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()
     with torch.no_grad():
-        expected = hf(**padded(arrays)).logits.numpy()
+        expected = hf(**padded_inputs(arrays)).logits.numpy()
     diff = float(np.abs(logits - expected).max())
     assert diff <= LOGIT_TOL, diff
     # One at a time gives the same scores as the ragged batch.
@@ -95,27 +82,6 @@ def test_output_kinds_per_model(classifier_dir: Path, tmp_path: Path) -> None:
     assert serve(mlm, "mean")[2] is None
 
 
-def mlm_reference(model_dir: Path, arrays: protocol.BatchArrays) -> np.ndarray:
-    """transformers MaskedLM logits -> relu -> log1p -> max over the attention-masked tokens."""
-    from transformers import AutoModelForMaskedLM
-
-    hf = AutoModelForMaskedLM.from_pretrained(str(model_dir)).eval()
-    inputs = padded(arrays)
-    with torch.no_grad():
-        logits = hf(**inputs).logits
-    values = torch.log1p(torch.relu(logits)) * inputs["attention_mask"].unsqueeze(-1)
-    return values.max(dim=1).values.numpy()
-
-
-def densify(rows: int, dim: int, frames: tuple) -> np.ndarray:
-    offsets, indices, values = frames
-    dense = np.zeros((rows, dim), dtype=np.float32)
-    for row, (a, b) in enumerate(itertools.pairwise(offsets)):
-        assert np.all(np.diff(indices[a:b]) > 0), "indices ascending"
-        dense[row, indices[a:b]] = values[a:b]
-    return dense
-
-
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("chunk", [None, 7])
 def test_splade_matches_masked_lm_reference(tmp_path: Path, tied: bool, chunk: int | None) -> None:
@@ -130,7 +96,7 @@ def test_splade_matches_masked_lm_reference(tmp_path: Path, tied: bool, chunk: i
     rows, dim, *frames = run_head(engine, head)(arrays)
     assert (rows, dim) == (len(TEXTS), engine.info.vocab_size)
     ours = densify(rows, dim, tuple(frames))
-    expected = mlm_reference(model_dir, arrays)
+    expected = mlm_reference(model_dir, padded_inputs(arrays))
     diff = float(np.abs(ours - expected).max())
     assert diff <= SPARSE_TOL, diff
     assert np.array_equal(ours > 0, expected > 0) or diff <= SPARSE_TOL

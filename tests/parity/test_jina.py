@@ -29,6 +29,7 @@ from backend_worker.models.jina import (
 )
 from shared.errors import ConfigError
 from shared.modelinfo import load_model_info
+from tests.fixtures.checks import assert_batch_invariant
 from tests.fixtures.jina import (
     auto_map,
     jina_config,
@@ -38,6 +39,7 @@ from tests.fixtures.jina import (
     reference_hidden,
     reference_slopes,
 )
+from tests.fixtures.oracles import cosine_rows, sequence_token_types
 from tests.fixtures.tiny import MIXED_TEXTS, pack
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,11 +64,6 @@ CASES = [
 ]
 
 
-def types_of(arrays, count: int) -> list[list[int]]:
-    cu = arrays.cu_seqlens
-    return [arrays.token_type_ids[cu[i] : cu[i + 1]].tolist() for i in range(count)]
-
-
 @pytest.mark.parametrize(("case", "variant", "kwargs"), CASES, ids=[c[0] for c in CASES])
 def test_hidden_states_match_reference(tmp_path: Path, case: str, variant: str,
                                        kwargs: dict) -> None:
@@ -77,7 +74,7 @@ def test_hidden_states_match_reference(tmp_path: Path, case: str, variant: str,
     ours = engine.hidden_states(arrays).double()
 
     config, state = json.loads((root / "config.json").read_text()), load_state(root)
-    types = types_of(arrays, len(ids))
+    types = sequence_token_types(arrays)
     ref = torch.cat([reference_hidden(state, config, variant, seq, seq_types)  # type: ignore[arg-type]
                      for seq, seq_types in zip(ids, types, strict=True)])
     diff = (ours - ref).abs().max().item()
@@ -110,19 +107,15 @@ def test_pooled_matches_reference_mean_pooling(st_model: tuple[Path, str]) -> No
     arrays, ids = pack(root, texts, max_length=info.max_input_length)
     ours = engine.embed(arrays)
     assert ours.dtype == np.float32 and ours.shape == (len(texts), 48)
-    ref = reference_embeddings(root, ids, types_of(arrays, len(ids)), variant).numpy()  # type: ignore[arg-type]
-    cosine = (ours * ref).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(ref, axis=1))
-    assert cosine.min() >= 0.9999
+    ref = reference_embeddings(root, ids, sequence_token_types(arrays), variant).numpy()  # type: ignore[arg-type]
+    assert cosine_rows(ours, ref).min() >= 0.9999
     assert np.abs(ours - ref).max() <= 1e-4
 
 
 def test_batch_invariance(st_model: tuple[Path, str]) -> None:
     root, _ = st_model
     engine = Engine.load(load_model_info(root))
-    together = engine.embed(pack(root, TEXTS)[0])
-    for row, item in enumerate(TEXTS):
-        alone = engine.embed(pack(root, [item])[0])
-        assert np.abs(alone[0] - together[row]).max() <= 1e-5, item
+    assert_batch_invariant(engine, root, TEXTS)
 
 
 def test_max_length_comes_from_config(tmp_path: Path) -> None:
@@ -142,7 +135,7 @@ def test_emb_pooler_gives_mean_without_sentence_transformers_files(tmp_path: Pat
     assert info.pooling == "mean"
     arrays, ids = pack(root, ["hello world", LONG])
     ours = Engine.load(info).embed(arrays)
-    ref = reference_embeddings(root, ids, types_of(arrays, 2), "base").numpy()
+    ref = reference_embeddings(root, ids, sequence_token_types(arrays), "base").numpy()
     assert np.abs(ours - ref).max() <= 1e-4
 
 

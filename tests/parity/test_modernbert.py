@@ -22,9 +22,10 @@ from backend_worker.heads import build_head, run_head
 from backend_worker.models.modernbert import ModernBertClassifierHead, ModernBertModel
 from shared.errors import ConfigError
 from shared.modelinfo import load_model_info
+from tests.fixtures.checks import assert_batch_invariant
 from tests.fixtures.modernbert import TINY_MODERNBERT, bare_modernbert, make_tiny_modernbert
+from tests.fixtures.oracles import cosine_rows, densify, last_hidden, mlm_reference, padded_inputs
 from tests.fixtures.tiny import MIXED_TEXTS, pack
-from tests.parity.test_heads import densify, mlm_reference, padded
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -35,13 +36,6 @@ TEXTS = MIXED_TEXTS
 HIDDEN_TOL = 1e-4
 LOGIT_TOL = 1e-4
 WINDOW = TINY_MODERNBERT["local_attention"] // 2
-
-
-def hf_inputs(arrays) -> dict[str, torch.Tensor]:
-    """Right-padded transformers inputs; ModernBERT takes no token types."""
-    inputs = padded(arrays)
-    del inputs["token_type_ids"]
-    return inputs
 
 
 def rewrite_config(root: Path, drop: tuple[str, ...] = (), **values: Any) -> None:
@@ -89,9 +83,8 @@ def test_hidden_states_match_transformers(tmp_path: Path, case: str, kwargs: dic
     hf = AutoModel.from_pretrained(str(root)).eval()
     if case == "hub-v4-config":  # transformers read the legacy keys as we do
         assert hf.config.layer_types == ["full_attention", "sliding_attention"] * 2
-    inputs = hf_inputs(arrays)
-    with torch.no_grad():
-        ref = hf(**inputs).last_hidden_state[inputs["attention_mask"].bool()]
+    # ModernBERT takes no token types.
+    ref = last_hidden(hf, padded_inputs(arrays, token_types=False))
     diff = (ours - ref).abs().max().item()
     print(f"{case}: max abs diff of last hidden state {diff:.2e}")
     assert diff <= HIDDEN_TOL
@@ -146,7 +139,7 @@ def test_pooled_matches_sentence_transformers(st_model: Path) -> None:
     arrays, _ = pack(st_model, texts, max_length=info.max_input_length)
     ours = engine.embed(arrays)
     ref = st_encode(st_model, texts)
-    cosine = (ours * ref).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(ref, axis=1))
+    cosine = cosine_rows(ours, ref)
     diff = float(np.abs(ours - ref).max())
     print(f"{st_model.name}: min cosine {cosine.min():.7f}, max abs diff {diff:.2e}")
     assert cosine.min() >= 0.9999
@@ -155,10 +148,7 @@ def test_pooled_matches_sentence_transformers(st_model: Path) -> None:
 
 def test_batch_invariance(st_model: Path) -> None:
     engine = Engine.load(load_model_info(st_model))
-    together = engine.embed(pack(st_model, TEXTS)[0])
-    for row, item in enumerate(TEXTS):
-        alone = engine.embed(pack(st_model, [item])[0])
-        assert np.abs(alone[0] - together[row]).max() <= 1e-5, item
+    assert_batch_invariant(engine, st_model, TEXTS)
 
 
 def test_without_pooling_config_defaults_to_cls_like_tei(tmp_path: Path) -> None:
@@ -199,7 +189,7 @@ def test_classifier_logits_match_transformers(tmp_path: Path, case: str,
 
     hf = AutoModelForSequenceClassification.from_pretrained(str(root)).eval()
     with torch.no_grad():
-        expected = hf(**hf_inputs(arrays)).logits.numpy()
+        expected = hf(**padded_inputs(arrays, token_types=False)).logits.numpy()
     diff = float(np.abs(logits - expected).max())
     print(f"{case}: max abs diff of logits {diff:.2e}")
     assert diff <= LOGIT_TOL
@@ -223,7 +213,7 @@ def test_splade_matches_masked_lm(tmp_path: Path, case: str) -> None:
     rows, dim, *frames = run_head(engine, head)(arrays)
     assert (rows, dim) == (len(TEXTS), info.vocab_size)
     ours = densify(rows, dim, tuple(frames))
-    expected = mlm_reference(root, arrays)
+    expected = mlm_reference(root, padded_inputs(arrays))
     diff = float(np.abs(ours - expected).max())
     print(f"{case}: max abs diff of SPLADE vectors {diff:.2e}")
     assert diff <= LOGIT_TOL

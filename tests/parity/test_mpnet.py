@@ -18,7 +18,8 @@ from backend_worker.heads import build_head
 from backend_worker.models.mpnet import relative_buckets
 from shared.errors import ConfigError
 from shared.modelinfo import load_model_info
-from tests.fixtures.families import MAX_TOKENS, make_tiny, pack_offset, padded_inputs
+from tests.fixtures.families import MAX_TOKENS, make_tiny, pack_offset
+from tests.fixtures.oracles import hf_hidden
 from tests.fixtures.tiny import MIXED_TEXTS
 from tests.fixtures.wheels import FixtureOffline, all_mpnet_base_v2, fixtures_cache
 
@@ -68,10 +69,9 @@ def test_hidden_states_match_transformers(tmp_path: Path, case: str, architectur
     assert all(1 not in seq for seq in ids), "the pad id inside a sequence shifts HF's positions"
     if case == "long":
         assert max(map(len, ids)) > 300
-    model = AutoModel.from_pretrained(str(root)).eval()
-    inputs = padded_inputs(arrays)
-    with torch.no_grad():
-        ref = model(**inputs).last_hidden_state[inputs["attention_mask"].bool()]
+    # Positions from the ids, after MPNet's pad id 1 (see padded_inputs).
+    ref = hf_hidden(AutoModel.from_pretrained(str(root)).eval(), arrays, pad_id=1,
+                    token_types=False)
     diff = (engine.hidden_states(arrays) - ref).abs().max().item()
     print(f"{case}: max abs diff of last hidden state {diff:.2e}")
     assert diff <= HIDDEN_TOL

@@ -27,14 +27,14 @@ from backend_worker.models import model_class
 from backend_worker.models.nomic_bert import WEIGHT_MAP
 from shared.errors import ConfigError
 from shared.modelinfo import load_model_info
+from tests.fixtures.checks import assert_batch_invariant, assert_dropped, assert_maps
+from tests.fixtures.oracles import cosine_rows, hf_hidden, padded_inputs
 from tests.fixtures.rotary import (
     ACT,
     TINY,
     add_sentence_transformers,
-    hf_hidden,
     layer_norm,
     nomic_hub_config,
-    padded_inputs,
     reprefix,
     rotate,
     save_model,
@@ -117,16 +117,12 @@ IN_MEMORY_NAMES = {
 
 @pytest.mark.parametrize("names", [HUB_NAMES, IN_MEMORY_NAMES], ids=["hub", "in-memory"])
 def test_key_mapping(names: dict[str, tuple[str, str | None]]) -> None:
-    for key, (target, part) in names.items():
-        resolved = WEIGHT_MAP.resolve(key)
-        assert resolved is not None, key
-        assert (resolved.target, resolved.part) == (target, part), key
+    assert_maps(WEIGHT_MAP, names)
     # The activated half goes first in our gate_up, whichever spelling fills it.
     assert WEIGHT_MAP.resolve("encoder.layers.0.mlp.fc12.weight").fuse == ("fc12", "fc11")
     assert WEIGHT_MAP.resolve("layers.0.mlp.up_proj.weight").fuse == ("gate_proj", "up_proj")
-    for head_key in ("cls.predictions.decoder.weight", "bert.pooler.dense.weight",
-                     "classifier.bias"):
-        assert WEIGHT_MAP.resolve(head_key) is not None and not WEIGHT_MAP.resolve(head_key).target
+    assert_dropped(WEIGHT_MAP, ("cls.predictions.decoder.weight", "bert.pooler.dense.weight",
+                                "classifier.bias"))
 
 
 def test_pretraining_checkpoint_with_bert_prefix(tmp_path: Path) -> None:
@@ -253,9 +249,7 @@ def test_batch_invariance(tmp_path: Path) -> None:
     config = nomic_hub_config(qkv_proj_bias=True, rotary_emb_fraction=0.5)
     root = write_checkpoint(tmp_path / "m", config, hub_tensors(config, seed=5))
     engine = Engine.load(load_model_info(root, pooling_override="mean"))
-    together = engine.embed(pack(root, TEXTS)[0])
-    for row, item in enumerate(TEXTS):
-        assert np.abs(engine.embed(pack(root, [item])[0])[0] - together[row]).max() <= 1e-5
+    assert_batch_invariant(engine, root, TEXTS)
 
 
 def test_pooled_matches_sentence_transformers(tmp_path: Path) -> None:
@@ -267,7 +261,7 @@ def test_pooled_matches_sentence_transformers(tmp_path: Path) -> None:
     ours = engine.embed(pack(root, texts)[0])
     st = SentenceTransformer(str(root), device="cpu")
     theirs = SentenceTransformer(modules=list(st)[:-1], device="cpu").encode(texts)
-    cosine = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
+    cosine = cosine_rows(ours, theirs)
     assert cosine.min() >= 0.9999
     assert np.abs(ours - theirs).max() <= 1e-5
 

@@ -5,7 +5,6 @@ checkpoints, one of them behind multilingual-e5-small's real XLM-R tokenizer. fp
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 from pathlib import Path
@@ -25,6 +24,12 @@ from tests.fixtures.families import (
     make_tiny,
     make_tiny_xlmr,
     pack_offset,
+)
+from tests.fixtures.oracles import (
+    cosine_rows,
+    densify,
+    last_hidden,
+    mlm_reference,
     padded_inputs,
 )
 from tests.fixtures.tiny import MIXED_TEXTS
@@ -54,18 +59,17 @@ def serve(model_dir: Path, pooling: str | None = None):
     return info, engine
 
 
-def hf_hidden(model_dir: Path, arrays) -> torch.Tensor:
+def fairseq_inputs(arrays) -> dict[str, torch.Tensor]:
+    """transformers inputs padded with the families' pad id 1 and no token types: transformers
+    then derives the positions from the ids, as these models are run in practice."""
+    return padded_inputs(arrays, pad_id=1, token_types=False)
+
+
+def transformers_hidden(model_dir: Path, arrays) -> torch.Tensor:
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(str(model_dir)).eval()
-    inputs = padded_inputs(arrays)
-    with torch.no_grad():
-        out = model(**inputs).last_hidden_state
-    return out[inputs["attention_mask"].bool()]
-
-
-def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return last_hidden(model, fairseq_inputs(arrays))
 
 
 @pytest.mark.parametrize(
@@ -86,7 +90,7 @@ def test_hidden_states_match_transformers(tmp_path: Path, model_type: str,
     arrays, ids = pack_offset(root, TEXTS, info.position_offset)
     assert len(set(map(len, ids))) == len(ids), "inputs must differ in length"
     assert all(1 not in seq for seq in ids), "the pad id inside a sequence shifts HF's positions"
-    diff = (engine.hidden_states(arrays) - hf_hidden(root, arrays)).abs().max().item()
+    diff = (engine.hidden_states(arrays) - transformers_hidden(root, arrays)).abs().max().item()
     print(f"{model_type}/{architecture}: max abs diff of last hidden state {diff:.2e}")
     assert diff <= HIDDEN_TOL
 
@@ -130,7 +134,7 @@ def test_real_xlmr_tokenizer_end_to_end(xlmr_dir: Path) -> None:
     assert all(1 not in seq for seq in ids)
     assert int(arrays.input_ids.max()) > 100_000, "ids from deep in the 250k vocabulary"
 
-    diff = (engine.hidden_states(arrays) - hf_hidden(xlmr_dir, arrays)).abs().max().item()
+    diff = (engine.hidden_states(arrays) - transformers_hidden(xlmr_dir, arrays)).abs().max().item()
     assert diff <= HIDDEN_TOL, diff
 
     texts = [t for t in MULTILINGUAL if isinstance(t, str)]
@@ -156,7 +160,7 @@ def test_real_xlmr_tokenizer_reranker_pairs(tmp_path: Path) -> None:
     _, _, logits = run_head(engine, head)(arrays)
     hf = AutoModelForSequenceClassification.from_pretrained(str(root)).eval()
     with torch.no_grad():
-        expected = hf(**padded_inputs(arrays)).logits.numpy()
+        expected = hf(**fairseq_inputs(arrays)).logits.numpy()
     assert np.abs(logits - expected).max() <= LOGIT_TOL
 
 
@@ -178,20 +182,8 @@ def test_classifier_logits_match_transformers(tmp_path: Path, model_type: str,
     assert (rows, dim) == (len(TEXTS), labels)
     hf = AutoModelForSequenceClassification.from_pretrained(str(root)).eval()
     with torch.no_grad():
-        expected = hf(**padded_inputs(arrays)).logits.numpy()
+        expected = hf(**fairseq_inputs(arrays)).logits.numpy()
     assert np.abs(logits - expected).max() <= LOGIT_TOL
-
-
-def splade_reference(model_dir: Path, arrays) -> np.ndarray:
-    """transformers MaskedLM logits -> relu -> log1p -> max over each sequence's tokens."""
-    from transformers import AutoModelForMaskedLM
-
-    hf = AutoModelForMaskedLM.from_pretrained(str(model_dir)).eval()
-    inputs = padded_inputs(arrays)
-    with torch.no_grad():
-        logits = hf(**inputs).logits
-    values = torch.log1p(torch.relu(logits)) * inputs["attention_mask"].unsqueeze(-1)
-    return values.max(dim=1).values.numpy()
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -208,11 +200,9 @@ def test_splade_matches_masked_lm(tmp_path: Path, model_type: str, tied: bool) -
     head = build_head(info, engine.device)
     assert isinstance(head, SpladeHead)
     arrays, _ = pack_offset(root, TEXTS, info.position_offset)
-    rows, dim, offsets, indices, values = run_head(engine, head)(arrays)
-    ours = np.zeros((rows, dim), dtype=np.float32)
-    for row, (start, end) in enumerate(itertools.pairwise(offsets)):
-        ours[row, indices[start:end]] = values[start:end]
-    assert np.abs(ours - splade_reference(root, arrays)).max() <= 1e-4
+    rows, dim, *frames = run_head(engine, head)(arrays)
+    ours = densify(rows, dim, tuple(frames))
+    assert np.abs(ours - mlm_reference(root, fairseq_inputs(arrays))).max() <= 1e-4
 
 
 def test_missing_classifier_key_is_named(tmp_path: Path) -> None:
