@@ -101,6 +101,11 @@ def register(
     return decorate
 
 
+def registered_classes() -> set[type[EncoderModel]]:
+    """Every class the registry can hand out (for tests that must cover each one)."""
+    return {*_BY_MODEL_TYPE.values(), *_BY_ARCHITECTURE.values(), *_BY_MARKER.values()}
+
+
 def supported() -> list[str]:
     """Registered model types and marker names, for messages, docs and the parity coverage."""
     return sorted([*_BY_MODEL_TYPE, *(marker.name for marker in _BY_MARKER)])

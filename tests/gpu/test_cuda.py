@@ -5,7 +5,6 @@ server on a GPU. Every test here needs CUDA; bench/gpu_check.sh runs them."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,41 +15,12 @@ from backend_worker.attention import MaskSpec, PackedVarlen, PaddedSDPA, select_
 from backend_worker.engine import Engine
 from backend_worker.graphs import cuda_capture
 from shared.modelinfo import load_model_info
-from tests.fixtures.decoders import make_embedding_gemma, make_st_decoder
-from tests.fixtures.families import make_tiny, pack_offset
-from tests.fixtures.jina import make_tiny_jina
-from tests.fixtures.modernbert import make_tiny_modernbert
-from tests.fixtures.rotary import make_tiny_rotary
+from tests.fixtures.families import pack_offset
 from tests.fixtures.tiny import MIXED_TEXTS, make_tiny_bert, pack
+from tests.fixtures.zoo import FAMILIES
 
 COSINE = 0.999  # fp16 / bf16 against the fp32 oracle (TESTING.md section 1)
 DTYPES = [torch.float16, torch.bfloat16]
-
-# Tiny checkpoints per family: name -> builder(path) -> model directory. The zoo's families add
-# theirs here as they gain a packed path (every family must, to be served on CUDA).
-FAMILIES: dict[str, Callable[[Path], Path]] = {
-    "bert-mean": lambda p: make_tiny_bert(p, pooling="mean"),
-    "bert-cls-dense": lambda p: make_tiny_bert(p, pooling="cls", dense_out=24),
-    # ALiBi: its layers take padded SDPA inside the packed path (a bias varlen cannot express).
-    "jina-v2": lambda p: make_tiny_jina(p, "base"),
-    "jina-v2-code": lambda p: make_tiny_jina(p, "code"),
-    "modernbert": lambda p: make_tiny_modernbert(p, pooling="mean"),
-    # Rotary encoders, in transformers' configs and the Hub's (GTE's with NTK scaling).
-    **{flavour: lambda p, f=flavour: make_tiny_rotary(p, f)
-       for flavour in ("nomic", "nomic-hub", "gte", "gte-new")},
-    # Decoders: causal (GQA, head_dim, q/k norms), a causal sliding window, bidirectional; and
-    # EmbeddingGemma's bidirectional local window, query_pre_attn_scalar scale and Dense stack.
-    "qwen3-lasttoken": lambda p: make_st_decoder(p, "qwen3", overrides={"head_dim": 16}),
-    "mistral-window": lambda p: make_st_decoder(p, "mistral", overrides={"sliding_window": 5}),
-    "llama-bidirectional-mean": lambda p: make_st_decoder(p, "llama", pooling="mean",
-                                                          overrides={"is_causal": False}),
-    "embedding-gemma": make_embedding_gemma,
-    "roberta": lambda p: make_tiny(p, "xlm-roberta", "XLMRobertaModel", pooling="mean"),
-    "distilbert": lambda p: make_tiny(p, "distilbert", "DistilBertModel", pooling="mean"),
-    # MPNet's relative position bias: its layers take padded SDPA inside the packed path.
-    "mpnet": lambda p: make_tiny(p, "mpnet", "MPNetModel", pooling="cls"),
-}
-
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a / np.linalg.norm(a, axis=1, keepdims=True)
