@@ -41,8 +41,11 @@ from shared.protocol import CostModel
 class PositionBias(Protocol):
     """An additive attention bias that depends only on positions inside one sequence."""
 
-    def __call__(self, length: int, device: torch.device) -> torch.Tensor:
-        """float32 [heads, length, length]: bias[h, i, j] for query i and key j."""
+    def __call__(
+        self, length: int, device: torch.device, rows: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """float32 [heads, queries, length]: bias[h, i, j] for query i and key j, queries
+        rows[0] <= i < rows[1] (all of them when rows is None)."""
         ...
 
 
@@ -86,9 +89,13 @@ class SymmetricAlibi:
 
     slopes: tuple[float, ...]
 
-    def __call__(self, length: int, device: torch.device) -> torch.Tensor:
-        position = torch.arange(length, device=device, dtype=torch.float32)
-        distance = (position[None, :] - position[:, None]).abs()
+    def __call__(
+        self, length: int, device: torch.device, rows: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        first, last = rows or (0, length)
+        keys = torch.arange(length, device=device, dtype=torch.float32)
+        queries = torch.arange(first, last, device=device, dtype=torch.float32)
+        distance = (keys[None, :] - queries[:, None]).abs()
         slopes = torch.tensor(self.slopes, dtype=torch.float32, device=device)
         return -slopes[:, None, None] * distance
 
@@ -142,15 +149,19 @@ class PaddedMeta:
     masks: dict[tuple[int, MaskSpec], torch.Tensor | None] = field(default_factory=dict)
 
 
-def _group_mask(group: PaddedGroup, spec: MaskSpec, device: torch.device) -> torch.Tensor | None:
-    """The SDPA attn_mask of one padded group under `spec`: boolean (True = attend) when there
-    is no bias, else float with -inf where masked; None when nothing is masked."""
+def _group_mask(
+    group: PaddedGroup, spec: MaskSpec, device: torch.device, rows: tuple[int, int] | None = None
+) -> torch.Tensor | None:
+    """The SDPA attn_mask of one padded group under `spec`, for its queries rows[0]..rows[1]
+    (all when None): boolean (True = attend) when there is no bias, else float with -inf where
+    masked; None when nothing is masked."""
     allowed = group.key_mask  # [B, 1, 1, L] or None
     length = group.max_len
+    first, last = rows or (0, length)
     if spec.causal or spec.window is not None:
-        i = torch.arange(length, device=device)
-        distance = i[:, None] - i[None, :]  # query - key
-        shape = torch.ones(length, length, dtype=torch.bool, device=device)
+        distance = (torch.arange(first, last, device=device)[:, None]
+                    - torch.arange(length, device=device)[None, :])  # query - key
+        shape = torch.ones(last - first, length, dtype=torch.bool, device=device)
         if spec.causal:
             shape &= distance >= 0
         if spec.window is not None:
@@ -159,14 +170,31 @@ def _group_mask(group: PaddedGroup, spec: MaskSpec, device: torch.device) -> tor
         if group.key_mask is not None:
             # A padding query far from every real key would see no key at all under a window
             # (softmax of all -inf is NaN). Its output is dropped, so let it see everything.
-            allowed = allowed | ~group.key_mask.transpose(-1, -2)
+            allowed = allowed | ~group.key_mask.transpose(-1, -2)[:, :, first:last]
     if spec.bias is None:
         return allowed
-    bias = spec.bias(length, device).to(torch.float32).unsqueeze(0)  # [1, heads, L, L]
+    bias = spec.bias(length, device, rows).to(torch.float32).unsqueeze(0)  # [1, heads, R, L]
     if allowed is None:
         return bias
     # Every row keeps at least its diagonal (real rows) or all keys (padding rows): finite.
     return bias.masked_fill(~allowed, float("-inf"))
+
+
+def query_blocks(group: PaddedGroup, heads: int, spec: MaskSpec,
+                 budget: int) -> list[tuple[int, int]]:
+    """Query rows of a group in blocks whose float mask stays under `budget` bytes.
+
+    A biased mask is float [batch, heads, L, L], and SDPA's scores as large again: 3.2 GB each
+    for one 8,192-token sequence with 12 heads (JinaBERT v2's limit). Block by block, each with
+    its slice of the mask, the peak is bounded whatever the length. Boolean masks broadcast over
+    heads and stay small: one block.
+    """
+    length = group.max_len
+    per_row = group.batch * heads * length * 4
+    if spec.bias is None or per_row * length <= budget:
+        return [(0, length)]
+    step = max(1, budget // per_row)
+    return [(first, min(first + step, length)) for first in range(0, length, step)]
 
 
 def length_groups(lengths: np.ndarray, ratio: float) -> list[np.ndarray]:
@@ -202,10 +230,12 @@ class PaddedSDPA:
     name = "padded-sdpa"
     cost_model = CostModel.PADDED
 
-    def __init__(self, group_ratio: float = 0.8) -> None:
+    def __init__(self, group_ratio: float = 0.8, mask_budget: int = 256 << 20) -> None:
         # 1.0 would give one group per distinct length, 0.0 one group per batch; 0.8 measured
         # best on CPU for MiniLM-sized models (per-call overhead vs padded FLOPs).
         self.group_ratio = group_ratio
+        # Bytes a group's biased float mask may take before its queries go in blocks.
+        self.mask_budget = mask_budget
 
     def prepare(self, cu_seqlens: torch.Tensor, host_cu_seqlens: np.ndarray) -> PaddedMeta:
         starts = np.asarray(host_cu_seqlens[:-1], dtype=np.int64)
@@ -265,20 +295,27 @@ class PaddedSDPA:
         row = 0
         for index, group in enumerate(meta.groups):
             rows = group.batch * group.max_len
-            key = (index, mask)
-            if key not in meta.masks:
-                meta.masks[key] = _group_mask(group, mask, q.device)
-            attn_mask = meta.masks[key]
-            if attn_mask is not None and attn_mask.is_floating_point():
-                attn_mask = attn_mask.to(q.dtype)
             gq, gk, gv = (
                 x[row : row + rows].view(group.batch, group.max_len, h, -1).transpose(1, 2)
                 for x, h in ((q, heads), (k, kv_heads), (v, kv_heads))
             )
-            out = F.scaled_dot_product_attention(
-                gq, gk, gv, attn_mask=attn_mask, scale=mask.scale,
-                enable_gqa=kv_heads != heads,
-            )
+            blocks = query_blocks(group, heads, mask, self.mask_budget)
+            parts = []
+            for block in blocks:
+                if len(blocks) == 1:  # the whole mask: built once per batch, shared by layers
+                    key = (index, mask)
+                    if key not in meta.masks:
+                        meta.masks[key] = _group_mask(group, mask, q.device)
+                    attn_mask = meta.masks[key]
+                else:  # too big to keep: each layer builds its blocks again
+                    attn_mask = _group_mask(group, mask, q.device, block)
+                if attn_mask is not None and attn_mask.is_floating_point():
+                    attn_mask = attn_mask.to(q.dtype)
+                parts.append(F.scaled_dot_product_attention(
+                    gq[:, :, block[0] : block[1]], gk, gv, attn_mask=attn_mask,
+                    scale=mask.scale, enable_gqa=kv_heads != heads,
+                ))
+            out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
             outs.append(out.transpose(1, 2).reshape(rows, heads, out.shape[-1]))
             row += rows
         out = outs[0] if len(outs) == 1 else torch.cat(outs)

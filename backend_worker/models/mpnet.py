@@ -80,15 +80,19 @@ def relative_buckets(relative: torch.Tensor, buckets: int = BUCKETS,
 
 
 class RelativePositionBias(nn.Module):
-    """MPNet's bias table, called as a `PositionBias`: (length, device) -> [heads, L, L]."""
+    """MPNet's bias table, called as a `PositionBias`: (length, device, rows) -> [heads, R, L]."""
 
     def __init__(self, buckets: int, heads: int) -> None:
         super().__init__()
         self.table = nn.Embedding(buckets, heads)
 
-    def forward(self, length: int, device: torch.device) -> torch.Tensor:
-        position = torch.arange(length, device=device)
-        bucket = relative_buckets(position[None, :] - position[:, None])
+    def forward(
+        self, length: int, device: torch.device, rows: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        first, last = rows or (0, length)
+        keys = torch.arange(length, device=device)
+        queries = torch.arange(first, last, device=device)
+        bucket = relative_buckets(keys[None, :] - queries[:, None])
         return self.table(bucket).permute(2, 0, 1)
 
 

@@ -61,9 +61,11 @@ class _DistanceBias:
     def __init__(self, heads: int) -> None:
         self.slopes = torch.linspace(0.5, 2.0, heads)
 
-    def __call__(self, length: int, device: torch.device) -> torch.Tensor:
-        i = torch.arange(length, device=device)
-        return -self.slopes[:, None, None] * (i[:, None] - i[None, :]).abs()
+    def __call__(self, length: int, device: torch.device, rows=None) -> torch.Tensor:
+        first, last = rows or (0, length)
+        queries = torch.arange(first, last, device=device)
+        keys = torch.arange(length, device=device)
+        return -self.slopes[:, None, None] * (queries[:, None] - keys[None, :]).abs()
 
 
 def masked_reference(q, k, v, cu, spec: MaskSpec) -> torch.Tensor:
@@ -118,6 +120,25 @@ def test_attend_matches_masked_reference(kv_heads: int, name: str, lengths: list
     torch.testing.assert_close(out, masked_reference(q, k, v, cu, spec), atol=1e-5, rtol=1e-4)
     # The second layer of the same batch reuses the cached masks and gets the same answer.
     torch.testing.assert_close(attention.attend(q, k, v, meta, spec), out)
+
+
+@pytest.mark.parametrize("name", ["bias", "bias-window-scale", "alibi"])
+@pytest.mark.parametrize("budget", [1, 4 * 4 * 16 * 5])  # one query row per block; five rows
+def test_biased_attention_in_query_blocks_matches_the_reference(name: str, budget: int) -> None:
+    """Long biased sequences run their queries in blocks (a bounded float mask): same answer."""
+    from backend_worker.attention import query_blocks
+
+    torch.manual_seed(4)
+    spec = SPECS[name]
+    lengths = [1, 7, 3, 16, 9]
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    total = int(cu[-1])
+    q, k, v = torch.randn(total, 4, DIM), torch.randn(total, 2, DIM), torch.randn(total, 2, DIM)
+    attention = PaddedSDPA(group_ratio=0.0, mask_budget=budget)
+    meta = attention.prepare(torch.from_numpy(cu.astype(np.int64)), cu)
+    assert len(query_blocks(meta.groups[0], 4, spec, budget)) > 1, "the test must chunk"
+    out = attention.attend(q, k, v, meta, spec)
+    torch.testing.assert_close(out, masked_reference(q, k, v, cu, spec), atol=1e-5, rtol=1e-4)
 
 
 def test_rotary_matches_complex_rotation() -> None:

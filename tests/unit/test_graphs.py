@@ -100,7 +100,7 @@ def test_replayed_buckets_equal_the_eager_forward(tiny_dir: str) -> None:
 
 
 class _Bias:
-    def __call__(self, length: int, device: torch.device) -> torch.Tensor:
+    def __call__(self, length: int, device: torch.device, rows=None) -> torch.Tensor:
         return torch.zeros(4, length, length, device=device)
 
 
