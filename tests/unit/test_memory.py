@@ -25,6 +25,22 @@ def test_heap_is_trimmed_once_per_idle_spell_after_work() -> None:
     assert calls == [0, 0]
 
 
+def test_sustained_load_trims_every_interval() -> None:
+    now = [0.0]
+    calls: list[int] = []
+    heap = HeapTrimmer(busy_interval_s=5.0, clock=lambda: now[0])
+    heap._trim = calls.append  # type: ignore[assignment]
+    for _ in range(10):  # 10 batches within 4.5 s: no trim
+        now[0] += 0.45
+        heap.worked()
+    assert calls == []
+    now[0] += 1.0  # 5.5 s after the start, still busy
+    heap.worked()
+    assert calls == [0]
+    heap.worked()
+    assert calls == [0], "not again until another interval has passed"
+
+
 def test_malloc_trim_is_found_on_glibc() -> None:
     assert HeapTrimmer()._trim is not None  # this machine runs glibc
 
