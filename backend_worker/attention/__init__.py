@@ -1,0 +1,100 @@
+"""Attention over a packed batch, with the implementation chosen once per worker.
+
+The models keep every activation flat, [T, hidden] for the T tokens of a batch, so linear layers,
+norms and MLPs never touch padding. Only attention needs to know where one sequence ends and the
+next begins. An implementation does that in two steps:
+
+  meta = attention.prepare(cu_seqlens, host_cu_seqlens)   # once per batch, shared by every layer
+  out  = attention.attend_qkv(qkv, meta)                   # per layer
+
+`qkv` is the fused projection viewed as [T, 3, heads, dim]; `out` is [T, heads, dim]. Taking the
+fused tensor lets a padded path move q, k and v in one copy; a packed (varlen) path unbinds it
+into three views for free.
+
+Families whose attention is not plain bidirectional softmax(q k^T / sqrt(d)) call
+
+  out  = attention.attend(q, k, v, meta, mask)                     # per layer
+
+with a `MaskSpec` fixed when the layer is built: causal (decoders), a sliding window (ModernBERT's
+local layers, Mistral, Gemma 3), an additive per-head position bias (ALiBi, MPNet's relative
+buckets), a custom scale, and fewer key/value heads than query heads (GQA).
+
+`select_attention(device)` picks the implementation from the device type alone: it never asks
+torch.cuda anything, so choosing (or importing this module) on a CPU machine initialises nothing.
+
+Modules: spec.py (the protocol, MaskSpec, ALiBi), padded.py (padded SDPA, the CPU path),
+packed.py (varlen kernels, the CUDA path); this file chooses between them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from backend_worker.attention.packed import (
+    NeedsHostLayout,
+    PackedMeta,
+    PackedVarlen,
+    VarlenKernel,
+    flash_attn_kernel,
+    torch_varlen_kernel,
+)
+from backend_worker.attention.padded import (
+    PaddedGroup,
+    PaddedMeta,
+    PaddedSDPA,
+    length_groups,
+    query_blocks,
+)
+from backend_worker.attention.spec import (
+    BIDIRECTIONAL,
+    Attention,
+    MaskSpec,
+    PositionBias,
+    SymmetricAlibi,
+    alibi_slopes,
+)
+from shared.errors import ConfigError
+
+__all__ = [
+    "BIDIRECTIONAL", "Attention", "MaskSpec", "NeedsHostLayout", "PackedMeta", "PackedVarlen",
+    "PaddedGroup", "PaddedMeta", "PaddedSDPA", "PositionBias", "SymmetricAlibi", "VarlenKernel",
+    "alibi_slopes", "flash_attn_kernel", "length_groups", "query_blocks", "select_attention",
+    "torch_varlen_kernel",
+]
+
+
+def _packed_cuda() -> Attention | None:
+    for make in (flash_attn_kernel, torch_varlen_kernel):
+        kernel = make()
+        if kernel is not None:
+            return PackedVarlen(kernel)
+    return None
+
+
+# Candidates per device type, best first. A factory returns None when it cannot run here (a
+# missing optional package, a torch without varlen_attn), and the next one is tried. Padded SDPA
+# is correct everywhere SDPA runs.
+AttentionFactory = Callable[[], "Attention | None"]
+_IMPLEMENTATIONS: dict[str, list[AttentionFactory]] = {
+    "cpu": [PaddedSDPA],
+    "mps": [PaddedSDPA],
+    "cuda": [_packed_cuda, PaddedSDPA],
+}
+
+
+def select_attention(device: torch.device | str) -> Attention:
+    """The attention implementation for `device`, decided once at worker start."""
+    device_type = torch.device(device).type
+    factories = _IMPLEMENTATIONS.get(device_type)
+    if factories is None:
+        raise ConfigError(
+            f"no attention implementation for device {device_type!r} "
+            f"(supported: {', '.join(sorted(_IMPLEMENTATIONS))})"
+        )
+    for factory in factories:
+        implementation = factory()
+        if implementation is not None:
+            return implementation
+    raise ConfigError(f"no attention implementation is usable on {device_type!r}")

@@ -1,0 +1,160 @@
+"""Packed (varlen) attention: the CUDA path, no padding anywhere."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from backend_worker.attention.padded import PaddedMeta, PaddedSDPA
+from backend_worker.attention.spec import BIDIRECTIONAL, MaskSpec, SymmetricAlibi
+from shared.protocol import CostModel
+
+
+@dataclass(frozen=True, slots=True)
+class PackedMeta:
+    """A packed batch as varlen kernels take it, plus a padded layout built on first use by a
+    layer whose mask the kernel cannot express (an additive position bias)."""
+
+    cu_seqlens: torch.Tensor  # int32 [n + 1] on the device
+    max_len: int
+    # None inside a CUDA graph, whose host-side layout is fixed at capture (backend_worker/graphs).
+    host_cu_seqlens: np.ndarray | None
+    padded: dict[str, PaddedMeta] = field(default_factory=dict)
+
+
+# The kernel calling convention every varlen backend is adapted to:
+# (q, k, v, cu_seqlens, max_len, mask) -> out [T, heads, dim], or None when this backend cannot
+# express `mask` (the caller then takes the padded path for that layer).
+VarlenKernel = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, MaskSpec], "torch.Tensor | None"
+]
+
+
+def _window(mask: MaskSpec) -> tuple[int, int]:
+    """MaskSpec -> flash-attention's (left, right) window; -1 is unbounded."""
+    reach = -1 if mask.window is None else mask.window
+    return reach, 0 if mask.causal else reach
+
+
+def torch_varlen_kernel(function: Callable[..., Any] | None = None) -> VarlenKernel | None:
+    """`torch.nn.attention.varlen.varlen_attn` (torch >= 2.10; CUDA fp16/bf16), adapted to the
+    signature this torch has: it changed between releases (`is_causal` first, then
+    `window_size`; `enable_gqa` from 2.12), so the parameters are read once, here."""
+    if function is None:
+        try:
+            from torch.nn.attention.varlen import varlen_attn as function
+        except ImportError:
+            return None
+    params = inspect.signature(function).parameters
+    has_window, has_causal = "window_size" in params, "is_causal" in params
+    has_gqa, has_scale = "enable_gqa" in params, "scale" in params
+
+    def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+               max_len: int, mask: MaskSpec) -> torch.Tensor | None:
+        if mask.bias is not None:
+            return None
+        kwargs: dict[str, Any] = {}
+        if mask.window is not None or mask.causal:
+            if has_window:
+                kwargs["window_size"] = _window(mask)
+            elif has_causal and mask.window is None:
+                kwargs["is_causal"] = True
+            else:
+                return None
+        if k.shape[1] != q.shape[1]:
+            if not has_gqa:
+                return None
+            kwargs["enable_gqa"] = True
+        if mask.scale is not None:
+            if not has_scale:
+                return None
+            kwargs["scale"] = mask.scale
+        return function(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **kwargs)
+
+    return kernel
+
+
+def flash_attn_kernel(function: Callable[..., Any] | None = None) -> VarlenKernel | None:
+    """`flash_attn.flash_attn_varlen_func` (the flash-attn package, when installed): takes GQA,
+    windows, a causal flag and symmetric ALiBi natively."""
+    if function is None:
+        try:
+            from flash_attn import flash_attn_varlen_func as function
+        except ImportError:
+            return None
+
+    slopes_on: dict[tuple[tuple[float, ...], torch.device], torch.Tensor] = {}
+
+    def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+               max_len: int, mask: MaskSpec) -> torch.Tensor | None:
+        slopes = None
+        if mask.bias is not None:
+            # flash-attn adds -slope * |i - j| itself (equal query and key lengths): ALiBi
+            # encoders stay packed. Other biases take the padded path.
+            if not isinstance(mask.bias, SymmetricAlibi) or mask.causal:
+                return None
+            key = (mask.bias.slopes, q.device)
+            if key not in slopes_on:
+                slopes_on[key] = torch.tensor(mask.bias.slopes, dtype=torch.float32,
+                                              device=q.device)
+            slopes = slopes_on[key]
+        return function(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len,
+                        softmax_scale=mask.scale, causal=mask.causal, window_size=_window(mask),
+                        alibi_slopes=slopes)
+
+    return kernel
+
+
+class NeedsHostLayout(RuntimeError):
+    """Raised when a captured (device-only) batch reaches a layer that needs host offsets."""
+
+
+class PackedVarlen:
+    """No padding anywhere: the flat batch and its cu_seqlens go straight to a varlen kernel.
+
+    The CUDA path. Layers whose mask the kernel cannot express (an additive bias: ALiBi, MPNet's
+    relative positions) run padded SDPA instead; which layers do is fixed by the model's specs,
+    so the choice is made once per layer type, not per batch.
+    """
+
+    name = "packed-varlen"
+    cost_model = CostModel.PACKED
+
+    def __init__(self, kernel: VarlenKernel, fallback: PaddedSDPA | None = None) -> None:
+        self.kernel = kernel
+        self.fallback = fallback or PaddedSDPA()
+
+    def prepare(self, cu_seqlens: torch.Tensor, host_cu_seqlens: np.ndarray) -> PackedMeta:
+        max_len = int(np.diff(host_cu_seqlens).max())
+        return PackedMeta(cu_seqlens.to(torch.int32), max_len, host_cu_seqlens)
+
+    def prepare_static(self, cu_seqlens: torch.Tensor, max_len: int) -> PackedMeta:
+        """For graph capture: device offsets only, `max_len` an upper bound fixed in advance."""
+        return PackedMeta(cu_seqlens.to(torch.int32), max_len, None)
+
+    def _padded(self, meta: PackedMeta) -> PaddedMeta:
+        padded = meta.padded.get("meta")
+        if padded is None:
+            if meta.host_cu_seqlens is None:
+                raise NeedsHostLayout("a layer needs padded attention, whose layout depends on "
+                                      "the batch: it cannot run inside a captured graph")
+            cu = meta.cu_seqlens.to(torch.int64)
+            padded = meta.padded["meta"] = self.fallback.prepare(cu, meta.host_cu_seqlens)
+        return padded
+
+    def attend_qkv(self, qkv: torch.Tensor, meta: PackedMeta) -> torch.Tensor:
+        q, k, v = qkv.unbind(1)
+        return self.attend(q, k, v, meta, BIDIRECTIONAL)
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: PackedMeta, mask: MaskSpec
+    ) -> torch.Tensor:
+        out = self.kernel(q, k, v, meta.cu_seqlens, meta.max_len, mask)
+        if out is None:
+            return self.fallback.attend(q, k, v, self._padded(meta), mask)
+        return out

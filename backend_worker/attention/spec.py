@@ -1,0 +1,98 @@
+"""What a layer asks of attention: the `Attention` protocol the implementations meet, the
+`MaskSpec` a layer fixes when it is built, and the position biases it may carry (ALiBi)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from shared.protocol import CostModel
+
+
+class PositionBias(Protocol):
+    """An additive attention bias that depends only on positions inside one sequence."""
+
+    def __call__(
+        self, length: int, device: torch.device, rows: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """float32 [heads, queries, length]: bias[h, i, j] for query i and key j, queries
+        rows[0] <= i < rows[1] (all of them when rows is None)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class MaskSpec:
+    """What a layer's attention looks like beyond "every token sees its whole sequence".
+
+    Query i sees key j when j <= i (if `causal`) and |i - j| <= `window` (if set); `bias` is
+    added to the scores; `scale` replaces 1 / sqrt(head_dim). Specs are compared by identity of
+    their bias, so layers sharing one spec share its cached masks within a batch.
+    """
+
+    causal: bool = False
+    window: int | None = None
+    bias: PositionBias | None = None
+    scale: float | None = None
+
+    @property
+    def plain(self) -> bool:
+        return not self.causal and self.window is None and self.bias is None
+
+
+BIDIRECTIONAL = MaskSpec()
+
+
+def alibi_slopes(heads: int) -> list[float]:
+    """ALiBi's per-head slopes (Press et al.): 2^(-8/n), 2^(-16/n), ... 2^-8 for n heads, n a
+    power of two; otherwise those of the largest power of two below n, followed by every other
+    slope of twice that power, as many as are missing (what jina's code computes)."""
+    if heads & (heads - 1) == 0:
+        return [2.0 ** (-8.0 * (i + 1) / heads) for i in range(heads)]
+    below = 1 << (heads.bit_length() - 1)
+    return alibi_slopes(below) + alibi_slopes(2 * below)[0::2][: heads - below]
+
+
+@dataclass(frozen=True)
+class SymmetricAlibi:
+    """bias[h, i, j] = -slope[h] * |i - j| (a `PositionBias`): ALiBi for a bidirectional
+    encoder. A frozen value, so every layer's MaskSpec compares equal and shares one mask per
+    batch."""
+
+    slopes: tuple[float, ...]
+
+    def __call__(
+        self, length: int, device: torch.device, rows: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        first, last = rows or (0, length)
+        keys = torch.arange(length, device=device, dtype=torch.float32)
+        queries = torch.arange(first, last, device=device, dtype=torch.float32)
+        distance = (keys[None, :] - queries[:, None]).abs()
+        slopes = torch.tensor(self.slopes, dtype=torch.float32, device=device)
+        return -slopes[:, None, None] * distance
+
+
+class Attention(Protocol):
+    """What a model needs from an attention implementation."""
+
+    name: str
+    cost_model: CostModel
+
+    def prepare(self, cu_seqlens: torch.Tensor, host_cu_seqlens: np.ndarray) -> Any:
+        """Per-batch metadata from `cu_seqlens` (int64 [n + 1] on the model's device) and the
+        same offsets on the host, so that layout decisions never synchronise with the device."""
+        ...
+
+    def attend_qkv(self, qkv: torch.Tensor, meta: Any) -> torch.Tensor:
+        """Bidirectional attention of each sequence with itself: [T, 3, heads, dim] (q, k, v
+        along dim 1; a strided view is fine) in, [T, heads, dim] out."""
+        ...
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Any, mask: MaskSpec
+    ) -> torch.Tensor:
+        """Attention of each sequence with itself under `mask`: q [T, heads, dim], k and v
+        [T, kv_heads, dim] (heads a multiple of kv_heads) in, [T, heads, dim] out."""
+        ...
