@@ -20,7 +20,8 @@ from torch import nn
 
 from backend_worker.head_modules import FamilyHeads, Head, HeadKeys
 from backend_worker.loading import Rule, WeightMap, checkpoint_files, iter_tensors, load_strict
-from backend_worker.models import model_class, supported
+from backend_worker.models import model_class
+from backend_worker.models.registry import supported_with_heads
 from shared.errors import ConfigError
 from shared.modelinfo import ModelInfo
 from shared.protocol import BatchArrays
@@ -31,7 +32,7 @@ def _family(info: ModelInfo) -> FamilyHeads:
     if heads is None:
         raise ConfigError(
             f"config.json: model_type {info.model_type!r} has no classification or MLM heads "
-            f"here; heads are served for the families that define them ({', '.join(supported())})"
+            f"here (as in TEI); heads are served for {', '.join(supported_with_heads())}"
         )
     return heads
 

@@ -106,6 +106,12 @@ def registered_classes() -> set[type[EncoderModel]]:
     return {*_BY_MODEL_TYPE.values(), *_BY_ARCHITECTURE.values(), *_BY_MARKER.values()}
 
 
+def supported_with_heads() -> list[str]:
+    """Registered names whose family serves classifier or MLM heads, for messages."""
+    named = [*_BY_MODEL_TYPE.items(), *((m.name, cls) for m, cls in _BY_MARKER.items())]
+    return sorted(name for name, cls in named if cls.heads is not None)
+
+
 def supported() -> list[str]:
     """Registered model types and marker names, for messages, docs and the parity coverage."""
     return sorted([*_BY_MODEL_TYPE, *(marker.name for marker in _BY_MARKER)])

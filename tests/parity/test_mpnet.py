@@ -111,8 +111,10 @@ def test_no_heads(tmp_path: Path) -> None:
     """As in TEI, MPNet is served for embeddings only: a classifier fails at start."""
     root = make_tiny(tmp_path / "c", "mpnet", "MPNetForSequenceClassification", num_labels=2)
     info, engine = serve(root, "cls")
-    with pytest.raises(ConfigError, match="'mpnet' has no classification or MLM heads"):
+    with pytest.raises(ConfigError, match="'mpnet' has no classification or MLM heads") as err:
         build_head(info, engine.device)
+    served = str(err.value).rpartition("heads are served for ")[2].split(", ")
+    assert "bert" in served and "mpnet" not in served, "the list names families with heads"
 
 
 # The real model (TESTING.md tier 2): downloaded once into the fixtures cache.
