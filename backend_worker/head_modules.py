@@ -88,6 +88,14 @@ class ClassifierHead(LogitsHead):
         return self.classifier(torch.tanh(self.pooler(first)))
 
 
+# The keys of ClassifierHead as BertForSequenceClassification saves them; the families whose
+# classifier is BERT's shape (GTE, NomicBERT) save the same names.
+BERT_CLASSIFIER_KEYS = HeadKeys(
+    rules=(Rule("pooler.dense.{w}", "pooler.{w}"), Rule("classifier.{w}", "classifier.{w}")),
+    owns=(r"pooler\.", r"classifier\."),
+)
+
+
 class SpladeHead(nn.Module):
     """MLM head (dense -> act -> norm -> decoder), then relu -> log1p -> max over each
     sequence's tokens, non-zeros only. BERT, RoBERTa, DistilBERT and ModernBERT MLM heads all

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from backend_worker.attention import BIDIRECTIONAL, Attention, MaskSpec
-from backend_worker.head_modules import Either, FamilyHeads, HeadKeys
+from backend_worker.head_modules import BERT_CLASSIFIER_KEYS, Either, FamilyHeads, HeadKeys
 from backend_worker.layers import MLP, PostNormLayer, SelfAttention, activation
 from backend_worker.loading import Rule, WeightMap
 from backend_worker.models.config import refuse_values, required_keys
@@ -50,10 +50,7 @@ WEIGHT_MAP = WeightMap(
 
 HEADS = FamilyHeads(
     encoder=WEIGHT_MAP,
-    classifier=HeadKeys(
-        rules=(Rule("pooler.dense.{w}", "pooler.{w}"), Rule("classifier.{w}", "classifier.{w}")),
-        owns=(r"pooler\.", r"classifier\."),
-    ),
+    classifier=BERT_CLASSIFIER_KEYS,
     mlm=HeadKeys(
         rules=(
             Rule("cls.predictions.transform.dense.{w}", "dense.{w}"),

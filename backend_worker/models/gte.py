@@ -18,7 +18,13 @@ import torch
 from torch import nn
 
 from backend_worker.attention import Attention
-from backend_worker.head_modules import Either, FamilyHeads, HeadKeys, SpladeHead
+from backend_worker.head_modules import (
+    BERT_CLASSIFIER_KEYS,
+    Either,
+    FamilyHeads,
+    HeadKeys,
+    SpladeHead,
+)
 from backend_worker.layers import activation, rope_inv_freq
 from backend_worker.loading import Rule, WeightMap
 from backend_worker.models.config import refusal, required_keys
@@ -76,10 +82,7 @@ HEADS = FamilyHeads(
     encoder=WEIGHT_MAP,
     # NewForSequenceClassification and GteForSequenceClassification are BERT's shape:
     # classifier(tanh(pooler(h[CLS]))).
-    classifier=HeadKeys(
-        rules=(Rule("pooler.dense.{w}", "pooler.{w}"), Rule("classifier.{w}", "classifier.{w}")),
-        owns=(r"pooler\.", r"classifier\."),
-    ),
+    classifier=BERT_CLASSIFIER_KEYS,
     mlm=HeadKeys(
         rules=(
             Rule("lm_head.dense.{w}", "dense.{w}"),

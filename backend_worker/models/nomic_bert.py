@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any, Self
 
 from backend_worker.attention import Attention
-from backend_worker.head_modules import FamilyHeads, HeadKeys
+from backend_worker.head_modules import BERT_CLASSIFIER_KEYS, FamilyHeads
 from backend_worker.layers import activation, rope_inv_freq
 from backend_worker.loading import Rule, WeightMap
 from backend_worker.models.config import refusal, refuse_values, required_keys
@@ -66,10 +66,7 @@ WEIGHT_MAP = WeightMap(
 # Both codes build the sequence classifier as BERT does: classifier(tanh(pooler(h[CLS]))).
 HEADS = FamilyHeads(
     encoder=WEIGHT_MAP,
-    classifier=HeadKeys(
-        rules=(Rule("pooler.dense.{w}", "pooler.{w}"), Rule("classifier.{w}", "classifier.{w}")),
-        owns=(r"pooler\.", r"classifier\."),
-    ),
+    classifier=BERT_CLASSIFIER_KEYS,
 )
 
 # nomic-ai's activation_function -> (activation, gated). Its code runs "glu" as
