@@ -19,6 +19,11 @@ SHAPES: dict[str, dict[str, int]] = {
                   "intermediate_size": 1536, "max_position_embeddings": 512},
     "bge-large": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
                   "intermediate_size": 4096, "max_position_embeddings": 512},
+    # bge-base's vocabulary, positions and output width with no transformer layers: the model
+    # costs next to nothing, so a run measures the serving path (HTTP, JSON, tokenization,
+    # batching, ZeroMQ) and its CPU per token, i.e. the ceiling any device can be fed at.
+    "bge-base-no-layers": {"hidden_size": 768, "num_hidden_layers": 0, "num_attention_heads": 12,
+                           "intermediate_size": 3072, "max_position_embeddings": 512},
 }
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                     "vocab.txt")

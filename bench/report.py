@@ -36,7 +36,7 @@ class Row:
 
 
 _HEADERS = ("what", "in flight", "requests", "errors", "throughput", "p50 ms", "p99 ms",
-            "vs baseline", "client CPU", "server CPU (router / all)",
+            "vs baseline", "client CPU", "server CPU (router / tokenizers / workers)",
             "other load")
 
 

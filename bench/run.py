@@ -114,6 +114,11 @@ def cpu_text(seconds: float, wall: float) -> str:
     return f"{seconds:.2f} s = {100 * seconds / wall:.2f}% of a core"
 
 
+def cpu_split(cpu: CpuSnapshot, wall: float) -> str:
+    parts = (cpu.router_s, cpu.tokenizers_s, cpu.workers_s)
+    return " / ".join(f"{max(s, 0.0) / wall:.2f}" for s in parts) + " cores"
+
+
 def errors_text(result: LoadResult) -> str:
     text = ", ".join(f"{n} {kind}" for kind, n in sorted(result.errors.items())) or "0"
     if result.reconnects:
@@ -183,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             ms(percentile(res.latencies_s, 50)), ms(percentile(res.latencies_s, 99)),
             f"{tps / base.tokens_per_s:.2f}x encode tok/s",
             cpu_text(res.client_cpu_s, res.wall_s),
-            f"{cpu.router_s / res.wall_s:.2f} / {cpu.tree_s / res.wall_s:.2f} cores",
+            cpu_split(cpu, res.wall_s),
             cores(other)))
         others.append(("the HTTP corpus", other))
         if len(res.latencies_s) < len(corpus_reqs):
@@ -201,13 +206,12 @@ def main(argv: list[str] | None = None) -> int:
                 ms(percentile(res.latencies_s, 99)),
                 f"p50 {p50 / base_p50:.2f}x, req/s {qps / base_qps:.2f}x encode",
                 cpu_text(res.client_cpu_s, res.wall_s),
-                f"{cpu.router_s / res.wall_s:.2f} / {cpu.tree_s / res.wall_s:.2f} cores",
+                cpu_split(cpu, res.wall_s),
                 cores(other)))
             others.append((f"queries at {conc} in flight", other))
 
         router_rss = server.router_rss_kib()
-        worker_rss = [rss_kib(w["pid"]) for w in json.loads(server.info()).get("workers", [])
-                      if w.get("pid")]
+        worker_rss = [rss_kib(pid) for pid in server.worker_pids()]
     finally:
         code = server.stop()
     problems = server.log_problems()

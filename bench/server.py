@@ -1,11 +1,12 @@
 """The server under test: the real `embedserve` command on a free loopback port.
 
-Also reads what /proc says about it: the router's own RSS, and the CPU time of the router and of
-its whole process tree (tokenizer pool, workers), so a table can show where the cores went.
+Also reads what /proc says about it: the router's own RSS, and the CPU time of the router, of
+the workers and of the tokenizer pool, so a table can show where the cores went.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -65,11 +66,20 @@ def cpu_seconds(pid: int) -> float:
 
 @dataclass(frozen=True)
 class CpuSnapshot:
+    """CPU seconds of the router process, of the backend workers, and of the whole tree; the
+    rest of the tree is the tokenizer pool (plus multiprocessing's idle resource tracker)."""
+
     router_s: float
+    workers_s: float
     tree_s: float
 
+    @property
+    def tokenizers_s(self) -> float:
+        return self.tree_s - self.router_s - self.workers_s
+
     def __sub__(self, other: CpuSnapshot) -> CpuSnapshot:
-        return CpuSnapshot(self.router_s - other.router_s, self.tree_s - other.tree_s)
+        return CpuSnapshot(self.router_s - other.router_s, self.workers_s - other.workers_s,
+                           self.tree_s - other.tree_s)
 
 
 def machine_busy_s() -> float:
@@ -131,9 +141,13 @@ class Server:
     def info(self) -> bytes:
         return self._get("/info")[1]
 
+    def worker_pids(self) -> list[int]:
+        return [w["pid"] for w in json.loads(self.info()).get("workers", []) if w.get("pid")]
+
     def cpu(self) -> CpuSnapshot:
         pid = self.process.pid
-        return CpuSnapshot(cpu_seconds(pid), sum(cpu_seconds(p) for p in _descendants(pid)))
+        return CpuSnapshot(cpu_seconds(pid), sum(cpu_seconds(p) for p in self.worker_pids()),
+                           sum(cpu_seconds(p) for p in _descendants(pid)))
 
     def router_rss_kib(self) -> int:
         return rss_kib(self.process.pid)

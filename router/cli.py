@@ -19,7 +19,7 @@ from opentelemetry.trace import Tracer
 
 from router import tasks
 from router.app import build_app, metrics_app
-from router.devices import cpu_threads_per_worker, worker_devices
+from router.devices import cpu_threads_per_worker, tokenizer_processes, worker_devices
 from router.inputs import InputRules
 from router.metrics import Metrics
 from router.routes import AppState
@@ -89,7 +89,7 @@ def model_type(info: ModelInfo) -> ModelType:
 
 
 def build_info(config: ServerConfig, model: ResolvedModel, info: ModelInfo, dtype: str,
-               rules: InputRules) -> Info:
+               rules: InputRules, tokenizers: int) -> Info:
     return Info(
         model_id=model.model_id,
         model_sha=model.sha or config.revision,
@@ -102,7 +102,7 @@ def build_info(config: ServerConfig, model: ResolvedModel, info: ModelInfo, dtyp
         max_batch_requests=config.max_batch_requests,
         max_client_batch_size=config.max_client_batch_size,
         auto_truncate=config.auto_truncate,
-        tokenization_workers=config.tokenizer_processes,
+        tokenization_workers=tokenizers,
         version=_version(),
         sha=os.environ.get("EMBEDSERVE_GIT_SHA"),
         docker_label=os.environ.get("DOCKER_LABEL"),
@@ -137,6 +137,7 @@ async def run(config: ServerConfig) -> None:
                                    dir=str(Path(config.uds_path).parent))
     devices = worker_devices(config)
     cpu_workers = sum(d == "cpu" for d in devices)
+    tokenizers = tokenizer_processes(config, devices)
     worker_configs = [
         WorkerConfig(
             worker_id=str(index),
@@ -173,7 +174,7 @@ async def run(config: ServerConfig) -> None:
             position_offset=info.position_offset,
             model_kind=info.kind,
             splade=info.splade,
-            tokenizers=TokenizerPool(str(info.tokenizer_path), config.tokenizer_processes,
+            tokenizers=TokenizerPool(str(info.tokenizer_path), tokenizers,
                                      json_logs=config.json_output),
             workers=workers,
             metrics=metrics,
@@ -183,8 +184,8 @@ async def run(config: ServerConfig) -> None:
         # What the workers will choose (shared/dtypes.py); /info shows what they report once
         # they are ready.
         dtype = config.dtype or default_dtype(devices[0].partition(":")[0])
-        await _serve(AppState(config, service, build_info(config, model, info, dtype, rules),
-                              info), tracer)
+        app_info = build_info(config, model, info, dtype, rules, tokenizers)
+        await _serve(AppState(config, service, app_info, info), tracer)
     finally:
         workers.close_now()
         if tracing is not None:

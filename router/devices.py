@@ -49,7 +49,34 @@ def worker_devices(config: ServerConfig) -> list[str]:
     return [device] * config.workers_per_device
 
 
+def _cores() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cores or 1
+
+
 def cpu_threads_per_worker(workers: int) -> int:
     """Split the cores the process may use between CPU workers (at least one thread each)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // workers)
+    return max(1, _cores() // workers)
+
+
+# Tokenizer processes per GPU worker, at most: one process tokenizes ~0.3-0.5M tokens/s, and a
+# GPU worker with a base-sized model consumes ~1.5M (TESTING.md section 4).
+_TOKENIZERS_PER_GPU = 8
+# With CPU workers the tokenizers take cores from the model: a few keep up with it.
+_TOKENIZERS_WITH_CPU_WORKERS = 4
+
+
+def tokenizer_processes(config: ServerConfig, devices: list[str]) -> int:
+    """Tokenizer processes: --tokenization-workers, or what the workers leave of the cores.
+
+    A GPU worker needs one core to launch kernels and the router one for HTTP; the rest can
+    tokenize, and must, since the GPU embeds faster than one process tokenizes. CPU workers
+    compute on every core, so tokenizers there are kept few.
+    """
+    if config.tokenization_workers is not None:
+        return config.tokenization_workers
+    cores = _cores()
+    gpu_workers = sum(d.startswith("cuda") for d in devices)
+    if gpu_workers < len(devices) or not gpu_workers:
+        return max(1, min(cores, _TOKENIZERS_WITH_CPU_WORKERS))
+    return max(1, min(cores - 1 - gpu_workers, _TOKENIZERS_PER_GPU * gpu_workers))

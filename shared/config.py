@@ -62,7 +62,8 @@ class ServerConfig:
     revision: str | None = field(default=None, metadata=_opt(
         "Hub revision (branch, tag or commit) of --model-id.", env="REVISION"))
     tokenization_workers: int | None = field(default=None, metadata=_opt(
-        "Tokenizer processes. Default: the number of CPU cores, at most 4.",
+        "Tokenizer processes. Default: with GPU workers, the cores left after the router and "
+        "one per GPU worker (at most 8 per GPU); with CPU workers, the cores, at most 4.",
         env="TOKENIZATION_WORKERS", type=int))
     dtype: Dtype | None = field(default=None, metadata=_opt(
         "Weights and compute dtype. Default: float16 on CUDA; on CPU bfloat16 where the CPU "
@@ -209,10 +210,6 @@ class ServerConfig:
                                   "leave it out")
         if self.default_prompt is not None and self.default_prompt_name is not None:
             raise ConfigError("--default-prompt and --default-prompt-name are mutually exclusive")
-
-    @property
-    def tokenizer_processes(self) -> int:
-        return self.tokenization_workers or max(1, min(os.cpu_count() or 1, 4))
 
 
 class WorkerConfig(msgspec.Struct, frozen=True):

@@ -181,11 +181,6 @@ def test_cors_allow_origin_forms(argv: list[str], environ: dict[str, str]) -> No
         "https://a.example", "https://b.example")
 
 
-def test_tokenizer_processes_defaults_to_at_most_four() -> None:
-    assert 1 <= parse().tokenizer_processes <= 4
-    assert parse("--tokenization-workers", "9").tokenizer_processes == 9
-
-
 def test_observability_flags_are_accepted() -> None:
     config = parse("--otlp-endpoint", "http://collector:4317", "--prometheus-port", "9000",
                    "--otlp-service-name", "embed", "--disable-spans")

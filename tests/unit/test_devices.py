@@ -57,6 +57,23 @@ def test_cores_are_split_between_cpu_workers(monkeypatch):
     assert devices.cpu_threads_per_worker(8) == 1
 
 
+@pytest.mark.parametrize(("cores", "placed", "expected"), [
+    (2, ["cpu"], 2),
+    (16, ["cpu"], 4),  # CPU workers compute on every core: a few tokenizers keep up
+    (16, ["cpu", "cpu"], 4),
+    (16, ["cuda:0"], 8),  # the GPU outruns one tokenizer: up to 8 per GPU worker
+    (16, ["cuda:0", "cuda:1"], 13),  # 16 cores - the router - two launch threads
+    (128, ["cuda:0"] * 8, 64),
+    (2, ["cuda:0"], 1),
+    (4, ["cuda:0", "cuda:1", "cuda:2", "cuda:3"], 1),
+])
+def test_tokenizer_processes_follow_cores_and_devices(monkeypatch, cores, placed, expected):
+    monkeypatch.setattr(devices.os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert devices.tokenizer_processes(parse_config([], {}), placed) == expected
+    chosen = parse_config(["--tokenization-workers", "3"], {})
+    assert devices.tokenizer_processes(chosen, placed) == 3
+
+
 def test_no_nvidia_driver_means_no_probe(monkeypatch):
     monkeypatch.setattr(devices.Path, "is_dir", lambda self: False)
     monkeypatch.setattr(devices.Path, "exists", lambda self: False)
