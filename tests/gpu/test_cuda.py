@@ -44,13 +44,20 @@ def test_family_on_cuda_matches_the_cpu_oracle(tmp_path: Path, family: str,
     assert cosines(got, want).min() >= COSINE
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_bge_base_shape_on_cuda_matches_the_cpu_oracle(tmp_path: Path, dtype: torch.dtype) -> None:
-    """A real-sized stack (random weights, bench/models.py), long and short inputs."""
+@pytest.fixture(scope="module")
+def bge_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real-sized stack: bge-base's shape with random weights (bench/models.py)."""
     from bench.models import random_model
     from tests.gpu.tokenizer import bert_tokenizer_dir
 
-    model_dir = random_model("bge-base", tmp_path, bert_tokenizer_dir(tmp_path))
+    root = tmp_path_factory.mktemp("bge")
+    return random_model("bge-base", root, bert_tokenizer_dir(root))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bge_base_shape_on_cuda_matches_the_cpu_oracle(bge_base: Path, dtype: torch.dtype) -> None:
+    """Long and short inputs through a real-sized stack."""
+    model_dir = bge_base
     info = load_model_info(model_dir)
     texts = ["a short query", "word " * 500, *(f"passage {i} " * (i * 7) for i in range(1, 30))]
     arrays, _ = pack(model_dir, texts, max_length=info.max_input_length)
@@ -95,13 +102,13 @@ def test_varlen_kernel_masks_match_padded_sdpa(mask: MaskSpec, kv_heads: int) ->
     torch.testing.assert_close(got.float(), want, atol=5e-3, rtol=5e-3)
 
 
-def test_warm_up_out_of_memory_names_the_flag(tmp_path: Path) -> None:
+def test_warm_up_out_of_memory_names_the_flag(tmp_path: Path, bge_base: Path) -> None:
     from tests.e2e.server import Server
 
-    model_dir = make_tiny_bert(tmp_path / "tiny", pooling="mean")
-    # 2^31 tokens of hidden states alone are terabytes: no GPU holds them.
-    server = Server("--model-id", str(model_dir), "--device", "cuda",
-                    "--max-batch-tokens", str(2**31 - 1), log_path=tmp_path / "log")
+    # 2^25 tokens through bge-base in float32: the embedding output alone is 103 GB, more than
+    # an H100 or an H200 holds, while the warm-up batch's host arrays stay ~0.5 GB.
+    server = Server("--model-id", str(bge_base), "--device", "cuda",
+                    "--max-batch-tokens", str(2**25), log_path=tmp_path / "log")
     code = server.process.wait(timeout=300)
     log = (tmp_path / "log").read_text()
     assert code != 0
