@@ -137,11 +137,37 @@ def cuda_capture(pool: object | None = None) -> Capture:
     return capture
 
 
+class _StaticInputs:
+    """A bucket's static inputs: one int64 device buffer holding input ids, positions, token
+    types and cu_seqlens back to back (the graph reads the four views), filled from a host
+    mirror of the same layout in one copy. On CUDA the mirror is pinned, so the copy is a DMA
+    queued on the stream; reusing it is safe because every batch ends by reading its result
+    back to the host, which waits for the stream."""
+
+    def __init__(self, bucket: Bucket, device: torch.device) -> None:
+        size = 3 * bucket.tokens + bucket.sequences + 1
+        self.device_buffer = torch.zeros(size, dtype=torch.int64, device=device)
+        self.host_buffer = torch.zeros(size, dtype=torch.int64,
+                                       pin_memory=device.type == "cuda")
+        self._host = self.host_buffer.numpy()
+        t = bucket.tokens
+        self._bounds = ((0, t), (t, 2 * t), (2 * t, 3 * t), (3 * t, size))
+        ids, positions, types, cu = (self.device_buffer[a:b] for a, b in self._bounds)
+        self.views = (ids, positions, types, cu)
+
+    def fill(self, padded: BatchArrays) -> None:
+        for (a, b), array in zip(self._bounds, (padded.input_ids, padded.position_ids,
+                                                padded.token_type_ids, padded.cu_seqlens),
+                                 strict=True):
+            self._host[a:b] = array
+        self.device_buffer.copy_(self.host_buffer, non_blocking=True)
+
+
 @dataclass
 class _Captured:
     replay: Replay
     out: torch.Tensor
-    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+    inputs: _StaticInputs
 
 
 # (input_ids, position_ids, token_type_ids, cu_seqlens) int64 device tensors and the bucket's
@@ -163,20 +189,16 @@ class GraphedPooling:
         self._graphs: dict[Bucket, _Captured] = {}
         # Largest first: later (smaller) captures reuse the pool the largest one sized.
         for bucket in reversed(self.buckets):
-            inputs = tuple(
-                torch.zeros(size, dtype=torch.int64, device=device)
-                for size in (bucket.tokens, bucket.tokens, bucket.tokens, bucket.sequences + 1)
-            )
-            filler = pad_to_bucket(_empty_batch(), bucket)
-            _fill(inputs, filler)  # type: ignore[arg-type]
-            ids, positions, types, cu = inputs
+            inputs = _StaticInputs(bucket, device)
+            inputs.fill(pad_to_bucket(_empty_batch(), bucket))
+            ids, positions, types, cu = inputs.views
 
             def run(ids=ids, positions=positions, types=types, cu=cu,
                     max_len=bucket.tokens) -> torch.Tensor:
                 return forward(ids, positions, types, cu, max_len)
 
             replay, out = capture(run)
-            self._graphs[bucket] = _Captured(replay, out, inputs)  # type: ignore[arg-type]
+            self._graphs[bucket] = _Captured(replay, out, inputs)
         log.info("captured %d graphs: %s", len(self._graphs),
                  ", ".join(f"{b.tokens}x{b.sequences}" for b in self.buckets))
 
@@ -188,7 +210,7 @@ class GraphedPooling:
         """Pooled [n, dim] for a batch that fits `bucket` (a view of the static output: copy it
         or move it to the host before the next call)."""
         captured = self._graphs[bucket]
-        _fill(captured.inputs, pad_to_bucket(arrays, bucket))
+        captured.inputs.fill(pad_to_bucket(arrays, bucket))
         captured.replay.replay()
         return captured.out[: arrays.cu_seqlens.shape[0] - 1]
 
@@ -197,12 +219,3 @@ def _empty_batch() -> BatchArrays:
     none = np.empty(0, dtype=np.int32)
     return BatchArrays(none, none, none, np.zeros(1, dtype=np.int32))
 
-
-def _fill(inputs: tuple[torch.Tensor, ...], arrays: BatchArrays) -> None:
-    """Copy a padded batch into a bucket's static inputs (from the host; non_blocking lets the
-    copy queue behind the previous replay on the same stream)."""
-    for static, array in zip(
-        inputs, (arrays.input_ids, arrays.position_ids, arrays.token_type_ids, arrays.cu_seqlens),
-        strict=True,
-    ):
-        static.copy_(torch.from_numpy(array.astype(np.int64)), non_blocking=True)
