@@ -30,37 +30,43 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 class HostStaging:
-    """Host memory a batch's int arrays are converted into on their way to the device.
+    """How a batch's int32 wire arrays reach the device: as int64 (embedding lookups and index
+    ops take int64), in one transfer.
 
-    On CUDA it is one pinned buffer, grown as needed and reused batch after batch: copies from
-    pinned memory are DMA transfers queued on the stream (non_blocking), where copies from
-    ordinary memory would stall the host; pinning a fresh buffer per batch costs more than the
-    copy. Reuse is safe because every batch ends by copying its result to the host, which waits
-    for the stream. Elsewhere a plain conversion is all there is to do.
+    On CUDA the four arrays are written back to back into one pinned host buffer and copied
+    with one asynchronous DMA into one device buffer, grown as needed and reused batch after
+    batch: copies from pinned memory queue on the stream (non_blocking) where copies from
+    ordinary memory would stall the host, and pinning a fresh buffer per batch costs more than
+    the copy. Reuse is safe because every batch ends by copying its result to the host, which
+    waits for the stream. Elsewhere a plain conversion is all there is to do.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, staged: bool | None = None) -> None:
         self.device = device
-        self.pinned = device.type == "cuda"
-        self._buffer: torch.Tensor | None = None
-        self._used = 0
+        # `staged` on the CPU runs the CUDA path's buffer logic, unpinned (tests).
+        self.staged = device.type == "cuda" if staged is None else staged
+        self._pin = device.type == "cuda"
+        self._host: torch.Tensor | None = None
+        self._device: torch.Tensor | None = None
 
-    def reset(self) -> None:
-        self._used = 0
-
-    def to_device(self, array: np.ndarray) -> torch.Tensor:
-        if not self.pinned:
-            return torch.from_numpy(array.astype(np.int64)).to(self.device)
-        size = array.shape[0]
-        if self._buffer is None or self._used + size > self._buffer.shape[0]:
-            # Earlier views of this batch keep the old buffer alive until their copies are done.
-            grown = max(2 * (self._used + size), 1 << 16)
-            self._buffer = torch.empty(grown, dtype=torch.int64, pin_memory=True)
-            self._used = 0
-        view = self._buffer[self._used : self._used + size]
-        self._used += size
-        view.numpy()[:] = array
-        return view.to(self.device, non_blocking=True)
+    def to_device(self, *arrays: np.ndarray) -> list[torch.Tensor]:
+        if not self.staged:
+            return [torch.from_numpy(a.astype(np.int64)).to(self.device) for a in arrays]
+        total = sum(a.shape[0] for a in arrays)
+        if self._host is None or total > self._host.shape[0]:
+            size = max(2 * total, 1 << 16)
+            self._host = torch.empty(size, dtype=torch.int64, pin_memory=self._pin)
+            self._device = torch.empty(size, dtype=torch.int64, device=self.device)
+        assert self._device is not None
+        host = self._host.numpy()
+        bounds, start = [], 0
+        for array in arrays:
+            stop = start + array.shape[0]
+            host[start:stop] = array
+            bounds.append((start, stop))
+            start = stop
+        self._device[:total].copy_(self._host[:total], non_blocking=True)
+        return [self._device[a:b] for a, b in bounds]
 
 
 class Engine:
@@ -124,12 +130,6 @@ class Engine:
         )
         return cls(info, model, pooler, attention, target, dtype)  # type: ignore[arg-type]
 
-    def _tensor(self, array: np.ndarray) -> torch.Tensor:
-        # int32 on the wire; int64 for embedding lookups and index ops. The conversion writes
-        # into the staging buffer (pinned on CUDA, so the copy to the device is asynchronous),
-        # which also makes the read-only, zero-copy wire buffer safe to hand to torch.
-        return self._staging.to_device(array)
-
     def _check(self, arrays: BatchArrays) -> None:
         """Invariants the router guarantees, checked on the host where an out-of-range index
         is an exception (on CUDA it is a device assert that kills the worker)."""
@@ -148,15 +148,11 @@ class Engine:
 
     def _forward(self, arrays: BatchArrays) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(arrays)
-        self._staging.reset()
-        cu_seqlens = self._tensor(arrays.cu_seqlens)
+        # The conversion also makes the read-only, zero-copy wire buffers safe to hand to torch.
+        input_ids, position_ids, token_type_ids, cu_seqlens = self._staging.to_device(
+            arrays.input_ids, arrays.position_ids, arrays.token_type_ids, arrays.cu_seqlens)
         meta = self.attention.prepare(cu_seqlens, arrays.cu_seqlens)
-        hidden = self.model(
-            self._tensor(arrays.input_ids),
-            self._tensor(arrays.position_ids),
-            self._tensor(arrays.token_type_ids),
-            meta,
-        )
+        hidden = self.model(input_ids, position_ids, token_type_ids, meta)
         return hidden, cu_seqlens
 
     def hidden_states(self, arrays: BatchArrays) -> torch.Tensor:
