@@ -32,7 +32,14 @@ from router.tasks import start_supervised
 from router.tokenization import Encoded, TokenizerPool
 from router.tracing import record_phases
 from router.workers import WorkerPool
-from shared.errors import EmbedServeError, backend, overloaded, unhealthy, validation
+from shared.errors import (
+    ConfigError,
+    EmbedServeError,
+    backend,
+    overloaded,
+    unhealthy,
+    validation,
+)
 from shared.protocol import OutputKind
 
 log = logging.getLogger(__name__)
@@ -117,6 +124,14 @@ class InferenceService:
     async def start(self, ready_timeout: float) -> None:
         await self.tokenizers.start()
         ready = await self.workers.start(ready_timeout)
+        if ready.max_positions < self.rules.max_input_length:
+            # Longer inputs would index past the model's position table: each such batch would
+            # fail in the worker. Say so once, at start, with the flag that fixes it.
+            raise ConfigError(
+                f"the model takes at most {ready.max_positions} tokens per input (its position "
+                f"table), but the maximum input length is {self.rules.max_input_length}: "
+                f"lower it with --max-batch-tokens {ready.max_positions} --auto-truncate true, "
+                "or fix max_seq_length in the model's sentence_bert_config.json")
         self._queue = TokenBudgetQueue(
             self.max_batch_tokens, self.max_batch_requests, ready.cost_model
         )

@@ -1,0 +1,68 @@
+"""InferenceService.start checks the first READY against the router's input limit."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from router.inputs import InputRules
+from router.metrics import Metrics
+from router.service import InferenceService
+from shared import protocol
+from shared.errors import ConfigError
+
+
+class _Tokenizers:
+    async def start(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _Workers:
+    """Just enough of a WorkerPool to answer READY."""
+
+    def __init__(self, max_positions: int) -> None:
+        self.ready = protocol.Ready(
+            worker_id="0", pid=1, device="cpu", dtype="float32", hidden_size=32,
+            embedding_dim=32, vocab_size=100, max_positions=max_positions,
+            cost_model=protocol.CostModel.PADDED, outputs=[protocol.OutputKind.POOLED],
+            warmup_ms=1.0)
+
+    async def start(self, timeout: float) -> protocol.Ready:
+        return self.ready
+
+    async def stop(self) -> None:
+        pass
+
+
+def _service(max_input_length: int, max_positions: int) -> InferenceService:
+    return InferenceService(
+        rules=InputRules(max_input_length, 32, 100, {}, None), embedding_dim=32,
+        max_concurrent_requests=8, max_batch_tokens=1024, max_batch_requests=None,
+        auto_truncate=False, position_offset=0, model_kind="embedding", splade=False,
+        tokenizers=_Tokenizers(), workers=_Workers(max_positions),  # type: ignore[arg-type]
+        metrics=Metrics(max_input_length))
+
+
+def test_inputs_longer_than_the_models_positions_stop_the_start() -> None:
+    async def start() -> None:
+        await _service(max_input_length=512, max_positions=128).start(1.0)
+
+    with pytest.raises(ConfigError, match=r"at most 128 tokens per input.*512"):
+        asyncio.run(start())
+
+
+@pytest.mark.parametrize("max_positions", [512, 8192])
+def test_a_model_that_takes_the_inputs_starts(max_positions: int) -> None:
+    async def start() -> bool:
+        service = _service(max_input_length=512, max_positions=max_positions)
+        await service.start(1.0)
+        try:
+            return service._queue is not None
+        finally:
+            await service.stop()
+
+    assert asyncio.run(start())
