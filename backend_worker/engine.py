@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from backend_worker.attention import Attention, NeedsHostLayout, PackedVarlen, select_attention
+from backend_worker.attention import Attention, PackedVarlen, select_attention
 from backend_worker.cpu_linear import pack_linears, packing_available
 from backend_worker.graphs import Capture, GraphedPooling, graph_buckets
 from backend_worker.loading import checkpoint_files, load_strict
@@ -182,16 +182,13 @@ class Engine:
 
     def capture_graphs(self, max_batch_tokens: int, capture: Capture) -> bool:
         """Serve small pooled batches from captured graphs (the latency path). Only the packed
-        path can be captured (padded attention lays out each batch on the host); a model with a
-        layer that needs it keeps running eagerly. Returns whether graphs are in use."""
+        path can be captured (padded attention lays out each batch on the host); its layers
+        with a position bias attend over a block-diagonal mask there. Returns whether graphs
+        are in use."""
         if not isinstance(self.attention, PackedVarlen):
             log.info("no graphs: attention %s is not capturable", self.attention.name)
             return False
         buckets = graph_buckets(max_batch_tokens)
-        try:
-            with torch.inference_mode():
-                self.graphs = GraphedPooling(self._pooled_static, buckets, self.device, capture)
-        except NeedsHostLayout as exc:
-            log.info("no graphs: %s", exc)
-            return False
+        with torch.inference_mode():
+            self.graphs = GraphedPooling(self._pooled_static, buckets, self.device, capture)
         return True

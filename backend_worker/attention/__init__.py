@@ -33,10 +33,10 @@ from collections.abc import Callable
 import torch
 
 from backend_worker.attention.packed import (
-    NeedsHostLayout,
     PackedMeta,
     PackedVarlen,
     VarlenKernel,
+    block_diagonal_mask,
     flash_attn_kernel,
     torch_varlen_kernel,
 )
@@ -58,10 +58,10 @@ from backend_worker.attention.spec import (
 from shared.errors import ConfigError
 
 __all__ = [
-    "BIDIRECTIONAL", "Attention", "MaskSpec", "NeedsHostLayout", "PackedMeta", "PackedVarlen",
-    "PaddedGroup", "PaddedMeta", "PaddedSDPA", "PositionBias", "SymmetricAlibi", "VarlenKernel",
-    "alibi_slopes", "flash_attn_kernel", "length_groups", "query_blocks", "select_attention",
-    "torch_varlen_kernel",
+    "BIDIRECTIONAL", "Attention", "MaskSpec", "PackedMeta", "PackedVarlen", "PaddedGroup",
+    "PaddedMeta", "PaddedSDPA", "PositionBias", "SymmetricAlibi", "VarlenKernel", "alibi_slopes",
+    "block_diagonal_mask", "flash_attn_kernel", "length_groups", "query_blocks",
+    "select_attention", "torch_varlen_kernel",
 ]
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from backend_worker.attention.padded import PaddedMeta, PaddedSDPA
 from backend_worker.attention.spec import BIDIRECTIONAL, MaskSpec, SymmetricAlibi
@@ -17,14 +18,16 @@ from shared.protocol import CostModel
 
 @dataclass(frozen=True, slots=True)
 class PackedMeta:
-    """A packed batch as varlen kernels take it, plus a padded layout built on first use by a
-    layer whose mask the kernel cannot express (an additive position bias)."""
+    """A packed batch as varlen kernels take it, plus what a layer whose mask the kernel cannot
+    express (an additive position bias) builds on first use and the other layers reuse: a
+    padded layout, or inside a graph the block-diagonal masks."""
 
     cu_seqlens: torch.Tensor  # int32 [n + 1] on the device
     max_len: int
     # None inside a CUDA graph, whose host-side layout is fixed at capture (backend_worker/graphs).
     host_cu_seqlens: np.ndarray | None
     padded: dict[str, PaddedMeta] = field(default_factory=dict)
+    dense_masks: dict[MaskSpec, torch.Tensor] = field(default_factory=dict)
 
 
 # The kernel calling convention every varlen backend is adapted to:
@@ -110,16 +113,37 @@ def flash_attn_kernel(function: Callable[..., Any] | None = None) -> VarlenKerne
     return kernel
 
 
-class NeedsHostLayout(RuntimeError):
-    """Raised when a captured (device-only) batch reaches a layer that needs host offsets."""
+def block_diagonal_mask(cu_seqlens: torch.Tensor, total: int, mask: MaskSpec) -> torch.Tensor:
+    """The [T, T] attention mask of a packed batch as one sequence: query i sees key j only
+    inside its own sequence, and as `mask` says there. Built from device tensors alone (it can
+    be captured in a graph). Boolean (True = attend) without a bias, else the float bias with
+    -inf where masked. The bias is evaluated on flat indices, which within one sequence differ
+    by exactly the in-sequence offsets: right for every `PositionBias`, which depends only on
+    key - query. Every row keeps its diagonal, so no row is fully masked."""
+    device = cu_seqlens.device
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    segment = torch.repeat_interleave(
+        torch.arange(lengths.shape[0], device=device), lengths, output_size=total)
+    allowed = segment[:, None] == segment[None, :]
+    index = torch.arange(total, device=device)
+    distance = index[:, None] - index[None, :]  # query - key
+    if mask.causal:
+        allowed &= distance >= 0
+    if mask.window is not None:
+        allowed &= distance.abs() <= mask.window
+    if mask.bias is None:
+        return allowed
+    bias = mask.bias(total, device).to(torch.float32)  # [heads, T, T]
+    return bias.masked_fill(~allowed, float("-inf"))
 
 
 class PackedVarlen:
     """No padding anywhere: the flat batch and its cu_seqlens go straight to a varlen kernel.
 
     The CUDA path. Layers whose mask the kernel cannot express (an additive bias: ALiBi, MPNet's
-    relative positions) run padded SDPA instead; which layers do is fixed by the model's specs,
-    so the choice is made once per layer type, not per batch.
+    relative positions) run padded SDPA instead, or inside a captured graph SDPA over the whole
+    batch with a block-diagonal mask; which layers do is fixed by the model's specs, so the
+    choice is made once per layer type, not per batch.
     """
 
     name = "packed-varlen"
@@ -137,15 +161,31 @@ class PackedVarlen:
         """For graph capture: device offsets only, `max_len` an upper bound fixed in advance."""
         return PackedMeta(cu_seqlens.to(torch.int32), max_len, None)
 
-    def _padded(self, meta: PackedMeta) -> PaddedMeta:
+    def _padded(self, meta: PackedMeta, host_cu_seqlens: np.ndarray) -> PaddedMeta:
         padded = meta.padded.get("meta")
         if padded is None:
-            if meta.host_cu_seqlens is None:
-                raise NeedsHostLayout("a layer needs padded attention, whose layout depends on "
-                                      "the batch: it cannot run inside a captured graph")
             cu = meta.cu_seqlens.to(torch.int64)
-            padded = meta.padded["meta"] = self.fallback.prepare(cu, meta.host_cu_seqlens)
+            padded = meta.padded["meta"] = self.fallback.prepare(cu, host_cu_seqlens)
         return padded
+
+    def _block_diagonal(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: PackedMeta, mask: MaskSpec
+    ) -> torch.Tensor:
+        """The whole batch as one sequence under a block-diagonal mask: the path of captured
+        batches (graph buckets hold at most 512 tokens, so the [T, T] mask stays small), whose
+        padded layout would depend on lengths known only on the host."""
+        attn_mask = meta.dense_masks.get(mask)
+        if attn_mask is None:
+            attn_mask = block_diagonal_mask(meta.cu_seqlens, q.shape[0], mask)
+            if attn_mask.is_floating_point():
+                attn_mask = attn_mask.to(q.dtype)
+            meta.dense_masks[mask] = attn_mask
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+            attn_mask=attn_mask if attn_mask.dim() == 2 else attn_mask[None],
+            scale=mask.scale, enable_gqa=k.shape[1] != q.shape[1],
+        )
+        return out[0].transpose(0, 1)
 
     def attend_qkv(self, qkv: torch.Tensor, meta: PackedMeta) -> torch.Tensor:
         q, k, v = qkv.unbind(1)
@@ -155,6 +195,8 @@ class PackedVarlen:
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: PackedMeta, mask: MaskSpec
     ) -> torch.Tensor:
         out = self.kernel(q, k, v, meta.cu_seqlens, meta.max_len, mask)
-        if out is None:
-            return self.fallback.attend(q, k, v, self._padded(meta), mask)
-        return out
+        if out is not None:
+            return out
+        if meta.host_cu_seqlens is None:
+            return self._block_diagonal(q, k, v, meta, mask)
+        return self.fallback.attend(q, k, v, self._padded(meta, meta.host_cu_seqlens), mask)

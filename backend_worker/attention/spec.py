@@ -13,7 +13,9 @@ from shared.protocol import CostModel
 
 
 class PositionBias(Protocol):
-    """An additive attention bias that depends only on positions inside one sequence."""
+    """An additive attention bias that depends only on key position - query position inside
+    one sequence (ALiBi, MPNet's relative buckets): evaluated on a packed batch's flat indices,
+    it gives every sequence its own bias (the block-diagonal path relies on that)."""
 
     def __call__(
         self, length: int, device: torch.device, rows: tuple[int, int] | None = None

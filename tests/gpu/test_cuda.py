@@ -81,6 +81,21 @@ def test_graph_replay_equals_the_eager_cuda_forward(tmp_path: Path) -> None:
     np.testing.assert_allclose(graphed.embed(first), eager.embed(first), atol=2e-3)
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_replays_graphs_like_the_cpu_oracle(tmp_path: Path, family: str) -> None:
+    """Captured graphs for every family, position biases (block-diagonal SDPA inside the
+    graph) and windows included."""
+    model_dir = FAMILIES[family](tmp_path / family)
+    info = load_model_info(model_dir)
+    oracle = Engine.load(info)
+    engine = Engine.load(info, device="cuda", dtype=torch.float16)
+    assert engine.capture_graphs(512, cuda_capture())
+    for count in (1, 3):
+        arrays, _ = pack_offset(model_dir, MIXED_TEXTS[:count], info.position_offset)
+        assert engine.graphs is not None and engine.graphs.bucket_for(arrays) is not None
+        assert cosines(engine.embed(arrays), oracle.embed(arrays)).min() >= COSINE
+
+
 @pytest.mark.parametrize("mask", [MaskSpec(), MaskSpec(causal=True), MaskSpec(window=3),
                                   MaskSpec(causal=True, window=5), MaskSpec(scale=0.2)],
                          ids=["plain", "causal", "window", "causal-window", "scale"])

@@ -218,3 +218,31 @@ def test_rotary_built_under_the_meta_device_has_values() -> None:
     assert rotary.inv_freq.device.type == "cpu"
     torch.testing.assert_close(rotary.inv_freq, rope_inv_freq(8, 10_000.0))
     assert rotary.tables(torch.tensor([3]), torch.float32).cos.isfinite().all()
+
+
+def _refusing_kernel(q, k, v, cu_seqlens, max_len, mask):
+    return None  # a kernel that expresses nothing: every layer takes the fallback
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_captured_batches_attend_through_a_block_diagonal_mask(name: str, kv_heads: int) -> None:
+    """Inside a graph there are no host offsets for a padded layout: the batch attends as one
+    sequence under a block-diagonal mask, with every sequence's own bias and mask."""
+    from backend_worker.attention import PackedVarlen
+
+    torch.manual_seed(5)
+    spec = SPECS[name]
+    lengths = [1, 7, 3, 16, 9]
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    total = int(cu[-1])
+    q = torch.randn(total, 4, DIM)
+    k, v = torch.randn(total, kv_heads, DIM), torch.randn(total, kv_heads, DIM)
+    attention = PackedVarlen(_refusing_kernel)
+    meta = attention.prepare_static(torch.from_numpy(cu.astype(np.int64)), max_len=32)
+    out = attention.attend(q, k, v, meta, spec)
+    torch.testing.assert_close(out, masked_reference(q, k, v, cu, spec), atol=1e-5, rtol=1e-4)
+    assert list(meta.dense_masks) == [spec] and not meta.padded
+    # The next layer reuses the batch's mask.
+    torch.testing.assert_close(attention.attend(q, k, v, meta, spec), out)
+    assert len(meta.dense_masks) == 1

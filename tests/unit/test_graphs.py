@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backend_worker.attention import MaskSpec, PackedVarlen, PaddedSDPA, torch_varlen_kernel
+from backend_worker.attention import PackedVarlen, PaddedSDPA, torch_varlen_kernel
 from backend_worker.engine import Engine
 from backend_worker.graphs import Bucket, choose_bucket, eager_capture, graph_buckets, pad_to_bucket
 from shared.modelinfo import load_model_info
 from shared.protocol import BatchArrays
+from tests.fixtures.families import pack_offset
 from tests.fixtures.tiny import MIXED_TEXTS, make_tiny_bert, pack
 from tests.fixtures.varlen import cpu_varlen
+from tests.fixtures.zoo import FAMILIES
 
 
 def batch(lengths: list[int], seed: int = 0) -> BatchArrays:
@@ -99,20 +100,22 @@ def test_replayed_buckets_equal_the_eager_forward(tiny_dir: str) -> None:
     np.testing.assert_allclose(packed.embed(big), eager.embed(big), atol=1e-5)
 
 
-class _Bias:
-    def __call__(self, length: int, device: torch.device, rows=None) -> torch.Tensor:
-        return torch.zeros(4, length, length, device=device)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_replays_graphs_equal_to_its_eager_forward(tmp_path, family: str) -> None:
+    """Graphs for every family of the zoo, position biases (MPNet, ALiBi), windows and causal
+    decoders included: replayed buckets answer as the padded CPU path does."""
+    model_dir = FAMILIES[family](tmp_path / family)
+    info = load_model_info(model_dir)
+    eager = Engine.load(info)
+    packed = Engine.load(info, attention=PackedVarlen(torch_varlen_kernel(cpu_varlen)))
+    assert packed.capture_graphs(256, eager_capture) and packed.graphs is not None
+    for count in (1, 3):
+        arrays, _ = pack_offset(model_dir, MIXED_TEXTS[:count], info.position_offset)
+        assert packed.graphs.bucket_for(arrays) is not None
+        np.testing.assert_allclose(packed.embed(arrays), eager.embed(arrays), atol=1e-4)
 
 
-def test_a_model_needing_padded_attention_keeps_running_eagerly(tiny_dir: str) -> None:
-    info = load_model_info(tiny_dir)
-    engine = Engine.load(info, attention=PackedVarlen(torch_varlen_kernel(cpu_varlen)))
-    for layer in engine.model.layers:  # as a family with a position bias would build them
-        layer.attention.mask = MaskSpec(bias=_Bias())
-        layer.attention._fused = False
+def test_the_padded_path_is_not_captured(tiny_dir: str) -> None:
+    engine = Engine.load(load_model_info(tiny_dir), attention=PaddedSDPA())
     assert not engine.capture_graphs(64, eager_capture)
     assert engine.graphs is None
-    arrays, _ = pack(tiny_dir, MIXED_TEXTS)
-    assert np.isfinite(engine.embed(arrays)).all()
-    # And the padded path cannot be captured at all.
-    assert not Engine.load(info, attention=PaddedSDPA()).capture_graphs(64, eager_capture)
