@@ -32,7 +32,7 @@ PY
 
 echo "== packages"
 missing=()
-for pair in msgspec:msgspec zmq:pyzmq starlette:starlette hypercorn:hypercorn \
+for pair in msgspec:msgspec orjson:orjson zmq:pyzmq starlette:starlette hypercorn:hypercorn \
             swagger_ui:swagger-ui-py opentelemetry.trace:opentelemetry-api \
             prometheus_client:prometheus-client httpx:httpx pytest:pytest \
             pytest_timeout:pytest-timeout hypothesis:hypothesis; do

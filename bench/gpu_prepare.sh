@@ -9,8 +9,11 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PY="${PY:-$ROOT/.venv/bin/python}"
 OUT="$ROOT/.gpu"
 # Runtime dependencies the host may lack, plus what the check itself runs (pytest, httpx).
-PACKAGES=(msgspec pyzmq starlette hypercorn swagger-ui-py opentelemetry-api prometheus-client
+PACKAGES=(msgspec orjson pyzmq starlette hypercorn swagger-ui-py opentelemetry-api prometheus-client
           httpx pytest pytest-timeout hypothesis)
+# .gpu/site is what gpu_check.sh installs on a host (or a CPU dry run here): never carried, as
+# it would push the carry past its 64 MiB.
+rm -rf "$OUT/site"
 mkdir -p "$OUT/wheels" "$OUT/tokenizer"
 for version in 3.11 3.12 3.13; do
     "$PY" -m pip download -q --only-binary=:all: --dest "$OUT/wheels" \

@@ -125,6 +125,7 @@ class OpenAIEmbedRequest(msgspec.Struct, kw_only=True):
 
 class OpenAIEmbedding(msgspec.Struct, kw_only=True):
     object: str = "embedding"
+    # A float32 numpy row at run time, written as a JSON array (routes.json_response).
     embedding: list[float] | str
     index: int
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+import numpy as np
+import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -87,5 +89,21 @@ def timing_headers(timings: Timings, started: float, compute_type: str) -> dict[
     }
 
 
+def _numpy_json(value: Any) -> Any:
+    """msgspec's hook for what it cannot write: a numpy array becomes a raw JSON fragment from
+    orjson, which writes float32 in its shortest round-tripping form ("0.0045407615", as TEI
+    does) where Python floats would print float64's 17 digits of the same value."""
+    if isinstance(value, np.ndarray):
+        return msgspec.Raw(orjson.dumps(np.ascontiguousarray(value),
+                                        option=orjson.OPT_SERIALIZE_NUMPY))
+    if isinstance(value, np.generic):
+        return value.item()
+    raise NotImplementedError(f"cannot write {type(value).__name__} as JSON")
+
+
+_encoder = msgspec.json.Encoder(enc_hook=_numpy_json)
+
+
 def json_response(body: Any, headers: dict[str, str] | None = None) -> Response:
-    return Response(msgspec.json.encode(body), media_type="application/json", headers=headers)
+    """A JSON answer; numpy arrays anywhere in `body` are written as JSON arrays."""
+    return Response(_encoder.encode(body), media_type="application/json", headers=headers)

@@ -101,7 +101,7 @@ def routes(state: AppState) -> list[Endpoint]:
     async def embed_all(request: Request) -> Response:
         started = time.perf_counter()
         outcome = await per_input(request, operations.embed_all)
-        return json_response([rows.tolist() for rows in outcome.rows],
+        return json_response(outcome.rows,
                              timing_headers(outcome.timings, started, state.compute_type))
 
     return [

@@ -39,8 +39,8 @@ def routes(state: AppState) -> list[Endpoint]:
         result = await unless_disconnected(request, service.embed(EmbedRequest(
             inputs=body.input, normalize=True, dimensions=body.dimensions,
         )))
-        encode = _base64 if body.encoding_format == "base64" else np.ndarray.tolist
-        data = [OpenAIEmbedding(embedding=encode(row), index=i)
+        data = [OpenAIEmbedding(embedding=_base64(row) if body.encoding_format == "base64"
+                                else row, index=i)
                 for i, row in enumerate(result.vectors)]
         tokens = result.timings.tokens
         return json_response(

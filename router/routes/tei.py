@@ -36,8 +36,7 @@ def routes(state: AppState) -> list[Endpoint]:
     async def embed(request: Request) -> Response:
         started = time.perf_counter()
         result = await embed_result(request, await read_json(request, EmbedRequest, limit))
-        # NOTE: tolist() is the fast way to floats msgspec can write; JSON needs decimal text.
-        return json_response(result.vectors.tolist(),
+        return json_response(result.vectors,
                              timing_headers(result.timings, started, state.compute_type))
 
     async def similarity(request: Request) -> Response:
@@ -54,7 +53,7 @@ def routes(state: AppState) -> list[Endpoint]:
             normalize=True,
         ))
         cosines = result.vectors[1:] @ result.vectors[0]
-        return json_response(np.clip(cosines, -1.0, 1.0).tolist(),
+        return json_response(np.clip(cosines, -1.0, 1.0),
                              timing_headers(result.timings, started, state.compute_type))
 
     async def tokenize(request: Request) -> Response:
