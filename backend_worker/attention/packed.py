@@ -91,8 +91,6 @@ def flash_attn_kernel(function: Callable[..., Any] | None = None) -> VarlenKerne
         except ImportError:
             return None
 
-    slopes_on: dict[tuple[tuple[float, ...], torch.device], torch.Tensor] = {}
-
     def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                max_len: int, mask: MaskSpec) -> torch.Tensor | None:
         slopes = None
@@ -101,11 +99,7 @@ def flash_attn_kernel(function: Callable[..., Any] | None = None) -> VarlenKerne
             # encoders stay packed. Other biases take the padded path.
             if not isinstance(mask.bias, SymmetricAlibi) or mask.causal:
                 return None
-            key = (mask.bias.slopes, q.device)
-            if key not in slopes_on:
-                slopes_on[key] = torch.tensor(mask.bias.slopes, dtype=torch.float32,
-                                              device=q.device)
-            slopes = slopes_on[key]
+            slopes = mask.bias.slopes_on(q.device)
         return function(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len,
                         softmax_scale=mask.scale, causal=mask.causal, window_size=_window(mask),
                         alibi_slopes=slopes)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -15,7 +15,9 @@ from shared.protocol import CostModel
 class PositionBias(Protocol):
     """An additive attention bias that depends only on key position - query position inside
     one sequence (ALiBi, MPNet's relative buckets): evaluated on a packed batch's flat indices,
-    it gives every sequence its own bias (the block-diagonal path relies on that)."""
+    it gives every sequence its own bias (the block-diagonal path relies on that). It may run
+    inside CUDA graph capture: device ops only, constants from host data copied once per
+    device (graph warm-up calls it before capture)."""
 
     def __call__(
         self, length: int, device: torch.device, rows: tuple[int, int] | None = None
@@ -64,6 +66,17 @@ class SymmetricAlibi:
     batch."""
 
     slopes: tuple[float, ...]
+    # The slopes on each device, copied once: a copy from host data on every call would be
+    # illegal inside CUDA graph capture (and a needless transfer per batch outside it).
+    _on: dict[torch.device, torch.Tensor] = field(
+        default_factory=dict, compare=False, hash=False, repr=False)
+
+    def slopes_on(self, device: torch.device) -> torch.Tensor:
+        slopes = self._on.get(device)
+        if slopes is None:
+            slopes = self._on[device] = torch.tensor(self.slopes, dtype=torch.float32,
+                                                     device=device)
+        return slopes
 
     def __call__(
         self, length: int, device: torch.device, rows: tuple[int, int] | None = None
@@ -72,8 +85,7 @@ class SymmetricAlibi:
         keys = torch.arange(length, device=device, dtype=torch.float32)
         queries = torch.arange(first, last, device=device, dtype=torch.float32)
         distance = (keys[None, :] - queries[:, None]).abs()
-        slopes = torch.tensor(self.slopes, dtype=torch.float32, device=device)
-        return -slopes[:, None, None] * distance
+        return -self.slopes_on(device)[:, None, None] * distance
 
 
 class Attention(Protocol):

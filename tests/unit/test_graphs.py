@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,6 +15,7 @@ from backend_worker.engine import Engine
 from backend_worker.graphs import Bucket, choose_bucket, eager_capture, graph_buckets, pad_to_bucket
 from shared.modelinfo import load_model_info
 from shared.protocol import BatchArrays
+from tests.fixtures.capture import opaque, strict_capture
 from tests.fixtures.families import pack_offset
 from tests.fixtures.tiny import MIXED_TEXTS, make_tiny_bert, pack
 from tests.fixtures.varlen import cpu_varlen
@@ -107,8 +109,9 @@ def test_every_family_replays_graphs_equal_to_its_eager_forward(tmp_path, family
     model_dir = FAMILIES[family](tmp_path / family)
     info = load_model_info(model_dir)
     eager = Engine.load(info)
-    packed = Engine.load(info, attention=PackedVarlen(torch_varlen_kernel(cpu_varlen)))
-    assert packed.capture_graphs(256, eager_capture) and packed.graphs is not None
+    packed = Engine.load(info, attention=PackedVarlen(torch_varlen_kernel(opaque(cpu_varlen))))
+    # Under capture's rules: no device reads, no tensors from host data in the captured run.
+    assert packed.capture_graphs(256, strict_capture) and packed.graphs is not None
     for count in (1, 3):
         arrays, _ = pack_offset(model_dir, MIXED_TEXTS[:count], info.position_offset)
         assert packed.graphs.bucket_for(arrays) is not None
@@ -119,3 +122,17 @@ def test_the_padded_path_is_not_captured(tiny_dir: str) -> None:
     engine = Engine.load(load_model_info(tiny_dir), attention=PaddedSDPA())
     assert not engine.capture_graphs(64, eager_capture)
     assert engine.graphs is None
+
+
+@pytest.mark.parametrize("forward", [
+    lambda x: x * x.sum().item(),  # a device read
+    lambda x: x * torch.tensor([2.0]),  # host data, frozen into the graph at capture
+    lambda x: x if bool(x.sum() > 0) else -x,  # a branch on a device value
+    lambda x: torch.repeat_interleave(x, x.long()),  # an output size only the data knows
+], ids=["item", "tensor", "branch", "repeat_interleave"])
+def test_the_capture_stand_in_refuses_what_cuda_capture_refuses(forward) -> None:
+    from tests.fixtures.capture import NotCapturable
+
+    x = torch.ones(4)
+    with pytest.raises(NotCapturable):
+        strict_capture(lambda: forward(x))
