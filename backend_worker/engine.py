@@ -98,6 +98,7 @@ class Engine:
         type_rows = info.config.get("type_vocab_size")
         self._type_rows = int(type_rows) if type_rows else None
         self.graphs: GraphedPooling | None = None
+        self._graphed_reduce: nn.Module | None = None  # what the graphs end with
         self._staging = HostStaging(device)
 
     @classmethod
@@ -163,32 +164,46 @@ class Engine:
     def embed(self, arrays: BatchArrays) -> np.ndarray:
         """float32 [n, embedding_dim] for the n sequences of a packed batch (not normalised)."""
         with torch.inference_mode():
-            bucket = self.graphs.bucket_for(arrays) if self.graphs else None
-            if bucket is not None:
-                self._check(arrays)
-                return self.graphs(arrays, bucket).cpu().numpy()  # type: ignore[misc]
+            graphed = self.replay(arrays, self.pooler)
+            if graphed is not None:
+                return graphed
             hidden, cu_seqlens = self._forward(arrays)
             return self.pooler(hidden, cu_seqlens).cpu().numpy()
 
-    def _pooled_static(
+    def replay(self, arrays: BatchArrays, reduce: nn.Module) -> np.ndarray | None:
+        """`reduce`'s rows for a batch from a captured graph, or None when no graph was
+        captured for `reduce` or none fits the batch (the caller then runs eagerly)."""
+        if self.graphs is None or reduce is not self._graphed_reduce:
+            return None
+        bucket = self.graphs.bucket_for(arrays)
+        if bucket is None:
+            return None
+        self._check(arrays)
+        with torch.inference_mode():  # the static buffers were made under it, at capture
+            return self.graphs(arrays, bucket).cpu().numpy()
+
+    def _reduced_static(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: torch.Tensor,
         cu_seqlens: torch.Tensor, max_len: int,
     ) -> torch.Tensor:
-        """The pooled forward on device tensors only (what a graph captures)."""
-        assert isinstance(self.attention, PackedVarlen)
+        """The forward to per-sequence rows on device tensors only (what a graph captures)."""
+        assert isinstance(self.attention, PackedVarlen) and self._graphed_reduce is not None
         meta = self.attention.prepare_static(cu_seqlens, max_len)
         hidden = self.model(input_ids, position_ids, token_type_ids, meta)
-        return self.pooler(hidden, cu_seqlens)
+        return self._graphed_reduce(hidden, cu_seqlens)
 
-    def capture_graphs(self, max_batch_tokens: int, capture: Capture) -> bool:
-        """Serve small pooled batches from captured graphs (the latency path). Only the packed
-        path can be captured (padded attention lays out each batch on the host); its layers
-        with a position bias attend over a block-diagonal mask there. Returns whether graphs
-        are in use."""
+    def capture_graphs(self, max_batch_tokens: int, capture: Capture,
+                       reduce: nn.Module | None = None) -> bool:
+        """Serve small batches from captured graphs (the latency path): the model, then
+        `reduce` (hidden, cu_seqlens) -> float32 rows per sequence, by default the pooler (a
+        classifier's head for its logits). Only the packed path can be captured (padded
+        attention lays out each batch on the host); its layers with a position bias attend
+        over a block-diagonal mask there. Returns whether graphs are in use."""
         if not isinstance(self.attention, PackedVarlen):
             log.info("no graphs: attention %s is not capturable", self.attention.name)
             return False
+        self._graphed_reduce = self.pooler if reduce is None else reduce
         buckets = graph_buckets(max_batch_tokens)
         with torch.inference_mode():
-            self.graphs = GraphedPooling(self._pooled_static, buckets, self.device, capture)
+            self.graphs = GraphedPooling(self._reduced_static, buckets, self.device, capture)
         return True

@@ -171,14 +171,15 @@ class _Captured:
 
 
 # (input_ids, position_ids, token_type_ids, cu_seqlens) int64 device tensors and the bucket's
-# max sequence length -> pooled float32 [sequences, dim].
+# max sequence length -> float32 [sequences, dim] (pooled vectors or logits).
 PooledForward = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor
 ]
 
 
 class GraphedPooling:
-    """Pooled embeddings of small batches through captured graphs, one per bucket."""
+    """Per-sequence rows of small batches (pooled embeddings, or a classifier's logits)
+    through captured graphs, one per bucket."""
 
     def __init__(
         self, forward: PooledForward, buckets: Sequence[Bucket], device: torch.device,
@@ -207,8 +208,8 @@ class GraphedPooling:
                              arrays.cu_seqlens.shape[0] - 1)
 
     def __call__(self, arrays: BatchArrays, bucket: Bucket) -> torch.Tensor:
-        """Pooled [n, dim] for a batch that fits `bucket` (a view of the static output: copy it
-        or move it to the host before the next call)."""
+        """[n, dim] for a batch that fits `bucket` (a view of the static output: copy it or
+        move it to the host before the next call)."""
         captured = self._graphs[bucket]
         captured.inputs.fill(pad_to_bucket(arrays, bucket))
         captured.replay.replay()

@@ -71,7 +71,11 @@ class LogitsHead(nn.Module):
     output: ClassVar[OutputKind] = OutputKind.LOGITS
 
     def result(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple:
-        logits = self(hidden, cu_seqlens).cpu().numpy()
+        return self.frames(self(hidden, cu_seqlens).cpu().numpy())
+
+    @staticmethod
+    def frames(logits: np.ndarray) -> tuple:
+        """(rows, dim, *frames) of a Result from host logits [n, labels]."""
         return logits.shape[0], logits.shape[1], np.ascontiguousarray(logits)
 
 

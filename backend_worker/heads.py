@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from backend_worker.head_modules import FamilyHeads, Head, HeadKeys
+from backend_worker.head_modules import FamilyHeads, Head, HeadKeys, LogitsHead
 from backend_worker.loading import Rule, WeightMap, checkpoint_files, iter_tensors, load_strict
 from backend_worker.models import model_class
 from backend_worker.models.registry import supported_with_heads
@@ -105,6 +105,10 @@ def run_head(engine: Any, head: Head) -> Callable[[BatchArrays], tuple]:
 
     def compute(arrays: BatchArrays) -> tuple:
         with torch.inference_mode():
+            if isinstance(head, LogitsHead):  # small batches may replay a captured graph
+                logits = engine.replay(arrays, head)
+                if logits is not None:
+                    return head.frames(logits)
             hidden = engine.hidden_states(arrays)
             cu_seqlens = torch.from_numpy(arrays.cu_seqlens.astype(np.int64)).to(hidden.device)
             return head.result(hidden, cu_seqlens)

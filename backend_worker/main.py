@@ -95,7 +95,8 @@ class Worker:
             torch.cuda.set_device(torch.device(device))  # this process owns this one GPU
         dtype_name = self.config.dtype or default_dtype(torch.device(device).type)
         engine = Engine.load(info, device=device, dtype=getattr(torch, dtype_name))
-        served = self.outputs = outputs(engine, build_head(info, engine.device))
+        head = build_head(info, engine.device)
+        served = self.outputs = outputs(engine, head)
         # Warm up on what the model serves (a SPLADE head's [tokens, vocab] chunks are the
         # memory peak, not pooling), so the first real batch meets no allocation surprise.
         primary = next(k for k in (protocol.OutputKind.POOLED, protocol.OutputKind.LOGITS,
@@ -110,12 +111,16 @@ class Worker:
             self.warmup_ms = (time.perf_counter() - started) * 1e3
             log.info("warm-up with %d tokens took %.0f ms", self.config.max_batch_tokens,
                      self.warmup_ms)
+            # Graphs end in what serves short requests: the pooler, or a classifier's head
+            # (a SPLADE head's [tokens, vocab] output is not a latency path).
             if (engine.device.type == "cuda" and self.config.cuda_graphs
-                    and primary is protocol.OutputKind.POOLED):
+                    and primary is not protocol.OutputKind.SPARSE):
                 from backend_worker.graphs import cuda_capture
 
                 started = time.perf_counter()
-                engine.capture_graphs(self.config.max_batch_tokens, cuda_capture())
+                engine.capture_graphs(self.config.max_batch_tokens, cuda_capture(),
+                                      reduce=head if primary is protocol.OutputKind.LOGITS
+                                      else None)
                 log.info("captured CUDA graphs in %.0f ms", (time.perf_counter() - started) * 1e3)
         return info, engine
 

@@ -163,9 +163,9 @@ class ServerConfig:
         "Seconds a worker may take to load and warm up before start-up fails.",
         env="WORKER_READY_TIMEOUT", type=float))
     cuda_graphs: bool = field(default=True, metadata=_opt(
-        "On CUDA, replay small embedding batches (up to 512 tokens) from CUDA graphs captured "
-        "at start: several times lower latency for short queries. Off: every batch runs "
-        "eagerly.", env="CUDA_GRAPHS", type=_bool, metavar="BOOL"))
+        "On CUDA, replay small embedding, classification and re-ranking batches (up to 512 "
+        "tokens) from CUDA graphs captured at start: several times lower latency for short "
+        "requests. Off: every batch runs eagerly.", env="CUDA_GRAPHS", type=_bool, metavar="BOOL"))
     shutdown_grace: float = field(default=30.0, metadata=_opt(
         "Seconds SIGTERM waits for in-flight requests before stopping anyway.",
         env="SHUTDOWN_GRACE", type=float))

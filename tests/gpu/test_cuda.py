@@ -96,6 +96,25 @@ def test_every_family_replays_graphs_like_the_cpu_oracle(tmp_path: Path, family:
         assert cosines(engine.embed(arrays), oracle.embed(arrays)).min() >= COSINE
 
 
+@pytest.mark.parametrize("labels", [["a", "b", "c"], ["score"]], ids=["classifier", "reranker"])
+def test_classifier_graphs_answer_the_cpu_logits(tmp_path: Path, labels: list[str]) -> None:
+    """Graphs ending in a classifier head: the re-ranker latency path."""
+    from backend_worker.heads import build_head, run_head
+    from tests.fixtures.heads import make_tiny_classifier
+
+    model_dir = make_tiny_classifier(tmp_path / "c", labels)
+    info = load_model_info(model_dir)
+    oracle = Engine.load(info)
+    engine = Engine.load(info, device="cuda", dtype=torch.float16)
+    head = build_head(info, engine.device)
+    assert engine.capture_graphs(512, cuda_capture(), reduce=head)
+    arrays, _ = pack(model_dir, MIXED_TEXTS[:3])
+    assert engine.replay(arrays, head) is not None
+    got = run_head(engine, head)(arrays)[2]
+    want = run_head(oracle, build_head(info, oracle.device))(arrays)[2]
+    np.testing.assert_allclose(got, want, atol=2e-2)
+
+
 @pytest.mark.parametrize("mask", [MaskSpec(), MaskSpec(causal=True), MaskSpec(window=3),
                                   MaskSpec(causal=True, window=5), MaskSpec(scale=0.2)],
                          ids=["plain", "causal", "window", "causal-window", "scale"])

@@ -16,7 +16,7 @@ from backend_worker.graphs import Bucket, choose_bucket, eager_capture, graph_bu
 from shared.modelinfo import load_model_info
 from shared.protocol import BatchArrays
 from tests.fixtures.capture import opaque, strict_capture
-from tests.fixtures.families import pack_offset
+from tests.fixtures.families import make_tiny, pack_offset
 from tests.fixtures.tiny import MIXED_TEXTS, make_tiny_bert, pack
 from tests.fixtures.varlen import cpu_varlen
 from tests.fixtures.zoo import FAMILIES
@@ -136,3 +136,45 @@ def test_the_capture_stand_in_refuses_what_cuda_capture_refuses(forward) -> None
     x = torch.ones(4)
     with pytest.raises(NotCapturable):
         strict_capture(lambda: forward(x))
+
+
+def _classifiers() -> dict:
+    from tests.fixtures.decoders import decoder_vocab, make_decoder_dir
+    from tests.fixtures.heads import LABELS, make_tiny_classifier
+    from tests.fixtures.modernbert import bare_modernbert
+
+    return {
+        "bert-classifier": lambda p: make_tiny_classifier(p, LABELS),
+        "bert-reranker": lambda p: make_tiny_classifier(p, ["score"], seed=1),
+        "distilbert": lambda p: make_tiny(p, "distilbert", "DistilBertForSequenceClassification"),
+        "modernbert": lambda p: bare_modernbert(
+            p, architecture="ModernBertForSequenceClassification"),
+        "mistral-window": lambda p: make_decoder_dir(
+            p, "mistral", architecture="MistralForSequenceClassification",
+            overrides={"sliding_window": 5, "pad_token_id": decoder_vocab()["[PAD]"],
+                       "num_labels": 3}),
+    }
+
+
+@pytest.mark.parametrize("kind", ["bert-classifier", "bert-reranker", "distilbert", "modernbert",
+                                  "mistral-window"])
+def test_classifier_heads_replay_graphs_equal_to_their_eager_logits(tmp_path, kind: str) -> None:
+    """Graphs that end in a classifier's head (the re-ranker latency path) answer the logits
+    the eager path does; a graph captured for the head is never used for pooling."""
+    from backend_worker.heads import build_head, run_head
+
+    model_dir = _classifiers()[kind](tmp_path / kind)
+    info = load_model_info(model_dir)
+    eager = Engine.load(info)
+    packed = Engine.load(info, attention=PackedVarlen(torch_varlen_kernel(opaque(cpu_varlen))))
+    head = build_head(info, packed.device)
+    assert packed.capture_graphs(256, strict_capture, reduce=head)
+    eager_head = build_head(info, eager.device)
+    for count in (1, 3):
+        arrays, _ = pack_offset(model_dir, MIXED_TEXTS[:count], info.position_offset)
+        assert packed.replay(arrays, head) is not None
+        assert packed.replay(arrays, packed.pooler) is None
+        rows, dim, logits = run_head(packed, head)(arrays)
+        want = run_head(eager, eager_head)(arrays)
+        assert (rows, dim) == want[:2]
+        np.testing.assert_allclose(logits, want[2], atol=1e-4)
