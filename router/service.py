@@ -71,10 +71,10 @@ class EmbedResult:
 
 
 def normalize_rows(vectors: np.ndarray) -> np.ndarray:
-    """L2-normalize each row; a zero row stays zero (never NaN)."""
-    norms = np.linalg.norm(vectors.astype(np.float64), axis=1, keepdims=True)
-    scale = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
-    return (vectors * scale).astype(np.float32)
+    """L2-normalize each float32 row as sentence-transformers' Normalize (torch's
+    F.normalize) does: x / max(||x||, 1e-12), in float32; a zero row stays zero."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, np.float32(1e-12))
 
 
 class InferenceService:

@@ -1,0 +1,23 @@
+"""normalize=true: the router's L2 normalisation is sentence-transformers' Normalize module."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from router.service import normalize_rows
+
+
+def test_rows_are_normalized_as_sentence_transformers_does() -> None:
+    vectors = np.random.default_rng(0).standard_normal((5, 384)).astype(np.float32) * 7
+    want = torch.nn.functional.normalize(torch.from_numpy(vectors), p=2, dim=1).numpy()
+    got = normalize_rows(vectors)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)  # the norm's summation order
+
+
+def test_a_zero_row_stays_zero() -> None:
+    vectors = np.array([[0.0, 0.0, 0.0], [3.0, 0.0, 4.0]], dtype=np.float32)
+    got = normalize_rows(vectors)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, [[0, 0, 0], [0.6, 0, 0.8]], rtol=1e-6)
