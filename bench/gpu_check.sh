@@ -44,11 +44,11 @@ if (( ${#missing[@]} )); then
         "${missing[@]}" || { echo "cannot install ${missing[*]}"; exit 2; }
 fi
 
-echo "== CUDA tests"
+echo "== CUDA tests (at ${SECONDS} s)"
 timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$RESULTS/pytest.log"
 (( PIPESTATUS[0] == 0 )) || status=1
 
-echo "== benchmark"
+echo "== benchmark (at ${SECONDS} s)"
 bench_args=(--model-id "${GPU_CHECK_MODEL:-random:bge-base}" --tokenizer-from "$ROOT/.gpu/tokenizer"
             --device "$DEVICE" --results "$RESULTS/RESULTS.md" --time-limit 60)
 if [[ "$DEVICE" == cuda ]]; then
@@ -61,7 +61,7 @@ timeout 360 "$PY" -m bench.run "${bench_args[@]}" 2>&1 | tee "$RESULTS/bench.log
 (( PIPESTATUS[0] == 0 )) || status=1
 cp /tmp/embedserve-bench-*.log "$RESULTS/" 2>/dev/null
 
-echo "== summary"
+echo "== summary (at ${SECONDS} s)"
 grep -E "passed|failed|error" "$RESULTS/pytest.log" | tail -1
 [[ -f "$RESULTS/RESULTS.md" ]] && tail -n 25 "$RESULTS/RESULTS.md"
 exit $status
