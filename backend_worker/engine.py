@@ -19,6 +19,7 @@ from backend_worker.graphs import Capture, GraphedPooling, graph_buckets
 from backend_worker.loading import checkpoint_files, load_strict
 from backend_worker.models import EncoderModel, model_class
 from backend_worker.pooling import Pooler
+from backend_worker.staging import HostStaging
 from shared.modelinfo import ModelInfo
 from shared.protocol import BatchArrays, CostModel
 
@@ -27,46 +28,6 @@ log = logging.getLogger(__name__)
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-class HostStaging:
-    """How a batch's int32 wire arrays reach the device: as int64 (embedding lookups and index
-    ops take int64), in one transfer.
-
-    On CUDA the four arrays are written back to back into one pinned host buffer and copied
-    with one asynchronous DMA into one device buffer, grown as needed and reused batch after
-    batch: copies from pinned memory queue on the stream (non_blocking) where copies from
-    ordinary memory would stall the host, and pinning a fresh buffer per batch costs more than
-    the copy. Reuse is safe because every batch ends by copying its result to the host, which
-    waits for the stream. Elsewhere a plain conversion is all there is to do.
-    """
-
-    def __init__(self, device: torch.device, staged: bool | None = None) -> None:
-        self.device = device
-        # `staged` on the CPU runs the CUDA path's buffer logic, unpinned (tests).
-        self.staged = device.type == "cuda" if staged is None else staged
-        self._pin = device.type == "cuda"
-        self._host: torch.Tensor | None = None
-        self._device: torch.Tensor | None = None
-
-    def to_device(self, *arrays: np.ndarray) -> list[torch.Tensor]:
-        if not self.staged:
-            return [torch.from_numpy(a.astype(np.int64)).to(self.device) for a in arrays]
-        total = sum(a.shape[0] for a in arrays)
-        if self._host is None or total > self._host.shape[0]:
-            size = max(2 * total, 1 << 16)
-            self._host = torch.empty(size, dtype=torch.int64, pin_memory=self._pin)
-            self._device = torch.empty(size, dtype=torch.int64, device=self.device)
-        assert self._device is not None
-        host = self._host.numpy()
-        bounds, start = [], 0
-        for array in arrays:
-            stop = start + array.shape[0]
-            host[start:stop] = array
-            bounds.append((start, stop))
-            start = stop
-        self._device[:total].copy_(self._host[:total], non_blocking=True)
-        return [self._device[a:b] for a, b in bounds]
 
 
 class Engine:
@@ -150,8 +111,7 @@ class Engine:
     def _forward(self, arrays: BatchArrays) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(arrays)
         # The conversion also makes the read-only, zero-copy wire buffers safe to hand to torch.
-        input_ids, position_ids, token_type_ids, cu_seqlens = self._staging.to_device(
-            arrays.input_ids, arrays.position_ids, arrays.token_type_ids, arrays.cu_seqlens)
+        input_ids, position_ids, token_type_ids, cu_seqlens = self._staging.to_device(*arrays)
         meta = self.attention.prepare(cu_seqlens, arrays.cu_seqlens)
         hidden = self.model(input_ids, position_ids, token_type_ids, meta)
         return hidden, cu_seqlens

@@ -23,6 +23,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from backend_worker.staging import StagingBuffer
 from shared.protocol import BatchArrays
 
 log = logging.getLogger(__name__)
@@ -137,37 +138,12 @@ def cuda_capture(pool: object | None = None) -> Capture:
     return capture
 
 
-class _StaticInputs:
-    """A bucket's static inputs: one int64 device buffer holding input ids, positions, token
-    types and cu_seqlens back to back (the graph reads the four views), filled from a host
-    mirror of the same layout in one copy. On CUDA the mirror is pinned, so the copy is a DMA
-    queued on the stream; reusing it is safe because every batch ends by reading its result
-    back to the host, which waits for the stream."""
-
-    def __init__(self, bucket: Bucket, device: torch.device) -> None:
-        size = 3 * bucket.tokens + bucket.sequences + 1
-        self.device_buffer = torch.zeros(size, dtype=torch.int64, device=device)
-        self.host_buffer = torch.zeros(size, dtype=torch.int64,
-                                       pin_memory=device.type == "cuda")
-        self._host = self.host_buffer.numpy()
-        t = bucket.tokens
-        self._bounds = ((0, t), (t, 2 * t), (2 * t, 3 * t), (3 * t, size))
-        ids, positions, types, cu = (self.device_buffer[a:b] for a, b in self._bounds)
-        self.views = (ids, positions, types, cu)
-
-    def fill(self, padded: BatchArrays) -> None:
-        for (a, b), array in zip(self._bounds, (padded.input_ids, padded.position_ids,
-                                                padded.token_type_ids, padded.cu_seqlens),
-                                 strict=True):
-            self._host[a:b] = array
-        self.device_buffer.copy_(self.host_buffer, non_blocking=True)
-
-
 @dataclass
 class _Captured:
     replay: Replay
     out: torch.Tensor
-    inputs: _StaticInputs
+    # The bucket's static inputs: ids, positions, token types and cu_seqlens back to back.
+    inputs: StagingBuffer
 
 
 # (input_ids, position_ids, token_type_ids, cu_seqlens) int64 device tensors and the bucket's
@@ -190,9 +166,8 @@ class GraphedPooling:
         self._graphs: dict[Bucket, _Captured] = {}
         # Largest first: later (smaller) captures reuse the pool the largest one sized.
         for bucket in reversed(self.buckets):
-            inputs = _StaticInputs(bucket, device)
-            inputs.fill(pad_to_bucket(_empty_batch(), bucket))
-            ids, positions, types, cu = inputs.views
+            inputs = StagingBuffer(3 * bucket.tokens + bucket.sequences + 1, device)
+            ids, positions, types, cu = inputs.write(*pad_to_bucket(_empty_batch(), bucket))
 
             def run(ids=ids, positions=positions, types=types, cu=cu,
                     max_len=bucket.tokens) -> torch.Tensor:
@@ -211,7 +186,8 @@ class GraphedPooling:
         """[n, dim] for a batch that fits `bucket` (a view of the static output: copy it or
         move it to the host before the next call)."""
         captured = self._graphs[bucket]
-        captured.inputs.fill(pad_to_bucket(arrays, bucket))
+        # A padded batch has the bucket's lengths: it lands where the graph reads.
+        captured.inputs.write(*pad_to_bucket(arrays, bucket))
         captured.replay.replay()
         return captured.out[: arrays.cu_seqlens.shape[0] - 1]
 

@@ -1,4 +1,4 @@
-"""The worker's host-to-device staging (backend_worker/engine.py): on CUDA one pinned buffer and
+"""The worker's host-to-device staging (backend_worker/staging.py): on CUDA one pinned buffer and
 one transfer per batch, reused batch after batch. Its buffer logic runs here unpinned."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from backend_worker.engine import HostStaging
+from backend_worker.staging import HostStaging
 
 
 def batch(rng: np.random.Generator, tokens: int, sequences: int) -> list[np.ndarray]:
