@@ -120,11 +120,9 @@ def block_diagonal_mask(cu_seqlens: torch.Tensor, total: int, mask: MaskSpec) ->
         torch.arange(lengths.shape[0], device=device), lengths, output_size=total)
     allowed = segment[:, None] == segment[None, :]
     index = torch.arange(total, device=device)
-    distance = index[:, None] - index[None, :]  # query - key
-    if mask.causal:
-        allowed &= distance >= 0
-    if mask.window is not None:
-        allowed &= distance.abs() <= mask.window
+    reach = mask.reach(index[:, None] - index[None, :])
+    if reach is not None:
+        allowed &= reach
     if mask.bias is None:
         return allowed
     bias = mask.bias(total, device).to(torch.float32)  # [heads, T, T]

@@ -47,13 +47,9 @@ def _group_mask(
     length = group.max_len
     first, last = rows or (0, length)
     if spec.causal or spec.window is not None:
-        distance = (torch.arange(first, last, device=device)[:, None]
-                    - torch.arange(length, device=device)[None, :])  # query - key
-        shape = torch.ones(last - first, length, dtype=torch.bool, device=device)
-        if spec.causal:
-            shape &= distance >= 0
-        if spec.window is not None:
-            shape &= distance.abs() <= spec.window
+        shape = spec.reach(torch.arange(first, last, device=device)[:, None]
+                           - torch.arange(length, device=device)[None, :])
+        assert shape is not None
         allowed = shape[None, None] if allowed is None else allowed & shape
         if group.key_mask is not None:
             # A padding query far from every real key would see no key at all under a window

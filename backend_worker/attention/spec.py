@@ -45,6 +45,15 @@ class MaskSpec:
     def plain(self) -> bool:
         return not self.causal and self.window is None and self.bias is None
 
+    def reach(self, distance: torch.Tensor) -> torch.Tensor | None:
+        """Which (query, key) pairs `causal` and `window` allow, from distance = query
+        position - key position (any shape); None when neither is set."""
+        allowed = distance >= 0 if self.causal else None
+        if self.window is not None:
+            near = distance.abs() <= self.window
+            allowed = near if allowed is None else allowed & near
+        return allowed
+
 
 BIDIRECTIONAL = MaskSpec()
 
