@@ -32,12 +32,14 @@ class Row:
     vs_baseline: str
     client_cpu: str
     server_cpu: str
+    server_ms: str
     other_cpu: str
 
 
 _HEADERS = ("what", "in flight", "requests", "errors", "throughput", "p50 ms", "p99 ms",
             "vs baseline", "client CPU", "server CPU (router / tokenizers / workers)",
-            "other load")
+            "server ms, means (request: tokenize / queue / round trip to the worker; "
+            "worker compute per batch)", "other load")
 
 
 def ms(seconds: float) -> str:
@@ -97,7 +99,8 @@ def render(title: str, facts: list[tuple[str, str]], rows: list[Row], notes: lis
               "|" + "|".join("---" for _ in _HEADERS) + "|"]
     for row in rows:
         cells = (row.what, row.concurrency, row.requests, row.errors, row.throughput, row.p50_ms,
-                 row.p99_ms, row.vs_baseline, row.client_cpu, row.server_cpu, row.other_cpu)
+                 row.p99_ms, row.vs_baseline, row.client_cpu, row.server_cpu, row.server_ms,
+                 row.other_cpu)
         lines.append("| " + " | ".join(cells) + " |")
     if notes:
         lines.append("")

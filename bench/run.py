@@ -14,13 +14,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench import report, workloads
 from bench.baseline import BaselineResult, load
 from bench.loadgen import LoadResult, Request, build_request, percentile, run_load
 from bench.report import Row, ms, rate
-from bench.server import CpuSnapshot, Server, machine_busy_s, rss_kib
+from bench.server import CpuSnapshot, Server, StageSnapshot, machine_busy_s, rss_kib
 
 # Other load above this (in cores) during a phase gets a warning under the table.
 _OTHER_LOAD_WARN = 0.15
@@ -119,6 +120,16 @@ def cpu_split(cpu: CpuSnapshot, wall: float) -> str:
     return " / ".join(f"{max(s, 0.0) / wall:.2f}" for s in parts) + " cores"
 
 
+def stages_text(stages: StageSnapshot) -> str:
+    """Where a request's time went inside the server, from its /metrics (means, ms)."""
+    def mean(stage: str) -> str:
+        value = stages.mean_ms(stage)
+        return "n/a" if value is None else f"{value:.2f}"
+
+    return (f"{mean('total')}: {mean('tokenize')} / {mean('queue')} / {mean('trip')}; "
+            f"{mean('compute')}")
+
+
 def errors_text(result: LoadResult) -> str:
     text = ", ".join(f"{n} {kind}" for kind, n in sorted(result.errors.items())) or "0"
     if result.reconnects:
@@ -126,14 +137,25 @@ def errors_text(result: LoadResult) -> str:
     return text
 
 
+@dataclass(frozen=True)
+class Measured:
+    """One HTTP workload: the load's result, the server's CPU and its stage times meanwhile,
+    and the other load on the machine (cores)."""
+
+    load: LoadResult
+    cpu: CpuSnapshot
+    stages: StageSnapshot
+    other: float
+
+
 def measure(server: Server, requests: list[Request], concurrency: int,
-            args: argparse.Namespace, dim: int | None) -> tuple[LoadResult, CpuSnapshot, float]:
-    """The load's result, the server's CPU meanwhile, and other load on the machine (cores)."""
-    before, busy0 = server.cpu(), machine_busy_s()
+            args: argparse.Namespace, dim: int | None) -> Measured:
+    stages0, before, busy0 = server.stages(), server.cpu(), machine_busy_s()
     result = run_load(server.port, requests, concurrency, args.time_limit, dim,
                       args.client_processes)
     cpu, busy = server.cpu() - before, machine_busy_s() - busy0
-    return result, cpu, (busy - cpu.tree_s - result.client_cpu_s) / result.wall_s
+    return Measured(result, cpu, server.stages() - stages0,
+                    (busy - cpu.tree_s - result.client_cpu_s) / result.wall_s)
 
 
 def cores(value: float) -> str:
@@ -179,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"corpus: {len(corpus_reqs)} requests x {args.batch} texts, "
               f"{args.concurrency} in flight ...", flush=True)
-        res, cpu, other = measure(server, corpus_reqs, args.concurrency, args, dim)
+        m = measure(server, corpus_reqs, args.concurrency, args, dim)
+        res, other = m.load, m.other
         tps = res.tokens / res.wall_s
         rows.append(Row(
             f"HTTP corpus ({args.batch} texts/request)", str(args.concurrency),
@@ -188,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             ms(percentile(res.latencies_s, 50)), ms(percentile(res.latencies_s, 99)),
             f"{tps / base.tokens_per_s:.2f}x encode tok/s",
             cpu_text(res.client_cpu_s, res.wall_s),
-            cpu_split(cpu, res.wall_s),
+            cpu_split(m.cpu, res.wall_s),
+            stages_text(m.stages),
             cores(other)))
         others.append(("the HTTP corpus", other))
         if len(res.latencies_s) < len(corpus_reqs):
@@ -197,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
 
         for conc in args.query_concurrency:
             print(f"queries: {len(query_reqs)} single texts, {conc} in flight ...", flush=True)
-            res, cpu, other = measure(server, query_reqs, conc, args, dim)
+            m = measure(server, query_reqs, conc, args, dim)
+            res, other = m.load, m.other
             p50 = percentile(res.latencies_s, 50)
             qps = len(res.latencies_s) / res.wall_s
             rows.append(Row(
@@ -206,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                 ms(percentile(res.latencies_s, 99)),
                 f"p50 {p50 / base_p50:.2f}x, req/s {qps / base_qps:.2f}x encode",
                 cpu_text(res.client_cpu_s, res.wall_s),
-                cpu_split(cpu, res.wall_s),
+                cpu_split(m.cpu, res.wall_s),
+                stages_text(m.stages),
                 cores(other)))
             others.append((f"queries at {conc} in flight", other))
 
@@ -224,10 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     rows[:0] = [
         Row(f"SentenceTransformer.encode corpus (batch {args.batch})", "", str(base.corpus_texts),
             "", f"{rate(base.tokens_per_s, 'tok/s')} ({rate(base.texts_per_s, 'texts/s')})",
-            "", "", "1.00x", "", "", cores(base_other)),
+            "", "", "1.00x", "", "", "", cores(base_other)),
         Row("SentenceTransformer.encode one query", "1", str(len(base.query_latencies_s)), "",
             rate(base_qps, "req/s"), ms(base_p50), ms(percentile(base.query_latencies_s, 99)),
-            "1.00x", "", "", cores(base_other)),
+            "1.00x", "", "", "", cores(base_other)),
     ]
     for phase, other in others:
         if other > _OTHER_LOAD_WARN:

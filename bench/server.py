@@ -1,7 +1,8 @@
 """The server under test: the real `embedserve` command on a free loopback port.
 
 Also reads what /proc says about it: the router's own RSS, and the CPU time of the router, of
-the workers and of the tokenizer pool, so a table can show where the cores went.
+the workers and of the tokenizer pool, so a table can show where the cores went; and what its
+/metrics say about where a request's time went inside the server.
 """
 
 from __future__ import annotations
@@ -82,6 +83,47 @@ class CpuSnapshot:
                            self.tree_s - other.tree_s)
 
 
+# The server's own duration histograms (TEI's names) whose means split a request's time.
+_STAGES = {
+    "total": "te_request_duration",
+    "tokenize": "te_request_tokenization_duration",
+    "queue": "te_request_queue_duration",
+    "trip": "te_request_inference_duration",
+    "compute": "te_batch_inference_duration",
+}
+
+
+@dataclass(frozen=True)
+class StageSnapshot:
+    """Sums and counts of the server's duration histograms, by stage name (_STAGES)."""
+
+    sums: dict[str, float]
+    counts: dict[str, float]
+
+    @classmethod
+    def parse(cls, exposition: str) -> StageSnapshot:
+        sums: dict[str, float] = {}
+        counts: dict[str, float] = {}
+        wanted = {metric: stage for stage, metric in _STAGES.items()}
+        for line in exposition.splitlines():
+            name, _, value = line.partition(" ")
+            for suffix, into in (("_sum", sums), ("_count", counts)):
+                stage = wanted.get(name.removesuffix(suffix)) if name.endswith(suffix) else None
+                if stage is not None:
+                    into[stage] = float(value)
+        return cls(sums, counts)
+
+    def __sub__(self, other: StageSnapshot) -> StageSnapshot:
+        return StageSnapshot(
+            {k: v - other.sums.get(k, 0.0) for k, v in self.sums.items()},
+            {k: v - other.counts.get(k, 0.0) for k, v in self.counts.items()},
+        )
+
+    def mean_ms(self, stage: str) -> float | None:
+        count = self.counts.get(stage, 0.0)
+        return 1e3 * self.sums[stage] / count if count else None
+
+
 def machine_busy_s() -> float:
     """CPU seconds all cores spent busy since boot (/proc/stat: everything but idle and iowait).
 
@@ -148,6 +190,12 @@ class Server:
         pid = self.process.pid
         return CpuSnapshot(cpu_seconds(pid), sum(cpu_seconds(p) for p in self.worker_pids()),
                            sum(cpu_seconds(p) for p in _descendants(pid)))
+
+    def stages(self) -> StageSnapshot:
+        status, body = self._get("/metrics")
+        if status != 200:
+            raise RuntimeError(f"/metrics answered {status}")
+        return StageSnapshot.parse(body.decode())
 
     def router_rss_kib(self) -> int:
         return rss_kib(self.process.pid)
