@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from backend_worker.attention import Attention, PackedVarlen, select_attention
+from backend_worker.attention import Attention, PackedVarlen, attention_candidates
 from backend_worker.cpu_linear import pack_linears, packing_available
 from backend_worker.graphs import Capture, GraphedPooling, graph_buckets
 from backend_worker.loading import checkpoint_files, load_strict
@@ -28,6 +28,51 @@ log = logging.getLogger(__name__)
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def _build(model_cls: type, info: ModelInfo, attention: Attention, device: torch.device,
+           dtype: torch.dtype) -> EncoderModel:
+    # Built on the meta device: no random init of weights that the loader overwrites anyway
+    # (strict loading guarantees every tensor is filled), then materialised on the target.
+    with torch.device("meta"):
+        model = model_cls.from_config(info.config, attention)
+    assert isinstance(model, nn.Module)
+    model = model.to(dtype).to_empty(device=device)
+    load_strict(model, checkpoint_files(info.model_dir), model_cls.weight_map)
+    return model.eval()
+
+
+def _first_that_runs(model_cls: type, info: ModelInfo, candidates: list[Attention],
+                     device: torch.device, dtype: torch.dtype) -> tuple[EncoderModel, Attention]:
+    """The model built on the first candidate attention that runs it here; the last candidate
+    is taken untried (padded SDPA, which runs wherever torch does)."""
+    for attention in candidates[:-1]:
+        model = _build(model_cls, info, attention, device, dtype)
+        # Whether a varlen kernel runs depends on the GPU (flash kernels need compute
+        # capability >= 8.0) and on the model (its head size), known only by trying: a user
+        # with an older GPU or an unusual model gets a slower server, not none.
+        problem = _cannot_run(model, attention, device)
+        if problem is None:
+            return model, attention
+        log.warning("attention %s cannot run this model on %s (%s): falling back",
+                    attention.name, device, problem)
+    attention = candidates[-1]
+    return _build(model_cls, info, attention, device, dtype), attention
+
+
+def _cannot_run(model: EncoderModel, attention: Attention, device: torch.device) -> str | None:
+    """Why `model` fails on `attention` here (None when it runs): two short sequences through
+    every layer, which meets the same kernel checks as any real batch."""
+    host_cu = np.array([0, 2, 5], dtype=np.int32)
+    ids = torch.zeros(5, dtype=torch.int64, device=device)  # id 0 exists in every vocabulary
+    positions = torch.tensor([0, 1, 0, 1, 2], device=device)
+    cu_seqlens = torch.from_numpy(host_cu.astype(np.int64)).to(device)
+    try:
+        with torch.inference_mode():
+            model(ids, positions, torch.zeros_like(ids), attention.prepare(cu_seqlens, host_cu))
+    except RuntimeError as exc:  # what torch raises for an unsupported dtype, GPU or shape
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return None
 
 
 class Engine:
@@ -67,19 +112,13 @@ class Engine:
         cls, info: ModelInfo, device: str = "cpu", dtype: torch.dtype = torch.float32,
         attention: Attention | None = None,
     ) -> Engine:
-        """Build the model through the registry and load its weights strictly. `attention`
-        overrides the device's choice (tests run the packed path's logic on the CPU)."""
+        """Build the model through the registry and load its weights strictly, on the best
+        attention implementation that runs it on this device (`attention` overrides the choice:
+        tests run the packed path's logic on the CPU)."""
         target = torch.device(device)
-        attention = attention or select_attention(target)
         model_cls = model_class(info.config)
-        # Built on the meta device: no random init of weights that the loader overwrites anyway
-        # (strict loading guarantees every tensor is filled), then materialised on the target.
-        with torch.device("meta"):
-            model = model_cls.from_config(info.config, attention)
-        assert isinstance(model, nn.Module)
-        model = model.to(dtype).to_empty(device=target)
-        load_strict(model, checkpoint_files(info.model_dir), model_cls.weight_map)
-        model.eval()
+        candidates = [attention] if attention is not None else attention_candidates(target, dtype)
+        model, attention = _first_that_runs(model_cls, info, candidates, target, dtype)
         if packing_available(target, dtype):
             # After strict loading: the packed copies are what forward uses from here on.
             pack_linears(model)
@@ -90,7 +129,7 @@ class Engine:
             "loaded %s (%s) on %s in %s, attention %s",
             model_cls.__name__, info.model_dir, target, _dtype_name(dtype), attention.name,
         )
-        return cls(info, model, pooler, attention, target, dtype)  # type: ignore[arg-type]
+        return cls(info, model, pooler, attention, target, dtype)
 
     def _check(self, arrays: BatchArrays) -> None:
         """Invariants the router guarantees, checked on the host where an out-of-range index

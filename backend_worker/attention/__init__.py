@@ -19,8 +19,11 @@ with a `MaskSpec` fixed when the layer is built: causal (decoders), a sliding wi
 local layers, Mistral, Gemma 3), an additive per-head position bias (ALiBi, MPNet's relative
 buckets), a custom scale, and fewer key/value heads than query heads (GQA).
 
-`select_attention(device)` picks the implementation from the device type alone: it never asks
-torch.cuda anything, so choosing (or importing this module) on a CPU machine initialises nothing.
+`attention_candidates(device, dtype)` lists the implementations that may run there, best first,
+from the device type and dtype alone: it never asks torch.cuda anything, so choosing (or importing
+this module) on a CPU machine initialises nothing. Whether the best one really runs on this GPU
+(flash kernels need compute capability >= 8.0 and a head size they support) is learnt by running
+it: backend_worker/engine.py tries the model on each candidate in turn at start.
 
 Modules: spec.py (the protocol, MaskSpec, ALiBi), padded.py (padded SDPA, the CPU path),
 packed.py (varlen kernels, the CUDA path); this file chooses between them.
@@ -60,12 +63,19 @@ from shared.errors import ConfigError
 __all__ = [
     "BIDIRECTIONAL", "Attention", "MaskSpec", "PackedMeta", "PackedVarlen", "PaddedGroup",
     "PaddedMeta", "PaddedSDPA", "PositionBias", "SymmetricAlibi", "VarlenKernel", "alibi_slopes",
-    "block_diagonal_mask", "flash_attn_kernel", "length_groups", "query_blocks",
-    "select_attention", "torch_varlen_kernel",
+    "attention_candidates", "block_diagonal_mask", "flash_attn_kernel", "length_groups",
+    "query_blocks", "select_attention", "torch_varlen_kernel",
 ]
 
 
-def _packed_cuda() -> Attention | None:
+# The varlen kernels (flash-attn's and torch's, which is FlashAttention inside) compute in these
+# dtypes only: a float32 model on CUDA attends through padded SDPA.
+_PACKED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _packed_cuda(dtype: torch.dtype) -> Attention | None:
+    if dtype not in _PACKED_DTYPES:
+        return None
     for make in (flash_attn_kernel, torch_varlen_kernel):
         kernel = make()
         if kernel is not None:
@@ -73,19 +83,23 @@ def _packed_cuda() -> Attention | None:
     return None
 
 
+def _padded(dtype: torch.dtype) -> Attention:
+    return PaddedSDPA()
+
+
 # Candidates per device type, best first. A factory returns None when it cannot run here (a
-# missing optional package, a torch without varlen_attn), and the next one is tried. Padded SDPA
-# is correct everywhere SDPA runs.
-AttentionFactory = Callable[[], "Attention | None"]
+# missing optional package, a torch without varlen_attn, a dtype the kernel lacks), and the next
+# one is tried. Padded SDPA is correct everywhere SDPA runs, so it ends every list.
+AttentionFactory = Callable[[torch.dtype], "Attention | None"]
 _IMPLEMENTATIONS: dict[str, list[AttentionFactory]] = {
-    "cpu": [PaddedSDPA],
-    "mps": [PaddedSDPA],
-    "cuda": [_packed_cuda, PaddedSDPA],
+    "cpu": [_padded],
+    "mps": [_padded],
+    "cuda": [_packed_cuda, _padded],
 }
 
 
-def select_attention(device: torch.device | str) -> Attention:
-    """The attention implementation for `device`, decided once at worker start."""
+def attention_candidates(device: torch.device | str, dtype: torch.dtype) -> list[Attention]:
+    """The implementations that may run on `device` in `dtype`, best first; padded SDPA last."""
     device_type = torch.device(device).type
     factories = _IMPLEMENTATIONS.get(device_type)
     if factories is None:
@@ -93,8 +107,9 @@ def select_attention(device: torch.device | str) -> Attention:
             f"no attention implementation for device {device_type!r} "
             f"(supported: {', '.join(sorted(_IMPLEMENTATIONS))})"
         )
-    for factory in factories:
-        implementation = factory()
-        if implementation is not None:
-            return implementation
-    raise ConfigError(f"no attention implementation is usable on {device_type!r}")
+    return [a for a in (factory(dtype) for factory in factories) if a is not None]
+
+
+def select_attention(device: torch.device | str, dtype: torch.dtype = torch.float16) -> Attention:
+    """The best implementation on paper for `device` in `dtype` (the engine confirms it runs)."""
+    return attention_candidates(device, dtype)[0]

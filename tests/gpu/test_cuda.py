@@ -44,6 +44,19 @@ def test_family_on_cuda_matches_the_cpu_oracle(tmp_path: Path, family: str,
     assert cosines(got, want).min() >= COSINE
 
 
+@pytest.mark.parametrize("family", ["bert-mean", "modernbert", "qwen3-lasttoken"])
+def test_float32_on_cuda_attends_padded_like_the_cpu_oracle(tmp_path: Path, family: str) -> None:
+    """--dtype float32 on a GPU: the varlen kernels have no float32, so the engine takes padded
+    SDPA at start (backend_worker/attention) instead of failing its warm-up."""
+    model_dir = FAMILIES[family](tmp_path / family)
+    info = load_model_info(model_dir)
+    engine = Engine.load(info, device="cuda", dtype=torch.float32)
+    assert isinstance(engine.attention, PaddedSDPA), engine.attention.name
+    arrays, _ = pack_offset(model_dir, MIXED_TEXTS * 3, info.position_offset)
+    got, want = engine.embed(arrays), Engine.load(info).embed(arrays)
+    assert cosines(got, want).min() >= 0.9999
+
+
 @pytest.fixture(scope="module")
 def bge_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real-sized stack: bge-base's shape with random weights (bench/models.py)."""
