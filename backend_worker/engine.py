@@ -56,6 +56,7 @@ def _first_that_runs(model_cls: type, info: ModelInfo, candidates: list[Attentio
             return model, attention
         log.warning("attention %s cannot run this model on %s (%s): falling back",
                     attention.name, device, problem)
+        del model  # before the next copy is built: never two models on the device at once
     attention = candidates[-1]
     return _build(model_cls, info, attention, device, dtype), attention
 
@@ -70,6 +71,8 @@ def _cannot_run(model: EncoderModel, attention: Attention, device: torch.device)
     try:
         with torch.inference_mode():
             model(ids, positions, torch.zeros_like(ids), attention.prepare(cu_seqlens, host_cu))
+    except torch.OutOfMemoryError:
+        raise  # a full device, not an unsupported kernel: another attention would not help
     except RuntimeError as exc:  # what torch raises for an unsupported dtype, GPU or shape
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return None

@@ -84,3 +84,18 @@ def test_a_kernel_that_runs_is_kept_for_every_family(
         engine = Engine.load(info)
     assert engine.attention is packed, caplog.text
     assert engine.cost_model is CostModel.PACKED
+
+
+def test_a_full_device_is_not_mistaken_for_an_unsupported_kernel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Out of memory in the trial stops the load (another attention would not fit either)."""
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+
+    model_dir = FAMILIES["bert-mean"](tmp_path / "bert")
+    full = PackedVarlen(torch_varlen_kernel(out_of_memory))
+    monkeypatch.setattr(engine_module, "attention_candidates",
+                        lambda device, dtype: [full, PaddedSDPA()])
+    with pytest.raises(torch.OutOfMemoryError):
+        Engine.load(load_model_info(model_dir))
