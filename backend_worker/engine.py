@@ -200,12 +200,23 @@ class Engine:
         `reduce` (hidden, cu_seqlens) -> float32 rows per sequence, by default the pooler (a
         classifier's head for its logits). Only the packed path can be captured (padded
         attention lays out each batch on the host); its layers with a position bias attend
-        over a block-diagonal mask there. Returns whether graphs are in use."""
+        over a block-diagonal mask there. Returns whether graphs are in use: a capture that
+        fails (a kernel this torch cannot capture) leaves the server serving eagerly, slower
+        for short requests but up, and says why in the log."""
         if not isinstance(self.attention, PackedVarlen):
             log.info("no graphs: attention %s is not capturable", self.attention.name)
             return False
         self._graphed_reduce = self.pooler if reduce is None else reduce
         buckets = graph_buckets(max_batch_tokens)
-        with torch.inference_mode():
-            self.graphs = GraphedPooling(self._reduced_static, buckets, self.device, capture)
+        try:
+            with torch.inference_mode():
+                self.graphs = GraphedPooling(self._reduced_static, buckets, self.device,
+                                             capture)
+        except torch.OutOfMemoryError:
+            raise  # the warm-up's message names the flag to lower
+        except RuntimeError as exc:
+            self.graphs = self._graphed_reduce = None
+            log.error("cannot capture CUDA graphs (%s): every batch runs eagerly "
+                      "(--cuda-graphs false skips the attempt)", str(exc).splitlines()[0])
+            return False
         return True

@@ -118,10 +118,11 @@ class Worker:
                 from backend_worker.graphs import cuda_capture
 
                 started = time.perf_counter()
-                engine.capture_graphs(self.config.max_batch_tokens, cuda_capture(),
-                                      reduce=head if primary is protocol.OutputKind.LOGITS
-                                      else None)
-                log.info("captured CUDA graphs in %.0f ms", (time.perf_counter() - started) * 1e3)
+                if engine.capture_graphs(self.config.max_batch_tokens, cuda_capture(),
+                                         reduce=head if primary is protocol.OutputKind.LOGITS
+                                         else None):
+                    log.info("captured CUDA graphs in %.0f ms",
+                             (time.perf_counter() - started) * 1e3)
         return info, engine
 
     def serve(self, engine) -> None:

@@ -124,6 +124,38 @@ def test_the_padded_path_is_not_captured(tiny_dir: str) -> None:
     assert engine.graphs is None
 
 
+def test_a_capture_that_fails_leaves_every_batch_eager(
+    tiny_dir: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A kernel this torch cannot capture costs short requests their speed-up, not the
+    server: the buckets captured before the failure are dropped and batches run eagerly."""
+    captured: list[int] = []
+
+    def fails_on_the_third(run):
+        captured.append(1)
+        if len(captured) == 3:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        return eager_capture(run)
+
+    info = load_model_info(tiny_dir)
+    packed = Engine.load(info, attention=PackedVarlen(torch_varlen_kernel(cpu_varlen)))
+    assert not packed.capture_graphs(256, fails_on_the_third)
+    assert packed.graphs is None and len(captured) == 3
+    assert "cannot capture CUDA graphs (CUDA error: operation not permitted" in caplog.text
+    arrays, _ = pack(tiny_dir, MIXED_TEXTS[:2])
+    np.testing.assert_allclose(packed.embed(arrays), Engine.load(info).embed(arrays), atol=1e-5)
+
+
+def test_out_of_memory_while_capturing_is_not_swallowed(tiny_dir: str) -> None:
+    def out_of_memory(run):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    packed = Engine.load(load_model_info(tiny_dir),
+                         attention=PackedVarlen(torch_varlen_kernel(cpu_varlen)))
+    with pytest.raises(torch.OutOfMemoryError):
+        packed.capture_graphs(256, out_of_memory)
+
+
 @pytest.mark.parametrize("forward", [
     lambda x: x * x.sum().item(),  # a device read
     lambda x: x * torch.tensor([2.0]),  # host data, frozen into the graph at capture
