@@ -63,5 +63,7 @@ cp /tmp/embedserve-bench-*.log "$RESULTS/" 2>/dev/null
 
 echo "== summary (at ${SECONDS} s)"
 grep -E "passed|failed|error" "$RESULTS/pytest.log" | tail -1
+# Which attention and graphs the benchmarked server really ran (a fallback is only logged).
+grep -h -E "attention|graphs" "$RESULTS"/embedserve-bench-*.log 2>/dev/null | cut -c1-240 | head -n 6
 [[ -f "$RESULTS/RESULTS.md" ]] && tail -n 25 "$RESULTS/RESULTS.md"
 exit $status
