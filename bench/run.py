@@ -158,6 +158,17 @@ def measure(server: Server, requests: list[Request], concurrency: int,
                     (busy - cpu.tree_s - result.client_cpu_s) / result.wall_s)
 
 
+def in_flight_problem(concurrency: int, batch: int, limit: int | None) -> str | None:
+    """Why the corpus load would be partly refused, or None. The server counts inputs in flight
+    (--max-concurrent-requests) and answers 429 to a request that does not fit: those would be
+    errors in the table and a busy loop of refusals, not a throughput."""
+    if limit is None or concurrency * batch <= limit:
+        return None
+    return (f"{concurrency} requests of {batch} texts in flight are {concurrency * batch} inputs, "
+            f"more than the server admits ({limit}): lower --concurrency or pass "
+            f"--server-arg=--max-concurrent-requests={concurrency * batch}")
+
+
 def cores(value: float) -> str:
     return f"{max(value, 0.0):.2f} cores"
 
@@ -191,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         dim = info.get("embedding_dimension")
         served_dtype = info.get("model_dtype")
         print(f"server up on :{server.port} after {ready_s:.1f} s", flush=True)
+        problem = in_flight_problem(args.concurrency, args.batch,
+                                    info.get("max_concurrent_requests"))
+        if problem is not None:
+            sys.exit(problem)
 
         corpus_reqs = [build_request(server.port, "/embed", body, n, tok)
                        for body, n, tok in workloads.embed_bodies(corpus, args.batch)]

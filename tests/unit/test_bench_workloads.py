@@ -47,3 +47,12 @@ def test_corpus_caps_at_model_limit_and_bodies_split(factory: workloads.TextFact
 def test_range_outside_model_limit_refused(factory: workloads.TextFactory) -> None:
     with pytest.raises(ValueError, match="length range"):
         factory.make(1, 16, 257, seed=0)
+
+
+def test_a_corpus_load_the_server_would_refuse_in_part_is_stopped() -> None:
+    from bench.run import in_flight_problem
+
+    assert in_flight_problem(16, 32, 512) is None
+    assert in_flight_problem(8, 32, None) is None
+    problem = in_flight_problem(32, 32, 512)
+    assert problem is not None and "--max-concurrent-requests=1024" in problem
