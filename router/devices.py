@@ -59,9 +59,12 @@ def cpu_threads_per_worker(workers: int) -> int:
     return max(1, _cores() // workers)
 
 
-# Tokenizer processes per GPU worker, at most: one process tokenizes ~0.3-0.5M tokens/s, and a
-# GPU worker with a base-sized model consumes ~1.5M (TESTING.md section 4).
-_TOKENIZERS_PER_GPU = 8
+# Tokenizer processes per GPU worker, at most. A GPU worker with a base-sized model consumes
+# ~1.5M tokens/s (TESTING.md section 4). One process tokenizes ~0.45M tokens/s on the 2-core
+# development machine, but encode_batch on all 16 cores of the H100 host reaches only 2.4-2.8M
+# (same section): ~0.17M per core, so 12 processes there give ~2M where 8 would give ~1.4M, too
+# close to the GPU's rate. An idle pool process costs ~65 MB and no CPU.
+_TOKENIZERS_PER_GPU = 12
 # With CPU workers the tokenizers take cores from the model: a few keep up with it.
 _TOKENIZERS_WITH_CPU_WORKERS = 4
 

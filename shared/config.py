@@ -63,7 +63,7 @@ class ServerConfig:
         "Hub revision (branch, tag or commit) of --model-id.", env="REVISION"))
     tokenization_workers: int | None = field(default=None, metadata=_opt(
         "Tokenizer processes. Default: with GPU workers, the cores left after the router and "
-        "one per GPU worker (at most 8 per GPU); with CPU workers, the cores, at most 4.",
+        "one per GPU worker (at most 12 per GPU); with CPU workers, the cores, at most 4.",
         env="TOKENIZATION_WORKERS", type=int))
     dtype: Dtype | None = field(default=None, metadata=_opt(
         "Weights and compute dtype. Default: float16 on CUDA; on CPU bfloat16 where the CPU "

@@ -61,9 +61,9 @@ def test_cores_are_split_between_cpu_workers(monkeypatch):
     (2, ["cpu"], 2),
     (16, ["cpu"], 4),  # CPU workers compute on every core: a few tokenizers keep up
     (16, ["cpu", "cpu"], 4),
-    (16, ["cuda:0"], 8),  # the GPU outruns one tokenizer: up to 8 per GPU worker
+    (16, ["cuda:0"], 12),  # the GPU outruns one tokenizer: up to 12 per GPU worker
     (16, ["cuda:0", "cuda:1"], 13),  # 16 cores - the router - two launch threads
-    (128, ["cuda:0"] * 8, 64),
+    (128, ["cuda:0"] * 8, 96),
     (2, ["cuda:0"], 1),
     (4, ["cuda:0", "cuda:1", "cuda:2", "cuda:3"], 1),
 ])
