@@ -30,6 +30,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _first_line(exc: Exception) -> str:
+    """What a log line says of a torch error (whose later lines are a C++ backtrace)."""
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _build(model_cls: type, info: ModelInfo, attention: Attention, device: torch.device,
            dtype: torch.dtype) -> EncoderModel:
     # Built on the meta device: no random init of weights that the loader overwrites anyway
@@ -74,7 +80,7 @@ def _cannot_run(model: EncoderModel, attention: Attention, device: torch.device)
     except torch.OutOfMemoryError:
         raise  # a full device, not an unsupported kernel: another attention would not help
     except RuntimeError as exc:  # what torch raises for an unsupported dtype, GPU or shape
-        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return _first_line(exc)
     return None
 
 
@@ -217,6 +223,6 @@ class Engine:
         except RuntimeError as exc:
             self.graphs = self._graphed_reduce = None
             log.error("cannot capture CUDA graphs (%s): every batch runs eagerly "
-                      "(--cuda-graphs false skips the attempt)", str(exc).splitlines()[0])
+                      "(--cuda-graphs false skips the attempt)", _first_line(exc))
             return False
         return True

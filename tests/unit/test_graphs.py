@@ -210,3 +210,15 @@ def test_classifier_heads_replay_graphs_equal_to_their_eager_logits(tmp_path, ki
         want = run_head(eager, eager_head)(arrays)
         assert (rows, dim) == want[:2]
         np.testing.assert_allclose(logits, want[2], atol=1e-4)
+
+
+def test_a_capture_error_without_a_message_is_still_logged(
+    tiny_dir: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    def fails(run):
+        raise RuntimeError()
+
+    packed = Engine.load(load_model_info(tiny_dir),
+                         attention=PackedVarlen(torch_varlen_kernel(cpu_varlen)))
+    assert not packed.capture_graphs(256, fails)
+    assert "cannot capture CUDA graphs (RuntimeError)" in caplog.text
