@@ -15,7 +15,7 @@ cd "$ROOT"
 PY="${PY:-python3}"
 DEVICE="${GPU_CHECK_DEVICE:-cuda}"
 SITE="$ROOT/.gpu/site"
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1  # logs reach $OUT as they go
 export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export EMBEDSERVE_BERT_TOKENIZER="$ROOT/.gpu/tokenizer"
 RESULTS="${OUT:-/tmp}/gpu-check"
@@ -29,6 +29,10 @@ print("python", platform.python_version(), "torch", torch.__version__,
       "cuda", torch.version.cuda, "devices", torch.cuda.device_count(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "(no GPU)")
 PY
+
+command -v nvidia-smi >/dev/null &&
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+nproc
 
 echo "== packages"
 missing=()
