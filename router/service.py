@@ -167,15 +167,19 @@ class InferenceService:
         self.tokenizers.close()
 
     async def _schedule(self) -> None:
-        assert self._queue is not None
+        """Dispatches whatever a worker's freed slot (a result, a READY) can now take."""
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while len(self._queue) and (worker := self.workers.pick()) is not None:
-                batch = self._queue.take()
-                if not batch:
-                    break
-                self.workers.submit(worker, batch)
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        assert self._queue is not None
+        while len(self._queue) and (worker := self.workers.pick()) is not None:
+            batch = self._queue.take()
+            if not batch:
+                break
+            self.workers.submit(worker, batch)
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -307,7 +311,10 @@ class InferenceService:
         ]
         for entry in entries:
             self._queue.put(entry)
-        self._wake.set()
+        # At once rather than through the scheduler task: an idle worker gets the request
+        # without a trip around the event loop (a query's latency); a busy one leaves the
+        # entries queued, to be batched when its slot frees.
+        self._dispatch()
         try:
             results = await asyncio.gather(*(e.future for e in entries))
         except BaseException:

@@ -1,9 +1,11 @@
-"""InferenceService.start checks the first READY against the router's input limit."""
+"""InferenceService: start checks the first READY against the router's input limit, and a request
+reaches an idle worker at once."""
 
 from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 
 from router.inputs import InputRules
@@ -66,3 +68,40 @@ def test_a_model_that_takes_the_inputs_starts(max_positions: int) -> None:
             await service.stop()
 
     assert asyncio.run(start())
+
+
+class _IdleWorkers(_Workers):
+    """A pool whose one worker always has a free slot; records the batches it is given."""
+
+    any_ready = healthy = True
+
+    def __init__(self) -> None:
+        super().__init__(max_positions=512)
+        self.batches: list[list] = []
+
+    def pick(self) -> object:
+        return self
+
+    def submit(self, worker: object, entries: list) -> None:
+        self.batches.append(entries)
+
+
+def test_an_idle_worker_gets_a_request_without_a_turn_of_the_event_loop() -> None:
+    """A query's latency: the entries go to a free slot in the same step that queued them,
+    not when the scheduler task next runs."""
+    from router.tokenization import Encoded
+
+    async def scenario() -> list[list]:
+        service = _service(max_input_length=512, max_positions=512)
+        workers = service.workers = _IdleWorkers()  # type: ignore[assignment]
+        await service.start(1.0)
+        encoded = [Encoded(np.arange(5, dtype=np.int32), np.zeros(5, dtype=np.int32))] * 2
+        request = asyncio.ensure_future(service._infer(encoded, protocol.OutputKind.POOLED))
+        await asyncio.sleep(0)  # the request's first step (ahead of the scheduler's wake-up)
+        batches = list(workers.batches)
+        request.cancel()
+        await service.stop()
+        return batches
+
+    batches = asyncio.run(scenario())
+    assert [len(batch) for batch in batches] == [2]
