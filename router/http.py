@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import time
@@ -68,21 +67,19 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
+        task.cancel()
 
     watcher = asyncio.ensure_future(disconnected())
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        task.cancel()  # we were cancelled ourselves (e.g. a sibling failed): the work goes too
+        # Awaited directly (not through asyncio.wait): the answer resumes this coroutine one
+        # loop turn sooner. Cancelling us cancels `task` too.
+        return await task
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled():
+            raise ClientGone from None  # the watcher cancelled the work, not our caller
         raise
     finally:
         watcher.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    raise ClientGone
 
 
 class RequestIdMiddleware:

@@ -28,9 +28,15 @@ def start_supervised(coro: Coroutine[Any, Any, Any], what: str) -> asyncio.Task:
     def done(task: asyncio.Task) -> None:
         _running.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.critical("%s failed; shutting down", what, exc_info=task.exception())
-            failures.append(what)
-            os.kill(os.getpid(), signal.SIGTERM)
+            shut_down_for(what, task.exception())
 
     task.add_done_callback(done)
     return task
+
+
+def shut_down_for(what: str, exc: BaseException) -> None:
+    """A long-lived part of the router (a task, or an event-loop callback) failed: log why and
+    shut the server down (SIGTERM)."""
+    log.critical("%s failed; shutting down", what, exc_info=exc)
+    failures.append(what)
+    os.kill(os.getpid(), signal.SIGTERM)
