@@ -311,10 +311,15 @@ class InferenceService:
         ]
         for entry in entries:
             self._queue.put(entry)
-        # At once rather than through the scheduler task: an idle worker gets the request
-        # without a trip around the event loop (a query's latency); a busy one leaves the
-        # entries queued, to be batched when its slot frees.
-        self._dispatch()
+        # A worker with nothing to do gets the request at once, without a turn of the event
+        # loop (a query's latency). Otherwise the scheduler forms the batch on its next turn,
+        # with whatever else arrived meanwhile (late formation: under load, a slot that frees
+        # takes one full batch, not the first request to arrive).
+        worker = self.workers.pick()
+        if worker is not None and not worker.in_flight:
+            self._dispatch()
+        else:
+            self._wake.set()
         try:
             results = await asyncio.gather(*(e.future for e in entries))
         except BaseException:

@@ -70,13 +70,15 @@ def test_a_model_that_takes_the_inputs_starts(max_positions: int) -> None:
     assert asyncio.run(start())
 
 
-class _IdleWorkers(_Workers):
-    """A pool whose one worker always has a free slot; records the batches it is given."""
+class _OneWorker(_Workers):
+    """A pool whose one worker always has a free slot (and `in_flight` batches already);
+    records the batches it is given."""
 
     any_ready = healthy = True
 
-    def __init__(self) -> None:
+    def __init__(self, in_flight: int) -> None:
         super().__init__(max_positions=512)
+        self.in_flight = dict.fromkeys(range(in_flight))
         self.batches: list[list] = []
 
     def pick(self) -> object:
@@ -86,22 +88,34 @@ class _IdleWorkers(_Workers):
         self.batches.append(entries)
 
 
-def test_an_idle_worker_gets_a_request_without_a_turn_of_the_event_loop() -> None:
-    """A query's latency: the entries go to a free slot in the same step that queued them,
-    not when the scheduler task next runs."""
+async def _batches_after_one_step(in_flight: int) -> tuple[list[list], list[list]]:
+    """The batches given to the worker in the step that queued a request of two inputs, and
+    once the scheduler had its turn."""
     from router.tokenization import Encoded
 
-    async def scenario() -> list[list]:
-        service = _service(max_input_length=512, max_positions=512)
-        workers = service.workers = _IdleWorkers()  # type: ignore[assignment]
-        await service.start(1.0)
-        encoded = [Encoded(np.arange(5, dtype=np.int32), np.zeros(5, dtype=np.int32))] * 2
-        request = asyncio.ensure_future(service._infer(encoded, protocol.OutputKind.POOLED))
-        await asyncio.sleep(0)  # the request's first step (ahead of the scheduler's wake-up)
-        batches = list(workers.batches)
-        request.cancel()
-        await service.stop()
-        return batches
+    service = _service(max_input_length=512, max_positions=512)
+    workers = service.workers = _OneWorker(in_flight)  # type: ignore[assignment]
+    await service.start(1.0)
+    encoded = [Encoded(np.arange(5, dtype=np.int32), np.zeros(5, dtype=np.int32))] * 2
+    request = asyncio.ensure_future(service._infer(encoded, protocol.OutputKind.POOLED))
+    await asyncio.sleep(0)  # the request's first step (ahead of the scheduler's wake-up)
+    at_once = list(workers.batches)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    request.cancel()
+    await service.stop()
+    return at_once, workers.batches
 
-    batches = asyncio.run(scenario())
-    assert [len(batch) for batch in batches] == [2]
+
+def test_an_idle_worker_gets_a_request_without_a_turn_of_the_event_loop() -> None:
+    """A query's latency: the entries go to the idle worker in the step that queued them."""
+    at_once, in_the_end = asyncio.run(_batches_after_one_step(in_flight=0))
+    assert [len(batch) for batch in at_once] == [2]
+    assert [len(batch) for batch in in_the_end] == [2]
+
+
+def test_a_busy_worker_gets_requests_batched_by_the_scheduler() -> None:
+    """Under load the batch forms on the scheduler's turn, with whatever else arrived."""
+    at_once, in_the_end = asyncio.run(_batches_after_one_step(in_flight=1))
+    assert at_once == []
+    assert [len(batch) for batch in in_the_end] == [2]
