@@ -167,7 +167,8 @@ class InferenceService:
         self.tokenizers.close()
 
     async def _schedule(self) -> None:
-        """Dispatches whatever a worker's freed slot (a result, a READY) can now take."""
+        """Dispatches on every wake-up: a slot freed or a worker ready (on_workers_changed),
+        or a request queued while every worker was busy (_infer)."""
         while True:
             await self._wake.wait()
             self._wake.clear()
