@@ -28,7 +28,7 @@ async def classify(
     service.require("classifier")
     outcome = await service.run(as_predict_list(inputs), OutputKind.LOGITS, truncate=truncate,
                                 direction=direction)
-    scores = activate(np.stack(outcome.rows), model.activation, raw_scores)
+    scores = activate(outcome.matrix(), model.activation, raw_scores)
     return [ranked_labels(row, model.id2label) for row in scores], outcome.timings
 
 
@@ -42,7 +42,7 @@ async def rerank(
         raise empty("`texts` cannot be empty")
     outcome = await service.run([(query, text) for text in texts], OutputKind.LOGITS,
                                 truncate=truncate, direction=direction)
-    return activate(np.stack(outcome.rows), model.activation, raw_scores)[:, 0], outcome.timings
+    return activate(outcome.matrix(), model.activation, raw_scores)[:, 0], outcome.timings
 
 
 def best_first(scores: np.ndarray) -> np.ndarray:

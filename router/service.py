@@ -63,6 +63,11 @@ class Outcome:
     rows: list[Any]
     timings: Timings
 
+    def matrix(self) -> np.ndarray:
+        """The rows (POOLED or LOGITS) as one 2-D array. A single row, one query's answer,
+        becomes a read-only view instead of np.stack's copy (~15 us with cold caches)."""
+        return self.rows[0][np.newaxis] if len(self.rows) == 1 else np.stack(self.rows)
+
 
 @dataclass(frozen=True)
 class EmbedResult:
@@ -292,7 +297,7 @@ class InferenceService:
             as_input_list(request.inputs), OutputKind.POOLED, truncate=request.truncate,
             direction=request.truncation_direction, prompt_name=request.prompt_name,
         )
-        vectors = np.stack(outcome.rows)
+        vectors = outcome.matrix()
         if dimensions is not None:
             vectors = vectors[:, :dimensions]
         if request.normalize:

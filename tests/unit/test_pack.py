@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -52,12 +53,16 @@ def test_single_entry() -> None:
     assert arrays.position_ids.tolist() == [1, 2, 3]
 
 
-def test_every_array_is_int32_and_contiguous_even_from_int64_entries() -> None:
-    arrays = pack([entry([1, 2], dtype=np.int64), entry([3], dtype=np.int64)])
+@pytest.mark.parametrize("specs", [[[1, 2], [3]], [[1, 2, 3]]], ids=["two", "one"])
+def test_every_array_is_int32_and_contiguous_even_from_int64_entries(
+        specs: list[list[int]]) -> None:
+    # One entry takes its own (shorter) path: it must give the same wire arrays.
+    arrays = pack([entry(ids, dtype=np.int64) for ids in specs])
     for array in arrays:
         assert array.dtype == np.int32
         assert array.flags.c_contiguous
     assert arrays.input_ids.tolist() == [1, 2, 3]
+    assert arrays.position_ids.tolist() == [i for ids in specs for i in range(len(ids))]
 
 
 entries_strategy = st.lists(
