@@ -44,7 +44,7 @@ def build_app(state: AppState, tracer: Tracer | None = None) -> Starlette:
         ))
     if state.config.api_key:
         middleware.append(Middleware(ApiKeyMiddleware, api_key=state.config.api_key))
-    return Starlette(
+    app = Starlette(
         routes=docs.app_routes(endpoints(state)),
         middleware=middleware,
         exception_handlers={
@@ -54,6 +54,10 @@ def build_app(state: AppState, tracer: Tracer | None = None) -> Starlette:
             Exception: handle_unexpected,
         },
     )
+    # `POST /embed/` is a 404 as in TEI, not Starlette's bodiless 307 to /embed (which most
+    # clients would not follow with the body anyway).
+    app.router.redirect_slashes = False
+    return app
 
 
 def metrics_app(metrics: Metrics) -> Starlette:

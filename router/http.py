@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import msgspec
 from starlette.datastructures import Headers, MutableHeaders
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from router.errors import error_response
@@ -35,10 +35,13 @@ async def read_json(request: Request, schema: type[T], limit: int) -> T:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+    except ClientDisconnect:
+        raise ClientGone from None  # gone mid-upload: nobody to answer, nothing to log
     try:
         return msgspec.json.decode(body, type=schema)
     except msgspec.ValidationError as exc:

@@ -71,6 +71,16 @@ def check_batch_size(count: int, rules: InputRules) -> None:
         )
 
 
+def check_admissible(count: int, max_concurrent_requests: int) -> None:
+    """More inputs than the server admits at once (with --max-client-batch-size above
+    --max-concurrent-requests, or over /vertex's instances) could only ever get 429s."""
+    if count > max_concurrent_requests:
+        raise validation(
+            f"batch size {count} > maximum concurrent inputs {max_concurrent_requests} "
+            "(--max-concurrent-requests)"
+        )
+
+
 def resolve_prompt(prompt_name: str | None, rules: InputRules) -> str | None:
     if prompt_name is None:
         return rules.default_prompt

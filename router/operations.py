@@ -65,7 +65,7 @@ async def embed_all(
     direction: str, prompt_name: str | None,
 ) -> Outcome:
     """Each row is the (tokens, hidden) last hidden state of one input."""
-    service.require("encoder")
+    service.require("hidden states")
     return await service.run(as_input_list(inputs), OutputKind.ALL_TOKENS, truncate=truncate,
                              direction=direction, prompt_name=prompt_name)
 

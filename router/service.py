@@ -21,6 +21,7 @@ from router.inputs import (
     InputRules,
     Pair,
     as_input_list,
+    check_admissible,
     check_batch_size,
     resolve_prompt,
     tokenize_inputs,
@@ -82,6 +83,14 @@ def normalize_rows(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(norms, np.float32(1e-12))
 
 
+def densify(rows: list[tuple[np.ndarray, np.ndarray]], width: int) -> np.ndarray:
+    """SPARSE rows, (indices, values) each, as one float32 (n, width) matrix."""
+    dense = np.zeros((len(rows), width), dtype=np.float32)
+    for out, (indices, values) in zip(dense, rows, strict=True):
+        out[indices] = values
+    return dense
+
+
 class InferenceService:
     def __init__(
         self,
@@ -114,6 +123,7 @@ class InferenceService:
         self.tracer = tracer
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_requests = max_batch_requests
+        self.max_concurrent_requests = max_concurrent_requests
         self._permits = max_concurrent_requests
         self._queue: TokenBudgetQueue | None = None
         self._wake = asyncio.Event()
@@ -192,10 +202,10 @@ class InferenceService:
     def require(self, route_needs: str) -> None:
         """424 when a route does not fit the served model (TEI's messages)."""
         refusal = {
-            "embedding": (self.model_kind != "embedding" or self.splade,
-                          "Model is not an embedding model" if not self.splade else
-                          "Model is an embedding model with SPLADE pooling: use /embed_sparse"),
-            "encoder": (self.model_kind != "embedding", "Model is not an embedding model"),
+            "embedding": (self.model_kind != "embedding", "Model is not an embedding model"),
+            "hidden states": (self.model_kind != "embedding" or self.splade,
+                              "`embed_all` is not available for SPLADE models" if self.splade
+                              else "Model is not an embedding model"),
             "splade": (not self.splade,
                        "Model is not an embedding model with SPLADE pooling"),
             "classifier": (self.model_kind == "embedding", "Model is not a classifier model"),
@@ -245,6 +255,7 @@ class InferenceService:
         if self._queue is None or not self.workers.any_ready:
             raise unhealthy("no backend worker is ready (the model is loading or restarting)")
         check_batch_size(len(inputs), self.rules)
+        check_admissible(len(inputs), self.max_concurrent_requests)
         prompt = resolve_prompt(prompt_name, self.rules)
         if len(inputs) > self._permits:
             raise overloaded()
@@ -285,7 +296,12 @@ class InferenceService:
         ))
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
+        """Pooled vectors; a SPLADE model's are its sparse vectors written out in full (vocabulary
+        wide), which TEI gives only unnormalized."""
         self.require("embedding")
+        if self.splade and request.normalize:
+            self.metrics.failed(MODEL_TYPE)
+            raise backend("`normalize` is not available for SPLADE models")
         dimensions = request.dimensions
         if dimensions is not None:
             if dimensions <= 0:
@@ -294,10 +310,12 @@ class InferenceService:
                 raise validation("Input validation error: `dimensions` should be smaller than "
                                  "the maximum embedding dimension.")
         outcome = await self.run(
-            as_input_list(request.inputs), OutputKind.POOLED, truncate=request.truncate,
-            direction=request.truncation_direction, prompt_name=request.prompt_name,
+            as_input_list(request.inputs), OutputKind.SPARSE if self.splade else OutputKind.POOLED,
+            truncate=request.truncate, direction=request.truncation_direction,
+            prompt_name=request.prompt_name,
         )
-        vectors = outcome.matrix()
+        vectors = (densify(outcome.rows, self.embedding_dim) if self.splade
+                   else outcome.matrix())
         if dimensions is not None:
             vectors = vectors[:, :dimensions]
         if request.normalize:

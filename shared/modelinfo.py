@@ -107,6 +107,8 @@ class ModelInfo(msgspec.Struct, frozen=True):
 
     @property
     def embedding_dim(self) -> int:
+        if self.splade:  # one weight per vocabulary entry
+            return self.vocab_size
         return self.dense[-1].out_features if self.dense else self.hidden_size
 
     @property

@@ -96,6 +96,10 @@ def _numpy_json(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return msgspec.Raw(orjson.dumps(np.ascontiguousarray(value),
                                         option=orjson.OPT_SERIALIZE_NUMPY))
+    if isinstance(value, np.floating):
+        # A float32 score or sparse value in float32's shortest form ("0.29404664", as TEI
+        # writes its f32 scores), not float64's digits of the same value.
+        return msgspec.Raw(orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY))
     if isinstance(value, np.generic):
         return value.item()
     raise NotImplementedError(f"cannot write {type(value).__name__} as JSON")

@@ -27,7 +27,7 @@ from router.schemas import (
     SparseValue,
 )
 from router.service import Outcome, Timings
-from shared.errors import ErrorType, validation
+from shared.errors import ErrorType, empty, validation
 
 PerInput = Callable[..., Awaitable[Outcome]]  # operations.embed_sparse or .embed_all
 
@@ -47,24 +47,26 @@ def routes(state: AppState) -> list[Endpoint]:
         ranked, timings = await unless_disconnected(request, operations.classify(
             service, info, body.inputs, truncate=body.truncate,
             direction=body.truncation_direction, raw_scores=body.raw_scores))
-        answers = [[Prediction(score, label) for score, label in row] for row in ranked]
+        answers = [[Prediction(np.float32(score), label) for score, label in row]
+                   for row in ranked]
         return json_response(answers if batch else answers[0],
                              timing_headers(timings, started, state.compute_type))
 
     async def rank(request: Request, query: str, texts: list[str], truncate, direction,
                    raw: bool) -> tuple[np.ndarray, np.ndarray, Timings]:
-        """Scores in text order, the order best first, and the timings."""
+        """Scores in text order (float32, as TEI writes them), the order best first, and the
+        timings."""
         scores, timings = await unless_disconnected(request, operations.rerank(
             service, info, query, texts, truncate=truncate, direction=direction,
             raw_scores=raw))
-        return scores, operations.best_first(scores), timings
+        return scores.astype(np.float32), operations.best_first(scores), timings
 
     async def rerank(request: Request) -> Response:
         started = time.perf_counter()
         body = await read_json(request, RerankRequest, limit)
         values, order, timings = await rank(request, body.query, body.texts, body.truncate,
                                             body.truncation_direction, body.raw_scores)
-        ranks = [Rank(int(i), float(values[i]), body.texts[i] if body.return_text else None)
+        ranks = [Rank(int(i), values[i], body.texts[i] if body.return_text else None)
                  for i in order]
         return json_response(ranks, timing_headers(timings, started, state.compute_type))
 
@@ -72,14 +74,16 @@ def routes(state: AppState) -> list[Endpoint]:
         started = time.perf_counter()
         body = await read_json(request, CohereRerankRequest, limit)
         texts = [d if isinstance(d, str) else d.text for d in body.documents]
+        if not texts:
+            raise empty("`documents` cannot be empty")
         if body.top_n is not None and body.top_n <= 0:
             raise validation("`top_n` must be positive")
         values, order, timings = await rank(request, body.query, texts, None, "right", False)
-        results = [CohereResult(int(i), float(values[i]),
+        results = [CohereResult(int(i), values[i],
                                 CohereDocument(texts[i]) if body.return_documents else None)
                    for i in order[: body.top_n]]
         return json_response(
-            CohereRerankResponse(results, body.model or state.info.served_model_name,
+            CohereRerankResponse(results, state.info.served_model_name,
                                  CohereUsage(timings.tokens)),
             timing_headers(timings, started, state.compute_type))
 
@@ -93,7 +97,7 @@ def routes(state: AppState) -> list[Endpoint]:
     async def embed_sparse(request: Request) -> Response:
         started = time.perf_counter()
         outcome = await per_input(request, operations.embed_sparse)
-        answers = [[SparseValue(int(i), float(v)) for i, v in zip(*row, strict=True)]
+        answers = [[SparseValue(int(i), v) for i, v in zip(*row, strict=True)]
                    for row in outcome.rows]
         return json_response(answers, timing_headers(outcome.timings, started,
                                                      state.compute_type))

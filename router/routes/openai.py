@@ -44,7 +44,7 @@ def routes(state: AppState) -> list[Endpoint]:
                 for i, row in enumerate(result.vectors)]
         tokens = result.timings.tokens
         return json_response(
-            OpenAIEmbedResponse(data=data, model=body.model or model_name,
+            OpenAIEmbedResponse(data=data, model=model_name,
                                 usage=OpenAIUsage(prompt_tokens=tokens, total_tokens=tokens)),
             timing_headers(result.timings, started, state.compute_type),
         )

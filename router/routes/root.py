@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from router.http import read_json
+from router.inputs import check_admissible
 from router.routes import AppState, Endpoint, json_response
 from router.schemas import VertexRequest, VertexResponse
 from shared.errors import empty
@@ -73,6 +74,8 @@ def routes(state: AppState, served: list[Endpoint]) -> list[Endpoint]:
         body = await read_json(request, _VertexBody, limit)
         if not body.instances:
             raise empty("`instances` cannot be empty")
+        # Each instance takes its own permits: past the limit, some would always get 429s.
+        check_admissible(len(body.instances), state.config.max_concurrent_requests)
         answers = await all_or_nothing(
             target.handler(_with_body(request, bytes(instance))) for instance in body.instances)
         # Each answer is the target route's JSON already: embed it as is.

@@ -178,8 +178,23 @@ def test_embed_sparse_on_tiny_masked_lm(tmp_path: Path) -> None:
         check_sparse(response.json(), sparse_reference(model_dir, TEXTS))
         assert srv.client.get("/info").json()["model_type"] == {
             "embedding": {"pooling": "splade"}}
-        refused = srv.client.post("/embed", json={"inputs": "hi"})
-        assert refused.status_code == 424 and "/embed_sparse" in refused.text
+        # TEI's rules for the other embedding routes: /embed gives the sparse vector written
+        # out in full, unnormalized only; /embed_all is refused.
+        sparse = response.json()
+        dense = srv.client.post("/embed", json={"inputs": TEXTS, "normalize": False})
+        assert dense.status_code == 200, dense.text
+        vocab_size = srv.client.get("/info").json()["embedding_dimension"]
+        for row, entries in zip(dense.json(), sparse, strict=True):
+            assert len(row) == vocab_size
+            assert {i: v for i, v in enumerate(row) if v} == {
+                e["index"]: e["value"] for e in entries}
+        for route, body, message in [
+            ("/embed", {"inputs": "hi"}, "`normalize` is not available for SPLADE models"),
+            ("/v1/embeddings", {"input": "hi"}, "`normalize` is not available for SPLADE"),
+            ("/embed_all", {"inputs": "hi"}, "`embed_all` is not available for SPLADE models"),
+        ]:
+            refused = srv.client.post(route, json=body)
+            assert refused.status_code == 424 and message in refused.text, (route, refused.text)
     finally:
         assert srv.stop() == 0
 

@@ -3,6 +3,8 @@ compared with their oracles (transformers softmax, sentence-transformers CrossEn
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -94,6 +96,13 @@ def test_rerank_equals_cross_encoder(cross_encoder, minilm_cross_encoder_dir):
     assert [r["index"] for r in cohere["results"]] == [r["index"] for r in ranks[:2]]
     assert cohere["results"][0]["document"] == {"text": DOCS[ranks[0]["index"]]}
     assert cohere["usage"]["total_tokens"] > 0
+    nothing = cross_encoder.client.post("/v1/rerank", json={"query": QUERY, "documents": []})
+    assert nothing.status_code == 400 and "`documents` cannot be empty" in nothing.text
+    # Scores are float32, written as TEI writes its f32: at most 9 significant digits.
+    text = cross_encoder.client.post("/rerank", json={"query": QUERY, "texts": DOCS}).text
+    for number in re.findall(r'"score":([-0-9.eE+]+)', text):
+        digits = number.lstrip("-").split("e")[0].split("E")[0].replace(".", "").lstrip("0")
+        assert len(digits) <= 9, number
 
 
 def test_root_routes_by_model_kind(classifier, cross_encoder):

@@ -12,6 +12,7 @@ from router.inputs import (
     CHARS_PER_TOKEN_LIMIT,
     InputRules,
     as_input_list,
+    check_admissible,
     check_batch_size,
     resolve_prompt,
     tokenize_inputs,
@@ -106,6 +107,14 @@ def test_check_batch_size() -> None:
     error = error_of(check_batch_size, 5, rules())
     assert error.error_type is ErrorType.VALIDATION
     assert error.message == "batch size 5 > maximum allowed batch size 4"
+
+
+def test_more_inputs_than_ever_admitted_is_a_422_not_an_endless_429() -> None:
+    check_admissible(512, 512)
+    error = error_of(check_admissible, 513, 512)
+    assert error.error_type is ErrorType.VALIDATION
+    assert error.message == ("batch size 513 > maximum concurrent inputs 512 "
+                             "(--max-concurrent-requests)")
 
 
 # -- resolve_prompt ---------------------------------------------------------------------------

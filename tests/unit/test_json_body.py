@@ -37,3 +37,10 @@ def test_arrays_inside_lists_and_structs_and_views() -> None:
     assert item["object"] == "embedding" and item["index"] == 2
     np.testing.assert_array_equal(np.array(item["embedding"], dtype=np.float32), rows[2])
     assert body({"score": np.float32(0.5), "n": np.int64(3)}) == {"score": 0.5, "n": 3}
+
+
+def test_float32_scalars_are_written_as_float32() -> None:
+    # Scores and sparse values: TEI writes its f32 as "0.29404664", not float64's digits.
+    score = np.float32(0.29404663593708064)
+    assert json_response([score]).body == b"[0.29404664]"
+    assert np.float32(body({"score": score})["score"]) == score

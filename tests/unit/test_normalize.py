@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from router.service import normalize_rows
+from router.service import densify, normalize_rows
 
 
 def test_rows_are_normalized_as_sentence_transformers_does() -> None:
@@ -21,3 +21,11 @@ def test_a_zero_row_stays_zero() -> None:
     got = normalize_rows(vectors)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, [[0, 0, 0], [0.6, 0, 0.8]], rtol=1e-6)
+
+
+def test_sparse_rows_densify_to_vocabulary_wide_float32() -> None:
+    rows = [(np.array([1, 4], dtype=np.int32), np.array([0.5, 2.0], dtype=np.float32)),
+            (np.array([], dtype=np.int32), np.array([], dtype=np.float32))]
+    dense = densify(rows, 6)
+    assert dense.dtype == np.float32
+    np.testing.assert_array_equal(dense, [[0, 0.5, 0, 0, 2.0, 0], [0] * 6])
