@@ -31,7 +31,7 @@ from router.workers import WorkerPool
 from shared.config import ServerConfig, WorkerConfig, parse_config
 from shared.dtypes import default_dtype
 from shared.errors import ConfigError
-from shared.logs import setup_logging
+from shared.logs import setup_logging, unknown_log_level
 from shared.modelinfo import ModelInfo, load_model_info
 from shared.resolve import ResolvedModel, resolve_model
 
@@ -133,11 +133,12 @@ async def run(config: ServerConfig) -> None:
     )
     log.info("serving %s from %s: max input length %d, pooling %s", model.model_id, model.path,
              rules.max_input_length, info.pooling)
-    runtime_dir = tempfile.mkdtemp(prefix=f"{Path(config.uds_path).name}-",
-                                   dir=str(Path(config.uds_path).parent))
     devices = worker_devices(config)
     cpu_workers = sum(d == "cpu" for d in devices)
     tokenizers = tokenizer_processes(config, devices)
+    # Made once nothing above can refuse the configuration; removed on every way out below.
+    runtime_dir = tempfile.mkdtemp(prefix=f"{Path(config.uds_path).name}-",
+                                   dir=str(Path(config.uds_path).parent))
     worker_configs = [
         WorkerConfig(
             worker_id=str(index),
@@ -251,7 +252,7 @@ async def _serve(state: AppState, tracer: Tracer | None) -> None:
         if starting.done():
             log.info("ready")
         await waiter
-        log.info("shutting down: draining in-flight requests (at most %.0f s)",
+        log.info("shutting down: draining in-flight requests (at most %g s)",
                  config.shutdown_grace)
         await service.drain(config.shutdown_grace)
 
@@ -293,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.json_output, "router", spans=not config.disable_spans)
+    if (unknown := unknown_log_level()) is not None:  # said once, by the router
+        log.warning("LOG_LEVEL=%r names no level (error, warn, info, debug, trace): logging at "
+                    "info", unknown)
     try:
         import uvloop
 

@@ -46,6 +46,9 @@ def worker_devices(config: ServerConfig) -> list[str]:
             raise ConfigError("no CUDA device is visible (asked for by --device cuda or "
                               "--devices)")
         device = "cpu"
+    if device == "mps" and sys.platform != "darwin":
+        raise ConfigError(f"--device mps: Apple's Metal backend exists only on macOS, not on "
+                          f"{sys.platform}")
     return [device] * config.workers_per_device
 
 

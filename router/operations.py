@@ -26,20 +26,22 @@ async def classify(
 ) -> tuple[list[list[tuple[float, str]]], Timings]:
     """Every label's (score, label) for each input (`as_predict_list`'s shapes), best first."""
     service.require("classifier")
-    outcome = await service.run(as_predict_list(inputs), OutputKind.LOGITS, truncate=truncate,
-                                direction=direction)
+    with service.refusals_counted():
+        batch = as_predict_list(inputs)
+    outcome = await service.run(batch, OutputKind.LOGITS, truncate=truncate, direction=direction)
     scores = activate(outcome.matrix(), model.activation, raw_scores)
     return [ranked_labels(row, model.id2label) for row in scores], outcome.timings
 
 
 async def rerank(
     service: InferenceService, model: ModelInfo, query: str, texts: Sequence[str], *,
-    truncate: bool | None, direction: str, raw_scores: bool,
+    truncate: bool | None, direction: str, raw_scores: bool, texts_name: str = "texts",
 ) -> tuple[np.ndarray, Timings]:
     """One score per text, in the texts' order (`best_first` gives the ranking)."""
     service.require("reranker")
     if not texts:
-        raise empty("`texts` cannot be empty")
+        with service.refusals_counted():
+            raise empty(f"`{texts_name}` cannot be empty")
     outcome = await service.run([(query, text) for text in texts], OutputKind.LOGITS,
                                 truncate=truncate, direction=direction)
     return activate(outcome.matrix(), model.activation, raw_scores)[:, 0], outcome.timings
@@ -56,7 +58,9 @@ async def embed_sparse(
 ) -> Outcome:
     """SPLADE: each row is (indices ascending, values) of the non-zero entries."""
     service.require("splade")
-    return await service.run(as_input_list(inputs), OutputKind.SPARSE, truncate=truncate,
+    with service.refusals_counted():
+        batch = as_input_list(inputs)
+    return await service.run(batch, OutputKind.SPARSE, truncate=truncate,
                              direction=direction, prompt_name=prompt_name)
 
 
@@ -66,7 +70,9 @@ async def embed_all(
 ) -> Outcome:
     """Each row is the (tokens, hidden) last hidden state of one input."""
     service.require("hidden states")
-    return await service.run(as_input_list(inputs), OutputKind.ALL_TOKENS, truncate=truncate,
+    with service.refusals_counted():
+        batch = as_input_list(inputs)
+    return await service.run(batch, OutputKind.ALL_TOKENS, truncate=truncate,
                              direction=direction, prompt_name=prompt_name)
 
 

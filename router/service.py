@@ -8,9 +8,11 @@ free slot (late formation), so batches collect as much work as the budget allows
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +46,10 @@ from shared.errors import (
 from shared.protocol import OutputKind
 
 log = logging.getLogger(__name__)
+
+SHUT_DOWN = "the server shut down before this request was done (--shutdown-grace)"
+# After the grace, how long the handlers get to write their 503s before the port closes.
+_ANSWER_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -129,6 +135,7 @@ class InferenceService:
         self._wake = asyncio.Event()
         self._request_ids = itertools.count()
         self._active = 0
+        self._expired = False  # the shutdown grace ran out (drain)
         self._idle = asyncio.Event()
         self._idle.set()
         self.draining = False
@@ -167,13 +174,21 @@ class InferenceService:
         self._wake.set()
 
     async def drain(self, grace: float) -> None:
-        """Refuse new requests; wait (at most `grace` s) for the ones in flight."""
+        """Refuse new requests; wait (at most `grace` s) for the ones in flight, then answer
+        what is left with 503 (not the empty 500 of a handler cancelled at exit)."""
         self.draining = True
         try:
             await asyncio.wait_for(self._idle.wait(), grace)
+            return
         except TimeoutError:
-            log.warning("%d requests still in flight after %.0f s; stopping anyway",
+            log.warning("%d requests still in flight after %g s; answering them 503",
                         self._active, grace)
+        self._expired = True
+        for entry in self._queue.clear() if self._queue is not None else []:
+            entry.future.set_exception(unhealthy(SHUT_DOWN))
+        self.workers.abandon_in_flight(SHUT_DOWN)
+        with contextlib.suppress(TimeoutError):  # the handlers write their answers
+            await asyncio.wait_for(self._idle.wait(), _ANSWER_S)
 
     async def stop(self) -> None:
         if self._scheduler is not None:
@@ -215,6 +230,15 @@ class InferenceService:
         if refused:
             self.metrics.failed(MODEL_TYPE)
             raise backend(message)
+
+    @contextlib.contextmanager
+    def refusals_counted(self) -> Iterator[None]:
+        """Checks made before `run`: their refusals count in te_request_failure as run's do."""
+        try:
+            yield
+        except EmbedServeError as exc:
+            self.metrics.failed_with(exc.error_type)
+            raise
 
     async def run(
         self,
@@ -303,14 +327,15 @@ class InferenceService:
             self.metrics.failed(MODEL_TYPE)
             raise backend("`normalize` is not available for SPLADE models")
         dimensions = request.dimensions
-        if dimensions is not None:
-            if dimensions <= 0:
+        with self.refusals_counted():
+            if dimensions is not None and dimensions <= 0:
                 raise validation("Input validation error: `dimensions` should be positive")
-            if dimensions > self.embedding_dim:
+            if dimensions is not None and dimensions > self.embedding_dim:
                 raise validation("Input validation error: `dimensions` should be smaller than "
                                  "the maximum embedding dimension.")
+            inputs = as_input_list(request.inputs)
         outcome = await self.run(
-            as_input_list(request.inputs), OutputKind.SPARSE if self.splade else OutputKind.POOLED,
+            inputs, OutputKind.SPARSE if self.splade else OutputKind.POOLED,
             truncate=request.truncate, direction=request.truncation_direction,
             prompt_name=request.prompt_name,
         )
@@ -326,6 +351,8 @@ class InferenceService:
         self, encoded: list[Encoded], output: OutputKind
     ) -> tuple[list[Any], dict[Entry, float]]:
         assert self._queue is not None
+        if self._expired:  # tokenized after the grace ran out: nothing would compute it
+            raise unhealthy(SHUT_DOWN)
         loop = asyncio.get_running_loop()
         request_id = next(self._request_ids)
         entries = [

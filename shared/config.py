@@ -200,6 +200,11 @@ class ServerConfig:
             if url.scheme not in ("http", "https") or not url.hostname:
                 raise ConfigError(f"--otlp-endpoint {self.otlp_endpoint!r}: expected a URL "
                                   "like http://otel-collector:4317")
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"--port {self.port}: expected a port number from 1 to 65535 "
+                              "(or 0: any free port)")
+        if self.shutdown_grace < 0:
+            raise ConfigError("--shutdown-grace must be >= 0")
         if self.prometheus_port is not None:
             if not 0 < self.prometheus_port < 65536:
                 raise ConfigError(f"--prometheus-port {self.prometheus_port}: expected a port "

@@ -81,11 +81,21 @@ class TextFormatter(logging.Formatter):
         return super().format(record)
 
 
+def _named_level(environ: Mapping[str, str]) -> str:
+    level = environ.get("LOG_LEVEL", "info").strip().upper()
+    return {"WARN": "WARNING", "TRACE": "DEBUG"}.get(level, level)  # TEI's (Rust) level names
+
+
 def log_level(environ: Mapping[str, str] = os.environ) -> str:
     """LOG_LEVEL's level (default INFO; an unknown name is INFO too, never a crash)."""
-    level = environ.get("LOG_LEVEL", "info").strip().upper()
-    level = {"WARN": "WARNING", "TRACE": "DEBUG"}.get(level, level)  # TEI's (Rust) level names
+    level = _named_level(environ)
     return level if level in logging.getLevelNamesMapping() else "INFO"
+
+
+def unknown_log_level(environ: Mapping[str, str] = os.environ) -> str | None:
+    """LOG_LEVEL as given when it names no level (and so means INFO), else None."""
+    return (environ["LOG_LEVEL"]
+            if _named_level(environ) not in logging.getLevelNamesMapping() else None)
 
 
 def setup_logging(json_output: bool, component: str, spans: bool = True) -> None:

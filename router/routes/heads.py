@@ -27,7 +27,7 @@ from router.schemas import (
     SparseValue,
 )
 from router.service import Outcome, Timings
-from shared.errors import ErrorType, empty, validation
+from shared.errors import ErrorType, validation
 
 PerInput = Callable[..., Awaitable[Outcome]]  # operations.embed_sparse or .embed_all
 
@@ -53,12 +53,12 @@ def routes(state: AppState) -> list[Endpoint]:
                              timing_headers(timings, started, state.compute_type))
 
     async def rank(request: Request, query: str, texts: list[str], truncate, direction,
-                   raw: bool) -> tuple[np.ndarray, np.ndarray, Timings]:
+                   raw: bool, texts_name: str = "texts") -> tuple[np.ndarray, np.ndarray, Timings]:
         """Scores in text order (float32, as TEI writes them), the order best first, and the
         timings."""
         scores, timings = await unless_disconnected(request, operations.rerank(
             service, info, query, texts, truncate=truncate, direction=direction,
-            raw_scores=raw))
+            raw_scores=raw, texts_name=texts_name))
         return scores.astype(np.float32), operations.best_first(scores), timings
 
     async def rerank(request: Request) -> Response:
@@ -74,11 +74,11 @@ def routes(state: AppState) -> list[Endpoint]:
         started = time.perf_counter()
         body = await read_json(request, CohereRerankRequest, limit)
         texts = [d if isinstance(d, str) else d.text for d in body.documents]
-        if not texts:
-            raise empty("`documents` cannot be empty")
         if body.top_n is not None and body.top_n <= 0:
-            raise validation("`top_n` must be positive")
-        values, order, timings = await rank(request, body.query, texts, None, "right", False)
+            with service.refusals_counted():
+                raise validation("`top_n` must be positive")
+        values, order, timings = await rank(request, body.query, texts, None, "right", False,
+                                            texts_name="documents")
         results = [CohereResult(int(i), values[i],
                                 CohereDocument(texts[i]) if body.return_documents else None)
                    for i in order[: body.top_n]]

@@ -43,7 +43,8 @@ def routes(state: AppState) -> list[Endpoint]:
         started = time.perf_counter()
         body = await read_json(request, SimilarityRequest, limit)
         if not body.inputs.sentences:
-            raise empty("`inputs.sentences` cannot be empty")
+            with service.refusals_counted():
+                raise empty("`inputs.sentences` cannot be empty")
         params = body.parameters
         result = await embed_result(request, EmbedRequest(
             inputs=[body.inputs.source_sentence, *body.inputs.sentences],

@@ -223,12 +223,28 @@ def test_ready_timeout_is_a_clear_error(minilm_dir):
     assert "no worker became ready within" in result.stderr
 
 
-def test_more_inputs_than_permits_is_429_at_once(fresh_server):
+def test_more_inputs_than_there_are_permits_is_a_422_at_once(fresh_server):
+    # TEI answers 429 here, which no retry can ever turn into a 200.
     srv = fresh_server("--max-concurrent-requests", "2").wait_healthy()
     started = time.monotonic()
     response = srv.client.post("/embed", json={"inputs": ["a", "b", "c"]})
     assert time.monotonic() - started < 1.0
-    assert response.status_code == 429
-    assert response.json() == {"error": "Model is overloaded", "error_type": "Overloaded"}
-    assert response.headers["retry-after"] == "1"
+    assert response.status_code == 422
+    assert response.json() == {"error": "batch size 3 > maximum concurrent inputs 2 "
+                                        "(--max-concurrent-requests)",
+                               "error_type": "Validation"}
     assert srv.client.post("/embed", json={"inputs": ["a", "b"]}).status_code == 200
+
+
+def test_requests_left_when_the_shutdown_grace_runs_out_get_a_503(fresh_server):
+    srv = fresh_server("--shutdown-grace", "0.2").wait_healthy()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(srv.client.post, "/embed", json=SLOW_BATCH)
+        time.sleep(0.5)
+        srv.process.send_signal(signal.SIGTERM)
+        response = pending.result(timeout=60)
+    assert response.status_code == 503, response.text
+    assert response.json()["error_type"] == "Unhealthy"
+    assert "--shutdown-grace" in response.json()["error"]
+    assert srv.process.wait(timeout=30) == 0
+    assert "Traceback" not in srv.log()

@@ -93,6 +93,9 @@ def test_counts_match_the_traffic_across_two_workers(metered) -> None:
     assert too_many.status_code == 422
     wrong_route = srv.client.post("/predict", json={"inputs": "x"})
     assert wrong_route.status_code == 424
+    # Refused before any input is admitted: counted all the same (not in te_request_count).
+    for refused, status in [({"inputs": "x", "dimensions": 0}, 422), ({"inputs": []}, 400)]:
+        assert srv.client.post("/embed", json=refused).status_code == status
 
     values = samples(srv.client.get("/metrics").text)
     singles, batches = CLIENTS * SINGLES_PER_CLIENT, CLIENTS * BATCHES_PER_CLIENT
@@ -101,7 +104,7 @@ def test_counts_match_the_traffic_across_two_workers(metered) -> None:
     assert values['te_request_count{method="batch"}'] == batches + 1
     assert values['te_request_success{method="single"}'] == singles
     assert values['te_request_success{method="batch"}'] == batches
-    assert values['te_request_failure{err="validation"}'] == 1
+    assert values['te_request_failure{err="validation"}'] == 3
     assert values['te_request_failure{err="model_type"}'] == 1
     assert values['te_request_failure{err="inference"}'] == 0
     assert values["te_request_duration_count"] == singles + batches

@@ -196,6 +196,18 @@ def test_prometheus_port_out_of_range_is_refused(port: str) -> None:
         parse_config(["--prometheus-port", port], {})
 
 
+@pytest.mark.parametrize("port", ["65536", "99999", "-1"])
+def test_port_out_of_range_is_refused(port: str) -> None:
+    with pytest.raises(ConfigError, match="--port"):
+        parse_config(["--port", port], {})
+
+
+def test_negative_shutdown_grace_is_refused() -> None:
+    with pytest.raises(ConfigError, match="--shutdown-grace"):
+        parse_config(["--shutdown-grace", "-1"], {})
+    assert parse("--shutdown-grace", "0").shutdown_grace == 0
+
+
 def test_prometheus_port_must_differ_from_the_api_port() -> None:
     with pytest.raises(ConfigError, match="--prometheus-port 8080 is --port as well"):
         parse("--port", "8080", "--prometheus-port", "8080")

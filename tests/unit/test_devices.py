@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from router import devices
@@ -37,6 +39,8 @@ def test_devices_selects_gpus(monkeypatch):
     (["--devices", "2"], 2, "only 2 CUDA devices"),
     (["--device", "cuda"], 0, "no CUDA device"),
     (["--devices", "0"], 0, "no CUDA device"),
+    pytest.param(["--device", "mps"], 0, "only on macOS",
+                 marks=pytest.mark.skipif(sys.platform == "darwin", reason="MPS may exist")),
 ])
 def test_impossible_placements(monkeypatch, argv, gpus, match):
     with pytest.raises(ConfigError, match=match):

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from shared import logs
-from shared.logs import JsonFormatter, LogSpan, TextFormatter, log_level
+from shared.logs import JsonFormatter, LogSpan, TextFormatter, log_level, unknown_log_level
 
 
 def record(message: str = "hello %s", *args: object, exc_info=None) -> logging.LogRecord:
@@ -69,4 +69,7 @@ def test_text_line_shows_the_span_as_tracing_subscriber_does(in_request) -> None
     ("trace", "DEBUG"), ("nonsense", "INFO"),
 ])
 def test_log_level_from_the_environment(raw: str | None, level: str) -> None:
-    assert log_level({} if raw is None else {"LOG_LEVEL": raw}) == level
+    environ = {} if raw is None else {"LOG_LEVEL": raw}
+    assert log_level(environ) == level
+    # Only a name that is no level is reported (the router warns about it once).
+    assert unknown_log_level(environ) == ("nonsense" if raw == "nonsense" else None)
