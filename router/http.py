@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable
@@ -21,6 +22,12 @@ from shared.errors import EmbedServeError, ErrorType
 
 T = TypeVar("T")
 access_log = logging.getLogger("embedserve.access")
+
+
+# A high surrogate escape not followed by a low one, or a low one not preceded by a high one.
+_LONE_SURROGATE = re.compile(
+    rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 
 
 async def read_json(request: Request, schema: type[T], limit: int) -> T:
@@ -50,8 +57,11 @@ async def read_json(request: Request, schema: type[T], limit: int) -> T:
             f"Failed to deserialize the JSON body into the target type: {exc}",
         ) from None
     except msgspec.DecodeError as exc:
+        # msgspec calls a lone UTF-16 surrogate escape ("\ud800") truncated input.
+        reason = ("a \\u escape is a lone UTF-16 surrogate, which is no character"
+                  if _LONE_SURROGATE.search(body) else str(exc))
         raise EmbedServeError(
-            ErrorType.BAD_REQUEST, f"Failed to parse the request body as JSON: {exc}"
+            ErrorType.BAD_REQUEST, f"Failed to parse the request body as JSON: {reason}"
         ) from None
 
 

@@ -124,8 +124,13 @@ def test_schema_errors_name_the_field(server, body, field):
 
 
 def test_malformed_json(server):
-    response = post(server, content=b'{"inputs": ', headers={"content-type": "application/json"})
-    error(response, 400, "BadRequest")
+    json_type = {"content-type": "application/json"}
+    response = post(server, content=b'{"inputs": ', headers=json_type)
+    assert "truncated" in error(response, 400, "BadRequest")
+    lone = post(server, content=b'{"inputs": "\\ud800"}', headers=json_type)
+    assert "lone UTF-16 surrogate" in error(lone, 400, "BadRequest")
+    pair = post(server, content=b'{"inputs": "\\ud83d\\ude00"}', headers=json_type)
+    assert pair.status_code == 200, pair.text  # an escaped surrogate pair is one character
 
 
 def test_wrong_content_type(server):
