@@ -204,8 +204,12 @@ def test_embed_sparse_and_its_stream_equal_http(tmp_path) -> None:
         for answer, row in zip([reply, *streamed], [theirs[0], *theirs], strict=True):
             assert [v.index for v in answer.sparse_embeddings] == [v["index"] for v in row]
             close([v.value for v in answer.sparse_embeddings], [v["value"] for v in row])
-        assert status_of(lambda: stub.Embed(pb.EmbedRequest(inputs="a")))[0] == \
-            grpc.StatusCode.FAILED_PRECONDITION
+        # As TEI: Embed gives the sparse vector written out in full, unnormalized only.
+        dense = stub.Embed(pb.EmbedRequest(inputs=TEXTS[0])).embeddings
+        assert {i: v for i, v in enumerate(dense) if v} == pytest.approx(
+            {v.index: v.value for v in reply.sparse_embeddings})
+        assert status_of(lambda: stub.Embed(pb.EmbedRequest(inputs="a", normalize=True)))[0] \
+            == grpc.StatusCode.FAILED_PRECONDITION
 
 
 def test_not_serving_and_unavailable_until_ready_then_sigterm_exits_zero(tmp_path) -> None:
