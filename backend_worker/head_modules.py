@@ -50,10 +50,13 @@ class HeadKeys:
 
 @dataclass(frozen=True)
 class Either:
-    """A parameter filled by the checkpoint's own key when present, else by a tied one."""
+    """A parameter filled by the checkpoint's own key when present, else by a tied one. With
+    `per_config`, the tied one only when config.json ties the word embeddings
+    (tie_word_embeddings, true by default): untied, a missing own key is missing."""
 
     own: Rule
     tied: Rule
+    per_config: bool = True
 
 
 class Head(Protocol):

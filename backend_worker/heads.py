@@ -86,9 +86,13 @@ def build_head(info: ModelInfo, device: torch.device) -> Head | None:
                 f"sparse vector); {info.model_dir} has architectures {info.architectures}"
             )
         rules, owns, ignore = list(family.mlm.rules), list(family.mlm.owns), []
+        # Untied (tie_word_embeddings false, as transformers reads it), a missing decoder
+        # weight is missing: the strict load names it instead of filling it from the tied one.
+        tied = bool(config.get("tie_word_embeddings", True))
         for choice in family.mlm_tied:
-            used, unused = ((choice.own, choice.tied) if _has_key(files, family.encoder, choice.own)
-                            else (choice.tied, choice.own))
+            own = (_has_key(files, family.encoder, choice.own)
+                   or (choice.per_config and not tied))
+            used, unused = (choice.own, choice.tied) if own else (choice.tied, choice.own)
             rules.append(used)
             owns.append(re.escape(used.source) + "$")
             ignore.append(re.escape(unused.source))

@@ -217,6 +217,11 @@ def load_strict(module: nn.Module, files: list[Path], weight_map: WeightMap) -> 
                 f"shape mismatch for {source}: checkpoint {tuple(value.shape)}, "
                 f"model {tuple(target.shape)}"
             )
+        elif target.is_floating_point() and not value.is_floating_point():
+            # copy_ would cast int8 or bool weights without a word: not what was trained.
+            rejected.add(name)
+            problems.append(f"dtype mismatch for {source}: checkpoint {value.dtype}, "
+                            "model floating point")
         else:
             with torch.no_grad():
                 target.copy_(value)
@@ -250,6 +255,12 @@ def load_strict(module: nn.Module, files: list[Path], weight_map: WeightMap) -> 
         if bad:
             shape = tuple(targets[name].shape)
             problems.append(f"shape mismatch for {_named(bad)}: slices of {name} {shape}")
+            continue
+        # Checked here too: concatenation would promote an integer slice to float.
+        integral = [got[p][0] for p in order if not got[p][1].is_floating_point()]
+        if integral:
+            problems.append(f"dtype mismatch for {_named(integral)}: slices of {name} must be "
+                            "floating point")
             continue
         assign(name, sources, torch.cat([got[p][1] for p in order], dim=0))
 

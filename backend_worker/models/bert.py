@@ -64,9 +64,10 @@ HEADS = FamilyHeads(
                Rule("embeddings.word_embeddings.weight", "decoder.weight")),
         # NOTE: transformers applies decoder.bias. v4 tied it to predictions.bias (one tensor,
         # both names saved in a .bin); v5 ties them only with tied embeddings and otherwise
-        # leaves predictions.bias unused. So decoder.bias wins when saved.
+        # leaves predictions.bias unused. So decoder.bias wins when saved; a v4 safetensors
+        # file saved only predictions.bias, whatever tie_word_embeddings says.
         Either(Rule("cls.predictions.decoder.bias", "decoder.bias"),
-               Rule("cls.predictions.bias", "decoder.bias")),
+               Rule("cls.predictions.bias", "decoder.bias"), per_config=False),
     ),
 )
 

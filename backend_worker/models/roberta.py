@@ -61,7 +61,7 @@ HEADS = FamilyHeads(
         # Tied, transformers makes decoder.bias the very tensor lm_head.bias and saves only the
         # latter; untied, it saves both and the decoder's own bias is the one applied.
         Either(Rule("lm_head.decoder.bias", "decoder.bias"),
-               Rule("lm_head.bias", "decoder.bias")),
+               Rule("lm_head.bias", "decoder.bias"), per_config=False),  # v4: see bert.py
     ),
     make_mlm=_lm_head,
 )

@@ -169,6 +169,16 @@ def test_missing_mlm_key_is_named(tmp_path: Path) -> None:
         build_head(load_model_info(model_dir, "splade"), torch.device("cpu"))
 
 
+def test_untied_missing_decoder_weight_is_named_not_filled_from_the_embeddings(
+        tmp_path: Path) -> None:
+    # Untied, the word embeddings are not the decoder: transformers reports the key missing,
+    # and so do we.
+    model_dir = make_tiny_mlm(tmp_path / "m", tied=False)
+    drop_key(model_dir, "cls.predictions.decoder.weight")
+    with pytest.raises(ConfigError, match=r"missing.*cls\.predictions\.decoder\.weight"):
+        build_head(load_model_info(model_dir, "splade"), torch.device("cpu"))
+
+
 def test_splade_needs_a_masked_lm(tmp_path: Path, classifier_dir: Path) -> None:
     plain = tmp_path / "plain"
     plain.mkdir()

@@ -98,6 +98,20 @@ def test_wrong_shape_is_named(model_dir: Path, key: str, shape: tuple[int, ...])
     assert key in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("key", "dtype"),
+    [("encoder.layer.0.output.dense.weight", torch.int8),
+     ("embeddings.LayerNorm.weight", torch.bool),
+     ("encoder.layer.0.attention.self.key.weight", torch.int32)],  # fused slice
+)
+def test_a_non_float_tensor_is_refused_not_cast(model_dir: Path, key: str,
+                                               dtype: torch.dtype) -> None:
+    edit_weights(model_dir / "model.safetensors", lambda s: s.update({key: s[key].to(dtype)}))
+    with pytest.raises(ConfigError, match="dtype mismatch") as info:
+        load(model_dir)
+    assert key in str(info.value)
+
+
 def test_legacy_gamma_beta_names_load_identically(model_dir: Path, pristine: Path) -> None:
     def rename(state: dict) -> None:
         for key in [k for k in state if "LayerNorm" in k]:
