@@ -105,6 +105,7 @@ class GatedMLP(nn.Module):
         self.intermediate = intermediate
         self.gate_first = gate_first
         self.gate_up = nn.Linear(hidden, 2 * intermediate, bias=bias)
+        self.fused_rows = {"gate_up": (intermediate, intermediate)}  # checked at load
         self.act = activation(act)
         self.down = nn.Linear(intermediate, hidden, bias=bias if down_bias is None else down_bias)
 
@@ -216,6 +217,8 @@ class SelfAttention(nn.Module):
                               "key/value heads")
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.qkv = nn.Linear(hidden, (heads + 2 * kv_heads) * head_dim, bias=bias)
+        # Rows of the q, k and v slices: the loader checks each checkpoint slice against them.
+        self.fused_rows = {"qkv": (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)}
         self.out = nn.Linear(heads * head_dim, hidden, bias=bias if out_bias is None else out_bias)
         self.q_norm = qk_norm(head_dim) if qk_norm else None
         self.k_norm = qk_norm(head_dim) if qk_norm else None

@@ -190,6 +190,17 @@ def _named(keys: list[str]) -> str:
     return shown + (f" and {more} more" if more > 0 else "")
 
 
+def _slice_rows(module: nn.Module, name: str) -> tuple[int, ...]:
+    """Rows of each slice of the fused parameter `name` (e.g. q, k and v of a qkv weight),
+    as the module that splits it declares in `fused_rows`: the concatenation's total alone
+    would let two wrong slices that add up pass."""
+    owner, _, attr = name.rpartition(".")[0].rpartition(".")
+    rows = getattr(module.get_submodule(owner), "fused_rows", {}).get(attr)
+    if rows is None:
+        raise RuntimeError(f"{name} is loaded fused but its module declares no fused_rows")
+    return rows
+
+
 def load_strict(module: nn.Module, files: list[Path], weight_map: WeightMap) -> None:
     """Fill every parameter and persistent buffer of `module` from `files`, or raise.
 
@@ -255,6 +266,13 @@ def load_strict(module: nn.Module, files: list[Path], weight_map: WeightMap) -> 
         if bad:
             shape = tuple(targets[name].shape)
             problems.append(f"shape mismatch for {_named(bad)}: slices of {name} {shape}")
+            continue
+        rows = _slice_rows(module, name)
+        short = [f"{got[p][0]} {tuple(got[p][1].shape)}" for p, n in zip(order, rows, strict=True)
+                 if got[p][1].shape[0] != n]
+        if short:
+            problems.append(f"shape mismatch for {_named(short)}: slices of {name} have "
+                            f"{' + '.join(map(str, rows))} rows")
             continue
         # Checked here too: concatenation would promote an integer slice to float.
         integral = [got[p][0] for p in order if not got[p][1].is_floating_point()]

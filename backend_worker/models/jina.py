@@ -97,6 +97,7 @@ class QKNormAttention(nn.Module):
         super().__init__()
         self.heads, self.head_dim = heads, hidden // heads
         self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.fused_rows = {"qkv": (hidden, hidden, hidden)}  # checked at load
         self.q_norm = nn.LayerNorm(hidden, eps=eps)
         self.k_norm = nn.LayerNorm(hidden, eps=eps)
         self.out = nn.Linear(hidden, hidden)

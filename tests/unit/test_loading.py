@@ -98,6 +98,22 @@ def test_wrong_shape_is_named(model_dir: Path, key: str, shape: tuple[int, ...])
     assert key in str(info.value)
 
 
+def test_fused_slices_are_checked_one_by_one(model_dir: Path) -> None:
+    # 33 + 32 + 31 rows add up to the fused 96: only a per-slice check sees it.
+    prefix = "encoder.layer.0.attention.self."
+
+    def skew(state: dict[str, torch.Tensor]) -> None:
+        query, value = state[prefix + "query.weight"], state[prefix + "value.weight"]
+        state[prefix + "query.weight"] = torch.cat([query, torch.zeros(1, query.shape[1])])
+        state[prefix + "value.weight"] = value[:-1].contiguous()
+
+    edit_weights(model_dir / "model.safetensors", skew)
+    with pytest.raises(ConfigError, match="shape mismatch") as info:
+        load(model_dir)
+    assert prefix + "query.weight" in str(info.value)
+    assert prefix + "value.weight" in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("key", "dtype"),
     [("encoder.layer.0.output.dense.weight", torch.int8),
