@@ -20,7 +20,7 @@ from opentelemetry.trace import Tracer
 from router import tasks
 from router.app import build_app, metrics_app
 from router.devices import cpu_threads_per_worker, tokenizer_processes, worker_devices
-from router.inputs import InputRules
+from router.inputs import InputRules, prompt_list
 from router.metrics import Metrics
 from router.routes import AppState
 from router.schemas import ClassifierModelType, EmbeddingModelType, Info, ModelType
@@ -71,7 +71,7 @@ def default_prompt(info: ModelInfo, config: ServerConfig) -> str | None:
     if name not in info.prompts:
         raise ConfigError(
             f"`default-prompt-name` is set to `{name}` but it was not found in the Sentence "
-            f"Transformers prompts. Available prompts: {sorted(info.prompts)}"
+            f"Transformers prompts. Available prompts: {prompt_list(info.prompts)}"
         )
     return info.prompts[name]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,6 +83,12 @@ def check_admissible(count: int, max_concurrent_requests: int) -> None:
         )
 
 
+def prompt_list(prompts: Mapping[str, str]) -> str:
+    """The prompt names as TEI lists them (["passage", "query"]): clients such as tei-client
+    parse the names back out of this error message."""
+    return json.dumps(sorted(prompts))
+
+
 def resolve_prompt(prompt_name: str | None, rules: InputRules) -> str | None:
     if prompt_name is None:
         return rules.default_prompt
@@ -93,7 +101,7 @@ def resolve_prompt(prompt_name: str | None, rules: InputRules) -> str | None:
         raise validation(
             f"Input validation error: `prompt_name` is set to `{prompt_name}` but it was not "
             f"found in the Sentence Transformers prompts. Available prompts: "
-            f"{sorted(rules.prompts)}"
+            f"{prompt_list(rules.prompts)}"
         )
     return rules.prompts[prompt_name]
 
