@@ -15,6 +15,7 @@ from pathlib import Path
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.utils import LifespanFailureError
 from opentelemetry.trace import Tracer
 
 from router import tasks
@@ -207,6 +208,45 @@ def _hypercorn(config: ServerConfig, port: int) -> HypercornConfig:
     return hyper
 
 
+# After the drain, hypercorn gets at least this long to write the last answers and close.
+_CLOSE_MIN_S = 1.0
+
+
+def _after_forced_close(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """Once connections were closed by force, their tasks and hypercorn's end cancelled (or in
+    the InvalidStateError of a gather hypercorn no longer awaits, or its lifespan's failure to
+    shut down): expected, not errors."""
+    expected = (asyncio.CancelledError, asyncio.InvalidStateError, LifespanFailureError)
+    if isinstance(context.get("exception"), expected):
+        log.debug("after closing connections: %s", context.get("message"))
+        return
+    loop.default_exception_handler(context)
+
+
+async def _closed_within(serving: asyncio.Task, drained: asyncio.Event, seconds: float) -> None:
+    """Await the HTTP server; once drained, give it `seconds` to close its connections, then
+    cancel it. hypercorn waits for every open connection to close, so a client that never
+    reads its answer (a write that never completes) would otherwise keep the process alive."""
+    waiter = asyncio.ensure_future(drained.wait())
+    try:
+        await asyncio.wait({serving, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if not serving.done():
+            await asyncio.wait({serving}, timeout=seconds)
+        if not serving.done():
+            log.warning("connections still open %g s after the drain: closing them", seconds)
+            asyncio.get_running_loop().set_exception_handler(_after_forced_close)
+            while not serving.done():  # hypercorn absorbs a first cancel in its task group
+                serving.cancel()
+                await asyncio.wait({serving}, timeout=0.1)
+            return
+    except BaseException:
+        serving.cancel()
+        raise
+    finally:
+        waiter.cancel()
+    serving.result()  # hypercorn's own failure, if any
+
+
 def _check_bindable(hyper: HypercornConfig, flag: str) -> None:
     """Fail start-up at once, naming the flag, when its address cannot be bound (e.g. the port
     is taken): hypercorn itself finds out only after starting its lifespan task, which then
@@ -243,6 +283,8 @@ async def _serve(state: AppState, tracer: Tracer | None) -> None:
     # NOT_SERVING.
     starting = loop.create_task(service.start(config.worker_ready_timeout))
 
+    drained = asyncio.Event()
+
     async def until_stopped() -> None:
         waiter = loop.create_task(stop.wait())
         await asyncio.wait({waiter, starting}, return_when=asyncio.FIRST_COMPLETED)
@@ -255,6 +297,7 @@ async def _serve(state: AppState, tracer: Tracer | None) -> None:
         log.info("shutting down: draining in-flight requests (at most %g s)",
                  config.shutdown_grace)
         await service.drain(config.shutdown_grace)
+        drained.set()
 
     try:
         if config.grpc:
@@ -262,7 +305,10 @@ async def _serve(state: AppState, tracer: Tracer | None) -> None:
 
             await grpc_server.serve(state, until_stopped)
         else:
-            await serve(build_app(state, tracer=tracer), hyper, shutdown_trigger=until_stopped)
+            await _closed_within(
+                loop.create_task(serve(build_app(state, tracer=tracer), hyper,
+                                       shutdown_trigger=until_stopped)),
+                drained, max(config.shutdown_grace, _CLOSE_MIN_S))
     finally:
         closed.set()
         if metrics_server is not None:

@@ -248,3 +248,24 @@ def test_requests_left_when_the_shutdown_grace_runs_out_get_a_503(fresh_server):
     assert "--shutdown-grace" in response.json()["error"]
     assert srv.process.wait(timeout=30) == 0
     assert "Traceback" not in srv.log()
+
+
+def test_a_client_that_never_reads_its_answer_does_not_hold_the_exit(fresh_server):
+    # hypercorn waits for every connection to close; a write to a client that never reads
+    # never completes. After the drain the server closes it by force.
+    import json
+    import socket
+
+    srv = fresh_server("--shutdown-grace", "1").wait_healthy()
+    body = json.dumps({"inputs": ["word " * 200] * 32}).encode()  # ~2 MB of hidden states
+    with socket.create_connection(("127.0.0.1", srv.port)) as stuck:
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.sendall(b"POST /embed_all HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                      b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        time.sleep(3)  # computed; its answer now waits on the client
+        started = time.monotonic()
+        srv.process.send_signal(signal.SIGTERM)
+        assert srv.process.wait(timeout=30) == 0
+        assert time.monotonic() - started < 15
+    assert "closing them" in srv.log()
+    assert "Traceback" not in srv.log()
