@@ -265,7 +265,7 @@ async def _serve(state: AppState, tracer: Tracer | None) -> None:
     config, service = state.config, state.service
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: a closed terminal
         loop.add_signal_handler(sig, stop.set)
     hyper = _hypercorn(config, config.port)
     if not config.grpc:  # the gRPC server checks its own bind

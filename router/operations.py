@@ -11,7 +11,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from router.inputs import as_input_list, as_predict_list, check_batch_size, resolve_prompt
+from router.inputs import (
+    as_input_list,
+    as_predict_list,
+    check_admissible,
+    check_batch_size,
+    resolve_prompt,
+)
 from router.scores import activate, ranked_labels
 from router.service import InferenceService, Outcome, Timings
 from router.tokenization import Token
@@ -83,16 +89,19 @@ async def tokenize(
     if not texts or any(not text for text in texts):
         raise empty("`inputs` cannot be empty")
     check_batch_size(len(texts), service.rules)
+    check_admissible(len(texts), service.max_concurrent_requests)
     prompt = resolve_prompt(prompt_name, service.rules)
     if prompt is not None:
         texts = [prompt + text for text in texts]
-    return await service.tokenizers.tokens(texts, add_special_tokens)
+    with service.admitted(len(texts)):  # the pool's work is bounded as inference is
+        return await service.tokenizers.tokens(texts, add_special_tokens)
 
 
 async def decode(
     service: InferenceService, batch: list[list[int]], *, skip_special_tokens: bool
 ) -> list[str]:
     check_batch_size(len(batch), service.rules)
+    check_admissible(len(batch), service.max_concurrent_requests)
     vocab = service.rules.vocab_size
     for ids in batch:
         if not ids:
@@ -101,7 +110,8 @@ async def decode(
         if bad is not None:
             raise validation(f"token id {bad} is out of range; the model's vocabulary has "
                              f"{vocab} tokens")
-    return await service.tokenizers.decode(batch, skip_special_tokens)
+    with service.admitted(len(batch)):
+        return await service.tokenizers.decode(batch, skip_special_tokens)
 
 
 def combined(timings: Sequence[Timings]) -> Timings:

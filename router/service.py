@@ -136,6 +136,7 @@ class InferenceService:
         self._request_ids = itertools.count()
         self._active = 0
         self._expired = False  # the shutdown grace ran out (drain)
+        self._admitted: set[asyncio.Task] = set()  # tasks holding permits (`admitted`)
         self._idle = asyncio.Event()
         self._idle.set()
         self.draining = False
@@ -184,9 +185,8 @@ class InferenceService:
             log.warning("%d requests still in flight after %g s; answering them 503",
                         self._active, grace)
         self._expired = True
-        for entry in self._queue.clear() if self._queue is not None else []:
-            entry.future.set_exception(unhealthy(SHUT_DOWN))
-        self.workers.abandon_in_flight(SHUT_DOWN)
+        for task in list(self._admitted):  # queued, tokenizing or computing: see `admitted`
+            task.cancel()
         with contextlib.suppress(TimeoutError):  # the handlers write their answers
             await asyncio.wait_for(self._idle.wait(), _ANSWER_S)
 
@@ -230,6 +230,35 @@ class InferenceService:
         if refused:
             self.metrics.failed(MODEL_TYPE)
             raise backend(message)
+
+    @contextlib.contextmanager
+    def admitted(self, inputs: int) -> Iterator[None]:
+        """Hold `inputs` of the --max-concurrent-requests permits for the block, or refuse at
+        once (429); a drain waits for every admitted block to end."""
+        if self.draining:
+            raise unhealthy("the server is shutting down")
+        if inputs > self._permits:
+            raise overloaded()
+        task = asyncio.current_task()
+        assert task is not None
+        self._permits -= inputs
+        self._active += 1
+        self._idle.clear()
+        self._admitted.add(task)
+        try:
+            yield
+        except asyncio.CancelledError:
+            if not self._expired:
+                raise
+            # The drain cancelled it (see `drain`): an answer, not a dropped connection.
+            task.uncancel()
+            raise unhealthy(SHUT_DOWN) from None
+        finally:
+            self._admitted.discard(task)
+            self._permits += inputs
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
 
     @contextlib.contextmanager
     def refusals_counted(self) -> Iterator[None]:
@@ -281,14 +310,9 @@ class InferenceService:
         check_batch_size(len(inputs), self.rules)
         check_admissible(len(inputs), self.max_concurrent_requests)
         prompt = resolve_prompt(prompt_name, self.rules)
-        if len(inputs) > self._permits:
-            raise overloaded()
-        self._permits -= len(inputs)
-        self._active += 1
-        self._idle.clear()
         kind = "predict" if output is OutputKind.LOGITS else "embed"
-        self.metrics.admitted(kind, len(inputs))
-        try:
+        with self.admitted(len(inputs)):
+            self.metrics.admitted(kind, len(inputs))
             encoded, characters = await tokenize_inputs(
                 inputs,
                 prompt=prompt,
@@ -302,11 +326,6 @@ class InferenceService:
             for enc in encoded:
                 self.metrics.input_length.observe(len(enc.ids))
             rows, entries = await self._infer(encoded, output)
-        finally:
-            self._permits += len(inputs)
-            self._active -= 1
-            if self._active == 0:
-                self._idle.set()
         self.metrics.answered(kind, started, tokenized, entries)
         if self.tracer is not None:
             record_phases(self.tracer, started, tokenized, entries)
@@ -351,8 +370,6 @@ class InferenceService:
         self, encoded: list[Encoded], output: OutputKind
     ) -> tuple[list[Any], dict[Entry, float]]:
         assert self._queue is not None
-        if self._expired:  # tokenized after the grace ran out: nothing would compute it
-            raise unhealthy(SHUT_DOWN)
         loop = asyncio.get_running_loop()
         request_id = next(self._request_ids)
         entries = [

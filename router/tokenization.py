@@ -192,4 +192,12 @@ class TokenizerPool:
         return outcome.value
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        """Stop the pool without waiting on it: a process that hangs, or was stopped, must not
+        hold the exit (the requests are drained by now)."""
+        executor = self._executor
+        # concurrent.futures has no public way to kill its processes; they would die with the
+        # router anyway (PDEATHSIG), but its exit joins the pool's manager thread first.
+        processes = list((getattr(executor, "_processes", None) or {}).values())
+        executor.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.kill()

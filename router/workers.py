@@ -29,7 +29,7 @@ from router.queue import Dispatch, Entry
 from router.tasks import shut_down_for, start_supervised
 from shared import protocol
 from shared.config import WorkerConfig
-from shared.errors import ConfigError, EmbedServeError, backend, unhealthy
+from shared.errors import ConfigError, backend
 
 log = logging.getLogger(__name__)
 
@@ -335,24 +335,16 @@ class WorkerPool:
                 raise RuntimeError(f"router got an unexpected {type(message).__name__}")
         self.on_change()
 
-    def _fail_in_flight(self, worker: WorkerHandle, message: str,
-                        error: Callable[[str], EmbedServeError] = backend) -> None:
+    def _fail_in_flight(self, worker: WorkerHandle, message: str) -> None:
         batches, worker.in_flight = worker.in_flight, {}
         for batch in batches.values():
-            self._fail(batch.entries, message, error)
-
-    def abandon_in_flight(self, message: str) -> None:
-        """Answer every batch still computing with 503 `message` (the shutdown grace ran out):
-        their results, should they come, find no batch to answer."""
-        for worker in self.workers:
-            self._fail_in_flight(worker, message, unhealthy)
+            self._fail(batch.entries, message)
 
     @staticmethod
-    def _fail(entries: list[Entry], message: str,
-              error: Callable[[str], EmbedServeError] = backend) -> None:
+    def _fail(entries: list[Entry], message: str) -> None:
         for entry in entries:
             if not entry.future.done():
-                entry.future.set_exception(error(message))
+                entry.future.set_exception(backend(message))
 
     def close_now(self) -> None:
         """Last resort at exit: no worker may outlive the router."""

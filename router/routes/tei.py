@@ -60,9 +60,10 @@ def routes(state: AppState) -> list[Endpoint]:
     async def tokenize(request: Request) -> Response:
         body = await read_json(request, TokenizeRequest, limit)
         texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
-        tokens = await operations.tokenize(service, texts,
-                                           add_special_tokens=body.add_special_tokens,
-                                           prompt_name=body.prompt_name)
+        # Cancelled when the client goes: its texts leave the tokenizer pool's queue.
+        tokens = await unless_disconnected(request, operations.tokenize(
+            service, texts, add_special_tokens=body.add_special_tokens,
+            prompt_name=body.prompt_name))
         return json_response([[t._asdict() for t in per_text] for per_text in tokens])
 
     async def decode(request: Request) -> Response:
@@ -73,8 +74,8 @@ def routes(state: AppState) -> list[Endpoint]:
         batch = [ids] if all(isinstance(i, int) for i in ids) else ids
         if not all(isinstance(item, list) for item in batch):
             raise validation("`ids` must be a list of token ids or a list of such lists")
-        return json_response(await operations.decode(
-            service, batch, skip_special_tokens=body.skip_special_tokens))
+        return json_response(await unless_disconnected(request, operations.decode(
+            service, batch, skip_special_tokens=body.skip_special_tokens)))
 
     async def health(request: Request) -> Response:
         if not service.ready:

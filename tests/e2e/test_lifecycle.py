@@ -234,12 +234,20 @@ def test_more_inputs_than_there_are_permits_is_a_422_at_once(fresh_server):
                                         "(--max-concurrent-requests)",
                                "error_type": "Validation"}
     assert srv.client.post("/embed", json={"inputs": ["a", "b"]}).status_code == 200
+    # /tokenize and /decode hold permits too: the tokenizer pool's work is bounded as well.
+    assert srv.client.post("/tokenize", json={"inputs": ["a", "b", "c"]}).status_code == 422
+    assert srv.client.post("/decode", json={"ids": [[101], [102], [103]]}).status_code == 422
+    assert srv.client.post("/tokenize", json={"inputs": ["a", "b"]}).status_code == 200
 
 
-def test_requests_left_when_the_shutdown_grace_runs_out_get_a_503(fresh_server):
+@pytest.mark.parametrize(("route", "body"), [
+    ("/embed", SLOW_BATCH),  # computing
+    ("/tokenize", {"inputs": "word " * 300_000}),  # in the tokenizer pool: seconds
+], ids=["computing", "tokenizing"])
+def test_requests_left_when_the_shutdown_grace_runs_out_get_a_503(fresh_server, route, body):
     srv = fresh_server("--shutdown-grace", "0.2").wait_healthy()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(srv.client.post, "/embed", json=SLOW_BATCH)
+        pending = pool.submit(srv.client.post, route, json=body)
         time.sleep(0.5)
         srv.process.send_signal(signal.SIGTERM)
         response = pending.result(timeout=60)
