@@ -95,6 +95,9 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         watcher.cancel()
 
 
+_SAFE_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+
+
 class RequestIdMiddleware:
     """Give every request an id (the client's `x-request-id`, else a new one), echo it, and
     put it on the log lines written for the request; at debug level, log each answer."""
@@ -107,7 +110,10 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        request_id = Headers(scope=scope).get("x-request-id") or uuid.uuid4().hex
+        given = Headers(scope=scope).get("x-request-id", "")
+        # Echoed and logged: a client's id is kept only when it is short visible ASCII (no
+        # control characters to forge log lines with, no 60 KB log lines).
+        request_id = given if _SAFE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         status = 0
 

@@ -54,6 +54,10 @@ def test_response_headers(server):
                  "x-inference-time"):
         assert int(headers[name]) >= 0
     assert len(post(server, {"inputs": "x"}).headers["x-request-id"]) == 32
+    # An id that could forge log lines (control characters) or bloat them is replaced.
+    for unsafe in ("a\x1b[2Kforged", "x" * 129, "two words"):
+        echoed = post(server, {"inputs": "x"}, headers={"x-request-id": unsafe})
+        assert len(echoed.headers["x-request-id"]) == 32, unsafe
 
 
 def test_error_responses_carry_request_id(server):
