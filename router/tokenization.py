@@ -196,8 +196,8 @@ class TokenizerPool:
         hold the exit (the requests are drained by now)."""
         executor = self._executor
         # concurrent.futures has no public way to kill its processes; they would die with the
-        # router anyway (PDEATHSIG), but its exit joins the pool's manager thread first.
-        processes = list((getattr(executor, "_processes", None) or {}).values())
-        executor.shutdown(wait=False, cancel_futures=True)
-        for process in processes:
+        # router anyway (PDEATHSIG), but its exit joins the pool's manager thread first. Killed
+        # first, the pool breaks and that thread ends at once: joined here, not raced at exit.
+        for process in list((getattr(executor, "_processes", None) or {}).values()):
             process.kill()
+        executor.shutdown(wait=True, cancel_futures=True)
