@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 _tokenizer = None
 # Requests with at most this many characters are tokenized in the router process itself.
 INLINE_CHARACTERS = 512
+# A pool call still unanswered after this long means a wedged pool (a hung or stopped process):
+# generous next to the 1-2 MB of text one process tokenizes per second.
+STALL_BASE_S = 30.0
+STALL_S_PER_MB = 10.0
 
 
 class Encoded(NamedTuple):
@@ -126,6 +130,14 @@ def _ping() -> int:
     return os.getpid()
 
 
+def _kill(executor: ProcessPoolExecutor) -> None:
+    """SIGKILL the pool's processes (a stopped one ignores anything else). concurrent.futures
+    has no public way to; they would die with the router anyway (PDEATHSIG), but the pool's
+    shutdown and the interpreter's exit wait on them first."""
+    for process in list((getattr(executor, "_processes", None) or {}).values()):
+        process.kill()
+
+
 class TokenizerPool:
     """A fixed pool of tokenizer processes (spawned: forking a uvloop process is unsafe)."""
 
@@ -161,29 +173,44 @@ class TokenizerPool:
             # A short request tokenizes in tens of microseconds: cheaper here than the
             # round trip to a pool process (~0.5-1 ms), which is the latency of one query.
             return self._result(_encode(texts, max_length, direction))
-        return await self._call(_encode, texts, max_length, direction)
+        return await self._call(characters, _encode, texts, max_length, direction)
 
     async def tokens(self, texts: list[str], add_special_tokens: bool) -> list[list[Token]]:
         """Every token of each text with its byte offsets (for /tokenize)."""
-        return await self._call(_tokens, texts, add_special_tokens)
+        return await self._call(sum(map(len, texts)), _tokens, texts, add_special_tokens)
 
     async def decode(self, ids: list[list[int]], skip_special_tokens: bool) -> list[str]:
-        return await self._call(_decode, ids, skip_special_tokens)
+        return await self._call(sum(map(len, ids)), _decode, ids, skip_special_tokens)
 
-    async def _call(self, function: Callable[..., Outcome], *args: Any) -> Any:
+    async def _call(self, size: int, function: Callable[..., Outcome], *args: Any) -> Any:
+        """Run `function` in the pool; `size` (characters or ids) bounds how long it may take."""
         loop = asyncio.get_running_loop()
         executor = self._executor
+        deadline = STALL_BASE_S + STALL_S_PER_MB * size / 1e6
         try:
-            outcome = await loop.run_in_executor(executor, function, *args)
+            outcome = await asyncio.wait_for(loop.run_in_executor(executor, function, *args),
+                                             deadline)
         except BrokenProcessPool:
             # A tokenizer process died (OOM killer, signal): replace the pool once, fail only
             # the requests that were in it.
             if self._executor is executor:
                 log.error("a tokenizer process died; restarting the tokenizer pool")
-                executor.shutdown(wait=False, cancel_futures=True)
-                self._executor = self._new_executor()
+                self._replace(executor)
             raise backend("a tokenizer process died while tokenizing this request") from None
+        except TimeoutError:
+            # Hung or stopped, the pool would hold every later request too (a stopped process
+            # may hold its queue's lock): replace it, failing only the requests in it.
+            if self._executor is executor:
+                log.error("the tokenizer pool gave no answer in %.0f s; restarting it", deadline)
+                self._replace(executor)
+            raise backend(f"the tokenizer pool gave no answer within {deadline:.0f} s; it was "
+                          "restarted") from None
         return self._result(outcome)
+
+    def _replace(self, executor: ProcessPoolExecutor) -> None:
+        _kill(executor)
+        executor.shutdown(wait=False, cancel_futures=True)
+        self._executor = self._new_executor()
 
     @staticmethod
     def _result(outcome: Outcome) -> Any:
@@ -194,10 +221,7 @@ class TokenizerPool:
     def close(self) -> None:
         """Stop the pool without waiting on it: a process that hangs, or was stopped, must not
         hold the exit (the requests are drained by now)."""
-        executor = self._executor
-        # concurrent.futures has no public way to kill its processes; they would die with the
-        # router anyway (PDEATHSIG), but its exit joins the pool's manager thread first. Killed
-        # first, the pool breaks and that thread ends at once: joined here, not raced at exit.
-        for process in list((getattr(executor, "_processes", None) or {}).values()):
-            process.kill()
-        executor.shutdown(wait=True, cancel_futures=True)
+        # Killed first, the pool breaks and its manager thread ends at once: joined here, not
+        # raced by the interpreter's exit hook.
+        _kill(self._executor)
+        self._executor.shutdown(wait=True, cancel_futures=True)

@@ -196,6 +196,30 @@ def test_a_dead_tokenizer_process_costs_at_most_one_request(fresh_server):
     assert srv.client.get("/health").status_code == 200
 
 
+def test_a_stopped_tokenizer_pool_is_replaced_after_its_stall_limit(fresh_server):
+    from router.tokenization import STALL_BASE_S
+
+    srv = fresh_server("--tokenization-workers", "2").wait_healthy()
+    stopped = [p for p, cmd in _children(srv.process.pid) if "spawn_main" in cmd]
+    for pid in stopped:  # alive but silent: only the stall limit can tell
+        os.kill(pid, signal.SIGSTOP)
+    long = {"inputs": "word " * 200}  # long enough to go to the pool
+    started = time.monotonic()
+    stalled = srv.client.post("/embed", json=long)
+    assert stalled.status_code == 424 and "restarted" in stalled.json()["error"]
+    assert STALL_BASE_S <= time.monotonic() - started < STALL_BASE_S + 10
+    assert srv.client.post("/embed", json=long).status_code == 200
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    wait_for(lambda: all(map(gone, stopped)), timeout=10)  # killed, not left stopped
+
+
 def test_workers_die_with_the_router(fresh_server):
     srv = fresh_server().wait_healthy()
     children = [pid for pid, _ in _children(srv.process.pid)]
