@@ -109,9 +109,9 @@ class Metrics:
                                        ["method"], registry=registry)
         self.request_failure = Counter("te_request_failure", "Inference requests failed, by "
                                        "kind of failure", ["err"], registry=registry)
-        for method in METHODS:
-            self.request_count.labels(method)
-            self.request_success.labels(method)
+        # Label children resolved once (`labels()` costs a lock and a dict walk per request).
+        self._received = {m: self.request_count.labels(m) for m in METHODS}
+        self._succeeded = {m: self.request_success.labels(m) for m in METHODS}
         for err in (*dict.fromkeys(FAILURE_LABELS.values()), MODEL_TYPE, DROPPED):
             self.request_failure.labels(err)
         self.request = _Phase("te_request", "a request", registry, averaged=True)
@@ -132,6 +132,12 @@ class Metrics:
             registry=registry)
 
     # -- what the service and the worker pool report ------------------------------------------
+
+    def received(self, method: str) -> None:
+        self._received[method].inc()
+
+    def succeeded(self, method: str) -> None:
+        self._succeeded[method].inc()
 
     def failed(self, err: str) -> None:
         self.request_failure.labels(err).inc()

@@ -280,7 +280,7 @@ class InferenceService:
     ) -> Outcome:
         """Admission, tokenization, batching and inference for one request's inputs."""
         method = "single" if len(inputs) == 1 else "batch"
-        self.metrics.request_count.labels(method).inc()
+        self.metrics.received(method)
         try:
             outcome = await self._run(inputs, output, truncate=truncate, direction=direction,
                                       prompt_name=prompt_name)
@@ -290,7 +290,7 @@ class InferenceService:
         except asyncio.CancelledError:
             self.metrics.failed(DROPPED)
             raise
-        self.metrics.request_success.labels(method).inc()
+        self.metrics.succeeded(method)
         return outcome
 
     async def _run(

@@ -53,6 +53,7 @@ def test_response_headers(server):
     for name in ("x-compute-time", "x-total-time", "x-tokenization-time", "x-queue-time",
                  "x-inference-time"):
         assert int(headers[name]) >= 0
+    assert "server" not in headers  # as TEI: no software banner
     assert len(post(server, {"inputs": "x"}).headers["x-request-id"]) == 32
     # An id that could forge log lines (control characters) or bloat them is replaced.
     for unsafe in ("a\x1b[2Kforged", "x" * 129, "two words"):
