@@ -14,7 +14,6 @@ import numpy as np
 from router.inputs import (
     as_input_list,
     as_predict_list,
-    check_admissible,
     check_batch_size,
     resolve_prompt,
 )
@@ -89,7 +88,6 @@ async def tokenize(
     if not texts or any(not text for text in texts):
         raise empty("`inputs` cannot be empty")
     check_batch_size(len(texts), service.rules)
-    check_admissible(len(texts), service.max_concurrent_requests)
     prompt = resolve_prompt(prompt_name, service.rules)
     if prompt is not None:
         texts = [prompt + text for text in texts]
@@ -101,7 +99,6 @@ async def decode(
     service: InferenceService, batch: list[list[int]], *, skip_special_tokens: bool
 ) -> list[str]:
     check_batch_size(len(batch), service.rules)
-    check_admissible(len(batch), service.max_concurrent_requests)
     vocab = service.rules.vocab_size
     for ids in batch:
         if not ids:

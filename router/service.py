@@ -234,9 +234,11 @@ class InferenceService:
     @contextlib.contextmanager
     def admitted(self, inputs: int) -> Iterator[None]:
         """Hold `inputs` of the --max-concurrent-requests permits for the block, or refuse at
-        once (429); a drain waits for every admitted block to end."""
+        once (422 if it could never fit, 429 if not now); a drain waits for every admitted
+        block to end."""
         if self.draining:
             raise unhealthy("the server is shutting down")
+        check_admissible(inputs, self.max_concurrent_requests)
         if inputs > self._permits:
             raise overloaded()
         task = asyncio.current_task()
@@ -308,7 +310,6 @@ class InferenceService:
         if self._queue is None or not self.workers.any_ready:
             raise unhealthy("no backend worker is ready (the model is loading or restarting)")
         check_batch_size(len(inputs), self.rules)
-        check_admissible(len(inputs), self.max_concurrent_requests)
         prompt = resolve_prompt(prompt_name, self.rules)
         kind = "predict" if output is OutputKind.LOGITS else "embed"
         with self.admitted(len(inputs)):
