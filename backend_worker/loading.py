@@ -146,14 +146,40 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
             return [path]
         try:
             weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise ConfigError(f"{path}: unreadable shard index: {exc}") from exc
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{path}: unreadable shard index: {exc!r}") from exc
+        if not (isinstance(weight_map, dict) and weight_map
+                and all(isinstance(v, str) for v in weight_map.values())):
+            raise ConfigError(f"{path}: the shard index's weight_map must map tensor names to "
+                              "shard files")
         shards = [root / shard for shard in sorted(set(weight_map.values()))]
         missing = [str(s) for s in shards if not s.is_file()]
         if missing:
             raise ConfigError(f"{path}: shards listed but not found: {missing}")
+        _check_listed(path, set(weight_map), shards)
         return shards
     raise ConfigError(f"{root}: no weights found (looked for {', '.join(CHECKPOINT_NAMES)})")
+
+
+def _check_listed(index: Path, listed: set[str], shards: list[Path]) -> None:
+    """Every tensor the index lists must be in a shard: one that is not, even one we would
+    ignore, means a truncated or mixed-up download. (Safetensors headers are read without
+    the data; .bin shards would have to be unpickled whole, so they are not checked here.)"""
+    if not all(shard.suffix == ".safetensors" for shard in shards):
+        return
+    from safetensors import safe_open
+
+    held: set[str] = set()
+    for shard in shards:
+        try:
+            with safe_open(str(shard), framework="pt", device="cpu") as handle:
+                held.update(handle.keys())
+        except Exception as exc:
+            raise ConfigError(f"{shard}: cannot read weights: {exc}") from exc
+    absent = listed - held
+    if absent:
+        raise ConfigError(f"{index}: listed but in no shard (an incomplete download?): "
+                          f"{_named(list(absent))}")
 
 
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -169,7 +195,11 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
             state = _torch_load(path)
             if not isinstance(state, dict):
                 raise ConfigError(f"{path}: not a state dict")
-            yield from state.items()
+            for key, value in state.items():
+                if not isinstance(value, torch.Tensor):
+                    raise ConfigError(f"{path}: {key!r} is a {type(value).__name__}, not a "
+                                      "tensor (a nested or non-weight state dict?)")
+                yield key, value
 
 
 def _torch_load(path: Path) -> object:
@@ -255,14 +285,19 @@ def load_strict(module: nn.Module, files: list[Path], weight_map: WeightMap) -> 
     # Fused parameters are assembled once all their slices were read (they may sit in
     # different shards); each slice's shape is checked through the concatenation's.
     for name, (order, got) in parts.items():
+        target = targets.get(name)
+        if target is None:  # e.g. a layer past num_hidden_layers
+            unexpected.extend(key for key, _ in got.values())
+            continue
         if len(got) < len(order):
             expected = dict(zip(order, weight_map.expected_keys(name), strict=False))
             absent = [expected.get(p, p) for p in order if p not in got]
             problems.append(f"missing (slices of fused {name}): {_named(absent)}")
             continue
         sources = " + ".join(got[p][0] for p in order)
-        trailing = tuple(targets[name].shape[1:]) if name in targets else None
-        bad = [got[p][0] for p in order if trailing and tuple(got[p][1].shape[1:]) != trailing]
+        # Slices stack along dim 0: each has the target's rank and its trailing dimensions.
+        bad = [got[p][0] for p in order
+               if got[p][1].dim() != target.dim() or got[p][1].shape[1:] != target.shape[1:]]
         if bad:
             shape = tuple(targets[name].shape)
             problems.append(f"shape mismatch for {_named(bad)}: slices of {name} {shape}")

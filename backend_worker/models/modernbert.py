@@ -169,7 +169,7 @@ HEADS = FamilyHeads(
         rules=(Rule("head.dense.{w}", "dense.{w}"), Rule("head.norm.{w}", "norm.{w}"),
                # Present exactly when config.json's decoder_bias is (the module says which).
                Rule("decoder.bias", "decoder.bias")),
-        owns=(r"head\.", r"decoder\.bias$"),
+        owns=(r"head\.", r"decoder\."),
     ),
     # transformers ties the decoder to the token embeddings and saves it once.
     mlm_tied=(Either(Rule("decoder.weight", "decoder.weight"),

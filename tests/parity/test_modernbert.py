@@ -253,6 +253,17 @@ def test_decoder_bias_must_agree_with_config(tmp_path: Path) -> None:
         build_head(load_model_info(root, pooling_override="splade"), torch.device("cpu"))
 
 
+@pytest.mark.parametrize("untied", [False, True])
+def test_a_stray_decoder_key_is_named(tmp_path: Path, untied: bool) -> None:
+    # decoder.* is the MLM head's whole space (the encoder ignores it): nothing in it is
+    # dropped unseen, tied (decoder.weight absent) or not.
+    root = bare_modernbert(tmp_path / "m", architecture="ModernBertForMaskedLM",
+                           overrides={"tie_word_embeddings": False} if untied else {})
+    edit_weights(root, add={"decoder.extra": torch.zeros(2)})
+    with pytest.raises(ConfigError, match=r"unexpected keys: decoder\.extra"):
+        build_head(load_model_info(root, pooling_override="splade"), torch.device("cpu"))
+
+
 def test_missing_classifier_head_key_is_named(tmp_path: Path) -> None:
     root = bare_modernbert(tmp_path / "m", architecture="ModernBertForSequenceClassification")
     edit_weights(root, drop="head.norm.weight")

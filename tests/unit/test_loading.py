@@ -114,6 +114,28 @@ def test_fused_slices_are_checked_one_by_one(model_dir: Path) -> None:
     assert prefix + "value.weight" in str(info.value)
 
 
+def test_a_layer_past_the_configured_count_is_unexpected(model_dir: Path) -> None:
+    # Its Q/K/V slices fuse into a parameter the 2-layer model does not have.
+    def add_layer(state: dict[str, torch.Tensor]) -> None:
+        state.update({k.replace("layer.1.", "layer.2."): v.clone() for k, v in state.items()
+                      if k.startswith("encoder.layer.1.")})
+
+    edit_weights(model_dir / "model.safetensors", add_layer)
+    with pytest.raises(ConfigError, match=r"unexpected keys: .*encoder\.layer\.2\.attention"
+                                          r"\.self\.key\.bias"):
+        load(model_dir)
+
+
+@pytest.mark.parametrize("shape", [(32, 1), ()])
+def test_a_fused_slice_of_the_wrong_rank_is_a_shape_mismatch(model_dir: Path,
+                                                              shape: tuple[int, ...]) -> None:
+    key = "encoder.layer.0.attention.self.query.bias"
+    edit_weights(model_dir / "model.safetensors", lambda s: s.update({key: torch.zeros(shape)}))
+    with pytest.raises(ConfigError, match="shape mismatch") as info:
+        load(model_dir)
+    assert key in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("key", "dtype"),
     [("encoder.layer.0.output.dense.weight", torch.int8),
@@ -162,6 +184,40 @@ def test_shard_listed_but_absent(model_dir: Path) -> None:
     (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ConfigError, match="model-00002-of-00002"):
         checkpoint_files(model_dir)
+
+
+def shard(model_dir: Path, weight_map) -> None:
+    (model_dir / "model.safetensors").rename(model_dir / "model-00001-of-00001.safetensors")
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("weight_map", [{}, ["model-00001-of-00001.safetensors"], {"a": 1}])
+def test_a_malformed_shard_index_is_refused(model_dir: Path, weight_map) -> None:
+    shard(model_dir, weight_map)
+    with pytest.raises(ConfigError, match="index"):
+        checkpoint_files(model_dir)
+
+
+def test_a_tensor_the_index_lists_but_no_shard_holds_is_refused(model_dir: Path) -> None:
+    keys = load_file(str(model_dir / "model.safetensors"))
+    # pooler.* would be ignored, but its absence still means a truncated download.
+    shard(model_dir, {**dict.fromkeys(keys, "model-00001-of-00001.safetensors"),
+                      "pooler.extra": "model-00001-of-00001.safetensors"})
+    with pytest.raises(ConfigError, match=r"in no shard.*pooler\.extra"):
+        checkpoint_files(model_dir)
+    shard_file = model_dir / "model-00001-of-00001.safetensors"
+    shard_file.rename(model_dir / "model.safetensors")
+    shard(model_dir, dict.fromkeys(keys, "model-00001-of-00001.safetensors"))
+    load(model_dir)  # the complete index loads
+
+
+def test_a_non_tensor_in_a_bin_checkpoint_is_refused(model_dir: Path) -> None:
+    state = load_file(str(model_dir / "model.safetensors"))
+    state["embeddings.LayerNorm.weight"] = [1.0, 2.0]
+    (model_dir / "model.safetensors").unlink()
+    torch.save(state, model_dir / "pytorch_model.bin")
+    with pytest.raises(ConfigError, match=r"LayerNorm\.weight.*not a tensor"):
+        load(model_dir)
 
 
 def test_jinabert_v2_is_served_as_jina_not_bert(model_dir: Path) -> None:
