@@ -158,8 +158,18 @@ def parse_pooling_config(cfg: dict[str, Any], where: Path) -> str:
     return names[0]
 
 
+# The order the worker computes a sentence-transformers pipeline in (Dense may repeat).
+_PIPELINE_ORDER = {"Transformer": 0, "Pooling": 1, "Dense": 2, "Normalize": 3}
+
+
 def parse_dense(module_dir: Path) -> DenseSpec:
     cfg = _read_json(module_dir / "config.json")
+    for key in ("module_input_name", "module_output_name"):
+        # sentence-transformers 6 can point a Dense at the token embeddings (before pooling):
+        # we apply every Dense to the pooled vector, so that would be silently wrong.
+        if cfg.get(key, "sentence_embedding") != "sentence_embedding":
+            raise ConfigError(f"{module_dir}: Dense with {key}={cfg[key]!r} is not supported "
+                              "(only a Dense on the pooled sentence embedding is)")
     if cfg.get("use_residual"):
         # sentence-transformers 6 can add the input back (with a projection when the sizes
         # differ); serving it as a plain Dense would give silently wrong vectors.
@@ -243,9 +253,19 @@ def load_model_info(
     pooling: str | None = None
     dense: list[DenseSpec] = []
     has_normalize = False
+    previous = ""  # the module before, in idx order
     for module in sorted(modules, key=lambda m: int(m.get("idx", 0))):
         kind = _module_kind(module["type"])
         path = root / module.get("path", "")
+        if kind in _PIPELINE_ORDER and previous in _PIPELINE_ORDER and (
+                _PIPELINE_ORDER[kind] < _PIPELINE_ORDER[previous]
+                or (kind == previous and kind != "Dense")):
+            # The worker computes Transformer, Pooling, Dense..., Normalize in that order; any
+            # other order (a Dense on the token embeddings, a Dense after Normalize) would be
+            # served without an error and give other vectors than sentence-transformers.
+            raise ConfigError(f"{root}/modules.json: {kind} after {previous} is not supported "
+                              "(only Transformer, Pooling, Dense..., Normalize in that order)")
+        previous = kind
         if kind == "Transformer":
             continue
         if kind == "Pooling":

@@ -374,6 +374,28 @@ def test_unsupported_dense_activation(tmp_path: Path) -> None:
         load_model_info(root)
 
 
+@pytest.mark.parametrize("order", [
+    [("Transformer", ""), ("Dense", "2_Dense"), ("Pooling", "1_Pooling")],  # on the tokens
+    [*STACK, ("Dense", "2_Dense")],  # after Normalize
+    [*STACK[:2], ("Pooling", "1_Pooling"), ("Dense", "2_Dense")],  # pooled twice
+], ids=["dense-before-pooling", "dense-after-normalize", "two-poolings"])
+def test_a_pipeline_out_of_order_is_refused(tmp_path: Path, order: list[tuple[str, str]]) -> None:
+    # Served in the worker's fixed order, these would differ from sentence-transformers.
+    root = model_dir(tmp_path, modules=order, files={
+        "1_Pooling/config.json": classic_pooling("mean_tokens"),
+        "2_Dense/config.json": dense(32, 32)})
+    with pytest.raises(ConfigError, match=r"modules\.json: .* after .* is not supported"):
+        load_model_info(root)
+
+
+def test_a_dense_on_the_token_embeddings_is_refused(tmp_path: Path) -> None:
+    root = model_dir(tmp_path, modules=[*STACK[:2], ("Dense", "2_Dense")], files={
+        "1_Pooling/config.json": classic_pooling("mean_tokens"),
+        "2_Dense/config.json": {**dense(32, 32), "module_input_name": "token_embeddings"}})
+    with pytest.raises(ConfigError, match="module_input_name='token_embeddings'"):
+        load_model_info(root)
+
+
 def test_dense_path_replaces_modules_dense(tmp_path: Path) -> None:
     root = model_dir(tmp_path, modules=[*STACK[:2], ("Dense", "2_Dense")], files={
         "1_Pooling/config.json": classic_pooling("mean_tokens"),
