@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from shared.errors import EmbedServeError, ErrorType
 
@@ -41,6 +42,11 @@ _NS_PER_MS = 1_000_000
 def _as_error(exc: Exception, method: str) -> EmbedServeError:
     if isinstance(exc, EmbedServeError):
         return exc
+    if isinstance(exc, DecodeError):
+        # A stream's next message that is not the message type: the client's mistake, which
+        # tonic (TEI) answers INTERNAL with the decoder's words.
+        log.warning("%s: undecodable request message: %s", method, exc)
+        return EmbedServeError(ErrorType.INTERNAL, f"failed to decode the request: {exc}")
     log.error("unhandled error in %s", method, exc_info=exc)
     return EmbedServeError(ErrorType.INTERNAL, "internal server error")
 

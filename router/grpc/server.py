@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from router.grpc.auth import ApiKeyInterceptor
 from router.grpc.protos import services
@@ -27,6 +27,9 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # How often health follows the service's readiness, which changes at start-up, when a worker
 # dies or returns, and on drain.
 HEALTH_INTERVAL_SECONDS = 0.2
+# Reflection's current name, which grpcurl, grpcui and Postman ask first; grpcio-reflection
+# serves only v1alpha, whose messages v1 kept unchanged under the new package name.
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 
 def model_services(state: AppState) -> set[str]:
@@ -48,6 +51,12 @@ def build_server(state: AppState, health_servicer: health.aio.HealthServicer) ->
             # grpc lets a second server bind a busy port by default: fail as HTTP does.
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", config.payload_limit),
+            # Clients that ping to keep idle streams and connections alive (a 30 s keepalive is
+            # common) are served, as TEI's tonic server serves them; grpc-core's default ends
+            # their connection with GOAWAY "too many pings" after a few pings without data.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 1_000),
+            ("grpc.http2.max_ping_strikes", 0),
         ],
     )
     named = servicers(state)
@@ -55,9 +64,15 @@ def build_server(state: AppState, health_servicer: health.aio.HealthServicer) ->
         add = getattr(services, f"add_{name.removeprefix('tei.v1.')}Servicer_to_server")
         add(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [*named, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME], server)
+    listed = [*named, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+              reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(listed, server)
+    v1 = grpc.stream_stream_rpc_method_handler(
+        reflection.aio.ReflectionServicer(listed).ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": v1}),))
     return server
 
 

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2
+from grpc_health.v1.health_pb2_grpc import HealthStub as grpc_health_stub
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from router.grpc.protos import pb, services
@@ -76,6 +78,40 @@ def test_reflection_lists_the_services(embedder) -> None:
     [found] = stub.ServerReflectionInfo(iter([
         reflection_pb2.ServerReflectionRequest(file_containing_symbol="tei.v1.EmbedRequest")]))
     assert found.file_descriptor_response.file_descriptor_proto  # the .proto, for grpcurl
+
+
+def test_reflection_v1_answers_as_v1alpha(embedder) -> None:
+    # v1 is what current grpcurl / grpcui / Postman ask first; its messages are v1alpha's.
+    info = embedder[1].channel.stream_stream(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+    [answer] = info(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    assert "tei.v1.Embed" in {s.name for s in answer.list_services_response.service}
+
+
+def test_keepalive_pings_do_not_end_an_idle_stream(embedder) -> None:
+    # grpc-core's default server policy sends GOAWAY "too many pings" after a few pings
+    # without data; TEI's tonic server has no such policy, and clients ping idle streams.
+    options = [("grpc.keepalive_time_ms", 1000), ("grpc.keepalive_permit_without_calls", 1),
+               ("grpc.http2.max_pings_without_data", 0)]
+    with grpc.insecure_channel(f"127.0.0.1:{embedder[1].port}", options=options) as channel:
+        watch = grpc_health_stub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=5)
+        code, _ = status_of(lambda: list(watch))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED  # not UNAVAILABLE "Too many pings"
+
+
+def test_an_undecodable_stream_message_is_answered_not_logged_as_a_crash(embedder) -> None:
+    raw = embedder[1].channel.stream_stream("/tei.v1.Embed/EmbedStream",
+                                            request_serializer=lambda b: b,
+                                            response_deserializer=pb.EmbedResponse.FromString)
+    good = pb.EmbedRequest(inputs="hi").SerializeToString()
+    replies = raw(iter([good, b"\xff\xff\xff"]))
+    first = next(replies)
+    assert len(first.embeddings) > 0
+    code, details = status_of(lambda: next(replies))
+    assert code == grpc.StatusCode.INTERNAL
+    assert "decode" in details and "internal server error" not in details
 
 
 def test_info_equals_http(embedder) -> None:
