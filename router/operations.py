@@ -53,8 +53,9 @@ async def rerank(
 
 
 def best_first(scores: np.ndarray) -> np.ndarray:
-    """Indices by descending score; ties keep the input order."""
-    return np.argsort(-scores, kind="stable")
+    """Indices by descending score, ties in TEI's order: the later input first (TEI sorts
+    ascending, stably, then reverses)."""
+    return np.argsort(scores, kind="stable")[::-1]
 
 
 async def embed_sparse(
