@@ -95,6 +95,8 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool
 
 def _check_shape(body: bytes, texts: int, dim: int | None) -> str | None:
     vectors = json.loads(body)
+    if isinstance(vectors, dict) and isinstance(vectors.get("data"), list):  # OpenAI's shape
+        vectors = [item.get("embedding") for item in vectors["data"]]
     if not isinstance(vectors, list) or len(vectors) != texts:
         return "wrong number of vectors"
     if dim is not None and any(len(v) != dim for v in vectors):

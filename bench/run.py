@@ -2,7 +2,8 @@
 
 Order matters on a small machine: build the workloads, measure the baseline in its own process
 with the server not running, then start the server, warm it, run the HTTP workloads one at a
-time, read the router's RSS, stop it with SIGTERM, print the table and append it to RESULTS.md.
+time, read the router's RSS, stop it with SIGTERM; with `--infinity`, do the same for Infinity
+(bench/peers.py) once embedserve is gone; print the table and append it to RESULTS.md.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import report, workloads
+from bench import peers, report, workloads
 from bench.baseline import BaselineResult, load
 from bench.loadgen import LoadResult, Request, build_request, percentile, run_load
 from bench.report import Row, ms, rate
@@ -56,6 +57,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--time-limit", type=float, default=600,
                    help="seconds per HTTP workload; it stops sending after that [600]")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--infinity", metavar="PATH",
+                   help="also measure Infinity under the same load: its infinity_emb "
+                        "executable, in a venv of its own (bench/peers.py)")
     p.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"),
                    help="file the table is appended to [bench/RESULTS.md]")
     p.add_argument("--no-append", action="store_true", help="print the table only")
@@ -158,6 +162,65 @@ def measure(server: Server, requests: list[Request], concurrency: int,
                     (busy - cpu.tree_s - result.client_cpu_s) / result.wall_s)
 
 
+def measure_peer(peer: peers.InfinityServer, corpus_bodies: list[tuple[bytes, int, int]],
+                 query_bodies: list[tuple[bytes, int, int]], args: argparse.Namespace,
+                 dim: int | None, base: BaselineResult
+                 ) -> tuple[list[Row], list[str], dict[str, tuple[float, ...]]]:
+    """The HTTP workloads against another server: rows beside embedserve's, facts, and the
+    numbers by workload (as `main` keeps embedserve's)."""
+    ready_s = peer.wait_healthy()
+    print(f"{peer.name} up on :{peer.port} after {ready_s:.1f} s", flush=True)
+    corpus_reqs = [build_request(peer.port, peer.path, body, n, tok)
+                   for body, n, tok in peers.openai_bodies(corpus_bodies)]
+    query_reqs = [build_request(peer.port, peer.path, body, n, tok)
+                  for body, n, tok in peers.openai_bodies(query_bodies)]
+    run_load(peer.port, corpus_reqs[:2] + query_reqs[:20], 2, 60, dim)  # warm-up
+    base_p50 = percentile(base.query_latencies_s, 50)
+    base_qps = len(base.query_latencies_s) / sum(base.query_latencies_s)
+    rows: list[Row] = []
+    numbers: dict[str, tuple[float, ...]] = {}
+    loads = [(f"{peer.name} corpus ({args.batch} texts/request)", corpus_reqs, args.concurrency),
+             *((f"{peer.name} queries (1 text/request)", query_reqs, conc)
+               for conc in args.query_concurrency)]
+    for what, requests, conc in loads:
+        print(f"{what}, {conc} in flight ...", flush=True)
+        cpu0, busy0 = peer.cpu_s(), machine_busy_s()
+        res = run_load(peer.port, requests, conc, args.time_limit, dim, args.client_processes)
+        cpu, busy = peer.cpu_s() - cpu0, machine_busy_s() - busy0
+        other = (busy - cpu - res.client_cpu_s) / res.wall_s
+        if requests is corpus_reqs:
+            tps = res.tokens / res.wall_s
+            throughput = f"{rate(tps, 'tok/s')} ({rate(res.texts / res.wall_s, 'texts/s')})"
+            versus = f"{tps / base.tokens_per_s:.2f}x encode tok/s"
+            numbers["corpus"] = (tps,)
+        else:
+            p50, qps = percentile(res.latencies_s, 50), len(res.latencies_s) / res.wall_s
+            numbers[f"queries {conc}"] = (p50, qps)
+            throughput = rate(qps, "req/s")
+            versus = f"p50 {p50 / base_p50:.2f}x, req/s {qps / base_qps:.2f}x encode"
+        rows.append(Row(what, str(conc), str(len(res.latencies_s)), errors_text(res),
+                        throughput, ms(percentile(res.latencies_s, 50)),
+                        ms(percentile(res.latencies_s, 99)), versus,
+                        cpu_text(res.client_cpu_s, res.wall_s),
+                        f"{cpu / res.wall_s:.2f} cores (all its processes)", "", cores(other)))
+    return rows, [f"{peer.name}: {peer.versions()}, started as `{' '.join(peer.args[1:])}`; "
+                  f"ready after {ready_s:.1f} s"], numbers
+
+
+def versus_peer(ours: dict[str, tuple[float, ...]], theirs: dict[str, tuple[float, ...]],
+                name: str) -> str:
+    """embedserve against another server, workload by workload, as ratios."""
+    parts = []
+    if "corpus" in ours and "corpus" in theirs:
+        parts.append(f"corpus {ours['corpus'][0] / theirs['corpus'][0]:.2f}x the tokens/s")
+    for key in ours:
+        if key.startswith("queries ") and key in theirs:
+            (p50, qps), (their_p50, their_qps) = ours[key], theirs[key]
+            parts.append(f"queries at {key.split()[1]} in flight {qps / their_qps:.2f}x the "
+                         f"req/s, p50 {p50 / their_p50:.2f}x")
+    return f"embedserve against {name} under the same load: " + "; ".join(parts)
+
+
 def in_flight_problem(concurrency: int, batch: int, limit: int | None) -> str | None:
     """Why the corpus load would be partly refused, or None. The server counts inputs in flight
     (--max-concurrent-requests) and answers 429 to a request that does not fit: those would be
@@ -195,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     server = Server(model, args.device, args.server_arg)
     rows: list[Row] = []
     notes: list[str] = []
+    ours: dict[str, tuple[float, ...]] = {}  # by workload: (tokens/s) or (p50 s, req/s)
     others: list[tuple[str, float]] = [("the baseline", base_other)]
     try:
         ready_s = server.wait_healthy()
@@ -207,10 +271,12 @@ def main(argv: list[str] | None = None) -> int:
         if problem is not None:
             sys.exit(problem)
 
+        corpus_bodies = workloads.embed_bodies(corpus, args.batch)
+        query_bodies = workloads.embed_bodies(queries, 1)
         corpus_reqs = [build_request(server.port, "/embed", body, n, tok)
-                       for body, n, tok in workloads.embed_bodies(corpus, args.batch)]
+                       for body, n, tok in corpus_bodies]
         query_reqs = [build_request(server.port, "/embed", body, n, tok)
-                      for body, n, tok in workloads.embed_bodies(queries, 1)]
+                      for body, n, tok in query_bodies]
         # Warm-up, not measured: first requests pay for connection set-up and lazy paths.
         run_load(server.port, corpus_reqs[:2] + query_reqs[:20], 2, 60, dim)
 
@@ -219,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         m = measure(server, corpus_reqs, args.concurrency, args, dim)
         res, other = m.load, m.other
         tps = res.tokens / res.wall_s
+        ours["corpus"] = (tps,)
         rows.append(Row(
             f"HTTP corpus ({args.batch} texts/request)", str(args.concurrency),
             str(len(res.latencies_s)), errors_text(res),
@@ -240,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             res, other = m.load, m.other
             p50 = percentile(res.latencies_s, 50)
             qps = len(res.latencies_s) / res.wall_s
+            ours[f"queries {conc}"] = (p50, qps)
             rows.append(Row(
                 "HTTP queries (1 text/request)", str(conc), str(len(res.latencies_s)),
                 errors_text(res), rate(qps, "req/s"), ms(p50),
@@ -261,6 +329,17 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         notes.append(f"{len(problems)} WARNING/ERROR lines in the server log ({server.log_path}),"
                      f" first: {problems[0][:200]!r}")
+
+    if args.infinity:
+        # Only now: on a small machine two servers at once would measure each other.
+        peer = peers.InfinityServer(args.infinity, model, args.device, args.batch)
+        try:
+            peer_rows, peer_facts, theirs = measure_peer(peer, corpus_bodies, query_bodies,
+                                                         args, dim, base)
+        finally:
+            peer.stop()
+        rows += peer_rows
+        notes += [*peer_facts, versus_peer(ours, theirs, peer.name)]
 
     rows[:0] = [
         Row(f"SentenceTransformer.encode corpus (batch {args.batch})", "", str(base.corpus_texts),

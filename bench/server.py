@@ -39,7 +39,7 @@ def _stat_fields(pid: int) -> list[str]:
     return raw[raw.rindex(")") + 2:].split()
 
 
-def _descendants(root: int) -> list[int]:
+def descendants(root: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -189,7 +189,7 @@ class Server:
     def cpu(self) -> CpuSnapshot:
         pid = self.process.pid
         return CpuSnapshot(cpu_seconds(pid), sum(cpu_seconds(p) for p in self.worker_pids()),
-                           sum(cpu_seconds(p) for p in _descendants(pid)))
+                           sum(cpu_seconds(p) for p in descendants(pid)))
 
     def stages(self) -> StageSnapshot:
         status, body = self._get("/metrics")

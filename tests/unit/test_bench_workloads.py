@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from bench import workloads
+from bench import peers, workloads
+from bench.loadgen import _check_shape
+from bench.run import versus_peer
 from shared.resolve import default_model_dir
 
 
@@ -56,3 +60,30 @@ def test_a_corpus_load_the_server_would_refuse_in_part_is_stopped() -> None:
     assert in_flight_problem(8, 32, None) is None
     problem = in_flight_problem(32, 32, 512)
     assert problem is not None and "--max-concurrent-requests=1024" in problem
+
+
+def test_peer_bodies_carry_the_same_texts_in_openai_shape(
+        factory: workloads.TextFactory) -> None:
+    bodies = workloads.embed_bodies(factory.make(5, 16, 32, seed=0), 2)
+    rewritten = peers.openai_bodies(bodies)
+    assert [(n, t) for _, n, t in rewritten] == [(n, t) for _, n, t in bodies]
+    for (tei, _, _), (openai, _, _) in zip(bodies, rewritten, strict=True):
+        assert json.loads(openai) == {"input": json.loads(tei)["inputs"],
+                                      "model": peers.SERVED_NAME}
+
+
+def test_openai_shaped_answers_are_checked_as_tei_shaped_ones() -> None:
+    answer = b'{"object": "list", "data": [{"embedding": [0.1, 0.2]}, {"embedding": [0.3, 0.4]}]}'
+    assert _check_shape(answer, 2, 2) is None
+    assert _check_shape(answer, 3, 2) == "wrong number of vectors"
+    assert _check_shape(answer, 2, 3) == "wrong dimension"
+    assert _check_shape(b"[[0.1, 0.2]]", 1, 2) is None
+
+
+def test_versus_peer_reads_as_ratios() -> None:
+    ours = {"corpus": (3000.0,), "queries 1": (0.002, 400.0), "queries 32": (0.02, 1500.0)}
+    theirs = {"corpus": (1000.0,), "queries 1": (0.008, 100.0), "queries 32": (0.05, 600.0)}
+    assert versus_peer(ours, theirs, "Infinity") == (
+        "embedserve against Infinity under the same load: corpus 3.00x the tokens/s; "
+        "queries at 1 in flight 4.00x the req/s, p50 0.25x; "
+        "queries at 32 in flight 2.50x the req/s, p50 0.40x")
