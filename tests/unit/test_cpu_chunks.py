@@ -53,9 +53,9 @@ def test_a_batch_that_fits_is_not_copied() -> None:
 
 
 @pytest.mark.parametrize(("hidden", "dtype", "tokens"), [
-    (384, torch.float32, 2048), (384, torch.bfloat16, 4096),  # all-MiniLM-L6-v2
-    (768, torch.float32, 1024), (768, torch.bfloat16, 2048),  # bge-base
-    (32, torch.float32, 32768),
+    (384, torch.float32, 4096), (384, torch.bfloat16, 8192),  # all-MiniLM-L6-v2
+    (768, torch.float32, 2048), (768, torch.bfloat16, 4096),  # bge-base
+    (32, torch.float32, 65536),
 ])
 def test_chunk_size_follows_the_activation_size(hidden: int, dtype: torch.dtype,
                                                 tokens: int) -> None:
