@@ -104,5 +104,8 @@ def serving(*args: str, log_path: Path, env: dict[str, str] | None = None,
     try:
         yield srv
     finally:
+        started = time.monotonic()
         code = srv.stop()
-    assert code == 0, srv.log()
+    # -9 after ~30 s: the stop timed out (SIGKILL); the log says how far the shutdown got.
+    assert code == 0, (f"exit status {code} {time.monotonic() - started:.1f} s after SIGTERM\n"
+                       f"{srv.log()}")
