@@ -92,7 +92,7 @@ async def tokenize(
     prompt = resolve_prompt(prompt_name, service.rules)
     if prompt is not None:
         texts = [prompt + text for text in texts]
-    with service.admitted(len(texts)):  # the pool's work is bounded as inference is
+    with service.admitted(len(texts), "tokenizer"):
         return await service.tokenizers.tokens(texts, add_special_tokens)
 
 
@@ -108,7 +108,7 @@ async def decode(
         if bad is not None:
             raise validation(f"token id {bad} is out of range; the model's vocabulary has "
                              f"{vocab} tokens")
-    with service.admitted(len(batch)):
+    with service.admitted(len(batch), "tokenizer"):
         return await service.tokenizers.decode(batch, skip_special_tokens)
 
 

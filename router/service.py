@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from opentelemetry.trace import Tracer
@@ -47,6 +47,8 @@ from shared.protocol import OutputKind
 
 log = logging.getLogger(__name__)
 
+# Admission pools: inference (queue and workers), and the tokenizer pool's own operations.
+Permits = Literal["inference", "tokenizer"]
 SHUT_DOWN = "the server shut down before this request was done (--shutdown-grace)"
 # After the grace, how long the handlers get to write their 503s before the port closes.
 _ANSWER_S = 1.0
@@ -130,7 +132,8 @@ class InferenceService:
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_requests = max_batch_requests
         self.max_concurrent_requests = max_concurrent_requests
-        self._permits = max_concurrent_requests
+        self._permits: dict[Permits, int] = {"inference": max_concurrent_requests,
+                                             "tokenizer": max_concurrent_requests}
         self._queue: TokenBudgetQueue | None = None
         self._wake = asyncio.Event()
         self._request_ids = itertools.count()
@@ -232,18 +235,19 @@ class InferenceService:
             raise backend(message)
 
     @contextlib.contextmanager
-    def admitted(self, inputs: int) -> Iterator[None]:
-        """Hold `inputs` of the --max-concurrent-requests permits for the block, or refuse at
-        once (422 if it could never fit, 429 if not now); a drain waits for every admitted
-        block to end."""
+    def admitted(self, inputs: int, pool: Permits = "inference") -> Iterator[None]:
+        """Hold `inputs` of `pool`'s --max-concurrent-requests permits for the block, or
+        refuse at once (422 if it could never fit, 429 if not now); a drain waits for every
+        admitted block to end. /tokenize and /decode draw on a pool of their own: bounded as
+        inference is, never refused because inference holds every permit (TEI takes none)."""
         if self.draining:
             raise unhealthy("the server is shutting down")
         check_admissible(inputs, self.max_concurrent_requests)
-        if inputs > self._permits:
+        if inputs > self._permits[pool]:
             raise overloaded()
         task = asyncio.current_task()
         assert task is not None
-        self._permits -= inputs
+        self._permits[pool] -= inputs
         self._active += 1
         self._idle.clear()
         self._admitted.add(task)
@@ -257,7 +261,7 @@ class InferenceService:
             raise unhealthy(SHUT_DOWN) from None
         finally:
             self._admitted.discard(task)
-            self._permits += inputs
+            self._permits[pool] += inputs
             self._active -= 1
             if self._active == 0:
                 self._idle.set()

@@ -258,10 +258,23 @@ def test_more_inputs_than_there_are_permits_is_a_422_at_once(fresh_server):
                                         "(--max-concurrent-requests)",
                                "error_type": "Validation"}
     assert srv.client.post("/embed", json={"inputs": ["a", "b"]}).status_code == 200
-    # /tokenize and /decode hold permits too: the tokenizer pool's work is bounded as well.
+    # /tokenize and /decode are bounded too (the tokenizer pool's work), by permits of their own.
     assert srv.client.post("/tokenize", json={"inputs": ["a", "b", "c"]}).status_code == 422
     assert srv.client.post("/decode", json={"ids": [[101], [102], [103]]}).status_code == 422
     assert srv.client.post("/tokenize", json={"inputs": ["a", "b"]}).status_code == 200
+
+
+def test_tokenize_is_served_while_inference_holds_every_permit(fresh_server):
+    # As in TEI (whose /tokenize takes no permit): a client counting tokens beside a busy
+    # embedding pipeline is not refused for the pipeline's load.
+    srv = fresh_server("--max-concurrent-requests", "64").wait_healthy()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(srv.client.post, "/embed", json=SLOW_BATCH)  # all 64 permits
+        time.sleep(0.5)
+        assert srv.client.post("/embed", json={"inputs": "a"}).status_code == 429
+        assert srv.client.post("/tokenize", json={"inputs": ["a", "b"]}).status_code == 200
+        assert srv.client.post("/decode", json={"ids": [[101, 102]]}).status_code == 200
+        assert pending.result(timeout=120).status_code == 200
 
 
 @pytest.mark.parametrize(("route", "body"), [
