@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -16,7 +16,6 @@ from router.grpc.auth import ApiKeyInterceptor
 from router.grpc.protos import services
 from router.grpc.services import SERVICE_NAMES, servicers
 from router.routes import AppState
-from router.service import InferenceService
 from router.tasks import start_supervised
 from shared.errors import ConfigError
 
@@ -76,18 +75,28 @@ def build_server(state: AppState, health_servicer: health.aio.HealthServicer) ->
     return server
 
 
+def readiness(state: AppState) -> dict[str, Callable[[], bool]]:
+    """When each followed name is SERVING: the server ("") and the model's services while the
+    workers are ready and not draining; Tokenize (the tokenizer pool alone, which answers
+    before the workers and while they restart) from the start until the drain, as TEI reports
+    it."""
+    service = state.service
+    checks: dict[str, Callable[[], bool]] = {
+        name: lambda: service.ready for name in ("", *model_services(state))}
+    checks["tei.v1.Tokenize"] = lambda: not service.draining
+    return checks
+
+
 async def follow_readiness(health_servicer: health.aio.HealthServicer,
-                           service: InferenceService, names: Iterable[str]) -> None:
-    """Keep `names` (and the server's overall status, "") SERVING exactly while the service is
-    ready: workers up and not draining."""
-    names = ["", *names]
-    reported = None
+                           checks: dict[str, Callable[[], bool]]) -> None:
+    """Keep each name's health status what its check says."""
+    reported: dict[str, int] = {}
     while True:
-        status = SERVING if service.ready else NOT_SERVING
-        if status != reported:
-            for name in names:
+        for name, check in checks.items():
+            status = SERVING if check() else NOT_SERVING
+            if reported.get(name) != status:
                 await health_servicer.set(name, status)
-            reported = status
+                reported[name] = status
         await asyncio.sleep(HEALTH_INTERVAL_SECONDS)
 
 
@@ -95,9 +104,9 @@ async def serve(state: AppState, until_stopped: Callable[[], Awaitable[None]]) -
     """Serve until `until_stopped` returns (after draining, or when start-up failed)."""
     config = state.config
     health_servicer = health.aio.HealthServicer()
-    following = {"tei.v1.Tokenize", *model_services(state)}
     for name in SERVICE_NAMES:
-        # Info answers from the start; the rest wait for the workers (or never fit the model).
+        # Info answers from the start; the follower below sets the rest (some never fit the
+        # model and stay NOT_SERVING).
         await health_servicer.set(name, SERVING if name == "tei.v1.Info" else NOT_SERVING)
     await health_servicer.set("", NOT_SERVING)
     server = build_server(state, health_servicer)
@@ -109,7 +118,7 @@ async def serve(state: AppState, until_stopped: Callable[[], Awaitable[None]]) -
         raise ConfigError(f"cannot listen for gRPC on {address}: {exc}") from None
     await server.start()
     log.info("gRPC API on %s", address)
-    follower = start_supervised(follow_readiness(health_servicer, state.service, following),
+    follower = start_supervised(follow_readiness(health_servicer, readiness(state)),
                                 "the gRPC health follower")
     try:
         await until_stopped()

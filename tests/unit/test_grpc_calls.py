@@ -12,6 +12,7 @@ import pytest
 
 from router.grpc.calls import STATUS, in_order, streaming, unary
 from router.grpc.protos import pb
+from router.grpc.server import readiness
 from shared.errors import EmbedServeError, ErrorType, validation
 
 
@@ -166,3 +167,18 @@ def test_a_stream_failure_becomes_the_status_after_the_earlier_replies() -> None
         return got
 
     assert run(main()) == [0, 1]
+
+
+@pytest.mark.parametrize(("ready", "draining", "model_up", "tokenize_up"), [
+    (False, False, False, True),  # loading, or a worker restarting: Tokenize still answers
+    (True, False, True, True),
+    (False, True, False, False),  # draining: everything refuses
+])
+def test_health_follows_what_each_service_needs(ready: bool, draining: bool, model_up: bool,
+                                                tokenize_up: bool) -> None:
+    state = SimpleNamespace(service=SimpleNamespace(ready=ready, draining=draining),
+                            model=SimpleNamespace(kind="reranker"))
+    checks = readiness(state)
+    assert set(checks) == {"", "tei.v1.Predict", "tei.v1.Rerank", "tei.v1.Tokenize"}
+    assert [checks[name]() for name in ("", "tei.v1.Predict", "tei.v1.Rerank")] == [model_up] * 3
+    assert checks["tei.v1.Tokenize"]() is tokenize_up
