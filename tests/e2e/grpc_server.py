@@ -55,7 +55,7 @@ class GrpcServer(Server):
             time.sleep(0.1)
         raise TimeoutError(f"embedserve --grpc not SERVING after {timeout} s:\n{self.log()}")
 
-    def stop(self, timeout: float = 30) -> int:
+    def stop(self, timeout: float = 45) -> int:
         self.channel.close()
         return super().stop(timeout)
 

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -73,7 +74,9 @@ class Server:
     def worker_pids(self) -> list[int]:
         return [w["pid"] for w in self.client.get("/info").json()["workers"]]
 
-    def stop(self, timeout: float = 30) -> int:
+    # Past the server's own bound: after --shutdown-grace (30 s) it closes what connections are
+    # left by force and exits 0, which a 30 s timeout here would race with a SIGKILL.
+    def stop(self, timeout: float = 45) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -106,6 +109,9 @@ def serving(*args: str, log_path: Path, env: dict[str, str] | None = None,
     finally:
         started = time.monotonic()
         code = srv.stop()
-    # -9 after ~30 s: the stop timed out (SIGKILL); the log says how far the shutdown got.
-    assert code == 0, (f"exit status {code} {time.monotonic() - started:.1f} s after SIGTERM\n"
-                       f"{srv.log()}")
+        took = time.monotonic() - started
+    # The log says how far the shutdown got.
+    assert code == 0, f"exit status {code} {took:.1f} s after SIGTERM\n{srv.log()}"
+    if took > 10:  # idle connections close at once: a forced close of a stuck one is a finding
+        warnings.warn(f"embedserve took {took:.0f} s to stop:\n{srv.log()[-3000:]}",
+                      stacklevel=2)
