@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -64,6 +65,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="file the table is appended to [bench/RESULTS.md]")
     p.add_argument("--no-append", action="store_true", help="print the table only")
     args = p.parse_args(argv)
+    if args.infinity and not os.access(args.infinity, os.X_OK):
+        p.error(f"--infinity {args.infinity}: not an executable")  # before minutes of work
     args.texts = args.texts or (256 if args.quick else 8192)
     args.queries = args.queries or (200 if args.quick else 2000)
     args.baseline_queries = args.baseline_queries or min(args.queries, 500)
@@ -332,14 +335,19 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.infinity:
         # Only now: on a small machine two servers at once would measure each other.
-        peer = peers.InfinityServer(args.infinity, model, args.device, args.batch)
         try:
-            peer_rows, peer_facts, theirs = measure_peer(peer, corpus_bodies, query_bodies,
-                                                         args, dim, base)
-        finally:
-            peer.stop()
-        rows += peer_rows
-        notes += [*peer_facts, versus_peer(ours, theirs, peer.name)]
+            peer = peers.InfinityServer(args.infinity, model, args.device, args.batch)
+            try:
+                peer_rows, peer_facts, theirs = measure_peer(peer, corpus_bodies, query_bodies,
+                                                             args, dim, base)
+            finally:
+                peer.stop()
+        except Exception as exc:  # embedserve's table is still worth printing and keeping
+            said = " ".join(str(exc).split())  # one markdown line, its log tail included
+            notes.append(f"Infinity not measured: {type(exc).__name__}: {said}"[:2000])
+        else:
+            rows += peer_rows
+            notes += [*peer_facts, versus_peer(ours, theirs, peer.name)]
 
     rows[:0] = [
         Row(f"SentenceTransformer.encode corpus (batch {args.batch})", "", str(base.corpus_texts),

@@ -54,8 +54,9 @@ async def rerank(
 
 def best_first(scores: np.ndarray) -> np.ndarray:
     """Indices by descending score, ties in TEI's order: the later input first (TEI sorts
-    ascending, stably, then reverses)."""
-    return np.argsort(scores, kind="stable")[::-1]
+    ascending, stably, then reverses). Compared as the float32 the client is sent: scores
+    equal there (two sigmoids rounded to 1.0) are a tie."""
+    return np.argsort(scores.astype(np.float32), kind="stable")[::-1]
 
 
 async def embed_sparse(

@@ -22,6 +22,6 @@ def activate(logits: np.ndarray, activation: str, raw_scores: bool) -> np.ndarra
 
 def ranked_labels(scores: np.ndarray, id2label: dict[str, str]) -> list[tuple[float, str]]:
     """(score, label) for every label, best first (equal scores: the later label first, as
-    TEI orders them)."""
-    order = np.argsort(scores, kind="stable")[::-1]
+    TEI orders them; compared in the float32 the client is sent)."""
+    order = np.argsort(scores.astype(np.float32), kind="stable")[::-1]
     return [(float(scores[i]), id2label.get(str(i), f"LABEL_{i}")) for i in order]

@@ -162,14 +162,18 @@ def parse_pooling_config(cfg: dict[str, Any], where: Path) -> str:
 _PIPELINE_ORDER = {"Transformer": 0, "Pooling": 1, "Dense": 2, "Normalize": 3}
 
 
+def _on_sentence_embedding(cfg: dict[str, Any], module_dir: Path, kind: str) -> None:
+    """sentence-transformers 6 can point a Dense or a Normalize at the token embeddings
+    (`module_input_name`): we apply both to the pooled vector, which would be silently wrong."""
+    for key in ("module_input_name", "module_output_name"):
+        if cfg.get(key, "sentence_embedding") != "sentence_embedding":
+            raise ConfigError(f"{module_dir}: {kind} with {key}={cfg[key]!r} is not supported "
+                              f"(only a {kind} of the pooled sentence embedding is)")
+
+
 def parse_dense(module_dir: Path) -> DenseSpec:
     cfg = _read_json(module_dir / "config.json")
-    for key in ("module_input_name", "module_output_name"):
-        # sentence-transformers 6 can point a Dense at the token embeddings (before pooling):
-        # we apply every Dense to the pooled vector, so that would be silently wrong.
-        if cfg.get(key, "sentence_embedding") != "sentence_embedding":
-            raise ConfigError(f"{module_dir}: Dense with {key}={cfg[key]!r} is not supported "
-                              "(only a Dense on the pooled sentence embedding is)")
+    _on_sentence_embedding(cfg, module_dir, "Dense")
     if cfg.get("use_residual"):
         # sentence-transformers 6 can add the input back (with a projection when the sizes
         # differ); serving it as a plain Dense would give silently wrong vectors.
@@ -274,6 +278,8 @@ def load_model_info(
         elif kind == "Dense":
             dense.append(parse_dense(path))
         elif kind == "Normalize":
+            # Its config.json (sentence-transformers 6 writes one) may aim it elsewhere.
+            _on_sentence_embedding(_optional_json(path / "config.json") or {}, path, kind)
             has_normalize = True
         else:
             raise ConfigError(

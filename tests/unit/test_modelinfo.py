@@ -388,6 +388,16 @@ def test_a_pipeline_out_of_order_is_refused(tmp_path: Path, order: list[tuple[st
         load_model_info(root)
 
 
+def test_a_normalize_of_the_token_embeddings_is_refused(tmp_path: Path) -> None:
+    root = model_dir(tmp_path, modules=STACK, files={
+        "1_Pooling/config.json": classic_pooling("mean_tokens"),
+        "2_Normalize/config.json": {"module_input_name": "token_embeddings"}})
+    with pytest.raises(ConfigError, match="Normalize with module_input_name='token_embeddings'"):
+        load_model_info(root)
+    write(root / "2_Normalize" / "config.json", {"module_input_name": "sentence_embedding"})
+    assert load_model_info(root).has_normalize
+
+
 def test_a_dense_on_the_token_embeddings_is_refused(tmp_path: Path) -> None:
     root = model_dir(tmp_path, modules=[*STACK[:2], ("Dense", "2_Dense")], files={
         "1_Pooling/config.json": classic_pooling("mean_tokens"),
