@@ -14,16 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
 import subprocess
-import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-from bench.server import cpu_seconds, descendants, free_port
+from bench.server import ServerProcess, cpu_seconds, descendants
 
 # The model name the workloads ask for (Infinity checks it against --served-model-name).
 SERVED_NAME = "bench"
@@ -36,24 +30,19 @@ def openai_bodies(bodies: list[tuple[bytes, int, int]]) -> list[tuple[bytes, int
             for body, texts, tokens in bodies]
 
 
-class InfinityServer:
+class InfinityServer(ServerProcess):
     """`infinity_emb v2 --model-id M --device D --batch-size B` on a free loopback port."""
 
     name = "Infinity"
     path = "/embeddings"
 
     def __init__(self, executable: str, model_dir: str, device: str, batch_size: int) -> None:
-        self.port = free_port()
-        self.args = [executable, "v2", "--model-id", model_dir, "--served-model-name", SERVED_NAME,
-                     "--host", "127.0.0.1", "--port", str(self.port), "--device", device,
-                     "--batch-size", str(batch_size)]
-        self.log_path = Path(tempfile.mkstemp(prefix="infinity-bench-", suffix=".log")[1])
         # No usage statistics from a benchmark run (the machine is offline anyway).
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0",
-               "DO_NOT_TRACK": "1"}
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT,
-                                            env=env)
+        super().__init__(
+            lambda port: [executable, "v2", "--model-id", model_dir, "--served-model-name",
+                          SERVED_NAME, "--host", "127.0.0.1", "--port", str(port),
+                          "--device", device, "--batch-size", str(batch_size)],
+            env={"INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1"})
 
     def versions(self) -> str:
         """infinity_emb's and torch's versions, from the Python of its venv."""
@@ -66,22 +55,6 @@ class InfinityServer:
         infinity, torch, threads = out.stdout.split()
         return f"infinity_emb {infinity}, torch {torch} ({threads} threads)"
 
-    def wait_healthy(self, timeout_s: float = 300) -> float:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout_s:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"infinity_emb exited with {self.process.returncode}:\n"
-                                   f"{self.log_tail()}")
-            try:
-                url = f"http://127.0.0.1:{self.port}/health"
-                with urllib.request.urlopen(url, timeout=5) as response:
-                    if response.status == 200:
-                        return time.monotonic() - t0
-            except (OSError, urllib.error.HTTPError):
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"infinity_emb not healthy after {timeout_s} s:\n{self.log_tail()}")
-
     def cpu_s(self) -> float:
         """CPU seconds of the server and every process it started."""
         total = 0.0
@@ -89,16 +62,3 @@ class InfinityServer:
             with contextlib.suppress(OSError):  # exited while we looked
                 total += cpu_seconds(pid)
         return total
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self, timeout_s: float = 60) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode

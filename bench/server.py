@@ -17,6 +17,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,18 +144,23 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-class Server:
-    """`embedserve --hostname 127.0.0.1 --port P --model-id M --device D EXTRA...`."""
+class ServerProcess:
+    """A server command on a free loopback port with its output in a log file: started, waited
+    on until /health answers 200, stopped with SIGTERM. embedserve, and the servers it is
+    compared with (bench/peers.py), are run the same way."""
 
-    def __init__(self, model_dir: str, device: str, extra_args: list[str]) -> None:
+    name = "server"  # in messages and in the log file's name
+
+    def __init__(self, args_on: Callable[[int], list[str]],
+                 env: dict[str, str] | None = None) -> None:
         self.port = free_port()
-        self.args = [*EMBEDSERVE, "--hostname", "127.0.0.1", "--port", str(self.port),
-                     "--model-id", model_dir, "--device", device, *extra_args]
-        self.log_path = Path(tempfile.mkstemp(prefix="embedserve-bench-", suffix=".log")[1])
+        self.args = args_on(self.port)
+        self.log_path = Path(tempfile.mkstemp(prefix=f"{self.name.lower()}-bench-",
+                                              suffix=".log")[1])
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 self.args, stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
             )
 
     def _get(self, path: str) -> tuple[int, bytes]:
@@ -170,7 +176,7 @@ class Server:
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout_s:
             if self.process.poll() is not None:
-                raise RuntimeError(f"embedserve exited with {self.process.returncode}:\n"
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n"
                                    f"{self.log_tail()}")
             try:
                 if self._get("/health")[0] == 200:
@@ -178,7 +184,32 @@ class Server:
             except OSError:
                 pass  # port not open yet
             time.sleep(0.2)
-        raise TimeoutError(f"embedserve not healthy after {timeout_s} s:\n{self.log_tail()}")
+        raise TimeoutError(f"{self.name} not healthy after {timeout_s} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, timeout_s: float = 60) -> int:
+        """SIGTERM, as an orchestrator would; SIGKILL only if it does not exit in time."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+class Server(ServerProcess):
+    """`embedserve --hostname 127.0.0.1 --port P --model-id M --device D EXTRA...`."""
+
+    name = "embedserve"  # gpu_check.sh collects /tmp/embedserve-bench-*.log
+
+    def __init__(self, model_dir: str, device: str, extra_args: list[str]) -> None:
+        super().__init__(lambda port: [*EMBEDSERVE, "--hostname", "127.0.0.1", "--port",
+                                       str(port), "--model-id", model_dir, "--device", device,
+                                       *extra_args])
 
     def info(self) -> bytes:
         return self._get("/info")[1]
@@ -200,22 +231,8 @@ class Server:
     def router_rss_kib(self) -> int:
         return rss_kib(self.process.pid)
 
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
     def log_problems(self) -> list[str]:
         """Log lines that say WARNING, ERROR or Traceback: worth a look after a run."""
         text = self.log_path.read_text(errors="replace")
         return [line for line in text.splitlines()
                 if any(word in line for word in ("WARNING", "ERROR", "Traceback", "CRITICAL"))]
-
-    def stop(self, timeout_s: float = 60) -> int:
-        """SIGTERM, as an orchestrator would; SIGKILL only if it does not exit in time."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
