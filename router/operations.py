@@ -17,8 +17,9 @@ from router.inputs import (
     check_batch_size,
     resolve_prompt,
 )
+from router.results import Outcome, Timings
 from router.scores import activate, ranked_labels
-from router.service import InferenceService, Outcome, Timings
+from router.service import InferenceService
 from router.tokenization import Token
 from shared.errors import empty, validation
 from shared.modelinfo import ModelInfo

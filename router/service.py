@@ -13,7 +13,6 @@ import itertools
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -30,6 +29,7 @@ from router.inputs import (
 )
 from router.metrics import DROPPED, MODEL_TYPE, Metrics
 from router.queue import Entry, TokenBudgetQueue
+from router.results import EmbedResult, Outcome, Timings, densify, normalize_rows
 from router.schemas import EmbedRequest
 from router.tasks import start_supervised
 from router.tokenization import Encoded, TokenizerPool
@@ -52,51 +52,6 @@ Permits = Literal["inference", "tokenizer"]
 SHUT_DOWN = "the server shut down before this request was done (--shutdown-grace)"
 # After the grace, how long the handlers get to write their 503s before the port closes.
 _ANSWER_S = 1.0
-
-
-@dataclass(frozen=True)
-class Timings:
-    """What the response headers report (TEI: per-input means for batches, sums of counts)."""
-
-    characters: int
-    tokens: int
-    tokenization_ms: float
-    queue_ms: float
-    inference_ms: float
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """One result per input, in input order, and the request's timings."""
-
-    rows: list[Any]
-    timings: Timings
-
-    def matrix(self) -> np.ndarray:
-        """The rows (POOLED or LOGITS) as one 2-D array. A single row, one query's answer,
-        becomes a read-only view instead of np.stack's copy (~15 us with cold caches)."""
-        return self.rows[0][np.newaxis] if len(self.rows) == 1 else np.stack(self.rows)
-
-
-@dataclass(frozen=True)
-class EmbedResult:
-    vectors: np.ndarray  # float32 (n, dim)
-    timings: Timings
-
-
-def normalize_rows(vectors: np.ndarray) -> np.ndarray:
-    """L2-normalize each float32 row as sentence-transformers' Normalize (torch's
-    F.normalize) does: x / max(||x||, 1e-12), in float32; a zero row stays zero."""
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.maximum(norms, np.float32(1e-12))
-
-
-def densify(rows: list[tuple[np.ndarray, np.ndarray]], width: int) -> np.ndarray:
-    """SPARSE rows, (indices, values) each, as one float32 (n, width) matrix."""
-    dense = np.zeros((len(rows), width), dtype=np.float32)
-    for out, (indices, values) in zip(dense, rows, strict=True):
-        out[indices] = values
-    return dense
 
 
 class InferenceService:

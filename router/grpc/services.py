@@ -16,9 +16,9 @@ import numpy as np
 from router import operations
 from router.grpc.calls import in_order, streaming, unary
 from router.grpc.protos import pb, services
+from router.results import Timings
 from router.routes import AppState
 from router.schemas import EmbedRequest
-from router.service import Timings
 from shared.errors import empty
 
 SERVICE_NAMES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())

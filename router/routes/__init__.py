@@ -14,8 +14,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from router.results import Timings
 from router.schemas import Info, WorkerInfo
-from router.service import InferenceService, Timings
+from router.service import InferenceService
 from shared.config import ServerConfig
 from shared.errors import ErrorType
 from shared.modelinfo import ModelInfo

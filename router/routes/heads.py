@@ -12,6 +12,7 @@ from starlette.responses import Response
 
 from router import operations
 from router.http import read_json, unless_disconnected
+from router.results import Outcome, Timings
 from router.routes import AppState, Endpoint, json_response, timing_headers
 from router.schemas import (
     CohereDocument,
@@ -26,7 +27,6 @@ from router.schemas import (
     RerankRequest,
     SparseValue,
 )
-from router.service import Outcome, Timings
 from shared.errors import ErrorType, validation
 
 PerInput = Callable[..., Awaitable[Outcome]]  # operations.embed_sparse or .embed_all

@@ -11,6 +11,7 @@ from starlette.responses import Response
 
 from router import operations
 from router.http import read_json, unless_disconnected
+from router.results import EmbedResult
 from router.routes import AppState, Endpoint, json_response, timing_headers
 from router.schemas import (
     DecodeRequest,
@@ -20,7 +21,6 @@ from router.schemas import (
     TokenInfo,
     TokenizeRequest,
 )
-from router.service import EmbedResult
 from shared.errors import ErrorType, empty, unhealthy, validation
 
 T = TypeVar("T")

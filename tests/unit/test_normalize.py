@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from router.service import densify, normalize_rows
+from router.results import densify, normalize_rows
 
 
 def test_rows_are_normalized_as_sentence_transformers_does() -> None:

@@ -23,8 +23,8 @@ from router.openapi import (
     render,
     unserved_endpoints,
 )
+from router.results import Timings
 from router.routes import AppState, timing_headers
-from router.service import Timings
 from shared.config import ServerConfig
 from shared.errors import ErrorType
 
