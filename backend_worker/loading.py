@@ -299,7 +299,7 @@ def load_strict(module: nn.Module, files: list[Path], weight_map: WeightMap) -> 
         bad = [got[p][0] for p in order
                if got[p][1].dim() != target.dim() or got[p][1].shape[1:] != target.shape[1:]]
         if bad:
-            shape = tuple(targets[name].shape)
+            shape = tuple(target.shape)
             problems.append(f"shape mismatch for {_named(bad)}: slices of {name} {shape}")
             continue
         rows = _slice_rows(module, name)

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.loadgen import percentile
+
 
 @dataclass(frozen=True)
 class BaselineResult:
@@ -32,6 +34,15 @@ class BaselineResult:
     @property
     def texts_per_s(self) -> float:
         return self.corpus_texts / self.corpus_s
+
+    @property
+    def query_p50_s(self) -> float:
+        return percentile(self.query_latencies_s, 50)
+
+    @property
+    def queries_per_s(self) -> float:
+        """One query after another: the rate a single caller gets."""
+        return len(self.query_latencies_s) / sum(self.query_latencies_s)
 
 
 def measure(model_dir: str, device: str, corpus: list[str], corpus_tokens: int,

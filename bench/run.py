@@ -165,6 +165,20 @@ def measure(server: Server, requests: list[Request], concurrency: int,
                     (busy - cpu.tree_s - result.client_cpu_s) / result.wall_s)
 
 
+def corpus_figures(res: LoadResult, base: BaselineResult) -> tuple[float, str, str]:
+    """A corpus row's tokens/s, its throughput cell and its vs-baseline cell."""
+    tps = res.tokens / res.wall_s
+    return (tps, f"{rate(tps, 'tok/s')} ({rate(res.texts / res.wall_s, 'texts/s')})",
+            f"{tps / base.tokens_per_s:.2f}x encode tok/s")
+
+
+def query_figures(res: LoadResult, base: BaselineResult) -> tuple[float, float, str]:
+    """A queries row's p50 (s), its requests/s and its vs-baseline cell."""
+    p50, qps = percentile(res.latencies_s, 50), len(res.latencies_s) / res.wall_s
+    return p50, qps, (f"p50 {p50 / base.query_p50_s:.2f}x, "
+                      f"req/s {qps / base.queries_per_s:.2f}x encode")
+
+
 def measure_peer(peer: peers.InfinityServer, corpus_bodies: list[tuple[bytes, int, int]],
                  query_bodies: list[tuple[bytes, int, int]], args: argparse.Namespace,
                  dim: int | None, base: BaselineResult
@@ -178,8 +192,6 @@ def measure_peer(peer: peers.InfinityServer, corpus_bodies: list[tuple[bytes, in
     query_reqs = [build_request(peer.port, peer.path, body, n, tok)
                   for body, n, tok in peers.openai_bodies(query_bodies)]
     run_load(peer.port, corpus_reqs[:2] + query_reqs[:20], 2, 60, dim)  # warm-up
-    base_p50 = percentile(base.query_latencies_s, 50)
-    base_qps = len(base.query_latencies_s) / sum(base.query_latencies_s)
     rows: list[Row] = []
     numbers: dict[str, tuple[float, ...]] = {}
     loads = [(f"{peer.name} corpus ({args.batch} texts/request)", corpus_reqs, args.concurrency),
@@ -192,15 +204,12 @@ def measure_peer(peer: peers.InfinityServer, corpus_bodies: list[tuple[bytes, in
         cpu, busy = peer.cpu_s() - cpu0, machine_busy_s() - busy0
         other = (busy - cpu - res.client_cpu_s) / res.wall_s
         if requests is corpus_reqs:
-            tps = res.tokens / res.wall_s
-            throughput = f"{rate(tps, 'tok/s')} ({rate(res.texts / res.wall_s, 'texts/s')})"
-            versus = f"{tps / base.tokens_per_s:.2f}x encode tok/s"
+            tps, throughput, versus = corpus_figures(res, base)
             numbers["corpus"] = (tps,)
         else:
-            p50, qps = percentile(res.latencies_s, 50), len(res.latencies_s) / res.wall_s
+            p50, qps, versus = query_figures(res, base)
             numbers[f"queries {conc}"] = (p50, qps)
             throughput = rate(qps, "req/s")
-            versus = f"p50 {p50 / base_p50:.2f}x, req/s {qps / base_qps:.2f}x encode"
         rows.append(Row(what, str(conc), str(len(res.latencies_s)), errors_text(res),
                         throughput, ms(percentile(res.latencies_s, 50)),
                         ms(percentile(res.latencies_s, 99)), versus,
@@ -253,9 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"baseline: SentenceTransformer.encode on {args.device} ...", flush=True)
     base, base_other = run_baseline(model, args.device, args.baseline_dtype, corpus,
                                     queries.texts[:args.baseline_queries])
-    base_p50 = percentile(base.query_latencies_s, 50)
-    base_qps = len(base.query_latencies_s) / sum(base.query_latencies_s)
-    print(f"  corpus {base.tokens_per_s:,.0f} tokens/s, one query p50 {ms(base_p50)} ms",
+    print(f"  corpus {base.tokens_per_s:,.0f} tokens/s, one query p50 {ms(base.query_p50_s)} ms",
           flush=True)
 
     server = Server(model, args.device, args.server_arg)
@@ -287,14 +294,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.concurrency} in flight ...", flush=True)
         m = measure(server, corpus_reqs, args.concurrency, args, dim)
         res, other = m.load, m.other
-        tps = res.tokens / res.wall_s
+        tps, throughput, versus = corpus_figures(res, base)
         ours["corpus"] = (tps,)
         rows.append(Row(
             f"HTTP corpus ({args.batch} texts/request)", str(args.concurrency),
-            str(len(res.latencies_s)), errors_text(res),
-            f"{rate(tps, 'tok/s')} ({rate(res.texts / res.wall_s, 'texts/s')})",
-            ms(percentile(res.latencies_s, 50)), ms(percentile(res.latencies_s, 99)),
-            f"{tps / base.tokens_per_s:.2f}x encode tok/s",
+            str(len(res.latencies_s)), errors_text(res), throughput,
+            ms(percentile(res.latencies_s, 50)), ms(percentile(res.latencies_s, 99)), versus,
             cpu_text(res.client_cpu_s, res.wall_s),
             cpu_split(m.cpu, res.wall_s),
             stages_text(m.stages),
@@ -308,14 +313,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"queries: {len(query_reqs)} single texts, {conc} in flight ...", flush=True)
             m = measure(server, query_reqs, conc, args, dim)
             res, other = m.load, m.other
-            p50 = percentile(res.latencies_s, 50)
-            qps = len(res.latencies_s) / res.wall_s
+            p50, qps, versus = query_figures(res, base)
             ours[f"queries {conc}"] = (p50, qps)
             rows.append(Row(
                 "HTTP queries (1 text/request)", str(conc), str(len(res.latencies_s)),
                 errors_text(res), rate(qps, "req/s"), ms(p50),
-                ms(percentile(res.latencies_s, 99)),
-                f"p50 {p50 / base_p50:.2f}x, req/s {qps / base_qps:.2f}x encode",
+                ms(percentile(res.latencies_s, 99)), versus,
                 cpu_text(res.client_cpu_s, res.wall_s),
                 cpu_split(m.cpu, res.wall_s),
                 stages_text(m.stages),
@@ -354,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
             "", f"{rate(base.tokens_per_s, 'tok/s')} ({rate(base.texts_per_s, 'texts/s')})",
             "", "", "1.00x", "", "", "", cores(base_other)),
         Row("SentenceTransformer.encode one query", "1", str(len(base.query_latencies_s)), "",
-            rate(base_qps, "req/s"), ms(base_p50), ms(percentile(base.query_latencies_s, 99)),
+            rate(base.queries_per_s, "req/s"), ms(base.query_p50_s),
+            ms(percentile(base.query_latencies_s, 99)),
             "1.00x", "", "", "", cores(base_other)),
     ]
     for phase, other in others:
