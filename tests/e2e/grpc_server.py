@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.e2e.server import Server
+from tests.e2e.server import STOP_TIMEOUT_S, Server
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -55,7 +55,7 @@ class GrpcServer(Server):
             time.sleep(0.1)
         raise TimeoutError(f"embedserve --grpc not SERVING after {timeout} s:\n{self.log()}")
 
-    def stop(self, timeout: float = 45) -> int:
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int:
         self.channel.close()
         return super().stop(timeout)
 

@@ -30,6 +30,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Past the server's own bound: after --shutdown-grace (30 s) it closes what connections are left
+# by force and exits 0, which a 30 s timeout here would race with a SIGKILL.
+STOP_TIMEOUT_S = 45.0
+
+
 class Server:
     """`dtype`: the tests compare against float32 oracles (sentence-transformers, transformers)
     at float32 tolerances, so a server runs float32 unless the test passes another dtype, or
@@ -74,9 +79,7 @@ class Server:
     def worker_pids(self) -> list[int]:
         return [w["pid"] for w in self.client.get("/info").json()["workers"]]
 
-    # Past the server's own bound: after --shutdown-grace (30 s) it closes what connections are
-    # left by force and exits 0, which a 30 s timeout here would race with a SIGKILL.
-    def stop(self, timeout: float = 45) -> int:
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
