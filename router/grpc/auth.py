@@ -11,16 +11,10 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
+from router.grpc.calls import FACTORIES
+
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
                  "/grpc.reflection.v1.ServerReflection/")
-
-# The handler factory of each (request streaming, response streaming) shape.
-_FACTORIES = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
 
 
 def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
@@ -29,7 +23,7 @@ def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHand
     async def refuse(request, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    factory = _FACTORIES[(handler.request_streaming, handler.response_streaming)]
+    factory = FACTORIES[(handler.request_streaming, handler.response_streaming)]
     return factory(refuse, request_deserializer=handler.request_deserializer,
                    response_serializer=handler.response_serializer)
 

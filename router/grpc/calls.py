@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -38,13 +38,56 @@ STATUS: dict[ErrorType, grpc.StatusCode] = {
 
 _NS_PER_MS = 1_000_000
 
+# The handler factory of each (request streaming, response streaming) shape.
+FACTORIES = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+class Undecodable(NamedTuple):
+    """What a unary request that does not parse as its message type arrives as. grpc answers a
+    deserializer's exception UNKNOWN before any of our code runs; tonic (TEI) answers INTERNAL
+    with the decoder's words, which `unary` does on seeing this."""
+
+    reason: str
+
+
+def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def decode(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return Undecodable(str(exc))
+
+    return decode
+
+
+def method_handlers(service: Any, servicer: Any,
+                    messages: Any) -> dict[str, grpc.RpcMethodHandler]:
+    """`service`'s (a ServiceDescriptor) methods answered by `servicer`'s methods of the same
+    names, what the generated add_*Servicer_to_server registers but with unary requests decoded
+    by `_lenient` (a stream's undecodable message already fails inside the servicer, where the
+    stream is read). `messages`: the generated module holding the message classes."""
+    handlers = {}
+    for method in service.methods:
+        parse = getattr(messages, method.input_type.name).FromString
+        factory = FACTORIES[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = factory(
+            getattr(servicer, method.name),
+            request_deserializer=parse if method.client_streaming else _lenient(parse),
+            response_serializer=getattr(messages, method.output_type.name).SerializeToString)
+    return handlers
+
 
 def _as_error(exc: Exception, method: str) -> EmbedServeError:
     if isinstance(exc, EmbedServeError):
         return exc
     if isinstance(exc, DecodeError):
-        # A stream's next message that is not the message type: the client's mistake, which
-        # tonic (TEI) answers INTERNAL with the decoder's words.
+        # A request (or a stream's next message) that is not the message type: the client's
+        # mistake, which tonic (TEI) answers INTERNAL with the decoder's words.
         log.warning("%s: undecodable request message: %s", method, exc)
         return EmbedServeError(ErrorType.INTERNAL, f"failed to decode the request: {exc}")
     log.error("unhandled error in %s", method, exc_info=exc)
@@ -72,6 +115,8 @@ def unary(answer: Callable[[Any, Any], Awaitable[Any]]) -> Callable[..., Awaitab
 
     async def call(servicer: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            if isinstance(request, Undecodable):
+                raise DecodeError(request.reason)
             reply = await answer(servicer, request)
         except Exception as exc:  # each becomes a status; bugs are logged first
             error = _as_error(exc, answer.__qualname__)

@@ -13,7 +13,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from router.grpc.auth import ApiKeyInterceptor
-from router.grpc.protos import services
+from router.grpc.calls import method_handlers
+from router.grpc.protos import pb
 from router.grpc.services import SERVICE_NAMES, servicers
 from router.routes import AppState
 from router.tasks import start_supervised
@@ -60,8 +61,12 @@ def build_server(state: AppState, health_servicer: health.aio.HealthServicer) ->
     )
     named = servicers(state)
     for name, servicer in named.items():
-        add = getattr(services, f"add_{name.removeprefix('tei.v1.')}Servicer_to_server")
-        add(servicer, server)
+        handlers = method_handlers(pb.DESCRIPTOR.services_by_name[name.removeprefix("tei.v1.")],
+                                   servicer, pb)
+        # Both, as the generated add_*Servicer_to_server does: the registered ones are looked
+        # up without the generic handlers' per-call search.
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+        server.add_registered_method_handlers(name, handlers)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     listed = [*named, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
               reflection.SERVICE_NAME]

@@ -114,6 +114,15 @@ def test_an_undecodable_stream_message_is_answered_not_logged_as_a_crash(embedde
     assert "decode" in details and "internal server error" not in details
 
 
+@pytest.mark.parametrize("method", ["/tei.v1.Embed/Embed", "/tei.v1.Tokenize/Decode"])
+def test_an_undecodable_unary_request_is_internal_as_in_tei(embedder, method) -> None:
+    raw = embedder[1].channel.unary_unary(method, request_serializer=lambda b: b,
+                                          response_deserializer=lambda b: b)
+    code, details = status_of(lambda: raw(b"\xff\xff\xff"))
+    assert code == grpc.StatusCode.INTERNAL  # grpc's own answer would be UNKNOWN
+    assert "decode" in details and "internal server error" not in details
+
+
 def test_info_equals_http(embedder) -> None:
     http, rpc = embedder
     theirs = ok(http.client.get("/info"))
