@@ -36,19 +36,20 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _build(model_cls: type, info: ModelInfo, attention: Attention, device: torch.device,
-           dtype: torch.dtype) -> EncoderModel:
+def _build(model_cls: type[EncoderModel], info: ModelInfo, attention: Attention,
+           device: torch.device, dtype: torch.dtype) -> EncoderModel:
     # Built on the meta device: no random init of weights that the loader overwrites anyway
     # (strict loading guarantees every tensor is filled), then materialised on the target.
     with torch.device("meta"):
         model = model_cls.from_config(info.config, attention)
     assert isinstance(model, nn.Module)
-    model = model.to(dtype).to_empty(device=device)
+    model.to(dtype).to_empty(device=device)  # both in place
     load_strict(model, checkpoint_files(info.model_dir), model_cls.weight_map)
-    return model.eval()
+    model.eval()
+    return model
 
 
-def _first_that_runs(model_cls: type, info: ModelInfo, candidates: list[Attention],
+def _first_that_runs(model_cls: type[EncoderModel], info: ModelInfo, candidates: list[Attention],
                      device: torch.device, dtype: torch.dtype) -> tuple[EncoderModel, Attention]:
     """The model built on the first candidate attention that runs it here; the last candidate
     is taken untried (padded SDPA, which runs wherever torch does)."""
@@ -169,6 +170,7 @@ class Engine:
         model, attention = _first_that_runs(model_cls, info, candidates, target, dtype)
         if packing_available(target, dtype):
             # After strict loading: the packed copies are what forward uses from here on.
+            assert isinstance(model, nn.Module)
             pack_linears(model)
         pooler = Pooler(info.pooling, info.dense)
         pooler.load_dense()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -117,7 +117,7 @@ def eager_capture(run: Callable[[], torch.Tensor]) -> tuple[Replay, torch.Tensor
     return _Eager(run, out), out
 
 
-def cuda_capture(pool: object | None = None) -> Capture:
+def cuda_capture(pool: Any = None) -> Capture:
     """Capture with torch.cuda.CUDAGraph, all graphs sharing one memory pool (they never run at
     the same time, so their intermediates can share memory)."""
     shared_pool = pool if pool is not None else torch.cuda.graph_pool_handle()

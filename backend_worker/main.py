@@ -77,7 +77,9 @@ class Worker:
         self.outputs: dict[protocol.OutputKind, Head] = {}
 
     def send(self, message: protocol.Message, *arrays: np.ndarray) -> None:
-        self.socket.send_multipart(protocol.encode(message, *arrays), copy=False)
+        # (numpy's stubs declare ndarray a buffer only from Python 3.12)
+        self.socket.send_multipart(protocol.encode(message, *arrays),  # type: ignore[arg-type]
+                                   copy=False)
 
     def load(self):
         import torch

@@ -99,7 +99,7 @@ class Pooler(nn.Module):
             if dense:
                 raise ConfigError("splade pooling with Dense modules is not supported")
             self.mode = mode
-            self._pool = _sparse_only
+            self._pool: PoolFn = _sparse_only
             self.dense = nn.ModuleList()
             self._specs = []
             return
@@ -120,6 +120,7 @@ class Pooler(nn.Module):
     def load_dense(self) -> None:
         """Fill the Dense layers from their module directories, strictly."""
         for spec, layer in zip(self._specs, self.dense, strict=True):
+            assert isinstance(layer, DenseLayer)
             load_strict(layer.linear, checkpoint_files(spec.path), DENSE_WEIGHT_MAP)
 
     def forward(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:

@@ -11,12 +11,14 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.utils import LifespanFailureError
 from opentelemetry.trace import Tracer
+from starlette.applications import Starlette
 
 from router import tasks
 from router.app import build_app, metrics_app
@@ -210,6 +212,13 @@ def _hypercorn(config: ServerConfig, port: int) -> HypercornConfig:
     return hyper
 
 
+async def _http_server(app: Starlette, hyper: HypercornConfig,
+                       shutdown_trigger: Callable[[], Awaitable[object]]) -> None:
+    # hypercorn types ASGI scopes and events as TypedDicts, Starlette as plain mappings: the
+    # same protocol, which the type checker cannot see.
+    await serve(app, hyper, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
+
+
 # After the drain, hypercorn gets at least this long to write the last answers and close.
 _CLOSE_MIN_S = 1.0
 
@@ -279,7 +288,7 @@ async def _serve(state: AppState, tracer: Tracer | None) -> None:
         _check_bindable(metrics_hyper, "--prometheus-port")
         # /metrics alone, until the main server has closed.
         metrics_server = tasks.start_supervised(
-            serve(metrics_app(service.metrics), metrics_hyper, shutdown_trigger=closed.wait),
+            _http_server(metrics_app(service.metrics), metrics_hyper, closed.wait),
             "the Prometheus server")
     # The port opens at once; until this is done, /health answers 503 and gRPC health
     # NOT_SERVING.
@@ -309,8 +318,8 @@ async def _serve(state: AppState, tracer: Tracer | None) -> None:
             await grpc_server.serve(state, until_stopped)
         else:
             await _closed_within(
-                loop.create_task(serve(build_app(state, tracer=tracer), hyper,
-                                       shutdown_trigger=until_stopped)),
+                loop.create_task(_http_server(build_app(state, tracer=tracer), hyper,
+                                              until_stopped)),
                 drained, max(config.shutdown_grace, _CLOSE_MIN_S))
     finally:
         closed.set()
@@ -320,8 +329,8 @@ async def _serve(state: AppState, tracer: Tracer | None) -> None:
             starting.cancel()
             await asyncio.wait({starting})  # cancel() only asks; cancelled() needs it done
         await service.stop()
-    if not starting.cancelled() and starting.exception() is not None:
-        raise starting.exception()
+    if not starting.cancelled() and (failure := starting.exception()) is not None:
+        raise failure
 
 
 def _check_grpc_installed(config: ServerConfig) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,7 +144,7 @@ def _token_ids(ids: list[int], truncate: bool, direction: str, rules: InputRules
 
 
 async def tokenize_inputs(
-    inputs: list[str | list[int] | Pair],
+    inputs: Sequence[str | list[int] | Pair],
     *,
     prompt: str | None,
     explicit_prompt: bool,

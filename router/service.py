@@ -12,7 +12,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -232,7 +232,7 @@ class InferenceService:
 
     async def run(
         self,
-        inputs: list[str | list[int] | Pair],
+        inputs: Sequence[str | list[int] | Pair],
         output: OutputKind,
         *,
         truncate: bool | None,
@@ -256,7 +256,7 @@ class InferenceService:
 
     async def _run(
         self,
-        inputs: list[str | list[int] | Pair],
+        inputs: Sequence[str | list[int] | Pair],
         output: OutputKind,
         *,
         truncate: bool | None,

@@ -27,8 +27,8 @@ def start_supervised(coro: Coroutine[Any, Any, Any], what: str) -> asyncio.Task:
 
     def done(task: asyncio.Task) -> None:
         _running.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            shut_down_for(what, task.exception())
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            shut_down_for(what, exc)
 
     task.add_done_callback(done)
     return task

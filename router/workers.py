@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import msgspec
 import numpy as np
@@ -220,18 +221,19 @@ class WorkerPool:
     async def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM every worker (they finish what they hold), SIGKILL after `timeout`."""
         self._stopping = True
-        live = [w for w in self.workers if w.process is not None and w.process.poll() is None]
-        for worker in live:
+        live = [(w, w.process) for w in self.workers
+                if w.process is not None and w.process.poll() is None]
+        for worker, process in live:
             worker.state = WorkerState.STOPPING
-            worker.process.send_signal(signal.SIGTERM)
+            process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        for worker in live:
-            while worker.process.poll() is None and time.monotonic() < deadline:
+        for worker, process in live:
+            while process.poll() is None and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
-            if worker.process.poll() is None:
+            if process.poll() is None:
                 log.warning("worker %s did not stop in time; killing it", worker.id)
-                worker.process.kill()
-                worker.process.wait()
+                process.kill()
+                process.wait()
         if self._watchdog is not None:
             self._watchdog.cancel()
         asyncio.get_running_loop().remove_reader(self._fd)
@@ -266,15 +268,16 @@ class WorkerPool:
         try:
             # NOBLOCK: the event loop never waits on a worker (a worker holds at most two
             # batches, far below the high-water mark: EAGAIN would mean a wedged worker).
+            # (numpy's stubs declare ndarray a buffer only from Python 3.12)
             self._socket.send_multipart(
-                [worker.id.encode(), *protocol.encode(header, *arrays)], zmq.NOBLOCK, copy=False
-            )
+                [worker.id.encode(), *protocol.encode(header, *arrays)],  # type: ignore[list-item]
+                zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as exc:  # the worker vanished between pick and send
             del worker.in_flight[batch_id]
             self._fail(entries, f"worker {worker.id} unreachable: {exc}")
         # libzmq's FD signals an edge, and a send can consume the edge of a reply that already
         # waits: look, and drain on the next loop turn (not here: submit runs inside _drain).
-        if self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if cast(int, self._socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             asyncio.get_running_loop().call_soon(self._drain)
 
     def _drain(self) -> None:

@@ -50,10 +50,12 @@ def torch_varlen_kernel(function: Callable[..., Any] | None = None) -> VarlenKer
     `window_size`; `enable_gqa` from 2.12), so the parameters are read once, here."""
     if function is None:
         try:
-            from torch.nn.attention.varlen import varlen_attn as function
+            from torch.nn.attention.varlen import varlen_attn
         except ImportError:
             return None
-    params = inspect.signature(function).parameters
+        function = varlen_attn
+    attend: Callable[..., Any] = function  # (the closure sees this name, narrowed)
+    params = inspect.signature(attend).parameters
     has_window, has_causal = "window_size" in params, "is_causal" in params
     has_gqa, has_scale = "enable_gqa" in params, "scale" in params
 
@@ -77,7 +79,7 @@ def torch_varlen_kernel(function: Callable[..., Any] | None = None) -> VarlenKer
             if not has_scale:
                 return None
             kwargs["scale"] = mask.scale
-        return function(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **kwargs)
+        return attend(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **kwargs)
 
     return kernel
 
@@ -87,9 +89,11 @@ def flash_attn_kernel(function: Callable[..., Any] | None = None) -> VarlenKerne
     windows, a causal flag and symmetric ALiBi natively."""
     if function is None:
         try:
-            from flash_attn import flash_attn_varlen_func as function
+            from flash_attn import flash_attn_varlen_func
         except ImportError:
             return None
+        function = flash_attn_varlen_func
+    attend: Callable[..., Any] = function
 
     def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                max_len: int, mask: MaskSpec) -> torch.Tensor | None:
@@ -100,8 +104,8 @@ def flash_attn_kernel(function: Callable[..., Any] | None = None) -> VarlenKerne
             if not isinstance(mask.bias, SymmetricAlibi) or mask.causal:
                 return None
             slopes = mask.bias.slopes_on(q.device)
-        return function(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len,
-                        softmax_scale=mask.scale, causal=mask.causal, window_size=_window(mask),
+        return attend(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len,
+                      softmax_scale=mask.scale, causal=mask.causal, window_size=_window(mask),
                         alibi_slopes=slopes)
 
     return kernel

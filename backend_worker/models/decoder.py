@@ -252,12 +252,13 @@ class DecoderModel(nn.Module):
                 head_dim = hidden // heads
             causal = is_causal(config)
             window = config.get("sliding_window")
+            window_size = int(window) if window is not None else None
             windowed = _windowed_layers(config, flavour, int(config["num_hidden_layers"]))
             max_positions = config_max_positions(config)
             return cls(
                 vocab_size=int(config["vocab_size"]),
                 hidden_size=hidden,
-                masks=[_mask(causal, int(window) if w else None) for w in windowed],
+                masks=[_mask(causal, window_size if w else None) for w in windowed],
                 num_attention_heads=heads,
                 num_key_value_heads=int(config.get("num_key_value_heads") or heads),
                 head_dim=head_dim,

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROTO = PACKAGE_DIR / "tei.proto"
@@ -82,9 +83,13 @@ def ensure_stubs() -> None:
         ) from exc
 
 
-ensure_stubs()
-pb = importlib.import_module("router.grpc.tei_pb2")
-services = importlib.import_module("router.grpc.tei_pb2_grpc")
+if TYPE_CHECKING:  # the type checker reads the generated modules (and tei_pb2.pyi) directly
+    from router.grpc import tei_pb2 as pb
+    from router.grpc import tei_pb2_grpc as services
+else:
+    ensure_stubs()
+    pb = importlib.import_module("router.grpc.tei_pb2")
+    services = importlib.import_module("router.grpc.tei_pb2_grpc")
 
 if __name__ == "__main__":
     print(f"gRPC stubs of {PROTO} are up to date in {PACKAGE_DIR}")

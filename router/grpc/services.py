@@ -18,7 +18,7 @@ from router.grpc.calls import in_order, streaming, unary
 from router.grpc.protos import pb, services
 from router.results import Timings
 from router.routes import AppState
-from router.schemas import EmbedRequest
+from router.schemas import EmbedRequest, TruncationDirection
 from shared.errors import empty
 
 SERVICE_NAMES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
@@ -26,7 +26,7 @@ MODEL_TYPES = {"embedding": pb.MODEL_TYPE_EMBEDDING, "classifier": pb.MODEL_TYPE
                "reranker": pb.MODEL_TYPE_RERANKER}
 
 
-def _direction(value: int) -> str:
+def _direction(value: int) -> TruncationDirection:
     return "left" if value == pb.TRUNCATION_DIRECTION_LEFT else "right"
 
 

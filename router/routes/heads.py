@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 import numpy as np
 from starlette.requests import Request
@@ -47,7 +48,9 @@ def routes(state: AppState) -> list[Endpoint]:
         ranked, timings = await unless_disconnected(request, operations.classify(
             service, info, body.inputs, truncate=body.truncate,
             direction=body.truncation_direction, raw_scores=body.raw_scores))
-        answers = [[Prediction(np.float32(score), label) for score, label in row]
+        # float32 scalars: written in float32's shortest form, as TEI writes them (the schema
+        # says number).
+        answers = [[Prediction(cast(float, np.float32(score)), label) for score, label in row]
                    for row in ranked]
         return json_response(answers if batch else answers[0],
                              timing_headers(timings, started, state.compute_type))

@@ -11,6 +11,7 @@ from typing import TypeVar
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Message
 
 from router.http import read_json
 from router.inputs import check_admissible
@@ -55,7 +56,7 @@ def _with_body(request: Request, body: bytes) -> Request:
     target route still notices a client that goes away."""
     sent = False
 
-    async def receive() -> dict:
+    async def receive() -> Message:
         nonlocal sent
         if not sent:
             sent = True

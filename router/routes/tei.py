@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import numpy as np
 from starlette.requests import Request
@@ -75,7 +75,7 @@ def routes(state: AppState) -> list[Endpoint]:
         if not all(isinstance(item, list) for item in batch):
             raise validation("`ids` must be a list of token ids or a list of such lists")
         return json_response(await unless_disconnected(request, operations.decode(
-            service, batch, skip_special_tokens=body.skip_special_tokens)))
+            service, cast(list[list[int]], batch), skip_special_tokens=body.skip_special_tokens)))
 
     async def health(request: Request) -> Response:
         if not service.ready:
