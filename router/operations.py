@@ -42,15 +42,37 @@ async def classify(
 async def rerank(
     service: InferenceService, model: ModelInfo, query: str, texts: Sequence[str], *,
     truncate: bool | None, direction: str, raw_scores: bool, texts_name: str = "texts",
+    max_tokens: int | None = None,
 ) -> tuple[np.ndarray, Timings]:
-    """One score per text, in the texts' order (`best_first` gives the ranking)."""
+    """One score per text, in the texts' order (`best_first` gives the ranking); with
+    `max_tokens`, each text is scored on its first `max_tokens` tokens only."""
     service.require("reranker")
     if not texts:
         with service.refusals_counted():
             raise empty(f"`{texts_name}` cannot be empty")
+    if max_tokens is not None and max_tokens < service.rules.max_input_length:
+        texts = await first_tokens(service, texts, max_tokens)
     outcome = await service.run([(query, text) for text in texts], OutputKind.LOGITS,
                                 truncate=truncate, direction=direction)
     return activate(outcome.matrix(), model.activation, raw_scores)[:, 0], outcome.timings
+
+
+async def first_tokens(service: InferenceService, texts: Sequence[str],
+                       count: int) -> list[str]:
+    """Each text cut after its first `count` tokens (Cohere's `max_tokens_per_doc`), at the end
+    of the last token kept; shorter texts as they are. The cut text is tokenized again in its
+    pair, where the word at the cut may split into other pieces."""
+    with service.admitted(len(texts), "tokenizer"):
+        tokenized = await service.tokenizers.tokens(list(texts), add_special_tokens=False)
+    cut = []
+    for text, tokens in zip(texts, tokenized, strict=True):
+        if len(tokens) > count:
+            # Byte offsets (None on special tokens written in the text); a token ends on a
+            # character boundary, so the bytes before it decode.
+            end = max((t.stop for t in tokens[:count] if t.stop is not None), default=0)
+            text = text.encode()[:end].decode()
+        cut.append(text)
+    return cut
 
 
 def best_first(scores: np.ndarray) -> np.ndarray:

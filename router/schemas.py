@@ -204,6 +204,12 @@ class CohereRerankRequest(msgspec.Struct, kw_only=True):
     top_n: int | None = None
     return_documents: bool = False
     model: str | None = None
+    # Cohere's: each document is cut to its first this many tokens before it is scored (their
+    # default, 4096, is past most re-rankers' own limit, where documents are truncated anyway).
+    max_tokens_per_doc: int | None = None
+    # Cohere v1's fields of dict documents to rank on. Only `text` is read, so asking for any
+    # other is refused instead of being ranked on something the client did not ask for.
+    rank_fields: list[str] | None = None
 
 
 class CohereResult(msgspec.Struct, omit_defaults=True):
@@ -217,6 +223,7 @@ class CohereUsage(msgspec.Struct):
 
 
 class CohereRerankResponse(msgspec.Struct):
+    id: str  # the request's x-request-id (Cohere answers an id; their SDK reads it if present)
     results: list[CohereResult]
     model: str
     usage: CohereUsage

@@ -56,12 +56,13 @@ def routes(state: AppState) -> list[Endpoint]:
                              timing_headers(timings, started, state.compute_type))
 
     async def rank(request: Request, query: str, texts: list[str], truncate, direction,
-                   raw: bool, texts_name: str = "texts") -> tuple[np.ndarray, np.ndarray, Timings]:
+                   raw: bool, texts_name: str = "texts", max_tokens: int | None = None,
+                   ) -> tuple[np.ndarray, np.ndarray, Timings]:
         """Scores in text order (float32, as TEI writes them), the order best first, and the
         timings."""
         scores, timings = await unless_disconnected(request, operations.rerank(
             service, info, query, texts, truncate=truncate, direction=direction,
-            raw_scores=raw, texts_name=texts_name))
+            raw_scores=raw, texts_name=texts_name, max_tokens=max_tokens))
         return scores.astype(np.float32), operations.best_first(scores), timings
 
     async def rerank(request: Request) -> Response:
@@ -77,17 +78,23 @@ def routes(state: AppState) -> list[Endpoint]:
         started = time.perf_counter()
         body = await read_json(request, CohereRerankRequest, limit)
         texts = [d if isinstance(d, str) else d.text for d in body.documents]
-        if body.top_n is not None and body.top_n <= 0:
-            with service.refusals_counted():
+        with service.refusals_counted():
+            if body.top_n is not None and body.top_n <= 0:
                 raise validation("`top_n` must be positive")
+            if body.max_tokens_per_doc is not None and body.max_tokens_per_doc <= 0:
+                raise validation("`max_tokens_per_doc` must be positive")
+            if body.rank_fields and body.rank_fields != ["text"]:
+                raise validation("`rank_fields` other than [\"text\"] are not supported: "
+                                 "documents are ranked on their `text`")
         values, order, timings = await rank(request, body.query, texts, None, "right", False,
-                                            texts_name="documents")
+                                            texts_name="documents",
+                                            max_tokens=body.max_tokens_per_doc)
         results = [CohereResult(int(i), values[i],
                                 CohereDocument(texts[i]) if body.return_documents else None)
                    for i in order[: body.top_n]]
         return json_response(
-            CohereRerankResponse(results, state.info.served_model_name,
-                                 CohereUsage(timings.tokens)),
+            CohereRerankResponse(request.state.request_id, results,
+                                 state.info.served_model_name, CohereUsage(timings.tokens)),
             timing_headers(timings, started, state.compute_type))
 
     async def per_input(request: Request, operation: PerInput) -> Outcome:
