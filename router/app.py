@@ -61,5 +61,7 @@ def build_app(state: AppState, tracer: Tracer | None = None) -> Starlette:
 
 
 def metrics_app(metrics: Metrics) -> Starlette:
-    """What --prometheus-port serves: /metrics alone, from the main app's registry."""
-    return Starlette(routes=[Route("/metrics", metrics.endpoint, methods=["GET"])])
+    """What --prometheus-port serves: /metrics alone, from the main app's registry (its 404 and
+    405 in the main port's JSON shape)."""
+    return Starlette(routes=[Route("/metrics", metrics.endpoint, methods=["GET"])],
+                     exception_handlers={HTTPException: handle_http_exception})

@@ -137,8 +137,10 @@ def test_the_prometheus_port_serves_the_same_registry_and_nothing_else(metered) 
         # No traffic in between: every count is the same (durations are histograms of the
         # same observations, so they agree too).
         assert samples(second.text) == samples(main.text)
-        assert side.post("/embed", json={"inputs": "x"}).status_code == 404
-        assert side.get("/health").status_code == 404
+        for refused, status in ((side.post("/embed", json={"inputs": "x"}), 404),
+                                (side.get("/health"), 404), (side.post("/metrics"), 405)):
+            assert refused.status_code == status
+            assert refused.json()["error_type"] in ("NotFound", "MethodNotAllowed")
 
 
 def test_a_taken_prometheus_port_stops_start_up_with_a_clear_error(tiny_model) -> None:
