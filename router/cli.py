@@ -107,8 +107,9 @@ def build_info(config: ServerConfig, model: ResolvedModel, info: ModelInfo, dtyp
         auto_truncate=config.auto_truncate,
         tokenization_workers=tokenizers,
         version=_version(),
-        sha=os.environ.get("EMBEDSERVE_GIT_SHA"),
-        docker_label=os.environ.get("DOCKER_LABEL"),
+        # Empty when an image was built without --build-arg GIT_SHA / DOCKER_LABEL: unknown.
+        sha=os.environ.get("EMBEDSERVE_GIT_SHA") or None,
+        docker_label=os.environ.get("DOCKER_LABEL") or None,
         embedding_dimension=info.embedding_dim,
         normalize_module=info.has_normalize,
         dense_modules=[Path(d.path).name for d in info.dense],

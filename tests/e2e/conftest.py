@@ -44,6 +44,8 @@ def server(minilm_prompts_dir: Path, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "server.log"
     with serving("--model-id", str(minilm_prompts_dir), "--max-batch-tokens", "4096",
                  "--max-client-batch-size", "64", "--payload-limit", "200000",
+                 # As the images set them when built without --build-arg GIT_SHA / DOCKER_LABEL.
+                 env={"EMBEDSERVE_GIT_SHA": "", "DOCKER_LABEL": ""},
                  log_path=log) as srv:
         yield srv
 

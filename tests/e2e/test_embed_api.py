@@ -37,6 +37,7 @@ def test_health_and_info(server):
     assert info["normalize_module"] is True
     assert info["prompts"] == {"query": "query: ", "passage": "passage: "}
     assert info["served_model_name"] == info["model_id"]
+    assert info["sha"] is None and info["docker_label"] is None  # unknown, not ""
     [worker] = info["workers"]
     assert worker["state"] == "ready" and worker["device"] == "cpu" and worker["pid"] > 0
 
