@@ -163,7 +163,7 @@ async def tokenize_inputs(
         if isinstance(item, tuple):
             if explicit_prompt:
                 raise validation("`prompt_name` cannot be set with dual inputs")
-            if not all(item):
+            if not any(item):  # as in TEI, a pair is empty only when both texts are
                 raise empty("Input validation error: `inputs` cannot be empty")
             first, second = (_cut(text, char_limit, truncate, direction) for text in item)
             characters += len(first) + len(second)

@@ -133,6 +133,31 @@ def test_rerank_matches_cross_encoder(reranker) -> None:
 
     assert srv.client.get("/info").json()["model_type"] == {
         "reranker": {"id2label": {"0": "score"}, "label2id": {"score": 0}}}
+
+
+def test_a_pair_with_one_empty_text_is_scored(reranker) -> None:
+    """TEI refuses a pair only when both texts are empty: a retrieved chunk with no text (an
+    empty PDF page) is ranked, not a 400 for the whole /rerank (LlamaIndex's and Haystack's TEI
+    re-rankers send every node's text as it is)."""
+    from sentence_transformers import CrossEncoder
+
+    srv, model_dir = reranker
+    texts = [DOCS[0], ""]
+    expected = CrossEncoder(str(model_dir), device="cpu").predict([(QUERY, t) for t in texts])
+    for route, body in (("/rerank", {"query": QUERY, "texts": texts}),
+                        ("/v1/rerank", {"query": QUERY, "documents": texts})):
+        response = srv.client.post(route, json=body)
+        assert response.status_code == 200, response.text
+        ranks = response.json()
+        for rank in ranks["results"] if route == "/v1/rerank" else ranks:
+            score = rank.get("score", rank.get("relevance_score"))
+            assert abs(score - expected[rank["index"]]) <= TOL
+    logits = hf_logits(model_dir, [("", DOCS[0])])[0, 0]
+    response = srv.client.post("/predict", json={"inputs": ["", DOCS[0]], "raw_scores": True})
+    assert response.status_code == 200, response.text
+    assert abs(response.json()[0]["score"] - logits) <= TOL
+    both = srv.client.post("/predict", json={"inputs": ["", ""]})
+    assert both.status_code == 400 and both.json()["error_type"] == "Empty"
     assert srv.client.post("/embed", json={"inputs": "hi"}).status_code == 424
 
 
