@@ -63,16 +63,7 @@ async def first_tokens(service: InferenceService, texts: Sequence[str],
     of the last token kept; shorter texts as they are. The cut text is tokenized again in its
     pair, where the word at the cut may split into other pieces."""
     with service.admitted(len(texts), "tokenizer"):
-        tokenized = await service.tokenizers.tokens(list(texts), add_special_tokens=False)
-    cut = []
-    for text, tokens in zip(texts, tokenized, strict=True):
-        if len(tokens) > count:
-            # Byte offsets (None on special tokens written in the text); a token ends on a
-            # character boundary, so the bytes before it decode.
-            end = max((t.stop for t in tokens[:count] if t.stop is not None), default=0)
-            text = text.encode()[:end].decode()
-        cut.append(text)
-    return cut
+        return await service.tokenizers.prefixes(list(texts), count)
 
 
 def best_first(scores: np.ndarray) -> np.ndarray:

@@ -118,6 +118,20 @@ def _tokens(texts: list[str], add_special_tokens: bool) -> Outcome:
     return Outcome(result)
 
 
+def _prefixes(texts: list[str], count: int) -> Outcome:
+    """Each text up to the end of its `count`-th token (special tokens not counted); shorter
+    texts whole."""
+    assert _tokenizer is not None, "pool process not initialised"
+    _tokenizer.no_truncation()
+    try:
+        encodings = _tokenizer.encode_batch(texts, add_special_tokens=False)
+    except Exception as exc:
+        return Outcome(None, str(exc))
+    # Offsets are character offsets into the text.
+    return Outcome([text[:encoding.offsets[count - 1][1]] if len(encoding.ids) > count else text
+                    for text, encoding in zip(texts, encodings, strict=True)])
+
+
 def _decode(ids: list[list[int]], skip_special_tokens: bool) -> Outcome:
     assert _tokenizer is not None, "pool process not initialised"
     try:
@@ -178,6 +192,10 @@ class TokenizerPool:
     async def tokens(self, texts: list[str], add_special_tokens: bool) -> list[list[Token]]:
         """Every token of each text with its byte offsets (for /tokenize)."""
         return await self._call(sum(map(len, texts)), _tokens, texts, add_special_tokens)
+
+    async def prefixes(self, texts: list[str], count: int) -> list[str]:
+        """Each text cut after its first `count` tokens (Cohere's `max_tokens_per_doc`)."""
+        return await self._call(sum(map(len, texts)), _prefixes, texts, count)
 
     async def decode(self, ids: list[list[int]], skip_special_tokens: bool) -> list[str]:
         return await self._call(sum(map(len, ids)), _decode, ids, skip_special_tokens)
