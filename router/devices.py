@@ -36,15 +36,24 @@ def worker_devices(config: ServerConfig) -> list[str]:
     if device in ("auto", "cuda"):
         count = cuda_device_count()
         if count:
-            indices = ([int(d) for d in config.devices.split(",")] if config.devices
-                       else list(range(count)))
+            if config.devices:
+                indices, flag = [int(d) for d in config.devices.split(",")], "--devices"
+            elif config.device_id is not None:
+                indices, flag = [config.device_id], "--device-id"
+            else:
+                indices, flag = list(range(count)), ""
             if max(indices) >= count:
-                raise ConfigError(f"--devices {config.devices}: only {count} CUDA devices "
-                                  "are visible")
+                raise ConfigError(f"{flag} {','.join(map(str, indices))}: only {count} CUDA "
+                                  "devices are visible")
             return [f"cuda:{i}" for i in indices for _ in range(config.workers_per_device)]
         if device == "cuda" or config.devices is not None:
             raise ConfigError("no CUDA device is visible (asked for by --device cuda or "
                               "--devices)")
+        if config.device_id is not None:
+            # TEI's CPU images take --device-id and ignore it: a command line written for a
+            # GPU host still serves here.
+            log.warning("--device-id %d ignored: no CUDA device is visible; serving on the CPU",
+                        config.device_id)
         device = "cpu"
     if device == "mps" and sys.platform != "darwin":
         raise ConfigError(f"--device mps: Apple's Metal backend exists only on macOS, not on "

@@ -101,7 +101,8 @@ class ServerConfig:
         "Dense module folder (relative to the model) to use instead of modules.json's.",
         env="DENSE_PATH"))
     hf_token: str | None = field(default=None, metadata=_opt(
-        "Hugging Face Hub token.", env=("HF_TOKEN", "HF_API_TOKEN")))
+        "Hugging Face Hub token (--hf-api-token: TEI's older name).",
+        flags=("--hf-token", "--hf-api-token"), env=("HF_TOKEN", "HF_API_TOKEN")))
     hostname: str = field(default="0.0.0.0", metadata=_opt(
         "Address to listen on.", env="HOSTNAME"))
     port: int = field(default=3000, metadata=_opt(
@@ -149,6 +150,10 @@ class ServerConfig:
     devices: str | None = field(default=None, metadata=_opt(
         "CUDA devices to run workers on, as a comma-separated list of indices (e.g. 0,1). "
         "Default: every visible GPU, one worker each.", env="DEVICES"))
+    device_id: int | None = field(default=None, metadata=_opt(
+        "TEI's one CUDA device: serve on this GPU index alone, as --devices N does. Where no "
+        "CUDA device is visible it is ignored with a warning and the CPU serves, as in TEI.",
+        env="DEVICE_ID", type=int))
     workers_per_device: int = field(default=1, metadata=_opt(
         "Worker processes per device. On CPU, the number of CPU workers; the cores are split "
         "between them (torch intra-op threads).", env="WORKERS_PER_DEVICE", type=int))
@@ -189,6 +194,14 @@ class ServerConfig:
                                   f"--device {self.device}")
             if not all(d.strip().isdigit() for d in self.devices.split(",")):
                 raise ConfigError(f"--devices {self.devices!r}: expected CUDA indices like 0,1")
+        if self.device_id is not None:
+            if self.device_id < 0:
+                raise ConfigError("--device-id must be >= 0")
+            if self.devices is not None:
+                raise ConfigError("--device-id and --devices both select CUDA devices: use one")
+            if self.device in ("cpu", "mps"):
+                raise ConfigError(f"--device-id selects a CUDA device; it cannot go with "
+                                  f"--device {self.device}")
         if self.tokenization_workers is not None and self.tokenization_workers <= 0:
             raise ConfigError("--tokenization-workers must be > 0")
         if self.otlp_endpoint is not None:

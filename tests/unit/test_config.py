@@ -64,6 +64,33 @@ def test_hf_token_prefers_hf_token() -> None:
     assert parse(HF_TOKEN="new", HF_API_TOKEN="old").hf_token == "new"
 
 
+# Every flag of TEI 1.9's text-embeddings-router (router/src/main.rs), with a value it takes: a
+# TEI command line must start embedserve.
+TEI_FLAGS = {"--model-id": "org/model", "--revision": "main", "--tokenization-workers": "2",
+             "--dtype": "float16", "--served-model-name": "m", "--pooling": "mean",
+             "--max-concurrent-requests": "8", "--max-batch-tokens": "1024",
+             "--max-batch-requests": "4", "--max-client-batch-size": "4",
+             "--auto-truncate": None, "--default-prompt-name": "query",
+             "--default-prompt": "query: ",
+             "--dense-path": "2_Dense", "--device-id": "0", "--hf-api-token": "t",
+             "--hostname": "127.0.0.1", "--port": "3001", "--uds-path": "/tmp/x",
+             "--huggingface-hub-cache": "/data", "--payload-limit": "100",
+             "--api-key": "k", "--json-output": None, "--disable-spans": None,
+             "--otlp-endpoint": "http://127.0.0.1:4317", "--otlp-service-name": "s",
+             "--prometheus-port": "9000", "--cors-allow-origin": "http://a.example"}
+
+
+@pytest.mark.parametrize("flag", sorted(TEI_FLAGS))
+def test_every_tei_flag_is_taken(flag: str) -> None:
+    value = TEI_FLAGS[flag]
+    config = parse(flag, *([] if value is None else [value]))
+    got = getattr(config, "hf_token" if flag == "--hf-api-token" else flag[2:].replace("-", "_"))
+    if value is None:  # a switch
+        assert got is True
+    else:
+        assert str(got[0] if isinstance(got, tuple) else got) == value
+
+
 @pytest.mark.parametrize(
     ("argv", "environ", "expected"),
     [

@@ -35,10 +35,20 @@ def test_devices_selects_gpus(monkeypatch):
     assert plan(["--devices", "1,3"], 4, monkeypatch) == ["cuda:1", "cuda:3"]
 
 
+def test_device_id_selects_one_gpu_as_in_tei(monkeypatch, caplog):
+    assert plan(["--device-id", "1"], 4, monkeypatch) == ["cuda:1"]
+    assert plan([], 4, monkeypatch) == [f"cuda:{i}" for i in range(4)]
+    # TEI's CPU images ignore it: the same command line serves on a host without a GPU.
+    with caplog.at_level("WARNING"):
+        assert plan(["--device-id", "0"], 0, monkeypatch) == ["cpu"]
+    assert "--device-id 0 ignored" in caplog.text
+
+
 @pytest.mark.parametrize(("argv", "gpus", "match"), [
     (["--devices", "2"], 2, "only 2 CUDA devices"),
     (["--device", "cuda"], 0, "no CUDA device"),
     (["--devices", "0"], 0, "no CUDA device"),
+    (["--device-id", "2"], 2, "--device-id 2: only 2 CUDA devices"),
     pytest.param(["--device", "mps"], 0, "only on macOS",
                  marks=pytest.mark.skipif(sys.platform == "darwin", reason="MPS may exist")),
 ])
@@ -48,7 +58,9 @@ def test_impossible_placements(monkeypatch, argv, gpus, match):
 
 
 @pytest.mark.parametrize("argv", [["--device", "cpu", "--devices", "0"],
-                                  ["--devices", "a,b"], ["--workers-per-device", "0"]])
+                                  ["--devices", "a,b"], ["--workers-per-device", "0"],
+                                  ["--device-id", "0", "--devices", "0"], ["--device-id", "-1"],
+                                  ["--device", "cpu", "--device-id", "0"]])
 def test_bad_flags(argv):
     with pytest.raises(ConfigError):
         parse_config(argv, {})
