@@ -26,7 +26,8 @@ ensure_venv() {
     local want
     want="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/_venv.sh" | sha256sum | cut -d' ' -f1)"
     if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
-        "$PY" -m pip install -q "${TORCH_INDEX[@]}" "$TORCH_SPEC"
+        # (the +-form: macOS's bash 3.2 calls an empty array unbound under set -u)
+        "$PY" -m pip install -q ${TORCH_INDEX[@]+"${TORCH_INDEX[@]}"} "$TORCH_SPEC"
         if [[ -n "$extras" ]]; then
             "$PY" -m pip install -q -e "$ROOT[$extras]"
         else
