@@ -51,7 +51,11 @@ async def rerank(
         with service.refusals_counted():
             raise empty(f"`{texts_name}` cannot be empty")
     if max_tokens is not None and max_tokens < service.rules.max_input_length:
-        texts = await first_tokens(service, texts, max_tokens)
+        # Cutting tokenizes every text: the request is first checked as `run` would check it,
+        # and a refusal on the way counts as run's do.
+        with service.refusals_counted():
+            check_batch_size(len(texts), service.rules)
+            texts = await first_tokens(service, texts, max_tokens)
     outcome = await service.run([(query, text) for text in texts], OutputKind.LOGITS,
                                 truncate=truncate, direction=direction)
     return activate(outcome.matrix(), model.activation, raw_scores)[:, 0], outcome.timings

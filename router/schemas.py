@@ -205,7 +205,8 @@ class CohereRerankRequest(msgspec.Struct, kw_only=True):
     return_documents: bool = False
     model: str | None = None
     # Cohere's: each document is cut to its first this many tokens before it is scored (their
-    # default, 4096, is past most re-rankers' own limit, where documents are truncated anyway).
+    # default, 4096, is past most re-rankers' own limit, where --auto-truncate, on by default,
+    # truncates the pair anyway; with it off, a pair still over the limit is refused).
     max_tokens_per_doc: int | None = None
     # Cohere v1's fields of dict documents to rank on. Only `text` is read, so asking for any
     # other is refused instead of being ranked on something the client did not ask for.

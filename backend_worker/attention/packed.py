@@ -106,7 +106,7 @@ def flash_attn_kernel(function: Callable[..., Any] | None = None) -> VarlenKerne
             slopes = mask.bias.slopes_on(q.device)
         return attend(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len,
                       softmax_scale=mask.scale, causal=mask.causal, window_size=_window(mask),
-                        alibi_slopes=slopes)
+                      alibi_slopes=slopes)
 
     return kernel
 

@@ -13,6 +13,7 @@ from cohere.core.api_error import ApiError
 from cohere.errors import BadRequestError, UnauthorizedError, UnprocessableEntityError
 
 from tests.e2e.server import Server, serving
+from tests.e2e.test_metrics_e2e import samples
 from tests.fixtures.heads import LABELS, make_tiny_classifier
 
 KEY = "s3cret"
@@ -109,6 +110,20 @@ def test_max_tokens_per_doc_scores_each_document_on_its_first_tokens(reranker) -
     # At or past the model's own limit it changes nothing (Cohere's default is 4096).
     assert pairs(client.rerank(model="any", query=QUERY, documents=[LONG, DOCS[1]],
                                max_tokens_per_doc=4096)) == pairs(whole)
+
+
+def test_max_tokens_per_doc_keeps_the_batch_checks_and_their_count(tmp_path) -> None:
+    # Cutting tokenizes the documents before `run`: the request must still meet run's checks
+    # first (batch size before --max-concurrent-requests), counted as run counts them.
+    model = make_tiny_classifier(tmp_path / "model", ["score"], seed=1)
+    with serving("--model-id", str(model), "--max-client-batch-size", "4",
+                 "--max-concurrent-requests", "6", log_path=tmp_path / "log") as srv:
+        response = srv.client.post("/v2/rerank", json={
+            "query": QUERY, "documents": [LONG] * 7, "max_tokens_per_doc": 2})
+        assert response.status_code == 422
+        assert "batch size 7 > maximum allowed batch size 4" in response.json()["error"]
+        values = samples(srv.client.get("/metrics").text)
+        assert values['te_request_failure{err="validation"}'] == 1
 
 
 def test_async_client(reranker) -> None:
