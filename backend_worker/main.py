@@ -67,11 +67,29 @@ def _out_of_memory_says_which_flag(max_batch_tokens: int, device: str) -> Iterat
         ) from exc
 
 
+def device_fault(device) -> str | None:
+    """Why `device` can no longer compute after a failed batch, or None if it still can. Some
+    CUDA errors (an illegal memory access, a device-side assert) poison the process's context:
+    every later batch would fail too while the worker stays alive and answers heartbeats, so
+    /health would say 200 while every request gets 424. A one-element op tells the two apart
+    (an out-of-memory, or a bad batch, leaves the device usable)."""
+    import torch
+
+    try:
+        torch.ones(1, device=device).add_(1).cpu()  # .cpu() waits for the device
+    except RuntimeError as exc:  # what torch raises for a CUDA error
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return None
+
+
 class Worker:
     def __init__(self, config: WorkerConfig, socket: zmq.Socket) -> None:
         self.config = config
         self.socket = socket
         self.stopping = False
+        # Set when a failed batch left the device unusable: the worker exits (status 1) and
+        # the router restarts it, with a fresh device context.
+        self.device_lost: str | None = None
         self.warmup_ms = 0.0
         # Per output kind, how to compute it; fixed at load (with the model's head, if any).
         self.outputs: dict[protocol.OutputKind, Head] = {}
@@ -151,6 +169,8 @@ class Worker:
             if not isinstance(message, protocol.Batch):
                 raise RuntimeError(f"worker got an unexpected {type(message).__name__}")
             self.compute(engine, message, buffers)
+            if self.device_lost is not None:
+                return
             heap.worked()
             last_sent = time.monotonic()
 
@@ -164,9 +184,14 @@ class Worker:
                 raise ValueError(f"this model does not give {batch.outputs[0].name} outputs")
             rows, dim, *arrays = head(protocol.batch_arrays(buffers))
         except Exception as exc:
-            # One bad batch costs only its own requests; the worker keeps serving.
+            # One bad batch costs only its own requests; the worker keeps serving, unless the
+            # failure broke the device itself.
             log.exception("batch %d failed", batch.batch_id)
             self.send(protocol.Failed(batch.batch_id, f"inference failed: {exc}"))
+            self.device_lost = device_fault(engine.device)
+            if self.device_lost is not None:
+                log.critical("%s can no longer compute (%s): exiting, for the router to "
+                             "restart this worker", engine.device, self.device_lost)
             return
         elapsed = (time.perf_counter() - started) * 1e3
         self.send(protocol.Result(batch.batch_id, rows, dim, elapsed), *arrays)
@@ -238,6 +263,6 @@ def main(argv: list[str] | None = None) -> int:
     ))
     log.info("ready on %s (%s)", engine.device_name, engine.dtype_name)
     worker.serve(engine)
-    socket.close(linger=2000)
+    socket.close(linger=2000)  # the failed batch's answer still goes out
     context.term()
-    return 0
+    return 0 if worker.device_lost is None else 1

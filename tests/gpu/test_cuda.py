@@ -179,3 +179,27 @@ def test_server_on_cuda_answers_like_sentence_transformers(tmp_path: Path) -> No
         one = np.array(server.client.post("/embed", json={"inputs": texts[0]}).json())
     assert cosines(got, want).min() >= COSINE
     assert cosines(one, want[:1]).min() >= COSINE
+
+
+# In a child process: the device-side assert poisons that process's CUDA context for good.
+_POISON = """
+import torch
+from backend_worker.main import device_fault
+cuda = torch.device("cuda")
+assert device_fault(cuda) is None
+try:
+    torch.zeros(2, device=cuda)[torch.tensor([5], device=cuda)].cpu()  # out of bounds
+except RuntimeError:
+    pass
+print("FAULT:", device_fault(cuda))
+"""
+
+
+def test_a_poisoned_cuda_context_is_seen_as_a_lost_device() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _POISON], capture_output=True, text=True,
+                          timeout=120, check=True)
+    fault = done.stdout.split("FAULT:", 1)[1].strip()
+    assert fault != "None" and "CUDA" in fault, done.stdout + done.stderr
