@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import msgspec
 import numpy as np
@@ -28,6 +29,9 @@ from shared.errors import ConfigError
 from shared.logs import setup_logging
 from shared.modelinfo import load_model_info
 from shared.process import die_with_parent
+
+if TYPE_CHECKING:  # imported in load(), after the process is set up
+    import torch
 
 log = logging.getLogger("embedserve.worker")
 
@@ -67,7 +71,7 @@ def _out_of_memory_says_which_flag(max_batch_tokens: int, device: str) -> Iterat
         ) from exc
 
 
-def device_fault(device) -> str | None:
+def device_fault(device: torch.device) -> str | None:
     """Why `device` can no longer compute after a failed batch, or None if it still can. Some
     CUDA errors (an illegal memory access, a device-side assert) poison the process's context:
     every later batch would fail too while the worker stays alive and answers heartbeats, so
