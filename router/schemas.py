@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -194,13 +194,11 @@ class Rank(msgspec.Struct, omit_defaults=True):
     text: str | None = None
 
 
-class CohereDocument(msgspec.Struct):
-    text: str
-
-
 class CohereRerankRequest(msgspec.Struct, kw_only=True):
     query: str
-    documents: list[str | CohereDocument]
+    # Strings, or (Cohere v1, Jina) objects with a string `text`: ranked on `text`, and returned
+    # whole, other fields included, with `return_documents`, as Cohere returns them.
+    documents: list[str | dict[str, Any]]
     top_n: int | None = None
     return_documents: bool = False
     model: str | None = None
@@ -216,7 +214,7 @@ class CohereRerankRequest(msgspec.Struct, kw_only=True):
 class CohereResult(msgspec.Struct, omit_defaults=True):
     index: int
     relevance_score: float
-    document: CohereDocument | None = None
+    document: dict[str, Any] | None = None  # {"text": ...}, or the object as it was sent
 
 
 class CohereUsage(msgspec.Struct):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 from starlette.requests import Request
@@ -16,7 +16,6 @@ from router.http import read_json, unless_disconnected
 from router.results import Outcome, Timings
 from router.routes import AppState, Endpoint, json_response, timing_headers
 from router.schemas import (
-    CohereDocument,
     CohereRerankRequest,
     CohereRerankResponse,
     CohereResult,
@@ -34,6 +33,19 @@ PerInput = Callable[..., Awaitable[Outcome]]  # operations.embed_sparse or .embe
 
 ERRORS = (ErrorType.VALIDATION, ErrorType.EMPTY, ErrorType.TOKENIZER, ErrorType.BACKEND,
           ErrorType.OVERLOADED, ErrorType.UNHEALTHY)
+
+
+def document_text(index: int, document: str | dict[str, Any]) -> str:
+    """What a Cohere/Jina document is ranked on: the string, or the object's `text`."""
+    text = document if isinstance(document, str) else document.get("text")
+    if not isinstance(text, str):
+        raise validation(f"`documents[{index}]` must be a string or an object with a string "
+                         "`text`")
+    return text
+
+
+def as_object(document: str | dict[str, Any]) -> dict[str, Any]:
+    return {"text": document} if isinstance(document, str) else document
 
 
 def routes(state: AppState) -> list[Endpoint]:
@@ -77,8 +89,8 @@ def routes(state: AppState) -> list[Endpoint]:
     async def cohere_rerank(request: Request) -> Response:
         started = time.perf_counter()
         body = await read_json(request, CohereRerankRequest, limit)
-        texts = [d if isinstance(d, str) else d.text for d in body.documents]
         with service.refusals_counted():
+            texts = [document_text(i, d) for i, d in enumerate(body.documents)]
             if body.top_n is not None and body.top_n <= 0:
                 raise validation("`top_n` must be positive")
             if body.max_tokens_per_doc is not None and body.max_tokens_per_doc <= 0:
@@ -90,7 +102,7 @@ def routes(state: AppState) -> list[Endpoint]:
                                             texts_name="documents",
                                             max_tokens=body.max_tokens_per_doc)
         results = [CohereResult(int(i), values[i],
-                                CohereDocument(texts[i]) if body.return_documents else None)
+                                as_object(body.documents[i]) if body.return_documents else None)
                    for i in order[: body.top_n]]
         return json_response(
             CohereRerankResponse(request.state.request_id, results,

@@ -80,6 +80,21 @@ def test_v1_rerank(reranker) -> None:
     assert pairs(same) == expected
 
 
+def test_objects_come_back_whole_and_need_a_text(reranker) -> None:
+    # Cohere v1: "the text field is required and all other fields will be preserved".
+    documents = [{"text": d, "title": f"doc {i}", "meta": {"n": i}} for i, d in enumerate(DOCS)]
+    reply = reranker.client.post("/v1/rerank", headers=AUTH, json={
+        "query": QUERY, "documents": documents, "return_documents": True})
+    assert reply.status_code == 200, reply.text
+    for result in reply.json()["results"]:
+        assert result["document"] == documents[result["index"]]
+    for bad in ({"title": "no text"}, {"text": 3}):
+        refused = reranker.client.post("/v1/rerank", headers=AUTH, json={
+            "query": QUERY, "documents": [DOCS[0], bad]})
+        assert refused.status_code == 422
+        assert "`documents[1]`" in refused.json()["error"]
+
+
 def test_v2_rerank(reranker) -> None:
     expected = ranked(reranker, DOCS)
     client = v2(reranker)
@@ -155,7 +170,8 @@ def test_errors_are_the_sdks_typed_errors(reranker) -> None:
     assert "`rank_fields`" in error(fields.value)
     with pytest.raises(UnprocessableEntityError) as no_text:
         v1(reranker).rerank(query=QUERY, documents=[{"title": "b"}])
-    assert "missing required field `text`" in error(no_text.value)
+    assert "`documents[0]` must be a string or an object with a string `text`" in error(
+        no_text.value)
     with pytest.raises(UnauthorizedError) as unauthorized:
         v2(reranker, key="wrong").rerank(model="any", query=QUERY, documents=DOCS)
     assert unauthorized.value.status_code == 401
