@@ -36,3 +36,12 @@ def test_a_workload_without_answers_has_no_means() -> None:
     stages = snapshot(metrics) - snapshot(metrics)
     assert stages.mean_ms("total") is None
     assert stages_text(stages) == "n/a: n/a / n/a / n/a; n/a"
+
+
+def test_gpu_verdict_says_which_target_is_met() -> None:
+    from bench.run import gpu_verdict
+
+    line = gpu_verdict({"corpus": (1.77e6,), "queries 1": (2.6e-3, 385.0)}, 106e3)
+    assert "corpus 1.77M tok/s >= 1.2M (met)" in line
+    assert "vs encode 16.7x >= 8x (met)" in line
+    assert "one query p50 2.60 ms <= 2.5 ms (NOT met)" in line
