@@ -21,6 +21,17 @@ from pathlib import Path
 
 from bench import peers, report, workloads
 from bench.baseline import BaselineResult, load
+from bench.figures import (
+    cores,
+    corpus_figures,
+    cpu_split,
+    cpu_text,
+    errors_text,
+    gpu_verdict,
+    query_figures,
+    stages_text,
+    versus_peer,
+)
 from bench.loadgen import LoadResult, Request, build_request, percentile, run_load
 from bench.report import Row, ms, rate
 from bench.server import CpuSnapshot, Server, StageSnapshot, machine_busy_s, rss_kib
@@ -118,32 +129,6 @@ def run_baseline(model: str, device: str, dtype: str, corpus: workloads.Texts,
     return result, (machine_busy_s() - busy0 - (own_cpu_s() - own0)) / wall
 
 
-def cpu_text(seconds: float, wall: float) -> str:
-    return f"{seconds:.2f} s = {100 * seconds / wall:.2f}% of a core"
-
-
-def cpu_split(cpu: CpuSnapshot, wall: float) -> str:
-    parts = (cpu.router_s, cpu.tokenizers_s, cpu.workers_s)
-    return " / ".join(f"{max(s, 0.0) / wall:.2f}" for s in parts) + " cores"
-
-
-def stages_text(stages: StageSnapshot) -> str:
-    """Where a request's time went inside the server, from its /metrics (means, ms)."""
-    def mean(stage: str) -> str:
-        value = stages.mean_ms(stage)
-        return "n/a" if value is None else f"{value:.2f}"
-
-    return (f"{mean('total')}: {mean('tokenize')} / {mean('queue')} / {mean('trip')}; "
-            f"{mean('compute')}")
-
-
-def errors_text(result: LoadResult) -> str:
-    text = ", ".join(f"{n} {kind}" for kind, n in sorted(result.errors.items())) or "0"
-    if result.reconnects:
-        text += f" ({result.reconnects} server-closed keep-alive)"
-    return text
-
-
 @dataclass(frozen=True)
 class Measured:
     """One HTTP workload: the load's result, the server's CPU and its stage times meanwhile,
@@ -163,20 +148,6 @@ def measure(server: Server, requests: list[Request], concurrency: int,
     cpu, busy = server.cpu() - before, machine_busy_s() - busy0
     return Measured(result, cpu, server.stages() - stages0,
                     (busy - cpu.tree_s - result.client_cpu_s) / result.wall_s)
-
-
-def corpus_figures(res: LoadResult, base: BaselineResult) -> tuple[float, str, str]:
-    """A corpus row's tokens/s, its throughput cell and its vs-baseline cell."""
-    tps = res.tokens / res.wall_s
-    return (tps, f"{rate(tps, 'tok/s')} ({rate(res.texts / res.wall_s, 'texts/s')})",
-            f"{tps / base.tokens_per_s:.2f}x encode tok/s")
-
-
-def query_figures(res: LoadResult, base: BaselineResult) -> tuple[float, float, str]:
-    """A queries row's p50 (s), its requests/s and its vs-baseline cell."""
-    p50, qps = percentile(res.latencies_s, 50), len(res.latencies_s) / res.wall_s
-    return p50, qps, (f"p50 {p50 / base.query_p50_s:.2f}x, "
-                      f"req/s {qps / base.queries_per_s:.2f}x encode")
 
 
 def measure_peer(peer: peers.InfinityServer, corpus_bodies: list[tuple[bytes, int, int]],
@@ -219,44 +190,6 @@ def measure_peer(peer: peers.InfinityServer, corpus_bodies: list[tuple[bytes, in
                   f"ready after {ready_s:.1f} s"], numbers
 
 
-def versus_peer(ours: dict[str, tuple[float, ...]], theirs: dict[str, tuple[float, ...]],
-                name: str) -> str:
-    """embedserve against another server, workload by workload, as ratios."""
-    parts = []
-    if "corpus" in ours and "corpus" in theirs:
-        parts.append(f"corpus {ours['corpus'][0] / theirs['corpus'][0]:.2f}x the tokens/s")
-    for key in ours:
-        if key.startswith("queries ") and key in theirs:
-            (p50, qps), (their_p50, their_qps) = ours[key], theirs[key]
-            parts.append(f"queries at {key.split()[1]} in flight {qps / their_qps:.2f}x the "
-                         f"req/s, p50 {p50 / their_p50:.2f}x")
-    return f"embedserve against {name} under the same load: " + "; ".join(parts)
-
-
-# Issue 6's bar on one H100 (bge-base shape, U[16,512] corpus): HTTP corpus throughput, its
-# ratio to SentenceTransformer.encode in the same run, one short query's p50 at 1 in flight.
-GPU_TARGETS = {"corpus_tokens_per_s": 1.2e6, "corpus_vs_encode": 8.0, "query_p50_s": 2.5e-3}
-
-
-def gpu_verdict(ours: dict[str, tuple[float, ...]], base_tokens_per_s: float) -> str:
-    """One line: each GPU target, the number measured and whether it is met."""
-    def judged(what: str, value: str, met: bool) -> str:
-        return f"{what} {value} ({'met' if met else 'NOT met'})"
-
-    parts = []
-    if "corpus" in ours:
-        tps = ours["corpus"][0]
-        parts.append(judged("corpus", f"{tps / 1e6:.2f}M tok/s >= 1.2M",
-                            tps >= GPU_TARGETS["corpus_tokens_per_s"]))
-        parts.append(judged("vs encode", f"{tps / base_tokens_per_s:.1f}x >= 8x",
-                            tps / base_tokens_per_s >= GPU_TARGETS["corpus_vs_encode"]))
-    if "queries 1" in ours:
-        p50 = ours["queries 1"][0]
-        parts.append(judged("one query p50", f"{p50 * 1e3:.2f} ms <= 2.5 ms",
-                            p50 <= GPU_TARGETS["query_p50_s"]))
-    return "issue 6 targets (they are set for one H100): " + "; ".join(parts)
-
-
 def in_flight_problem(concurrency: int, batch: int, limit: int | None) -> str | None:
     """Why the corpus load would be partly refused, or None. The server counts inputs in flight
     (--max-concurrent-requests) and answers 429 to a request that does not fit: those would be
@@ -266,10 +199,6 @@ def in_flight_problem(concurrency: int, batch: int, limit: int | None) -> str | 
     return (f"{concurrency} requests of {batch} texts in flight are {concurrency * batch} inputs, "
             f"more than the server admits ({limit}): lower --concurrency or pass "
             f"--server-arg=--max-concurrent-requests={concurrency * batch}")
-
-
-def cores(value: float) -> str:
-    return f"{max(value, 0.0):.2f} cores"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from bench.run import stages_text
+from bench.figures import stages_text
 from bench.server import StageSnapshot
 from router.metrics import Metrics
 from tests.unit.test_metrics import entry
@@ -39,7 +39,7 @@ def test_a_workload_without_answers_has_no_means() -> None:
 
 
 def test_gpu_verdict_says_which_target_is_met() -> None:
-    from bench.run import gpu_verdict
+    from bench.figures import gpu_verdict
 
     line = gpu_verdict({"corpus": (1.77e6,), "queries 1": (2.6e-3, 385.0)}, 106e3)
     assert "corpus 1.77M tok/s >= 1.2M (met)" in line

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from bench import peers, workloads
+from bench.figures import versus_peer
 from bench.loadgen import _check_shape
-from bench.run import versus_peer
 from shared.resolve import default_model_dir
 
 
