@@ -91,11 +91,16 @@ def _encode(texts: list[str | tuple[str, str]], max_length: int | None,
     ])
 
 
-def _tokens(texts: list[str], add_special_tokens: bool) -> Outcome:
+def _untruncated(texts: list[str], add_special_tokens: bool) -> list:
+    """Each text's whole encoding (what /tokenize shows and a cut is measured on)."""
     assert _tokenizer is not None, "pool process not initialised"
     _tokenizer.no_truncation()
+    return _tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
+
+
+def _tokens(texts: list[str], add_special_tokens: bool) -> Outcome:
     try:
-        encodings = _tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
+        encodings = _untruncated(texts, add_special_tokens)
     except Exception as exc:
         return Outcome(None, str(exc))
     result = []
@@ -121,10 +126,8 @@ def _tokens(texts: list[str], add_special_tokens: bool) -> Outcome:
 def _prefixes(texts: list[str], count: int) -> Outcome:
     """Each text up to the end of its `count`-th token (special tokens not counted); shorter
     texts whole."""
-    assert _tokenizer is not None, "pool process not initialised"
-    _tokenizer.no_truncation()
     try:
-        encodings = _tokenizer.encode_batch(texts, add_special_tokens=False)
+        encodings = _untruncated(texts, add_special_tokens=False)
     except Exception as exc:
         return Outcome(None, str(exc))
     # Offsets are character offsets into the text.
