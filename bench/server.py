@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,8 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from shared.process import terminate
 
 # The installed console script, or the package itself from a source checkout (the GPU host runs
 # the repository from PYTHONPATH without installing it).
@@ -191,14 +192,7 @@ class ServerProcess:
 
     def stop(self, timeout_s: float = 60) -> int:
         """SIGTERM, as an orchestrator would; SIGKILL only if it does not exit in time."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return terminate(self.process, timeout_s)
 
 
 class Server(ServerProcess):

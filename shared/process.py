@@ -1,10 +1,12 @@
-"""Child-process prologue: a child of the router must never outlive it."""
+"""Child processes: the prologue by which a child of the router never outlives it, and how a
+harness (tests, bench) stops a server it started."""
 
 from __future__ import annotations
 
 import ctypes
 import os
 import signal
+import subprocess
 
 _PR_SET_PDEATHSIG = 1
 
@@ -18,3 +20,16 @@ def die_with_parent(parent_pid: int) -> None:
         pass
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
+
+
+def terminate(process: subprocess.Popen, timeout: float) -> int:
+    """SIGTERM, as an orchestrator stops a server; SIGKILL only if it has not exited within
+    `timeout` seconds. Its exit status."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode

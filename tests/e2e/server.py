@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from shared.process import die_with_parent
+from shared.process import die_with_parent, terminate
 
 EMBEDSERVE = str(Path(sys.executable).with_name("embedserve"))
 # Where the project is not installed (the GPU host runs the checkout from PYTHONPATH), the
@@ -80,17 +79,11 @@ class Server:
         return [w["pid"] for w in self.client.get("/info").json()["workers"]]
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        code = terminate(self.process, timeout)
         self.client.close()
         if self._log is not subprocess.DEVNULL:
             self._log.close()
-        return self.process.returncode
+        return code
 
 
 def wait_for(predicate, timeout: float = 60, interval: float = 0.1) -> None:
