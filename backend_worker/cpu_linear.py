@@ -14,18 +14,33 @@ did not measure faster, so activations stay separate modules.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 
 def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `pack_linears` applies: a CPU build with oneDNN, and a dtype it packs."""
+    """Whether `pack_linears` applies: a CPU build with oneDNN, a dtype it packs, and a CPU it
+    packs that dtype for."""
     return (
         device.type == "cpu"
         and torch.backends.mkldnn.is_available()
         and dtype in (torch.float32, torch.bfloat16)
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and _packs(dtype)
     )
+
+
+@functools.cache
+def _packs(dtype: torch.dtype) -> bool:
+    # oneDNN packs bfloat16 only on CPUs with AVX512 (BW, VL, DQ) or AVX-NE-CONVERT; elsewhere
+    # (an AVX2-only EPYC, say) the reorder raises, and bfloat16 runs through plain nn.Linear.
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=dtype), None)
+    except RuntimeError:
+        return False
+    return True
 
 
 class PackedLinear(nn.Module):
