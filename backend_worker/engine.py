@@ -15,6 +15,7 @@ from torch import nn
 
 from backend_worker.attention import Attention, PackedVarlen, attention_candidates
 from backend_worker.cpu_linear import pack_linears, packing_available
+from backend_worker.experts import MixtureOfExperts
 from backend_worker.graphs import Capture, GraphedPooling, graph_buckets
 from backend_worker.loading import checkpoint_files, load_strict
 from backend_worker.models import EncoderModel, model_class
@@ -264,6 +265,12 @@ class Engine:
             return False
         self._graphed_reduce = self.pooler if reduce is None else reduce
         buckets = graph_buckets(max_batch_tokens)
+        assert isinstance(self.model, nn.Module)
+        for module in self.model.modules():
+            if isinstance(module, MixtureOfExperts):
+                # Routing reads token counts on the host, which a graph cannot: batches that
+                # fit a bucket run every expert (see backend_worker/experts.py).
+                module.dense_tokens = max((bucket.tokens for bucket in buckets), default=0)
         try:
             with torch.inference_mode():
                 self.graphs = GraphedPooling(self._reduced_static, buckets, self.device,

@@ -1,4 +1,5 @@
-"""NomicBERT (model_type "nomic_bert"): nomic-embed-text-v1 / v1.5, nomic-bert-2048.
+"""NomicBERT (model_type "nomic_bert"): nomic-embed-text-v1 / v1.5, nomic-bert-2048, and
+nomic-embed-text-v2-moe (mixture-of-experts MLPs in every other layer).
 
 One architecture, two config spellings. The Hub repos run nomic-ai's own code (auto_map) with a
 GPT-2-style config: n_embd, n_head, n_layer, n_inner, n_positions, layer_norm_epsilon,
@@ -9,7 +10,7 @@ rope_parameters) and no biases at all. Both write their weights under the Hub na
 save_pretrained(save_original_format=False), load too.
 
 What nomic-ai's code can do and this file does not (prenorm, interleaved or xPos rotary, dynamic
-NTK scaling, mixture-of-experts layers, ...) is refused at start with the setting's name.
+NTK scaling, renormalised or gated experts, ...) is refused at start with the setting's name.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from backend_worker.layers import activation, rope_inv_freq
 from backend_worker.loading import Rule, WeightMap
 from backend_worker.models.config import refusal, refuse_values, required_keys
 from backend_worker.models.registry import register
-from backend_worker.models.rotary_encoder import EncoderSpec, RotaryEncoder
+from backend_worker.models.rotary_encoder import EncoderSpec, ExpertsSpec, RotaryEncoder
 from shared.errors import ConfigError
 
 FAMILY = "NomicBERT"  # how config errors name it
@@ -40,6 +41,11 @@ WEIGHT_MAP = WeightMap(
              fuse=("fc12", "fc11")),
         Rule("encoder.layers.{i}.mlp.fc1.{w}", "layers.{i}.mlp.up.{w}"),  # plain (gelu) MLP
         Rule("encoder.layers.{i}.mlp.fc2.{w}", "layers.{i}.mlp.down.{w}"),
+        # Mixture-of-experts layers (v2-moe): the router, both experts' blocks, the shared bias.
+        Rule("encoder.layers.{i}.mlp.router.layer.weight", "layers.{i}.mlp.router"),
+        Rule("encoder.layers.{i}.mlp.experts.mlp.w1", "layers.{i}.mlp.w1"),
+        Rule("encoder.layers.{i}.mlp.experts.mlp.w2", "layers.{i}.mlp.w2"),
+        Rule("encoder.layers.{i}.mlp.experts.bias", "layers.{i}.mlp.bias"),
         Rule("encoder.layers.{i}.norm1.{w}", "layers.{i}.attention_norm.{w}"),
         Rule("encoder.layers.{i}.norm2.{w}", "layers.{i}.mlp_norm.{w}"),
         # transformers' in-memory names (save_original_format=False).
@@ -82,12 +88,27 @@ _HUB_UNSUPPORTED: dict[str, Any] = {
 }
 
 
+def _experts(config: dict[str, Any], gated: bool) -> ExpertsSpec | None:
+    """nomic-embed-text-v2-moe's experts (moe_every_n_layers 2, 8 experts, top 2), if any."""
+    every = int(config.get("moe_every_n_layers") or 0)
+    if every <= 0:
+        return None  # as nomic-ai's code: no expert layers, whatever num_experts says
+    count, top_k = int(config["num_experts"]), int(config["moe_top_k"])
+    if not 1 <= top_k <= count:
+        raise ConfigError(f"config.json: moe_top_k={top_k} must be between 1 and num_experts="
+                          f"{count}")
+    if config.get("moe_normalize_expert_weights"):
+        raise refusal(FAMILY, "moe_normalize_expert_weights="
+                              f"{config['moe_normalize_expert_weights']!r} (renormalised expert "
+                              "weights)")
+    if gated:
+        raise refusal(FAMILY, f"mixture-of-experts layers with activation_function "
+                              f"{config.get('activation_function')!r} (gated experts)")
+    return ExpertsSpec(every=every, count=count, top_k=top_k)
+
+
 def _hub_spec(config: dict[str, Any]) -> EncoderSpec:
     """nomic-ai's GPT2Config-based spelling (defaults are its NomicBertConfig's)."""
-    if config.get("moe_every_n_layers") or config.get("num_experts"):
-        raise refusal(FAMILY, f"mixture-of-experts layers (moe_every_n_layers="
-                              f"{config.get('moe_every_n_layers')!r}, num_experts="
-                              f"{config.get('num_experts')!r}, as in nomic-embed-text-v2-moe)")
     refuse_values(config, _HUB_UNSUPPORTED, FAMILY)
     if config.get("rotary_emb_scale_base") is not None:
         raise refusal(FAMILY,
@@ -139,6 +160,7 @@ def _hub_spec(config: dict[str, Any]) -> EncoderSpec:
         act=act, gated=gated, qkv_bias=qkv_bias, out_bias=qkv_bias,
         up_bias=bool(config.get("mlp_fc1_bias", True)),
         down_bias=bool(config.get("mlp_fc2_bias", True)),
+        experts=_experts(config, gated),
     )
 
 

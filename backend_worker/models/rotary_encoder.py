@@ -3,9 +3,10 @@ NomicBERT (nomic_bert.py) and GTE (gte.py) share.
 
 Embeddings are word (+ token type) -> LayerNorm; every layer is post-norm,
 x = norm(x + attention(x, rope)); x = norm(x + mlp(x)), with a fused QKV projection and a gated
-or plain MLP. The families differ in config spelling, checkpoint names, biases, MLP layout and
-rotary frequencies: each family file turns its config.json into an `EncoderSpec` and owns its
-`WeightMap`; this module owns the computation.
+or plain MLP (or, in some layers, a mixture of experts: backend_worker/experts.py). The families
+differ in config spelling, checkpoint names, biases, MLP layout and rotary frequencies: each
+family file turns its config.json into an `EncoderSpec` and owns its `WeightMap`; this module
+owns the computation.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from backend_worker.attention import Attention
+from backend_worker.experts import MixtureOfExperts
 from backend_worker.head_modules import FamilyHeads
 from backend_worker.layers import (
     MLP,
@@ -27,6 +29,20 @@ from backend_worker.layers import (
     WordTypeEmbeddings,
 )
 from backend_worker.loading import WeightMap
+
+
+@dataclass(frozen=True)
+class ExpertsSpec:
+    """Mixture-of-experts MLPs in the layers whose index is 1 modulo `every` (1, 1 + every, ...:
+    nomic-ai's placement, so none when `every` is 1), each sending a token to `top_k` of `count`
+    experts."""
+
+    every: int
+    count: int
+    top_k: int
+
+    def in_layer(self, index: int) -> bool:
+        return index % self.every == 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,13 +69,17 @@ class EncoderSpec:
     out_bias: bool = False
     up_bias: bool = False  # gate_up of a gated MLP, up of a plain one
     down_bias: bool = False
+    experts: ExpertsSpec | None = None  # where set, experts (plain MLPs of `act`) replace the MLP
 
 
-def _layer(spec: EncoderSpec, attention: Attention) -> PostNormLayer:
+def _layer(spec: EncoderSpec, attention: Attention, index: int) -> PostNormLayer:
     """One post-norm layer; rotary reaches its attention through PostNormLayer's `rope`."""
     hidden = spec.hidden_size
     mlp: nn.Module
-    if spec.gated:
+    if spec.experts is not None and spec.experts.in_layer(index):
+        mlp = MixtureOfExperts(hidden, spec.intermediate_size, spec.experts.count,
+                               spec.experts.top_k, spec.act)
+    elif spec.gated:
         mlp = GatedMLP(hidden, spec.intermediate_size, spec.act, spec.up_bias,
                        down_bias=spec.down_bias, gate_first=spec.gate_first)
     else:
@@ -88,7 +108,7 @@ class RotaryEncoder(nn.Module):
         self.rotary = Rotary(spec.inv_freq)
         self.embeddings = WordTypeEmbeddings(spec.vocab_size, spec.type_vocab_size,
                                              spec.hidden_size, spec.eps)
-        self.layers = nn.ModuleList(_layer(spec, attention) for _ in range(spec.num_layers))
+        self.layers = nn.ModuleList(_layer(spec, attention, i) for i in range(spec.num_layers))
 
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: torch.Tensor,

@@ -3,8 +3,9 @@
 Oracles: transformers' native NomicBertModel (hidden states, classifier logits) and
 SentenceTransformer (pooled vectors) for what transformers implements; for the options of
 nomic-ai's own code that transformers lacks (biases, partial rotary, plain or GLU MLPs, no
-token types, a padded vocabulary), an independent float64 reference written here from that
-code's description and itself checked against transformers where the two overlap.
+token types, a padded vocabulary, v2-moe's mixture-of-experts layers), an independent float64
+reference written here from that code's description and itself checked against transformers
+where the two overlap.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from backend_worker.attention import select_attention
+from backend_worker.attention import PackedVarlen, select_attention, torch_varlen_kernel
 from backend_worker.engine import Engine
+from backend_worker.experts import MixtureOfExperts
+from backend_worker.graphs import eager_capture
 from backend_worker.head_modules import ClassifierHead
 from backend_worker.heads import build_head, run_head
 from backend_worker.models import model_class
@@ -31,8 +34,10 @@ from tests.fixtures.checks import assert_batch_invariant, assert_dropped, assert
 from tests.fixtures.oracles import cosine_rows, hf_hidden, padded_inputs
 from tests.fixtures.rotary import (
     ACT,
+    NOMIC_MOE,
     TINY,
     add_sentence_transformers,
+    hub_tensors,
     layer_norm,
     nomic_hub_config,
     reprefix,
@@ -44,6 +49,7 @@ from tests.fixtures.rotary import (
     write_checkpoint,
 )
 from tests.fixtures.tiny import MIXED_TEXTS, pack, tiny_vocab
+from tests.fixtures.varlen import cpu_varlen
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -101,6 +107,11 @@ HUB_NAMES = {
     "encoder.layers.3.norm1.weight": ("layers.3.attention_norm.weight", None),
     "encoder.layers.3.norm2.bias": ("layers.3.mlp_norm.bias", None),
     "bert.encoder.layers.3.mlp.fc1.bias": ("layers.3.mlp.up.bias", None),
+    # nomic-embed-text-v2-moe's expert layers.
+    "encoder.layers.1.mlp.router.layer.weight": ("layers.1.mlp.router", None),
+    "encoder.layers.1.mlp.experts.mlp.w1": ("layers.1.mlp.w1", None),
+    "encoder.layers.1.mlp.experts.mlp.w2": ("layers.1.mlp.w2", None),
+    "encoder.layers.1.mlp.experts.bias": ("layers.1.mlp.bias", None),
 }
 IN_MEMORY_NAMES = {
     "embeddings.LayerNorm.weight": ("embeddings.norm.weight", None),
@@ -134,40 +145,6 @@ def test_pretraining_checkpoint_with_bert_prefix(tmp_path: Path) -> None:
 
 # --- nomic-ai's config spelling --------------------------------------------------------------
 
-def hub_tensors(config: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
-    """Seeded tensors under the Hub's names for a nomic_hub_config (shapes as nomic-ai's code)."""
-    gen = torch.Generator().manual_seed(seed)
-    hidden, inner = config["n_embd"], config["n_inner"]
-    multiple = config["pad_vocab_size_multiple"]
-    vocab = -(-config["vocab_size"] // multiple) * multiple
-    shapes: dict[str, tuple[int, ...]] = {"embeddings.word_embeddings.weight": (vocab, hidden),
-                                          "emb_ln.weight": (hidden,), "emb_ln.bias": (hidden,)}
-    if config["type_vocab_size"]:
-        shapes["embeddings.token_type_embeddings.weight"] = (config["type_vocab_size"], hidden)
-    gated = config["activation_function"] != "gelu"
-    for i in range(config["n_layer"]):
-        p = f"encoder.layers.{i}."
-        linears = {"attn.Wqkv": (3 * hidden, hidden, config["qkv_proj_bias"]),
-                   "attn.out_proj": (hidden, hidden, config["qkv_proj_bias"]),
-                   "mlp.fc2": (hidden, inner, config["mlp_fc2_bias"])}
-        for name in ("mlp.fc11", "mlp.fc12") if gated else ("mlp.fc1",):
-            linears[name] = (inner, hidden, config["mlp_fc1_bias"])
-        for name, (rows, cols, bias) in linears.items():
-            shapes[f"{p}{name}.weight"] = (rows, cols)
-            if bias:
-                shapes[f"{p}{name}.bias"] = (rows,)
-        for norm in ("norm1", "norm2"):
-            shapes[f"{p}{norm}.weight"] = shapes[f"{p}{norm}.bias"] = (hidden,)
-    tensors = {}
-    for name, shape in shapes.items():
-        noise = torch.randn(shape, generator=gen)
-        if name.endswith(("norm1.weight", "norm2.weight", "emb_ln.weight")):
-            tensors[name] = 1.0 + 0.2 * noise
-        else:
-            tensors[name] = (0.2 if len(shape) == 2 else 0.1) * noise
-    return tensors
-
-
 def reference(root: Path, ids: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
     """nomic-ai's NomicBertModel (post-norm, prenorm=false) in float64, one sequence."""
     cfg = json.loads((root / "config.json").read_text())
@@ -195,13 +172,30 @@ def reference(root: Path, ids: torch.Tensor, types: torch.Tensor) -> torch.Tenso
         attended = self_attention(rotate(q, inv_freq), rotate(k, inv_freq), v)
         x = layer_norm(x + linear(attended, p + "attn.out_proj"),
                        t[p + "norm1.weight"], t[p + "norm1.bias"], eps)
-        if cfg["activation_function"] == "gelu":
-            y = act(linear(x, p + "mlp.fc1"))
+        every = cfg.get("moe_every_n_layers") or 0
+        if every and i % every == 1:
+            mlp = experts(x, t, p + "mlp.", cfg["num_experts"], cfg["moe_top_k"], act)
+        elif cfg["activation_function"] == "gelu":
+            mlp = linear(act(linear(x, p + "mlp.fc1")), p + "mlp.fc2")
         else:
-            y = linear(x, p + "mlp.fc11") * act(linear(x, p + "mlp.fc12"))
-        x = layer_norm(x + linear(y, p + "mlp.fc2"), t[p + "norm2.weight"],
-                       t[p + "norm2.bias"], eps)
+            mlp = linear(linear(x, p + "mlp.fc11") * act(linear(x, p + "mlp.fc12")),
+                         p + "mlp.fc2")
+        x = layer_norm(x + mlp, t[p + "norm2.weight"], t[p + "norm2.bias"], eps)
     return x
+
+
+def experts(x: torch.Tensor, t: dict[str, torch.Tensor], p: str, count: int, top_k: int,
+            act: Any) -> torch.Tensor:
+    """v2-moe's layer, token by token: the top_k experts by router softmax, their outputs
+    weighted by those probabilities (not renormalised), plus the experts' shared bias."""
+    w1 = t[p + "experts.mlp.w1"].view(count, -1, x.shape[1])
+    w2 = t[p + "experts.mlp.w2"].view(count, -1, x.shape[1])
+    out = torch.zeros_like(x)
+    for row, token in enumerate(x):
+        probabilities = (t[p + "router.layer.weight"] @ token).softmax(-1)
+        for e in probabilities.argsort(descending=True)[:top_k].tolist():
+            out[row] += probabilities[e] * (act(w1[e] @ token) @ w2[e])
+    return out + t[p + "experts.bias"]
 
 
 def reference_hidden(root: Path, arrays) -> torch.Tensor:
@@ -231,6 +225,12 @@ HUB_CASES = [
                                      "pad_vocab_size_multiple": 64, "layer_norm_epsilon": 1e-5}),
     # Dynamic NTK never engages when no input may exceed max_trained_positions.
     ("scaling-factor-inactive", {"rotary_scaling_factor": 2.0, "max_trained_positions": 128}),
+    # nomic-embed-text-v2-moe: experts in layers 1 and 3 (routed on the CPU).
+    ("moe", NOMIC_MOE),
+    ("moe-top-1-every-3", {**NOMIC_MOE, "n_layer": 5, "moe_every_n_layers": 3, "moe_top_k": 1,
+                           "qkv_proj_bias": False}),
+    # nomic-ai's config defaults written out: no expert layers, whatever num_experts says.
+    ("no-expert-layers", {"moe_every_n_layers": 0, "num_experts": 1, "moe_top_k": 1}),
 ]
 
 
@@ -243,6 +243,31 @@ def test_hub_options_match_the_reference(tmp_path: Path, case: str, overrides: d
     diff = (engine.hidden_states(arrays) - reference_hidden(root, arrays).float()).abs().max()
     print(f"{case}: max abs diff vs float64 reference {diff.item():.2e}")
     assert diff <= HIDDEN_TOL
+
+
+def test_experts_dense_and_routed_agree(tmp_path: Path) -> None:
+    """Every expert on every token weighted 0 where unchosen (small batches, and what CUDA
+    graphs capture) gives the routed path's numbers, on each layer's own routing."""
+    config = nomic_hub_config(**NOMIC_MOE)
+    root = write_checkpoint(tmp_path / "m", config, hub_tensors(config, seed=9))
+    engine = Engine.load(load_model_info(root, pooling_override="mean"))
+    arrays, _ = pack(root, TEXTS)
+    routed = engine.hidden_states(arrays)
+    moe = [m for m in engine.model.modules() if isinstance(m, MixtureOfExperts)]
+    assert len(moe) == 2
+    for module in moe:
+        module.dense_tokens = 1 << 20
+    assert (engine.hidden_states(arrays) - routed).abs().max() <= 1e-5
+
+
+def test_graph_capture_runs_the_experts_densely(tmp_path: Path) -> None:
+    config = nomic_hub_config(**NOMIC_MOE)
+    root = write_checkpoint(tmp_path / "m", config, hub_tensors(config, seed=10))
+    engine = Engine.load(load_model_info(root, pooling_override="mean"),
+                         attention=PackedVarlen(torch_varlen_kernel(cpu_varlen)))
+    assert engine.capture_graphs(256, eager_capture)
+    assert {m.dense_tokens for m in engine.model.modules()
+            if isinstance(m, MixtureOfExperts)} == {256}
 
 
 def test_batch_invariance(tmp_path: Path) -> None:
@@ -294,7 +319,12 @@ REFUSED = [
     (nomic_hub_config(rotary_scaling_factor=2.0, n_positions=8192), "rotary_scaling_factor=2.0"),
     (nomic_hub_config(rotary_scaling_factor=None, n_positions=8192, rotary_emb_scale_base=512),
      "xPos"),
-    (nomic_hub_config(moe_every_n_layers=2, num_experts=8, moe_top_k=2), "mixture-of-experts"),
+    (nomic_hub_config(**{**NOMIC_MOE, "moe_normalize_expert_weights": 1}),
+     "moe_normalize_expert_weights=1"),
+    (nomic_hub_config(**{**NOMIC_MOE, "activation_function": "swiglu"}), "gated experts"),
+    (nomic_hub_config(**{**NOMIC_MOE, "moe_top_k": 5}), "moe_top_k=5 must be between"),
+    (nomic_hub_config(**{k: v for k, v in NOMIC_MOE.items() if k != "moe_top_k"}),
+     "lacks 'moe_top_k'"),
     (nomic_hub_config(activation_function="gelu_new"), "activation_function 'gelu_new'"),
     (nomic_hub_config(rotary_emb_fraction=0.0), "rotary_emb_fraction=0.0"),
     (nomic_hub_config(causal=True), "causal=True"),
