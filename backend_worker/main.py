@@ -24,7 +24,7 @@ import zmq
 from backend_worker.memory import HeapTrimmer, cap_primitive_cache
 from shared import protocol
 from shared.config import WorkerConfig
-from shared.dtypes import default_dtype
+from shared.dtypes import default_dtype, emulated_dtype
 from shared.errors import ConfigError
 from shared.logs import setup_logging
 from shared.modelinfo import load_model_info
@@ -118,6 +118,9 @@ class Worker:
         if device.startswith("cuda:"):
             torch.cuda.set_device(torch.device(device))  # this process owns this one GPU
         dtype_name = self.config.dtype or default_dtype(torch.device(device).type)
+        if emulated_dtype(torch.device(device).type, dtype_name):
+            log.warning("this CPU has no native %s matmul: torch emulates it, many times slower "
+                        "than float32 (the default here; --dtype float32)", dtype_name)
         engine = Engine.load(info, device=device, dtype=getattr(torch, dtype_name))
         head = build_head(info, engine.device)
         served = self.outputs = outputs(engine, head)

@@ -40,3 +40,17 @@ def default_dtype(device_type: str, flags: frozenset[str] | None = None) -> str:
         if flags & NATIVE_BF16_FLAGS:
             return "bfloat16"
     return "float32"
+
+
+# float16 runs natively on CPUs with AMX-FP16 or AVX512-FP16 (oneDNN); elsewhere torch emulates it.
+NATIVE_FP16_FLAGS = frozenset({"amx_fp16", "avx512_fp16"})
+
+
+def emulated_dtype(device_type: str, dtype: str, flags: frozenset[str] | None = None) -> bool:
+    """Whether a CPU computes `dtype` without native matmul: asked for by --dtype, it still runs,
+    but on the AVX2-only EPYC of bench/RESULTS.md (2026-12-06 07:05) all-MiniLM-L6-v2 ran 10x
+    slower in bfloat16 and 11x in float16 than in float32 (one query: 334 and 225 ms vs 7)."""
+    native = {"bfloat16": NATIVE_BF16_FLAGS, "float16": NATIVE_FP16_FLAGS}.get(dtype)
+    if device_type != "cpu" or native is None:
+        return False
+    return not (cpu_flags() if flags is None else flags) & native

@@ -1,4 +1,5 @@
-"""The worker's default dtype per device and CPU (shared/dtypes.py)."""
+"""The worker's default dtype per device and CPU, and which asked-for dtypes a CPU only
+emulates (shared/dtypes.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.dtypes import cpu_flags, default_dtype
+from shared.dtypes import cpu_flags, default_dtype, emulated_dtype
 
 
 @pytest.mark.parametrize(
@@ -30,3 +31,19 @@ def test_cpu_flags_reads_the_flags_line(tmp_path: Path) -> None:
                        "bugs\t\t: spectre\n\nprocessor\t: 1\nflags\t\t: fpu sse\n")
     assert cpu_flags(cpuinfo) == {"fpu", "sse", "avx512_bf16", "amx_bf16"}
     assert cpu_flags(tmp_path / "missing") == frozenset()
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype", "flags", "emulated"),
+    [
+        ("cpu", "bfloat16", frozenset({"avx2", "fma"}), True),  # an AVX2-only EPYC
+        ("cpu", "bfloat16", frozenset({"avx512f", "avx512_bf16"}), False),
+        ("cpu", "bfloat16", frozenset({"amx_bf16"}), False),
+        ("cpu", "float16", frozenset({"amx_bf16", "avx512_bf16"}), True),
+        ("cpu", "float16", frozenset({"amx_fp16"}), False),
+        ("cpu", "float32", frozenset(), False),
+        ("cuda", "bfloat16", frozenset(), False),  # the GPU's business, not the CPU's flags
+    ],
+)
+def test_emulated_dtype(device: str, dtype: str, flags: frozenset[str], emulated: bool) -> None:
+    assert emulated_dtype(device, dtype, flags) is emulated
