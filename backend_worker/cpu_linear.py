@@ -37,7 +37,9 @@ def _packs(dtype: torch.dtype) -> bool:
     # oneDNN packs bfloat16 only on CPUs with AVX512 (BW, VL, DQ) or AVX-NE-CONVERT; elsewhere
     # (an AVX2-only EPYC, say) the reorder raises, and bfloat16 runs through plain nn.Linear.
     try:
-        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=dtype), None)
+        packed = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=dtype), None)
+        torch.ops.mkldnn._linear_pointwise(torch.zeros(2, 8, dtype=dtype), packed, None, "none",
+                                           [], "")
     except RuntimeError:
         return False
     return True

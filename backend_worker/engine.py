@@ -265,12 +265,9 @@ class Engine:
             return False
         self._graphed_reduce = self.pooler if reduce is None else reduce
         buckets = graph_buckets(max_batch_tokens)
-        assert isinstance(self.model, nn.Module)
-        for module in self.model.modules():
-            if isinstance(module, MixtureOfExperts):
-                # Routing reads token counts on the host, which a graph cannot: batches that
-                # fit a bucket run every expert (see backend_worker/experts.py).
-                module.dense_tokens = max((bucket.tokens for bucket in buckets), default=0)
+        # Routing reads token counts on the host, which a graph cannot: batches that fit a
+        # bucket run every expert (backend_worker/experts.py).
+        self._dense_experts(max((bucket.tokens for bucket in buckets), default=0))
         try:
             with torch.inference_mode():
                 self.graphs = GraphedPooling(self._reduced_static, buckets, self.device,
@@ -279,7 +276,15 @@ class Engine:
             raise  # the warm-up's message names the flag to lower
         except RuntimeError as exc:
             self.graphs = self._graphed_reduce = None
+            self._dense_experts(0)
             log.error("cannot capture CUDA graphs (%s): every batch runs eagerly "
                       "(--cuda-graphs false skips the attempt)", _first_line(exc))
             return False
         return True
+
+    def _dense_experts(self, tokens: int) -> None:
+        """Let mixture-of-experts layers run every expert on batches of at most `tokens`."""
+        assert isinstance(self.model, nn.Module)
+        for module in self.model.modules():
+            if isinstance(module, MixtureOfExperts):
+                module.dense_tokens = tokens

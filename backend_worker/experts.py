@@ -26,6 +26,9 @@ from backend_worker.layers import activation
 
 
 class MixtureOfExperts(nn.Module):
+    """[T, hidden] -> [T, hidden]: the weighted sum of each token's top_k experts, plus the
+    shared bias."""
+
     def __init__(self, hidden: int, intermediate: int, experts: int, top_k: int,
                  act: str) -> None:
         super().__init__()
@@ -61,7 +64,7 @@ class MixtureOfExperts(nn.Module):
         gates.scatter_(1, chosen, weights)
         hidden = self.act(nn.functional.linear(x, self.w1))  # [T, experts * intermediate]
         hidden = hidden.view(tokens, self.experts, self.intermediate) * gates.unsqueeze(-1)
-        return hidden.view(tokens, -1) @ self.w2
+        return hidden.reshape(tokens, self.experts * self.intermediate) @ self.w2
 
     def _routed(self, x: torch.Tensor, weights: torch.Tensor,
                 chosen: torch.Tensor) -> torch.Tensor:
@@ -71,7 +74,10 @@ class MixtureOfExperts(nn.Module):
         order = flat.argsort(stable=True)  # grouped by expert, tokens ascending within each
         tokens = order // self.top_k
         gates = weights.flatten()[order].unsqueeze(-1)
-        counts = torch.bincount(flat, minlength=self.experts).tolist()  # the one host read
+        # Tokens per expert, read on the host once (bincount would first read the range too).
+        ones = torch.ones_like(flat)
+        counts = torch.zeros(self.experts, dtype=flat.dtype, device=flat.device).scatter_add_(
+            0, flat, ones).tolist()
         out = torch.zeros_like(x)
         start = 0
         for expert, count in enumerate(counts):

@@ -93,7 +93,10 @@ def _experts(config: dict[str, Any], gated: bool) -> ExpertsSpec | None:
     every = int(config.get("moe_every_n_layers") or 0)
     if every <= 0:
         return None  # as nomic-ai's code: no expert layers, whatever num_experts says
-    count, top_k = int(config["num_experts"]), int(config["moe_top_k"])
+    count, top_k = config["num_experts"], config["moe_top_k"]
+    if not (isinstance(count, int) and isinstance(top_k, int)):
+        raise ConfigError(f"config.json: num_experts ({count!r}) and moe_top_k ({top_k!r}) must "
+                          f"be integers when moe_every_n_layers is {every}")
     if not 1 <= top_k <= count:
         raise ConfigError(f"config.json: moe_top_k={top_k} must be between 1 and num_experts="
                           f"{count}")

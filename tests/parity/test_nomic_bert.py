@@ -23,13 +23,13 @@ from safetensors.torch import load_file
 from backend_worker.attention import PackedVarlen, select_attention, torch_varlen_kernel
 from backend_worker.engine import Engine
 from backend_worker.experts import MixtureOfExperts
-from backend_worker.graphs import eager_capture
 from backend_worker.head_modules import ClassifierHead
 from backend_worker.heads import build_head, run_head
 from backend_worker.models import model_class
 from backend_worker.models.nomic_bert import WEIGHT_MAP
 from shared.errors import ConfigError
 from shared.modelinfo import load_model_info
+from tests.fixtures.capture import opaque, strict_capture
 from tests.fixtures.checks import assert_batch_invariant, assert_dropped, assert_maps
 from tests.fixtures.oracles import cosine_rows, hf_hidden, padded_inputs
 from tests.fixtures.rotary import (
@@ -261,13 +261,20 @@ def test_experts_dense_and_routed_agree(tmp_path: Path) -> None:
 
 
 def test_graph_capture_runs_the_experts_densely(tmp_path: Path) -> None:
+    """Under capture's rules (no host reads); a capture that fails leaves them routed."""
     config = nomic_hub_config(**NOMIC_MOE)
     root = write_checkpoint(tmp_path / "m", config, hub_tensors(config, seed=10))
     engine = Engine.load(load_model_info(root, pooling_override="mean"),
-                         attention=PackedVarlen(torch_varlen_kernel(cpu_varlen)))
-    assert engine.capture_graphs(256, eager_capture)
-    assert {m.dense_tokens for m in engine.model.modules()
-            if isinstance(m, MixtureOfExperts)} == {256}
+                         attention=PackedVarlen(torch_varlen_kernel(opaque(cpu_varlen))))
+    assert engine.capture_graphs(256, strict_capture)
+    experts = [m for m in engine.model.modules() if isinstance(m, MixtureOfExperts)]
+    assert {m.dense_tokens for m in experts} == {256}
+
+    def fails(run):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    assert not engine.capture_graphs(256, fails)
+    assert {m.dense_tokens for m in experts} == {0}
 
 
 def test_batch_invariance(tmp_path: Path) -> None:
@@ -325,6 +332,7 @@ REFUSED = [
     (nomic_hub_config(**{**NOMIC_MOE, "moe_top_k": 5}), "moe_top_k=5 must be between"),
     (nomic_hub_config(**{k: v for k, v in NOMIC_MOE.items() if k != "moe_top_k"}),
      "lacks 'moe_top_k'"),
+    (nomic_hub_config(**{**NOMIC_MOE, "num_experts": None}), "must be integers"),
     (nomic_hub_config(activation_function="gelu_new"), "activation_function 'gelu_new'"),
     (nomic_hub_config(rotary_emb_fraction=0.0), "rotary_emb_fraction=0.0"),
     (nomic_hub_config(causal=True), "causal=True"),
