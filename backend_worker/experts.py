@@ -11,8 +11,9 @@ Two ways to compute the same sum:
 - routed: each expert runs on the tokens sent to it. Compute in proportion to top_k, but which
   tokens go where is read on the host (one sync per layer), so it cannot be captured in a graph.
 - dense: every expert runs on every token and the unchosen ones are weighted 0. No host reads
-  (capturable) and two large GEMMs instead of a loop, at experts / top_k times the compute:
-  the better trade for small batches, whose time is launches and weight reads anyway.
+  (capturable) and two large GEMMs instead of a loop, at experts / top_k times the compute: a
+  fair price for a GPU's small batches, whose time is launches and weight reads, but not on the
+  CPU (3x slower there even for one query, bench/RESULTS.md 2026-12-06 07:05).
 Batches of at most `dense_tokens` tokens go dense; the engine raises it to its largest graph
 bucket when it captures graphs (0, all routed, until then).
 """
@@ -44,8 +45,10 @@ class MixtureOfExperts(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each token's top_k router weights (in x's dtype) and expert indices, [T, top_k].
-        The logits are float32 whatever the model's dtype: rounded to 16 bits, two experts that
-        nearly tie can swap places, and the token's output changes by a whole expert's."""
+        The logits are float32 whatever the model's dtype (nomic-ai's code rounds them to it
+        before its float32 softmax): rounded to 16 bits, two experts that nearly tie can swap
+        places and the token's output changes by a whole expert's, so a float16 or bfloat16
+        model sends tokens where the float32 oracle does."""
         logits = nn.functional.linear(x.float(), self.router.float())
         probabilities = logits.softmax(dim=-1)
         weights, chosen = probabilities.topk(self.top_k, dim=-1)
