@@ -20,6 +20,7 @@ export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export EMBEDSERVE_BERT_TOKENIZER="$ROOT/.gpu/tokenizer"
 RESULTS="${OUT:-/tmp}/gpu-check"
 mkdir -p "$RESULTS"
+rm -f "$RESULTS"/embedserve-bench-*.log  # an earlier run's, where the folder is not new
 status=0
 
 echo "== host"
@@ -74,7 +75,9 @@ else
 fi
 timeout 360 "$PY" -m bench.run "${bench_args[@]}" 2>&1 | tee "$RESULTS/bench.log"
 (( PIPESTATUS[0] == 0 )) || status=1
-cp /tmp/embedserve-bench-*.log "$RESULTS/" 2>/dev/null
+# This run's server logs only (a machine that is not fresh keeps older runs' logs in /tmp).
+find /tmp -maxdepth 1 -name 'embedserve-bench-*.log' -newer "$RESULTS/pytest.log" \
+    -exec cp {} "$RESULTS/" \;
 
 echo "== summary (at ${SECONDS} s)"
 grep -E "passed|failed|error" "$RESULTS/pytest.log" | tail -1
