@@ -229,6 +229,7 @@ HUB_CASES = [
     ("moe", NOMIC_MOE),
     ("moe-top-1-every-3", {**NOMIC_MOE, "n_layer": 5, "moe_every_n_layers": 3, "moe_top_k": 1,
                            "qkv_proj_bias": False}),
+    ("moe-every-expert", {**NOMIC_MOE, "moe_top_k": 4}),  # top_k == num_experts
     # nomic-ai's config defaults written out: no expert layers, whatever num_experts says.
     ("no-expert-layers", {"moe_every_n_layers": 0, "num_experts": 1, "moe_top_k": 1}),
 ]
