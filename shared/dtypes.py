@@ -13,12 +13,14 @@ chooses; the router says the same in /info before the workers are up).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 # /proc/cpuinfo flags under which torch's CPU matmul runs bfloat16 natively (oneDNN kernels).
 NATIVE_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 
 
+@functools.cache  # a worker asks twice at start (default_dtype, then emulated_dtype)
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
     """The CPU's feature flags (empty where /proc/cpuinfo does not exist or says nothing)."""
     try:
