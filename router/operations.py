@@ -42,10 +42,12 @@ async def classify(
 async def rerank(
     service: InferenceService, model: ModelInfo, query: str, texts: Sequence[str], *,
     truncate: bool | None, direction: str, raw_scores: bool, texts_name: str = "texts",
-    max_tokens: int | None = None,
+    max_tokens: int | None = None, max_chunks: int = 1,
 ) -> tuple[np.ndarray, Timings]:
     """One score per text, in the texts' order (`best_first` gives the ranking); with
-    `max_tokens`, each text is scored on its first `max_tokens` tokens only."""
+    `max_tokens`, each text is scored on its first `max_tokens` tokens only; with `max_chunks`
+    above 1, a text too long to fit beside the query is scored in up to that many pieces, and
+    its score is its best piece's (Cohere's `max_chunks_per_doc`)."""
     service.require("reranker")
     if not texts:
         with service.refusals_counted():
@@ -56,6 +58,9 @@ async def rerank(
         with service.refusals_counted():
             check_batch_size(len(texts), service.rules)
             texts = await first_tokens(service, texts, max_tokens)
+    if max_chunks > 1:
+        return await _rerank_pieces(service, model, query, texts, direction=direction,
+                                    raw_scores=raw_scores, max_chunks=max_chunks)
     outcome = await service.run([(query, text) for text in texts], OutputKind.LOGITS,
                                 truncate=truncate, direction=direction)
     return activate(outcome.matrix(), model.activation, raw_scores)[:, 0], outcome.timings
@@ -68,6 +73,39 @@ async def first_tokens(service: InferenceService, texts: Sequence[str],
     pair, where the word at the cut may split into other pieces."""
     with service.admitted(len(texts), "tokenizer"):
         return await service.tokenizers.prefixes(list(texts), count)
+
+
+async def _rerank_pieces(
+    service: InferenceService, model: ModelInfo, query: str, texts: Sequence[str], *,
+    direction: str, raw_scores: bool, max_chunks: int,
+) -> tuple[np.ndarray, Timings]:
+    """`rerank` with long texts in pieces: each piece is scored beside the query, and a text's
+    score is the best of its pieces' (the activation is monotonic, so raw or not the same piece
+    wins)."""
+    max_length = service.rules.max_input_length
+    with service.refusals_counted():
+        check_batch_size(len(texts), service.rules)
+        with service.admitted(len(texts), "tokenizer"):
+            chunked = await service.tokenizers.chunks(query, list(texts), max_length,
+                                                      max_chunks)
+        if chunked.pieces is None:
+            raise validation(
+                f"`query` leaves no room for the documents' pieces: with the pair's special "
+                f"tokens it takes {max_length - chunked.room} of the model's {max_length} "
+                "tokens")
+        pairs = [(query, piece) for pieces in chunked.pieces for piece in pieces]
+        if len(pairs) > service.max_concurrent_requests:
+            raise validation(
+                f"`max_chunks_per_doc` makes {len(pairs)} pieces of the {len(texts)} "
+                f"documents, more than the server scores at once (--max-concurrent-requests "
+                f"{service.max_concurrent_requests}): lower it or send fewer documents")
+    # The pieces are the server's own cut, made to fit: a piece whose edge re-tokenizes a token
+    # longer is truncated by that token, not refused (with --auto-truncate false too).
+    outcome = await service.run(pairs, OutputKind.LOGITS, truncate=True, direction=direction,
+                                client_inputs=len(texts))
+    scores = activate(outcome.matrix(), model.activation, raw_scores)[:, 0]
+    firsts = np.cumsum([0, *(len(pieces) for pieces in chunked.pieces[:-1])])
+    return np.maximum.reduceat(scores, firsts), outcome.timings
 
 
 def best_first(scores: np.ndarray) -> np.ndarray:

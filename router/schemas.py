@@ -206,6 +206,10 @@ class CohereRerankRequest(msgspec.Struct, kw_only=True):
     # default, 4096, is past most re-rankers' own limit, where --auto-truncate, on by default,
     # truncates the pair anyway; with it off, a pair still over the limit is refused).
     max_tokens_per_doc: int | None = None
+    # Cohere v1's: a document too long to fit beside the query is scored in up to this many
+    # consecutive pieces, and ranked on its best piece's score. Their default, as ours, is 1:
+    # the document's start alone (truncated, with --auto-truncate).
+    max_chunks_per_doc: int | None = None
     # Cohere v1's fields of dict documents to rank on. Only `text` is read, so asking for any
     # other is refused instead of being ranked on something the client did not ask for.
     rank_fields: list[str] | None = None

@@ -238,13 +238,17 @@ class InferenceService:
         truncate: bool | None,
         direction: str,
         prompt_name: str | None = None,
+        client_inputs: int | None = None,
     ) -> Outcome:
-        """Admission, tokenization, batching and inference for one request's inputs."""
+        """Admission, tokenization, batching and inference for one request's inputs.
+        `client_inputs`: how many inputs the client sent, where the server made more of them
+        (re-rank pieces): that count is the one --max-client-batch-size bounds."""
         method = "single" if len(inputs) == 1 else "batch"
         self.metrics.received(method)
         try:
             outcome = await self._run(inputs, output, truncate=truncate, direction=direction,
-                                      prompt_name=prompt_name)
+                                      prompt_name=prompt_name,
+                                      client_inputs=client_inputs or len(inputs))
         except EmbedServeError as exc:
             self.metrics.failed_with(exc.error_type)
             raise
@@ -262,13 +266,14 @@ class InferenceService:
         truncate: bool | None,
         direction: str,
         prompt_name: str | None,
+        client_inputs: int,
     ) -> Outcome:
         started = time.perf_counter()
         if self.draining:
             raise unhealthy("the server is shutting down")
         if self._queue is None or not self.workers.any_ready:
             raise unhealthy("no backend worker is ready (the model is loading or restarting)")
-        check_batch_size(len(inputs), self.rules)
+        check_batch_size(client_inputs, self.rules)
         prompt = resolve_prompt(prompt_name, self.rules)
         kind = "predict" if output is OutputKind.LOGITS else "embed"
         with self.admitted(len(inputs)):

@@ -135,6 +135,41 @@ def _prefixes(texts: list[str], count: int) -> Outcome:
                     for text, encoding in zip(texts, encodings, strict=True)])
 
 
+class Chunked(NamedTuple):
+    """What `_chunks` returns: the room each piece had beside the query, in tokens, and each
+    text's pieces (None when the query leaves no room)."""
+
+    room: int
+    pieces: list[list[str]] | None
+
+
+def _chunks(query: str, texts: list[str], max_length: int, limit: int) -> Outcome:
+    """Each text in consecutive pieces that each fit, with the query and the pair's special
+    tokens, in `max_length` tokens (Cohere's `max_chunks_per_doc`); at most `limit` pieces, the
+    rest of a longer text dropped. A text that fits is one piece, itself."""
+    assert _tokenizer is not None, "pool process not initialised"
+    try:
+        query_tokens = len(_untruncated([query], add_special_tokens=False)[0].ids)
+        encodings = _untruncated(texts, add_special_tokens=False)
+    except Exception as exc:
+        return Outcome(None, str(exc))
+    processor = _tokenizer.post_processor
+    specials = processor.num_special_tokens_to_add(True) if processor is not None else 0
+    room = max_length - specials - query_tokens
+    if room < 1:
+        return Outcome(Chunked(room, None))
+    pieces = []
+    for text, encoding in zip(texts, encodings, strict=True):
+        count = len(encoding.ids)
+        # Pieces meet at a token's first character (offsets are character offsets), so the
+        # whitespace between tokens stays with the piece after it and nothing is lost but what
+        # lies past the last piece.
+        starts = [0, *(encoding.offsets[i][0] for i in range(room, count, room))]
+        ends = [*starts[1:], len(text)]
+        pieces.append([text[start:end] for start, end in zip(starts, ends, strict=True)][:limit])
+    return Outcome(Chunked(room, pieces))
+
+
 def _decode(ids: list[list[int]], skip_special_tokens: bool) -> Outcome:
     assert _tokenizer is not None, "pool process not initialised"
     try:
@@ -199,6 +234,12 @@ class TokenizerPool:
     async def prefixes(self, texts: list[str], count: int) -> list[str]:
         """Each text cut after its first `count` tokens (Cohere's `max_tokens_per_doc`)."""
         return await self._call(sum(map(len, texts)), _prefixes, texts, count)
+
+    async def chunks(self, query: str, texts: list[str], max_length: int,
+                     limit: int) -> Chunked:
+        """Each text in at most `limit` pieces that fit beside the query (`_chunks`)."""
+        return await self._call(len(query) + sum(map(len, texts)), _chunks, query, texts,
+                                max_length, limit)
 
     async def decode(self, ids: list[list[int]], skip_special_tokens: bool) -> list[str]:
         return await self._call(sum(map(len, ids)), _decode, ids, skip_special_tokens)

@@ -69,12 +69,13 @@ def routes(state: AppState) -> list[Endpoint]:
 
     async def rank(request: Request, query: str, texts: list[str], truncate, direction,
                    raw: bool, texts_name: str = "texts", max_tokens: int | None = None,
-                   ) -> tuple[np.ndarray, np.ndarray, Timings]:
+                   max_chunks: int = 1) -> tuple[np.ndarray, np.ndarray, Timings]:
         """Scores in text order (float32, as TEI writes them), the order best first, and the
         timings."""
         scores, timings = await unless_disconnected(request, operations.rerank(
             service, info, query, texts, truncate=truncate, direction=direction,
-            raw_scores=raw, texts_name=texts_name, max_tokens=max_tokens))
+            raw_scores=raw, texts_name=texts_name, max_tokens=max_tokens,
+            max_chunks=max_chunks))
         return scores.astype(np.float32), operations.best_first(scores), timings
 
     async def rerank(request: Request) -> Response:
@@ -95,12 +96,15 @@ def routes(state: AppState) -> list[Endpoint]:
                 raise validation("`top_n` must be positive")
             if body.max_tokens_per_doc is not None and body.max_tokens_per_doc <= 0:
                 raise validation("`max_tokens_per_doc` must be positive")
+            if body.max_chunks_per_doc is not None and body.max_chunks_per_doc <= 0:
+                raise validation("`max_chunks_per_doc` must be positive")
             if body.rank_fields and body.rank_fields != ["text"]:
                 raise validation("`rank_fields` other than [\"text\"] are not supported: "
                                  "documents are ranked on their `text`")
         values, order, timings = await rank(request, body.query, texts, None, "right", False,
                                             texts_name="documents",
-                                            max_tokens=body.max_tokens_per_doc)
+                                            max_tokens=body.max_tokens_per_doc,
+                                            max_chunks=body.max_chunks_per_doc or 1)
         results = [CohereResult(int(i), values[i],
                                 as_object(body.documents[i]) if body.return_documents else None)
                    for i in order[: body.top_n]]

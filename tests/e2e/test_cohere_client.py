@@ -127,6 +127,54 @@ def test_max_tokens_per_doc_scores_each_document_on_its_first_tokens(reranker) -
                                max_tokens_per_doc=4096)) == pairs(whole)
 
 
+def pieces(srv: Server, query: str, document: str, limit: int) -> list[str]:
+    """The oracle's cut of `document` for `max_chunks_per_doc`: consecutive runs of the tokens
+    that fit beside the query and a BERT pair's 3 special tokens, each from its first token's
+    start (byte offsets: the texts here are ASCII), at most `limit` of them."""
+    def tokens(text: str) -> list[dict]:
+        return srv.client.post("/tokenize", json={"inputs": text, "add_special_tokens": False},
+                               headers=AUTH).json()[0]
+    room = srv.client.get("/info", headers=AUTH).json()["max_input_length"] - 3 - len(
+        tokens(query))
+    starts = [0, *(t["start"] for t in tokens(document)[room::room])]
+    ends = [*starts[1:], len(document)]
+    return [document[a:b] for a, b in zip(starts, ends, strict=True)][:limit]
+
+
+def test_max_chunks_per_doc_ranks_a_long_document_on_its_best_piece(reranker) -> None:
+    # Cohere v1: a document longer than the window is scored in pieces, on its best one. The
+    # answer sits past the first window, where truncation (the default) never sees it.
+    document = "a dog ran in the park under the trees " * 12 + "france's capital is paris."
+    cut = pieces(reranker, QUERY, document, limit=10)
+    assert len(cut) == 3 and "".join(cut) == document
+    scores = dict(ranked(reranker, cut))
+    assert max(scores, key=scores.__getitem__) == 2  # the seed-1 model agrees: the test's point
+    client = v1(reranker)
+    chunked = dict(pairs(client.rerank(query=QUERY, documents=[document, DOCS[1]],
+                                       max_chunks_per_doc=10)))
+    assert chunked[0] == pytest.approx(max(scores.values()), rel=1e-6)
+    assert chunked[1] == pytest.approx(dict(ranked(reranker, [document, DOCS[1]]))[1], rel=1e-6)
+    # At most that many pieces, in order; 1 (Cohere's default) is the document truncated.
+    two = dict(pairs(client.rerank(query=QUERY, documents=[document], max_chunks_per_doc=2)))
+    assert two[0] == pytest.approx(max(scores[0], scores[1]), rel=1e-6)
+    one = client.rerank(query=QUERY, documents=[document], max_chunks_per_doc=1)
+    assert pairs(one) == pairs(client.rerank(query=QUERY, documents=[document]))
+    # Every piece is computed, and counted.
+    whole = client.rerank(query=QUERY, documents=cut, max_chunks_per_doc=10)
+    assert client.rerank(query=QUERY, documents=[document], max_chunks_per_doc=10).usage[
+        "total_tokens"] == whole.usage["total_tokens"]
+
+
+def test_max_chunks_per_doc_refusals(reranker) -> None:
+    with pytest.raises(UnprocessableEntityError) as refused:
+        v1(reranker).rerank(query=QUERY, documents=DOCS, max_chunks_per_doc=0)
+    assert error(refused.value) == "`max_chunks_per_doc` must be positive"
+    # A query that fills the window leaves no room for a piece of anything.
+    with pytest.raises(UnprocessableEntityError) as full:
+        v1(reranker).rerank(query="paris " * 200, documents=DOCS, max_chunks_per_doc=2)
+    assert "`query` leaves no room for the documents' pieces" in error(full.value)
+
+
 def test_max_tokens_per_doc_keeps_the_batch_checks_and_their_count(tmp_path) -> None:
     # Cutting tokenizes the documents before `run`: the request must still meet run's checks
     # first (batch size before --max-concurrent-requests), counted as run counts them.
@@ -139,6 +187,13 @@ def test_max_tokens_per_doc_keeps_the_batch_checks_and_their_count(tmp_path) -> 
         assert "batch size 7 > maximum allowed batch size 4" in response.json()["error"]
         values = samples(srv.client.get("/metrics").text)
         assert values['te_request_failure{err="validation"}'] == 1
+        # Pieces count against --max-concurrent-requests, documents against the batch size.
+        documents = {"query": QUERY, "documents": [LONG * 4] * 4, "max_chunks_per_doc": 3}
+        response = srv.client.post("/v1/rerank", json=documents)
+        assert response.status_code == 422
+        assert "makes 12 pieces of the 4 documents" in response.json()["error"]
+        documents["max_chunks_per_doc"] = 1
+        assert srv.client.post("/v1/rerank", json=documents).status_code == 200
 
 
 def test_async_client(reranker) -> None:

@@ -1,4 +1,5 @@
-"""Cohere's max_tokens_per_doc: a text cut after its first N tokens, in the tokenizer process."""
+"""Cohere's max_tokens_per_doc (a text cut after its first N tokens) and max_chunks_per_doc (a
+text in pieces that fit beside the query), in the tokenizer process."""
 
 from __future__ import annotations
 
@@ -42,3 +43,31 @@ def test_a_prefix_holds_exactly_the_first_tokens(tokenizer_path: str, count: int
 
 def test_short_texts_are_kept_whole(tokenizer_path: str) -> None:
     assert tokenization._prefixes(["hi there", ""], 2).value == ["hi there", ""]
+
+
+def test_pieces_are_consecutive_runs_that_fit_beside_the_query(tokenizer_path: str) -> None:
+    query = "what is the capital of france?"
+    text = "paris is a city in france, " * 20  # whole-word tokens: none split at a cut
+    max_length = 32
+    chunked = tokenization._chunks(query, [text, "short one"], max_length, limit=100).value
+    room = max_length - 3 - len(ids(tokenizer_path, query))  # [CLS] query [SEP] piece [SEP]
+    assert chunked.room == room
+    long, short = chunked.pieces
+    assert short == ["short one"]
+    assert "".join(long) == text
+    whole = ids(tokenizer_path, text)
+    assert [ids(tokenizer_path, piece) for piece in long] == [
+        whole[i:i + room] for i in range(0, len(whole), room)]
+
+
+def test_pieces_past_the_limit_are_dropped(tokenizer_path: str) -> None:
+    text = "Straße und Brücke über den Fluß, zweimal. " * 6  # cuts fall inside words too
+    every = tokenization._chunks("q", [text], 16, limit=100).value.pieces[0]
+    assert "".join(every) == text and len(every) > 3
+    assert tokenization._chunks("q", [text], 16, limit=3).value.pieces[0] == every[:3]
+    assert tokenization._chunks("q", ["", "  "], 16, limit=3).value.pieces == [[""], ["  "]]
+
+
+def test_a_query_that_fills_the_window_leaves_no_room(tokenizer_path: str) -> None:
+    chunked = tokenization._chunks("one two three four five", ["text"], 8, limit=2).value
+    assert chunked == tokenization.Chunked(8 - 3 - 5, None)
