@@ -50,7 +50,7 @@ class OpenAIErrorBody(msgspec.Struct):
 
 
 # Routes of the OpenAI API answer errors in OpenAI's shape, so its clients can read them.
-OPENAI_PATHS = frozenset({"/v1/embeddings", "/embeddings", "/v1/models"})
+OPENAI_PATHS = frozenset({"/v1/embeddings", "/embeddings", "/v1/models", "/models"})
 
 
 # Seconds a client is told to wait after a 429; short, since permits free up per batch.

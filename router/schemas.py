@@ -118,9 +118,13 @@ class VertexResponse(msgspec.Struct):
 class OpenAIEmbedRequest(msgspec.Struct, kw_only=True):
     input: str | list[str | int | list[int]]
     model: str | None = None
-    encoding_format: Literal["float", "base64"] = "float"
+    encoding_format: Literal["float", "base64"] | None = "float"  # null: float
     dimensions: int | None = None
     user: str | None = None
+    # Jina's embeddings API spells the format these ways; it also offers bit-packed binary
+    # formats, which are refused rather than answered as floats a client would unpack as bits.
+    encoding_type: str | None = None
+    embedding_type: str | None = None
 
 
 class OpenAIEmbedding(msgspec.Struct, kw_only=True):

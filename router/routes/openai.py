@@ -1,4 +1,4 @@
-"""The OpenAI embeddings API: /v1/embeddings (and /embeddings), /v1/models."""
+"""The OpenAI embeddings API: /v1/embeddings and /v1/models (and both without /v1)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from router.schemas import (
     OpenAIModelList,
     OpenAIUsage,
 )
-from shared.errors import ErrorType
+from shared.errors import ErrorType, validation
 
 
 def _base64(row: np.ndarray) -> str:
@@ -36,6 +36,13 @@ def routes(state: AppState) -> list[Endpoint]:
     async def embeddings(request: Request) -> Response:
         started = time.perf_counter()
         body = await read_json(request, OpenAIEmbedRequest, limit)
+        with service.refusals_counted():
+            for name, value in (("encoding_type", body.encoding_type),
+                                ("embedding_type", body.embedding_type)):
+                if value not in (None, "float"):
+                    raise validation(
+                        f"`{name}` {value!r} is not supported: embeddings are answered as "
+                        "float numbers, or as base64 float32 with `encoding_format`")
         result = await unless_disconnected(request, service.embed(EmbedRequest(
             inputs=body.input, normalize=True, dimensions=body.dimensions,
         )))
@@ -60,5 +67,7 @@ def routes(state: AppState) -> list[Endpoint]:
         Endpoint("POST", "/embeddings", embeddings, "OpenAI embeddings (alias)",
                  OpenAIEmbedRequest, OpenAIEmbedResponse, errors, tag="OpenAI", inference=True),
         Endpoint("GET", "/v1/models", models, "OpenAI model list: the served model",
+                 response=OpenAIModelList, tag="OpenAI"),
+        Endpoint("GET", "/models", models, "OpenAI model list (alias)",
                  response=OpenAIModelList, tag="OpenAI"),
     ]

@@ -121,8 +121,29 @@ def test_openai_errors_have_openai_shape(server, openai_client):
 
 
 def test_openai_models(openai_client, server):
+    from openai import OpenAI
+
     [model] = openai_client.models.list().data
     assert model.id == server.client.get("/info").json()["served_model_name"]
+    # A base_url without /v1 (as /embeddings allows) lists the same model.
+    bare = OpenAI(base_url=server.url, api_key="unused", max_retries=0)
+    assert bare.models.list().data == [model]
+
+
+def test_jina_fields_give_floats_or_a_refusal(server):
+    # Jina's clients name the format `encoding_type` / `embedding_type`; their bit-packed
+    # formats must not come back as floats the client would unpack as bits.
+    floats = ok(server.client.post("/v1/embeddings", json={"input": ["a b"]}))
+    for name in ("encoding_type", "embedding_type"):
+        same = ok(server.client.post("/v1/embeddings", json={"input": ["a b"], name: "float"}))
+        assert same["data"] == floats["data"]
+        refused = server.client.post("/v1/embeddings", json={"input": ["a b"], name: "binary"})
+        assert refused.status_code == 422
+        assert refused.json()["error"]["message"].startswith(f"`{name}` 'binary' is not supported")
+    # An explicit null format is the default (float), as it is in OpenAI's API.
+    nulled = ok(server.client.post("/v1/embeddings", json={"input": ["a b"],
+                                                            "encoding_format": None}))
+    assert nulled["data"] == floats["data"]
 
 
 def test_embed_all_gives_every_tokens_hidden_state(server, st_minilm):
