@@ -284,6 +284,9 @@ async def _serve(state: AppState, tracer: Tracer | None) -> None:
         _check_bindable(hyper, "--port")
     closed = asyncio.Event()
     metrics_server = None
+    if config.grpc and config.prometheus_port is None:
+        log.warning("no /metrics is served: --port is 9000, where --grpc would serve it by "
+                    "default; pass --prometheus-port")
     if config.prometheus_port is not None:
         metrics_hyper = _hypercorn(config, config.prometheus_port)
         _check_bindable(metrics_hyper, "--prometheus-port")

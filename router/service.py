@@ -119,6 +119,11 @@ class InferenceService:
         self._scheduler = start_supervised(self._schedule(), "the batch scheduler")
 
     @property
+    def started(self) -> bool:
+        """The workers were all ready once (start-up is over); a restart does not undo it."""
+        return self._queue is not None
+
+    @property
     def ready(self) -> bool:
         return self._queue is not None and self.workers.healthy and not self.draining
 

@@ -51,6 +51,10 @@ def _opt(
             "metavar": metavar, "switch": switch}
 
 
+# TEI's --prometheus-port default; here the default under --grpc only (see parse_config).
+GRPC_PROMETHEUS_PORT = 9000
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Every flag of `embedserve` (TEI's names, env vars and defaults, plus ours)."""
@@ -133,7 +137,8 @@ class ServerConfig:
         "Service name of the traces.", env="OTLP_SERVICE_NAME"))
     prometheus_port: int | None = field(default=None, metadata=_opt(
         "Also serve /metrics (and nothing else) on this port, e.g. to keep scrapes off the "
-        "API port. /metrics is always served on --port too.", env="PROMETHEUS_PORT",
+        "API port. /metrics is always served on --port too, except under --grpc, where this "
+        "defaults to 9000 (as in TEI).", env="PROMETHEUS_PORT",
         type=int))
     cors_allow_origin: tuple[str, ...] | None = field(default=None, metadata=_opt(
         "Origins allowed by CORS (repeat or comma-separate).", env="CORS_ALLOW_ORIGIN"))
@@ -316,5 +321,10 @@ def parse_config(
             value = tuple(o.strip() for item in items for o in item.split(",") if o.strip())
         values[f.name] = value
     config = ServerConfig(**values)
+    if (config.grpc and config.prometheus_port is None
+            and config.port != GRPC_PROMETHEUS_PORT):
+        # Over gRPC there is no /metrics on the port: serve it where TEI's gRPC build does,
+        # so its deployments' scrapes keep working.
+        config = dataclasses.replace(config, prometheus_port=GRPC_PROMETHEUS_PORT)
     config.validate()
     return config

@@ -81,13 +81,17 @@ def build_server(state: AppState, health_servicer: health.aio.HealthServicer) ->
 
 
 def readiness(state: AppState) -> dict[str, Callable[[], bool]]:
-    """When each followed name is SERVING: the server ("") and the model's services while the
-    workers are ready and not draining; Tokenize (the tokenizer pool alone, which answers
-    before the workers and while they restart) from the start until the drain, as TEI reports
-    it."""
+    """When each followed name is SERVING: the model's services while the workers are ready
+    and not draining; Tokenize (the tokenizer pool alone, which answers before the workers and
+    while they restart) from the start until the drain; the server ("") from the end of
+    start-up until the drain, whatever the workers do meanwhile. TEI reports these: its ""
+    is SERVING all the time it listens, which is from the end of its start-up, so a liveness
+    probe on "" must not fail while a worker restarts (the restart heals; killing the pod
+    would not)."""
     service = state.service
     checks: dict[str, Callable[[], bool]] = {
-        name: lambda: service.ready for name in ("", *model_services(state))}
+        name: lambda: service.ready for name in model_services(state)}
+    checks[""] = lambda: service.started and not service.draining
     checks["tei.v1.Tokenize"] = lambda: not service.draining
     return checks
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.e2e.server import STOP_TIMEOUT_S, Server
+from tests.e2e.server import STOP_TIMEOUT_S, Server, free_port
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -18,7 +18,11 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 class GrpcServer(Server):
     def __init__(self, *args: str, log_path: Path, env: dict[str, str] | None = None) -> None:
-        super().__init__("--grpc", *args, env=env, log_path=log_path)
+        # /metrics has a port of its own under --grpc (TEI's 9000 by default): a free one here,
+        # so that servers can run side by side.
+        self.metrics_port = free_port()
+        super().__init__("--grpc", "--prometheus-port", str(self.metrics_port), *args, env=env,
+                         log_path=log_path)
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 

@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import Iterator
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
@@ -18,7 +19,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from router.grpc.protos import pb, services
 from tests.e2e.grpc_server import NOT_SERVING, SERVING, GrpcServer, http_and_grpc
-from tests.e2e.server import EMBEDSERVE, Server
+from tests.e2e.server import EMBEDSERVE, Server, free_port
+from tests.e2e.test_metrics_e2e import samples
 from tests.fixtures.heads import make_tiny_mlm
 from tests.fixtures.tiny import make_tiny_bert
 
@@ -88,6 +90,16 @@ def test_reflection_v1_answers_as_v1alpha(embedder) -> None:
         response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
     [answer] = info(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
     assert "tei.v1.Embed" in {s.name for s in answer.list_services_response.service}
+
+
+def test_metrics_are_served_on_their_own_port(embedder) -> None:
+    # Over gRPC there is no /metrics on the API port: --prometheus-port serves it (TEI's 9000
+    # unless set; the test server sets a free port).
+    rpc = embedder[1]
+    services.EmbedStub(rpc.channel).Embed(pb.EmbedRequest(inputs="counted"))
+    scrape = httpx.get(f"http://127.0.0.1:{rpc.metrics_port}/metrics", timeout=10)
+    assert scrape.status_code == 200
+    assert samples(scrape.text)['te_request_success{method="single"}'] >= 1
 
 
 def test_keepalive_pings_do_not_end_an_idle_stream(embedder) -> None:
@@ -283,7 +295,8 @@ def test_a_busy_port_is_a_clear_error(tmp_path) -> None:
         port = taken.getsockname()[1]
         result = subprocess.run(
             [EMBEDSERVE, "--grpc", "--model-id", str(model), "--hostname", "127.0.0.1",
-             "--port", str(port)], capture_output=True, text=True, timeout=120,
+             "--port", str(port), "--prometheus-port", str(free_port())],
+            capture_output=True, text=True, timeout=120,
             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 1
     assert f"cannot listen for gRPC on 127.0.0.1:{port}" in result.stderr

@@ -235,6 +235,14 @@ def test_negative_shutdown_grace_is_refused() -> None:
     assert parse("--shutdown-grace", "0").shutdown_grace == 0
 
 
+def test_grpc_serves_metrics_on_teis_port_by_default() -> None:
+    # Over HTTP /metrics is on the API port; over gRPC it needs a port of its own.
+    assert parse().prometheus_port is None
+    assert parse("--grpc").prometheus_port == 9000
+    assert parse("--grpc", "--prometheus-port", "9100").prometheus_port == 9100
+    assert parse("--grpc", "--port", "9000").prometheus_port is None
+
+
 def test_prometheus_port_must_differ_from_the_api_port() -> None:
     with pytest.raises(ConfigError, match="--prometheus-port 8080 is --port as well"):
         parse("--port", "8080", "--prometheus-port", "8080")

@@ -169,16 +169,19 @@ def test_a_stream_failure_becomes_the_status_after_the_earlier_replies() -> None
     assert run(main()) == [0, 1]
 
 
-@pytest.mark.parametrize(("ready", "draining", "model_up", "tokenize_up"), [
-    (False, False, False, True),  # loading, or a worker restarting: Tokenize still answers
-    (True, False, True, True),
-    (False, True, False, False),  # draining: everything refuses
+@pytest.mark.parametrize(("started", "ready", "draining", "server_up", "model_up"), [
+    (False, False, False, False, False),  # loading (TEI does not listen yet)
+    (True, True, False, True, True),
+    (True, False, False, True, False),  # a worker restarting: "" stays up, as TEI's does
+    (True, False, True, False, False),  # draining: everything refuses
 ])
-def test_health_follows_what_each_service_needs(ready: bool, draining: bool, model_up: bool,
-                                                tokenize_up: bool) -> None:
-    state = SimpleNamespace(service=SimpleNamespace(ready=ready, draining=draining),
-                            model=SimpleNamespace(kind="reranker"))
+def test_health_follows_what_each_service_needs(started: bool, ready: bool, draining: bool,
+                                                server_up: bool, model_up: bool) -> None:
+    state = SimpleNamespace(
+        service=SimpleNamespace(started=started, ready=ready, draining=draining),
+        model=SimpleNamespace(kind="reranker"))
     checks = readiness(state)
     assert set(checks) == {"", "tei.v1.Predict", "tei.v1.Rerank", "tei.v1.Tokenize"}
-    assert [checks[name]() for name in ("", "tei.v1.Predict", "tei.v1.Rerank")] == [model_up] * 3
-    assert checks["tei.v1.Tokenize"]() is tokenize_up
+    assert checks[""]() is server_up
+    assert [checks[name]() for name in ("tei.v1.Predict", "tei.v1.Rerank")] == [model_up] * 2
+    assert checks["tei.v1.Tokenize"]() is not draining  # before the workers, and through
