@@ -106,6 +106,13 @@ def resolve_prompt(prompt_name: str | None, rules: InputRules) -> str | None:
     return rules.prompts[prompt_name]
 
 
+def check_characters(texts: Sequence[str], rules: InputRules) -> None:
+    """TEI's character bound on texts that are tokenized whole (/tokenize): no truncation."""
+    char_limit = rules.max_input_length * CHARS_PER_TOKEN_LIMIT
+    for text in texts:
+        _cut(text, char_limit, truncate=False, direction="right")
+
+
 def _cut(text: str, char_limit: int, truncate: bool, direction: str) -> str:
     if len(text) <= char_limit:
         return text

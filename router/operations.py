@@ -15,6 +15,7 @@ from router.inputs import (
     as_input_list,
     as_predict_list,
     check_batch_size,
+    check_characters,
     resolve_prompt,
 )
 from router.results import Outcome, Timings
@@ -146,6 +147,7 @@ async def tokenize(
     if not texts or any(not text for text in texts):
         raise empty("`inputs` cannot be empty")
     check_batch_size(len(texts), service.rules)
+    check_characters(texts, service.rules)
     prompt = resolve_prompt(prompt_name, service.rules)
     if prompt is not None:
         texts = [prompt + text for text in texts]

@@ -49,6 +49,15 @@ def test_tokenize_gives_ids_specials_and_byte_offsets(server, st_minilm):
     assert len(plain) == 2 and not any(t["special"] for t in plain[0])
     prompted = ok(server.client.post("/tokenize", json={"inputs": "b", "prompt_name": "query"}))
     assert [t["text"] for t in prompted[0][1:-1]] == ["query", ":", "b"]
+    # TEI's bound on characters per allowed token (250) holds here too: no tokenizer is kept
+    # busy on one text for seconds.
+    limit = server.client.get("/info").json()["max_input_length"] * 250
+    assert len(ok(server.client.post("/tokenize", json={"inputs": "a " * (limit // 2)}))[0]) \
+        == limit // 2 + 2
+    huge = server.client.post("/tokenize", json={"inputs": ["b", "a" * (limit + 1)]})
+    assert huge.status_code == 422
+    assert huge.json()["error"] == (f"Input validation error: `inputs` must have less than "
+                                    f"{limit} characters. Given: {limit + 1}")
 
 
 def test_decode(server, st_minilm):
