@@ -34,14 +34,16 @@ def build_app(state: AppState, tracer: Tracer | None = None) -> Starlette:
     middleware = [Middleware(RequestIdMiddleware)]
     if tracer is not None:
         middleware.append(Middleware(TracingMiddleware, tracer=tracer))
-    if state.config.cors_allow_origin:
-        middleware.append(Middleware(
-            CORSMiddleware,
-            allow_origins=list(state.config.cors_allow_origin),
-            allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["authorization", "content-type", "x-request-id"],
-            expose_headers=["x-request-id", "x-compute-time", "x-compute-tokens"],
-        ))
+    # Without --cors-allow-origin any origin is allowed, as TEI allows it: browser front-ends
+    # that call TEI directly keep working. (Credentials are never allowed, so a page cannot
+    # ride on a browser's cookies; --api-key still applies.)
+    middleware.append(Middleware(
+        CORSMiddleware,
+        allow_origins=list(state.config.cors_allow_origin or ["*"]),
+        allow_methods=["GET", "POST", "OPTIONS"],
+        allow_headers=["authorization", "content-type", "x-request-id"],
+        expose_headers=["x-request-id", "x-compute-time", "x-compute-tokens"],
+    ))
     if state.config.api_key:
         middleware.append(Middleware(ApiKeyMiddleware, api_key=state.config.api_key))
     app = Starlette(

@@ -4,7 +4,6 @@ gRPC with --grpc)."""
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import logging
 import os
 import shutil
@@ -31,7 +30,13 @@ from router.service import InferenceService
 from router.tokenization import TokenizerPool
 from router.tracing import Tracing
 from router.workers import WorkerPool
-from shared.config import ServerConfig, WorkerConfig, parse_config
+from shared.config import (
+    ServerConfig,
+    WorkerConfig,
+    container_hostname,
+    package_version,
+    parse_config,
+)
 from shared.dtypes import default_dtype
 from shared.errors import ConfigError
 from shared.logs import setup_logging, unknown_log_level
@@ -39,13 +44,6 @@ from shared.modelinfo import ModelInfo, load_model_info
 from shared.resolve import ResolvedModel, resolve_model
 
 log = logging.getLogger("embedserve")
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("embedserve")
-    except importlib.metadata.PackageNotFoundError:
-        return "0.0.0+local"
 
 
 def max_input_length(info: ModelInfo, config: ServerConfig) -> int:
@@ -106,7 +104,7 @@ def build_info(config: ServerConfig, model: ResolvedModel, info: ModelInfo, dtyp
         max_client_batch_size=config.max_client_batch_size,
         auto_truncate=config.auto_truncate,
         tokenization_workers=tokenizers,
-        version=_version(),
+        version=package_version(),
         # Empty when an image was built without --build-arg GIT_SHA / DOCKER_LABEL: unknown.
         sha=os.environ.get("EMBEDSERVE_GIT_SHA") or None,
         docker_label=os.environ.get("DOCKER_LABEL") or None,
@@ -141,8 +139,7 @@ async def run(config: ServerConfig) -> None:
     cpu_workers = sum(d == "cpu" for d in devices)
     tokenizers = tokenizer_processes(config, devices)
     # Made once nothing above can refuse the configuration; removed on every way out below.
-    runtime_dir = tempfile.mkdtemp(prefix=f"{Path(config.uds_path).name}-",
-                                   dir=str(Path(config.uds_path).parent))
+    runtime_dir = socket_dir(config.uds_path)
     worker_configs = [
         WorkerConfig(
             worker_id=str(index),
@@ -163,7 +160,7 @@ async def run(config: ServerConfig) -> None:
     ]
     log.info("workers: %s", ", ".join(f"{c.worker_id}={c.device}" for c in worker_configs))
     metrics = Metrics(rules.max_input_length)
-    tracing = (Tracing(config.otlp_endpoint, config.otlp_service_name, _version())
+    tracing = (Tracing(config.otlp_endpoint, config.otlp_service_name, package_version())
                if config.otlp_endpoint else None)
     tracer = tracing.tracer if tracing is not None else None
     workers = WorkerPool(worker_configs, hang_timeout=config.worker_timeout,
@@ -196,6 +193,24 @@ async def run(config: ServerConfig) -> None:
         if tracing is not None:
             tracing.shutdown()
         shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
+def socket_dir(uds_path: str) -> str:
+    """A new directory for the router<->worker sockets beside --uds-path; where none can be made
+    there, in the system's temporary directory. (TEI reads --uds-path only for its Python
+    backend, so TEI deployments may pass any path.)"""
+    prefix = f"{Path(uds_path).name}-"
+    try:
+        return tempfile.mkdtemp(prefix=prefix, dir=str(Path(uds_path).parent))
+    except OSError as exc:
+        log.warning("--uds-path %s: cannot make the socket directory beside it (%s); using %s",
+                    uds_path, exc.strerror, tempfile.gettempdir())
+    try:
+        return tempfile.mkdtemp(prefix=prefix)
+    except OSError as exc:
+        raise ConfigError(f"no directory for the worker sockets can be made beside --uds-path "
+                          f"{uds_path} nor in {tempfile.gettempdir()} ({exc.strerror}): set "
+                          "--uds-path to a path in a writable directory") from None
 
 
 def _hypercorn(config: ServerConfig, port: int) -> HypercornConfig:
@@ -356,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.json_output, "router", spans=not config.disable_spans)
+    if config.hostname == "0.0.0.0" and (name := container_hostname(os.environ)):
+        log.info("HOSTNAME=%r is a name, not an address (Docker and Kubernetes set it to the "
+                 "container's): listening on 0.0.0.0, as TEI does", name)
     if (unknown := unknown_log_level()) is not None:  # said once, by the router
         log.warning("LOG_LEVEL=%r names no level (error, warn, info, debug, trace): logging at "
                     "info", unknown)

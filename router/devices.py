@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -61,9 +62,37 @@ def worker_devices(config: ServerConfig) -> list[str]:
     return [device] * config.workers_per_device
 
 
+# Where a CPU limit shows: cgroup v2's `cpu.max` ("max 100000", or "400000 100000" for 4 CPUs),
+# else cgroup v1's quota and period (-1: none).
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _cgroup_cpus() -> int | None:
+    """The CPUs a cgroup limit grants (a container's `--cpus`, a Kubernetes `limits.cpu`),
+    rounded up; None without a limit. A limit caps the time used, not the cores seen: sized by
+    the cores instead, the threads of a pod limited to 4 CPUs on a 64-core node would be
+    throttled most of each period."""
+    try:
+        quota, period = (CGROUP_ROOT / "cpu.max").read_text().split()[:2]
+        if quota == "max":
+            return None
+    except (OSError, ValueError):
+        try:
+            quota = (CGROUP_ROOT / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (CGROUP_ROOT / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    try:
+        granted = int(quota) / int(period)
+    except (ValueError, ZeroDivisionError):
+        return None
+    return math.ceil(granted) if granted > 0 else None
+
+
 def _cores() -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return cores or 1
+    limit = _cgroup_cpus()
+    return max(1, min(cores or 1, limit or cores or 1))
 
 
 def cpu_threads_per_worker(workers: int) -> int:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
+import ipaddress
 import os
 import urllib.parse
 from collections.abc import Mapping, Sequence
@@ -131,7 +133,8 @@ class ServerConfig:
         type=_bool, switch=True))
     otlp_endpoint: str | None = field(default=None, metadata=_opt(
         "OpenTelemetry collector to export traces to, as OTLP over gRPC, e.g. "
-        "http://otel-collector:4317 (https:// for TLS). Without it nothing is traced.",
+        "http://otel-collector:4317 (https:// for TLS; without a scheme, http://). Without it "
+        "nothing is traced.",
         env="OTLP_ENDPOINT"))
     otlp_service_name: str = field(default="text-embeddings-inference.server", metadata=_opt(
         "Service name of the traces.", env="OTLP_SERVICE_NAME"))
@@ -263,6 +266,8 @@ def build_parser(prog: str = "embedserve") -> argparse.ArgumentParser:
         epilog="Every option can also be set by the environment variable shown; "
         "the flag wins. LOG_LEVEL sets the log level (default info).",
     )
+    parser.add_argument("-V", "--version", action="version",
+                        version=f"%(prog)s {package_version()}")
     for f in dataclasses.fields(ServerConfig):
         meta = f.metadata
         envs = meta["env"] if isinstance(meta["env"], tuple) else (meta["env"],)
@@ -280,6 +285,27 @@ def build_parser(prog: str = "embedserve") -> argparse.ArgumentParser:
             kwargs.update(type=meta["type"], choices=meta["choices"], metavar=meta["metavar"])
         parser.add_argument(*_flags(f), **kwargs)
     return parser
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("embedserve")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0+local"
+
+
+def container_hostname(environ: Mapping[str, str]) -> str | None:
+    """HOSTNAME when it is not an address: Docker and Kubernetes set it to the container's or
+    pod's name, which is no address to listen on. TEI then listens on 0.0.0.0, and so do we
+    (a name given as --hostname is used as given)."""
+    value = environ.get("HOSTNAME", "").strip()
+    if not value:
+        return None
+    try:
+        ipaddress.ip_address(value.strip("[]"))
+    except ValueError:
+        return value
+    return None
 
 
 def _from_env(f: dataclasses.Field, environ: Mapping[str, str]) -> Any:
@@ -312,10 +338,14 @@ def parse_config(
     values: dict[str, Any] = {}
     for f in dataclasses.fields(ServerConfig):
         value = given.get(f.name, dataclasses.MISSING)
-        if value is dataclasses.MISSING:
+        if value is dataclasses.MISSING and not (f.name == "hostname"
+                                                  and container_hostname(environ)):
             value = _from_env(f, environ)
         if value is dataclasses.MISSING:
             continue
+        if f.name == "otlp_endpoint" and "://" not in value:
+            # `otel-collector:4317`, as collectors' docs write it: the gRPC port, plaintext.
+            value = f"http://{value}"
         if f.name == "cors_allow_origin":
             items = value if isinstance(value, list) else [value]
             value = tuple(o.strip() for item in items for o in item.split(",") if o.strip())

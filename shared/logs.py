@@ -81,9 +81,21 @@ class TextFormatter(logging.Formatter):
         return super().format(record)
 
 
+_VERBOSITY = ["ERROR", "WARNING", "INFO", "DEBUG"]
+
+
 def _named_level(environ: Mapping[str, str]) -> str:
-    level = environ.get("LOG_LEVEL", "info").strip().upper()
-    return {"WARN": "WARNING", "TRACE": "DEBUG"}.get(level, level)  # TEI's (Rust) level names
+    """LOG_LEVEL as a Python level name. TEI reads it as a tracing filter, so deployments may
+    set `info,text_embeddings_router=debug`: every logger here is the server's own, so the most
+    verbose level named anywhere in it applies. An unknown name is returned as it is (INFO,
+    with a warning: `unknown_log_level`)."""
+    directives = [d.strip() for d in environ.get("LOG_LEVEL", "info").split(",") if d.strip()]
+    levels = [{"WARN": "WARNING", "TRACE": "DEBUG"}.get(name, name)  # Rust's level names
+              for name in (d.rpartition("=")[2].strip().upper() for d in directives)]
+    unknown = [level for level in levels if level not in _VERBOSITY]
+    if unknown:
+        return unknown[0]
+    return max(levels, key=_VERBOSITY.index, default="INFO")
 
 
 def log_level(environ: Mapping[str, str] = os.environ) -> str:

@@ -71,6 +71,19 @@ def test_decode(server, st_minilm):
     assert server.client.post("/decode", json={"ids": []}).status_code == 400
 
 
+def test_any_origin_is_allowed_without_cors_allow_origin(server):
+    # TEI's default: a browser page from anywhere may call the API (without credentials).
+    headers = {"origin": "https://app.example"}
+    answer = server.client.post("/embed", json={"inputs": "x"}, headers=headers)
+    assert answer.status_code == 200
+    assert answer.headers["access-control-allow-origin"] == "*"
+    preflight = server.client.options("/embed", headers={
+        **headers, "access-control-request-method": "POST",
+        "access-control-request-headers": "content-type"})
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "*"
+
+
 def test_vertex_and_root_routes_embed(server):
     reference = embed(server, inputs=SENTENCES[:2])
     vertex = ok(server.client.post("/vertex", json={"instances": [

@@ -235,6 +235,27 @@ def test_negative_shutdown_grace_is_refused() -> None:
     assert parse("--shutdown-grace", "0").shutdown_grace == 0
 
 
+def test_hostname_env_that_is_a_container_name_is_not_an_address() -> None:
+    # Docker and Kubernetes set HOSTNAME to the container's name: TEI listens on 0.0.0.0 then.
+    assert parse(HOSTNAME="embedserve-5d8f7-xk2p9").hostname == "0.0.0.0"
+    assert parse(HOSTNAME="127.0.0.1").hostname == "127.0.0.1"
+    assert parse(HOSTNAME="::1").hostname == "::1"
+    assert parse("--hostname", "localhost", HOSTNAME="pod-name").hostname == "localhost"
+
+
+def test_otlp_endpoint_without_a_scheme_is_plaintext_grpc() -> None:
+    assert parse("--otlp-endpoint", "otel-collector:4317").otlp_endpoint == \
+        "http://otel-collector:4317"
+    assert parse(OTLP_ENDPOINT="https://otel:4317").otlp_endpoint == "https://otel:4317"
+
+
+def test_version_flag(capsys) -> None:
+    with pytest.raises(SystemExit) as done:
+        parse("--version")
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith("embedserve ")
+
+
 def test_grpc_serves_metrics_on_teis_port_by_default() -> None:
     # Over HTTP /metrics is on the API port; over gRPC it needs a port of its own.
     assert parse().prometheus_port is None
@@ -248,8 +269,7 @@ def test_prometheus_port_must_differ_from_the_api_port() -> None:
         parse("--port", "8080", "--prometheus-port", "8080")
 
 
-@pytest.mark.parametrize("endpoint", ["collector:4317", "x", "grpc://c:4317", "http://",
-                                      "http://c:port"])
+@pytest.mark.parametrize("endpoint", ["grpc://c:4317", "http://", "http://c:port", ":4317"])
 def test_otlp_endpoint_must_be_a_url(endpoint: str) -> None:
     with pytest.raises(ConfigError, match="--otlp-endpoint"):
         parse("--otlp-endpoint", endpoint)

@@ -66,6 +66,31 @@ def test_bad_flags(argv):
         parse_config(argv, {})
 
 
+@pytest.fixture(autouse=True)
+def no_cpu_limit(monkeypatch, tmp_path):
+    """The machine's own cgroup limit (a CI container's) must not change the counts below."""
+    monkeypatch.setattr(devices, "CGROUP_ROOT", tmp_path / "cgroup")
+
+
+@pytest.mark.parametrize(("files", "expected"), [
+    ({"cpu.max": "max 100000\n"}, 16),
+    ({"cpu.max": "400000 100000\n"}, 4),
+    ({"cpu.max": "150000 100000\n"}, 2),  # 1.5 CPUs: two threads, each busy 3/4 of the time
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, 16),
+    ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),
+    ({"cpu.max": "6400000 100000\n"}, 16),  # a limit above the cores: the cores
+])
+def test_a_cgroup_cpu_limit_caps_the_cores(monkeypatch, tmp_path, files, expected):
+    # A Kubernetes limits.cpu or docker --cpus: threads sized by the node's cores would be
+    # throttled most of each period.
+    for name, text in files.items():
+        path = devices.CGROUP_ROOT / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    monkeypatch.setattr(devices.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert devices.cpu_threads_per_worker(1) == expected
+
+
 def test_cores_are_split_between_cpu_workers(monkeypatch):
     monkeypatch.setattr(devices.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     assert devices.cpu_threads_per_worker(1) == 4

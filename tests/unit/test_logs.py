@@ -67,6 +67,9 @@ def test_text_line_shows_the_span_as_tracing_subscriber_does(in_request) -> None
 @pytest.mark.parametrize(("raw", "level"), [
     (None, "INFO"), ("debug", "DEBUG"), ("WARN", "WARNING"), ("error", "ERROR"),
     ("trace", "DEBUG"), ("nonsense", "INFO"),
+    # TEI's tracing filters, as its deployments set them: the most verbose level named.
+    ("info,text_embeddings_router=debug", "DEBUG"), ("text_embeddings_core=warn", "WARNING"),
+    ("warn, hyper = error", "WARNING"), (" ", "INFO"),
 ])
 def test_log_level_from_the_environment(raw: str | None, level: str) -> None:
     environ = {} if raw is None else {"LOG_LEVEL": raw}
