@@ -47,10 +47,11 @@ def _opt(
     choices: Sequence[str] | None = None,
     metavar: str | None = None,
     switch: bool = False,
+    env_only: bool = False,
 ) -> dict[str, Any]:
-    """Metadata for one CLI option."""
+    """Metadata for one CLI option (`env_only`: a platform's variable, no flag)."""
     return {"help": help, "flags": tuple(flags), "env": env, "type": type, "choices": choices,
-            "metavar": metavar, "switch": switch}
+            "metavar": metavar, "switch": switch, "env_only": env_only}
 
 
 # TEI's --prometheus-port default; here the default under --grpc only (see parse_config).
@@ -112,7 +113,8 @@ class ServerConfig:
     hostname: str = field(default="0.0.0.0", metadata=_opt(
         "Address to listen on.", env="HOSTNAME"))
     port: int = field(default=3000, metadata=_opt(
-        "Port to listen on.", flags=("-p", "--port"), env="PORT", type=int))
+        "Port to listen on (Vertex AI's AIP_HTTP_PORT too).", flags=("-p", "--port"),
+        env=("PORT", "AIP_HTTP_PORT"), type=int))
     uds_path: str = field(default="/tmp/text-embeddings-inference-server", metadata=_opt(
         "Prefix of the runtime directory holding the router<->worker ZeroMQ sockets.",
         env="UDS_PATH"))
@@ -152,6 +154,13 @@ class ServerConfig:
         "What `POST /` and `/invocations` do for an embedding model (Hugging Face Inference "
         "Endpoints set TASK): sentence-similarity routes them to /similarity, anything else "
         "to /embed.", env="TASK"))
+    # Vertex AI tells a custom container where it sends predictions and health checks.
+    aip_predict_route: str | None = field(default=None, metadata=_opt(
+        "Vertex AI's prediction route, answered as /vertex is.", env="AIP_PREDICT_ROUTE",
+        env_only=True))
+    aip_health_route: str | None = field(default=None, metadata=_opt(
+        "Vertex AI's health route, answered as /health is (without --api-key's key).",
+        env="AIP_HEALTH_ROUTE", env_only=True))
     device: Device = field(default="auto", metadata=_opt(
         "Device of the worker: auto picks cuda when available, else cpu.", env="DEVICE",
         choices=("auto", "cpu", "cuda", "mps")))
@@ -234,6 +243,11 @@ class ServerConfig:
                 raise ConfigError(f"--prometheus-port {self.prometheus_port} is --port as well; "
                                   "/metrics is served there anyway: choose another port or "
                                   "leave it out")
+        for name, route in (("AIP_PREDICT_ROUTE", self.aip_predict_route),
+                            ("AIP_HEALTH_ROUTE", self.aip_health_route)):
+            if route is not None and not route.startswith("/"):
+                raise ConfigError(f"environment variable {name}={route!r}: expected a path "
+                                  "starting with /")
         if self.default_prompt is not None and self.default_prompt_name is not None:
             raise ConfigError("--default-prompt and --default-prompt-name are mutually exclusive")
 
@@ -264,12 +278,15 @@ def build_parser(prog: str = "embedserve") -> argparse.ArgumentParser:
         prog=prog,
         description="Serve text-embedding models over TEI's HTTP API.",
         epilog="Every option can also be set by the environment variable shown; "
-        "the flag wins. LOG_LEVEL sets the log level (default info).",
+        "the flag wins. LOG_LEVEL sets the log level (default info). On Vertex AI, "
+        "AIP_HTTP_PORT, AIP_PREDICT_ROUTE and AIP_HEALTH_ROUTE are followed.",
     )
     parser.add_argument("-V", "--version", action="version",
                         version=f"%(prog)s {package_version()}")
     for f in dataclasses.fields(ServerConfig):
         meta = f.metadata
+        if meta["env_only"]:
+            continue
         envs = meta["env"] if isinstance(meta["env"], tuple) else (meta["env"],)
         env_text = " or ".join(e for e in envs if e)
         default = "" if f.default in (None, False) else f" [default: {f.default}]"

@@ -1,6 +1,7 @@
 """Routes answered by whichever route fits the served model: `POST /` and `/invocations`
 (Hugging Face Inference Endpoints and SageMaker post every task there) and `/vertex` (Vertex AI
-wraps several such request bodies in `instances`)."""
+wraps several such request bodies in `instances`; AIP_PREDICT_ROUTE and AIP_HEALTH_ROUTE,
+where Vertex sets them, answer as /vertex and /health)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from router.http import read_json
 from router.inputs import check_admissible
 from router.routes import AppState, Endpoint, json_response
 from router.schemas import VertexRequest, VertexResponse
-from shared.errors import empty
+from shared.errors import ConfigError, empty
 
 SENTENCE_SIMILARITY = "sentence-similarity"
 T = TypeVar("T")
@@ -82,12 +83,26 @@ def routes(state: AppState, served: list[Endpoint]) -> list[Endpoint]:
         # Each answer is the target route's JSON already: embed it as is.
         return json_response({"predictions": [msgspec.Raw(a.body) for a in answers]})
 
+    taken = {e.path for e in served} | {"/", "/invocations"}
+    for name, route in (("AIP_PREDICT_ROUTE", state.config.aip_predict_route),
+                        ("AIP_HEALTH_ROUTE", state.config.aip_health_route)):
+        if route in taken - ({"/health", "/ping"} if name == "AIP_HEALTH_ROUTE" else set()):
+            raise ConfigError(f"{name}={route} is a route of the API already: choose another "
+                              "path in the Vertex AI model's container spec")
+    vertex_routes = [
+        Endpoint("POST", route, vertex, f"Vertex AI: each of `instances` answered as POST {path}",
+                 VertexRequest, VertexResponse, target.errors, tag="Vertex")
+        for route in dict.fromkeys(("/vertex", state.config.aip_predict_route)) if route]
+    health = state.config.aip_health_route
+    if health not in (None, "/health", "/ping"):
+        [probe] = [e for e in served if e.method == "GET" and e.path == "/health"]
+        vertex_routes.append(Endpoint("GET", health, probe.handler,
+                                      "Vertex AI's health route: as GET /health",
+                                      errors=probe.errors, tag="Vertex"))
     return [
         *(Endpoint("POST", root, target.handler, f"{what}: answered as POST {path}",
                    target.request, target.response, target.errors, target.tag, target.inference)
           for root, what in (("/", "Hugging Face Inference Endpoints"),
                              ("/invocations", "SageMaker"))),
-        Endpoint("POST", "/vertex", vertex,
-                 f"Vertex AI: each of `instances` answered as POST {path}", VertexRequest,
-                 VertexResponse, target.errors, tag="Vertex"),
+        *vertex_routes,
     ]

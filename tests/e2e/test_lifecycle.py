@@ -28,10 +28,11 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 def fresh_server(minilm_dir, tmp_path):
     servers: list[Server] = []
 
-    def start(*args: str, model: Path | None = minilm_dir) -> Server:
+    def start(*args: str, model: Path | None = minilm_dir,
+              env: dict[str, str] | None = None) -> Server:
         model_args = ("--model-id", str(model)) if model else ()
         srv = Server(*model_args, "--max-batch-tokens", "4096", "--max-client-batch-size", "64",
-                     *args,
+                     *args, env=env,
                      log_path=tmp_path / f"server{len(servers)}.log")
         servers.append(srv)
         return srv
@@ -110,6 +111,21 @@ def test_api_key(fresh_server):
                          headers={"authorization": "Bearer s3cret"})
     assert ok.status_code == 200
     assert srv.client.get("/health").status_code == 200
+
+
+def test_vertex_ai_routes_from_its_variables(fresh_server):
+    # What Vertex AI sets for a custom container: predictions and health checks go to paths of
+    # its own (its health checker sends no API key).
+    predict, health = "/v1/endpoints/1/deployedModels/2:predict", "/v1/endpoints/1/health"
+    srv = fresh_server("--api-key", "s3cret", env={
+        "AIP_PREDICT_ROUTE": predict, "AIP_HEALTH_ROUTE": health}).wait_healthy()
+    key = {"authorization": "Bearer s3cret"}
+    assert srv.client.get(health).status_code == 200
+    body = {"instances": [{"inputs": "a"}, {"inputs": ["b", "c"]}]}
+    answer = srv.client.post(predict, json=body, headers=key)
+    assert answer.status_code == 200
+    assert answer.json() == srv.client.post("/vertex", json=body, headers=key).json()
+    assert srv.client.post(predict, json=body).status_code == 401
 
 
 def test_cors(fresh_server):

@@ -183,15 +183,17 @@ def test_help_mentions_every_env_var(capsys: pytest.CaptureFixture[str]) -> None
         env = f.metadata["env"]
         for name in env if isinstance(env, tuple) else (env,):
             assert name in out, f"--help does not mention {name} ({f.name})"
-        assert f"--{f.name.replace('_', '-')}" in out
+        # A platform's own variables (Vertex AI's) have no flag, and say so in the epilog.
+        flag = f"--{f.name.replace('_', '-')}"
+        assert (flag not in out) if f.metadata["env_only"] else (flag in out)
 
 
 def test_every_field_has_a_flag_and_help() -> None:
     parser = build_parser()
     dests = {action.dest: action for action in parser._actions}
     for f in dataclasses.fields(ServerConfig):
-        assert f.name in dests
-        assert dests[f.name].help
+        assert f.metadata["help"]
+        assert (f.name not in dests) if f.metadata["env_only"] else bool(dests[f.name].help)
 
 
 @pytest.mark.parametrize(
@@ -247,6 +249,17 @@ def test_otlp_endpoint_without_a_scheme_is_plaintext_grpc() -> None:
     assert parse("--otlp-endpoint", "otel-collector:4317").otlp_endpoint == \
         "http://otel-collector:4317"
     assert parse(OTLP_ENDPOINT="https://otel:4317").otlp_endpoint == "https://otel:4317"
+
+
+def test_vertex_ai_variables() -> None:
+    config = parse(AIP_HTTP_PORT="8080", AIP_PREDICT_ROUTE="/predict", AIP_HEALTH_ROUTE="/h")
+    assert (config.port, config.aip_predict_route, config.aip_health_route) == (
+        8080, "/predict", "/h")
+    assert parse(PORT="80", AIP_HTTP_PORT="8080").port == 80
+    with pytest.raises(ConfigError, match="AIP_PREDICT_ROUTE='predict': expected a path"):
+        parse(AIP_PREDICT_ROUTE="predict")
+    with pytest.raises(SystemExit):  # no flag: the platform's variables only
+        parse("--aip-predict-route", "/p")
 
 
 def test_version_flag(capsys) -> None:
