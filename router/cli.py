@@ -177,7 +177,7 @@ async def run(config: ServerConfig) -> None:
             model_kind=info.kind,
             splade=info.splade,
             tokenizers=TokenizerPool(str(info.tokenizer_path), tokenizers,
-                                     json_logs=config.json_output),
+                                     json_logs=config.json_output, lowercase=info.lowercase),
             workers=workers,
             metrics=metrics,
             tracer=tracer,

@@ -12,10 +12,10 @@ import asyncio
 import logging
 import multiprocessing
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
@@ -57,21 +57,30 @@ class Token(NamedTuple):
     stop: int | None
 
 
-def _load(tokenizer_path: str) -> None:
+def _load(tokenizer_path: str, lowercase: bool = False) -> None:
     global _tokenizer
     # One core per process: rayon threads inside each of N processes would oversubscribe.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer, normalizers
 
     _tokenizer = Tokenizer.from_file(tokenizer_path)
     _tokenizer.no_padding()
     _tokenizer.no_truncation()
+    normalizer = _tokenizer.normalizer
+    # (tokenizers' stubs do not declare a Sequence iterable; it is)
+    steps = (list(cast(Iterable, normalizer)) if isinstance(normalizer, normalizers.Sequence)
+             else [normalizer])
+    if lowercase and not any(isinstance(step, normalizers.Lowercase) for step in steps):
+        # sentence_bert_config.json's do_lower_case, as sentence-transformers applies it: a
+        # Lowercase step before the tokenizer's own normalizer (offsets stay the input's).
+        _tokenizer.normalizer = normalizers.Sequence(
+            [normalizers.Lowercase(), *(step for step in steps if step is not None)])
 
 
-def _init(tokenizer_path: str, parent_pid: int, json_logs: bool) -> None:
+def _init(tokenizer_path: str, lowercase: bool, parent_pid: int, json_logs: bool) -> None:
     die_with_parent(parent_pid)
     setup_logging(json_logs, f"tokenizer-{os.getpid()}")
-    _load(tokenizer_path)
+    _load(tokenizer_path, lowercase)
 
 
 def _encode(texts: list[str | tuple[str, str]], max_length: int | None,
@@ -193,8 +202,10 @@ def _kill(executor: ProcessPoolExecutor) -> None:
 class TokenizerPool:
     """A fixed pool of tokenizer processes (spawned: forking a uvloop process is unsafe)."""
 
-    def __init__(self, tokenizer_path: str, processes: int, json_logs: bool = False) -> None:
+    def __init__(self, tokenizer_path: str, processes: int, json_logs: bool = False,
+                 lowercase: bool = False) -> None:
         self._tokenizer_path = tokenizer_path
+        self._lowercase = lowercase
         self._processes = processes
         self._json_logs = json_logs
         self._executor = self._new_executor()
@@ -204,12 +215,13 @@ class TokenizerPool:
             max_workers=self._processes,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init,
-            initargs=(self._tokenizer_path, os.getpid(), self._json_logs),
+            initargs=(self._tokenizer_path, self._lowercase, os.getpid(), self._json_logs),
         )
 
     async def start(self) -> None:
         """Start every process now (and surface a broken tokenizer) instead of on first use."""
-        _load(self._tokenizer_path)  # this process's copy, for short inputs (see `encode`)
+        # This process's copy, for short inputs (see `encode`).
+        _load(self._tokenizer_path, self._lowercase)
         loop = asyncio.get_running_loop()
         await asyncio.gather(
             *(loop.run_in_executor(self._executor, _ping) for _ in range(self._processes))

@@ -94,6 +94,7 @@ class ModelInfo(msgspec.Struct, frozen=True):
     has_normalize: bool
     prompts: dict[str, str]
     default_prompt_name: str | None
+    lowercase: bool = False  # texts are lower-cased before tokenizing (do_lower_case)
     # A *ForSequenceClassification model is a classifier, or a re-ranker when it has one label.
     kind: ModelKind = "embedding"
     id2label: dict[str, str] = {}
@@ -131,6 +132,16 @@ def _module_kind(type_path: str) -> str:
     # Classic: "sentence_transformers.models.Pooling";
     # v6: "sentence_transformers.sentence_transformer.modules.pooling.Pooling".
     return type_path.rsplit(".", 1)[-1]
+
+
+def _builtin_module(root: Path, type_path: str) -> str:
+    """A modules.json entry's kind, when the class is sentence-transformers' own. A repository's
+    own module (jina-embeddings-v3's `custom_st.Transformer`) is its code, which is not run
+    here: however it is named, serving it as the built-in would give other vectors."""
+    if not type_path.startswith("sentence_transformers."):
+        raise ConfigError(f"{root}/modules.json: module type {type_path!r} is the repository's "
+                          "own code, not a sentence-transformers module; it is not run here")
+    return _module_kind(type_path)
 
 
 def parse_pooling_config(cfg: dict[str, Any], where: Path) -> str:
@@ -243,7 +254,11 @@ def load_model_info(
     root = Path(model_dir)
     config = _read_json(root / "config.json")
     if not (root / "tokenizer.json").is_file():
-        raise ConfigError(f"{root}: tokenizer.json not found (a fast tokenizer is required)")
+        hint = ("; transformers writes one from the slow tokenizer's files: "
+                "AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)"
+                if (root / "tokenizer_config.json").is_file() else "")
+        raise ConfigError(f"{root}: tokenizer.json not found (a fast tokenizer is required)"
+                          f"{hint}")
     model_type = str(config.get("model_type", ""))
     position_offset = 0
     if model_type in POSITION_OFFSET_MODEL_TYPES:
@@ -257,9 +272,9 @@ def load_model_info(
     pooling: str | None = None
     dense: list[DenseSpec] = []
     has_normalize = False
-    previous = ""  # the module before, in idx order
-    for module in sorted(modules, key=lambda m: int(m.get("idx", 0))):
-        kind = _module_kind(module["type"])
+    previous = ""  # the module before, in the list's order (sentence-transformers ignores idx)
+    for module in modules:
+        kind = _builtin_module(root, str(module["type"]))
         path = root / module.get("path", "")
         if kind in _PIPELINE_ORDER and previous in _PIPELINE_ORDER and (
                 _PIPELINE_ORDER[kind] < _PIPELINE_ORDER[previous]
@@ -271,6 +286,13 @@ def load_model_info(
                               "(only Transformer, Pooling, Dense..., Normalize in that order)")
         previous = kind
         if kind == "Transformer":
+            if path.resolve() != root.resolve():
+                # Older repositories keep the transformer in a folder of its own (0_BERT/,
+                # 0_Transformer/); config.json and the weights here would be other ones.
+                raise ConfigError(
+                    f"{root}/modules.json: the Transformer module is in {module['path']!r}, not "
+                    "at the model's root; that layout is not supported (move its files to the "
+                    "root and its path to \"\")")
             continue
         if kind == "Pooling":
             if pooling_override is None:  # an override replaces the file, even one we refuse
@@ -306,8 +328,15 @@ def load_model_info(
     elif pooling is None and "bert" in model_type.lower():
         # TEI's rule: a BERT variant without 1_Pooling is served with CLS pooling.
         log.warning("no pooling configuration (1_Pooling/config.json) found; the model is "
-                    "a BERT variant, defaulting to cls pooling")
+                    "a BERT variant, defaulting to cls pooling as TEI does (sentence-transformers "
+                    "would pool the mean here: pass --pooling mean for its vectors)")
         pooling = "cls"
+
+    # The Transformer module's do_lower_case: sentence-transformers lower-cases every text (a
+    # cased tokenizer, or one it lower-cases anyway) before tokenizing. Without modules.json it
+    # builds that module itself, and does not read this file.
+    lowercase = bool(modules) and bool(
+        (_optional_json(root / "sentence_bert_config.json") or {}).get("do_lower_case"))
 
     st_config = _optional_json(root / "config_sentence_transformers.json") or {}
     prompts = {str(k): str(v) for k, v in (st_config.get("prompts") or {}).items()}
@@ -347,4 +376,5 @@ def load_model_info(
         has_normalize=has_normalize,
         prompts=prompts,
         default_prompt_name=default_prompt_name,
+        lowercase=lowercase,
     )

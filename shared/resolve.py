@@ -105,6 +105,8 @@ def resolve_model(config: ServerConfig) -> ResolvedModel:
     local = Path(config.model_id).expanduser()
     if local.is_dir():
         return ResolvedModel(model_id=config.model_id, path=local.resolve(), sha=None)
-    if local.exists() or config.model_id.startswith((".", "/", "~")):
+    if local.exists():
         raise ConfigError(f"--model-id {config.model_id!r}: not a model directory")
+    if config.model_id.startswith((".", "/", "~")):
+        raise ConfigError(f"--model-id {config.model_id!r}: no such directory")
     return _from_hub(config, config.model_id)

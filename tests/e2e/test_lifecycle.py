@@ -172,7 +172,8 @@ def test_unloadable_weights_fail_start_up_naming_the_key(minilm_dir, tmp_path):
     result = run_cli("--model-id", str(model), "--port", "0", "--max-batch-tokens", "512")
     assert result.returncode == 1
     assert missing.removeprefix("bert.") in result.stderr
-    assert "Traceback" not in result.stderr.split("cannot be served")[-1]
+    # A refusal that names its reason is one line, in the worker's log too: no traceback.
+    assert "Traceback" not in result.stderr
 
 
 def test_help_and_tei_alias():

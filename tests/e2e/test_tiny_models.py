@@ -3,6 +3,8 @@ same files, in both sentence-transformers file formats, with Dense modules and d
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -51,3 +53,31 @@ def test_info_reports_dense_prompts_and_limit(tiny):
     assert len(info["dense_modules"]) == 1
     assert info["default_prompt"] == "query: "
     assert info["max_input_length"] == 24
+
+
+
+def test_do_lower_case_with_a_cased_tokenizer(tmp_path):
+    # sentence_bert_config.json's do_lower_case lower-cases every text before a tokenizer
+    # that would not (sentence-transformers adds a Lowercase step to its normalizer).
+    model = make_tiny_bert(tmp_path / "model", st_format="classic")
+    tokenizer = json.loads((model / "tokenizer.json").read_text())
+    tokenizer["normalizer"]["lowercase"] = False
+    (model / "tokenizer.json").write_text(json.dumps(tokenizer))
+    settings = json.loads((model / "sentence_bert_config.json").read_text())
+    (model / "sentence_bert_config.json").write_text(json.dumps(settings | {"do_lower_case": True}))
+    texts = ["Hello World", "The WEATHER is lovely TODAY", "a cat"]
+
+    def tokens(srv, text: str) -> list[dict]:
+        return srv.client.post("/tokenize", json={"inputs": text,
+                                                  "add_special_tokens": False}).json()[0]
+
+    with serve_model(model, tmp_path) as srv:
+        ours = embed(srv, inputs=texts)
+        sent, lower = tokens(srv, "Hello World"), tokens(srv, "hello world")
+    theirs = st_encode(model, texts)
+    assert np.abs(ours - theirs).max() < 1e-5
+    # Cased, the capitalised words would be other tokens (the tiny vocabulary is lower case).
+    assert np.abs(ours[0] - st_encode(model, ["hello world"])[0]).max() < 1e-5
+    # /tokenize shows what is embedded, with offsets into the text as sent.
+    assert [t["id"] for t in sent] == [t["id"] for t in lower]
+    assert [(t["text"], t["start"]) for t in sent] == [("Hello", 0), ("World", 6)]

@@ -342,18 +342,62 @@ def test_dense_chain(tmp_path: Path) -> None:
     assert not info.has_normalize
 
 
-def test_modules_are_read_in_idx_order(tmp_path: Path) -> None:
+def test_modules_run_in_the_lists_order_whatever_their_idx(tmp_path: Path) -> None:
+    # sentence-transformers builds its pipeline in modules.json's order and never reads idx.
     root = model_dir(tmp_path, files={
         "1_Pooling/config.json": classic_pooling("mean_tokens"),
         "2_Dense/config.json": dense(32, 64),
         "3_Dense/config.json": dense(64, 24),
+        "4_Normalize/config.json": {},
     })
-    modules = [{"idx": 3, "name": "3", "path": "3_Dense", "type": CLASSIC + "Dense"},
-               {"idx": 0, "name": "0", "path": "", "type": CLASSIC + "Transformer"},
-               {"idx": 2, "name": "2", "path": "2_Dense", "type": CLASSIC + "Dense"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": CLASSIC + "Pooling"}]
+    modules = [{"idx": 3, "name": "0", "path": "", "type": CLASSIC + "Transformer"},
+               {"idx": 2, "name": "1", "path": "1_Pooling", "type": CLASSIC + "Pooling"},
+               {"idx": 0, "name": "2", "path": "2_Dense", "type": CLASSIC + "Dense"},
+               {"idx": 1, "name": "3", "path": "3_Dense", "type": CLASSIC + "Dense"}]
     write(root / "modules.json", modules)
     assert [d.out_features for d in load_model_info(root).dense] == [64, 24]
+    # Normalize listed before a Dense runs before it there, whatever idx says: refused.
+    normalize = {"idx": 9, "name": "4", "path": "4_Normalize", "type": CLASSIC + "Normalize"}
+    write(root / "modules.json", [*modules[:3], normalize, modules[3]])
+    with pytest.raises(ConfigError, match="Dense after Normalize is not supported"):
+        load_model_info(root)
+
+
+@pytest.mark.parametrize("kind", ["custom_st.Transformer", "my_modules.Pooling",
+                                  "custom.models.Normalize"])
+def test_a_repositorys_own_module_is_refused_whatever_its_name(tmp_path: Path,
+                                                               kind: str) -> None:
+    # jina-embeddings-v3 ships `custom_st.Transformer`: its code, not the built-in.
+    modules = [(kind if "Transformer" in kind else "Transformer", ""),
+               (kind if "Pooling" in kind else "Pooling", "1_Pooling"),
+               (kind if "Normalize" in kind else "Normalize", "2_Normalize")]
+    root = model_dir(tmp_path, modules=modules,
+                     files={"1_Pooling/config.json": classic_pooling("mean_tokens")})
+    with pytest.raises(ConfigError, match=f"module type '{kind}' is the repository's own code"):
+        load_model_info(root)
+
+
+def test_a_transformer_in_a_folder_of_its_own_is_refused(tmp_path: Path) -> None:
+    # Older repositories: config.json and the weights at the root would be other ones.
+    root = model_dir(tmp_path, modules=[("Transformer", "0_Transformer"), *STACK[1:]],
+                     files={"1_Pooling/config.json": classic_pooling("mean_tokens")})
+    with pytest.raises(ConfigError, match="the Transformer module is in '0_Transformer'"):
+        load_model_info(root)
+    write(root / "modules.json", [{"idx": 0, "name": "0", "path": "./",
+                                   "type": CLASSIC + "Transformer"}])
+    load_model_info(root)  # the root, spelled otherwise
+
+
+@pytest.mark.parametrize(("modules", "setting", "expected"), [
+    (STACK, True, True), (STACK, False, False), (STACK, None, False),
+    (None, True, False),  # no modules.json: sentence-transformers never reads the file
+])
+def test_do_lower_case(tmp_path: Path, modules, setting, expected) -> None:
+    files: dict[str, Any] = {"1_Pooling/config.json": classic_pooling("mean_tokens")}
+    if setting is not None:
+        files["sentence_bert_config.json"] = {"max_seq_length": 64, "do_lower_case": setting}
+    root = model_dir(tmp_path, modules=modules, files=files)
+    assert load_model_info(root, pooling_override="mean").lowercase is expected
 
 
 @pytest.mark.parametrize("dims", [[(16, 8)], [(32, 64), (32, 8)]], ids=["first", "second"])
@@ -442,7 +486,12 @@ def test_unsupported_module_type_is_named(tmp_path: Path, kind: str) -> None:
 def test_missing_tokenizer_json(tmp_path: Path) -> None:
     root = model_dir(tmp_path)
     (root / "tokenizer.json").unlink()
-    with pytest.raises(ConfigError, match=r"tokenizer\.json"):
+    with pytest.raises(ConfigError, match=r"tokenizer\.json") as refused:
+        load_model_info(root)
+    assert "save_pretrained" not in str(refused.value)
+    # A slow tokenizer's files (vocab.txt and its config): say how to write the fast one.
+    write(root / "tokenizer_config.json", {"tokenizer_class": "BertTokenizer"})
+    with pytest.raises(ConfigError, match=r"AutoTokenizer\.from_pretrained\(DIR\)"):
         load_model_info(root)
 
 

@@ -43,7 +43,7 @@ def test_relative_local_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 @pytest.mark.parametrize("model_id", ["/no/such/model/dir", "./missing", "~/no-such-model-x"])
 def test_missing_path_is_a_config_error(model_id: str) -> None:
-    with pytest.raises(ConfigError, match="not a model directory"):
+    with pytest.raises(ConfigError, match="no such directory"):
         resolve_model(ServerConfig(model_id=model_id))
 
 
