@@ -21,6 +21,7 @@ from router.schemas import VertexRequest, VertexResponse
 from shared.errors import ConfigError, empty
 
 SENTENCE_SIMILARITY = "sentence-similarity"
+HEALTH_PATHS = {"/health", "/ping", "/"}  # GET on each is the health probe already
 T = TypeVar("T")
 
 
@@ -86,7 +87,7 @@ def routes(state: AppState, served: list[Endpoint]) -> list[Endpoint]:
     taken = {e.path for e in served} | {"/", "/invocations"}
     for name, route in (("AIP_PREDICT_ROUTE", state.config.aip_predict_route),
                         ("AIP_HEALTH_ROUTE", state.config.aip_health_route)):
-        if route in taken - ({"/health", "/ping"} if name == "AIP_HEALTH_ROUTE" else set()):
+        if route in taken - (HEALTH_PATHS if name == "AIP_HEALTH_ROUTE" else set()):
             raise ConfigError(f"{name}={route} is a route of the API already: choose another "
                               "path in the Vertex AI model's container spec")
     vertex_routes = [
@@ -94,7 +95,7 @@ def routes(state: AppState, served: list[Endpoint]) -> list[Endpoint]:
                  VertexRequest, VertexResponse, target.errors, tag="Vertex")
         for route in dict.fromkeys(("/vertex", state.config.aip_predict_route)) if route]
     health = state.config.aip_health_route
-    if health not in (None, "/health", "/ping"):
+    if health is not None and health not in HEALTH_PATHS:
         [probe] = [e for e in served if e.method == "GET" and e.path == "/health"]
         vertex_routes.append(Endpoint("GET", health, probe.handler,
                                       "Vertex AI's health route: as GET /health",

@@ -1,0 +1,37 @@
+"""Vertex AI's AIP_PREDICT_ROUTE / AIP_HEALTH_ROUTE: extra routes, never over the API's own."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import pytest
+
+from router.app import endpoints
+from router.openapi import _Unserved
+from router.routes import AppState
+from shared.config import ServerConfig
+from shared.errors import ConfigError
+
+
+def routes(**config: Any) -> dict[tuple[str, str], Any]:
+    unserved = cast(Any, _Unserved())
+    built = endpoints(AppState(ServerConfig(**config), unserved, unserved, unserved))
+    return {(e.method, e.path): e for e in built}
+
+
+def test_the_platforms_paths_answer_as_vertex_and_health() -> None:
+    served = routes(aip_predict_route="/v1/models/m:predict", aip_health_route="/v1/models/m")
+    assert served["POST", "/v1/models/m:predict"].handler is served["POST", "/vertex"].handler
+    assert served["GET", "/v1/models/m"].handler is served["GET", "/health"].handler
+    assert len(routes()) == len(served) - 2
+    # Paths that are the same routes already add nothing.
+    assert len(routes(aip_predict_route="/vertex", aip_health_route="/ping")) == len(routes())
+
+
+@pytest.mark.parametrize(("setting", "path"), [
+    ("aip_predict_route", "/embed"), ("aip_predict_route", "/"),
+    ("aip_health_route", "/info"),
+])
+def test_a_path_of_the_api_is_refused(setting: str, path: str) -> None:
+    with pytest.raises(ConfigError, match=f"{setting.upper()}={path} is a route of the API"):
+        routes(**{setting: path})
