@@ -296,7 +296,9 @@ def test_tokenize_is_served_while_inference_holds_every_permit(fresh_server):
 
 @pytest.mark.parametrize(("route", "body"), [
     ("/embed", SLOW_BATCH),  # computing
-    ("/tokenize", {"inputs": "word " * 300_000}),  # in the tokenizer pool: seconds
+    # In the tokenizer pool for seconds: 1.5M characters, each text under TEI's bound of 250
+    # per allowed token (MiniLM's 256 tokens: 64,000).
+    ("/tokenize", {"inputs": ["word " * 12_000] * 25}),
 ], ids=["computing", "tokenizing"])
 def test_requests_left_when_the_shutdown_grace_runs_out_get_a_503(fresh_server, route, body):
     srv = fresh_server("--shutdown-grace", "0.2").wait_healthy()
