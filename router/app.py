@@ -45,9 +45,8 @@ def build_app(state: AppState, tracer: Tracer | None = None) -> Starlette:
         expose_headers=["x-request-id", "x-compute-time", "x-compute-tokens"],
     ))
     if state.config.api_key:
-        health = state.config.aip_health_route
         middleware.append(Middleware(ApiKeyMiddleware, api_key=state.config.api_key,
-                                     also_open=frozenset([health] if health else [])))
+                                     open_probe=state.config.aip_health_route))
     app = Starlette(
         routes=docs.app_routes(endpoints(state)),
         middleware=middleware,

@@ -150,15 +150,14 @@ def is_open(method: str, path: str) -> bool:
 class ApiKeyMiddleware:
     """`Authorization: Bearer <key>` on every route but the open ones (and `GET /`)."""
 
-    def __init__(self, app: ASGIApp, api_key: str, also_open: frozenset[str] = frozenset()
-                 ) -> None:
+    def __init__(self, app: ASGIApp, api_key: str, open_probe: str | None = None) -> None:
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
-        self.also_open = also_open  # a platform's own health route (Vertex AI's)
+        self.open_probe = open_probe  # a platform's own health route (Vertex AI's): GET only
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (scope["type"] == "http" and not is_open(scope["method"], scope["path"])
-                and scope["path"] not in self.also_open):
+                and not (scope["method"] in ("GET", "HEAD") and scope["path"] == self.open_probe)):
             given = Headers(scope=scope).get("authorization", "").encode()
             if not hmac.compare_digest(given, self.expected):
                 message = ("missing Authorization header" if not given

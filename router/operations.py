@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from router.inputs import (
+    CHARS_PER_TOKEN_LIMIT,
     as_input_list,
     as_predict_list,
     check_batch_size,
@@ -60,8 +61,10 @@ async def rerank(
             check_batch_size(len(texts), service.rules)
             texts = await first_tokens(service, texts, max_tokens)
     if max_chunks > 1:
-        return await _rerank_pieces(service, model, query, texts, direction=direction,
-                                    raw_scores=raw_scores, max_chunks=max_chunks)
+        scored = await _rerank_pieces(service, model, query, texts, direction=direction,
+                                      raw_scores=raw_scores, max_chunks=max_chunks)
+        if scored is not None:
+            return scored
     outcome = await service.run([(query, text) for text in texts], OutputKind.LOGITS,
                                 truncate=truncate, direction=direction)
     return activate(outcome.matrix(), model.activation, raw_scores)[:, 0], outcome.timings
@@ -79,21 +82,22 @@ async def first_tokens(service: InferenceService, texts: Sequence[str],
 async def _rerank_pieces(
     service: InferenceService, model: ModelInfo, query: str, texts: Sequence[str], *,
     direction: str, raw_scores: bool, max_chunks: int,
-) -> tuple[np.ndarray, Timings]:
+) -> tuple[np.ndarray, Timings] | None:
     """`rerank` with long texts in pieces: each piece is scored beside the query, and a text's
     score is the best of its pieces' (the activation is monotonic, so raw or not the same piece
-    wins)."""
+    wins). None when the query leaves no room for a piece: each text is then scored as it is
+    without pieces (the pair truncated)."""
     max_length = service.rules.max_input_length
+    # No more of a text than its pieces can hold goes to the tokenizer (TEI's bound of 250
+    # characters per token, over every piece's tokens).
+    texts = [text[:max_length * max_chunks * CHARS_PER_TOKEN_LIMIT] for text in texts]
     with service.refusals_counted():
         check_batch_size(len(texts), service.rules)
         with service.admitted(len(texts), "tokenizer"):
             chunked = await service.tokenizers.chunks(query, list(texts), max_length,
                                                       max_chunks)
         if chunked.pieces is None:
-            raise validation(
-                f"`query` leaves no room for the documents' pieces: with the pair's special "
-                f"tokens it takes {max_length - chunked.room} of the model's {max_length} "
-                "tokens")
+            return None
         pairs = [(query, piece) for pieces in chunked.pieces for piece in pieces]
         if len(pairs) > service.max_concurrent_requests:
             raise validation(

@@ -248,7 +248,7 @@ class InferenceService:
         """Admission, tokenization, batching and inference for one request's inputs.
         `client_inputs`: how many inputs the client sent, where the server made more of them
         (re-rank pieces): that count is the one --max-client-batch-size bounds."""
-        method = "single" if len(inputs) == 1 else "batch"
+        method = "single" if (client_inputs or len(inputs)) == 1 else "batch"
         self.metrics.received(method)
         try:
             outcome = await self._run(inputs, output, truncate=truncate, direction=direction,

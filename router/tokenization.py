@@ -169,11 +169,13 @@ def _chunks(query: str, texts: list[str], max_length: int, limit: int) -> Outcom
         return Outcome(Chunked(room, None))
     pieces = []
     for text, encoding in zip(texts, encodings, strict=True):
-        count = len(encoding.ids)
+        # Read once: each read of `offsets` builds the whole list anew.
+        offsets = encoding.offsets
         # Pieces meet at a token's first character (offsets are character offsets), so the
         # whitespace between tokens stays with the piece after it and nothing is lost but what
         # lies past the last piece.
-        starts = [0, *(encoding.offsets[i][0] for i in range(room, count, room))]
+        starts = [0, *(offsets[i][0] for i in range(room, min(len(offsets), room * limit + 1),
+                                                    room))]
         ends = [*starts[1:], len(text)]
         pieces.append([text[start:end] for start, end in zip(starts, ends, strict=True)][:limit])
     return Outcome(Chunked(room, pieces))

@@ -113,8 +113,8 @@ class ServerConfig:
     hostname: str = field(default="0.0.0.0", metadata=_opt(
         "Address to listen on.", env="HOSTNAME"))
     port: int = field(default=3000, metadata=_opt(
-        "Port to listen on (Vertex AI's AIP_HTTP_PORT too).", flags=("-p", "--port"),
-        env=("PORT", "AIP_HTTP_PORT"), type=int))
+        "Port to listen on (on Vertex AI, its AIP_HTTP_PORT wins over PORT, which images "
+        "set).", flags=("-p", "--port"), env=("AIP_HTTP_PORT", "PORT"), type=int))
     uds_path: str = field(default="/tmp/text-embeddings-inference-server", metadata=_opt(
         "Prefix of the runtime directory holding the router<->worker ZeroMQ sockets.",
         env="UDS_PATH"))

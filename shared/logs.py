@@ -90,12 +90,14 @@ def _named_level(environ: Mapping[str, str]) -> str:
     verbose level named anywhere in it applies. An unknown name is returned as it is (INFO,
     with a warning: `unknown_log_level`)."""
     directives = [d.strip() for d in environ.get("LOG_LEVEL", "info").split(",") if d.strip()]
+    names = [d.rpartition("=")[2].strip().upper() for d in directives]
+    # `off` silences what it names: it adds no verbosity (all off: errors only, still).
     levels = [{"WARN": "WARNING", "TRACE": "DEBUG"}.get(name, name)  # Rust's level names
-              for name in (d.rpartition("=")[2].strip().upper() for d in directives)]
+              for name in names if name != "OFF"]
     unknown = [level for level in levels if level not in _VERBOSITY]
     if unknown:
         return unknown[0]
-    return max(levels, key=_VERBOSITY.index, default="INFO")
+    return max(levels, key=_VERBOSITY.index, default="ERROR" if names else "INFO")
 
 
 def log_level(environ: Mapping[str, str] = os.environ) -> str:

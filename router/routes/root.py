@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message
 
-from router.http import read_json
+from router.http import OPEN_ROUTES, read_json
 from router.inputs import check_admissible
 from router.routes import AppState, Endpoint, json_response
 from router.schemas import VertexRequest, VertexResponse
@@ -84,17 +84,19 @@ def routes(state: AppState, served: list[Endpoint]) -> list[Endpoint]:
         # Each answer is the target route's JSON already: embed it as is.
         return json_response({"predictions": [msgspec.Raw(a.body) for a in answers]})
 
-    taken = {e.path for e in served} | {"/", "/invocations"}
-    for name, route in (("AIP_PREDICT_ROUTE", state.config.aip_predict_route),
-                        ("AIP_HEALTH_ROUTE", state.config.aip_health_route)):
-        if route in taken - (HEALTH_PATHS if name == "AIP_HEALTH_ROUTE" else set()):
+    predict, health = state.config.aip_predict_route, state.config.aip_health_route
+    taken = {e.path for e in served} | OPEN_ROUTES | {"/", "/invocations"}
+    for name, route in (("AIP_PREDICT_ROUTE", predict), ("AIP_HEALTH_ROUTE", health)):
+        if route in taken - (HEALTH_PATHS if name == "AIP_HEALTH_ROUTE" else {"/vertex"}):
             raise ConfigError(f"{name}={route} is a route of the API already: choose another "
                               "path in the Vertex AI model's container spec")
+    if health is not None and (health == predict or (health == "/vertex")):
+        raise ConfigError(f"AIP_HEALTH_ROUTE={health} is the prediction route: choose another "
+                          "path in the Vertex AI model's container spec")
     vertex_routes = [
         Endpoint("POST", route, vertex, f"Vertex AI: each of `instances` answered as POST {path}",
                  VertexRequest, VertexResponse, target.errors, tag="Vertex")
-        for route in dict.fromkeys(("/vertex", state.config.aip_predict_route)) if route]
-    health = state.config.aip_health_route
+        for route in dict.fromkeys(("/vertex", predict)) if route]
     if health is not None and health not in HEALTH_PATHS:
         [probe] = [e for e in served if e.method == "GET" and e.path == "/health"]
         vertex_routes.append(Endpoint("GET", health, probe.handler,

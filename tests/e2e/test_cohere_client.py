@@ -73,8 +73,8 @@ def test_v1_rerank(reranker) -> None:
                         return_documents=True, model="rerank-english-v3.0")
     assert pairs(top) == expected[:2]
     assert [r.document.text for r in top.results] == [DOCS[i] for i, _ in expected[:2]]
-    # rank_fields naming `text` only is what is done anyway; legacy max_chunks_per_doc is
-    # accepted (documents are truncated at the model's limit, not chunked).
+    # rank_fields naming `text` only is what is done anyway; max_chunks_per_doc 1 is the
+    # default (a document that fits is one piece anyway).
     same = client.rerank(query=QUERY, documents=[{"text": d, "title": "t"} for d in DOCS],
                          rank_fields=["text"], max_chunks_per_doc=1)
     assert pairs(same) == expected
@@ -165,14 +165,15 @@ def test_max_chunks_per_doc_ranks_a_long_document_on_its_best_piece(reranker) ->
         "total_tokens"] == whole.usage["total_tokens"]
 
 
-def test_max_chunks_per_doc_refusals(reranker) -> None:
+def test_max_chunks_per_doc_refusals_and_a_query_that_fills_the_window(reranker) -> None:
     with pytest.raises(UnprocessableEntityError) as refused:
         v1(reranker).rerank(query=QUERY, documents=DOCS, max_chunks_per_doc=0)
     assert error(refused.value) == "`max_chunks_per_doc` must be positive"
-    # A query that fills the window leaves no room for a piece of anything.
-    with pytest.raises(UnprocessableEntityError) as full:
-        v1(reranker).rerank(query="paris " * 200, documents=DOCS, max_chunks_per_doc=2)
-    assert "`query` leaves no room for the documents' pieces" in error(full.value)
+    # A query that fills the window leaves no room for a piece: each document is scored as
+    # without pieces (the pair truncated), not refused.
+    query = "paris " * 200
+    full = v1(reranker).rerank(query=query, documents=DOCS, max_chunks_per_doc=2)
+    assert pairs(full) == pairs(v1(reranker).rerank(query=query, documents=DOCS))
 
 
 def test_max_tokens_per_doc_keeps_the_batch_checks_and_their_count(tmp_path) -> None:
@@ -194,6 +195,14 @@ def test_max_tokens_per_doc_keeps_the_batch_checks_and_their_count(tmp_path) -> 
         assert "makes 12 pieces of the 4 documents" in response.json()["error"]
         documents["max_chunks_per_doc"] = 1
         assert srv.client.post("/v1/rerank", json=documents).status_code == 200
+        # One document in 5 pieces is one input to --max-client-batch-size 4, counted as one.
+        before = samples(srv.client.get("/metrics").text)
+        one = {"query": QUERY, "documents": [LONG * 8], "max_chunks_per_doc": 5}
+        response = srv.client.post("/v1/rerank", json=one)
+        assert response.status_code == 200, response.text
+        after = samples(srv.client.get("/metrics").text)
+        assert after['te_request_success{method="single"}'] == \
+            before['te_request_success{method="single"}'] + 1
 
 
 def test_async_client(reranker) -> None:

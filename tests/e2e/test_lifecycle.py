@@ -126,6 +126,7 @@ def test_vertex_ai_routes_from_its_variables(fresh_server):
     assert answer.status_code == 200
     assert answer.json() == srv.client.post("/vertex", json=body, headers=key).json()
     assert srv.client.post(predict, json=body).status_code == 401
+    assert srv.client.post(health, json=body).status_code == 401  # open to GET only
 
 
 def test_cors(fresh_server):

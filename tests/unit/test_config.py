@@ -255,7 +255,9 @@ def test_vertex_ai_variables() -> None:
     config = parse(AIP_HTTP_PORT="8080", AIP_PREDICT_ROUTE="/predict", AIP_HEALTH_ROUTE="/h")
     assert (config.port, config.aip_predict_route, config.aip_health_route) == (
         8080, "/predict", "/h")
-    assert parse(PORT="80", AIP_HTTP_PORT="8080").port == 80
+    # Vertex AI's port wins over the PORT=80 the images set; a flag wins over both.
+    assert parse(PORT="80", AIP_HTTP_PORT="8080").port == 8080
+    assert parse("--port", "3000", AIP_HTTP_PORT="8080").port == 3000
     with pytest.raises(ConfigError, match="AIP_PREDICT_ROUTE='predict': expected a path"):
         parse(AIP_PREDICT_ROUTE="predict")
     with pytest.raises(SystemExit):  # no flag: the platform's variables only

@@ -69,7 +69,8 @@ def test_text_line_shows_the_span_as_tracing_subscriber_does(in_request) -> None
     ("trace", "DEBUG"), ("nonsense", "INFO"),
     # TEI's tracing filters, as its deployments set them: the most verbose level named.
     ("info,text_embeddings_router=debug", "DEBUG"), ("text_embeddings_core=warn", "WARNING"),
-    ("warn, hyper = error", "WARNING"), (" ", "INFO"),
+    ("warn, hyper = error", "WARNING"), (" ", "INFO"), ("debug,h2=off", "DEBUG"),
+    ("off", "ERROR"),
 ])
 def test_log_level_from_the_environment(raw: str | None, level: str) -> None:
     environ = {} if raw is None else {"LOG_LEVEL": raw}

@@ -30,8 +30,16 @@ def test_the_platforms_paths_answer_as_vertex_and_health() -> None:
 
 @pytest.mark.parametrize(("setting", "path"), [
     ("aip_predict_route", "/embed"), ("aip_predict_route", "/"),
-    ("aip_health_route", "/info"),
+    ("aip_predict_route", "/docs"), ("aip_health_route", "/info"),
+    ("aip_health_route", "/openapi.json"), ("aip_health_route", "/metrics"),
 ])
 def test_a_path_of_the_api_is_refused(setting: str, path: str) -> None:
     with pytest.raises(ConfigError, match=f"{setting.upper()}={path} is a route of the API"):
         routes(**{setting: path})
+
+
+@pytest.mark.parametrize("predict", ["/p", None])
+def test_the_health_route_is_not_the_prediction_route(predict: str | None) -> None:
+    # The health route answers without the API key: it must not be where predictions go.
+    with pytest.raises(ConfigError, match="is the prediction route"):
+        routes(aip_predict_route=predict, aip_health_route=predict or "/vertex")
