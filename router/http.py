@@ -56,6 +56,11 @@ async def read_json(request: Request, schema: type[T], limit: int) -> T:
             ErrorType.VALIDATION,
             f"Failed to deserialize the JSON body into the target type: {exc}",
         ) from None
+    except RecursionError:
+        # msgspec's decoder recurses per nesting level: ~1,000 levels (2 KB of brackets) would
+        # otherwise be a 500 with two tracebacks.
+        raise EmbedServeError(ErrorType.BAD_REQUEST, "Failed to parse the request body as "
+                              "JSON: nested too deeply") from None
     except msgspec.DecodeError as exc:
         # msgspec calls a lone UTF-16 surrogate escape ("\ud800") truncated input.
         reason = ("a \\u escape is a lone UTF-16 surrogate, which is no character"

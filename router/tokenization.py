@@ -208,6 +208,7 @@ class TokenizerPool:
                  lowercase: bool = False) -> None:
         self._tokenizer_path = tokenizer_path
         self._lowercase = lowercase
+        self._queued = 0  # characters (or ids) of the calls in the pool, running or waiting
         self._processes = processes
         self._json_logs = json_logs
         self._executor = self._new_executor()
@@ -262,10 +263,22 @@ class TokenizerPool:
         """Run `function` in the pool; `size` (characters or ids) bounds how long it may take."""
         loop = asyncio.get_running_loop()
         executor = self._executor
-        deadline = STALL_BASE_S + STALL_S_PER_MB * size / 1e6
+        # The pool runs calls in order: this one may wait behind all the work already in it, so
+        # that work counts in its deadline, or a busy pool would look like a hung one (and be
+        # killed, failing every request in it).
+        deadline = STALL_BASE_S + STALL_S_PER_MB * (self._queued + size) / 1e6
+        self._queued += size
         try:
             outcome = await asyncio.wait_for(loop.run_in_executor(executor, function, *args),
                                              deadline)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this request was cancelled (its client left, a drain)
+            # Its call was dropped from the queue of a pool that another request's stall
+            # replaced: an answer, not a bare cancellation (hypercorn's empty 500).
+            raise backend("the tokenizer pool was restarted while this request waited in "
+                          "it") from None
         except BrokenProcessPool:
             # A tokenizer process died (OOM killer, signal): replace the pool once, fail only
             # the requests that were in it.
@@ -281,6 +294,8 @@ class TokenizerPool:
                 self._replace(executor)
             raise backend(f"the tokenizer pool gave no answer within {deadline:.0f} s; it was "
                           "restarted") from None
+        finally:
+            self._queued -= size
         return self._result(outcome)
 
     def _replace(self, executor: ProcessPoolExecutor) -> None:

@@ -137,6 +137,10 @@ def test_malformed_json(server):
     assert "lone UTF-16 surrogate" in error(lone, 400, "BadRequest")
     pair = post(server, content=b'{"inputs": "\\ud83d\\ude00"}', headers=json_type)
     assert pair.status_code == 200, pair.text  # an escaped surrogate pair is one character
+    # 2 KB of brackets: msgspec's decoder recurses per level (a RecursionError, not a 500).
+    nested = b'{"inputs": "x", "extra": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    assert "nested too deeply" in error(post(server, content=nested, headers=json_type), 400,
+                                        "BadRequest")
 
 
 def test_wrong_content_type(server):
