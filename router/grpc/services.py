@@ -19,7 +19,7 @@ from router.grpc.protos import pb, services
 from router.results import Timings
 from router.routes import AppState
 from router.schemas import EmbedRequest, TruncationDirection
-from shared.errors import empty
+from shared.errors import EmbedServeError, ErrorType, empty
 
 SERVICE_NAMES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
 MODEL_TYPES = {"embedding": pb.MODEL_TYPE_EMBEDDING, "classifier": pb.MODEL_TYPE_CLASSIFIER,
@@ -158,18 +158,30 @@ class RerankServicer(_Servicer, services.RerankServicer):
         `return_text` come from the first message (TEI's rule)."""
         started = time.perf_counter()
         self.service.require("reranker")
-        sent: list[pb.RerankStreamRequest] = []
+        limit = self.state.config.payload_limit
+        first: list[pb.RerankStreamRequest] = []  # its raw_scores and return_text apply
+        texts: list[str] = []  # kept for return_text only: a message is dropped once scored
+        kept = 0
 
         async def noting(requests: AsyncIterator[pb.RerankStreamRequest]):
+            nonlocal kept
             async for request in requests:
-                sent.append(request)  # in arrival order, before its scoring starts
+                first[:] = first or [request]
+                if first[0].return_text:
+                    # The texts come back in the answer: bounded as one /rerank body is.
+                    kept += len(request.text.encode())
+                    if kept > limit:
+                        raise EmbedServeError(
+                            ErrorType.PAYLOAD_TOO_LARGE, f"the stream's texts, returned with "
+                            f"return_text, exceed the payload limit of {limit} bytes")
+                    texts.append(request.text)
                 yield request
 
         async def score(request: pb.RerankStreamRequest) -> tuple[float, Timings]:
             [value], timings = await operations.rerank(
                 self.service, self.model, request.query, [request.text],
                 truncate=request.truncate, direction=_direction(request.truncation_direction),
-                raw_scores=sent[0].raw_scores)
+                raw_scores=first[0].raw_scores)
             return value, timings
 
         parts = [part async for part in in_order(noting(requests), score,
@@ -178,7 +190,7 @@ class RerankServicer(_Servicer, services.RerankServicer):
             raise empty("`texts` cannot be empty: the stream sent no message")
         scores = np.array([value for value, _ in parts])
         return pb.RerankResponse(
-            ranks=self._ranks(scores, [r.text for r in sent], sent[0].return_text),
+            ranks=self._ranks(scores, texts, first[0].return_text),
             metadata=metadata(operations.combined([timings for _, timings in parts]), started))
 
     Rerank = unary(rerank)

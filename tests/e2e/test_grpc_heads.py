@@ -116,6 +116,19 @@ def test_rerank_errors(reranker) -> None:
     assert status_of(lambda: stub.RerankStream(iter([]), metadata=AUTH))[0] == invalid
     too_many = pb.RerankRequest(query=QUERY, texts=["t"] * 33)  # --max-client-batch-size 32
     assert status_of(lambda: stub.Rerank(too_many, metadata=AUTH))[0] == invalid
+    # A stream's texts are kept only to be returned: then they are bounded as one body is
+    # (--payload-limit, 2 MB), and otherwise each is dropped once scored.
+    big = "paris " * 150_000
+
+    def stream(return_text: bool):
+        return stub.RerankStream(iter(pb.RerankStreamRequest(query=QUERY, text=big,
+                                                             truncate=True,
+                                                             return_text=return_text)
+                                      for _ in range(3)), metadata=AUTH)
+
+    code, details = status_of(lambda: stream(True))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "return_text" in details
+    assert len(stream(False).ranks) == 3
 
 
 def test_api_key_is_required_except_for_health_and_reflection(reranker) -> None:
