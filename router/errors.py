@@ -25,6 +25,7 @@ STATUS: dict[ErrorType, int] = {
     ErrorType.NOT_FOUND: 404,
     ErrorType.METHOD_NOT_ALLOWED: 405,
     ErrorType.PAYLOAD_TOO_LARGE: 413,
+    ErrorType.REQUEST_TIMEOUT: 408,
     ErrorType.UNSUPPORTED_MEDIA_TYPE: 415,
     ErrorType.INTERNAL: 500,
 }
@@ -66,7 +67,7 @@ def error_response(
         headers["retry-after"] = RETRY_AFTER_SECONDS
     if error.error_type is ErrorType.UNAUTHORIZED:
         headers["www-authenticate"] = "Bearer"
-    if error.error_type is ErrorType.PAYLOAD_TOO_LARGE:
+    if error.error_type in (ErrorType.PAYLOAD_TOO_LARGE, ErrorType.REQUEST_TIMEOUT):
         # The rest of the body is never read, so the connection cannot be reused: say so, or
         # a keep-alive client's next request fails on the closed socket.
         headers["connection"] = "close"

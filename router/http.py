@@ -30,6 +30,10 @@ _LONE_SURROGATE = re.compile(
     rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 
 
+# Seconds a request body may take to arrive: a 2 MB body over a slow (1 Mbit/s) link takes 16.
+BODY_TIMEOUT_S = 60.0
+
+
 async def read_json(request: Request, schema: type[T], limit: int) -> T:
     """Decode a JSON body into `schema`, refusing it past `limit` bytes without buffering it."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -43,12 +47,19 @@ async def read_json(request: Request, schema: type[T], limit: int) -> T:
         raise too_large
     body = bytearray()
     try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise too_large
+        # hypercorn stops its keep-alive clock once the headers are in and has no read
+        # timeout: a body that trickles in, or never ends, would hold its buffer (up to the
+        # payload limit) and its connection for ever.
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise too_large
     except ClientDisconnect:
         raise ClientGone from None  # gone mid-upload: nobody to answer, nothing to log
+    except TimeoutError:
+        raise EmbedServeError(ErrorType.REQUEST_TIMEOUT, f"the request body did not arrive "
+                              f"within {BODY_TIMEOUT_S:g} s") from None
     try:
         return msgspec.json.decode(body, type=schema)
     except msgspec.ValidationError as exc:

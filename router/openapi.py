@@ -27,7 +27,8 @@ SCHEMA_REF = "#/components/schemas/{name}"
 
 # What read_json answers before a handler runs, on every route with a JSON body.
 BODY_ERRORS = (ErrorType.BAD_REQUEST, ErrorType.PAYLOAD_TOO_LARGE,
-               ErrorType.UNSUPPORTED_MEDIA_TYPE, ErrorType.VALIDATION)
+               ErrorType.REQUEST_TIMEOUT, ErrorType.UNSUPPORTED_MEDIA_TYPE,
+               ErrorType.VALIDATION)
 
 MEANING: dict[ErrorType, str] = {
     ErrorType.VALIDATION: "`Validation`: the body does not fit the schema (the message names "
@@ -45,6 +46,7 @@ MEANING: dict[ErrorType, str] = {
     ErrorType.NOT_FOUND: "`NotFound`: no such route",
     ErrorType.METHOD_NOT_ALLOWED: "`MethodNotAllowed`: the route has no such method",
     ErrorType.PAYLOAD_TOO_LARGE: "`PayloadTooLarge`: the body is over `--payload-limit` bytes",
+    ErrorType.REQUEST_TIMEOUT: "`RequestTimeout`: the body did not arrive in time",
     ErrorType.UNSUPPORTED_MEDIA_TYPE: "`UnsupportedMediaType`: the content type is not "
                                       "`application/json`",
     ErrorType.INTERNAL: "`Internal`: a bug of the server",

@@ -24,6 +24,7 @@ class ErrorType(enum.Enum):
     NOT_FOUND = "NotFound"
     METHOD_NOT_ALLOWED = "MethodNotAllowed"
     PAYLOAD_TOO_LARGE = "PayloadTooLarge"
+    REQUEST_TIMEOUT = "RequestTimeout"
     UNSUPPORTED_MEDIA_TYPE = "UnsupportedMediaType"
     # A bug of ours: logged with its traceback, answered 500 without internals.
     INTERNAL = "Internal"

@@ -32,6 +32,7 @@ STATUS: dict[ErrorType, grpc.StatusCode] = {
     ErrorType.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     ErrorType.METHOD_NOT_ALLOWED: grpc.StatusCode.UNIMPLEMENTED,
     ErrorType.PAYLOAD_TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorType.REQUEST_TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
     ErrorType.UNSUPPORTED_MEDIA_TYPE: grpc.StatusCode.INVALID_ARGUMENT,
     ErrorType.INTERNAL: grpc.StatusCode.INTERNAL,
 }
