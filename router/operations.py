@@ -144,19 +144,33 @@ async def embed_all(
                              direction=direction, prompt_name=prompt_name)
 
 
-async def tokenize(
-    service: InferenceService, texts: list[str], *, add_special_tokens: bool,
-    prompt_name: str | None,
-) -> list[list[Token]]:
+def _texts_to_tokenize(service: InferenceService, texts: list[str],
+                       prompt_name: str | None) -> list[str]:
     if not texts or any(not text for text in texts):
         raise empty("`inputs` cannot be empty")
     check_batch_size(len(texts), service.rules)
     check_characters(texts, service.rules)
     prompt = resolve_prompt(prompt_name, service.rules)
-    if prompt is not None:
-        texts = [prompt + text for text in texts]
+    return texts if prompt is None else [prompt + text for text in texts]
+
+
+async def tokenize(
+    service: InferenceService, texts: list[str], *, add_special_tokens: bool,
+    prompt_name: str | None,
+) -> list[list[Token]]:
+    texts = _texts_to_tokenize(service, texts, prompt_name)
     with service.admitted(len(texts), "tokenizer"):
         return await service.tokenizers.tokens(texts, add_special_tokens)
+
+
+async def tokenize_json(
+    service: InferenceService, texts: list[str], *, add_special_tokens: bool,
+    prompt_name: str | None,
+) -> bytes:
+    """`tokenize`'s answer as the JSON array /tokenize sends, written in the tokenizer pool."""
+    texts = _texts_to_tokenize(service, texts, prompt_name)
+    with service.admitted(len(texts), "tokenizer"):
+        return await service.tokenizers.tokens_json(texts, add_special_tokens)
 
 
 async def decode(

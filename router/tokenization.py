@@ -17,6 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, NamedTuple, cast
 
+import msgspec
 import numpy as np
 
 from shared.errors import EmbedServeError, ErrorType, backend
@@ -132,6 +133,19 @@ def _tokens(texts: list[str], add_special_tokens: bool) -> Outcome:
     return Outcome(result)
 
 
+def _tokens_json(texts: list[str], add_special_tokens: bool) -> Outcome:
+    """`_tokens` as /tokenize's JSON answer: written here, in the pool, since it runs ~30x the
+    request's size (a 2 MB request answers ~65 MB), which on the event loop would stall every
+    other request for seconds."""
+    from router.schemas import TokenInfo  # (msgspec writes a Struct far faster than a dict)
+
+    outcome = _tokens(texts, add_special_tokens)
+    if outcome.error is not None:
+        return outcome
+    return Outcome(msgspec.json.encode([[TokenInfo(*token) for token in per_text]
+                                        for per_text in outcome.value]))
+
+
 def _prefixes(texts: list[str], count: int) -> Outcome:
     """Each text up to the end of its `count`-th token (special tokens not counted); shorter
     texts whole."""
@@ -245,6 +259,10 @@ class TokenizerPool:
     async def tokens(self, texts: list[str], add_special_tokens: bool) -> list[list[Token]]:
         """Every token of each text with its byte offsets (for /tokenize)."""
         return await self._call(sum(map(len, texts)), _tokens, texts, add_special_tokens)
+
+    async def tokens_json(self, texts: list[str], add_special_tokens: bool) -> bytes:
+        """`tokens`, as the JSON array /tokenize answers."""
+        return await self._call(sum(map(len, texts)), _tokens_json, texts, add_special_tokens)
 
     async def prefixes(self, texts: list[str], count: int) -> list[str]:
         """Each text cut after its first `count` tokens (Cohere's `max_tokens_per_doc`)."""

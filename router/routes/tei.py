@@ -61,10 +61,10 @@ def routes(state: AppState) -> list[Endpoint]:
         body = await read_json(request, TokenizeRequest, limit)
         texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
         # Cancelled when the client goes: its texts leave the tokenizer pool's queue.
-        tokens = await unless_disconnected(request, operations.tokenize(
+        answer = await unless_disconnected(request, operations.tokenize_json(
             service, texts, add_special_tokens=body.add_special_tokens,
             prompt_name=body.prompt_name))
-        return json_response([[t._asdict() for t in per_text] for per_text in tokens])
+        return Response(answer, media_type="application/json")
 
     async def decode(request: Request) -> Response:
         body = await read_json(request, DecodeRequest, limit)
