@@ -20,6 +20,7 @@ from typing import Any, NamedTuple, cast
 import msgspec
 import numpy as np
 
+from router.schemas import TokenInfo
 from shared.errors import EmbedServeError, ErrorType, backend
 from shared.logs import setup_logging
 from shared.process import die_with_parent
@@ -136,9 +137,7 @@ def _tokens(texts: list[str], add_special_tokens: bool) -> Outcome:
 def _tokens_json(texts: list[str], add_special_tokens: bool) -> Outcome:
     """`_tokens` as /tokenize's JSON answer: written here, in the pool, since it runs ~30x the
     request's size (a 2 MB request answers ~65 MB), which on the event loop would stall every
-    other request for seconds."""
-    from router.schemas import TokenInfo  # (msgspec writes a Struct far faster than a dict)
-
+    other request for seconds. (msgspec writes a Struct far faster than a dict.)"""
     outcome = _tokens(texts, add_special_tokens)
     if outcome.error is not None:
         return outcome
