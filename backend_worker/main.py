@@ -250,13 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the router decides when we stop
     try:
         info, engine = worker.load()
-    except ConfigError as exc:  # a refusal that names its reason: no traceback to read
-        log.error("cannot load the model: %s", exc)
-        worker.send(protocol.Fatal(config.worker_id, f"{type(exc).__name__}: {exc}"))
-        socket.close(linger=2000)
-        return 1
     except Exception as exc:
-        log.exception("cannot load the model")
+        if isinstance(exc, ConfigError):  # a refusal that names its reason: no traceback
+            log.error("cannot load the model: %s", exc)
+        else:
+            log.exception("cannot load the model")
         worker.send(protocol.Fatal(config.worker_id, f"{type(exc).__name__}: {exc}"))
         socket.close(linger=2000)
         return 1

@@ -248,12 +248,12 @@ class InferenceService:
         """Admission, tokenization, batching and inference for one request's inputs.
         `client_inputs`: how many inputs the client sent, where the server made more of them
         (re-rank pieces): that count is the one --max-client-batch-size bounds."""
-        method = "single" if (client_inputs or len(inputs)) == 1 else "batch"
+        client_inputs = client_inputs or len(inputs)
+        method = "single" if client_inputs == 1 else "batch"
         self.metrics.received(method)
         try:
             outcome = await self._run(inputs, output, truncate=truncate, direction=direction,
-                                      prompt_name=prompt_name,
-                                      client_inputs=client_inputs or len(inputs))
+                                      prompt_name=prompt_name, client_inputs=client_inputs)
         except EmbedServeError as exc:
             self.metrics.failed_with(exc.error_type)
             raise

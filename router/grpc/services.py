@@ -166,7 +166,8 @@ class RerankServicer(_Servicer, services.RerankServicer):
         async def noting(requests: AsyncIterator[pb.RerankStreamRequest]):
             nonlocal kept
             async for request in requests:
-                first[:] = first or [request]
+                if not first:
+                    first.append(request)
                 if first[0].return_text:
                     # The texts come back in the answer: bounded as one /rerank body is.
                     kept += len(request.text.encode())
