@@ -27,15 +27,22 @@ from typing import TYPE_CHECKING
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROTO = PACKAGE_DIR / "tei.proto"
-# The directory holding the `router` package: protoc names the modules after the .proto's path
-# below it, so the generated code imports `router.grpc.tei_pb2` as a package module.
-ROOT = PACKAGE_DIR.parents[1]
 GENERATED = ("tei_pb2.py", "tei_pb2_grpc.py", "tei_pb2.pyi")
+# protoc names the descriptor after the .proto's path below its include root. With the package
+# directory as that root, the descriptor is `tei.proto` as in TEI, so reflection clients asking
+# for the file by name (`file_by_filename("tei.proto")`) find it; the price is that the service
+# module imports the message module as a top-level `tei_pb2`, rewritten to the package's.
+FLAT_IMPORT = "import tei_pb2 as tei__pb2"
+PACKAGE_IMPORT = "from router.grpc import tei_pb2 as tei__pb2"
 STAMP = PACKAGE_DIR / "tei_pb2.sha256"
 
 
+# Part of the stamp: changing how the stubs are generated makes existing ones stale too.
+GENERATION = b"include-root: package directory"
+
+
 def _proto_hash() -> str:
-    return hashlib.sha256(PROTO.read_bytes()).hexdigest()
+    return hashlib.sha256(PROTO.read_bytes() + GENERATION).hexdigest()
 
 
 def stubs_fresh() -> bool:
@@ -50,15 +57,19 @@ def generate() -> None:
     wanted = _proto_hash()
     scratch = Path(tempfile.mkdtemp(prefix=".protoc-", dir=PACKAGE_DIR))
     try:
-        command = [sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT}",
+        command = [sys.executable, "-m", "grpc_tools.protoc", f"-I{PACKAGE_DIR}",
                    f"--python_out={scratch}", f"--pyi_out={scratch}",
                    f"--grpc_python_out={scratch}", str(PROTO)]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise RuntimeError(f"protoc failed on {PROTO}:\n{result.stderr}")
-        made = scratch / PROTO.parent.relative_to(ROOT)
+        services = scratch / "tei_pb2_grpc.py"
+        code = services.read_text()
+        if FLAT_IMPORT not in code:
+            raise RuntimeError(f"protoc's {services.name} no longer has `{FLAT_IMPORT}`")
+        services.write_text(code.replace(FLAT_IMPORT, PACKAGE_IMPORT))
         for name in GENERATED:
-            os.replace(made / name, PACKAGE_DIR / name)
+            os.replace(scratch / name, PACKAGE_DIR / name)
         stamp = scratch / STAMP.name
         stamp.write_text(wanted + "\n")
         os.replace(stamp, STAMP)  # last: the stamp vouches for the files before it

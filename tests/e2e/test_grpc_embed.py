@@ -13,6 +13,7 @@ import grpc
 import httpx
 import numpy as np
 import pytest
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health_pb2_grpc import HealthStub as grpc_health_stub
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -80,6 +81,11 @@ def test_reflection_lists_the_services(embedder) -> None:
     [found] = stub.ServerReflectionInfo(iter([
         reflection_pb2.ServerReflectionRequest(file_containing_symbol="tei.v1.EmbedRequest")]))
     assert found.file_descriptor_response.file_descriptor_proto  # the .proto, for grpcurl
+    # TEI's descriptor is named `tei.proto`; clients may ask for the file by that name.
+    [by_name] = stub.ServerReflectionInfo(iter([
+        reflection_pb2.ServerReflectionRequest(file_by_filename="tei.proto")]))
+    [proto] = by_name.file_descriptor_response.file_descriptor_proto
+    assert descriptor_pb2.FileDescriptorProto.FromString(proto).package == "tei.v1"
 
 
 def test_reflection_v1_answers_as_v1alpha(embedder) -> None:
