@@ -30,7 +30,7 @@ def as_input_list(inputs: str | list) -> list[str | list[int]]:
     if isinstance(inputs, str):
         return [inputs]
     if not inputs:
-        raise empty("`inputs` cannot be empty")
+        raise empty("Input validation error: `inputs` cannot be empty")
     if all(isinstance(x, int) for x in inputs):
         return [inputs]
     if any(isinstance(x, int) for x in inputs):
@@ -50,7 +50,7 @@ def as_predict_list(inputs: str | list) -> list[str | Pair]:
     if isinstance(inputs, str):
         return [inputs]
     if not inputs:
-        raise empty("`inputs` cannot be empty")
+        raise empty("Input validation error: `inputs` cannot be empty")
     if all(isinstance(x, str) for x in inputs):
         return [_sequence(inputs)]
     if all(isinstance(x, list) for x in inputs):

@@ -147,7 +147,7 @@ async def embed_all(
 def _texts_to_tokenize(service: InferenceService, texts: list[str],
                        prompt_name: str | None) -> list[str]:
     if not texts or any(not text for text in texts):
-        raise empty("`inputs` cannot be empty")
+        raise empty("Input validation error: `inputs` cannot be empty")
     check_batch_size(len(texts), service.rules)
     check_characters(texts, service.rules)
     prompt = resolve_prompt(prompt_name, service.rules)
@@ -180,7 +180,7 @@ async def decode(
     vocab = service.rules.vocab_size
     for ids in batch:
         if not ids:
-            raise empty("`ids` cannot be empty")
+            raise empty("Input validation error: `input_ids` cannot be empty")
         bad = next((t for t in ids if t < 0 or t >= vocab), None)
         if bad is not None:
             raise validation(f"token id {bad} is out of range; the model's vocabulary has "

@@ -85,7 +85,8 @@ class SimilarityParameters(msgspec.Struct, kw_only=True):
 
 class SimilarityRequest(msgspec.Struct, kw_only=True):
     inputs: SimilarityInputs
-    parameters: SimilarityParameters = msgspec.field(default_factory=SimilarityParameters)
+    # TEI reads a null `parameters` as the defaults.
+    parameters: SimilarityParameters | None = None
 
 
 class TokenizeRequest(msgspec.Struct, kw_only=True):

@@ -11,12 +11,13 @@ from starlette.responses import Response
 
 from router import operations
 from router.http import read_json, unless_disconnected
-from router.results import EmbedResult
+from router.results import EmbedResult, normalize_rows
 from router.routes import AppState, Endpoint, json_response, timing_headers
 from router.schemas import (
     DecodeRequest,
     EmbedRequest,
     Info,
+    SimilarityParameters,
     SimilarityRequest,
     TokenInfo,
     TokenizeRequest,
@@ -45,16 +46,18 @@ def routes(state: AppState) -> list[Endpoint]:
         if not body.inputs.sentences:
             with service.refusals_counted():
                 raise empty("`inputs.sentences` cannot be empty")
-        params = body.parameters
+        params = body.parameters or SimilarityParameters()
+        # Normalized here, not asked of /embed: TEI's /similarity serves SPLADE models too,
+        # whose vectors /embed refuses to normalize.
         result = await embed_result(request, EmbedRequest(
             inputs=[body.inputs.source_sentence, *body.inputs.sentences],
             truncate=params.truncate,
             truncation_direction=params.truncation_direction,
             prompt_name=params.prompt_name,
-            normalize=True,
+            normalize=False,
         ))
-        cosines = result.vectors[1:] @ result.vectors[0]
-        return json_response(np.clip(cosines, -1.0, 1.0),
+        vectors = normalize_rows(result.vectors)
+        return json_response(np.clip(vectors[1:] @ vectors[0], -1.0, 1.0),
                              timing_headers(result.timings, started, state.compute_type))
 
     async def tokenize(request: Request) -> Response:
@@ -70,7 +73,7 @@ def routes(state: AppState) -> list[Endpoint]:
         body = await read_json(request, DecodeRequest, limit)
         ids = body.ids
         if not ids:
-            raise empty("`ids` cannot be empty")
+            raise empty("Input validation error: `input_ids` cannot be empty")
         batch = [ids] if all(isinstance(i, int) for i in ids) else ids
         if not all(isinstance(item, list) for item in batch):
             raise validation("`ids` must be a list of token ids or a list of such lists")

@@ -213,6 +213,12 @@ def test_embed_sparse_on_tiny_masked_lm(tmp_path: Path) -> None:
             assert len(row) == vocab_size
             assert {i: v for i, v in enumerate(row) if v} == {
                 e["index"]: e["value"] for e in entries}
+        # /similarity is served, as TEI serves it: the cosines of those vectors.
+        similarity = srv.client.post("/similarity", json={
+            "inputs": {"source_sentence": TEXTS[0], "sentences": TEXTS[1:]}})
+        assert similarity.status_code == 200, similarity.text
+        unit = np.asarray(dense.json()) / np.linalg.norm(dense.json(), axis=1, keepdims=True)
+        np.testing.assert_allclose(similarity.json(), unit[1:] @ unit[0], atol=1e-6)
         for route, body, message in [
             ("/embed", {"inputs": "hi"}, "`normalize` is not available for SPLADE models"),
             ("/v1/embeddings", {"input": "hi"}, "`normalize` is not available for SPLADE"),

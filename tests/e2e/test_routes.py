@@ -23,6 +23,9 @@ def test_similarity_equals_sentence_transformers(server, st_minilm):
     assert response.headers["x-compute-tokens"]
     with_params = {**body, "parameters": {"prompt_name": "query", "truncate": True}}
     assert not np.allclose(ok(server.client.post("/similarity", json=with_params)), ours)
+    # TEI reads a null `parameters` as the defaults.
+    null_params = ok(server.client.post("/similarity", json={**body, "parameters": None}))
+    np.testing.assert_array_equal(null_params, ours)
 
 
 def test_similarity_errors(server):
@@ -68,7 +71,10 @@ def test_decode(server, st_minilm):
     assert both == ["[CLS] hello world [SEP]", "[CLS] hello"]
     bad = server.client.post("/decode", json={"ids": [1, 10**6]})
     assert bad.status_code == 422 and bad.json()["error_type"] == "Validation"
-    assert server.client.post("/decode", json={"ids": []}).status_code == 400
+    for nothing in ([], [[]]):
+        refused = server.client.post("/decode", json={"ids": nothing})
+        assert refused.status_code == 400
+        assert refused.json()["error"] == "Input validation error: `input_ids` cannot be empty"
 
 
 def test_any_origin_is_allowed_without_cors_allow_origin(server):

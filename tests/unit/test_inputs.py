@@ -89,7 +89,9 @@ def test_as_input_list(inputs: Any, expected: list) -> None:
 
 
 def test_as_input_list_empty_list() -> None:
-    assert error_of(as_input_list, []).error_type is ErrorType.EMPTY
+    refused = error_of(as_input_list, [])
+    assert refused.error_type is ErrorType.EMPTY
+    assert str(refused) == "Input validation error: `inputs` cannot be empty"  # TEI's words
 
 
 @pytest.mark.parametrize("inputs", [[1, "a"], ["a", 1], [[1], 2]])
