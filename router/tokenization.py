@@ -12,10 +12,11 @@ import asyncio
 import logging
 import multiprocessing
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, NamedTuple, cast
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import msgspec
 import numpy as np
@@ -59,30 +60,27 @@ class Token(NamedTuple):
     stop: int | None
 
 
-def _load(tokenizer_path: str, lowercase: bool = False) -> None:
+def _load(tokenizer_path: str, lowercase: bool = False, model_type: str = "") -> str:
+    """Load this process's tokenizer; returns what tokenizer_config.json changed ("" if
+    nothing), for the router to log once (see router.tokenizer_config)."""
     global _tokenizer
     # One core per process: rayon threads inside each of N processes would oversubscribe.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from tokenizers import Tokenizer, normalizers
+    from tokenizers import Tokenizer
+
+    from router.tokenizer_config import configure
 
     _tokenizer = Tokenizer.from_file(tokenizer_path)
     _tokenizer.no_padding()
     _tokenizer.no_truncation()
-    normalizer = _tokenizer.normalizer
-    # (tokenizers' stubs do not declare a Sequence iterable; it is)
-    steps = (list(cast(Iterable, normalizer)) if isinstance(normalizer, normalizers.Sequence)
-             else [normalizer])
-    if lowercase and not any(isinstance(step, normalizers.Lowercase) for step in steps):
-        # sentence_bert_config.json's do_lower_case, as sentence-transformers applies it: a
-        # Lowercase step before the tokenizer's own normalizer (offsets stay the input's).
-        _tokenizer.normalizer = normalizers.Sequence(
-            [normalizers.Lowercase(), *(step for step in steps if step is not None)])
+    return configure(_tokenizer, Path(tokenizer_path).parent, model_type, lowercase)
 
 
-def _init(tokenizer_path: str, lowercase: bool, parent_pid: int, json_logs: bool) -> None:
+def _init(tokenizer_path: str, lowercase: bool, model_type: str, parent_pid: int,
+          json_logs: bool) -> None:
     die_with_parent(parent_pid)
     setup_logging(json_logs, f"tokenizer-{os.getpid()}")
-    _load(tokenizer_path, lowercase)
+    _load(tokenizer_path, lowercase, model_type)
 
 
 def _encode(texts: list[str | tuple[str, str]], max_length: int | None,
@@ -218,9 +216,10 @@ class TokenizerPool:
     """A fixed pool of tokenizer processes (spawned: forking a uvloop process is unsafe)."""
 
     def __init__(self, tokenizer_path: str, processes: int, json_logs: bool = False,
-                 lowercase: bool = False) -> None:
+                 lowercase: bool = False, model_type: str = "") -> None:
         self._tokenizer_path = tokenizer_path
         self._lowercase = lowercase
+        self._model_type = model_type
         self._queued = 0  # characters (or ids) of the calls in the pool, running or waiting
         self._processes = processes
         self._json_logs = json_logs
@@ -231,13 +230,16 @@ class TokenizerPool:
             max_workers=self._processes,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init,
-            initargs=(self._tokenizer_path, self._lowercase, os.getpid(), self._json_logs),
+            initargs=(self._tokenizer_path, self._lowercase, self._model_type, os.getpid(),
+                      self._json_logs),
         )
 
     async def start(self) -> None:
         """Start every process now (and surface a broken tokenizer) instead of on first use."""
         # This process's copy, for short inputs (see `encode`).
-        _load(self._tokenizer_path, self._lowercase)
+        changed = _load(self._tokenizer_path, self._lowercase, self._model_type)
+        if changed:
+            log.info("tokenizer: %s (as transformers does, so sentence-transformers)", changed)
         loop = asyncio.get_running_loop()
         await asyncio.gather(
             *(loop.run_in_executor(self._executor, _ping) for _ in range(self._processes))

@@ -1,0 +1,152 @@
+"""tokenizer.json as transformers 5 (so sentence-transformers) actually runs it.
+
+transformers' AutoTokenizer does not take tokenizer.json as it is: for most tokenizer classes
+it keeps only the vocabulary (and merges) and rebuilds the normalizer and pre-tokenizer from
+the class's own template, filled in from tokenizer_config.json (its `do_lower_case`,
+`add_prefix_space`, ...). Where the two files disagree, ids from tokenizer.json alone (what TEI
+uses) differ from sentence-transformers'. This module applies the rebuilds that change ids for
+the families we serve; the other parts of those templates equal what real tokenizer.json files
+hold. (transformers 5.25: models/*/tokenization_*.py, and the class choice in
+models/auto/tokenization_auto.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, cast
+
+from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+
+log = logging.getLogger(__name__)
+
+# The tokenizer class transformers picks for a model type when tokenizer_config.json names none.
+_DEFAULT_CLASS = {
+    "bert": "BertTokenizer", "distilbert": "BertTokenizer", "nomic_bert": "BertTokenizer",
+    "mpnet": "MPNetTokenizer", "roberta": "RobertaTokenizer", "camembert": "CamembertTokenizer",
+    "xlm-roberta": "XLMRobertaTokenizer", "llama": "LlamaTokenizer",
+    "qwen2": "Qwen2Tokenizer", "qwen3": "Qwen2Tokenizer",
+}
+# Model types transformers loads with its generic backend, i.e. tokenizer.json as it is,
+# whatever class tokenizer_config.json names.
+_FILE_AS_IS = {"mistral", "modernbert"}
+
+
+def tokenizer_class(tokenizer_config: dict[str, Any], model_type: str) -> str:
+    """The class transformers 5 builds the tokenizer with, without its "Fast" suffix."""
+    if model_type in _FILE_AS_IS or "auto_map" in tokenizer_config:
+        return "TokenizersBackend"  # (a remote-code class is not rebuilt here)
+    name = tokenizer_config.get("tokenizer_class") or _DEFAULT_CLASS.get(model_type, "")
+    return str(name).removesuffix("Fast")
+
+
+def _steps(component: Any) -> list[Any]:
+    """The steps of a normalizer or pre-tokenizer: a Sequence's members, else itself."""
+    if component is None:
+        return []
+    if isinstance(component, (normalizers.Sequence, pre_tokenizers.Sequence)):
+        return list(cast(Iterable, component))  # (the stubs do not declare Sequence iterable)
+    return [component]
+
+
+def _token(tokenizer_config: dict[str, Any], key: str, default: str) -> str:
+    value = tokenizer_config.get(key) or default
+    return str(value["content"]) if isinstance(value, dict) else str(value)  # an AddedToken
+
+
+def _bert(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
+    # Note do_lower_case's default: True, so a cased tokenizer.json is lower-cased when
+    # tokenizer_config.json does not say do_lower_case false.
+    tokenizer.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=bool(cfg.get("tokenize_chinese_chars", True)),
+        strip_accents=cfg.get("strip_accents"), lowercase=bool(cfg.get("do_lower_case", True)))
+
+
+def _roberta(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
+    prefix = bool(cfg.get("add_prefix_space", False))
+    sep, cls = _token(cfg, "sep_token", "</s>"), _token(cfg, "cls_token", "<s>")
+    sep_id, cls_id = tokenizer.token_to_id(sep), tokenizer.token_to_id(cls)
+    tokenizer.normalizer = None  # (the template has none)
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix)
+    if sep_id is None or cls_id is None:
+        return  # not a RoBERTa vocabulary after all: keep the file's post-processor
+    # trim_offsets: whether a token's offsets leave out the space it starts with.
+    tokenizer.post_processor = processors.RobertaProcessing(
+        (sep, sep_id), (cls, cls_id), trim_offsets=bool(cfg.get("trim_offsets", True)),
+        add_prefix_space=prefix)
+
+
+def _xlm_roberta(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
+    # The template splits on every whitespace before the Metaspace step: a trailing space or
+    # newline gives no "▁" token of its own. Of the normalizer it keeps the sentencepiece
+    # character map only (the space-collapsing Replace after it is moot after that split).
+    scheme = "always" if cfg.get("add_prefix_space", True) else "never"
+    kept = [s for s in _steps(tokenizer.normalizer) if isinstance(s, normalizers.Precompiled)]
+    tokenizer.normalizer = kept[0] if kept else None
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme)])
+
+
+def _llama(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
+    if any(isinstance(s, pre_tokenizers.ByteLevel) for s in _steps(tokenizer.pre_tokenizer)):
+        return  # a Llama 3 style file: transformers loads it as it is
+    # sentencepiece style: the leading "▁" is not added to a text that starts with a space
+    # (tokenizer.json's Prepend normalizer adds it to every text).
+    scheme = "never"
+    if cfg.get("add_prefix_space", True) is not False:
+        scheme = "always" if cfg.get("legacy", False) else "first"
+    tokenizer.normalizer = None
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme=scheme, split=False)
+
+
+def _qwen2(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
+    # The template's byte-level step takes add_prefix_space from tokenizer_config.json.
+    prefix = bool(cfg.get("add_prefix_space") or False)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.ByteLevel(add_prefix_space=prefix, use_regex=False)
+        if isinstance(step, pre_tokenizers.ByteLevel) else step
+        for step in _steps(tokenizer.pre_tokenizer)])
+
+
+_REBUILDS = {
+    "BertTokenizer": _bert, "DistilBertTokenizer": _bert, "MPNetTokenizer": _bert,
+    "RobertaTokenizer": _roberta,
+    "XLMRobertaTokenizer": _xlm_roberta, "CamembertTokenizer": _xlm_roberta,
+    "LlamaTokenizer": _llama, "Qwen2Tokenizer": _qwen2,
+}
+
+
+def _pipeline(tokenizer: Tokenizer) -> list[bytes | None]:
+    """The parts a rebuild may change, serialized (to tell whether it changed any)."""
+    parts = (tokenizer.normalizer, tokenizer.pre_tokenizer, tokenizer.post_processor)
+    return [None if part is None else part.__getstate__() for part in parts]
+
+
+def _with_lowercase(tokenizer: Tokenizer) -> None:
+    """sentence_bert_config.json's do_lower_case, as sentence-transformers applies it: a
+    Lowercase step before the tokenizer's own normalizer (offsets stay the input's)."""
+    steps = _steps(tokenizer.normalizer)
+    if not any(isinstance(step, normalizers.Lowercase) for step in steps):
+        tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase(), *steps])
+
+
+def configure(tokenizer: Tokenizer, model_dir: Path, model_type: str, lowercase: bool) -> str:
+    """Make `tokenizer` (model_dir's tokenizer.json) tokenize as sentence-transformers does.
+    Returns what tokenizer_config.json changed ("" for nothing), for the log."""
+    cfg_path = model_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+    name = tokenizer_class(cfg, model_type)
+    rebuild = _REBUILDS.get(name)
+    changed = ""
+    if rebuild is not None:
+        before = _pipeline(tokenizer)
+        rebuild(tokenizer, cfg)
+        if _pipeline(tokenizer) != before:
+            changed = f"{name} rebuilds tokenizer.json's normalizer/pre-tokenizer from {cfg_path}"
+    if lowercase:
+        _with_lowercase(tokenizer)
+    return changed
