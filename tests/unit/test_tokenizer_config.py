@@ -1,0 +1,182 @@
+"""tokenizer_config.json's say over tokenizer.json, as transformers 5 (so sentence-transformers)
+applies it: tiny tokenizers whose two files disagree, tokenized by the router and by
+AutoTokenizer."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+from router import tokenization
+
+TEXTS = ["Hello World", "Héllo Café 中文", "  two  words \n", "hello"]
+WORDS = ["hello", "world", "Hello", "World", "two", "words", "café", "cafe", "Café", "héllo",
+         "Héllo", "中", "文", "中文"]
+FAIRSEQ = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+
+
+def _wordpiece(lowercase: bool) -> Tokenizer:
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return tok
+
+
+def _byte_level(prefix: bool) -> Tokenizer:
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {t: i for i, t in enumerate([*FAIRSEQ, *sorted(alphabet), "Ġh", "He"])}
+    tok = Tokenizer(models.BPE(vocab, [("Ġ", "h"), ("H", "e")], fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix)
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    return tok
+
+
+def _metaspace(sentencepiece: bool) -> Tokenizer:
+    pieces = ["▁", "▁Hello", "▁World", "▁two", "▁words", "▁hello", *"HeloWrdtwsCaféhl中文"]
+    if sentencepiece:  # XLM-R: Unigram, Precompiled-like normalizer, Metaspace pre-tokenizer
+        tok = Tokenizer(models.Unigram([(t, 0.0) for t in FAIRSEQ] + [(p, -1.0) for p in pieces],
+                                       unk_id=3))
+        tok.normalizer = normalizers.Sequence([normalizers.NFKC(),
+                                               normalizers.Replace(" ", " ")])
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+            special_tokens=[("<s>", 0), ("</s>", 2)])
+    else:  # Llama 2: BPE, Prepend + Replace normalizer
+        # (a real file holds all 256 <0x..> bytes: none is ever unknown)
+        vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "<0x0A>", *pieces])}
+        tok = Tokenizer(models.BPE(vocab, [], unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                               normalizers.Replace(" ", "▁")])
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    return tok
+
+
+def _qwen(prefix: bool) -> Tokenizer:
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(["<|endoftext|>", *alphabet])}, []))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(" ", "merged_with_next"),
+        pre_tokenizers.ByteLevel(add_prefix_space=prefix, use_regex=False)])
+    return tok
+
+
+BERT = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+        "mask_token": "[MASK]"}
+FS = dict(zip(["bos_token", "pad_token", "eos_token", "unk_token", "mask_token"], FAIRSEQ,
+              strict=True)) | {"sep_token": "</s>", "cls_token": "<s>"}
+# name: (model_type, tokenizer.json, tokenizer_config.json, whether the router's ids change)
+CASES: dict[str, tuple[str, Tokenizer, dict[str, Any], bool]] = {
+    # do_lower_case defaults to True: a cased tokenizer.json is lower-cased
+    "bert-no-do-lower-case": ("bert", _wordpiece(False), {"tokenizer_class": "BertTokenizer"}
+                              | BERT, True),
+    "bert-do-lower-case-false": ("bert", _wordpiece(True), {"do_lower_case": False} | BERT, True),
+    "bert-agree": ("bert", _wordpiece(False), {"do_lower_case": False} | BERT, False),
+    "bert-chinese-chars": ("bert", _wordpiece(True), {"tokenize_chinese_chars": False} | BERT,
+                           True),
+    "distilbert": ("distilbert", _wordpiece(False), {"tokenizer_class": "DistilBertTokenizerFast"}
+                   | BERT, True),
+    "nomic-bert": ("nomic_bert", _wordpiece(False), {"tokenizer_class": "BertTokenizer"} | BERT,
+                   True),
+    "generic-backend": ("bert", _wordpiece(False), {"tokenizer_class": "PreTrainedTokenizerFast"}
+                        | BERT, False),
+    "roberta-add-prefix-space": ("roberta", _byte_level(False), {"add_prefix_space": True} | FS,
+                                 True),
+    "roberta-trim-offsets": ("roberta", _byte_level(False), {"trim_offsets": False} | FS, False),
+    # a trailing whitespace gives no "▁" token of its own
+    "xlm-roberta": ("xlm-roberta", _metaspace(True), {"tokenizer_class": "XLMRobertaTokenizer"}
+                    | FS, True),
+    # no extra "▁" before a text that starts with a space
+    "llama": ("llama", _metaspace(False), {"tokenizer_class": "LlamaTokenizer", "legacy": False,
+                                           "bos_token": "<s>", "eos_token": "</s>"}, True),
+    "mistral-as-is": ("mistral", _metaspace(False), {"tokenizer_class": "LlamaTokenizer",
+                                                     "bos_token": "<s>"}, False),
+    "qwen3-add-prefix-space": ("qwen3", _qwen(False), {
+        "tokenizer_class": "Qwen2Tokenizer", "add_prefix_space": True,
+        "eos_token": "<|endoftext|>", "bos_token": None}, True),
+}
+
+
+def _write(root: Path, name: str) -> Path:
+    model_type, tok, tok_config, _ = CASES[name]
+    root.mkdir(parents=True, exist_ok=True)
+    tok.save(str(root / "tokenizer.json"))
+    (root / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    (root / "config.json").write_text(json.dumps({"model_type": model_type}))
+    return root
+
+
+def _ours(root: Path, model_type: str, lowercase: bool = False) -> list[tuple[list, list]]:
+    before = tokenization._tokenizer
+    try:
+        tokenization._load(str(root / "tokenizer.json"), lowercase, model_type)
+        tok = tokenization._tokenizer
+        assert tok is not None
+        pairs = [tok.encode(text) for text in TEXTS] + [tok.encode("Hello", "World")]
+        return [(e.ids, e.offsets) for e in pairs]
+    finally:
+        tokenization._tokenizer = before
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_ids_and_offsets_equal_transformers(tmp_path: Path, name: str) -> None:
+    transformers = pytest.importorskip("transformers")
+    root = _write(tmp_path, name)
+    hf = transformers.AutoTokenizer.from_pretrained(str(root))
+    expected = []
+    for args in [*([t] for t in TEXTS), ["Hello", "World"]]:
+        enc = hf(*args, return_offsets_mapping=True)
+        expected.append((enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]))
+    assert _ours(root, CASES[name][0]) == expected
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_only_a_disagreement_changes_ids(tmp_path: Path, name: str) -> None:
+    model_type, tok, _, changes = CASES[name]
+    tok.no_padding()
+    plain = [tok.encode(t).ids for t in TEXTS] + [tok.encode("Hello", "World").ids]
+    ids = [ids for ids, _ in _ours(_write(tmp_path, name), model_type)]
+    assert (ids != plain) is changes
+
+
+def test_cased_bert_without_do_lower_case_is_lower_cased(tmp_path: Path) -> None:
+    ids = _ours(_write(tmp_path, "bert-no-do-lower-case"), "bert")[0][0]
+    assert ids == [2, 5 + WORDS.index("hello"), 5 + WORDS.index("world"), 3]
+
+
+def test_sentence_bert_lowercase_still_applies(tmp_path: Path) -> None:
+    """sentence_bert_config.json's do_lower_case on top of a cased BertNormalizer."""
+    root = _write(tmp_path, "bert-agree")
+    assert _ours(root, "bert")[0][0] == [2, 5 + WORDS.index("Hello"), 5 + WORDS.index("World"), 3]
+    assert _ours(root, "bert", lowercase=True)[0][0] == [
+        2, 5 + WORDS.index("hello"), 5 + WORDS.index("world"), 3]
+
+
+@pytest.mark.parametrize(("name", "logged"), [("bert-no-do-lower-case", True),
+                                              ("bert-agree", False)])
+def test_override_is_logged_once(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                 name: str, logged: bool) -> None:
+    import asyncio
+
+    root = _write(tmp_path, name)
+    pool = tokenization.TokenizerPool(str(root / "tokenizer.json"), 1, model_type="bert")
+    before = tokenization._tokenizer
+    try:
+        with caplog.at_level(logging.INFO, logger="router.tokenization"):
+            asyncio.run(pool.start())
+    finally:
+        tokenization._tokenizer = before
+        pool._executor.shutdown(cancel_futures=True)
+    lines = [r.getMessage() for r in caplog.records if "tokenizer_config.json" in r.getMessage()]
+    assert len(lines) == (1 if logged else 0), lines
