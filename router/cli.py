@@ -8,20 +8,23 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from hypercorn.asyncio import serve
+from hypercorn.asyncio.run import worker_serve
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.utils import LifespanFailureError
+from hypercorn.config import Sockets
+from hypercorn.utils import LifespanFailureError, wrap_app
 from opentelemetry.trace import Tracer
-from starlette.applications import Starlette
+from starlette.types import ASGIApp
 
 from router import tasks
 from router.app import build_app, metrics_app
 from router.devices import cpu_threads_per_worker, tokenizer_processes, worker_devices
+from router.http import SEND_TIMEOUT_S, SendTimeout
 from router.inputs import InputRules, prompt_list
 from router.metrics import Metrics
 from router.routes import AppState
@@ -229,11 +232,13 @@ def _hypercorn(config: ServerConfig, port: int) -> HypercornConfig:
     return hyper
 
 
-async def _http_server(app: Starlette, hyper: HypercornConfig,
+async def _http_server(app: ASGIApp, hyper: HypercornConfig, sockets: Sockets,
                        shutdown_trigger: Callable[[], Awaitable[object]]) -> None:
+    """hypercorn's `serve`, on sockets bound by `_bind`."""
     # hypercorn types ASGI scopes and events as TypedDicts, Starlette as plain mappings: the
     # same protocol, which the type checker cannot see.
-    await serve(app, hyper, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
+    await worker_serve(wrap_app(app, hyper.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
+                       hyper, sockets=sockets, shutdown_trigger=shutdown_trigger)
 
 
 # After the drain, hypercorn gets at least this long to write the last answers and close.
@@ -275,16 +280,25 @@ async def _closed_within(serving: asyncio.Task, drained: asyncio.Event, seconds:
     serving.result()  # hypercorn's own failure, if any
 
 
-def _check_bindable(hyper: HypercornConfig, flag: str) -> None:
-    """Fail start-up at once, naming the flag, when its address cannot be bound (e.g. the port
-    is taken): hypercorn itself finds out only after starting its lifespan task, which then
-    outlives the failure and ends in a traceback at exit."""
+def _bind(hyper: HypercornConfig, flag: str) -> Sockets:
+    """The listening sockets, bound now: start-up fails at once, naming the flag, when the
+    address cannot be bound (e.g. the port is taken; hypercorn itself finds out only after
+    starting its lifespan task, which then outlives the failure and ends in a traceback at exit).
+
+    Where the system has TCP_USER_TIMEOUT (Linux), connections inherit it: one whose client
+    leaves sent data unacknowledged, or its receive window shut (it does not read), for
+    SEND_TIMEOUT_S is ended by the kernel, and hypercorn's buffered answer with it. hypercorn has
+    no write timeout: such a connection would otherwise hold its answer for ever."""
     try:
         sockets = hyper.create_sockets()
     except OSError as exc:
         raise ConfigError(f"{flag} {hyper.bind[0]}: {exc.strerror or exc}") from None
-    for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
-        sock.close()
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        for sock in sockets.insecure_sockets:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                                int(SEND_TIMEOUT_S * 1000))
+    return sockets
 
 
 async def _serve(state: AppState, tracer: Tracer | None) -> None:
@@ -296,8 +310,8 @@ async def _serve(state: AppState, tracer: Tracer | None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: a closed terminal
         loop.add_signal_handler(sig, stop.set)
     hyper = _hypercorn(config, config.port)
-    if not config.grpc:  # the gRPC server checks its own bind
-        _check_bindable(hyper, "--port")
+    # The gRPC server binds (and checks) its own port.
+    sockets = None if config.grpc else _bind(hyper, "--port")
     closed = asyncio.Event()
     metrics_server = None
     if config.grpc and config.prometheus_port is None:
@@ -305,10 +319,11 @@ async def _serve(state: AppState, tracer: Tracer | None) -> None:
                     "default; pass --prometheus-port")
     if config.prometheus_port is not None:
         metrics_hyper = _hypercorn(config, config.prometheus_port)
-        _check_bindable(metrics_hyper, "--prometheus-port")
+        metrics_sockets = _bind(metrics_hyper, "--prometheus-port")
         # /metrics alone, until the main server has closed.
         metrics_server = tasks.start_supervised(
-            _http_server(metrics_app(service.metrics), metrics_hyper, closed.wait),
+            _http_server(metrics_app(service.metrics), metrics_hyper, metrics_sockets,
+                         closed.wait),
             "the Prometheus server")
     # The port opens at once; until this is done, /health answers 503 and gRPC health
     # NOT_SERVING.
@@ -337,9 +352,10 @@ async def _serve(state: AppState, tracer: Tracer | None) -> None:
 
             await grpc_server.serve(state, until_stopped)
         else:
+            assert sockets is not None
             await _closed_within(
-                loop.create_task(_http_server(build_app(state, tracer=tracer), hyper,
-                                              until_stopped)),
+                loop.create_task(_http_server(SendTimeout(build_app(state, tracer=tracer)),
+                                              hyper, sockets, until_stopped)),
                 drained, max(config.shutdown_grace, _CLOSE_MIN_S))
     finally:
         closed.set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import re
 import time
 import uuid
@@ -22,6 +23,7 @@ from shared.errors import EmbedServeError, ErrorType
 
 T = TypeVar("T")
 access_log = logging.getLogger("embedserve.access")
+log = logging.getLogger(__name__)
 
 
 # A high surrogate escape not followed by a low one, or a low one not preceded by a high one.
@@ -32,6 +34,11 @@ _LONE_SURROGATE = re.compile(
 
 # Seconds a request body may take to arrive: a 2 MB body over a slow (1 Mbit/s) link takes 16.
 BODY_TIMEOUT_S = 60.0
+# Seconds an answer may go without progress because its client does not read it: each piece of
+# SEND_PIECE bytes must be taken within this (over a 1 Mbit/s link a piece takes 2 s); at the
+# socket, data unacknowledged this long ends the connection (TCP_USER_TIMEOUT, router/cli.py).
+SEND_TIMEOUT_S = 60.0
+SEND_PIECE = 256 * 1024
 
 
 async def read_json(request: Request, schema: type[T], limit: int) -> T:
@@ -109,6 +116,61 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         raise
     finally:
         watcher.cancel()
+
+
+class SendTimeout:
+    """Drop an answer its client stops taking: hypercorn has no write timeout, and a whole
+    answer (a /tokenize answer can be 65 MB) would stay in memory for as long as the client
+    keeps the connection open without reading, on HTTP/2 once per stream.
+
+    The body goes to the server in pieces, each within SEND_TIMEOUT_S; past it the rest is
+    dropped, so the app frees the answer and the server keeps at most a piece of it (on HTTP/1.1
+    the socket's own timeout then ends the connection; on HTTP/2, where only the stream's flow
+    control window is withheld, the connection lives on)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._dropped = 0
+        self._reported = -math.inf
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        dropped = False
+
+        async def send_in_pieces(message: Message) -> None:
+            nonlocal dropped
+            if dropped:
+                return
+            if message["type"] != "http.response.body":
+                await send(message)
+                return
+            body = message.get("body", b"")
+            more = message.get("more_body", False)
+            # Cut as sent, not all at once: one answer is held once, plus a piece.
+            for at in range(0, max(len(body), 1), SEND_PIECE):
+                piece = message if len(body) <= SEND_PIECE else {
+                    "type": "http.response.body", "body": body[at:at + SEND_PIECE],
+                    "more_body": more or at + SEND_PIECE < len(body)}
+                try:
+                    async with asyncio.timeout(SEND_TIMEOUT_S):
+                        await send(piece)
+                except TimeoutError:
+                    dropped = True
+                    self._report()
+                    return
+
+        await self.app(scope, receive, send_in_pieces)
+
+    def _report(self) -> None:
+        """A warning a minute at most: a client that reads nothing may send many requests."""
+        self._dropped += 1
+        now = time.monotonic()
+        if now - self._reported >= 60:
+            log.warning("%d answer(s) dropped since the last such warning: their client took "
+                        "no more of it for %g s", self._dropped, SEND_TIMEOUT_S)
+            self._dropped, self._reported = 0, now
 
 
 _SAFE_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
