@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -380,6 +381,21 @@ def _check_grpc_installed(config: ServerConfig) -> None:
                           f"{exc}") from None
 
 
+def raise_open_files_limit() -> None:
+    """Raise the soft limit on open files to the hard one (as Go programs do; Rust's and
+    Python's do not): every connection is a file, and past the soft limit (1024 under systemd)
+    new clients are dropped at accept, with nothing logged."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:  # e.g. a hard limit of infinity the kernel refuses
+        log.debug("open files: soft limit %d kept (%s)", soft, exc)
+        return
+    log.debug("open files: soft limit raised from %d to %d", soft, hard)
+
+
 def main(argv: list[str] | None = None) -> int:
     prog = Path(sys.argv[0]).name or "embedserve"
     try:
@@ -394,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     if (unknown := unknown_log_level()) is not None:  # said once, by the router
         log.warning("LOG_LEVEL=%r names no level (error, warn, info, debug, trace): logging at "
                     "info", unknown)
+    raise_open_files_limit()
     try:
         import uvloop
 

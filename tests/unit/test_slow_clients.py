@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
 import socket
 import time
 
@@ -113,3 +114,14 @@ def test_http2_stream_of_a_client_that_does_not_read_is_dropped() -> None:
     # The app was let go (its answer freed) once the stream made no progress for the timeout.
     assert finished and finished[0] - started < TIMEOUT_S * 4
 
+
+def test_the_open_files_soft_limit_is_raised_to_the_hard_one() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard < 64:
+        pytest.skip("needs a finite hard limit")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard // 2, hard))
+    try:
+        cli.raise_open_files_limit()
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
