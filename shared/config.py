@@ -150,6 +150,10 @@ class ServerConfig:
     grpc: bool = field(default=False, metadata=_opt(
         "Serve TEI's gRPC API (package tei.v1, with health and reflection) on the port instead "
         "of HTTP. Needs the grpc extra.", env="GRPC", type=_bool, switch=True))
+    grpc_max_parallel_stream_requests: int | None = field(default=None, metadata=_opt(
+        "Most messages of one gRPC stream worked on, or answered and waiting for the client to "
+        "read them (TEI's variable). Default: --max-concurrent-requests.",
+        env="GRPC_MAX_PARALLEL_STREAM_REQUESTS", type=int))
     task: str | None = field(default=None, metadata=_opt(
         "What `POST /` and `/invocations` do for an embedding model (Hugging Face Inference "
         "Endpoints set TASK): sentence-similarity routes them to /similarity, anything else "
@@ -197,6 +201,9 @@ class ServerConfig:
                      "payload_limit"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
+        if (self.grpc_max_parallel_stream_requests is not None
+                and self.grpc_max_parallel_stream_requests <= 0):
+            raise ConfigError("--grpc-max-parallel-stream-requests must be > 0")
         if self.max_batch_requests is not None and self.max_batch_requests <= 0:
             raise ConfigError("--max-batch-requests must be > 0")
         if self.worker_threads is not None and self.worker_threads <= 0:

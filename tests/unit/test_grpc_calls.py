@@ -185,3 +185,35 @@ def test_health_follows_what_each_service_needs(started: bool, ready: bool, drai
     assert checks[""]() is server_up
     assert [checks[name]() for name in ("tei.v1.Predict", "tei.v1.Rerank")] == [model_up] * 2
     assert checks["tei.v1.Tokenize"]() is not draining  # before the workers, and through
+
+
+def test_a_stream_not_read_keeps_at_most_its_window_of_answers() -> None:
+    """Answers wait in the stream until the client reads them: the servicer's window
+    (--grpc-max-parallel-stream-requests, else --max-concurrent-requests) bounds them."""
+    from router.grpc.services import _Servicer
+    from shared.config import parse_config
+
+    def window(*argv: str) -> int:
+        state = SimpleNamespace(config=parse_config(list(argv), {}), service=None, model=None)
+        return _Servicer(state).stream_parallelism  # type: ignore[arg-type]
+
+    assert window() == 512
+    assert window("--grpc-max-parallel-stream-requests", "16") == 16
+    assert window("--grpc-max-parallel-stream-requests", "4096") == 512
+    assert window("--max-concurrent-requests", "8") == 8
+
+    answered = 0
+
+    async def answer(n: int) -> int:
+        nonlocal answered
+        answered += 1
+        return n
+
+    async def main() -> None:
+        replies = in_order(_requests(list(range(100))), answer, 16)
+        await replies.__anext__()  # the client reads one answer, then nothing
+        await asyncio.sleep(0.1)
+        await replies.aclose()
+
+    run(main())
+    assert answered <= 16 + 1
