@@ -20,6 +20,8 @@ from typing import Any, cast
 
 from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 
+from shared.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 # The tokenizer class transformers picks for a model type when tokenizer_config.json names none.
@@ -104,12 +106,14 @@ def _llama(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
 
 
 def _qwen2(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
-    # The template's byte-level step takes add_prefix_space from tokenizer_config.json.
-    prefix = bool(cfg.get("add_prefix_space") or False)
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.ByteLevel(add_prefix_space=prefix, use_regex=False)
-        if isinstance(step, pre_tokenizers.ByteLevel) else step
-        for step in _steps(tokenizer.pre_tokenizer)])
+    # The template's byte-level step takes add_prefix_space from tokenizer_config.json; the
+    # rest of it (Qwen's Split, then bytes without ByteLevel's own regex) is what real files
+    # hold, and is kept as the file has it (a file without the Split still splits into words).
+    pre = tokenizer.pre_tokenizer
+    for step in _steps(pre):
+        if isinstance(step, pre_tokenizers.ByteLevel):
+            step.add_prefix_space = bool(cfg.get("add_prefix_space") or False)
+    tokenizer.pre_tokenizer = pre
 
 
 _REBUILDS = {
@@ -134,11 +138,23 @@ def _with_lowercase(tokenizer: Tokenizer) -> None:
         tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase(), *steps])
 
 
+def _read_config(path: Path) -> dict[str, Any]:
+    """tokenizer_config.json, or a start-up error naming it (transformers refuses such a file
+    too; a bare JSONDecodeError from the tokenizer pool would name neither file nor model)."""
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # (UnicodeDecodeError is a ValueError)
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: a JSON object was expected, not {type(cfg).__name__}")
+    return cfg
+
+
 def configure(tokenizer: Tokenizer, model_dir: Path, model_type: str, lowercase: bool) -> str:
     """Make `tokenizer` (model_dir's tokenizer.json) tokenize as sentence-transformers does.
     Returns what tokenizer_config.json changed ("" for nothing), for the log."""
     cfg_path = model_dir / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+    cfg = _read_config(cfg_path) if cfg_path.is_file() else {}
     name = tokenizer_class(cfg, model_type)
     rebuild = _REBUILDS.get(name)
     changed = ""

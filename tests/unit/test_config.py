@@ -161,6 +161,7 @@ def test_default_prompt_and_name_are_exclusive() -> None:
         ["--payload-limit", "0"],
         ["--max-batch-requests", "0"],
         ["--tokenization-workers", "0"],
+        ["--grpc-max-parallel-stream-requests", "0"],
     ],
 )
 def test_non_positive_limits_are_refused(argv: list[str]) -> None:
@@ -288,3 +289,10 @@ def test_prometheus_port_must_differ_from_the_api_port() -> None:
 def test_otlp_endpoint_must_be_a_url(endpoint: str) -> None:
     with pytest.raises(ConfigError, match="--otlp-endpoint"):
         parse("--otlp-endpoint", endpoint)
+
+
+def test_grpc_max_parallel_stream_requests_from_teis_variable() -> None:
+    assert parse().grpc_max_parallel_stream_requests is None
+    assert parse(GRPC_MAX_PARALLEL_STREAM_REQUESTS="16").grpc_max_parallel_stream_requests == 16
+    with pytest.raises(ConfigError, match="--grpc-max-parallel-stream-requests"):
+        parse(GRPC_MAX_PARALLEL_STREAM_REQUESTS="-3")

@@ -125,3 +125,76 @@ def test_the_open_files_soft_limit_is_raised_to_the_hard_one() -> None:
         assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_main_raises_the_open_files_limit_before_serving(monkeypatch: pytest.MonkeyPatch) -> None:
+    order: list[str] = []
+
+    async def serve(config) -> None:
+        order.append("serve")
+
+    monkeypatch.setattr(cli, "raise_open_files_limit", lambda: order.append("limit"))
+    monkeypatch.setattr(cli, "run", serve)
+    monkeypatch.setattr(cli, "setup_logging", lambda *args, **kwargs: None)
+    assert cli.main(["--model-id", "unused", "--port", "0"]) == 0
+    assert order == ["limit", "serve"]
+
+
+def test_after_a_timed_out_piece_nothing_more_is_sent() -> None:
+    sent: list[dict] = []
+
+    async def stuck(message) -> None:
+        if message["type"] == "http.response.body" and message["body"]:
+            await asyncio.sleep(TIMEOUT_S * 10)  # the client takes nothing
+        sent.append(message)
+
+    async def app(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"x" * 10, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    asyncio.run(http.SendTimeout(app)({"type": "http"}, None, stuck))  # type: ignore[arg-type]
+    assert [m["type"] for m in sent] == ["http.response.start"]
+
+
+def test_an_answer_goes_to_the_server_in_pieces() -> None:
+    """One answer is held once plus a piece: a large body is cut, the pieces are whole and in
+    order, and the last one ends the answer only if the app's message did."""
+    sent: list[dict] = []
+
+    async def recorded(message) -> None:
+        sent.append(message)
+
+    body = bytes(range(256)) * (http.SEND_PIECE // 64)  # 4 pieces
+    messages = [{"type": "http.response.start", "status": 200, "headers": []},
+                {"type": "http.response.body", "body": body, "more_body": True},
+                {"type": "http.response.body", "body": b""}]
+
+    async def app(scope, receive, send) -> None:
+        for message in messages:
+            await send(message)
+
+    asyncio.run(http.SendTimeout(app)({"type": "http"}, None, recorded))  # type: ignore[arg-type]
+    bodies = [m for m in sent if m["type"] == "http.response.body"]
+    assert max(len(m["body"]) for m in bodies) <= http.SEND_PIECE
+    assert len(bodies) == 4 + 1
+    assert b"".join(m["body"] for m in bodies) == body
+    assert [m.get("more_body", False) for m in bodies] == [True] * 4 + [False]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_listening_sockets_carry_the_send_timeout(host: str) -> None:
+    """Connections accepted inherit TCP_USER_TIMEOUT from the listening socket, IPv6 too."""
+    if not hasattr(socket, "TCP_USER_TIMEOUT"):
+        pytest.skip("no TCP_USER_TIMEOUT on this system")
+    if ":" in host and not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    hyper = cli._hypercorn(cli.parse_config(["--hostname", host, "--port", "0"]), 0)
+    try:
+        sockets = cli._bind(hyper, "--port")
+    except cli.ConfigError as exc:
+        pytest.skip(f"{host}: {exc}")
+    for sock in sockets.insecure_sockets:
+        with sock:
+            timeout = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+            assert timeout == int(TIMEOUT_S * 1000)

@@ -85,6 +85,10 @@ CASES: dict[str, tuple[str, Tokenizer, dict[str, Any], bool]] = {
     "bert-agree": ("bert", _wordpiece(False), {"do_lower_case": False} | BERT, False),
     "bert-chinese-chars": ("bert", _wordpiece(True), {"tokenize_chinese_chars": False} | BERT,
                            True),
+    # a null class is the model type's (transformers saves null for some models)
+    "bert-class-null": ("bert", _wordpiece(False), {"tokenizer_class": None} | BERT, True),
+    # lower-cased, accents kept
+    "bert-strip-accents-false": ("bert", _wordpiece(True), {"strip_accents": False} | BERT, True),
     "distilbert": ("distilbert", _wordpiece(False), {"tokenizer_class": "DistilBertTokenizerFast"}
                    | BERT, True),
     "nomic-bert": ("nomic_bert", _wordpiece(False), {"tokenizer_class": "BertTokenizer"} | BERT,
@@ -94,6 +98,11 @@ CASES: dict[str, tuple[str, Tokenizer, dict[str, Any], bool]] = {
     "roberta-add-prefix-space": ("roberta", _byte_level(False), {"add_prefix_space": True} | FS,
                                  True),
     "roberta-trim-offsets": ("roberta", _byte_level(False), {"trim_offsets": False} | FS, False),
+    # special tokens as AddedToken objects, as transformers saves them
+    "roberta-added-token-dicts": ("roberta", _byte_level(False), {"trim_offsets": False} | {
+        key: {"__type": "AddedToken", "content": value, "lstrip": False, "normalized": True,
+              "rstrip": False, "single_word": False, "special": True}
+        for key, value in FS.items()}, False),
     # a trailing whitespace gives no "▁" token of its own
     "xlm-roberta": ("xlm-roberta", _metaspace(True), {"tokenizer_class": "XLMRobertaTokenizer"}
                     | FS, True),
@@ -180,3 +189,40 @@ def test_override_is_logged_once(tmp_path: Path, caplog: pytest.LogCaptureFixtur
         pool._executor.shutdown(cancel_futures=True)
     lines = [r.getMessage() for r in caplog.records if "tokenizer_config.json" in r.getMessage()]
     assert len(lines) == (1 if logged else 0), lines
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"\xff"])
+def test_an_unreadable_tokenizer_config_is_a_start_up_error_naming_it(
+        tmp_path: Path, content: bytes) -> None:
+    from shared.errors import ConfigError
+
+    root = _write(tmp_path, "bert-agree")
+    (root / "tokenizer_config.json").write_bytes(content)
+    with pytest.raises(ConfigError, match=r"tokenizer_config\.json"):
+        _ours(root, "bert")
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_llama_legacy_decides_the_marker_after_a_special_token(tmp_path: Path,
+                                                               legacy: bool) -> None:
+    """legacy: a "▁" also starts the text after a special token (prepend_scheme "always")."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import AddedToken
+
+    tok = _metaspace(False)
+    tok.add_special_tokens([AddedToken("</s>", special=True)])
+    tmp_path.mkdir(exist_ok=True)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "legacy": legacy, "bos_token": "<s>",
+        "eos_token": "</s>"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    before = tokenization._tokenizer
+    try:
+        tokenization._load(str(tmp_path / "tokenizer.json"), False, "llama")
+        tok = tokenization._tokenizer
+        assert tok is not None
+        assert tok.encode("Hello</s>World").ids == hf("Hello</s>World")["input_ids"]
+    finally:
+        tokenization._tokenizer = before
