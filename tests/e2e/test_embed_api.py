@@ -69,7 +69,11 @@ def test_error_responses_carry_request_id(server):
 
 @pytest.mark.parametrize("inputs", ["", [""], ["ok", ""], [], [[]]])
 def test_empty_inputs(server, inputs):
-    assert "cannot be empty" in error(post(server, {"inputs": inputs}), 400, "Empty")
+    message = "Input validation error: `inputs` cannot be empty"  # TEI's words
+    assert error(post(server, {"inputs": inputs}), 400, "Empty") == message
+    if inputs != [[]]:  # (not a /tokenize input: texts only)
+        tokenize = server.client.post("/tokenize", json={"inputs": inputs or ""})
+        assert error(tokenize, 400, "Empty") == message
 
 
 def test_batch_larger_than_max_client_batch_size(server):
