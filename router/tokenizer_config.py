@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 _DEFAULT_CLASS = {
     "bert": "BertTokenizer", "distilbert": "BertTokenizer", "nomic_bert": "BertTokenizer",
     "mpnet": "MPNetTokenizer", "roberta": "RobertaTokenizer", "camembert": "CamembertTokenizer",
-    "xlm-roberta": "XLMRobertaTokenizer", "llama": "LlamaTokenizer",
+    "xlm-roberta": "XLMRobertaTokenizer",  # (none for llama: the file is used as it is)
     "qwen2": "Qwen2Tokenizer", "qwen3": "Qwen2Tokenizer",
 }
 # Model types transformers loads with its generic backend, i.e. tokenizer.json as it is,

@@ -109,6 +109,9 @@ CASES: dict[str, tuple[str, Tokenizer, dict[str, Any], bool]] = {
     # no extra "▁" before a text that starts with a space
     "llama": ("llama", _metaspace(False), {"tokenizer_class": "LlamaTokenizer", "legacy": False,
                                            "bos_token": "<s>", "eos_token": "</s>"}, True),
+    # transformers registers no class for llama: without one named, the file as it is
+    "llama-no-class": ("llama", _metaspace(False), {"legacy": False, "bos_token": "<s>",
+                                                    "eos_token": "</s>"}, False),
     "mistral-as-is": ("mistral", _metaspace(False), {"tokenizer_class": "LlamaTokenizer",
                                                      "bos_token": "<s>"}, False),
     "qwen3-add-prefix-space": ("qwen3", _qwen(False), {
