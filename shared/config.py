@@ -108,8 +108,10 @@ class ServerConfig:
         "Dense module folder (relative to the model) to use instead of modules.json's.",
         env="DENSE_PATH"))
     hf_token: str | None = field(default=None, metadata=_opt(
-        "Hugging Face Hub token (--hf-api-token: TEI's older name).",
-        flags=("--hf-token", "--hf-api-token"), env=("HF_TOKEN", "HF_API_TOKEN")))
+        "Hugging Face Hub token (--hf-api-token: TEI's older name; HUGGING_FACE_HUB_TOKEN: "
+        "the Hub's older variable, read by TEI 0.x).",
+        flags=("--hf-token", "--hf-api-token"),
+        env=("HF_TOKEN", "HF_API_TOKEN", "HUGGING_FACE_HUB_TOKEN")))
     hostname: str = field(default="0.0.0.0", metadata=_opt(
         "Address to listen on.", env="HOSTNAME"))
     port: int = field(default=3000, metadata=_opt(

@@ -29,6 +29,7 @@ _NEEDED = [
     "*Dense*/config.json",
     "*Dense*/model.safetensors",
     "*Normalize*/config.json",
+    "rl_agent_config.json",  # (only to refuse such a model by name: shared/modelinfo.py)
 ]
 _SAFETENSORS = ["model.safetensors", "model-*.safetensors", "model.safetensors.index.json"]
 _TORCH_BIN = ["pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.json",

@@ -55,7 +55,7 @@ def test_empty_env_value_is_ignored() -> None:
     assert parse(PORT="").port == 3000
 
 
-@pytest.mark.parametrize("env", ["HF_TOKEN", "HF_API_TOKEN"])
+@pytest.mark.parametrize("env", ["HF_TOKEN", "HF_API_TOKEN", "HUGGING_FACE_HUB_TOKEN"])
 def test_hf_token_from_either_env(env: str) -> None:
     assert parse(**{env: "secret"}).hf_token == "secret"
 

@@ -225,6 +225,15 @@ def test_include_prompt_false_is_refused(tmp_path: Path, cfg: dict[str, Any]) ->
         load_model_info(root)
 
 
+def test_a_decision_model_is_refused_by_name(tmp_path: Path) -> None:
+    # TEI 1.9's /v1/decide models are ModernBERT encoders plus a head: not an embedding model.
+    root = model_dir(tmp_path, modules=STACK,
+                     files={"1_Pooling/config.json": classic_pooling("mean_tokens"),
+                            "rl_agent_config.json": {}})
+    with pytest.raises(ConfigError, match="decision model"):
+        load_model_info(root)
+
+
 def test_pooling_override(tmp_path: Path) -> None:
     root = model_dir(tmp_path, modules=STACK,
                      files={"1_Pooling/config.json": classic_pooling("mean_tokens")})
