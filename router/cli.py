@@ -112,7 +112,7 @@ def build_info(config: ServerConfig, model: ResolvedModel, info: ModelInfo, dtyp
         # Empty when an image was built without --build-arg GIT_SHA / DOCKER_LABEL: unknown.
         sha=os.environ.get("EMBEDSERVE_GIT_SHA") or None,
         docker_label=os.environ.get("DOCKER_LABEL") or None,
-        embedding_dimension=info.embedding_dim,
+        embedding_dimension=info.embedding_dim if info.kind == "embedding" else None,
         normalize_module=info.has_normalize,
         dense_modules=[Path(d.path).name for d in info.dense],
         prompts=info.prompts,

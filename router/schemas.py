@@ -64,7 +64,7 @@ class Info(msgspec.Struct):
     sha: str | None
     docker_label: str | None
     # new: facts TEI's /info leaves out
-    embedding_dimension: int
+    embedding_dimension: int | None  # (null for classifiers and re-rankers: nothing to embed)
     normalize_module: bool
     dense_modules: list[str]
     prompts: dict[str, str]

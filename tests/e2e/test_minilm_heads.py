@@ -67,6 +67,7 @@ def test_predict_pairs_and_raw_scores(classifier, minilm_classifier_dir):
     assert np.allclose([p["score"] for p in raw], np.sort(logits)[::-1], atol=1e-4)
     info = classifier.client.get("/info").json()
     assert info["model_type"]["classifier"]["id2label"] == {str(k): v for k, v in LABELS.items()}
+    assert info["embedding_dimension"] is None  # a classifier embeds nothing
 
 
 def test_rerank_equals_cross_encoder(cross_encoder, minilm_cross_encoder_dir):
