@@ -252,6 +252,10 @@ def load_model_info(
 ) -> ModelInfo:
     """Read a model directory. Raises ConfigError with a precise message on anything unusable."""
     root = Path(model_dir)
+    if (root / "rl_agent_config.json").is_file():
+        # (Laya keeps its encoder's config.json in a folder of its own: this comes first.)
+        raise ConfigError(f"{root}: a structured decision model (rl_agent_config.json, TEI's "
+                          "/v1/decide, e.g. Laya) is not supported")
     config = _read_json(root / "config.json")
     if not (root / "tokenizer.json").is_file():
         hint = ("; transformers writes one from the slow tokenizer's files: "
@@ -259,10 +263,6 @@ def load_model_info(
                 if (root / "tokenizer_config.json").is_file() else "")
         raise ConfigError(f"{root}: tokenizer.json not found (a fast tokenizer is required)"
                           f"{hint}")
-    if (root / "rl_agent_config.json").is_file():
-        # Served as a plain encoder it would answer /embed with vectors no one asked for.
-        raise ConfigError(f"{root}: a structured decision model (rl_agent_config.json, TEI's "
-                          "/v1/decide, e.g. Laya) is not supported")
     model_type = str(config.get("model_type", ""))
     position_offset = 0
     if model_type in POSITION_OFFSET_MODEL_TYPES:

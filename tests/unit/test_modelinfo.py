@@ -232,6 +232,10 @@ def test_a_decision_model_is_refused_by_name(tmp_path: Path) -> None:
                             "rl_agent_config.json": {}})
     with pytest.raises(ConfigError, match="decision model"):
         load_model_info(root)
+    # Laya's own layout: the encoder's config.json in encoder/, none at the top.
+    (root / "config.json").unlink()
+    with pytest.raises(ConfigError, match="decision model"):
+        load_model_info(root)
 
 
 def test_pooling_override(tmp_path: Path) -> None:
