@@ -111,6 +111,8 @@ def test_root_routes_by_model_kind(classifier, cross_encoder):
     assert predicted.status_code == 200 and predicted.json()[0]["label"] in LABELS.values()
     ranked = cross_encoder.client.post("/invocations", json={"query": QUERY, "texts": DOCS})
     assert ranked.status_code == 200 and len(ranked.json()) == len(DOCS)
+    # /info's embedding_dimension is null for a re-ranker too: it embeds nothing either.
+    assert cross_encoder.client.get("/info").json()["embedding_dimension"] is None
 
 
 def test_vertex_answers_each_instance_as_the_models_route(classifier, cross_encoder):

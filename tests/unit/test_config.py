@@ -64,6 +64,13 @@ def test_hf_token_prefers_hf_token() -> None:
     assert parse(HF_TOKEN="new", HF_API_TOKEN="old").hf_token == "new"
 
 
+@pytest.mark.parametrize("newer", ["HF_TOKEN", "HF_API_TOKEN"])
+def test_hugging_face_hub_token_is_the_last_resort(newer: str) -> None:
+    # The Hub's own order (HF_TOKEN before it): the variable TEI 0.x read never overrides one
+    # that a newer setup sets beside it.
+    assert parse(**{newer: "new", "HUGGING_FACE_HUB_TOKEN": "old"}).hf_token == "new"
+
+
 # Every flag of TEI 1.9's text-embeddings-router (router/src/main.rs), with a value it takes: a
 # TEI command line must start embedserve.
 TEI_FLAGS = {"--model-id": "org/model", "--revision": "main", "--tokenization-workers": "2",

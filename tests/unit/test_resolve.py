@@ -221,3 +221,23 @@ def test_transport_error_while_downloading_is_a_config_error(
     monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
     with pytest.raises(ConfigError, match=r"org/name.*_TransportError: connection reset"):
         resolve_model(ServerConfig(model_id="org/name", huggingface_hub_cache=str(tmp_path)))
+
+
+def test_a_decision_models_file_is_fetched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """rl_agent_config.json comes down with the model, so that load_model_info can refuse a
+    decision model by name (shared/modelinfo.py) instead of as a model without config.json."""
+    import huggingface_hub
+
+    asked: list[str] = []
+
+    def listing(*args: object, **kwargs: object) -> list[str]:
+        return ["rl_agent_config.json", "encoder/config.json", "encoder/model.safetensors"]
+
+    def download(*args: object, allow_patterns: list[str], **kwargs: object) -> str:
+        asked.extend(allow_patterns)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", listing)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    resolve_model(ServerConfig(model_id="org/laya", huggingface_hub_cache=str(tmp_path)))
+    assert "rl_agent_config.json" in asked
