@@ -6,26 +6,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import resource
 import shutil
 import signal
-import socket
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from hypercorn.asyncio.run import worker_serve
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.config import Sockets
-from hypercorn.utils import LifespanFailureError, wrap_app
 from opentelemetry.trace import Tracer
-from starlette.types import ASGIApp
 
 from router import tasks
 from router.app import build_app, metrics_app
 from router.devices import cpu_threads_per_worker, tokenizer_processes, worker_devices
-from router.http import SEND_TIMEOUT_S, SendTimeout
+from router.http import SendTimeout
+from router.http_server import (
+    CLOSE_MIN_S,
+    bind,
+    closed_within,
+    hypercorn_config,
+    raise_open_files_limit,
+    serve_app,
+)
 from router.inputs import InputRules, prompt_list
 from router.metrics import Metrics
 from router.routes import AppState
@@ -218,90 +218,6 @@ def socket_dir(uds_path: str) -> str:
                           "--uds-path to a path in a writable directory") from None
 
 
-def _hypercorn(config: ServerConfig, port: int) -> HypercornConfig:
-    hyper = HypercornConfig()
-    host = f"[{config.hostname}]" if ":" in config.hostname else config.hostname
-    hyper.bind = [f"{host}:{port}"]
-    hyper.accesslog = None
-    hyper.errorlog = logging.getLogger("hypercorn.error")  # our handlers, not a second one
-    hyper.graceful_timeout = config.shutdown_grace
-    # hypercorn closes a keep-alive connection after 1,000 requests by default; TEI does not,
-    # and clients that reuse connections would see it as a dropped connection.
-    hyper.keep_alive_max_requests = 2**31
-    # TEI sends no `server` header: nothing to tell a scanner, one header less to write.
-    hyper.include_server_header = False
-    return hyper
-
-
-async def _http_server(app: ASGIApp, hyper: HypercornConfig, sockets: Sockets,
-                       shutdown_trigger: Callable[[], Awaitable[object]]) -> None:
-    """hypercorn's `serve`, on sockets bound by `_bind`."""
-    # hypercorn types ASGI scopes and events as TypedDicts, Starlette as plain mappings: the
-    # same protocol, which the type checker cannot see.
-    await worker_serve(wrap_app(app, hyper.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
-                       hyper, sockets=sockets, shutdown_trigger=shutdown_trigger)
-
-
-# After the drain, hypercorn gets at least this long to write the last answers and close.
-_CLOSE_MIN_S = 1.0
-
-
-def _after_forced_close(loop: asyncio.AbstractEventLoop, context: dict) -> None:
-    """Once connections were closed by force, their tasks and hypercorn's end cancelled (or in
-    the InvalidStateError of a gather hypercorn no longer awaits, or its lifespan's failure to
-    shut down): expected, not errors."""
-    expected = (asyncio.CancelledError, asyncio.InvalidStateError, LifespanFailureError)
-    if isinstance(context.get("exception"), expected):
-        log.debug("after closing connections: %s", context.get("message"))
-        return
-    loop.default_exception_handler(context)
-
-
-async def _closed_within(serving: asyncio.Task, drained: asyncio.Event, seconds: float) -> None:
-    """Await the HTTP server; once drained, give it `seconds` to close its connections, then
-    cancel it. hypercorn waits for every open connection to close, so a client that never
-    reads its answer (a write that never completes) would otherwise keep the process alive."""
-    waiter = asyncio.ensure_future(drained.wait())
-    try:
-        await asyncio.wait({serving, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        if not serving.done():
-            await asyncio.wait({serving}, timeout=seconds)
-        if not serving.done():
-            log.warning("connections still open %g s after the drain: closing them", seconds)
-            asyncio.get_running_loop().set_exception_handler(_after_forced_close)
-            while not serving.done():  # hypercorn absorbs a first cancel in its task group
-                serving.cancel()
-                await asyncio.wait({serving}, timeout=0.1)
-            return
-    except BaseException:
-        serving.cancel()
-        raise
-    finally:
-        waiter.cancel()
-    serving.result()  # hypercorn's own failure, if any
-
-
-def _bind(hyper: HypercornConfig, flag: str) -> Sockets:
-    """The listening sockets, bound now: start-up fails at once, naming the flag, when the
-    address cannot be bound (e.g. the port is taken; hypercorn itself finds out only after
-    starting its lifespan task, which then outlives the failure and ends in a traceback at exit).
-
-    Where the system has TCP_USER_TIMEOUT (Linux), connections inherit it: one whose client
-    leaves sent data unacknowledged, or its receive window shut (it does not read), for
-    SEND_TIMEOUT_S is ended by the kernel, and hypercorn's buffered answer with it. hypercorn has
-    no write timeout: such a connection would otherwise hold its answer for ever."""
-    try:
-        sockets = hyper.create_sockets()
-    except OSError as exc:
-        raise ConfigError(f"{flag} {hyper.bind[0]}: {exc.strerror or exc}") from None
-    if hasattr(socket, "TCP_USER_TIMEOUT"):
-        for sock in sockets.insecure_sockets:
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
-                                int(SEND_TIMEOUT_S * 1000))
-    return sockets
-
-
 async def _serve(state: AppState, tracer: Tracer | None) -> None:
     """Open the port at once and start the service behind it; on SIGTERM/SIGINT refuse new
     requests, drain the ones in flight, then close. The same for HTTP and gRPC."""
@@ -310,20 +226,20 @@ async def _serve(state: AppState, tracer: Tracer | None) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: a closed terminal
         loop.add_signal_handler(sig, stop.set)
-    hyper = _hypercorn(config, config.port)
+    hyper = hypercorn_config(config, config.port)
     # The gRPC server binds (and checks) its own port.
-    sockets = None if config.grpc else _bind(hyper, "--port")
+    sockets = None if config.grpc else bind(hyper, "--port")
     closed = asyncio.Event()
     metrics_server = None
     if config.grpc and config.prometheus_port is None:
         log.warning("no /metrics is served: --port is 9000, where --grpc would serve it by "
                     "default; pass --prometheus-port")
     if config.prometheus_port is not None:
-        metrics_hyper = _hypercorn(config, config.prometheus_port)
-        metrics_sockets = _bind(metrics_hyper, "--prometheus-port")
+        metrics_hyper = hypercorn_config(config, config.prometheus_port)
+        metrics_sockets = bind(metrics_hyper, "--prometheus-port")
         # /metrics alone, until the main server has closed.
         metrics_server = tasks.start_supervised(
-            _http_server(metrics_app(service.metrics), metrics_hyper, metrics_sockets,
+            serve_app(metrics_app(service.metrics), metrics_hyper, metrics_sockets,
                          closed.wait),
             "the Prometheus server")
     # The port opens at once; until this is done, /health answers 503 and gRPC health
@@ -354,10 +270,10 @@ async def _serve(state: AppState, tracer: Tracer | None) -> None:
             await grpc_server.serve(state, until_stopped)
         else:
             assert sockets is not None
-            await _closed_within(
-                loop.create_task(_http_server(SendTimeout(build_app(state, tracer=tracer)),
+            await closed_within(
+                loop.create_task(serve_app(SendTimeout(build_app(state, tracer=tracer)),
                                               hyper, sockets, until_stopped)),
-                drained, max(config.shutdown_grace, _CLOSE_MIN_S))
+                drained, max(config.shutdown_grace, CLOSE_MIN_S))
     finally:
         closed.set()
         if metrics_server is not None:
@@ -379,21 +295,6 @@ def _check_grpc_installed(config: ServerConfig) -> None:
     except ImportError as exc:
         raise ConfigError(f"--grpc needs the grpc extra (pip install 'embedserve[grpc]'): "
                           f"{exc}") from None
-
-
-def raise_open_files_limit() -> None:
-    """Raise the soft limit on open files to the hard one (as Go programs do; Rust's and
-    Python's do not): every connection is a file, and past the soft limit (1024 under systemd)
-    new clients are dropped at accept, with nothing logged."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft >= hard:
-        return
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (ValueError, OSError) as exc:  # e.g. a hard limit of infinity the kernel refuses
-        log.debug("open files: soft limit %d kept (%s)", soft, exc)
-        return
-    log.debug("open files: soft limit raised from %d to %d", soft, hard)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,8 @@ _LONE_SURROGATE = re.compile(
 BODY_TIMEOUT_S = 60.0
 # Seconds an answer may go without progress because its client does not read it: each piece of
 # SEND_PIECE bytes must be taken within this (over a 1 Mbit/s link a piece takes 2 s); at the
-# socket, data unacknowledged this long ends the connection (TCP_USER_TIMEOUT, router/cli.py).
+# socket, data unacknowledged this long ends the connection (TCP_USER_TIMEOUT,
+# router/http_server.py).
 SEND_TIMEOUT_S = 60.0
 SEND_PIECE = 256 * 1024
 

@@ -13,7 +13,7 @@ import h2.config
 import h2.connection
 import pytest
 
-from router import cli, http
+from router import cli, http, http_server
 
 ANSWER = 20_000_000
 TIMEOUT_S = 1.0
@@ -32,11 +32,12 @@ def answered_app(finished: list[float]):
 
 async def serving(client, finished: list[float]) -> None:
     """Serve the app as the router does, run the blocking `client` against it, then stop."""
-    hyper = cli._hypercorn(cli.parse_config(["--hostname", "127.0.0.1", "--port", "0"]), 0)
-    sockets = cli._bind(hyper, "--port")
+    config = cli.parse_config(["--hostname", "127.0.0.1", "--port", "0"])
+    hyper = http_server.hypercorn_config(config, 0)
+    sockets = http_server.bind(hyper, "--port")
     port = sockets.insecure_sockets[0].getsockname()[1]
     stop = asyncio.Event()
-    server = asyncio.ensure_future(cli._http_server(
+    server = asyncio.ensure_future(http_server.serve_app(
         http.SendTimeout(answered_app(finished)), hyper, sockets, stop.wait))
     try:
         for _ in range(100):  # the socket listens once hypercorn's lifespan has started
@@ -57,7 +58,7 @@ async def serving(client, finished: list[float]) -> None:
 @pytest.fixture(autouse=True)
 def short_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(http, "SEND_TIMEOUT_S", TIMEOUT_S)
-    monkeypatch.setattr(cli, "SEND_TIMEOUT_S", TIMEOUT_S)
+    monkeypatch.setattr(http_server, "SEND_TIMEOUT_S", TIMEOUT_S)
 
 
 def unread_connection(port: int) -> socket.socket:
@@ -121,7 +122,7 @@ def test_the_open_files_soft_limit_is_raised_to_the_hard_one() -> None:
         pytest.skip("needs a finite hard limit")
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard // 2, hard))
     try:
-        cli.raise_open_files_limit()
+        http_server.raise_open_files_limit()
         assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
@@ -189,9 +190,9 @@ def test_listening_sockets_carry_the_send_timeout(host: str) -> None:
         pytest.skip("no TCP_USER_TIMEOUT on this system")
     if ":" in host and not socket.has_ipv6:
         pytest.skip("no IPv6")
-    hyper = cli._hypercorn(cli.parse_config(["--hostname", host, "--port", "0"]), 0)
+    hyper = http_server.hypercorn_config(cli.parse_config(["--hostname", host, "--port", "0"]), 0)
     try:
-        sockets = cli._bind(hyper, "--port")
+        sockets = http_server.bind(hyper, "--port")
     except cli.ConfigError as exc:
         pytest.skip(f"{host}: {exc}")
     for sock in sockets.insecure_sockets:
