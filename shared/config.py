@@ -199,19 +199,13 @@ class ServerConfig:
         env="SHUTDOWN_GRACE", type=float))
 
     def validate(self) -> None:
+        # Counts (None: unset, where a flag is optional).
         for name in ("max_concurrent_requests", "max_batch_tokens", "max_client_batch_size",
-                     "payload_limit"):
-            if getattr(self, name) <= 0:
+                     "payload_limit", "grpc_max_parallel_stream_requests",
+                     "max_batch_requests", "worker_threads", "workers_per_device"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
-        if (self.grpc_max_parallel_stream_requests is not None
-                and self.grpc_max_parallel_stream_requests <= 0):
-            raise ConfigError("--grpc-max-parallel-stream-requests must be > 0")
-        if self.max_batch_requests is not None and self.max_batch_requests <= 0:
-            raise ConfigError("--max-batch-requests must be > 0")
-        if self.worker_threads is not None and self.worker_threads <= 0:
-            raise ConfigError("--worker-threads must be > 0")
-        if self.workers_per_device <= 0:
-            raise ConfigError("--workers-per-device must be > 0")
         if self.worker_timeout <= 0 or self.worker_ready_timeout <= 0:
             raise ConfigError("--worker-timeout and --worker-ready-timeout must be > 0")
         if self.devices is not None:
