@@ -24,23 +24,34 @@ from shared.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# The tokenizer class transformers picks for a model type when tokenizer_config.json names none.
+# The tokenizer class transformers registers for a model type: the one it builds when neither
+# tokenizer_config.json nor config.json names one (none for llama: the file is used as it is).
 _DEFAULT_CLASS = {
     "bert": "BertTokenizer", "distilbert": "BertTokenizer", "nomic_bert": "BertTokenizer",
     "mpnet": "MPNetTokenizer", "roberta": "RobertaTokenizer", "camembert": "CamembertTokenizer",
-    "xlm-roberta": "XLMRobertaTokenizer",  # (none for llama: the file is used as it is)
+    "xlm-roberta": "XLMRobertaTokenizer", "gte": "XLMRobertaTokenizer",
     "qwen2": "Qwen2Tokenizer", "qwen3": "Qwen2Tokenizer",
 }
 # Model types transformers loads with its generic backend, i.e. tokenizer.json as it is,
-# whatever class tokenizer_config.json names.
+# whatever class the files name.
 _FILE_AS_IS = {"mistral", "modernbert"}
+# Model types whose named class transformers overrides with the registered one (Hub files of
+# such models are known to name a wrong class).
+_NAMED_CLASS_IGNORED = {"qwen2"}
 
 
-def tokenizer_class(tokenizer_config: dict[str, Any], model_type: str) -> str:
-    """The class transformers 5 builds the tokenizer with, without its "Fast" suffix."""
+def tokenizer_class(tokenizer_config: dict[str, Any], model_type: str,
+                    config_class: str | None = None) -> str:
+    """The class transformers 5 builds the tokenizer with, without its "Fast" suffix.
+
+    The class named by tokenizer_config.json, else by config.json (`config_class`), else the
+    one registered for the model type."""
     if model_type in _FILE_AS_IS or "auto_map" in tokenizer_config:
         return "TokenizersBackend"  # (a remote-code class is not rebuilt here)
-    name = tokenizer_config.get("tokenizer_class") or _DEFAULT_CLASS.get(model_type, "")
+    named = tokenizer_config.get("tokenizer_class") or config_class
+    if model_type in _NAMED_CLASS_IGNORED:
+        named = None
+    name = named or _DEFAULT_CLASS.get(model_type, "")
     return str(name).removesuffix("Fast")
 
 
@@ -139,7 +150,7 @@ def _with_lowercase(tokenizer: Tokenizer) -> None:
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    """tokenizer_config.json, or a start-up error naming it (transformers refuses such a file
+    """A JSON object from `path`, or a start-up error naming it (transformers refuses such a file
     too; a bare JSONDecodeError from the tokenizer pool would name neither file nor model)."""
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
@@ -155,7 +166,9 @@ def configure(tokenizer: Tokenizer, model_dir: Path, model_type: str, lowercase:
     Returns what tokenizer_config.json changed ("" for nothing), for the log."""
     cfg_path = model_dir / "tokenizer_config.json"
     cfg = _read_config(cfg_path) if cfg_path.is_file() else {}
-    name = tokenizer_class(cfg, model_type)
+    model_cfg_path = model_dir / "config.json"
+    model_cfg = _read_config(model_cfg_path) if model_cfg_path.is_file() else {}
+    name = tokenizer_class(cfg, model_type, model_cfg.get("tokenizer_class"))
     rebuild = _REBUILDS.get(name)
     changed = ""
     if rebuild is not None:

@@ -117,7 +117,23 @@ CASES: dict[str, tuple[str, Tokenizer, dict[str, Any], bool]] = {
     "qwen3-add-prefix-space": ("qwen3", _qwen(False), {
         "tokenizer_class": "Qwen2Tokenizer", "add_prefix_space": True,
         "eos_token": "<|endoftext|>", "bos_token": None}, True),
+    # qwen2's named class is overridden by the registered one
+    "qwen2-named-class-ignored": ("qwen2", _qwen(False), {
+        "tokenizer_class": "PreTrainedTokenizerFast", "add_prefix_space": True,
+        "eos_token": "<|endoftext|>", "bos_token": None}, True),
+    # transformers' own gte type registers XLM-R's class
+    "gte-no-class": ("gte", _metaspace(True), FS, True),
+    # config.json's tokenizer_class when tokenizer_config.json names none
+    "llama-class-in-config": ("llama", _metaspace(False), {"legacy": False, "bos_token": "<s>",
+                                                           "eos_token": "</s>"}, True),
+    "bert-generic-class-in-config": ("bert", _wordpiece(False), BERT, False),
+    "bert-tokenizer-config-class-first": ("bert", _wordpiece(False),
+                                          {"tokenizer_class": "BertTokenizer"} | BERT, True),
 }
+# config.json's tokenizer_class, where a case has one
+CONFIG_CLASS = {"llama-class-in-config": "LlamaTokenizer",
+                "bert-generic-class-in-config": "PreTrainedTokenizerFast",
+                "bert-tokenizer-config-class-first": "PreTrainedTokenizerFast"}
 
 
 def _write(root: Path, name: str) -> Path:
@@ -125,7 +141,10 @@ def _write(root: Path, name: str) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     tok.save(str(root / "tokenizer.json"))
     (root / "tokenizer_config.json").write_text(json.dumps(tok_config))
-    (root / "config.json").write_text(json.dumps({"model_type": model_type}))
+    config = {"model_type": model_type}
+    if name in CONFIG_CLASS:
+        config["tokenizer_class"] = CONFIG_CLASS[name]
+    (root / "config.json").write_text(json.dumps(config))
     return root
 
 
