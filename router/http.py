@@ -40,6 +40,8 @@ BODY_TIMEOUT_S = 60.0
 # router/http_server.py).
 SEND_TIMEOUT_S = 60.0
 SEND_PIECE = 256 * 1024
+# Seconds between warnings of dropped answers: a client that reads nothing may send many requests.
+DROP_REPORT_S = 60.0
 
 
 async def read_json(request: Request, schema: type[T], limit: int) -> T:
@@ -133,6 +135,7 @@ class SendTimeout:
         self.app = app
         self._dropped = 0
         self._reported = -math.inf
+        self._pending: asyncio.TimerHandle | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -165,13 +168,20 @@ class SendTimeout:
         await self.app(scope, receive, send_in_pieces)
 
     def _report(self) -> None:
-        """A warning a minute at most: a client that reads nothing may send many requests."""
+        """Count a drop; warn now, or at the end of the quiet interval if a warning went out
+        less than DROP_REPORT_S ago (so the last drops of a burst are told too)."""
         self._dropped += 1
-        now = time.monotonic()
-        if now - self._reported >= 60:
-            log.warning("%d answer(s) dropped since the last such warning: their client took "
-                        "no more of it for %g s", self._dropped, SEND_TIMEOUT_S)
-            self._dropped, self._reported = 0, now
+        wait = self._reported + DROP_REPORT_S - time.monotonic()
+        if wait <= 0:
+            self._warn()
+        elif self._pending is None:
+            self._pending = asyncio.get_running_loop().call_later(wait, self._warn)
+
+    def _warn(self) -> None:
+        self._pending = None
+        log.warning("%d answer(s) dropped since the last such warning: their client took no "
+                    "more of it for %g s", self._dropped, SEND_TIMEOUT_S)
+        self._dropped, self._reported = 0, time.monotonic()
 
 
 _SAFE_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")

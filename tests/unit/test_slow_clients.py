@@ -199,3 +199,23 @@ def test_listening_sockets_carry_the_send_timeout(host: str) -> None:
         with sock:
             timeout = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
             assert timeout == int(TIMEOUT_S * 1000)
+
+
+def test_drops_are_warned_at_most_once_an_interval_and_none_goes_untold(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(http, "DROP_REPORT_S", 0.3)
+
+    async def drops() -> list[str]:
+        timeout = http.SendTimeout(answered_app([]))
+        for _ in range(3):  # a burst: the first is told at once, the other two at the end of it
+            timeout._report()
+        await asyncio.sleep(0.2)
+        told = [r.getMessage() for r in caplog.records]
+        await asyncio.sleep(0.3)  # no drop comes after the burst
+        return told
+
+    with caplog.at_level("WARNING", logger="router.http"):
+        told_during_the_burst = asyncio.run(drops())
+    told = [r.getMessage() for r in caplog.records]
+    assert [m.split(" ")[0] for m in told_during_the_burst] == ["1"]
+    assert [m.split(" ")[0] for m in told] == ["1", "2"]
