@@ -50,10 +50,10 @@ async def rerank(
     `max_tokens`, each text is scored on its first `max_tokens` tokens only; with `max_chunks`
     above 1, a text too long to fit beside the query is scored in up to that many pieces, and
     its score is its best piece's (Cohere's `max_chunks_per_doc`)."""
-    service.require("reranker")
-    if not texts:
+    if not texts:  # (before the model kind, as TEI checks)
         with service.refusals_counted():
             raise empty(f"`{texts_name}` cannot be empty")
+    service.require("reranker")
     if max_tokens is not None and max_tokens < service.rules.max_input_length:
         # Cutting tokenizes every text: the request is first checked as `run` would check it,
         # and a refusal on the way counts as run's do.

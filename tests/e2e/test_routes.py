@@ -202,6 +202,12 @@ def test_routes_of_other_model_kinds_answer_424(server, path, body, message):
     assert response.json() == {"error": message, "error_type": "Backend"}
 
 
+def test_empty_texts_are_refused_before_the_model_kind_as_in_tei(server):
+    response = server.client.post("/rerank", json={"query": "q", "texts": []})
+    assert response.status_code == 400, response.text
+    assert response.json() == {"error": "`texts` cannot be empty", "error_type": "Empty"}
+
+
 def test_a_trailing_slash_is_a_json_404_not_a_redirect(server):
     response = server.client.post("/embed/", json={"inputs": "x"})
     assert response.status_code == 404
