@@ -233,13 +233,25 @@ def _model_kind(config: dict[str, Any]) -> tuple[ModelKind, dict[str, str]]:
 _SCORE_ACTIVATIONS = {"Sigmoid": "sigmoid", "Identity": "identity", "Softmax": "softmax"}
 
 
-def _activation(config: dict[str, Any], labels: int) -> Literal["sigmoid", "softmax", "identity"]:
-    st = config.get("sentence_transformers") or {}
-    path = st.get("activation_fn") or config.get("sbert_ce_default_activation_function")
-    if path:
+def _activation(config: dict[str, Any], labels: int,
+                st_config: dict[str, Any]) -> Literal["sigmoid", "softmax", "identity"]:
+    """sentence-transformers' CrossEncoder choice: config_sentence_transformers.json's
+    `activation_fn` (where v6 saves it; `st_config` is empty without modules.json, as it then
+    reads no such file), else config.json's (v4-v5, else its pre-v4 key), else sigmoid for one
+    label. Like it, a path outside torch is not trusted (it would be the repository's own
+    code): the next source decides."""
+    legacy = config.get("sbert_ce_default_activation_function")
+    for path in (st_config.get("activation_fn"),
+                 (config.get("sentence_transformers") or {}).get("activation_fn", legacy)):
+        if not path:
+            continue
+        if not str(path).startswith("torch."):
+            log.warning("score activation %r is not torch's: not run here, as "
+                        "sentence-transformers does not without trust_remote_code", path)
+            continue
         name = _SCORE_ACTIVATIONS.get(_module_kind(str(path)))
         if name is None:
-            raise ConfigError(f"config.json: score activation {path!r} is not supported "
+            raise ConfigError(f"score activation {path!r} is not supported "
                               f"(supported: {', '.join(_SCORE_ACTIVATIONS)})")
         return name  # type: ignore[return-value]
     return "sigmoid" if labels == 1 else "softmax"
@@ -366,7 +378,7 @@ def load_model_info(
     return ModelInfo(
         kind=kind,
         id2label=id2label,
-        activation=_activation(config, len(id2label)),
+        activation=_activation(config, len(id2label), st_config if modules else {}),
         model_dir=str(root),
         config=config,
         model_type=model_type,

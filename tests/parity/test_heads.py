@@ -188,3 +188,38 @@ def test_splade_needs_a_masked_lm(tmp_path: Path, classifier_dir: Path) -> None:
         build_head(load_model_info(plain, "splade"), torch.device("cpu"))
     with pytest.raises(ConfigError, match="classifier"):
         build_head(load_model_info(classifier_dir, "splade"), torch.device("cpu"))
+
+
+TORCH_ACT = "torch.nn.modules.activation."
+IDENTITY = "torch.nn.modules.linear.Identity"
+
+
+@pytest.mark.parametrize(("st_file", "config_json"), [
+    (None, {}),  # the default: sigmoid for one label
+    (IDENTITY, {}),  # where sentence-transformers 6 saves it
+    (None, {"sentence_transformers": {"activation_fn": IDENTITY}}),  # v4-v5
+    (None, {"sbert_ce_default_activation_function": IDENTITY}),  # before v4
+    (TORCH_ACT + "Sigmoid", {"sentence_transformers": {"activation_fn": IDENTITY}}),
+    ("custom_code.Identity", {"sentence_transformers": {"activation_fn": IDENTITY}}),
+    (None, {"sentence_transformers": {"activation_fn": "custom_code.Identity"},
+            "sbert_ce_default_activation_function": IDENTITY}),
+])
+def test_score_activation_is_the_one_cross_encoder_applies(
+        tmp_path: Path, st_file: str | None, config_json: dict) -> None:
+    import json
+
+    from sentence_transformers import CrossEncoder
+
+    root = make_tiny_classifier(tmp_path / "reranker", ["score"])
+    config = json.loads((root / "config.json").read_text()) | config_json
+    (root / "config.json").write_text(json.dumps(config))
+    if st_file is not None:
+        (root / "config_sentence_transformers.json").write_text(json.dumps(
+            {"model_type": "CrossEncoder", "activation_fn": st_file}))
+    for modules in (False, True):  # (without modules.json, that file is not read)
+        if modules:
+            (root / "modules.json").write_text(json.dumps([{
+                "idx": 0, "name": "0", "path": "",
+                "type": "sentence_transformers.base.modules.transformer.Transformer"}]))
+        theirs = type(CrossEncoder(str(root), device="cpu").activation_fn).__name__.lower()
+        assert load_model_info(root).activation == theirs, modules
