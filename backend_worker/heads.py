@@ -67,6 +67,9 @@ def build_head(info: ModelInfo, device: torch.device) -> Head | None:
     if info.splade and info.kind != "embedding":
         raise ConfigError(f"--pooling splade: {info.model_dir} is a {info.kind} "
                           f"({info.architectures}), served through its classification head")
+    if info.logit_score is not None:
+        raise ConfigError(f"{info.model_dir}: a LogitScore re-ranker (a causal LM scoring pairs "
+                          "by two next-token logits) is not served yet")
     family = _family(info)
     files = checkpoint_files(info.model_dir)
     config = info.config

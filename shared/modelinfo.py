@@ -15,6 +15,7 @@ from typing import Any, Literal
 import msgspec
 
 from shared.errors import ConfigError
+from shared.logit_score import LogitScore, parse_logit_score
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,8 @@ class ModelInfo(msgspec.Struct, frozen=True):
     # How scores are squashed unless a request asks for raw scores (sentence-transformers'
     # CrossEncoder rule): the config's activation, else sigmoid for one label, softmax for more.
     activation: Literal["sigmoid", "softmax", "identity"] = "softmax"
+    # A causal LM re-ranker: the pair's score is two of its next-token logits (LogitScore).
+    logit_score: LogitScore | None = None
 
     @property
     def splade(self) -> bool:
@@ -170,7 +173,7 @@ def parse_pooling_config(cfg: dict[str, Any], where: Path) -> str:
 
 
 # The order the worker computes a sentence-transformers pipeline in (Dense may repeat).
-_PIPELINE_ORDER = {"Transformer": 0, "Pooling": 1, "Dense": 2, "Normalize": 3}
+_PIPELINE_ORDER = {"Transformer": 0, "Pooling": 1, "Dense": 2, "Normalize": 3, "LogitScore": 4}
 
 
 def _on_sentence_embedding(cfg: dict[str, Any], module_dir: Path, kind: str) -> None:
@@ -288,6 +291,7 @@ def load_model_info(
     pooling: str | None = None
     dense: list[DenseSpec] = []
     has_normalize = False
+    logit_score: LogitScore | None = None
     previous = ""  # the module before, in the list's order (sentence-transformers ignores idx)
     for module in modules:
         kind = _builtin_module(root, str(module["type"]))
@@ -315,6 +319,11 @@ def load_model_info(
                 pooling = parse_pooling_config(_read_json(path / "config.json"), path)
         elif kind == "Dense":
             dense.append(parse_dense(path))
+        elif kind == "LogitScore":
+            if len(modules) != 2:
+                raise ConfigError(f"{root}/modules.json: LogitScore is supported only right "
+                                  "after the Transformer, as the last module")
+            logit_score = parse_logit_score(root, path, config)
         elif kind == "Normalize":
             # Its config.json (sentence-transformers 6 writes one) may aim it elsewhere.
             _on_sentence_embedding(_optional_json(path / "config.json") or {}, path, kind)
@@ -322,7 +331,7 @@ def load_model_info(
         else:
             raise ConfigError(
                 f"{root}/modules.json: module type {module['type']!r} is not supported "
-                "(supported: Transformer, Pooling, Dense, Normalize)"
+                "(supported: Transformer, Pooling, Dense, Normalize; LogitScore)"
             )
     if dense_path is not None:
         dense = [parse_dense(root / dense_path)]
@@ -330,7 +339,7 @@ def load_model_info(
         if pooling_override not in POOLINGS:
             raise ConfigError(f"--pooling {pooling_override!r}: choose one of {POOLINGS}")
         pooling = pooling_override
-    elif pooling is None and _model_kind(config)[0] != "embedding":
+    elif pooling is None and (_model_kind(config)[0] != "embedding" or logit_score is not None):
         # A classifier's head pools by itself and the worker offers it no pooled output; the
         # Engine's Pooler still needs a mode: CLS, as TEI serves every classifier.
         pooling = "cls"
@@ -374,9 +383,11 @@ def load_model_info(
             )
         expected_in = spec.out_features
 
-    kind, id2label = _model_kind(config)
+    model_kind, id2label = _model_kind(config)
+    if logit_score is not None:
+        model_kind, id2label = "reranker", {"0": "LABEL_0"}
     return ModelInfo(
-        kind=kind,
+        kind=model_kind,
         id2label=id2label,
         activation=_activation(config, len(id2label), st_config if modules else {}),
         model_dir=str(root),
@@ -393,4 +404,5 @@ def load_model_info(
         prompts=prompts,
         default_prompt_name=default_prompt_name,
         lowercase=lowercase,
+        logit_score=logit_score,
     )
