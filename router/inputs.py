@@ -187,12 +187,15 @@ async def tokenize_inputs(
             encoded[index] = _token_ids(item, truncate, direction, rules)
             continue
         item = _cut(item, char_limit, truncate, direction)
-        texts.append(item if prompt is None else prompt + item)
+        texts.append(item if prompt is None or tokenizers.conversations else prompt + item)
         text_slots.append(index)
     if texts:
         max_length = rules.max_input_length if truncate else None
-        for index, enc in zip(text_slots, await tokenizers.encode(texts, max_length, direction),
-                              strict=True):
+        # A model that takes conversations gets the prompt as their system message, pairs too
+        # (what sentence-transformers' CrossEncoder does with its default prompt).
+        system = prompt if tokenizers.conversations else None
+        encodings = await tokenizers.encode(texts, max_length, direction, system)
+        for index, enc in zip(text_slots, encodings, strict=True):
             if enc.ids.shape[0] > rules.max_input_length:
                 raise _too_long(enc.ids.shape[0], rules)
             encoded[index] = enc

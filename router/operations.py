@@ -60,6 +60,12 @@ async def rerank(
         with service.refusals_counted():
             check_batch_size(len(texts), service.rules)
             texts = await first_tokens(service, texts, max_tokens)
+    if max_chunks > 1 and service.tokenizers.conversations:
+        # Pieces are cut to fit beside the query in the tokenizer's pair encoding; a chat
+        # template's frame around them is another length.
+        with service.refusals_counted():
+            raise validation("`max_chunks_per_doc` is not supported for this model (its pairs "
+                             "are written through a chat template)")
     if max_chunks > 1:
         scored = await _rerank_pieces(service, model, query, texts, direction=direction,
                                       raw_scores=raw_scores, max_chunks=max_chunks)

@@ -21,15 +21,19 @@ from typing import Any, NamedTuple
 import msgspec
 import numpy as np
 
+from router.chat_template import ChatFormatter
 from router.schemas import TokenInfo
 from shared.errors import EmbedServeError, ErrorType, backend
+from shared.logit_score import LogitScore
 from shared.logs import setup_logging
 from shared.process import die_with_parent
 
 log = logging.getLogger(__name__)
 
-# Per-process state, set once by `_load`: each pool process's tokenizer, and the router's own.
+# Per-process state, set once by `_load`: each pool process's tokenizer, and the router's own;
+# for a LogitScore re-ranker that takes conversations, their formatter.
 _tokenizer = None
+_chat: ChatFormatter | None = None
 # Requests with at most this many characters are tokenized in the router process itself.
 INLINE_CHARACTERS = 512
 # A pool call still unanswered after this long means a wedged pool (a hung or stopped process):
@@ -60,10 +64,11 @@ class Token(NamedTuple):
     stop: int | None
 
 
-def _load(tokenizer_path: str, lowercase: bool = False, model_type: str = "") -> str:
+def _load(tokenizer_path: str, lowercase: bool = False, model_type: str = "",
+          logit_score: LogitScore | None = None) -> str:
     """Load this process's tokenizer; returns what tokenizer_config.json changed ("" if
     nothing), for the router to log once (see router.tokenizer_config)."""
-    global _tokenizer
+    global _tokenizer, _chat
     # One core per process: rayon threads inside each of N processes would oversubscribe.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from tokenizers import Tokenizer
@@ -73,26 +78,34 @@ def _load(tokenizer_path: str, lowercase: bool = False, model_type: str = "") ->
     _tokenizer = Tokenizer.from_file(tokenizer_path)
     _tokenizer.no_padding()
     _tokenizer.no_truncation()
-    return configure(_tokenizer, Path(tokenizer_path).parent, model_type, lowercase)
+    changed = configure(_tokenizer, Path(tokenizer_path).parent, model_type, lowercase)
+    _chat = (ChatFormatter(logit_score, _tokenizer)
+             if logit_score is not None and logit_score.chat_template is not None else None)
+    return changed
 
 
-def _init(tokenizer_path: str, lowercase: bool, model_type: str, parent_pid: int,
-          json_logs: bool) -> None:
+def _init(tokenizer_path: str, lowercase: bool, model_type: str,
+          logit_score: LogitScore | None, parent_pid: int, json_logs: bool) -> None:
     die_with_parent(parent_pid)
     setup_logging(json_logs, f"tokenizer-{os.getpid()}")
-    _load(tokenizer_path, lowercase, model_type)
+    _load(tokenizer_path, lowercase, model_type, logit_score)
 
 
 def _encode(texts: list[str | tuple[str, str]], max_length: int | None,
-            direction: str) -> Outcome:
+            direction: str, system: str | None = None) -> Outcome:
+    """Texts or pairs with special tokens (or, for a model that takes conversations, each as
+    its conversation after the `system` prompt)."""
     assert _tokenizer is not None, "pool process not initialised"
-    if max_length is None:
-        _tokenizer.no_truncation()
-    else:
-        _tokenizer.enable_truncation(max_length, direction=direction)
     try:
-        encodings = _tokenizer.encode_batch(texts, add_special_tokens=True)
-    except Exception as exc:  # the tokenizer's own failures are client-visible Tokenizer errors
+        if _chat is not None:
+            encodings = _chat.encode(texts, system, max_length, direction)
+        else:
+            if max_length is None:
+                _tokenizer.no_truncation()
+            else:
+                _tokenizer.enable_truncation(max_length, direction=direction)
+            encodings = _tokenizer.encode_batch(texts, add_special_tokens=True)
+    except Exception as exc:  # the tokenizer's (and the template's) failures are the client's
         return Outcome(None, str(exc))
     return Outcome([
         Encoded(np.asarray(e.ids, dtype=np.int32), np.asarray(e.type_ids, dtype=np.int32))
@@ -216,10 +229,14 @@ class TokenizerPool:
     """A fixed pool of tokenizer processes (spawned: forking a uvloop process is unsafe)."""
 
     def __init__(self, tokenizer_path: str, processes: int, json_logs: bool = False,
-                 lowercase: bool = False, model_type: str = "") -> None:
+                 lowercase: bool = False, model_type: str = "",
+                 logit_score: LogitScore | None = None) -> None:
         self._tokenizer_path = tokenizer_path
         self._lowercase = lowercase
         self._model_type = model_type
+        self._logit_score = logit_score
+        # Whether inputs are written as conversations (prompts become system messages).
+        self.conversations = logit_score is not None and logit_score.chat_template is not None
         self._queued = 0  # characters (or ids) of the calls in the pool, running or waiting
         self._processes = processes
         self._json_logs = json_logs
@@ -230,14 +247,15 @@ class TokenizerPool:
             max_workers=self._processes,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init,
-            initargs=(self._tokenizer_path, self._lowercase, self._model_type, os.getpid(),
-                      self._json_logs),
+            initargs=(self._tokenizer_path, self._lowercase, self._model_type,
+                      self._logit_score, os.getpid(), self._json_logs),
         )
 
     async def start(self) -> None:
         """Start every process now (and surface a broken tokenizer) instead of on first use."""
         # This process's copy, for short inputs (see `encode`).
-        changed = _load(self._tokenizer_path, self._lowercase, self._model_type)
+        changed = _load(self._tokenizer_path, self._lowercase, self._model_type,
+                        self._logit_score)
         if changed:
             log.info("tokenizer: %s (as transformers does, so sentence-transformers)", changed)
         loop = asyncio.get_running_loop()
@@ -246,16 +264,18 @@ class TokenizerPool:
         )
 
     async def encode(
-        self, texts: list[str | tuple[str, str]], max_length: int | None, direction: str
+        self, texts: list[str | tuple[str, str]], max_length: int | None, direction: str,
+        system: str | None = None,
     ) -> list[Encoded]:
         """Tokenize texts or text pairs with special tokens; truncate to `max_length` on
-        `direction` if given (pairs: the longest member first, as transformers does)."""
+        `direction` if given (pairs: the longest member first, as transformers does). With
+        `conversations`, each is written as one, after the `system` prompt if given."""
         characters = sum(len(t) if isinstance(t, str) else len(t[0]) + len(t[1]) for t in texts)
         if characters <= INLINE_CHARACTERS and _tokenizer is not None:
             # A short request tokenizes in tens of microseconds: cheaper here than the
             # round trip to a pool process (~0.5-1 ms), which is the latency of one query.
-            return self._result(_encode(texts, max_length, direction))
-        return await self._call(characters, _encode, texts, max_length, direction)
+            return self._result(_encode(texts, max_length, direction, system))
+        return await self._call(characters, _encode, texts, max_length, direction, system)
 
     async def tokens(self, texts: list[str], add_special_tokens: bool) -> list[list[Token]]:
         """Every token of each text with its byte offsets (for /tokenize)."""

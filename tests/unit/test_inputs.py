@@ -35,11 +35,14 @@ class FakeTokenizers:
     Truncation keeps the special tokens, as a real tokenizer's does.
     """
 
+    conversations = False
+
     def __init__(self) -> None:
         self.calls: list[tuple[list[str], int | None, str]] = []
 
     async def encode(self, texts: list[str], max_length: int | None,
-                     direction: str) -> list[Encoded]:
+                     direction: str, system: str | None = None) -> list[Encoded]:
+        assert system is None, "a prompt goes in front of the text"
         self.calls.append((list(texts), max_length, direction))
         out = []
         for text in texts:
@@ -159,6 +162,23 @@ def test_prompt_is_prepended_to_texts() -> None:
     pool = FakeTokenizers()
     tokenize(["hello"], prompt="query: ", tokenizers=pool)
     assert pool.calls[0][0] == ["query: hello"]
+
+
+def test_a_conversation_model_gets_the_prompt_as_its_system_message() -> None:
+    systems: list[tuple[list, str | None]] = []
+
+    class Conversations:
+        conversations = True
+
+        async def encode(self, texts: list, max_length: int | None, direction: str,
+                         system: str | None = None) -> list[Encoded]:
+            systems.append((list(texts), system))
+            ids = np.array([CLS, SEP], dtype=np.int32)
+            return [Encoded(ids, np.zeros_like(ids)) for _ in texts]
+
+    tokenize(["hello", ("q", "d")], prompt="judge: ",
+             tokenizers=Conversations())  # type: ignore[arg-type]
+    assert systems == [(["hello", ("q", "d")], "judge: ")]  # nothing prepended
 
 
 @pytest.mark.parametrize("direction", ["left", "right"])
@@ -283,8 +303,10 @@ def test_mixed_inputs_keep_their_order() -> None:
 
 def test_tokenizer_errors_propagate() -> None:
     class Broken:
+        conversations = False
+
         async def encode(self, texts: list[str], max_length: int | None,
-                         direction: str) -> list[Encoded]:
+                         direction: str, system: str | None = None) -> list[Encoded]:
             raise EmbedServeError(ErrorType.TOKENIZER, "boom")
 
     with pytest.raises(EmbedServeError) as info:

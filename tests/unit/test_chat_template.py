@@ -1,0 +1,133 @@
+"""LogitScore re-rankers' conversations: the router's token ids against what
+sentence-transformers' CrossEncoder feeds the model (its Transformer module's preprocess), for
+pairs and single texts, cut or not, with and without a prompt, in both message formats."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from router import tokenization
+from shared.errors import ConfigError
+from shared.modelinfo import load_model_info
+from tests.fixtures.causal_reranker import TEMPLATE, make_causal_reranker, set_json
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PAIRS = [("what is a cat", "a cat is a small animal"), ("hello", "world"),
+         ("q", "the dog " * 40), ("a long query " * 30, "d")]
+TEXTS = ["just a text", "the dog " * 40]
+STRUCTURED = TEMPLATE.replace("map(attribute='content') | first",
+                              "map(attribute='content') | map(attribute=0) "
+                              "| map(attribute='text') | first")
+
+
+def theirs(root: Path, items: list, prompt: str | None = None) -> list[list[int]]:
+    from sentence_transformers import CrossEncoder
+
+    model = CrossEncoder(str(root), device="cpu")
+    features = model[0].preprocess(items, prompt=prompt)
+    return [row[mask.bool()].tolist()
+            for row, mask in zip(features["input_ids"], features["attention_mask"], strict=True)]
+
+
+def ours(root: Path, items: list, system: str | None = None,
+         truncate: bool = True) -> list[list[int]]:
+    info = load_model_info(root)
+    before = tokenization._tokenizer, tokenization._chat
+    try:
+        tokenization._load(str(info.tokenizer_path), False, info.model_type, info.logit_score)
+        max_length = info.max_input_length if truncate else None
+        outcome = tokenization._encode(items, max_length, "right", system)
+        assert outcome.error is None, outcome.error
+        return [enc.ids.tolist() for enc in outcome.value]
+    finally:
+        tokenization._tokenizer, tokenization._chat = before
+
+
+@pytest.fixture(scope="module")
+def reranker(tmp_path_factory) -> Path:
+    return make_causal_reranker(tmp_path_factory.mktemp("causal") / "reranker")
+
+
+@pytest.mark.parametrize("items", [PAIRS, TEXTS], ids=["pairs", "texts"])
+@pytest.mark.parametrize("prompt", [None, "judge the document"])
+def test_ids_equal_cross_encoders(reranker: Path, items: list, prompt: str | None) -> None:
+    expected = theirs(reranker, items, prompt)
+    if items is PAIRS:  # (this template has no place for a user message: texts render empty)
+        assert any(len(ids) == load_model_info(reranker).max_input_length for ids in expected)
+    assert ours(reranker, items, prompt) == expected
+
+
+def test_untruncated_conversations_are_whole(reranker: Path) -> None:
+    long = ours(reranker, PAIRS[2:3], truncate=False)[0]
+    assert len(long) > load_model_info(reranker).max_input_length
+    assert long[-3:] == ours(reranker, PAIRS[:1])[0][-3:]  # the template's tail
+
+
+@pytest.mark.parametrize(("name", "options"), [
+    ("structured", {"template": STRUCTURED}),
+    ("template-kwargs", {"chat_kwargs": {"enable_thinking": False}}),
+    ("no-suffix-restore", {"chat_kwargs": {"restore_suffix": False}}),
+])
+def test_options_equal_cross_encoders(tmp_path: Path, name: str, options: dict) -> None:
+    root = make_causal_reranker(tmp_path / name, **options)
+    if name == "structured":
+        config = load_model_info(root).logit_score
+        assert config is not None and config.message_format == "flat"  # as saved ...
+        set_json(root / "sentence_bert_config.json", modality_config={
+            "text": {"method": "forward", "method_output_name": "logits"},
+            "message": {"method": "forward", "method_output_name": "logits",
+                        "format": "structured"}})
+    assert ours(root, PAIRS) == theirs(root, PAIRS)
+
+
+@pytest.mark.parametrize("template", [TEMPLATE, TEMPLATE + "{# content[0] #}"])
+def test_an_auto_format_is_guessed_as_sentence_transformers_guesses(
+        tmp_path: Path, template: str) -> None:
+    from sentence_transformers import CrossEncoder
+
+    root = make_causal_reranker(tmp_path / "auto", template=template)
+    set_json(root / "sentence_bert_config.json", modality_config={
+        "message": {"method": "forward", "method_output_name": "logits", "format": "auto"}})
+    config = load_model_info(root).logit_score
+    expected = CrossEncoder(str(root), device="cpu")[0].input_formatter.message_format
+    assert config is not None and config.message_format == expected
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ({"processing_kwargs": {"chat_template": {"max_length": 16}}}, "max_length"),
+    ({"processing_kwargs": {"text": {"padding_side": "right"}}}, "text"),
+    ({"transformer_task": "sequence-classification"}, "sequence-classification"),
+])
+def test_settings_not_reproduced_are_refused_by_name(reranker: Path, tmp_path: Path,
+                                                     change: dict, named: str) -> None:
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(reranker, root)
+    set_json(root / "sentence_bert_config.json", **change)
+    with pytest.raises(ConfigError, match=named):
+        load_model_info(root)
+
+
+def test_a_model_that_takes_messages_needs_a_template(reranker: Path, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(reranker, root)
+    (root / "chat_template.jinja").unlink()
+    with pytest.raises(ConfigError, match="no chat template"):
+        load_model_info(root)
+
+
+def test_a_token_outside_the_vocabulary_is_refused(reranker: Path, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(reranker, root)
+    set_json(root / "1_LogitScore" / "config.json", true_token_id=10**6)
+    with pytest.raises(ConfigError, match="true_token_id"):
+        load_model_info(root)
