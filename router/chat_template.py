@@ -21,12 +21,15 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Encoding, Tokenizer
 
+from shared.errors import ConfigError
 from shared.logit_score import LogitScore
 
 Conversation = list[dict[str, Any]]
 # The fillers sentence-transformers renders a conversation's skeleton with: they tokenize
 # differently, so the token suffix the two renders share is the template's tail.
 _FILLERS = ("0", "1 2 3 4")
+# A pair, then one pair per role that changes only that role's content.
+_PROBES = (("alpha", "bravo"), ("charlie", "bravo"), ("alpha", "foxtrot"))
 
 
 def _raise_exception(message: str) -> None:
@@ -51,7 +54,10 @@ def compile_template(source: str) -> jinja2.Template:
                                         extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
-    return env.from_string(source)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateError as exc:
+        raise ConfigError(f"the model's chat template does not compile: {exc}") from None
 
 
 class ChatFormatter:
@@ -63,6 +69,20 @@ class ChatFormatter:
         self._template = compile_template(spec.chat_template)
         self._tokenizer = tokenizer
         self._suffixes: dict[tuple[bool, str | None], list[int]] = {}
+        self._check_pairs()
+
+    def _check_pairs(self) -> None:
+        """Refuse a template that drops the query or the document (it would score something
+        else, silently): as sentence-transformers does, by renders that vary one of them."""
+        try:
+            base, *varied = (self.render(self.conversation(pair, None)) for pair in _PROBES)
+        except jinja2.TemplateError as exc:
+            raise ConfigError(f"the model's chat template fails on a pair: {exc}") from None
+        dropped = [role for role, render in zip(("query", "document"), varied, strict=True)
+                   if render == base]
+        if dropped:
+            raise ConfigError(f"the model's chat template drops the {' and '.join(dropped)} of "
+                              "a pair (it renders no message of that role)")
 
     def _message(self, role: str, text: str) -> dict[str, Any]:
         if self._spec.message_format == "structured":

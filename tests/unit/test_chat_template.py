@@ -131,3 +131,25 @@ def test_a_token_outside_the_vocabulary_is_refused(reranker: Path, tmp_path: Pat
     set_json(root / "1_LogitScore" / "config.json", true_token_id=10**6)
     with pytest.raises(ConfigError, match="true_token_id"):
         load_model_info(root)
+
+
+@pytest.mark.parametrize(("template", "named"), [
+    (TEMPLATE.replace("'eq', 'query'", "'eq', 'user'"), "drops the query"),
+    (TEMPLATE + "{% if", "does not compile"),
+    (TEMPLATE + "{{ raise_exception('no pairs here') }}", "no pairs here"),
+])
+def test_a_template_that_cannot_carry_a_pair_is_refused_at_start(
+        reranker: Path, tmp_path: Path, template: str, named: str) -> None:
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(reranker, root)
+    (root / "chat_template.jinja").write_text(template)
+    info = load_model_info(root)
+    before = tokenization._tokenizer, tokenization._chat
+    try:
+        with pytest.raises(ConfigError, match=named):
+            tokenization._load(str(info.tokenizer_path), False, info.model_type,
+                               info.logit_score)
+    finally:
+        tokenization._tokenizer, tokenization._chat = before
