@@ -1,5 +1,6 @@
 """Build and load the head a model serves: a sequence classifier (LOGITS) or SPLADE's MLM head
-(SPARSE), as its family describes them (a `FamilyHeads` in the family's model file).
+(SPARSE), as its family describes them (a `FamilyHeads` in the family's model file); or a
+LogitScore re-ranker's score, from two rows of its LM head (backend_worker/logit_score_head.py).
 
 Loaded strictly from the same checkpoint as the encoder. The encoder's WeightMap ignores exactly
 the keys a head owns (`pooler.*`, `classifier.*`, `cls.*` for BERT); the head's map owns those
@@ -20,6 +21,7 @@ from torch import nn
 
 from backend_worker.head_modules import FamilyHeads, Head, HeadKeys, LogitsHead
 from backend_worker.loading import Rule, WeightMap, checkpoint_files, iter_tensors, load_strict
+from backend_worker.logit_score_head import build_logit_score_head
 from backend_worker.models import model_class
 from backend_worker.models.registry import supported_with_heads
 from shared.errors import ConfigError
@@ -67,9 +69,8 @@ def build_head(info: ModelInfo, device: torch.device) -> Head | None:
     if info.splade and info.kind != "embedding":
         raise ConfigError(f"--pooling splade: {info.model_dir} is a {info.kind} "
                           f"({info.architectures}), served through its classification head")
-    if info.logit_score is not None:
-        raise ConfigError(f"{info.model_dir}: a LogitScore re-ranker (a causal LM scoring pairs "
-                          "by two next-token logits) is not served yet")
+    if info.logit_score is not None:  # two rows of the LM head, not a head of its own keys
+        return build_logit_score_head(info, device)
     family = _family(info)
     files = checkpoint_files(info.model_dir)
     config = info.config

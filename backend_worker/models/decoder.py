@@ -4,8 +4,9 @@ RMSNorm, grouped-query rotary attention and a SwiGLU MLP, then a final RMSNorm.
 The four types differ in a handful of switches (which projections carry a bias, per-head q/k
 norms, which layers use a sliding window), kept as data in `FLAVOURS`; everything else is one
 implementation. They are served as embedders (last-token or mean pooling from
-sentence-transformers' 1_Pooling) and as *ForSequenceClassification classifiers; there is no LM
-head, so tie_word_embeddings does not matter.
+sentence-transformers' 1_Pooling), as *ForSequenceClassification classifiers, and as LogitScore
+re-rankers (*ForCausalLM; backend_worker/logit_score_head.py turns two rows of the LM head into a
+one-label score, which is where tie_word_embeddings matters).
 
 Attention is causal, as in transformers, unless config.json says otherwise: `is_causal: false`
 (transformers 5's switch for decoder-only models) or `use_bidirectional_attention: true` (what
@@ -56,7 +57,9 @@ WEIGHT_MAP = WeightMap(
     # *ForCausalLM and *ForSequenceClassification nest the decoder in "model.".
     prefixes=("model.",),
     ignore=(
-        r"lm_head\..*",  # the LM head of *ForCausalLM checkpoints: embedders never use it
+        # The LM head of *ForCausalLM checkpoints: embedders never use it; a LogitScore
+        # re-ranker reads its two rows itself (backend_worker/logit_score_head.py).
+        r"lm_head\..*",
         r"score\..*",  # the classifier head, loaded by backend_worker/heads.py when served
         r"(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq",  # buffers older transformers saved
     ),
@@ -105,6 +108,9 @@ class Flavour:
     # Which layers use config.sliding_window: none; every layer (Mistral); or Qwen's rule
     # (use_sliding_window, then layer_types or the layers from max_window_layers on).
     sliding: Literal["none", "every_layer", "qwen"]
+    # transformers' tie_word_embeddings default for the type (its config class's field), used
+    # when config.json leaves the key out: whether the LM head is the embedding matrix.
+    tied: bool
 
     def bias(self, which: Bias, config: dict[str, Any]) -> bool:
         return bool(config.get(which, False)) if isinstance(which, str) else which
@@ -112,13 +118,13 @@ class Flavour:
 
 FLAVOURS: dict[str, Flavour] = {
     "qwen2": Flavour(qkv_bias=True, out_bias=False, mlp_bias=False, qk_norm=False,
-                     sliding="qwen"),
+                     sliding="qwen", tied=False),
     "qwen3": Flavour(qkv_bias="attention_bias", out_bias="attention_bias", mlp_bias=False,
-                     qk_norm=True, sliding="qwen"),
+                     qk_norm=True, sliding="qwen", tied=False),
     "mistral": Flavour(qkv_bias=False, out_bias=False, mlp_bias=False, qk_norm=False,
-                       sliding="every_layer"),
+                       sliding="every_layer", tied=False),
     "llama": Flavour(qkv_bias="attention_bias", out_bias="attention_bias", mlp_bias="mlp_bias",
-                     qk_norm=False, sliding="none"),
+                     qk_norm=False, sliding="none", tied=False),
 }
 
 
