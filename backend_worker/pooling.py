@@ -16,7 +16,7 @@ from torch import nn
 from backend_worker.layers import activation
 from backend_worker.loading import DENSE_WEIGHT_MAP, checkpoint_files, load_strict
 from shared.errors import ConfigError
-from shared.modelinfo import DenseSpec
+from shared.st_modules import DenseSpec
 
 PoolFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 

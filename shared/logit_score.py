@@ -13,13 +13,13 @@ the router renders the conversations (router/chat_template.py).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
 
 from shared.errors import ConfigError
+from shared.st_modules import optional_json, read_json
 
 # apply_chat_template's size and output arguments: tokenization, not rendering.
 _SIZE_KWARGS = frozenset({"padding", "truncation", "max_length", "return_tensors",
@@ -50,13 +50,6 @@ class LogitScore(msgspec.Struct, frozen=True):
     special_tokens: dict[str, str] = {}
     # A truncated conversation gets the template's tail back over its last tokens.
     restore_suffix: bool = True
-
-
-def _json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from exc
 
 
 def _token_text(value: Any) -> str | None:
@@ -101,7 +94,7 @@ def _render_kwargs(root: Path, st_config: dict[str, Any]) -> tuple[dict[str, Any
 def parse_logit_score(root: Path, module_dir: Path, config: dict[str, Any]) -> LogitScore:
     """The LogitScore module at `module_dir` of the model at `root`, with what the Transformer
     module says about how pairs reach it. Refuses what would be scored otherwise."""
-    cfg = _json(module_dir / "config.json")
+    cfg = read_json(module_dir / "config.json")
     if cfg.get("module_input_name", "causal_logits") != "causal_logits":
         raise ConfigError(f"{module_dir}: LogitScore on {cfg['module_input_name']!r} is not "
                           "supported (only on the causal LM's logits)")
@@ -117,14 +110,12 @@ def parse_logit_score(root: Path, module_dir: Path, config: dict[str, Any]) -> L
     if not architectures or not architectures[0].endswith("ForCausalLM"):
         raise ConfigError(f"{root}: a LogitScore re-ranker needs a *ForCausalLM checkpoint (its "
                           f"LM head scores the pair); config.json has {architectures}")
-    st_config = (_json(root / "sentence_bert_config.json")
-                 if (root / "sentence_bert_config.json").is_file() else {})
+    st_config = optional_json(root / "sentence_bert_config.json") or {}
     task = st_config.get("transformer_task", "text-generation")
     if task != "text-generation":
         raise ConfigError(f"{root}/sentence_bert_config.json: LogitScore after a "
                           f"{task!r} Transformer is not supported (only text-generation)")
-    tokenizer_config = (_json(root / "tokenizer_config.json")
-                        if (root / "tokenizer_config.json").is_file() else {})
+    tokenizer_config = optional_json(root / "tokenizer_config.json") or {}
     template = _template(root, tokenizer_config)
     modalities = st_config.get("modality_config")
     # Without a modality_config, sentence-transformers takes messages when there is a template.

@@ -1,13 +1,13 @@
 """What a model is: everything the router and the worker need to know, read from its files.
 
-Parses config.json and the sentence-transformers files (modules.json, 1_Pooling, Dense modules,
-Normalize, sentence_bert_config.json, config_sentence_transformers.json) in both the classic
-format and the one sentence-transformers 6 writes. Pure data: no torch, no tokenizer.
+Parses config.json and the sentence-transformers files (modules.json, 1_Pooling, Dense modules
+(shared/st_modules.py), Normalize, a LogitScore (shared/logit_score.py),
+sentence_bert_config.json, config_sentence_transformers.json) in both the classic format and the
+one sentence-transformers 6 writes. Pure data: no torch, no tokenizer.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Literal
@@ -16,13 +16,19 @@ import msgspec
 
 from shared.errors import ConfigError
 from shared.logit_score import LogitScore, parse_logit_score
+from shared.st_modules import (
+    POOLINGS,
+    DenseSpec,
+    module_kind,
+    on_sentence_embedding,
+    optional_json,
+    parse_dense,
+    parse_pooling_config,
+    read_json,
+)
 
 log = logging.getLogger(__name__)
 
-Pooling = Literal["cls", "mean", "max", "last-token", "splade"]
-POOLINGS: tuple[str, ...] = ("cls", "mean", "max", "last-token", "splade")
-
-# Families whose position ids start after the padding index (fairseq heritage).
 # Families whose position ids start after the padding index (fairseq's convention, kept by
 # MPNet): the router adds pad_token_id + 1 to every position.
 POSITION_OFFSET_MODEL_TYPES = frozenset({"roberta", "xlm-roberta", "camembert", "mpnet"})
@@ -41,39 +47,6 @@ def config_value(config: dict[str, Any], keys: tuple[str, ...], default: int = 0
 
 def config_max_positions(config: dict[str, Any]) -> int:
     return config_value(config, _MAX_POSITIONS_KEYS, 512)
-
-# Classic 1_Pooling keys and the sentence-transformers 6 `pooling_mode` names, mapped to ours.
-_CLASSIC_POOLING_KEYS = {
-    "pooling_mode_cls_token": "cls",
-    "pooling_mode_mean_tokens": "mean",
-    "pooling_mode_max_tokens": "max",
-    "pooling_mode_lasttoken": "last-token",
-    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
-    "pooling_mode_weightedmean_tokens": "weightedmean",
-}
-_ST6_POOLING_NAMES = {
-    "cls": "cls",
-    "mean": "mean",
-    "max": "max",
-    "lasttoken": "last-token",
-    "last_token": "last-token",
-    "mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
-    "weightedmean": "weightedmean",
-}
-
-# Activations a Dense module may name, by the last component of its dotted class path.
-DENSE_ACTIVATIONS = {"Identity": "identity", "Tanh": "tanh", "ReLU": "relu", "GELU": "gelu",
-                     "Sigmoid": "sigmoid", "SiLU": "silu"}
-
-
-class DenseSpec(msgspec.Struct, frozen=True):
-    """One sentence-transformers Dense module (a linear layer plus an activation)."""
-
-    path: str
-    in_features: int
-    out_features: int
-    bias: bool
-    activation: str
 
 
 ModelKind = Literal["embedding", "classifier", "reranker"]
@@ -120,23 +93,6 @@ class ModelInfo(msgspec.Struct, frozen=True):
         return Path(self.model_dir) / "tokenizer.json"
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from exc
-
-
-def _optional_json(path: Path) -> Any | None:
-    return _read_json(path) if path.is_file() else None
-
-
-def _module_kind(type_path: str) -> str:
-    # Classic: "sentence_transformers.models.Pooling";
-    # v6: "sentence_transformers.sentence_transformer.modules.pooling.Pooling".
-    return type_path.rsplit(".", 1)[-1]
-
-
 def _builtin_module(root: Path, type_path: str) -> str:
     """A modules.json entry's kind, when the class is sentence-transformers' own. A repository's
     own module (jina-embeddings-v3's `custom_st.Transformer`) is its code, which is not run
@@ -144,76 +100,22 @@ def _builtin_module(root: Path, type_path: str) -> str:
     if not type_path.startswith("sentence_transformers."):
         raise ConfigError(f"{root}/modules.json: module type {type_path!r} is the repository's "
                           "own code, not a sentence-transformers module; it is not run here")
-    return _module_kind(type_path)
-
-
-def parse_pooling_config(cfg: dict[str, Any], where: Path) -> str:
-    """Return our pooling name for a 1_Pooling/config.json in either format."""
-    if "pooling_mode" in cfg:
-        raw = cfg["pooling_mode"]
-        modes = [raw] if isinstance(raw, str) else list(raw)
-        names = [_ST6_POOLING_NAMES.get(str(m).lower(), str(m)) for m in modes]
-    else:
-        names = [ours for key, ours in _CLASSIC_POOLING_KEYS.items() if cfg.get(key)]
-    if len(names) != 1:
-        raise ConfigError(
-            f"{where}: exactly one pooling mode is supported, found {names or 'none'}"
-        )
-    if names[0] not in POOLINGS:
-        raise ConfigError(
-            f"{where}: pooling mode {names[0]!r} is not supported "
-            f"(supported: cls, mean, max, lasttoken); pass --pooling to override"
-        )
-    if cfg.get("include_prompt", True) is False:
-        raise ConfigError(
-            f"{where}: include_prompt=false (prompt tokens excluded from pooling) is not "
-            "supported yet"
-        )
-    return names[0]
+    return module_kind(type_path)
 
 
 # The order the worker computes a sentence-transformers pipeline in (Dense may repeat).
 _PIPELINE_ORDER = {"Transformer": 0, "Pooling": 1, "Dense": 2, "Normalize": 3, "LogitScore": 4}
 
 
-def _on_sentence_embedding(cfg: dict[str, Any], module_dir: Path, kind: str) -> None:
-    """sentence-transformers 6 can point a Dense or a Normalize at the token embeddings
-    (`module_input_name`): we apply both to the pooled vector, which would be silently wrong."""
-    for key in ("module_input_name", "module_output_name"):
-        if cfg.get(key, "sentence_embedding") != "sentence_embedding":
-            raise ConfigError(f"{module_dir}: {kind} with {key}={cfg[key]!r} is not supported "
-                              f"(only a {kind} of the pooled sentence embedding is)")
-
-
-def parse_dense(module_dir: Path) -> DenseSpec:
-    cfg = _read_json(module_dir / "config.json")
-    _on_sentence_embedding(cfg, module_dir, "Dense")
-    if cfg.get("use_residual"):
-        # sentence-transformers 6 can add the input back (with a projection when the sizes
-        # differ); serving it as a plain Dense would give silently wrong vectors.
-        raise ConfigError(f"{module_dir}: Dense with use_residual=true is not supported yet")
-    act_path = cfg.get("activation_function") or "torch.nn.modules.linear.Identity"
-    act = DENSE_ACTIVATIONS.get(_module_kind(act_path))
-    if act is None:
-        raise ConfigError(f"{module_dir}: Dense activation {act_path!r} is not supported")
-    return DenseSpec(
-        path=str(module_dir),
-        in_features=int(cfg["in_features"]),
-        out_features=int(cfg["out_features"]),
-        bias=bool(cfg.get("bias", True)),
-        activation=act,
-    )
-
-
 def _max_input_length(
     model_dir: Path, config: dict[str, Any], position_offset: int, st_present: bool
 ) -> int:
     max_positions = config_max_positions(config) - position_offset
-    st_config = _optional_json(model_dir / "sentence_bert_config.json") or {}
+    st_config = optional_json(model_dir / "sentence_bert_config.json") or {}
     limit = st_config.get("max_seq_length")
     if limit is None and st_present:
         # sentence-transformers 6 keeps the limit in tokenizer_config.json, as transformers does.
-        tok_cfg = _optional_json(model_dir / "tokenizer_config.json") or {}
+        tok_cfg = optional_json(model_dir / "tokenizer_config.json") or {}
         limit = tok_cfg.get("model_max_length")
         if limit is not None and limit > 10**7:  # transformers' "no limit" sentinel
             limit = None
@@ -252,7 +154,7 @@ def _activation(config: dict[str, Any], labels: int,
             log.warning("score activation %r is not torch's: not run here, as "
                         "sentence-transformers does not without trust_remote_code", path)
             continue
-        name = _SCORE_ACTIVATIONS.get(_module_kind(str(path)))
+        name = _SCORE_ACTIVATIONS.get(module_kind(str(path)))
         if name is None:
             raise ConfigError(f"score activation {path!r} is not supported "
                               f"(supported: {', '.join(_SCORE_ACTIVATIONS)})")
@@ -271,7 +173,7 @@ def load_model_info(
         # (Laya keeps its encoder's config.json in a folder of its own: this comes first.)
         raise ConfigError(f"{root}: a structured decision model (rl_agent_config.json, TEI's "
                           "/v1/decide, e.g. Laya) is not supported")
-    config = _read_json(root / "config.json")
+    config = read_json(root / "config.json")
     if not (root / "tokenizer.json").is_file():
         hint = ("; transformers writes one from the slow tokenizer's files: "
                 "AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)"
@@ -287,7 +189,7 @@ def load_model_info(
                               f"(position ids start after it), found {pad!r}")
         position_offset = pad + 1
 
-    modules = _optional_json(root / "modules.json") or []
+    modules = optional_json(root / "modules.json") or []
     pooling: str | None = None
     dense: list[DenseSpec] = []
     has_normalize = False
@@ -316,7 +218,7 @@ def load_model_info(
             continue
         if kind == "Pooling":
             if pooling_override is None:  # an override replaces the file, even one we refuse
-                pooling = parse_pooling_config(_read_json(path / "config.json"), path)
+                pooling = parse_pooling_config(read_json(path / "config.json"), path)
         elif kind == "Dense":
             dense.append(parse_dense(path))
         elif kind == "LogitScore":
@@ -326,7 +228,7 @@ def load_model_info(
             logit_score = parse_logit_score(root, path, config)
         elif kind == "Normalize":
             # Its config.json (sentence-transformers 6 writes one) may aim it elsewhere.
-            _on_sentence_embedding(_optional_json(path / "config.json") or {}, path, kind)
+            on_sentence_embedding(optional_json(path / "config.json") or {}, path, kind)
             has_normalize = True
         else:
             raise ConfigError(
@@ -361,9 +263,9 @@ def load_model_info(
     # cased tokenizer, or one it lower-cases anyway) before tokenizing. Without modules.json it
     # builds that module itself, and does not read this file.
     lowercase = bool(modules) and bool(
-        (_optional_json(root / "sentence_bert_config.json") or {}).get("do_lower_case"))
+        (optional_json(root / "sentence_bert_config.json") or {}).get("do_lower_case"))
 
-    st_config = _optional_json(root / "config_sentence_transformers.json") or {}
+    st_config = optional_json(root / "config_sentence_transformers.json") or {}
     prompts = {str(k): str(v) for k, v in (st_config.get("prompts") or {}).items()}
     default_prompt_name = st_config.get("default_prompt_name")
     if default_prompt_name is not None and default_prompt_name not in prompts:

@@ -1,0 +1,119 @@
+"""sentence-transformers' module files: 1_Pooling and Dense configs, in the classic format and
+the one sentence-transformers 6 writes (the pipeline around them: shared/modelinfo.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from shared.errors import ConfigError
+
+Pooling = Literal["cls", "mean", "max", "last-token", "splade"]
+POOLINGS: tuple[str, ...] = ("cls", "mean", "max", "last-token", "splade")
+
+# Classic 1_Pooling keys and the sentence-transformers 6 `pooling_mode` names, mapped to ours.
+_CLASSIC_POOLING_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_lasttoken": "last-token",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+}
+_ST6_POOLING_NAMES = {
+    "cls": "cls",
+    "mean": "mean",
+    "max": "max",
+    "lasttoken": "last-token",
+    "last_token": "last-token",
+    "mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "weightedmean": "weightedmean",
+}
+
+# Activations a Dense module may name, by the last component of its dotted class path.
+DENSE_ACTIVATIONS = {"Identity": "identity", "Tanh": "tanh", "ReLU": "relu", "GELU": "gelu",
+                     "Sigmoid": "sigmoid", "SiLU": "silu"}
+
+
+class DenseSpec(msgspec.Struct, frozen=True):
+    """One sentence-transformers Dense module (a linear layer plus an activation)."""
+
+    path: str
+    in_features: int
+    out_features: int
+    bias: bool
+    activation: str
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+
+
+def optional_json(path: Path) -> Any | None:
+    return read_json(path) if path.is_file() else None
+
+
+def module_kind(type_path: str) -> str:
+    # Classic: "sentence_transformers.models.Pooling";
+    # v6: "sentence_transformers.sentence_transformer.modules.pooling.Pooling".
+    return type_path.rsplit(".", 1)[-1]
+
+
+def parse_pooling_config(cfg: dict[str, Any], where: Path) -> str:
+    """Return our pooling name for a 1_Pooling/config.json in either format."""
+    if "pooling_mode" in cfg:
+        raw = cfg["pooling_mode"]
+        modes = [raw] if isinstance(raw, str) else list(raw)
+        names = [_ST6_POOLING_NAMES.get(str(m).lower(), str(m)) for m in modes]
+    else:
+        names = [ours for key, ours in _CLASSIC_POOLING_KEYS.items() if cfg.get(key)]
+    if len(names) != 1:
+        raise ConfigError(
+            f"{where}: exactly one pooling mode is supported, found {names or 'none'}"
+        )
+    if names[0] not in POOLINGS:
+        raise ConfigError(
+            f"{where}: pooling mode {names[0]!r} is not supported "
+            f"(supported: cls, mean, max, lasttoken); pass --pooling to override"
+        )
+    if cfg.get("include_prompt", True) is False:
+        raise ConfigError(
+            f"{where}: include_prompt=false (prompt tokens excluded from pooling) is not "
+            "supported yet"
+        )
+    return names[0]
+
+
+def on_sentence_embedding(cfg: dict[str, Any], module_dir: Path, kind: str) -> None:
+    """sentence-transformers 6 can point a Dense or a Normalize at the token embeddings
+    (`module_input_name`): we apply both to the pooled vector, which would be silently wrong."""
+    for key in ("module_input_name", "module_output_name"):
+        if cfg.get(key, "sentence_embedding") != "sentence_embedding":
+            raise ConfigError(f"{module_dir}: {kind} with {key}={cfg[key]!r} is not supported "
+                              f"(only a {kind} of the pooled sentence embedding is)")
+
+
+def parse_dense(module_dir: Path) -> DenseSpec:
+    cfg = read_json(module_dir / "config.json")
+    on_sentence_embedding(cfg, module_dir, "Dense")
+    if cfg.get("use_residual"):
+        # sentence-transformers 6 can add the input back (with a projection when the sizes
+        # differ); serving it as a plain Dense would give silently wrong vectors.
+        raise ConfigError(f"{module_dir}: Dense with use_residual=true is not supported yet")
+    act_path = cfg.get("activation_function") or "torch.nn.modules.linear.Identity"
+    act = DENSE_ACTIVATIONS.get(module_kind(act_path))
+    if act is None:
+        raise ConfigError(f"{module_dir}: Dense activation {act_path!r} is not supported")
+    return DenseSpec(
+        path=str(module_dir),
+        in_features=int(cfg["in_features"]),
+        out_features=int(cfg["out_features"]),
+        bias=bool(cfg.get("bias", True)),
+        activation=act,
+    )
