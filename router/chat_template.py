@@ -1,15 +1,16 @@
-"""Conversations for LogitScore re-rankers, written and tokenized as sentence-transformers does.
+"""Chat conversations (shared/conversations.py), written and tokenized as sentence-transformers
+does.
 
-sentence-transformers (>= 5.4) gives a causal-LM CrossEncoder each pair as one conversation, a
-`query` message and a `document` message (after a `system` message holding the prompt, if one
-applies), renders it with the model's chat template through transformers' apply_chat_template,
-and tokenizes the rendered string without adding special tokens (the template has them). A
-conversation longer than the model's limit is cut on the right, then the template's tail (the
-assistant header the score is read after) is written back over its last tokens. This module
-does the same in each tokenizer process, with the sandboxed Jinja environment transformers
-compiles templates in. (sentence-transformers 6.3: base/modules/transformer.py and
-base/modality.py; transformers 5.25: utils/chat_template_utils.py.)
-"""
+sentence-transformers (>= 5.4) gives a CrossEncoder that takes messages each pair as one
+conversation, a `query` message and a `document` message (after a `system` message holding the
+prompt, if one applies), renders it with the model's chat template through transformers'
+apply_chat_template, and tokenizes the rendered string without adding special tokens (the
+template has them). A conversation longer than the model's limit is cut on the right, then the
+template's tail (the assistant header a LogitScore re-ranker's score is read after) is written
+back over its last tokens. This module does the same in each tokenizer process, with the
+sandboxed Jinja environment transformers compiles templates in. (sentence-transformers 6.3:
+base/modules/transformer.py and base/modality.py; transformers 5.25:
+utils/chat_template_utils.py.)"""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Encoding, Tokenizer
 
+from shared.conversations import Conversations
 from shared.errors import ConfigError
-from shared.logit_score import LogitScore
 
 Conversation = list[dict[str, Any]]
 # The fillers sentence-transformers renders a conversation's skeleton with: they tokenize
@@ -63,8 +64,7 @@ def compile_template(source: str) -> jinja2.Template:
 class ChatFormatter:
     """Renders and tokenizes a model's conversations (one per tokenizer process)."""
 
-    def __init__(self, spec: LogitScore, tokenizer: Tokenizer) -> None:
-        assert spec.chat_template is not None, "a model that takes messages"
+    def __init__(self, spec: Conversations, tokenizer: Tokenizer) -> None:
         self._spec = spec
         self._template = compile_template(spec.chat_template)
         self._tokenizer = tokenizer

@@ -183,7 +183,7 @@ async def run(config: ServerConfig) -> None:
             tokenizers=TokenizerPool(str(info.tokenizer_path), tokenizers,
                                      json_logs=config.json_output, lowercase=info.lowercase,
                                      model_type=info.model_type,
-                                     logit_score=info.logit_score),
+                                     conversations=info.conversations),
             workers=workers,
             metrics=metrics,
             tracer=tracer,

@@ -23,15 +23,15 @@ import numpy as np
 
 from router.chat_template import ChatFormatter
 from router.schemas import TokenInfo
+from shared.conversations import Conversations
 from shared.errors import EmbedServeError, ErrorType, backend
-from shared.logit_score import LogitScore
 from shared.logs import setup_logging
 from shared.process import die_with_parent
 
 log = logging.getLogger(__name__)
 
 # Per-process state, set once by `_load`: each pool process's tokenizer, and the router's own;
-# for a LogitScore re-ranker that takes conversations, their formatter.
+# for a model that takes chat conversations, their formatter.
 _tokenizer = None
 _chat: ChatFormatter | None = None
 # Requests with at most this many characters are tokenized in the router process itself.
@@ -65,7 +65,7 @@ class Token(NamedTuple):
 
 
 def _load(tokenizer_path: str, lowercase: bool = False, model_type: str = "",
-          logit_score: LogitScore | None = None) -> str:
+          conversations: Conversations | None = None) -> str:
     """Load this process's tokenizer; returns what tokenizer_config.json changed ("" if
     nothing), for the router to log once (see router.tokenizer_config)."""
     global _tokenizer, _chat
@@ -79,16 +79,15 @@ def _load(tokenizer_path: str, lowercase: bool = False, model_type: str = "",
     _tokenizer.no_padding()
     _tokenizer.no_truncation()
     changed = configure(_tokenizer, Path(tokenizer_path).parent, model_type, lowercase)
-    _chat = (ChatFormatter(logit_score, _tokenizer)
-             if logit_score is not None and logit_score.chat_template is not None else None)
+    _chat = ChatFormatter(conversations, _tokenizer) if conversations is not None else None
     return changed
 
 
 def _init(tokenizer_path: str, lowercase: bool, model_type: str,
-          logit_score: LogitScore | None, parent_pid: int, json_logs: bool) -> None:
+          conversations: Conversations | None, parent_pid: int, json_logs: bool) -> None:
     die_with_parent(parent_pid)
     setup_logging(json_logs, f"tokenizer-{os.getpid()}")
-    _load(tokenizer_path, lowercase, model_type, logit_score)
+    _load(tokenizer_path, lowercase, model_type, conversations)
 
 
 def _encode(texts: list[str | tuple[str, str]], max_length: int | None,
@@ -230,13 +229,13 @@ class TokenizerPool:
 
     def __init__(self, tokenizer_path: str, processes: int, json_logs: bool = False,
                  lowercase: bool = False, model_type: str = "",
-                 logit_score: LogitScore | None = None) -> None:
+                 conversations: Conversations | None = None) -> None:
         self._tokenizer_path = tokenizer_path
         self._lowercase = lowercase
         self._model_type = model_type
-        self._logit_score = logit_score
+        self._conversations = conversations
         # Whether inputs are written as conversations (prompts become system messages).
-        self.conversations = logit_score is not None and logit_score.chat_template is not None
+        self.conversations = conversations is not None
         self._queued = 0  # characters (or ids) of the calls in the pool, running or waiting
         self._processes = processes
         self._json_logs = json_logs
@@ -248,14 +247,14 @@ class TokenizerPool:
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init,
             initargs=(self._tokenizer_path, self._lowercase, self._model_type,
-                      self._logit_score, os.getpid(), self._json_logs),
+                      self._conversations, os.getpid(), self._json_logs),
         )
 
     async def start(self) -> None:
         """Start every process now (and surface a broken tokenizer) instead of on first use."""
         # This process's copy, for short inputs (see `encode`).
         changed = _load(self._tokenizer_path, self._lowercase, self._model_type,
-                        self._logit_score)
+                        self._conversations)
         if changed:
             log.info("tokenizer: %s (as transformers does, so sentence-transformers)", changed)
         loop = asyncio.get_running_loop()

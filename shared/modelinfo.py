@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from shared.conversations import Conversations, declares_messages, read_conversations
 from shared.errors import ConfigError
 from shared.logit_score import LogitScore, parse_logit_score
 from shared.st_modules import (
@@ -77,6 +78,8 @@ class ModelInfo(msgspec.Struct, frozen=True):
     activation: Literal["sigmoid", "softmax", "identity"] = "softmax"
     # A causal LM re-ranker: the pair's score is two of its next-token logits (LogitScore).
     logit_score: LogitScore | None = None
+    # Inputs written as chat conversations (a CrossEncoder whose Transformer takes messages).
+    conversations: Conversations | None = None
 
     @property
     def splade(self) -> bool:
@@ -288,6 +291,16 @@ def load_model_info(
     model_kind, id2label = _model_kind(config)
     if logit_score is not None:
         model_kind, id2label = "reranker", {"0": "LABEL_0"}
+    conversations = None
+    if model_kind != "embedding":
+        # Where the Transformer module declares messages (a LogitScore re-ranker's also where
+        # none is saved but a template is there: sentence-transformers' inference). A bare
+        # *ForSequenceClassification directory is read plainly, as TEI and transformers read it.
+        conversations = read_conversations(root, infer=logit_score is not None)
+    elif modules and declares_messages(root):
+        raise ConfigError(f"{root}/sentence_bert_config.json: an embedding model whose "
+                          "Transformer module takes messages (chat conversations) is not "
+                          "supported")
     return ModelInfo(
         kind=model_kind,
         id2label=id2label,
@@ -307,4 +320,5 @@ def load_model_info(
         default_prompt_name=default_prompt_name,
         lowercase=lowercase,
         logit_score=logit_score,
+        conversations=conversations,
     )

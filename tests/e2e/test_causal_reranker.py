@@ -1,6 +1,7 @@
 """A tiny LogitScore re-ranker (a causal LM scoring pairs by its "yes"/"no" logits, in the
 layout sentence-transformers saves Qwen3-Reranker in) served by the real `embedserve`: /rerank,
-/v1/rerank, /predict and /info against CrossEncoder.predict on the same files."""
+/v1/rerank, /predict and /info against CrossEncoder.predict on the same files; and a sequence
+classifier whose Transformer module takes chat messages."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from tests.e2e.server import serving
-from tests.fixtures.causal_reranker import make_causal_reranker
+from tests.fixtures.causal_reranker import make_causal_reranker, make_chat_classifier
 
 TOL = 1e-4
 QUERY = "what is a cat"
@@ -81,3 +82,16 @@ def test_info_and_refusals(served) -> None:
                                                    "truncate": False})
     assert untruncated.status_code == 422, untruncated.text
     assert "must have less than 64 tokens" in untruncated.json()["error"]
+
+
+def test_a_chat_sequence_classifier_equals_cross_encoder(tmp_path: Path) -> None:
+    root = make_chat_classifier(tmp_path / "model")
+    expected = cross_encoder(root, [(QUERY, doc) for doc in DOCS])
+    with serving("--model-id", str(root), "--max-batch-tokens", "512",
+                 log_path=tmp_path / "log") as srv:
+        response = srv.client.post("/rerank", json={"query": QUERY, "texts": DOCS})
+    assert response.status_code == 200, response.text
+    scores = np.zeros(len(DOCS))
+    for rank in response.json():
+        scores[rank["index"]] = rank["score"]
+    np.testing.assert_allclose(scores, expected, atol=TOL)

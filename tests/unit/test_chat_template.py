@@ -12,7 +12,12 @@ import pytest
 from router import tokenization
 from shared.errors import ConfigError
 from shared.modelinfo import load_model_info
-from tests.fixtures.causal_reranker import TEMPLATE, make_causal_reranker, set_json
+from tests.fixtures.causal_reranker import (
+    TEMPLATE,
+    make_causal_reranker,
+    make_chat_classifier,
+    set_json,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -38,7 +43,7 @@ def ours(root: Path, items: list, system: str | None = None,
     info = load_model_info(root)
     before = tokenization._tokenizer, tokenization._chat
     try:
-        tokenization._load(str(info.tokenizer_path), False, info.model_type, info.logit_score)
+        tokenization._load(str(info.tokenizer_path), False, info.model_type, info.conversations)
         max_length = info.max_input_length if truncate else None
         outcome = tokenization._encode(items, max_length, "right", system)
         assert outcome.error is None, outcome.error
@@ -75,7 +80,7 @@ def test_untruncated_conversations_are_whole(reranker: Path) -> None:
 def test_options_equal_cross_encoders(tmp_path: Path, name: str, options: dict) -> None:
     root = make_causal_reranker(tmp_path / name, **options)
     if name == "structured":
-        config = load_model_info(root).logit_score
+        config = load_model_info(root).conversations
         assert config is not None and config.message_format == "flat"  # as saved ...
         set_json(root / "sentence_bert_config.json", modality_config={
             "text": {"method": "forward", "method_output_name": "logits"},
@@ -92,7 +97,7 @@ def test_an_auto_format_is_guessed_as_sentence_transformers_guesses(
     root = make_causal_reranker(tmp_path / "auto", template=template)
     set_json(root / "sentence_bert_config.json", modality_config={
         "message": {"method": "forward", "method_output_name": "logits", "format": "auto"}})
-    config = load_model_info(root).logit_score
+    config = load_model_info(root).conversations
     expected = CrossEncoder(str(root), device="cpu")[0].input_formatter.message_format
     assert config is not None and config.message_format == expected
 
@@ -150,6 +155,35 @@ def test_a_template_that_cannot_carry_a_pair_is_refused_at_start(
     try:
         with pytest.raises(ConfigError, match=named):
             tokenization._load(str(info.tokenizer_path), False, info.model_type,
-                               info.logit_score)
+                               info.conversations)
     finally:
         tokenization._tokenizer, tokenization._chat = before
+
+
+def test_a_sequence_classifier_that_declares_messages_gets_conversations(tmp_path: Path) -> None:
+    root = make_chat_classifier(tmp_path / "declared")
+    assert load_model_info(root).conversations is not None
+    assert ours(root, PAIRS) == theirs(root, PAIRS)
+
+
+def test_a_bare_sequence_classifier_is_read_plainly_as_tei_reads_it(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    root = make_chat_classifier(tmp_path / "bare", saved=False)
+    info = load_model_info(root)
+    assert info.conversations is None  # (sentence-transformers >= 5.4 would render the template)
+    plain = AutoTokenizer.from_pretrained(str(root))
+    expected = [plain(q, d, truncation=True, max_length=info.max_input_length)["input_ids"]
+                for q, d in PAIRS]
+    assert ours(root, PAIRS) == expected
+
+
+def test_an_embedder_that_declares_messages_is_refused(tmp_path: Path) -> None:
+    from tests.fixtures.decoders import make_st_decoder
+
+    root = make_st_decoder(tmp_path / "embedder", "qwen3")
+    set_json(root / "sentence_bert_config.json", modality_config={
+        "text": {"method": "forward", "method_output_name": "last_hidden_state"},
+        "message": {"method": "forward", "method_output_name": "last_hidden_state"}})
+    with pytest.raises(ConfigError, match="takes messages"):
+        load_model_info(root)

@@ -1,0 +1,122 @@
+"""Whether a CrossEncoder's inputs reach its model as chat conversations, and how.
+
+sentence-transformers (>= 5.4) gives a CrossEncoder whose Transformer module takes the "message"
+modality each (query, document) pair as one conversation, a `query` and a `document` message,
+rendered with the model's chat template (router/chat_template.py). The Transformer module
+declares that in sentence_bert_config.json's `modality_config`; this module reads it, with the
+template and the render's settings.
+
+Pure data, read from the files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from shared.errors import ConfigError
+from shared.st_modules import optional_json
+
+# apply_chat_template's size and output arguments: tokenization, not rendering.
+_SIZE_KWARGS = frozenset({"padding", "truncation", "max_length", "return_tensors",
+                          "pad_to_multiple_of", "return_dict", "tokenize"})
+# Rendering arguments sentence-transformers would pass on that change what is scored in ways
+# not reproduced here.
+_REFUSED_KWARGS = frozenset({"continue_final_message", "tools", "documents",
+                             "return_assistant_tokens_mask", "chat_template"})
+# What in a template's source tells sentence-transformers it reads content as a list of parts.
+_STRUCTURED_PATTERNS = ("content[0]", ".type", "'type'", '"type"', "item.type",
+                        "message.content[")
+# The named special tokens transformers gives every template (its special_tokens_map).
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
+                       "cls_token", "mask_token")
+
+
+class Conversations(msgspec.Struct, frozen=True):
+    """How inputs are written as conversations: the template and what it renders with."""
+
+    chat_template: str
+    message_format: Literal["flat", "structured"] = "flat"
+    # Extra variables of the render (sentence_bert_config.json's chat_template kwargs).
+    template_kwargs: dict[str, Any] = {}
+    # The named special tokens, by name, as the template sees them.
+    special_tokens: dict[str, str] = {}
+    # A truncated conversation gets the template's tail back over its last tokens.
+    restore_suffix: bool = True
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):  # an AddedToken as transformers saves it
+        value = value.get("content")
+    return None if value is None else str(value)
+
+
+def _template(root: Path, tokenizer_config: dict[str, Any]) -> str | None:
+    """The template transformers 5 gives the tokenizer: chat_template.jinja, else
+    tokenizer_config.json's (a list of named ones: the one named "default")."""
+    jinja = root / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, list):
+        named = {str(t.get("name")): t.get("template") for t in template if isinstance(t, dict)}
+        if "default" not in named:
+            raise ConfigError(f"{root}/tokenizer_config.json: several chat templates "
+                              f"({sorted(named)}) and none named 'default'")
+        template = named["default"]
+    return None if template is None else str(template)
+
+
+def _render_kwargs(root: Path, st_config: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """sentence_bert_config.json's processing_kwargs: the render's variables and whether the
+    suffix is restored; any setting that would change tokenization is refused by name."""
+    processing = dict(st_config.get("processing_kwargs") or {})
+    chat = dict(processing.pop("chat_template", None) or {})
+    others = {k: v for k, v in processing.items() if v}
+    if others:
+        raise ConfigError(f"{root}/sentence_bert_config.json: processing_kwargs "
+                          f"{sorted(others)} are not supported for chat conversations")
+    restore = bool(chat.pop("restore_suffix", True))
+    bad = sorted((_SIZE_KWARGS | _REFUSED_KWARGS) & chat.keys())
+    if bad:
+        raise ConfigError(f"{root}/sentence_bert_config.json: chat_template settings {bad} are "
+                          "not supported")
+    return chat, restore
+
+
+def declares_messages(root: Path) -> bool:
+    """Whether sentence_bert_config.json's modality_config lists the "message" modality."""
+    st_config = optional_json(root / "sentence_bert_config.json") or {}
+    return "message" in (st_config.get("modality_config") or {})
+
+
+def read_conversations(root: Path, infer: bool) -> Conversations | None:
+    """The model's conversations when its Transformer module takes messages: as
+    sentence_bert_config.json's modality_config declares, or (`infer`, where none is saved) when
+    the model has a chat template, as sentence-transformers infers. None: plain inputs."""
+    st_config = optional_json(root / "sentence_bert_config.json") or {}
+    tokenizer_config = optional_json(root / "tokenizer_config.json") or {}
+    template = _template(root, tokenizer_config)
+    modalities = st_config.get("modality_config")
+    if modalities is not None:
+        message = modalities.get("message")
+    else:
+        message = {} if infer and template is not None else None
+    if message is None:
+        return None
+    if template is None:
+        raise ConfigError(f"{root}: the Transformer module takes messages, but the model has no "
+                          "chat template (chat_template.jinja or tokenizer_config.json's)")
+    message_format = message.get("format", "auto")
+    if message_format == "auto":  # sentence-transformers' guess, from the template's source
+        message_format = ("structured" if any(p in template for p in _STRUCTURED_PATTERNS)
+                          else "flat")
+    if message_format not in ("flat", "structured"):
+        raise ConfigError(f"{root}/sentence_bert_config.json: message format "
+                          f"{message_format!r} is not supported")
+    kwargs, restore = _render_kwargs(root, st_config)
+    specials = {name: text for name in SPECIAL_TOKEN_NAMES
+                if (text := _token_text(tokenizer_config.get(name))) is not None}
+    return Conversations(template, message_format, kwargs, specials, restore)
