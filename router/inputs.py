@@ -192,8 +192,9 @@ async def tokenize_inputs(
     if texts:
         max_length = rules.max_input_length if truncate else None
         # A model that takes conversations gets the prompt as their system message, pairs too
-        # (what sentence-transformers' CrossEncoder does with its default prompt).
-        system = prompt if tokenizers.conversations else None
+        # (what sentence-transformers' CrossEncoder does with its default prompt); an empty
+        # prompt is none, as there (a system message, even empty, changes the render).
+        system = (prompt or None) if tokenizers.conversations else None
         encodings = await tokenizers.encode(texts, max_length, direction, system)
         for index, enc in zip(text_slots, encodings, strict=True):
             if enc.ids.shape[0] > rules.max_input_length:

@@ -4,6 +4,7 @@ pairs and single texts, cut or not, with and without a prompt, in both message f
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -187,3 +188,37 @@ def test_an_embedder_that_declares_messages_is_refused(tmp_path: Path) -> None:
         "message": {"method": "forward", "method_output_name": "last_hidden_state"}})
     with pytest.raises(ConfigError, match="takes messages"):
         load_model_info(root)
+
+
+def test_an_empty_prompt_is_no_system_message(tmp_path: Path) -> None:
+    # prompts {"none": ""} with default_prompt_name "none" (or --default-prompt ""): the
+    # CrossEncoder scores the pair without a system message. This template renders one
+    # whenever it is there, empty or not.
+    template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+                "{% endfor %}<|im_start|>assistant\n")
+    root = make_causal_reranker(tmp_path / "m", template=template)
+    expected = theirs(root, PAIRS, "")
+    assert expected == theirs(root, PAIRS) != theirs(root, PAIRS, " ")
+    from router.inputs import InputRules, tokenize_inputs
+
+    info = load_model_info(root)
+    rules = InputRules(max_input_length=info.max_input_length, max_client_batch_size=8,
+                       vocab_size=info.vocab_size, prompts={}, default_prompt="")
+
+    class Pool:  # the router's own tokenizer, as for a short request
+        conversations = True
+
+        async def encode(self, texts, max_length, direction, system=None):
+            outcome = tokenization._encode(texts, max_length, direction, system)
+            assert outcome.error is None, outcome.error
+            return outcome.value
+
+    before = tokenization._tokenizer, tokenization._chat
+    try:
+        tokenization._load(str(info.tokenizer_path), False, info.model_type, info.conversations)
+        encoded, _ = asyncio.run(tokenize_inputs(
+            PAIRS, prompt="", explicit_prompt=False, truncate=True, direction="right",
+            rules=rules, tokenizers=Pool()))  # type: ignore[arg-type]
+    finally:
+        tokenization._tokenizer, tokenization._chat = before
+    assert [e.ids.tolist() for e in encoded] == expected

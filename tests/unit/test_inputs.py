@@ -179,6 +179,11 @@ def test_a_conversation_model_gets_the_prompt_as_its_system_message() -> None:
     tokenize(["hello", ("q", "d")], prompt="judge: ",
              tokenizers=Conversations())  # type: ignore[arg-type]
     assert systems == [(["hello", ("q", "d")], "judge: ")]  # nothing prepended
+    # An empty prompt is no system message (sentence-transformers adds one only for a
+    # non-empty prompt; a Qwen-style template would render an empty system turn).
+    systems.clear()
+    tokenize([("q", "d")], prompt="", tokenizers=Conversations())  # type: ignore[arg-type]
+    assert systems == [([("q", "d")], None)]
 
 
 @pytest.mark.parametrize("direction", ["left", "right"])
