@@ -19,6 +19,8 @@ from datetime import datetime
 from typing import Any
 
 import jinja2
+import jinja2.ext
+import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Encoding, Tokenizer
 
@@ -48,11 +50,28 @@ def _strftime_now(format: str) -> str:
     return datetime.now().strftime(format)
 
 
+class _Generation(jinja2.ext.Extension):
+    """transformers' `{% generation %}...{% endgeneration %}` block (it marks the assistant's
+    text for return_assistant_tokens_mask; many chat templates have one): renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    @staticmethod
+    def _body(caller: Any) -> str:
+        return str(caller())
+
+
 def compile_template(source: str) -> jinja2.Template:
     """The template in the environment transformers renders chat templates in: sandboxed
-    (templates come from model repositories), blocks trimmed, loop controls, its globals."""
+    (templates come from model repositories), blocks trimmed, loop controls, the generation
+    block, its globals."""
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
+                                        extensions=[_Generation, "jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
     try:

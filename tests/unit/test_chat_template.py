@@ -222,3 +222,13 @@ def test_an_empty_prompt_is_no_system_message(tmp_path: Path) -> None:
     finally:
         tokenization._tokenizer, tokenization._chat = before
     assert [e.ids.tolist() for e in encoded] == expected
+
+
+def test_a_template_with_a_generation_block_is_rendered_as_transformers_does(
+        tmp_path: Path) -> None:
+    # {% generation %} (transformers' marker of the assistant's text, in many chat templates)
+    # renders its body; Jinja alone does not know the tag.
+    template = TEMPLATE + "{% generation %}<think></think>{% endgeneration %}"
+    root = make_causal_reranker(tmp_path / "m", template=template)
+    assert ours(root, PAIRS) == theirs(root, PAIRS)
+    assert ours(root, PAIRS[:1])[0] != ours(make_causal_reranker(tmp_path / "n"), PAIRS[:1])[0]
