@@ -53,20 +53,36 @@ def _token_text(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def _template(root: Path, tokenizer_config: dict[str, Any]) -> str | None:
-    """The template transformers 5 gives the tokenizer: chat_template.jinja, else
-    tokenizer_config.json's (a list of named ones: the one named "default")."""
+def _template(root: Path, tokenizer_config: dict[str, Any]) -> tuple[str | None, bool]:
+    """The template transformers 5 gives the tokenizer, and whether it holds several.
+
+    As its loader: chat_template.jinja (named "default") and additional_chat_templates/*.jinja
+    (each by its name; these files replace tokenizer_config.json's template), else
+    tokenizer_config.json's (a string, or a list of named ones); of several, apply_chat_template
+    renders the one named "default"."""
+    files = {}
     jinja = root / "chat_template.jinja"
     if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    template = tokenizer_config.get("chat_template")
-    if isinstance(template, list):
+        files["default"] = jinja.read_text(encoding="utf-8")
+    folder = root / "additional_chat_templates"
+    if folder.is_dir():
+        for path in sorted(folder.glob("*.jinja")):
+            files[path.name.removesuffix(".jinja")] = path.read_text(encoding="utf-8")
+    named: dict[str, Any]
+    if files:
+        if set(files) == {"default"}:
+            return files["default"], False
+        named, where = files, f"{root}/additional_chat_templates"
+    else:
+        template = tokenizer_config.get("chat_template")
+        if not isinstance(template, list):
+            return (None if template is None else str(template)), False
         named = {str(t.get("name")): t.get("template") for t in template if isinstance(t, dict)}
-        if "default" not in named:
-            raise ConfigError(f"{root}/tokenizer_config.json: several chat templates "
-                              f"({sorted(named)}) and none named 'default'")
-        template = named["default"]
-    return None if template is None else str(template)
+        where = f"{root}/tokenizer_config.json"
+    if "default" not in named:
+        raise ConfigError(f"{where}: several chat templates ({sorted(named)}) and none named "
+                          "'default'")
+    return str(named["default"]), True
 
 
 def _render_kwargs(root: Path, st_config: dict[str, Any]) -> tuple[dict[str, Any], bool]:
@@ -98,7 +114,7 @@ def read_conversations(root: Path, infer: bool) -> Conversations | None:
     the model has a chat template, as sentence-transformers infers. None: plain inputs."""
     st_config = optional_json(root / "sentence_bert_config.json") or {}
     tokenizer_config = optional_json(root / "tokenizer_config.json") or {}
-    template = _template(root, tokenizer_config)
+    template, several = _template(root, tokenizer_config)
     modalities = st_config.get("modality_config")
     if modalities is not None:
         message = modalities.get("message")
@@ -111,8 +127,9 @@ def read_conversations(root: Path, infer: bool) -> Conversations | None:
                           "chat template (chat_template.jinja or tokenizer_config.json's)")
     message_format = message.get("format", "auto")
     if message_format == "auto":  # sentence-transformers' guess, from the template's source
-        message_format = ("structured" if any(p in template for p in _STRUCTURED_PATTERNS)
-                          else "flat")
+        # (several templates are not a string to it: structured)
+        message_format = ("structured" if several or any(p in template for p in
+                                                          _STRUCTURED_PATTERNS) else "flat")
     if message_format not in ("flat", "structured"):
         raise ConfigError(f"{root}/sentence_bert_config.json: message format "
                           f"{message_format!r} is not supported")

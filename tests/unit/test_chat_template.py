@@ -232,3 +232,49 @@ def test_a_template_with_a_generation_block_is_rendered_as_transformers_does(
     root = make_causal_reranker(tmp_path / "m", template=template)
     assert ours(root, PAIRS) == theirs(root, PAIRS)
     assert ours(root, PAIRS[:1])[0] != ours(make_causal_reranker(tmp_path / "n"), PAIRS[:1])[0]
+
+
+def _auto_format(root: Path) -> None:
+    set_json(root / "sentence_bert_config.json", modality_config={
+        "message": {"method": "forward", "method_output_name": "logits", "format": "auto"}})
+
+
+@pytest.mark.parametrize("layout", ["folder-default", "folder-extra", "config-list"])
+def test_templates_are_found_as_transformers_finds_them(tmp_path: Path, layout: str) -> None:
+    # transformers 5: additional_chat_templates/*.jinja are named templates that replace
+    # tokenizer_config.json's; of several it renders "default", and sentence-transformers'
+    # "auto" message format takes several templates (not a string) for structured.
+    root = make_causal_reranker(tmp_path / layout)
+    jinja = root / "chat_template.jinja"
+    folder = root / "additional_chat_templates"
+    folder.mkdir()
+    wrong = "{{ messages | map(attribute='role') | join }}"  # renders no content
+    if layout == "folder-default":
+        jinja.rename(folder / "default.jinja")
+        set_json(root / "tokenizer_config.json", chat_template=wrong)
+    else:
+        _auto_format(root)
+        jinja.write_text(STRUCTURED)
+        (folder / "tool_use.jinja").write_text(wrong)
+        if layout == "config-list":
+            jinja.unlink()
+            folder.joinpath("tool_use.jinja").unlink()
+            set_json(root / "tokenizer_config.json", chat_template=[
+                {"name": "tool_use", "template": wrong},
+                {"name": "default", "template": STRUCTURED}])
+    config = load_model_info(root).conversations
+    assert config is not None
+    assert config.message_format == ("flat" if layout == "folder-default" else "structured")
+    assert ours(root, PAIRS) == theirs(root, PAIRS)
+
+
+def test_several_templates_without_a_default_are_refused(reranker: Path, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(reranker, root)
+    (root / "additional_chat_templates").mkdir()
+    (root / "chat_template.jinja").rename(root / "additional_chat_templates" / "rerank.jinja")
+    with pytest.raises(ConfigError, match=r"additional_chat_templates: several chat templates "
+                                          r"\(\['rerank'\]\) and none named 'default'"):
+        load_model_info(root)
