@@ -95,8 +95,9 @@ class ChatFormatter:
         else, silently): as sentence-transformers does, by renders that vary one of them."""
         try:
             base, *varied = (self.render(self.conversation(pair, None)) for pair in _PROBES)
-        except jinja2.TemplateError as exc:
-            raise ConfigError(f"the model's chat template fails on a pair: {exc}") from None
+        except Exception as exc:  # a template's own error, or Python's inside it
+            raise ConfigError(f"the model's chat template fails on a pair: "
+                              f"{type(exc).__name__}: {exc}") from None
         dropped = [role for role, render in zip(("query", "document"), varied, strict=True)
                    if render == base]
         if dropped:

@@ -23,9 +23,12 @@ from shared.st_modules import optional_json
 _SIZE_KWARGS = frozenset({"padding", "truncation", "max_length", "return_tensors",
                           "pad_to_multiple_of", "return_dict", "tokenize"})
 # Rendering arguments sentence-transformers would pass on that change what is scored in ways
-# not reproduced here.
+# not reproduced here, or that apply_chat_template (or the render) takes as its own and fails
+# on as given there (sanitize_control_tokens, tokenizer_kwargs, conversation, messages).
 _REFUSED_KWARGS = frozenset({"continue_final_message", "tools", "documents",
-                             "return_assistant_tokens_mask", "chat_template"})
+                             "return_assistant_tokens_mask", "chat_template",
+                             "sanitize_control_tokens", "tokenizer_kwargs", "conversation",
+                             "messages"})
 # What in a template's source tells sentence-transformers it reads content as a list of parts.
 _STRUCTURED_PATTERNS = ("content[0]", ".type", "'type'", '"type"', "item.type",
                         "message.content[")

@@ -105,6 +105,10 @@ def test_an_auto_format_is_guessed_as_sentence_transformers_guesses(
 
 @pytest.mark.parametrize(("change", "named"), [
     ({"processing_kwargs": {"chat_template": {"max_length": 16}}}, "max_length"),
+    # (sentence-transformers fails on these itself: apply_chat_template's own arguments)
+    ({"processing_kwargs": {"chat_template": {"sanitize_control_tokens": True}}},
+     "sanitize_control_tokens"),
+    ({"processing_kwargs": {"chat_template": {"tokenizer_kwargs": {}}}}, "tokenizer_kwargs"),
     ({"processing_kwargs": {"text": {"padding_side": "right"}}}, "text"),
     ({"transformer_task": "sequence-classification"}, "sequence-classification"),
 ])
@@ -143,6 +147,7 @@ def test_a_token_outside_the_vocabulary_is_refused(reranker: Path, tmp_path: Pat
     (TEMPLATE.replace("'eq', 'query'", "'eq', 'user'"), "drops the query"),
     (TEMPLATE + "{% if", "does not compile"),
     (TEMPLATE + "{{ raise_exception('no pairs here') }}", "no pairs here"),
+    (TEMPLATE + "{{ 1 / 0 }}", "fails on a pair: ZeroDivisionError"),
 ])
 def test_a_template_that_cannot_carry_a_pair_is_refused_at_start(
         reranker: Path, tmp_path: Path, template: str, named: str) -> None:
