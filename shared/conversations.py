@@ -105,26 +105,18 @@ def _render_kwargs(root: Path, st_config: dict[str, Any]) -> tuple[dict[str, Any
     return chat, restore
 
 
-def declares_messages(root: Path) -> bool:
-    """Whether sentence_bert_config.json's modality_config lists the "message" modality."""
+def read_conversations(root: Path) -> Conversations | None:
+    """The model's conversations when its Transformer module takes messages, as
+    sentence_bert_config.json's modality_config declares; None: plain inputs. (Without a
+    modality_config sentence-transformers loads a saved Transformer as text only, chat template
+    or not; it guesses messages only for a bare transformers directory, which TEI and
+    transformers read plainly, and so do we.)"""
     st_config = optional_json(root / "sentence_bert_config.json") or {}
-    return "message" in (st_config.get("modality_config") or {})
-
-
-def read_conversations(root: Path, infer: bool) -> Conversations | None:
-    """The model's conversations when its Transformer module takes messages: as
-    sentence_bert_config.json's modality_config declares, or (`infer`, where none is saved) when
-    the model has a chat template, as sentence-transformers infers. None: plain inputs."""
-    st_config = optional_json(root / "sentence_bert_config.json") or {}
-    tokenizer_config = optional_json(root / "tokenizer_config.json") or {}
-    template, several = _template(root, tokenizer_config)
-    modalities = st_config.get("modality_config")
-    if modalities is not None:
-        message = modalities.get("message")
-    else:
-        message = {} if infer and template is not None else None
+    message = (st_config.get("modality_config") or {}).get("message")
     if message is None:
         return None
+    tokenizer_config = optional_json(root / "tokenizer_config.json") or {}
+    template, several = _template(root, tokenizer_config)
     if template is None:
         raise ConfigError(f"{root}: the Transformer module takes messages, but the model has no "
                           "chat template (chat_template.jinja or tokenizer_config.json's)")

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from shared.conversations import Conversations, declares_messages, read_conversations
+from shared.conversations import Conversations, read_conversations
 from shared.errors import ConfigError
 from shared.logit_score import LogitScore, parse_logit_score
 from shared.st_modules import (
@@ -291,13 +291,9 @@ def load_model_info(
     model_kind, id2label = _model_kind(config)
     if logit_score is not None:
         model_kind, id2label = "reranker", {"0": "LABEL_0"}
-    conversations = None
-    if model_kind != "embedding":
-        # Where the Transformer module declares messages (a LogitScore re-ranker's also where
-        # none is saved but a template is there: sentence-transformers' inference). A bare
-        # *ForSequenceClassification directory is read plainly, as TEI and transformers read it.
-        conversations = read_conversations(root, infer=logit_score is not None)
-    elif modules and declares_messages(root):
+    # Where the Transformer module declares messages (sentence_bert_config.json).
+    conversations = read_conversations(root) if modules else None
+    if conversations is not None and model_kind == "embedding":
         raise ConfigError(f"{root}/sentence_bert_config.json: an embedding model whose "
                           "Transformer module takes messages (chat conversations) is not "
                           "supported")

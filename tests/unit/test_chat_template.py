@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from router import tokenization
-from shared.errors import ConfigError
+from shared.errors import ConfigError, EmbedServeError, ErrorType
 from shared.modelinfo import load_model_info
 from tests.fixtures.causal_reranker import (
     TEMPLATE,
@@ -283,3 +283,53 @@ def test_several_templates_without_a_default_are_refused(reranker: Path, tmp_pat
     with pytest.raises(ConfigError, match=r"additional_chat_templates: several chat templates "
                                           r"\(\['rerank'\]\) and none named 'default'"):
         load_model_info(root)
+
+
+def test_a_template_that_fails_on_a_request_is_the_clients_error(tmp_path: Path) -> None:
+    # Passed the start probes, the template raises on this request's document: the request's
+    # error (a Tokenizer error, 422), never the process's; the next request is served.
+    template = ("{% if 'forbidden' in messages[-1].content %}"
+                "{{ raise_exception('no forbidden documents') }}{% endif %}" + TEMPLATE)
+    root = make_causal_reranker(tmp_path / "m", template=template)
+    info = load_model_info(root)
+    before = tokenization._tokenizer, tokenization._chat
+    try:
+        tokenization._load(str(info.tokenizer_path), False, info.model_type,
+                           info.conversations)
+        failed = tokenization._encode([("q", "a forbidden doc")], 64, "right")
+        assert failed.value is None and failed.error == "no forbidden documents"
+        pool = tokenization.TokenizerPool(str(info.tokenizer_path), 1,
+                                          conversations=info.conversations)
+        try:  # (short: tokenized in this process, the pool's processes never start)
+            with pytest.raises(EmbedServeError) as raised:
+                asyncio.run(pool.encode([("q", "a forbidden doc")], 64, "right"))
+        finally:
+            pool.close()
+        assert raised.value.error_type is ErrorType.TOKENIZER
+        served = tokenization._encode([("q", "a fine doc")], 64, "right")
+        assert served.error is None
+    finally:
+        tokenization._tokenizer, tokenization._chat = before
+    assert [e.ids.tolist() for e in served.value] == theirs(root, [("q", "a fine doc")])
+
+
+@pytest.mark.parametrize("modality_config", [None, {"text": {
+    "method": "forward", "method_output_name": "logits"}}], ids=["absent", "text-only"])
+def test_a_transformer_without_messages_tokenizes_pairs_as_pairs(
+        reranker: Path, tmp_path: Path, modality_config: dict | None) -> None:
+    # sentence-transformers loads a saved Transformer whose sentence_bert_config.json has no
+    # modality_config as text only (TRANSFORMER_TASK_DEFAULTS), chat template or not.
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(reranker, root)
+    set_json(root / "sentence_bert_config.json", modality_config=modality_config,
+             module_output_name=None if modality_config is None else "causal_logits")
+    info = load_model_info(root)
+    assert info.logit_score is not None and info.conversations is None
+    pool = tokenization.TokenizerPool("unused", 1, conversations=info.conversations)
+    try:
+        assert not pool.conversations  # a prompt goes in front of the text
+    finally:
+        pool.close()
+    assert ours(root, PAIRS) == theirs(root, PAIRS)
