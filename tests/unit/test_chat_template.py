@@ -133,13 +133,39 @@ def test_a_model_that_takes_messages_needs_a_template(reranker: Path, tmp_path: 
         load_model_info(root)
 
 
-def test_a_token_outside_the_vocabulary_is_refused(reranker: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("token", [10**6, "vocab_size"])
+def test_a_token_outside_the_vocabulary_is_refused(reranker: Path, tmp_path: Path,
+                                                   token: int | str) -> None:
     import shutil
 
     root = tmp_path / "copy"
     shutil.copytree(reranker, root)
-    set_json(root / "1_LogitScore" / "config.json", true_token_id=10**6)
-    with pytest.raises(ConfigError, match="true_token_id"):
+    if token == "vocab_size":  # one past the last
+        token = load_model_info(root).vocab_size
+    set_json(root / "1_LogitScore" / "config.json", true_token_id=token)
+    with pytest.raises(ConfigError, match=f"true_token_id {token} is not a token"):
+        load_model_info(root)
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ("module_input_name", "LogitScore on 'logits' is not supported"),
+    ("third module", "LogitScore is supported only right after the Transformer"),
+])
+def test_other_logit_score_pipelines_are_refused(reranker: Path, tmp_path: Path, change: str,
+                                                 named: str) -> None:
+    import json
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(reranker, root)
+    if change == "module_input_name":
+        set_json(root / "1_LogitScore" / "config.json", module_input_name="logits")
+    else:
+        modules = json.loads((root / "modules.json").read_text())
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                        "type": "sentence_transformers.base.modules.normalize.Normalize"})
+        (root / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(ConfigError, match=named):
         load_model_info(root)
 
 
@@ -244,7 +270,8 @@ def _auto_format(root: Path) -> None:
         "message": {"method": "forward", "method_output_name": "logits", "format": "auto"}})
 
 
-@pytest.mark.parametrize("layout", ["folder-default", "folder-extra", "config-list"])
+@pytest.mark.parametrize("layout", ["jinja-over-config", "folder-default", "folder-extra",
+                                    "config-list"])
 def test_templates_are_found_as_transformers_finds_them(tmp_path: Path, layout: str) -> None:
     # transformers 5: additional_chat_templates/*.jinja are named templates that replace
     # tokenizer_config.json's; of several it renders "default", and sentence-transformers'
@@ -254,11 +281,13 @@ def test_templates_are_found_as_transformers_finds_them(tmp_path: Path, layout: 
     folder = root / "additional_chat_templates"
     folder.mkdir()
     wrong = "{{ messages | map(attribute='role') | join }}"  # renders no content
-    if layout == "folder-default":
+    _auto_format(root)
+    if layout == "jinja-over-config":
+        set_json(root / "tokenizer_config.json", chat_template=wrong)
+    elif layout == "folder-default":
         jinja.rename(folder / "default.jinja")
         set_json(root / "tokenizer_config.json", chat_template=wrong)
     else:
-        _auto_format(root)
         jinja.write_text(STRUCTURED)
         (folder / "tool_use.jinja").write_text(wrong)
         if layout == "config-list":
@@ -269,7 +298,8 @@ def test_templates_are_found_as_transformers_finds_them(tmp_path: Path, layout: 
                 {"name": "default", "template": STRUCTURED}])
     config = load_model_info(root).conversations
     assert config is not None
-    assert config.message_format == ("flat" if layout == "folder-default" else "structured")
+    assert config.message_format == ("structured" if layout in ("folder-extra", "config-list")
+                                     else "flat")
     assert ours(root, PAIRS) == theirs(root, PAIRS)
 
 
@@ -332,4 +362,88 @@ def test_a_transformer_without_messages_tokenizes_pairs_as_pairs(
         assert not pool.conversations  # a prompt goes in front of the text
     finally:
         pool.close()
+    assert ours(root, PAIRS) == theirs(root, PAIRS)
+
+
+def test_a_limit_shorter_than_the_template_tail(tmp_path: Path) -> None:
+    # The tail (3 tokens here) is restored in part over a 2-token conversation, its last
+    # tokens; a single text's renders never differ with its content (this template has no
+    # place for it), so no tail is restored over it.
+    root = make_causal_reranker(tmp_path / "m", max_seq_length=2)
+    for items in (PAIRS, TEXTS):
+        expected = theirs(root, items)
+        assert {len(ids) for ids in expected} == {2}
+        assert ours(root, items) == expected
+
+
+# Whitespace around block tags, the variables transformers passes, tojson: the rendered
+# string is compared with transformers' own (the tiny tokenizer does not see whitespace).
+VARIABLES = (
+    "{%- for m in messages %}\n"
+    "  {% if m.role == 'system' %}\n"
+    "<sys>{{ m.content }}</sys>\n"
+    "  {% else %}\n"
+    "<{{ m.role }}>{{ m.content | tojson }}\n"
+    "  {% endif %}\n"
+    "{% endfor %}\n"
+    "{% if add_generation_prompt is defined %}agp={{ add_generation_prompt }}{% endif %}\n"
+    "tools={{ tools is none }} documents={{ documents is none }}\n"
+    "{{ bos_token }}|{{ eos_token }}|{{ unk_token }}|{{ pad_token }}|{{ extra }}\n"
+    "{{ 'é' | tojson }}"
+)
+
+
+@pytest.mark.parametrize("system", [None, "judge"])
+def test_the_render_is_transformers(tmp_path: Path, system: str | None) -> None:
+    from transformers import AutoTokenizer
+
+    kwargs = {"pad_token": "the pad", "extra": "more"}  # (over the special token)
+    root = make_causal_reranker(tmp_path / "m", template=VARIABLES, chat_kwargs=kwargs)
+    info = load_model_info(root)
+    hf = AutoTokenizer.from_pretrained(str(root))
+    before = tokenization._tokenizer, tokenization._chat
+    try:
+        tokenization._load(str(info.tokenizer_path), False, info.model_type,
+                           info.conversations)
+        chat = tokenization._chat
+        assert chat is not None
+        for item in [*PAIRS[:2], TEXTS[0]]:
+            conversation = chat.conversation(item, system)
+            expected = hf.apply_chat_template(conversation, tokenize=False, **kwargs)
+            assert chat.render(conversation) == expected
+    finally:
+        tokenization._tokenizer, tokenization._chat = before
+    assert "the pad|more" in expected and "agp=False" in expected
+    assert ours(root, PAIRS, system) == theirs(root, PAIRS, system)
+
+
+def test_the_tail_restored_is_the_prompts(tmp_path: Path) -> None:
+    # The prompt is in this template's tail: each prompt's conversations get their own.
+    template = TEMPLATE + ("{{ messages | selectattr('role', 'eq', 'system') "
+                           "| map(attribute='content') | first | default('') }}")
+    root = make_causal_reranker(tmp_path / "m", template=template)
+    info = load_model_info(root)
+    before = tokenization._tokenizer, tokenization._chat
+    got = {}
+    try:
+        tokenization._load(str(info.tokenizer_path), False, info.model_type,
+                           info.conversations)
+        for system in ("yes", "no", "yes"):  # one formatter, its tails cached
+            outcome = tokenization._encode(PAIRS[2:3], info.max_input_length, "right", system)
+            assert outcome.error is None, outcome.error
+            got[system] = outcome.value[0].ids.tolist()
+    finally:
+        tokenization._tokenizer, tokenization._chat = before
+    for system, ids in got.items():
+        assert len(ids) == info.max_input_length
+        assert [ids] == theirs(root, PAIRS[2:3], system)
+
+
+def test_empty_processing_settings_are_accepted(reranker: Path, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(reranker, root)
+    set_json(root / "sentence_bert_config.json",
+             processing_kwargs={"text": {}, "common": {}, "chat_template": {}})
     assert ours(root, PAIRS) == theirs(root, PAIRS)
