@@ -174,6 +174,9 @@ async def tokenize_inputs(
                 raise empty("Input validation error: `inputs` cannot be empty")
             first, second = (_cut(text, char_limit, truncate, direction) for text in item)
             characters += len(first) + len(second)
+            if prompt and not tokenizers.conversations:
+                # sentence-transformers' CrossEncoder puts its (default) prompt before the query.
+                first = prompt + first
             texts.append((first, second))
             text_slots.append(index)
             continue

@@ -99,8 +99,10 @@ async def _rerank_pieces(
     texts = [text[:max_length * max_chunks * CHARS_PER_TOKEN_LIMIT] for text in texts]
     with service.refusals_counted():
         check_batch_size(len(texts), service.rules)
+        # The pieces must fit beside the query as it is tokenized: after the default prompt.
+        prompted = (service.rules.default_prompt or "") + query
         with service.admitted(len(texts), "tokenizer"):
-            chunked = await service.tokenizers.chunks(query, list(texts), max_length,
+            chunked = await service.tokenizers.chunks(prompted, list(texts), max_length,
                                                       max_chunks)
         if chunked.pieces is None:
             return None

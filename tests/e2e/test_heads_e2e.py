@@ -136,6 +136,25 @@ def test_rerank_matches_cross_encoder(reranker) -> None:
     assert srv.client.post("/embed", json={"inputs": "hi"}).status_code == 424
 
 
+def test_a_cross_encoders_default_prompt_goes_before_the_query(tmp_path: Path) -> None:
+    from sentence_transformers import CrossEncoder
+
+    model_dir = make_tiny_classifier(tmp_path / "model", ["score"], seed=1)
+    CrossEncoder(str(model_dir), device="cpu", prompts={"rank": "rank this: "},
+                 default_prompt_name="rank").save(str(model_dir))
+    pairs = [(QUERY, d) for d in DOCS]
+    expected = CrossEncoder(str(model_dir), device="cpu").predict(pairs)
+    assert np.abs(expected - CrossEncoder(str(model_dir), device="cpu").predict(
+        pairs, prompt="")).max() > 1e-3  # (the prompt matters to these scores)
+    srv = start(model_dir, tmp_path / "log")
+    try:
+        ranks = srv.client.post("/rerank", json={"query": QUERY, "texts": DOCS}).json()
+    finally:
+        assert srv.stop() == 0
+    for rank in ranks:
+        assert abs(rank["score"] - expected[rank["index"]]) <= TOL
+
+
 def test_a_pair_with_one_empty_text_is_scored(reranker) -> None:
     """TEI refuses a pair only when both texts are empty: a retrieved chunk with no text (an
     empty PDF page) is ranked, not a 400 for the whole /rerank (LlamaIndex's and Haystack's TEI

@@ -186,6 +186,26 @@ def test_a_conversation_model_gets_the_prompt_as_its_system_message() -> None:
     assert systems == [([("q", "d")], None)]
 
 
+def test_a_default_prompt_goes_before_the_query_of_a_pair() -> None:
+    # (sentence-transformers' CrossEncoder: its prompt is prepended to a pair's first text)
+    seen: list[list] = []
+
+    class Plain:
+        conversations = False
+
+        async def encode(self, texts: list, max_length: int | None, direction: str,
+                         system: str | None = None) -> list[Encoded]:
+            seen.append(list(texts))
+            ids = np.array([CLS, SEP], dtype=np.int32)
+            return [Encoded(ids, np.zeros_like(ids)) for _ in texts]
+
+    _, characters = tokenize([("q", "d"), "t"], prompt="rank: ",
+                             tokenizers=Plain())  # type: ignore[arg-type]
+    tokenize([("q", "d")], prompt="", tokenizers=Plain())  # type: ignore[arg-type]
+    assert seen == [[("rank: q", "d"), "rank: t"], [("q", "d")]]
+    assert characters == 3  # the client's characters, as for single texts
+
+
 @pytest.mark.parametrize("direction", ["left", "right"])
 def test_truncating_texts_asks_the_tokenizer_to_cut(direction: str) -> None:
     pool = FakeTokenizers()
