@@ -22,7 +22,8 @@ from shared import protocol
 from shared.errors import ConfigError
 from shared.modelinfo import load_model_info
 from shared.protocol import BatchArrays
-from tests.fixtures.causal_reranker import make_causal_reranker, set_json
+from tests.fixtures.causal_reranker import make_causal_reranker
+from tests.fixtures.decoders import set_json
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -13,12 +13,8 @@ import pytest
 from router import tokenization
 from shared.errors import ConfigError, EmbedServeError, ErrorType
 from shared.modelinfo import load_model_info
-from tests.fixtures.causal_reranker import (
-    TEMPLATE,
-    make_causal_reranker,
-    make_chat_classifier,
-    set_json,
-)
+from tests.fixtures.causal_reranker import TEMPLATE, make_causal_reranker, make_chat_classifier
+from tests.fixtures.decoders import set_json
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
