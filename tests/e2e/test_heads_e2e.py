@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from router import tokenization
 from tests.e2e.server import Server
 from tests.fixtures.heads import LABELS, make_tiny_classifier, make_tiny_mlm, splade_tiny
 
@@ -146,13 +147,29 @@ def test_a_cross_encoders_default_prompt_goes_before_the_query(tmp_path: Path) -
     expected = CrossEncoder(str(model_dir), device="cpu").predict(pairs)
     assert np.abs(expected - CrossEncoder(str(model_dir), device="cpu").predict(
         pairs, prompt="")).max() > 1e-3  # (the prompt matters to these scores)
+    # Cohere's max_chunks_per_doc: the pieces fit beside the query as it is tokenized, after
+    # the prompt (tokenization._chunks cuts them; CrossEncoder scores each, the best counts).
+    long_doc = "the cat sat on the dog, then the dog sat on the cat. " * 12
     srv = start(model_dir, tmp_path / "log")
     try:
         ranks = srv.client.post("/rerank", json={"query": QUERY, "texts": DOCS}).json()
+        chunked = srv.client.post("/v1/rerank", json={"query": QUERY, "documents": [long_doc],
+                                                      "max_chunks_per_doc": 8}).json()
+        max_length = srv.client.get("/info").json()["max_input_length"]
     finally:
         assert srv.stop() == 0
     for rank in ranks:
         assert abs(rank["score"] - expected[rank["index"]]) <= TOL
+    before = tokenization._tokenizer
+    try:
+        tokenization._load(str(model_dir / "tokenizer.json"))
+        pieces = tokenization._chunks("rank this: " + QUERY, [long_doc], max_length, 8)
+    finally:
+        tokenization._tokenizer = before
+    assert pieces.value.pieces is not None and len(pieces.value.pieces[0]) > 1
+    best = CrossEncoder(str(model_dir), device="cpu").predict(
+        [(QUERY, piece) for piece in pieces.value.pieces[0]]).max()
+    assert abs(chunked["results"][0]["relevance_score"] - best) <= TOL
 
 
 def test_a_pair_with_one_empty_text_is_scored(reranker) -> None:
