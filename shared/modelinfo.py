@@ -144,10 +144,9 @@ _SCORE_ACTIVATIONS = {"Sigmoid": "sigmoid", "Identity": "identity", "Softmax": "
 def _activation(config: dict[str, Any], labels: int,
                 st_config: dict[str, Any]) -> Literal["sigmoid", "softmax", "identity"]:
     """sentence-transformers' CrossEncoder choice: config_sentence_transformers.json's
-    `activation_fn` (where v6 saves it; `st_config` is empty without modules.json, as it then
-    reads no such file), else config.json's (v4-v5, else its pre-v4 key), else sigmoid for one
-    label. Like it, a path outside torch is not trusted (it would be the repository's own
-    code): the next source decides."""
+    `activation_fn` (where v6 saves it; `st_config` is empty where it reads no such file),
+    else config.json's (v4-v5, else its pre-v4 key), else sigmoid for one label. Like it, a path
+    outside torch is not trusted (it would be the repository's own code): the next decides."""
     legacy = config.get("sbert_ce_default_activation_function")
     for path in (st_config.get("activation_fn"),
                  (config.get("sentence_transformers") or {}).get("activation_fn", legacy)):
@@ -268,7 +267,16 @@ def load_model_info(
     lowercase = bool(modules) and bool(
         (optional_json(root / "sentence_bert_config.json") or {}).get("do_lower_case"))
 
+    model_kind, id2label = _model_kind(config)
+    if logit_score is not None:
+        model_kind, id2label = "reranker", {"0": "LABEL_0"}
     st_config = optional_json(root / "config_sentence_transformers.json") or {}
+    if model_kind != "embedding" and (
+            not modules or st_config.get("model_type", "SentenceTransformer") != "CrossEncoder"):
+        # CrossEncoder reads this file (its prompts, default_prompt_name, activation_fn) only
+        # from its own save: with modules.json, and "CrossEncoder" as the file's model_type
+        # (another is converted, the file left unread).
+        st_config = {}
     prompts = {str(k): str(v) for k, v in (st_config.get("prompts") or {}).items()}
     default_prompt_name = st_config.get("default_prompt_name")
     if default_prompt_name is not None and default_prompt_name not in prompts:
@@ -288,9 +296,6 @@ def load_model_info(
             )
         expected_in = spec.out_features
 
-    model_kind, id2label = _model_kind(config)
-    if logit_score is not None:
-        model_kind, id2label = "reranker", {"0": "LABEL_0"}
     # Where the Transformer module declares messages (sentence_bert_config.json).
     conversations = read_conversations(root) if modules else None
     if conversations is not None and model_kind == "embedding":

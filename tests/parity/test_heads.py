@@ -223,3 +223,33 @@ def test_score_activation_is_the_one_cross_encoder_applies(
                 "type": "sentence_transformers.base.modules.transformer.Transformer"}]))
         theirs = type(CrossEncoder(str(root), device="cpu").activation_fn).__name__.lower()
         assert load_model_info(root).activation == theirs, modules
+
+
+@pytest.mark.parametrize("saved_as", ["CrossEncoder", None, "SentenceTransformer", "no modules"])
+def test_config_sentence_transformers_is_read_as_cross_encoder_reads_it(
+        tmp_path: Path, saved_as: str | None) -> None:
+    """Its prompts, default_prompt_name and activation_fn count only in CrossEncoder's own save
+    (modules.json, model_type "CrossEncoder"): another model_type (none: SentenceTransformer)
+    is converted and the file left unread, as it is without modules.json."""
+    import json
+
+    from sentence_transformers import CrossEncoder
+
+    root = make_tiny_classifier(tmp_path / "reranker", ["score"])
+    CrossEncoder(str(root), device="cpu", prompts={"rank": "rank this: "},
+                 default_prompt_name="rank", activation_fn=torch.nn.Identity()).save(str(root))
+    st_path = root / "config_sentence_transformers.json"
+    st = json.loads(st_path.read_text())
+    st.pop("model_type")
+    if saved_as == "no modules":
+        (root / "modules.json").unlink()
+        st["model_type"] = "CrossEncoder"
+    elif saved_as is not None:
+        st["model_type"] = saved_as
+    st_path.write_text(json.dumps(st))
+    theirs = CrossEncoder(str(root), device="cpu")
+    ours = load_model_info(root)
+    assert ours.default_prompt_name == theirs.default_prompt_name
+    assert ours.prompts == {k: v for k, v in theirs.prompts.items() if v}
+    assert ours.activation == type(theirs.activation_fn).__name__.lower()
+    assert (ours.default_prompt_name is None) is (saved_as != "CrossEncoder")
