@@ -248,3 +248,33 @@ def test_llama_legacy_decides_the_marker_after_a_special_token(tmp_path: Path,
         assert tok.encode("Hello</s>World").ids == hf("Hello</s>World")["input_ids"]
     finally:
         tokenization._tokenizer = before
+
+
+def test_the_class_tables_agree_with_transformers_for_every_model_type_served() -> None:
+    """For each model type we serve: tokenizer.json as it is where transformers registers a
+    generic class, else the class it registers by default where we rebuild that class (Gemma's
+    template equals real files: none is kept), and the named class overridden where it overrides
+    it (transformers 5.25's tables; types we do not serve never reach a tokenizer)."""
+    pytest.importorskip("transformers")
+    from transformers.models.auto import tokenization_auto as auto
+
+    import backend_worker.models  # noqa: F401 (registers the families)
+    from backend_worker.models.registry import _BY_MODEL_TYPE
+    from router.tokenizer_config import (
+        _DEFAULT_CLASS,
+        _FILE_AS_IS,
+        _NAMED_CLASS_IGNORED,
+        _REBUILDS,
+    )
+
+    generic = {"TokenizersBackend", "PreTrainedTokenizerFast", "PythonBackend",
+               "MistralCommonBackend"}
+    for model_type in _BY_MODEL_TYPE:
+        registered = auto.TOKENIZER_MAPPING_NAMES.get(model_type)
+        assert (model_type in _FILE_AS_IS) == (registered in generic), model_type
+        if registered in _REBUILDS:
+            assert _DEFAULT_CLASS.get(model_type) == registered, model_type
+        if registered not in generic:
+            assert (model_type in _NAMED_CLASS_IGNORED) == (
+                registered is not None
+                and model_type in auto.MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS), model_type
