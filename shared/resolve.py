@@ -29,6 +29,10 @@ _NEEDED = [
     "*Dense*/config.json",
     "*Dense*/model.safetensors",
     "*Normalize*/config.json",
+    "*LogitScore*/config.json",
+    # A CrossEncoder that takes chat messages renders them with these (shared/conversations.py).
+    "chat_template.jinja",
+    "additional_chat_templates/*.jinja",
     "rl_agent_config.json",  # (only to refuse such a model by name: shared/modelinfo.py)
 ]
 _SAFETENSORS = ["model.safetensors", "model-*.safetensors", "model.safetensors.index.json"]

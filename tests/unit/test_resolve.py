@@ -241,3 +241,21 @@ def test_a_decision_models_file_is_fetched(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
     resolve_model(ServerConfig(model_id="org/laya", huggingface_hub_cache=str(tmp_path)))
     assert "rl_agent_config.json" in asked
+
+
+def test_a_causal_reranker_comes_down_whole(tmp_path: Path) -> None:
+    """Every file a LogitScore re-ranker is read from (CrossEncoder.save's layout: the module's
+    config, the chat templates) is among the files fetched from the Hub."""
+    from fnmatch import fnmatch
+
+    from shared.resolve import _NEEDED, _SAFETENSORS
+    from tests.fixtures.causal_reranker import make_causal_reranker
+
+    root = make_causal_reranker(tmp_path / "model")
+    (root / "additional_chat_templates").mkdir()
+    (root / "additional_chat_templates" / "default.jinja").write_text("x")
+    files = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    unread = {"README.md", "generation_config.json"}  # (model card, generation defaults)
+    missed = {f for f in files - unread
+              if not any(fnmatch(f, pattern) for pattern in _NEEDED + _SAFETENSORS)}
+    assert not missed
