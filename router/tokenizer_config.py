@@ -12,7 +12,6 @@ models/auto/tokenization_auto.py.)
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any, cast
 from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 
 from shared.errors import ConfigError
+from shared.st_modules import read_json
 
 log = logging.getLogger(__name__)
 
@@ -152,10 +152,7 @@ def _with_lowercase(tokenizer: Tokenizer) -> None:
 def _read_config(path: Path) -> dict[str, Any]:
     """A JSON object from `path`, or a start-up error naming it (transformers refuses such a file
     too; a bare JSONDecodeError from the tokenizer pool would name neither file nor model)."""
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:  # (UnicodeDecodeError is a ValueError)
-        raise ConfigError(f"cannot read {path}: {exc}") from None
+    cfg = read_json(path)
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path}: a JSON object was expected, not {type(cfg).__name__}")
     return cfg
