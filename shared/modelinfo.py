@@ -239,11 +239,14 @@ def load_model_info(
             )
     if dense_path is not None:
         dense = [parse_dense(root / dense_path)]
+    model_kind, id2label = _model_kind(config)
+    if logit_score is not None:
+        model_kind, id2label = "reranker", {"0": "LABEL_0"}
     if pooling_override is not None:
         if pooling_override not in POOLINGS:
             raise ConfigError(f"--pooling {pooling_override!r}: choose one of {POOLINGS}")
         pooling = pooling_override
-    elif pooling is None and (_model_kind(config)[0] != "embedding" or logit_score is not None):
+    elif pooling is None and model_kind != "embedding":
         # A classifier's head pools by itself and the worker offers it no pooled output; the
         # Engine's Pooler still needs a mode: CLS, as TEI serves every classifier.
         pooling = "cls"
@@ -267,9 +270,6 @@ def load_model_info(
     lowercase = bool(modules) and bool(
         (optional_json(root / "sentence_bert_config.json") or {}).get("do_lower_case"))
 
-    model_kind, id2label = _model_kind(config)
-    if logit_score is not None:
-        model_kind, id2label = "reranker", {"0": "LABEL_0"}
     st_config = optional_json(root / "config_sentence_transformers.json") or {}
     if model_kind != "embedding" and (
             not modules or st_config.get("model_type", "SentenceTransformer") != "CrossEncoder"):
