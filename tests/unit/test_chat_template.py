@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,11 @@ def ours(root: Path, items: list, system: str | None = None,
         return [enc.ids.tolist() for enc in outcome.value]
     finally:
         tokenization._tokenizer, tokenization._chat = before
+
+
+def copy_of(model: Path, tmp_path: Path) -> Path:
+    """A copy of the module's model to edit."""
+    return Path(shutil.copytree(model, tmp_path / "copy"))
 
 
 @pytest.fixture(scope="module")
@@ -110,20 +116,14 @@ def test_an_auto_format_is_guessed_as_sentence_transformers_guesses(
 ])
 def test_settings_not_reproduced_are_refused_by_name(reranker: Path, tmp_path: Path,
                                                      change: dict, named: str) -> None:
-    import shutil
-
-    root = tmp_path / "copy"
-    shutil.copytree(reranker, root)
+    root = copy_of(reranker, tmp_path)
     set_json(root / "sentence_bert_config.json", **change)
     with pytest.raises(ConfigError, match=named):
         load_model_info(root)
 
 
 def test_a_model_that_takes_messages_needs_a_template(reranker: Path, tmp_path: Path) -> None:
-    import shutil
-
-    root = tmp_path / "copy"
-    shutil.copytree(reranker, root)
+    root = copy_of(reranker, tmp_path)
     (root / "chat_template.jinja").unlink()
     with pytest.raises(ConfigError, match="no chat template"):
         load_model_info(root)
@@ -132,10 +132,7 @@ def test_a_model_that_takes_messages_needs_a_template(reranker: Path, tmp_path: 
 @pytest.mark.parametrize("token", [10**6, "vocab_size"])
 def test_a_token_outside_the_vocabulary_is_refused(reranker: Path, tmp_path: Path,
                                                    token: int | str) -> None:
-    import shutil
-
-    root = tmp_path / "copy"
-    shutil.copytree(reranker, root)
+    root = copy_of(reranker, tmp_path)
     if token == "vocab_size":  # one past the last
         token = load_model_info(root).vocab_size
     set_json(root / "1_LogitScore" / "config.json", true_token_id=token)
@@ -150,10 +147,7 @@ def test_a_token_outside_the_vocabulary_is_refused(reranker: Path, tmp_path: Pat
 def test_other_logit_score_pipelines_are_refused(reranker: Path, tmp_path: Path, change: str,
                                                  named: str) -> None:
     import json
-    import shutil
-
-    root = tmp_path / "copy"
-    shutil.copytree(reranker, root)
+    root = copy_of(reranker, tmp_path)
     if change == "module_input_name":
         set_json(root / "1_LogitScore" / "config.json", module_input_name="logits")
     else:
@@ -173,10 +167,7 @@ def test_other_logit_score_pipelines_are_refused(reranker: Path, tmp_path: Path,
 ])
 def test_a_template_that_cannot_carry_a_pair_is_refused_at_start(
         reranker: Path, tmp_path: Path, template: str, named: str) -> None:
-    import shutil
-
-    root = tmp_path / "copy"
-    shutil.copytree(reranker, root)
+    root = copy_of(reranker, tmp_path)
     (root / "chat_template.jinja").write_text(template)
     info = load_model_info(root)
     before = tokenization._tokenizer, tokenization._chat
@@ -300,10 +291,7 @@ def test_templates_are_found_as_transformers_finds_them(tmp_path: Path, layout: 
 
 
 def test_several_templates_without_a_default_are_refused(reranker: Path, tmp_path: Path) -> None:
-    import shutil
-
-    root = tmp_path / "copy"
-    shutil.copytree(reranker, root)
+    root = copy_of(reranker, tmp_path)
     (root / "additional_chat_templates").mkdir()
     (root / "chat_template.jinja").rename(root / "additional_chat_templates" / "rerank.jinja")
     with pytest.raises(ConfigError, match=r"additional_chat_templates: several chat templates "
@@ -345,10 +333,7 @@ def test_a_transformer_without_messages_tokenizes_pairs_as_pairs(
         reranker: Path, tmp_path: Path, modality_config: dict | None) -> None:
     # sentence-transformers loads a saved Transformer whose sentence_bert_config.json has no
     # modality_config as text only (TRANSFORMER_TASK_DEFAULTS), chat template or not.
-    import shutil
-
-    root = tmp_path / "copy"
-    shutil.copytree(reranker, root)
+    root = copy_of(reranker, tmp_path)
     set_json(root / "sentence_bert_config.json", modality_config=modality_config,
              module_output_name=None if modality_config is None else "causal_logits")
     info = load_model_info(root)
@@ -436,10 +421,7 @@ def test_the_tail_restored_is_the_prompts(tmp_path: Path) -> None:
 
 
 def test_empty_processing_settings_are_accepted(reranker: Path, tmp_path: Path) -> None:
-    import shutil
-
-    root = tmp_path / "copy"
-    shutil.copytree(reranker, root)
+    root = copy_of(reranker, tmp_path)
     set_json(root / "sentence_bert_config.json",
              processing_kwargs={"text": {}, "common": {}, "chat_template": {}})
     assert ours(root, PAIRS) == theirs(root, PAIRS)
