@@ -105,13 +105,12 @@ def _render_kwargs(root: Path, st_config: dict[str, Any]) -> tuple[dict[str, Any
     return chat, restore
 
 
-def read_conversations(root: Path) -> Conversations | None:
+def read_conversations(root: Path, st_config: dict[str, Any]) -> Conversations | None:
     """The model's conversations when its Transformer module takes messages, as
     sentence_bert_config.json's modality_config declares; None: plain inputs. (Without a
     modality_config sentence-transformers loads a saved Transformer as text only, chat template
     or not; it guesses messages only for a bare transformers directory, which TEI and
-    transformers read plainly, and so do we.)"""
-    st_config = optional_json(root / "sentence_bert_config.json") or {}
+    transformers read plainly, and so do we.) `st_config`: sentence_bert_config.json."""
     message = (st_config.get("modality_config") or {}).get("message")
     if message is None:
         return None

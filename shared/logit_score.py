@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 
 from shared.errors import ConfigError
-from shared.st_modules import optional_json, read_json
+from shared.st_modules import read_json
 
 
 class LogitScore(msgspec.Struct, frozen=True):
@@ -27,9 +27,10 @@ class LogitScore(msgspec.Struct, frozen=True):
     false_token_id: int | None
 
 
-def parse_logit_score(root: Path, module_dir: Path, config: dict[str, Any]) -> LogitScore:
-    """The LogitScore module at `module_dir` of the model at `root`; refuses what would be
-    scored otherwise."""
+def parse_logit_score(root: Path, module_dir: Path, config: dict[str, Any],
+                      st_config: dict[str, Any]) -> LogitScore:
+    """The LogitScore module at `module_dir` of the model at `root` (`st_config`: its
+    sentence_bert_config.json); refuses what would be scored otherwise."""
     cfg = read_json(module_dir / "config.json")
     if cfg.get("module_input_name", "causal_logits") != "causal_logits":
         raise ConfigError(f"{module_dir}: LogitScore on {cfg['module_input_name']!r} is not "
@@ -46,7 +47,6 @@ def parse_logit_score(root: Path, module_dir: Path, config: dict[str, Any]) -> L
     if not architectures or not architectures[0].endswith("ForCausalLM"):
         raise ConfigError(f"{root}: a LogitScore re-ranker needs a *ForCausalLM checkpoint (its "
                           f"LM head scores the pair); config.json has {architectures}")
-    st_config = optional_json(root / "sentence_bert_config.json") or {}
     task = st_config.get("transformer_task", "text-generation")
     if task != "text-generation":
         raise ConfigError(f"{root}/sentence_bert_config.json: LogitScore after a "

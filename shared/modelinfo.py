@@ -111,10 +111,11 @@ _PIPELINE_ORDER = {"Transformer": 0, "Pooling": 1, "Dense": 2, "Normalize": 3, "
 
 
 def _max_input_length(
-    model_dir: Path, config: dict[str, Any], position_offset: int, st_present: bool
+    model_dir: Path, config: dict[str, Any], position_offset: int, st_present: bool,
+    st_config: dict[str, Any],
 ) -> int:
+    """`st_config`: sentence_bert_config.json."""
     max_positions = config_max_positions(config) - position_offset
-    st_config = optional_json(model_dir / "sentence_bert_config.json") or {}
     limit = st_config.get("max_seq_length")
     if limit is None and st_present:
         # sentence-transformers 6 keeps the limit in tokenizer_config.json, as transformers does.
@@ -196,6 +197,8 @@ def load_model_info(
     dense: list[DenseSpec] = []
     has_normalize = False
     logit_score: LogitScore | None = None
+    # The Transformer module's settings (read by several of the checks below).
+    transformer = optional_json(root / "sentence_bert_config.json") or {}
     previous = ""  # the module before, in the list's order (sentence-transformers ignores idx)
     for module in modules:
         kind = _builtin_module(root, str(module["type"]))
@@ -227,7 +230,7 @@ def load_model_info(
             if len(modules) != 2:
                 raise ConfigError(f"{root}/modules.json: LogitScore is supported only right "
                                   "after the Transformer, as the last module")
-            logit_score = parse_logit_score(root, path, config)
+            logit_score = parse_logit_score(root, path, config, transformer)
         elif kind == "Normalize":
             # Its config.json (sentence-transformers 6 writes one) may aim it elsewhere.
             on_sentence_embedding(optional_json(path / "config.json") or {}, path, kind)
@@ -267,8 +270,7 @@ def load_model_info(
     # The Transformer module's do_lower_case: sentence-transformers lower-cases every text (a
     # cased tokenizer, or one it lower-cases anyway) before tokenizing. Without modules.json it
     # builds that module itself, and does not read this file.
-    lowercase = bool(modules) and bool(
-        (optional_json(root / "sentence_bert_config.json") or {}).get("do_lower_case"))
+    lowercase = bool(modules) and bool(transformer.get("do_lower_case"))
 
     st_config = optional_json(root / "config_sentence_transformers.json") or {}
     if model_kind != "embedding" and (
@@ -297,7 +299,7 @@ def load_model_info(
         expected_in = spec.out_features
 
     # Where the Transformer module declares messages (sentence_bert_config.json).
-    conversations = read_conversations(root) if modules else None
+    conversations = read_conversations(root, transformer) if modules else None
     if conversations is not None and model_kind == "embedding":
         raise ConfigError(f"{root}/sentence_bert_config.json: an embedding model whose "
                           "Transformer module takes messages (chat conversations) is not "
@@ -312,7 +314,8 @@ def load_model_info(
         architectures=list(config.get("architectures") or []),
         hidden_size=hidden_size,
         vocab_size=int(config.get("vocab_size", 0)),
-        max_input_length=_max_input_length(root, config, position_offset, bool(modules)),
+        max_input_length=_max_input_length(root, config, position_offset, bool(modules),
+                                           transformer),
         position_offset=position_offset,
         pooling=pooling,
         dense=dense,
