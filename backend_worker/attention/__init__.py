@@ -17,7 +17,8 @@ Families whose attention is not plain bidirectional softmax(q k^T / sqrt(d)) cal
 
 with a `MaskSpec` fixed when the layer is built: causal (decoders), a sliding window (ModernBERT's
 local layers, Mistral, Gemma 3), an additive per-head position bias (ALiBi, MPNet's relative
-buckets), a custom scale, and fewer key/value heads than query heads (GQA).
+buckets), an additive bias computed from q and k themselves (DeBERTa's disentangled attention),
+a custom scale, and fewer key/value heads than query heads (GQA).
 
 `attention_candidates(device, dtype)` lists the implementations that may run there, best first,
 from the device type and dtype alone: it never asks torch.cuda anything, so choosing (or importing
@@ -53,6 +54,7 @@ from backend_worker.attention.padded import (
 from backend_worker.attention.spec import (
     BIDIRECTIONAL,
     Attention,
+    ContentBias,
     MaskSpec,
     PositionBias,
     SymmetricAlibi,
@@ -61,10 +63,10 @@ from backend_worker.attention.spec import (
 from shared.errors import ConfigError
 
 __all__ = [
-    "BIDIRECTIONAL", "Attention", "MaskSpec", "PackedMeta", "PackedVarlen", "PaddedGroup",
-    "PaddedMeta", "PaddedSDPA", "PositionBias", "SymmetricAlibi", "VarlenKernel", "alibi_slopes",
-    "attention_candidates", "block_diagonal_mask", "flash_attn_kernel", "length_groups",
-    "query_blocks", "select_attention", "torch_varlen_kernel",
+    "BIDIRECTIONAL", "Attention", "ContentBias", "MaskSpec", "PackedMeta", "PackedVarlen",
+    "PaddedGroup", "PaddedMeta", "PaddedSDPA", "PositionBias", "SymmetricAlibi", "VarlenKernel",
+    "alibi_slopes", "attention_candidates", "block_diagonal_mask", "flash_attn_kernel",
+    "length_groups", "query_blocks", "select_attention", "torch_varlen_kernel",
 ]
 
 

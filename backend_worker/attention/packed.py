@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backend_worker.attention.padded import PaddedMeta, PaddedSDPA
+from backend_worker.attention.padded import PaddedMeta, PaddedSDPA, with_content
 from backend_worker.attention.spec import BIDIRECTIONAL, MaskSpec, SymmetricAlibi
 from shared.protocol import CostModel
 
@@ -61,7 +61,7 @@ def torch_varlen_kernel(function: Callable[..., Any] | None = None) -> VarlenKer
 
     def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                max_len: int, mask: MaskSpec) -> torch.Tensor | None:
-        if mask.bias is not None:
+        if mask.bias is not None or mask.content is not None:
             return None
         kwargs: dict[str, Any] = {}
         if mask.window is not None or mask.causal:
@@ -98,6 +98,8 @@ def flash_attn_kernel(function: Callable[..., Any] | None = None) -> VarlenKerne
     def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                max_len: int, mask: MaskSpec) -> torch.Tensor | None:
         slopes = None
+        if mask.content is not None:
+            return None
         if mask.bias is not None:
             # flash-attn adds -slope * |i - j| itself (equal query and key lengths): ALiBi
             # encoders stay packed. Other biases take the padded path.
@@ -137,9 +139,9 @@ class PackedVarlen:
     """No padding anywhere: the flat batch and its cu_seqlens go straight to a varlen kernel.
 
     The CUDA path. Layers whose mask the kernel cannot express (an additive bias: ALiBi, MPNet's
-    relative positions) run padded SDPA instead, or inside a captured graph SDPA over the whole
-    batch with a block-diagonal mask; which layers do is fixed by the model's specs, so the
-    choice is made once per layer type, not per batch.
+    relative positions, DeBERTa's content bias) run padded SDPA instead, or inside a captured
+    graph SDPA over the whole batch with a block-diagonal mask; which layers do is fixed by the
+    model's specs, so the choice is made once per layer type, not per batch.
     """
 
     name = "packed-varlen"
@@ -170,16 +172,22 @@ class PackedVarlen:
         """The whole batch as one sequence under a block-diagonal mask: the path of captured
         batches (graph buckets hold at most 512 tokens, so the [T, T] mask stays small), whose
         padded layout would depend on lengths known only on the host."""
-        attn_mask = meta.dense_masks.get(mask)
+        positional = mask.positional
+        attn_mask = meta.dense_masks.get(positional)
         if attn_mask is None:
-            attn_mask = block_diagonal_mask(meta.cu_seqlens, q.shape[0], mask)
+            attn_mask = block_diagonal_mask(meta.cu_seqlens, q.shape[0], positional)
             if attn_mask.is_floating_point():
                 attn_mask = attn_mask.to(q.dtype)
-            meta.dense_masks[mask] = attn_mask
+            meta.dense_masks[positional] = attn_mask
+        q, k, v = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, heads, T, dim]
+        if attn_mask.dim() == 3:
+            attn_mask = attn_mask[None]
+        if mask.content is not None:
+            # Every sequence's content bias, evaluated over the whole batch as one sequence:
+            # within a sequence flat offsets are its own, across sequences it is masked.
+            attn_mask = with_content(attn_mask, mask.content(q, k, 0)).to(q.dtype)
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-            attn_mask=attn_mask if attn_mask.dim() == 2 else attn_mask[None],
-            scale=mask.scale, enable_gqa=k.shape[1] != q.shape[1],
+            q, k, v, attn_mask=attn_mask, scale=mask.scale, enable_gqa=k.shape[1] != q.shape[1],
         )
         return out[0].transpose(0, 1)
 

@@ -64,18 +64,28 @@ def _group_mask(
     return bias.masked_fill(~allowed, float("-inf"))
 
 
+def with_content(attn_mask: torch.Tensor | None, content: torch.Tensor) -> torch.Tensor:
+    """A float SDPA mask: the content bias (float32 [B, heads, R, L]) where `attn_mask` (boolean
+    True = attend, float additive, or None) allows, -inf elsewhere."""
+    if attn_mask is None:
+        return content
+    if attn_mask.is_floating_point():
+        return content + attn_mask
+    return content.masked_fill(~attn_mask, float("-inf"))
+
+
 def query_blocks(group: PaddedGroup, heads: int, spec: MaskSpec,
                  budget: int) -> list[tuple[int, int]]:
     """Query rows of a group in blocks whose float mask stays under `budget` bytes.
 
-    A biased mask is float [batch, heads, L, L], and SDPA's scores as large again: 3.2 GB each
-    for one 8,192-token sequence with 12 heads (JinaBERT v2's limit). Block by block, each with
-    its slice of the mask, the peak is bounded whatever the length. Boolean masks broadcast over
-    heads and stay small: one block.
+    A biased mask (position or content bias) is float [batch, heads, L, L], and SDPA's scores as
+    large again: 3.2 GB each for one 8,192-token sequence with 12 heads (JinaBERT v2's limit).
+    Block by block, each with its slice of the mask, the peak is bounded whatever the length.
+    Boolean masks broadcast over heads and stay small: one block.
     """
     length = group.max_len
     per_row = group.batch * heads * length * 4
-    if spec.bias is None or per_row * length <= budget:
+    if (spec.bias is None and spec.content is None) or per_row * length <= budget:
         return [(0, length)]
     step = max(1, budget // per_row)
     return [(first, min(first + step, length)) for first in range(0, length, step)]
@@ -184,19 +194,23 @@ class PaddedSDPA:
                 for x, h in ((q, heads), (k, kv_heads), (v, kv_heads))
             )
             blocks = query_blocks(group, heads, mask, self.mask_budget)
+            positional = mask.positional
             parts = []
             for block in blocks:
+                block_q = gq[:, :, block[0] : block[1]]
                 if len(blocks) == 1:  # the whole mask: built once per batch, shared by layers
-                    key = (index, mask)
+                    key = (index, positional)
                     if key not in meta.masks:
-                        meta.masks[key] = _group_mask(group, mask, q.device)
+                        meta.masks[key] = _group_mask(group, positional, q.device)
                     attn_mask = meta.masks[key]
                 else:  # too big to keep: each layer builds its blocks again
-                    attn_mask = _group_mask(group, mask, q.device, block)
+                    attn_mask = _group_mask(group, positional, q.device, block)
+                if mask.content is not None:
+                    attn_mask = with_content(attn_mask, mask.content(block_q, gk, block[0]))
                 if attn_mask is not None and attn_mask.is_floating_point():
                     attn_mask = attn_mask.to(q.dtype)
                 parts.append(F.scaled_dot_product_attention(
-                    gq[:, :, block[0] : block[1]], gk, gv, attn_mask=attn_mask,
+                    block_q, gk, gv, attn_mask=attn_mask,
                     scale=mask.scale, enable_gqa=kv_heads != heads,
                 ))
             out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)

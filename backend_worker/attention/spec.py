@@ -1,9 +1,10 @@
 """What a layer asks of attention: the `Attention` protocol the implementations meet, the
-`MaskSpec` a layer fixes when it is built, and the position biases it may carry (ALiBi)."""
+`MaskSpec` a layer fixes when it is built, and the biases it may carry: position biases (ALiBi)
+and content biases (DeBERTa's disentangled attention)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -27,23 +28,44 @@ class PositionBias(Protocol):
         ...
 
 
+class ContentBias(Protocol):
+    """An additive attention bias that depends on the queries and keys themselves as well as on
+    key position - query position (DeBERTa: q_i . pk[d(i, j)] + k_j . pq[d(i, j)]). Unlike a
+    `PositionBias` it differs per layer and per batch, so it is computed inside each layer's
+    attention, on padded blocks of one length group (or on a captured batch taken as one
+    sequence, whose flat positions differ by the in-sequence offsets within a sequence)."""
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, first: int) -> torch.Tensor:
+        """q [B, heads, R, dim] for query positions first .. first + R - 1, k [B, kv_heads, L,
+        dim] for key positions 0 .. L - 1 -> float32 [B, heads, R, L], already scaled."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class MaskSpec:
     """What a layer's attention looks like beyond "every token sees its whole sequence".
 
-    Query i sees key j when j <= i (if `causal`) and |i - j| <= `window` (if set); `bias` is
-    added to the scores; `scale` replaces 1 / sqrt(head_dim). Specs are compared by identity of
-    their bias, so layers sharing one spec share its cached masks within a batch.
+    Query i sees key j when j <= i (if `causal`) and |i - j| <= `window` (if set); `bias` and
+    `content` are added to the scores; `scale` replaces 1 / sqrt(head_dim). Specs are compared
+    by identity of their biases, so layers sharing one spec share its cached masks within a
+    batch (a content bias is never cached: `positional` is the part that is).
     """
 
     causal: bool = False
     window: int | None = None
     bias: PositionBias | None = None
     scale: float | None = None
+    content: ContentBias | None = None
 
     @property
     def plain(self) -> bool:
-        return not self.causal and self.window is None and self.bias is None
+        return (not self.causal and self.window is None and self.bias is None
+                and self.content is None)
+
+    @property
+    def positional(self) -> MaskSpec:
+        """This spec without its content bias: what depends on positions alone."""
+        return self if self.content is None else replace(self, content=None)
 
     def reach(self, distance: torch.Tensor) -> torch.Tensor | None:
         """Which (query, key) pairs `causal` and `window` allow, from distance = query

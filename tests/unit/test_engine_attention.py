@@ -68,6 +68,23 @@ class _DistanceBias:
         return -self.slopes[:, None, None] * (queries[:, None] - keys[None, :]).abs()
 
 
+class _ContentBias:
+    """DeBERTa-like: q_i . a_h * tanh(i - j) + k_j . b_h * |i - j| / 4, per head, from the
+    queries' and keys' values and their distance (a `ContentBias`)."""
+
+    def __init__(self, heads: int, dim: int) -> None:
+        gen = torch.Generator().manual_seed(7)
+        self.a, self.b = torch.randn(2, heads, dim, generator=gen)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, first: int) -> torch.Tensor:
+        queries = torch.arange(first, first + q.shape[2])
+        distance = (queries[:, None] - torch.arange(k.shape[2])[None, :]).float()
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (GQA: kv heads shared)
+        by_query = (q.float() * self.a[:, None, :]).sum(-1)[..., None]  # [B, heads, R, 1]
+        by_key = (k.float() * self.b[:, None, :]).sum(-1)[..., None, :]  # [B, heads, 1, L]
+        return by_query * torch.tanh(distance) + by_key * distance.abs() / 4
+
+
 def masked_reference(q, k, v, cu, spec: MaskSpec) -> torch.Tensor:
     """Per sequence, explicit float64 scores: the definition of MaskSpec, written out."""
     outs = []
@@ -81,6 +98,8 @@ def masked_reference(q, k, v, cu, spec: MaskSpec) -> torch.Tensor:
         scores = qs @ ks.transpose(1, 2) * scale
         if spec.bias is not None:
             scores = scores + spec.bias(n, torch.device("cpu")).double()
+        if spec.content is not None:
+            scores = scores + spec.content(qs[None].float(), ks[None].float(), 0)[0].double()
         i = torch.arange(n)
         allowed = torch.ones(n, n, dtype=torch.bool)
         if spec.causal:
@@ -100,6 +119,9 @@ SPECS = {
     "bias": MaskSpec(bias=_DistanceBias(4)),
     "bias-window-scale": MaskSpec(bias=_DistanceBias(4), window=1, scale=0.3),
     "alibi": MaskSpec(bias=SymmetricAlibi(tuple(alibi_slopes(4)))),
+    "content-scale": MaskSpec(content=_ContentBias(4, DIM), scale=0.2),
+    "content-bias-window": MaskSpec(content=_ContentBias(4, DIM), bias=_DistanceBias(4),
+                                    window=3),
 }
 
 
@@ -122,7 +144,8 @@ def test_attend_matches_masked_reference(kv_heads: int, name: str, lengths: list
     torch.testing.assert_close(attention.attend(q, k, v, meta, spec), out)
 
 
-@pytest.mark.parametrize("name", ["bias", "bias-window-scale", "alibi"])
+@pytest.mark.parametrize("name", ["bias", "bias-window-scale", "alibi", "content-scale",
+                                  "content-bias-window"])
 @pytest.mark.parametrize("budget", [1, 4 * 4 * 16 * 5])  # one query row per block; five rows
 def test_biased_attention_in_query_blocks_matches_the_reference(name: str, budget: int) -> None:
     """Long biased sequences run their queries in blocks (a bounded float mask): same answer."""
@@ -205,7 +228,8 @@ def test_packed_varlen_matches_masked_reference(name: str, kernel_kind: str) -> 
         old_limits = kernel_kind == "torch-2.10" and (
             spec.window is not None or kv_heads != 4 or spec.scale is not None)
         alibi = isinstance(spec.bias, SymmetricAlibi) and kernel_kind == "flash-attn"
-        assert bool(calls) == ((spec.bias is None or alibi) and not old_limits)
+        expressible = (spec.bias is None or alibi) and spec.content is None
+        assert bool(calls) == (expressible and not old_limits)
 
 
 def test_rotary_built_under_the_meta_device_has_values() -> None:
@@ -242,7 +266,8 @@ def test_captured_batches_attend_through_a_block_diagonal_mask(name: str, kv_hea
     meta = attention.prepare_static(torch.from_numpy(cu.astype(np.int64)), max_len=32)
     out = attention.attend(q, k, v, meta, spec)
     torch.testing.assert_close(out, masked_reference(q, k, v, cu, spec), atol=1e-5, rtol=1e-4)
-    assert list(meta.dense_masks) == [spec] and not meta.padded
+    # Cached: the positional part only (a content bias differs per layer).
+    assert list(meta.dense_masks) == [spec.positional] and not meta.padded
     # The next layer reuses the batch's mask.
     torch.testing.assert_close(attention.attend(q, k, v, meta, spec), out)
     assert len(meta.dense_masks) == 1
