@@ -1,0 +1,369 @@
+"""DeBERTa-v2 / v3 (model_type "deberta-v2"): BERT's post-norm layers with disentangled attention.
+
+- Attention scores add, to q_i . k_j, a content-to-position term q_i . pk[d(i, j)] ("c2p") and
+  a position-to-content term k_j . pq[d(i, j)] ("p2c"), where pk / pq are the layer's key /
+  query projections of one table of relative embeddings shared by all layers (LayerNorm-ed
+  once when `norm_rel_ebd` says so), and d(i, j) is the clamped index of i - j, bucketed
+  logarithmically past `position_buckets` / 2 (v3) or taken as it is (v2). Everything is
+  divided by sqrt(head_dim * (1 + number of terms)). The terms depend on q and k, so they are
+  a `ContentBias` of the attention's MaskSpec; the projected tables depend on the weights only
+  and are computed once per device and dtype.
+- Embeddings: words (of `embedding_size`, projected to the hidden size when it differs), plus
+  absolute positions only where `position_biased_input` (v2's default, v3 says false), plus
+  token types where `type_vocab_size` > 0 (v3 has none), then LayerNorm.
+- DebertaV2ForSequenceClassification: classifier(act(pooler.dense(h[CLS]))), act the config's
+  `pooler_hidden_act` (gelu by default). No MLM head is served (as in TEI).
+- Refused: the convolution after the first layer of v2-xlarge/xxlarge (`conv_kernel_size`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Self
+
+import torch
+from torch import nn
+
+from backend_worker.attention import Attention, MaskSpec
+from backend_worker.head_modules import BERT_CLASSIFIER_KEYS, FamilyHeads, LogitsHead
+from backend_worker.layers import MLP, activation
+from backend_worker.loading import Rule, WeightMap
+from backend_worker.models.config import refusal, required_keys
+from backend_worker.models.registry import register
+from shared.errors import ConfigError
+
+FAMILY = "DeBERTa-v2"
+
+WEIGHT_MAP = WeightMap(
+    rules=(
+        Rule("embeddings.word_embeddings.weight", "embeddings.word.weight"),
+        Rule("embeddings.position_embeddings.weight", "embeddings.position.weight"),
+        Rule("embeddings.token_type_embeddings.weight", "embeddings.token_type.weight"),
+        Rule("embeddings.embed_proj.weight", "embeddings.project.weight"),
+        Rule("embeddings.LayerNorm.{w}", "embeddings.norm.{w}"),
+        Rule("encoder.rel_embeddings.weight", "relative.table.weight"),
+        Rule("encoder.LayerNorm.{w}", "relative.norm.{w}"),
+        Rule("encoder.layer.{i}.attention.self.{part}.{w}", "layers.{i}.attention.qkv.{w}",
+             fuse=("query_proj", "key_proj", "value_proj")),
+        Rule("encoder.layer.{i}.attention.self.pos_key_proj.{w}",
+             "layers.{i}.attention.pos_key.{w}"),
+        Rule("encoder.layer.{i}.attention.self.pos_query_proj.{w}",
+             "layers.{i}.attention.pos_query.{w}"),
+        Rule("encoder.layer.{i}.attention.output.dense.{w}", "layers.{i}.attention.out.{w}"),
+        Rule("encoder.layer.{i}.attention.output.LayerNorm.{w}", "layers.{i}.attention_norm.{w}"),
+        Rule("encoder.layer.{i}.intermediate.dense.{w}", "layers.{i}.mlp.up.{w}"),
+        Rule("encoder.layer.{i}.output.dense.{w}", "layers.{i}.mlp.down.{w}"),
+        Rule("encoder.layer.{i}.output.LayerNorm.{w}", "layers.{i}.mlp_norm.{w}"),
+    ),
+    # DebertaV2For* checkpoints nest the encoder in "deberta.".
+    prefixes=("deberta.",),
+    ignore=(
+        r"embeddings\.position_ids",  # a buffer older transformers saved
+        # Heads: the classifier's (pooler + classifier) is loaded by backend_worker/heads.py
+        # when served; the MLM heads (legacy cls.*, lm_predictions.*) never are.
+        r"pooler\..*",
+        r"classifier\..*",
+        r"cls\..*",
+        r"lm_predictions\..*",
+    ),
+)
+
+
+class ContextPoolerHead(LogitsHead):
+    """DebertaV2ForSequenceClassification: classifier(act(pooler.dense(h[CLS])))."""
+
+    def __init__(self, hidden: int, labels: int, act: str) -> None:
+        super().__init__()
+        self.pooler = nn.Linear(hidden, hidden)
+        self.act = activation(act, where="config.json: pooler_hidden_act")
+        self.classifier = nn.Linear(hidden, labels)
+
+    def forward(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        first = hidden.index_select(0, cu_seqlens[:-1]).float()
+        return self.classifier(self.act(self.pooler(first)))
+
+
+def _classifier(config: dict[str, Any], hidden: int, labels: int) -> nn.Module:
+    return ContextPoolerHead(hidden, labels, str(config.get("pooler_hidden_act", "gelu")))
+
+
+# The checkpoint names are BERT's (pooler.dense, classifier); only the activation differs.
+HEADS = FamilyHeads(encoder=WEIGHT_MAP, classifier=BERT_CLASSIFIER_KEYS,
+                    make_classifier=_classifier)
+
+
+def log_buckets(relative: torch.Tensor, buckets: int, max_position: int) -> torch.Tensor:
+    """transformers' make_log_bucket_position: distances within buckets / 2 as they are, farther
+    ones on a log scale up to max_position, signed; int64. The same float32 operations in the
+    same order, so that the rounding up lands on the same integer."""
+    mid = buckets // 2
+    sign = torch.sign(relative)
+    near = (relative < mid) & (relative > -mid)
+    magnitude = torch.where(near, torch.full_like(relative, mid - 1), relative.abs())
+    scale = torch.log(torch.tensor((max_position - 1) / mid))
+    far = torch.ceil(torch.log(magnitude / mid) / scale * (mid - 1)) + mid
+    return torch.where(magnitude <= mid, relative.to(far.dtype), far * sign).to(torch.int64)
+
+
+class RelativeEmbeddings(nn.Module):
+    """The encoder's table of 2 * span relative embeddings (none without relative attention),
+    LayerNorm-ed when the config says."""
+
+    def __init__(self, span: int | None, hidden: int, norm: bool, eps: float) -> None:
+        super().__init__()
+        self.table = nn.Embedding(2 * span, hidden) if span is not None else None
+        self.norm = nn.LayerNorm(hidden, eps=eps) if norm else None
+
+    def forward(self) -> torch.Tensor:
+        assert self.table is not None, "no relative attention"
+        table = self.table.weight
+        return table if self.norm is None else self.norm(table)
+
+
+class Disentangled:
+    """One layer's c2p / p2c terms, called as a `ContentBias`.
+
+    A plain object, not a module: it reaches the layer's projections and the shared relative
+    table without registering them twice in the state dict.
+    """
+
+    def __init__(self, attention: DisentangledAttention, relative: RelativeEmbeddings,
+                 span: int, buckets: int, max_position: int, terms: frozenset[str],
+                 scale: float) -> None:
+        self.attention, self.relative = attention, relative
+        self.span, self.buckets, self.max_position = span, buckets, max_position
+        self.terms, self.scale = terms, scale
+        # (device, dtype) -> (pk, pq), each [heads, 2 * span, head_dim] or None: they depend on
+        # the weights only, and projecting the table costs as much as a 512-token forward of
+        # the layer's two projections.
+        self._tables: dict[tuple[torch.device, torch.dtype], tuple[Any, Any]] = {}
+
+    def tables(self, device: torch.device,
+               dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        key = (device, dtype)
+        if key not in self._tables:
+            with torch.inference_mode():
+                self._tables[key] = self.attention.project_positions(self.relative(), self.terms)
+        return self._tables[key]
+
+    def index(self, first: int, rows: int, length: int, device: torch.device) -> torch.Tensor:
+        """d(i, j) for queries first .. first + rows - 1 and keys 0 .. length - 1: [rows, L]."""
+        # One value per distinct i - j, then a lookup: the log is taken rows + L times, not
+        # rows * L times.
+        low = first - (length - 1)
+        distances = torch.arange(low, first + rows, device=device)
+        if self.buckets > 0:
+            distances = log_buckets(distances, self.buckets, self.max_position)
+        per_distance = torch.clamp(distances + self.span, 0, 2 * self.span - 1)
+        queries = torch.arange(first, first + rows, device=device)
+        keys = torch.arange(length, device=device)
+        return per_distance[queries[:, None] - keys[None, :] - low]
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, first: int) -> torch.Tensor:
+        batch, heads, rows, _ = q.shape
+        length = k.shape[2]
+        pk, pq = self.tables(q.device, q.dtype)
+        index = self.index(first, rows, length, q.device)
+        score = torch.zeros(batch, heads, rows, length, device=q.device, dtype=torch.float32)
+        if pk is not None:  # c2p[i, j] = q_i . pk[d(i, j)]
+            by_query = q @ pk.transpose(-1, -2)  # [B, heads, R, 2 * span]
+            score += by_query.gather(-1, index.expand(batch, heads, rows, length)).float()
+        if pq is not None:  # p2c[i, j] = k_j . pq[d(i, j)] (d is odd: transformers' -d(j, i))
+            by_key = k @ pq.transpose(-1, -2)  # [B, heads, L, 2 * span]
+            along_keys = index.t().expand(batch, heads, length, rows)
+            score += by_key.gather(-1, along_keys).transpose(-1, -2).float()
+        return score * self.scale
+
+
+class DisentangledAttention(nn.Module):
+    """Self-attention with fused q/k/v and, with relative attention, the c2p / p2c terms."""
+
+    def __init__(self, hidden: int, heads: int, head_dim: int, attention: Attention, *,
+                 pos_key: bool, pos_query: bool) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        width = heads * head_dim
+        self.qkv = nn.Linear(hidden, 3 * width)
+        self.fused_rows = {"qkv": (width, width, width)}
+        self.out = nn.Linear(width, hidden)
+        # Own position projections (share_att_key false); with shared keys the table goes
+        # through the layer's own query / key projections.
+        self.pos_key = nn.Linear(hidden, width) if pos_key else None
+        self.pos_query = nn.Linear(hidden, width) if pos_query else None
+        self.attention = attention
+        self.mask = MaskSpec()
+
+    def project_positions(self, table: torch.Tensor, terms: frozenset[str]
+                          ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The relative table through the key (c2p) and query (p2c) projections, per head."""
+        def per_head(x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(-1, self.heads, self.head_dim).transpose(0, 1).contiguous()
+
+        # Through the modules, not their weights: on CPU the engine swaps nn.Linear for a
+        # packed one without a plain weight. (Once per device and dtype: v's third is waste.)
+        shared = self.qkv(table).view(-1, 3, self.heads * self.head_dim).unbind(1)
+        pk = pq = None
+        if "c2p" in terms:
+            pk = per_head(self.pos_key(table) if self.pos_key is not None else shared[1])
+        if "p2c" in terms:
+            pq = per_head(self.pos_query(table) if self.pos_query is not None else shared[0])
+        return pk, pq
+
+    def forward(self, x: torch.Tensor, meta: Any) -> torch.Tensor:
+        tokens = x.shape[0]
+        q, k, v = self.qkv(x).view(tokens, 3, self.heads, self.head_dim).unbind(1)
+        out = self.attention.attend(q, k, v, meta, self.mask)
+        return self.out(out.reshape(tokens, self.heads * self.head_dim))
+
+
+class DebertaV2Layer(nn.Module):
+    def __init__(self, hidden: int, eps: float, attention: DisentangledAttention,
+                 intermediate: int, act: str) -> None:
+        super().__init__()
+        self.attention = attention
+        self.attention_norm = nn.LayerNorm(hidden, eps=eps)
+        self.mlp = MLP(hidden, intermediate, act)
+        self.mlp_norm = nn.LayerNorm(hidden, eps=eps)
+
+    def forward(self, x: torch.Tensor, meta: Any) -> torch.Tensor:
+        x = self.attention_norm(x + self.attention(x, meta))
+        return self.mlp_norm(x + self.mlp(x))
+
+
+class DebertaV2Embeddings(nn.Module):
+    def __init__(self, vocab: int, size: int, hidden: int, positions: int | None, types: int,
+                 eps: float) -> None:
+        super().__init__()
+        self.word = nn.Embedding(vocab, size)
+        self.position = nn.Embedding(positions, size) if positions is not None else None
+        self.token_type = nn.Embedding(types, size) if types > 0 else None
+        self.project = nn.Linear(size, hidden, bias=False) if size != hidden else None
+        self.norm = nn.LayerNorm(hidden, eps=eps)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                token_type_ids: torch.Tensor) -> torch.Tensor:
+        x = self.word(input_ids)
+        if self.position is not None:
+            x = x + self.position(position_ids)
+        if self.token_type is not None:
+            x = x + self.token_type(token_type_ids)
+        if self.project is not None:
+            x = self.project(x)
+        return self.norm(x)
+
+
+def _terms(config: dict[str, Any]) -> frozenset[str]:
+    """pos_att_type as DebertaV2Config reads it: "p2c|c2p" (lower-cased) or a list."""
+    value = config.get("pos_att_type") or []
+    if isinstance(value, str):
+        value = [part.strip() for part in value.lower().split("|")]
+    unknown = sorted(set(value) - {"c2p", "p2c"})
+    if unknown:
+        raise refusal(FAMILY, f"pos_att_type {unknown}")
+    return frozenset(value)
+
+
+@register(model_types=("deberta-v2",))
+class DebertaV2Model(nn.Module):
+    """DebertaV2Model's last hidden state, flat."""
+
+    weight_map: ClassVar[WeightMap] = WEIGHT_MAP
+    heads: ClassVar[FamilyHeads | None] = HEADS
+
+    def __init__(
+        self, *, vocab_size: int, hidden_size: int, embedding_size: int, num_hidden_layers: int,
+        num_attention_heads: int, head_dim: int, intermediate_size: int,
+        max_position_embeddings: int, position_biased_input: bool, type_vocab_size: int,
+        hidden_act: str, layer_norm_eps: float, relative: dict[str, Any],
+        terms: frozenset[str], attention: Attention,
+    ) -> None:
+        super().__init__()
+        self.max_positions = max_position_embeddings
+        self.embeddings = DebertaV2Embeddings(
+            vocab_size, embedding_size, hidden_size,
+            max_position_embeddings if position_biased_input else None, type_vocab_size,
+            layer_norm_eps)
+        own = relative["attention"] and not relative["share_att_key"]
+        layers = [
+            DebertaV2Layer(
+                hidden_size, layer_norm_eps,
+                DisentangledAttention(hidden_size, num_attention_heads, head_dim, attention,
+                                      pos_key=own and "c2p" in terms,
+                                      pos_query=own and "p2c" in terms),
+                intermediate_size, hidden_act)
+            for _ in range(num_hidden_layers)
+        ]
+        self.layers = nn.ModuleList(layers)
+        # transformers divides by sqrt(head_dim * (1 + terms)) even without relative attention.
+        scale = 1.0 / math.sqrt(head_dim * (1 + len(terms)))
+        # (Without relative attention transformers still builds the table's LayerNorm, unused,
+        # and saves it: kept here so that the checkpoint loads strictly.)
+        self.relative = RelativeEmbeddings(relative["span"] if relative["attention"] else None,
+                                           hidden_size, relative["norm"], layer_norm_eps)
+        for layer in layers:
+            content = None
+            if relative["attention"] and terms:
+                content = Disentangled(layer.attention, self.relative, relative["span"],
+                                       relative["buckets"], relative["max_position"], terms,
+                                       scale)
+            layer.attention.mask = MaskSpec(scale=scale, content=content)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], attention: Attention) -> Self:
+        if int(config.get("conv_kernel_size") or 0) > 0:
+            raise refusal(FAMILY, f"conv_kernel_size {config['conv_kernel_size']!r} (the "
+                          "convolution of deberta-v2-xlarge)")
+        hidden_act = str(config.get("hidden_act", "gelu"))
+        activation(hidden_act, where="config.json: hidden_act")
+        activation(str(config.get("pooler_hidden_act", "gelu")),
+                   where="config.json: pooler_hidden_act")
+        terms = _terms(config)
+        with required_keys(FAMILY):
+            hidden = int(config["hidden_size"])
+            heads = int(config["num_attention_heads"])
+            positions = int(config.get("max_position_embeddings", 512))
+            if hidden % heads:
+                raise ConfigError(f"hidden size {hidden} is not divisible by {heads} heads")
+            head_size = config.get("attention_head_size")
+            if head_size is not None and head_size != hidden // heads:
+                # transformers' output projection takes hidden_size: it cannot run it either.
+                raise refusal(FAMILY, f"attention_head_size {head_size!r} (hidden_size / "
+                              f"num_attention_heads is {hidden // heads})")
+            max_relative = int(config.get("max_relative_positions", -1))
+            if max_relative < 1:
+                max_relative = positions
+            buckets = int(config.get("position_buckets", -1))
+            norms = [x.strip() for x in str(config.get("norm_rel_ebd", "none")).lower().split("|")]
+            relative = {
+                "attention": bool(config.get("relative_attention", False)),
+                "span": buckets if buckets > 0 else max_relative,
+                "buckets": buckets, "max_position": max_relative,
+                "share_att_key": bool(config.get("share_att_key", False)),
+                "norm": "layer_norm" in norms,
+            }
+            return cls(
+                vocab_size=int(config["vocab_size"]),
+                hidden_size=hidden,
+                embedding_size=int(config.get("embedding_size") or hidden),
+                num_hidden_layers=int(config["num_hidden_layers"]),
+                num_attention_heads=heads,
+                head_dim=hidden // heads,
+                intermediate_size=int(config["intermediate_size"]),
+                max_position_embeddings=positions,
+                position_biased_input=bool(config.get("position_biased_input", True)),
+                type_vocab_size=int(config.get("type_vocab_size", 0)),
+                hidden_act=hidden_act,
+                layer_norm_eps=float(config.get("layer_norm_eps", 1e-7)),
+                relative=relative,
+                terms=terms,
+                attention=attention,
+            )
+
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: torch.Tensor,
+        meta: Any,
+    ) -> torch.Tensor:
+        x = self.embeddings(input_ids, position_ids, token_type_ids)
+        for layer in self.layers:
+            x = layer(x, meta)
+        return x
