@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, ClassVar, Self
 
@@ -92,6 +93,14 @@ HEADS = FamilyHeads(encoder=WEIGHT_MAP, classifier=BERT_CLASSIFIER_KEYS,
                     make_classifier=_classifier)
 
 
+@functools.cache
+def _log_span(buckets: int, max_position: int) -> float:
+    """log((max_position - 1) / (buckets / 2)) rounded as float32, as transformers computes it;
+    a Python number, so that no tensor is made from host data inside a CUDA graph capture (the
+    warm-up before it fills this cache)."""
+    return float(torch.log(torch.tensor((max_position - 1) / (buckets // 2))))
+
+
 def log_buckets(relative: torch.Tensor, buckets: int, max_position: int) -> torch.Tensor:
     """transformers' make_log_bucket_position: distances within buckets / 2 as they are, farther
     ones on a log scale up to max_position, signed; int64. The same float32 operations in the
@@ -100,7 +109,7 @@ def log_buckets(relative: torch.Tensor, buckets: int, max_position: int) -> torc
     sign = torch.sign(relative)
     near = (relative < mid) & (relative > -mid)
     magnitude = torch.where(near, torch.full_like(relative, mid - 1), relative.abs())
-    scale = torch.log(torch.tensor((max_position - 1) / mid))
+    scale = _log_span(buckets, max_position)
     far = torch.ceil(torch.log(magnitude / mid) / scale * (mid - 1)) + mid
     return torch.where(magnitude <= mid, relative.to(far.dtype), far * sign).to(torch.int64)
 
