@@ -45,7 +45,8 @@ def _build(model_cls: type[EncoderModel], info: ModelInfo, attention: Attention,
         model = model_cls.from_config(info.config, attention)
     assert isinstance(model, nn.Module)
     model.to(dtype).to_empty(device=device)  # both in place
-    load_strict(model, checkpoint_files(info.model_dir), model_cls.weight_map)
+    # The instance's map: a family may adjust its class map to the config (DeBERTa).
+    load_strict(model, checkpoint_files(info.model_dir), model.weight_map)
     model.eval()
     return model
 

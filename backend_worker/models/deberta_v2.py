@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import functools
 import math
+import re
+from dataclasses import replace
 from typing import Any, ClassVar, Self
 
 import torch
@@ -276,7 +278,8 @@ def _terms(config: dict[str, Any]) -> frozenset[str]:
 class DebertaV2Model(nn.Module):
     """DebertaV2Model's last hidden state, flat."""
 
-    weight_map: ClassVar[WeightMap] = WEIGHT_MAP
+    # Per instance: without absolute positions, a saved position table is dropped (__init__).
+    weight_map: WeightMap = WEIGHT_MAP
     heads: ClassVar[FamilyHeads | None] = HEADS
 
     def __init__(
@@ -288,6 +291,13 @@ class DebertaV2Model(nn.Module):
     ) -> None:
         super().__init__()
         self.max_positions = max_position_embeddings
+        if not position_biased_input:
+            # transformers drops a saved position table it does not use (older conversions
+            # saved one): so do we, where the model has none.
+            table = "embeddings.position_embeddings.weight"
+            self.weight_map = replace(
+                WEIGHT_MAP, rules=tuple(r for r in WEIGHT_MAP.rules if r.source != table),
+                ignore=(*WEIGHT_MAP.ignore, re.escape(table)))
         self.embeddings = DebertaV2Embeddings(
             vocab_size, embedding_size, hidden_size,
             max_position_embeddings if position_biased_input else None, type_vocab_size,

@@ -184,3 +184,21 @@ def test_relative_index_of_a_query_block_is_a_slice_of_the_whole(tmp_path: Path)
         assert torch.equal(bias.index(37, 20, 100, torch.device("cpu")), whole[37:57])
         if base is V2:  # distances of 99 pass the clamp at 24 both ways
             assert whole.min() == 0 and whole.max() == 2 * bias.span - 1
+
+
+def test_a_saved_position_table_the_model_does_not_use_is_dropped(tmp_path: Path) -> None:
+    """Without position_biased_input transformers ignores a saved position table (older
+    conversions have one): so do we, and the vectors are unchanged. With it, it is loaded."""
+    from safetensors.torch import load_file, save_file
+
+    root = make_tiny_deberta(tmp_path / "m", "DebertaV2ForSequenceClassification")
+    arrays, _ = pack(root, TEXTS, MAX_TOKENS)
+    before = serve(root, "mean")[1].hidden_states(arrays)
+    path = root / "model.safetensors"
+    state = load_file(str(path))
+    state["deberta.embeddings.position_embeddings.weight"] = torch.randn(MAX_TOKENS, 32)
+    save_file(state, str(path), metadata={"format": "pt"})
+    assert torch.equal(serve(root, "mean")[1].hidden_states(arrays), before)
+    config = json.loads((root / "config.json").read_text())
+    (root / "config.json").write_text(json.dumps({**config, "position_biased_input": True}))
+    assert not torch.equal(serve(root, "mean")[1].hidden_states(arrays), before)
