@@ -12,12 +12,13 @@ models/auto/tokenization_auto.py.)
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, cast
 
-from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from shared.errors import ConfigError
 from shared.st_modules import read_json
@@ -30,7 +31,7 @@ _DEFAULT_CLASS = {
     "bert": "BertTokenizer", "distilbert": "BertTokenizer", "nomic_bert": "BertTokenizer",
     "mpnet": "MPNetTokenizer", "roberta": "RobertaTokenizer", "camembert": "CamembertTokenizer",
     "xlm-roberta": "XLMRobertaTokenizer", "gte": "XLMRobertaTokenizer",
-    "qwen2": "Qwen2Tokenizer", "qwen3": "Qwen2Tokenizer",
+    "qwen2": "Qwen2Tokenizer", "qwen3": "Qwen2Tokenizer", "deberta-v2": "DebertaV2Tokenizer",
 }
 # Model types transformers loads with its generic backend, i.e. tokenizer.json as it is,
 # whatever class the files name.
@@ -127,17 +128,64 @@ def _qwen2(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
     tokenizer.pre_tokenizer = pre
 
 
+def _deberta_v2(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
+    # The class keeps the file's vocabulary and, of its normalizer, the sentencepiece character
+    # map only. Hub files (transformers 4's converter) strip both ends before that map; the
+    # class strips the right end only, after it, so a leading space stays in the first token's
+    # offsets. Without a map the template turns each whitespace run, tab and newline into a
+    # space.
+    lower = [normalizers.Lowercase()] if cfg.get("do_lower_case", False) else []
+    charsmap = [s for s in _steps(tokenizer.normalizer) if isinstance(s, normalizers.Precompiled)]
+    if charsmap:
+        rest = [charsmap[0], normalizers.Strip(left=False, right=True),
+                normalizers.Replace(Regex(" {2,}"), " ")]
+    else:
+        rest = [normalizers.Replace(Regex(r"\s{2,}|[\n\r\t]"), " "), normalizers.NFC(),
+                normalizers.Strip(left=False, right=True)]
+    tokenizer.normalizer = normalizers.Sequence([*lower, *rest])
+    # add_prefix_space false still marks the text's start; only text after a special token
+    # gets no "▁" ("first", where the converter wrote "never").
+    scheme = "always" if cfg.get("add_prefix_space", True) else "first"
+    punct = [pre_tokenizers.Punctuation("isolated")] if cfg.get("split_by_punct", False) else []
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [*punct, pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme)])
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme=scheme)
+    _unigram_as_deberta(tokenizer, cfg)
+    cls, sep = _token(cfg, "cls_token", "[CLS]"), _token(cfg, "sep_token", "[SEP]")
+    cls_id, sep_id = tokenizer.token_to_id(cls), tokenizer.token_to_id(sep)
+    if cls_id is None or sep_id is None:
+        return  # the file's post-processor (transformers would add the token as a new one)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{cls}:0 $A:0 {sep}:0", pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+        special_tokens=[(cls, cls_id), (sep, sep_id)])
+
+
+def _unigram_as_deberta(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
+    """The class builds its Unigram model anew from the file's pieces: without byte fallback,
+    and with the unknown piece found by name (score 0.0) rather than the file's unk_id; failing
+    that, tokenizer_config.json's unk_id (default 1)."""
+    state = json.loads(tokenizer.model.__getstate__())
+    if state.get("type") != "Unigram":
+        return  # (the class could not load it at all)
+    pieces = [(piece, score) for piece, score in state["vocab"]]
+    unk = (_token(cfg, "unk_token", "[UNK]"), 0.0)
+    unk_id = pieces.index(unk) if unk in pieces else cfg.get("unk_id", 1)
+    if state.get("unk_id") != unk_id or state.get("byte_fallback"):
+        tokenizer.model = models.Unigram(pieces, unk_id=unk_id, byte_fallback=False)
+
+
 _REBUILDS = {
     "BertTokenizer": _bert, "DistilBertTokenizer": _bert, "MPNetTokenizer": _bert,
     "RobertaTokenizer": _roberta,
     "XLMRobertaTokenizer": _xlm_roberta, "CamembertTokenizer": _xlm_roberta,
-    "LlamaTokenizer": _llama, "Qwen2Tokenizer": _qwen2,
+    "LlamaTokenizer": _llama, "Qwen2Tokenizer": _qwen2, "DebertaV2Tokenizer": _deberta_v2,
 }
 
 
 def _pipeline(tokenizer: Tokenizer) -> list[bytes | None]:
     """The parts a rebuild may change, serialized (to tell whether it changed any)."""
-    parts = (tokenizer.normalizer, tokenizer.pre_tokenizer, tokenizer.post_processor)
+    parts = (tokenizer.normalizer, tokenizer.pre_tokenizer, tokenizer.post_processor,
+             tokenizer.decoder)
     return [None if part is None else part.__getstate__() for part in parts]
 
 
