@@ -61,6 +61,8 @@ CASES = {
     "v3-relu": ("DebertaV2Model", {"hidden_act": "relu"}),
     "v2": ("DebertaV2Model", {"base": V2}),
     "v2-own-c2p": ("DebertaV2Model", {"base": V2, "pos_att_type": "c2p"}),
+    # Absolute positions and token types summed before the projection to the hidden size.
+    "v2-embed-proj": ("DebertaV2Model", {"base": V2, "embedding_size": 16}),
     "v2-shared-keys-positions-only": ("DebertaV2Model", {"base": V2, "share_att_key": True,
                                                          "relative_attention": False}),
 }
@@ -81,6 +83,53 @@ def test_hidden_states_match_transformers(tmp_path: Path, case: str) -> None:
     diff = (engine.hidden_states(arrays) - ref).abs().max().item()
     print(f"{case}: max abs diff of last hidden state {diff:.2e}")
     assert diff <= HIDDEN_TOL
+
+
+# Keys DebertaV2Config / the modeling code read with a default (transformers writes its declared
+# fields to config.json; the others appear only where a checkpoint sets them).
+DEFAULTED = ("max_position_embeddings", "type_vocab_size", "layer_norm_eps", "hidden_act",
+             "relative_attention", "max_relative_positions", "position_biased_input",
+             "pos_att_type", "pooler_hidden_act", "pooler_hidden_size", "share_att_key",
+             "position_buckets", "norm_rel_ebd", "embedding_size")
+
+
+@pytest.mark.parametrize("keep", [
+    # The string form (as v2 checkpoints save it); 0 relative positions: the table length.
+    {"relative_attention": True, "pos_att_type": "C2P | p2c", "max_relative_positions": 0},
+    {},
+], ids=["relative", "minimal"])
+def test_absent_config_keys_read_as_transformers_defaults(tmp_path: Path, keep: dict) -> None:
+    """A config.json without the optional keys (older conversions): every default as
+    DebertaV2Config's (share_att_key false, no buckets, no table norm, eps 1e-7, absolute
+    positions, no token types, gelu). The checkpoint is built with those defaults and its
+    embeddings scaled so small that the LayerNorm's eps shows."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    root = make_tiny_deberta(tmp_path / "m", "DebertaV2ForSequenceClassification", seed=13,
+                             base={}, num_labels=2, hidden_size=32, num_hidden_layers=2,
+                             num_attention_heads=4, intermediate_size=64, pad_token_id=0,
+                             **({"relative_attention": True, "pos_att_type": ["c2p", "p2c"]}
+                                if keep else {}))
+    config = json.loads((root / "config.json").read_text())
+    assert config["max_position_embeddings"] == 512 and config["type_vocab_size"] == 0
+    config = {key: value for key, value in config.items() if key not in DEFAULTED}
+    (root / "config.json").write_text(json.dumps({**config, **keep}))
+    path = root / "model.safetensors"
+    state = load_file(str(path))
+    for name in ("word_embeddings", "position_embeddings"):  # variance ~1e-7: eps counts
+        state[f"deberta.embeddings.{name}.weight"] *= 3e-4 / state[
+            f"deberta.embeddings.{name}.weight"].std()
+    save_file(state, str(path), metadata={"format": "pt"})
+    info, engine = serve(root)
+    arrays, _ = pack(root, TEXTS, MAX_TOKENS)
+    ref = hf_hidden(AutoModel.from_pretrained(str(root)).eval(), arrays, token_types=False)
+    assert (engine.hidden_states(arrays) - ref).abs().max().item() <= HIDDEN_TOL
+    _, _, logits = run_head(engine, build_head(info, engine.device))(arrays)
+    hf = AutoModelForSequenceClassification.from_pretrained(str(root)).eval()
+    with torch.no_grad():
+        expected = hf(**padded_inputs(arrays, token_types=False)).logits.numpy()
+    assert np.abs(logits - expected).max() <= LOGIT_TOL
 
 
 def test_token_types_count_in_v2(tmp_path: Path) -> None:
