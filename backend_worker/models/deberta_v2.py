@@ -63,11 +63,14 @@ WEIGHT_MAP = WeightMap(
     ignore=(
         r"embeddings\.position_ids",  # a buffer older transformers saved
         # Heads: the classifier's (pooler + classifier) is loaded by backend_worker/heads.py
-        # when served; the MLM heads (legacy cls.*, lm_predictions.*) never are.
+        # when served; the MLM heads (legacy cls.*, lm_predictions.*) never are, nor the
+        # replaced token detection head microsoft/deberta-v3-* ship (transformers drops it:
+        # DebertaV2ForMaskedLM by name, the other classes as unused keys).
         r"pooler\..*",
         r"classifier\..*",
         r"cls\..*",
         r"lm_predictions\..*",
+        r"mask_predictions\..*",
     ),
 )
 

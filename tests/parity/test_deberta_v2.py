@@ -251,3 +251,21 @@ def test_a_saved_position_table_the_model_does_not_use_is_dropped(tmp_path: Path
     config = json.loads((root / "config.json").read_text())
     (root / "config.json").write_text(json.dumps({**config, "position_biased_input": True}))
     assert not torch.equal(serve(root, "mean")[1].hidden_states(arrays), before)
+
+
+def test_the_replaced_token_detection_head_is_ignored(tmp_path: Path) -> None:
+    """microsoft/deberta-v3-* ship ELECTRA-style pre-training's discriminator head
+    (mask_predictions.*), which every DebertaV2 class of transformers ignores: so do we."""
+    from safetensors.torch import load_file, save_file
+
+    root = make_tiny_deberta(tmp_path / "m", "DebertaV2ForMaskedLM", legacy=False)
+    arrays, _ = pack(root, TEXTS, MAX_TOKENS)
+    before = serve(root, "mean")[1].hidden_states(arrays)
+    path = root / "model.safetensors"
+    state = load_file(str(path))
+    for name, shape in (("dense.weight", (32, 32)), ("dense.bias", (32,)),
+                        ("LayerNorm.weight", (32,)), ("LayerNorm.bias", (32,)),
+                        ("classifier.weight", (1, 32)), ("classifier.bias", (1,))):
+        state[f"mask_predictions.{name}"] = torch.randn(shape)
+    save_file(state, str(path), metadata={"format": "pt"})
+    assert torch.equal(serve(root, "mean")[1].hidden_states(arrays), before)
