@@ -147,7 +147,7 @@ class Engine:
         self._position_rows = model.max_positions
         # Tokens one sequence may hold: what the router may send after its offset.
         self.max_positions = model.max_positions - info.position_offset
-        self._vocab_rows = int(info.vocab_size) or None
+        self._vocab_rows = info.input_id_rows or None  # (a static model's empty bag too)
         type_rows = info.config.get("type_vocab_size")
         self._type_rows = int(type_rows) if type_rows else None
         # Chunks only where a batch's arrays are plain tensors (the CUDA staging buffer is

@@ -53,6 +53,10 @@ log = logging.getLogger("embedserve")
 def max_input_length(info: ModelInfo, config: ServerConfig) -> int:
     """The model's limit, capped by the batch budget as TEI does (an entry must fit a batch)."""
     limit = info.max_input_length
+    if info.length_unlimited:
+        # A static model (sentence-transformers has no limit for it): an input must still fit
+        # one batch, so the batch budget is the limit, cut or refused per --auto-truncate.
+        return config.max_batch_tokens
     if limit <= config.max_batch_tokens:
         return limit
     if not config.auto_truncate:
@@ -183,7 +187,8 @@ async def run(config: ServerConfig) -> None:
             tokenizers=TokenizerPool(str(info.tokenizer_path), tokenizers,
                                      json_logs=config.json_output, lowercase=info.lowercase,
                                      model_type=info.model_type,
-                                     conversations=info.conversations),
+                                     conversations=info.conversations,
+                                     empty_bag_id=info.empty_bag_id),
             workers=workers,
             metrics=metrics,
             tracer=tracer,

@@ -3,7 +3,8 @@
 Each pool process loads `tokenizer.json` once, with the file's own padding and truncation
 settings switched off: many Hub tokenizers ship e.g. `Fixed 128` padding and `max_length 128`
 truncation, which would silently change token counts and embeddings. We truncate at the
-model's limit (from ModelInfo) instead, with the side a request asks for.
+model's limit (from ModelInfo) instead, with the side a request asks for. A static model's
+tokenizer is the exception: it runs as its file says (router/static_tokens.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 
 from router.chat_template import ChatFormatter
 from router.schemas import TokenInfo
+from router.static_tokens import StaticTokens
 from shared.conversations import Conversations
 from shared.errors import EmbedServeError, ErrorType, backend
 from shared.logs import setup_logging
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 # for a model that takes chat conversations, their formatter.
 _tokenizer = None
 _chat: ChatFormatter | None = None
+_static: StaticTokens | None = None  # a static model's (ModelInfo.empty_bag_id set)
 # Requests with at most this many characters are tokenized in the router process itself.
 INLINE_CHARACTERS = 512
 # A pool call still unanswered after this long means a wedged pool (a hung or stopped process):
@@ -65,10 +68,10 @@ class Token(NamedTuple):
 
 
 def _load(tokenizer_path: str, lowercase: bool = False, model_type: str = "",
-          conversations: Conversations | None = None) -> str:
+          conversations: Conversations | None = None, empty_bag_id: int | None = None) -> str:
     """Load this process's tokenizer; returns what tokenizer_config.json changed ("" if
     nothing), for the router to log once (see router.tokenizer_config)."""
-    global _tokenizer, _chat
+    global _tokenizer, _chat, _static
     # One core per process: rayon threads inside each of N processes would oversubscribe.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from tokenizers import Tokenizer
@@ -77,6 +80,9 @@ def _load(tokenizer_path: str, lowercase: bool = False, model_type: str = "",
 
     _tokenizer = Tokenizer.from_file(tokenizer_path)
     _tokenizer.no_padding()
+    _static = StaticTokens(_tokenizer, empty_bag_id) if empty_bag_id is not None else None
+    if _static is not None:
+        return ""  # the file as it is (StaticEmbedding's), its truncation included
     _tokenizer.no_truncation()
     changed = configure(_tokenizer, Path(tokenizer_path).parent, model_type, lowercase)
     _chat = ChatFormatter(conversations, _tokenizer) if conversations is not None else None
@@ -84,10 +90,11 @@ def _load(tokenizer_path: str, lowercase: bool = False, model_type: str = "",
 
 
 def _init(tokenizer_path: str, lowercase: bool, model_type: str,
-          conversations: Conversations | None, parent_pid: int, json_logs: bool) -> None:
+          conversations: Conversations | None, empty_bag_id: int | None, parent_pid: int,
+          json_logs: bool) -> None:
     die_with_parent(parent_pid)
     setup_logging(json_logs, f"tokenizer-{os.getpid()}")
-    _load(tokenizer_path, lowercase, model_type, conversations)
+    _load(tokenizer_path, lowercase, model_type, conversations, empty_bag_id)
 
 
 def _encode(texts: list[str | tuple[str, str]], max_length: int | None,
@@ -96,6 +103,10 @@ def _encode(texts: list[str | tuple[str, str]], max_length: int | None,
     its conversation after the `system` prompt)."""
     assert _tokenizer is not None, "pool process not initialised"
     try:
+        if _static is not None:  # no special tokens; an input without tokens: the empty bag
+            bags = [_static.bag_ids(e)
+                    for e in _static.encodings(texts, max_length, direction)]
+            return Outcome([Encoded(ids, np.zeros_like(ids)) for ids in bags])
         if _chat is not None:
             encodings = _chat.encode(texts, system, max_length, direction)
         else:
@@ -113,8 +124,11 @@ def _encode(texts: list[str | tuple[str, str]], max_length: int | None,
 
 
 def _untruncated(texts: list[str], add_special_tokens: bool) -> list:
-    """Each text's whole encoding (what /tokenize shows and a cut is measured on)."""
+    """Each text's whole encoding (what /tokenize shows and a cut is measured on); for a
+    static model the encoding the model sees (no special tokens, the file's truncation)."""
     assert _tokenizer is not None, "pool process not initialised"
+    if _static is not None:
+        return _static.encodings(texts)
     _tokenizer.no_truncation()
     return _tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
 
@@ -229,11 +243,13 @@ class TokenizerPool:
 
     def __init__(self, tokenizer_path: str, processes: int, json_logs: bool = False,
                  lowercase: bool = False, model_type: str = "",
-                 conversations: Conversations | None = None) -> None:
+                 conversations: Conversations | None = None,
+                 empty_bag_id: int | None = None) -> None:
         self._tokenizer_path = tokenizer_path
         self._lowercase = lowercase
         self._model_type = model_type
         self._conversations = conversations
+        self._empty_bag_id = empty_bag_id
         # Whether inputs are written as conversations (prompts become system messages).
         self.conversations = conversations is not None
         self._queued = 0  # characters (or ids) of the calls in the pool, running or waiting
@@ -247,14 +263,14 @@ class TokenizerPool:
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init,
             initargs=(self._tokenizer_path, self._lowercase, self._model_type,
-                      self._conversations, os.getpid(), self._json_logs),
+                      self._conversations, self._empty_bag_id, os.getpid(), self._json_logs),
         )
 
     async def start(self) -> None:
         """Start every process now (and surface a broken tokenizer) instead of on first use."""
         # This process's copy, for short inputs (see `encode`).
         changed = _load(self._tokenizer_path, self._lowercase, self._model_type,
-                        self._conversations)
+                        self._conversations, self._empty_bag_id)
         if changed:
             log.info("tokenizer: %s (as transformers does, so sentence-transformers)", changed)
         loop = asyncio.get_running_loop()

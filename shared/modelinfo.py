@@ -27,6 +27,12 @@ from shared.st_modules import (
     parse_pooling_config,
     read_json,
 )
+from shared.static_embedding import (
+    NO_LENGTH_LIMIT,
+    static_config,
+    static_module_dir,
+    tokenizer_length_limit,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +86,21 @@ class ModelInfo(msgspec.Struct, frozen=True):
     logit_score: LogitScore | None = None
     # Inputs written as chat conversations (a CrossEncoder whose Transformer takes messages).
     conversations: Conversations | None = None
+    # A static model (StaticEmbedding): the id an input without tokens is sent as, one past the
+    # vocabulary, a zero row in the worker's table, so that its mean is the empty bag's zeros
+    # and no sequence of zero tokens ever reaches the engine. None for every other model.
+    empty_bag_id: int | None = None
+
+    @property
+    def length_unlimited(self) -> bool:
+        """sentence-transformers takes inputs of any length (StaticEmbedding without a
+        truncating tokenizer.json): the server's batch budget is the only limit."""
+        return self.max_input_length >= NO_LENGTH_LIMIT
+
+    @property
+    def input_id_rows(self) -> int:
+        """Ids the worker's table has rows for (the empty bag's row included)."""
+        return self.vocab_size + (self.empty_bag_id is not None)
 
     @property
     def splade(self) -> bool:
@@ -107,7 +128,8 @@ def _builtin_module(root: Path, type_path: str) -> str:
 
 
 # The order the worker computes a sentence-transformers pipeline in (Dense may repeat).
-_PIPELINE_ORDER = {"Transformer": 0, "Pooling": 1, "Dense": 2, "Normalize": 3, "LogitScore": 4}
+_PIPELINE_ORDER = {"Transformer": 0, "StaticEmbedding": 0, "Pooling": 1, "Dense": 2,
+                   "Normalize": 3, "LogitScore": 4}
 
 
 def _max_input_length(
@@ -176,13 +198,19 @@ def load_model_info(
         # (Laya keeps its encoder's config.json in a folder of its own: this comes first.)
         raise ConfigError(f"{root}: a structured decision model (rl_agent_config.json, TEI's "
                           "/v1/decide, e.g. Laya) is not supported")
-    config = read_json(root / "config.json")
-    if not (root / "tokenizer.json").is_file():
+    modules = optional_json(root / "modules.json") or []
+    kinds = [_builtin_module(root, str(module["type"])) for module in modules]
+    # A StaticEmbedding's folder holds its tokenizer.json and table: the worker's weights and
+    # the router's tokenizer are read there (model_dir), the other modules from the root.
+    static_dir = static_module_dir(root, modules, kinds)
+    model_dir = static_dir or root
+    config = static_config(static_dir) if static_dir else read_json(root / "config.json")
+    if not (model_dir / "tokenizer.json").is_file():
         hint = ("; transformers writes one from the slow tokenizer's files: "
                 "AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)"
-                if (root / "tokenizer_config.json").is_file() else "")
-        raise ConfigError(f"{root}: tokenizer.json not found (a fast tokenizer is required)"
-                          f"{hint}")
+                if (model_dir / "tokenizer_config.json").is_file() else "")
+        raise ConfigError(f"{model_dir}: tokenizer.json not found (a fast tokenizer is "
+                          f"required){hint}")
     model_type = str(config.get("model_type", ""))
     position_offset = 0
     if model_type in POSITION_OFFSET_MODEL_TYPES:
@@ -192,7 +220,6 @@ def load_model_info(
                               f"(position ids start after it), found {pad!r}")
         position_offset = pad + 1
 
-    modules = optional_json(root / "modules.json") or []
     pooling: str | None = None
     dense: list[DenseSpec] = []
     has_normalize = False
@@ -200,8 +227,7 @@ def load_model_info(
     # The Transformer module's settings (read by several of the checks below).
     transformer = optional_json(root / "sentence_bert_config.json") or {}
     previous = ""  # the module before, in the list's order (sentence-transformers ignores idx)
-    for module in modules:
-        kind = _builtin_module(root, str(module["type"]))
+    for module, kind in zip(modules, kinds, strict=True):
         path = root / module.get("path", "")
         if kind in _PIPELINE_ORDER and previous in _PIPELINE_ORDER and (
                 _PIPELINE_ORDER[kind] < _PIPELINE_ORDER[previous]
@@ -221,6 +247,12 @@ def load_model_info(
                     "at the model's root; that layout is not supported (move its files to the "
                     "root and its path to \"\")")
             continue
+        if kind == "StaticEmbedding":
+            continue  # (static_module_dir placed it first)
+        if static_dir and kind in ("Pooling", "LogitScore"):
+            # StaticEmbedding's output is already the sentence embedding (the bag's mean).
+            raise ConfigError(f"{root}/modules.json: {kind} after a StaticEmbedding is not "
+                              "supported (only Dense and Normalize may follow it)")
         if kind == "Pooling":
             if pooling_override is None:  # an override replaces the file, even one we refuse
                 pooling = parse_pooling_config(read_json(path / "config.json"), path)
@@ -238,14 +270,20 @@ def load_model_info(
         else:
             raise ConfigError(
                 f"{root}/modules.json: module type {module['type']!r} is not supported "
-                "(supported: Transformer, Pooling, Dense, Normalize; LogitScore)"
+                "(supported: Transformer, Pooling, Dense, Normalize; LogitScore; "
+                "StaticEmbedding)"
             )
     if dense_path is not None:
         dense = [parse_dense(root / dense_path)]
     model_kind, id2label = _model_kind(config)
     if logit_score is not None:
         model_kind, id2label = "reranker", {"0": "LABEL_0"}
-    if pooling_override is not None:
+    if static_dir:
+        if pooling_override not in (None, "mean"):
+            raise ConfigError(f"--pooling {pooling_override!r}: a StaticEmbedding model "
+                              "averages its token rows; only mean pooling reproduces it")
+        pooling = "mean"  # the bag's mean, computed by the worker's mean pooling
+    elif pooling_override is not None:
         if pooling_override not in POOLINGS:
             raise ConfigError(f"--pooling {pooling_override!r}: choose one of {POOLINGS}")
         pooling = pooling_override
@@ -270,7 +308,7 @@ def load_model_info(
     # The Transformer module's do_lower_case: sentence-transformers lower-cases every text (a
     # cased tokenizer, or one it lower-cases anyway) before tokenizing. Without modules.json it
     # builds that module itself, and does not read this file.
-    lowercase = bool(modules) and bool(transformer.get("do_lower_case"))
+    lowercase = bool(modules) and not static_dir and bool(transformer.get("do_lower_case"))
 
     st_config = optional_json(root / "config_sentence_transformers.json") or {}
     if model_kind != "embedding" and (
@@ -308,14 +346,15 @@ def load_model_info(
         kind=model_kind,
         id2label=id2label,
         activation=_activation(config, len(id2label), st_config if modules else {}),
-        model_dir=str(root),
+        model_dir=str(model_dir),
         config=config,
         model_type=model_type,
         architectures=list(config.get("architectures") or []),
         hidden_size=hidden_size,
         vocab_size=int(config.get("vocab_size", 0)),
-        max_input_length=_max_input_length(root, config, position_offset, bool(modules),
-                                           transformer),
+        max_input_length=(tokenizer_length_limit(model_dir) if static_dir else
+                          _max_input_length(root, config, position_offset, bool(modules),
+                                            transformer)),
         position_offset=position_offset,
         pooling=pooling,
         dense=dense,
@@ -325,4 +364,5 @@ def load_model_info(
         lowercase=lowercase,
         logit_score=logit_score,
         conversations=conversations,
+        empty_bag_id=int(config["vocab_size"]) if static_dir else None,
     )

@@ -16,6 +16,7 @@ from backend_worker.models import (  # noqa: F401
     mpnet,
     nomic_bert,
     roberta,
+    static_embedding,  # sentence-transformers' StaticEmbedding (and model2vec's files)
 )
 from backend_worker.models.registry import EncoderModel, model_class, supported
 

@@ -1,0 +1,56 @@
+"""A static model in the router: its length limit (the batch budget, cut or refused per
+--auto-truncate), its tokenizer (the file as it is, no special tokens, for /tokenize too)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from router import tokenization
+from router.cli import max_input_length
+from shared.config import ServerConfig
+from shared.modelinfo import load_model_info
+from tests.fixtures.static import make_static
+
+
+@pytest.mark.parametrize("auto_truncate", [True, False])
+def test_the_batch_budget_is_the_limit_without_a_start_up_error(
+    tmp_path: Path, auto_truncate: bool
+) -> None:
+    """sentence-transformers has no limit for StaticEmbedding: --max-batch-tokens is ours,
+    whatever --auto-truncate says (it decides only what happens to a longer input)."""
+    info = load_model_info(make_static(tmp_path / "m"))
+    config = ServerConfig(max_batch_tokens=777, auto_truncate=auto_truncate)
+    assert max_input_length(info, config) == 777
+
+
+def test_a_truncating_tokenizer_file_sets_the_limit(tmp_path: Path) -> None:
+    info = load_model_info(make_static(tmp_path / "m", truncate=7))
+    assert max_input_length(info, ServerConfig(max_batch_tokens=777)) == 7
+
+
+def test_tokenize_shows_the_ids_the_model_averages(tmp_path: Path) -> None:
+    """/tokenize's add_special_tokens cannot add what StaticEmbedding never adds."""
+    info = load_model_info(make_static(tmp_path / "m", truncate=3))
+    tokenization._load(str(info.tokenizer_path), empty_bag_id=info.empty_bag_id)
+    for add_special_tokens in (True, False):
+        tokens = tokenization._tokens(["the weather is lovely", "  "], add_special_tokens).value
+        assert [t.text for t in tokens[0]] == ["the", "weather", "is"]  # the file's cut
+        assert not any(t.special for t in tokens[0])
+        assert tokens[1] == []  # no tokens; the model gets the empty bag
+    embedded = tokenization._encode(["the weather is lovely", "  "], None, "right").value
+    assert list(embedded[0].ids) == [t.id for t in tokens[0]]
+    assert list(embedded[1].ids) == [info.empty_bag_id]
+
+
+def test_other_models_load_unchanged_after_a_static_one(tmp_path: Path) -> None:
+    """The pool process's static state does not leak into the next load."""
+    from tests.fixtures.tiny import make_tiny_bert
+
+    info = load_model_info(make_static(tmp_path / "s"))
+    tokenization._load(str(info.tokenizer_path), empty_bag_id=info.empty_bag_id)
+    bert = load_model_info(make_tiny_bert(tmp_path / "b"))
+    tokenization._load(str(bert.tokenizer_path), model_type="bert")
+    ids = tokenization._encode(["hello"], None, "right").value[0].ids
+    assert len(ids) == 3  # [CLS] hello [SEP]
