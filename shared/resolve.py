@@ -30,6 +30,10 @@ _NEEDED = [
     "*Dense*/model.safetensors",
     "*Normalize*/config.json",
     "*LogitScore*/config.json",
+    # A StaticEmbedding kept in a folder of its own (0_StaticEmbedding/, earlier
+    # sentence-transformers); at the root its files are the two above and model.safetensors.
+    "*StaticEmbedding*/tokenizer.json",
+    "*StaticEmbedding*/model.safetensors",
     # A CrossEncoder that takes chat messages renders them with these (shared/conversations.py).
     "chat_template.jinja",
     "additional_chat_templates/*.jinja",

@@ -259,3 +259,19 @@ def test_a_causal_reranker_comes_down_whole(tmp_path: Path) -> None:
     missed = {f for f in files - unread
               if not any(fnmatch(f, pattern) for pattern in _NEEDED + _SAFETENSORS)}
     assert not missed
+
+
+@pytest.mark.parametrize("layout", ["root", "0_StaticEmbedding", "model2vec"])
+def test_a_static_model_comes_down_whole(tmp_path: Path, layout: str) -> None:
+    """Every file a StaticEmbedding model is read from, in each layout, is fetched."""
+    from fnmatch import fnmatch
+
+    from shared.resolve import _NEEDED, _SAFETENSORS
+    from tests.fixtures.static import make_model2vec, make_static
+
+    root = (make_model2vec(tmp_path / "m") if layout == "model2vec"
+            else make_static(tmp_path / "m", subfolder=layout != "root"))
+    files = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    missed = {f for f in files - {"README.md"}
+              if not any(fnmatch(f, pattern) for pattern in _NEEDED + _SAFETENSORS)}
+    assert not missed

@@ -1,0 +1,85 @@
+"""Tiny static models (sentence-transformers' StaticEmbedding: its own save, and model2vec's
+vocabulary-quantized files) served by the real `embedserve`: /embed and /v1/embeddings equal
+SentenceTransformer.encode, inputs without tokens give zeros, /info and /tokenize say what the
+model sees, and the batch budget is the length limit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.e2e.zoo import embed, sentence_transformer, serve_model
+from tests.fixtures.static import make_model2vec, make_static
+
+TOL = 1e-6
+BUDGET = 512
+TEXTS = ["hello world", "the weather is lovely today", "a", "   ", "\n",
+         "A much longer input, with punctuation; digits 0123456789 and MiXeD case. " * 4]
+PROMPTS = {"query": "query: ", "document": ""}
+
+
+@pytest.fixture(scope="module")
+def static(tmp_path_factory):
+    model = make_static(tmp_path_factory.mktemp("static") / "m", prompts=PROMPTS, seed=3)
+    with serve_model(model, tmp_path_factory.mktemp("logs"), max_batch_tokens=BUDGET) as srv:
+        yield model, srv
+
+
+@pytest.fixture(scope="module")
+def model2vec(tmp_path_factory):
+    model = make_model2vec(tmp_path_factory.mktemp("model2vec") / "m", quantized=True, seed=4)
+    with serve_model(model, tmp_path_factory.mktemp("logs")) as srv:
+        yield model, srv
+
+
+@pytest.mark.parametrize("which", ["static", "model2vec"])
+def test_embed_equals_sentence_transformers(request, which: str) -> None:
+    model, srv = request.getfixturevalue(which)
+    ours = embed(srv, inputs=TEXTS)
+    theirs = sentence_transformer(model).encode(TEXTS)
+    np.testing.assert_allclose(ours, theirs, atol=TOL)
+    assert not ours[3:5].any()  # no tokens: zeros, normalized or not (never NaN)
+    assert not embed(srv, inputs=["  "], normalize=False).any()
+
+
+def test_prompts_and_the_openai_route(static) -> None:
+    model, srv = static
+    oracle = sentence_transformer(model)
+    ours = embed(srv, inputs=TEXTS, prompt_name="query")
+    np.testing.assert_allclose(ours, oracle.encode(TEXTS, prompt_name="query"), atol=TOL)
+    response = srv.client.post("/v1/embeddings", json={"input": TEXTS})
+    assert response.status_code == 200, response.text
+    openai = np.asarray([row["embedding"] for row in response.json()["data"]], np.float32)
+    np.testing.assert_allclose(openai, oracle.encode(TEXTS), atol=TOL)
+
+
+def test_info_says_what_is_served(static) -> None:
+    _, srv = static
+    info = srv.client.get("/info").json()
+    assert info["model_type"] == {"embedding": {"pooling": "mean"}}
+    assert info["max_input_length"] == BUDGET  # no limit of its own: the batch budget
+    assert info["embedding_dimension"] == 16 and info["normalize_module"] is True
+    assert info["prompts"] == PROMPTS
+
+
+def test_the_batch_budget_cuts_or_refuses_longer_inputs(static) -> None:
+    model, srv = static
+    long = "hello " * (BUDGET + 88)
+    refused = srv.client.post("/embed", json={"inputs": long, "truncate": False})
+    assert refused.status_code in (413, 422), refused.text
+    assert f"must have less than {BUDGET} tokens" in refused.json()["error"]
+    cut = embed(srv, inputs=long, truncate=True)
+    # The first BUDGET tokens' mean: what sentence-transformers gives for them alone.
+    expected = sentence_transformer(model).encode(["hello " * BUDGET])
+    np.testing.assert_allclose(cut, expected, atol=TOL)
+
+
+def test_tokenize_shows_the_ids_the_model_averages(static) -> None:
+    _, srv = static
+    for add_special_tokens in (True, False):
+        response = srv.client.post("/tokenize", json={
+            "inputs": ["hello world", "  "], "add_special_tokens": add_special_tokens})
+        assert response.status_code == 200, response.text
+        first, empty = response.json()
+        assert [t["text"] for t in first] == ["hello", "world"]
+        assert not any(t["special"] for t in first) and empty == []
