@@ -227,8 +227,12 @@ def load_model_info(
     # The Transformer module's settings (read by several of the checks below).
     transformer = optional_json(root / "sentence_bert_config.json") or {}
     previous = ""  # the module before, in the list's order (sentence-transformers ignores idx)
-    for module, kind in zip(modules, kinds, strict=True):
+    for index, (module, kind) in enumerate(zip(modules, kinds, strict=True)):
         path = root / module.get("path", "")
+        if static_dir and index > 0 and kind not in ("Dense", "Normalize"):
+            # StaticEmbedding's output is already the sentence embedding (the bag's mean).
+            raise ConfigError(f"{root}/modules.json: {kind} after a StaticEmbedding is not "
+                              "supported (only Dense and Normalize may follow it)")
         if kind in _PIPELINE_ORDER and previous in _PIPELINE_ORDER and (
                 _PIPELINE_ORDER[kind] < _PIPELINE_ORDER[previous]
                 or (kind == previous and kind != "Dense")):
@@ -249,10 +253,6 @@ def load_model_info(
             continue
         if kind == "StaticEmbedding":
             continue  # (static_module_dir placed it first)
-        if static_dir and kind in ("Pooling", "LogitScore"):
-            # StaticEmbedding's output is already the sentence embedding (the bag's mean).
-            raise ConfigError(f"{root}/modules.json: {kind} after a StaticEmbedding is not "
-                              "supported (only Dense and Normalize may follow it)")
         if kind == "Pooling":
             if pooling_override is None:  # an override replaces the file, even one we refuse
                 pooling = parse_pooling_config(read_json(path / "config.json"), path)

@@ -35,7 +35,7 @@ def static_module_dir(root: Path, modules: list[dict[str, Any]], kinds: list[str
                           f"(found {kinds})")
     # "" (sentence-transformers 6 saves an input module at the root), "." (model2vec) or
     # "0_StaticEmbedding" (earlier sentence-transformers).
-    return (root / str(modules[0].get("path", ""))).resolve()
+    return root / str(modules[0].get("path", ""))
 
 
 def _header(path: Path) -> dict[str, Any]:

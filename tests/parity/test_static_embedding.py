@@ -95,7 +95,7 @@ def test_vectors_equal_sentence_transformers(tmp_path: Path, name: str) -> None:
 
 def test_the_module_folder_holds_the_weights_and_tokenizer(tmp_path: Path) -> None:
     info = load_model_info(make_static(tmp_path / "m", subfolder=True))
-    assert Path(info.model_dir) == (tmp_path / "m" / "0_StaticEmbedding").resolve()
+    assert Path(info.model_dir) == tmp_path / "m" / "0_StaticEmbedding"
     assert info.tokenizer_path == Path(info.model_dir) / "tokenizer.json"
     assert info.empty_bag_id == info.vocab_size and info.input_id_rows == info.vocab_size + 1
 
@@ -187,17 +187,26 @@ def _edit_modules(model_dir: Path, edit) -> None:
 
 def test_pipelines_not_reproduced_are_refused(tmp_path: Path) -> None:
     model_dir = make_static(tmp_path / "m")
+    static, normalize = json.loads((model_dir / "modules.json").read_text())
     pooling = {"idx": 1, "name": "p", "path": "1_Pooling",
                "type": "sentence_transformers.models.Pooling"}
     (model_dir / "1_Pooling").mkdir()
     (model_dir / "1_Pooling" / "config.json").write_text(
         json.dumps({"pooling_mode_mean_tokens": True}))
-    _edit_modules(model_dir, lambda m: [m[0], pooling, *m[1:]])
+    _edit_modules(model_dir, lambda m: [static, pooling, normalize])
     with pytest.raises(ConfigError, match=r"Pooling after a StaticEmbedding"):
         load_model_info(model_dir)
-    _edit_modules(model_dir, lambda m: [m[1], m[0], *m[2:]])
+    _edit_modules(model_dir, lambda m: [normalize, static])
     with pytest.raises(ConfigError, match=r"StaticEmbedding must be the first module"):
         load_model_info(model_dir)
+    # A Transformer (or a second StaticEmbedding) after it would be left uncomputed.
+    transformer = {"idx": 1, "name": "t", "path": "",
+                   "type": "sentence_transformers.models.Transformer"}
+    for second in (transformer, {**transformer, "type": "sentence_transformers.models."
+                                 "StaticEmbedding"}):
+        _edit_modules(model_dir, lambda m, s=second: [static, s, normalize])
+        with pytest.raises(ConfigError, match=r"after a StaticEmbedding is not supported"):
+            load_model_info(model_dir)
 
 
 def test_pooling_other_than_the_bags_mean_is_refused(tmp_path: Path) -> None:
