@@ -23,6 +23,7 @@ STATIC_MODEL_TYPE = "static_embedding"
 # where an int is needed (the worker's position table, ModelInfo.max_input_length).
 NO_LENGTH_LIMIT = 2**31 - 1
 _FLOATS = {"F64", "F32", "F16", "BF16"}
+_HALF = {"F16", "BF16"}
 _INTEGERS = {"I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8"}
 
 
@@ -102,6 +103,14 @@ def static_config(module_dir: Path) -> dict[str, Any]:
     else:
         raise ConfigError(f"{weights}: neither embedding.weight (sentence-transformers) nor "
                           f"embeddings (model2vec) found; keys: {sorted(header)}")
+    table = "embedding.weight" if layout == "embedding_bag" else "embeddings"
+    if header[table]["dtype"] in _HALF and "weights" not in header:
+        # StaticEmbedding then averages in that dtype (only per-token weights promote the
+        # folded rows to float32): ~1e-4 from a float32 mean, and its Normalize makes NaN of
+        # an input without tokens. Served in float32, the vectors would be other ones.
+        raise ConfigError(f"{weights}: a {header[table]['dtype']} {table} table is averaged "
+                          "in that precision by sentence-transformers, which is not reproduced "
+                          "here; convert the table to float32")
     unknown = sorted(set(header) - expected)
     if unknown:
         # StaticEmbedding.load would ignore them; a table stored under another name would

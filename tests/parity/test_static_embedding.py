@@ -164,6 +164,7 @@ def _rewrite_weights(model_dir: Path, tensors: dict[str, np.ndarray]) -> None:
       "mapping": np.zeros(237, dtype=np.int64),
       "weights": np.ones(5, dtype=np.float32)}, r"weights has 5 entries.*237"),
     ({"other": np.zeros((237, 4), dtype=np.float32)}, r"neither embedding.weight"),
+    ({"embeddings": np.zeros((237, 4), dtype=np.float16)}, r"F16 embeddings table.*float32"),
 ])
 def test_tables_not_reproduced_are_refused(tmp_path: Path, tensors: dict[str, np.ndarray],
                                            match: str) -> None:
@@ -171,6 +172,20 @@ def test_tables_not_reproduced_are_refused(tmp_path: Path, tensors: dict[str, np
     _rewrite_weights(model_dir, tensors)
     with pytest.raises(ConfigError, match=match):
         load_model_info(model_dir)
+
+
+def test_a_half_precision_table_with_weights_is_folded_in_float32(tmp_path: Path) -> None:
+    """Per-token weights promote model2vec's float16 rows to float32 when StaticEmbedding
+    folds them: that float32 table is what it averages, and what is served."""
+    rng = np.random.default_rng(5)
+    model_dir = make_model2vec(tmp_path / "m")
+    _rewrite_weights(model_dir, {
+        "embeddings": rng.standard_normal((50, 16)).astype(np.float16),
+        "mapping": rng.integers(0, 50, 237).astype(np.int64),
+        "weights": rng.uniform(0.1, 2.0, 237).astype(np.float16),
+    })
+    info = load_model_info(model_dir)
+    np.testing.assert_allclose(embed(info, TEXTS), st_encode(model_dir, TEXTS), atol=TOL)
 
 
 def test_a_pytorch_bin_table_is_refused_by_name(tmp_path: Path) -> None:
