@@ -71,6 +71,7 @@ class InferenceService:
         workers: WorkerPool,
         metrics: Metrics,
         tracer: Tracer | None = None,
+        static: bool = False,
     ) -> None:
         self.rules = rules
         self.embedding_dim = embedding_dim
@@ -78,6 +79,9 @@ class InferenceService:
         self.position_offset = position_offset
         self.model_kind = model_kind
         self.splade = splade
+        # A static model (StaticEmbedding) has no token embeddings (sentence-transformers has
+        # none to give): its rows per token are not hidden states, so /embed_all is refused.
+        self.static = static
         self.tokenizers = tokenizers
         self.workers = workers
         self.metrics = metrics
@@ -179,11 +183,13 @@ class InferenceService:
 
     def require(self, route_needs: str) -> None:
         """424 when a route does not fit the served model (TEI's messages)."""
+        no_hidden = ("`embed_all` is not available for SPLADE models" if self.splade else
+                     "`embed_all` is not available for static embedding models (no token "
+                     "embeddings)" if self.static else "Model is not an embedding model")
         refusal = {
             "embedding": (self.model_kind != "embedding", "Model is not an embedding model"),
-            "hidden states": (self.model_kind != "embedding" or self.splade,
-                              "`embed_all` is not available for SPLADE models" if self.splade
-                              else "Model is not an embedding model"),
+            "hidden states": (self.model_kind != "embedding" or self.splade or self.static,
+                              no_hidden),
             "splade": (not self.splade,
                        "Model is not an embedding model with SPLADE pooling"),
             "classifier": (self.model_kind == "embedding", "Model is not a classifier model"),

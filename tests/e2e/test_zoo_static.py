@@ -83,3 +83,11 @@ def test_tokenize_shows_the_ids_the_model_averages(static) -> None:
         first, empty = response.json()
         assert [t["text"] for t in first] == ["hello", "world"]
         assert not any(t["special"] for t in first) and empty == []
+
+
+def test_embed_all_is_refused(static) -> None:
+    """StaticEmbedding has no token embeddings (sentence-transformers gives none)."""
+    _, srv = static
+    response = srv.client.post("/embed_all", json={"inputs": "hello world"})
+    assert response.status_code == 424, response.text
+    assert "not available for static embedding models" in response.json()["error"]
