@@ -129,7 +129,6 @@ def static_config(module_dir: Path) -> dict[str, Any]:
         "table_rows": rows,  # rows stored (fewer than token ids when a mapping shares them)
         "has_mapping": "mapping" in header,
         "has_weights": "weights" in header,
-        "max_position_embeddings": NO_LENGTH_LIMIT,
     }
 
 

@@ -37,23 +37,27 @@ TEXTS = [
 ]
 
 
-def embed(info: ModelInfo, texts: list[str], prompt: str = "",
-          max_length: int | None = None) -> np.ndarray:
-    """The router's tokenization (a pool process's functions, in process), the engine, and the
-    router's normalization where the model has a Normalize module."""
+def pack(info: ModelInfo, texts: list[str], max_length: int | None = None) -> BatchArrays:
+    """The router's tokenization (a pool process's functions, in process), packed."""
     tokenization._load(str(info.tokenizer_path), info.lowercase, info.model_type,
                        info.conversations, info.empty_bag_id)
-    outcome = tokenization._encode([prompt + t for t in texts], max_length, "right")
+    outcome = tokenization._encode(texts, max_length, "right")
     assert outcome.error is None, outcome.error
     ids = [e.ids for e in outcome.value]
     lengths = [len(i) for i in ids]
-    arrays = BatchArrays(
+    return BatchArrays(
         np.concatenate(ids).astype(np.int32),
         np.concatenate([np.arange(n) for n in lengths]).astype(np.int32),
         np.zeros(sum(lengths), dtype=np.int32),
         np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32),
     )
-    vectors = Engine.load(info).embed(arrays)
+
+
+def embed(info: ModelInfo, texts: list[str], prompt: str = "",
+          max_length: int | None = None) -> np.ndarray:
+    """`pack`, the engine, and the router's normalization where the model has a Normalize
+    module."""
+    vectors = Engine.load(info).embed(pack(info, [prompt + t for t in texts], max_length))
     return normalize_rows(vectors) if info.has_normalize else vectors
 
 
@@ -229,3 +233,20 @@ def test_pooling_other_than_the_bags_mean_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"--pooling 'cls'.*only mean pooling"):
         load_model_info(model_dir, pooling_override="cls")
     assert load_model_info(model_dir, pooling_override="mean").pooling == "mean"
+
+
+def test_captured_graphs_give_the_empty_bag_zeros(tmp_path: Path) -> None:
+    """The latency path (CUDA graphs, here under capture's rules on the CPU) computes the same
+    rows, the empty bag's stand-in id included."""
+    from backend_worker.attention import PackedVarlen, torch_varlen_kernel
+    from tests.fixtures.capture import opaque, strict_capture
+    from tests.fixtures.varlen import cpu_varlen
+
+    info = load_model_info(make_model2vec(tmp_path / "m", quantized=True))
+    packed = Engine.load(info, attention=PackedVarlen(torch_varlen_kernel(opaque(cpu_varlen))))
+    assert packed.capture_graphs(256, strict_capture) and packed.graphs is not None
+    arrays = pack(info, TEXTS)
+    assert packed.graphs.bucket_for(arrays) is not None
+    got = packed.embed(arrays)
+    np.testing.assert_allclose(got, Engine.load(info).embed(arrays), atol=TOL)
+    assert not got[3:].any()
