@@ -117,7 +117,8 @@ class Worker:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda:"):
             torch.cuda.set_device(torch.device(device))  # this process owns this one GPU
-        dtype_name = self.config.dtype or default_dtype(torch.device(device).type)
+        dtype_name = self.config.dtype or default_dtype(torch.device(device).type,
+                                                        model_type=info.model_type)
         if emulated_dtype(torch.device(device).type, dtype_name):
             log.warning("this CPU has no native %s matmul: torch emulates it, many times slower "
                         "than float32 (the default here; --dtype float32)", dtype_name)

@@ -197,7 +197,8 @@ async def run(config: ServerConfig) -> None:
         workers.on_change = service.on_workers_changed
         # What the workers will choose (shared/dtypes.py); /info shows what they report once
         # they are ready.
-        dtype = config.dtype or default_dtype(devices[0].partition(":")[0])
+        dtype = config.dtype or default_dtype(devices[0].partition(":")[0],
+                                              model_type=info.model_type)
         app_info = build_info(config, model, info, dtype, rules, tokenizers)
         await _serve(AppState(config, service, app_info, info), tracer)
     finally:

@@ -8,6 +8,7 @@ chooses; the router says the same in /info before the workers are up).
   the same order of precision users accept from float16 on a GPU. float32 weights are also
   read from memory twice over per token, which is what bounds a short query's latency.
 - Any other CPU, MPS: float32 (emulated bfloat16 is slower than float32 there).
+- A static model (StaticEmbedding), anywhere: float32.
 `--dtype float32` always gives sentence-transformers' numbers exactly.
 """
 
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+
+from shared.static_embedding import STATIC_MODEL_TYPE
 
 # /proc/cpuinfo flags under which torch's CPU matmul runs bfloat16 natively (oneDNN kernels).
 NATIVE_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
@@ -34,7 +37,12 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
     return frozenset()
 
 
-def default_dtype(device_type: str, flags: frozenset[str] | None = None) -> str:
+def default_dtype(device_type: str, flags: frozenset[str] | None = None, *,
+                  model_type: str = "") -> str:
+    if model_type == STATIC_MODEL_TYPE:
+        # A static model is a gather and a mean: nothing for reduced precision to speed up,
+        # and float32 is what sentence-transformers averages in.
+        return "float32"
     if device_type == "cuda":
         return "float16"
     if device_type == "cpu":

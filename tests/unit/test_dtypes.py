@@ -25,6 +25,15 @@ def test_default_dtype(device: str, flags: frozenset[str], expected: str) -> Non
     assert default_dtype(device, flags) == expected
 
 
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_a_static_model_defaults_to_float32_everywhere(device: str) -> None:
+    """A gather and a mean gain nothing from reduced precision; float32 is sentence-transformers'
+    arithmetic (where any other family's default is float16 or bfloat16)."""
+    assert default_dtype(device, frozenset({"amx_bf16"}), model_type="bert") != "float32"
+    assert default_dtype(device, frozenset({"amx_bf16"}), model_type="static_embedding") == (
+        "float32")
+
+
 def test_cpu_flags_reads_the_flags_line(tmp_path: Path) -> None:
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nmodel name\t: X\nflags\t\t: fpu sse avx512_bf16 amx_bf16\n"
