@@ -152,6 +152,31 @@ def test_token_ids_past_the_table_are_a_tokenizer_error(tmp_path: Path) -> None:
     assert outcome.error is not None and "100-row embedding table" in outcome.error
 
 
+def test_a_token_id_equal_to_the_tables_rows_is_not_the_empty_bag(tmp_path: Path) -> None:
+    """The first id past the table is the empty bag's stand-in: a text tokenized to it is
+    refused as any id past the table, never averaged as the stand-in's zeros."""
+    from safetensors.numpy import save_file
+
+    model_dir = make_model2vec(tmp_path / "m")
+    tokenization._load(str(model_dir / "tokenizer.json"), empty_bag_id=237)
+    (hello,) = tokenization._encode(["hello"], None, "right").value[0].ids
+    rows = np.random.default_rng(0).standard_normal((int(hello), 16)).astype(np.float32)
+    save_file({"embeddings": rows}, str(model_dir / "model.safetensors"))
+    info = load_model_info(model_dir)
+    assert info.empty_bag_id == hello
+    tokenization._load(str(info.tokenizer_path), empty_bag_id=info.empty_bag_id)
+    outcome = tokenization._encode(["hello"], None, "right")
+    assert outcome.error is not None and f"{hello}-row embedding table" in outcome.error
+
+
+def test_a_lower_casing_setting_beside_it_is_not_applied(tmp_path: Path) -> None:
+    """StaticEmbedding reads no sentence_bert_config.json: a do_lower_case there (a leftover
+    at the root) does not lower-case the texts it tokenizes."""
+    model_dir = make_static(tmp_path / "m")
+    (model_dir / "sentence_bert_config.json").write_text(json.dumps({"do_lower_case": True}))
+    assert not load_model_info(model_dir).lowercase
+
+
 def _rewrite_weights(model_dir: Path, tensors: dict[str, np.ndarray]) -> None:
     from safetensors.numpy import save_file
 
@@ -169,6 +194,12 @@ def _rewrite_weights(model_dir: Path, tensors: dict[str, np.ndarray]) -> None:
       "weights": np.ones(5, dtype=np.float32)}, r"weights has 5 entries.*237"),
     ({"other": np.zeros((237, 4), dtype=np.float32)}, r"neither embedding.weight"),
     ({"embeddings": np.zeros((237, 4), dtype=np.float16)}, r"F16 embeddings table.*float32"),
+    # A mapping alone does not promote the rows (only per-token weights do).
+    ({"embeddings": np.zeros((10, 4), dtype=np.float16),
+      "mapping": np.zeros(237, dtype=np.int64)}, r"F16 embeddings table.*float32"),
+    # One past the last row (the worker's empty bag's id) is outside the table too.
+    ({"embeddings": np.zeros((10, 4), dtype=np.float32),
+      "mapping": np.full(237, 10, dtype=np.int64)}, r"mapping points outside the 10 rows"),
 ])
 def test_tables_not_reproduced_are_refused(tmp_path: Path, tensors: dict[str, np.ndarray],
                                            match: str) -> None:

@@ -44,6 +44,18 @@ def test_tokenize_shows_the_ids_the_model_averages(tmp_path: Path) -> None:
     assert list(embedded[1].ids) == [info.empty_bag_id]
 
 
+def test_a_shorter_cut_than_the_files_is_made_on_the_requests_side(tmp_path: Path) -> None:
+    """Below the file's own truncation, the router's limit (the batch budget) cuts, on the
+    side the request asks for; the file's longer cut does not win."""
+    info = load_model_info(make_static(tmp_path / "m", truncate=5))
+    tokenization._load(str(info.tokenizer_path), empty_bag_id=info.empty_bag_id)
+    whole = list(tokenization._encode(["the weather is lovely"], None, "right").value[0].ids)
+    assert len(whole) == 4
+    for direction, kept in (("right", whole[:2]), ("left", whole[2:])):
+        cut = tokenization._encode(["the weather is lovely"], 2, direction).value[0].ids
+        assert list(cut) == kept
+
+
 def test_other_models_load_unchanged_after_a_static_one(tmp_path: Path) -> None:
     """The pool process's static state does not leak into the next load."""
     from tests.fixtures.tiny import make_tiny_bert
