@@ -184,7 +184,7 @@ async def run(config: ServerConfig) -> None:
             position_offset=info.position_offset,
             model_kind=info.kind,
             splade=info.splade,
-            static=info.empty_bag_id is not None,
+            empty_bag_id=info.empty_bag_id,
             tokenizers=TokenizerPool(str(info.tokenizer_path), tokenizers,
                                      json_logs=config.json_output, lowercase=info.lowercase,
                                      model_type=info.model_type,

@@ -71,7 +71,7 @@ class InferenceService:
         workers: WorkerPool,
         metrics: Metrics,
         tracer: Tracer | None = None,
-        static: bool = False,
+        empty_bag_id: int | None = None,
     ) -> None:
         self.rules = rules
         self.embedding_dim = embedding_dim
@@ -81,7 +81,9 @@ class InferenceService:
         self.splade = splade
         # A static model (StaticEmbedding) has no token embeddings (sentence-transformers has
         # none to give): its rows per token are not hidden states, so /embed_all is refused.
-        self.static = static
+        # An input without tokens is sent as its empty bag's id, which no count includes.
+        self.empty_bag_id = empty_bag_id
+        self.static = empty_bag_id is not None
         self.tokenizers = tokenizers
         self.workers = workers
         self.metrics = metrics
@@ -308,7 +310,7 @@ class InferenceService:
         count = len(entries)
         return Outcome(rows, Timings(
             characters=characters,
-            tokens=sum(e.length for e in entries),
+            tokens=sum(e.length for e in entries) - self._empty_bags(encoded),
             tokenization_ms=(tokenized - started) * 1e3,
             queue_ms=sum(e.dispatched_at - e.enqueued_at for e in entries) / count * 1e3,
             inference_ms=sum(f - e.dispatched_at for e, f in entries.items()) / count * 1e3,
@@ -341,6 +343,12 @@ class InferenceService:
         if request.normalize:
             vectors = normalize_rows(vectors)
         return EmbedResult(np.ascontiguousarray(vectors, dtype=np.float32), outcome.timings)
+
+    def _empty_bags(self, encoded: list[Encoded]) -> int:
+        """Inputs sent as the empty bag's stand-in id alone (clients cannot send that id)."""
+        bag = self.empty_bag_id
+        return 0 if bag is None else sum(
+            1 for enc in encoded if enc.ids.shape[0] == 1 and int(enc.ids[0]) == bag)
 
     async def _infer(
         self, encoded: list[Encoded], output: OutputKind

@@ -91,3 +91,15 @@ def test_embed_all_is_refused(static) -> None:
     response = srv.client.post("/embed_all", json={"inputs": "hello world"})
     assert response.status_code == 424, response.text
     assert "not available for static embedding models" in response.json()["error"]
+
+
+def test_inputs_without_tokens_count_none(static) -> None:
+    """The empty bag's stand-in id is the server's, not the input's: x-compute-tokens and the
+    OpenAI usage count the tokens /tokenize shows (none for whitespace)."""
+    _, srv = static
+    response = srv.client.post("/embed", json={"inputs": ["   ", "hello world", "\n"]})
+    assert response.status_code == 200, response.text
+    assert response.headers["x-compute-tokens"] == "2"
+    response = srv.client.post("/v1/embeddings", json={"input": "   "})
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"] == {"prompt_tokens": 0, "total_tokens": 0}
