@@ -103,3 +103,21 @@ def test_inputs_without_tokens_count_none(static) -> None:
     response = srv.client.post("/v1/embeddings", json={"input": "   "})
     assert response.status_code == 200, response.text
     assert response.json()["usage"] == {"prompt_tokens": 0, "total_tokens": 0}
+
+
+def test_a_client_cannot_send_the_empty_bags_id(static) -> None:
+    """The empty bag's stand-in (the id one past the table, a zero row in the worker) is the
+    server's own: sent as a token id it is out of range (422), as any id past the vocabulary,
+    and never averaged as zeros."""
+    from tokenizers import Tokenizer
+
+    model, srv = static
+    vocab = Tokenizer.from_file(str(model / "tokenizer.json")).get_vocab_size()
+    for route, body in (("/embed", {"inputs": [[vocab]]}),
+                        ("/embed", {"inputs": [[5, vocab]]}),
+                        ("/v1/embeddings", {"input": [vocab]}),
+                        ("/decode", {"ids": [vocab]})):
+        response = srv.client.post(route, json=body)
+        assert response.status_code == 422, (route, response.text)
+        assert f"token id {vocab} is out of range" in response.text
+    assert embed(srv, inputs=[[vocab - 1]]).any()  # the last row is the table's own
