@@ -134,12 +134,15 @@ async def run(config: ServerConfig) -> None:
             "The `--pooling` arg is not set and we could not find a pooling configuration "
             "(`1_Pooling/config.json`) for this model."
         )
+    limit = max_input_length(info, config)
     rules = InputRules(
-        max_input_length=max_input_length(info, config),
+        max_input_length=limit,
         max_client_batch_size=config.max_client_batch_size,
         vocab_size=info.vocab_size,
         prompts=info.prompts,
         default_prompt=default_prompt(info, config),
+        # The file's truncation, where it (not the batch budget) is the limit.
+        truncation_side=info.truncation_side if limit == info.max_input_length else None,
     )
     log.info("serving %s from %s: max input length %d, pooling %s", model.model_id, model.path,
              rules.max_input_length, info.pooling)

@@ -23,6 +23,9 @@ class InputRules:
     vocab_size: int
     prompts: dict[str, str]
     default_prompt: str | None
+    # The side every cut is made on, whatever a request asks (a static model whose tokenizer
+    # file's truncation is the limit: StaticEmbedding cuts there on the file's side).
+    truncation_side: str | None = None
 
 
 def as_input_list(inputs: str | list) -> list[str | list[int]]:
@@ -162,6 +165,7 @@ async def tokenize_inputs(
 ) -> tuple[list[Encoded], int]:
     """Validate and tokenize; returns the encodings in input order and the characters counted."""
     char_limit = rules.max_input_length * CHARS_PER_TOKEN_LIMIT
+    direction = rules.truncation_side or direction
     texts: list[str | Pair] = []
     text_slots: list[int] = []
     encoded: list[Encoded | None] = [None] * len(inputs)

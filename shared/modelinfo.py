@@ -32,6 +32,7 @@ from shared.static_embedding import (
     static_config,
     static_module_dir,
     tokenizer_length_limit,
+    tokenizer_truncation_side,
 )
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,8 @@ class ModelInfo(msgspec.Struct, frozen=True):
     # vocabulary, a zero row in the worker's table, so that its mean is the empty bag's zeros
     # and no sequence of zero tokens ever reaches the engine. None for every other model.
     empty_bag_id: int | None = None
+    # A static model's tokenizer.json truncation side ("right" / "left"), where it sets one.
+    truncation_side: str | None = None
 
     @property
     def length_unlimited(self) -> bool:
@@ -365,4 +368,5 @@ def load_model_info(
         logit_score=logit_score,
         conversations=conversations,
         empty_bag_id=int(config["vocab_size"]) if static_dir else None,
+        truncation_side=tokenizer_truncation_side(model_dir) if static_dir else None,
     )

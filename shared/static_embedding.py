@@ -132,13 +132,23 @@ def static_config(module_dir: Path) -> dict[str, Any]:
     }
 
 
-def tokenizer_length_limit(module_dir: Path) -> int:
-    """The tokenizer file's own truncation (which StaticEmbedding keeps), else no limit."""
+def _file_truncation(module_dir: Path) -> dict[str, Any] | None:
     try:
-        truncation = json.loads((module_dir / "tokenizer.json").read_text(encoding="utf-8"))
+        tokenizer = json.loads((module_dir / "tokenizer.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read {module_dir / 'tokenizer.json'}: {exc}") from exc
-    setting = truncation.get("truncation") if isinstance(truncation, dict) else None
-    if isinstance(setting, dict) and setting.get("max_length") is not None:
-        return int(setting["max_length"])
-    return NO_LENGTH_LIMIT
+    setting = tokenizer.get("truncation") if isinstance(tokenizer, dict) else None
+    return setting if isinstance(setting, dict) and setting.get("max_length") is not None \
+        else None
+
+
+def tokenizer_length_limit(module_dir: Path) -> int:
+    """The tokenizer file's own truncation (which StaticEmbedding keeps), else no limit."""
+    setting = _file_truncation(module_dir)
+    return int(setting["max_length"]) if setting is not None else NO_LENGTH_LIMIT
+
+
+def tokenizer_truncation_side(module_dir: Path) -> str | None:
+    """The side the tokenizer file's truncation cuts ("right" / "left"), None without one."""
+    setting = _file_truncation(module_dir)
+    return str(setting.get("direction", "Right")).lower() if setting is not None else None

@@ -121,3 +121,17 @@ def test_a_client_cannot_send_the_empty_bags_id(static) -> None:
         assert response.status_code == 422, (route, response.text)
         assert f"token id {vocab} is out of range" in response.text
     assert embed(srv, inputs=[[vocab - 1]]).any()  # the last row is the table's own
+
+
+def test_a_long_input_is_cut_on_the_files_side(tmp_path_factory) -> None:
+    """Where the tokenizer file's truncation is the limit, it cuts on its own side whatever
+    the request's truncation_direction: the characters cut before tokenizing (past 250 per
+    token) too, or the vector would be the file's first tokens of the text's end."""
+    model = make_static(tmp_path_factory.mktemp("cut") / "m", truncate=3, seed=5)
+    text = "the weather is " + "hello " * 200  # past 3 x 250 characters
+    expected = sentence_transformer(model).encode([text, "the weather is"])
+    np.testing.assert_allclose(expected[0], expected[1], atol=TOL)  # the file's first tokens
+    with serve_model(model, tmp_path_factory.mktemp("logs")) as srv:
+        for direction in ("right", "left"):
+            ours = embed(srv, inputs=[text], truncate=True, truncation_direction=direction)
+            np.testing.assert_allclose(ours[0], expected[0], atol=TOL)

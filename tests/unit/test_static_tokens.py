@@ -30,6 +30,19 @@ def test_a_truncating_tokenizer_file_sets_the_limit(tmp_path: Path) -> None:
     assert max_input_length(info, ServerConfig(max_batch_tokens=777)) == 7
 
 
+def test_the_files_truncation_side_is_read(tmp_path: Path) -> None:
+    """Where the file's truncation is the limit, every cut is on its side (router/cli.py)."""
+    import json
+
+    model_dir = make_static(tmp_path / "m", truncate=3)
+    assert load_model_info(model_dir).truncation_side == "right"
+    tokenizer = json.loads((model_dir / "tokenizer.json").read_text())
+    tokenizer["truncation"]["direction"] = "Left"
+    (model_dir / "tokenizer.json").write_text(json.dumps(tokenizer))
+    assert load_model_info(model_dir).truncation_side == "left"
+    assert load_model_info(make_static(tmp_path / "n")).truncation_side is None
+
+
 def test_tokenize_shows_the_ids_the_model_averages(tmp_path: Path) -> None:
     """/tokenize's add_special_tokens cannot add what StaticEmbedding never adds."""
     info = load_model_info(make_static(tmp_path / "m", truncate=3))
