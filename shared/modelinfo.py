@@ -31,8 +31,7 @@ from shared.static_embedding import (
     NO_LENGTH_LIMIT,
     static_config,
     static_module_dir,
-    tokenizer_length_limit,
-    tokenizer_truncation_side,
+    tokenizer_truncation,
 )
 
 log = logging.getLogger(__name__)
@@ -345,6 +344,8 @@ def load_model_info(
         raise ConfigError(f"{root}/sentence_bert_config.json: an embedding model whose "
                           "Transformer module takes messages (chat conversations) is not "
                           "supported")
+    # A static model's length limit and cut side are its tokenizer file's own truncation.
+    file_limit, file_side = tokenizer_truncation(model_dir) if static_dir else (0, None)
     return ModelInfo(
         kind=model_kind,
         id2label=id2label,
@@ -355,7 +356,7 @@ def load_model_info(
         architectures=list(config.get("architectures") or []),
         hidden_size=hidden_size,
         vocab_size=int(config.get("vocab_size", 0)),
-        max_input_length=(tokenizer_length_limit(model_dir) if static_dir else
+        max_input_length=(file_limit if static_dir else
                           _max_input_length(root, config, position_offset, bool(modules),
                                             transformer)),
         position_offset=position_offset,
@@ -368,5 +369,5 @@ def load_model_info(
         logit_score=logit_score,
         conversations=conversations,
         empty_bag_id=int(config["vocab_size"]) if static_dir else None,
-        truncation_side=tokenizer_truncation_side(model_dir) if static_dir else None,
+        truncation_side=file_side,
     )

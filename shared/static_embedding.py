@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import ConfigError
+from shared.st_modules import read_json
 
 STATIC_MODEL_TYPE = "static_embedding"
 # sentence-transformers' max_seq_length for StaticEmbedding is math.inf: this stands for it
@@ -132,23 +133,11 @@ def static_config(module_dir: Path) -> dict[str, Any]:
     }
 
 
-def _file_truncation(module_dir: Path) -> dict[str, Any] | None:
-    try:
-        tokenizer = json.loads((module_dir / "tokenizer.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read {module_dir / 'tokenizer.json'}: {exc}") from exc
+def tokenizer_truncation(module_dir: Path) -> tuple[int, str | None]:
+    """The tokenizer file's own truncation, which StaticEmbedding keeps: its length (else no
+    limit) and the side it cuts ("right" / "left"; None without one). The file is read once."""
+    tokenizer = read_json(module_dir / "tokenizer.json")
     setting = tokenizer.get("truncation") if isinstance(tokenizer, dict) else None
-    return setting if isinstance(setting, dict) and setting.get("max_length") is not None \
-        else None
-
-
-def tokenizer_length_limit(module_dir: Path) -> int:
-    """The tokenizer file's own truncation (which StaticEmbedding keeps), else no limit."""
-    setting = _file_truncation(module_dir)
-    return int(setting["max_length"]) if setting is not None else NO_LENGTH_LIMIT
-
-
-def tokenizer_truncation_side(module_dir: Path) -> str | None:
-    """The side the tokenizer file's truncation cuts ("right" / "left"), None without one."""
-    setting = _file_truncation(module_dir)
-    return str(setting.get("direction", "Right")).lower() if setting is not None else None
+    if not isinstance(setting, dict) or setting.get("max_length") is None:
+        return NO_LENGTH_LIMIT, None
+    return int(setting["max_length"]), str(setting.get("direction", "Right")).lower()
