@@ -14,7 +14,8 @@ import torch
 
 from backend_worker.engine import Engine
 from backend_worker.heads import build_head, run_head
-from backend_worker.models.deberta_v2 import ContextPoolerHead, log_buckets
+from backend_worker.models.deberta_v2 import ContextPoolerHead
+from backend_worker.models.disentangled import log_buckets
 from shared.errors import ConfigError
 from shared.modelinfo import load_model_info
 from tests.fixtures.deberta import MAX_TOKENS, V2, make_tiny_deberta
