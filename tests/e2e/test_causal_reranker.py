@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.e2e.server import serving
+from tests.e2e.zoo import cross_encoder, rerank_scores
 from tests.fixtures.causal_reranker import make_causal_reranker, make_chat_classifier
 
 TOL = 1e-4
@@ -19,12 +20,6 @@ QUERY = "what is a cat"
 # Short and long: the long ones overflow the model's 64 tokens and are cut.
 DOCS = ["a cat is a small animal", "hello", "the dog " * 40, "cats and dogs, " * 12]
 PROMPTS = {"judge": "judge the document"}
-
-
-def cross_encoder(root: Path, pairs: list[tuple[str, str]], **kwargs) -> np.ndarray:
-    from sentence_transformers import CrossEncoder
-
-    return CrossEncoder(str(root), device="cpu").predict(pairs, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -42,18 +37,12 @@ def test_rerank_equals_cross_encoder(served) -> None:
     response = srv.client.post("/rerank", json={"query": QUERY, "texts": DOCS})
     assert response.status_code == 200, response.text
     ranks = response.json()
-    scores = np.zeros(len(DOCS))
-    for rank in ranks:
-        scores[rank["index"]] = rank["score"]
-    np.testing.assert_allclose(scores, expected, atol=TOL)
+    np.testing.assert_allclose(rerank_scores(ranks), expected, atol=TOL)
     assert [r["index"] for r in ranks] == list(np.argsort(-expected, kind="stable"))
     raw = srv.client.post("/rerank", json={"query": QUERY, "texts": DOCS, "raw_scores": True})
     expected_raw = cross_encoder(root, [(QUERY, doc) for doc in DOCS],
                                  activation_fn=torch.nn.Identity())
-    raw_scores = np.zeros(len(DOCS))
-    for rank in raw.json():
-        raw_scores[rank["index"]] = rank["score"]
-    np.testing.assert_allclose(raw_scores, expected_raw, atol=TOL)
+    np.testing.assert_allclose(rerank_scores(raw.json()), expected_raw, atol=TOL)
 
 
 def test_cohere_shape_and_predict_agree(served) -> None:
@@ -91,7 +80,4 @@ def test_a_chat_sequence_classifier_equals_cross_encoder(tmp_path: Path) -> None
                  log_path=tmp_path / "log") as srv:
         response = srv.client.post("/rerank", json={"query": QUERY, "texts": DOCS})
     assert response.status_code == 200, response.text
-    scores = np.zeros(len(DOCS))
-    for rank in response.json():
-        scores[rank["index"]] = rank["score"]
-    np.testing.assert_allclose(scores, expected, atol=TOL)
+    np.testing.assert_allclose(rerank_scores(response.json()), expected, atol=TOL)

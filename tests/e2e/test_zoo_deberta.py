@@ -8,19 +8,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.e2e.zoo import serve_model
+from tests.e2e.zoo import cross_encoder, rerank_scores, serve_model
 from tests.fixtures.deberta import make_tiny_deberta
 
 TOL = 1e-5
 QUERY = "what is the weather today?"
 DOCS = ["the weather is lovely today", "hello", "a",
         "A much longer document, with punctuation; digits 0123456789 and MiXeD case. " * 6]
-
-
-def cross_encoder_scores(root, pairs) -> np.ndarray:
-    from sentence_transformers import CrossEncoder
-
-    return CrossEncoder(str(root), device="cpu").predict(pairs)
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +30,10 @@ def reranker(tmp_path_factory):
 
 def test_rerank_equals_cross_encoder(reranker) -> None:
     root, srv = reranker
-    expected = cross_encoder_scores(root, [(QUERY, doc) for doc in DOCS])
+    expected = cross_encoder(root, [(QUERY, doc) for doc in DOCS])
     response = srv.client.post("/rerank", json={"query": QUERY, "texts": DOCS})
     assert response.status_code == 200, response.text
-    scores = np.zeros(len(DOCS))
-    for rank in response.json():
-        scores[rank["index"]] = rank["score"]
-    np.testing.assert_allclose(scores, expected, atol=TOL)
+    np.testing.assert_allclose(rerank_scores(response.json()), expected, atol=TOL)
     cohere = srv.client.post("/v1/rerank", json={"query": QUERY, "documents": DOCS})
     assert cohere.status_code == 200, cohere.text
     by_index = {r["index"]: r["relevance_score"] for r in cohere.json()["results"]}
@@ -51,7 +42,7 @@ def test_rerank_equals_cross_encoder(reranker) -> None:
 
 def test_predict_pairs_and_info(reranker) -> None:
     root, srv = reranker
-    expected = cross_encoder_scores(root, [(QUERY, DOCS[0]), ("hello", "world")])
+    expected = cross_encoder(root, [(QUERY, DOCS[0]), ("hello", "world")])
     response = srv.client.post("/predict", json={"inputs": [[QUERY, DOCS[0]],
                                                              ["hello", "world"]]})
     assert response.status_code == 200, response.text

@@ -34,3 +34,18 @@ def sentence_transformer(model: Path) -> Any:
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(str(model), device="cpu")
+
+
+def cross_encoder(model: Path, pairs: list[tuple[str, str]], **kwargs: Any) -> np.ndarray:
+    """CrossEncoder.predict on the same directory, on the CPU: the re-rankers' oracle."""
+    from sentence_transformers import CrossEncoder
+
+    return CrossEncoder(str(model), device="cpu").predict(pairs, **kwargs)
+
+
+def rerank_scores(ranks: list[dict[str, Any]]) -> np.ndarray:
+    """A /rerank answer's scores back in the order of its texts (the answer is by score)."""
+    scores = np.zeros(len(ranks))
+    for rank in ranks:
+        scores[rank["index"]] = rank["score"]
+    return scores
