@@ -83,16 +83,18 @@ class LogitsHead(nn.Module):
 
 
 class ClassifierHead(LogitsHead):
-    """BertForSequenceClassification: classifier(tanh(pooler(h[CLS])))."""
+    """BertForSequenceClassification: classifier(tanh(pooler(h[CLS]))); another activation
+    than tanh for the families whose pooler says one (DeBERTa's pooler_hidden_act)."""
 
-    def __init__(self, hidden: int, labels: int) -> None:
+    def __init__(self, hidden: int, labels: int, act: str = "tanh") -> None:
         super().__init__()
         self.pooler = nn.Linear(hidden, hidden)
+        self.act = activation(act, where="config.json: pooler activation")
         self.classifier = nn.Linear(hidden, labels)
 
     def forward(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         first = hidden.index_select(0, cu_seqlens[:-1]).float()
-        return self.classifier(torch.tanh(self.pooler(first)))
+        return self.classifier(self.act(self.pooler(first)))
 
 
 # The keys of ClassifierHead as BertForSequenceClassification saves them; the families whose

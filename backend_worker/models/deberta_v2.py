@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from backend_worker.attention import Attention, MaskSpec
-from backend_worker.head_modules import BERT_CLASSIFIER_KEYS, FamilyHeads, LogitsHead
+from backend_worker.head_modules import BERT_CLASSIFIER_KEYS, ClassifierHead, FamilyHeads
 from backend_worker.layers import MLP, activation
 from backend_worker.loading import Rule, WeightMap
 from backend_worker.models.config import refusal, required_keys
@@ -75,18 +75,9 @@ WEIGHT_MAP = WeightMap(
 )
 
 
-class ContextPoolerHead(LogitsHead):
-    """DebertaV2ForSequenceClassification: classifier(act(pooler.dense(h[CLS])))."""
-
-    def __init__(self, hidden: int, labels: int, act: str) -> None:
-        super().__init__()
-        self.pooler = nn.Linear(hidden, hidden)
-        self.act = activation(act, where="config.json: pooler_hidden_act")
-        self.classifier = nn.Linear(hidden, labels)
-
-    def forward(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        first = hidden.index_select(0, cu_seqlens[:-1]).float()
-        return self.classifier(self.act(self.pooler(first)))
+class ContextPoolerHead(ClassifierHead):
+    """DebertaV2ForSequenceClassification: classifier(act(pooler.dense(h[CLS]))), act the
+    config's pooler_hidden_act (BERT's head and names, another activation)."""
 
 
 def _classifier(config: dict[str, Any], hidden: int, labels: int) -> nn.Module:
