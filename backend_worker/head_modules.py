@@ -22,6 +22,7 @@ from backend_worker.layers import activation
 from backend_worker.loading import Rule, WeightMap
 from backend_worker.pooling import token_sequences
 from shared.protocol import OutputKind
+from shared.sparse_encoder import SpladeSpec
 
 # Logits of one SPLADE chunk are [tokens, vocab] float32: bound them (~128 MiB) so a 16k-token
 # batch over a 30k vocabulary does not materialise GBs; the reduction is into [n, vocab].
@@ -106,9 +107,9 @@ BERT_CLASSIFIER_KEYS = HeadKeys(
 
 
 class SpladeHead(nn.Module):
-    """MLM head (dense -> act -> norm -> decoder), then relu -> log1p -> max over each
-    sequence's tokens, non-zeros only. BERT, RoBERTa, DistilBERT and ModernBERT MLM heads all
-    have this shape under different names."""
+    """MLM head (dense -> act -> norm -> decoder), then SPLADE's pooling of each sequence's token
+    logits (`spec`: relu -> log1p, the max or the sum, the largest entries kept), non-zeros only.
+    BERT, RoBERTa, DistilBERT and ModernBERT MLM heads all have this shape under other names."""
 
     output: ClassVar[OutputKind] = OutputKind.SPARSE
 
@@ -121,21 +122,38 @@ class SpladeHead(nn.Module):
         self.norm = nn.LayerNorm(hidden, eps=eps, bias=norm_bias)
         self.decoder = nn.Linear(hidden, vocab, bias=decoder_bias)
         self.chunk = max(1, _SPLADE_CHUNK_BYTES // (4 * vocab))
+        # The model's SpladePooling settings (set by backend_worker/heads.py); TEI's by default.
+        self.spec = SpladeSpec()
+
+    def _saturate(self, logits: torch.Tensor) -> torch.Tensor:
+        weights = torch.log1p(torch.relu(logits))
+        return torch.log1p(weights) if self.spec.log_twice else weights
 
     def forward(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         """float32 [n, vocab], dense (mostly zeros)."""
         total = hidden.shape[0]
         segments = token_sequences(cu_seqlens, total)
-        # Zeros with include_self: max(0, max_t logit) is relu's max, and relu/log1p are
-        # monotonic, so log1p is applied once to the [n, vocab] maxima instead of T x vocab.
         vocab = self.decoder.out_features
-        best = hidden.new_zeros(cu_seqlens.shape[0] - 1, vocab, dtype=torch.float32)
+        pooled = hidden.new_zeros(cu_seqlens.shape[0] - 1, vocab, dtype=torch.float32)
+        by_max = self.spec.reduce == "max"
         for start in range(0, total, self.chunk):
             x = hidden[start : start + self.chunk].float()
             logits = self.decoder(self.norm(self.act(self.dense(x))))
             index = segments[start : start + self.chunk].unsqueeze(1).expand_as(logits)
-            best.scatter_reduce_(0, index, logits, reduce="amax", include_self=True)
-        return torch.log1p(best)
+            if by_max:
+                # Zeros with include_self: max(0, max_t logit) is relu's max, and relu/log1p are
+                # monotonic, so they run once on the [n, vocab] maxima instead of T x vocab.
+                pooled.scatter_reduce_(0, index, logits, reduce="amax", include_self=True)
+            else:
+                pooled.scatter_add_(0, index, self._saturate(logits))
+        if by_max:
+            pooled = self._saturate(pooled)
+        keep = self.spec.max_active_dims
+        if keep is not None and keep < vocab:
+            # SparseEncoder's max_active_dims: the largest entries (all are >= 0), others zero.
+            top = pooled.topk(keep, dim=1)
+            pooled = torch.zeros_like(pooled).scatter_(1, top.indices, top.values)
+        return pooled
 
     def result(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple:
         dense = self(hidden, cu_seqlens)
@@ -154,13 +172,14 @@ def _bert_style_classifier(config: dict[str, Any], hidden: int, labels: int) -> 
     return ClassifierHead(hidden, labels)
 
 
-def _bert_style_mlm(config: dict[str, Any], hidden: int, vocab: int) -> nn.Module:
+def _bert_style_mlm(config: dict[str, Any], hidden: int, vocab: int) -> SpladeHead:
     return SpladeHead(hidden, vocab, str(config.get("hidden_act", "gelu")),
                       float(config.get("layer_norm_eps", 1e-12)))
 
 
 # (config.json, hidden size, labels or vocabulary size) -> the head module, on the meta device.
 HeadFactory = Callable[[dict[str, Any], int, int], nn.Module]
+MlmFactory = Callable[[dict[str, Any], int, int], SpladeHead]
 
 
 @dataclass(frozen=True)
@@ -174,4 +193,4 @@ class FamilyHeads:
     mlm: HeadKeys | None = None
     # MLM parameters that a checkpoint may store itself or tie to another tensor.
     mlm_tied: tuple[Either, ...] = ()
-    make_mlm: HeadFactory = _bert_style_mlm
+    make_mlm: MlmFactory = _bert_style_mlm

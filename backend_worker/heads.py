@@ -102,7 +102,9 @@ def build_head(info: ModelInfo, device: torch.device) -> Head | None:
             ignore.append(re.escape(unused.source))
         keys = HeadKeys(tuple(rules), tuple(owns), (*family.mlm.ignore, *ignore))
         with torch.device("meta"):
-            module = family.make_mlm(config, info.hidden_size, _int(config, "vocab_size"))
+            mlm = family.make_mlm(config, info.hidden_size, _int(config, "vocab_size"))
+        mlm.spec = info.splade_spec
+        module = mlm
     module = module.to_empty(device=device)
     load_strict(module, files, keys.weight_map(family.encoder))
     return module.eval()  # type: ignore[return-value]

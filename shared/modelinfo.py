@@ -1,7 +1,8 @@
 """What a model is: everything the router and the worker need to know, read from its files.
 
 Parses config.json and the sentence-transformers files (modules.json, 1_Pooling, Dense modules
-(shared/st_modules.py), Normalize, a LogitScore (shared/logit_score.py),
+(shared/st_modules.py), Normalize, a LogitScore (shared/logit_score.py), SparseEncoder's SPLADE
+modules (shared/sparse_encoder.py),
 sentence_bert_config.json, config_sentence_transformers.json) in both the classic format and the
 one sentence-transformers 6 writes. Pure data: no torch, no tokenizer.
 """
@@ -17,6 +18,13 @@ import msgspec
 from shared.conversations import Conversations, read_conversations
 from shared.errors import ConfigError
 from shared.logit_score import LogitScore, parse_logit_score
+from shared.sparse_encoder import (
+    MLM_TRANSFORMER,
+    SPLADE_POOLING,
+    SpladeSpec,
+    parse_splade_pooling,
+    sparse_pipeline,
+)
 from shared.st_modules import (
     POOLINGS,
     DenseSpec,
@@ -92,6 +100,8 @@ class ModelInfo(msgspec.Struct, frozen=True):
     empty_bag_id: int | None = None
     # A static model's tokenizer.json truncation side ("right" / "left"), where it sets one.
     truncation_side: str | None = None
+    # How a SPLADE model's token logits become its vector (a SpladePooling module's settings).
+    splade_spec: SpladeSpec = SpladeSpec()
 
     @property
     def length_unlimited(self) -> bool:
@@ -226,8 +236,11 @@ def load_model_info(
     dense: list[DenseSpec] = []
     has_normalize = False
     logit_score: LogitScore | None = None
+    splade_spec = SpladeSpec()
     # The Transformer module's settings (read by several of the checks below).
     transformer = optional_json(root / "sentence_bert_config.json") or {}
+    st_file = optional_json(root / "config_sentence_transformers.json") or {}
+    sparse_pipeline(root, kinds, transformer)  # (refuses its modules anywhere else)
     previous = ""  # the module before, in the list's order (sentence-transformers ignores idx)
     for index, (module, kind) in enumerate(zip(modules, kinds, strict=True)):
         path = root / module.get("path", "")
@@ -244,7 +257,7 @@ def load_model_info(
             raise ConfigError(f"{root}/modules.json: {kind} after {previous} is not supported "
                               "(only Transformer, Pooling, Dense..., Normalize in that order)")
         previous = kind
-        if kind == "Transformer":
+        if kind in ("Transformer", MLM_TRANSFORMER):
             if path.resolve() != root.resolve():
                 # Older repositories keep the transformer in a folder of its own (0_BERT/,
                 # 0_Transformer/); config.json and the weights here would be other ones.
@@ -258,6 +271,10 @@ def load_model_info(
         if kind == "Pooling":
             if pooling_override is None:  # an override replaces the file, even one we refuse
                 pooling = parse_pooling_config(read_json(path / "config.json"), path)
+        elif kind == SPLADE_POOLING:
+            splade_spec = parse_splade_pooling(path, st_file)
+            if pooling_override is None:
+                pooling = "splade"
         elif kind == "Dense":
             dense.append(parse_dense(path))
         elif kind == "LogitScore":
@@ -273,7 +290,7 @@ def load_model_info(
             raise ConfigError(
                 f"{root}/modules.json: module type {module['type']!r} is not supported "
                 "(supported: Transformer, Pooling, Dense, Normalize; LogitScore; "
-                "StaticEmbedding)"
+                "StaticEmbedding; MLMTransformer, SpladePooling)"
             )
     if dense_path is not None:
         dense = [parse_dense(root / dense_path)]
@@ -312,7 +329,7 @@ def load_model_info(
     # builds that module itself, and does not read this file.
     lowercase = bool(modules) and not static_dir and bool(transformer.get("do_lower_case"))
 
-    st_config = optional_json(root / "config_sentence_transformers.json") or {}
+    st_config = st_file
     if model_kind != "embedding" and (
             not modules or st_config.get("model_type", "SentenceTransformer") != "CrossEncoder"):
         # CrossEncoder reads this file (its prompts, default_prompt_name, activation_fn) only
@@ -370,4 +387,5 @@ def load_model_info(
         conversations=conversations,
         empty_bag_id=int(config["vocab_size"]) if static_dir else None,
         truncation_side=file_side,
+        splade_spec=splade_spec if pooling == "splade" else SpladeSpec(),
     )

@@ -67,7 +67,7 @@ def _classifier(config: dict[str, Any], hidden: int, labels: int) -> nn.Module:
     return DistilBertClassifierHead(hidden, labels)
 
 
-def _mlm(config: dict[str, Any], hidden: int, vocab: int) -> nn.Module:
+def _mlm(config: dict[str, Any], hidden: int, vocab: int) -> SpladeHead:
     # vocab_transform -> activation (the config's, as in the layers) -> vocab_layer_norm ->
     # vocab_projector: SpladeHead's dense -> act -> norm -> decoder.
     return SpladeHead(hidden, vocab, str(config.get("activation", "gelu")), EPS)

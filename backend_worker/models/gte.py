@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any, Self
 
 import torch
-from torch import nn
 
 from backend_worker.attention import Attention
 from backend_worker.head_modules import (
@@ -71,7 +70,7 @@ WEIGHT_MAP = WeightMap(
 )
 
 
-def _make_mlm(config: dict[str, Any], hidden: int, vocab: int) -> nn.Module:
+def _make_mlm(config: dict[str, Any], hidden: int, vocab: int) -> SpladeHead:
     # NOTE: Alibaba's NewLMPredictionHead applies hidden_act; transformers' GteLMHead always
     # applies the exact GELU, whatever hidden_act says.
     act = "gelu" if config.get("model_type") == "gte" else str(config.get("hidden_act", "gelu"))

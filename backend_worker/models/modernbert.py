@@ -150,7 +150,7 @@ class ModernBertClassifierHead(LogitsHead):
         return self.classifier(self.norm(self.act(self.dense(pooled))))
 
 
-def _mlm_head(config: dict[str, Any], hidden: int, vocab: int) -> nn.Module:
+def _mlm_head(config: dict[str, Any], hidden: int, vocab: int) -> SpladeHead:
     """ModernBertForMaskedLM's head + decoder, under SPLADE's pooling."""
     return SpladeHead(hidden, vocab, _prediction_act(config), float(config.get("norm_eps", 1e-5)),
                       dense_bias=bool(config.get("classifier_bias", False)),

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from torch import nn
-
 from backend_worker.head_modules import Either, FamilyHeads, HeadKeys, SpladeHead
 from backend_worker.loading import Rule, WeightMap
 from backend_worker.models import bert
@@ -36,7 +34,7 @@ WEIGHT_MAP = WeightMap(
 )
 
 
-def _lm_head(config: dict[str, Any], hidden: int, vocab: int) -> nn.Module:
+def _lm_head(config: dict[str, Any], hidden: int, vocab: int) -> SpladeHead:
     # NOTE: RobertaLMHead applies the exact (erf) gelu whatever the config's hidden_act says.
     return SpladeHead(hidden, vocab, "gelu", float(config.get("layer_norm_eps", 1e-12)))
 

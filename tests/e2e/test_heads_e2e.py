@@ -290,3 +290,30 @@ def test_embed_sparse_on_splade_tiny(tmp_path_factory) -> None:
     expected = [{int(i): float(row[i]) for i in torch.nonzero(row)[:, 0]} for row in dense]
     check_sparse(answers, expected)
     check_sparse(answers, sparse_reference(model_dir, TEXTS))
+
+
+def test_a_sparse_encoders_own_files_are_served_as_it_encodes(tmp_path: Path) -> None:
+    """No --pooling: modules.json names the SPLADE pipeline, with its own settings."""
+    from sentence_transformers import SparseEncoder
+
+    from tests.fixtures.sparse import make_sparse_encoder
+
+    model_dir = make_sparse_encoder(tmp_path / "model", strategy="sum",
+                                    activation="log1p_relu", max_active_dims=6)
+    srv = start(model_dir, tmp_path / "log")
+    try:
+        assert srv.client.get("/info").json()["model_type"] == {
+            "embedding": {"pooling": "splade"}}
+        response = srv.client.post("/embed_sparse", json={"inputs": TEXTS,
+                                                          "prompt_name": "query"})
+        assert response.status_code == 200, response.text
+        # TEI's root route gives a SPLADE model's sparse vectors.
+        root = srv.client.post("/", json={"inputs": TEXTS})
+        assert root.status_code == 200 and root.json() == response.json(), root.text
+    finally:
+        assert srv.stop() == 0
+    encoder = SparseEncoder(str(model_dir), device="cpu")
+    dense = encoder.encode_query(TEXTS, convert_to_tensor=True).to_dense()
+    expected = [{int(i): float(row[i]) for i in torch.nonzero(row)[:, 0]} for row in dense]
+    assert all(len(row) == 6 for row in expected)
+    check_sparse(response.json(), expected)
