@@ -28,6 +28,7 @@ from router.http_server import (
 )
 from router.inputs import InputRules, prompt_list
 from router.metrics import Metrics
+from router.query_route import QueryVectors
 from router.routes import AppState
 from router.schemas import ClassifierModelType, EmbeddingModelType, Info, ModelType
 from router.service import InferenceService
@@ -188,6 +189,9 @@ async def run(config: ServerConfig) -> None:
             model_kind=info.kind,
             splade=info.splade,
             empty_bag_id=info.empty_bag_id,
+            queries=(QueryVectors(info.query_route, info.splade_spec.max_active_dims,
+                                  info.vocab_size, rules)
+                     if info.query_route is not None else None),
             tokenizers=TokenizerPool(str(info.tokenizer_path), tokenizers,
                                      json_logs=config.json_output, lowercase=info.lowercase,
                                      model_type=info.model_type,

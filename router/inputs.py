@@ -162,8 +162,10 @@ async def tokenize_inputs(
     direction: str,
     rules: InputRules,
     tokenizers: TokenizerPool,
+    special_tokens: bool = True,
 ) -> tuple[list[Encoded], int]:
-    """Validate and tokenize; returns the encodings in input order and the characters counted."""
+    """Validate and tokenize (texts with special tokens unless `special_tokens` is false);
+    returns the encodings in input order and the characters counted."""
     char_limit = rules.max_input_length * CHARS_PER_TOKEN_LIMIT
     direction = rules.truncation_side or direction
     texts: list[str | Pair] = []
@@ -202,7 +204,8 @@ async def tokenize_inputs(
         # (what sentence-transformers' CrossEncoder does with its default prompt); an empty
         # prompt is none, as there (a system message, even empty, changes the render).
         system = (prompt or None) if tokenizers.conversations else None
-        encodings = await tokenizers.encode(texts, max_length, direction, system)
+        encodings = await tokenizers.encode(texts, max_length, direction, system,
+                                            special_tokens)
         for index, enc in zip(text_slots, encodings, strict=True):
             if enc.ids.shape[0] > rules.max_input_length:
                 raise _too_long(enc.ids.shape[0], rules)

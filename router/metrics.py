@@ -165,6 +165,16 @@ class Metrics:
         for at, queue, inference in zip(finished.values(), queues, inferences, strict=True):
             per_input.phase.observe(at - started, tokenization, queue, inference)
 
+    def answered_here(self, kind: str, started: float, tokenized: float, done: float,
+                      inputs: int) -> None:
+        """A request answered by the router itself (an inference-free SPLADE model's query
+        route): no queue, its computation counted as inference."""
+        self.request.observe(done - started, tokenized - started, 0.0, done - tokenized)
+        per_input = self.inputs[kind]
+        per_input.success.inc(inputs)
+        for _ in range(inputs):
+            per_input.phase.observe(done - started, tokenized - started, 0.0, done - tokenized)
+
     def watch_queue(self, size: Callable[[], int]) -> None:
         self.queue_size.set_function(size)
 

@@ -28,6 +28,7 @@ from router.inputs import (
     tokenize_inputs,
 )
 from router.metrics import DROPPED, MODEL_TYPE, Metrics
+from router.query_route import QueryVectors
 from router.queue import Entry, TokenBudgetQueue
 from router.results import EmbedResult, Outcome, Timings, densify, normalize_rows
 from router.schemas import EmbedRequest
@@ -72,6 +73,7 @@ class InferenceService:
         metrics: Metrics,
         tracer: Tracer | None = None,
         empty_bag_id: int | None = None,
+        queries: QueryVectors | None = None,
     ) -> None:
         self.rules = rules
         self.embedding_dim = embedding_dim
@@ -84,6 +86,8 @@ class InferenceService:
         # An input without tokens is sent as its empty bag's id, which no count includes.
         self.empty_bag_id = empty_bag_id
         self.static = empty_bag_id is not None
+        # An inference-free SPLADE model's query route, computed here (router/query_route.py).
+        self.queries = queries
         self.tokenizers = tokenizers
         self.workers = workers
         self.metrics = metrics
@@ -287,7 +291,9 @@ class InferenceService:
         if self._queue is None or not self.workers.any_ready:
             raise unhealthy("no backend worker is ready (the model is loading or restarting)")
         check_batch_size(client_inputs, self.rules)
-        prompt = resolve_prompt(prompt_name, self.rules)
+        # (route: the query route of an inference-free SPLADE model, when the request takes it)
+        route, prompt = (self.queries.choose(prompt_name) if self.queries is not None
+                         else (None, resolve_prompt(prompt_name, self.rules)))
         kind = "predict" if output is OutputKind.LOGITS else "embed"
         with self.admitted(len(inputs)):
             self.metrics.admitted(kind, len(inputs))
@@ -297,23 +303,33 @@ class InferenceService:
                 explicit_prompt=prompt_name is not None,
                 truncate=self.auto_truncate if truncate is None else truncate,
                 direction=direction.lower(),
-                rules=self.rules,
+                rules=route.rules if route is not None else self.rules,
                 tokenizers=self.tokenizers,
+                special_tokens=route is None,
             )
             tokenized = time.perf_counter()
             for enc in encoded:
                 self.metrics.input_length.observe(len(enc.ids))
-            rows, entries = await self._infer(encoded, output)
-        self.metrics.answered(kind, started, tokenized, entries)
+            entries: dict[Entry, float] = {}
+            if route is not None:  # computed here, at once: no batch, no worker
+                rows = route.vectors(encoded)
+            else:
+                rows, entries = await self._infer(encoded, output)
+        done = time.perf_counter()
+        if entries:
+            self.metrics.answered(kind, started, tokenized, entries)
+        else:
+            self.metrics.answered_here(kind, started, tokenized, done, len(encoded))
         if self.tracer is not None:
-            record_phases(self.tracer, started, tokenized, entries)
-        count = len(entries)
+            record_phases(self.tracer, started, tokenized, entries, (done, encoded))
+        count = len(entries) or 1
         return Outcome(rows, Timings(
             characters=characters,
-            tokens=sum(e.length for e in entries) - self._empty_bags(encoded),
+            tokens=sum(len(enc.ids) for enc in encoded) - self._empty_bags(encoded),
             tokenization_ms=(tokenized - started) * 1e3,
             queue_ms=sum(e.dispatched_at - e.enqueued_at for e in entries) / count * 1e3,
-            inference_ms=sum(f - e.dispatched_at for e, f in entries.items()) / count * 1e3,
+            inference_ms=(sum(f - e.dispatched_at for e, f in entries.items()) / count
+                          if entries else done - tokenized) * 1e3,
         ))
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:

@@ -98,9 +98,9 @@ def _init(tokenizer_path: str, lowercase: bool, model_type: str,
 
 
 def _encode(texts: list[str | tuple[str, str]], max_length: int | None,
-            direction: str, system: str | None = None) -> Outcome:
-    """Texts or pairs with special tokens (or, for a model that takes conversations, each as
-    its conversation after the `system` prompt)."""
+            direction: str, system: str | None = None, special_tokens: bool = True) -> Outcome:
+    """Texts or pairs with special tokens unless `special_tokens` is false (or, for a model
+    that takes conversations, each as its conversation after the `system` prompt)."""
     assert _tokenizer is not None, "pool process not initialised"
     try:
         if _static is not None:  # no special tokens; an input without tokens: the empty bag
@@ -114,7 +114,7 @@ def _encode(texts: list[str | tuple[str, str]], max_length: int | None,
                 _tokenizer.no_truncation()
             else:
                 _tokenizer.enable_truncation(max_length, direction=direction)
-            encodings = _tokenizer.encode_batch(texts, add_special_tokens=True)
+            encodings = _tokenizer.encode_batch(texts, add_special_tokens=special_tokens)
     except Exception as exc:  # the tokenizer's (and the template's) failures are the client's
         return Outcome(None, str(exc))
     return Outcome([
@@ -280,17 +280,19 @@ class TokenizerPool:
 
     async def encode(
         self, texts: list[str | tuple[str, str]], max_length: int | None, direction: str,
-        system: str | None = None,
+        system: str | None = None, special_tokens: bool = True,
     ) -> list[Encoded]:
-        """Tokenize texts or text pairs with special tokens; truncate to `max_length` on
-        `direction` if given (pairs: the longest member first, as transformers does). With
-        `conversations`, each is written as one, after the `system` prompt if given."""
+        """Tokenize texts or text pairs, with special tokens unless `special_tokens` is false;
+        truncate to `max_length` on `direction` if given (pairs: the longest member first, as
+        transformers does). With `conversations`, each is written as one, after the `system`
+        prompt if given."""
         characters = sum(len(t) if isinstance(t, str) else len(t[0]) + len(t[1]) for t in texts)
+        args = (texts, max_length, direction, system, special_tokens)
         if characters <= INLINE_CHARACTERS and _tokenizer is not None:
             # A short request tokenizes in tens of microseconds: cheaper here than the
             # round trip to a pool process (~0.5-1 ms), which is the latency of one query.
-            return self._result(_encode(texts, max_length, direction, system))
-        return await self._call(characters, _encode, texts, max_length, direction, system)
+            return self._result(_encode(*args))
+        return await self._call(characters, _encode, *args)
 
     async def tokens(self, texts: list[str], add_special_tokens: bool) -> list[list[Token]]:
         """Every token of each text with its byte offsets (for /tokenize)."""

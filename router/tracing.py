@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -116,17 +117,26 @@ def _epoch_ns() -> Callable[[float], int]:
 
 
 def record_phases(tracer: Tracer, started: float, tokenized: float,
-                  finished: Mapping[Entry, float]) -> None:
+                  finished: Mapping[Entry, float],
+                  here: tuple[float, Sequence[Any]] | None = None) -> None:
     """The tokenize, queue and inference spans of one answered request, as children of the
     current span (the request's): the queue span from the first input queued to the last one
-    dispatched, and one inference span per batch with that batch's size and tokens."""
+    dispatched, and one inference span per batch with that batch's size and tokens. A request
+    the router answered itself (no `finished` entries) has `here`: when it was done, and its
+    encodings; its computation is one inference span, without a queue."""
     to_ns = _epoch_ns()
-    inputs = len(finished)
-    tokens = sum(e.length for e in finished)
 
     def span(name: str, start: float, end: float, attributes: dict) -> None:
         tracer.start_span(name, start_time=to_ns(start), attributes=attributes).end(to_ns(end))
 
+    if not finished and here is not None:
+        done, encoded = here
+        inputs, tokens = len(encoded), sum(len(enc.ids) for enc in encoded)
+        span("tokenize", started, tokenized, {"inputs": inputs, "tokens": tokens})
+        span("inference", tokenized, done, {"inputs": inputs, "worker": "router"})
+        return
+    inputs = len(finished)
+    tokens = sum(e.length for e in finished)
     span("tokenize", started, tokenized, {"inputs": inputs, "tokens": tokens})
     span("queue", min(e.enqueued_at for e in finished), max(e.dispatched_at for e in finished),
          {"inputs": inputs})

@@ -25,9 +25,11 @@ from shared.sparse_encoder import (
     parse_splade_pooling,
     sparse_pipeline,
 )
+from shared.sparse_router import ROUTER, QueryRoute, parse_router
 from shared.st_modules import (
     POOLINGS,
     DenseSpec,
+    builtin_module,
     module_kind,
     on_sentence_embedding,
     optional_json,
@@ -102,6 +104,8 @@ class ModelInfo(msgspec.Struct, frozen=True):
     truncation_side: str | None = None
     # How a SPLADE model's token logits become its vector (a SpladePooling module's settings).
     splade_spec: SpladeSpec = SpladeSpec()
+    # An inference-free SPLADE model's query route (a Router), which the router computes.
+    query_route: QueryRoute | None = None
 
     @property
     def length_unlimited(self) -> bool:
@@ -127,16 +131,6 @@ class ModelInfo(msgspec.Struct, frozen=True):
     @property
     def tokenizer_path(self) -> Path:
         return Path(self.model_dir) / "tokenizer.json"
-
-
-def _builtin_module(root: Path, type_path: str) -> str:
-    """A modules.json entry's kind, when the class is sentence-transformers' own. A repository's
-    own module (jina-embeddings-v3's `custom_st.Transformer`) is its code, which is not run
-    here: however it is named, serving it as the built-in would give other vectors."""
-    if not type_path.startswith("sentence_transformers."):
-        raise ConfigError(f"{root}/modules.json: module type {type_path!r} is the repository's "
-                          "own code, not a sentence-transformers module; it is not run here")
-    return module_kind(type_path)
 
 
 # The order the worker computes a sentence-transformers pipeline in (Dense may repeat).
@@ -211,12 +205,16 @@ def load_model_info(
         raise ConfigError(f"{root}: a structured decision model (rl_agent_config.json, TEI's "
                           "/v1/decide, e.g. Laya) is not supported")
     modules = optional_json(root / "modules.json") or []
-    kinds = [_builtin_module(root, str(module["type"])) for module in modules]
+    kinds = [builtin_module(root / "modules.json", str(module["type"])) for module in modules]
     # A StaticEmbedding's folder holds its tokenizer.json and table: the worker's weights and
     # the router's tokenizer are read there (model_dir), the other modules from the root.
     static_dir = static_module_dir(root, modules, kinds)
-    model_dir = static_dir or root
-    config = static_config(static_dir) if static_dir else read_json(root / "config.json")
+    # An inference-free SPLADE model's document route: its Transformer's folder is the model's.
+    layout = parse_router(root) if ROUTER in kinds else None
+    if layout is not None and len(kinds) != 1:
+        raise ConfigError(f"{root}/modules.json: a Router must be the only module ({kinds})")
+    model_dir = static_dir or (layout.transformer_dir if layout else root)
+    config = static_config(static_dir) if static_dir else read_json(model_dir / "config.json")
     if not (model_dir / "tokenizer.json").is_file():
         hint = ("; transformers writes one from the slow tokenizer's files: "
                 "AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)"
@@ -238,7 +236,8 @@ def load_model_info(
     logit_score: LogitScore | None = None
     splade_spec = SpladeSpec()
     # The Transformer module's settings (read by several of the checks below).
-    transformer = optional_json(root / "sentence_bert_config.json") or {}
+    transformer = optional_json(
+        (layout.transformer_dir if layout else root) / "sentence_bert_config.json") or {}
     st_file = optional_json(root / "config_sentence_transformers.json") or {}
     sparse_pipeline(root, kinds, transformer)  # (refuses its modules anywhere else)
     previous = ""  # the module before, in the list's order (sentence-transformers ignores idx)
@@ -266,8 +265,8 @@ def load_model_info(
                     "at the model's root; that layout is not supported (move its files to the "
                     "root and its path to \"\")")
             continue
-        if kind == "StaticEmbedding":
-            continue  # (static_module_dir placed it first)
+        if kind in ("StaticEmbedding", ROUTER):
+            continue  # (static_module_dir placed it first; parse_router read the Router)
         if kind == "Pooling":
             if pooling_override is None:  # an override replaces the file, even one we refuse
                 pooling = parse_pooling_config(read_json(path / "config.json"), path)
@@ -292,6 +291,11 @@ def load_model_info(
                 "(supported: Transformer, Pooling, Dense, Normalize; LogitScore; "
                 "StaticEmbedding; MLMTransformer, SpladePooling)"
             )
+    if layout is not None:
+        if pooling_override not in (None, "splade"):
+            raise ConfigError(f"--pooling {pooling_override!r}: an inference-free SPLADE model "
+                              "(a Router of a query and a document route) is served as SPLADE")
+        pooling, splade_spec = "splade", parse_splade_pooling(layout.pooling_dir, st_file)
     if dense_path is not None:
         dense = [parse_dense(root / dense_path)]
     model_kind, id2label = _model_kind(config)
@@ -374,7 +378,7 @@ def load_model_info(
         hidden_size=hidden_size,
         vocab_size=int(config.get("vocab_size", 0)),
         max_input_length=(file_limit if static_dir else
-                          _max_input_length(root, config, position_offset, bool(modules),
+                          _max_input_length(model_dir, config, position_offset, bool(modules),
                                             transformer)),
         position_offset=position_offset,
         pooling=pooling,
@@ -388,4 +392,5 @@ def load_model_info(
         empty_bag_id=int(config["vocab_size"]) if static_dir else None,
         truncation_side=file_side,
         splade_spec=splade_spec if pooling == "splade" else SpladeSpec(),
+        query_route=layout.route if layout else None,
     )

@@ -65,6 +65,17 @@ def module_kind(type_path: str) -> str:
     return type_path.rsplit(".", 1)[-1]
 
 
+def builtin_module(where: Path, type_path: str) -> str:
+    """The kind of a module that file `where` (modules.json, router_config.json) names, when
+    the class is sentence-transformers' own. A repository's own module (jina-embeddings-v3's
+    `custom_st.Transformer`) is its code, which is not run here: however it is named, serving
+    it as the built-in would give other vectors."""
+    if not type_path.startswith("sentence_transformers."):
+        raise ConfigError(f"{where}: module type {type_path!r} is the repository's own code, "
+                          "not a sentence-transformers module; it is not run here")
+    return module_kind(type_path)
+
+
 def parse_pooling_config(cfg: dict[str, Any], where: Path) -> str:
     """Return our pooling name for a 1_Pooling/config.json in either format."""
     if "pooling_mode" in cfg:

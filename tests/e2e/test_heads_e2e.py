@@ -317,3 +317,45 @@ def test_a_sparse_encoders_own_files_are_served_as_it_encodes(tmp_path: Path) ->
     expected = [{int(i): float(row[i]) for i in torch.nonzero(row)[:, 0]} for row in dense]
     assert all(len(row) == 6 for row in expected)
     check_sparse(response.json(), expected)
+
+
+def test_an_inference_free_splade_model_serves_both_routes(tmp_path: Path) -> None:
+    """A Router of a query and a document route: `prompt_name` names the route, as
+    encode_query / encode_document do; the query route is answered by the router itself."""
+    from sentence_transformers import SparseEncoder
+
+    from tests.fixtures.sparse import make_inference_free
+
+    model_dir = make_inference_free(tmp_path / "model", max_active_dims=8)
+    srv = start(model_dir, tmp_path / "log")
+    answers, tokens = {}, {}
+    try:
+        for route in ("query", "document", None):
+            body = {"inputs": TEXTS} | ({"prompt_name": route} if route else {})
+            response = srv.client.post("/embed_sparse", json=body)
+            assert response.status_code == 200, response.text
+            answers[route] = response.json()
+            tokens[route] = int(response.headers["x-compute-tokens"])
+        vectors = srv.client.post("/embed", json={"inputs": TEXTS[0], "normalize": False,
+                                                  "prompt_name": "query"})
+        assert vectors.status_code == 200, vectors.text
+        metrics = srv.client.get("/metrics").text
+    finally:
+        assert srv.stop() == 0
+    encoder = SparseEncoder(str(model_dir), device="cpu")
+    for route, encode in (("query", encoder.encode_query), ("document", encoder.encode_document),
+                          (None, encoder.encode)):
+        dense = encode(TEXTS, convert_to_tensor=True).to_dense()
+        for answer, row in zip(answers[route], dense, strict=True):
+            indices = [int(i) for i in torch.nonzero(row)[:, 0]]
+            assert [item["index"] for item in answer] == indices, route
+            values = [item["value"] for item in answer]
+            np.testing.assert_allclose(values, row[indices].numpy(), atol=TOL)
+    assert answers[None] == answers["document"]
+    # The query route's tokens have no [CLS] / [SEP]: two fewer per input.
+    assert tokens["query"] == tokens["document"] - 2 * len(TEXTS)
+    assert {i: v for i, v in enumerate(vectors.json()[0]) if v} == {
+        e["index"]: e["value"] for e in answers["query"][0]}
+    # Every input answered counts, the query route's too (computed without a batch).
+    assert "te_embed_success 13.0" in metrics
+    assert 'te_request_success{method="batch"} 3.0' in metrics

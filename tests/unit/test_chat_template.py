@@ -226,8 +226,8 @@ def test_an_empty_prompt_is_no_system_message(tmp_path: Path) -> None:
     class Pool:  # the router's own tokenizer, as for a short request
         conversations = True
 
-        async def encode(self, texts, max_length, direction, system=None):
-            outcome = tokenization._encode(texts, max_length, direction, system)
+        async def encode(self, texts, max_length, direction, system=None, special_tokens=True):
+            outcome = tokenization._encode(texts, max_length, direction, system, special_tokens)
             assert outcome.error is None, outcome.error
             return outcome.value
 

@@ -41,7 +41,8 @@ class FakeTokenizers:
         self.calls: list[tuple[list[str], int | None, str]] = []
 
     async def encode(self, texts: list[str], max_length: int | None,
-                     direction: str, system: str | None = None) -> list[Encoded]:
+                     direction: str, system: str | None = None,
+                     special_tokens: bool = True) -> list[Encoded]:
         assert system is None, "a prompt goes in front of the text"
         self.calls.append((list(texts), max_length, direction))
         out = []
@@ -171,7 +172,8 @@ def test_a_conversation_model_gets_the_prompt_as_its_system_message() -> None:
         conversations = True
 
         async def encode(self, texts: list, max_length: int | None, direction: str,
-                         system: str | None = None) -> list[Encoded]:
+                         system: str | None = None,
+                         special_tokens: bool = True) -> list[Encoded]:
             systems.append((list(texts), system))
             ids = np.array([CLS, SEP], dtype=np.int32)
             return [Encoded(ids, np.zeros_like(ids)) for _ in texts]
@@ -194,7 +196,8 @@ def test_a_default_prompt_goes_before_the_query_of_a_pair() -> None:
         conversations = False
 
         async def encode(self, texts: list, max_length: int | None, direction: str,
-                         system: str | None = None) -> list[Encoded]:
+                         system: str | None = None,
+                         special_tokens: bool = True) -> list[Encoded]:
             seen.append(list(texts))
             ids = np.array([CLS, SEP], dtype=np.int32)
             return [Encoded(ids, np.zeros_like(ids)) for _ in texts]
@@ -331,7 +334,8 @@ def test_tokenizer_errors_propagate() -> None:
         conversations = False
 
         async def encode(self, texts: list[str], max_length: int | None,
-                         direction: str, system: str | None = None) -> list[Encoded]:
+                         direction: str, system: str | None = None,
+                     special_tokens: bool = True) -> list[Encoded]:
             raise EmbedServeError(ErrorType.TOKENIZER, "boom")
 
     with pytest.raises(EmbedServeError) as info:

@@ -127,6 +127,22 @@ def test_an_answered_request_records_per_request_and_per_input_timings() -> None
     assert values["te_embed_queue_duration_sum"] == pytest.approx(0.001 + 0.003)
 
 
+def test_a_request_answered_in_the_router_has_no_queue_time() -> None:
+    """An inference-free SPLADE query (router/query_route.py): its lookup is the inference."""
+    metrics = Metrics(max_input_length=512)
+    metrics.admitted("embed", 3)
+    metrics.answered_here("embed", 100.0, 100.002, 100.003, 3)
+    values = samples(metrics.render().decode())
+    assert values["te_embed_success"] == 3
+    assert values["te_request_duration_count"] == 1
+    assert values["te_request_duration_sum"] == pytest.approx(0.003)
+    assert values["te_request_queue_duration_sum"] == 0
+    assert values["te_request_inference_duration_sum"] == pytest.approx(0.001)
+    assert values["te_embed_duration_count"] == 3
+    assert values["te_embed_duration_sum"] == pytest.approx(3 * 0.003)
+    assert values["te_embed_inference_duration_sum"] == pytest.approx(3 * 0.001)
+
+
 def test_failures_are_counted_under_tei_labels() -> None:
     metrics = Metrics(max_input_length=512)
     metrics.failed_with(ErrorType.EMPTY)

@@ -144,3 +144,22 @@ def test_server_errors_mark_the_span(client, exporter) -> None:
 def test_probes_are_not_traced(client, exporter) -> None:
     assert client.get("/health", headers={"traceparent": TRACEPARENT}).status_code == 200
     assert exporter.get_finished_spans() == ()
+
+
+def test_a_request_the_router_answers_itself_has_tokenize_and_inference_spans(exporter) -> None:
+    """An inference-free SPLADE query (router/query_route.py): no entries, no queue span."""
+    from router.tokenization import Encoded
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    ids = np.arange(4, dtype=np.int32)
+    t0 = time.perf_counter()
+    record_phases(provider.get_tracer("test"), t0, t0 + 0.002, {},
+                  (t0 + 0.003, [Encoded(ids, ids), Encoded(ids[:1], ids[:1])]))
+    spans = by_name(exporter.get_finished_spans())
+    assert set(spans) == {"tokenize", "inference"}
+    assert dict(spans["tokenize"][0].attributes or {}) == {"inputs": 2, "tokens": 5}
+    inference = spans["inference"][0]
+    assert dict(inference.attributes or {}) == {"inputs": 2, "worker": "router"}
+    assert inference.end_time is not None and inference.start_time is not None
+    assert abs((inference.end_time - inference.start_time) / 1e6 - 1.0) < 0.01

@@ -1,0 +1,224 @@
+"""Inference-free SPLADE (a SparseEncoder whose only module is a Router of a SparseStaticEmbedding
+query route and a SPLADE document route) served from its own files: the document route by the
+worker, the query route by the router's lookup (router/query_route.py), against
+SparseEncoder.encode_document / encode_query / encode (fp32, CPU); the route and prompt each
+request gets; and the Routers that are refused. Tiny random checkpoints."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from backend_worker.engine import Engine
+from backend_worker.heads import build_head, run_head
+from router import tokenization
+from router.inputs import InputRules
+from router.query_route import QueryVectors
+from router.results import densify
+from shared.errors import ConfigError, EmbedServeError
+from shared.modelinfo import ModelInfo, load_model_info
+from shared.protocol import BatchArrays
+from shared.sparse_router import QueryRoute
+from tests.fixtures.sparse import make_inference_free
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TOL = 1e-4
+TEXTS = ["The weather is lovely today.", "hi hi hi", "   ",
+         "a query with many words " * 12,  # past the 128-token limit: cut on the right
+         "what is the capital of france?"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return make_inference_free(tmp_path_factory.mktemp("router") / "model", max_active_dims=9)
+
+
+def encodings(info: ModelInfo, texts: list[str], max_length: int, special: bool) -> list:
+    tokenization._load(str(info.tokenizer_path), info.lowercase, info.model_type)
+    outcome = tokenization._encode(texts, max_length, "right", None, special)
+    assert outcome.error is None, outcome.error
+    return outcome.value
+
+
+def rules(info: ModelInfo, prompts: dict[str, str] | None = None,
+          default_prompt: str | None = None) -> InputRules:
+    return InputRules(max_input_length=info.max_input_length, max_client_batch_size=32,
+                      vocab_size=info.vocab_size,
+                      prompts=info.prompts if prompts is None else prompts,
+                      default_prompt=default_prompt)
+
+
+def queries(info: ModelInfo, **kw) -> QueryVectors:
+    assert info.query_route is not None
+    return QueryVectors(info.query_route, info.splade_spec.max_active_dims, info.vocab_size,
+                        rules(info, **kw))
+
+
+def documents(info: ModelInfo, texts: list[str]) -> np.ndarray:
+    engine = Engine.load(info)
+    head = build_head(info, engine.device)
+    assert head is not None
+    ids = [e.ids for e in encodings(info, texts, info.max_input_length, True)]
+    lengths = [len(i) for i in ids]
+    arrays = BatchArrays(np.concatenate(ids), np.concatenate([np.arange(n) for n in lengths]),
+                         np.zeros(sum(lengths), dtype=np.int32),
+                         np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    _, dim, offsets, indices, values = run_head(engine, head)(arrays)
+    return densify([(indices[a:b], values[a:b]) for a, b in itertools.pairwise(offsets)], dim)
+
+
+def test_both_routes_match_sparse_encoder(model_dir: Path) -> None:
+    from sentence_transformers import SparseEncoder
+
+    info = load_model_info(model_dir)
+    assert info.pooling == "splade" and info.query_route is not None
+    assert info.model_dir == str(model_dir / "document_0_MLMTransformer")
+    encoder = SparseEncoder(str(model_dir), device="cpu")
+    side = queries(info)
+    assert side.rules.max_input_length == 128  # the query tokenizer's own, no special tokens
+    assert len(encodings(info, TEXTS[3:4], None, False)[0].ids) > 128, "a cut to check"
+    query_rows = side.vectors(encodings(info, TEXTS, 128, False))
+    ours = {"query": densify(query_rows, info.vocab_size), "document": documents(info, TEXTS)}
+    expected = {
+        "query": encoder.encode_query(TEXTS, convert_to_tensor=True).to_dense().numpy(),
+        "document": encoder.encode_document(TEXTS, convert_to_tensor=True).to_dense().numpy(),
+    }
+    for route in ("query", "document"):
+        diff = float(np.abs(ours[route] - expected[route]).max())
+        assert diff <= TOL, (route, diff)
+        assert np.array_equal(ours[route] != 0, expected[route] != 0), route
+    # encode() takes the default route, the document one here.
+    plain = encoder.encode(TEXTS, convert_to_tensor=True).to_dense().numpy()
+    assert float(np.abs(ours["document"] - plain).max()) <= TOL
+    nonzero = (ours["query"] != 0).sum(axis=1)
+    assert nonzero[2] == 0 and nonzero.max() == 9, "no tokens: no entries; max_active_dims"
+    assert (ours["query"] < 0).any(), "negative weights kept by magnitude"
+
+
+def test_the_route_and_the_prompt_each_request_gets(model_dir: Path) -> None:
+    info = load_model_info(model_dir)
+    side = queries(info, prompts={"query": "q: ", "passage": "p: "}, default_prompt="p: ")
+    assert side.choose("query") == (side, "q: ")
+    # A route named, without a prompt of that name: the default prompt, as encode_document.
+    assert side.choose("document") == (None, "p: ")
+    assert side.choose(None) == (None, "p: ")  # the default route (document)
+    assert side.choose("passage") == (None, "p: ")  # a prompt, on the default route
+    with pytest.raises(EmbedServeError, match="not found in the Sentence Transformers prompts"):
+        side.choose("nope")
+    assert info.query_route is not None
+    without_default = QueryVectors(QueryRoute(**{**_fields(info.query_route), "default": None}),
+                                   None, info.vocab_size, rules(info))
+    assert without_default.choose("query")[0] is without_default
+    for name in (None, "document_ish"):
+        with pytest.raises(EmbedServeError, match="no default route"):
+            without_default.choose(name)
+
+
+def _fields(route: QueryRoute) -> dict:
+    return {name: getattr(route, name) for name in route.__struct_fields__}
+
+
+def test_a_query_route_default_is_taken_without_a_name(tmp_path: Path) -> None:
+    model_dir = make_inference_free(tmp_path / "model", default_route="query")
+    info = load_model_info(model_dir)
+    assert info.query_route is not None and info.query_route.default == "query"
+    side = queries(info)
+    assert side.choose(None)[0] is side and side.choose("document")[0] is None
+
+
+def test_the_query_weights_are_checked(model_dir: Path, tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    info = load_model_info(model_dir)
+    assert info.query_route is not None
+    bad = tmp_path / "model.safetensors"
+    save_file({"weight": np.ones(info.vocab_size - 1, dtype=np.float32)}, str(bad))
+    route = QueryRoute(**{**_fields(info.query_route), "weights_path": str(bad)})
+    with pytest.raises(ConfigError, match=r"one tensor `weight` of \[237\]"):
+        QueryVectors(route, None, info.vocab_size, rules(info))
+
+
+def _copy(model_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(model_dir, copy)
+    return copy
+
+
+def _edit_router(root: Path, **changes: object) -> None:
+    path = root / "router_config.json"
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        if key in ("structure", "types"):
+            config[key] = value
+        else:
+            config["parameters"][key] = value
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(("changes", "named"), [
+    ({"structure": {"query": ["query_0_SparseStaticEmbedding"]}}, "routes"),
+    ({"structure": {"query": ["query_0_SparseStaticEmbedding"],
+                    "document": ["document_0_MLMTransformer"]}}, "routes"),
+    ({"structure": {"a": ["query_0_SparseStaticEmbedding"],
+                    "b": ["query_0_SparseStaticEmbedding"]}}, "routes"),
+    ({"route_mappings": {"query,text": "query"}}, "route_mappings"),
+    ({"default_route": "passage"}, "default_route 'passage'"),
+    ({"types": {"query_0_SparseStaticEmbedding": "custom.Module",
+                "document_0_MLMTransformer":
+                    "sentence_transformers.sparse_encoder.models.MLMTransformer",
+                "document_1_SpladePooling":
+                    "sentence_transformers.sparse_encoder.models.SpladePooling"}},
+     "repository's own code"),
+])
+def test_other_routers_are_refused(model_dir: Path, tmp_path: Path, changes: dict,
+                                   named: str) -> None:
+    root = _copy(model_dir, tmp_path)
+    _edit_router(root, **changes)
+    with pytest.raises(ConfigError, match=named):
+        load_model_info(root)
+
+
+def test_routes_with_different_tokenizers_are_refused(model_dir: Path, tmp_path: Path) -> None:
+    root = _copy(model_dir, tmp_path)
+    path = root / "query_0_SparseStaticEmbedding" / "tokenizer_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "do_lower_case": False}))
+    with pytest.raises(ConfigError, match="different tokenizers"):
+        load_model_info(root)
+
+
+def test_lower_casing_documents_only_is_refused(model_dir: Path, tmp_path: Path) -> None:
+    root = _copy(model_dir, tmp_path)
+    path = root / "document_0_MLMTransformer" / "sentence_bert_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "do_lower_case": True}))
+    with pytest.raises(ConfigError, match="do_lower_case"):
+        load_model_info(root)
+
+
+def test_pooling_overrides(model_dir: Path) -> None:
+    assert load_model_info(model_dir, pooling_override="splade").query_route is not None
+    with pytest.raises(ConfigError, match="served as SPLADE"):
+        load_model_info(model_dir, pooling_override="mean")
+
+
+def test_missing_query_weights_are_named(model_dir: Path, tmp_path: Path) -> None:
+    root = _copy(model_dir, tmp_path)
+    (root / "query_0_SparseStaticEmbedding" / "model.safetensors").unlink()
+    with pytest.raises(ConfigError, match=r"model\.safetensors not found"):
+        load_model_info(root)
+
+
+def test_a_token_past_the_query_weights_is_the_tokenizers_error(model_dir: Path) -> None:
+    from router.tokenization import Encoded
+
+    info = load_model_info(model_dir)
+    ids = np.asarray([3, info.vocab_size], dtype=np.int32)
+    with pytest.raises(EmbedServeError, match=f"token id {info.vocab_size} has no weight") as err:
+        queries(info).vectors([Encoded(ids, ids)])
+    assert err.value.error_type.value == "Tokenizer"
