@@ -28,12 +28,15 @@ TOL = 1e-4
 TEXTS = [t for t in MIXED_TEXTS if isinstance(t, str)] + ["query: cat", "the the the dog"]
 
 
-def served(model_dir: Path, pooling: str | None = None) -> np.ndarray:
-    """The texts' vectors as the worker computes them from the model's own files."""
+def served(model_dir: Path, pooling: str | None = None, chunk: int | None = None) -> np.ndarray:
+    """The texts' vectors as the worker computes them from the model's own files (`chunk`: the
+    head's tokens per chunk, small to cross sequence boundaries)."""
     info = load_model_info(model_dir, pooling_override=pooling)
     engine = Engine.load(info)
     head = build_head(info, engine.device)
     assert isinstance(head, SpladeHead)
+    if chunk is not None:
+        head.chunk = chunk
     arrays, _ = pack(model_dir, TEXTS)
     rows, dim, *frames = run_head(engine, head)(arrays)
     assert (rows, dim) == (len(TEXTS), info.vocab_size)
@@ -69,6 +72,31 @@ def test_sparse_encoder_files_match_sparse_encoder(
     assert np.array_equal(ours > 0, expected > 0)
     if max_active_dims is not None:
         assert ((ours > 0).sum(axis=1) == max_active_dims).all()
+
+
+def test_sum_and_top_k_across_head_chunks(tmp_path: Path) -> None:
+    """Chunks of 5 tokens cut through the texts: each sequence's sum gathers all its chunks."""
+    model_dir = make_sparse_encoder(tmp_path / "enc", strategy="sum", activation="log1p_relu",
+                                    max_active_dims=6)
+    ours, expected = served(model_dir, chunk=5), reference(model_dir)
+    diff = float(np.abs(ours - expected).max())
+    assert diff <= TOL, diff
+    assert np.array_equal(ours > 0, expected > 0)
+
+
+def test_missing_splade_settings_are_sparse_encoders_defaults(tmp_path: Path) -> None:
+    """A SpladePooling config.json without pooling_strategy / activation_function (or with no
+    config.json at all) is SpladePooling(): max and relu, as sentence-transformers loads it."""
+    from sentence_transformers import SparseEncoder
+
+    model_dir = make_sparse_encoder(tmp_path / "enc", strategy="sum", activation="log1p_relu")
+    config = model_dir / "1_SpladePooling" / "config.json"
+    config.write_text(json.dumps({"embedding_dimension": None}))
+    assert load_model_info(model_dir).splade_spec == SpladeSpec("max", False, None)
+    pooling = SparseEncoder(str(model_dir), device="cpu")[1]
+    assert (pooling.pooling_strategy, pooling.activation_function) == ("max", "relu")
+    config.unlink()
+    assert load_model_info(model_dir).splade_spec == SpladeSpec("max", False, None)
 
 
 def test_pooling_override_keeps_the_files_splade_settings(tmp_path: Path) -> None:
