@@ -34,9 +34,10 @@ class SpladeSpec(msgspec.Struct, frozen=True):
 
 def is_mlm_transformer(kind: str, transformer: dict[str, Any]) -> bool:
     """Whether a modules.json entry of `kind` gives vocabulary logits per token
-    (`transformer`: sentence_bert_config.json, where a Transformer keeps its task)."""
-    return kind == MLM_TRANSFORMER or (
-        kind == "Transformer" and transformer.get("transformer_task") == "fill-mask")
+    (`transformer`: sentence_bert_config.json, where a Transformer keeps its task; an
+    MLMTransformer reads it too, fill-mask by default: another task gives hidden states)."""
+    task = transformer.get("transformer_task", "fill-mask" if kind == MLM_TRANSFORMER else None)
+    return kind in (MLM_TRANSFORMER, "Transformer") and task == "fill-mask"
 
 
 def parse_splade_pooling(module_dir: Path, st_config: dict[str, Any]) -> SpladeSpec:

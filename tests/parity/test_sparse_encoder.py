@@ -162,3 +162,17 @@ def test_other_pipelines_with_splade_modules_are_refused(tmp_path: Path, modules
         (model_dir / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64}))
     with pytest.raises(ConfigError, match="served as SPLADE only"):
         load_model_info(model_dir)
+
+
+def test_an_mlm_transformer_of_another_task_is_not_splade(tmp_path: Path) -> None:
+    """MLMTransformer reads sentence_bert_config.json's transformer_task (fill-mask by default):
+    with feature-extraction SparseEncoder pools the hidden states, not vocabulary logits."""
+    model_dir = make_sparse_encoder(tmp_path / "enc")
+    _edit(model_dir, "sentence_bert_config.json", transformer_task="feature-extraction",
+          modality_config={"text": {"method": "forward",
+                                    "method_output_name": "last_hidden_state"}})
+    with pytest.raises(ConfigError, match="served as SPLADE only"):
+        load_model_info(model_dir)
+    # Without the key an MLMTransformer is fill-mask (as sentence-transformers 5 saved it).
+    (model_dir / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64}))
+    assert load_model_info(model_dir).pooling == "splade"
