@@ -108,6 +108,7 @@ class Worker:
 
         from backend_worker.engine import Engine
         from backend_worker.heads import build_head
+        from backend_worker.lexical import build_lexical
 
         info = load_model_info(self.config.model_dir, self.config.pooling, self.config.dense_path)
         if self.config.threads is not None:
@@ -124,7 +125,9 @@ class Worker:
                         "than float32 (the default here; --dtype float32)", dtype_name)
         engine = Engine.load(info, device=device, dtype=getattr(torch, dtype_name))
         head = build_head(info, engine.device)
-        served = self.outputs = outputs(engine, head)
+        lexical = (build_lexical(info.lexical, info.hidden_size, info.vocab_size, engine.device)
+                   if info.lexical is not None else None)
+        served = self.outputs = outputs(engine, head, lexical)
         # Warm up on what the model serves (a SPLADE head's [tokens, vocab] chunks are the
         # memory peak, not pooling), so the first real batch meets no allocation surprise.
         primary = next(k for k in (protocol.OutputKind.POOLED, protocol.OutputKind.LOGITS,
@@ -213,18 +216,22 @@ def _dense(array: np.ndarray) -> tuple:
     return array.shape[0], array.shape[1], array
 
 
-def outputs(engine, head=None) -> dict[protocol.OutputKind, Head]:
+def outputs(engine, head=None, lexical=None) -> dict[protocol.OutputKind, Head]:
     """What this engine can compute, per output kind: (rows, dim, *frames) of a Result.
 
     An embedding model gives POOLED; a classifier / re-ranker gives LOGITS and a SPLADE model
-    SPARSE through its `head` (backend_worker.heads); every model gives ALL_TOKENS.
+    SPARSE through its `head` (backend_worker.heads); BGE-M3 gives SPARSE too, its `lexical`
+    weights (backend_worker.lexical); every model gives ALL_TOKENS.
     """
     from backend_worker.heads import run_head
+    from backend_worker.lexical import run_lexical
 
     served: dict[protocol.OutputKind, Head] = (
         {protocol.OutputKind.POOLED: lambda arrays: _dense(engine.embed(arrays))}
         if head is None else {head.output: run_head(engine, head)}
     )
+    if lexical is not None:
+        served[protocol.OutputKind.SPARSE] = run_lexical(engine, lexical)
     served[protocol.OutputKind.ALL_TOKENS] = lambda arrays: _dense(
         engine.hidden_states(arrays).float().cpu().numpy())
     return served

@@ -188,6 +188,7 @@ async def run(config: ServerConfig) -> None:
             position_offset=info.position_offset,
             model_kind=info.kind,
             splade=info.splade,
+            lexical=info.lexical is not None,
             empty_bag_id=info.empty_bag_id,
             queries=(QueryVectors(info.query_route, info.splade_spec.max_active_dims,
                                   info.vocab_size, rules)

@@ -36,14 +36,7 @@ from router.tasks import start_supervised
 from router.tokenization import Encoded, TokenizerPool
 from router.tracing import record_phases
 from router.workers import WorkerPool
-from shared.errors import (
-    ConfigError,
-    EmbedServeError,
-    backend,
-    overloaded,
-    unhealthy,
-    validation,
-)
+from shared.errors import ConfigError, EmbedServeError, backend, overloaded, unhealthy, validation
 from shared.protocol import OutputKind
 
 log = logging.getLogger(__name__)
@@ -74,6 +67,7 @@ class InferenceService:
         tracer: Tracer | None = None,
         empty_bag_id: int | None = None,
         queries: QueryVectors | None = None,
+        lexical: bool = False,
     ) -> None:
         self.rules = rules
         self.embedding_dim = embedding_dim
@@ -81,6 +75,7 @@ class InferenceService:
         self.position_offset = position_offset
         self.model_kind = model_kind
         self.splade = splade
+        self.lexical = lexical  # sparse vectors beside the dense ones (BGE-M3's lexical weights)
         # A static model (StaticEmbedding) has no token embeddings (sentence-transformers has
         # none to give): its rows per token are not hidden states, so /embed_all is refused.
         # An input without tokens is sent as its empty bag's id, which no count includes.
@@ -196,7 +191,7 @@ class InferenceService:
             "embedding": (self.model_kind != "embedding", "Model is not an embedding model"),
             "hidden states": (self.model_kind != "embedding" or self.splade or self.static,
                               no_hidden),
-            "splade": (not self.splade,
+            "splade": (not (self.splade or self.lexical),
                        "Model is not an embedding model with SPLADE pooling"),
             "classifier": (self.model_kind == "embedding", "Model is not a classifier model"),
             "reranker": (self.model_kind != "reranker", "model is not a re-ranker model"),

@@ -1,10 +1,11 @@
 """What a model is: everything the router and the worker need to know, read from its files.
 
 Parses config.json and the sentence-transformers files (modules.json, 1_Pooling, Dense modules
-(shared/st_modules.py), Normalize, a LogitScore (shared/logit_score.py), SparseEncoder's SPLADE
-modules (shared/sparse_encoder.py),
-sentence_bert_config.json, config_sentence_transformers.json) in both the classic format and the
-one sentence-transformers 6 writes. Pure data: no torch, no tokenizer.
+(shared/st_modules.py), Normalize, a LogitScore (shared/logit_score.py), SparseEncoder's modules
+(shared/sparse_encoder.py, shared/sparse_router.py), sentence_bert_config.json,
+config_sentence_transformers.json) in both the classic format and the one sentence-transformers 6
+writes; a StaticEmbedding (shared/static_embedding.py); BGE-M3's lexical weights
+(shared/lexical.py). Pure data: no torch, no tokenizer.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from typing import Any, Literal
 
 import msgspec
 
+from shared.classifier import ModelKind, model_kind_of, score_activation
 from shared.conversations import Conversations, read_conversations
 from shared.errors import ConfigError
+from shared.lexical import LexicalWeights, lexical_weights
 from shared.logit_score import LogitScore, parse_logit_score
 from shared.sparse_encoder import (
     MLM_TRANSFORMER,
@@ -30,7 +33,6 @@ from shared.st_modules import (
     POOLINGS,
     DenseSpec,
     builtin_module,
-    module_kind,
     on_sentence_embedding,
     optional_json,
     parse_dense,
@@ -64,9 +66,6 @@ def config_value(config: dict[str, Any], keys: tuple[str, ...], default: int = 0
 
 def config_max_positions(config: dict[str, Any]) -> int:
     return config_value(config, _MAX_POSITIONS_KEYS, 512)
-
-
-ModelKind = Literal["embedding", "classifier", "reranker"]
 
 
 class ModelInfo(msgspec.Struct, frozen=True):
@@ -106,6 +105,8 @@ class ModelInfo(msgspec.Struct, frozen=True):
     splade_spec: SpladeSpec = SpladeSpec()
     # An inference-free SPLADE model's query route (a Router), which the router computes.
     query_route: QueryRoute | None = None
+    # BGE-M3's lexical weights: sparse vectors beside the dense ones (shared/lexical.py).
+    lexical: LexicalWeights | None = None
 
     @property
     def length_unlimited(self) -> bool:
@@ -154,43 +155,6 @@ def _max_input_length(
     if limit is None:
         return max_positions
     return min(int(limit), max_positions)
-
-
-def _model_kind(config: dict[str, Any]) -> tuple[ModelKind, dict[str, str]]:
-    architectures = config.get("architectures") or []
-    if not any(str(a).endswith("ForSequenceClassification") for a in architectures):
-        return "embedding", {}
-    id2label = {str(k): str(v) for k, v in (config.get("id2label") or {}).items()}
-    if not id2label:
-        count = int(config.get("num_labels", 2))
-        id2label = {str(i): f"LABEL_{i}" for i in range(count)}
-    return ("reranker" if len(id2label) == 1 else "classifier"), id2label
-
-
-_SCORE_ACTIVATIONS = {"Sigmoid": "sigmoid", "Identity": "identity", "Softmax": "softmax"}
-
-
-def _activation(config: dict[str, Any], labels: int,
-                st_config: dict[str, Any]) -> Literal["sigmoid", "softmax", "identity"]:
-    """sentence-transformers' CrossEncoder choice: config_sentence_transformers.json's
-    `activation_fn` (where v6 saves it; `st_config` is empty where it reads no such file),
-    else config.json's (v4-v5, else its pre-v4 key), else sigmoid for one label. Like it, a path
-    outside torch is not trusted (it would be the repository's own code): the next decides."""
-    legacy = config.get("sbert_ce_default_activation_function")
-    for path in (st_config.get("activation_fn"),
-                 (config.get("sentence_transformers") or {}).get("activation_fn", legacy)):
-        if not path:
-            continue
-        if not str(path).startswith("torch."):
-            log.warning("score activation %r is not torch's: not run here, as "
-                        "sentence-transformers does not without trust_remote_code", path)
-            continue
-        name = _SCORE_ACTIVATIONS.get(module_kind(str(path)))
-        if name is None:
-            raise ConfigError(f"score activation {path!r} is not supported "
-                              f"(supported: {', '.join(_SCORE_ACTIVATIONS)})")
-        return name  # type: ignore[return-value]
-    return "sigmoid" if labels == 1 else "softmax"
 
 
 def load_model_info(
@@ -298,7 +262,7 @@ def load_model_info(
         pooling, splade_spec = "splade", parse_splade_pooling(layout.pooling_dir, st_file)
     if dense_path is not None:
         dense = [parse_dense(root / dense_path)]
-    model_kind, id2label = _model_kind(config)
+    model_kind, id2label = model_kind_of(config)
     if logit_score is not None:
         model_kind, id2label = "reranker", {"0": "LABEL_0"}
     if static_dir:
@@ -370,7 +334,7 @@ def load_model_info(
     return ModelInfo(
         kind=model_kind,
         id2label=id2label,
-        activation=_activation(config, len(id2label), st_config if modules else {}),
+        activation=score_activation(config, len(id2label), st_config if modules else {}),
         model_dir=str(model_dir),
         config=config,
         model_type=model_type,
@@ -393,4 +357,6 @@ def load_model_info(
         truncation_side=file_side,
         splade_spec=splade_spec if pooling == "splade" else SpladeSpec(),
         query_route=layout.route if layout else None,
+        lexical=(lexical_weights(model_dir) if model_kind == "embedding" and pooling != "splade"
+                 and not static_dir else None),
     )

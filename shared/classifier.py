@@ -1,0 +1,53 @@
+"""What a sequence classifier is: a classifier or a re-ranker, its labels, and the activation
+sentence-transformers' CrossEncoder applies to its scores. Pure data, read from the files."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from shared.errors import ConfigError
+from shared.st_modules import module_kind
+
+log = logging.getLogger(__name__)
+
+ModelKind = Literal["embedding", "classifier", "reranker"]
+
+
+def model_kind_of(config: dict[str, Any]) -> tuple[ModelKind, dict[str, str]]:
+    """A *ForSequenceClassification model is a classifier, or a re-ranker with one label; its
+    labels by index (transformers' LABEL_i where config.json names none)."""
+    architectures = config.get("architectures") or []
+    if not any(str(a).endswith("ForSequenceClassification") for a in architectures):
+        return "embedding", {}
+    id2label = {str(k): str(v) for k, v in (config.get("id2label") or {}).items()}
+    if not id2label:
+        count = int(config.get("num_labels", 2))
+        id2label = {str(i): f"LABEL_{i}" for i in range(count)}
+    return ("reranker" if len(id2label) == 1 else "classifier"), id2label
+
+
+_SCORE_ACTIVATIONS = {"Sigmoid": "sigmoid", "Identity": "identity", "Softmax": "softmax"}
+
+
+def score_activation(config: dict[str, Any], labels: int,
+                st_config: dict[str, Any]) -> Literal["sigmoid", "softmax", "identity"]:
+    """sentence-transformers' CrossEncoder choice: config_sentence_transformers.json's
+    `activation_fn` (where v6 saves it; `st_config` is empty where it reads no such file),
+    else config.json's (v4-v5, else its pre-v4 key), else sigmoid for one label. Like it, a path
+    outside torch is not trusted (it would be the repository's own code): the next decides."""
+    legacy = config.get("sbert_ce_default_activation_function")
+    for path in (st_config.get("activation_fn"),
+                 (config.get("sentence_transformers") or {}).get("activation_fn", legacy)):
+        if not path:
+            continue
+        if not str(path).startswith("torch."):
+            log.warning("score activation %r is not torch's: not run here, as "
+                        "sentence-transformers does not without trust_remote_code", path)
+            continue
+        name = _SCORE_ACTIVATIONS.get(module_kind(str(path)))
+        if name is None:
+            raise ConfigError(f"score activation {path!r} is not supported "
+                              f"(supported: {', '.join(_SCORE_ACTIVATIONS)})")
+        return name  # type: ignore[return-value]
+    return "sigmoid" if labels == 1 else "softmax"

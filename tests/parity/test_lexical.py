@@ -1,0 +1,114 @@
+"""BGE-M3's lexical weights (its sparse_linear head) served by the worker, against
+FlagEmbedding's M3Embedder computation written out over transformers' hidden states: each token's
+relu(sparse_linear(h)), the largest per vocabulary id, without the cls / eos / pad / unk ids and
+weights that are not > 0. A tiny random XLM-R behind the real 250k tokenizer, fp32 on CPU."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from backend_worker.engine import Engine
+from backend_worker.lexical import build_lexical, run_lexical
+from backend_worker.main import outputs
+from shared import protocol
+from shared.errors import ConfigError
+from shared.modelinfo import load_model_info
+from tests.fixtures.families import pack_offset
+from tests.fixtures.lexical import make_m3, reference
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TOL = 1e-5
+TEXTS = ["What is BGE M3?", "Definition of BM25 BM25 BM25", "<unk> tokens and <s> markup",
+         "a much longer passage, which repeats words: passage, passage, words!"]
+
+
+@pytest.fixture(scope="module")
+def m3(tmp_path_factory) -> Path:
+    return make_m3(tmp_path_factory.mktemp("m3") / "model")
+
+
+def served(model_dir: Path, texts: list[str]) -> list[dict[int, float]]:
+    info = load_model_info(model_dir)
+    assert info.lexical is not None
+    engine = Engine.load(info)
+    head = build_lexical(info.lexical, info.hidden_size, info.vocab_size, engine.device)
+    arrays, _ = pack_offset(model_dir, texts, info.position_offset)
+    rows, dim, offsets, indices, values = run_lexical(engine, head)(arrays)
+    assert (rows, dim) == (len(texts), info.vocab_size)
+    answers = []
+    for start, stop in itertools.pairwise(offsets):
+        assert np.all(np.diff(indices[start:stop]) > 0), "indices ascending"
+        answers.append(dict(zip(indices[start:stop].tolist(), values[start:stop].tolist(),
+                                strict=True)))
+    return answers
+
+
+def test_lexical_weights_match_flag_embedding(m3: Path) -> None:
+    info = load_model_info(m3)
+    assert info.lexical is not None
+    assert info.lexical.ignored_ids == [0, 1, 2, 3]  # <s>, <pad>, </s>, <unk>
+    ours, expected = served(m3, TEXTS), reference(m3, TEXTS)
+    for got, want in zip(ours, expected, strict=True):
+        assert set(got) == set(want)
+        assert max(abs(got[i] - want[i]) for i in want) <= TOL
+    assert all(expected), "every text has weighted tokens"
+    assert any(len(w) < len(set(t.split())) for w, t in zip(expected, TEXTS, strict=True)), \
+        "some token weights are relu'd away"
+    # One at a time gives what the batch gives.
+    alone = served(m3, TEXTS[1:2])[0]
+    assert max(abs(alone[i] - ours[1][i]) for i in ours[1]) <= TOL
+
+
+def test_the_worker_serves_dense_and_lexical_vectors(m3: Path) -> None:
+    info = load_model_info(m3)
+    assert info.lexical is not None and info.pooling == "cls"
+    engine = Engine.load(info)
+    head = build_lexical(info.lexical, info.hidden_size, info.vocab_size, engine.device)
+    kinds = protocol.OutputKind
+    assert set(outputs(engine, None, head)) == {kinds.POOLED, kinds.SPARSE, kinds.ALL_TOKENS}
+
+
+def test_a_safetensors_head_is_read_too(tmp_path: Path, m3: Path) -> None:
+    other = make_m3(tmp_path / "model", suffix=".safetensors")
+    info = load_model_info(other)
+    assert info.lexical is not None and info.lexical.path.endswith("sparse_linear.safetensors")
+    assert served(other, TEXTS[:1]) == served(m3, TEXTS[:1])
+
+
+def test_no_head_file_no_lexical_weights(tmp_path: Path, m3: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(m3, copy)
+    (copy / "sparse_linear.pt").unlink()
+    assert load_model_info(copy).lexical is None
+    # A SPLADE model serves its own sparse vectors, never these.
+    assert load_model_info(m3, pooling_override="splade").lexical is None
+
+
+def test_special_tokens_named_in_tokenizer_config_only(tmp_path: Path, m3: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(m3, copy)
+    (copy / "special_tokens_map.json").unlink(missing_ok=True)
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    config.pop("unk_token", None)
+    (copy / "tokenizer_config.json").write_text(json.dumps(config))
+    info = load_model_info(copy)
+    assert info.lexical is not None and info.lexical.ignored_ids == [0, 1, 2]
+
+
+def test_a_head_of_another_shape_is_refused(tmp_path: Path, m3: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(m3, copy)
+    torch.save({"weight": torch.zeros(2, 32), "bias": torch.zeros(2)}, copy / "sparse_linear.pt")
+    info = load_model_info(copy)
+    assert info.lexical is not None
+    with pytest.raises(ConfigError, match=r"expected weight \[1, 32\] and bias \[1\]"):
+        build_lexical(info.lexical, info.hidden_size, info.vocab_size, torch.device("cpu"))
