@@ -4,6 +4,7 @@ server on a GPU. Every test here needs CUDA; bench/gpu_check.sh runs them."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -126,6 +127,42 @@ def test_classifier_graphs_answer_the_cpu_logits(tmp_path: Path, labels: list[st
     got = run_head(engine, head)(arrays)[2]
     want = run_head(oracle, build_head(info, oracle.device))(arrays)[2]
     np.testing.assert_allclose(got, want, atol=2e-2)
+
+
+@pytest.mark.parametrize("which", ["splade-sum", "lexical"])
+def test_sparse_heads_on_cuda_answer_the_cpu_vectors(tmp_path: Path, which: str) -> None:
+    """A SparseEncoder's own SPLADE settings (sum, log1p_relu) and BGE-M3's lexical weights,
+    from float16 hidden states, against the fp32 CPU vectors."""
+    from backend_worker.heads import build_head, run_head
+    from backend_worker.lexical import build_lexical, run_lexical
+    from router.results import densify
+    from tests.fixtures.lexical import make_m3
+    from tests.fixtures.sparse import make_sparse_encoder
+
+    model_dir = (make_sparse_encoder(tmp_path / "s", strategy="sum", activation="log1p_relu")
+                 if which == "splade-sum" else make_m3(tmp_path / "m"))
+    info = load_model_info(model_dir)
+
+    def vectors(engine: Engine) -> np.ndarray:
+        if info.lexical is not None:
+            run = run_lexical(engine, build_lexical(info.lexical, info.hidden_size,
+                                                    info.vocab_size, engine.device))
+        else:
+            head = build_head(info, engine.device)
+            assert head is not None
+            run = run_head(engine, head)
+        arrays, _ = pack_offset(model_dir, [t for t in MIXED_TEXTS if isinstance(t, str)],
+                                info.position_offset)
+        _, dim, offsets, indices, values = run(arrays)
+        return densify([(indices[a:b], values[a:b]) for a, b in itertools.pairwise(offsets)],
+                       dim)
+
+    got = vectors(Engine.load(info, device="cuda", dtype=torch.float16))
+    want = vectors(Engine.load(info))
+    assert np.isfinite(got).all() and (got >= 0).all()
+    weighted = want.any(axis=1)  # (a text may have no weighted token at all)
+    assert got[~weighted].max(initial=0.0) < 0.05  # (a weight at the relu's edge may differ)
+    assert cosines(got[weighted], want[weighted]).min() >= COSINE
 
 
 @pytest.mark.parametrize("mask", [MaskSpec(), MaskSpec(causal=True), MaskSpec(window=3),
