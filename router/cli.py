@@ -122,6 +122,9 @@ def build_info(config: ServerConfig, model: ResolvedModel, info: ModelInfo, dtyp
         dense_modules=[Path(d.path).name for d in info.dense],
         prompts=info.prompts,
         default_prompt=rules.default_prompt,
+        sparse_vectors=("lexical_weights" if info.lexical is not None else
+                        "splade_inference_free" if info.query_route is not None else
+                        "splade" if info.splade else None),
         workers=[],
     )
 

@@ -35,6 +35,7 @@ def test_health_and_info(server):
     assert info["model_dtype"] == "float32"
     assert info["embedding_dimension"] == 384
     assert info["normalize_module"] is True
+    assert info["sparse_vectors"] is None  # /embed_sparse is refused
     assert info["prompts"] == {"query": "query: ", "passage": "passage: "}
     assert info["served_model_name"] == info["model_id"]
     assert info["sha"] is None and info["docker_label"] is None  # unknown, not ""

@@ -302,8 +302,9 @@ def test_a_sparse_encoders_own_files_are_served_as_it_encodes(tmp_path: Path) ->
                                     activation="log1p_relu", max_active_dims=6)
     srv = start(model_dir, tmp_path / "log")
     try:
-        assert srv.client.get("/info").json()["model_type"] == {
-            "embedding": {"pooling": "splade"}}
+        info = srv.client.get("/info").json()
+        assert info["model_type"] == {"embedding": {"pooling": "splade"}}
+        assert info["sparse_vectors"] == "splade"
         response = srv.client.post("/embed_sparse", json={"inputs": TEXTS,
                                                           "prompt_name": "query"})
         assert response.status_code == 200, response.text
@@ -340,6 +341,7 @@ def test_an_inference_free_splade_model_serves_both_routes(tmp_path: Path) -> No
                                                   "prompt_name": "query"})
         assert vectors.status_code == 200, vectors.text
         metrics = srv.client.get("/metrics").text
+        assert srv.client.get("/info").json()["sparse_vectors"] == "splade_inference_free"
     finally:
         assert srv.stop() == 0
     encoder = SparseEncoder(str(model_dir), device="cpu")

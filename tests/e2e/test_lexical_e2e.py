@@ -34,4 +34,5 @@ def test_dense_and_lexical_vectors_from_one_model(tmp_path: Path) -> None:
     np.testing.assert_allclose(dense.json(), expected, atol=1e-5)
     assert root.json() == dense.json(), "/ stays the dense embedding route"
     assert info["model_type"] == {"embedding": {"pooling": "cls"}}
+    assert info["sparse_vectors"] == "lexical_weights"
     assert tokens.status_code == 200, "the token embeddings are still served"
