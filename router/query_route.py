@@ -42,9 +42,10 @@ class QueryVectors:
 
     def choose(self, prompt_name: str | None) -> tuple[QueryVectors | None, str | None]:
         """(self if the request takes the query route else None, its prompt). A route's name
-        picks that route, and its prompt if the model has one of that name (else the default
-        prompt, as encode_query applies it); any other `prompt_name` is a prompt on the default
-        route."""
+        picks that route, and its prompt if the model has one of that name, else none: a
+        SparseEncoder always has a "query" and a "document" prompt ("" unless set), which
+        encode_query / encode_document apply instead of the default prompt. Any other
+        `prompt_name` is a prompt on the default route."""
         route = self._route
         named = prompt_name in (route.query, route.document)
         name = prompt_name if named else route.default
@@ -54,7 +55,7 @@ class QueryVectors:
                              f"`{route.document}`")
         taken = self if name == route.query else None
         if named and prompt_name not in self.rules.prompts:
-            return taken, self.rules.default_prompt
+            return taken, None
         return taken, resolve_prompt(prompt_name, self.rules)
 
     def vectors(self, encoded: list[Encoded]) -> list[tuple[np.ndarray, np.ndarray]]:

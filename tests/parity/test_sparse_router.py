@@ -106,8 +106,9 @@ def test_the_route_and_the_prompt_each_request_gets(model_dir: Path) -> None:
     info = load_model_info(model_dir)
     side = queries(info, prompts={"query": "q: ", "passage": "p: "}, default_prompt="p: ")
     assert side.choose("query") == (side, "q: ")
-    # A route named, without a prompt of that name: the default prompt, as encode_document.
-    assert side.choose("document") == (None, "p: ")
+    # A route named, without a prompt of that name: no prompt (encode_document's "document"
+    # prompt, "" unless set), not the default one.
+    assert side.choose("document") == (None, None)
     assert side.choose(None) == (None, "p: ")  # the default route (document)
     assert side.choose("passage") == (None, "p: ")  # a prompt, on the default route
     with pytest.raises(EmbedServeError, match="not found in the Sentence Transformers prompts"):
@@ -119,6 +120,36 @@ def test_the_route_and_the_prompt_each_request_gets(model_dir: Path) -> None:
     for name in (None, "document_ish"):
         with pytest.raises(EmbedServeError, match="no default route"):
             without_default.choose(name)
+
+
+def test_a_named_route_without_its_prompt_gets_none_as_encode_query_does(
+        model_dir: Path, tmp_path: Path) -> None:
+    """A file without "query" / "document" prompts but with a default prompt: SparseEncoder
+    fills those prompts with "", so encode_query / encode_document use no prompt while encode
+    uses the default one."""
+    from sentence_transformers import SparseEncoder
+
+    root = _copy(model_dir, tmp_path)
+    path = root / "config_sentence_transformers.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()),
+                                "prompts": {"passage": "zebra apple "},
+                                "default_prompt_name": "passage"}))
+    info = load_model_info(root)
+    side = queries(info, default_prompt="zebra apple ")
+    encoder = SparseEncoder(str(root), device="cpu")
+    texts = TEXTS[:2]
+    route, prompt = side.choose("query")
+    assert route is side
+    ours = densify(side.vectors(encodings(info, [(prompt or "") + t for t in texts], 128,
+                                          False)), info.vocab_size)
+    expected = encoder.encode_query(texts, convert_to_tensor=True).to_dense().numpy()
+    assert float(np.abs(ours - expected).max()) <= TOL
+    for name, encode in (("document", encoder.encode_document), (None, encoder.encode)):
+        route, prompt = side.choose(name)
+        assert route is None
+        ours = documents(info, [(prompt or "") + t for t in texts])
+        expected = encode(texts, convert_to_tensor=True).to_dense().numpy()
+        assert float(np.abs(ours - expected).max()) <= TOL, name
 
 
 def _fields(route: QueryRoute) -> dict:
