@@ -85,6 +85,8 @@ def test_both_routes_match_sparse_encoder(model_dir: Path) -> None:
     assert side.rules.max_input_length == 128  # the query tokenizer's own, no special tokens
     assert len(encodings(info, TEXTS[3:4], None, False)[0].ids) > 128, "a cut to check"
     query_rows = side.vectors(encodings(info, TEXTS, 128, False))
+    # What /embed_sparse sends: indices ascending, no zero entries (SparseEncoder's sparse rows).
+    assert all((np.diff(ids) > 0).all() and (values != 0).all() for ids, values in query_rows)
     ours = {"query": densify(query_rows, info.vocab_size), "document": documents(info, TEXTS)}
     expected = {
         "query": encoder.encode_query(TEXTS, convert_to_tensor=True).to_dense().numpy(),
@@ -199,6 +201,16 @@ def _edit_router(root: Path, **changes: object) -> None:
                     "document": ["document_0_MLMTransformer"]}}, "routes"),
     ({"structure": {"a": ["query_0_SparseStaticEmbedding"],
                     "b": ["query_0_SparseStaticEmbedding"]}}, "routes"),
+    ({"structure": {"query": ["query_0_SparseStaticEmbedding"],
+                    "document": ["document_0_MLMTransformer", "document_1_SpladePooling"],
+                    "other": ["document_0_MLMTransformer", "document_1_SpladePooling"]}},
+     "routes"),
+    ({"structure": {"query": ["query_0_SparseStaticEmbedding", "document_1_SpladePooling"],
+                    "document": ["document_0_MLMTransformer", "document_1_SpladePooling"]}},
+     "routes"),
+    ({"structure": {"query": ["query_0_SparseStaticEmbedding"],
+                    "document": ["document_0_MLMTransformer", "document_0_MLMTransformer",
+                                 "document_1_SpladePooling"]}}, "routes"),
     ({"route_mappings": {"query,text": "query"}}, "route_mappings"),
     ({"default_route": "passage"}, "default_route 'passage'"),
     ({"types": {"query_0_SparseStaticEmbedding": "custom.Module",
@@ -216,9 +228,11 @@ def test_other_routers_are_refused(model_dir: Path, tmp_path: Path, changes: dic
         load_model_info(root)
 
 
-def test_routes_with_different_tokenizers_are_refused(model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "tokenizer.json"])
+def test_routes_with_different_tokenizers_are_refused(model_dir: Path, tmp_path: Path,
+                                                      name: str) -> None:
     root = _copy(model_dir, tmp_path)
-    path = root / "query_0_SparseStaticEmbedding" / "tokenizer_config.json"
+    path = root / "query_0_SparseStaticEmbedding" / name
     path.write_text(json.dumps({**json.loads(path.read_text()), "do_lower_case": False}))
     with pytest.raises(ConfigError, match="different tokenizers"):
         load_model_info(root)
@@ -230,6 +244,50 @@ def test_lower_casing_documents_only_is_refused(model_dir: Path, tmp_path: Path)
     path.write_text(json.dumps({**json.loads(path.read_text()), "do_lower_case": True}))
     with pytest.raises(ConfigError, match="do_lower_case"):
         load_model_info(root)
+
+
+@pytest.mark.parametrize(("parameters", "default"), [
+    ({"default_route": None}, "query"),  # allow_empty_key: the first route
+    ({"default_route": None, "allow_empty_key": None}, "query"),  # (its default is true)
+    ({"default_route": None, "allow_empty_key": False}, None),
+])
+def test_the_default_route_is_the_routers(model_dir: Path, tmp_path: Path, parameters: dict,
+                                          default: str | None) -> None:
+    """Router's rule: default_route, else (allow_empty_key, true unless set) the first route."""
+    root = _copy(model_dir, tmp_path)
+    path = root / "router_config.json"
+    config = json.loads(path.read_text())
+    for key, value in parameters.items():
+        if value is None:
+            config["parameters"].pop(key, None)
+        else:
+            config["parameters"][key] = value
+    path.write_text(json.dumps(config))
+    info = load_model_info(root)
+    assert info.query_route is not None and info.query_route.default == default
+
+
+def test_the_query_route_keeps_its_tokenizers_limit(model_dir: Path, tmp_path: Path) -> None:
+    """A document limit below the query tokenizer's: queries are cut at the latter, as
+    SparseStaticEmbedding's tokenizer call does; a tokenizer without a limit gives none."""
+    from sentence_transformers import SparseEncoder
+
+    root = _copy(model_dir, tmp_path)
+    path = root / "document_0_MLMTransformer" / "sentence_bert_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "max_seq_length": 32}))
+    info = load_model_info(root)
+    side = queries(info)
+    assert info.max_input_length == 32 and side.rules.max_input_length == 128
+    ours = densify(side.vectors(encodings(info, TEXTS[3:4], 128, False)), info.vocab_size)
+    encoder = SparseEncoder(str(root), device="cpu")
+    expected = encoder.encode_query(TEXTS[3:4], convert_to_tensor=True).to_dense().numpy()
+    assert float(np.abs(ours - expected).max()) <= TOL
+    for folder in ("query_0_SparseStaticEmbedding", "document_0_MLMTransformer"):
+        path = root / folder / "tokenizer_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()),
+                                    "model_max_length": 1e30}))
+    info = load_model_info(root)
+    assert info.query_route is not None and info.query_route.max_length is None
 
 
 def test_pooling_overrides(model_dir: Path) -> None:
