@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -328,6 +329,9 @@ def test_an_inference_free_splade_model_serves_both_routes(tmp_path: Path) -> No
     from tests.fixtures.sparse import make_inference_free
 
     model_dir = make_inference_free(tmp_path / "model", max_active_dims=8)
+    # Documents cut at 40 tokens (TEXTS fit); queries keep their tokenizer's 128.
+    config = model_dir / "document_0_MLMTransformer" / "sentence_bert_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "max_seq_length": 40}))
     srv = start(model_dir, tmp_path / "log")
     answers, tokens = {}, {}
     try:
@@ -339,6 +343,10 @@ def test_an_inference_free_splade_model_serves_both_routes(tmp_path: Path) -> No
             tokens[route] = int(response.headers["x-compute-tokens"])
         vectors = srv.client.post("/embed", json={"inputs": TEXTS[0], "normalize": False,
                                                   "prompt_name": "query"})
+        long = "a query with many words " * 4  # 48 tokens, 50 with [CLS] / [SEP]
+        limits = {route: srv.client.post("/embed_sparse", json={
+            "inputs": long, "truncate": False, "prompt_name": route}).status_code
+            for route in ("query", "document")}
         assert vectors.status_code == 200, vectors.text
         metrics = srv.client.get("/metrics").text
         assert srv.client.get("/info").json()["sparse_vectors"] == "splade_inference_free"
@@ -354,10 +362,11 @@ def test_an_inference_free_splade_model_serves_both_routes(tmp_path: Path) -> No
             values = [item["value"] for item in answer]
             np.testing.assert_allclose(values, row[indices].numpy(), atol=TOL)
     assert answers[None] == answers["document"]
+    assert limits == {"query": 200, "document": 422}  # (too long: 422, as TEI)
     # The query route's tokens have no [CLS] / [SEP]: two fewer per input.
     assert tokens["query"] == tokens["document"] - 2 * len(TEXTS)
     assert {i: v for i, v in enumerate(vectors.json()[0]) if v} == {
         e["index"]: e["value"] for e in answers["query"][0]}
     # Every input answered counts, the query route's too (computed without a batch).
-    assert "te_embed_success 13.0" in metrics
+    assert "te_embed_success 14.0" in metrics
     assert 'te_request_success{method="batch"} 3.0' in metrics
