@@ -24,7 +24,11 @@ class QueryVectors:
                  rules: InputRules) -> None:
         from safetensors.numpy import load_file
 
-        tensors = load_file(route.weights_path)
+        try:
+            tensors = load_file(route.weights_path)
+        except (TypeError, ValueError) as exc:  # numpy has no bfloat16
+            raise ConfigError(f"{route.weights_path}: not read ({exc}); the query route's "
+                              "weights are read as float16/32/64") from exc
         weight = tensors.get("weight")
         if set(tensors) != {"weight"} or weight is None or weight.shape != (vocab_size,):
             shapes = {name: list(t.shape) for name, t in tensors.items()}

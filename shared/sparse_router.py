@@ -79,6 +79,11 @@ def parse_router(root: Path) -> RouterLayout:
                           f"the routes {list(structure)}")
     transformer_dir, pooling_dir = (root / name for name in structure[document])
     static_dir = root / structure[query][0]
+    idf = (optional_json(static_dir / "config.json") or {}).get("path")
+    if isinstance(idf, str) and idf.endswith(".json"):
+        # SparseStaticEmbedding.load then builds its weights from that file, not its own.
+        raise ConfigError(f"{static_dir}/config.json: weights from {idf!r} (a token -> weight "
+                          "JSON) are not supported; model.safetensors is read")
     weights = static_dir / "model.safetensors"
     if not weights.is_file():
         raise ConfigError(f"{static_dir}: model.safetensors not found (the query route's "

@@ -178,6 +178,29 @@ def test_the_query_weights_are_checked(model_dir: Path, tmp_path: Path) -> None:
         QueryVectors(route, None, info.vocab_size, rules(info))
 
 
+def test_bfloat16_query_weights_are_refused_by_name(model_dir: Path, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    info = load_model_info(model_dir)
+    assert info.query_route is not None
+    bad = tmp_path / "model.safetensors"
+    save_file({"weight": torch.ones(info.vocab_size, dtype=torch.bfloat16)}, str(bad))
+    route = QueryRoute(**{**_fields(info.query_route), "weights_path": str(bad)})
+    with pytest.raises(ConfigError, match="float16/32/64"):
+        QueryVectors(route, None, info.vocab_size, rules(info))
+
+
+def test_query_weights_from_an_idf_file_are_refused(model_dir: Path, tmp_path: Path) -> None:
+    """SparseStaticEmbedding.load reads a config `path` ending in .json instead of its
+    model.safetensors."""
+    root = _copy(model_dir, tmp_path)
+    path = root / "query_0_SparseStaticEmbedding" / "config.json"
+    path.write_text(json.dumps({"frozen": True, "path": "idf.json"}))
+    with pytest.raises(ConfigError, match=r"idf\.json"):
+        load_model_info(root)
+
+
 def _copy(model_dir: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "copy"
     shutil.copytree(model_dir, copy)
