@@ -251,6 +251,16 @@ def test_other_routers_are_refused(model_dir: Path, tmp_path: Path, changes: dic
         load_model_info(root)
 
 
+def test_a_router_beside_other_modules_is_refused(model_dir: Path, tmp_path: Path) -> None:
+    root = _copy(model_dir, tmp_path)
+    path = root / "modules.json"
+    modules = json.loads(path.read_text())
+    path.write_text(json.dumps([*modules, {"idx": 1, "name": "1", "path": "1_Normalize",
+                                           "type": "sentence_transformers.models.Normalize"}]))
+    with pytest.raises(ConfigError, match="Router must be the only module"):
+        load_model_info(root)
+
+
 @pytest.mark.parametrize("name", ["tokenizer_config.json", "tokenizer.json"])
 def test_routes_with_different_tokenizers_are_refused(model_dir: Path, tmp_path: Path,
                                                       name: str) -> None:
@@ -305,12 +315,15 @@ def test_the_query_route_keeps_its_tokenizers_limit(model_dir: Path, tmp_path: P
     encoder = SparseEncoder(str(root), device="cpu")
     expected = encoder.encode_query(TEXTS[3:4], convert_to_tensor=True).to_dense().numpy()
     assert float(np.abs(ours - expected).max()) <= TOL
-    for folder in ("query_0_SparseStaticEmbedding", "document_0_MLMTransformer"):
-        path = root / folder / "tokenizer_config.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()),
-                                    "model_max_length": 1e30}))
-    info = load_model_info(root)
-    assert info.query_route is not None and info.query_route.max_length is None
+    path.write_text(json.dumps({**json.loads(path.read_text()), "max_seq_length": None}))
+    for limit, expected_limit in ((64, 64), (1e30, None)):
+        for folder in ("query_0_SparseStaticEmbedding", "document_0_MLMTransformer"):
+            path = root / folder / "tokenizer_config.json"
+            path.write_text(json.dumps({**json.loads(path.read_text()),
+                                        "model_max_length": limit}))
+        info = load_model_info(root)  # (the document route's: its folder's tokenizer limit)
+        assert info.query_route is not None and info.query_route.max_length == expected_limit
+        assert info.max_input_length == (expected_limit or 128)
 
 
 def test_pooling_overrides(model_dir: Path) -> None:
