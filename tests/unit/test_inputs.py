@@ -335,7 +335,7 @@ def test_tokenizer_errors_propagate() -> None:
 
         async def encode(self, texts: list[str], max_length: int | None,
                          direction: str, system: str | None = None,
-                     special_tokens: bool = True) -> list[Encoded]:
+                         special_tokens: bool = True) -> list[Encoded]:
             raise EmbedServeError(ErrorType.TOKENIZER, "boom")
 
     with pytest.raises(EmbedServeError) as info:
