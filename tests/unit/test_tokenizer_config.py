@@ -260,12 +260,8 @@ def test_the_class_tables_agree_with_transformers_for_every_model_type_served() 
 
     import backend_worker.models  # noqa: F401 (registers the families)
     from backend_worker.models.registry import _BY_MODEL_TYPE
-    from router.tokenizer_config import (
-        _DEFAULT_CLASS,
-        _FILE_AS_IS,
-        _NAMED_CLASS_IGNORED,
-        _REBUILDS,
-    )
+    from router.tokenizer_config import _REBUILDS
+    from shared.tokenizer_class import _DEFAULT_CLASS, _FILE_AS_IS, _NAMED_CLASS_IGNORED
 
     generic = {"TokenizersBackend", "PreTrainedTokenizerFast", "PythonBackend",
                "MistralCommonBackend"}
