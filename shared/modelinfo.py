@@ -357,6 +357,7 @@ def load_model_info(
         truncation_side=file_side,
         splade_spec=splade_spec if pooling == "splade" else SpladeSpec(),
         query_route=layout.route if layout else None,
-        lexical=(lexical_weights(model_dir) if model_kind == "embedding" and pooling != "splade"
+        lexical=(lexical_weights(model_dir, model_type, config.get("tokenizer_class"))
+                 if model_kind == "embedding" and pooling != "splade"
                  and not static_dir else None),
     )

@@ -112,3 +112,77 @@ def test_a_head_of_another_shape_is_refused(tmp_path: Path, m3: Path) -> None:
     assert info.lexical is not None
     with pytest.raises(ConfigError, match=r"expected weight \[1, 32\] and bias \[1\]"):
         build_lexical(info.lexical, info.hidden_size, info.vocab_size, torch.device("cpu"))
+
+
+def _flag_embedding_ignored(model_dir: Path) -> set[int]:
+    # M3Embedder's unused_tokens, over the tokenizer transformers builds from the files.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    names = tokenizer.special_tokens_map
+    return {tokenizer.convert_tokens_to_ids(names[name])
+            for name in ("cls_token", "eos_token", "pad_token", "unk_token") if name in names}
+
+
+_DECODER = {str(i): {"content": text, "lstrip": False, "normalized": False, "rstrip": False,
+                     "single_word": False, "special": True}
+            for i, text in enumerate(["<s>", "<pad>", "</s>", "<unk>"])}
+
+
+@pytest.mark.parametrize(("config_edit", "special_map"), [
+    # XLM-R's class gives the tokens no file names (BGE-M3 names XLMRobertaTokenizer).
+    ({"tokenizer_class": "XLMRobertaTokenizer", "unk_token": None}, None),
+    ({"tokenizer_class": "XLMRobertaTokenizer", "cls_token": None, "eos_token": None,
+      "pad_token": None, "unk_token": None}, None),
+    # A null in tokenizer_config.json names no token, whatever the class's default.
+    ({"tokenizer_class": "XLMRobertaTokenizer", "unk_token": "__null__"}, None),
+    # special_tokens_map.json wins over tokenizer_config.json (transformers 4's files)...
+    ({}, {"eos_token": "<mask>"}),
+    # ... unless tokenizer_config.json has an added_tokens_decoder: it is not read at all.
+    ({"added_tokens_decoder": _DECODER}, {"eos_token": "<mask>"}),
+    # An AddedToken as a dict.
+    ({}, {"cls_token": {"content": "<mask>", "lstrip": True, "normalized": False,
+                        "rstrip": False, "single_word": False}}),
+])
+def test_special_tokens_as_transformers_resolves_them(
+        tmp_path: Path, m3: Path, config_edit: dict, special_map: dict | None) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(m3, copy)
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    for key, value in config_edit.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = None if value == "__null__" else value
+    (copy / "tokenizer_config.json").write_text(json.dumps(config))
+    if special_map is not None:
+        (copy / "special_tokens_map.json").write_text(json.dumps(special_map))
+    info = load_model_info(copy)
+    assert info.lexical is not None
+    assert set(info.lexical.ignored_ids) == _flag_embedding_ignored(copy)
+
+
+def test_class_default_special_tokens_are_transformers() -> None:
+    """shared/lexical.py's table of each tokenizer class's default special tokens against the
+    classes' own __init__ defaults; every class a model type defaults to is in it."""
+    import inspect
+
+    import transformers
+
+    from shared.lexical import CLASS_DEFAULTS
+    from shared.tokenizer_class import _DEFAULT_CLASS
+
+    assert set(_DEFAULT_CLASS.values()) <= set(CLASS_DEFAULTS)
+    for name, defaults in CLASS_DEFAULTS.items():
+        cls = getattr(transformers, name)
+        found = {}
+        for klass in cls.__mro__:  # (a subclass passes its **kwargs on to its base)
+            if "__init__" not in vars(klass):
+                continue
+            parameters = inspect.signature(klass.__init__).parameters
+            for key in ("cls_token", "eos_token", "pad_token", "unk_token"):
+                default = parameters[key].default if key in parameters else None
+                if key not in found and isinstance(default, str):
+                    found[key] = default
+        assert found == defaults, name
+
