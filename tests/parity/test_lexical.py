@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from backend_worker.engine import Engine
-from backend_worker.lexical import build_lexical, run_lexical
+from backend_worker.lexical import LexicalHead, build_lexical, run_lexical
 from backend_worker.main import outputs
 from shared import protocol
 from shared.errors import ConfigError
@@ -186,3 +186,38 @@ def test_class_default_special_tokens_are_transformers() -> None:
                     found[key] = default
         assert found == defaults, name
 
+
+def test_token_ids_as_the_tokenizers_library_finds_them() -> None:
+    """A special token's id from tokenizer.json: its added tokens first (a BPE's special tokens
+    are often in no vocabulary), then the model's vocabulary, a mapping or Unigram's list."""
+    from tokenizers import Tokenizer, models
+
+    from shared.lexical import _token_id
+
+    kinds = [Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]")),
+             Tokenizer(models.BPE({"a": 0, "b": 1, "ab": 2}, [("a", "b")])),
+             Tokenizer(models.Unigram([("<unk>", 0.0), ("a", -1.0), ("b", -2.0)], 0))]
+    for tokenizer in kinds:
+        tokenizer.add_special_tokens(["<|end|>"])
+        saved = json.loads(tokenizer.to_str())
+        for content in ("[UNK]", "<unk>", "a", "b", "<|end|>", "absent"):
+            assert _token_id(saved, content) == tokenizer.token_to_id(content), content
+
+
+def test_the_packed_batch_keeps_each_sequence_apart() -> None:
+    """LexicalHead on a hand-made packed batch: the last vocabulary id, an empty sequence, a
+    sequence with nothing kept (an ignored id, weights not > 0), repeated ids (the largest)."""
+    head = LexicalHead(1, 10, [0])
+    head.linear.requires_grad_(False)
+    head.linear.load_state_dict({"weight": torch.ones(1, 1), "bias": torch.zeros(1)})
+    ids = torch.tensor([9, 9, 3, 0, 2, 9, 0, 5, 9])
+    weights = torch.tensor([0.5, 0.7, 0.2, 3.0, -1.0, 0.0, 2.0, 0.1, 0.3])
+    cu_seqlens = torch.tensor([0, 3, 3, 6, 9])
+    rows, dim, offsets, indices, values = head.result(weights[:, None], ids, cu_seqlens)
+    assert (rows, dim) == (4, 10)
+    assert offsets.tolist() == [0, 2, 2, 2, 4]
+    assert indices.tolist() == [3, 9, 5, 9]
+    np.testing.assert_allclose(values, [0.2, 0.7, 0.1, 0.3])
+    # No token kept at all.
+    rows, dim, offsets, indices, values = head.result(-weights[:, None].abs(), ids, cu_seqlens)
+    assert offsets.tolist() == [0, 0, 0, 0, 0] and indices.size == values.size == 0
