@@ -31,7 +31,7 @@ _SCORE_ACTIVATIONS = {"Sigmoid": "sigmoid", "Identity": "identity", "Softmax": "
 
 
 def score_activation(config: dict[str, Any], labels: int,
-                st_config: dict[str, Any]) -> Literal["sigmoid", "softmax", "identity"]:
+                     st_config: dict[str, Any]) -> Literal["sigmoid", "softmax", "identity"]:
     """sentence-transformers' CrossEncoder choice: config_sentence_transformers.json's
     `activation_fn` (where v6 saves it; `st_config` is empty where it reads no such file),
     else config.json's (v4-v5, else its pre-v4 key), else sigmoid for one label. Like it, a path

@@ -93,6 +93,16 @@ def test_no_head_file_no_lexical_weights(tmp_path: Path, m3: Path) -> None:
     assert load_model_info(m3, pooling_override="splade").lexical is None
 
 
+def test_only_a_dense_embedding_model_gets_lexical_weights(tmp_path: Path) -> None:
+    """A classifier with the file beside it: /embed_sparse stays refused (no pooled model)."""
+    from tests.fixtures.heads import make_tiny_classifier
+
+    classifier = make_tiny_classifier(tmp_path / "c", ["a", "b"])
+    torch.save({"weight": torch.zeros(1, 32), "bias": torch.zeros(1)},
+               classifier / "sparse_linear.pt")
+    assert load_model_info(classifier).lexical is None
+
+
 def test_special_tokens_named_in_tokenizer_config_only(tmp_path: Path, m3: Path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(m3, copy)
