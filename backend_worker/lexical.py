@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from backend_worker.heads import pack_head
 from backend_worker.loading import iter_tensors
 from backend_worker.pooling import token_sequences
 from shared.errors import ConfigError
@@ -66,7 +67,9 @@ def build_lexical(spec: LexicalWeights, hidden: int, vocab: int,
                           f"sparse_linear), found {shapes}")
     head = LexicalHead(hidden, vocab, spec.ignored_ids)
     head.linear.load_state_dict({name: t.float() for name, t in tensors.items()})
-    return head.to(device).eval()
+    head = head.to(device).eval()
+    pack_head(head, device)
+    return head
 
 
 def run_lexical(engine: Any, head: LexicalHead) -> Callable[[BatchArrays], tuple]:
