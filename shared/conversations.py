@@ -18,6 +18,7 @@ import msgspec
 
 from shared.errors import ConfigError
 from shared.st_modules import optional_json
+from shared.tokenizer_class import special_tokens
 
 # apply_chat_template's size and output arguments: tokenization, not rendering.
 _SIZE_KWARGS = frozenset({"padding", "truncation", "max_length", "return_tensors",
@@ -105,7 +106,8 @@ def _render_kwargs(root: Path, st_config: dict[str, Any]) -> tuple[dict[str, Any
     return chat, restore
 
 
-def read_conversations(root: Path, st_config: dict[str, Any]) -> Conversations | None:
+def read_conversations(root: Path, st_config: dict[str, Any], model_type: str = "",
+                       config_class: str | None = None) -> Conversations | None:
     """The model's conversations when its Transformer module takes messages, as
     sentence_bert_config.json's modality_config declares; None: plain inputs. (Without a
     modality_config sentence-transformers loads a saved Transformer as text only, chat template
@@ -128,6 +130,9 @@ def read_conversations(root: Path, st_config: dict[str, Any]) -> Conversations |
         raise ConfigError(f"{root}/sentence_bert_config.json: message format "
                           f"{message_format!r} is not supported")
     kwargs, restore = _render_kwargs(root, st_config)
+    # As transformers names them to the template: its tokenizer's (the class's defaults, the
+    # files'), `config_class` being config.json's tokenizer_class.
+    named = special_tokens(root, model_type, config_class)
     specials = {name: text for name in SPECIAL_TOKEN_NAMES
-                if (text := _token_text(tokenizer_config.get(name))) is not None}
+                if (text := _token_text(named.get(name))) is not None}
     return Conversations(template, message_format, kwargs, specials, restore)

@@ -16,28 +16,12 @@ from typing import Any
 
 import msgspec
 
-from shared.st_modules import optional_json, read_json
-from shared.tokenizer_class import tokenizer_class
+from shared.st_modules import read_json
+from shared.tokenizer_class import special_tokens
 
 HEAD_FILES = ("sparse_linear.safetensors", "sparse_linear.pt")
 # The special tokens FlagEmbedding leaves out of the lexical weights, by tokenizer attribute.
 _IGNORED = ("cls_token", "eos_token", "pad_token", "unk_token")
-# Those a tokenizer class takes when no file names them (its __init__ defaults, transformers
-# 5.25's models/*/tokenization_*.py); the generic backend has none.
-_ROBERTA = {"cls_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
-CLASS_DEFAULTS: dict[str, dict[str, str]] = {
-    "BertTokenizer": {"cls_token": "[CLS]", "pad_token": "[PAD]", "unk_token": "[UNK]"},
-    "DistilBertTokenizer": {"cls_token": "[CLS]", "pad_token": "[PAD]", "unk_token": "[UNK]"},
-    "RobertaTokenizer": _ROBERTA, "CamembertTokenizer": _ROBERTA, "XLMRobertaTokenizer": _ROBERTA,
-    "MPNetTokenizer": {"cls_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
-                       "unk_token": "[UNK]"},
-    "DebertaV2Tokenizer": {"cls_token": "[CLS]", "eos_token": "[SEP]", "pad_token": "[PAD]",
-                           "unk_token": "[UNK]"},
-    "Qwen2Tokenizer": {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
-                       "unk_token": "<|endoftext|>"},
-}
-
-
 class LexicalWeights(msgspec.Struct, frozen=True):
     """Where the head is, and the ids that never get a weight."""
 
@@ -63,21 +47,6 @@ def _token_id(tokenizer: dict[str, Any], content: str) -> int | None:
     if isinstance(vocab, list):  # Unigram: [piece, score] by id
         return next((i for i, (piece, _) in enumerate(vocab) if piece == content), None)
     return None
-
-
-def special_tokens(model_dir: Path, model_type: str,
-                   config_class: str | None = None) -> dict[str, Any]:
-    """The named special tokens as transformers 5 resolves them: the tokenizer class's defaults
-    (shared/tokenizer_class.py), over them tokenizer_config.json's (a null names none), and over
-    those special_tokens_map.json's, which it reads only where tokenizer_config.json has no
-    `added_tokens_decoder` (transformers 4 wrote that file and did not have that key)."""
-    tokenizer_config = optional_json(model_dir / "tokenizer_config.json") or {}
-    named: dict[str, Any] = dict(CLASS_DEFAULTS.get(
-        tokenizer_class(tokenizer_config, model_type, config_class), {}))
-    named.update(tokenizer_config)
-    if "added_tokens_decoder" not in tokenizer_config:
-        named.update(optional_json(model_dir / "special_tokens_map.json") or {})
-    return named
 
 
 def lexical_weights(model_dir: Path, model_type: str = "",

@@ -324,7 +324,8 @@ def load_model_info(
         expected_in = spec.out_features
 
     # Where the Transformer module declares messages (sentence_bert_config.json).
-    conversations = read_conversations(root, transformer) if modules else None
+    conversations = (read_conversations(root, transformer, model_type,
+                                        config.get("tokenizer_class")) if modules else None)
     if conversations is not None and model_kind == "embedding":
         raise ConfigError(f"{root}/sentence_bert_config.json: an embedding model whose "
                           "Transformer module takes messages (chat conversations) is not "

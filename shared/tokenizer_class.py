@@ -1,11 +1,15 @@
 """Which tokenizer class transformers 5 builds for a model directory (its class choice in
-models/auto/tokenization_auto.py): the router rebuilds tokenizer.json as that class does
-(router/tokenizer_config.py) and BGE-M3's lexical weights take that class's default special
-tokens (shared/lexical.py)."""
+models/auto/tokenization_auto.py), and the named special tokens that tokenizer has: the router
+rebuilds tokenizer.json as that class does (router/tokenizer_config.py); chat templates
+(shared/conversations.py) and BGE-M3's lexical weights (shared/lexical.py) take its special
+tokens."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+from shared.st_modules import optional_json
 
 # The tokenizer class transformers registers for a model type: the one it builds when neither
 # tokenizer_config.json nor config.json names one (none for llama: the file is used as it is).
@@ -36,3 +40,35 @@ def tokenizer_class(tokenizer_config: dict[str, Any], model_type: str,
         named = None
     name = named or _DEFAULT_CLASS.get(model_type, "")
     return str(name).removesuffix("Fast")
+
+
+# The named special tokens a tokenizer class takes when no file names them (its __init__
+# defaults, transformers 5.25's models/*/tokenization_*.py); the generic backend has none.
+_ROBERTA = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "sep_token": "</s>",
+            "pad_token": "<pad>", "cls_token": "<s>", "mask_token": "<mask>"}
+_BERT = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+         "mask_token": "[MASK]"}
+CLASS_DEFAULTS: dict[str, dict[str, str]] = {
+    "BertTokenizer": _BERT, "DistilBertTokenizer": _BERT,
+    "RobertaTokenizer": _ROBERTA, "CamembertTokenizer": _ROBERTA, "XLMRobertaTokenizer": _ROBERTA,
+    "MPNetTokenizer": {**_ROBERTA, "unk_token": "[UNK]"},
+    "DebertaV2Tokenizer": {"bos_token": "[CLS]", "eos_token": "[SEP]", **_BERT},
+    "Qwen2Tokenizer": {"eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                       "pad_token": "<|endoftext|>"},
+}
+
+
+def special_tokens(model_dir: Path, model_type: str,
+                   config_class: str | None = None) -> dict[str, Any]:
+    """The named special tokens as transformers 5 resolves them: the tokenizer class's defaults,
+    over them tokenizer_config.json's (a null names none), and over those
+    special_tokens_map.json's, which it reads only where tokenizer_config.json has no
+    `added_tokens_decoder` (transformers 4 wrote that file and did not have that key). Values
+    are a token's text or its AddedToken dict; other keys of the files come along."""
+    tokenizer_config = optional_json(model_dir / "tokenizer_config.json") or {}
+    named: dict[str, Any] = dict(CLASS_DEFAULTS.get(
+        tokenizer_class(tokenizer_config, model_type, config_class), {}))
+    named.update(tokenizer_config)
+    if "added_tokens_decoder" not in tokenizer_config:
+        named.update(optional_json(model_dir / "special_tokens_map.json") or {})
+    return named

@@ -173,14 +173,13 @@ def test_special_tokens_as_transformers_resolves_them(
 
 
 def test_class_default_special_tokens_are_transformers() -> None:
-    """shared/lexical.py's table of each tokenizer class's default special tokens against the
-    classes' own __init__ defaults; every class a model type defaults to is in it."""
+    """shared/tokenizer_class.py's table of each tokenizer class's default special tokens
+    against the classes' own __init__ defaults; every class a model type defaults to is in it."""
     import inspect
 
     import transformers
 
-    from shared.lexical import CLASS_DEFAULTS
-    from shared.tokenizer_class import _DEFAULT_CLASS
+    from shared.tokenizer_class import _DEFAULT_CLASS, CLASS_DEFAULTS
 
     assert set(_DEFAULT_CLASS.values()) <= set(CLASS_DEFAULTS)
     for name, defaults in CLASS_DEFAULTS.items():
@@ -190,7 +189,8 @@ def test_class_default_special_tokens_are_transformers() -> None:
             if "__init__" not in vars(klass):
                 continue
             parameters = inspect.signature(klass.__init__).parameters
-            for key in ("cls_token", "eos_token", "pad_token", "unk_token"):
+            for key in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
+                        "cls_token", "mask_token"):
                 default = parameters[key].default if key in parameters else None
                 if key not in found and isinstance(default, str):
                     found[key] = default

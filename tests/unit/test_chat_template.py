@@ -425,3 +425,43 @@ def test_empty_processing_settings_are_accepted(reranker: Path, tmp_path: Path) 
     set_json(root / "sentence_bert_config.json",
              processing_kwargs={"text": {}, "common": {}, "chat_template": {}})
     assert ours(root, PAIRS) == theirs(root, PAIRS)
+
+
+@pytest.mark.parametrize("layout", ["map", "class-default", "named-class-default"])
+def test_special_tokens_reach_the_template_as_transformers_resolves_them(
+        tmp_path: Path, layout: str) -> None:
+    """A template's eos_token / bos_token / pad_token where tokenizer_config.json names none:
+    special_tokens_map.json's (files transformers 4 wrote, without added_tokens_decoder), else
+    the tokenizer class's own defaults (Qwen2Tokenizer: <|endoftext|>), else none."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    template = TEMPLATE + "{{ bos_token }}|{{ eos_token }}|{{ pad_token }}"
+    root = make_causal_reranker(tmp_path / "m", template=template)
+    path = root / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    for key in ("eos_token", "pad_token", "added_tokens_decoder"):
+        config.pop(key, None)
+    if layout == "map":
+        (root / "special_tokens_map.json").write_text(json.dumps(
+            {"eos_token": {"content": "<|im_end|>", "special": True}, "pad_token": "[UNK]"}))
+    elif layout == "named-class-default":
+        config["tokenizer_class"] = "Qwen2Tokenizer"
+    path.write_text(json.dumps(config))
+    info = load_model_info(root)
+    assert info.conversations is not None
+    hf = AutoTokenizer.from_pretrained(str(root))
+    before = tokenization._tokenizer, tokenization._chat
+    try:
+        tokenization._load(str(info.tokenizer_path), False, info.model_type, info.conversations)
+        chat = tokenization._chat
+        assert chat is not None
+        conversation = chat.conversation(PAIRS[0], None)
+        rendered = chat.render(conversation)
+        assert rendered == hf.apply_chat_template(conversation, tokenize=False)
+    finally:
+        tokenization._tokenizer, tokenization._chat = before
+    tail = {"map": "|<|im_end|>|[UNK]", "class-default": "||",
+            "named-class-default": "|<|endoftext|>|<|endoftext|>"}[layout]
+    assert rendered.endswith(tail), rendered[-40:]
