@@ -78,7 +78,13 @@ def test_the_worker_serves_dense_and_lexical_vectors(m3: Path) -> None:
 
 
 def test_a_safetensors_head_is_read_too(tmp_path: Path, m3: Path) -> None:
-    other = make_m3(tmp_path / "model", suffix=".safetensors")
+    from safetensors.torch import save_file
+
+    other = tmp_path / "model"
+    shutil.copytree(m3, other)
+    head = other / "sparse_linear.pt"
+    save_file(torch.load(head, weights_only=True), str(other / "sparse_linear.safetensors"))
+    head.unlink()
     info = load_model_info(other)
     assert info.lexical is not None and info.lexical.path.endswith("sparse_linear.safetensors")
     assert served(other, TEXTS[:1]) == served(m3, TEXTS[:1])
