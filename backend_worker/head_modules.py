@@ -157,15 +157,22 @@ class SpladeHead(nn.Module):
 
     def result(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple:
         dense = self(hidden, cu_seqlens)
-        # nonzero is row-major: rows in order, indices ascending within a row. The frames are
-        # protocol.sparse_arrays' layout, built without a Python loop over the sequences.
+        # nonzero is row-major: rows in order, indices ascending within a row.
         where = torch.nonzero(dense)
-        counts = torch.bincount(where[:, 0], minlength=dense.shape[0])
-        offsets = np.zeros(dense.shape[0] + 1, dtype=np.int32)
-        np.cumsum(counts.cpu().numpy(), out=offsets[1:])
-        indices = where[:, 1].to(torch.int32).cpu().numpy()
-        values = dense[where[:, 0], where[:, 1]].cpu().numpy()
-        return dense.shape[0], dense.shape[1], offsets, indices, values
+        return sparse_frames(dense.shape[0], dense.shape[1], where[:, 0], where[:, 1],
+                             dense[where[:, 0], where[:, 1]])
+
+
+def sparse_frames(rows: int, dim: int, row_of: torch.Tensor, indices: torch.Tensor,
+                  values: torch.Tensor) -> tuple:
+    """(rows, dim, *frames) of a SPARSE Result, protocol.sparse_arrays' layout, from every
+    entry's row (ascending), index (ascending within its row) and value; built without a Python
+    loop over the sequences."""
+    counts = torch.bincount(row_of, minlength=rows)
+    offsets = np.zeros(rows + 1, dtype=np.int32)
+    np.cumsum(counts.cpu().numpy(), out=offsets[1:])
+    return (rows, dim, offsets, indices.to(torch.int32).cpu().numpy(),
+            values.cpu().numpy())
 
 
 def _bert_style_classifier(config: dict[str, Any], hidden: int, labels: int) -> nn.Module:

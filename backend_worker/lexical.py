@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from backend_worker.head_modules import sparse_frames
 from backend_worker.heads import pack_head
 from backend_worker.loading import iter_tensors
 from backend_worker.pooling import token_sequences
@@ -49,12 +50,8 @@ class LexicalHead(nn.Module):
     def result(self, hidden: torch.Tensor, input_ids: torch.Tensor,
                cu_seqlens: torch.Tensor) -> tuple:
         keys, weights = self(hidden, input_ids, cu_seqlens)
-        rows = cu_seqlens.shape[0] - 1
-        counts = torch.bincount(keys // self.vocab, minlength=rows)
-        offsets = np.zeros(rows + 1, dtype=np.int32)
-        np.cumsum(counts.cpu().numpy(), out=offsets[1:])
-        indices = (keys % self.vocab).to(torch.int32).cpu().numpy()
-        return rows, self.vocab, offsets, indices, weights.cpu().numpy()
+        return sparse_frames(cu_seqlens.shape[0] - 1, self.vocab, keys // self.vocab,
+                             keys % self.vocab, weights)
 
 
 def build_lexical(spec: LexicalWeights, hidden: int, vocab: int,
