@@ -9,6 +9,8 @@ in one float per vocabulary id: no worker, no batch. The route is the one a requ
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from router.inputs import InputRules, resolve_prompt
@@ -39,10 +41,8 @@ class QueryVectors:
         self._keep = max_active_dims
         # The document route's rules, but the query tokenizer's own length (without special
         # tokens), where it names one.
-        self.rules = InputRules(
-            max_input_length=route.max_length or rules.max_input_length,
-            max_client_batch_size=rules.max_client_batch_size, vocab_size=rules.vocab_size,
-            prompts=rules.prompts, default_prompt=rules.default_prompt)
+        self.rules = dataclasses.replace(
+            rules, max_input_length=route.max_length or rules.max_input_length)
 
     def choose(self, prompt_name: str | None) -> tuple[QueryVectors | None, str | None]:
         """(self if the request takes the query route else None, its prompt). A route's name

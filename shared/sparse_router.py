@@ -54,14 +54,15 @@ def parse_router(root: Path) -> RouterLayout:
     kinds = {name: builtin_module(root / "router_config.json", str(path))
              for name, path in types.items()}
     query = document = None
+    transformer: dict[str, Any] = {}  # the document route's sentence_bert_config.json
     for route, names in structure.items():
         route_kinds = [kinds.get(name, "?") for name in names]
         if route_kinds == [SPARSE_STATIC]:
             query = query or route
-        elif (len(names) == 2 and route_kinds[1] == SPLADE_POOLING and is_mlm_transformer(
-                route_kinds[0], optional_json(root / names[0] / "sentence_bert_config.json")
-                or {})):
-            document = document or route
+        elif len(names) == 2 and route_kinds[1] == SPLADE_POOLING and document is None:
+            settings = optional_json(root / names[0] / "sentence_bert_config.json") or {}
+            if is_mlm_transformer(route_kinds[0], settings):
+                document, transformer = route, settings
     if len(structure) != 2 or query is None or document is None:
         shape = {route: [kinds.get(n, "?") for n in names] for route, names in structure.items()}
         raise ConfigError(f"{root}/router_config.json: routes {shape} are not supported (only "
@@ -88,17 +89,18 @@ def parse_router(root: Path) -> RouterLayout:
     if not weights.is_file():
         raise ConfigError(f"{static_dir}: model.safetensors not found (the query route's "
                           "weights; other formats are not read)")
+    query_files = {}
     for name in ("tokenizer.json", "tokenizer_config.json"):
         # One tokenizer serves both routes (the query route without special tokens): the
         # query's must be the document's, as sentence-transformers' own construction makes it.
-        if optional_json(static_dir / name) != optional_json(transformer_dir / name):
+        query_files[name] = optional_json(static_dir / name)
+        if query_files[name] != optional_json(transformer_dir / name):
             raise ConfigError(f"{static_dir}/{name} differs from {transformer_dir}/{name}: "
                               "routes with different tokenizers are not supported")
-    transformer = optional_json(transformer_dir / "sentence_bert_config.json") or {}
     if transformer.get("do_lower_case"):
         raise ConfigError(f"{transformer_dir}/sentence_bert_config.json: do_lower_case would "
                           "lower-case documents only; not supported in a Router")
-    limit = (optional_json(static_dir / "tokenizer_config.json") or {}).get("model_max_length")
+    limit = (query_files["tokenizer_config.json"] or {}).get("model_max_length")
     return RouterLayout(transformer_dir, pooling_dir, QueryRoute(
         query=query, document=document, default=default, weights_path=str(weights),
         max_length=int(limit) if limit is not None and limit < _NO_LIMIT_SENTINEL else None))
