@@ -200,8 +200,8 @@ def load_model_info(
     logit_score: LogitScore | None = None
     splade_spec = SpladeSpec()
     # The Transformer module's settings (read by several of the checks below).
-    transformer = optional_json(
-        (layout.transformer_dir if layout else root) / "sentence_bert_config.json") or {}
+    transformer = (layout.transformer if layout else
+                   optional_json(root / "sentence_bert_config.json") or {})
     st_file = optional_json(root / "config_sentence_transformers.json") or {}
     sparse_pipeline(root, kinds, transformer)  # (refuses its modules anywhere else)
     previous = ""  # the module before, in the list's order (sentence-transformers ignores idx)
