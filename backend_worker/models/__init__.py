@@ -17,6 +17,7 @@ from backend_worker.models import (  # noqa: F401
     nomic_bert,
     roberta,
     static_embedding,  # sentence-transformers' StaticEmbedding (and model2vec's files)
+    t5,  # the encoder of t5 and mt5
 )
 from backend_worker.models.registry import EncoderModel, model_class, supported
 

@@ -2,8 +2,7 @@
 position bias added to every layer's attention scores.
 
 - The bias is one [buckets, heads] table shared by all layers: bias[h, i, j] =
-  table[bucket(j - i), h] (T5's bidirectional buckets: half per direction, a quarter of them
-  exact distances, the rest log-spaced up to 128, farther ones in the last bucket). It depends
+  table[bucket(j - i), h] (T5's bidirectional buckets, backend_worker/models/t5.py). It depends
   on positions inside the sequence only, so it is a `PositionBias` of the attention's MaskSpec.
 - Absolute positions start at 2 (fairseq's padding_idx + 1, the router adds the offset), and
   transformers fixes that padding index at 1 whatever config.json says, hence the check below.
@@ -12,7 +11,6 @@ position bias added to every layer's attention scores.
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar, Self
 
 import torch
@@ -25,6 +23,7 @@ from backend_worker.loading import Rule, WeightMap
 from backend_worker.models.bert import BertLayer, bert_sizes
 from backend_worker.models.config import required_keys
 from backend_worker.models.registry import register
+from backend_worker.models.t5 import RelativePositionBias
 from shared.errors import ConfigError
 
 WEIGHT_MAP = WeightMap(
@@ -60,42 +59,6 @@ MAX_DISTANCE = 128
 PADDING_IDX = 1
 
 
-def relative_buckets(relative: torch.Tensor, buckets: int = BUCKETS,
-                     max_distance: int = MAX_DISTANCE) -> torch.Tensor:
-    """Bucket of each relative position (key - query), int64, in [0, buckets)."""
-    half = buckets // 2
-    distance = -relative  # query - key: keys before the query are positive
-    bucket = (distance < 0).to(torch.int64) * half
-    distance = distance.abs()
-    exact = half // 2
-    # Same float32 operations in the same order as the reference, so that the truncation to an
-    # integer lands on the same side. Distances below `exact` (0 included, whose log is -inf)
-    # take the exact branch, hence the clamp, which changes no selected value.
-    far = exact + (
-        torch.log(distance.clamp(min=1).float() / exact) / math.log(max_distance / exact)
-        * (half - exact)
-    ).to(torch.int64)
-    far = far.clamp(max=half - 1)
-    return bucket + torch.where(distance < exact, distance, far)
-
-
-class RelativePositionBias(nn.Module):
-    """MPNet's bias table, called as a `PositionBias`: (length, device, rows) -> [heads, R, L]."""
-
-    def __init__(self, buckets: int, heads: int) -> None:
-        super().__init__()
-        self.table = nn.Embedding(buckets, heads)
-
-    def forward(
-        self, length: int, device: torch.device, rows: tuple[int, int] | None = None
-    ) -> torch.Tensor:
-        first, last = rows or (0, length)
-        keys = torch.arange(length, device=device)
-        queries = torch.arange(first, last, device=device)
-        bucket = relative_buckets(keys[None, :] - queries[:, None])
-        return self.table(bucket).permute(2, 0, 1)
-
-
 @register(model_types=("mpnet",))
 class MPNetModel(nn.Module):
     """MPNetModel's last hidden state, flat. Token types are ignored: the model has none."""
@@ -115,7 +78,7 @@ class MPNetModel(nn.Module):
         )
         # One table for every layer; each layer's spec holds the same module, so the padded
         # attention path builds the biased mask once per batch and shares it.
-        self.relative_bias = RelativePositionBias(BUCKETS, num_attention_heads)
+        self.relative_bias = RelativePositionBias(BUCKETS, num_attention_heads, MAX_DISTANCE)
         mask = MaskSpec(bias=self.relative_bias)
         self.layers = nn.ModuleList(
             BertLayer(hidden_size, num_attention_heads, intermediate_size, hidden_act,

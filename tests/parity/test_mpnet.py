@@ -15,7 +15,8 @@ import torch
 
 from backend_worker.engine import Engine
 from backend_worker.heads import build_head
-from backend_worker.models.mpnet import relative_buckets
+from backend_worker.models.mpnet import BUCKETS, MAX_DISTANCE
+from backend_worker.models.t5 import relative_buckets
 from shared.errors import ConfigError
 from shared.modelinfo import load_model_info
 from tests.fixtures.families import MAX_TOKENS, make_tiny, pack_offset
@@ -42,7 +43,7 @@ def test_buckets_match_transformers() -> None:
 
     relative = torch.arange(-600, 601)[None, :]
     expected = MPNetEncoder.relative_position_bucket(relative)
-    assert torch.equal(relative_buckets(relative), expected)
+    assert torch.equal(relative_buckets(relative, BUCKETS, MAX_DISTANCE), expected)
     # Every bucket but 16 (it would be "after the query, distance 0").
     assert set(expected.unique().tolist()) == set(range(32)) - {16}
 

@@ -256,9 +256,9 @@ def test_plain_bert_resolves() -> None:
 
 def test_unknown_model_type_lists_supported() -> None:
     with pytest.raises(ConfigError) as info:
-        model_class({"model_type": "t5", "architectures": ["T5EncoderModel"]})
+        model_class({"model_type": "umt5", "architectures": ["UMT5EncoderModel"]})
     message = str(info.value)
-    assert "'t5'" in message and "T5EncoderModel" in message
+    assert "'umt5'" in message and "UMT5EncoderModel" in message
     assert "supported model types" in message and "bert" in message
     assert "bert" in supported()
 

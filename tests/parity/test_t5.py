@@ -1,0 +1,210 @@
+"""T5 / mT5 encoder parity: T5's buckets, hidden states of every flavour against transformers'
+T5EncoderModel / MT5EncoderModel, pooled vectors (with sentence-t5's Dense) against
+sentence-transformers, float16's clamp, and what is refused; tiny random checkpoints (fp32, CPU
+unless said)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from backend_worker.engine import Engine
+from backend_worker.heads import build_head
+from backend_worker.models.t5 import clamp_float16, relative_buckets
+from shared.errors import ConfigError
+from shared.modelinfo import load_model_info
+from tests.fixtures.oracles import hf_hidden
+from tests.fixtures.t5 import MAX_TOKENS, make_tiny_t5
+from tests.fixtures.tiny import MIXED_TEXTS, pack
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+COVERS = frozenset({"t5", "mt5"})
+
+# Lengths from 3 to 117 tokens: past the 8 buckets' exact range and distance 20.
+TEXTS = [*MIXED_TEXTS, "the cat sat on the mat, and then it sat on the hat"]
+HIDDEN_TOL = 1e-4
+
+
+def serve(model_dir: Path, pooling: str | None = None, dtype: torch.dtype = torch.float32):
+    info = load_model_info(model_dir, pooling_override=pooling)
+    return info, Engine.load(info, dtype=dtype)
+
+
+@pytest.mark.parametrize(("buckets", "max_distance"), [(32, 128), (8, 20), (64, 256), (6, 7)])
+def test_buckets_match_transformers(buckets: int, max_distance: int) -> None:
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    relative = torch.arange(-700, 701)[None, :]
+    expected = T5Attention._relative_position_bucket(
+        relative, bidirectional=True, num_buckets=buckets, max_distance=max_distance)
+    assert torch.equal(relative_buckets(relative, buckets, max_distance), expected)
+    assert expected.max() == buckets - 1  # the far range is reached
+
+
+CASES = {
+    "t5-relu": ("T5EncoderModel", "t5", {}),
+    "t5-gated-gelu": ("T5EncoderModel", "t5", {"feed_forward_proj": "gated-gelu"}),
+    "t5-gated-silu": ("T5EncoderModel", "t5", {"feed_forward_proj": "gated-silu"}),
+    "t5-gelu": ("T5EncoderModel", "t5", {"feed_forward_proj": "gelu"}),
+    "t5-32-buckets": ("T5EncoderModel", "t5", {"relative_attention_num_buckets": 32,
+                                               "relative_attention_max_distance": 128}),
+    "t5-eps": ("T5EncoderModel", "t5", {"layer_norm_epsilon": 0.5}),
+    # Encoder, decoder and LM head in one file (Flan-T5's, t5-base's): the encoder is served.
+    "t5-conditional-generation": ("T5ForConditionalGeneration", "t5", {}),
+    "t5-model": ("T5Model", "t5", {}),
+    "mt5": ("MT5EncoderModel", "mt5", {}),
+    "mt5-conditional-generation": ("MT5ForConditionalGeneration", "mt5", {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_hidden_states_match_transformers(tmp_path: Path, case: str) -> None:
+    import transformers
+
+    architecture, model_type, overrides = CASES[case]
+    root = make_tiny_t5(tmp_path / case, architecture, model_type=model_type, seed=len(case),
+                        **overrides)
+    _, engine = serve(root, "mean")
+    arrays, ids = pack(root, TEXTS, MAX_TOKENS)
+    assert len(set(map(len, ids))) == len(ids), "inputs must differ in length"
+    encoder = getattr(transformers, "MT5EncoderModel" if model_type == "mt5"
+                      else "T5EncoderModel")
+    ref = hf_hidden(encoder.from_pretrained(str(root)).eval(), arrays, token_types=False)
+    diff = (engine.hidden_states(arrays) - ref).abs().max().item()
+    print(f"{case}: max abs diff of last hidden state {diff:.2e}")
+    assert diff <= HIDDEN_TOL
+
+
+def test_config_defaults_are_the_types(tmp_path: Path) -> None:
+    """A config.json without feed_forward_proj, buckets, distance or eps reads T5Config's
+    defaults (relu, 32, 128, 1e-6); mT5's feed-forward default is gated-gelu."""
+    from transformers import MT5EncoderModel, T5EncoderModel
+
+    for model_type, encoder in (("t5", T5EncoderModel), ("mt5", MT5EncoderModel)):
+        root = make_tiny_t5(tmp_path / model_type, model_type=model_type, seed=7,
+                            relative_attention_num_buckets=32,
+                            relative_attention_max_distance=128)
+        config = json.loads((root / "config.json").read_text())
+        for key in ("feed_forward_proj", "relative_attention_num_buckets",
+                    "relative_attention_max_distance", "layer_norm_epsilon", "dense_act_fn",
+                    "is_gated_act"):
+            config.pop(key, None)
+        (root / "config.json").write_text(json.dumps(config))
+        _, engine = serve(root, "mean")
+        arrays, _ = pack(root, TEXTS, MAX_TOKENS)
+        ref = hf_hidden(encoder.from_pretrained(str(root)).eval(), arrays, token_types=False)
+        assert (engine.hidden_states(arrays) - ref).abs().max().item() <= HIDDEN_TOL
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_pooled_matches_sentence_transformers(tmp_path: Path, dense: bool) -> None:
+    """sentence-t5 / GTR's layout: mean pooling, a bias-free Dense, Normalize."""
+    from sentence_transformers import SentenceTransformer
+
+    root = make_tiny_t5(tmp_path / "m", pooling="mean", dense=dense, seed=3)
+    texts = [t for t in TEXTS if isinstance(t, str)]
+    info, engine = serve(root)
+    assert (info.max_input_length, engine.max_positions) == (MAX_TOKENS, MAX_TOKENS)
+    arrays, _ = pack(root, texts, info.max_input_length)
+    ours = engine.embed(arrays)
+    ours /= np.linalg.norm(ours, axis=1, keepdims=True)
+    ref = SentenceTransformer(str(root), device="cpu").encode(texts, convert_to_numpy=True)
+    assert np.abs(ours - ref).max() <= 1e-5
+
+
+def test_float16_clamps_as_transformers() -> None:
+    def theirs(x: torch.Tensor) -> torch.Tensor:  # T5Block's expression
+        limit = torch.where(torch.isinf(x).any(), torch.finfo(x.dtype).max - 1000,
+                            torch.finfo(x.dtype).max)
+        return torch.clamp(x, min=-limit, max=limit)
+
+    big = torch.finfo(torch.float16).max
+    finite = torch.tensor([big, -big, 65000.0, 1.0], dtype=torch.float16)
+    assert torch.equal(clamp_float16(finite), finite)
+    overflowed = torch.tensor([float("inf"), -float("inf"), 65000.0, 1.0], dtype=torch.float16)
+    clamped = clamp_float16(overflowed)
+    assert torch.equal(clamped, theirs(overflowed))
+    assert clamped.tolist() == [64512.0, -64512.0, 64512.0, 1.0]  # (big - 1000, rounded)
+    wide = torch.tensor([float("inf"), 3e38], dtype=torch.bfloat16)
+    assert clamp_float16(wide) is wide
+
+
+def test_float16_hidden_states_match_transformers_in_float16(tmp_path: Path) -> None:
+    """Embeddings scaled so that float16 overflows inside the layers: transformers' float16
+    model (converted with .half(), as sentence-transformers' users do) clamps, and so do we;
+    without the clamp the result is NaN."""
+    from transformers import T5EncoderModel
+
+    root = make_tiny_t5(tmp_path / "m", seed=5, feed_forward_proj="gated-gelu")
+    path = root / "model.safetensors"
+    state = load_file(str(path))
+    state["shared.weight"] = state["shared.weight"] * 3000
+    save_file(state, str(path), metadata={"format": "pt"})
+    _, engine = serve(root, "mean", dtype=torch.float16)
+    arrays, _ = pack(root, TEXTS, MAX_TOKENS)
+    ref = hf_hidden(T5EncoderModel.from_pretrained(str(root)).half().eval(), arrays,
+                    token_types=False).float()
+    ours = engine.hidden_states(arrays).float()
+    assert torch.isfinite(ref).all() and torch.isfinite(ours).all()
+    cosine = torch.nn.functional.cosine_similarity(ours, ref, dim=-1)
+    assert cosine.min().item() >= 0.999
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    ({"feed_forward_proj": "gated-gelu-new"}, "feed_forward_proj='gated-gelu-new'"),
+    ({"feed_forward_proj": "fast-relu"}, "feed_forward_proj='fast-relu'"),
+    ({"feed_forward_proj": "gated-swishy"}, "activation 'swishy' is not supported"),
+    ({"is_decoder": True}, "is_decoder=True"),
+    ({"d_kv": None}, "t5 config lacks 'd_kv'"),
+])
+def test_refused_configs(tmp_path: Path, edit: dict, message: str) -> None:
+    root = make_tiny_t5(tmp_path / "m")
+    config = json.loads((root / "config.json").read_text())
+    config.update(edit)
+    config = {key: value for key, value in config.items() if value is not None}
+    (root / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=message):
+        serve(root, "mean")
+
+
+@pytest.mark.parametrize(("feed_forward", "message"), [
+    ("gated-gelu", r"unexpected keys: encoder\.block\.0\.layer\.1\.DenseReluDense\.wi\.weight"),
+    ("relu", r"unexpected keys: encoder\.block\.0\.layer\.1\.DenseReluDense\.wi_0\.weight"),
+])
+def test_a_checkpoint_of_the_other_feed_forward_is_refused(tmp_path: Path, feed_forward: str,
+                                                           message: str) -> None:
+    """config.json's feed_forward_proj says one kind, the weights are the other's."""
+    root = make_tiny_t5(tmp_path / "m", feed_forward_proj="gated-gelu"
+                        if feed_forward == "relu" else "relu")
+    config = json.loads((root / "config.json").read_text())
+    (root / "config.json").write_text(json.dumps(config | {"feed_forward_proj": feed_forward}))
+    with pytest.raises(ConfigError, match=message):
+        serve(root, "mean")
+
+
+def test_the_shared_embedding_is_required(tmp_path: Path) -> None:
+    """`encoder.embed_tokens.weight` is dropped as shared's duplicate: a file holding it alone
+    fails loudly rather than serving an uninitialised table."""
+    root = make_tiny_t5(tmp_path / "m")
+    path = root / "model.safetensors"
+    state = load_file(str(path))
+    state["encoder.embed_tokens.weight"] = state.pop("shared.weight")
+    save_file(state, str(path), metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match=r"missing \(no checkpoint key fills\): shared\.weight"):
+        serve(root, "mean")
+
+
+def test_a_classifier_is_refused(tmp_path: Path) -> None:
+    """T5ForSequenceClassification scores with the decoder, which is not served."""
+    root = make_tiny_t5(tmp_path / "m", "T5ForSequenceClassification", num_labels=2)
+    info, engine = serve(root)
+    assert info.kind == "classifier"
+    with pytest.raises(ConfigError, match="model_type 't5' has no classification or MLM heads"):
+        build_head(info, engine.device)
