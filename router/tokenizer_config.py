@@ -74,6 +74,34 @@ def _xlm_roberta(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
         pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme)])
 
 
+def _t5(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
+    # XLM-R's pipeline, but the leading "▁" is always added (add_prefix_space is not read); the
+    # Unigram model is rebuilt from the file's pieces with the unknown piece at id 2 and no
+    # byte fallback, whatever the file says; and the closing "</s>" of the template is
+    # tokenizer_config.json's eos_token (its id), whatever the file's post-processor holds.
+    kept = [s for s in _steps(tokenizer.normalizer) if isinstance(s, normalizers.Precompiled)]
+    tokenizer.normalizer = kept[0] if kept else None
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)])
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    state = json.loads(tokenizer.model.__getstate__())
+    if state.get("type") != "Unigram":
+        return  # (the class could not load it at all)
+    if state.get("unk_id") != _T5_UNK_ID or state.get("byte_fallback"):
+        pieces = [(piece, score) for piece, score in state["vocab"]]
+        tokenizer.model = models.Unigram(pieces, unk_id=_T5_UNK_ID, byte_fallback=False)
+    eos_id = tokenizer.token_to_id(_token(cfg, "eos_token", "</s>"))
+    if eos_id is None:
+        return  # the file's post-processor (transformers would add the token as a new one)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A:0 </s>:0", pair="$A:0 </s>:0 $B:0 </s>:0", special_tokens=[("</s>", eos_id)])
+
+
+# T5Tokenizer's Unigram always takes id 2 as the unknown piece (<pad> </s> <unk> in T5's files).
+_T5_UNK_ID = 2
+
+
 def _llama(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
     if any(isinstance(s, pre_tokenizers.ByteLevel) for s in _steps(tokenizer.pre_tokenizer)):
         return  # a Llama 3 style file: transformers loads it as it is
@@ -149,6 +177,7 @@ _REBUILDS = {
     "RobertaTokenizer": _roberta,
     "XLMRobertaTokenizer": _xlm_roberta, "CamembertTokenizer": _xlm_roberta,
     "LlamaTokenizer": _llama, "Qwen2Tokenizer": _qwen2, "DebertaV2Tokenizer": _deberta_v2,
+    "T5Tokenizer": _t5,
 }
 
 

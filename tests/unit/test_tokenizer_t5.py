@@ -1,0 +1,148 @@
+"""T5's tokenizer as transformers 5 (so sentence-transformers) runs it: T5Tokenizer keeps
+tokenizer.json's pieces and sentencepiece character map and rebuilds the rest. Tiny Unigram
+tokenizers written by transformers itself, then given the pipeline older Hub files hold (no
+whitespace split: a run of spaces gives "▁" pieces) or settings the class overrides, tokenized
+by the router and by AutoTokenizer."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+
+from shared.tokenizer_class import special_tokens, tokenizer_class
+from tests.fixtures.t5 import write_t5_tokenizer
+from tests.fixtures.tokenizer_oracle import (
+    Encoded,
+    encodings,
+    precompiled_charsmap,
+    router_tokens,
+    transformers_tokens,
+)
+
+transformers = pytest.importorskip("transformers")
+
+TEXTS = [
+    "hello world", "  hello", "trailing spaces   ", "runs   of    spaces", "\ttab\tseparated\t",
+    "new\nlines\n\n", "x  \t  y", "\n", " ", "", "a", "Cafe\u0301 and café",
+    "\uff28\uff45\uff4c\uff4c\uff4f full width", "\u00a0no-break\u00a0space", "</s> inside",
+    "<extra_id_0> sentinel", "unknown 中文 🚀", "The  END. ",
+]
+PAIRS = [("hello", "world"), ("  query  ", "  document text. "), ("", "x"), ("a\tb", "c\nd")]
+
+
+def _saved(root: Path, **kwargs: Any) -> dict[str, Any]:
+    write_t5_tokenizer(root, **kwargs)
+    return json.loads((root / "tokenizer_config.json").read_text())
+
+
+def _edit(root: Path, change: Callable[[Tokenizer], None]) -> None:
+    tok = Tokenizer.from_file(str(root / "tokenizer.json"))
+    change(tok)
+    tok.save(str(root / "tokenizer.json"))
+
+
+def _hub(root: Path) -> dict[str, Any]:
+    """The pipeline of t5-base's and GTR's tokenizer.json (transformers 4's converter): the
+    character map then runs of spaces to "▁", and Metaspace without a whitespace split."""
+    cfg = _saved(root)
+
+    def change(tok: Tokenizer) -> None:
+        tok.normalizer = normalizers.Sequence([
+            normalizers.Precompiled(precompiled_charsmap()),
+            normalizers.Replace(Regex(" {2,}"), "▁")])
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
+
+    _edit(root, change)
+    return cfg
+
+
+def _model_settings(root: Path) -> dict[str, Any]:
+    """unk_id 5 and byte fallback in the file: the class takes id 2 and no fallback."""
+    cfg = _saved(root)
+    raw = json.loads((root / "tokenizer.json").read_text())
+    raw["model"]["unk_id"], raw["model"]["byte_fallback"] = 5, True
+    (root / "tokenizer.json").write_text(json.dumps(raw))
+    return cfg
+
+
+def _other_template(root: Path) -> dict[str, Any]:
+    """A post-processor that closes with <pad> and a decoder that keeps the leading space: the
+    class's template closes with eos_token, its decoder drops that space."""
+    cfg = _saved(root)
+
+    def change(tok: Tokenizer) -> None:
+        tok.post_processor = processors.TemplateProcessing(
+            single="$A <pad>", pair="$A <pad> $B:1 <pad>:1", special_tokens=[("<pad>", 0)])
+        tok.decoder = decoders.Metaspace(prepend_scheme="never")
+
+    _edit(root, change)
+    return cfg
+
+
+# name: (writes the files, returns tokenizer_config.json; whether the router's ids change)
+CASES: dict[str, tuple[Callable[[Path], dict[str, Any]], bool]] = {
+    "saved-as-is": (_saved, False),
+    "saved-precompiled": (lambda root: _saved(
+        root, _spm_precompiled_charsmap=precompiled_charsmap()), False),
+    "hub-converted": (_hub, True),
+    # the class always marks the text's start
+    "no-prefix-space-ignored": (lambda root: _saved(root) | {"add_prefix_space": False}, False),
+    "model-settings": (_model_settings, True),
+    "other-template": (_other_template, True),
+    "eos-named-differently": (lambda root: _saved(root) | {"eos_token": "<unk>"}, True),
+}
+
+
+def _write(root: Path, name: str, model_type: str = "t5") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = CASES[name][0](root)
+    (root / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (root / "config.json").write_text(json.dumps({"model_type": model_type}))
+    return root
+
+
+def _ours(root: Path) -> tuple[list[Encoded], list[str]]:
+    return router_tokens(root, "t5", TEXTS, PAIRS)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_ids_type_ids_offsets_and_decode_equal_transformers(tmp_path: Path, name: str) -> None:
+    root = _write(tmp_path, name)
+    expected, expected_decoded = transformers_tokens(root, "T5Tokenizer", TEXTS, PAIRS)
+    got, decoded = _ours(root)
+    for text, mine, theirs in zip([*TEXTS, *PAIRS], got, expected, strict=True):
+        assert mine == theirs, text
+    assert decoded == expected_decoded
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_only_a_disagreement_changes_ids(tmp_path: Path, name: str) -> None:
+    """The cases above test the rebuild: where marked, tokenizer.json alone gives other ids."""
+    root = _write(tmp_path, name)
+    plain = Tokenizer.from_file(str(root / "tokenizer.json"))
+    ids = [ids for ids, _, _ in _ours(root)[0]]
+    assert ([e.ids for e in encodings(plain, TEXTS, PAIRS)] != ids) is CASES[name][1]
+
+
+def test_mt5_files_without_a_class_name_are_t5_tokenizers(tmp_path: Path) -> None:
+    """mT5's registered class is T5Tokenizer too: a tokenizer_config.json naming none gets
+    its rebuild, and its named special tokens."""
+    from transformers.models.auto import tokenization_auto as auto
+
+    root = _write(tmp_path, "hub-converted", model_type="mt5")
+    cfg = json.loads((root / "tokenizer_config.json").read_text())
+    del cfg["tokenizer_class"], cfg["eos_token"], cfg["unk_token"], cfg["pad_token"]
+    (root / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert auto.TOKENIZER_MAPPING_NAMES["mt5"] == auto.TOKENIZER_MAPPING_NAMES["t5"]
+    assert tokenizer_class(cfg, "mt5") == "T5Tokenizer"
+    expected, _ = transformers_tokens(root, "T5Tokenizer", TEXTS, PAIRS)
+    assert router_tokens(root, "mt5", TEXTS, PAIRS)[0] == expected
+    named = special_tokens(root, "mt5")
+    hf = transformers.AutoTokenizer.from_pretrained(str(root))
+    assert {key: named[key] for key in ("eos_token", "unk_token", "pad_token")} == {
+        "eos_token": hf.eos_token, "unk_token": hf.unk_token, "pad_token": hf.pad_token}
