@@ -1,7 +1,8 @@
 """The compute dtype when `--dtype` is not given, decided from the worker's device (the worker
 chooses; the router says the same in /info before the workers are up).
 
-- CUDA: float16, as TEI (tensor cores; cosine >= 0.999 against the float32 oracle).
+- CUDA: float16, as TEI (tensor cores; cosine >= 0.999 against the float32 oracle); bfloat16
+  for T5 encoders, whose activations overflow float16's range (T5 was trained in bfloat16).
 - CPU with native bfloat16 matmul (AMX-BF16 or AVX512-BF16, read from /proc/cpuinfo): bfloat16.
   Measured on the 2-core development machine (bench/RESULTS.md): 2.8x the float32 corpus
   throughput and 0.6x its one-query latency, at cosine >= 0.9998 against the float32 oracle,
@@ -21,6 +22,10 @@ from shared.static_embedding import STATIC_MODEL_TYPE
 
 # /proc/cpuinfo flags under which torch's CPU matmul runs bfloat16 natively (oneDNN kernels).
 NATIVE_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+
+
+# Model types whose float16 activations overflow: tensor cores run bfloat16 as fast.
+BFLOAT16_ON_CUDA = frozenset({"t5", "mt5"})
 
 
 @functools.cache  # a worker asks twice at start (default_dtype, then emulated_dtype)
@@ -44,7 +49,7 @@ def default_dtype(device_type: str, flags: frozenset[str] | None = None, *,
         # and float32 is what sentence-transformers averages in.
         return "float32"
     if device_type == "cuda":
-        return "float16"
+        return "bfloat16" if model_type in BFLOAT16_ON_CUDA else "float16"
     if device_type == "cpu":
         flags = cpu_flags() if flags is None else flags
         if flags & NATIVE_BF16_FLAGS:

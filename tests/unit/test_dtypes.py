@@ -34,6 +34,16 @@ def test_a_static_model_defaults_to_float32_everywhere(device: str) -> None:
         "float32")
 
 
+@pytest.mark.parametrize("model_type", ["t5", "mt5"])
+def test_t5_defaults_to_bfloat16_on_cuda(model_type: str) -> None:
+    """T5's activations overflow float16; bfloat16 has float32's range. On a CPU the rule is
+    every family's."""
+    assert default_dtype("cuda", frozenset(), model_type=model_type) == "bfloat16"
+    assert default_dtype("cuda", frozenset(), model_type="bert") == "float16"
+    assert default_dtype("cpu", frozenset(), model_type=model_type) == "float32"
+    assert default_dtype("cpu", frozenset({"amx_bf16"}), model_type=model_type) == "bfloat16"
+
+
 def test_cpu_flags_reads_the_flags_line(tmp_path: Path) -> None:
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nmodel name\t: X\nflags\t\t: fpu sse avx512_bf16 amx_bf16\n"
