@@ -1,6 +1,7 @@
 """Build and load the head a model serves: a sequence classifier (LOGITS) or SPLADE's MLM head
 (SPARSE), as its family describes them (a `FamilyHeads` in the family's model file); or a
-LogitScore re-ranker's score, from two rows of its LM head (backend_worker/logit_score_head.py).
+LogitScore re-ranker's score, from two rows of its LM head (backend_worker/logit_score_head.py);
+or a CSR SparseEncoder's SparseAutoEncoder, from its own folder (backend_worker/csr_head.py).
 
 Loaded strictly from the same checkpoint as the encoder. The encoder's WeightMap ignores exactly
 the keys a head owns (`pooler.*`, `classifier.*`, `cls.*` for BERT); the head's map owns those
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from backend_worker.cpu_linear import pack_linears, packing_available
+from backend_worker.csr_head import build_csr_head
 from backend_worker.head_modules import FamilyHeads, Head, HeadKeys, LogitsHead
 from backend_worker.loading import Rule, WeightMap, checkpoint_files, iter_tensors, load_strict
 from backend_worker.logit_score_head import build_logit_score_head
@@ -65,6 +67,10 @@ def _int(config: dict[str, Any], key: str) -> int:
 
 def build_head(info: ModelInfo, device: torch.device) -> Head | None:
     """The head this model serves (None: a plain embedding model), loaded strictly, float32."""
+    if info.csr is not None:  # (shared/sparse_autoencoder.py refused it over anything else)
+        csr = build_csr_head(info, device)
+        pack_head(csr, device)
+        return csr
     if info.kind == "embedding" and not info.splade:
         return None
     if info.splade and info.kind != "embedding":

@@ -122,9 +122,7 @@ def build_info(config: ServerConfig, model: ResolvedModel, info: ModelInfo, dtyp
         dense_modules=[Path(d.path).name for d in info.dense],
         prompts=info.prompts,
         default_prompt=rules.default_prompt,
-        sparse_vectors=("lexical_weights" if info.lexical is not None else
-                        "splade_inference_free" if info.query_route is not None else
-                        "splade" if info.splade else None),
+        sparse_vectors=info.sparse_vectors,
         workers=[],
     )
 
@@ -192,6 +190,7 @@ async def run(config: ServerConfig) -> None:
             model_kind=info.kind,
             splade=info.splade,
             lexical=info.lexical is not None,
+            csr=info.csr is not None,
             empty_bag_id=info.empty_bag_id,
             queries=(QueryVectors(info.query_route, info.splade_spec.max_active_dims,
                                   info.vocab_size, rules)

@@ -70,7 +70,8 @@ class Info(msgspec.Struct):
     prompts: dict[str, str]
     default_prompt: str | None
     # What /embed_sparse gives: "splade", "splade_inference_free" (a query and a document
-    # route), "lexical_weights" (BGE-M3's, beside dense vectors); null: it is refused.
+    # route), "csr" (a SparseAutoEncoder's code of the pooled embedding), "lexical_weights"
+    # (BGE-M3's, beside dense vectors); null: it is refused.
     sparse_vectors: str | None
     workers: list[WorkerInfo]
 

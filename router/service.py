@@ -68,6 +68,7 @@ class InferenceService:
         empty_bag_id: int | None = None,
         queries: QueryVectors | None = None,
         lexical: bool = False,
+        csr: bool = False,
     ) -> None:
         self.rules = rules
         self.embedding_dim = embedding_dim
@@ -76,6 +77,9 @@ class InferenceService:
         self.model_kind = model_kind
         self.splade = splade
         self.lexical = lexical  # sparse vectors beside the dense ones (BGE-M3's lexical weights)
+        # A CSR SparseEncoder: its vectors are sparse, as SPLADE's are, but of a pooled embedding
+        # (its token embeddings are a Transformer's: /embed_all serves them).
+        self.csr = csr
         # A static model (StaticEmbedding) has no token embeddings (sentence-transformers has
         # none to give): its rows per token are not hidden states, so /embed_all is refused.
         # An input without tokens is sent as its empty bag's id, which no count includes.
@@ -191,7 +195,7 @@ class InferenceService:
             "embedding": (self.model_kind != "embedding", "Model is not an embedding model"),
             "hidden states": (self.model_kind != "embedding" or self.splade or self.static,
                               no_hidden),
-            "splade": (not (self.splade or self.lexical),
+            "splade": (not (self.splade or self.lexical or self.csr),
                        "Model is not an embedding model with SPLADE pooling"),
             "classifier": (self.model_kind == "embedding", "Model is not a classifier model"),
             "reranker": (self.model_kind != "reranker", "model is not a re-ranker model"),
@@ -329,11 +333,13 @@ class InferenceService:
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         """Pooled vectors; a SPLADE model's are its sparse vectors written out in full (vocabulary
-        wide), which TEI gives only unnormalized."""
+        wide), which TEI gives only unnormalized; a CSR model's likewise (hidden_dim wide)."""
         self.require("embedding")
-        if self.splade and request.normalize:
+        sparse = self.splade or self.csr
+        if sparse and request.normalize:
             self.metrics.failed(MODEL_TYPE)
-            raise backend("`normalize` is not available for SPLADE models")
+            raise backend("`normalize` is not available for SPLADE models" if self.splade else
+                          "`normalize` is not available for sparse (CSR) models")
         dimensions = request.dimensions
         with self.refusals_counted():
             if dimensions is not None and dimensions <= 0:
@@ -343,11 +349,11 @@ class InferenceService:
                                  "the maximum embedding dimension.")
             inputs = as_input_list(request.inputs)
         outcome = await self.run(
-            inputs, OutputKind.SPARSE if self.splade else OutputKind.POOLED,
+            inputs, OutputKind.SPARSE if sparse else OutputKind.POOLED,
             truncate=request.truncate, direction=request.truncation_direction,
             prompt_name=request.prompt_name,
         )
-        vectors = (densify(outcome.rows, self.embedding_dim) if self.splade
+        vectors = (densify(outcome.rows, self.embedding_dim) if sparse
                    else outcome.matrix())
         if dimensions is not None:
             vectors = vectors[:, :dimensions]

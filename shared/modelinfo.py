@@ -2,10 +2,10 @@
 
 Parses config.json and the sentence-transformers files (modules.json, 1_Pooling, Dense modules
 (shared/st_modules.py), Normalize, a LogitScore (shared/logit_score.py), SparseEncoder's modules
-(shared/sparse_encoder.py, shared/sparse_router.py), sentence_bert_config.json,
-config_sentence_transformers.json) in both the classic format and the one sentence-transformers 6
-writes; a StaticEmbedding (shared/static_embedding.py); BGE-M3's lexical weights
-(shared/lexical.py). Pure data: no torch, no tokenizer.
+(shared/sparse_encoder.py, shared/sparse_router.py, shared/sparse_autoencoder.py),
+sentence_bert_config.json, config_sentence_transformers.json) in both the classic format and the
+one sentence-transformers 6 writes; a StaticEmbedding (shared/static_embedding.py); BGE-M3's
+lexical weights (shared/lexical.py). Pure data: no torch, no tokenizer.
 """
 
 from __future__ import annotations
@@ -21,6 +21,13 @@ from shared.conversations import Conversations, read_conversations
 from shared.errors import ConfigError
 from shared.lexical import LexicalWeights, lexical_weights
 from shared.logit_score import LogitScore, parse_logit_score
+from shared.sparse_autoencoder import (
+    SPARSE_AUTO_ENCODER,
+    CsrSpec,
+    check_csr,
+    csr_pipeline,
+    parse_sparse_autoencoder,
+)
 from shared.sparse_encoder import (
     MLM_TRANSFORMER,
     SPLADE_POOLING,
@@ -107,6 +114,8 @@ class ModelInfo(msgspec.Struct, frozen=True):
     query_route: QueryRoute | None = None
     # BGE-M3's lexical weights: sparse vectors beside the dense ones (shared/lexical.py).
     lexical: LexicalWeights | None = None
+    # A CSR SparseEncoder's SparseAutoEncoder: its vectors are the pooled embedding's sparse code.
+    csr: CsrSpec | None = None
 
     @property
     def length_unlimited(self) -> bool:
@@ -124,9 +133,22 @@ class ModelInfo(msgspec.Struct, frozen=True):
         return self.pooling == "splade"
 
     @property
+    def sparse_vectors(self) -> str | None:
+        """What /embed_sparse gives (/info's sparse_vectors); None: it is refused."""
+        if self.lexical is not None:
+            return "lexical_weights"
+        if self.query_route is not None:
+            return "splade_inference_free"
+        if self.splade:
+            return "splade"
+        return "csr" if self.csr is not None else None
+
+    @property
     def embedding_dim(self) -> int:
         if self.splade:  # one weight per vocabulary entry
             return self.vocab_size
+        if self.csr is not None:
+            return self.csr.hidden_dim
         return self.dense[-1].out_features if self.dense else self.hidden_size
 
     @property
@@ -204,6 +226,8 @@ def load_model_info(
                    optional_json(root / "sentence_bert_config.json") or {})
     st_file = optional_json(root / "config_sentence_transformers.json") or {}
     sparse_pipeline(root, kinds, transformer)  # (refuses its modules anywhere else)
+    csr_pipeline(root, kinds)  # (the same for a SparseAutoEncoder)
+    csr: CsrSpec | None = None
     previous = ""  # the module before, in the list's order (sentence-transformers ignores idx)
     for index, (module, kind) in enumerate(zip(modules, kinds, strict=True)):
         path = root / module.get("path", "")
@@ -249,11 +273,13 @@ def load_model_info(
             # Its config.json (sentence-transformers 6 writes one) may aim it elsewhere.
             on_sentence_embedding(optional_json(path / "config.json") or {}, path, kind)
             has_normalize = True
+        elif kind == SPARSE_AUTO_ENCODER:  # (csr_pipeline placed it: last, after Pooling)
+            csr = parse_sparse_autoencoder(path, st_file, l2_first=has_normalize)
         else:
             raise ConfigError(
                 f"{root}/modules.json: module type {module['type']!r} is not supported "
                 "(supported: Transformer, Pooling, Dense, Normalize; LogitScore; "
-                "StaticEmbedding; MLMTransformer, SpladePooling)"
+                "StaticEmbedding; MLMTransformer, SpladePooling; SparseAutoEncoder)"
             )
     if layout is not None:
         if pooling_override not in (None, "splade"):
@@ -322,6 +348,9 @@ def load_model_info(
                 f"{spec.path}: Dense expects {spec.in_features} features, gets {expected_in}"
             )
         expected_in = spec.out_features
+    if csr is not None:
+        check_csr(csr, root, hidden_size=hidden_size, kind=model_kind,
+                  pooling_override=pooling_override, dense_path=dense_path)
 
     # Where the Transformer module declares messages (sentence_bert_config.json).
     conversations = (read_conversations(root, transformer, model_type,
@@ -359,6 +388,7 @@ def load_model_info(
         splade_spec=splade_spec if pooling == "splade" else SpladeSpec(),
         query_route=layout.route if layout else None,
         lexical=(lexical_weights(model_dir, model_type, config.get("tokenizer_class"))
-                 if model_kind == "embedding" and pooling != "splade"
+                 if model_kind == "embedding" and pooling != "splade" and csr is None
                  and not static_dir else None),
+        csr=csr,
     )

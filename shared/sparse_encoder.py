@@ -59,10 +59,11 @@ def parse_splade_pooling(module_dir: Path, st_config: dict[str, Any]) -> SpladeS
             raise ConfigError(f"{module_dir}/config.json: SpladePooling with {key}="
                               f"{cfg[key]!r} is not supported")
     return SpladeSpec(reduce=reduce, log_twice=act == "log1p_relu",
-                      max_active_dims=_max_active_dims(st_config, module_dir))
+                      max_active_dims=max_active_dims_of(st_config, module_dir))
 
 
-def _max_active_dims(st_config: dict[str, Any], where: Path) -> int | None:
+def max_active_dims_of(st_config: dict[str, Any], where: Path) -> int | None:
+    """config_sentence_transformers.json's max_active_dims (`where`: a module's folder)."""
     value = st_config.get("max_active_dims")
     if value is None:
         return None

@@ -30,14 +30,16 @@ class _VertexBody(msgspec.Struct):
 
 
 def target_path(state: AppState) -> str:
-    """classifier -> /predict, re-ranker -> /rerank, SPLADE -> /embed_sparse, else /embed
+    """classifier -> /predict, re-ranker -> /rerank, SPLADE or CSR -> /embed_sparse, else /embed
     (or /similarity when TASK=sentence-similarity)."""
     model = state.model
     if model.kind == "classifier":
         return "/predict"
     if model.kind == "reranker":
         return "/rerank"
-    if model.pooling == "splade":
+    # (Compared, not tested for None: router/openapi.py builds the routes with a stand-in model
+    # whose every attribute is truthy.)
+    if model.pooling == "splade" or model.sparse_vectors == "csr":
         return "/embed_sparse"
     return "/similarity" if state.config.task == SENTENCE_SIMILARITY else "/embed"
 
