@@ -370,3 +370,42 @@ def test_an_inference_free_splade_model_serves_both_routes(tmp_path: Path) -> No
     # Every input answered counts, the query route's too (computed without a batch).
     assert "te_embed_success 14.0" in metrics
     assert 'te_request_success{method="batch"} 3.0' in metrics
+
+
+def test_a_csr_sparse_encoder_is_served_as_it_encodes(tmp_path: Path) -> None:
+    """Transformer, Pooling, Normalize, SparseAutoEncoder (its own normalize, max_active_dims 9
+    over k 6): /embed_sparse and / give SparseEncoder.encode's non-zeros, /embed (unnormalized
+    only, as for SPLADE) the hidden_dim-wide vector, /embed_all the Transformer's tokens."""
+    from sentence_transformers import SparseEncoder
+
+    from tests.fixtures.sparse import make_csr
+
+    model_dir = make_csr(tmp_path / "model", k=6, max_active_dims=9, standardize=True,
+                         l2_first=True)
+    srv = start(model_dir, tmp_path / "log")
+    try:
+        info = srv.client.get("/info").json()
+        response = srv.client.post("/embed_sparse", json={"inputs": TEXTS})
+        assert response.status_code == 200, response.text
+        root = srv.client.post("/", json={"inputs": TEXTS})
+        dense = srv.client.post("/embed", json={"inputs": TEXTS, "normalize": False})
+        refused = srv.client.post("/embed", json={"inputs": "hi"})
+        tokens = srv.client.post("/embed_all", json={"inputs": "hi"})
+    finally:
+        assert srv.stop() == 0
+    assert info["sparse_vectors"] == "csr" and info["embedding_dimension"] == 64
+    assert info["model_type"] == {"embedding": {"pooling": "mean"}}
+    assert root.status_code == 200 and root.json() == response.json(), root.text
+    encoder = SparseEncoder(str(model_dir), device="cpu")
+    expected = encoder.encode(TEXTS, convert_to_tensor=True).to_dense()
+    check_sparse(response.json(), [{int(i): float(row[i]) for i in torch.nonzero(row)[:, 0]}
+                                   for row in expected])
+    assert all(len(row) == 9 for row in response.json())
+    assert dense.status_code == 200, dense.text
+    for row, entries in zip(dense.json(), response.json(), strict=True):
+        assert len(row) == 64
+        assert {i: v for i, v in enumerate(row) if v} == {e["index"]: e["value"] for e in entries}
+    assert refused.status_code == 424, refused.text
+    assert "`normalize` is not available for sparse (CSR) models" in refused.text
+    assert tokens.status_code == 200, tokens.text
+    assert np.asarray(tokens.json()).shape[::2] == (1, 32)  # (texts, tokens, hidden size)
