@@ -47,6 +47,13 @@ def test_the_modules_settings_and_the_sparse_width(tmp_path: Path) -> None:
     assert with_l2.csr is not None and with_l2.csr.l2_first and with_l2.has_normalize
 
 
+def test_a_csr_model_has_no_lexical_weights(tmp_path: Path) -> None:
+    """BGE-M3's head file beside a CSR model's weights is not a second SPARSE output."""
+    root = csr_dir(tmp_path)
+    (root / "sparse_linear.pt").write_bytes(b"")
+    assert load_model_info(root).lexical is None
+
+
 def test_missing_settings_are_the_modules_defaults(tmp_path: Path) -> None:
     """SparseAutoEncoder(input_dim): hidden_dim 512, k 8, normalize false."""
     info = load_model_info(csr_dir(tmp_path, sae={"input_dim": 32}))
