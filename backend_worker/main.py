@@ -219,9 +219,9 @@ def _dense(array: np.ndarray) -> tuple:
 def outputs(engine, head=None, lexical=None) -> dict[protocol.OutputKind, Head]:
     """What this engine can compute, per output kind: (rows, dim, *frames) of a Result.
 
-    An embedding model gives POOLED; a classifier / re-ranker gives LOGITS and a SPLADE model
-    SPARSE through its `head` (backend_worker.heads); BGE-M3 gives SPARSE too, its `lexical`
-    weights (backend_worker.lexical); every model gives ALL_TOKENS.
+    An embedding model gives POOLED; a classifier / re-ranker gives LOGITS and a SPLADE or CSR
+    model SPARSE (only) through its `head` (backend_worker.heads); BGE-M3 gives SPARSE too, its
+    `lexical` weights (backend_worker.lexical); every model gives ALL_TOKENS.
     """
     from backend_worker.heads import run_head
     from backend_worker.lexical import run_lexical
