@@ -1,4 +1,4 @@
-"""The real server on classifier, re-ranker and SPLADE models: /predict, /rerank, /v1/rerank,
+"""The real server on classifier, re-ranker, SPLADE and CSR models: /predict, /rerank, /v1/rerank,
 /embed_sparse and /info against transformers / sentence-transformers."""
 
 from __future__ import annotations
