@@ -174,6 +174,8 @@ def _unigram_as_deberta(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
 
 _REBUILDS = {
     "BertTokenizer": _bert, "DistilBertTokenizer": _bert, "MPNetTokenizer": _bert,
+    # (transformers 5 has no ElectraTokenizer: the name resolves to BertTokenizer.)
+    "ElectraTokenizer": _bert,
     "RobertaTokenizer": _roberta,
     "XLMRobertaTokenizer": _xlm_roberta, "CamembertTokenizer": _xlm_roberta,
     "LlamaTokenizer": _llama, "Qwen2Tokenizer": _qwen2, "DebertaV2Tokenizer": _deberta_v2,

@@ -14,7 +14,8 @@ from shared.st_modules import optional_json
 # The tokenizer class transformers registers for a model type: the one it builds when neither
 # tokenizer_config.json nor config.json names one (none for llama: the file is used as it is).
 _DEFAULT_CLASS = {
-    "bert": "BertTokenizer", "distilbert": "BertTokenizer", "nomic_bert": "BertTokenizer",
+    "bert": "BertTokenizer", "distilbert": "BertTokenizer", "electra": "BertTokenizer",
+    "nomic_bert": "BertTokenizer",
     "mpnet": "MPNetTokenizer", "roberta": "RobertaTokenizer", "camembert": "CamembertTokenizer",
     "xlm-roberta": "XLMRobertaTokenizer", "gte": "XLMRobertaTokenizer",
     "qwen2": "Qwen2Tokenizer", "qwen3": "Qwen2Tokenizer", "deberta-v2": "DebertaV2Tokenizer",
@@ -50,7 +51,7 @@ _ROBERTA = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "sep_
 _BERT = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
          "mask_token": "[MASK]"}
 CLASS_DEFAULTS: dict[str, dict[str, str]] = {
-    "BertTokenizer": _BERT, "DistilBertTokenizer": _BERT,
+    "BertTokenizer": _BERT, "DistilBertTokenizer": _BERT, "ElectraTokenizer": _BERT,
     "RobertaTokenizer": _ROBERTA, "CamembertTokenizer": _ROBERTA, "XLMRobertaTokenizer": _ROBERTA,
     "MPNetTokenizer": {**_ROBERTA, "unk_token": "[UNK]"},
     "DebertaV2Tokenizer": {"bos_token": "[CLS]", "eos_token": "[SEP]", **_BERT},

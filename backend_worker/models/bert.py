@@ -167,10 +167,16 @@ class BertModel(nn.Module):
         with required_keys(cls.family):
             return cls(
                 **bert_sizes(config),
+                **cls.more_sizes(config),
                 type_vocab_size=int(config.get("type_vocab_size", 2)),
                 hidden_act=hidden_act,
                 attention=attention,
             )
+
+    @classmethod
+    def more_sizes(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """Constructor arguments a family of BERT's layout adds to BERT's (none here)."""
+        return {}
 
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: torch.Tensor,
