@@ -76,6 +76,29 @@ class WordTypeEmbeddings(nn.Module):
         return self.norm(x)
 
 
+class FactorizedEmbeddings(nn.Module):
+    """BERT's embeddings (its parameter names) at `width`, then a projection to `hidden`: always
+    (ALBERT's embedding_hidden_mapping_in), or where the two differ (`always_project` False:
+    ELECTRA's embeddings_project)."""
+
+    def __init__(self, vocab: int, positions: int, types: int, width: int, hidden: int,
+                 eps: float, *, always_project: bool) -> None:
+        super().__init__()
+        self.word = nn.Embedding(vocab, width)
+        self.position = nn.Embedding(positions, width)
+        self.token_type = nn.Embedding(types, width)
+        self.norm = nn.LayerNorm(width, eps=eps)
+        projected = always_project or width != hidden
+        self.project = nn.Linear(width, hidden) if projected else None
+
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: torch.Tensor
+    ) -> torch.Tensor:
+        x = self.word(input_ids) + self.token_type(token_type_ids) + self.position(position_ids)
+        x = self.norm(x)
+        return x if self.project is None else self.project(x)
+
+
 class MLP(nn.Module):
     """up -> activation -> down (BERT's intermediate/output pair, without the residual)."""
 

@@ -85,12 +85,7 @@ def _t5(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
         pre_tokenizers.WhitespaceSplit(),
         pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)])
     tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
-    state = json.loads(tokenizer.model.__getstate__())
-    if state.get("type") != "Unigram":
-        return  # (the class could not load it at all)
-    if state.get("unk_id") != _T5_UNK_ID or state.get("byte_fallback"):
-        pieces = [(piece, score) for piece, score in state["vocab"]]
-        tokenizer.model = models.Unigram(pieces, unk_id=_T5_UNK_ID, byte_fallback=False)
+    _unigram(tokenizer, unk_id=_T5_UNK_ID)
     eos_id = tokenizer.token_to_id(_token(cfg, "eos_token", "</s>"))
     if eos_id is None:
         return  # the file's post-processor (transformers would add the token as a new one)
@@ -100,6 +95,46 @@ def _t5(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
 
 # T5Tokenizer's Unigram always takes id 2 as the unknown piece (<pad> </s> <unk> in T5's files).
 _T5_UNK_ID = 2
+
+
+def _albert(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
+    # The class's normalizer: `` and '' to ", accents stripped (unless keep_accents), lower case
+    # (unless do_lower_case false), then the file's sentencepiece character map; Hub files also
+    # collapse runs of spaces, moot after the whitespace split. The Unigram model is rebuilt with
+    # the unknown piece at id 1 and no byte fallback; [CLS] / [SEP] are cls_token's / sep_token's.
+    steps: list[Any] = [normalizers.Replace("``", '"'), normalizers.Replace("''", '"')]
+    if not cfg.get("keep_accents", False):
+        steps += [normalizers.NFKD(), normalizers.StripAccents()]
+    if cfg.get("do_lower_case", True):
+        steps.append(normalizers.Lowercase())
+    steps += [s for s in _steps(tokenizer.normalizer) if isinstance(s, normalizers.Precompiled)][:1]
+    tokenizer.normalizer = normalizers.Sequence(steps)
+    scheme = "always" if cfg.get("add_prefix_space", True) else "never"
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme)])
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme=scheme)
+    _unigram(tokenizer, unk_id=_ALBERT_UNK_ID)
+    cls_id = tokenizer.token_to_id(_token(cfg, "cls_token", "[CLS]"))
+    sep_id = tokenizer.token_to_id(_token(cfg, "sep_token", "[SEP]"))
+    if cls_id is None or sep_id is None:
+        return  # the file's post-processor (transformers would add the token as a new one)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+
+
+_ALBERT_UNK_ID = 1
+
+
+def _unigram(tokenizer: Tokenizer, unk_id: int) -> None:
+    """The file's Unigram pieces with the class's fixed unknown id and no byte fallback."""
+    state = json.loads(tokenizer.model.__getstate__())
+    if state.get("type") != "Unigram":
+        return  # (the class could not load it at all)
+    if state.get("unk_id") != unk_id or state.get("byte_fallback"):
+        pieces = [(piece, score) for piece, score in state["vocab"]]
+        tokenizer.model = models.Unigram(pieces, unk_id=unk_id, byte_fallback=False)
 
 
 def _llama(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
@@ -179,7 +214,7 @@ _REBUILDS = {
     "RobertaTokenizer": _roberta,
     "XLMRobertaTokenizer": _xlm_roberta, "CamembertTokenizer": _xlm_roberta,
     "LlamaTokenizer": _llama, "Qwen2Tokenizer": _qwen2, "DebertaV2Tokenizer": _deberta_v2,
-    "T5Tokenizer": _t5,
+    "T5Tokenizer": _t5, "AlbertTokenizer": _albert,
 }
 
 

@@ -19,7 +19,7 @@ _DEFAULT_CLASS = {
     "mpnet": "MPNetTokenizer", "roberta": "RobertaTokenizer", "camembert": "CamembertTokenizer",
     "xlm-roberta": "XLMRobertaTokenizer", "gte": "XLMRobertaTokenizer",
     "qwen2": "Qwen2Tokenizer", "qwen3": "Qwen2Tokenizer", "deberta-v2": "DebertaV2Tokenizer",
-    "t5": "T5Tokenizer", "mt5": "T5Tokenizer",
+    "t5": "T5Tokenizer", "mt5": "T5Tokenizer", "albert": "AlbertTokenizer",
 }
 # Model types transformers loads with its generic backend, i.e. tokenizer.json as it is,
 # whatever class the files name.
@@ -58,6 +58,9 @@ CLASS_DEFAULTS: dict[str, dict[str, str]] = {
     "Qwen2Tokenizer": {"eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
                        "pad_token": "<|endoftext|>"},
     "T5Tokenizer": {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"},
+    "AlbertTokenizer": {"bos_token": "[CLS]", "eos_token": "[SEP]", "unk_token": "<unk>",
+                        "sep_token": "[SEP]", "pad_token": "<pad>", "cls_token": "[CLS]",
+                        "mask_token": "[MASK]"},
 }
 
 

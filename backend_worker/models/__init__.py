@@ -5,6 +5,7 @@ Importing this package imports every family, which is what fills the registry.
 
 # Each import registers its family (the names themselves are not used here).
 from backend_worker.models import (  # noqa: F401
+    albert,
     bert,
     deberta_v2,
     decoder,  # qwen2, qwen3, mistral, llama

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch
 from torch import nn
 
 from backend_worker.attention import Attention
 from backend_worker.head_modules import ClassifierHead, FamilyHeads, HeadKeys
+from backend_worker.layers import FactorizedEmbeddings
 from backend_worker.loading import Rule, WeightMap
 from backend_worker.models import bert
 from backend_worker.models.registry import register
@@ -53,26 +53,6 @@ HEADS = FamilyHeads(
 )
 
 
-class ElectraEmbeddings(nn.Module):
-    """BERT's embeddings (the same parameter names) at `width`, projected to `hidden`."""
-
-    def __init__(self, vocab: int, positions: int, types: int, width: int, hidden: int,
-                 eps: float) -> None:
-        super().__init__()
-        self.word = nn.Embedding(vocab, width)
-        self.position = nn.Embedding(positions, width)
-        self.token_type = nn.Embedding(types, width)
-        self.norm = nn.LayerNorm(width, eps=eps)
-        self.project = nn.Linear(width, hidden) if width != hidden else None
-
-    def forward(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: torch.Tensor
-    ) -> torch.Tensor:
-        x = self.word(input_ids) + self.token_type(token_type_ids) + self.position(position_ids)
-        x = self.norm(x)
-        return x if self.project is None else self.project(x)
-
-
 @register(model_types=("electra",))
 class ElectraModel(bert.BertModel):
     """ElectraModel's last hidden state, flat."""
@@ -89,9 +69,9 @@ class ElectraModel(bert.BertModel):
                          type_vocab_size=type_vocab_size, layer_norm_eps=layer_norm_eps,
                          attention=attention, **layers)
         # In place of BERT's (built on the meta device: nothing was allocated for it).
-        self.embeddings = ElectraEmbeddings(  # type: ignore[assignment]
+        self.embeddings = FactorizedEmbeddings(  # type: ignore[assignment]
             vocab_size, max_position_embeddings, type_vocab_size, embedding_size, hidden_size,
-            layer_norm_eps)
+            layer_norm_eps, always_project=False)
 
     @classmethod
     def more_sizes(cls, config: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,134 @@
+"""ALBERT's tokenizer as transformers 5 (so sentence-transformers) runs it: AlbertTokenizer keeps
+tokenizer.json's pieces and sentencepiece character map and rebuilds the rest from
+tokenizer_config.json (do_lower_case, keep_accents, add_prefix_space, cls/sep). Tiny Unigram
+tokenizers written by transformers itself, then given the pipeline Hub files hold or settings the
+class reads, tokenized by the router and by AutoTokenizer."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+
+from shared.tokenizer_class import special_tokens
+from tests.fixtures.albert import write_albert_tokenizer
+from tests.fixtures.tokenizer_oracle import (
+    Encoded,
+    encodings,
+    precompiled_charsmap,
+    router_tokens,
+    transformers_tokens,
+)
+
+transformers = pytest.importorskip("transformers")
+
+TEXTS = [
+    "hello world", "Hello World", "  hello", "trailing spaces   ", "runs   of    spaces",
+    "\ttab\tseparated\t", "new\nlines\n\n", " ", "", "a", "Café naïve façade",
+    "``quoted'' text", "\uff28\uff45\uff4c\uff4c\uff4f full width", "[CLS] inside [SEP]",
+    "unknown 中文 🚀", "The  END. ", "zero\u200bwidth\x7fcontrol",
+]
+PAIRS = [("hello", "world"), ("  Query  ", "  document text. "), ("", "x"), ("a\tb", "c\nd")]
+
+
+def _saved(root: Path, **kwargs: Any) -> dict[str, Any]:
+    write_albert_tokenizer(root, **kwargs)
+    return json.loads((root / "tokenizer_config.json").read_text())
+
+
+def _edit(root: Path, change: Callable[[Tokenizer], None]) -> None:
+    tok = Tokenizer.from_file(str(root / "tokenizer.json"))
+    change(tok)
+    tok.save(str(root / "tokenizer.json"))
+
+
+def _hub(root: Path) -> dict[str, Any]:
+    """albert-base-v2's tokenizer.json pipeline (transformers 4's converter): the same steps,
+    then runs of spaces collapsed, and Metaspace without a whitespace split; its
+    tokenizer_config.json names the settings."""
+    _saved(root, _spm_precompiled_charsmap=precompiled_charsmap())
+
+    def change(tok: Tokenizer) -> None:
+        steps = list(tok.normalizer)  # type: ignore[call-overload]
+        tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(Regex(" {2,}"), " ")])
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
+
+    _edit(root, change)
+    return {"do_lower_case": True, "keep_accents": False, "remove_space": True,
+            "tokenizer_class": "AlbertTokenizer", "unk_token": "<unk>", "pad_token": "<pad>",
+            "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]",
+            "bos_token": "[CLS]", "eos_token": "[SEP]"}
+
+
+def _model_settings(root: Path) -> dict[str, Any]:
+    """unk_id 4 and byte fallback in the file: the class takes id 1 and no fallback."""
+    cfg = _saved(root)
+    raw = json.loads((root / "tokenizer.json").read_text())
+    raw["model"]["unk_id"], raw["model"]["byte_fallback"] = 4, True
+    (root / "tokenizer.json").write_text(json.dumps(raw))
+    return cfg
+
+
+# name: (writes the files, returns tokenizer_config.json; whether the router's ids change)
+CASES: dict[str, tuple[Callable[[Path], dict[str, Any]], bool]] = {
+    "saved-as-is": (_saved, False),
+    "saved-precompiled": (lambda root: _saved(
+        root, _spm_precompiled_charsmap=precompiled_charsmap()), False),
+    "hub-converted": (_hub, True),
+    "cased": (lambda root: _saved(root) | {"do_lower_case": False}, True),
+    # do_lower_case absent: the class lower-cases
+    "lower-by-default": (lambda root: {k: v for k, v in _saved(root).items()
+                                       if k != "do_lower_case"}, False),
+    "keep-accents": (lambda root: _saved(root) | {"keep_accents": True}, True),
+    "no-prefix-space": (lambda root: _saved(root) | {"add_prefix_space": False}, True),
+    "model-settings": (_model_settings, True),
+}
+
+
+def _write(root: Path, name: str) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = CASES[name][0](root)
+    (root / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (root / "config.json").write_text(json.dumps({"model_type": "albert"}))
+    return root
+
+
+def _ours(root: Path) -> tuple[list[Encoded], list[str]]:
+    return router_tokens(root, "albert", TEXTS, PAIRS)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_ids_type_ids_offsets_and_decode_equal_transformers(tmp_path: Path, name: str) -> None:
+    root = _write(tmp_path, name)
+    expected, expected_decoded = transformers_tokens(root, "AlbertTokenizer", TEXTS, PAIRS)
+    got, decoded = _ours(root)
+    for text, mine, theirs in zip([*TEXTS, *PAIRS], got, expected, strict=True):
+        assert mine == theirs, text
+    assert decoded == expected_decoded
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_only_a_disagreement_changes_ids(tmp_path: Path, name: str) -> None:
+    """The cases above test the rebuild: where marked, tokenizer.json alone gives other ids."""
+    root = _write(tmp_path, name)
+    plain = Tokenizer.from_file(str(root / "tokenizer.json"))
+    ids = [ids for ids, _, _ in _ours(root)[0]]
+    assert ([e.ids for e in encodings(plain, TEXTS, PAIRS)] != ids) is CASES[name][1]
+
+
+def test_named_special_tokens_are_the_classs(tmp_path: Path) -> None:
+    """A tokenizer_config.json that names none: AlbertTokenizer's defaults."""
+    root = _write(tmp_path, "saved-as-is")
+    cfg = json.loads((root / "tokenizer_config.json").read_text())
+    names = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
+             "mask_token")
+    for key in names:
+        cfg.pop(key, None)
+    (root / "tokenizer_config.json").write_text(json.dumps(cfg))
+    hf = transformers.AutoTokenizer.from_pretrained(str(root))
+    named = special_tokens(root, "albert")
+    assert {key: named[key] for key in names} == {key: getattr(hf, key) for key in names}
