@@ -66,6 +66,15 @@ def test_max_active_dims_replaces_k(tmp_path: Path) -> None:
     assert info.csr is not None and info.csr.k == 40
 
 
+def test_k_may_keep_the_whole_width(tmp_path: Path) -> None:
+    """torch.topk takes k == hidden_dim (every latent kept, then relu): served, whether k is the
+    module's or max_active_dims."""
+    info = load_model_info(csr_dir(tmp_path / "k", sae=SAE_CONFIG | {"k": 48}))
+    assert info.csr is not None and info.csr.k == 48
+    info = load_model_info(csr_dir(tmp_path / "max", st_config={"max_active_dims": 48}))
+    assert info.csr is not None and info.csr.k == 48
+
+
 def test_the_pooling_override_replaces_the_pooling_mode_only(tmp_path: Path) -> None:
     info = load_model_info(csr_dir(tmp_path), pooling_override="cls")
     assert info.pooling == "cls" and info.csr is not None
@@ -93,6 +102,8 @@ def test_other_places_for_the_module_are_refused(
      r"settings \['module_input_name'\] are not known"),
     ({"hidden_dim": 48}, None, "without input_dim"),
     (SAE_CONFIG | {"k": 0}, None, "k 0 is not a positive integer"),
+    # (torch.topk refuses a bool k: SparseEncoder.encode fails.)
+    (SAE_CONFIG | {"k": True}, None, "k True is not a positive integer"),
     (SAE_CONFIG | {"k": 49}, None, "k 49 is more than hidden_dim 48"),
     (SAE_CONFIG | {"hidden_dim": 48.0}, None, "hidden_dim 48.0 is not a positive integer"),
     (SAE_CONFIG | {"normalize": "yes"}, None, "normalize 'yes' is not true or false"),
