@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any, cast
 
 import schemathesis
@@ -86,6 +87,15 @@ def test_document_is_deterministic_and_the_module_prints_it() -> None:
     printed = subprocess.run([sys.executable, "-m", "router.openapi"], capture_output=True,
                              text=True, check=True, timeout=60).stdout
     assert printed == first
+
+
+def test_the_module_prints_the_stored_copy() -> None:
+    """What `python -m router.openapi` writes (routes built on a stand-in model, every attribute
+    of it truthy) is the stored copy an embedding model's server serves: `/` answered as /embed,
+    not as a SPLADE or CSR model's /embed_sparse (root.target_path compares the model's
+    attributes, never tests their truth)."""
+    stored = Path(__file__).parents[1] / "openapi" / "openapi.json"
+    assert render(document(unserved_endpoints())) == stored.read_text()
 
 
 def test_schemathesis_loads_the_document() -> None:
