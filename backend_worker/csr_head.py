@@ -4,7 +4,10 @@ relu (shared/sparse_autoencoder.py says what and why), as SPARSE frames.
 Loaded strictly from the module's own folder: pre_bias, latent_bias and the encoder weight, which
 the module ties to its decoder (`decoder.linear.weight` is the same tensor: safetensors keeps one
 of the two names, a torch.save state dict both); `stats_last_nonzero` is a training statistic.
-Float32 whatever the model dtype, as SparseEncoder keeps the module.
+Float32 whatever the model dtype, as the fp32 oracle computes it. (Not as SparseEncoder keeps the
+module: sentence-transformers 6 casts every module after the Transformer to its dtype, so a
+SparseEncoder loaded in bf16 / fp16 pools, standardizes and encodes in bf16 / fp16; with top-k,
+such rounding may swap the k-th latent for the next one.)
 """
 
 from __future__ import annotations
