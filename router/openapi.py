@@ -2,9 +2,13 @@
 
 Schemas come from the msgspec types the routes decode and encode, so every field, type and
 default is the one the server enforces; error statuses come from `router.errors.STATUS`. The
-document depends on the routes only, never on the served model or the flags, so a stored copy
-(tests/openapi/openapi.json) can be compared with what a server serves. Regenerate it, without
-starting a server, with `python -m router.openapi > tests/openapi/openapi.json`.
+document depends on the routes only, so a stored copy (tests/openapi/openapi.json: an embedding
+model's server, no AIP_* variables) can be compared with what a server serves. Regenerate it,
+without starting a server, with `python -m router.openapi > tests/openapi/openapi.json`.
+NOTE: `/`, `/invocations` and `/vertex` take their target route's schemas (router/routes/root.py),
+so a classifier's, re-ranker's, SPLADE or CSR model's server documents them as /predict, /rerank
+or /embed_sparse, and AIP_PREDICT_ROUTE / AIP_HEALTH_ROUTE add their routes: those servers'
+documents differ from the stored copy there.
 """
 
 from __future__ import annotations
