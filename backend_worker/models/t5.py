@@ -12,6 +12,7 @@ holds besides the encoder).
   ids are not read.
 - The feed-forward is `feed_forward_proj`: "relu" (T5 v1.0, sentence-t5, GTR) is
   wo(act(wi(x))); "gated-gelu" (v1.1, mT5, Flan-T5) is wo(gelu_tanh(wi_0(x)) * wi_1(x)).
+  config.json's `is_gated_act` and `dense_act_fn`, where stored, decide over it (T5Config).
 - In float16, transformers clamps the hidden states after each block to the largest finite
   value (T5's activations overflow float16); so do we. Not bfloat16: its range is float32's,
   which is why bfloat16 is T5's default dtype on a GPU (shared/dtypes.py).
@@ -137,7 +138,8 @@ class T5Layer(nn.Module):
 
 
 def feed_forward(config: dict[str, Any], model_type: str) -> tuple[bool, str]:
-    """(gated, activation name) from `feed_forward_proj`, parsed as T5Config parses it."""
+    """(gated, activation name) as T5Config derives them: from `feed_forward_proj`, unless
+    config.json stores `is_gated_act` / `dense_act_fn` themselves."""
     proj = str(config.get("feed_forward_proj") or _FEED_FORWARD_DEFAULT[model_type])
     parts = proj.split("-")
     if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
@@ -145,8 +147,14 @@ def feed_forward(config: dict[str, Any], model_type: str) -> tuple[bool, str]:
                                   "gated-<activation>)")
     # transformers' special case: "gated-gelu" means the tanh approximation.
     act = "gelu_new" if proj == "gated-gelu" else parts[-1]
-    activation(act, where=f"config.json: feed_forward_proj {proj!r}: activation")
-    return len(parts) == 2, act
+    where = f"config.json: feed_forward_proj {proj!r}: activation"
+    # NOTE: config.json files saved by transformers hold both derived keys, and T5Config reads
+    # them back over what feed_forward_proj says (older saves have "dense_act_fn": "gelu" beside
+    # "gated-gelu", from before the special case): where present, they decide.
+    if "dense_act_fn" in config:
+        act, where = config["dense_act_fn"], "config.json: dense_act_fn"
+    activation(act, where=where)
+    return bool(config.get("is_gated_act", len(parts) == 2)), act
 
 
 @register(model_types=("t5", "mt5"))

@@ -56,6 +56,12 @@ CASES = {
     "t5-32-buckets": ("T5EncoderModel", "t5", {"relative_attention_num_buckets": 32,
                                                "relative_attention_max_distance": 128}),
     "t5-eps": ("T5EncoderModel", "t5", {"layer_norm_epsilon": 0.5}),
+    # config.json's stored dense_act_fn / is_gated_act win over feed_forward_proj in T5Config
+    # (exact gelu here, where "gated-gelu" alone means the tanh one; a gated relu).
+    "t5-stored-dense-act-fn": ("T5EncoderModel", "t5", {"feed_forward_proj": "gated-gelu",
+                                                        "dense_act_fn": "gelu"}),
+    "t5-stored-is-gated-act": ("T5EncoderModel", "t5", {"feed_forward_proj": "relu",
+                                                        "is_gated_act": True}),
     # Encoder, decoder and LM head in one file (Flan-T5's, t5-base's): the encoder is served.
     "t5-conditional-generation": ("T5ForConditionalGeneration", "t5", {}),
     "t5-model": ("T5Model", "t5", {}),
@@ -162,11 +168,14 @@ def test_float16_hidden_states_match_transformers_in_float16(tmp_path: Path) -> 
     ({"feed_forward_proj": "fast-relu"}, "feed_forward_proj='fast-relu'"),
     ({"feed_forward_proj": "gated-swishy"}, "activation 'swishy' is not supported"),
     ({"is_decoder": True}, "is_decoder=True"),
+    ({"dense_act_fn": "quick_gelu"}, "dense_act_fn 'quick_gelu' is not supported"),
     ({"d_kv": None}, "t5 config lacks 'd_kv'"),
 ])
 def test_refused_configs(tmp_path: Path, edit: dict, message: str) -> None:
     root = make_tiny_t5(tmp_path / "m")
     config = json.loads((root / "config.json").read_text())
+    for derived in ("dense_act_fn", "is_gated_act"):  # (they would decide over the edit)
+        config.pop(derived)
     config.update(edit)
     config = {key: value for key, value in config.items() if value is not None}
     (root / "config.json").write_text(json.dumps(config))
@@ -180,10 +189,12 @@ def test_refused_configs(tmp_path: Path, edit: dict, message: str) -> None:
 ])
 def test_a_checkpoint_of_the_other_feed_forward_is_refused(tmp_path: Path, feed_forward: str,
                                                            message: str) -> None:
-    """config.json's feed_forward_proj says one kind, the weights are the other's."""
+    """config.json's feed_forward_proj says one kind, the weights are the other's (and no
+    stored is_gated_act says otherwise)."""
     root = make_tiny_t5(tmp_path / "m", feed_forward_proj="gated-gelu"
                         if feed_forward == "relu" else "relu")
     config = json.loads((root / "config.json").read_text())
+    del config["is_gated_act"], config["dense_act_fn"]
     (root / "config.json").write_text(json.dumps(config | {"feed_forward_proj": feed_forward}))
     with pytest.raises(ConfigError, match=message):
         serve(root, "mean")
