@@ -61,6 +61,9 @@ POSITION_OFFSET_MODEL_TYPES = frozenset({"roberta", "xlm-roberta", "camembert", 
 # Config keys that name the hidden size and the position table length, by family spelling.
 _HIDDEN_SIZE_KEYS = ("hidden_size", "d_model", "dim", "n_embd")
 _MAX_POSITIONS_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len")
+# Families with relative positions only (no table): config.json's length (T5's n_positions) is
+# not one transformers knows as a limit, so it does not cap sentence-transformers' own.
+RELATIVE_POSITIONS_ONLY = frozenset({"t5", "mt5"})
 
 
 def config_value(config: dict[str, Any], keys: tuple[str, ...], default: int = 0) -> int:
@@ -176,6 +179,8 @@ def _max_input_length(
             limit = None
     if limit is None:
         return max_positions
+    if config.get("model_type") in RELATIVE_POSITIONS_ONLY:
+        return int(limit)
     return min(int(limit), max_positions)
 
 

@@ -33,7 +33,7 @@ from backend_worker.layers import MLP, GatedMLP, RMSNorm, SelfAttention, activat
 from backend_worker.loading import Rule, WeightMap
 from backend_worker.models.config import refusal, required_keys
 from backend_worker.models.registry import register
-from shared.modelinfo import config_max_positions
+from shared.static_embedding import NO_LENGTH_LIMIT
 
 WEIGHT_MAP = WeightMap(
     rules=(
@@ -167,12 +167,12 @@ class T5EncoderModel(nn.Module):
     def __init__(
         self, *, vocab_size: int, d_model: int, d_kv: int, d_ff: int, num_layers: int,
         num_heads: int, buckets: int, max_distance: int, eps: float, gated: bool, act: str,
-        max_positions: int, attention: Attention,
+        attention: Attention,
     ) -> None:
         super().__init__()
-        # No position table: the limit is the config's (n_positions), a length the model was
-        # trained to, not a table size.
-        self.max_positions = max_positions
+        # No position table: any length is computed (the buckets saturate). The input limit is
+        # sentence-transformers', which T5's n_positions does not cap (shared/modelinfo.py).
+        self.max_positions = NO_LENGTH_LIMIT
         self.embed = nn.Embedding(vocab_size, d_model)
         self.relative_bias = RelativePositionBias(buckets, num_heads, max_distance)
         mask = MaskSpec(bias=self.relative_bias, scale=1.0)
@@ -205,7 +205,6 @@ class T5EncoderModel(nn.Module):
                 max_distance=int(config.get("relative_attention_max_distance", 128)),
                 eps=float(config.get("layer_norm_epsilon", 1e-6)),
                 gated=gated, act=act,
-                max_positions=config_max_positions(config),
                 attention=attention,
             )
 

@@ -117,11 +117,31 @@ def test_pooled_matches_sentence_transformers(tmp_path: Path, dense: bool) -> No
     root = make_tiny_t5(tmp_path / "m", pooling="mean", dense=dense, seed=3)
     texts = [t for t in TEXTS if isinstance(t, str)]
     info, engine = serve(root)
-    assert (info.max_input_length, engine.max_positions) == (MAX_TOKENS, MAX_TOKENS)
+    assert info.max_input_length == MAX_TOKENS
     arrays, _ = pack(root, texts, info.max_input_length)
     ours = engine.embed(arrays)
     ours /= np.linalg.norm(ours, axis=1, keepdims=True)
     ref = SentenceTransformer(str(root), device="cpu").encode(texts, convert_to_numpy=True)
+    assert np.abs(ours - ref).max() <= 1e-5
+
+
+def test_n_positions_does_not_cap_the_limit(tmp_path: Path) -> None:
+    """T5 has no position table and T5Config no max_position_embeddings: sentence-transformers
+    truncates at max_seq_length even where config.json's n_positions is shorter, and so do
+    we (the worker takes any length)."""
+    from sentence_transformers import SentenceTransformer
+
+    root = make_tiny_t5(tmp_path / "m", pooling="mean", dense=False, seed=4, n_positions=16)
+    texts = [" ".join(["the cat sat on the mat"] * 8), "the cat"]
+    info, engine = serve(root)
+    model = SentenceTransformer(str(root), device="cpu")
+    assert info.max_input_length == model.max_seq_length == MAX_TOKENS
+    assert engine.max_positions >= MAX_TOKENS
+    arrays, ids = pack(root, texts, info.max_input_length)
+    assert len(ids[0]) > 16
+    ours = engine.embed(arrays)
+    ours /= np.linalg.norm(ours, axis=1, keepdims=True)
+    ref = model.encode(texts, convert_to_numpy=True)
     assert np.abs(ours - ref).max() <= 1e-5
 
 
