@@ -53,7 +53,8 @@ WEIGHT_MAP = WeightMap(
         Rule("encoder.block.{i}.layer.1.layer_norm.weight", "layers.{i}.mlp_norm.weight"),
         Rule("encoder.final_layer_norm.weight", "norm.weight"),
     ),
-    # T5ForSequenceClassification nests the whole model in "transformer.".
+    # T5ForSequenceClassification nests the whole model in "transformer.",
+    # T5ForTokenClassification its encoder.
     prefixes=("transformer.",),
     ignore=(
         # The encoder's embedding is `shared` itself (transformers ties them; .bin files and
@@ -66,6 +67,10 @@ WEIGHT_MAP = WeightMap(
         # T5ForSequenceClassification's head: backend_worker/heads.py refuses the model (it
         # classifies the decoder's output).
         r"classification_head\..*",
+        # T5ForTokenClassification's / T5ForQuestionAnswering's heads: sentence-transformers
+        # embeds with the encoder they hold, dropping these (as BERT's classifier is dropped).
+        r"classifier\..*",
+        r"qa_outputs\..*",
     ),
 )
 

@@ -65,6 +65,9 @@ CASES = {
     # Encoder, decoder and LM head in one file (Flan-T5's, t5-base's): the encoder is served.
     "t5-conditional-generation": ("T5ForConditionalGeneration", "t5", {}),
     "t5-model": ("T5Model", "t5", {}),
+    # Heads sentence-transformers drops with the decoder, loading the encoder alone.
+    "t5-token-classification": ("T5ForTokenClassification", "t5", {"num_labels": 3}),
+    "t5-question-answering": ("T5ForQuestionAnswering", "t5", {}),
     "mt5": ("MT5EncoderModel", "mt5", {}),
     "mt5-conditional-generation": ("MT5ForConditionalGeneration", "mt5", {}),
 }
