@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from backend_worker.engine import Engine
 from backend_worker.heads import build_head
-from backend_worker.models.t5 import clamp_float16, relative_buckets
+from backend_worker.models.t5 import RelativePositionBias, clamp_float16, relative_buckets
 from shared.errors import ConfigError
 from shared.modelinfo import load_model_info
 from tests.fixtures.oracles import hf_hidden
@@ -165,16 +165,22 @@ def test_float16_clamps_as_transformers() -> None:
     assert clamp_float16(wide) is wide
 
 
-def test_float16_hidden_states_match_transformers_in_float16(tmp_path: Path) -> None:
-    """Embeddings scaled so that float16 overflows inside the layers: transformers' float16
-    model (converted with .half(), as sentence-transformers' users do) clamps, and so do we;
-    without the clamp the result is NaN."""
+@pytest.mark.parametrize("feed_forward", ["relu", "gated-gelu"])
+def test_float16_hidden_states_match_transformers_in_float16(tmp_path: Path,
+                                                              feed_forward: str) -> None:
+    """Embeddings near float16's largest value and sublayer outputs scaled up, so that both
+    residual sums of a block overflow: transformers' float16 model (converted with .half(), as
+    sentence-transformers' users do) clamps each sum, and so do we; a clamp left out, or moved
+    inside the residual, gives NaN."""
     from transformers import T5EncoderModel
 
-    root = make_tiny_t5(tmp_path / "m", seed=5, feed_forward_proj="gated-gelu")
+    root = make_tiny_t5(tmp_path / "m", seed=5, feed_forward_proj=feed_forward)
     path = root / "model.safetensors"
     state = load_file(str(path))
-    state["shared.weight"] = state["shared.weight"] * 3000
+    state["shared.weight"] = state["shared.weight"] * 60000
+    for key in state:
+        if key.endswith(("SelfAttention.o.weight", "DenseReluDense.wo.weight")):
+            state[key] = state[key] * (20000 if feed_forward == "relu" or ".o." in key else 300)
     save_file(state, str(path), metadata={"format": "pt"})
     _, engine = serve(root, "mean", dtype=torch.float16)
     arrays, _ = pack(root, TEXTS, MAX_TOKENS)
@@ -184,6 +190,17 @@ def test_float16_hidden_states_match_transformers_in_float16(tmp_path: Path) -> 
     assert torch.isfinite(ref).all() and torch.isfinite(ours).all()
     cosine = torch.nn.functional.cosine_similarity(ours, ref, dim=-1)
     assert cosine.min().item() >= 0.999
+
+
+def test_bias_rows_are_the_full_bias_sliced() -> None:
+    """The padded path asks for the bias of a block of query rows (long inputs): the same
+    values as those rows of the whole [heads, L, L] bias."""
+    bias = RelativePositionBias(8, 3, 20)
+    torch.nn.init.normal_(bias.table.weight)
+    full = bias(50, torch.device("cpu"))
+    assert full.shape == (3, 50, 50)
+    for first, last in ((0, 7), (7, 30), (45, 50)):
+        assert torch.equal(bias(50, torch.device("cpu"), (first, last)), full[:, first:last])
 
 
 @pytest.mark.parametrize(("edit", "message"), [
@@ -223,9 +240,35 @@ def test_a_checkpoint_of_the_other_feed_forward_is_refused(tmp_path: Path, feed_
         serve(root, "mean")
 
 
+@pytest.mark.parametrize("model_type", ["t5", "mt5"])
+def test_a_transformers_4_checkpoint_serves_its_encoder(tmp_path: Path, model_type: str) -> None:
+    """Files saved by transformers 4 (and mT5's, whose LM head is untied) hold the embedding
+    under `shared` and both stacks' names, and an lm_head: the encoder is served, as
+    T5EncoderModel loads it."""
+    import transformers
+
+    root = make_tiny_t5(tmp_path / "m", "T5ForConditionalGeneration" if model_type == "t5"
+                        else "MT5ForConditionalGeneration", model_type=model_type, seed=6)
+    path = root / "model.safetensors"
+    state = load_file(str(path))
+    assert "lm_head.weight" not in state and "encoder.embed_tokens.weight" not in state
+    shared = state["shared.weight"]
+    state |= {"encoder.embed_tokens.weight": shared.clone(),
+              "decoder.embed_tokens.weight": shared.clone(),
+              "lm_head.weight": torch.randn_like(shared)}
+    save_file(state, str(path), metadata={"format": "pt"})
+    _, engine = serve(root, "mean")
+    arrays, _ = pack(root, TEXTS, MAX_TOKENS)
+    encoder = getattr(transformers, "MT5EncoderModel" if model_type == "mt5"
+                      else "T5EncoderModel")
+    ref = hf_hidden(encoder.from_pretrained(str(root)).eval(), arrays, token_types=False)
+    assert (engine.hidden_states(arrays) - ref).abs().max().item() <= HIDDEN_TOL
+
+
 def test_the_shared_embedding_is_required(tmp_path: Path) -> None:
     """`encoder.embed_tokens.weight` is dropped as shared's duplicate: a file holding it alone
-    fails loudly rather than serving an uninitialised table."""
+    fails loudly rather than serving an uninitialised table. (transformers 5 would tie it into
+    `shared` and serve it; no save of transformers or sentence-transformers writes it alone.)"""
     root = make_tiny_t5(tmp_path / "m")
     path = root / "model.safetensors"
     state = load_file(str(path))
