@@ -135,13 +135,15 @@ def test_n_positions_does_not_cap_the_limit(tmp_path: Path) -> None:
     from sentence_transformers import SentenceTransformer
 
     root = make_tiny_t5(tmp_path / "m", pooling="mean", dense=False, seed=4, n_positions=16)
-    texts = [" ".join(["the cat sat on the mat"] * 8), "the cat"]
+    st_config = root / "sentence_bert_config.json"
+    st_config.write_text(json.dumps(json.loads(st_config.read_text()) | {"max_seq_length": 600}))
+    texts = [" ".join(["the cat sat on the mat"] * 120), "the cat"]
     info, engine = serve(root)
     model = SentenceTransformer(str(root), device="cpu")
-    assert info.max_input_length == model.max_seq_length == MAX_TOKENS
-    assert engine.max_positions >= MAX_TOKENS
+    assert info.max_input_length == model.max_seq_length == 600
+    assert engine.max_positions >= 600  # (else the router refuses to start)
     arrays, ids = pack(root, texts, info.max_input_length)
-    assert len(ids[0]) > 16
+    assert len(ids[0]) == 600
     ours = engine.embed(arrays)
     ours /= np.linalg.norm(ours, axis=1, keepdims=True)
     ref = model.encode(texts, convert_to_numpy=True)

@@ -61,11 +61,13 @@ def _hub(root: Path) -> dict[str, Any]:
     return cfg
 
 
-def _model_settings(root: Path) -> dict[str, Any]:
-    """unk_id 5 and byte fallback in the file: the class takes id 2 and no fallback."""
+def _model_settings(root: Path, unk_id: int = 5, byte_fallback: bool = True) -> dict[str, Any]:
+    """unk_id 5 and / or byte fallback in the file, and the <0x..> byte pieces a fallback
+    needs: the class takes id 2 and no fallback."""
     cfg = _saved(root)
     raw = json.loads((root / "tokenizer.json").read_text())
-    raw["model"]["unk_id"], raw["model"]["byte_fallback"] = 5, True
+    raw["model"]["unk_id"], raw["model"]["byte_fallback"] = unk_id, byte_fallback
+    raw["model"]["vocab"] += [[f"<0x{byte:02X}>", -20.0] for byte in range(256)]
     (root / "tokenizer.json").write_text(json.dumps(raw))
     return cfg
 
@@ -93,6 +95,8 @@ CASES: dict[str, tuple[Callable[[Path], dict[str, Any]], bool]] = {
     # the class always marks the text's start
     "no-prefix-space-ignored": (lambda root: _saved(root) | {"add_prefix_space": False}, False),
     "model-settings": (_model_settings, True),
+    "unk-id-alone": (lambda root: _model_settings(root, byte_fallback=False), True),
+    "byte-fallback-alone": (lambda root: _model_settings(root, unk_id=2), True),
     "other-template": (_other_template, True),
     "eos-named-differently": (lambda root: _saved(root) | {"eos_token": "<unk>"}, True),
 }
@@ -129,20 +133,21 @@ def test_only_a_disagreement_changes_ids(tmp_path: Path, name: str) -> None:
     assert ([e.ids for e in encodings(plain, TEXTS, PAIRS)] != ids) is CASES[name][1]
 
 
-def test_mt5_files_without_a_class_name_are_t5_tokenizers(tmp_path: Path) -> None:
-    """mT5's registered class is T5Tokenizer too: a tokenizer_config.json naming none gets
+@pytest.mark.parametrize("model_type", ["t5", "mt5"])
+def test_files_without_a_class_name_are_t5_tokenizers(tmp_path: Path, model_type: str) -> None:
+    """T5Tokenizer is registered for t5 and mt5: a tokenizer_config.json naming no class gets
     its rebuild, and its named special tokens."""
     from transformers.models.auto import tokenization_auto as auto
 
-    root = _write(tmp_path, "hub-converted", model_type="mt5")
+    root = _write(tmp_path, "hub-converted", model_type=model_type)
     cfg = json.loads((root / "tokenizer_config.json").read_text())
     del cfg["tokenizer_class"], cfg["eos_token"], cfg["unk_token"], cfg["pad_token"]
     (root / "tokenizer_config.json").write_text(json.dumps(cfg))
-    assert auto.TOKENIZER_MAPPING_NAMES["mt5"] == auto.TOKENIZER_MAPPING_NAMES["t5"]
-    assert tokenizer_class(cfg, "mt5") == "T5Tokenizer"
+    assert auto.TOKENIZER_MAPPING_NAMES[model_type] == "T5Tokenizer"
+    assert tokenizer_class(cfg, model_type) == "T5Tokenizer"
     expected, _ = transformers_tokens(root, "T5Tokenizer", TEXTS, PAIRS)
-    assert router_tokens(root, "mt5", TEXTS, PAIRS)[0] == expected
-    named = special_tokens(root, "mt5")
+    assert router_tokens(root, model_type, TEXTS, PAIRS)[0] == expected
+    named = special_tokens(root, model_type)
     hf = transformers.AutoTokenizer.from_pretrained(str(root))
     assert {key: named[key] for key in ("eos_token", "unk_token", "pad_token")} == {
         "eos_token": hf.eos_token, "unk_token": hf.unk_token, "pad_token": hf.pad_token}
