@@ -17,7 +17,16 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, cast
 
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 
 from shared.errors import ConfigError
 from shared.st_modules import read_json
@@ -86,9 +95,12 @@ def _t5(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
         pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)])
     tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
     _unigram(tokenizer, unk_id=_T5_UNK_ID)
-    eos_id = tokenizer.token_to_id(_token(cfg, "eos_token", "</s>"))
-    if eos_id is None:
-        return  # the file's post-processor (transformers would add the token as a new one)
+    eos = _token(cfg, "eos_token", "</s>")
+    if tokenizer.token_to_id(eos) is None:
+        # transformers adds a named token the vocabulary lacks as a new special token (the
+        # next id), and closes every text with it.
+        tokenizer.add_special_tokens([AddedToken(eos, special=True)])
+    eos_id = tokenizer.token_to_id(eos)
     tokenizer.post_processor = processors.TemplateProcessing(
         single="$A:0 </s>:0", pair="$A:0 </s>:0 $B:0 </s>:0", special_tokens=[("</s>", eos_id)])
 

@@ -99,6 +99,8 @@ CASES: dict[str, tuple[Callable[[Path], dict[str, Any]], bool]] = {
     "byte-fallback-alone": (lambda root: _model_settings(root, unk_id=2), True),
     "other-template": (_other_template, True),
     "eos-named-differently": (lambda root: _saved(root) | {"eos_token": "<unk>"}, True),
+    # transformers adds it as a new special token, whose id closes every text
+    "eos-not-in-vocabulary": (lambda root: _saved(root) | {"eos_token": "<eos>"}, True),
 }
 
 
