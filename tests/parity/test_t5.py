@@ -280,6 +280,19 @@ def test_the_shared_embedding_is_required(tmp_path: Path) -> None:
         serve(root, "mean")
 
 
+def test_umt5_is_refused(tmp_path: Path) -> None:
+    """UMT5 has a bias table in every layer: its model type is refused by name, and its
+    weights under a "t5" config are refused as the later layers' tables."""
+    root = make_tiny_t5(tmp_path / "m", "UMT5EncoderModel", model_type="umt5")
+    with pytest.raises(ConfigError, match="unsupported model \\(model_type 'umt5'"):
+        serve(root, "mean")
+    config = json.loads((root / "config.json").read_text())
+    (root / "config.json").write_text(json.dumps(config | {"model_type": "t5"}))
+    with pytest.raises(ConfigError, match=r"unexpected keys: encoder\.block\.1\.layer\.0\."
+                                          r"SelfAttention\.relative_attention_bias\.weight"):
+        serve(root, "mean")
+
+
 def test_a_classifier_is_refused(tmp_path: Path) -> None:
     """T5ForSequenceClassification scores with the decoder, which is not served."""
     root = make_tiny_t5(tmp_path / "m", "T5ForSequenceClassification", num_labels=2)
