@@ -125,7 +125,8 @@ def test_a_hung_worker_is_detected_killed_and_replaced(start):
     response = srv.client.post("/embed", json={"inputs": "anyone there?"})
     assert response.status_code == 424, response.text
     assert "hung" in response.json()["error"]
-    assert time.monotonic() - started < 8  # far below the default 30 s
+    # Far below the default 30 s (the bound is loose: a busy 2-core machine took 8.2 s once).
+    assert time.monotonic() - started < 20
     wait_for(lambda: srv.client.get("/health").status_code == 200, timeout=60)
     assert srv.worker_pids() != [pid]
     assert srv.client.post("/embed", json={"inputs": "better"}).status_code == 200
