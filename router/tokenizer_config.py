@@ -113,7 +113,9 @@ def _albert(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
     # The class's normalizer: `` and '' to ", accents stripped (unless keep_accents), lower case
     # (unless do_lower_case false), then the file's sentencepiece character map; Hub files also
     # collapse runs of spaces, moot after the whitespace split. The Unigram model is rebuilt with
-    # the unknown piece at id 1 and no byte fallback; [CLS] / [SEP] are cls_token's / sep_token's.
+    # the unknown piece at id 1 and no byte fallback.
+    # NOTE: the file's post-processor is kept when it has one (transformers passes it to the
+    # class, whose template of cls_token / sep_token it replaces); the template only for none.
     steps: list[Any] = [normalizers.Replace("``", '"'), normalizers.Replace("''", '"')]
     if not cfg.get("keep_accents", False):
         steps += [normalizers.NFKD(), normalizers.StripAccents()]
@@ -127,6 +129,8 @@ def _albert(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
         pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme)])
     tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme=scheme)
     _unigram(tokenizer, unk_id=_ALBERT_UNK_ID)
+    if tokenizer.post_processor is not None:
+        return
     cls_id = tokenizer.token_to_id(_token(cfg, "cls_token", "[CLS]"))
     sep_id = tokenizer.token_to_id(_token(cfg, "sep_token", "[SEP]"))
     if cls_id is None or sep_id is None:

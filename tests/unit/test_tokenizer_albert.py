@@ -1,8 +1,9 @@
 """ALBERT's tokenizer as transformers 5 (so sentence-transformers) runs it: AlbertTokenizer keeps
 tokenizer.json's pieces and sentencepiece character map and rebuilds the rest from
-tokenizer_config.json (do_lower_case, keep_accents, add_prefix_space, cls/sep). Tiny Unigram
-tokenizers written by transformers itself, then given the pipeline Hub files hold or settings the
-class reads, tokenized by the router and by AutoTokenizer."""
+tokenizer_config.json (do_lower_case, keep_accents, add_prefix_space; cls/sep only where the file
+has no post-processor: the file's is kept). Tiny Unigram tokenizers written by transformers
+itself, then given the pipeline Hub files hold or settings the class reads, tokenized by the
+router and by AutoTokenizer."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, processors
 
 from shared.tokenizer_class import special_tokens
 from tests.fixtures.albert import write_albert_tokenizer
@@ -73,6 +74,28 @@ def _model_settings(root: Path) -> dict[str, Any]:
     return cfg
 
 
+def _file_post_processor(root: Path) -> dict[str, Any]:
+    """The file's own post-processor ([SEP] only) beside a cls_token of another name: the class
+    keeps the file's (transformers passes it over the class's template)."""
+    cfg = _saved(root)
+
+    def change(tok: Tokenizer) -> None:
+        tok.post_processor = processors.TemplateProcessing(
+            single="$A:0 [SEP]:0", pair="$A:0 [SEP]:0 $B:1 [SEP]:1", special_tokens=[("[SEP]", 3)])
+
+    _edit(root, change)
+    return cfg | {"cls_token": "[MASK]"}
+
+
+def _no_post_processor(root: Path) -> dict[str, Any]:
+    """None in the file: the class's template, of tokenizer_config.json's cls_token."""
+    cfg = _saved(root)
+    raw = json.loads((root / "tokenizer.json").read_text())
+    raw["post_processor"] = None
+    (root / "tokenizer.json").write_text(json.dumps(raw))
+    return cfg | {"cls_token": "[MASK]"}
+
+
 # name: (writes the files, returns tokenizer_config.json; whether the router's ids change)
 CASES: dict[str, tuple[Callable[[Path], dict[str, Any]], bool]] = {
     "saved-as-is": (_saved, False),
@@ -86,6 +109,8 @@ CASES: dict[str, tuple[Callable[[Path], dict[str, Any]], bool]] = {
     "keep-accents": (lambda root: _saved(root) | {"keep_accents": True}, True),
     "no-prefix-space": (lambda root: _saved(root) | {"add_prefix_space": False}, True),
     "model-settings": (_model_settings, True),
+    "file-post-processor": (_file_post_processor, False),
+    "no-post-processor": (_no_post_processor, True),
 }
 
 
