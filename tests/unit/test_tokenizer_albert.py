@@ -32,6 +32,10 @@ TEXTS = [
     "\ttab\tseparated\t", "new\nlines\n\n", " ", "", "a", "Café naïve façade",
     "``quoted'' text", "\uff28\uff45\uff4c\uff4c\uff4f full width", "[CLS] inside [SEP]",
     "unknown 中文 🚀", "The  END. ", "zero\u200bwidth\x7fcontrol",
+    # Full-width quotes become `` and '' only in the character map, after the class's Replace.
+    "\uff40\uff40wide quotes\uff07\uff07",
+    # A text's own "▁": without a prefix space, only the class's decoder keeps its space.
+    "\u2581already marked",
 ]
 PAIRS = [("hello", "world"), ("  Query  ", "  document text. "), ("", "x"), ("a\tb", "c\nd")]
 
@@ -65,11 +69,11 @@ def _hub(root: Path) -> dict[str, Any]:
             "bos_token": "[CLS]", "eos_token": "[SEP]"}
 
 
-def _model_settings(root: Path) -> dict[str, Any]:
-    """unk_id 4 and byte fallback in the file: the class takes id 1 and no fallback."""
+def _model_settings(root: Path, byte_fallback: bool = True) -> dict[str, Any]:
+    """unk_id 4 (and byte fallback) in the file: the class takes id 1 and no fallback."""
     cfg = _saved(root)
     raw = json.loads((root / "tokenizer.json").read_text())
-    raw["model"]["unk_id"], raw["model"]["byte_fallback"] = 4, True
+    raw["model"]["unk_id"], raw["model"]["byte_fallback"] = 4, byte_fallback
     (root / "tokenizer.json").write_text(json.dumps(raw))
     return cfg
 
@@ -109,6 +113,10 @@ CASES: dict[str, tuple[Callable[[Path], dict[str, Any]], bool]] = {
     "keep-accents": (lambda root: _saved(root) | {"keep_accents": True}, True),
     "no-prefix-space": (lambda root: _saved(root) | {"add_prefix_space": False}, True),
     "model-settings": (_model_settings, True),
+    "unk-id-alone": (lambda root: _model_settings(root, byte_fallback=False), True),
+    # keep_accents absent: the class strips accents
+    "strip-accents-by-default": (lambda root: {k: v for k, v in _saved(root).items()
+                                               if k != "keep_accents"}, False),
     "file-post-processor": (_file_post_processor, False),
     "no-post-processor": (_no_post_processor, True),
 }
