@@ -44,6 +44,8 @@ CASES = {
     "as-many-groups-as-layers": ("AlbertModel", {"num_hidden_groups": 5, "inner_group_num": 1}),
     "embeddings-as-wide": ("AlbertModel", {"embedding_size": 32}),  # still projected
     "gelu": ("AlbertModel", {"hidden_act": "gelu"}),
+    # Every LayerNorm (the embeddings', both of each layer) takes config.json's epsilon.
+    "layer-norm-eps": ("AlbertModel", {"layer_norm_eps": 0.5}),
     "classifier": ("AlbertForSequenceClassification", {"num_labels": 2}),
     "pre-training": ("AlbertForPreTraining", {}),
     "masked-lm": ("AlbertForMaskedLM", {}),
@@ -67,7 +69,9 @@ def test_hidden_states_match_transformers(tmp_path: Path, case: str) -> None:
 
 def test_absent_config_keys_read_as_albert_config_defaults(tmp_path: Path) -> None:
     """embedding_size 128, one group of one layer, gelu_new, eps 1e-12, two token types, 512
-    positions."""
+    positions. The embedding tables are scaled down so that another default epsilon (1e-5)
+    would show in the embeddings' LayerNorm."""
+    from safetensors.torch import load_file, save_file
     from transformers import AlbertModel
 
     root = make_tiny_albert(tmp_path / "m", seed=6, embedding_size=128, num_hidden_groups=1,
@@ -78,6 +82,11 @@ def test_absent_config_keys_read_as_albert_config_defaults(tmp_path: Path) -> No
                 "layer_norm_eps", "type_vocab_size", "max_position_embeddings"):
         config.pop(key)
     (root / "config.json").write_text(json.dumps(config))
+    weights = load_file(str(root / "model.safetensors"))
+    for key in weights:
+        if key.endswith("_embeddings.weight"):
+            weights[key] = weights[key] * 1e-3
+    save_file(weights, str(root / "model.safetensors"), metadata={"format": "pt"})
     _, engine = serve(root, "mean")
     arrays, _ = pack(root, TEXTS, MAX_TOKENS)
     ref = hf_hidden(AlbertModel.from_pretrained(str(root)).eval(), arrays)
