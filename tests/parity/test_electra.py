@@ -130,3 +130,22 @@ def test_the_named_tokenizer_class_is_berts(tmp_path: Path) -> None:
     assert router_tokens(root, "electra", texts, pairs)[0] == expected
     file_alone = Tokenizer.from_file(str(root / "tokenizer.json"))
     assert file_alone.encode(texts[0]).ids != expected[0][0]
+
+
+def test_named_special_tokens_are_bert_tokenizers(tmp_path: Path) -> None:
+    """A tokenizer_config.json that names ElectraTokenizer and no special tokens: BertTokenizer's
+    defaults, as transformers 5 builds it."""
+    from transformers import AutoTokenizer
+
+    from shared.tokenizer_class import special_tokens
+
+    root = make_tiny(tmp_path / "m", "electra", "ElectraModel")
+    names = ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+    cfg = json.loads((root / "tokenizer_config.json").read_text())
+    assert cfg["tokenizer_class"] == "ElectraTokenizer"
+    cfg = {key: value for key, value in cfg.items() if key not in names}
+    (root / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (root / "special_tokens_map.json").unlink(missing_ok=True)
+    hf = AutoTokenizer.from_pretrained(str(root))
+    named = special_tokens(root, "electra")
+    assert {key: named[key] for key in names} == {key: getattr(hf, key) for key in names}
