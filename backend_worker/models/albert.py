@@ -7,8 +7,9 @@ embeddings.
   `num_hidden_layers` runs all the layers of group int(i / (layers / groups)), as transformers
   computes it. (The usual checkpoint has one group of one layer: a single layer run 12 times.)
 - Checkpoints nest the encoder in "albert."; the classifier (AlbertForSequenceClassification)
-  is BERT's: classifier(tanh(pooler(h[CLS]))). The pre-training and MLM heads are dropped, as
-  sentence-transformers drops them (no SPLADE: TEI does not serve ALBERT at all).
+  is BERT's: classifier(tanh(pooler(h[CLS]))). The pre-training, MLM, token-classification,
+  question-answering and multiple-choice heads are dropped, as sentence-transformers drops them
+  (no SPLADE: TEI does not serve ALBERT at all).
 """
 
 from __future__ import annotations
@@ -44,14 +45,17 @@ WEIGHT_MAP = WeightMap(
         Rule(_LAYER + "full_layer_layer_norm.{w}", _OURS + "mlp_norm.{w}"),
     ),
     prefixes=("albert.",),
+    # TF-era spellings, as transformers' legacy renaming reads them.
+    normalize=((r"LayerNorm\.gamma$", "LayerNorm.weight"), (r"LayerNorm\.beta$", "LayerNorm.bias")),
     ignore=(
         r"embeddings\.position_ids",  # a buffer older transformers saved
         # Heads: backend_worker/heads.py loads pooler + classifier when the model serves them.
         r"pooler\..*",
         r"classifier\..*",
-        # AlbertForPreTraining / AlbertForMaskedLM heads.
+        # AlbertForPreTraining / AlbertForMaskedLM / AlbertForQuestionAnswering heads.
         r"predictions\..*",
         r"sop_classifier\..*",
+        r"qa_outputs\..*",
     ),
 )
 

@@ -3,9 +3,10 @@
 - The embeddings (word + position + token type, then LayerNorm) are `embedding_size` wide and
   projected to the hidden size by `embeddings_project` where the two differ (ElectraConfig's
   default embedding_size is 128).
-- Checkpoints nest the encoder in "electra."; ElectraForPreTraining's discriminator head and
-  ElectraForMaskedLM's generator head are dropped, as sentence-transformers drops them when it
-  loads the encoder (no SPLADE from the generator: TEI does not serve ELECTRA at all).
+- Checkpoints nest the encoder in "electra."; ElectraForPreTraining's discriminator head,
+  ElectraForMaskedLM's generator head and the token-classification, question-answering and
+  multiple-choice heads are dropped, as sentence-transformers drops them when it loads the
+  encoder (no SPLADE from the generator: TEI does not serve ELECTRA at all).
 - The classifier (ElectraForSequenceClassification, cross-encoder/ms-marco-electra-base) is
   out_proj(gelu(dense(h[CLS]))): BERT's pooler and classifier with the exact gelu for tanh.
 """
@@ -27,12 +28,18 @@ WEIGHT_MAP = WeightMap(
     rules=(*bert.WEIGHT_MAP.rules,
            Rule("embeddings_project.{w}", "embeddings.project.{w}")),
     prefixes=("electra.",),
+    # TF-era spellings, as transformers' legacy renaming reads them.
+    normalize=bert.WEIGHT_MAP.normalize,
     ignore=(
         r"embeddings\.position_ids",  # a buffer older transformers saved
-        r"classifier\..*",  # backend_worker/heads.py loads it when the model serves it
+        # backend_worker/heads.py loads it when the model serves it; a token classifier's and
+        # a multiple-choice model's classifier (with its sequence_summary) are dropped.
+        r"classifier\..*",
         r"discriminator_predictions\..*",
         r"generator_predictions\..*",
         r"generator_lm_head\..*",
+        r"qa_outputs\..*",
+        r"sequence_summary\..*",
     ),
 )
 

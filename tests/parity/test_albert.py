@@ -49,6 +49,10 @@ CASES = {
     "classifier": ("AlbertForSequenceClassification", {"num_labels": 2}),
     "pre-training": ("AlbertForPreTraining", {}),
     "masked-lm": ("AlbertForMaskedLM", {}),
+    # Served as their encoder, as sentence-transformers loads them (heads dropped).
+    "token-classification": ("AlbertForTokenClassification", {"num_labels": 3}),
+    "question-answering": ("AlbertForQuestionAnswering", {}),
+    "multiple-choice": ("AlbertForMultipleChoice", {}),
 }
 
 
@@ -65,6 +69,24 @@ def test_hidden_states_match_transformers(tmp_path: Path, case: str) -> None:
     diff = (engine.hidden_states(arrays) - ref).abs().max().item()
     print(f"{case}: max abs diff of last hidden state {diff:.2e}")
     assert diff <= HIDDEN_TOL
+
+
+def test_legacy_layer_norm_names_load(tmp_path: Path) -> None:
+    """LayerNorm.gamma / .beta (TF-era saves), as transformers renames them on load."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AlbertModel
+
+    root = make_tiny_albert(tmp_path / "m", "AlbertForPreTraining", seed=5)
+    weights = load_file(str(root / "model.safetensors"))
+    renamed = {key.replace("LayerNorm.weight", "LayerNorm.gamma")
+               .replace("LayerNorm.bias", "LayerNorm.beta"): value
+               for key, value in weights.items()}
+    assert renamed.keys() != weights.keys()
+    save_file(renamed, str(root / "model.safetensors"), metadata={"format": "pt"})
+    _, engine = serve(root, "mean")
+    arrays, _ = pack(root, TEXTS, MAX_TOKENS)
+    ref = hf_hidden(AlbertModel.from_pretrained(str(root)).eval(), arrays)
+    assert (engine.hidden_states(arrays) - ref).abs().max().item() <= HIDDEN_TOL
 
 
 def test_absent_config_keys_read_as_albert_config_defaults(tmp_path: Path) -> None:

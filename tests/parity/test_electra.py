@@ -45,6 +45,10 @@ def serve(model_dir: Path, pooling: str | None = None):
     ("ElectraForPreTraining", {}),  # the discriminator checkpoints (google/electra-*)
     ("ElectraForMaskedLM", {}),  # the generator checkpoints
     ("ElectraForSequenceClassification", {"num_labels": 2}),
+    # Served as their encoder, as sentence-transformers loads them (heads dropped).
+    ("ElectraForTokenClassification", {"num_labels": 3}),
+    ("ElectraForQuestionAnswering", {}),
+    ("ElectraForMultipleChoice", {}),
 ])
 def test_hidden_states_match_transformers(tmp_path: Path, architecture: str,
                                           overrides: dict) -> None:
@@ -59,6 +63,24 @@ def test_hidden_states_match_transformers(tmp_path: Path, architecture: str,
     diff = (engine.hidden_states(arrays) - ref).abs().max().item()
     print(f"{architecture} {overrides}: max abs diff of last hidden state {diff:.2e}")
     assert diff <= HIDDEN_TOL
+
+
+def test_legacy_layer_norm_names_load(tmp_path: Path) -> None:
+    """LayerNorm.gamma / .beta (TF-era saves), as transformers renames them on load."""
+    from safetensors.torch import load_file, save_file
+    from transformers import ElectraModel
+
+    root = make_tiny(tmp_path / "m", "electra", "ElectraForPreTraining", seed=5)
+    weights = load_file(str(root / "model.safetensors"))
+    renamed = {key.replace("LayerNorm.weight", "LayerNorm.gamma")
+               .replace("LayerNorm.bias", "LayerNorm.beta"): value
+               for key, value in weights.items()}
+    assert renamed.keys() != weights.keys()
+    save_file(renamed, str(root / "model.safetensors"), metadata={"format": "pt"})
+    _, engine = serve(root, "mean")
+    arrays, _ = pack(root, TEXTS, MAX_TOKENS)
+    ref = hf_hidden(ElectraModel.from_pretrained(str(root)).eval(), arrays)
+    assert (engine.hidden_states(arrays) - ref).abs().max().item() <= HIDDEN_TOL
 
 
 def test_embedding_size_defaults_to_electras(tmp_path: Path) -> None:
