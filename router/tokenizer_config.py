@@ -57,6 +57,20 @@ def _bert(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
         strip_accents=cfg.get("strip_accents"), lowercase=bool(cfg.get("do_lower_case", True)))
 
 
+def _bert_template(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
+    # BertTokenizer (so DistilBERT's and ELECTRA's) sets its pre-tokenizer, and its template of
+    # cls_token / sep_token after the file's post-processor was applied: the class's win.
+    _bert(tokenizer, cfg)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    cls, sep = _token(cfg, "cls_token", "[CLS]"), _token(cfg, "sep_token", "[SEP]")
+    cls_id, sep_id = tokenizer.token_to_id(cls), tokenizer.token_to_id(sep)
+    if cls_id is None or sep_id is None:
+        return  # the file's post-processor (transformers would add the token as a new one)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{cls}:0 $A:0 {sep}:0", pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+        special_tokens=[(cls, cls_id), (sep, sep_id)])
+
+
 def _roberta(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
     prefix = bool(cfg.get("add_prefix_space", False))
     sep, cls = _token(cfg, "sep_token", "</s>"), _token(cfg, "cls_token", "<s>")
@@ -224,9 +238,10 @@ def _unigram_as_deberta(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
 
 
 _REBUILDS = {
-    "BertTokenizer": _bert, "DistilBertTokenizer": _bert, "MPNetTokenizer": _bert,
+    "BertTokenizer": _bert_template, "DistilBertTokenizer": _bert_template,
+    "MPNetTokenizer": _bert,
     # (transformers 5 has no ElectraTokenizer: the name resolves to BertTokenizer.)
-    "ElectraTokenizer": _bert,
+    "ElectraTokenizer": _bert_template,
     "RobertaTokenizer": _roberta,
     "XLMRobertaTokenizer": _xlm_roberta, "CamembertTokenizer": _xlm_roberta,
     "LlamaTokenizer": _llama, "Qwen2Tokenizer": _qwen2, "DebertaV2Tokenizer": _deberta_v2,

@@ -31,6 +31,18 @@ def _wordpiece(lowercase: bool) -> Tokenizer:
     return tok
 
 
+def _wordpiece_edited(post_processor: bool, pre_tokenizer: bool) -> Tokenizer:
+    """A cased WordPiece file whose own post-processor adds [SEP] only, or that has no
+    pre-tokenizer: BertTokenizer sets its own over both."""
+    tok = _wordpiece(False)
+    if post_processor:
+        tok.post_processor = processors.TemplateProcessing(
+            single="$A [SEP]", pair="$A [SEP] $B:1 [SEP]:1", special_tokens=[("[SEP]", 3)])
+    if pre_tokenizer:
+        tok.pre_tokenizer = None  # type: ignore[assignment]
+    return tok
+
+
 def _byte_level(prefix: bool) -> Tokenizer:
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {t: i for i, t in enumerate([*FAIRSEQ, *sorted(alphabet), "Ġh", "He"])}
@@ -91,6 +103,14 @@ CASES: dict[str, tuple[str, Tokenizer, dict[str, Any], bool]] = {
     "bert-strip-accents-false": ("bert", _wordpiece(True), {"strip_accents": False} | BERT, True),
     "distilbert": ("distilbert", _wordpiece(False), {"tokenizer_class": "DistilBertTokenizerFast"}
                    | BERT, True),
+    # BertTokenizer's [CLS] / [SEP] template and BertPreTokenizer over the file's
+    "bert-file-post-processor": ("bert", _wordpiece_edited(True, False),
+                                 {"do_lower_case": False} | BERT, True),
+    "electra-file-post-processor": ("electra", _wordpiece_edited(True, False),
+                                    {"do_lower_case": False, "tokenizer_class": "ElectraTokenizer"}
+                                    | BERT, True),
+    "distilbert-no-pre-tokenizer": ("distilbert", _wordpiece_edited(False, True),
+                                    {"do_lower_case": False} | BERT, True),
     "nomic-bert": ("nomic_bert", _wordpiece(False), {"tokenizer_class": "BertTokenizer"} | BERT,
                    True),
     "generic-backend": ("bert", _wordpiece(False), {"tokenizer_class": "PreTrainedTokenizerFast"}
