@@ -18,11 +18,11 @@ from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, processors
 from shared.tokenizer_class import special_tokens
 from tests.fixtures.albert import write_albert_tokenizer
 from tests.fixtures.tokenizer_oracle import (
-    Encoded,
-    encodings,
+    assert_tokenizes_as_transformers,
+    edit_tokenizer,
     precompiled_charsmap,
-    router_tokens,
-    transformers_tokens,
+    rebuild_changes_ids,
+    write_case,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -45,12 +45,6 @@ def _saved(root: Path, **kwargs: Any) -> dict[str, Any]:
     return json.loads((root / "tokenizer_config.json").read_text())
 
 
-def _edit(root: Path, change: Callable[[Tokenizer], None]) -> None:
-    tok = Tokenizer.from_file(str(root / "tokenizer.json"))
-    change(tok)
-    tok.save(str(root / "tokenizer.json"))
-
-
 def _hub(root: Path) -> dict[str, Any]:
     """albert-base-v2's tokenizer.json pipeline (transformers 4's converter): the same steps,
     then runs of spaces collapsed, and Metaspace without a whitespace split; its
@@ -62,7 +56,7 @@ def _hub(root: Path) -> dict[str, Any]:
         tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(Regex(" {2,}"), " ")])
         tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
 
-    _edit(root, change)
+    edit_tokenizer(root, change)
     return {"do_lower_case": True, "keep_accents": False, "remove_space": True,
             "tokenizer_class": "AlbertTokenizer", "unk_token": "<unk>", "pad_token": "<pad>",
             "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]",
@@ -87,7 +81,7 @@ def _file_post_processor(root: Path) -> dict[str, Any]:
         tok.post_processor = processors.TemplateProcessing(
             single="$A:0 [SEP]:0", pair="$A:0 [SEP]:0 $B:1 [SEP]:1", special_tokens=[("[SEP]", 3)])
 
-    _edit(root, change)
+    edit_tokenizer(root, change)
     return cfg | {"cls_token": "[MASK]"}
 
 
@@ -123,34 +117,20 @@ CASES: dict[str, tuple[Callable[[Path], dict[str, Any]], bool]] = {
 
 
 def _write(root: Path, name: str) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    cfg = CASES[name][0](root)
-    (root / "tokenizer_config.json").write_text(json.dumps(cfg))
-    (root / "config.json").write_text(json.dumps({"model_type": "albert"}))
-    return root
-
-
-def _ours(root: Path) -> tuple[list[Encoded], list[str]]:
-    return router_tokens(root, "albert", TEXTS, PAIRS)
+    return write_case(root, CASES[name][0], "albert")
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_ids_type_ids_offsets_and_decode_equal_transformers(tmp_path: Path, name: str) -> None:
     root = _write(tmp_path, name)
-    expected, expected_decoded = transformers_tokens(root, "AlbertTokenizer", TEXTS, PAIRS)
-    got, decoded = _ours(root)
-    for text, mine, theirs in zip([*TEXTS, *PAIRS], got, expected, strict=True):
-        assert mine == theirs, text
-    assert decoded == expected_decoded
+    assert_tokenizes_as_transformers(root, "albert", "AlbertTokenizer", TEXTS, PAIRS)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_only_a_disagreement_changes_ids(tmp_path: Path, name: str) -> None:
     """The cases above test the rebuild: where marked, tokenizer.json alone gives other ids."""
     root = _write(tmp_path, name)
-    plain = Tokenizer.from_file(str(root / "tokenizer.json"))
-    ids = [ids for ids, _, _ in _ours(root)[0]]
-    assert ([e.ids for e in encodings(plain, TEXTS, PAIRS)] != ids) is CASES[name][1]
+    assert rebuild_changes_ids(root, "albert", TEXTS, PAIRS) is CASES[name][1]
 
 
 def test_named_special_tokens_are_the_classs(tmp_path: Path) -> None:

@@ -17,10 +17,12 @@ from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, 
 
 from tests.fixtures.tokenizer_oracle import (
     Encoded,
-    encodings,
+    assert_tokenizes_as_transformers,
+    edit_tokenizer,
     precompiled_charsmap,
+    rebuild_changes_ids,
     router_tokens,
-    transformers_tokens,
+    write_case,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -65,16 +67,10 @@ def _converted(tok: Tokenizer, charsmap: bytes | None, lower: bool) -> None:
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace()])
 
 
-def _edit(root: Path, change: Callable[[Tokenizer], None]) -> None:
-    tok = Tokenizer.from_file(str(root / "tokenizer.json"))
-    change(tok)
-    tok.save(str(root / "tokenizer.json"))
-
-
 def _hub(root: Path, lower: bool = False) -> dict[str, Any]:
     charsmap = precompiled_charsmap()
     _saved(root, charsmap)
-    _edit(root, lambda tok: _converted(tok, charsmap, lower))
+    edit_tokenizer(root, lambda tok: _converted(tok, charsmap, lower))
     # transformers 4 wrote neither add_prefix_space nor unk_id
     return {"do_lower_case": lower, "split_by_punct": False, "vocab_type": "spm",
             "tokenizer_class": "DebertaV2Tokenizer", "bos_token": "[CLS]", "eos_token": "[SEP]",
@@ -96,7 +92,7 @@ def _hand_written(root: Path) -> dict[str, Any]:
             special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
         tok.decoder = decoders.WordPiece()
 
-    _edit(root, change)
+    edit_tokenizer(root, change)
     del cfg["tokenizer_class"]
     return cfg
 
@@ -127,7 +123,7 @@ def _named_specials(root: Path) -> dict[str, Any]:
     from tokenizers import AddedToken
 
     cfg = _saved(root)
-    _edit(root, lambda tok: tok.add_special_tokens([AddedToken("<s>", special=True),
+    edit_tokenizer(root, lambda tok: tok.add_special_tokens([AddedToken("<s>", special=True),
                                                     AddedToken("</s>", special=True)]))
     return cfg | {"cls_token": "<s>", "sep_token": "</s>", "bos_token": "<s>", "eos_token": "</s>"}
 
@@ -154,11 +150,7 @@ CASES: dict[str, tuple[Callable[[Path], dict[str, Any]], bool]] = {
 
 
 def _write(root: Path, name: str) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    cfg = CASES[name][0](root)
-    (root / "tokenizer_config.json").write_text(json.dumps(cfg))
-    (root / "config.json").write_text(json.dumps({"model_type": "deberta-v2"}))
-    return root
+    return write_case(root, CASES[name][0], "deberta-v2")
 
 
 def _ours(root: Path) -> tuple[list[Encoded], list[str]]:
@@ -168,20 +160,14 @@ def _ours(root: Path) -> tuple[list[Encoded], list[str]]:
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_ids_type_ids_offsets_and_decode_equal_transformers(tmp_path: Path, name: str) -> None:
     root = _write(tmp_path, name)
-    expected, expected_decoded = transformers_tokens(root, "DebertaV2Tokenizer", TEXTS, PAIRS)
-    got, decoded = _ours(root)
-    for text, mine, theirs in zip([*TEXTS, *PAIRS], got, expected, strict=True):
-        assert mine == theirs, text
-    assert decoded == expected_decoded
+    assert_tokenizes_as_transformers(root, "deberta-v2", "DebertaV2Tokenizer", TEXTS, PAIRS)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_only_a_disagreement_changes_ids(tmp_path: Path, name: str) -> None:
     """The cases above test the rebuild: where marked, tokenizer.json alone gives other ids."""
     root = _write(tmp_path, name)
-    plain = Tokenizer.from_file(str(root / "tokenizer.json"))
-    ids = [ids for ids, _, _ in _ours(root)[0]]
-    assert ([e.ids for e in encodings(plain, TEXTS, PAIRS)] != ids) is CASES[name][1]
+    assert rebuild_changes_ids(root, "deberta-v2", TEXTS, PAIRS) is CASES[name][1]
 
 
 def test_hub_files_keep_a_leading_space_in_the_first_offsets(tmp_path: Path) -> None:

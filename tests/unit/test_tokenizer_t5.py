@@ -17,11 +17,13 @@ from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, 
 from shared.tokenizer_class import special_tokens, tokenizer_class
 from tests.fixtures.t5 import write_t5_tokenizer
 from tests.fixtures.tokenizer_oracle import (
-    Encoded,
-    encodings,
+    assert_tokenizes_as_transformers,
+    edit_tokenizer,
     precompiled_charsmap,
+    rebuild_changes_ids,
     router_tokens,
     transformers_tokens,
+    write_case,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -40,12 +42,6 @@ def _saved(root: Path, **kwargs: Any) -> dict[str, Any]:
     return json.loads((root / "tokenizer_config.json").read_text())
 
 
-def _edit(root: Path, change: Callable[[Tokenizer], None]) -> None:
-    tok = Tokenizer.from_file(str(root / "tokenizer.json"))
-    change(tok)
-    tok.save(str(root / "tokenizer.json"))
-
-
 def _hub(root: Path) -> dict[str, Any]:
     """The pipeline of t5-base's and GTR's tokenizer.json (transformers 4's converter): the
     character map then runs of spaces to "▁", and Metaspace without a whitespace split."""
@@ -57,7 +53,7 @@ def _hub(root: Path) -> dict[str, Any]:
             normalizers.Replace(Regex(" {2,}"), "▁")])
         tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
 
-    _edit(root, change)
+    edit_tokenizer(root, change)
     return cfg
 
 
@@ -82,7 +78,7 @@ def _other_template(root: Path) -> dict[str, Any]:
             single="$A <pad>", pair="$A <pad> $B:1 <pad>:1", special_tokens=[("<pad>", 0)])
         tok.decoder = decoders.Metaspace(prepend_scheme="never")
 
-    _edit(root, change)
+    edit_tokenizer(root, change)
     return cfg
 
 
@@ -105,34 +101,20 @@ CASES: dict[str, tuple[Callable[[Path], dict[str, Any]], bool]] = {
 
 
 def _write(root: Path, name: str, model_type: str = "t5") -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    cfg = CASES[name][0](root)
-    (root / "tokenizer_config.json").write_text(json.dumps(cfg))
-    (root / "config.json").write_text(json.dumps({"model_type": model_type}))
-    return root
-
-
-def _ours(root: Path) -> tuple[list[Encoded], list[str]]:
-    return router_tokens(root, "t5", TEXTS, PAIRS)
+    return write_case(root, CASES[name][0], model_type)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_ids_type_ids_offsets_and_decode_equal_transformers(tmp_path: Path, name: str) -> None:
     root = _write(tmp_path, name)
-    expected, expected_decoded = transformers_tokens(root, "T5Tokenizer", TEXTS, PAIRS)
-    got, decoded = _ours(root)
-    for text, mine, theirs in zip([*TEXTS, *PAIRS], got, expected, strict=True):
-        assert mine == theirs, text
-    assert decoded == expected_decoded
+    assert_tokenizes_as_transformers(root, "t5", "T5Tokenizer", TEXTS, PAIRS)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_only_a_disagreement_changes_ids(tmp_path: Path, name: str) -> None:
     """The cases above test the rebuild: where marked, tokenizer.json alone gives other ids."""
     root = _write(tmp_path, name)
-    plain = Tokenizer.from_file(str(root / "tokenizer.json"))
-    ids = [ids for ids, _, _ in _ours(root)[0]]
-    assert ([e.ids for e in encodings(plain, TEXTS, PAIRS)] != ids) is CASES[name][1]
+    assert rebuild_changes_ids(root, "t5", TEXTS, PAIRS) is CASES[name][1]
 
 
 @pytest.mark.parametrize("model_type", ["t5", "mt5"])
