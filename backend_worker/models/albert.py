@@ -23,7 +23,7 @@ from backend_worker.attention import Attention
 from backend_worker.head_modules import FamilyHeads, HeadKeys
 from backend_worker.layers import FactorizedEmbeddings, activation
 from backend_worker.loading import Rule, WeightMap
-from backend_worker.models.bert import BertLayer
+from backend_worker.models.bert import EMBEDDING_RULES, TF_LAYER_NORM_NAMES, BertLayer
 from backend_worker.models.config import refusal, required_keys
 from backend_worker.models.registry import register
 
@@ -31,10 +31,7 @@ _LAYER = "encoder.albert_layer_groups.{g}.albert_layers.{j}."
 _OURS = "groups.{g}.{j}."
 WEIGHT_MAP = WeightMap(
     rules=(
-        Rule("embeddings.word_embeddings.weight", "embeddings.word.weight"),
-        Rule("embeddings.position_embeddings.weight", "embeddings.position.weight"),
-        Rule("embeddings.token_type_embeddings.weight", "embeddings.token_type.weight"),
-        Rule("embeddings.LayerNorm.{w}", "embeddings.norm.{w}"),
+        *EMBEDDING_RULES,
         Rule("encoder.embedding_hidden_mapping_in.{w}", "embeddings.project.{w}"),
         Rule(_LAYER + "attention.{part}.{w}", _OURS + "attention.qkv.{w}",
              fuse=("query", "key", "value")),
@@ -45,8 +42,7 @@ WEIGHT_MAP = WeightMap(
         Rule(_LAYER + "full_layer_layer_norm.{w}", _OURS + "mlp_norm.{w}"),
     ),
     prefixes=("albert.",),
-    # TF-era spellings, as transformers' legacy renaming reads them.
-    normalize=((r"LayerNorm\.gamma$", "LayerNorm.weight"), (r"LayerNorm\.beta$", "LayerNorm.bias")),
+    normalize=TF_LAYER_NORM_NAMES,
     ignore=(
         r"embeddings\.position_ids",  # a buffer older transformers saved
         # Heads: backend_worker/heads.py loads pooler + classifier when the model serves them.

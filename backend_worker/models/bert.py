@@ -19,12 +19,21 @@ from backend_worker.models.config import refuse_values, required_keys
 from backend_worker.models.registry import register
 from shared.errors import ConfigError
 
+# BERT's embeddings as checkpoints name them (ELECTRA's and ALBERT's too, at their own width).
+EMBEDDING_RULES = (
+    Rule("embeddings.word_embeddings.weight", "embeddings.word.weight"),
+    Rule("embeddings.position_embeddings.weight", "embeddings.position.weight"),
+    Rule("embeddings.token_type_embeddings.weight", "embeddings.token_type.weight"),
+    Rule("embeddings.LayerNorm.{w}", "embeddings.norm.{w}"),
+)
+# TF-era checkpoints spell LayerNorm parameters gamma/beta (transformers renames them for every
+# model on load).
+TF_LAYER_NORM_NAMES = ((r"LayerNorm\.gamma$", "LayerNorm.weight"),
+                       (r"LayerNorm\.beta$", "LayerNorm.bias"))
+
 WEIGHT_MAP = WeightMap(
     rules=(
-        Rule("embeddings.word_embeddings.weight", "embeddings.word.weight"),
-        Rule("embeddings.position_embeddings.weight", "embeddings.position.weight"),
-        Rule("embeddings.token_type_embeddings.weight", "embeddings.token_type.weight"),
-        Rule("embeddings.LayerNorm.{w}", "embeddings.norm.{w}"),
+        *EMBEDDING_RULES,
         Rule("encoder.layer.{i}.attention.self.{part}.{w}", "layers.{i}.attention.qkv.{w}",
              fuse=("query", "key", "value")),
         Rule("encoder.layer.{i}.attention.output.dense.{w}", "layers.{i}.attention.out.{w}"),
@@ -35,8 +44,7 @@ WEIGHT_MAP = WeightMap(
     ),
     # BertFor* checkpoints (MaskedLM, SequenceClassification, ...) nest the encoder in "bert.".
     prefixes=("bert.",),
-    # TF-era checkpoints spell LayerNorm parameters gamma/beta.
-    normalize=((r"LayerNorm\.gamma$", "LayerNorm.weight"), (r"LayerNorm\.beta$", "LayerNorm.bias")),
+    normalize=TF_LAYER_NORM_NAMES,
     ignore=(
         r"embeddings\.position_ids",  # a buffer older transformers saved
         # Heads of BertFor* checkpoints: not the encoder's. backend_worker/heads.py loads them,

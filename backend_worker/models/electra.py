@@ -28,8 +28,7 @@ WEIGHT_MAP = WeightMap(
     rules=(*bert.WEIGHT_MAP.rules,
            Rule("embeddings_project.{w}", "embeddings.project.{w}")),
     prefixes=("electra.",),
-    # TF-era spellings, as transformers' legacy renaming reads them.
-    normalize=bert.WEIGHT_MAP.normalize,
+    normalize=bert.TF_LAYER_NORM_NAMES,
     ignore=(
         r"embeddings\.position_ids",  # a buffer older transformers saved
         # backend_worker/heads.py loads it when the model serves it; a token classifier's and
