@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, cast
 
@@ -49,6 +49,33 @@ def _token(tokenizer_config: dict[str, Any], key: str, default: str) -> str:
     return str(value["content"]) if isinstance(value, dict) else str(value)  # an AddedToken
 
 
+def _charsmap(tokenizer: Tokenizer) -> list[Any]:
+    """The sentencepiece character map of the file's normalizer, as a list of 0 or 1 step: the
+    one part of it the sentencepiece classes keep."""
+    return [s for s in _steps(tokenizer.normalizer) if isinstance(s, normalizers.Precompiled)][:1]
+
+
+def _split_then_metaspace(scheme: str) -> Any:
+    """sentencepiece's split as the classes rebuild it: on every whitespace first (a trailing
+    space or newline gives no "▁" of its own), then Metaspace with the class's prepend scheme."""
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme)])
+
+
+def _cls_sep_template(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
+    """[CLS] A [SEP] / [CLS] A [SEP] B [SEP] (B's part type 1) of tokenizer_config.json's
+    cls_token / sep_token; the file's post-processor where the vocabulary lacks either
+    (transformers would add the token as a new one)."""
+    cls, sep = _token(cfg, "cls_token", "[CLS]"), _token(cfg, "sep_token", "[SEP]")
+    cls_id, sep_id = tokenizer.token_to_id(cls), tokenizer.token_to_id(sep)
+    if cls_id is None or sep_id is None:
+        return
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{cls}:0 $A:0 {sep}:0", pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+        special_tokens=[(cls, cls_id), (sep, sep_id)])
+
+
 def _bert(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
     # Note do_lower_case's default: True, so a cased tokenizer.json is lower-cased when
     # tokenizer_config.json does not say do_lower_case false.
@@ -62,13 +89,7 @@ def _bert_template(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
     # cls_token / sep_token after the file's post-processor was applied: the class's win.
     _bert(tokenizer, cfg)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    cls, sep = _token(cfg, "cls_token", "[CLS]"), _token(cfg, "sep_token", "[SEP]")
-    cls_id, sep_id = tokenizer.token_to_id(cls), tokenizer.token_to_id(sep)
-    if cls_id is None or sep_id is None:
-        return  # the file's post-processor (transformers would add the token as a new one)
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{cls}:0 $A:0 {sep}:0", pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
-        special_tokens=[(cls, cls_id), (sep, sep_id)])
+    _cls_sep_template(tokenizer, cfg)
 
 
 def _roberta(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
@@ -90,11 +111,8 @@ def _xlm_roberta(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
     # newline gives no "▁" token of its own. Of the normalizer it keeps the sentencepiece
     # character map only (the space-collapsing Replace after it is moot after that split).
     scheme = "always" if cfg.get("add_prefix_space", True) else "never"
-    kept = [s for s in _steps(tokenizer.normalizer) if isinstance(s, normalizers.Precompiled)]
-    tokenizer.normalizer = kept[0] if kept else None
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.WhitespaceSplit(),
-        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme)])
+    tokenizer.normalizer = next(iter(_charsmap(tokenizer)), None)
+    tokenizer.pre_tokenizer = _split_then_metaspace(scheme)
 
 
 def _t5(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
@@ -102,13 +120,10 @@ def _t5(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
     # Unigram model is rebuilt from the file's pieces with the unknown piece at id 2 and no
     # byte fallback, whatever the file says; and the closing "</s>" of the template is
     # tokenizer_config.json's eos_token (its id), whatever the file's post-processor holds.
-    kept = [s for s in _steps(tokenizer.normalizer) if isinstance(s, normalizers.Precompiled)]
-    tokenizer.normalizer = kept[0] if kept else None
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.WhitespaceSplit(),
-        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)])
-    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
-    _unigram(tokenizer, unk_id=_T5_UNK_ID)
+    tokenizer.normalizer = next(iter(_charsmap(tokenizer)), None)
+    tokenizer.pre_tokenizer = _split_then_metaspace("always")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    _unigram(tokenizer, lambda pieces: _T5_UNK_ID)
     eos = _token(cfg, "eos_token", "</s>")
     if tokenizer.token_to_id(eos) is None:
         # transformers adds a named token the vocabulary lacks as a new special token (the
@@ -135,14 +150,11 @@ def _albert(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
         steps += [normalizers.NFKD(), normalizers.StripAccents()]
     if cfg.get("do_lower_case", True):
         steps.append(normalizers.Lowercase())
-    steps += [s for s in _steps(tokenizer.normalizer) if isinstance(s, normalizers.Precompiled)][:1]
-    tokenizer.normalizer = normalizers.Sequence(steps)
+    tokenizer.normalizer = normalizers.Sequence([*steps, *_charsmap(tokenizer)])
     scheme = "always" if cfg.get("add_prefix_space", True) else "never"
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.WhitespaceSplit(),
-        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme)])
+    tokenizer.pre_tokenizer = _split_then_metaspace(scheme)
     tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme=scheme)
-    _unigram(tokenizer, unk_id=_ALBERT_UNK_ID)
+    _unigram(tokenizer, lambda pieces: _ALBERT_UNK_ID)
     if tokenizer.post_processor is not None:
         return
     cls_id = tokenizer.token_to_id(_token(cfg, "cls_token", "[CLS]"))
@@ -157,13 +169,19 @@ def _albert(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
 _ALBERT_UNK_ID = 1
 
 
-def _unigram(tokenizer: Tokenizer, unk_id: int) -> None:
-    """The file's Unigram pieces with the class's fixed unknown id and no byte fallback."""
+Pieces = list[tuple[str, float]]
+
+
+def _unigram(tokenizer: Tokenizer, unk_id_of: Callable[[Pieces], int]) -> None:
+    """The Unigram model as the sentencepiece classes build it anew from the file's pieces:
+    without byte fallback, and with the unknown id the class chooses (`unk_id_of` the pieces),
+    whatever the file's unk_id says."""
     state = json.loads(tokenizer.model.__getstate__())
     if state.get("type") != "Unigram":
         return  # (the class could not load it at all)
+    pieces = [(piece, score) for piece, score in state["vocab"]]
+    unk_id = unk_id_of(pieces)
     if state.get("unk_id") != unk_id or state.get("byte_fallback"):
-        pieces = [(piece, score) for piece, score in state["vocab"]]
         tokenizer.model = models.Unigram(pieces, unk_id=unk_id, byte_fallback=False)
 
 
@@ -198,7 +216,7 @@ def _deberta_v2(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
     # offsets. Without a map the template turns each whitespace run, tab and newline into a
     # space.
     lower = [normalizers.Lowercase()] if cfg.get("do_lower_case", False) else []
-    charsmap = [s for s in _steps(tokenizer.normalizer) if isinstance(s, normalizers.Precompiled)]
+    charsmap = _charsmap(tokenizer)
     if charsmap:
         rest = [charsmap[0], normalizers.Strip(left=False, right=True),
                 normalizers.Replace(Regex(" {2,}"), " ")]
@@ -213,28 +231,12 @@ def _deberta_v2(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [*punct, pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme)])
     tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme=scheme)
-    _unigram_as_deberta(tokenizer, cfg)
-    cls, sep = _token(cfg, "cls_token", "[CLS]"), _token(cfg, "sep_token", "[SEP]")
-    cls_id, sep_id = tokenizer.token_to_id(cls), tokenizer.token_to_id(sep)
-    if cls_id is None or sep_id is None:
-        return  # the file's post-processor (transformers would add the token as a new one)
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{cls}:0 $A:0 {sep}:0", pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
-        special_tokens=[(cls, cls_id), (sep, sep_id)])
-
-
-def _unigram_as_deberta(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
-    """The class builds its Unigram model anew from the file's pieces: without byte fallback,
-    and with the unknown piece found by name (score 0.0) rather than the file's unk_id; failing
-    that, tokenizer_config.json's unk_id (default 1)."""
-    state = json.loads(tokenizer.model.__getstate__())
-    if state.get("type") != "Unigram":
-        return  # (the class could not load it at all)
-    pieces = [(piece, score) for piece, score in state["vocab"]]
+    # The unknown piece is found by name (score 0.0); failing that, tokenizer_config.json's
+    # unk_id (default 1).
     unk = (_token(cfg, "unk_token", "[UNK]"), 0.0)
-    unk_id = pieces.index(unk) if unk in pieces else cfg.get("unk_id", 1)
-    if state.get("unk_id") != unk_id or state.get("byte_fallback"):
-        tokenizer.model = models.Unigram(pieces, unk_id=unk_id, byte_fallback=False)
+    _unigram(tokenizer,
+             lambda pieces: pieces.index(unk) if unk in pieces else cfg.get("unk_id", 1))
+    _cls_sep_template(tokenizer, cfg)
 
 
 _REBUILDS = {
