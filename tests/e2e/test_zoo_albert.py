@@ -12,6 +12,7 @@ from tokenizers import pre_tokenizers
 from tests.e2e.zoo import embed, sentence_transformer, serve_model
 from tests.fixtures.albert import make_tiny_albert
 from tests.fixtures.oracles import cosine_rows
+from tests.fixtures.tokenizer_oracle import edit_tokenizer
 
 TEXTS = ["Hello World ", "Café ``naïve''", "a",
          "A much longer input, with punctuation; digits 0123456789 and MiXeD case. " * 3]
@@ -19,13 +20,9 @@ TEXTS = ["Hello World ", "Café ``naïve''", "a",
 
 @pytest.fixture(scope="module")
 def albert(tmp_path_factory):
-    from tokenizers import Tokenizer
-
     model = make_tiny_albert(tmp_path_factory.mktemp("albert") / "m", pooling="mean", seed=9)
-    path = model / "tokenizer.json"
-    hub_style = Tokenizer.from_file(str(path))
-    hub_style.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
-    hub_style.save(str(path))
+    edit_tokenizer(model, lambda tok: setattr(
+        tok, "pre_tokenizer", pre_tokenizers.Metaspace(prepend_scheme="always")))
     with serve_model(model, tmp_path_factory.mktemp("logs")) as srv:
         yield model, srv
 

@@ -12,6 +12,7 @@ from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 from tests.e2e.zoo import embed, sentence_transformer, serve_model
 from tests.fixtures.oracles import cosine_rows
 from tests.fixtures.t5 import make_tiny_t5
+from tests.fixtures.tokenizer_oracle import edit_tokenizer
 
 TEXTS = ["hello  world", "the weather is lovely today ", "a",
          "A much longer input, with punctuation; digits 0123456789 and MiXeD case. " * 3]
@@ -20,11 +21,12 @@ TEXTS = ["hello  world", "the weather is lovely today ", "a",
 @pytest.fixture(scope="module")
 def t5(tmp_path_factory):
     model = make_tiny_t5(tmp_path_factory.mktemp("t5") / "m", pooling="mean", seed=9)
-    path = model / "tokenizer.json"
-    hub_style = Tokenizer.from_file(str(path))
-    hub_style.normalizer = normalizers.Replace(Regex(" {2,}"), "▁")
-    hub_style.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
-    hub_style.save(str(path))
+
+    def hub_style(tok: Tokenizer) -> None:
+        tok.normalizer = normalizers.Replace(Regex(" {2,}"), "▁")
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
+
+    edit_tokenizer(model, hub_style)
     with serve_model(model, tmp_path_factory.mktemp("logs")) as srv:
         yield model, srv
 
