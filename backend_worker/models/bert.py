@@ -53,6 +53,9 @@ WEIGHT_MAP = WeightMap(
         r"pooler\..*",
         r"cls\..*",
         r"classifier\..*",
+        # BertForQuestionAnswering's span head: its encoder is served, as sentence-transformers
+        # loads it (AutoModel drops the head).
+        r"qa_outputs\..*",
     ),
 )
 

@@ -71,6 +71,7 @@ WEIGHT_MAP = WeightMap(
         r"cls\..*",
         r"lm_predictions\..*",
         r"mask_predictions\..*",
+        r"qa_outputs\..*",  # DebertaV2ForQuestionAnswering: its encoder is served
     ),
 )
 

@@ -46,6 +46,7 @@ WEIGHT_MAP = WeightMap(
         r"pre_classifier\..*",
         r"classifier\..*",
         r"vocab_(transform|layer_norm|projector)\..*",
+        r"qa_outputs\..*",  # DistilBertForQuestionAnswering: its encoder is served
     ),
 )
 

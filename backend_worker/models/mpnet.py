@@ -49,6 +49,7 @@ WEIGHT_MAP = WeightMap(
         r"pooler\..*",
         r"lm_head\..*",
         r"classifier\..*",
+        r"qa_outputs\..*",
     ),
 )
 

@@ -30,6 +30,7 @@ WEIGHT_MAP = WeightMap(
         r"pooler\..*",
         r"classifier\..*",
         r"lm_head\..*",
+        r"qa_outputs\..*",  # *ForQuestionAnswering: its encoder is served, as AutoModel loads it
     ),
 )
 

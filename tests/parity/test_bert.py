@@ -47,6 +47,10 @@ def bare_model(root: Path, **weights_kwargs) -> Path:
         ("bin", {"bin_format": True}),
         ("sharded-bin", {"sharded": True, "bin_format": True}),
         ("masked-lm-prefix", {"architecture": "BertForMaskedLM"}),
+        # Served as their encoder, as sentence-transformers loads them (heads dropped).
+        ("question-answering", {"architecture": "BertForQuestionAnswering"}),
+        ("token-classification", {"architecture": "BertForTokenClassification"}),
+        ("pre-training", {"architecture": "BertForPreTraining"}),
         ("gelu_new", {"overrides": {"hidden_act": "gelu_new"}}),
         ("relu", {"overrides": {"hidden_act": "relu"}}),
         ("silu", {"overrides": {"hidden_act": "silu"}}),

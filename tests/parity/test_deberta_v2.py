@@ -54,6 +54,7 @@ CASES = {
     "v3-classifier-prefix": ("DebertaV2ForSequenceClassification", {"num_labels": 2}),
     "v3-masked-lm-legacy": ("DebertaV2ForMaskedLM", {}),
     "v3-masked-lm": ("DebertaV2ForMaskedLM", {"legacy": False}),
+    "v3-question-answering": ("DebertaV2ForQuestionAnswering", {}),  # heads dropped
     "v3-c2p-only": ("DebertaV2Model", {"pos_att_type": "c2p"}),
     "v3-p2c-only-list": ("DebertaV2Model", {"pos_att_type": ["p2c"]}),
     "v3-more-buckets": ("DebertaV2Model", {"position_buckets": 64, "max_relative_positions": 96}),

@@ -43,6 +43,7 @@ def serve(model_dir: Path, pooling: str | None = None):
     [
         ("base", "DistilBertModel", {}),
         ("masked-lm-prefix", "DistilBertForMaskedLM", {}),
+        ("question-answering", "DistilBertForQuestionAnswering", {}),  # heads dropped
         ("relu", "DistilBertModel", {"activation": "relu"}),
         # The saved table (random here, not a sinusoid) is what transformers uses.
         ("sinusoidal", "DistilBertModel", {"sinusoidal_pos_embds": True}),

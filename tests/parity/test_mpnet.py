@@ -53,6 +53,7 @@ def test_buckets_match_transformers() -> None:
     [
         ("base", "MPNetModel", {}, TEXTS),
         ("masked-lm-prefix", "MPNetForMaskedLM", {}, TEXTS),
+        ("question-answering", "MPNetForQuestionAnswering", {}, TEXTS),  # heads dropped
         ("relu", "MPNetModel", {"hidden_act": "relu"}, TEXTS),
         # Distances past max_distance 128, where the outer buckets saturate.
         ("long", "MPNetModel", {"max_position_embeddings": 402}, [*TEXTS, LONG * 2]),

@@ -77,6 +77,9 @@ def transformers_hidden(model_dir: Path, arrays) -> torch.Tensor:
     [
         ("roberta", "RobertaModel"),
         ("roberta", "RobertaForMaskedLM"),  # "roberta." prefix, lm_head ignored
+        # Served as their encoder, as sentence-transformers loads them (heads dropped).
+        ("xlm-roberta", "XLMRobertaForQuestionAnswering"),
+        ("roberta", "RobertaForTokenClassification"),
         ("xlm-roberta", "XLMRobertaModel"),
         ("camembert", "CamembertModel"),
     ],
