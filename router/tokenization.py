@@ -39,9 +39,9 @@ _chat: ChatFormatter | None = None
 _static: StaticTokens | None = None  # a static model's (ModelInfo.empty_bag_id set)
 # Requests with at most this many characters are tokenized in the router process itself.
 INLINE_CHARACTERS = 512
-# A pool call still unanswered after this long means a wedged pool (a hung or stopped process):
-# generous next to the 1-2 MB of text one process tokenizes per second.
-STALL_BASE_S = 30.0
+# A pool call still unanswered after its stall limit (`--tokenizer-timeout`, plus this per MB of
+# text) means a wedged pool (a hung or stopped process): generous next to the 1-2 MB of text one
+# process tokenizes per second.
 STALL_S_PER_MB = 10.0
 
 
@@ -244,8 +244,9 @@ class TokenizerPool:
     def __init__(self, tokenizer_path: str, processes: int, json_logs: bool = False,
                  lowercase: bool = False, model_type: str = "",
                  conversations: Conversations | None = None,
-                 empty_bag_id: int | None = None) -> None:
+                 empty_bag_id: int | None = None, stall_timeout: float = 30.0) -> None:
         self._tokenizer_path = tokenizer_path
+        self._stall_timeout = stall_timeout
         self._lowercase = lowercase
         self._model_type = model_type
         self._conversations = conversations
@@ -322,7 +323,7 @@ class TokenizerPool:
         # The pool runs calls in order: this one may wait behind all the work already in it, so
         # that work counts in its deadline, or a busy pool would look like a hung one (and be
         # killed, failing every request in it).
-        deadline = STALL_BASE_S + STALL_S_PER_MB * (self._queued + size) / 1e6
+        deadline = self._stall_timeout + STALL_S_PER_MB * (self._queued + size) / 1e6
         self._queued += size
         try:
             outcome = await asyncio.wait_for(loop.run_in_executor(executor, function, *args),

@@ -188,6 +188,10 @@ class ServerConfig:
         "Seconds a worker may stay silent (no heartbeat, no result) before it is deemed hung, "
         "killed and restarted; raised automatically to 10x its warm-up batch time.",
         env="WORKER_TIMEOUT", type=float))
+    tokenizer_timeout: float = field(default=30.0, metadata=_opt(
+        "Seconds a tokenizer process may take on a call (plus 10 s per MB of text, its own and "
+        "the text queued ahead of it) before the tokenizer pool is deemed hung and replaced, "
+        "failing only the requests in it.", env="TOKENIZER_TIMEOUT", type=float))
     worker_ready_timeout: float = field(default=300.0, metadata=_opt(
         "Seconds a worker may take to load and warm up before start-up fails.",
         env="WORKER_READY_TIMEOUT", type=float))
@@ -207,8 +211,9 @@ class ServerConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
-        if self.worker_timeout <= 0 or self.worker_ready_timeout <= 0:
-            raise ConfigError("--worker-timeout and --worker-ready-timeout must be > 0")
+        if min(self.worker_timeout, self.worker_ready_timeout, self.tokenizer_timeout) <= 0:
+            raise ConfigError("--worker-timeout, --worker-ready-timeout and --tokenizer-timeout "
+                              "must be > 0")
         if self.devices is not None:
             if self.device in ("cpu", "mps"):
                 raise ConfigError(f"--devices selects CUDA devices; it cannot go with "

@@ -169,6 +169,9 @@ def test_default_prompt_and_name_are_exclusive() -> None:
         ["--max-batch-requests", "0"],
         ["--tokenization-workers", "0"],
         ["--grpc-max-parallel-stream-requests", "0"],
+        ["--worker-timeout", "0"],
+        ["--worker-ready-timeout", "-1"],
+        ["--tokenizer-timeout", "0"],
     ],
 )
 def test_non_positive_limits_are_refused(argv: list[str]) -> None:

