@@ -14,7 +14,7 @@ from starlette.routing import Route
 from router.errors import handle_embedserve_error, handle_http_exception, handle_unexpected
 from router.http import ApiKeyMiddleware, ClientGone, RequestIdMiddleware
 from router.metrics import Metrics
-from router.routes import AppState, Endpoint, docs, heads, openai, root, tei
+from router.routes import AppState, Endpoint, cohere_embed, docs, heads, openai, root, tei
 from router.tracing import TracingMiddleware
 from shared.errors import EmbedServeError
 
@@ -25,7 +25,8 @@ async def _client_gone(request: Request, exc: Exception) -> Response:
 
 
 def endpoints(state: AppState) -> list[Endpoint]:
-    served = [*tei.routes(state), *heads.routes(state), *openai.routes(state)]
+    served = [*tei.routes(state), *heads.routes(state), *openai.routes(state),
+              *cohere_embed.routes(state)]
     return [*served, *root.routes(state, served)]
 
 

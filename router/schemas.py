@@ -126,8 +126,8 @@ class OpenAIEmbedRequest(msgspec.Struct, kw_only=True):
     encoding_format: Literal["float", "base64"] | None = "float"  # null: float
     dimensions: int | None = None
     user: str | None = None
-    # Jina's embeddings API spells the format these ways; it also offers bit-packed binary
-    # formats, which are refused rather than answered as floats a client would unpack as bits.
+    # Jina's embeddings API spells the format these ways, and offers bit-packed signs
+    # ("binary", "ubinary") beside "float" and "base64" (router/embedding_types.py).
     encoding_type: str | None = None
     embedding_type: str | None = None
 
@@ -239,3 +239,72 @@ class CohereRerankResponse(msgspec.Struct):
     results: list[CohereResult]
     model: str
     usage: CohereUsage
+
+
+class CohereContent(msgspec.Struct, kw_only=True):
+    type: str
+    text: str | None = None
+    image_url: dict[str, Any] | None = None
+
+
+class CohereEmbedInput(msgspec.Struct, kw_only=True):
+    content: list[CohereContent]
+
+
+CohereEmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary", "base64"]
+
+
+class CohereEmbedRequest(msgspec.Struct, kw_only=True):
+    """Cohere's embed request, v1 and v2 (router/routes/cohere_embed.py says what is done with
+    each field)."""
+
+    texts: list[str] | None = None
+    inputs: list[CohereEmbedInput] | None = None  # v2: each input one text part
+    images: list[str] | None = None
+    model: str | None = None
+    input_type: str | None = None
+    embedding_types: list[CohereEmbeddingType] | None = None
+    truncate: Literal["NONE", "START", "END"] | None = None
+    output_dimension: int | None = None
+    max_tokens: int | None = None
+    priority: int | None = None
+
+
+class CohereEmbeddingsByType(msgspec.Struct, omit_defaults=True):
+    # float32 numpy arrays at run time, written as JSON arrays (routes.json_response).
+    floats: list[list[float]] | None = msgspec.field(default=None, name="float")
+    binary: list[list[int]] | None = None  # each 8 dimensions' signs as one int8 (bit - 128)
+    ubinary: list[list[int]] | None = None  # each 8 dimensions' signs as one uint8
+    base64: list[str] | None = None  # little-endian float32 bytes
+
+
+class CohereApiVersion(msgspec.Struct):
+    version: str
+
+
+class CohereBilledUnits(msgspec.Struct):
+    input_tokens: int
+
+
+class CohereMeta(msgspec.Struct):
+    api_version: CohereApiVersion
+    billed_units: CohereBilledUnits
+
+
+# Cohere's two answers, told apart by their `response_type`.
+class CohereEmbedByTypeResponse(msgspec.Struct, kw_only=True, tag_field="response_type",
+                                tag="embeddings_by_type"):
+    id: str  # the request's x-request-id
+    embeddings: CohereEmbeddingsByType
+    texts: list[str]
+    meta: CohereMeta
+
+
+class CohereEmbedFloatsResponse(msgspec.Struct, kw_only=True, tag_field="response_type",
+                                tag="embeddings_floats"):
+    """Cohere v1's answer when no `embedding_types` were asked for."""
+
+    id: str
+    embeddings: list[list[float]]  # a float32 numpy array at run time
+    texts: list[str]
+    meta: CohereMeta

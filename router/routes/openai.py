@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import base64
 import time
 
-import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 
+from router.embedding_types import WRITERS
 from router.http import read_json, unless_disconnected
 from router.routes import AppState, Endpoint, json_response, timing_headers
 from router.schemas import (
@@ -23,9 +22,21 @@ from router.schemas import (
 from shared.errors import ErrorType, validation
 
 
-def _base64(row: np.ndarray) -> str:
-    # What the openai client decodes by default: little-endian float32 bytes.
-    return base64.b64encode(row.astype("<f4", copy=False).tobytes()).decode()
+def written_as(body: OpenAIEmbedRequest) -> str:
+    """OpenAI's `encoding_format`, unless Jina's `embedding_type` (or its older spelling
+    `encoding_type`) names one of the formats Jina's API offers."""
+    named = [(name, value) for name, value in (("embedding_type", body.embedding_type),
+                                               ("encoding_type", body.encoding_type))
+             if value is not None]
+    if not named:
+        return body.encoding_format or "float"
+    if len({value for _, value in named}) > 1:
+        raise validation("`embedding_type` and `encoding_type` disagree")
+    name, written = named[0]
+    if written not in WRITERS:
+        raise validation(f"`{name}` {written!r} is not supported: choose among "
+                         f"{', '.join(WRITERS)}")
+    return written
 
 
 def routes(state: AppState) -> list[Endpoint]:
@@ -37,18 +48,12 @@ def routes(state: AppState) -> list[Endpoint]:
         started = time.perf_counter()
         body = await read_json(request, OpenAIEmbedRequest, limit)
         with service.refusals_counted():
-            for name, value in (("encoding_type", body.encoding_type),
-                                ("embedding_type", body.embedding_type)):
-                if value not in (None, "float"):
-                    raise validation(
-                        f"`{name}` {value!r} is not supported: embeddings are answered as "
-                        "float numbers, or as base64 float32 with `encoding_format`")
+            written = written_as(body)
         result = await unless_disconnected(request, service.embed(EmbedRequest(
             inputs=body.input, normalize=True, dimensions=body.dimensions,
         )))
-        data = [OpenAIEmbedding(embedding=_base64(row) if body.encoding_format == "base64"
-                                else row, index=i)
-                for i, row in enumerate(result.vectors)]
+        data = [OpenAIEmbedding(embedding=row, index=i)
+                for i, row in enumerate(WRITERS[written](result.vectors))]
         tokens = result.timings.tokens
         return json_response(
             OpenAIEmbedResponse(data=data, model=model_name,

@@ -158,16 +158,25 @@ def test_openai_models(openai_client, server):
     assert bare.models.list().data == [model]
 
 
-def test_jina_fields_give_floats_or_a_refusal(server):
-    # Jina's clients name the format `encoding_type` / `embedding_type`; their bit-packed
-    # formats must not come back as floats the client would unpack as bits.
+def test_jina_fields_name_the_format_or_are_refused(server):
+    # Jina's clients name the format `encoding_type` / `embedding_type` (its bit-packed formats:
+    # tests/e2e/test_cohere_embed.py); one it does not offer must not come back as floats.
     floats = ok(server.client.post("/v1/embeddings", json={"input": ["a b"]}))
+    encoded = ok(server.client.post("/v1/embeddings", json={"input": ["a b"],
+                                                             "encoding_format": "base64"}))
     for name in ("encoding_type", "embedding_type"):
         same = ok(server.client.post("/v1/embeddings", json={"input": ["a b"], name: "float"}))
         assert same["data"] == floats["data"]
-        refused = server.client.post("/v1/embeddings", json={"input": ["a b"], name: "binary"})
+        as_base64 = ok(server.client.post("/v1/embeddings", json={"input": ["a b"],
+                                                                   name: "base64"}))
+        assert as_base64["data"] == encoded["data"]
+        refused = server.client.post("/v1/embeddings", json={"input": ["a b"], name: "int8"})
         assert refused.status_code == 422
-        assert refused.json()["error"]["message"].startswith(f"`{name}` 'binary' is not supported")
+        assert refused.json()["error"]["message"].startswith(f"`{name}` 'int8' is not supported")
+    mixed = server.client.post("/v1/embeddings", json={
+        "input": ["a b"], "encoding_type": "float", "embedding_type": "binary"})
+    assert mixed.status_code == 422
+    assert "disagree" in mixed.json()["error"]["message"]
     # An explicit null format is the default (float), as it is in OpenAI's API.
     nulled = ok(server.client.post("/v1/embeddings", json={"input": ["a b"],
                                                             "encoding_format": None}))

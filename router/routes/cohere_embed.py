@@ -1,0 +1,153 @@
+"""Cohere's embed API: /v1/embed (cohere.Client) and /v2/embed (cohere.ClientV2, which
+langchain-cohere's CohereEmbeddings wraps), answered from the same vectors as /embed.
+
+- `texts`, or v2's `inputs` whose content is one text part each; images are refused (a text
+  model). Vectors are normalized, as Cohere's are; `output_dimension` is /embed's `dimensions`.
+- `input_type` picks the model's prompt of that role: `search_query` the "query" prompt,
+  `search_document` the first of "document", "passage", "corpus" the model has (the candidates
+  sentence-transformers' encode_document names; 6.3's own finds the empty "document"
+  placeholder it adds on load first, so it gives an e5-style model with only "passage" no
+  prompt), `classification` and `clustering` the prompt of that name. Where the model has none,
+  the request is a plain one (the default prompt, if any, applies).
+- `truncate`: END cuts the end, START the start, NONE refuses a text over the limit (422);
+  absent, --auto-truncate decides, as for TEI's routes.
+- `embedding_types`: float, base64 (float32), binary and ubinary (router/embedding_types.py).
+  int8 / uint8 are refused: Cohere's scale is its own, and sentence-transformers' scalar
+  quantization needs calibration ranges a server has no way to know.
+- v1 without `embedding_types` answers `embeddings_floats` (a plain list of vectors); otherwise
+  `embeddings_by_type`, as Cohere does. `meta.billed_units.input_tokens` counts the tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, cast
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from router.embedding_types import WRITERS
+from router.http import read_json, unless_disconnected
+from router.routes import AppState, Endpoint, json_response, timing_headers
+from router.schemas import (
+    CohereApiVersion,
+    CohereBilledUnits,
+    CohereEmbedByTypeResponse,
+    CohereEmbeddingsByType,
+    CohereEmbedFloatsResponse,
+    CohereEmbedRequest,
+    CohereMeta,
+    EmbedRequest,
+)
+from shared.errors import ErrorType, empty, validation
+
+# Each input_type's prompt names, in the order sentence-transformers looks for them.
+PROMPT_NAMES = {
+    "search_query": ("query",),
+    "search_document": ("document", "passage", "corpus"),
+    "classification": ("classification",),
+    "clustering": ("clustering",),
+}
+
+
+def prompt_name(input_type: str | None, prompts: dict[str, str]) -> str | None:
+    if input_type is None:
+        return None
+    if input_type == "image":
+        raise validation("`input_type` image is not supported: this is a text model")
+    if input_type not in PROMPT_NAMES:
+        raise validation(f"`input_type` must be one of {', '.join(PROMPT_NAMES)}, "
+                         f"not {input_type!r}")
+    return next((name for name in PROMPT_NAMES[input_type] if name in prompts), None)
+
+
+def input_texts(body: CohereEmbedRequest) -> list[str]:
+    if body.images:
+        raise validation("`images` are not supported: this is a text model")
+    if body.texts is not None and body.inputs is not None:
+        raise validation("give either `texts` or `inputs`, not both")
+    if not (body.texts or body.inputs):
+        raise empty("`texts` cannot be empty")
+    if body.texts is not None:
+        return body.texts
+    texts = []
+    for index, item in enumerate(body.inputs or ()):
+        parts = item.content
+        if len(parts) != 1 or parts[0].type != "text" or parts[0].text is None:
+            raise validation(f"`inputs[{index}]` must hold one text part (`{{\"type\": "
+                             "\"text\", \"text\": ...}`): images and several parts are not "
+                             "supported")
+        texts.append(parts[0].text)
+    return texts
+
+
+def embed_request(body: CohereEmbedRequest, texts: list[str],
+                  prompts: dict[str, str]) -> EmbedRequest:
+    """The /embed request of a Cohere request's `texts`, once its fields are checked."""
+    refused = [t for t in body.embedding_types or () if t not in WRITERS]
+    if refused:
+        raise validation(f"`embedding_types` {', '.join(refused)} not supported: choose among "
+                         f"{', '.join(WRITERS)} (int8 / uint8 need a calibration this server "
+                         "does not have)")
+    if body.max_tokens is not None:
+        raise validation("`max_tokens` is not supported: inputs are cut at the model's limit, "
+                         "on the side `truncate` names")
+    if body.priority:
+        raise validation("`priority` is not supported: requests are served in arrival order")
+    inputs: list[str | int | list[int]] = [*texts]
+    return EmbedRequest(
+        inputs=inputs,
+        truncate=None if body.truncate is None else body.truncate != "NONE",
+        truncation_direction="left" if body.truncate == "START" else "right",
+        prompt_name=prompt_name(body.input_type, prompts),
+        normalize=True,
+        dimensions=body.output_dimension,
+    )
+
+
+def routes(state: AppState) -> list[Endpoint]:
+    service = state.service
+    limit = state.config.payload_limit
+    prompts = state.model.prompts
+
+    async def embed(request: Request, version: str) -> Response:
+        started = time.perf_counter()
+        body = await read_json(request, CohereEmbedRequest, limit)
+        with service.refusals_counted():
+            texts = input_texts(body)
+            asked = embed_request(body, texts, prompts)
+        result = await unless_disconnected(request, service.embed(asked))
+        meta = CohereMeta(CohereApiVersion(version), CohereBilledUnits(result.timings.tokens))
+        answer: Any
+        if version == "1" and body.embedding_types is None:
+            answer = CohereEmbedFloatsResponse(
+                id=request.state.request_id,
+                embeddings=cast(list[list[float]], result.vectors), texts=texts, meta=meta)
+        else:
+            wanted = dict.fromkeys(body.embedding_types or ["float"])
+            by_type = {kind: WRITERS[kind](result.vectors) for kind in wanted}
+            answer = CohereEmbedByTypeResponse(
+                id=request.state.request_id,
+                embeddings=CohereEmbeddingsByType(floats=by_type.pop("float", None),
+                                                  **by_type),
+                texts=texts, meta=meta)
+        return json_response(answer, timing_headers(result.timings, started,
+                                                    state.compute_type))
+
+    async def embed_v1(request: Request) -> Response:
+        return await embed(request, "1")
+
+    async def embed_v2(request: Request) -> Response:
+        return await embed(request, "2")
+
+    errors = (ErrorType.VALIDATION, ErrorType.EMPTY, ErrorType.TOKENIZER, ErrorType.BACKEND,
+              ErrorType.OVERLOADED, ErrorType.UNHEALTHY)
+    return [
+        Endpoint("POST", "/v1/embed", embed_v1, "Cohere embed shape (v1: a plain list of float "
+                 "vectors unless `embedding_types` are asked for)", CohereEmbedRequest,
+                 CohereEmbedFloatsResponse | CohereEmbedByTypeResponse, errors,
+                 tag="Cohere/Jina", inference=True),
+        Endpoint("POST", "/v2/embed", embed_v2, "Cohere embed shape (v2: embeddings by type)",
+                 CohereEmbedRequest, CohereEmbedByTypeResponse, errors, tag="Cohere/Jina",
+                 inference=True),
+    ]

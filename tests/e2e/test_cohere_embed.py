@@ -1,0 +1,190 @@
+"""Cohere's Python SDK, unchanged, against /v1/embed (cohere.Client) and /v2/embed
+(cohere.ClientV2, which langchain-cohere's CohereEmbeddings wraps), and Jina's bit-packed types
+on /v1/embeddings: the vectors are /embed's, the prompts sentence-transformers' encode_query /
+encode_document pick, the packed types quantize_embeddings'."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+
+import cohere
+import numpy as np
+import pytest
+from cohere.errors import BadRequestError, UnprocessableEntityError
+
+from tests.e2e.server import Server, serving
+from tests.e2e.test_cohere_client import error
+from tests.fixtures.tiny import make_tiny_bert
+
+TEXTS = ["the cat sat on the mat", "paris is the capital of france", "hi"]
+PROMPTS = {"query": "query: ", "passage": "passage: ", "clustering": "topic: "}
+LONG = "the capital of france is paris " * 40  # past the 128-token limit
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = make_tiny_bert(tmp_path_factory.mktemp("cohere-embed") / "model", prompts=PROMPTS,
+                          seed=4)
+    # sentence-transformers 6 saves an empty "document" prompt beside the others: without it,
+    # encode_document takes "passage", the case the test wants.
+    config = json.loads((root / "config_sentence_transformers.json").read_text())
+    assert config["prompts"].pop("document") == ""
+    (root / "config_sentence_transformers.json").write_text(json.dumps(config))
+    return root
+
+
+@pytest.fixture(scope="module")
+def srv(model_dir, tmp_path_factory) -> Iterator[Server]:
+    with serving("--model-id", str(model_dir), "--max-batch-tokens", "512",
+                 log_path=tmp_path_factory.mktemp("cohere-embed-log") / "log") as server:
+        yield server
+
+
+def tei(srv: Server, texts: list[str], **fields) -> np.ndarray:
+    response = srv.client.post("/embed", json={"inputs": texts, **fields})
+    assert response.status_code == 200, response.text
+    return np.asarray(response.json(), dtype=np.float32)
+
+
+def quantized(vectors: np.ndarray, precision: str) -> np.ndarray:
+    from sentence_transformers.util.quantization import quantize_embeddings
+
+    return quantize_embeddings(vectors, precision=precision)
+
+
+def test_v2_embed_every_type_from_the_same_vectors(srv) -> None:
+    client = cohere.ClientV2(api_key="unused", base_url=srv.url)
+    reply = client.embed(model="embed-v4.0", texts=TEXTS, input_type="search_query",
+                         embedding_types=["float", "binary", "ubinary", "base64"])
+    assert isinstance(reply, cohere.EmbedByTypeResponse)
+    expected = tei(srv, TEXTS, prompt_name="query")
+    floats = np.asarray(reply.embeddings.float_, dtype=np.float32)
+    assert np.array_equal(floats, expected)  # the same float32 numbers
+    assert expected.shape[1] % 8 == 0
+    assert np.array_equal(np.asarray(reply.embeddings.binary, dtype=np.int8),
+                          quantized(expected, "binary"))
+    assert np.array_equal(np.asarray(reply.embeddings.ubinary, dtype=np.uint8),
+                          quantized(expected, "ubinary"))
+    decoded = [np.frombuffer(base64.b64decode(b), dtype="<f4") for b in reply.embeddings.base64]
+    assert np.array_equal(np.stack(decoded), expected)
+    assert reply.embeddings.int8 is None and reply.texts == TEXTS
+    assert reply.meta.api_version.version == "2"
+    assert reply.meta.billed_units.input_tokens == sum(
+        len(t) for t in srv.client.post("/tokenize", json={"inputs": [f"query: {t}" for t in
+                                                                       TEXTS]}).json())
+    # Without embedding_types: floats.
+    plain = client.embed(model="any", texts=TEXTS, input_type="search_query")
+    assert np.array_equal(np.asarray(plain.embeddings.float_, dtype=np.float32), expected)
+
+
+def test_input_types_pick_the_models_prompts(srv, model_dir) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(model_dir), device="cpu")
+    client = cohere.ClientV2(api_key="unused", base_url=srv.url)
+
+    def ours(input_type: str) -> np.ndarray:
+        reply = client.embed(model="any", texts=TEXTS, input_type=input_type,
+                             embedding_types=["float"])
+        return np.asarray(reply.embeddings.float_, dtype=np.float32)
+
+    assert np.abs(ours("search_query") - model.encode_query(TEXTS)).max() <= 1e-5
+    # No "document" prompt: "passage", the next of encode_document's candidates (6.3's own
+    # encode_document finds the empty "document" placeholder it adds on load instead).
+    assert np.abs(ours("search_document") - model.encode(TEXTS, prompt_name="passage")).max(
+    ) <= 1e-5
+    assert np.array_equal(ours("clustering"), tei(srv, TEXTS, prompt_name="clustering"))
+    # No "classification" prompt: no prompt, as a request without prompt_name.
+    assert np.array_equal(ours("classification"), tei(srv, TEXTS))
+
+
+def test_v1_embed_answers_floats_unless_types_are_asked_for(srv) -> None:
+    client = cohere.Client(api_key="unused", base_url=srv.url)
+    expected = tei(srv, TEXTS, prompt_name="passage")
+    reply = client.embed(texts=TEXTS, model="embed-english-v3.0", input_type="search_document")
+    assert isinstance(reply, cohere.EmbeddingsFloatsEmbedResponse)
+    assert np.array_equal(np.asarray(reply.embeddings, dtype=np.float32), expected)
+    assert reply.meta.api_version.version == "1" and len(reply.id) == 32
+    typed = client.embed(texts=TEXTS, input_type="search_document", embedding_types=["ubinary"])
+    assert isinstance(typed, cohere.EmbeddingsByTypeEmbedResponse)
+    assert np.array_equal(np.asarray(typed.embeddings.ubinary, dtype=np.uint8),
+                          quantized(expected, "ubinary"))
+    assert typed.embeddings.float_ is None
+
+
+def test_truncate_and_output_dimension(srv) -> None:
+    client = cohere.ClientV2(api_key="unused", base_url=srv.url)
+
+    def floats(**options) -> np.ndarray:
+        reply = client.embed(model="any", texts=[LONG, TEXTS[0]], input_type="clustering",
+                             **options)
+        return np.asarray(reply.embeddings.float_, dtype=np.float32)
+
+    both = [LONG, TEXTS[0]]
+    assert np.array_equal(floats(), tei(srv, both, prompt_name="clustering"))
+    assert np.array_equal(floats(truncate="END"), tei(srv, both, prompt_name="clustering"))
+    start = floats(truncate="START")
+    assert np.array_equal(start, tei(srv, both, prompt_name="clustering",
+                                     truncation_direction="Left"))
+    assert not np.array_equal(start[0], floats()[0])
+    with pytest.raises(UnprocessableEntityError) as refused:
+        floats(truncate="NONE")
+    assert "must have less than 128 tokens" in error(refused.value)
+    # Matryoshka: cut, then normalized again; 20 dimensions pack into 3 bytes, the last
+    # padded with zero bits.
+    reply = client.embed(model="any", texts=TEXTS, input_type="clustering", output_dimension=20,
+                         embedding_types=["float", "ubinary"])
+    expected = tei(srv, TEXTS, prompt_name="clustering", dimensions=20)
+    assert np.array_equal(np.asarray(reply.embeddings.float_, dtype=np.float32), expected)
+    packed = np.asarray(reply.embeddings.ubinary, dtype=np.uint8)
+    assert packed.shape == (3, 3)
+    assert np.array_equal(np.unpackbits(packed, axis=1)[:, :20], (expected > 0).astype(np.uint8))
+    assert not np.unpackbits(packed, axis=1)[:, 20:].any()
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"embedding_types": ["int8"]}, "`embedding_types` int8 not supported"),
+    ({"input_type": "image"}, "`input_type` image is not supported"),
+    ({"input_type": "search"}, "`input_type` must be one of"),
+    ({"images": ["data:image/png;base64,AAAA"]}, "`images` are not supported"),
+    ({"max_tokens": 8}, "`max_tokens` is not supported"),
+    ({"priority": 3}, "`priority` is not supported"),
+    ({"output_dimension": 0}, "`dimensions` should be positive"),
+    ({"inputs": [{"content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]},
+     "`inputs[0]` must hold one text part"),
+])
+def test_what_is_refused_says_why(srv, fields: dict, message: str) -> None:
+    body = {"texts": TEXTS, **fields}
+    if "inputs" in fields:
+        del body["texts"]
+    response = srv.client.post("/v2/embed", json=body)
+    assert response.status_code == 422, response.text
+    assert message in response.json()["error"]
+
+
+def test_inputs_of_one_text_part_and_empty_requests(srv) -> None:
+    inputs = [{"content": [{"type": "text", "text": text}]} for text in TEXTS]
+    response = srv.client.post("/v2/embed", json={"inputs": inputs})
+    assert response.status_code == 200, response.text
+    assert np.array_equal(np.asarray(response.json()["embeddings"]["float"], dtype=np.float32),
+                          tei(srv, TEXTS))
+    for body in ({"texts": []}, {}, {"inputs": []}):
+        empty = srv.client.post("/v2/embed", json=body)
+        assert empty.status_code == 400, empty.text
+        assert empty.json()["error_type"] == "Empty"
+    with pytest.raises(BadRequestError):
+        cohere.ClientV2(api_key="unused", base_url=srv.url).embed(
+            model="any", texts=[], input_type="search_query")
+
+
+@pytest.mark.parametrize("kind", ["binary", "ubinary"])
+def test_jina_packed_embedding_types(srv, kind: str) -> None:
+    response = srv.client.post("/v1/embeddings", json={"input": TEXTS, "embedding_type": kind})
+    assert response.status_code == 200, response.text
+    rows = [d["embedding"] for d in response.json()["data"]]
+    assert np.array_equal(np.asarray(rows), quantized(tei(srv, TEXTS), kind))
+    refused = srv.client.post("/v1/embeddings", json={"input": TEXTS, "embedding_type": "int8"})
+    assert refused.status_code == 422
+    assert "`embedding_type` 'int8' is not supported" in refused.json()["error"]["message"]
