@@ -130,6 +130,8 @@ class OpenAIEmbedRequest(msgspec.Struct, kw_only=True):
     # ("binary", "ubinary") beside "float" and "base64" (router/embedding_types.py).
     encoding_type: str | None = None
     embedding_type: str | None = None
+    # Jina's: the prompt of the task's role (router/prompt_roles.py).
+    task: str | None = None
 
 
 class OpenAIEmbedding(msgspec.Struct, kw_only=True):

@@ -3,12 +3,7 @@ langchain-cohere's CohereEmbeddings wraps), answered from the same vectors as /e
 
 - `texts`, or v2's `inputs` whose content is one text part each; images are refused (a text
   model). Vectors are normalized, as Cohere's are; `output_dimension` is /embed's `dimensions`.
-- `input_type` picks the model's prompt of that role: `search_query` the "query" prompt,
-  `search_document` the first of "document", "passage", "corpus" the model has (the candidates
-  sentence-transformers' encode_document names; 6.3's own finds the empty "document"
-  placeholder it adds on load first, so it gives an e5-style model with only "passage" no
-  prompt), `classification` and `clustering` the prompt of that name. Where the model has none,
-  the request is a plain one (the default prompt, if any, applies).
+- `input_type` picks the model's prompt of that role (router/prompt_roles.py).
 - `truncate`: END cuts the end, START the start, NONE refuses a text over the limit (422);
   absent, --auto-truncate decides, as for TEI's routes.
 - `embedding_types`: float, base64 (float32), binary and ubinary (router/embedding_types.py).
@@ -28,6 +23,7 @@ from starlette.responses import Response
 
 from router.embedding_types import WRITERS
 from router.http import read_json, unless_disconnected
+from router.prompt_roles import cohere_prompt
 from router.routes import AppState, Endpoint, json_response, timing_headers
 from router.schemas import (
     CohereApiVersion,
@@ -40,25 +36,6 @@ from router.schemas import (
     EmbedRequest,
 )
 from shared.errors import ErrorType, empty, validation
-
-# Each input_type's prompt names, in the order sentence-transformers looks for them.
-PROMPT_NAMES = {
-    "search_query": ("query",),
-    "search_document": ("document", "passage", "corpus"),
-    "classification": ("classification",),
-    "clustering": ("clustering",),
-}
-
-
-def prompt_name(input_type: str | None, prompts: dict[str, str]) -> str | None:
-    if input_type is None:
-        return None
-    if input_type == "image":
-        raise validation("`input_type` image is not supported: this is a text model")
-    if input_type not in PROMPT_NAMES:
-        raise validation(f"`input_type` must be one of {', '.join(PROMPT_NAMES)}, "
-                         f"not {input_type!r}")
-    return next((name for name in PROMPT_NAMES[input_type] if name in prompts), None)
 
 
 def input_texts(body: CohereEmbedRequest) -> list[str]:
@@ -99,7 +76,7 @@ def embed_request(body: CohereEmbedRequest, texts: list[str],
         inputs=inputs,
         truncate=None if body.truncate is None else body.truncate != "NONE",
         truncation_direction="left" if body.truncate == "START" else "right",
-        prompt_name=prompt_name(body.input_type, prompts),
+        prompt_name=cohere_prompt(body.input_type, prompts),
         normalize=True,
         dimensions=body.output_dimension,
     )

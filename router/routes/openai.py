@@ -9,6 +9,7 @@ from starlette.responses import Response
 
 from router.embedding_types import WRITERS
 from router.http import read_json, unless_disconnected
+from router.prompt_roles import jina_prompt
 from router.routes import AppState, Endpoint, json_response, timing_headers
 from router.schemas import (
     EmbedRequest,
@@ -43,14 +44,17 @@ def routes(state: AppState) -> list[Endpoint]:
     service = state.service
     limit = state.config.payload_limit
     model_name = state.info.served_model_name
+    prompts = state.model.prompts
 
     async def embeddings(request: Request) -> Response:
         started = time.perf_counter()
         body = await read_json(request, OpenAIEmbedRequest, limit)
         with service.refusals_counted():
             written = written_as(body)
+            prompt_name = jina_prompt(body.task, prompts)
         result = await unless_disconnected(request, service.embed(EmbedRequest(
             inputs=body.input, normalize=True, dimensions=body.dimensions,
+            prompt_name=prompt_name,
         )))
         data = [OpenAIEmbedding(embedding=row, index=i)
                 for i, row in enumerate(WRITERS[written](result.vectors))]

@@ -1,7 +1,7 @@
 """Cohere's Python SDK, unchanged, against /v1/embed (cohere.Client) and /v2/embed
 (cohere.ClientV2, which langchain-cohere's CohereEmbeddings wraps), and Jina's bit-packed types
-on /v1/embeddings: the vectors are /embed's, the prompts sentence-transformers' encode_query /
-encode_document pick, the packed types quantize_embeddings'."""
+and `task` on /v1/embeddings: the vectors are /embed's with the prompt of the role asked for,
+the packed types quantize_embeddings'."""
 
 from __future__ import annotations
 
@@ -188,3 +188,19 @@ def test_jina_packed_embedding_types(srv, kind: str) -> None:
     refused = srv.client.post("/v1/embeddings", json={"input": TEXTS, "embedding_type": "int8"})
     assert refused.status_code == 422
     assert "`embedding_type` 'int8' is not supported" in refused.json()["error"]["message"]
+
+
+def test_jina_task_picks_the_models_prompt(srv) -> None:
+    def jina(task: str) -> np.ndarray:
+        response = srv.client.post("/v1/embeddings", json={"input": TEXTS, "task": task})
+        assert response.status_code == 200, response.text
+        return np.asarray([d["embedding"] for d in response.json()["data"]], dtype=np.float32)
+
+    assert np.array_equal(jina("retrieval.query"), tei(srv, TEXTS, prompt_name="query"))
+    assert np.array_equal(jina("retrieval.passage"), tei(srv, TEXTS, prompt_name="passage"))
+    # A prompt named as the task (jina-embeddings-v3's are) is taken as it is.
+    assert np.array_equal(jina("clustering"), tei(srv, TEXTS, prompt_name="clustering"))
+    assert np.array_equal(jina("separation"), tei(srv, TEXTS))  # no such prompt: none
+    refused = srv.client.post("/v1/embeddings", json={"input": TEXTS, "task": "retrieval"})
+    assert refused.status_code == 422
+    assert "`task` must be one of" in refused.json()["error"]["message"]
