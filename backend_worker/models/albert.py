@@ -104,7 +104,9 @@ class AlbertModel(nn.Module):
         with required_keys("ALBERT"):
             layers = int(config["num_hidden_layers"])
             groups = int(config.get("num_hidden_groups", 1))
-            if not 1 <= groups <= layers:
+            # More groups than layers is allowed, as transformers allows it: the schedule then
+            # skips some (their weights are loaded, strictly, and never used).
+            if groups < 1:
                 raise refusal("ALBERT", f"num_hidden_groups={groups} for {layers} layers")
             return cls(
                 vocab_size=int(config["vocab_size"]),

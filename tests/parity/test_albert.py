@@ -42,6 +42,8 @@ CASES = {
     # albert-base-v2's shape: one layer run at every step.
     "one-layer": ("AlbertModel", {"num_hidden_groups": 1, "inner_group_num": 1}),
     "as-many-groups-as-layers": ("AlbertModel", {"num_hidden_groups": 5, "inner_group_num": 1}),
+    # Layers 0-4 run groups 0, 1, 3, 4, 6 (int(i / (5 / 8))); 2, 5 and 7 are never used.
+    "more-groups-than-layers": ("AlbertModel", {"num_hidden_groups": 8, "inner_group_num": 1}),
     "embeddings-as-wide": ("AlbertModel", {"embedding_size": 32}),  # still projected
     "gelu": ("AlbertModel", {"hidden_act": "gelu"}),
     # Every LayerNorm (the embeddings', both of each layer) takes config.json's epsilon.
@@ -147,7 +149,6 @@ def test_classifier_logits_match_transformers(tmp_path: Path, labels: int) -> No
 
 
 @pytest.mark.parametrize(("edit", "message"), [
-    ({"num_hidden_groups": 6}, "num_hidden_groups=6 for 5 layers"),
     ({"num_hidden_groups": 0}, "num_hidden_groups=0 for 5 layers"),
     ({"position_embedding_type": "relative_key"}, "position_embedding_type='relative_key'"),
     ({"hidden_act": "mish"}, "hidden_act 'mish' is not supported"),
