@@ -9,10 +9,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from backend_worker.attention.padded import PaddedMeta, PaddedSDPA, with_content
-from backend_worker.attention.spec import BIDIRECTIONAL, MaskSpec, SymmetricAlibi
+from backend_worker.attention.spec import BIDIRECTIONAL, MaskSpec, SymmetricAlibi, sdpa
 from shared.protocol import CostModel
 
 
@@ -61,7 +60,7 @@ def torch_varlen_kernel(function: Callable[..., Any] | None = None) -> VarlenKer
 
     def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                max_len: int, mask: MaskSpec) -> torch.Tensor | None:
-        if mask.bias is not None or mask.content is not None:
+        if mask.bias is not None or mask.content is not None or mask.softcap is not None:
             return None
         kwargs: dict[str, Any] = {}
         if mask.window is not None or mask.causal:
@@ -94,12 +93,19 @@ def flash_attn_kernel(function: Callable[..., Any] | None = None) -> VarlenKerne
             return None
         function = flash_attn_varlen_func
     attend: Callable[..., Any] = function
+    # flash-attn >= 2.6 caps scores itself (`softcap`, 0.0 meaning none).
+    has_softcap = "softcap" in inspect.signature(attend).parameters
 
     def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                max_len: int, mask: MaskSpec) -> torch.Tensor | None:
         slopes = None
         if mask.content is not None:
             return None
+        kwargs: dict[str, Any] = {}
+        if mask.softcap is not None:
+            if not has_softcap:
+                return None
+            kwargs["softcap"] = mask.softcap
         if mask.bias is not None:
             # flash-attn adds -slope * |i - j| itself (equal query and key lengths): ALiBi
             # encoders stay packed. Other biases take the padded path.
@@ -108,7 +114,7 @@ def flash_attn_kernel(function: Callable[..., Any] | None = None) -> VarlenKerne
             slopes = mask.bias.slopes_on(q.device)
         return attend(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len,
                       softmax_scale=mask.scale, causal=mask.causal, window_size=_window(mask),
-                      alibi_slopes=slopes)
+                      alibi_slopes=slopes, **kwargs)
 
     return kernel
 
@@ -186,10 +192,7 @@ class PackedVarlen:
             # Every sequence's content bias, evaluated over the whole batch as one sequence:
             # within a sequence flat offsets are its own, across sequences it is masked.
             attn_mask = with_content(attn_mask, mask.content(q, k, 0)).to(q.dtype)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, scale=mask.scale, enable_gqa=k.shape[1] != q.shape[1],
-        )
-        return out[0].transpose(0, 1)
+        return sdpa(q, k, v, attn_mask, mask)[0].transpose(0, 1)
 
     def attend_qkv(self, qkv: torch.Tensor, meta: PackedMeta) -> torch.Tensor:
         q, k, v = qkv.unbind(1)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backend_worker.attention.spec import MaskSpec
+from backend_worker.attention.spec import MaskSpec, sdpa
 from shared.protocol import CostModel
 
 
@@ -79,13 +79,15 @@ def query_blocks(group: PaddedGroup, heads: int, spec: MaskSpec,
     """Query rows of a group in blocks whose float mask stays under `budget` bytes.
 
     A biased mask (position or content bias) is float [batch, heads, L, L], and SDPA's scores as
-    large again: 3.2 GB each for one 8,192-token sequence with 12 heads (JinaBERT v2's limit).
-    Block by block, each with its slice of the mask, the peak is bounded whatever the length.
-    Boolean masks broadcast over heads and stay small: one block.
+    large again: 3.2 GB each for one 8,192-token sequence with 12 heads (JinaBERT v2's limit);
+    capped scores (`softcap`) are written out at that size too. Block by block, each with its
+    slice of the mask, the peak is bounded whatever the length. Boolean masks broadcast over
+    heads and stay small: one block.
     """
     length = group.max_len
     per_row = group.batch * heads * length * 4
-    if (spec.bias is None and spec.content is None) or per_row * length <= budget:
+    written_out = spec.bias is not None or spec.content is not None or spec.softcap is not None
+    if not written_out or per_row * length <= budget:
         return [(0, length)]
     step = max(1, budget // per_row)
     return [(first, min(first + step, length)) for first in range(0, length, step)]
@@ -209,10 +211,7 @@ class PaddedSDPA:
                     attn_mask = with_content(attn_mask, mask.content(block_q, gk, block[0]))
                 if attn_mask is not None and attn_mask.is_floating_point():
                     attn_mask = attn_mask.to(q.dtype)
-                parts.append(F.scaled_dot_product_attention(
-                    block_q, gk, gv, attn_mask=attn_mask,
-                    scale=mask.scale, enable_gqa=kv_heads != heads,
-                ))
+                parts.append(sdpa(block_q, gk, gv, attn_mask, mask))
             out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
             outs.append(out.transpose(1, 2).reshape(rows, heads, out.shape[-1]))
             row += rows

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from shared.protocol import CostModel
 
@@ -46,9 +47,11 @@ class MaskSpec:
     """What a layer's attention looks like beyond "every token sees its whole sequence".
 
     Query i sees key j when j <= i (if `causal`) and |i - j| <= `window` (if set); `bias` and
-    `content` are added to the scores; `scale` replaces 1 / sqrt(head_dim). Specs are compared
-    by identity of their biases, so layers sharing one spec share its cached masks within a
-    batch (a content bias is never cached: `positional` is the part that is).
+    `content` are added to the scores; `scale` replaces 1 / sqrt(head_dim); `softcap` caps the
+    scaled scores at +-softcap (softcap * tanh(score / softcap), Gemma 2) before the mask and
+    the softmax. Specs are compared by identity of their biases, so layers sharing one spec
+    share its cached masks within a batch (a content bias is never cached: `positional` is the
+    part that is).
     """
 
     causal: bool = False
@@ -56,11 +59,12 @@ class MaskSpec:
     bias: PositionBias | None = None
     scale: float | None = None
     content: ContentBias | None = None
+    softcap: float | None = None
 
     @property
     def plain(self) -> bool:
         return (not self.causal and self.window is None and self.bias is None
-                and self.content is None)
+                and self.content is None and self.softcap is None)
 
     @property
     def positional(self) -> MaskSpec:
@@ -141,3 +145,30 @@ class Attention(Protocol):
         """Attention of each sequence with itself under `mask`: q [T, heads, dim], k and v
         [T, kv_heads, dim] (heads a multiple of kv_heads) in, [T, heads, dim] out."""
         ...
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+         spec: MaskSpec) -> torch.Tensor:
+    """Scaled dot-product attention over [B, heads, L, dim] blocks with `spec`'s scale and
+    softcap (kv_heads may divide heads); `attn_mask` boolean (True = attend) or additive.
+
+    Without a softcap, torch's fused kernel. With one, the scores are written out as transformers'
+    eager Gemma 2 attention writes them (no fused kernel caps scores): scaled, capped, masked,
+    softmax in float32, back to the inputs' dtype before the values."""
+    gqa = k.shape[1] != q.shape[1]
+    if spec.softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=spec.scale,
+                                              enable_gqa=gqa)
+    if gqa:  # each key/value head serves `groups` query heads in turn (transformers' repeat_kv)
+        batch, kv_heads, length, dim = k.shape
+        groups = q.shape[1] // kv_heads
+        k, v = (x[:, :, None].expand(batch, kv_heads, groups, length, dim)
+                .reshape(batch, kv_heads * groups, length, dim) for x in (k, v))
+    scale = q.shape[-1] ** -0.5 if spec.scale is None else spec.scale
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / spec.softcap) * spec.softcap
+    if attn_mask is not None:
+        scores = (scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool
+                  else scores + attn_mask)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(weights, v)

@@ -11,6 +11,7 @@ from backend_worker.models import (  # noqa: F401
     decoder,  # qwen2, qwen3, mistral, llama
     distilbert,
     electra,
+    gemma2,
     gemma3,  # gemma3_text
     gte,  # model_types new and gte
     jina,  # by auto_map marker, before plain BERT

@@ -10,6 +10,7 @@ a GeGLU MLP (gelu_pytorch_tanh).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, ClassVar, Self
 
 import torch
@@ -53,7 +54,7 @@ _LAYER_TYPES = ("sliding_attention", "full_attention")
 _DEFAULT_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}
 
 
-def _layer_types(config: dict[str, Any], layers: int) -> list[str]:
+def parse_layer_types(config: dict[str, Any], layers: int) -> list[str]:
     layer_types = config.get("layer_types")
     if layer_types is None:
         # Older configs: every `sliding_window_pattern`-th layer is global, the rest local.
@@ -149,6 +150,7 @@ class Gemma3TextModel(nn.Module):
         intermediate_size: int, hidden_activation: str, rms_norm_eps: float, attention_bias: bool,
         query_pre_attn_scalar: float, sliding_window: int, bidirectional: bool,
         max_position_embeddings: int, rotaries: dict[str, Rotary], attention: Attention,
+        qk_norm: bool = True, softcap: float | None = None,
     ) -> None:
         super().__init__()
         self.max_positions = max_position_embeddings
@@ -158,6 +160,7 @@ class Gemma3TextModel(nn.Module):
         scale = query_pre_attn_scalar**-0.5
         masks = {"full_attention": MaskSpec(causal=not bidirectional, scale=scale),
                  "sliding_attention": _sliding_mask(sliding_window, bidirectional, scale)}
+        masks = {t: replace(spec, softcap=softcap) for t, spec in masks.items()}
         self.layer_types = layer_types
         self.layers = nn.ModuleList(
             Gemma3Layer(
@@ -165,7 +168,8 @@ class Gemma3TextModel(nn.Module):
                 SelfAttention(
                     hidden_size, num_attention_heads, attention, bias=attention_bias,
                     kv_heads=num_key_value_heads, head_dim=head_dim,
-                    qk_norm=lambda dim: RMSNorm(dim, rms_norm_eps, offset=1.0),
+                    qk_norm=(lambda dim: RMSNorm(dim, rms_norm_eps, offset=1.0)) if qk_norm
+                    else None,
                     mask=masks[layer_type],
                 ),
             )
@@ -193,7 +197,7 @@ class Gemma3TextModel(nn.Module):
             return cls(
                 vocab_size=int(config["vocab_size"]),
                 hidden_size=hidden,
-                layer_types=_layer_types(config, int(config["num_hidden_layers"])),
+                layer_types=parse_layer_types(config, int(config["num_hidden_layers"])),
                 num_attention_heads=heads,
                 num_key_value_heads=int(config.get("num_key_value_heads") or heads),
                 head_dim=head_dim,

@@ -96,6 +96,8 @@ def masked_reference(q, k, v, cu, spec: MaskSpec) -> torch.Tensor:
         vs = v[start:end].double().repeat_interleave(group, dim=1).transpose(0, 1)
         scale = spec.scale if spec.scale is not None else qs.shape[-1] ** -0.5
         scores = qs @ ks.transpose(1, 2) * scale
+        if spec.softcap is not None:  # capped before any bias or mask, as Gemma 2 does
+            scores = torch.tanh(scores / spec.softcap) * spec.softcap
         if spec.bias is not None:
             scores = scores + spec.bias(n, torch.device("cpu")).double()
         if spec.content is not None:
@@ -122,6 +124,9 @@ SPECS = {
     "content-scale": MaskSpec(content=_ContentBias(4, DIM), scale=0.2),
     "content-bias-window": MaskSpec(content=_ContentBias(4, DIM), bias=_DistanceBias(4),
                                     window=3),
+    # Gemma 2's score cap, small enough to bend these scores.
+    "softcap": MaskSpec(softcap=0.5),
+    "softcap-causal-window-scale": MaskSpec(causal=True, window=3, scale=0.3, softcap=0.8),
 }
 
 
@@ -145,7 +150,8 @@ def test_attend_matches_masked_reference(kv_heads: int, name: str, lengths: list
 
 
 @pytest.mark.parametrize("name", ["bias", "bias-window-scale", "alibi", "content-scale",
-                                  "content-bias-window"])
+                                  "content-bias-window", "softcap",
+                                  "softcap-causal-window-scale"])
 @pytest.mark.parametrize("budget", [1, 4 * 4 * 16 * 5])  # one query row per block; five rows
 def test_biased_attention_in_query_blocks_matches_the_reference(name: str, budget: int) -> None:
     """Long biased sequences run their queries in blocks (a bounded float mask): same answer."""
@@ -184,7 +190,8 @@ def test_rotary_matches_complex_rotation() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
-@pytest.mark.parametrize("kernel_kind", ["torch-2.13", "torch-2.10", "flash-attn"])
+@pytest.mark.parametrize("kernel_kind", ["torch-2.13", "torch-2.10", "flash-attn",
+                                         "flash-attn-2.5"])
 def test_packed_varlen_matches_masked_reference(name: str, kernel_kind: str) -> None:
     from backend_worker.attention import PackedVarlen, flash_attn_kernel, torch_varlen_kernel
 
@@ -198,16 +205,23 @@ def test_packed_varlen_matches_masked_reference(name: str, kernel_kind: str) -> 
         return wrapper
 
     def flash(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, causal=False,
-              window_size=(-1, -1), alibi_slopes=None):
+              window_size=(-1, -1), alibi_slopes=None, softcap=0.0):
         left, right = window_size
         return cpu_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=softmax_scale,
                           window_size=(left, 0 if causal else right),
-                          enable_gqa=k.shape[1] != q.shape[1], alibi_slopes=alibi_slopes)
+                          enable_gqa=k.shape[1] != q.shape[1], alibi_slopes=alibi_slopes,
+                          softcap=softcap)
+
+    def flash_2_5(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, causal=False,
+                  window_size=(-1, -1), alibi_slopes=None):  # before `softcap`
+        return flash(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window_size,
+                     alibi_slopes)
 
     kernel = {
         "torch-2.13": lambda: torch_varlen_kernel(counted(cpu_varlen)),
         "torch-2.10": lambda: torch_varlen_kernel(counted(old_cpu_varlen)),
         "flash-attn": lambda: flash_attn_kernel(counted(flash)),
+        "flash-attn-2.5": lambda: flash_attn_kernel(counted(flash_2_5)),
     }[kernel_kind]()
     attention = PackedVarlen(kernel)
     spec = SPECS[name]
@@ -227,8 +241,10 @@ def test_packed_varlen_matches_masked_reference(name: str, kernel_kind: str) -> 
         # window, GQA or a custom scale) is the kernel's job; the rest takes the padded path.
         old_limits = kernel_kind == "torch-2.10" and (
             spec.window is not None or kv_heads != 4 or spec.scale is not None)
-        alibi = isinstance(spec.bias, SymmetricAlibi) and kernel_kind == "flash-attn"
-        expressible = (spec.bias is None or alibi) and spec.content is None
+        alibi = isinstance(spec.bias, SymmetricAlibi) and kernel_kind.startswith("flash-attn")
+        # Only flash-attn caps scores, from 2.6 on.
+        capped = spec.softcap is None or kernel_kind == "flash-attn"
+        expressible = (spec.bias is None or alibi) and spec.content is None and capped
         assert bool(calls) == (expressible and not old_limits)
 
 

@@ -1,0 +1,134 @@
+"""Gemma 2 parity (bge-multilingual-gemma2's architecture): our Engine against transformers'
+Gemma2Model (hidden states, its eager attention with the score cap) and sentence-transformers
+(last-token pooling), on tiny random checkpoints built offline, fp32 on CPU; and the values we
+refuse."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from backend_worker.engine import Engine
+from shared.errors import ConfigError
+from shared.modelinfo import load_model_info
+from tests.fixtures.decoders import (
+    GEMMA_STYLE,
+    TINY_GEMMA2,
+    decoder_vocab,
+    make_decoder_dir,
+    make_st_decoder,
+    set_config,
+    transformers_hidden,
+)
+from tests.fixtures.oracles import cosine_rows
+from tests.fixtures.tiny import pack
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Model types this module proves against their oracle (tests/parity/test_zoo_coverage.py).
+COVERS = frozenset({"gemma2"})
+
+TEXTS = [
+    "The weather is lovely today.",
+    "hi",
+    "A much longer input, with punctuation; digits 0123456789 and MiXeD case: it spans "
+    "well over forty word pieces so that padding inside the batch is substantial.",
+    "what is the capital of france?",
+]
+HIDDEN_TOL = 1e-4
+GEMMA2 = TINY_GEMMA2
+
+HIDDEN_CASES = [
+    ("capped", GEMMA2, None),
+    ("default-cap", {**GEMMA2, "attn_logit_softcapping": 50.0}, None),
+    ("uncapped", {**GEMMA2, "attn_logit_softcapping": None}, None),
+    ("causal-lm", GEMMA2, "Gemma2ForCausalLM"),
+    ("global-first", {**GEMMA2, "layer_types": ["full_attention", "sliding_attention",
+                                                "full_attention"]}, None),
+]
+
+
+def make(root: Path, overrides: dict, architecture: str | None = None) -> Path:
+    return make_decoder_dir(root, "gemma2", style=GEMMA_STYLE, overrides=overrides,
+                            architecture=architecture)
+
+
+def engine_hidden(model_dir: Path) -> tuple[torch.Tensor, list[list[int]]]:
+    engine = Engine.load(load_model_info(model_dir, pooling_override="last-token"))
+    arrays, ids = pack(model_dir, TEXTS)
+    return engine.hidden_states(arrays), ids
+
+
+@pytest.mark.parametrize(("case", "overrides", "architecture"), HIDDEN_CASES,
+                         ids=[c[0] for c in HIDDEN_CASES])
+def test_hidden_states_match_transformers(tmp_path: Path, case: str, overrides: dict,
+                                          architecture: str | None) -> None:
+    root = make(tmp_path / case, overrides, architecture)
+    ours, ids = engine_hidden(root)
+    vocab = decoder_vocab()
+    assert all(s[0] == vocab["<bos>"] and s[-1] == vocab["<eos>"] for s in ids)
+    assert max(map(len, ids)) > 4 * overrides["sliding_window"]
+    ref = transformers_hidden(root, ids)
+    diff = (ours - ref).abs().max().item()
+    print(f"{case}: max abs diff of last hidden state {diff:.2e}")
+    assert diff <= HIDDEN_TOL
+
+
+@pytest.mark.parametrize("change", [
+    {"attn_logit_softcapping": None},
+    {"attn_logit_softcapping": 3.0},
+    {"sliding_window": 64},
+    {"query_pre_attn_scalar": 16},
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 5000.0}},
+])
+def test_the_setting_under_test_changes_the_output(tmp_path: Path, change: dict) -> None:
+    """What the cases above exercise shows in the output: the cap and its size, the local
+    window, the score scale, the rotary base."""
+    root = make(tmp_path / "m", GEMMA2)
+    with_setting, _ = engine_hidden(root)
+    set_config(root, **change)
+    without, _ = engine_hidden(root)
+    assert (with_setting - without).abs().max().item() > 1e-2
+
+
+def test_older_config_format(tmp_path: Path) -> None:
+    """Hub configs written before transformers 5 (bge-multilingual-gemma2's): no layer_types
+    (local and global layers alternate, the first local), rope_theta at the top level."""
+    root = make(tmp_path / "m", {**GEMMA2, "num_hidden_layers": 4})
+    set_config(root, layer_types=None, rope_parameters=None, rope_theta=500.0)
+    ours, ids = engine_hidden(root)
+    assert (ours - transformers_hidden(root, ids)).abs().max().item() <= HIDDEN_TOL
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"use_bidirectional_attention": True}, "use_bidirectional_attention=true"),
+    ({"is_causal": False}, "is_causal=false"),
+    ({"attn_logit_softcapping": 0}, "attn_logit_softcapping=0"),
+    ({"attn_logit_softcapping": "50"}, "attn_logit_softcapping='50'"),
+])
+def test_refused_settings(tmp_path: Path, change: dict, message: str) -> None:
+    root = make(tmp_path / "m", GEMMA2)
+    set_config(root, **change)
+    with pytest.raises(ConfigError, match=message):
+        Engine.load(load_model_info(root, pooling_override="last-token"))
+
+
+def test_pooled_matches_sentence_transformers(tmp_path: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    root = make_st_decoder(tmp_path / "st", "gemma2", style=GEMMA_STYLE, overrides=GEMMA2)
+    info = load_model_info(root)
+    assert info.pooling == "last-token"
+    engine = Engine.load(info)
+    arrays, _ = pack(root, TEXTS, max_length=info.max_input_length)
+    ours = engine.embed(arrays)
+    model = SentenceTransformer(str(root), device="cpu")
+    unnormalized = SentenceTransformer(modules=list(model)[:-1], device="cpu")
+    ref = unnormalized.encode(TEXTS, convert_to_numpy=True, batch_size=64)
+    cosine = cosine_rows(ours, ref)
+    print(f"min cosine {cosine.min():.7f}, max abs diff {np.abs(ours - ref).max():.2e}")
+    assert np.abs(ours - ref).max() <= 1e-4
