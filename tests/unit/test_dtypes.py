@@ -34,10 +34,10 @@ def test_a_static_model_defaults_to_float32_everywhere(device: str) -> None:
         "float32")
 
 
-@pytest.mark.parametrize("model_type", ["t5", "mt5"])
-def test_t5_defaults_to_bfloat16_on_cuda(model_type: str) -> None:
-    """T5's activations overflow float16; bfloat16 has float32's range. On a CPU the rule is
-    every family's."""
+@pytest.mark.parametrize("model_type", ["t5", "mt5", "gemma2", "gemma3_text"])
+def test_families_that_overflow_float16_default_to_bfloat16_on_cuda(model_type: str) -> None:
+    """T5's and Gemma's activations overflow float16; bfloat16 has float32's range. On a CPU the
+    rule is every family's."""
     assert default_dtype("cuda", frozenset(), model_type=model_type) == "bfloat16"
     assert default_dtype("cuda", frozenset(), model_type="bert") == "float16"
     assert default_dtype("cpu", frozenset(), model_type=model_type) == "float32"
