@@ -24,8 +24,8 @@ from shared.static_embedding import STATIC_MODEL_TYPE
 NATIVE_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 
 
-# Model types whose float16 activations overflow (T5's; Gemma 2's and 3's, whose model cards
-# say so): tensor cores run bfloat16 as fast.
+# Model types whose float16 activations overflow: T5's, and Gemma's (trained in bfloat16;
+# EmbeddingGemma's model card rules float16 out). Tensor cores run bfloat16 as fast.
 BFLOAT16_ON_CUDA = frozenset({"t5", "mt5", "gemma2", "gemma3_text"})
 
 
