@@ -4,7 +4,7 @@
 first dimension the byte's high bit) and `binary` is the same byte minus 128 as an int8: what
 sentence-transformers' quantize_embeddings gives for those precisions (and what Cohere's and
 Jina's APIs answer). A vector whose width is not a multiple of 8 gets a last byte padded with 0
-bits, row by row (quantize_embeddings packs the flattened batch, which mixes rows then).
+bits, row by row, as quantize_embeddings (6.3: `np.packbits(..., axis=-1)`) pads it.
 `base64` is the little-endian float32 bytes, as the openai client decodes them.
 """
 
