@@ -19,7 +19,9 @@ from tests.e2e.test_cohere_client import error
 from tests.fixtures.tiny import make_tiny_bert
 
 TEXTS = ["the cat sat on the mat", "paris is the capital of france", "hi"]
-PROMPTS = {"query": "query: ", "passage": "passage: ", "clustering": "topic: "}
+# "code.query" is named as Jina's task: that prompt, not the query role's, answers it.
+PROMPTS = {"query": "query: ", "passage": "passage: ", "clustering": "topic: ",
+           "code.query": "code: "}
 LONG = "the capital of france is paris " * 40  # past the 128-token limit
 
 
@@ -170,6 +172,14 @@ def test_inputs_of_one_text_part_and_empty_requests(srv) -> None:
     assert response.status_code == 200, response.text
     assert np.array_equal(np.asarray(response.json()["embeddings"]["float"], dtype=np.float32),
                           tei(srv, TEXTS))
+    assert response.json()["texts"] == TEXTS  # the texts embedded, as for `texts`
+    # Both, or a part that says it is an image but carries a text too: refused, not guessed at.
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"},
+             "text": "a"}
+    for body in ({"texts": TEXTS, "inputs": inputs}, {"inputs": [{"content": [image]}]}):
+        refused = srv.client.post("/v2/embed", json=body)
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["error_type"] == "Validation"
     for body in ({"texts": []}, {}, {"inputs": []}):
         empty = srv.client.post("/v2/embed", json=body)
         assert empty.status_code == 400, empty.text
@@ -185,6 +195,13 @@ def test_jina_packed_embedding_types(srv, kind: str) -> None:
     assert response.status_code == 200, response.text
     rows = [d["embedding"] for d in response.json()["data"]]
     assert np.array_equal(np.asarray(rows), quantized(tei(srv, TEXTS), kind))
+    # The openai client (its format in extra_body) sends encoding_format "base64" unless told
+    # otherwise: Jina's type still names the format, and the client keeps the packed ints.
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
+    reply = client.embeddings.create(model="any", input=TEXTS, extra_body={"embedding_type": kind})
+    assert np.array_equal(np.asarray([d.embedding for d in reply.data]), np.asarray(rows))
     refused = srv.client.post("/v1/embeddings", json={"input": TEXTS, "embedding_type": "int8"})
     assert refused.status_code == 422
     assert "`embedding_type` 'int8' is not supported" in refused.json()["error"]["message"]
@@ -201,6 +218,9 @@ def test_jina_task_picks_the_models_prompt(srv) -> None:
     # A prompt named as the task (jina-embeddings-v3's are) is taken as it is.
     assert np.array_equal(jina("clustering"), tei(srv, TEXTS, prompt_name="clustering"))
     assert np.array_equal(jina("separation"), tei(srv, TEXTS))  # no such prompt: none
+    # Named as the task beats the role's; without one, code.passage takes the document role's.
+    assert np.array_equal(jina("code.query"), tei(srv, TEXTS, prompt_name="code.query"))
+    assert np.array_equal(jina("code.passage"), tei(srv, TEXTS, prompt_name="passage"))
     refused = srv.client.post("/v1/embeddings", json={"input": TEXTS, "task": "retrieval"})
     assert refused.status_code == 422
     assert "`task` must be one of" in refused.json()["error"]["message"]
