@@ -1,11 +1,12 @@
 """Which of the model's prompts a Cohere `input_type` or a Jina `task` names.
 
-The query role takes the "query" prompt; the document role the first of "document",
-"passage", "corpus" the model has (the candidates sentence-transformers' encode_document names;
-6.3's own finds the empty "document" placeholder it adds on load first, so it gives an e5-style
-model with only "passage" no prompt). Other roles take the prompt of their own name. Where the
-model has no such prompt the request has none of its own, and the default prompt, if any,
-applies, as for a request without `prompt_name`.
+A prompt named exactly as the input type or task is taken first. Otherwise the query role takes
+the "query" prompt; the document role the first of "document", "passage", "corpus" the model has
+(the candidates sentence-transformers' encode_document names; 6.3's own finds the empty
+"document" placeholder it adds on load first, so it gives an e5-style model with only "passage"
+no prompt). Other roles take the prompt of their own name. Where the model has no such prompt
+the request has none of its own, and the default prompt, if any, applies, as for a request
+without `prompt_name`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def first_prompt(candidates: tuple[str, ...], prompts: dict[str, str]) -> str | 
 
 
 def cohere_prompt(input_type: str | None, prompts: dict[str, str]) -> str | None:
+    """A prompt named as the input type first (a model may name its prompts so), else the
+    type's role's."""
     if input_type is None:
         return None
     if input_type == "image":
@@ -45,7 +48,7 @@ def cohere_prompt(input_type: str | None, prompts: dict[str, str]) -> str | None
     if input_type not in COHERE_INPUT_TYPES:
         raise validation(f"`input_type` must be one of {', '.join(COHERE_INPUT_TYPES)}, "
                          f"not {input_type!r}")
-    return first_prompt(COHERE_INPUT_TYPES[input_type], prompts)
+    return first_prompt((input_type, *COHERE_INPUT_TYPES[input_type]), prompts)
 
 
 def jina_prompt(task: str | None, prompts: dict[str, str]) -> str | None:

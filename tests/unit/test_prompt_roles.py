@@ -25,8 +25,10 @@ def test_the_document_role_takes_encode_documents_candidates_in_order(
 
 def test_a_prompt_named_as_the_task_beats_its_role() -> None:
     # jina-embeddings-v3's prompts are named as its tasks.
-    prompts = {"query": "q: ", "retrieval.query": "Represent the query: "}
+    prompts = {"query": "q: ", "retrieval.query": "Represent the query: ",
+               "search_query": "search_query: "}
     assert jina_prompt("retrieval.query", prompts) == "retrieval.query"
     assert jina_prompt("code.query", prompts) == "query"
-    assert cohere_prompt("search_query", prompts) == "query"
+    assert cohere_prompt("search_query", prompts) == "search_query"
+    assert cohere_prompt("search_query", {"query": "q: "}) == "query"
     assert cohere_prompt(None, prompts) is None and jina_prompt(None, prompts) is None
