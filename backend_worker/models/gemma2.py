@@ -40,12 +40,17 @@ class Gemma2Model(Gemma3TextModel):
             raise refusal("gemma2", "use_bidirectional_attention=true")
         if config.get("is_causal") is False:
             raise refusal("gemma2", "is_causal=false")
-        act = str(config.get("hidden_activation") or config.get("hidden_act")
-                  or "gelu_pytorch_tanh")
+        # Gemma2Config has no hidden_act: transformers ignores one (Gemma 1's "gelu") and runs
+        # hidden_activation, by default gelu_pytorch_tanh.
+        act = str(config.get("hidden_activation") or "gelu_pytorch_tanh")
         activation(act, where="config.json: hidden_activation")
         softcap = config.get("attn_logit_softcapping", 50.0)
         if softcap is not None and not (isinstance(softcap, int | float) and softcap > 0):
             raise refusal("gemma2", f"attn_logit_softcapping={softcap!r}")
+        # Gemma2Config takes sliding_window null, but Gemma2Model's forward then fails (it
+        # builds the local layers' mask whatever layer_types say): no window to serve.
+        if "sliding_window" in config and config["sliding_window"] is None:
+            raise refusal("gemma2", "sliding_window=None")
         # final_logit_softcapping caps the LM head's logits, which an embedder never computes.
         with required_keys("gemma2"):
             hidden = int(config["hidden_size"])
@@ -68,7 +73,7 @@ class Gemma2Model(Gemma3TextModel):
                 rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
                 attention_bias=bool(config.get("attention_bias", False)),
                 query_pre_attn_scalar=float(config.get("query_pre_attn_scalar", 256)),
-                sliding_window=int(config.get("sliding_window") or 4096),
+                sliding_window=int(config.get("sliding_window", 4096)),
                 bidirectional=False,
                 max_position_embeddings=max_positions,
                 rotaries={"full_attention": shared, "sliding_attention": shared},

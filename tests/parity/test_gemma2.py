@@ -5,6 +5,7 @@ refuse."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -104,11 +105,35 @@ def test_older_config_format(tmp_path: Path) -> None:
     assert (ours - transformers_hidden(root, ids)).abs().max().item() <= HIDDEN_TOL
 
 
+def test_hidden_act_does_not_choose_the_activation(tmp_path: Path) -> None:
+    """Gemma2Config knows only hidden_activation (default gelu_pytorch_tanh): a hidden_act in
+    config.json (Gemma 1's key, "gelu" there) is kept as an attribute that Gemma2MLP never
+    reads. Taking it when hidden_activation is absent ran exact GELU, silently off."""
+    root = make(tmp_path / "m", GEMMA2)
+    set_config(root, hidden_activation=None, hidden_act="gelu")
+    ours, ids = engine_hidden(root)
+    assert (ours - transformers_hidden(root, ids)).abs().max().item() <= HIDDEN_TOL
+
+
+def test_null_sliding_window_is_refused(tmp_path: Path) -> None:
+    """sliding_window: null loads in transformers (Gemma2Config allows None) but its forward
+    fails (TypeError); serving it with a 4,096-token window of our own choosing (what `or 4096`
+    did) would be a model nobody can check."""
+    root = make(tmp_path / "m", GEMMA2)
+    config = json.loads((root / "config.json").read_text())
+    config["sliding_window"] = None
+    (root / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="sliding_window=None"):
+        Engine.load(load_model_info(root, pooling_override="last-token"))
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"use_bidirectional_attention": True}, "use_bidirectional_attention=true"),
     ({"is_causal": False}, "is_causal=false"),
     ({"attn_logit_softcapping": 0}, "attn_logit_softcapping=0"),
     ({"attn_logit_softcapping": "50"}, "attn_logit_softcapping='50'"),
+    # transformers' window 0 masks every key (`or 4096` took it for absent).
+    ({"sliding_window": 0}, "sliding_window 0 must be >= 1"),
 ])
 def test_refused_settings(tmp_path: Path, change: dict, message: str) -> None:
     root = make(tmp_path / "m", GEMMA2)
