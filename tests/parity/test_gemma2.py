@@ -105,6 +105,16 @@ def test_older_config_format(tmp_path: Path) -> None:
     assert (ours - transformers_hidden(root, ids)).abs().max().item() <= HIDDEN_TOL
 
 
+def test_rotary_base_defaults_to_ten_thousand(tmp_path: Path) -> None:
+    """A config with neither rope_parameters nor rope_theta: transformers' default base,
+    10,000 (Gemma 3's global layers default to 1,000,000; Gemma 2 has no such split). The
+    fixtures always write a base, so a wrong default passed every other case."""
+    root = make(tmp_path / "m", GEMMA2)
+    set_config(root, rope_parameters=None, rope_theta=None)
+    ours, ids = engine_hidden(root)
+    assert (ours - transformers_hidden(root, ids)).abs().max().item() <= HIDDEN_TOL
+
+
 def test_hidden_act_does_not_choose_the_activation(tmp_path: Path) -> None:
     """Gemma2Config knows only hidden_activation (default gelu_pytorch_tanh): a hidden_act in
     config.json (Gemma 1's key, "gelu" there) is kept as an attribute that Gemma2MLP never

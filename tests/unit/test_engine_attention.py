@@ -127,6 +127,10 @@ SPECS = {
     # Gemma 2's score cap, small enough to bend these scores.
     "softcap": MaskSpec(softcap=0.5),
     "softcap-causal-window-scale": MaskSpec(causal=True, window=3, scale=0.3, softcap=0.8),
+    # No family caps a biased score yet, but `sdpa` takes a float mask then (the bias, -inf
+    # where masked): it must be added after the cap, not dropped (a mutant that ignored float
+    # masks under a cap passed every other case).
+    "softcap-bias-window": MaskSpec(bias=_DistanceBias(4), window=2, softcap=0.5),
 }
 
 
@@ -151,7 +155,7 @@ def test_attend_matches_masked_reference(kv_heads: int, name: str, lengths: list
 
 @pytest.mark.parametrize("name", ["bias", "bias-window-scale", "alibi", "content-scale",
                                   "content-bias-window", "softcap",
-                                  "softcap-causal-window-scale"])
+                                  "softcap-causal-window-scale", "softcap-bias-window"])
 @pytest.mark.parametrize("budget", [1, 4 * 4 * 16 * 5])  # one query row per block; five rows
 def test_biased_attention_in_query_blocks_matches_the_reference(name: str, budget: int) -> None:
     """Long biased sequences run their queries in blocks (a bounded float mask): same answer."""
@@ -169,6 +173,36 @@ def test_biased_attention_in_query_blocks_matches_the_reference(name: str, budge
     out = attention.attend(q, k, v, meta, spec)
     torch.testing.assert_close(out, masked_reference(q, k, v, cu, spec), atol=1e-5, rtol=1e-4)
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_capped_sdpa_matches_transformers_eager_gemma2_attention(dtype: torch.dtype) -> None:
+    """`sdpa` with a softcap against transformers' own Gemma 2 eager attention on the same
+    [B, heads, L, dim] blocks, GQA and a causal window included: the same operations in the
+    same dtype (scores, scale and cap in the inputs' dtype, softmax in float32), so bfloat16
+    agrees to the bit, not just within a tolerance; our masked_reference is float64."""
+    from types import SimpleNamespace
+
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    from backend_worker.attention.spec import sdpa
+
+    torch.manual_seed(5)
+    batch, heads, kv_heads, length, dim = 2, 4, 2, 11, DIM
+    q = (torch.randn(batch, heads, length, dim) * 3).to(dtype)
+    k = (torch.randn(batch, kv_heads, length, dim) * 3).to(dtype)
+    v = torch.randn(batch, kv_heads, length, dim).to(dtype)
+    spec = MaskSpec(causal=True, window=3, scale=0.3, softcap=0.8)
+    i = torch.arange(length)
+    allowed = spec.reach(i[:, None] - i[None, :])[None, None]  # [1, 1, L, L]
+    additive = torch.zeros(allowed.shape, dtype=dtype).masked_fill(
+        ~allowed, torch.finfo(dtype).min)  # transformers' eager mask
+    module = SimpleNamespace(head_dim=dim, num_key_value_groups=heads // kv_heads,
+                             training=False)
+    ref, _ = eager_attention_forward(module, q, k, v, additive, scaling=spec.scale,
+                                     softcap=spec.softcap)
+    ours = sdpa(q, k, v, allowed, spec)  # [B, heads, L, dim]; transformers' is [B, L, heads, dim]
+    assert ours.dtype == dtype
+    torch.testing.assert_close(ours, ref.transpose(1, 2), atol=0, rtol=0)
 
 def test_rotary_matches_complex_rotation() -> None:
     """Rotate-half rotary == multiplying (x_i, x_{i+d/2}) pairs by e^{i * pos * freq}."""
