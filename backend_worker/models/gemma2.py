@@ -66,7 +66,8 @@ class Gemma2Model(Gemma3TextModel):
                 layer_types=(parse_layer_types(config, layers) if config.get("layer_types")
                              else _alternating(layers)),
                 num_attention_heads=heads,
-                num_key_value_heads=int(config.get("num_key_value_heads") or heads),
+                # Gemma2Config's default, not num_attention_heads (Gemma 2 2B's 8 heads share 4).
+                num_key_value_heads=int(config.get("num_key_value_heads") or 4),
                 head_dim=head_dim,
                 intermediate_size=int(config["intermediate_size"]),
                 hidden_activation=act,

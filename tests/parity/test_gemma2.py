@@ -115,6 +115,35 @@ def test_rotary_base_defaults_to_ten_thousand(tmp_path: Path) -> None:
     assert (ours - transformers_hidden(root, ids)).abs().max().item() <= HIDDEN_TOL
 
 
+def test_defaults_of_omitted_keys_are_gemma2_configs(tmp_path: Path) -> None:
+    """A config.json that leaves keys out gets Gemma2Config's defaults. save_pretrained writes
+    every key, so the parity cases never reach ours: a 1e-5 norm epsilon or a score scalar of
+    128 passed them, and a kv-head default of num_attention_heads (Gemma2Config's is 4) would
+    refuse a valid checkpoint at weight loading."""
+    from transformers import Gemma2Config
+
+    from backend_worker.attention import PaddedSDPA
+    from backend_worker.models.gemma2 import Gemma2Model
+
+    given = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+             "num_hidden_layers": 2, "num_attention_heads": 8}
+    ref = Gemma2Config(**given)
+    with torch.device("meta"):
+        model = Gemma2Model.from_config({"model_type": "gemma2", **given}, PaddedSDPA())
+    local, full = (layer.attention for layer in model.layers)
+    assert model.layer_types == ref.layer_types
+    assert (local.kv_heads, local.head_dim) == (ref.num_key_value_heads, ref.head_dim)
+    assert local.mask.scale == full.mask.scale == ref.query_pre_attn_scalar**-0.5
+    assert local.mask.softcap == full.mask.softcap == ref.attn_logit_softcapping
+    assert local.mask.window == ref.sliding_window - 1 and full.mask.window is None
+    norms = [m for m in model.modules() if hasattr(m, "eps")]
+    assert norms and {m.eps for m in norms} == {ref.rms_norm_eps}
+    assert local.qkv.bias is None and ref.attention_bias is False
+    theta = ref.rope_parameters["rope_theta"]
+    expected = 1.0 / theta ** (torch.arange(0, ref.head_dim, 2).float() / ref.head_dim)
+    torch.testing.assert_close(model.rotaries["full_attention"].inv_freq, expected)
+
+
 def test_hidden_act_does_not_choose_the_activation(tmp_path: Path) -> None:
     """Gemma2Config knows only hidden_activation (default gelu_pytorch_tanh): a hidden_act in
     config.json (Gemma 1's key, "gelu" there) is kept as an attribute that Gemma2MLP never
