@@ -45,7 +45,8 @@ class Gemma2Model(Gemma3TextModel):
         act = str(config.get("hidden_activation") or "gelu_pytorch_tanh")
         activation(act, where="config.json: hidden_activation")
         softcap = config.get("attn_logit_softcapping", 50.0)
-        if softcap is not None and not (isinstance(softcap, int | float) and softcap > 0):
+        if softcap is not None and (isinstance(softcap, bool)
+                                    or not (isinstance(softcap, int | float) and softcap > 0)):
             raise refusal("gemma2", f"attn_logit_softcapping={softcap!r}")
         # Gemma2Config takes sliding_window null, but Gemma2Model's forward then fails (it
         # builds the local layers' mask whatever layer_types say): no window to serve.

@@ -185,9 +185,14 @@ class Gemma3TextModel(nn.Module):
             raise refusal("gemma3_text", "attn_logit_softcapping="
                           f"{config['attn_logit_softcapping']!r}")
         # final_logit_softcapping caps the LM head's logits, which an embedder never computes.
-        act = str(config.get("hidden_activation") or config.get("hidden_act")
-                  or "gelu_pytorch_tanh")
+        # Gemma3TextConfig has no hidden_act: transformers ignores one and runs
+        # hidden_activation, by default gelu_pytorch_tanh.
+        act = str(config.get("hidden_activation") or "gelu_pytorch_tanh")
         activation(act, where="config.json: hidden_activation")
+        # A null window is accepted by the config but fails transformers' forward (the local
+        # layers' mask is built whatever layer_types say): no window to serve.
+        if "sliding_window" in config and config["sliding_window"] is None:
+            raise refusal("gemma3_text", "sliding_window=None")
         with required_keys("gemma3_text"):
             hidden = int(config["hidden_size"])
             heads = int(config["num_attention_heads"])
@@ -199,14 +204,15 @@ class Gemma3TextModel(nn.Module):
                 hidden_size=hidden,
                 layer_types=parse_layer_types(config, int(config["num_hidden_layers"])),
                 num_attention_heads=heads,
-                num_key_value_heads=int(config.get("num_key_value_heads") or heads),
+                # Gemma3TextConfig's default, not num_attention_heads.
+                num_key_value_heads=int(config.get("num_key_value_heads") or 4),
                 head_dim=head_dim,
                 intermediate_size=int(config["intermediate_size"]),
                 hidden_activation=act,
                 rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
                 attention_bias=bool(config.get("attention_bias", False)),
                 query_pre_attn_scalar=float(config.get("query_pre_attn_scalar", 256)),
-                sliding_window=int(config.get("sliding_window") or 4096),
+                sliding_window=int(config.get("sliding_window", 4096)),
                 bidirectional=_bidirectional(config),
                 max_position_embeddings=max_positions,
                 rotaries={t: rotary(rope[t], head_dim, max_positions,

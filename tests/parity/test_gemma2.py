@@ -171,6 +171,7 @@ def test_null_sliding_window_is_refused(tmp_path: Path) -> None:
     ({"is_causal": False}, "is_causal=false"),
     ({"attn_logit_softcapping": 0}, "attn_logit_softcapping=0"),
     ({"attn_logit_softcapping": "50"}, "attn_logit_softcapping='50'"),
+    ({"attn_logit_softcapping": True}, "attn_logit_softcapping=True"),
     # transformers' window 0 masks every key (`or 4096` took it for absent).
     ({"sliding_window": 0}, "sliding_window 0 must be >= 1"),
 ])

@@ -198,3 +198,39 @@ def test_embedding_scale_is_rounded_to_the_model_dtype(tmp_path: Path) -> None:
     assert scale == 5.65625
     with torch.no_grad():
         assert torch.equal(engine.model.embed(ids) * scale, hf.embed_tokens(ids[None])[0])
+
+
+def test_hidden_act_does_not_choose_the_activation(tmp_path: Path) -> None:
+    """Gemma3TextConfig knows only hidden_activation (default gelu_pytorch_tanh): a hidden_act
+    in config.json is an attribute its MLP never reads, so it must not pick ours either."""
+    root = make(tmp_path / "m", EMBEDDING_GEMMA)
+    set_config(root, hidden_activation=None, hidden_act="gelu")
+    ours, ids = engine_hidden(root)
+    assert (ours - transformers_hidden(root, ids)).abs().max().item() <= HIDDEN_TOL
+
+
+def test_config_defaults_of_kv_heads_and_window(tmp_path: Path) -> None:
+    """Omitted num_key_value_heads is Gemma3TextConfig's 4 (not the head count), an omitted
+    window its 4096; a null window, which transformers' forward fails on, is refused."""
+    import json
+
+    from transformers import Gemma3TextConfig
+
+    from backend_worker.attention import PaddedSDPA
+    from backend_worker.models.gemma3 import Gemma3TextModel
+
+    given = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+             "num_hidden_layers": 2, "num_attention_heads": 8, "head_dim": 8,
+             "layer_types": ["sliding_attention", "full_attention"]}
+    ref = Gemma3TextConfig(**given)
+    with torch.device("meta"):
+        model = Gemma3TextModel.from_config({"model_type": "gemma3_text", **given}, PaddedSDPA())
+    local = model.layers[0].attention
+    assert local.kv_heads == ref.num_key_value_heads == 4
+    assert local.mask.window == ref.sliding_window - 1
+    root = make(tmp_path / "m", EMBEDDING_GEMMA)
+    config = json.loads((root / "config.json").read_text())
+    config["sliding_window"] = None
+    (root / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="sliding_window=None"):
+        Engine.load(load_model_info(root, pooling_override="mean"))
