@@ -15,12 +15,10 @@ from __future__ import annotations
 from typing import Any, Self
 
 from backend_worker.attention import Attention
-from backend_worker.layers import activation
 from backend_worker.models.config import refusal, required_keys
-from backend_worker.models.gemma3 import Gemma3TextModel, parse_layer_types
+from backend_worker.models.gemma3 import Gemma3TextModel, gemma_settings, parse_layer_types
 from backend_worker.models.registry import register
 from backend_worker.rope import flat_rope_settings, rotary
-from shared.modelinfo import config_max_positions
 
 
 def _alternating(layers: int) -> list[str]:
@@ -40,44 +38,22 @@ class Gemma2Model(Gemma3TextModel):
             raise refusal("gemma2", "use_bidirectional_attention=true")
         if config.get("is_causal") is False:
             raise refusal("gemma2", "is_causal=false")
-        # Gemma2Config has no hidden_act: transformers ignores one (Gemma 1's "gelu") and runs
-        # hidden_activation, by default gelu_pytorch_tanh.
-        act = str(config.get("hidden_activation") or "gelu_pytorch_tanh")
-        activation(act, where="config.json: hidden_activation")
         softcap = config.get("attn_logit_softcapping", 50.0)
         if softcap is not None and (isinstance(softcap, bool)
                                     or not (isinstance(softcap, int | float) and softcap > 0)):
             raise refusal("gemma2", f"attn_logit_softcapping={softcap!r}")
-        # Gemma2Config takes sliding_window null, but Gemma2Model's forward then fails (it
-        # builds the local layers' mask whatever layer_types say): no window to serve.
-        if "sliding_window" in config and config["sliding_window"] is None:
-            raise refusal("gemma2", "sliding_window=None")
         # final_logit_softcapping caps the LM head's logits, which an embedder never computes.
         with required_keys("gemma2"):
-            hidden = int(config["hidden_size"])
-            heads = int(config["num_attention_heads"])
+            settings = gemma_settings(config, "gemma2")
             layers = int(config["num_hidden_layers"])
-            head_dim = int(config.get("head_dim") or 256)
-            max_positions = config_max_positions(config)
-            shared = rotary(flat_rope_settings(config, default_theta=10000.0), head_dim,
-                            max_positions, where="config.json: rope")
+            shared = rotary(flat_rope_settings(config, default_theta=10000.0),
+                            settings["head_dim"], settings["max_position_embeddings"],
+                            where="config.json: rope")
             return cls(
-                vocab_size=int(config["vocab_size"]),
-                hidden_size=hidden,
+                **settings,
                 layer_types=(parse_layer_types(config, layers) if config.get("layer_types")
                              else _alternating(layers)),
-                num_attention_heads=heads,
-                # Gemma2Config's default, not num_attention_heads (Gemma 2 2B's 8 heads share 4).
-                num_key_value_heads=int(config.get("num_key_value_heads") or 4),
-                head_dim=head_dim,
-                intermediate_size=int(config["intermediate_size"]),
-                hidden_activation=act,
-                rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-                attention_bias=bool(config.get("attention_bias", False)),
-                query_pre_attn_scalar=float(config.get("query_pre_attn_scalar", 256)),
-                sliding_window=int(config.get("sliding_window", 4096)),
                 bidirectional=False,
-                max_position_embeddings=max_positions,
                 rotaries={"full_attention": shared, "sliding_attention": shared},
                 attention=attention,
                 qk_norm=False,

@@ -119,6 +119,34 @@ def _rope_settings(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return settings
 
 
+def gemma_settings(config: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """The constructor settings Gemma 2 and 3 read alike, with their configs' defaults (not
+    other families': 4 key/value heads, not one per head); KeyError for a missing required key.
+    """
+    # Neither config class has hidden_act: transformers ignores one (Gemma 1's "gelu") and runs
+    # hidden_activation, by default gelu_pytorch_tanh.
+    act = str(config.get("hidden_activation") or "gelu_pytorch_tanh")
+    activation(act, where="config.json: hidden_activation")
+    # A null window is accepted by the config but fails transformers' forward (the local
+    # layers' mask is built whatever layer_types say): no window to serve.
+    if "sliding_window" in config and config["sliding_window"] is None:
+        raise refusal(model_type, "sliding_window=None")
+    return {
+        "vocab_size": int(config["vocab_size"]),
+        "hidden_size": int(config["hidden_size"]),
+        "num_attention_heads": int(config["num_attention_heads"]),
+        "num_key_value_heads": int(config.get("num_key_value_heads") or 4),
+        "head_dim": int(config.get("head_dim") or 256),
+        "intermediate_size": int(config["intermediate_size"]),
+        "hidden_activation": act,
+        "rms_norm_eps": float(config.get("rms_norm_eps", 1e-6)),
+        "attention_bias": bool(config.get("attention_bias", False)),
+        "query_pre_attn_scalar": float(config.get("query_pre_attn_scalar", 256)),
+        "sliding_window": int(config.get("sliding_window", 4096)),
+        "max_position_embeddings": config_max_positions(config),
+    }
+
+
 class Gemma3Layer(nn.Module):
     """x = x + post_norm(attention(pre_norm(x))); x = x + post_norm(mlp(pre_norm(x)))."""
 
@@ -185,37 +213,15 @@ class Gemma3TextModel(nn.Module):
             raise refusal("gemma3_text", "attn_logit_softcapping="
                           f"{config['attn_logit_softcapping']!r}")
         # final_logit_softcapping caps the LM head's logits, which an embedder never computes.
-        # Gemma3TextConfig has no hidden_act: transformers ignores one and runs
-        # hidden_activation, by default gelu_pytorch_tanh.
-        act = str(config.get("hidden_activation") or "gelu_pytorch_tanh")
-        activation(act, where="config.json: hidden_activation")
-        # A null window is accepted by the config but fails transformers' forward (the local
-        # layers' mask is built whatever layer_types say): no window to serve.
-        if "sliding_window" in config and config["sliding_window"] is None:
-            raise refusal("gemma3_text", "sliding_window=None")
         with required_keys("gemma3_text"):
-            hidden = int(config["hidden_size"])
-            heads = int(config["num_attention_heads"])
-            head_dim = int(config.get("head_dim") or 256)
-            max_positions = config_max_positions(config)
+            settings = gemma_settings(config, "gemma3_text")
             rope = _rope_settings(config)
             return cls(
-                vocab_size=int(config["vocab_size"]),
-                hidden_size=hidden,
+                **settings,
                 layer_types=parse_layer_types(config, int(config["num_hidden_layers"])),
-                num_attention_heads=heads,
-                # Gemma3TextConfig's default, not num_attention_heads.
-                num_key_value_heads=int(config.get("num_key_value_heads") or 4),
-                head_dim=head_dim,
-                intermediate_size=int(config["intermediate_size"]),
-                hidden_activation=act,
-                rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-                attention_bias=bool(config.get("attention_bias", False)),
-                query_pre_attn_scalar=float(config.get("query_pre_attn_scalar", 256)),
-                sliding_window=int(config.get("sliding_window", 4096)),
                 bidirectional=_bidirectional(config),
-                max_position_embeddings=max_positions,
-                rotaries={t: rotary(rope[t], head_dim, max_positions,
+                rotaries={t: rotary(rope[t], settings["head_dim"],
+                                    settings["max_position_embeddings"],
                                     where=f"config.json: rope ({t})") for t in _LAYER_TYPES},
                 attention=attention,
             )
