@@ -48,8 +48,8 @@ class MaskSpec:
 
     Query i sees key j when j <= i (if `causal`) and |i - j| <= `window` (if set); `bias` and
     `content` are added to the scores; `scale` replaces 1 / sqrt(head_dim); `softcap` caps the
-    scaled scores at +-softcap (softcap * tanh(score / softcap), Gemma 2) before the mask and
-    the softmax. Specs are compared by identity of their biases, so layers sharing one spec
+    scaled scores at +-softcap (softcap * tanh(score / softcap), Gemma 2) before any bias, the
+    mask and the softmax. Specs are compared by identity of their biases, so layers sharing one spec
     share its cached masks within a batch (a content bias is never cached: `positional` is the
     part that is).
     """
