@@ -9,6 +9,7 @@ from starlette.responses import Response
 
 from router.embedding_types import WRITERS
 from router.http import read_json, unless_disconnected
+from router.inputs import as_input_list
 from router.prompt_roles import jina_prompt
 from router.routes import AppState, Endpoint, json_response, timing_headers
 from router.schemas import (
@@ -52,6 +53,11 @@ def routes(state: AppState) -> list[Endpoint]:
         with service.refusals_counted():
             written = written_as(body)
             prompt_name = jina_prompt(body.task, prompts)
+            if prompt_name is not None and any(
+                    not isinstance(item, str) for item in as_input_list(body.input)):
+                # (the service would name `prompt_name`, a field this client never sent)
+                raise validation("`task` cannot be used with token-id inputs: its prompt is "
+                                 "text")
         result = await unless_disconnected(request, service.embed(EmbedRequest(
             inputs=body.input, normalize=True, dimensions=body.dimensions,
             prompt_name=prompt_name,

@@ -224,3 +224,13 @@ def test_jina_task_picks_the_models_prompt(srv) -> None:
     refused = srv.client.post("/v1/embeddings", json={"input": TEXTS, "task": "retrieval"})
     assert refused.status_code == 422
     assert "`task` must be one of" in refused.json()["error"]["message"]
+    # A prompt is text: token ids with a task that has one are refused, naming the field sent;
+    # a task without a prompt changes nothing, so they are served.
+    ids = srv.client.post("/tokenize", json={"inputs": TEXTS[0]}).json()[0]
+    tokens = [t["id"] for t in ids]
+    mixed = srv.client.post("/v1/embeddings", json={"input": [tokens, TEXTS[1]],
+                                                     "task": "retrieval.query"})
+    assert mixed.status_code == 422
+    assert mixed.json()["error"]["message"].startswith("`task` cannot be used with token-id")
+    plain = srv.client.post("/v1/embeddings", json={"input": [tokens], "task": "separation"})
+    assert plain.status_code == 200, plain.text
