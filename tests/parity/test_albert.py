@@ -19,7 +19,7 @@ from backend_worker.heads import build_head, run_head
 from shared.errors import ConfigError
 from shared.modelinfo import load_model_info
 from tests.fixtures.albert import make_tiny_albert
-from tests.fixtures.families import MAX_TOKENS
+from tests.fixtures.families import MAX_TOKENS, rename_to_tf_layer_norms
 from tests.fixtures.oracles import hf_hidden, padded_inputs
 from tests.fixtures.tiny import MIXED_TEXTS, pack
 
@@ -75,16 +75,10 @@ def test_hidden_states_match_transformers(tmp_path: Path, case: str) -> None:
 
 def test_legacy_layer_norm_names_load(tmp_path: Path) -> None:
     """LayerNorm.gamma / .beta (TF-era saves), as transformers renames them on load."""
-    from safetensors.torch import load_file, save_file
     from transformers import AlbertModel
 
     root = make_tiny_albert(tmp_path / "m", "AlbertForPreTraining", seed=5)
-    weights = load_file(str(root / "model.safetensors"))
-    renamed = {key.replace("LayerNorm.weight", "LayerNorm.gamma")
-               .replace("LayerNorm.bias", "LayerNorm.beta"): value
-               for key, value in weights.items()}
-    assert renamed.keys() != weights.keys()
-    save_file(renamed, str(root / "model.safetensors"), metadata={"format": "pt"})
+    rename_to_tf_layer_norms(root)
     _, engine = serve(root, "mean")
     arrays, _ = pack(root, TEXTS, MAX_TOKENS)
     ref = hf_hidden(AlbertModel.from_pretrained(str(root)).eval(), arrays)

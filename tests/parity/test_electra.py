@@ -20,7 +20,7 @@ from backend_worker.head_modules import ClassifierHead
 from backend_worker.heads import build_head, run_head
 from shared.errors import ConfigError
 from shared.modelinfo import load_model_info
-from tests.fixtures.families import MAX_TOKENS, make_tiny
+from tests.fixtures.families import MAX_TOKENS, make_tiny, rename_to_tf_layer_norms
 from tests.fixtures.oracles import hf_hidden, padded_inputs
 from tests.fixtures.tiny import MIXED_TEXTS, pack
 from tests.fixtures.tokenizer_oracle import router_tokens, transformers_tokens
@@ -67,16 +67,10 @@ def test_hidden_states_match_transformers(tmp_path: Path, architecture: str,
 
 def test_legacy_layer_norm_names_load(tmp_path: Path) -> None:
     """LayerNorm.gamma / .beta (TF-era saves), as transformers renames them on load."""
-    from safetensors.torch import load_file, save_file
     from transformers import ElectraModel
 
     root = make_tiny(tmp_path / "m", "electra", "ElectraForPreTraining", seed=5)
-    weights = load_file(str(root / "model.safetensors"))
-    renamed = {key.replace("LayerNorm.weight", "LayerNorm.gamma")
-               .replace("LayerNorm.bias", "LayerNorm.beta"): value
-               for key, value in weights.items()}
-    assert renamed.keys() != weights.keys()
-    save_file(renamed, str(root / "model.safetensors"), metadata={"format": "pt"})
+    rename_to_tf_layer_norms(root)
     _, engine = serve(root, "mean")
     arrays, _ = pack(root, TEXTS, MAX_TOKENS)
     ref = hf_hidden(ElectraModel.from_pretrained(str(root)).eval(), arrays)
