@@ -16,15 +16,15 @@ import torch
 from backend_worker.engine import Engine
 from shared.errors import ConfigError
 from shared.modelinfo import load_model_info
+from tests.fixtures import gemma
 from tests.fixtures.decoders import (
     GEMMA_STYLE,
     TINY_GEMMA2,
-    decoder_vocab,
     make_decoder_dir,
     make_st_decoder,
     set_config,
-    transformers_hidden,
 )
+from tests.fixtures.gemma import HIDDEN_TOL, TEXTS, assert_hidden_matches, hidden_diff
 from tests.fixtures.oracles import cosine_rows
 from tests.fixtures.tiny import pack
 
@@ -33,14 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Model types this module proves against their oracle (tests/parity/test_zoo_coverage.py).
 COVERS = frozenset({"gemma2"})
 
-TEXTS = [
-    "The weather is lovely today.",
-    "hi",
-    "A much longer input, with punctuation; digits 0123456789 and MiXeD case: it spans "
-    "well over forty word pieces so that padding inside the batch is substantial.",
-    "what is the capital of france?",
-]
-HIDDEN_TOL = 1e-4
+POOLING = "last-token"
 GEMMA2 = TINY_GEMMA2
 
 HIDDEN_CASES = [
@@ -59,9 +52,7 @@ def make(root: Path, overrides: dict, architecture: str | None = None) -> Path:
 
 
 def engine_hidden(model_dir: Path) -> tuple[torch.Tensor, list[list[int]]]:
-    engine = Engine.load(load_model_info(model_dir, pooling_override="last-token"))
-    arrays, ids = pack(model_dir, TEXTS)
-    return engine.hidden_states(arrays), ids
+    return gemma.engine_hidden(model_dir, POOLING)
 
 
 @pytest.mark.parametrize(("case", "overrides", "architecture"), HIDDEN_CASES,
@@ -69,14 +60,7 @@ def engine_hidden(model_dir: Path) -> tuple[torch.Tensor, list[list[int]]]:
 def test_hidden_states_match_transformers(tmp_path: Path, case: str, overrides: dict,
                                           architecture: str | None) -> None:
     root = make(tmp_path / case, overrides, architecture)
-    ours, ids = engine_hidden(root)
-    vocab = decoder_vocab()
-    assert all(s[0] == vocab["<bos>"] and s[-1] == vocab["<eos>"] for s in ids)
-    assert max(map(len, ids)) > 4 * overrides["sliding_window"]
-    ref = transformers_hidden(root, ids)
-    diff = (ours - ref).abs().max().item()
-    print(f"{case}: max abs diff of last hidden state {diff:.2e}")
-    assert diff <= HIDDEN_TOL
+    assert_hidden_matches(root, POOLING, overrides["sliding_window"], case)
 
 
 @pytest.mark.parametrize("change", [
@@ -101,8 +85,7 @@ def test_older_config_format(tmp_path: Path) -> None:
     (local and global layers alternate, the first local), rope_theta at the top level."""
     root = make(tmp_path / "m", {**GEMMA2, "num_hidden_layers": 4})
     set_config(root, layer_types=None, rope_parameters=None, rope_theta=500.0)
-    ours, ids = engine_hidden(root)
-    assert (ours - transformers_hidden(root, ids)).abs().max().item() <= HIDDEN_TOL
+    assert hidden_diff(root, POOLING) <= HIDDEN_TOL
 
 
 def test_rotary_base_defaults_to_ten_thousand(tmp_path: Path) -> None:
@@ -111,8 +94,7 @@ def test_rotary_base_defaults_to_ten_thousand(tmp_path: Path) -> None:
     fixtures always write a base, so a wrong default passed every other case."""
     root = make(tmp_path / "m", GEMMA2)
     set_config(root, rope_parameters=None, rope_theta=None)
-    ours, ids = engine_hidden(root)
-    assert (ours - transformers_hidden(root, ids)).abs().max().item() <= HIDDEN_TOL
+    assert hidden_diff(root, POOLING) <= HIDDEN_TOL
 
 
 def test_defaults_of_omitted_keys_are_gemma2_configs(tmp_path: Path) -> None:
@@ -150,8 +132,7 @@ def test_hidden_act_does_not_choose_the_activation(tmp_path: Path) -> None:
     reads. Taking it when hidden_activation is absent ran exact GELU, silently off."""
     root = make(tmp_path / "m", GEMMA2)
     set_config(root, hidden_activation=None, hidden_act="gelu")
-    ours, ids = engine_hidden(root)
-    assert (ours - transformers_hidden(root, ids)).abs().max().item() <= HIDDEN_TOL
+    assert hidden_diff(root, POOLING) <= HIDDEN_TOL
 
 
 def test_null_sliding_window_is_refused(tmp_path: Path) -> None:

@@ -14,17 +14,17 @@ import torch
 from backend_worker.engine import Engine
 from shared.errors import ConfigError
 from shared.modelinfo import load_model_info
+from tests.fixtures import gemma
 from tests.fixtures.checks import assert_batch_invariant, assert_packed_equals_padded
 from tests.fixtures.decoders import (
     GEMMA_STYLE,
     TINY_EMBEDDING_GEMMA,
     TINY_GEMMA,
-    decoder_vocab,
     make_decoder_dir,
     make_embedding_gemma,
     set_config,
-    transformers_hidden,
 )
+from tests.fixtures.gemma import HIDDEN_TOL, TEXTS, assert_hidden_matches, hidden_diff
 from tests.fixtures.oracles import cosine_rows
 from tests.fixtures.tiny import pack
 
@@ -33,14 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Model types this module proves against their oracle (tests/parity/test_zoo_coverage.py).
 COVERS = frozenset({"gemma3_text"})
 
-TEXTS = [
-    "The weather is lovely today.",
-    "hi",
-    "A much longer input, with punctuation; digits 0123456789 and MiXeD case: it spans "
-    "well over forty word pieces so that padding inside the batch is substantial.",
-    "what is the capital of france?",
-]
-HIDDEN_TOL = 1e-4
+POOLING = "mean"
 GEMMA = TINY_GEMMA
 EMBEDDING_GEMMA = TINY_EMBEDDING_GEMMA
 
@@ -62,9 +55,7 @@ def make(root: Path, overrides: dict, architecture: str | None = None) -> Path:
 
 
 def engine_hidden(model_dir: Path) -> tuple[torch.Tensor, list[list[int]]]:
-    engine = Engine.load(load_model_info(model_dir, pooling_override="mean"))
-    arrays, ids = pack(model_dir, TEXTS)
-    return engine.hidden_states(arrays), ids
+    return gemma.engine_hidden(model_dir, POOLING)
 
 
 @pytest.mark.parametrize(("case", "overrides", "architecture"), HIDDEN_CASES,
@@ -72,14 +63,7 @@ def engine_hidden(model_dir: Path) -> tuple[torch.Tensor, list[list[int]]]:
 def test_hidden_states_match_transformers(tmp_path: Path, case: str, overrides: dict,
                                           architecture: str | None) -> None:
     root = make(tmp_path / case, overrides, architecture)
-    ours, ids = engine_hidden(root)
-    vocab = decoder_vocab()
-    assert all(s[0] == vocab["<bos>"] and s[-1] == vocab["<eos>"] for s in ids)
-    assert max(map(len, ids)) > 4 * overrides["sliding_window"]
-    ref = transformers_hidden(root, ids)
-    diff = (ours - ref).abs().max().item()
-    print(f"{case}: max abs diff of last hidden state {diff:.2e}")
-    assert diff <= HIDDEN_TOL
+    assert_hidden_matches(root, POOLING, overrides["sliding_window"], case)
 
 
 @pytest.mark.parametrize(("case", "change"), [
@@ -112,9 +96,7 @@ def test_older_config_format(tmp_path: Path) -> None:
     set_config(root, layer_types=None, sliding_window_pattern=2, rope_parameters=None,
                rope_theta=5000.0, rope_local_base_freq=100.0,
                rope_scaling={"rope_type": "linear", "factor": 2.0})
-    ours, ids = engine_hidden(root)
-    diff = (ours - transformers_hidden(root, ids)).abs().max().item()
-    assert diff <= HIDDEN_TOL
+    assert hidden_diff(root, POOLING) <= HIDDEN_TOL
 
 
 @pytest.fixture(scope="module")
@@ -205,8 +187,7 @@ def test_hidden_act_does_not_choose_the_activation(tmp_path: Path) -> None:
     in config.json is an attribute its MLP never reads, so it must not pick ours either."""
     root = make(tmp_path / "m", EMBEDDING_GEMMA)
     set_config(root, hidden_activation=None, hidden_act="gelu")
-    ours, ids = engine_hidden(root)
-    assert (ours - transformers_hidden(root, ids)).abs().max().item() <= HIDDEN_TOL
+    assert hidden_diff(root, POOLING) <= HIDDEN_TOL
 
 
 def test_config_defaults_of_kv_heads_and_window(tmp_path: Path) -> None:
