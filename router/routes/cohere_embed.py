@@ -46,15 +46,21 @@ def input_texts(body: CohereEmbedRequest) -> list[str]:
     if not (body.texts or body.inputs):
         raise empty("`texts` cannot be empty")
     if body.texts is not None:
-        return body.texts
-    texts = []
-    for index, item in enumerate(body.inputs or ()):
-        parts = item.content
-        if len(parts) != 1 or parts[0].type != "text" or parts[0].text is None:
-            raise validation(f"`inputs[{index}]` must hold one text part (`{{\"type\": "
-                             "\"text\", \"text\": ...}`): images and several parts are not "
-                             "supported")
-        texts.append(parts[0].text)
+        texts, field = body.texts, "texts[{}]"
+    else:
+        texts, field = [], "inputs[{}].content[0].text"
+        for index, item in enumerate(body.inputs or ()):
+            parts = item.content
+            if len(parts) != 1 or parts[0].type != "text" or parts[0].text is None:
+                raise validation(f"`inputs[{index}]` must hold one text part (`{{\"type\": "
+                                 "\"text\", \"text\": ...}`): images and several parts are "
+                                 "not supported")
+            texts.append(parts[0].text)
+    # NOTE: checked here, not left to the service, whose message names /embed's `inputs`
+    # (a v2 field of its own here, and one a `texts` client never sent).
+    blank = next((index for index, text in enumerate(texts) if not text), None)
+    if blank is not None:
+        raise empty(f"`{field.format(blank)}` cannot be empty")
     return texts
 
 

@@ -189,6 +189,21 @@ def test_inputs_of_one_text_part_and_empty_requests(srv) -> None:
             model="any", texts=[], input_type="search_query")
 
 
+@pytest.mark.parametrize(("version", "body", "field"), [
+    ("v1", {"texts": ["a", ""]}, "`texts[1]`"),
+    ("v2", {"texts": ["", "a"]}, "`texts[0]`"),
+    ("v2", {"inputs": [{"content": [{"type": "text", "text": "a"}]},
+                       {"content": [{"type": "text", "text": ""}]}]},
+     "`inputs[1].content[0].text`"),
+])
+def test_an_empty_text_is_named_as_the_client_sent_it(srv, version: str, body: dict,
+                                                       field: str) -> None:
+    response = srv.client.post(f"/{version}/embed", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error_type"] == "Empty"
+    assert response.json()["error"] == f"{field} cannot be empty"
+
+
 @pytest.mark.parametrize("kind", ["binary", "ubinary"])
 def test_jina_packed_embedding_types(srv, kind: str) -> None:
     response = srv.client.post("/v1/embeddings", json={"input": TEXTS, "embedding_type": kind})
