@@ -11,6 +11,8 @@ langchain-cohere's CohereEmbeddings wraps), answered from the same vectors as /e
   quantization needs calibration ranges a server has no way to know.
 - v1 without `embedding_types` answers `embeddings_floats` (a plain list of vectors); otherwise
   `embeddings_by_type`, as Cohere does. `meta.billed_units.input_tokens` counts the tokens.
+- v2's fields (`inputs`, `output_dimension`, `max_tokens`, `priority`) are refused on v1,
+  which Cohere's v1 API does not have; an empty `embedding_types` is refused on both.
 """
 
 from __future__ import annotations
@@ -36,6 +38,18 @@ from router.schemas import (
     EmbedRequest,
 )
 from shared.errors import ErrorType, empty, validation
+
+# Cohere's v2 fields: Cohere's v1 API has none of them. Refused on /v1/embed, naming the field,
+# rather than honoured there (an answer Cohere's v1 would not give) or silently ignored.
+V2_ONLY = ("inputs", "output_dimension", "max_tokens", "priority")
+
+
+def check_version(body: CohereEmbedRequest, version: str) -> None:
+    if version == "1":
+        sent = next((name for name in V2_ONLY if getattr(body, name) is not None), None)
+        if sent is not None:
+            raise validation(f"`{sent}` is a field of Cohere's v2 embed API: send it to "
+                             "/v2/embed")
 
 
 def input_texts(body: CohereEmbedRequest) -> list[str]:
@@ -67,6 +81,9 @@ def input_texts(body: CohereEmbedRequest) -> list[str]:
 def embed_request(body: CohereEmbedRequest, texts: list[str],
                   prompts: dict[str, str]) -> EmbedRequest:
     """The /embed request of a Cohere request's `texts`, once its fields are checked."""
+    if body.embedding_types == []:
+        raise validation(f"`embedding_types` cannot be empty: name one or more of "
+                         f"{', '.join(WRITERS)}, or leave it out")
     refused = [t for t in body.embedding_types or () if t not in WRITERS]
     if refused:
         raise validation(f"`embedding_types` {', '.join(refused)} not supported: choose among "
@@ -97,6 +114,7 @@ def routes(state: AppState) -> list[Endpoint]:
         started = time.perf_counter()
         body = await read_json(request, CohereEmbedRequest, limit)
         with service.refusals_counted():
+            check_version(body, version)
             texts = input_texts(body)
             asked = embed_request(body, texts, prompts)
         result = await unless_disconnected(request, service.embed(asked))

@@ -166,6 +166,25 @@ def test_what_is_refused_says_why(srv, fields: dict, message: str) -> None:
     assert message in response.json()["error"]
 
 
+@pytest.mark.parametrize(("version", "fields", "message"), [
+    ("v1", {"output_dimension": 16}, "`output_dimension` is a field of Cohere's v2"),
+    ("v1", {"max_tokens": 8}, "`max_tokens` is a field of Cohere's v2"),
+    ("v1", {"priority": 0}, "`priority` is a field of Cohere's v2"),
+    ("v1", {"inputs": [{"content": [{"type": "text", "text": "a"}]}]},
+     "`inputs` is a field of Cohere's v2"),
+    ("v1", {"embedding_types": []}, "`embedding_types` cannot be empty"),
+    ("v2", {"embedding_types": []}, "`embedding_types` cannot be empty"),
+])
+def test_fields_cohere_does_not_take_there_are_named(srv, version: str, fields: dict,
+                                                     message: str) -> None:
+    body = {"texts": TEXTS, **fields}
+    if "inputs" in fields:
+        del body["texts"]
+    response = srv.client.post(f"/{version}/embed", json=body)
+    assert response.status_code == 422, response.text
+    assert message in response.json()["error"]
+
+
 def test_inputs_of_one_text_part_and_empty_requests(srv) -> None:
     inputs = [{"content": [{"type": "text", "text": text}]} for text in TEXTS]
     response = srv.client.post("/v2/embed", json={"inputs": inputs})
