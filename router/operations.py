@@ -59,7 +59,7 @@ async def rerank(
         # and a refusal on the way counts as run's do.
         with service.refusals_counted():
             check_batch_size(len(texts), service.rules)
-            texts = await first_tokens(service, texts, max_tokens)
+            texts = await kept_tokens(service, texts, max_tokens, "right")
     if max_chunks > 1 and service.tokenizers.conversations:
         # Pieces are cut to fit beside the query in the tokenizer's pair encoding; a chat
         # template's frame around them is another length.
@@ -76,13 +76,15 @@ async def rerank(
     return activate(outcome.matrix(), model.activation, raw_scores)[:, 0], outcome.timings
 
 
-async def first_tokens(service: InferenceService, texts: Sequence[str],
-                       count: int) -> list[str]:
+async def kept_tokens(service: InferenceService, texts: Sequence[str], count: int,
+                      direction: str) -> list[str]:
     """Each text cut after its first `count` tokens (Cohere's `max_tokens_per_doc`), at the end
-    of the last token kept; shorter texts as they are. The cut text is tokenized again in its
-    pair, where the word at the cut may split into other pieces."""
+    of the last token kept ("left": before its last `count`, at the start of the first kept, as
+    Cohere embed's `max_tokens` with `truncate` START); shorter texts as they are. The cut text
+    is tokenized again (in its pair, after its prompt), where the word at the cut may split
+    into other pieces."""
     with service.admitted(len(texts), "tokenizer"):
-        return await service.tokenizers.prefixes(list(texts), count)
+        return await service.tokenizers.kept_tokens(list(texts), count, direction)
 
 
 async def _rerank_pieces(

@@ -169,16 +169,29 @@ def _tokens_json(texts: list[str], add_special_tokens: bool) -> Outcome:
                                         for per_text in outcome.value]))
 
 
-def _prefixes(texts: list[str], count: int) -> Outcome:
-    """Each text up to the end of its `count`-th token (special tokens not counted); shorter
-    texts whole."""
+def _kept_tokens(texts: list[str], count: int, direction: str = "right") -> Outcome:
+    """Each text up to the end of its `count`-th token ("left": from the start of its
+    `count`-th last), special tokens not counted; shorter texts whole."""
     try:
         encodings = _untruncated(texts, add_special_tokens=False)
     except Exception as exc:
         return Outcome(None, str(exc))
     # Offsets are character offsets into the text.
-    return Outcome([text[:encoding.offsets[count - 1][1]] if len(encoding.ids) > count else text
+    return Outcome([text if len(encoding.ids) <= count
+                    else text[encoding.offsets[_first_kept(encoding.word_ids, count)][0]:]
+                    if direction == "left" else text[:encoding.offsets[count - 1][1]]
                     for text, encoding in zip(texts, encodings, strict=True)])
+
+
+def _first_kept(word_ids: list[int | None], count: int) -> int:
+    """The first of the last `count` tokens that starts a word. NOTE: a suffix cut inside a
+    word tokenizes again as another word (WordPiece's "##bed" alone is "bed"), maybe in more
+    tokens; from a word's start it gives the same tokens. Where no whole word fits, the cut
+    is inside the word."""
+    first = len(word_ids) - count
+    start = next((i for i in range(first, len(word_ids))
+                  if word_ids[i] is None or word_ids[i] != word_ids[i - 1]), first)
+    return start
 
 
 class Chunked(NamedTuple):
@@ -303,9 +316,10 @@ class TokenizerPool:
         """`tokens`, as the JSON array /tokenize answers."""
         return await self._call(sum(map(len, texts)), _tokens_json, texts, add_special_tokens)
 
-    async def prefixes(self, texts: list[str], count: int) -> list[str]:
-        """Each text cut after its first `count` tokens (Cohere's `max_tokens_per_doc`)."""
-        return await self._call(sum(map(len, texts)), _prefixes, texts, count)
+    async def kept_tokens(self, texts: list[str], count: int, direction: str) -> list[str]:
+        """Each text cut to its first `count` tokens ("left": its last), as Cohere's
+        `max_tokens_per_doc` and embed `max_tokens` cut them (`_kept_tokens`)."""
+        return await self._call(sum(map(len, texts)), _kept_tokens, texts, count, direction)
 
     async def chunks(self, query: str, texts: list[str], max_length: int,
                      limit: int) -> Chunked:

@@ -5,7 +5,9 @@ langchain-cohere's CohereEmbeddings wraps), answered from the same vectors as /e
   model). Vectors are normalized, as Cohere's are; `output_dimension` is /embed's `dimensions`.
 - `input_type` picks the model's prompt of that role (router/prompt_roles.py).
 - `truncate`: END cuts the end, START the start, NONE refuses a text over the limit (422);
-  absent, --auto-truncate decides, as for TEI's routes.
+  absent, --auto-truncate decides, as for TEI's routes (END with `max_tokens`).
+- v2's `max_tokens`: each text is cut to that many of its own tokens, on `truncate`'s side
+  (with NONE, a longer text is refused); the model's limit still applies (`within_max_tokens`).
 - `embedding_types`: float, base64 (float32), binary and ubinary (router/embedding_types.py).
   int8 / uint8 are refused: Cohere's scale is its own, and sentence-transformers' scalar
   quantization needs calibration ranges a server has no way to know.
@@ -25,6 +27,8 @@ from starlette.responses import Response
 
 from router.embedding_types import WRITERS
 from router.http import read_json, unless_disconnected
+from router.inputs import CHARS_PER_TOKEN_LIMIT, check_batch_size
+from router.operations import kept_tokens
 from router.prompt_roles import cohere_prompt
 from router.routes import AppState, Endpoint, json_response, timing_headers
 from router.schemas import (
@@ -37,6 +41,7 @@ from router.schemas import (
     CohereMeta,
     EmbedRequest,
 )
+from router.service import InferenceService
 from shared.errors import ErrorType, empty, validation
 
 # Cohere's v2 fields: Cohere's v1 API has none of them. Refused on /v1/embed, naming the field,
@@ -89,20 +94,45 @@ def embed_request(body: CohereEmbedRequest, texts: list[str],
         raise validation(f"`embedding_types` {', '.join(refused)} not supported: choose among "
                          f"{', '.join(WRITERS)} (int8 / uint8 need a calibration this server "
                          "does not have)")
-    if body.max_tokens is not None:
-        raise validation("`max_tokens` is not supported: inputs are cut at the model's limit, "
-                         "on the side `truncate` names")
+    if body.max_tokens is not None and body.max_tokens <= 0:
+        raise validation("`max_tokens` must be positive")
     if body.priority:
         raise validation("`priority` is not supported: requests are served in arrival order")
     inputs: list[str | int | list[int]] = [*texts]
+    truncate = body.truncate
+    if truncate is None and body.max_tokens is not None:
+        truncate = "END"  # Cohere's default: a client that sets `max_tokens` asks for cuts
     return EmbedRequest(
         inputs=inputs,
-        truncate=None if body.truncate is None else body.truncate != "NONE",
-        truncation_direction="left" if body.truncate == "START" else "right",
+        truncate=None if truncate is None else truncate != "NONE",
+        truncation_direction="left" if truncate == "START" else "right",
         prompt_name=cohere_prompt(body.input_type, prompts),
         normalize=True,
         dimensions=body.output_dimension,
     )
+
+
+async def within_max_tokens(service: InferenceService, texts: list[str], max_tokens: int,
+                            truncate: str | None) -> list[str]:
+    """Each text cut to `max_tokens` of its own tokens (its prompt and special tokens not
+    counted, as Cohere's rerank `max_tokens_per_doc`), on the side `truncate` names (absent:
+    END, Cohere's default); with NONE a longer text is refused. At or past the model's limit
+    it changes nothing: the limit cuts first, as `truncate` says."""
+    if max_tokens >= service.rules.max_input_length:
+        return texts
+    direction = "left" if truncate == "START" else "right"
+    # TEI's bound of 250 characters per token, before the texts reach the tokenizer.
+    chars = max_tokens * CHARS_PER_TOKEN_LIMIT
+    bounded = [text[-chars:] if direction == "left" else text[:chars] for text in texts]
+    with service.refusals_counted():
+        check_batch_size(len(texts), service.rules)
+        cut = await kept_tokens(service, bounded, max_tokens, direction)
+        longer = next((i for i, (text, kept) in enumerate(zip(texts, cut, strict=True))
+                       if kept != text), None)
+        if truncate == "NONE" and longer is not None:
+            raise validation(f"input {longer} has more than `max_tokens` ({max_tokens}) "
+                             "tokens, and `truncate` is NONE")
+    return cut
 
 
 def routes(state: AppState) -> list[Endpoint]:
@@ -117,6 +147,10 @@ def routes(state: AppState) -> list[Endpoint]:
             check_version(body, version)
             texts = input_texts(body)
             asked = embed_request(body, texts, prompts)
+        if body.max_tokens is not None:
+            cut = await unless_disconnected(request, within_max_tokens(
+                service, texts, body.max_tokens, body.truncate))
+            asked.inputs = [*cut]
         result = await unless_disconnected(request, service.embed(asked))
         meta = CohereMeta(CohereApiVersion(version), CohereBilledUnits(result.timings.tokens))
         answer: Any

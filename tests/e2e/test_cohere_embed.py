@@ -146,12 +146,58 @@ def test_truncate_and_output_dimension(srv) -> None:
     assert not np.unpackbits(packed, axis=1)[:, 20:].any()
 
 
+def test_max_tokens_cuts_each_text_on_the_side_truncate_names(srv) -> None:
+    client = cohere.ClientV2(api_key="unused", base_url=srv.url)
+    texts = [LONG, TEXTS[1], TEXTS[2]]
+    tokens = [srv.client.post("/tokenize", json={"inputs": text, "add_special_tokens": False})
+              .json()[0] for text in texts]
+    count = 5
+    assert len(tokens[1]) > count >= len(tokens[2])  # "hi" is kept whole
+
+    def floats(**options) -> tuple[np.ndarray, cohere.EmbedByTypeResponse]:
+        reply = client.embed(model="any", texts=texts, input_type="clustering",
+                             max_tokens=count, **options)
+        assert reply.texts == texts  # the texts as sent
+        return np.asarray(reply.embeddings.float_, dtype=np.float32), reply
+
+    # END (Cohere's default): up to the end of each text's 5th token (ASCII: bytes are chars).
+    heads = [text[:toks[count - 1]["stop"]] if len(toks) > count else text
+             for text, toks in zip(texts, tokens, strict=True)]
+    end, reply = floats()
+    assert np.array_equal(end, tei(srv, heads, prompt_name="clustering"))
+    assert np.array_equal(floats(truncate="END")[0], end)
+    assert reply.meta.billed_units.input_tokens == sum(len(t) for t in srv.client.post(
+        "/tokenize", json={"inputs": [f"topic: {h}" for h in heads]}).json())
+    # START: from the first whole word of each text's last 5 tokens.
+    def first_kept(toks: list[dict]) -> int:
+        return next(t["start"] for t in toks[-count:] if not t["text"].startswith("##"))
+
+    tails = [text[first_kept(toks):] if len(toks) > count else text
+             for text, toks in zip(texts, tokens, strict=True)]
+    assert np.array_equal(floats(truncate="START")[0],
+                          tei(srv, tails, prompt_name="clustering"))
+    # NONE: a text over max_tokens is refused, naming it; texts within it are embedded whole.
+    with pytest.raises(UnprocessableEntityError) as refused:
+        floats(truncate="NONE")
+    assert error(refused.value) == ("input 0 has more than `max_tokens` (5) tokens, and "
+                                    "`truncate` is NONE")
+    whole = client.embed(model="any", texts=[TEXTS[2]], max_tokens=count,
+                         truncate="NONE", input_type="classification")
+    assert np.array_equal(np.asarray(whole.embeddings.float_, dtype=np.float32),
+                          tei(srv, [TEXTS[2]]))
+    # At or past the model's limit (128), the limit cuts, on `truncate`'s side.
+    past = client.embed(model="any", texts=[LONG], max_tokens=4096,
+                        truncate="START", input_type="classification")
+    assert np.array_equal(np.asarray(past.embeddings.float_, dtype=np.float32),
+                          tei(srv, [LONG], truncation_direction="Left"))
+
+
 @pytest.mark.parametrize(("fields", "message"), [
     ({"embedding_types": ["int8"]}, "`embedding_types` int8 not supported"),
     ({"input_type": "image"}, "`input_type` image is not supported"),
     ({"input_type": "search"}, "`input_type` must be one of"),
     ({"images": ["data:image/png;base64,AAAA"]}, "`images` are not supported"),
-    ({"max_tokens": 8}, "`max_tokens` is not supported"),
+    ({"max_tokens": 0}, "`max_tokens` must be positive"),
     ({"priority": 3}, "`priority` is not supported"),
     ({"output_dimension": 0}, "`dimensions` should be positive"),
     ({"inputs": [{"content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]},

@@ -36,13 +36,35 @@ def ids(path: str, text: str) -> list[int]:
 def test_a_prefix_holds_exactly_the_first_tokens(tokenizer_path: str, count: int) -> None:
     # Multi-byte characters (offsets are characters, not bytes), a cut inside a word.
     texts = ["Straße und Brücke über den Fluß, zweimal", "naïve café déjà vu, a lot"]
-    for text, prefix in zip(texts, tokenization._prefixes(texts, count).value, strict=True):
+    for text, prefix in zip(texts, tokenization._kept_tokens(texts, count).value, strict=True):
         assert text.startswith(prefix)
         assert ids(tokenizer_path, prefix) == ids(tokenizer_path, text)[:count]
 
 
-def test_short_texts_are_kept_whole(tokenizer_path: str) -> None:
-    assert tokenization._prefixes(["hi there", ""], 2).value == ["hi there", ""]
+@pytest.mark.parametrize("count", [1, 2, 3, 5, 8])
+def test_a_suffix_holds_exactly_the_last_tokens(tokenizer_path: str, count: int) -> None:
+    # Cohere embed's `max_tokens` with `truncate` START: the last whole words that fit (a
+    # piece of a word cut from its start would tokenize again as another word).
+    texts = ["Straße und Brücke über den Fluß, zweimal", "naïve café déjà vu, a lot"]
+    for text, suffix in zip(texts, tokenization._kept_tokens(texts, count, "left").value,
+                            strict=True):
+        assert text.endswith(suffix)
+        last_word = text.rsplit(" ", 1)[-1]
+        if len(ids(tokenizer_path, last_word)) > count:  # no whole word fits: cut inside it
+            assert last_word.endswith(suffix) and suffix != last_word
+            continue
+        kept = ids(tokenizer_path, suffix)
+        assert 0 < len(kept) <= count and kept == ids(tokenizer_path, text)[-len(kept):]
+        # No more of the text would fit: the word before the cut is longer than the room left.
+        head = text[:len(text) - len(suffix)].rstrip()
+        before = head.rsplit(" ", 1)[-1]
+        if before:
+            assert len(ids(tokenizer_path, text[len(head) - len(before):])) > count
+
+
+@pytest.mark.parametrize("direction", ["right", "left"])
+def test_short_texts_are_kept_whole(tokenizer_path: str, direction: str) -> None:
+    assert tokenization._kept_tokens(["hi there", ""], 2, direction).value == ["hi there", ""]
 
 
 def test_pieces_are_consecutive_runs_that_fit_beside_the_query(tokenizer_path: str) -> None:
