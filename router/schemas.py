@@ -132,6 +132,11 @@ class OpenAIEmbedRequest(msgspec.Struct, kw_only=True):
     embedding_type: str | None = None
     # Jina's: the prompt of the task's role (router/prompt_roles.py).
     task: str | None = None
+    # Jina's: false answers the vectors unnormalized (default true, as OpenAI's are).
+    normalized: bool | None = None
+    # Jina's: true embeds the inputs as one text and pools each input's tokens of it; each
+    # input is embedded on its own here, so true is refused rather than ignored.
+    late_chunking: bool | None = None
 
 
 class OpenAIEmbedding(msgspec.Struct, kw_only=True):

@@ -51,6 +51,9 @@ def routes(state: AppState) -> list[Endpoint]:
         started = time.perf_counter()
         body = await read_json(request, OpenAIEmbedRequest, limit)
         with service.refusals_counted():
+            if body.late_chunking:
+                raise validation("`late_chunking` is not supported: each input is embedded "
+                                 "on its own")
             written = written_as(body)
             prompt_name = jina_prompt(body.task, prompts)
             if prompt_name is not None and any(
@@ -59,7 +62,8 @@ def routes(state: AppState) -> list[Endpoint]:
                 raise validation("`task` cannot be used with token-id inputs: its prompt is "
                                  "text")
         result = await unless_disconnected(request, service.embed(EmbedRequest(
-            inputs=body.input, normalize=True, dimensions=body.dimensions,
+            inputs=body.input, normalize=body.normalized is not False,
+            dimensions=body.dimensions,
             prompt_name=prompt_name,
         )))
         data = [OpenAIEmbedding(embedding=row, index=i)

@@ -314,3 +314,18 @@ def test_jina_task_picks_the_models_prompt(srv) -> None:
     assert mixed.json()["error"]["message"].startswith("`task` cannot be used with token-id")
     plain = srv.client.post("/v1/embeddings", json={"input": [tokens], "task": "separation"})
     assert plain.status_code == 200, plain.text
+
+
+def test_jina_normalized_and_late_chunking(srv) -> None:
+    def jina(**fields) -> np.ndarray:
+        response = srv.client.post("/v1/embeddings", json={"input": TEXTS, **fields})
+        assert response.status_code == 200, response.text
+        return np.asarray([d["embedding"] for d in response.json()["data"]], dtype=np.float32)
+
+    assert np.array_equal(jina(normalized=False), tei(srv, TEXTS, normalize=False))
+    assert np.array_equal(jina(normalized=True), tei(srv, TEXTS))
+    assert np.array_equal(jina(late_chunking=False), tei(srv, TEXTS))
+    # Each input embedded on its own would be other vectors than late chunking's: refused.
+    refused = srv.client.post("/v1/embeddings", json={"input": TEXTS, "late_chunking": True})
+    assert refused.status_code == 422
+    assert refused.json()["error"]["message"].startswith("`late_chunking` is not supported")
