@@ -63,7 +63,7 @@ def input_texts(body: CohereEmbedRequest) -> list[str]:
     if body.texts is not None and body.inputs is not None:
         raise validation("give either `texts` or `inputs`, not both")
     if not (body.texts or body.inputs):
-        raise empty("`texts` cannot be empty")
+        raise empty(f"`{'inputs' if body.inputs is not None else 'texts'}` cannot be empty")
     if body.texts is not None:
         texts, field = body.texts, "texts[{}]"
     else:

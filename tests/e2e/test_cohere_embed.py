@@ -245,10 +245,11 @@ def test_inputs_of_one_text_part_and_empty_requests(srv) -> None:
         refused = srv.client.post("/v2/embed", json=body)
         assert refused.status_code == 422, refused.text
         assert refused.json()["error_type"] == "Validation"
-    for body in ({"texts": []}, {}, {"inputs": []}):
+    for body, field in (({"texts": []}, "texts"), ({}, "texts"), ({"inputs": []}, "inputs")):
         empty = srv.client.post("/v2/embed", json=body)
         assert empty.status_code == 400, empty.text
         assert empty.json()["error_type"] == "Empty"
+        assert empty.json()["error"] == f"`{field}` cannot be empty"  # the field sent
     with pytest.raises(BadRequestError):
         cohere.ClientV2(api_key="unused", base_url=srv.url).embed(
             model="any", texts=[], input_type="search_query")
