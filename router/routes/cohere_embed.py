@@ -178,8 +178,11 @@ def routes(state: AppState) -> list[Endpoint]:
     errors = (ErrorType.VALIDATION, ErrorType.EMPTY, ErrorType.TOKENIZER, ErrorType.BACKEND,
               ErrorType.OVERLOADED, ErrorType.UNHEALTHY)
     return [
+        # (one request schema for both: v1's summary says which of its fields v1 refuses)
         Endpoint("POST", "/v1/embed", embed_v1, "Cohere embed shape (v1: a plain list of float "
-                 "vectors unless `embedding_types` are asked for)", CohereEmbedRequest,
+                 "vectors unless `embedding_types` are asked for; v2's `inputs`, "
+                 "`output_dimension`, `max_tokens` and `priority` are refused)",
+                 CohereEmbedRequest,
                  CohereEmbedFloatsResponse | CohereEmbedByTypeResponse, errors,
                  tag="Cohere/Jina", inference=True),
         Endpoint("POST", "/v2/embed", embed_v2, "Cohere embed shape (v2: embeddings by type)",
