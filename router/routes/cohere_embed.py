@@ -57,6 +57,11 @@ def check_version(body: CohereEmbedRequest, version: str) -> None:
                              "/v2/embed")
 
 
+def text_field(body: CohereEmbedRequest, index: int) -> str:
+    """Where the client put its text `index`, for messages that name it."""
+    return f"texts[{index}]" if body.texts is not None else f"inputs[{index}].content[0].text"
+
+
 def input_texts(body: CohereEmbedRequest) -> list[str]:
     if body.images:
         raise validation("`images` are not supported: this is a text model")
@@ -65,9 +70,9 @@ def input_texts(body: CohereEmbedRequest) -> list[str]:
     if not (body.texts or body.inputs):
         raise empty(f"`{'inputs' if body.inputs is not None else 'texts'}` cannot be empty")
     if body.texts is not None:
-        texts, field = body.texts, "texts[{}]"
+        texts = body.texts
     else:
-        texts, field = [], "inputs[{}].content[0].text"
+        texts = []
         for index, item in enumerate(body.inputs or ()):
             parts = item.content
             if len(parts) != 1 or parts[0].type != "text" or parts[0].text is None:
@@ -79,7 +84,7 @@ def input_texts(body: CohereEmbedRequest) -> list[str]:
     # (a v2 field of its own here, and one a `texts` client never sent).
     blank = next((index for index, text in enumerate(texts) if not text), None)
     if blank is not None:
-        raise empty(f"`{field.format(blank)}` cannot be empty")
+        raise empty(f"`{text_field(body, blank)}` cannot be empty")
     return texts
 
 
@@ -112,14 +117,16 @@ def embed_request(body: CohereEmbedRequest, texts: list[str],
     )
 
 
-async def within_max_tokens(service: InferenceService, texts: list[str], max_tokens: int,
-                            truncate: str | None) -> list[str]:
+async def within_max_tokens(service: InferenceService, body: CohereEmbedRequest,
+                            texts: list[str], max_tokens: int) -> list[str]:
     """Each text cut to `max_tokens` of its own tokens (its prompt and special tokens not
     counted, as Cohere's rerank `max_tokens_per_doc`), on the side `truncate` names (absent:
     END, Cohere's default); with NONE a longer text is refused. At or past the model's limit
     it changes nothing: the limit cuts first, as `truncate` says."""
+    service.require("embedding")  # (before the texts are tokenized for nothing)
     if max_tokens >= service.rules.max_input_length:
         return texts
+    truncate = body.truncate
     direction = "left" if truncate == "START" else "right"
     # TEI's bound of 250 characters per token, before the texts reach the tokenizer.
     chars = max_tokens * CHARS_PER_TOKEN_LIMIT
@@ -130,8 +137,8 @@ async def within_max_tokens(service: InferenceService, texts: list[str], max_tok
         longer = next((i for i, (text, kept) in enumerate(zip(texts, cut, strict=True))
                        if kept != text), None)
         if truncate == "NONE" and longer is not None:
-            raise validation(f"input {longer} has more than `max_tokens` ({max_tokens}) "
-                             "tokens, and `truncate` is NONE")
+            raise validation(f"`{text_field(body, longer)}` has more than `max_tokens` "
+                             f"({max_tokens}) tokens, and `truncate` is NONE")
     return cut
 
 
@@ -149,7 +156,7 @@ def routes(state: AppState) -> list[Endpoint]:
             asked = embed_request(body, texts, prompts)
         if body.max_tokens is not None:
             cut = await unless_disconnected(request, within_max_tokens(
-                service, texts, body.max_tokens, body.truncate))
+                service, body, texts, body.max_tokens))
             asked.inputs = [*cut]
         result = await unless_disconnected(request, service.embed(asked))
         meta = CohereMeta(CohereApiVersion(version), CohereBilledUnits(result.timings.tokens))

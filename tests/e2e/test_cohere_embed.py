@@ -179,8 +179,13 @@ def test_max_tokens_cuts_each_text_on_the_side_truncate_names(srv) -> None:
     # NONE: a text over max_tokens is refused, naming it; texts within it are embedded whole.
     with pytest.raises(UnprocessableEntityError) as refused:
         floats(truncate="NONE")
-    assert error(refused.value) == ("input 0 has more than `max_tokens` (5) tokens, and "
+    assert error(refused.value) == ("`texts[0]` has more than `max_tokens` (5) tokens, and "
                                     "`truncate` is NONE")
+    inputs = [{"content": [{"type": "text", "text": text}]} for text in texts]
+    response = srv.client.post("/v2/embed", json={"inputs": inputs, "max_tokens": count,
+                                                  "truncate": "NONE"})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"].startswith("`inputs[0].content[0].text` has more than")
     whole = client.embed(model="any", texts=[TEXTS[2]], max_tokens=count,
                          truncate="NONE", input_type="classification")
     assert np.array_equal(np.asarray(whole.embeddings.float_, dtype=np.float32),
