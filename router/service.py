@@ -104,6 +104,8 @@ class InferenceService:
         self._active = 0
         self._expired = False  # the shutdown grace ran out (drain)
         self._admitted: set[asyncio.Task] = set()  # tasks holding permits (`admitted`)
+        # Set, and replaced by a new one, each time permits come back (`permits_returned`).
+        self._returned = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self.draining = False
@@ -233,9 +235,22 @@ class InferenceService:
         finally:
             self._admitted.discard(task)
             self._permits[pool] += inputs
+            self._returned.set()
+            self._returned = asyncio.Event()
             self._active -= 1
             if self._active == 0:
                 self._idle.set()
+
+    def permits_free(self, pool: Permits = "inference") -> int:
+        """How many of `pool`'s permits `admitted` could hand out now."""
+        return self._permits[pool]
+
+    @property
+    def permits_returned(self) -> asyncio.Event:
+        """An event set the next time some of any pool's permits come back: a caller that
+        waits for permits instead of being refused (TEI's gRPC streams) takes it before
+        trying `admitted`, so that no return between its refusal and its wait is missed."""
+        return self._returned
 
     @contextlib.contextmanager
     def refusals_counted(self) -> Iterator[None]:

@@ -131,16 +131,36 @@ def unary(answer: Callable[[Any, Any], Awaitable[Any]]) -> Callable[..., Awaitab
     return call
 
 
+async def patiently(service: Any, pool: str, answer: Callable[[], Awaitable[Reply]]) -> Reply:
+    """`answer()`, waiting for `pool`'s permits (of `service`, a router.service.Service) where
+    a unary call is refused RESOURCE_EXHAUSTED: TEI's streams wait for each message's permit
+    (`acquire_permit().await`), so a stream is never ended by other clients' load."""
+    while True:
+        returned = service.permits_returned  # before trying: a return meanwhile is not missed
+        if service.permits_free(pool) > 0:
+            try:
+                return await answer()
+            except EmbedServeError as exc:
+                if exc.error_type is not ErrorType.OVERLOADED:
+                    raise
+        # Overloaded only while others hold the permits: each return wakes this once.
+        await returned.wait()
+
+
 def streaming(answer: Callable[[Any, Any], Awaitable[Any]]) -> Callable[..., AsyncIterator[Any]]:
     """A servicer method answering each message of a request stream with one reply, in the
     order of the requests, while later requests are already being worked on. The servicer has
-    `stream_parallelism`: the most requests of one stream in flight at once."""
+    `stream_parallelism`: the most requests of one stream in flight at once; `service` and
+    `permits` (the pool its answers draw on), for each message to wait for its permit."""
 
     async def call(servicer: Any, requests: AsyncIterator[Any],
                    context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        def patient(request: Any) -> Awaitable[Any]:
+            return patiently(servicer.service, servicer.permits,
+                             lambda: answer(servicer, request))
+
         try:
-            async for reply in in_order(requests, lambda r: answer(servicer, r),
-                                        servicer.stream_parallelism):
+            async for reply in in_order(requests, patient, servicer.stream_parallelism):
                 yield reply
         except Exception as exc:  # each becomes a status; bugs are logged first
             error = _as_error(exc, answer.__qualname__)

@@ -14,11 +14,12 @@ from collections.abc import AsyncIterator
 import numpy as np
 
 from router import operations
-from router.grpc.calls import in_order, streaming, unary
+from router.grpc.calls import in_order, patiently, streaming, unary
 from router.grpc.protos import pb, services
 from router.results import Timings
 from router.routes import AppState
 from router.schemas import EmbedRequest, TruncationDirection
+from router.service import Permits
 from shared.errors import EmbedServeError, ErrorType, empty
 
 SERVICE_NAMES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
@@ -47,6 +48,8 @@ def metadata(timings: Timings, started: float) -> pb.Metadata:
 
 
 class _Servicer:
+    permits: Permits = "inference"  # the pool a stream's messages wait on (`patiently`)
+
     def __init__(self, state: AppState) -> None:
         self.state = state
         self.service = state.service
@@ -183,10 +186,12 @@ class RerankServicer(_Servicer, services.RerankServicer):
                 yield request
 
         async def score(request: pb.RerankStreamRequest) -> tuple[float, Timings]:
-            [value], timings = await operations.rerank(
-                self.service, self.model, request.query, [request.text],
-                truncate=request.truncate, direction=_direction(request.truncation_direction),
-                raw_scores=first[0].raw_scores)
+            [value], timings = await patiently(
+                self.service, self.permits, lambda: operations.rerank(
+                    self.service, self.model, request.query, [request.text],
+                    truncate=request.truncate,
+                    direction=_direction(request.truncation_direction),
+                    raw_scores=first[0].raw_scores))
             return value, timings
 
         parts = [part async for part in in_order(noting(requests), score,
@@ -203,6 +208,8 @@ class RerankServicer(_Servicer, services.RerankServicer):
 
 
 class TokenizeServicer(_Servicer, services.TokenizeServicer):
+    permits: Permits = "tokenizer"
+
     async def tokenize(self, request: pb.EncodeRequest) -> pb.EncodeResponse:
         [tokens] = await operations.tokenize(
             self.service, [request.inputs], add_special_tokens=request.add_special_tokens,

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import httpx
@@ -19,7 +20,7 @@ from grpc_health.v1.health_pb2_grpc import HealthStub as grpc_health_stub
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from router.grpc.protos import pb, services
-from tests.e2e.grpc_server import NOT_SERVING, SERVING, GrpcServer, http_and_grpc
+from tests.e2e.grpc_server import NOT_SERVING, SERVING, GrpcServer, grpc_serving, http_and_grpc
 from tests.e2e.server import EMBEDSERVE, Server, free_port
 from tests.e2e.test_metrics_e2e import samples
 from tests.fixtures.heads import make_tiny_mlm
@@ -273,6 +274,25 @@ def test_embed_sparse_and_its_stream_equal_http(tmp_path) -> None:
             {v.index: v.value for v in reply.sparse_embeddings})
         assert status_of(lambda: stub.Embed(pb.EmbedRequest(inputs="a", normalize=True)))[0] \
             == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_streams_wait_for_permits_that_other_clients_hold(tmp_path) -> None:
+    """TEI's streams wait for each message's permit: with one permit, three streams at once
+    are all answered in full (each was ended RESOURCE_EXHAUSTED by the others' load)."""
+    model = make_tiny_bert(tmp_path / "model")
+    with grpc_serving("--model-id", str(model), "--max-concurrent-requests", "1",
+                      log_path=tmp_path / "log") as rpc:
+        stub = services.EmbedStub(rpc.channel)
+        requests = [pb.EmbedRequest(inputs=f"text {i} " * 20) for i in range(15)]
+
+        def stream(_: int) -> int | tuple:
+            try:
+                return len(list(stub.EmbedStream(iter(requests), timeout=60)))
+            except grpc.RpcError as exc:
+                return exc.code(), exc.details()
+
+        with ThreadPoolExecutor(3) as pool:
+            assert list(pool.map(stream, range(3))) == [len(requests)] * 3
 
 
 def test_not_serving_and_unavailable_until_ready_then_sigterm_exits_zero(tmp_path) -> None:
