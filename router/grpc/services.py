@@ -20,7 +20,7 @@ from router.results import Timings
 from router.routes import AppState
 from router.schemas import EmbedRequest, TruncationDirection
 from router.service import Permits
-from shared.errors import EmbedServeError, ErrorType, empty
+from shared.errors import EmbedServeError, ErrorType, empty, validation
 
 SERVICE_NAMES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
 MODEL_TYPES = {"embedding": pb.MODEL_TYPE_EMBEDDING, "classifier": pb.MODEL_TYPE_CLASSIFIER,
@@ -28,7 +28,14 @@ MODEL_TYPES = {"embedding": pb.MODEL_TYPE_EMBEDDING, "classifier": pb.MODEL_TYPE
 
 
 def _direction(value: int) -> TruncationDirection:
-    return "left" if value == pb.TRUNCATION_DIRECTION_LEFT else "right"
+    # Proto3 enums are open: a number this .proto does not name (a newer client's) arrives as
+    # is. It is refused by name, not truncated on the right unasked (TEI's server panics).
+    if value == pb.TRUNCATION_DIRECTION_LEFT:
+        return "left"
+    if value == pb.TRUNCATION_DIRECTION_RIGHT:
+        return "right"
+    raise validation(f"Input validation error: `truncation_direction` {value} is not one of "
+                     "TRUNCATION_DIRECTION_RIGHT (0) and TRUNCATION_DIRECTION_LEFT (1)")
 
 
 def _prompt_name(message) -> str | None:

@@ -245,6 +245,18 @@ def test_error_statuses(embedder, embed_stub) -> None:
         assert status_of(call)[0] == precondition
 
 
+def test_a_truncation_direction_the_proto_does_not_name_is_invalid(embedder, embed_stub) -> None:
+    # Proto3 enums are open: 7 arrives as 7 (TEI's server panics on it); never cut silently.
+    for call in (
+        lambda: embed_stub.Embed(pb.EmbedRequest(inputs=LONG, truncate=True,
+                                                 truncation_direction=7)),
+        lambda: list(embed_stub.EmbedAllStream(iter([pb.EmbedAllRequest(
+            inputs="a", truncation_direction=2)]))),
+    ):
+        code, details = status_of(call)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "truncation_direction" in details
+
+
 def test_a_failing_stream_message_ends_the_stream_after_the_earlier_replies(embed_stub) -> None:
     requests = [pb.EmbedRequest(inputs="fine"), pb.EmbedRequest(inputs="also fine"),
                 pb.EmbedRequest(inputs=LONG), pb.EmbedRequest(inputs="never answered")]
