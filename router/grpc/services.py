@@ -62,8 +62,9 @@ class _Servicer:
         self.service = state.service
         self.model = state.model
         # Each request of a stream holds at least one of --max-concurrent-requests' permits:
-        # more in flight could only be refused. Answers wait in the stream until the client
-        # reads them: --grpc-max-parallel-stream-requests bounds the memory they hold.
+        # more in flight could only wait for one (`patiently`). Answers wait in the stream
+        # until the client reads them: --grpc-max-parallel-stream-requests bounds the memory
+        # they hold.
         config = state.config
         self.stream_parallelism = min(config.max_concurrent_requests,
                                       config.grpc_max_parallel_stream_requests
