@@ -142,7 +142,11 @@ class PredictServicer(_Servicer, services.PredictServicer):
         return await self._classify(request.inputs, request)
 
     async def predict_pair(self, request: pb.PredictPairRequest) -> pb.PredictResponse:
-        # One text or a pair: as_predict_list refuses any other length.
+        # One text or a pair, checked first and in TEI's words, as its PredictPair does
+        # (before the model's kind: 3 inputs to an embedding model are INVALID_ARGUMENT too).
+        if len(request.inputs) not in (1, 2):
+            raise validation("`inputs` must have a single or two elements. "
+                             f"Given: {len(request.inputs)}")
         return await self._classify(list(request.inputs), request)
 
     Predict = unary(predict)

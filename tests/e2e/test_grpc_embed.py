@@ -238,6 +238,9 @@ def test_error_statuses(embedder, embed_stub) -> None:
     assert code == invalid and "nope" in details
     assert status_of(lambda: services.TokenizeStub(rpc.channel).Decode(
         pb.DecodeRequest(ids=[10**6])))[0] == invalid
+    code, details = status_of(lambda: services.PredictStub(rpc.channel).PredictPair(
+        pb.PredictPairRequest(inputs=["a", "b", "c"])))  # checked before the model's kind, as TEI
+    assert code == invalid and "Given: 3" in details
     for call in (lambda: embed_stub.EmbedSparse(pb.EmbedSparseRequest(inputs="a")),
                  lambda: services.PredictStub(rpc.channel).Predict(pb.PredictRequest(inputs="a")),
                  lambda: services.RerankStub(rpc.channel).Rerank(
