@@ -9,7 +9,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from router.tokenization import Encoded, TokenizerPool
-from shared.errors import empty, validation
+from shared.errors import EmbedServeError, ErrorType, Field, about, validation
+
+INPUTS = Field("inputs")
+PROMPT_NAME = Field("prompt_name")
+NORMALIZE = Field("normalize")
+DIMENSIONS = Field("dimensions")
+# TEI's words for an empty input (clients match on them); {field} is where another API differs.
+EMPTY = "Input validation error: {field} cannot be empty"
 
 # TEI refuses (or cuts, when truncating) texts longer than this many characters per allowed
 # token before tokenizing, so a huge body cannot keep a tokenizer busy for seconds.
@@ -33,14 +40,13 @@ def as_input_list(inputs: str | list) -> list[str | list[int]]:
     if isinstance(inputs, str):
         return [inputs]
     if not inputs:
-        raise empty("Input validation error: `inputs` cannot be empty")
+        raise about(INPUTS, ErrorType.EMPTY, EMPTY)
     if all(isinstance(x, int) for x in inputs):
         return [inputs]
     if any(isinstance(x, int) for x in inputs):
-        raise validation(
-            "`inputs` must be a text, a list of token ids, or a list of texts and token-id "
-            "lists; it mixes bare token ids with other inputs"
-        )
+        raise about(INPUTS, ErrorType.VALIDATION,
+                    "{field} must be a text, a list of token ids, or a list of texts and "
+                    "token-id lists; it mixes bare token ids with other inputs")
     return inputs
 
 
@@ -53,7 +59,7 @@ def as_predict_list(inputs: str | list) -> list[str | Pair]:
     if isinstance(inputs, str):
         return [inputs]
     if not inputs:
-        raise empty("Input validation error: `inputs` cannot be empty")
+        raise about(INPUTS, ErrorType.EMPTY, EMPTY)
     if all(isinstance(x, str) for x in inputs):
         return [_sequence(inputs)]
     if all(isinstance(x, list) for x in inputs):
@@ -76,6 +82,21 @@ def check_batch_size(count: int, rules: InputRules) -> None:
         )
 
 
+def check_dimensions(dimensions: int | None, embedding_dim: int) -> None:
+    if dimensions is not None and dimensions <= 0:
+        raise about(DIMENSIONS, ErrorType.VALIDATION,
+                    "Input validation error: {field} should be positive")
+    if dimensions is not None and dimensions > embedding_dim:
+        raise about(DIMENSIONS, ErrorType.VALIDATION, "Input validation error: {field} should "
+                    "be smaller than the maximum embedding dimension.")
+
+
+def unnormalizable(splade: bool) -> EmbedServeError:
+    """TEI's 424 for `normalize` asked of a sparse model's vectors."""
+    return about(NORMALIZE, ErrorType.BACKEND, "{field} is not available for SPLADE models"
+                 if splade else "{field} is not available for sparse (CSR) models")
+
+
 def check_admissible(count: int, max_concurrent_requests: int) -> None:
     """More inputs than the server admits at once (with --max-client-batch-size above
     --max-concurrent-requests, or over /vertex's instances) could only ever get 429s."""
@@ -96,45 +117,42 @@ def resolve_prompt(prompt_name: str | None, rules: InputRules) -> str | None:
     if prompt_name is None:
         return rules.default_prompt
     if not rules.prompts:
-        raise validation(
-            f"Input validation error: `prompt_name` is set to `{prompt_name}` but no prompts "
-            "were found in the Sentence Transformers configuration"
-        )
+        raise about(PROMPT_NAME, ErrorType.VALIDATION,
+                    f"Input validation error: {{field}} is set to `{prompt_name}` but no "
+                    "prompts were found in the Sentence Transformers configuration")
     if prompt_name not in rules.prompts:
-        raise validation(
-            f"Input validation error: `prompt_name` is set to `{prompt_name}` but it was not "
-            f"found in the Sentence Transformers prompts. Available prompts: "
-            f"{prompt_list(rules.prompts)}"
-        )
+        raise about(PROMPT_NAME, ErrorType.VALIDATION,
+                    f"Input validation error: {{field}} is set to `{prompt_name}` but it was "
+                    f"not found in the Sentence Transformers prompts. Available prompts: "
+                    f"{prompt_list(rules.prompts)}")
     return rules.prompts[prompt_name]
 
 
 def check_characters(texts: Sequence[str], rules: InputRules) -> None:
     """TEI's character bound on texts that are tokenized whole (/tokenize): no truncation."""
     char_limit = rules.max_input_length * CHARS_PER_TOKEN_LIMIT
-    for text in texts:
-        _cut(text, char_limit, truncate=False, direction="right")
+    for index, text in enumerate(texts):
+        _cut(text, char_limit, truncate=False, direction="right", index=index)
 
 
-def _cut(text: str, char_limit: int, truncate: bool, direction: str) -> str:
+def _cut(text: str, char_limit: int, truncate: bool, direction: str, index: int) -> str:
     if len(text) <= char_limit:
         return text
     if not truncate:
-        raise validation(
-            f"Input validation error: `inputs` must have less than {char_limit} "
-            f"characters. Given: {len(text)}"
-        )
+        raise about(Field("inputs", index), ErrorType.VALIDATION,
+                    f"Input validation error: {{field}} must have less than {char_limit} "
+                    f"characters. Given: {len(text)}")
     return text[-char_limit:] if direction == "left" else text[:char_limit]
 
 
-def _too_long(length: int, rules: InputRules) -> Exception:
-    return validation(
-        f"Input validation error: `inputs` must have less than {rules.max_input_length} tokens. "
-        f"Given: {length}"
-    )
+def _too_long(length: int, rules: InputRules, index: int) -> Exception:
+    return about(Field("inputs", index), ErrorType.VALIDATION,
+                 f"Input validation error: {{field}} must have less than "
+                 f"{rules.max_input_length} tokens. Given: {length}")
 
 
-def _token_ids(ids: list[int], truncate: bool, direction: str, rules: InputRules) -> Encoded:
+def _token_ids(ids: list[int], truncate: bool, direction: str, rules: InputRules,
+               index: int) -> Encoded:
     # Token ids are used as given (no decode/re-encode round trip): only range and length checks.
     # Checked on Python ints first: JSON allows ids past int64, which numpy would refuse.
     bad = next((t for t in ids if t < 0 or t >= rules.vocab_size), None)
@@ -146,7 +164,7 @@ def _token_ids(ids: list[int], truncate: bool, direction: str, rules: InputRules
     array = np.asarray(ids, dtype=np.int64)
     if array.shape[0] > rules.max_input_length:
         if not truncate:
-            raise _too_long(array.shape[0], rules)
+            raise _too_long(array.shape[0], rules, index)
         keep = rules.max_input_length
         array = array[-keep:] if direction == "left" else array[:keep]
     ids32 = array.astype(np.int32)
@@ -177,8 +195,9 @@ async def tokenize_inputs(
             if explicit_prompt:
                 raise validation("`prompt_name` cannot be set with dual inputs")
             if not any(item):  # as in TEI, a pair is empty only when both texts are
-                raise empty("Input validation error: `inputs` cannot be empty")
-            first, second = (_cut(text, char_limit, truncate, direction) for text in item)
+                raise about(Field("inputs", index), ErrorType.EMPTY, EMPTY)
+            first, second = (_cut(text, char_limit, truncate, direction, index)
+                             for text in item)
             characters += len(first) + len(second)
             if prompt and not tokenizers.conversations:
                 # sentence-transformers' CrossEncoder puts its (default) prompt before the query.
@@ -187,15 +206,15 @@ async def tokenize_inputs(
             text_slots.append(index)
             continue
         if len(item) == 0:
-            raise empty("Input validation error: `inputs` cannot be empty")
+            raise about(Field("inputs", index), ErrorType.EMPTY, EMPTY)
         characters += len(item)
         if isinstance(item, list):
             if explicit_prompt:
-                raise validation("Input validation error: `prompt_name` cannot be used with "
-                                 "token-id inputs")
-            encoded[index] = _token_ids(item, truncate, direction, rules)
+                raise about(PROMPT_NAME, ErrorType.VALIDATION, "Input validation error: {field} "
+                            "cannot be used with token-id inputs")
+            encoded[index] = _token_ids(item, truncate, direction, rules, index)
             continue
-        item = _cut(item, char_limit, truncate, direction)
+        item = _cut(item, char_limit, truncate, direction, index)
         texts.append(item if prompt is None or tokenizers.conversations else prompt + item)
         text_slots.append(index)
     if texts:
@@ -208,7 +227,7 @@ async def tokenize_inputs(
                                             special_tokens)
         for index, enc in zip(text_slots, encodings, strict=True):
             if enc.ids.shape[0] > rules.max_input_length:
-                raise _too_long(enc.ids.shape[0], rules)
+                raise _too_long(enc.ids.shape[0], rules, index)
             encoded[index] = enc
     assert all(e is not None for e in encoded), "every input is either ids or text"
     return encoded, characters  # type: ignore[return-value]

@@ -24,8 +24,10 @@ from router.inputs import (
     as_input_list,
     check_admissible,
     check_batch_size,
+    check_dimensions,
     resolve_prompt,
     tokenize_inputs,
+    unnormalizable,
 )
 from router.metrics import DROPPED, MODEL_TYPE, Metrics
 from router.query_route import QueryVectors
@@ -36,7 +38,7 @@ from router.tasks import start_supervised
 from router.tokenization import Encoded, TokenizerPool
 from router.tracing import record_phases
 from router.workers import WorkerPool
-from shared.errors import ConfigError, EmbedServeError, backend, overloaded, unhealthy, validation
+from shared.errors import ConfigError, EmbedServeError, backend, overloaded, unhealthy
 from shared.protocol import OutputKind
 
 log = logging.getLogger(__name__)
@@ -353,15 +355,10 @@ class InferenceService:
         sparse = self.splade or self.csr
         if sparse and request.normalize:
             self.metrics.failed(MODEL_TYPE)
-            raise backend("`normalize` is not available for SPLADE models" if self.splade else
-                          "`normalize` is not available for sparse (CSR) models")
+            raise unnormalizable(self.splade)
         dimensions = request.dimensions
         with self.refusals_counted():
-            if dimensions is not None and dimensions <= 0:
-                raise validation("Input validation error: `dimensions` should be positive")
-            if dimensions is not None and dimensions > self.embedding_dim:
-                raise validation("Input validation error: `dimensions` should be smaller than "
-                                 "the maximum embedding dimension.")
+            check_dimensions(dimensions, self.embedding_dim)
             inputs = as_input_list(request.inputs)
         outcome = await self.run(
             inputs, OutputKind.SPARSE if sparse else OutputKind.POOLED,

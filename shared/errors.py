@@ -8,6 +8,8 @@ ordinary exceptions and surface as 500s loudly instead of being disguised as cli
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
+from dataclasses import dataclass
 
 
 class ErrorType(enum.Enum):
@@ -30,16 +32,63 @@ class ErrorType(enum.Enum):
     INTERNAL = "Internal"
 
 
-class EmbedServeError(Exception):
-    """An error with a type from the taxonomy and a message meant for the client."""
+@dataclass(frozen=True)
+class Field:
+    """The request field an error is about, by TEI's name (`inputs`, `normalize`, ...), and
+    which of its inputs when it is one input's fault."""
 
-    def __init__(self, error_type: ErrorType, message: str) -> None:
+    name: str
+    index: int | None = None
+
+
+MARKER = "{field}"  # where a template names its field
+# How an API names a field for its clients: the text put in the message, backticks included.
+FieldNames = Callable[[Field], str]
+
+
+def tei_names(field: Field) -> str:
+    return f"`{field.name}`"
+
+
+class EmbedServeError(Exception):
+    """An error with a type from the taxonomy and a message meant for the client.
+
+    One that names a request field carries it (`field`) and its message's `template`, whose
+    first `{field}` stands for the field's name (replaced, not str.format: the rest may hold
+    a client's text, braces and all): TEI's name by default, another API's from `named`. So
+    the shared service refuses in TEI's words without knowing which API a request came in by,
+    and each route renders the refusal in its own."""
+
+    def __init__(self, error_type: ErrorType, message: str, field: Field | None = None,
+                 template: str | None = None) -> None:
         super().__init__(message)
         self.error_type = error_type
         self.message = message
+        self.field = field
+        self.template = template
+
+    def named(self, names: FieldNames) -> EmbedServeError:
+        """This error with its field named as `names` name it (itself if it names none)."""
+        if self.field is None or self.template is None:
+            return self
+        return EmbedServeError(self.error_type, self.template.replace(MARKER, names(self.field), 1),
+                               self.field, self.template)
+
+    def at(self, index: int) -> EmbedServeError:
+        """This error about input `index` of its field instead (where the inputs were pieces
+        of the client's)."""
+        assert self.field is not None and self.template is not None, "an error about a field"
+        return about(Field(self.field.name, index), self.error_type, self.template)
 
     def __repr__(self) -> str:
         return f"EmbedServeError({self.error_type.value}: {self.message})"
+
+
+def about(field: Field, error_type: ErrorType, template: str) -> EmbedServeError:
+    """An error naming `field` where `template` says `{field}` (in TEI's name until a route
+    names it in its API's: `EmbedServeError.named`)."""
+    return EmbedServeError(error_type, template.replace(MARKER, tei_names(field), 1), field,
+                           template)
 
 
 def validation(message: str) -> EmbedServeError:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ from router.results import Timings
 from router.schemas import Info, WorkerInfo
 from router.service import InferenceService
 from shared.config import ServerConfig
-from shared.errors import ErrorType
+from shared.errors import EmbedServeError, ErrorType, FieldNames
 from shared.modelinfo import ModelInfo
 
 
@@ -112,3 +113,15 @@ _encoder = msgspec.json.Encoder(enc_hook=_numpy_json)
 def json_response(body: Any, headers: dict[str, str] | None = None) -> Response:
     """A JSON answer; numpy arrays anywhere in `body` are written as JSON arrays."""
     return Response(_encoder.encode(body), media_type="application/json", headers=headers)
+
+
+@contextlib.contextmanager
+def fields_named(names: FieldNames) -> Iterator[None]:
+    """The service's refusals in the block name their fields as `names` do: a route of another
+    API than TEI's says `input` or `texts[2]` where TEI's say `inputs`."""
+    try:
+        yield
+    except EmbedServeError as exc:
+        if exc.field is None:
+            raise
+        raise exc.named(names) from None

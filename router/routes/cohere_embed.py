@@ -30,7 +30,7 @@ from router.http import read_json, unless_disconnected
 from router.inputs import CHARS_PER_TOKEN_LIMIT, check_batch_size
 from router.operations import kept_tokens
 from router.prompt_roles import cohere_prompt
-from router.routes import AppState, Endpoint, json_response, timing_headers
+from router.routes import AppState, Endpoint, fields_named, json_response, timing_headers
 from router.schemas import (
     CohereApiVersion,
     CohereBilledUnits,
@@ -42,7 +42,7 @@ from router.schemas import (
     EmbedRequest,
 )
 from router.service import InferenceService
-from shared.errors import ErrorType, empty, validation
+from shared.errors import ErrorType, Field, FieldNames, empty, tei_names, validation
 
 # Cohere's v2 fields: Cohere's v1 API has none of them. Refused on /v1/embed, naming the field,
 # rather than honoured there (an answer Cohere's v1 would not give) or silently ignored.
@@ -60,6 +60,22 @@ def check_version(body: CohereEmbedRequest, version: str) -> None:
 def text_field(body: CohereEmbedRequest, index: int) -> str:
     """Where the client put its text `index`, for messages that name it."""
     return f"texts[{index}]" if body.texts is not None else f"inputs[{index}].content[0].text"
+
+
+def cohere_names(body: CohereEmbedRequest) -> FieldNames:
+    """Cohere's names for the fields the service's refusals name: TEI's `inputs` are the texts
+    as sent (`texts[i]` or `inputs[i].content[0].text`), `dimensions` is `output_dimension`,
+    `prompt_name` comes from `input_type`, and `normalize` is no field: Cohere's embeddings are
+    always normalized."""
+    def names(field: Field) -> str:
+        if field.name == "inputs":
+            return (f"`{'texts' if body.texts is not None else 'inputs'}`"
+                    if field.index is None else f"`{text_field(body, field.index)}`")
+        return {"dimensions": "`output_dimension`", "prompt_name": "`input_type`",
+                "normalize": "normalizing (which Cohere's embed API always does)"}.get(
+            field.name, tei_names(field))
+
+    return names
 
 
 def input_texts(body: CohereEmbedRequest) -> list[str]:
@@ -80,8 +96,8 @@ def input_texts(body: CohereEmbedRequest) -> list[str]:
                                  "\"text\", \"text\": ...}`): images and several parts are "
                                  "not supported")
             texts.append(parts[0].text)
-    # NOTE: checked here, not left to the service, whose message names /embed's `inputs`
-    # (a v2 field of its own here, and one a `texts` client never sent).
+    # (checked here, before `max_tokens` has the texts tokenized; the service's refusal would
+    # name the text as `cohere_names` does)
     blank = next((index for index, text in enumerate(texts) if not text), None)
     if blank is not None:
         raise empty(f"`{text_field(body, blank)}` cannot be empty")
@@ -158,7 +174,8 @@ def routes(state: AppState) -> list[Endpoint]:
             cut = await unless_disconnected(request, within_max_tokens(
                 service, body, texts, body.max_tokens))
             asked.inputs = [*cut]
-        result = await unless_disconnected(request, service.embed(asked))
+        with fields_named(cohere_names(body)):
+            result = await unless_disconnected(request, service.embed(asked))
         meta = CohereMeta(CohereApiVersion(version), CohereBilledUnits(result.timings.tokens))
         answer: Any
         if version == "1" and body.embedding_types is None:

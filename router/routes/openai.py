@@ -11,7 +11,7 @@ from router.embedding_types import WRITERS
 from router.http import read_json, unless_disconnected
 from router.inputs import as_input_list
 from router.prompt_roles import jina_prompt
-from router.routes import AppState, Endpoint, json_response, timing_headers
+from router.routes import AppState, Endpoint, fields_named, json_response, timing_headers
 from router.schemas import (
     EmbedRequest,
     OpenAIEmbedding,
@@ -21,7 +21,7 @@ from router.schemas import (
     OpenAIModelList,
     OpenAIUsage,
 )
-from shared.errors import ErrorType, validation
+from shared.errors import ErrorType, Field, FieldNames, tei_names, validation
 
 
 def written_as(body: OpenAIEmbedRequest) -> str:
@@ -41,6 +41,22 @@ def written_as(body: OpenAIEmbedRequest) -> str:
     return written
 
 
+def openai_names(body: OpenAIEmbedRequest) -> FieldNames:
+    """OpenAI's (and Jina's) names for the fields the service's refusals name: TEI's `inputs`
+    is `input` (`input[i]` when a list holds texts or token-id lists), `prompt_name` comes
+    from `task`, and `normalize` is `normalized` (Jina's), true unless the client sends false."""
+    listed = isinstance(body.input, list) and not all(isinstance(x, int) for x in body.input)
+
+    def names(field: Field) -> str:
+        if field.name == "inputs":
+            return "`input`" if field.index is None or not listed else f"`input[{field.index}]`"
+        return {"prompt_name": "`task`",
+                "normalize": "normalizing (send `normalized: false`)"}.get(
+            field.name, tei_names(field))
+
+    return names
+
+
 def routes(state: AppState) -> list[Endpoint]:
     service = state.service
     limit = state.config.payload_limit
@@ -58,14 +74,16 @@ def routes(state: AppState) -> list[Endpoint]:
             prompt_name = jina_prompt(body.task, prompts)
             if prompt_name is not None and any(
                     not isinstance(item, str) for item in as_input_list(body.input)):
-                # (the service would name `prompt_name`, a field this client never sent)
+                # (said here with the reason: the service's refusal says only that `task`
+                # cannot be used with token-id inputs)
                 raise validation("`task` cannot be used with token-id inputs: its prompt is "
                                  "text")
-        result = await unless_disconnected(request, service.embed(EmbedRequest(
-            inputs=body.input, normalize=body.normalized is not False,
-            dimensions=body.dimensions,
-            prompt_name=prompt_name,
-        )))
+        with fields_named(openai_names(body)):
+            result = await unless_disconnected(request, service.embed(EmbedRequest(
+                inputs=body.input, normalize=body.normalized is not False,
+                dimensions=body.dimensions,
+                prompt_name=prompt_name,
+            )))
         data = [OpenAIEmbedding(embedding=row, index=i)
                 for i, row in enumerate(WRITERS[written](result.vectors))]
         tokens = result.timings.tokens

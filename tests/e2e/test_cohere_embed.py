@@ -204,7 +204,9 @@ def test_max_tokens_cuts_each_text_on_the_side_truncate_names(srv) -> None:
     ({"images": ["data:image/png;base64,AAAA"]}, "`images` are not supported"),
     ({"max_tokens": 0}, "`max_tokens` must be positive"),
     ({"priority": 3}, "`priority` is not supported"),
-    ({"output_dimension": 0}, "`dimensions` should be positive"),
+    # (the service's refusals in Cohere's names: not /embed's `dimensions`)
+    ({"output_dimension": 0}, "Input validation error: `output_dimension` should be positive"),
+    ({"output_dimension": 10_000}, "`output_dimension` should be smaller than the maximum"),
     ({"inputs": [{"content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]},
      "`inputs[0]` must hold one text part"),
 ])
@@ -273,6 +275,35 @@ def test_an_empty_text_is_named_as_the_client_sent_it(srv, version: str, body: d
     assert response.status_code == 400, response.text
     assert response.json()["error_type"] == "Empty"
     assert response.json()["error"] == f"{field} cannot be empty"
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"texts": [TEXTS[0], LONG]}, "`texts[1]`"),
+    ({"inputs": [{"content": [{"type": "text", "text": text}]} for text in (LONG, TEXTS[0])]},
+     "`inputs[0].content[0].text`"),
+])
+def test_a_text_too_long_is_named_as_the_client_sent_it(srv, body: dict, field: str) -> None:
+    response = srv.client.post("/v2/embed", json={**body, "truncate": "NONE"})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"].startswith(
+        f"Input validation error: {field} must have less than 128 tokens. Given: ")
+    huge = "a" * (128 * 250 + 1)  # TEI's bound on characters, before the tokenizer
+    texts = [TEXTS[0], huge]
+    response = srv.client.post("/v2/embed", json={"texts": texts, "truncate": "NONE"})
+    assert response.json()["error"] == ("Input validation error: `texts[1]` must have less "
+                                        f"than {128 * 250} characters. Given: {len(huge)}")
+
+
+@pytest.mark.parametrize(("sent", "field"), [
+    ("", "`input`"), ([], "`input`"), (["a", ""], "`input[1]`"), ([[1, 2], []], "`input[1]`")])
+def test_openai_refusals_name_openai_fields(srv, sent, field: str) -> None:
+    response = srv.client.post("/v1/embeddings", json={"input": sent})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["message"] == (
+        f"Input validation error: {field} cannot be empty")
+    # ... and TEI's own route keeps TEI's words, which its clients may match on.
+    tei_route = srv.client.post("/embed", json={"inputs": sent})
+    assert tei_route.json()["error"] == "Input validation error: `inputs` cannot be empty"
 
 
 @pytest.mark.parametrize("kind", ["binary", "ubinary"])

@@ -258,7 +258,11 @@ def test_embed_sparse_on_tiny_masked_lm(tmp_path: Path) -> None:
         np.testing.assert_allclose(similarity.json(), unit[1:] @ unit[0], atol=1e-6)
         for route, body, message in [
             ("/embed", {"inputs": "hi"}, "`normalize` is not available for SPLADE models"),
-            ("/v1/embeddings", {"input": "hi"}, "`normalize` is not available for SPLADE"),
+            # (the other APIs' clients never sent `normalize`: told what to send, or why not)
+            ("/v1/embeddings", {"input": "hi"},
+             "normalizing (send `normalized: false`) is not available for SPLADE models"),
+            ("/v2/embed", {"texts": ["hi"]}, "normalizing (which Cohere's embed API always "
+             "does) is not available for SPLADE models"),
             ("/embed_all", {"inputs": "hi"}, "`embed_all` is not available for SPLADE models"),
         ]:
             refused = srv.client.post(route, json=body)
