@@ -23,9 +23,11 @@ from router.results import Outcome, Timings
 from router.scores import activate, ranked_labels
 from router.service import InferenceService
 from router.tokenization import Token
-from shared.errors import empty, validation
+from shared.errors import EmbedServeError, ErrorType, Field, about, empty, validation
 from shared.modelinfo import ModelInfo
 from shared.protocol import OutputKind
+
+TEXTS = Field("texts")
 
 
 async def classify(
@@ -43,7 +45,7 @@ async def classify(
 
 async def rerank(
     service: InferenceService, model: ModelInfo, query: str, texts: Sequence[str], *,
-    truncate: bool | None, direction: str, raw_scores: bool, texts_name: str = "texts",
+    truncate: bool | None, direction: str, raw_scores: bool,
     max_tokens: int | None = None, max_chunks: int = 1,
 ) -> tuple[np.ndarray, Timings]:
     """One score per text, in the texts' order (`best_first` gives the ranking); with
@@ -52,7 +54,7 @@ async def rerank(
     its score is its best piece's (Cohere's `max_chunks_per_doc`)."""
     if not texts:  # (before the model kind, as TEI checks)
         with service.refusals_counted():
-            raise empty(f"`{texts_name}` cannot be empty")
+            raise about(TEXTS, ErrorType.EMPTY, "{field} cannot be empty")
     service.require("reranker")
     if max_tokens is not None and max_tokens < service.rules.max_input_length:
         # Cutting tokenizes every text: the request is first checked as `run` would check it,
@@ -116,8 +118,15 @@ async def _rerank_pieces(
                 f"{service.max_concurrent_requests}): lower it or send fewer documents")
     # The pieces are the server's own cut, made to fit: a piece whose edge re-tokenizes a token
     # longer is truncated by that token, not refused (with --auto-truncate false too).
-    outcome = await service.run(pairs, OutputKind.LOGITS, truncate=True, direction=direction,
-                                client_inputs=len(texts))
+    try:
+        outcome = await service.run(pairs, OutputKind.LOGITS, truncate=True,
+                                    direction=direction, client_inputs=len(texts))
+    except EmbedServeError as exc:
+        if exc.field is None or exc.field.index is None:
+            raise
+        # About a piece: the client is told which of its texts.
+        owners = [text for text, pieces in enumerate(chunked.pieces) for _ in pieces]
+        raise exc.at(owners[exc.field.index]) from None
     scores = activate(outcome.matrix(), model.activation, raw_scores)[:, 0]
     firsts = np.cumsum([0, *(len(pieces) for pieces in chunked.pieces[:-1])])
     return np.maximum.reduceat(scores, firsts), outcome.timings

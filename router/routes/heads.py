@@ -14,7 +14,7 @@ from starlette.responses import Response
 from router import operations
 from router.http import read_json, unless_disconnected
 from router.results import Outcome, Timings
-from router.routes import AppState, Endpoint, json_response, timing_headers
+from router.routes import AppState, Endpoint, fields_named, json_response, timing_headers
 from router.schemas import (
     CohereRerankRequest,
     CohereRerankResponse,
@@ -27,7 +27,7 @@ from router.schemas import (
     RerankRequest,
     SparseValue,
 )
-from shared.errors import ErrorType, validation
+from shared.errors import ErrorType, Field, tei_names, validation
 
 PerInput = Callable[..., Awaitable[Outcome]]  # operations.embed_sparse or .embed_all
 
@@ -42,6 +42,17 @@ def document_text(index: int, document: str | dict[str, Any]) -> str:
         raise validation(f"`documents[{index}]` must be a string or an object with a string "
                          "`text`")
     return text
+
+
+def cohere_rerank_names(field: Field) -> str:
+    """Cohere/Jina re-rank's names: TEI's `texts` are its `documents`, and an input (`inputs`)
+    the query paired with one of them."""
+    if field.name == "texts":
+        return "`documents`"
+    if field.name == "inputs":
+        return "`documents`" if field.index is None else (
+            f"`query` and `documents[{field.index}]`")
+    return tei_names(field)
 
 
 def as_object(document: str | dict[str, Any]) -> dict[str, Any]:
@@ -68,13 +79,13 @@ def routes(state: AppState) -> list[Endpoint]:
                              timing_headers(timings, started, state.compute_type))
 
     async def rank(request: Request, query: str, texts: list[str], truncate, direction,
-                   raw: bool, texts_name: str = "texts", max_tokens: int | None = None,
+                   raw: bool, max_tokens: int | None = None,
                    max_chunks: int = 1) -> tuple[np.ndarray, np.ndarray, Timings]:
         """Scores in text order (float32, as TEI writes them), the order best first, and the
         timings."""
         scores, timings = await unless_disconnected(request, operations.rerank(
             service, info, query, texts, truncate=truncate, direction=direction,
-            raw_scores=raw, texts_name=texts_name, max_tokens=max_tokens,
+            raw_scores=raw, max_tokens=max_tokens,
             max_chunks=max_chunks))
         return scores.astype(np.float32), operations.best_first(scores), timings
 
@@ -101,10 +112,10 @@ def routes(state: AppState) -> list[Endpoint]:
             if body.rank_fields and body.rank_fields != ["text"]:
                 raise validation("`rank_fields` other than [\"text\"] are not supported: "
                                  "documents are ranked on their `text`")
-        values, order, timings = await rank(request, body.query, texts, None, "right", False,
-                                            texts_name="documents",
-                                            max_tokens=body.max_tokens_per_doc,
-                                            max_chunks=body.max_chunks_per_doc or 1)
+        with fields_named(cohere_rerank_names):
+            values, order, timings = await rank(request, body.query, texts, None, "right",
+                                                False, max_tokens=body.max_tokens_per_doc,
+                                                max_chunks=body.max_chunks_per_doc or 1)
         results = [CohereResult(int(i), values[i],
                                 as_object(body.documents[i]) if body.return_documents else None)
                    for i in order[: body.top_n]]

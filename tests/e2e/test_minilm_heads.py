@@ -99,6 +99,17 @@ def test_rerank_equals_cross_encoder(cross_encoder, minilm_cross_encoder_dir):
     assert cohere["usage"]["total_tokens"] > 0
     nothing = cross_encoder.client.post("/v1/rerank", json={"query": QUERY, "documents": []})
     assert nothing.status_code == 400 and "`documents` cannot be empty" in nothing.text
+    # A pair with nothing in it is refused in the names of the API it came by: TEI's words on
+    # TEI's route, the query and that document on Cohere's, which has no `inputs` (also where
+    # the long document before it was scored in pieces).
+    for fields in ({}, {"max_chunks_per_doc": 4}):
+        blank = cross_encoder.client.post("/v1/rerank", json={
+            "query": "", "documents": ["weather " * 1000, ""], **fields})
+        assert blank.status_code == 400, blank.text
+        assert blank.json()["error"] == (
+            "Input validation error: `query` and `documents[1]` cannot be empty"), fields
+    blank = cross_encoder.client.post("/rerank", json={"query": "", "texts": ["a", ""]})
+    assert blank.json()["error"] == "Input validation error: `inputs` cannot be empty"
     # Scores are float32, written as TEI writes its f32: at most 9 significant digits.
     text = cross_encoder.client.post("/rerank", json={"query": QUERY, "texts": DOCS}).text
     for number in re.findall(r'"score":([-0-9.eE+]+)', text):
