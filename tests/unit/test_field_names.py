@@ -45,3 +45,25 @@ def test_fields_named_renders_only_errors_about_a_field() -> None:
     with pytest.raises(EmbedServeError) as kept, fields_named(openai):
         raise plain
     assert kept.value is plain
+
+
+@pytest.mark.parametrize(("sent", "name"), [
+    ("a", "`input`"), ([1, 2, 3], "`input`"), (["a", "b"], "`input[1]`"),
+    ([[1, 2], "b"], "`input[1]`")])
+def test_openai_names_an_input_by_index_only_in_a_list_of_inputs(sent, name: str) -> None:
+    from router.routes.openai import openai_names
+    from router.schemas import OpenAIEmbedRequest
+
+    names = openai_names(OpenAIEmbedRequest(input=sent))
+    # (a single text or token-id list is input 0 to the service: the client sent no list)
+    assert names(Field("inputs", 0 if name == "`input`" else 1)) == name
+    assert names(Field("dimensions")) == "`dimensions`"
+    assert names(Field("prompt_name")) == "`task`"
+
+
+def test_cohere_rerank_names_the_query_and_the_document() -> None:
+    from router.routes.heads import cohere_rerank_names
+
+    assert cohere_rerank_names(Field("texts")) == "`documents`"
+    assert cohere_rerank_names(Field("inputs", 3)) == "`query` and `documents[3]`"
+    assert cohere_rerank_names(Field("prompt_name")) == "`prompt_name`"
