@@ -32,12 +32,13 @@ def pool(monkeypatch):
 
 
 def test_work_queued_ahead_counts_in_the_deadline(pool, monkeypatch) -> None:
-    # One second of deadline per unit of size here: 1 s alone, 3 s behind a call of size 2.
+    # One second of deadline per unit of size here: 1 s alone, 5 s behind a call of size 4.
+    # (Size 2, a 3 s deadline for a 2 s wait, took 2.9 s on a loaded 2-core machine.)
     monkeypatch.setattr(tokenization, "STALL_S_PER_MB", 1e6)
 
     async def main() -> list:
         await pool.start()
-        busy = asyncio.ensure_future(pool._call(2, _nap, 2.0))
+        busy = asyncio.ensure_future(pool._call(4, _nap, 2.0))
         await asyncio.sleep(0)
         behind = asyncio.ensure_future(pool._call(0, _nap, 0.0))  # waits ~2 s in the queue
         return await asyncio.gather(busy, behind)
