@@ -134,12 +134,20 @@ def test_a_client_that_disconnects_costs_no_inference(start):
 
 def test_sigkill_of_one_of_two_workers_under_load(start):
     srv = start("--workers-per-device", "2")
-    victim = srv.worker_pids()[0]
+    [first, _] = srv.client.get("/info").json()["workers"]
+    victim = first["pid"]
+    computing = f'te_worker_in_flight{{worker="{first["id"]}"}}'
+
+    def busy() -> bool:
+        return samples(srv.client.get("/metrics").text)[computing] > 0
 
     async def scenario() -> list[tuple[int, float]]:
         load = asyncio.ensure_future(fire(srv.url, [{"inputs": [f"{i} {LONG}"] * 16}
                                                     for i in range(12)]))
-        await asyncio.sleep(1.0)
+        # Killed with batches in it (a fixed sleep may kill it idle on a loaded machine).
+        async with asyncio.timeout(60):
+            while not await asyncio.to_thread(busy):
+                await asyncio.sleep(0.02)
         os.kill(victim, signal.SIGKILL)
         return await load
 
