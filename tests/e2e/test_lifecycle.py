@@ -312,18 +312,21 @@ def test_tokenize_is_served_while_inference_holds_every_permit(fresh_server):
 
 @pytest.mark.parametrize(("route", "body"), [
     ("/embed", SLOW_BATCH),  # computing
-    # In the tokenizer pool for seconds: 1.5M characters, each text under TEI's bound of 250
-    # per allowed token (MiniLM's 256 tokens: 64,000).
-    ("/tokenize", {"inputs": ["word " * 12_000] * 25}),
+    # In the tokenizer pool for several seconds: 6M characters, each text under TEI's bound of
+    # 250 per allowed token (MiniLM's 256 tokens: 64,000).
+    ("/tokenize", {"inputs": ["word " * 12_000] * 100}),
 ], ids=["computing", "tokenizing"])
 def test_requests_left_when_the_shutdown_grace_runs_out_get_a_503(fresh_server, route, body):
-    srv = fresh_server("--shutdown-grace", "0.2").wait_healthy()
+    srv = fresh_server("--shutdown-grace", "0.2", "--payload-limit", "8000000",
+                       "--max-client-batch-size", "128").wait_healthy()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(srv.client.post, route, json=body)
         if route == "/embed":
             until_computing(srv)
-        else:  # nothing counts /tokenize's work; 1.5M characters take seconds to tokenize
-            time.sleep(0.5)
+        else:
+            # Nothing counts /tokenize's work: long enough for the body to arrive (6 MB), far
+            # shorter than tokenizing it (about 5 s here).
+            time.sleep(1.5)
         srv.process.send_signal(signal.SIGTERM)
         response = pending.result(timeout=60)
     assert response.status_code == 503, response.text
