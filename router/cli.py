@@ -278,7 +278,7 @@ async def _serve(state: AppState, tracer: Tracer | None) -> None:
         await waiter
         log.info("shutting down: draining in-flight requests (at most %g s)",
                  config.shutdown_grace)
-        await service.drain(config.shutdown_grace)
+        await service.admission.drain(config.shutdown_grace)
         log.info("drained: closing connections")
         drained.set()
 

@@ -1,4 +1,5 @@
-"""The inference service: admission, the token-budget queue, scheduling, post-processing.
+"""The inference service: the token-budget queue, scheduling, post-processing; requests
+hold their permits through `admission` (router/admission.py).
 
 Requests come in from the HTTP layer as typed structs; they leave as float32 arrays plus the
 timings that feed the response headers. The scheduler forms a batch only when a worker has a
@@ -13,16 +14,16 @@ import itertools
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from opentelemetry.trace import Tracer
 
+from router.admission import Admission
 from router.inputs import (
     InputRules,
     Pair,
     as_input_list,
-    check_admissible,
     check_batch_size,
     check_dimensions,
     resolve_prompt,
@@ -38,16 +39,10 @@ from router.tasks import start_supervised
 from router.tokenization import Encoded, TokenizerPool
 from router.tracing import record_phases
 from router.workers import WorkerPool
-from shared.errors import ConfigError, EmbedServeError, backend, overloaded, unhealthy
+from shared.errors import ConfigError, EmbedServeError, backend, unhealthy
 from shared.protocol import OutputKind
 
 log = logging.getLogger(__name__)
-
-# Admission pools: inference (queue and workers), and the tokenizer pool's own operations.
-Permits = Literal["inference", "tokenizer"]
-SHUT_DOWN = "the server shut down before this request was done (--shutdown-grace)"
-# After the grace, how long the handlers get to write their 503s before the port closes.
-_ANSWER_S = 1.0
 
 
 class InferenceService:
@@ -98,19 +93,10 @@ class InferenceService:
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_requests = max_batch_requests
         self.max_concurrent_requests = max_concurrent_requests
-        self._permits: dict[Permits, int] = {"inference": max_concurrent_requests,
-                                             "tokenizer": max_concurrent_requests}
+        self.admission = Admission(max_concurrent_requests)
         self._queue: TokenBudgetQueue | None = None
         self._wake = asyncio.Event()
         self._request_ids = itertools.count()
-        self._active = 0
-        self._expired = False  # the shutdown grace ran out (drain)
-        self._admitted: set[asyncio.Task] = set()  # tasks holding permits (`admitted`)
-        # Set, and replaced by a new one, each time permits come back (`permits_returned`).
-        self._returned = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self.draining = False
         self._scheduler: asyncio.Task | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -137,6 +123,10 @@ class InferenceService:
         return self._queue is not None
 
     @property
+    def draining(self) -> bool:
+        return self.admission.draining
+
+    @property
     def ready(self) -> bool:
         return self._queue is not None and self.workers.healthy and not self.draining
 
@@ -149,22 +139,6 @@ class InferenceService:
                 entry.future.set_exception(
                     unhealthy("no backend worker is up (the worker died and is restarting)"))
         self._wake.set()
-
-    async def drain(self, grace: float) -> None:
-        """Refuse new requests; wait (at most `grace` s) for the ones in flight, then answer
-        what is left with 503 (not the empty 500 of a handler cancelled at exit)."""
-        self.draining = True
-        try:
-            await asyncio.wait_for(self._idle.wait(), grace)
-            return
-        except TimeoutError:
-            log.warning("%d requests still in flight after %g s; answering them 503",
-                        self._active, grace)
-        self._expired = True
-        for task in list(self._admitted):  # queued, tokenizing or computing: see `admitted`
-            task.cancel()
-        with contextlib.suppress(TimeoutError):  # the handlers write their answers
-            await asyncio.wait_for(self._idle.wait(), _ANSWER_S)
 
     async def stop(self) -> None:
         if self._scheduler is not None:
@@ -208,51 +182,6 @@ class InferenceService:
         if refused:
             self.metrics.failed(MODEL_TYPE)
             raise backend(message)
-
-    @contextlib.contextmanager
-    def admitted(self, inputs: int, pool: Permits = "inference") -> Iterator[None]:
-        """Hold `inputs` of `pool`'s --max-concurrent-requests permits for the block, or
-        refuse at once (422 if it could never fit, 429 if not now); a drain waits for every
-        admitted block to end. /tokenize and /decode draw on a pool of their own: bounded as
-        inference is, never refused because inference holds every permit (TEI takes none)."""
-        if self.draining:
-            raise unhealthy("the server is shutting down")
-        check_admissible(inputs, self.max_concurrent_requests)
-        if inputs > self._permits[pool]:
-            raise overloaded()
-        task = asyncio.current_task()
-        assert task is not None
-        self._permits[pool] -= inputs
-        self._active += 1
-        self._idle.clear()
-        self._admitted.add(task)
-        try:
-            yield
-        except asyncio.CancelledError:
-            if not self._expired:
-                raise
-            # The drain cancelled it (see `drain`): an answer, not a dropped connection.
-            task.uncancel()
-            raise unhealthy(SHUT_DOWN) from None
-        finally:
-            self._admitted.discard(task)
-            self._permits[pool] += inputs
-            self._returned.set()
-            self._returned = asyncio.Event()
-            self._active -= 1
-            if self._active == 0:
-                self._idle.set()
-
-    def permits_free(self, pool: Permits = "inference") -> int:
-        """How many of `pool`'s permits `admitted` could hand out now."""
-        return self._permits[pool]
-
-    @property
-    def permits_returned(self) -> asyncio.Event:
-        """An event set the next time some of any pool's permits come back: a caller that
-        waits for permits instead of being refused (TEI's gRPC streams) takes it before
-        trying `admitted`, so that no return between its refusal and its wait is missed."""
-        return self._returned
 
     @contextlib.contextmanager
     def refusals_counted(self) -> Iterator[None]:
@@ -311,7 +240,7 @@ class InferenceService:
         route, prompt = (self.queries.choose(prompt_name) if self.queries is not None
                          else (None, resolve_prompt(prompt_name, self.rules)))
         kind = "predict" if output is OutputKind.LOGITS else "embed"
-        with self.admitted(len(inputs)):
+        with self.admission.admitted(len(inputs)):
             self.metrics.admitted(kind, len(inputs))
             encoded, characters = await tokenize_inputs(
                 inputs,

@@ -7,12 +7,15 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from shared.errors import EmbedServeError, ErrorType
+
+if TYPE_CHECKING:
+    from router.admission import Admission, Permits
 
 log = logging.getLogger(__name__)
 
@@ -131,13 +134,14 @@ def unary(answer: Callable[[Any, Any], Awaitable[Any]]) -> Callable[..., Awaitab
     return call
 
 
-async def patiently(service: Any, pool: str, answer: Callable[[], Awaitable[Reply]]) -> Reply:
-    """`answer()`, waiting for `pool`'s permits (of `service`, a router.service.Service) where
-    a unary call is refused RESOURCE_EXHAUSTED: TEI's streams wait for each message's permit
+async def patiently(admission: Admission, pool: Permits,
+                    answer: Callable[[], Awaitable[Reply]]) -> Reply:
+    """`answer()`, waiting for `pool`'s permits where a unary call is refused
+    RESOURCE_EXHAUSTED: TEI's streams wait for each message's permit
     (`acquire_permit().await`), so a stream is never ended by other clients' load."""
     while True:
-        returned = service.permits_returned  # before trying: a return meanwhile is not missed
-        if service.permits_free(pool) > 0:
+        returned = admission.returned  # before trying: a return meanwhile is not missed
+        if admission.free(pool) > 0:
             try:
                 return await answer()
             except EmbedServeError as exc:
@@ -150,13 +154,14 @@ async def patiently(service: Any, pool: str, answer: Callable[[], Awaitable[Repl
 def streaming(answer: Callable[[Any, Any], Awaitable[Any]]) -> Callable[..., AsyncIterator[Any]]:
     """A servicer method answering each message of a request stream with one reply, in the
     order of the requests, while later requests are already being worked on. The servicer has
-    `stream_parallelism`: the most requests of one stream in flight at once; `service` and
-    `permits` (the pool its answers draw on), for each message to wait for its permit."""
+    `stream_parallelism`: the most requests of one stream in flight at once; `service` (its
+    `admission`) and `permits` (the pool its answers draw on), for each message to wait for
+    its permit."""
 
     async def call(servicer: Any, requests: AsyncIterator[Any],
                    context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         def patient(request: Any) -> Awaitable[Any]:
-            return patiently(servicer.service, servicer.permits,
+            return patiently(servicer.service.admission, servicer.permits,
                              lambda: answer(servicer, request))
 
         try:

@@ -14,12 +14,12 @@ from collections.abc import AsyncIterator
 import numpy as np
 
 from router import operations
+from router.admission import Permits
 from router.grpc.calls import in_order, patiently, streaming, unary
 from router.grpc.protos import pb, services
 from router.results import Timings
 from router.routes import AppState
 from router.schemas import EmbedRequest, TruncationDirection
-from router.service import Permits
 from shared.errors import EmbedServeError, ErrorType, empty, validation
 
 SERVICE_NAMES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
@@ -199,7 +199,7 @@ class RerankServicer(_Servicer, services.RerankServicer):
 
         async def score(request: pb.RerankStreamRequest) -> tuple[float, Timings]:
             [value], timings = await patiently(
-                self.service, self.permits, lambda: operations.rerank(
+                self.service.admission, self.permits, lambda: operations.rerank(
                     self.service, self.model, request.query, [request.text],
                     truncate=request.truncate,
                     direction=_direction(request.truncation_direction),

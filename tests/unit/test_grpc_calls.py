@@ -161,7 +161,8 @@ def test_a_stream_failure_becomes_the_status_after_the_earlier_replies() -> None
             raise EmbedServeError(ErrorType.TOKENIZER, "cannot tokenize")
         return request
 
-    servicer = SimpleNamespace(stream_parallelism=1, service=Permits(1), permits="inference")
+    servicer = SimpleNamespace(stream_parallelism=1, service=SimpleNamespace(admission=Permits(1)),
+                               permits="inference")
     method = streaming(answer)
 
     async def main() -> list[int]:
@@ -176,18 +177,18 @@ def test_a_stream_failure_becomes_the_status_after_the_earlier_replies() -> None
 
 
 class Permits:
-    """What `patiently` uses of router.service.Service: one pool of `free` permits."""
+    """What `patiently` uses of router.admission.Admission: one pool of `left` permits."""
 
-    def __init__(self, free: int) -> None:
-        self.free = free
-        self.permits_returned = asyncio.Event()
+    def __init__(self, left: int) -> None:
+        self.left = left
+        self.returned = asyncio.Event()
 
-    def permits_free(self, pool: str) -> int:
-        return self.free
+    def free(self, pool: str) -> int:
+        return self.left
 
     def give_back(self) -> None:
-        self.free += 1
-        returned, self.permits_returned = self.permits_returned, asyncio.Event()
+        self.left += 1
+        returned, self.returned = self.returned, asyncio.Event()
         returned.set()
 
 
@@ -202,7 +203,7 @@ def test_a_stream_message_waits_for_a_permit_where_a_unary_call_is_refused() -> 
         async def answer() -> str:
             nonlocal attempts
             attempts += 1
-            if permits.free < 1:
+            if permits.left < 1:
                 raise overloaded()
             return "answered"
 

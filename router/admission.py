@@ -1,0 +1,101 @@
+"""Admission: each pool's --max-concurrent-requests permits, and the drain at shutdown.
+
+A request holds permits for as long as it is queued, tokenized or computed; past the limit it
+is refused at once (429), as TEI does, rather than queued without bound. At shutdown the drain
+refuses new requests, waits for the admitted ones, and answers what the grace leaves with 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Literal
+
+from router.inputs import check_admissible
+from shared.errors import overloaded, unhealthy
+
+log = logging.getLogger(__name__)
+
+# Admission pools: inference (queue and workers), and the tokenizer pool's own operations.
+Permits = Literal["inference", "tokenizer"]
+SHUT_DOWN = "the server shut down before this request was done (--shutdown-grace)"
+# After the grace, how long the handlers get to write their 503s before the port closes.
+_ANSWER_S = 1.0
+
+
+class Admission:
+    def __init__(self, max_concurrent_requests: int) -> None:
+        self.max_concurrent_requests = max_concurrent_requests
+        self._permits: dict[Permits, int] = {"inference": max_concurrent_requests,
+                                             "tokenizer": max_concurrent_requests}
+        self._active = 0
+        self._expired = False  # the shutdown grace ran out (drain)
+        self._admitted: set[asyncio.Task] = set()  # tasks holding permits (`admitted`)
+        # Set, and replaced by a new one, each time permits come back (`returned`).
+        self._returned = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.draining = False
+
+    @contextlib.contextmanager
+    def admitted(self, inputs: int, pool: Permits = "inference") -> Iterator[None]:
+        """Hold `inputs` of `pool`'s --max-concurrent-requests permits for the block, or
+        refuse at once (422 if it could never fit, 429 if not now); a drain waits for every
+        admitted block to end. /tokenize and /decode draw on a pool of their own: bounded as
+        inference is, never refused because inference holds every permit (TEI takes none)."""
+        if self.draining:
+            raise unhealthy("the server is shutting down")
+        check_admissible(inputs, self.max_concurrent_requests)
+        if inputs > self._permits[pool]:
+            raise overloaded()
+        task = asyncio.current_task()
+        assert task is not None
+        self._permits[pool] -= inputs
+        self._active += 1
+        self._idle.clear()
+        self._admitted.add(task)
+        try:
+            yield
+        except asyncio.CancelledError:
+            if not self._expired:
+                raise
+            # The drain cancelled it (see `drain`): an answer, not a dropped connection.
+            task.uncancel()
+            raise unhealthy(SHUT_DOWN) from None
+        finally:
+            self._admitted.discard(task)
+            self._permits[pool] += inputs
+            self._returned.set()
+            self._returned = asyncio.Event()
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
+
+    def free(self, pool: Permits = "inference") -> int:
+        """How many of `pool`'s permits `admitted` could hand out now."""
+        return self._permits[pool]
+
+    @property
+    def returned(self) -> asyncio.Event:
+        """An event set the next time some of any pool's permits come back: a caller that
+        waits for permits instead of being refused (TEI's gRPC streams) takes it before
+        trying `admitted`, so that no return between its refusal and its wait is missed."""
+        return self._returned
+
+    async def drain(self, grace: float) -> None:
+        """Refuse new requests; wait (at most `grace` s) for the ones in flight, then answer
+        what is left with 503 (not the empty 500 of a handler cancelled at exit)."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace)
+            return
+        except TimeoutError:
+            log.warning("%d requests still in flight after %g s; answering them 503",
+                        self._active, grace)
+        self._expired = True
+        for task in list(self._admitted):  # queued, tokenizing or computing: see `admitted`
+            task.cancel()
+        with contextlib.suppress(TimeoutError):  # the handlers write their answers
+            await asyncio.wait_for(self._idle.wait(), _ANSWER_S)
