@@ -5,7 +5,6 @@ refuse."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -24,7 +23,13 @@ from tests.fixtures.decoders import (
     make_st_decoder,
     set_config,
 )
-from tests.fixtures.gemma import HIDDEN_TOL, TEXTS, assert_hidden_matches, hidden_diff
+from tests.fixtures.gemma import (
+    HIDDEN_TOL,
+    TEXTS,
+    assert_hidden_matches,
+    assert_null_window_refused,
+    hidden_diff,
+)
 from tests.fixtures.oracles import cosine_rows
 from tests.fixtures.tiny import pack
 
@@ -139,12 +144,7 @@ def test_null_sliding_window_is_refused(tmp_path: Path) -> None:
     """sliding_window: null loads in transformers (Gemma2Config allows None) but its forward
     fails (TypeError); serving it with a 4,096-token window of our own choosing (what `or 4096`
     did) would be a model nobody can check."""
-    root = make(tmp_path / "m", GEMMA2)
-    config = json.loads((root / "config.json").read_text())
-    config["sliding_window"] = None
-    (root / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match="sliding_window=None"):
-        Engine.load(load_model_info(root, pooling_override="last-token"))
+    assert_null_window_refused(make(tmp_path / "m", GEMMA2), POOLING)
 
 
 @pytest.mark.parametrize(("change", "message"), [

@@ -24,7 +24,13 @@ from tests.fixtures.decoders import (
     make_embedding_gemma,
     set_config,
 )
-from tests.fixtures.gemma import HIDDEN_TOL, TEXTS, assert_hidden_matches, hidden_diff
+from tests.fixtures.gemma import (
+    HIDDEN_TOL,
+    TEXTS,
+    assert_hidden_matches,
+    assert_null_window_refused,
+    hidden_diff,
+)
 from tests.fixtures.oracles import cosine_rows
 from tests.fixtures.tiny import pack
 
@@ -193,8 +199,6 @@ def test_hidden_act_does_not_choose_the_activation(tmp_path: Path) -> None:
 def test_config_defaults_of_kv_heads_and_window(tmp_path: Path) -> None:
     """Omitted num_key_value_heads is Gemma3TextConfig's 4 (not the head count), an omitted
     window its 4096; a null window, which transformers' forward fails on, is refused."""
-    import json
-
     from transformers import Gemma3TextConfig
 
     from backend_worker.attention import PaddedSDPA
@@ -209,9 +213,4 @@ def test_config_defaults_of_kv_heads_and_window(tmp_path: Path) -> None:
     local = model.layers[0].attention
     assert local.kv_heads == ref.num_key_value_heads == 4
     assert local.mask.window == ref.sliding_window - 1
-    root = make(tmp_path / "m", EMBEDDING_GEMMA)
-    config = json.loads((root / "config.json").read_text())
-    config["sliding_window"] = None
-    (root / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match="sliding_window=None"):
-        Engine.load(load_model_info(root, pooling_override="mean"))
+    assert_null_window_refused(make(tmp_path / "m", EMBEDDING_GEMMA), POOLING)
