@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
-from collections.abc import Iterator
-from typing import Literal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Literal, TypeVar
 
 from router.inputs import check_admissible
 from shared.errors import overloaded, unhealthy
@@ -23,6 +24,22 @@ Permits = Literal["inference", "tokenizer"]
 SHUT_DOWN = "the server shut down before this request was done (--shutdown-grace)"
 # After the grace, how long the handlers get to write their 503s before the port closes.
 _ANSWER_S = 1.0
+# Set within `patiently`: `admitted` waits for permits there instead of refusing.
+_patient = contextvars.ContextVar("patient", default=False)
+T = TypeVar("T")
+
+
+async def patiently(answer: Callable[[], Awaitable[T]]) -> T:
+    """`answer()`, its admissions waiting for permits where they would be refused (429 /
+    RESOURCE_EXHAUSTED): TEI's gRPC streams wait for each message's permit
+    (`acquire_permit().await`), so a stream is never ended by other clients' load. The wait
+    is inside `admitted`, before anything is counted: a message that waits is one request in
+    the metrics, not a refusal and then a request."""
+    token = _patient.set(True)
+    try:
+        return await answer()
+    finally:
+        _patient.reset(token)
 
 
 class Admission:
@@ -39,17 +56,22 @@ class Admission:
         self._idle.set()
         self.draining = False
 
-    @contextlib.contextmanager
-    def admitted(self, inputs: int, pool: Permits = "inference") -> Iterator[None]:
+    @contextlib.asynccontextmanager
+    async def admitted(self, inputs: int, pool: Permits = "inference") -> AsyncIterator[None]:
         """Hold `inputs` of `pool`'s --max-concurrent-requests permits for the block, or
-        refuse at once (422 if it could never fit, 429 if not now); a drain waits for every
-        admitted block to end. /tokenize and /decode draw on a pool of their own: bounded as
-        inference is, never refused because inference holds every permit (TEI takes none)."""
+        refuse at once (422 if it could never fit, 429 if not now; within `patiently`, wait
+        for them); a drain waits for every admitted block to end. /tokenize and /decode draw
+        on a pool of their own: bounded as inference is, never refused because inference
+        holds every permit (TEI takes none)."""
         if self.draining:
             raise unhealthy("the server is shutting down")
         check_admissible(inputs, self.max_concurrent_requests)
-        if inputs > self._permits[pool]:
-            raise overloaded()
+        while inputs > self._permits[pool]:
+            if not _patient.get():
+                raise overloaded()
+            await self._returned.wait()  # each return of permits wakes every waiter once
+            if self.draining:
+                raise unhealthy("the server is shutting down")
         task = asyncio.current_task()
         assert task is not None
         self._permits[pool] -= inputs
@@ -76,13 +98,6 @@ class Admission:
     def free(self, pool: Permits = "inference") -> int:
         """How many of `pool`'s permits `admitted` could hand out now."""
         return self._permits[pool]
-
-    @property
-    def returned(self) -> asyncio.Event:
-        """An event set the next time some of any pool's permits come back: a caller that
-        waits for permits instead of being refused (TEI's gRPC streams) takes it before
-        trying `admitted`, so that no return between its refusal and its wait is missed."""
-        return self._returned
 
     async def drain(self, grace: float) -> None:
         """Refuse new requests; wait (at most `grace` s) for the ones in flight, then answer

@@ -85,7 +85,7 @@ async def kept_tokens(service: InferenceService, texts: Sequence[str], count: in
     Cohere embed's `max_tokens` with `truncate` START); shorter texts as they are. The cut text
     is tokenized again (in its pair, after its prompt), where the word at the cut may split
     into other pieces."""
-    with service.admission.admitted(len(texts), "tokenizer"):
+    async with service.admission.admitted(len(texts), "tokenizer"):
         return await service.tokenizers.kept_tokens(list(texts), count, direction)
 
 
@@ -105,7 +105,7 @@ async def _rerank_pieces(
         check_batch_size(len(texts), service.rules)
         # The pieces must fit beside the query as it is tokenized: after the default prompt.
         prompted = (service.rules.default_prompt or "") + query
-        with service.admission.admitted(len(texts), "tokenizer"):
+        async with service.admission.admitted(len(texts), "tokenizer"):
             chunked = await service.tokenizers.chunks(prompted, list(texts), max_length,
                                                       max_chunks)
         if chunked.pieces is None:
@@ -178,7 +178,7 @@ async def tokenize(
     prompt_name: str | None,
 ) -> list[list[Token]]:
     texts = _texts_to_tokenize(service, texts, prompt_name)
-    with service.admission.admitted(len(texts), "tokenizer"):
+    async with service.admission.admitted(len(texts), "tokenizer"):
         return await service.tokenizers.tokens(texts, add_special_tokens)
 
 
@@ -188,7 +188,7 @@ async def tokenize_json(
 ) -> bytes:
     """`tokenize`'s answer as the JSON array /tokenize sends, written in the tokenizer pool."""
     texts = _texts_to_tokenize(service, texts, prompt_name)
-    with service.admission.admitted(len(texts), "tokenizer"):
+    async with service.admission.admitted(len(texts), "tokenizer"):
         return await service.tokenizers.tokens_json(texts, add_special_tokens)
 
 
@@ -204,7 +204,7 @@ async def decode(
         if bad is not None:
             raise validation(f"token id {bad} is out of range; the model's vocabulary has "
                              f"{vocab} tokens")
-    with service.admission.admitted(len(batch), "tokenizer"):
+    async with service.admission.admitted(len(batch), "tokenizer"):
         return await service.tokenizers.decode(batch, skip_special_tokens)
 
 

@@ -240,7 +240,7 @@ class InferenceService:
         route, prompt = (self.queries.choose(prompt_name) if self.queries is not None
                          else (None, resolve_prompt(prompt_name, self.rules)))
         kind = "predict" if output is OutputKind.LOGITS else "embed"
-        with self.admission.admitted(len(inputs)):
+        async with self.admission.admitted(len(inputs)):
             self.metrics.admitted(kind, len(inputs))
             encoded, characters = await tokenize_inputs(
                 inputs,

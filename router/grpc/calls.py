@@ -7,15 +7,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
 
+from router.admission import patiently
 from shared.errors import EmbedServeError, ErrorType
-
-if TYPE_CHECKING:
-    from router.admission import Admission, Permits
 
 log = logging.getLogger(__name__)
 
@@ -134,35 +132,16 @@ def unary(answer: Callable[[Any, Any], Awaitable[Any]]) -> Callable[..., Awaitab
     return call
 
 
-async def patiently(admission: Admission, pool: Permits,
-                    answer: Callable[[], Awaitable[Reply]]) -> Reply:
-    """`answer()`, waiting for `pool`'s permits where a unary call is refused
-    RESOURCE_EXHAUSTED: TEI's streams wait for each message's permit
-    (`acquire_permit().await`), so a stream is never ended by other clients' load."""
-    while True:
-        returned = admission.returned  # before trying: a return meanwhile is not missed
-        if admission.free(pool) > 0:
-            try:
-                return await answer()
-            except EmbedServeError as exc:
-                if exc.error_type is not ErrorType.OVERLOADED:
-                    raise
-        # Overloaded only while others hold the permits: each return wakes this once.
-        await returned.wait()
-
-
 def streaming(answer: Callable[[Any, Any], Awaitable[Any]]) -> Callable[..., AsyncIterator[Any]]:
     """A servicer method answering each message of a request stream with one reply, in the
-    order of the requests, while later requests are already being worked on. The servicer has
-    `stream_parallelism`: the most requests of one stream in flight at once; `service` (its
-    `admission`) and `permits` (the pool its answers draw on), for each message to wait for
-    its permit."""
+    order of the requests, while later requests are already being worked on; each message
+    waits for its permits (`patiently`). The servicer has `stream_parallelism`: the most
+    requests of one stream in flight at once."""
 
     async def call(servicer: Any, requests: AsyncIterator[Any],
                    context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         def patient(request: Any) -> Awaitable[Any]:
-            return patiently(servicer.service.admission, servicer.permits,
-                             lambda: answer(servicer, request))
+            return patiently(lambda: answer(servicer, request))
 
         try:
             async for reply in in_order(requests, patient, servicer.stream_parallelism):

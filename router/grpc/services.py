@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 import numpy as np
 
 from router import operations
-from router.admission import Permits
-from router.grpc.calls import in_order, patiently, streaming, unary
+from router.admission import patiently
+from router.grpc.calls import in_order, streaming, unary
 from router.grpc.protos import pb, services
 from router.results import Timings
 from router.routes import AppState
@@ -55,8 +55,6 @@ def metadata(timings: Timings, started: float) -> pb.Metadata:
 
 
 class _Servicer:
-    permits: Permits = "inference"  # the pool a stream's messages wait on (`patiently`)
-
     def __init__(self, state: AppState) -> None:
         self.state = state
         self.service = state.service
@@ -198,8 +196,7 @@ class RerankServicer(_Servicer, services.RerankServicer):
                 yield request
 
         async def score(request: pb.RerankStreamRequest) -> tuple[float, Timings]:
-            [value], timings = await patiently(
-                self.service.admission, self.permits, lambda: operations.rerank(
+            [value], timings = await patiently(lambda: operations.rerank(
                     self.service, self.model, request.query, [request.text],
                     truncate=request.truncate,
                     direction=_direction(request.truncation_direction),
@@ -220,8 +217,6 @@ class RerankServicer(_Servicer, services.RerankServicer):
 
 
 class TokenizeServicer(_Servicer, services.TokenizeServicer):
-    permits: Permits = "tokenizer"
-
     async def tokenize(self, request: pb.EncodeRequest) -> pb.EncodeResponse:
         [tokens] = await operations.tokenize(
             self.service, [request.inputs], add_special_tokens=request.add_special_tokens,

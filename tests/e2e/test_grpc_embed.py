@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from router.grpc.protos import pb, services
 from tests.e2e.grpc_server import NOT_SERVING, SERVING, GrpcServer, grpc_serving, http_and_grpc
 from tests.e2e.server import EMBEDSERVE, Server, free_port
-from tests.e2e.test_metrics_e2e import samples
+from tests.e2e.test_metrics_e2e import samples, total
 from tests.fixtures.heads import make_tiny_mlm
 from tests.fixtures.tiny import make_tiny_bert
 
@@ -293,7 +293,8 @@ def test_embed_sparse_and_its_stream_equal_http(tmp_path) -> None:
 
 def test_streams_wait_for_permits_that_other_clients_hold(tmp_path) -> None:
     """TEI's streams wait for each message's permit: with one permit, three streams at once
-    are all answered in full (each was ended RESOURCE_EXHAUSTED by the others' load)."""
+    are all answered in full (each was ended RESOURCE_EXHAUSTED by the others' load). A
+    message that waited is one request in the metrics, never a refusal as well."""
     model = make_tiny_bert(tmp_path / "model")
     with grpc_serving("--model-id", str(model), "--max-concurrent-requests", "1",
                       log_path=tmp_path / "log") as rpc:
@@ -308,6 +309,11 @@ def test_streams_wait_for_permits_that_other_clients_hold(tmp_path) -> None:
 
         with ThreadPoolExecutor(3) as pool:
             assert list(pool.map(stream, range(3))) == [len(requests)] * 3
+        scrape = httpx.get(f"http://127.0.0.1:{rpc.metrics_port}/metrics", timeout=10)
+        counted = samples(scrape.text)
+        assert counted['te_request_count{method="single"}'] == 3 * len(requests)
+        assert counted['te_request_success{method="single"}'] == 3 * len(requests)
+        assert total(counted, "te_request_failure") == 0
 
 
 def test_not_serving_and_unavailable_until_ready_then_sigterm_exits_zero(tmp_path) -> None:

@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
-from router.grpc.calls import STATUS, in_order, patiently, streaming, unary
+from router.grpc.calls import STATUS, in_order, streaming, unary
 from router.grpc.protos import pb
 from router.grpc.server import readiness
-from shared.errors import EmbedServeError, ErrorType, overloaded, validation
+from shared.errors import EmbedServeError, ErrorType, validation
 
 
 async def _requests(items: list[int]) -> AsyncIterator[int]:
@@ -161,8 +161,7 @@ def test_a_stream_failure_becomes_the_status_after_the_earlier_replies() -> None
             raise EmbedServeError(ErrorType.TOKENIZER, "cannot tokenize")
         return request
 
-    servicer = SimpleNamespace(stream_parallelism=1, service=SimpleNamespace(admission=Permits(1)),
-                               permits="inference")
+    servicer = SimpleNamespace(stream_parallelism=1)
     method = streaming(answer)
 
     async def main() -> list[int]:
@@ -174,73 +173,6 @@ def test_a_stream_failure_becomes_the_status_after_the_earlier_replies() -> None
         return got
 
     assert run(main()) == [0, 1]
-
-
-class Permits:
-    """What `patiently` uses of router.admission.Admission: one pool of `left` permits."""
-
-    def __init__(self, left: int) -> None:
-        self.left = left
-        self.returned = asyncio.Event()
-
-    def free(self, pool: str) -> int:
-        return self.left
-
-    def give_back(self) -> None:
-        self.left += 1
-        returned, self.returned = self.returned, asyncio.Event()
-        returned.set()
-
-
-def test_a_stream_message_waits_for_a_permit_where_a_unary_call_is_refused() -> None:
-    """TEI's streams wait for each message's permit (a unary call gets RESOURCE_EXHAUSTED):
-    other clients' load must not end a stream."""
-    attempts = 0
-
-    async def main() -> str:
-        permits = Permits(0)
-
-        async def answer() -> str:
-            nonlocal attempts
-            attempts += 1
-            if permits.left < 1:
-                raise overloaded()
-            return "answered"
-
-        asyncio.get_running_loop().call_later(0.05, permits.give_back)
-        return await asyncio.wait_for(patiently(permits, "inference", answer), 5)
-
-    assert run(main()) == "answered"
-    assert attempts == 1  # no permit free: it waited instead of asking (and failing) again
-
-
-def test_a_refused_message_tries_again_when_a_permit_comes_back() -> None:
-    """Refused although a permit looked free (taken meanwhile): it waits for the next return,
-    without spinning, and any other error ends it at once."""
-    attempts = 0
-
-    async def main() -> str:
-        permits = Permits(1)
-
-        async def answer() -> str:
-            nonlocal attempts
-            attempts += 1
-            if attempts == 1:
-                asyncio.get_running_loop().call_later(0.05, permits.give_back)
-                raise overloaded()
-            return "answered"
-
-        assert await asyncio.wait_for(patiently(permits, "inference", answer), 5) == "answered"
-
-        async def invalid() -> str:
-            raise validation("bad")
-
-        with pytest.raises(EmbedServeError, match="bad"):
-            await patiently(permits, "inference", invalid)
-        return "ok"
-
-    assert run(main()) == "ok"
-    assert attempts == 2
 
 
 @pytest.mark.parametrize(("started", "ready", "draining", "server_up", "model_up"), [

@@ -1,0 +1,152 @@
+"""Admission: permits per pool, refused at once over HTTP, waited for within `patiently` (the
+gRPC streams), and the drain."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from router.admission import SHUT_DOWN, Admission, patiently
+from shared.errors import EmbedServeError, ErrorType
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 10))
+
+
+async def holding(admission: Admission, inputs: int, release: asyncio.Event,
+                  pool: str = "inference") -> None:
+    async with admission.admitted(inputs, pool):  # type: ignore[arg-type]
+        await release.wait()
+
+
+async def started(task: asyncio.Task) -> None:
+    """Until `task` has run up to its first wait."""
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert not task.done()
+
+
+def test_past_the_permits_a_request_is_refused_at_once() -> None:
+    async def main() -> None:
+        admission, release = Admission(4), asyncio.Event()
+        holder = asyncio.ensure_future(holding(admission, 3, release))
+        await started(holder)
+        assert admission.free() == 1
+        with pytest.raises(EmbedServeError) as info:
+            async with admission.admitted(2):
+                pass
+        assert info.value.error_type is ErrorType.OVERLOADED
+        async with admission.admitted(1):  # what is left is handed out
+            assert admission.free() == 0
+        # The tokenizer's pool is its own: full while inference holds most of its permits.
+        async with admission.admitted(4, "tokenizer"):
+            pass
+        with pytest.raises(EmbedServeError) as info:  # more than could ever fit: 422, not 429
+            async with admission.admitted(5):
+                pass
+        assert info.value.error_type is ErrorType.VALIDATION
+        release.set()
+        await holder
+        assert admission.free() == admission.free("tokenizer") == 4
+
+    run(main())
+
+
+def test_patiently_a_request_waits_for_the_permits_others_hold() -> None:
+    order: list[str] = []
+
+    async def main() -> None:
+        admission, release = Admission(2), asyncio.Event()
+        holders = [asyncio.ensure_future(holding(admission, 1, release)) for _ in range(2)]
+        await started(holders[0])
+
+        async def answer() -> str:
+            async with admission.admitted(2):
+                order.append("admitted")
+                assert admission.free() == 0
+            return "answered"
+
+        waiter = asyncio.ensure_future(patiently(answer))
+        await started(waiter)  # no permit free: waiting, not refused
+        order.append("released")
+        release.set()
+        assert await waiter == "answered"
+        # Outside `patiently` the same request is refused again.
+        for task in holders:
+            task.cancel()
+        release.clear()
+        holder = asyncio.ensure_future(holding(admission, 1, release))
+        await started(holder)
+        with pytest.raises(EmbedServeError, match="overloaded"):
+            await answer()
+        release.set()
+
+    run(main())
+    assert order == ["released", "admitted"]
+
+
+def test_a_waiting_request_keeps_waiting_while_the_return_is_too_small() -> None:
+    """Each return wakes the waiter once: it takes the permits only when enough are back."""
+    async def main() -> None:
+        admission = Admission(3)
+        first, second = asyncio.Event(), asyncio.Event()
+        holders = [asyncio.ensure_future(holding(admission, 1, first)),
+                   asyncio.ensure_future(holding(admission, 2, second))]
+        await started(holders[0])
+
+        async def answer() -> int:
+            async with admission.admitted(3):
+                return admission.free()
+
+        waiter = asyncio.ensure_future(patiently(answer))
+        await started(waiter)
+        first.set()
+        await holders[0]
+        await started(waiter)  # 1 of 3 back: still waiting
+        second.set()
+        assert await waiter == 0
+
+    run(main())
+
+
+def test_a_drain_refuses_the_requests_waiting_for_permits() -> None:
+    async def main() -> None:
+        admission, release = Admission(1), asyncio.Event()
+        holder = asyncio.ensure_future(holding(admission, 1, release))
+        await started(holder)
+
+        async def answer() -> None:
+            async with admission.admitted(1):
+                raise AssertionError("admitted during the drain")
+
+        waiter = asyncio.ensure_future(patiently(answer))
+        await started(waiter)
+        drain = asyncio.ensure_future(admission.drain(5))
+        await started(drain)
+        release.set()
+        await drain
+        with pytest.raises(EmbedServeError) as info:
+            await waiter
+        assert info.value.error_type is ErrorType.UNHEALTHY
+
+    run(main())
+
+
+def test_past_the_grace_the_admitted_are_answered_503() -> None:
+    async def main() -> None:
+        admission, never = Admission(2), asyncio.Event()
+        holder = asyncio.ensure_future(holding(admission, 1, never))
+        await started(holder)
+        await admission.drain(0.05)
+        with pytest.raises(EmbedServeError) as info:
+            await holder
+        assert info.value.error_type is ErrorType.UNHEALTHY
+        assert info.value.message == SHUT_DOWN
+        assert admission.free() == 2
+        with pytest.raises(EmbedServeError, match="shutting down"):  # and no new ones
+            async with admission.admitted(1):
+                pass
+
+    run(main())
