@@ -59,8 +59,8 @@ LABELS = {0: "anger", 1: "joy", 2: "fear", 3: "surprise", 4: "neutral"}
 
 
 def minilm_with_head(minilm_dir: Path, root: Path, labels: dict[int, str]) -> Path:
-    """MiniLM's trained encoder plus a seeded classification head (TESTING.md's derived
-    fixtures): a 5-label classifier, or with one label a cross-encoder."""
+    """MiniLM's trained encoder plus a seeded classification head: a 5-label classifier,
+    or with one label a cross-encoder, so heads are checked on trained encoder weights."""
     import torch
     from transformers import BertForSequenceClassification
 

@@ -1,4 +1,4 @@
-"""Every field, header and error of /embed, /health and /info over real HTTP (API.md)."""
+"""Every field, header and error of /embed, /health and /info over real HTTP, as TEI 1.9 answers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""/embed on the real all-MiniLM-L6-v2 equals SentenceTransformer.encode (TESTING.md tier 2)."""
+"""/embed on the real all-MiniLM-L6-v2 (from its PyPI wheel) equals SentenceTransformer.encode."""
 
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ def test_batch_invariance(server):
 def test_default_dtype_on_this_cpu_stays_close_to_the_oracle(minilm_dir, st_minilm, tmp_path):
     """Without --dtype the worker picks its device's default (bfloat16 on a CPU with native
     bfloat16, shared/dtypes.py): /info says which, and the vectors keep the precision
-    the README promises (cosine >= 0.999, TESTING.md's reduced-precision bound)."""
+    the README promises (cosine >= 0.999, the bound for float16/bfloat16 against float32)."""
     from shared.dtypes import default_dtype
     from tests.e2e.server import serving
 

@@ -119,7 +119,7 @@ def test_no_heads(tmp_path: Path) -> None:
     assert "bert" in served and "mpnet" not in served, "the list names families with heads"
 
 
-# The real model (TESTING.md tier 2): downloaded once into the fixtures cache.
+# The real model (438 MB, from PyPI wheel parts): downloaded once into the fixtures cache.
 REAL_TEXTS = [
     "The weather is lovely today.",
     "It's so sunny outside!",

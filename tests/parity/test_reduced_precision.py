@@ -1,5 +1,5 @@
 """bfloat16 parity: our bf16 Engine on the real all-MiniLM-L6-v2 (shipped in the venv) against
-sentence-transformers in float32, the oracle. TESTING.md's tolerance for reduced precision is
+sentence-transformers in float32, the oracle. The tolerance for reduced precision is
 cosine >= 0.999 per vector; pooling accumulates in float32 whatever the model dtype."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Every family in bfloat16 on the CPU against its own float32 forward (the oracle's numbers,
 proven by each family's parity test): bfloat16 is the default on CPUs with native bfloat16
-(shared/dtypes.py), so every family must keep TESTING.md's reduced-precision bound, cosine
+(shared/dtypes.py), so every family must keep the reduced-precision bound, cosine
 >= 0.999 per vector. Run twice: on the CPU's padded attention and on the packed (varlen) path
 that CUDA takes, with a CPU stand-in for the kernel."""
 

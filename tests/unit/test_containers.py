@@ -457,7 +457,7 @@ def test_service_and_autoscaler_target_the_deployment() -> None:
     assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
     (metric,) = hpa["spec"]["metrics"]
     name = metric["pods"]["metric"]["name"]
-    assert name == "te_queue_size"  # TEI's gauge (API.md, Metrics)
+    assert name == "te_queue_size"  # TEI's gauge of inputs waiting (README, Monitoring)
     adapter = yaml.safe_load((K8S / "prometheus-adapter-values.yaml").read_text())
     (rule,) = adapter["rules"]["custom"]
     assert rule["name"]["as"] == name and rule["seriesQuery"].startswith(name + "{")

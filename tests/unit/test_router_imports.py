@@ -1,4 +1,4 @@
-"""The router never imports torch (DESIGN.md section 1): it must stay small and CUDA-free."""
+"""The router never imports torch: it must stay small and CUDA-free; only workers touch a device."""
 
 import subprocess
 import sys
