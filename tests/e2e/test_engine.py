@@ -8,7 +8,12 @@ import re
 import signal
 import time
 
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
 import httpx
+import msgspec
 import pytest
 
 from tests.e2e.server import Server, wait_for
@@ -130,6 +135,132 @@ def test_a_client_that_disconnects_costs_no_inference(start):
     # Counted, not timed: whatever this machine's speed, not one of the 256 abandoned inputs
     # went to the worker.
     assert metric(batched) == 256 + 64
+
+
+class H2Client:
+    """HTTP/2 with prior knowledge (h2c, as hypercorn serves it on the same port) over one
+    connection: streams sent, reset and answered at will, the socket read in the background."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.conn.initiate_connection()
+        self.unsent: dict[int, bytes] = {}  # request bodies waiting for flow-control window
+        self.status: dict[int, int] = {}
+        self.body: dict[int, bytearray] = {}
+        self.ended: set[int] = set()
+        self.closed: str | None = None  # why the connection ended, once it did
+        self.pump = asyncio.ensure_future(self._read())
+
+    def post(self, path: str, body: dict) -> int:
+        stream = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(stream, [(":method", "POST"), (":path", path),
+                                        (":scheme", "http"), (":authority", "embedserve"),
+                                        ("content-type", "application/json")])
+        self.unsent[stream], self.body[stream] = msgspec.json.encode(body), bytearray()
+        self._send_bodies()
+        return stream
+
+    def reset(self, stream: int) -> None:
+        self.conn.reset_stream(stream, h2.errors.ErrorCodes.CANCEL)
+        self._flush()
+
+    async def answer(self, stream: int) -> tuple[int, bytes]:
+        async with asyncio.timeout(120):
+            while stream not in self.ended:
+                assert self.closed is None, self.closed
+                await asyncio.sleep(0.02)
+        return self.status[stream], bytes(self.body[stream])
+
+    def _send_bodies(self) -> None:
+        for stream, rest in list(self.unsent.items()):
+            while rest and (size := min(len(rest), self.conn.local_flow_control_window(stream),
+                                        self.conn.max_outbound_frame_size)):
+                self.conn.send_data(stream, rest[:size])
+                rest = rest[size:]
+            self.unsent[stream] = rest
+            if not rest:
+                del self.unsent[stream]
+                self.conn.end_stream(stream)
+        self._flush()
+
+    def _flush(self) -> None:
+        self.writer.write(self.conn.data_to_send())
+
+    async def _read(self) -> None:
+        while data := await self.reader.read(1 << 16):
+            for event in self.conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    self.status[event.stream_id] = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    self.body[event.stream_id] += event.data
+                    self.conn.acknowledge_received_data(event.flow_controlled_length,
+                                                        event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded):
+                    self.ended.add(event.stream_id)
+                elif isinstance(event, h2.events.StreamReset):
+                    self.closed = f"stream {event.stream_id} reset by the server"
+                elif isinstance(event, h2.events.ConnectionTerminated):
+                    self.closed = f"connection terminated: {event}"
+            self._send_bodies()
+        self.closed = self.closed or "connection closed by the server"
+
+    async def aclose(self) -> None:
+        self.pump.cancel()
+        self.writer.close()
+        await asyncio.gather(self.pump, return_exceptions=True)
+
+
+def test_an_http2_stream_reset_costs_no_inference_and_spares_its_connection(start):
+    """Over HTTP/2 a client that gives up resets its stream (RST_STREAM) and keeps the
+    connection, whose other streams go on: the reset request is cancelled as a disconnect over
+    HTTP/1.1 is, and neither its neighbour nor the connection suffers from it."""
+    srv = start("--max-concurrent-requests", "512")
+
+    def metric(name: str) -> float:
+        return samples(srv.client.get("/metrics").text)[name]
+
+    async def reaches(name: str, value: float) -> None:
+        async with asyncio.timeout(60):
+            while await asyncio.to_thread(metric, name) < value:
+                await asyncio.sleep(0.02)
+
+    queued = "te_request_input_length_count"
+    dropped = 'te_request_failure{err="dropped"}'
+    batched = "te_batch_next_size_sum"
+    alive = {"inputs": [f"alive {i} {LONG}" for i in range(16)]}
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=120,
+                                     limits=httpx.Limits(max_connections=8)) as patient:
+            # 256 inputs of 256 tokens ahead of the streams: theirs wait behind them.
+            busy = asyncio.gather(*(patient.post("/embed", json=SLOW) for _ in range(4)))
+            await reaches(queued, 256)
+            client = H2Client(*await asyncio.open_connection("127.0.0.1", srv.port))
+            try:
+                gone = client.post("/embed", SLOW)
+                kept = client.post("/embed", alive)
+                await reaches(queued, 256 + 64 + 16)
+                assert kept not in client.status  # still waiting when its neighbour goes
+                client.reset(gone)
+                await reaches(dropped, 1)
+                assert not busy.done(), "the busy requests ended first: make them longer"
+                status, body = await client.answer(kept)
+                assert status == 200, body
+                assert len(msgspec.json.decode(body)) == 16
+                # The connection lives on: a new stream on it is answered.
+                status, body = await client.answer(client.post("/embed", {"inputs": "after"}))
+                assert status == 200, body
+                assert client.closed is None, client.closed
+            finally:
+                await client.aclose()
+            assert [r.status_code for r in await busy] == [200] * 4
+
+    asyncio.run(scenario())
+    # Counted, not timed: not one of the reset stream's 64 inputs went to the worker.
+    assert metric(batched) == 256 + 16 + 1
+    assert metric(dropped) == 1
+    assert "Traceback" not in srv.log(), srv.log()
 
 
 def test_sigkill_of_one_of_two_workers_under_load(start):
