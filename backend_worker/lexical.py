@@ -62,6 +62,9 @@ def build_lexical(spec: LexicalWeights, hidden: int, vocab: int,
     if shapes != {"weight": [1, hidden], "bias": [1]}:
         raise ConfigError(f"{spec.path}: expected weight [1, {hidden}] and bias [1] (BGE-M3's "
                           f"sparse_linear), found {shapes}")
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():  # .float() would cast it without a word
+            raise ConfigError(f"{spec.path}: {name} is {tensor.dtype}, not floating point")
     head = LexicalHead(hidden, vocab, spec.ignored_ids)
     head.linear.load_state_dict({name: t.float() for name, t in tensors.items()})
     head = head.to(device).eval()

@@ -20,6 +20,7 @@ from backend_worker.lexical import LexicalHead, build_lexical, run_lexical
 from backend_worker.main import outputs
 from shared import protocol
 from shared.errors import ConfigError
+from shared.lexical import LexicalWeights
 from shared.modelinfo import load_model_info
 from tests.fixtures.families import pack_offset
 from tests.fixtures.lexical import make_m3, reference
@@ -128,6 +129,15 @@ def test_a_head_of_another_shape_is_refused(tmp_path: Path, m3: Path) -> None:
     assert info.lexical is not None
     with pytest.raises(ConfigError, match=r"expected weight \[1, 32\] and bias \[1\]"):
         build_lexical(info.lexical, info.hidden_size, info.vocab_size, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.bool])
+def test_a_non_float_head_is_refused_not_cast(tmp_path: Path, dtype: torch.dtype) -> None:
+    # An integer (quantized) head cast to float would weight every token wrongly, silently.
+    path = tmp_path / "sparse_linear.pt"
+    torch.save({"weight": torch.ones(1, 32, dtype=dtype), "bias": torch.zeros(1)}, path)
+    with pytest.raises(ConfigError, match=f"weight is {dtype}, not floating point"):
+        build_lexical(LexicalWeights(str(path), []), 32, 100, torch.device("cpu"))
 
 
 def _flag_embedding_ignored(model_dir: Path) -> set[int]:
