@@ -211,6 +211,22 @@ def test_a_tensor_the_index_lists_but_no_shard_holds_is_refused(model_dir: Path)
     load(model_dir)  # the complete index loads
 
 
+@pytest.mark.parametrize("key", ["encoder.layer.0.output.dense.weight",
+                                 "encoder.layer.0.attention.self.query.weight"])  # fused slice
+def test_a_tensor_two_shards_hold_is_refused(model_dir: Path, key: str) -> None:
+    # Two shards of a mixed-up download both hold the key (its index names one): whichever is
+    # read last must not win silently.
+    state = load_file(str(model_dir / "model.safetensors"))
+    (model_dir / "model.safetensors").rename(model_dir / "model-00001-of-00002.safetensors")
+    save_file({key: state[key] + 1}, str(model_dir / "model-00002-of-00002.safetensors"))
+    index = {**dict.fromkeys(state, "model-00001-of-00002.safetensors"),
+             key: "model-00002-of-00002.safetensors"}
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+    with pytest.raises(ConfigError, match=r"filled twice|both fill one slice") as info:
+        load(model_dir)
+    assert key in str(info.value)
+
+
 def test_a_non_tensor_in_a_bin_checkpoint_is_refused(model_dir: Path) -> None:
     state = load_file(str(model_dir / "model.safetensors"))
     state["embeddings.LayerNorm.weight"] = [1.0, 2.0]
