@@ -36,6 +36,9 @@ class QueryVectors:
             shapes = {name: list(t.shape) for name, t in tensors.items()}
             raise ConfigError(f"{route.weights_path}: expected one tensor `weight` of "
                               f"[{vocab_size}] (one per vocabulary id), found {shapes}")
+        if weight.dtype.kind != "f":  # astype would cast an integer weight without a word
+            raise ConfigError(f"{route.weights_path}: weight is {weight.dtype}, not floating "
+                              "point (the query route's weights are read as float16/32/64)")
         self._weight = weight.astype(np.float32)
         self._route = route
         self._keep = max_active_dims

@@ -191,6 +191,21 @@ def test_bfloat16_query_weights_are_refused_by_name(model_dir: Path, tmp_path: P
         QueryVectors(route, None, info.vocab_size, rules(info))
 
 
+@pytest.mark.parametrize("dtype", [np.int32, np.uint8, np.bool_])
+def test_non_float_query_weights_are_refused_not_cast(model_dir: Path, tmp_path: Path,
+                                                      dtype: type) -> None:
+    # An integer (quantized) weight cast to float32 would weigh every query token wrongly.
+    from safetensors.numpy import save_file
+
+    info = load_model_info(model_dir)
+    assert info.query_route is not None
+    bad = tmp_path / "model.safetensors"
+    save_file({"weight": np.ones(info.vocab_size, dtype=dtype)}, str(bad))
+    route = QueryRoute(**{**_fields(info.query_route), "weights_path": str(bad)})
+    with pytest.raises(ConfigError, match="not floating point"):
+        QueryVectors(route, None, info.vocab_size, rules(info))
+
+
 def test_query_weights_from_an_idf_file_are_refused(model_dir: Path, tmp_path: Path) -> None:
     """SparseStaticEmbedding.load reads a config `path` ending in .json instead of its
     model.safetensors."""
