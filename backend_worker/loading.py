@@ -251,7 +251,12 @@ def load_strict(module: nn.Module, files: list[Path], weight_map: WeightMap) -> 
         if target is None:
             unexpected.append(source)
         elif name in filled:
-            problems.append(f"{name} filled twice ({filled[name]} and {source})")
+            # One tied tensor saved under both its names is the same value twice; two values
+            # are two candidates, and keeping whichever came last would be a silent choice.
+            if not (value.is_floating_point() and value.shape == target.shape
+                    and torch.equal(target, value.to(target.device, target.dtype))):
+                problems.append(f"{name} filled twice, by different tensors "
+                                f"({filled[name]} and {source})")
         elif tuple(value.shape) != tuple(target.shape):
             rejected.add(name)
             problems.append(

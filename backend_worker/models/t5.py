@@ -38,6 +38,10 @@ from shared.static_embedding import NO_LENGTH_LIMIT
 WEIGHT_MAP = WeightMap(
     rules=(
         Rule("shared.weight", "embed.weight"),
+        # The encoder's embedding is `shared` itself (transformers ties them; .bin files and
+        # transformers 4 saves hold both names, safetensors saves keep `shared` alone): one
+        # value under either name, or both names with equal values (load_strict checks).
+        Rule("encoder.embed_tokens.weight", "embed.weight"),
         Rule("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
              "relative_bias.table.weight"),
         Rule("encoder.block.{i}.layer.0.SelfAttention.{part}.weight",
@@ -57,9 +61,6 @@ WEIGHT_MAP = WeightMap(
     # T5ForTokenClassification its encoder.
     prefixes=("transformer.",),
     ignore=(
-        # The encoder's embedding is `shared` itself (transformers ties them; .bin files and
-        # transformers 4 saves hold both names, safetensors saves keep `shared` alone).
-        r"encoder\.embed_tokens\.weight",
         # T5ForConditionalGeneration / T5Model checkpoints: sentence-transformers loads the
         # encoder alone from them, dropping these.
         r"decoder\..*",

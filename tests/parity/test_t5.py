@@ -267,17 +267,26 @@ def test_a_transformers_4_checkpoint_serves_its_encoder(tmp_path: Path, model_ty
     assert (engine.hidden_states(arrays) - ref).abs().max().item() <= HIDDEN_TOL
 
 
-def test_the_shared_embedding_is_required(tmp_path: Path) -> None:
-    """`encoder.embed_tokens.weight` is dropped as shared's duplicate: a file holding it alone
-    fails loudly rather than serving an uninitialised table. (transformers 5 would tie it into
-    `shared` and serve it; no save of transformers or sentence-transformers writes it alone.)"""
+def test_the_encoder_embedding_is_shared_under_either_name(tmp_path: Path) -> None:
+    """`encoder.embed_tokens.weight` is `shared` itself (one tensor): a file holding it alone
+    serves it, as transformers 5 ties it into `shared`. Both with different values are refused:
+    transformers 5 then unties them and embeds with the encoder's own, which dropping that name
+    as a duplicate would have replaced by `shared`, silently."""
     root = make_tiny_t5(tmp_path / "m")
     path = root / "model.safetensors"
     state = load_file(str(path))
+    arrays, _ = pack(root, TEXTS, MAX_TOKENS)
+    expected = serve(root, "mean")[1].hidden_states(arrays)
+    shared = state["shared.weight"]
+    save_file(state | {"encoder.embed_tokens.weight": shared + 1}, str(path),
+              metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match=r"embed\.weight filled twice") as info:
+        serve(root, "mean")
+    assert "shared.weight" in str(info.value)
+    assert "encoder.embed_tokens.weight" in str(info.value)
     state["encoder.embed_tokens.weight"] = state.pop("shared.weight")
     save_file(state, str(path), metadata={"format": "pt"})
-    with pytest.raises(ConfigError, match=r"missing \(no checkpoint key fills\): shared\.weight"):
-        serve(root, "mean")
+    assert torch.equal(serve(root, "mean")[1].hidden_states(arrays), expected)
 
 
 def test_umt5_is_refused(tmp_path: Path) -> None:
