@@ -263,11 +263,12 @@ def load_strict(module: nn.Module, files: list[Path], weight_map: WeightMap) -> 
                 f"shape mismatch for {source}: checkpoint {tuple(value.shape)}, "
                 f"model {tuple(target.shape)}"
             )
-        elif target.is_floating_point() and not value.is_floating_point():
-            # copy_ would cast int8 or bool weights without a word: not what was trained.
+        elif target.is_floating_point() != value.is_floating_point():
+            # copy_ would cast int8 or bool weights without a word (not what was trained), or
+            # truncate float values into an integer buffer (a StaticEmbedding's id mapping).
             rejected.add(name)
-            problems.append(f"dtype mismatch for {source}: checkpoint {value.dtype}, "
-                            "model floating point")
+            problems.append(f"dtype mismatch for {source}: checkpoint {value.dtype}, model "
+                            f"{'floating point' if target.is_floating_point() else target.dtype}")
         else:
             with torch.no_grad():
                 target.copy_(value)

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from backend_worker.engine import Engine
-from backend_worker.loading import checkpoint_files
+from backend_worker.loading import Rule, WeightMap, checkpoint_files, load_strict
 from backend_worker.models import model_class, supported
 from backend_worker.models.bert import BertModel
 from backend_worker.models.jina import JinaBertModel
@@ -148,6 +148,24 @@ def test_a_non_float_tensor_is_refused_not_cast(model_dir: Path, key: str,
     with pytest.raises(ConfigError, match="dtype mismatch") as info:
         load(model_dir)
     assert key in str(info.value)
+
+
+def test_float_values_for_an_integer_buffer_are_refused_not_truncated(tmp_path: Path) -> None:
+    class Mapped(torch.nn.Module):  # as a StaticEmbedding's id mapping
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("mapping", torch.zeros(4, dtype=torch.int64))
+
+    path = tmp_path / "model.safetensors"
+    weight_map = WeightMap(rules=(Rule("mapping", "mapping"),))
+    save_file({"mapping": torch.tensor([0.0, 1.5, 2.0, 3.0])}, str(path))
+    with pytest.raises(ConfigError, match=r"dtype mismatch for mapping: checkpoint "
+                                          r"torch\.float32, model torch\.int64"):
+        load_strict(Mapped(), [path], weight_map)
+    save_file({"mapping": torch.tensor([3, 2, 1, 0])}, str(path))
+    module = Mapped()
+    load_strict(module, [path], weight_map)
+    assert module.mapping.tolist() == [3, 2, 1, 0]
 
 
 def test_legacy_gamma_beta_names_load_identically(model_dir: Path, pristine: Path) -> None:
