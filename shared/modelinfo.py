@@ -205,6 +205,13 @@ def load_model_info(
     if layout is not None and len(kinds) != 1:
         raise ConfigError(f"{root}/modules.json: a Router must be the only module ({kinds})")
     model_dir = static_dir or (layout.transformer_dir if layout else root)
+    for folder in dict.fromkeys((root, model_dir)):
+        if (folder / "adapter_config.json").is_file():
+            # transformers (with peft installed) loads the adapter's base model and applies
+            # it: served without it, the vectors would be the base model's, silently.
+            raise ConfigError(f"{folder}: a PEFT adapter (adapter_config.json) is not applied "
+                              "here; merge it into its base model (peft's merge_and_unload, "
+                              "then save_pretrained) and serve the merged model")
     config = static_config(static_dir) if static_dir else read_json(model_dir / "config.json")
     if not (model_dir / "tokenizer.json").is_file():
         hint = ("; transformers writes one from the slow tokenizer's files: "

@@ -37,7 +37,9 @@ _NEEDED = [
     # A CrossEncoder that takes chat messages renders them with these (shared/conversations.py).
     "chat_template.jinja",
     "additional_chat_templates/*.jinja",
-    "rl_agent_config.json",  # (only to refuse such a model by name: shared/modelinfo.py)
+    # (only to refuse such models by name: shared/modelinfo.py)
+    "rl_agent_config.json",
+    "*adapter_config.json",
 ]
 _SAFETENSORS = ["model.safetensors", "model-*.safetensors", "model.safetensors.index.json"]
 _TORCH_BIN = ["pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.json",

@@ -166,6 +166,17 @@ def test_a_query_route_default_is_taken_without_a_name(tmp_path: Path) -> None:
     assert side.choose(None)[0] is side and side.choose("document")[0] is None
 
 
+def test_a_peft_adapter_on_the_document_route_is_refused(model_dir: Path,
+                                                         tmp_path: Path) -> None:
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    transformer_dir = Path(load_model_info(copy).model_dir)
+    (transformer_dir / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    with pytest.raises(ConfigError, match="PEFT adapter") as info:
+        load_model_info(copy)
+    assert str(transformer_dir) in str(info.value)
+
+
 def test_the_query_weights_are_checked(model_dir: Path, tmp_path: Path) -> None:
     from safetensors.numpy import save_file
 

@@ -238,6 +238,17 @@ def test_a_decision_model_is_refused_by_name(tmp_path: Path) -> None:
         load_model_info(root)
 
 
+def test_a_peft_adapter_is_refused_not_left_out(tmp_path: Path) -> None:
+    # sentence-transformers (transformers with peft) applies it to its base model: the
+    # base model's weights beside it, served alone, would give other vectors without a word.
+    root = model_dir(tmp_path, modules=STACK,
+                     files={"1_Pooling/config.json": classic_pooling("mean_tokens"),
+                            "adapter_config.json": {"peft_type": "LORA",
+                                                    "base_model_name_or_path": "org/base"}})
+    with pytest.raises(ConfigError, match=r"PEFT adapter \(adapter_config.json\)"):
+        load_model_info(root)
+
+
 def test_pooling_override(tmp_path: Path) -> None:
     root = model_dir(tmp_path, modules=STACK,
                      files={"1_Pooling/config.json": classic_pooling("mean_tokens")})

@@ -223,9 +223,13 @@ def test_transport_error_while_downloading_is_a_config_error(
         resolve_model(ServerConfig(model_id="org/name", huggingface_hub_cache=str(tmp_path)))
 
 
-def test_a_decision_models_file_is_fetched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """rl_agent_config.json comes down with the model, so that load_model_info can refuse a
-    decision model by name (shared/modelinfo.py) instead of as a model without config.json."""
+def test_the_files_of_refused_models_are_fetched(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """rl_agent_config.json and adapter_config.json come down with the model, so that
+    load_model_info can refuse a decision model or a PEFT adapter by name
+    (shared/modelinfo.py) instead of as a model without config.json, or not at all."""
+    from fnmatch import fnmatch
+
     import huggingface_hub
 
     asked: list[str] = []
@@ -241,6 +245,8 @@ def test_a_decision_models_file_is_fetched(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
     resolve_model(ServerConfig(model_id="org/laya", huggingface_hub_cache=str(tmp_path)))
     assert "rl_agent_config.json" in asked
+    for adapter in ("adapter_config.json", "0_Transformer/adapter_config.json"):
+        assert any(fnmatch(adapter, pattern) for pattern in asked), adapter
 
 
 def test_a_causal_reranker_comes_down_whole(tmp_path: Path) -> None:
