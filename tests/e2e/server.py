@@ -34,6 +34,20 @@ def free_port() -> int:
 STOP_TIMEOUT_S = 45.0
 
 
+def samples(text: str) -> dict[str, float]:
+    """`name{labels}` -> value, exactly as exposed."""
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            values[key] = float(value)
+    return values
+
+
+def total(values: dict[str, float], name: str) -> float:
+    return sum(v for k, v in values.items() if k.split("{")[0] == name)
+
+
 class Server:
     """`dtype`: the tests compare against float32 oracles (sentence-transformers, transformers)
     at float32 tolerances, so a server runs float32 unless the test passes another dtype, or
@@ -74,6 +88,10 @@ class Server:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def metrics(self) -> dict[str, float]:
+        """/metrics as `samples`."""
+        return samples(self.client.get("/metrics").text)
 
     def worker_pids(self) -> list[int]:
         return [w["pid"] for w in self.client.get("/info").json()["workers"]]

@@ -13,7 +13,6 @@ from cohere.core.api_error import ApiError
 from cohere.errors import BadRequestError, UnauthorizedError, UnprocessableEntityError
 
 from tests.e2e.server import Server, serving
-from tests.e2e.test_metrics_e2e import samples
 from tests.fixtures.heads import LABELS, make_tiny_classifier
 
 KEY = "s3cret"
@@ -186,7 +185,7 @@ def test_max_tokens_per_doc_keeps_the_batch_checks_and_their_count(tmp_path) -> 
             "query": QUERY, "documents": [LONG] * 7, "max_tokens_per_doc": 2})
         assert response.status_code == 422
         assert "batch size 7 > maximum allowed batch size 4" in response.json()["error"]
-        values = samples(srv.client.get("/metrics").text)
+        values = srv.metrics()
         assert values['te_request_failure{err="validation"}'] == 1
         # Pieces count against --max-concurrent-requests, documents against the batch size.
         documents = {"query": QUERY, "documents": [LONG * 4] * 4, "max_chunks_per_doc": 3}
@@ -196,11 +195,11 @@ def test_max_tokens_per_doc_keeps_the_batch_checks_and_their_count(tmp_path) -> 
         documents["max_chunks_per_doc"] = 1
         assert srv.client.post("/v1/rerank", json=documents).status_code == 200
         # One document in 5 pieces is one input to --max-client-batch-size 4, counted as one.
-        before = samples(srv.client.get("/metrics").text)
+        before = srv.metrics()
         one = {"query": QUERY, "documents": [LONG * 8], "max_chunks_per_doc": 5}
         response = srv.client.post("/v1/rerank", json=one)
         assert response.status_code == 200, response.text
-        after = samples(srv.client.get("/metrics").text)
+        after = srv.metrics()
         assert after['te_request_success{method="single"}'] == \
             before['te_request_success{method="single"}'] + 1
 

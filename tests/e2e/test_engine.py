@@ -18,7 +18,6 @@ import pytest
 
 from tests.e2e.server import Server, wait_for
 from tests.e2e.test_embed_parity import LONG
-from tests.e2e.test_metrics_e2e import samples
 
 SLOW = {"inputs": [f"{i} {LONG}" for i in range(64)]}  # 64 x 256 tokens: seconds on CPU
 
@@ -63,18 +62,20 @@ def test_two_workers_share_the_load(start):
     assert all(b > 0 for b in batches), batches
 
 
+async def reaches(srv: Server, name: str, value: float) -> None:
+    """Until /metrics shows `name` at `value` or more."""
+    async with asyncio.timeout(60):
+        while (await asyncio.to_thread(srv.metrics))[name] < value:
+            await asyncio.sleep(0.02)
+
+
 def test_overload_answers_429_at_once_and_recovers(start):
     srv = start("--max-concurrent-requests", "64")
-
-    def metric(name: str) -> float:
-        return samples(srv.client.get("/metrics").text)[name]
 
     async def scenario() -> None:
         async with httpx.AsyncClient(base_url=srv.url, timeout=120) as patient:
             busy = asyncio.ensure_future(patient.post("/embed", json=SLOW))  # all 64 permits
-            async with asyncio.timeout(60):
-                while await asyncio.to_thread(metric, "te_request_input_length_count") < 64:
-                    await asyncio.sleep(0.02)
+            await reaches(srv, "te_request_input_length_count", 64)
             results = await fire(srv.url, [{"inputs": [f"{i} {LONG}"] * 4} for i in range(40)])
             statuses = [status for status, _ in results]
             assert statuses == [429] * 40, statuses
@@ -88,20 +89,12 @@ def test_overload_answers_429_at_once_and_recovers(start):
     assert srv.client.get("/health").status_code == 200
     assert srv.client.post("/embed", json={"inputs": ["x"] * 8}).status_code == 200
     # Counted: a refused request costs no inference.
-    assert metric("te_batch_next_size_sum") == 64 + 8
+    assert srv.metrics()["te_batch_next_size_sum"] == 64 + 8
 
 
 def test_a_client_that_disconnects_costs_no_inference(start):
     # Permits: 256 for the requests that keep the worker busy, 256 for the 4 that give up.
     srv = start("--max-concurrent-requests", "512")
-
-    def metric(name: str) -> float:
-        return samples(srv.client.get("/metrics").text)[name]
-
-    async def reaches(name: str, value: float) -> None:
-        async with asyncio.timeout(60):
-            while await asyncio.to_thread(metric, name) < value:
-                await asyncio.sleep(0.02)
 
     queued = "te_request_input_length_count"  # inputs tokenized and put in the queue
     dropped = 'te_request_failure{err="dropped"}'
@@ -114,16 +107,16 @@ def test_a_client_that_disconnects_costs_no_inference(start):
             # that give up: those wait behind them, so none of theirs is in a batch yet when
             # their clients leave, however fast this machine computes.
             busy = asyncio.gather(*(patient.post("/embed", json=SLOW) for _ in range(4)))
-            await reaches(queued, 256)
+            await reaches(srv, queued, 256)
             async with httpx.AsyncClient(base_url=srv.url, timeout=120) as impatient:
                 gone = [asyncio.ensure_future(impatient.post("/embed", json=SLOW))
                         for _ in range(4)]
-                await reaches(queued, 512)
+                await reaches(srv, queued, 512)
                 for request in gone:
                     request.cancel()
                 await asyncio.gather(*gone, return_exceptions=True)
             # (leaving the block closed their connections)
-            await reaches(dropped, 4)
+            await reaches(srv, dropped, 4)
             assert not busy.done(), "the busy requests ended first: make them longer"
             # While the busy ones hold their 256 permits, this fits only if the 4 x 64 of the
             # requests that gave up came back.
@@ -134,7 +127,7 @@ def test_a_client_that_disconnects_costs_no_inference(start):
     asyncio.run(scenario())
     # Counted, not timed: whatever this machine's speed, not one of the 256 abandoned inputs
     # went to the worker.
-    assert metric(batched) == 256 + 64
+    assert srv.metrics()[batched] == 256 + 64
 
 
 class H2Client:
@@ -217,14 +210,6 @@ def test_an_http2_stream_reset_costs_no_inference_and_spares_its_connection(star
     HTTP/1.1 is, and neither its neighbour nor the connection suffers from it."""
     srv = start("--max-concurrent-requests", "512")
 
-    def metric(name: str) -> float:
-        return samples(srv.client.get("/metrics").text)[name]
-
-    async def reaches(name: str, value: float) -> None:
-        async with asyncio.timeout(60):
-            while await asyncio.to_thread(metric, name) < value:
-                await asyncio.sleep(0.02)
-
     queued = "te_request_input_length_count"
     dropped = 'te_request_failure{err="dropped"}'
     batched = "te_batch_next_size_sum"
@@ -235,15 +220,15 @@ def test_an_http2_stream_reset_costs_no_inference_and_spares_its_connection(star
                                      limits=httpx.Limits(max_connections=8)) as patient:
             # 256 inputs of 256 tokens ahead of the streams: theirs wait behind them.
             busy = asyncio.gather(*(patient.post("/embed", json=SLOW) for _ in range(4)))
-            await reaches(queued, 256)
+            await reaches(srv, queued, 256)
             client = H2Client(*await asyncio.open_connection("127.0.0.1", srv.port))
             try:
                 gone = client.post("/embed", SLOW)
                 kept = client.post("/embed", alive)
-                await reaches(queued, 256 + 64 + 16)
+                await reaches(srv, queued, 256 + 64 + 16)
                 assert kept not in client.status  # still waiting when its neighbour goes
                 client.reset(gone)
-                await reaches(dropped, 1)
+                await reaches(srv, dropped, 1)
                 assert not busy.done(), "the busy requests ended first: make them longer"
                 status, body = await client.answer(kept)
                 assert status == 200, body
@@ -258,8 +243,8 @@ def test_an_http2_stream_reset_costs_no_inference_and_spares_its_connection(star
 
     asyncio.run(scenario())
     # Counted, not timed: not one of the reset stream's 64 inputs went to the worker.
-    assert metric(batched) == 256 + 16 + 1
-    assert metric(dropped) == 1
+    assert srv.metrics()[batched] == 256 + 16 + 1
+    assert srv.metrics()[dropped] == 1
     assert "Traceback" not in srv.log(), srv.log()
 
 
@@ -270,7 +255,7 @@ def test_sigkill_of_one_of_two_workers_under_load(start):
     computing = f'te_worker_in_flight{{worker="{first["id"]}"}}'
 
     def busy() -> bool:
-        return samples(srv.client.get("/metrics").text)[computing] > 0
+        return srv.metrics()[computing] > 0
 
     async def scenario() -> list[tuple[int, float]]:
         load = asyncio.ensure_future(fire(srv.url, [{"inputs": [f"{i} {LONG}"] * 16}
@@ -322,5 +307,5 @@ def test_vertex_over_the_permits_is_429_and_costs_nothing_after(start):
     # most the two batches it may hold (16 inputs of 256 tokens each), then only this one.
     # Counted, not timed: two batches on a busy machine take seconds.
     assert srv.client.post("/embed", json={"inputs": ["x"] * 64}).status_code == 200
-    batched = samples(srv.client.get("/metrics").text)["te_batch_next_size_sum"]
+    batched = srv.metrics()["te_batch_next_size_sum"]
     assert batched <= 2 * 16 + 64, batched

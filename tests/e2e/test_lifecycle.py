@@ -13,16 +13,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.server import EMBEDSERVE, Server, wait_for
+from tests.e2e.server import EMBEDSERVE, Server, total, wait_for
 from tests.e2e.test_embed_parity import LONG
-from tests.e2e.test_metrics_e2e import samples, total
 
 SLOW_BATCH = {"inputs": [f"{i} {LONG}" for i in range(64)]}  # 64 x 256 tokens: seconds on CPU
 
 
 def metric(srv: Server, name: str) -> float:
     """The sum of a /metrics family's samples (over its labels)."""
-    return total(samples(srv.client.get("/metrics").text), name)
+    return total(srv.metrics(), name)
 
 
 def until_computing(srv: Server) -> None:

@@ -12,27 +12,13 @@ import subprocess
 import httpx
 import pytest
 
-from tests.e2e.server import EMBEDSERVE, free_port, serving
+from tests.e2e.server import EMBEDSERVE, free_port, samples, serving, total
 from tests.fixtures.tiny import make_tiny_bert
 
 CLIENTS = 16
 SINGLES_PER_CLIENT = 3
 BATCHES_PER_CLIENT = 2
 BATCH = 4
-
-
-def samples(text: str) -> dict[str, float]:
-    """`name{labels}` -> value, exactly as exposed."""
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, value = line.rsplit(" ", 1)
-            values[key] = float(value)
-    return values
-
-
-def total(values: dict[str, float], name: str) -> float:
-    return sum(v for k, v in values.items() if k.split("{")[0] == name)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +83,7 @@ def test_counts_match_the_traffic_across_two_workers(metered) -> None:
     for refused, status in [({"inputs": "x", "dimensions": 0}, 422), ({"inputs": []}, 400)]:
         assert srv.client.post("/embed", json=refused).status_code == status
 
-    values = samples(srv.client.get("/metrics").text)
+    values = srv.metrics()
     singles, batches = CLIENTS * SINGLES_PER_CLIENT, CLIENTS * BATCHES_PER_CLIENT
     inputs = singles + batches * BATCH
     assert values['te_request_count{method="single"}'] == singles
