@@ -14,7 +14,7 @@ from hypercorn.asyncio.run import worker_serve
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
 from hypercorn.utils import LifespanFailureError, wrap_app
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from router.http import SEND_TIMEOUT_S
 from shared.config import ServerConfig
@@ -43,8 +43,55 @@ async def serve_app(app: ASGIApp, hyper: HypercornConfig, sockets: Sockets,
     """hypercorn's `serve`, on sockets bound by `bind`."""
     # hypercorn types ASGI scopes and events as TypedDicts, Starlette as plain mappings: the
     # same protocol, which the type checker cannot see.
-    await worker_serve(wrap_app(app, hyper.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
+    await worker_serve(wrap_app(UnreadBody(app), hyper.wsgi_max_body_size,  # type: ignore[arg-type]
+                                "asgi"),
                        hyper, sockets=sockets, shutdown_trigger=shutdown_trigger)
+
+
+class UnreadBody:
+    """Read, and drop, what is left of a request body the app answered without reading whole.
+
+    hypercorn hands the body to the app through a queue of max_app_queue_size (10) messages,
+    and puts the end of the request (`http.disconnect`) on that same queue from within the
+    send of the answer's last piece. An answer given early (413 past --payload-limit, 415,
+    401, 404) while the client still uploads leaves that queue full: the send waits for room
+    that nobody makes, so the connection is never closed, its task and the queued body stay
+    for ever, and a shutdown waits --shutdown-grace for it. Whether the queue is full by then
+    depends on how far hypercorn's reading ran ahead of the app: a race, lost under load."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._draining: set[asyncio.Task] = set()  # (a task needs a reference until it ends)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        read_whole = False
+
+        async def noting() -> Message:
+            nonlocal read_whole
+            message = await receive()
+            read_whole = read_whole or message["type"] == "http.disconnect" or not message.get(
+                "more_body", False)
+            return message
+
+        async def draining_first(message: Message) -> None:
+            last = message["type"] == "http.response.body" and not message.get("more_body")
+            if last and not read_whole:
+                # Until the end of the request: hypercorn's own reading may be queued behind
+                # the disconnect, so the drain must outlive this send.
+                task = asyncio.ensure_future(_drop_until_disconnect(receive))
+                self._draining.add(task)
+                task.add_done_callback(self._draining.discard)
+            await send(message)
+
+        await self.app(scope, noting, draining_first)
+
+
+async def _drop_until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 # After the drain, hypercorn gets at least this long to write the last answers and close.

@@ -14,6 +14,7 @@ import h2.connection
 import pytest
 
 from router import cli, http, http_server
+from tests.fixtures.hypercorn import served
 
 ANSWER = 20_000_000
 TIMEOUT_S = 1.0
@@ -28,31 +29,6 @@ def answered_app(finished: list[float]):
         await send({"type": "http.response.body", "body": b"x" * ANSWER})
         finished.append(time.monotonic())
     return app
-
-
-async def serving(client, finished: list[float]) -> None:
-    """Serve the app as the router does, run the blocking `client` against it, then stop."""
-    config = cli.parse_config(["--hostname", "127.0.0.1", "--port", "0"])
-    hyper = http_server.hypercorn_config(config, 0)
-    sockets = http_server.bind(hyper, "--port")
-    port = sockets.insecure_sockets[0].getsockname()[1]
-    stop = asyncio.Event()
-    server = asyncio.ensure_future(http_server.serve_app(
-        http.SendTimeout(answered_app(finished)), hyper, sockets, stop.wait))
-    try:
-        for _ in range(100):  # the socket listens once hypercorn's lifespan has started
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-            except ConnectionRefusedError:
-                await asyncio.sleep(0.05)
-            else:
-                writer.close()
-                break
-        await asyncio.to_thread(client, port)
-    finally:
-        stop.set()
-        server.cancel()
-        await asyncio.gather(server, return_exceptions=True)
 
 
 @pytest.fixture(autouse=True)
@@ -84,7 +60,7 @@ def test_http1_connection_of_a_client_that_does_not_read_is_ended() -> None:
             except (ConnectionResetError, TimeoutError):
                 pass
 
-    asyncio.run(serving(client, finished))
+    asyncio.run(served(http.SendTimeout(answered_app(finished)), client))
     # What the kernels buffered came through; the rest was dropped with the connection.
     assert received < ANSWER / 2
 
@@ -111,7 +87,7 @@ def test_http2_stream_of_a_client_that_does_not_read_is_dropped() -> None:
                 if out := conn.data_to_send():
                     sock.sendall(out)
 
-    asyncio.run(serving(client, finished))
+    asyncio.run(served(http.SendTimeout(answered_app(finished)), client))
     # The app was let go (its answer freed) once the stream made no progress for the timeout.
     assert finished and finished[0] - started < TIMEOUT_S * 4
 
