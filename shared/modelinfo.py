@@ -165,14 +165,15 @@ _PIPELINE_ORDER = {"Transformer": 0, "StaticEmbedding": 0, "Pooling": 1, "Dense"
 
 
 def _max_input_length(
-    model_dir: Path, config: dict[str, Any], position_offset: int, st_present: bool,
-    st_config: dict[str, Any],
+    model_dir: Path, config: dict[str, Any], position_offset: int, st_config: dict[str, Any],
 ) -> int:
     """`st_config`: sentence_bert_config.json."""
     max_positions = config_max_positions(config) - position_offset
     limit = st_config.get("max_seq_length")
-    if limit is None and st_present:
-        # sentence-transformers 6 keeps the limit in tokenizer_config.json, as transformers does.
+    if limit is None:
+        # sentence-transformers 6 keeps the limit in tokenizer_config.json, as transformers does;
+        # without modules.json, SentenceTransformer and CrossEncoder build their Transformer
+        # around the tokenizer too, so its model_max_length is the limit there as well.
         tok_cfg = optional_json(model_dir / "tokenizer_config.json") or {}
         limit = tok_cfg.get("model_max_length")
         if limit is not None and limit > 10**7:  # transformers' "no limit" sentinel
@@ -384,8 +385,7 @@ def load_model_info(
         hidden_size=hidden_size,
         vocab_size=int(config.get("vocab_size", 0)),
         max_input_length=(file_limit if static_dir else
-                          _max_input_length(model_dir, config, position_offset, bool(modules),
-                                            transformer)),
+                          _max_input_length(model_dir, config, position_offset, transformer)),
         position_offset=position_offset,
         pooling=pooling,
         dense=dense,

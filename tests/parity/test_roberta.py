@@ -167,6 +167,22 @@ def test_real_xlmr_tokenizer_reranker_pairs(tmp_path: Path) -> None:
     assert np.abs(logits - expected).max() <= LOGIT_TOL
 
 
+def test_reranker_limit_without_modules_is_cross_encoders(tmp_path: Path) -> None:
+    """A re-ranker saved by transformers alone (no modules.json, as bge-reranker's): CrossEncoder
+    truncates pairs at tokenizer_config.json's model_max_length where it is below the position
+    table, and so must the router (it had taken the table's 64)."""
+    from sentence_transformers import CrossEncoder
+
+    root = make_tiny_xlmr(tmp_path / "reranker", "XLMRobertaForSequenceClassification",
+                          seed=6, num_labels=1)
+    config_path = root / "tokenizer_config.json"
+    config_path.write_text(json.dumps(json.loads(config_path.read_text())
+                                      | {"model_max_length": 40}))
+    assert not (root / "modules.json").exists()
+    assert load_model_info(root).max_input_length == 40
+    assert CrossEncoder(str(root), device="cpu").max_seq_length == 40
+
+
 @pytest.mark.parametrize(("model_type", "architecture", "labels"), [
     ("roberta", "RobertaForSequenceClassification", 3),
     ("xlm-roberta", "XLMRobertaForSequenceClassification", 1),

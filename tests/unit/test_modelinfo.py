@@ -145,10 +145,19 @@ def test_st6_no_limit_sentinel_falls_back_to_positions(tmp_path: Path) -> None:
     assert load_model_info(root).max_input_length == 128
 
 
+def test_without_sentence_transformers_files_the_no_limit_sentinel_means_positions(
+        tmp_path: Path) -> None:
+    root = model_dir(tmp_path, files={
+        "tokenizer_config.json": {"model_max_length": 1000000000000000019884624838656}})
+    assert load_model_info(root).max_input_length == 128
+
+
 def test_without_any_sentence_transformers_files(tmp_path: Path) -> None:
     root = model_dir(tmp_path, files={"tokenizer_config.json": {"model_max_length": 16}})
     info = load_model_info(root)
-    assert info.max_input_length == 128  # plain transformers repos: the position table decides
+    # sentence-transformers builds its Transformer around the tokenizer, whose
+    # model_max_length (capped at the position table) is the limit, as with modules.json.
+    assert info.max_input_length == 16
     assert info.dense == []
     assert not info.has_normalize
     assert info.prompts == {}
