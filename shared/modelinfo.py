@@ -385,7 +385,10 @@ def load_model_info(
         hidden_size=hidden_size,
         vocab_size=int(config.get("vocab_size", 0)),
         max_input_length=(file_limit if static_dir else
-                          _max_input_length(model_dir, config, position_offset, transformer)),
+                          # (without modules.json, sentence-transformers reads no
+                          # sentence_bert_config.json: the tokenizer's limit holds)
+                          _max_input_length(model_dir, config, position_offset,
+                                            transformer if modules else {})),
         position_offset=position_offset,
         pooling=pooling,
         dense=dense,

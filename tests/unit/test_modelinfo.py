@@ -152,6 +152,15 @@ def test_without_sentence_transformers_files_the_no_limit_sentinel_means_positio
     assert load_model_info(root).max_input_length == 128
 
 
+def test_without_modules_json_sentence_bert_config_is_not_read(tmp_path: Path) -> None:
+    # sentence-transformers builds its Transformer without reading this file then (as for its
+    # do_lower_case): the tokenizer's model_max_length is the limit.
+    root = model_dir(tmp_path, files={
+        "sentence_bert_config.json": {"max_seq_length": 20, "do_lower_case": False},
+        "tokenizer_config.json": {"model_max_length": 16}})
+    assert load_model_info(root).max_input_length == 16
+
+
 def test_without_any_sentence_transformers_files(tmp_path: Path) -> None:
     root = model_dir(tmp_path, files={"tokenizer_config.json": {"model_max_length": 16}})
     info = load_model_info(root)
