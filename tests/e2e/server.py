@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 
 from shared.process import die_with_parent, terminate
+from tests.fixtures.prometheus import samples
 
 EMBEDSERVE = str(Path(sys.executable).with_name("embedserve"))
 # Where the project is not installed (the GPU host runs the checkout from PYTHONPATH), the
@@ -32,20 +33,6 @@ def free_port() -> int:
 # Past the server's own bound: after --shutdown-grace (30 s) it closes what connections are left
 # by force and exits 0, which a 30 s timeout here would race with a SIGKILL.
 STOP_TIMEOUT_S = 45.0
-
-
-def samples(text: str) -> dict[str, float]:
-    """`name{labels}` -> value, exactly as exposed."""
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, value = line.rsplit(" ", 1)
-            values[key] = float(value)
-    return values
-
-
-def total(values: dict[str, float], name: str) -> float:
-    return sum(v for k, v in values.items() if k.split("{")[0] == name)
 
 
 class Server:

@@ -21,8 +21,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from router.grpc.protos import pb, services
 from tests.e2e.grpc_server import NOT_SERVING, SERVING, GrpcServer, grpc_serving, http_and_grpc
-from tests.e2e.server import EMBEDSERVE, Server, free_port, samples, total
+from tests.e2e.server import EMBEDSERVE, Server, free_port
 from tests.fixtures.heads import make_tiny_mlm
+from tests.fixtures.prometheus import samples, total
 from tests.fixtures.tiny import make_tiny_bert
 
 PROMPTS = {"query": "query: "}

@@ -13,8 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.server import EMBEDSERVE, Server, total, wait_for
+from tests.e2e.server import EMBEDSERVE, Server, wait_for
 from tests.e2e.test_embed_parity import LONG
+from tests.fixtures.prometheus import total
 
 SLOW_BATCH = {"inputs": [f"{i} {LONG}" for i in range(64)]}  # 64 x 256 tokens: seconds on CPU
 

@@ -12,7 +12,8 @@ import subprocess
 import httpx
 import pytest
 
-from tests.e2e.server import EMBEDSERVE, free_port, samples, serving, total
+from tests.e2e.server import EMBEDSERVE, free_port, serving
+from tests.fixtures.prometheus import samples, total
 from tests.fixtures.tiny import make_tiny_bert
 
 CLIENTS = 16

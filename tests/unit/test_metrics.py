@@ -23,6 +23,7 @@ from router.workers import InFlight, WorkerHandle, WorkerState
 from shared.config import WorkerConfig
 from shared.errors import ErrorType
 from shared.protocol import OutputKind
+from tests.fixtures.prometheus import samples
 
 TEI_FAMILIES = {
     "te_request_count": "counter", "te_request_success": "counter",
@@ -43,16 +44,6 @@ WORKER_FAMILIES = {
     "te_worker_batches": "counter", "te_worker_tokens": "counter",
     "te_worker_restarts": "counter",
 }
-
-
-def samples(text: str) -> dict[str, float]:
-    """`name{labels}` -> value, as written (labels sorted, as the exposition writes them)."""
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, value = line.rsplit(" ", 1)
-            values[key] = float(value)
-    return values
 
 
 def types(text: str) -> dict[str, str]:
