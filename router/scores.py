@@ -8,7 +8,7 @@ from shared.errors import backend
 
 
 def activate(logits: np.ndarray, activation: str, raw_scores: bool) -> np.ndarray:
-    """Rows of logits -> scores: raw, sigmoid or softmax (with the true max subtracted)."""
+    """Rows of logits -> scores: raw, sigmoid, tanh or softmax (with the true max subtracted)."""
     scores = logits.astype(np.float64)
     if np.isnan(scores).any():
         raise backend("the model produced a NaN score")
@@ -16,6 +16,8 @@ def activate(logits: np.ndarray, activation: str, raw_scores: bool) -> np.ndarra
         return scores
     if activation == "sigmoid":
         return 1.0 / (1.0 + np.exp(-scores))
+    if activation == "tanh":
+        return np.tanh(scores)
     shifted = np.exp(scores - scores.max(axis=-1, keepdims=True))
     return shifted / shifted.sum(axis=-1, keepdims=True)
 

@@ -27,15 +27,22 @@ def model_kind_of(config: dict[str, Any]) -> tuple[ModelKind, dict[str, str]]:
     return ("reranker" if len(id2label) == 1 else "classifier"), id2label
 
 
-_SCORE_ACTIVATIONS = {"Sigmoid": "sigmoid", "Identity": "identity", "Softmax": "softmax"}
+ScoreActivation = Literal["sigmoid", "softmax", "identity", "tanh"]
+_SCORE_ACTIVATIONS: dict[str, ScoreActivation] = {
+    "Sigmoid": "sigmoid", "Identity": "identity", "Softmax": "softmax", "Tanh": "tanh"}
 
 
 def score_activation(config: dict[str, Any], labels: int,
-                     st_config: dict[str, Any]) -> Literal["sigmoid", "softmax", "identity"]:
+                     st_config: dict[str, Any]) -> ScoreActivation:
     """sentence-transformers' CrossEncoder choice: config_sentence_transformers.json's
     `activation_fn` (where v6 saves it; `st_config` is empty where it reads no such file),
     else config.json's (v4-v5, else its pre-v4 key), else sigmoid for one label. Like it, a path
-    outside torch is not trusted (it would be the repository's own code): the next decides."""
+    outside torch is not trusted (it would be the repository's own code): the next decides.
+
+    With several labels, Identity is CrossEncoder's default, which it saves like a choice: it
+    decides nothing here, and the scores are probabilities as TEI's /predict gives them:
+    a sigmoid per label for a multi-label model (config.json's problem_type, as transformers'
+    text-classification pipeline reads it), else softmax (CrossEncoder's apply_softmax)."""
     legacy = config.get("sbert_ce_default_activation_function")
     for path in (st_config.get("activation_fn"),
                  (config.get("sentence_transformers") or {}).get("activation_fn", legacy)):
@@ -49,5 +56,9 @@ def score_activation(config: dict[str, Any], labels: int,
         if name is None:
             raise ConfigError(f"score activation {path!r} is not supported "
                               f"(supported: {', '.join(_SCORE_ACTIVATIONS)})")
-        return name  # type: ignore[return-value]
-    return "sigmoid" if labels == 1 else "softmax"
+        if name == "identity" and labels > 1:
+            break
+        return name
+    if labels == 1 or config.get("problem_type") == "multi_label_classification":
+        return "sigmoid"
+    return "softmax"

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
-from shared.classifier import ModelKind, model_kind_of, score_activation
+from shared.classifier import ModelKind, ScoreActivation, model_kind_of, score_activation
 from shared.conversations import Conversations, read_conversations
 from shared.errors import ConfigError
 from shared.lexical import LexicalWeights, lexical_weights
@@ -99,8 +99,9 @@ class ModelInfo(msgspec.Struct, frozen=True):
     kind: ModelKind = "embedding"
     id2label: dict[str, str] = {}
     # How scores are squashed unless a request asks for raw scores (sentence-transformers'
-    # CrossEncoder rule): the config's activation, else sigmoid for one label, softmax for more.
-    activation: Literal["sigmoid", "softmax", "identity"] = "softmax"
+    # CrossEncoder rule): the config's activation, else sigmoid for one label or a multi-label
+    # model, softmax for more (shared/classifier.py's score_activation).
+    activation: ScoreActivation = "softmax"
     # A causal LM re-ranker: the pair's score is two of its next-token logits (LogitScore).
     logit_score: LogitScore | None = None
     # Inputs written as chat conversations (a CrossEncoder whose Transformer takes messages).

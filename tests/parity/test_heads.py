@@ -253,3 +253,56 @@ def test_config_sentence_transformers_is_read_as_cross_encoder_reads_it(
     assert ours.prompts == {k: v for k, v in theirs.prompts.items() if v}
     assert ours.activation == type(theirs.activation_fn).__name__.lower()
     assert (ours.default_prompt_name is None) is (saved_as != "CrossEncoder")
+
+
+SIGMOID = TORCH_ACT + "Sigmoid"
+
+
+@pytest.mark.parametrize(("saved", "problem_type", "expected"), [
+    (None, None, "softmax"),  # TEI's /predict: softmax over the labels
+    ("save", None, "softmax"),  # CrossEncoder.save() writes its multi-label default, Identity
+    (SIGMOID, None, "sigmoid"),  # a choice of its own
+    (None, "multi_label_classification", "sigmoid"),  # transformers' pipeline: sigmoid per label
+    ("save", "multi_label_classification", "sigmoid"),
+    (None, "single_label_classification", "softmax"),
+])
+def test_a_classifiers_activation_is_a_probability_unless_it_says_otherwise(
+        tmp_path: Path, saved: str | None, problem_type: str | None, expected: str) -> None:
+    """Several labels: CrossEncoder's default there is Identity, and it saves it; that default
+    is no choice of the model's, and /predict gives TEI's softmax (CrossEncoder's
+    apply_softmax) as for a model saved without it. transformers' text-classification pipeline
+    gives a multi-label model (problem_type) a sigmoid per label."""
+    import json
+
+    from sentence_transformers import CrossEncoder
+
+    root = make_tiny_classifier(tmp_path / "c", LABELS)
+    if problem_type is not None:
+        config = json.loads((root / "config.json").read_text())
+        (root / "config.json").write_text(json.dumps(config | {"problem_type": problem_type}))
+    if saved is not None:
+        act = None if saved == "save" else getattr(torch.nn, saved.rsplit(".", 1)[1])()
+        CrossEncoder(str(root), device="cpu", activation_fn=act).save(str(root))
+    assert load_model_info(root).activation == expected
+
+
+def test_a_tanh_activation_is_served_as_cross_encoder_applies_it(tmp_path: Path) -> None:
+    import json
+
+    from sentence_transformers import CrossEncoder
+
+    from router.scores import activate
+
+    root = make_tiny_classifier(tmp_path / "reranker", ["score"], seed=1)
+    config = json.loads((root / "config.json").read_text())
+    config["sentence_transformers"] = {"activation_fn": TORCH_ACT + "Tanh"}
+    (root / "config.json").write_text(json.dumps(config))
+    info, engine, head = serve(root)
+    assert info.activation == "tanh"
+    pairs = [t for t in TEXTS if isinstance(t, tuple)]
+    arrays, _ = pack(root, pairs)
+    logits = run_head(engine, head)(arrays)[2]
+    expected = CrossEncoder(str(root), device="cpu").predict(pairs)
+    assert np.abs(activate(logits, info.activation, False)[:, 0] - expected).max() <= LOGIT_TOL
+    assert np.array_equal(activate(logits, info.activation, True), logits)
+
