@@ -20,7 +20,10 @@ def model_kind_of(config: dict[str, Any]) -> tuple[ModelKind, dict[str, str]]:
     architectures = config.get("architectures") or []
     if not any(str(a).endswith("ForSequenceClassification") for a in architectures):
         return "embedding", {}
-    id2label = {str(k): str(v) for k, v in (config.get("id2label") or {}).items()}
+    try:  # keys as transformers reads them: integers ("01" is label 1)
+        id2label = {str(int(k)): str(v) for k, v in (config.get("id2label") or {}).items()}
+    except ValueError as exc:
+        raise ConfigError(f"config.json: id2label keys must be integers ({exc})") from None
     if not id2label:
         count = int(config.get("num_labels", 2))
         id2label = {str(i): f"LABEL_{i}" for i in range(count)}

@@ -306,3 +306,15 @@ def test_a_tanh_activation_is_served_as_cross_encoder_applies_it(tmp_path: Path)
     assert np.abs(activate(logits, info.activation, False)[:, 0] - expected).max() <= LOGIT_TOL
     assert np.array_equal(activate(logits, info.activation, True), logits)
 
+
+def test_id2label_keys_are_read_as_transformers_reads_them(tmp_path: Path) -> None:
+    import json
+
+    from transformers import AutoConfig
+
+    root = make_tiny_classifier(tmp_path / "c", LABELS)
+    config = json.loads((root / "config.json").read_text())
+    config["id2label"] = {f"0{i}": label for i, label in enumerate(LABELS)}
+    (root / "config.json").write_text(json.dumps(config))
+    theirs = AutoConfig.from_pretrained(str(root)).id2label
+    assert load_model_info(root).id2label == {str(i): v for i, v in theirs.items()}
