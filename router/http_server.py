@@ -5,6 +5,7 @@ bounds how many clients the sockets can take."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import resource
 import socket
@@ -16,7 +17,7 @@ from hypercorn.config import Sockets
 from hypercorn.utils import LifespanFailureError, wrap_app
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from router.http import SEND_TIMEOUT_S
+from router.http import BODY_TIMEOUT_S, SEND_TIMEOUT_S
 from shared.config import ServerConfig
 from shared.errors import ConfigError
 
@@ -57,7 +58,8 @@ class UnreadBody:
     401, 404) while the client still uploads leaves that queue full: the send waits for room
     that nobody makes, so the connection is never closed, its task and the queued body stay
     for ever, and a shutdown waits --shutdown-grace for it. Whether the queue is full by then
-    depends on how far hypercorn's reading ran ahead of the app: a race, lost under load."""
+    depends on how far hypercorn's reading ran ahead of the app: a race, lost under load. On
+    HTTP/2 that reading is the whole connection's: its other streams would stall as well."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -78,7 +80,15 @@ class UnreadBody:
 
         async def draining_first(message: Message) -> None:
             last = message["type"] == "http.response.body" and not message.get("more_body")
-            if last and not read_whole:
+            if last and not read_whole and scope.get("http_version") == "2":
+                # hypercorn forgets an HTTP/2 stream once it is answered, and a DATA frame for
+                # it after that ends the whole connection (a KeyError in its reading), with
+                # every other stream on it: the upload is read to its end first.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(BODY_TIMEOUT_S):
+                        while not read_whole:
+                            await noting()
+            elif last and not read_whole:
                 # Until the end of the request: hypercorn's own reading may be queued behind
                 # the disconnect, so the drain must outlive this send.
                 task = asyncio.ensure_future(_drop_until_disconnect(receive))

@@ -9,6 +9,9 @@ import contextlib
 import socket
 import threading
 
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 
 from tests.fixtures.hypercorn import served
@@ -23,7 +26,8 @@ def early_answer(pieces_read: int):
         if scope["type"] != "http":
             return
         for _ in range(pieces_read):
-            await receive()
+            if not (await receive()).get("more_body"):
+                break
         # A slow answer: meanwhile hypercorn reads ahead and fills the app's queue.
         await asyncio.sleep(0.3)
         body = b'{"error":"too large"}'
@@ -64,3 +68,51 @@ def test_an_answer_before_the_body_was_read_still_closes_the_connection(pieces_r
     asyncio.run(served(early_answer(pieces_read), client))
     assert seen["status"] == b"HTTP/1.1 413 "
     assert seen["closed"], "the connection stayed open after the answer"
+
+
+def test_over_http2_the_connection_goes_on_serving() -> None:
+    """On HTTP/2 the queue that filled was the stream's, but the reading it stopped was the
+    connection's: no other stream on it would be answered. And a client that uploads its
+    whole body, as clients do, must not have its DATA end the connection once answered."""
+    statuses: list[str] = []
+
+    def client(port: int) -> None:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.settimeout(10)
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.initiate_connection()
+            headers = [(":method", "POST"), (":path", "/embed"), (":scheme", "http"),
+                       (":authority", "x"), ("content-type", "application/json")]
+            first = conn.get_next_available_stream_id()
+            conn.send_headers(first, headers)
+            sock.sendall(conn.data_to_send())
+            body, ended, second = b"".join(CHUNKS), set(), None
+            while second is None or second not in ended:
+                # Upload as far as flow control lets us; a window that stays shut is fine.
+                while body and (size := min(len(body), conn.local_flow_control_window(first),
+                                            conn.max_outbound_frame_size)):
+                    conn.send_data(first, body[:size], end_stream=size == len(body))
+                    body = body[size:]
+                sock.sendall(conn.data_to_send())
+                try:
+                    data = sock.recv(1 << 16)
+                except TimeoutError:
+                    statuses.append("timed out")
+                    return
+                if not data:
+                    statuses.append("connection closed")
+                    return
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.ResponseReceived):
+                        statuses.append(dict(event.headers)[b":status"].decode())
+                    elif isinstance(event, h2.events.StreamEnded):
+                        ended.add(event.stream_id)
+                    elif isinstance(event, h2.events.StreamReset) and event.stream_id == first:
+                        ended.add(first)
+                if first in ended and not body and second is None:  # now another stream
+                    second = conn.get_next_available_stream_id()
+                    conn.send_headers(second, headers, end_stream=True)
+                sock.sendall(conn.data_to_send())
+
+    asyncio.run(served(early_answer(2), client))
+    assert statuses == ["413", "413"]
