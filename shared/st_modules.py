@@ -117,8 +117,11 @@ def parse_dense(module_dir: Path) -> DenseSpec:
         # sentence-transformers 6 can add the input back (with a projection when the sizes
         # differ); serving it as a plain Dense would give silently wrong vectors.
         raise ConfigError(f"{module_dir}: Dense with use_residual=true is not supported yet")
-    act_path = cfg.get("activation_function") or "torch.nn.modules.linear.Identity"
-    act = DENSE_ACTIVATIONS.get(module_kind(act_path))
+    # Dense.load: without the key, the constructor's default (Tanh). A path outside torch is
+    # the repository's code (run only with trust_remote_code, Tanh without it): refused below.
+    act_path = cfg.get("activation_function", "torch.nn.modules.activation.Tanh")
+    act = (DENSE_ACTIVATIONS.get(module_kind(act_path))
+           if isinstance(act_path, str) and act_path.startswith("torch.") else None)
     if act is None:
         raise ConfigError(f"{module_dir}: Dense activation {act_path!r} is not supported")
     return DenseSpec(

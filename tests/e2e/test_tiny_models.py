@@ -81,3 +81,16 @@ def test_do_lower_case_with_a_cased_tokenizer(tmp_path):
     # /tokenize shows what is embedded, with offsets into the text as sent.
     assert [t["id"] for t in sent] == [t["id"] for t in lower]
     assert [(t["text"], t["start"]) for t in sent] == [("Hello", 0), ("World", 6)]
+
+
+def test_dense_without_an_activation_function_is_tanh(tmp_path):
+    # A Dense config.json without activation_function (as older or hand-written saves have):
+    # sentence-transformers builds its default activation, Tanh.
+    model = make_tiny_bert(tmp_path / "model", dense_out=16, st_format="classic")
+    config_path = model / "2_Dense" / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["activation_function"]
+    config_path.write_text(json.dumps(config))
+    with serve_model(model, tmp_path) as srv:
+        ours = embed(srv, inputs=TEXTS)
+    assert np.abs(ours - st_encode(model, TEXTS)).max() < 1e-5

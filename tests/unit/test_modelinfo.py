@@ -379,9 +379,29 @@ def test_dense_chain(tmp_path: Path) -> None:
                             "3_Dense/config.json": dense(64, 24, identity)})
     info = load_model_info(root)
     assert [(d.in_features, d.out_features) for d in info.dense] == [(32, 64), (64, 24)]
-    assert [d.activation for d in info.dense] == ["identity", "identity"]
+    # No activation_function saved: sentence-transformers' Dense default, Tanh.
+    assert [d.activation for d in info.dense] == ["tanh", "identity"]
     assert info.embedding_dim == 24
     assert not info.has_normalize
+
+
+def test_dense_activations_as_sentence_transformers_loads_them(tmp_path: Path) -> None:
+    # Dense.load: no activation_function is its default (Tanh); a path outside torch is not
+    # imported without trust_remote_code (Tanh again, with a warning), with it it is the
+    # repository's code: either way not the class its last name suggests, so it is refused.
+    from sentence_transformers.sentence_transformer.modules import Dense
+
+    stack = [*STACK[:2], ("Dense", "2_Dense")]
+    files = {"1_Pooling/config.json": classic_pooling("mean_tokens")}
+    root = model_dir(tmp_path / "default", modules=stack,
+                     files=files | {"2_Dense/config.json": dense(32, 8)})
+    Dense(32, 8).save_torch_weights(str(root / "2_Dense"))
+    assert type(Dense.load(str(root / "2_Dense")).activation_function).__name__ == "Tanh"
+    assert load_model_info(root).dense[0].activation == "tanh"
+    root = model_dir(tmp_path / "foreign", modules=stack, files=files | {
+        "2_Dense/config.json": dense(32, 8, "my_package.activations.Identity")})
+    with pytest.raises(ConfigError, match=r"my_package\.activations\.Identity"):
+        load_model_info(root)
 
 
 def test_modules_run_in_the_lists_order_whatever_their_idx(tmp_path: Path) -> None:
