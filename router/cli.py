@@ -117,7 +117,7 @@ def build_info(config: ServerConfig, model: ResolvedModel, info: ModelInfo, dtyp
         # Empty when an image was built without --build-arg GIT_SHA / DOCKER_LABEL: unknown.
         sha=os.environ.get("EMBEDSERVE_GIT_SHA") or None,
         docker_label=os.environ.get("DOCKER_LABEL") or None,
-        embedding_dimension=info.embedding_dim if info.kind == "embedding" else None,
+        embedding_dimension=info.output_dim if info.kind == "embedding" else None,
         normalize_module=info.has_normalize,
         dense_modules=[Path(d.path).name for d in info.dense],
         prompts=info.prompts,
@@ -182,6 +182,7 @@ async def run(config: ServerConfig) -> None:
         service = InferenceService(
             rules=rules,
             embedding_dim=info.embedding_dim,
+            output_dim=info.output_dim,
             max_concurrent_requests=config.max_concurrent_requests,
             max_batch_tokens=config.max_batch_tokens,
             max_batch_requests=config.max_batch_requests,

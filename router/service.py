@@ -66,9 +66,13 @@ class InferenceService:
         queries: QueryVectors | None = None,
         lexical: bool = False,
         csr: bool = False,
+        output_dim: int | None = None,
     ) -> None:
         self.rules = rules
         self.embedding_dim = embedding_dim
+        # The width a request without `dimensions` gets (the model's truncate_dim, if it sets
+        # one); `dimensions` may still ask for any width up to embedding_dim, as encode's may.
+        self.output_dim = embedding_dim if output_dim is None else output_dim
         self.auto_truncate = auto_truncate
         self.position_offset = position_offset
         self.model_kind = model_kind
@@ -289,6 +293,8 @@ class InferenceService:
         with self.refusals_counted():
             check_dimensions(dimensions, self.embedding_dim)
             inputs = as_input_list(request.inputs)
+        if dimensions is None and self.output_dim < self.embedding_dim:
+            dimensions = self.output_dim
         outcome = await self.run(
             inputs, OutputKind.SPARSE if sparse else OutputKind.POOLED,
             truncate=request.truncate, direction=request.truncation_direction,

@@ -120,6 +120,9 @@ class ModelInfo(msgspec.Struct, frozen=True):
     lexical: LexicalWeights | None = None
     # A CSR SparseEncoder's SparseAutoEncoder: its vectors are the pooled embedding's sparse code.
     csr: CsrSpec | None = None
+    # config_sentence_transformers.json's truncate_dim: SentenceTransformer.encode cuts its
+    # vectors to this many dimensions unless asked for another width (output_dim).
+    truncate_dim: int | None = None
 
     @property
     def length_unlimited(self) -> bool:
@@ -154,6 +157,14 @@ class ModelInfo(msgspec.Struct, frozen=True):
         if self.csr is not None:
             return self.csr.hidden_dim
         return self.dense[-1].out_features if self.dense else self.hidden_size
+
+    @property
+    def output_dim(self) -> int:
+        """The width of the vectors served by default (SentenceTransformer's
+        get_embedding_dimension): embedding_dim, cut to truncate_dim when the model sets one."""
+        if self.truncate_dim is None:
+            return self.embedding_dim
+        return min(self.embedding_dim, self.truncate_dim)
 
     @property
     def tokenizer_path(self) -> Path:
@@ -352,6 +363,15 @@ def load_model_info(
             f"{default_prompt_name!r} is not one of the prompts {sorted(prompts)}"
         )
 
+    truncate_dim = st_config.get("truncate_dim")
+    if model_kind != "embedding" or pooling == "splade" or csr is not None:
+        truncate_dim = None  # (SentenceTransformer's setting: sparse encoders have none)
+    elif truncate_dim is not None and (
+            isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int)
+            or truncate_dim <= 0):
+        raise ConfigError(f"{root}/config_sentence_transformers.json: truncate_dim "
+                          f"{truncate_dim!r} is not a positive integer")
+
     hidden_size = config_value(config, _HIDDEN_SIZE_KEYS)
     if hidden_size <= 0:
         raise ConfigError(f"{root}/config.json: no hidden_size")
@@ -407,4 +427,5 @@ def load_model_info(
                  if model_kind == "embedding" and pooling != "splade" and csr is None
                  and not static_dir else None),
         csr=csr,
+        truncate_dim=truncate_dim,
     )

@@ -94,3 +94,28 @@ def test_dense_without_an_activation_function_is_tanh(tmp_path):
     with serve_model(model, tmp_path) as srv:
         ours = embed(srv, inputs=TEXTS)
     assert np.abs(ours - st_encode(model, TEXTS)).max() < 1e-5
+
+
+def test_truncate_dim_of_the_saved_model(tmp_path):
+    # config_sentence_transformers.json's truncate_dim: SentenceTransformer.encode gives that
+    # many dimensions unless told otherwise (Normalize runs before the cut: normalize=true is
+    # encode's normalize_embeddings=True, normalize=false the cut of the vector before it).
+    model = make_tiny_bert(tmp_path / "model", dense_out=16)
+    st_path = model / "config_sentence_transformers.json"
+    st_path.write_text(json.dumps(json.loads(st_path.read_text()) | {"truncate_dim": 8}))
+    st = sentence_transformer(model)
+    assert st.get_embedding_dimension() == 8
+    with serve_model(model, tmp_path) as srv:
+        ours = embed(srv, inputs=TEXTS)
+        raw = embed(srv, inputs=TEXTS, normalize=False)
+        wider = embed(srv, inputs=TEXTS, dimensions=12)
+        full = embed(srv, inputs=TEXTS, dimensions=16, normalize=False)
+        info = srv.client.get("/info").json()
+        openai = srv.client.post("/v1/embeddings", json={"input": TEXTS}).json()
+    assert info["embedding_dimension"] == 8
+    assert ours.shape == (len(TEXTS), 8)
+    assert np.abs(ours - st.encode(TEXTS, normalize_embeddings=True)).max() < 1e-5
+    assert np.abs(ours - np.asarray([d["embedding"] for d in openai["data"]])).max() < 1e-6
+    assert np.abs(raw - full[:, :8]).max() < 1e-6
+    assert np.abs(
+        wider - st.encode(TEXTS, truncate_dim=12, normalize_embeddings=True)).max() < 1e-5

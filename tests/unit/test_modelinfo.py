@@ -587,3 +587,19 @@ def test_roberta_without_an_integer_pad_token_id_is_refused(tmp_path: Path) -> N
     root = model_dir(tmp_path, config={"model_type": "roberta", "pad_token_id": None})
     with pytest.raises(ConfigError, match="pad_token_id"):
         load_model_info(root)
+
+
+def test_truncate_dim(tmp_path: Path) -> None:
+    # SentenceTransformer reads config_sentence_transformers.json's truncate_dim: encode's
+    # default width (get_embedding_dimension: never wider than the vectors).
+    def info(truncate_dim: Any, name: str):
+        return load_model_info(model_dir(tmp_path / name, modules=STACK, files={
+            "1_Pooling/config.json": classic_pooling("mean_tokens"),
+            "config_sentence_transformers.json": {"truncate_dim": truncate_dim}}))
+
+    assert (info(8, "cut").embedding_dim, info(8, "cut").output_dim) == (32, 8)
+    assert info(64, "wider").output_dim == 32
+    assert info(None, "none").output_dim == 32
+    for bad in (0, -1, "8", True):
+        with pytest.raises(ConfigError, match="truncate_dim"):
+            info(bad, f"bad{bad}")
