@@ -83,7 +83,8 @@ def parse_pooling_config(cfg: dict[str, Any], where: Path) -> str:
         modes = [raw] if isinstance(raw, str) else list(raw)
         names = [_ST6_POOLING_NAMES.get(str(m).lower(), str(m)) for m in modes]
     else:
-        names = [ours for key, ours in _CLASSIC_POOLING_KEYS.items() if cfg.get(key)]
+        # sentence-transformers' Pooling: with no flag set (or none written), its default mean.
+        names = [ours for key, ours in _CLASSIC_POOLING_KEYS.items() if cfg.get(key)] or ["mean"]
     if len(names) != 1:
         raise ConfigError(
             f"{where}: exactly one pooling mode is supported, found {names or 'none'}"

@@ -204,14 +204,28 @@ def test_st6_pooling_names(tmp_path: Path, mode: Any, expected: str) -> None:
     [
         classic_pooling("mean_tokens") | {"pooling_mode_cls_token": True},
         st6_pooling(["mean", "max"]),
-        classic_pooling("none"),
     ],
-    ids=["classic-two", "st6-two", "classic-none"],
+    ids=["classic-two", "st6-two"],
 )
 def test_not_exactly_one_pooling_mode_is_refused(tmp_path: Path, cfg: dict[str, Any]) -> None:
     root = model_dir(tmp_path, modules=STACK, files={"1_Pooling/config.json": cfg})
     with pytest.raises(ConfigError, match="exactly one pooling mode"):
         load_model_info(root)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [classic_pooling("none"), {"word_embedding_dimension": 32}, {"embedding_dimension": 32}],
+    ids=["classic-all-false", "classic-no-flags", "st6-no-mode"],
+)
+def test_no_pooling_mode_named_is_mean(tmp_path: Path, cfg: dict[str, Any]) -> None:
+    # sentence-transformers' Pooling: no mode set (every legacy flag false, or none written)
+    # is its default, mean.
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    root = model_dir(tmp_path, modules=STACK, files={"1_Pooling/config.json": cfg})
+    assert Pooling.load(str(root / "1_Pooling")).pooling_mode == "mean"
+    assert load_model_info(root).pooling == "mean"
 
 
 @pytest.mark.parametrize(
