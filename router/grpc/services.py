@@ -197,10 +197,9 @@ class RerankServicer(_Servicer, services.RerankServicer):
 
         async def score(request: pb.RerankStreamRequest) -> tuple[float, Timings]:
             [value], timings = await patiently(lambda: operations.rerank(
-                    self.service, self.model, request.query, [request.text],
-                    truncate=request.truncate,
-                    direction=_direction(request.truncation_direction),
-                    raw_scores=first[0].raw_scores))
+                self.service, self.model, request.query, [request.text],
+                truncate=request.truncate, direction=_direction(request.truncation_direction),
+                raw_scores=first[0].raw_scores))
             return value, timings
 
         parts = [part async for part in in_order(noting(requests), score,
