@@ -151,6 +151,9 @@ def test_dockerfile_runtime_matches_tei_and_the_server(path: Path) -> None:
     config = parse_config([*entrypoint[1:], "--model-id", "BAAI/bge-small-en-v1.5"],
                           runtime_env)
     assert config.model_id == "BAAI/bge-small-en-v1.5" and config.hostname == "0.0.0.0"
+    # A TEI deployment that sets HOSTNAME to an address (`-e HOSTNAME=::` for IPv6) is followed.
+    config = parse_config(entrypoint[1:] + cmd, {**env, "HOSTNAME": "::"})
+    assert config.hostname == "::"
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
