@@ -16,7 +16,7 @@ import os
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import msgspec
 
@@ -282,8 +282,14 @@ def _flags(f: dataclasses.Field) -> tuple[str, ...]:
     return f.metadata["flags"] or (f"--{f.name.replace('_', '-')}",)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, as clap writes it, not the whole usage above it.
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(prog: str = "embedserve") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=prog,
         description="Serve text-embedding models over TEI's HTTP API.",
         epilog="Every option can also be set by the environment variable shown; "

@@ -306,3 +306,15 @@ def test_grpc_max_parallel_stream_requests_from_teis_variable() -> None:
     assert parse(GRPC_MAX_PARALLEL_STREAM_REQUESTS="16").grpc_max_parallel_stream_requests == 16
     with pytest.raises(ConfigError, match="--grpc-max-parallel-stream-requests"):
         parse(GRPC_MAX_PARALLEL_STREAM_REQUESTS="-3")
+
+
+@pytest.mark.parametrize("argv", [["--port", "abc"], ["--pooling", "average"],
+                                  ["--unknown-tei-flag", "x"], ["--auto-truncate", "maybe"]])
+def test_a_bad_flag_is_one_line_and_status_2(argv: list[str], capsys) -> None:
+    # As clap: the error alone, not argparse's 20-line usage above it.
+    with pytest.raises(SystemExit) as done:
+        parse(*argv)
+    assert done.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("embedserve: error: ") and argv[0] in line and "--help" in line
+
