@@ -291,6 +291,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(prog: str = "embedserve") -> argparse.ArgumentParser:
     parser = _Parser(
         prog=prog,
+        # clap takes no prefix of a flag: `--json` must not become --json-output, nor a TEI flag
+        # embedserve lacks whichever of ours it begins.
+        allow_abbrev=False,
         description="Serve text-embedding models over TEI's HTTP API.",
         epilog="Every option can also be set by the environment variable shown; "
         "the flag wins. LOG_LEVEL sets the log level (default info). On Vertex AI, "

@@ -318,3 +318,11 @@ def test_a_bad_flag_is_one_line_and_status_2(argv: list[str], capsys) -> None:
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("embedserve: error: ") and argv[0] in line and "--help" in line
 
+
+@pytest.mark.parametrize("argv", [["--json"], ["--model", "org/m"], ["--max-batch-tok", "8"]])
+def test_abbreviated_flags_are_refused(argv: list[str]) -> None:
+    # clap takes no prefix of a flag; argparse's would turn a TEI flag that embedserve lacks into
+    # whichever of ours it begins.
+    with pytest.raises(SystemExit) as done:
+        parse(*argv)
+    assert done.value.code == 2
