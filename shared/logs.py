@@ -36,6 +36,9 @@ def _timestamp(record: logging.LogRecord) -> str:
             + f".{int(record.msecs):03d}Z")
 
 
+_TEI_LEVELS = {"WARNING": "WARN", "CRITICAL": "ERROR"}
+
+
 class JsonFormatter(logging.Formatter):
     def __init__(self, component: str, spans: bool = True) -> None:
         super().__init__()
@@ -45,7 +48,8 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
             "timestamp": _timestamp(record),
-            "level": record.levelname,
+            # As TEI's (tracing's) JSON names them: WARN, not WARNING; nothing above ERROR.
+            "level": _TEI_LEVELS.get(record.levelname, record.levelname),
             "target": record.name,
             "process": self.component,
             "pid": record.process,

@@ -29,7 +29,8 @@ def in_request():
 def test_json_line_outside_a_request() -> None:
     line = JsonFormatter("worker-0").format(record())
     entry = json.loads(line)
-    assert entry["level"] == "WARNING" and entry["target"] == "router.service"
+    # TEI's level names (tracing's): log shippers' filters on `level` match both servers.
+    assert entry["level"] == "WARN" and entry["target"] == "router.service"
     assert entry["message"] == "hello world" and entry["process"] == "worker-0"
     assert entry["filename"] == "/src/router/service.py" and entry["line_number"] == 42
     assert entry["timestamp"].endswith("Z") and "T" in entry["timestamp"]
@@ -77,3 +78,13 @@ def test_log_level_from_the_environment(raw: str | None, level: str) -> None:
     assert log_level(environ) == level
     # Only a name that is no level is reported (the router warns about it once).
     assert unknown_log_level(environ) == ("nonsense" if raw == "nonsense" else None)
+
+
+@pytest.mark.parametrize(("level", "name"), [(logging.DEBUG, "DEBUG"), (logging.INFO, "INFO"),
+                                             (logging.WARNING, "WARN"),
+                                             (logging.ERROR, "ERROR"),
+                                             (logging.CRITICAL, "ERROR")])
+def test_json_levels_are_teis(level: int, name: str) -> None:
+    entry = json.loads(JsonFormatter("router").format(
+        logging.LogRecord("embedserve", level, "/src/x.py", 1, "m", (), None)))
+    assert entry["level"] == name
