@@ -17,7 +17,6 @@ from opentelemetry.trace import Tracer
 from router import tasks
 from router.app import build_app, metrics_app
 from router.devices import cpu_threads_per_worker, tokenizer_processes, worker_devices
-from router.http import SendTimeout
 from router.http_server import (
     CLOSE_MIN_S,
     bind,
@@ -291,7 +290,7 @@ async def _serve(state: AppState, tracer: Tracer | None) -> None:
         else:
             assert sockets is not None
             await closed_within(
-                loop.create_task(serve_app(SendTimeout(build_app(state, tracer=tracer)),
+                loop.create_task(serve_app(build_app(state, tracer=tracer),
                                               hyper, sockets, until_stopped)),
                 drained, max(config.shutdown_grace, CLOSE_MIN_S))
     finally:

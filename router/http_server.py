@@ -17,7 +17,7 @@ from hypercorn.config import Sockets
 from hypercorn.utils import LifespanFailureError, wrap_app
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from router.http import BODY_TIMEOUT_S, SEND_TIMEOUT_S
+from router.http import BODY_TIMEOUT_S, SEND_TIMEOUT_S, SendTimeout
 from shared.config import ServerConfig
 from shared.errors import ConfigError
 
@@ -41,11 +41,13 @@ def hypercorn_config(config: ServerConfig, port: int) -> HypercornConfig:
 
 async def serve_app(app: ASGIApp, hyper: HypercornConfig, sockets: Sockets,
                        shutdown_trigger: Callable[[], Awaitable[object]]) -> None:
-    """hypercorn's `serve`, on sockets bound by `bind`."""
+    """hypercorn's `serve`, on sockets bound by `bind`, of `app` with bounded sends
+    (SendTimeout) and unread bodies dropped (UnreadBody). In that order: UnreadBody's wait for
+    an HTTP/2 upload must not count against the answer's send timeout."""
+    served = SendTimeout(UnreadBody(app))
     # hypercorn types ASGI scopes and events as TypedDicts, Starlette as plain mappings: the
     # same protocol, which the type checker cannot see.
-    await worker_serve(wrap_app(UnreadBody(app), hyper.wsgi_max_body_size,  # type: ignore[arg-type]
-                                "asgi"),
+    await worker_serve(wrap_app(served, hyper.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
                        hyper, sockets=sockets, shutdown_trigger=shutdown_trigger)
 
 

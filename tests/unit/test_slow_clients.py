@@ -60,7 +60,7 @@ def test_http1_connection_of_a_client_that_does_not_read_is_ended() -> None:
             except (ConnectionResetError, TimeoutError):
                 pass
 
-    asyncio.run(served(http.SendTimeout(answered_app(finished)), client))
+    asyncio.run(served(answered_app(finished), client))
     # What the kernels buffered came through; the rest was dropped with the connection.
     assert received < ANSWER / 2
 
@@ -87,7 +87,7 @@ def test_http2_stream_of_a_client_that_does_not_read_is_dropped() -> None:
                 if out := conn.data_to_send():
                     sock.sendall(out)
 
-    asyncio.run(served(http.SendTimeout(answered_app(finished)), client))
+    asyncio.run(served(answered_app(finished), client))
     # The app was let go (its answer freed) once the stream made no progress for the timeout.
     assert finished and finished[0] - started < TIMEOUT_S * 4
 

@@ -14,6 +14,7 @@ import h2.connection
 import h2.events
 import pytest
 
+from router import http
 from tests.fixtures.hypercorn import served
 
 # 300 chunks of 10 kB: far more than hypercorn's queue of 10 body messages to the app holds.
@@ -70,10 +71,13 @@ def test_an_answer_before_the_body_was_read_still_closes_the_connection(pieces_r
     assert seen["closed"], "the connection stayed open after the answer"
 
 
-def test_over_http2_the_connection_goes_on_serving() -> None:
+def test_over_http2_the_connection_goes_on_serving(monkeypatch: pytest.MonkeyPatch) -> None:
     """On HTTP/2 the queue that filled was the stream's, but the reading it stopped was the
     connection's: no other stream on it would be answered. And a client that uploads its
-    whole body, as clients do, must not have its DATA end the connection once answered."""
+    whole body, as clients do, must not have its DATA end the connection once answered; nor
+    may the wait for that upload count against the answer's send timeout (shortened here far
+    below the upload's time), which would drop the answer."""
+    monkeypatch.setattr(http, "SEND_TIMEOUT_S", 0.01)
     statuses: list[str] = []
 
     def client(port: int) -> None:
@@ -86,7 +90,7 @@ def test_over_http2_the_connection_goes_on_serving() -> None:
             first = conn.get_next_available_stream_id()
             conn.send_headers(first, headers)
             sock.sendall(conn.data_to_send())
-            body, ended, second = b"".join(CHUNKS), set(), None
+            body, ended, second = b"".join(CHUNKS) * 10, set(), None
             while second is None or second not in ended:
                 # Upload as far as flow control lets us; a window that stays shut is fine.
                 while body and (size := min(len(body), conn.local_flow_control_window(first),
