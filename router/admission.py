@@ -1,7 +1,8 @@
 """Admission: each pool's --max-concurrent-requests permits, and the drain at shutdown.
 
 A request holds permits for as long as it is queued, tokenized or computed; past the limit it
-is refused at once (429), as TEI does, rather than queued without bound. At shutdown the drain
+is refused at once (429), as TEI does, rather than queued without bound; a gRPC stream's
+message waits for its permits instead (`patiently`), as TEI's streams do. At shutdown the drain
 refuses new requests, waits for the admitted ones, and answers what the grace leaves with 503.
 """
 
@@ -50,7 +51,7 @@ class Admission:
         self._active = 0
         self._expired = False  # the shutdown grace ran out (drain)
         self._admitted: set[asyncio.Task] = set()  # tasks holding permits (`admitted`)
-        # Set, and replaced by a new one, each time permits come back (`returned`).
+        # Set, and replaced by a new one, each time permits come back: wakes the waiters.
         self._returned = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()

@@ -234,7 +234,6 @@ class InferenceService:
         prompt_name: str | None,
         client_inputs: int,
     ) -> Outcome:
-        started = time.perf_counter()
         if self.draining:
             raise unhealthy("the server is shutting down")
         if self._queue is None or not self.workers.any_ready:
@@ -245,6 +244,9 @@ class InferenceService:
                          else (None, resolve_prompt(prompt_name, self.rules)))
         kind = "predict" if output is OutputKind.LOGITS else "embed"
         async with self.admission.admitted(len(inputs)):
+            # After any wait for permits (a gRPC stream message's), where TEI starts its clock:
+            # the wait is neither tokenization nor part of te_request_duration.
+            started = time.perf_counter()
             self.metrics.admitted(kind, len(inputs))
             encoded, characters = await tokenize_inputs(
                 inputs,

@@ -119,3 +119,45 @@ def test_a_busy_worker_gets_requests_batched_by_the_scheduler() -> None:
     at_once, in_the_end = asyncio.run(_batches_after_one_step(in_flight=1))
     assert at_once == []
     assert [len(batch) for batch in in_the_end] == [2]
+
+
+def test_a_wait_for_permits_is_not_counted_as_tokenization(monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """A gRPC stream message that waits for its permits (`patiently`) starts its clock once
+    admitted, as TEI's does: the wait is neither tokenization time nor request duration."""
+    from router import service as service_module
+    from router.admission import patiently
+    from router.tokenization import Encoded
+
+    async def tokenize_inputs(inputs, **_):
+        return [Encoded(np.arange(3, dtype=np.int32), np.zeros(3, dtype=np.int32))], 1
+
+    monkeypatch.setattr(service_module, "tokenize_inputs", tokenize_inputs)
+
+    async def main() -> float:
+        service = _service(max_input_length=512, max_positions=512)
+        service.workers = _OneWorker(in_flight=0)  # type: ignore[assignment]
+        await service.start(1.0)
+
+        async def infer(encoded, output):
+            return [np.zeros(32, dtype=np.float32)], {}
+
+        service._infer = infer  # type: ignore[method-assign]
+        release = asyncio.Event()
+
+        async def hold_every_permit() -> None:
+            async with service.admission.admitted(8):
+                await release.wait()
+
+        holder = asyncio.ensure_future(hold_every_permit())
+        await asyncio.sleep(0)
+        waiter = asyncio.ensure_future(patiently(lambda: service.run(
+            ["x"], protocol.OutputKind.POOLED, truncate=None, direction="right")))
+        await asyncio.sleep(0.5)  # waiting for a permit all along
+        release.set()
+        outcome = await waiter
+        await holder
+        await service.stop()
+        return outcome.timings.tokenization_ms
+
+    assert asyncio.run(main()) < 250  # not the 500 ms spent waiting
