@@ -363,7 +363,9 @@ def load_model_info(
             f"{default_prompt_name!r} is not one of the prompts {sorted(prompts)}"
         )
 
-    truncate_dim = st_config.get("truncate_dim")
+    # (SentenceTransformer reads it only from its own save, with modules.json; prompts, which
+    # TEI reads from this file either way, are read either way too.)
+    truncate_dim = st_config.get("truncate_dim") if modules else None
     if model_kind != "embedding" or pooling == "splade" or csr is not None:
         truncate_dim = None  # (SentenceTransformer's setting: sparse encoders have none)
     elif truncate_dim is not None and (

@@ -617,3 +617,7 @@ def test_truncate_dim(tmp_path: Path) -> None:
     for bad in (0, -1, "8", True):
         with pytest.raises(ConfigError, match="truncate_dim"):
             info(bad, f"bad{bad}")
+    # Without modules.json sentence-transformers reads no config_sentence_transformers.json.
+    bare = load_model_info(model_dir(tmp_path / "bare", files={
+        "config_sentence_transformers.json": {"truncate_dim": 8}}), pooling_override="mean")
+    assert bare.output_dim == 32
