@@ -21,6 +21,12 @@ from shared.conversations import Conversations, read_conversations
 from shared.errors import ConfigError
 from shared.lexical import LexicalWeights, lexical_weights
 from shared.logit_score import LogitScore, parse_logit_score
+from shared.model_limits import (
+    HIDDEN_SIZE_KEYS,
+    config_value,
+    max_input_length,
+    read_truncate_dim,
+)
 from shared.sparse_autoencoder import (
     SPARSE_AUTO_ENCODER,
     CsrSpec,
@@ -58,26 +64,6 @@ log = logging.getLogger(__name__)
 # Families whose position ids start after the padding index (fairseq's convention, kept by
 # MPNet): the router adds pad_token_id + 1 to every position.
 POSITION_OFFSET_MODEL_TYPES = frozenset({"roberta", "xlm-roberta", "camembert", "mpnet"})
-# Config keys that name the hidden size and the position table length, by family spelling.
-_HIDDEN_SIZE_KEYS = ("hidden_size", "d_model", "dim", "n_embd")
-_MAX_POSITIONS_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len")
-# Families with relative positions only (no table): config.json's length (T5's n_positions) is
-# not one transformers knows as a limit, so it does not cap sentence-transformers' own.
-RELATIVE_POSITIONS_ONLY = frozenset({"t5", "mt5"})
-
-
-def config_value(config: dict[str, Any], keys: tuple[str, ...], default: int = 0) -> int:
-    """The first of `keys` that config.json sets, as an int."""
-    for key in keys:
-        if config.get(key) is not None:
-            return int(config[key])
-    return default
-
-
-def config_max_positions(config: dict[str, Any]) -> int:
-    return config_value(config, _MAX_POSITIONS_KEYS, 512)
-
-
 class ModelInfo(msgspec.Struct, frozen=True):
     """The facts of one model directory, shared by router and worker."""
 
@@ -174,27 +160,6 @@ class ModelInfo(msgspec.Struct, frozen=True):
 # The order the worker computes a sentence-transformers pipeline in (Dense may repeat).
 _PIPELINE_ORDER = {"Transformer": 0, "StaticEmbedding": 0, "Pooling": 1, "Dense": 2,
                    "Normalize": 3, "LogitScore": 4}
-
-
-def _max_input_length(
-    model_dir: Path, config: dict[str, Any], position_offset: int, st_config: dict[str, Any],
-) -> int:
-    """`st_config`: sentence_bert_config.json."""
-    max_positions = config_max_positions(config) - position_offset
-    limit = st_config.get("max_seq_length")
-    if limit is None:
-        # sentence-transformers 6 keeps the limit in tokenizer_config.json, as transformers does;
-        # without modules.json, SentenceTransformer and CrossEncoder build their Transformer
-        # around the tokenizer too, so its model_max_length is the limit there as well.
-        tok_cfg = optional_json(model_dir / "tokenizer_config.json") or {}
-        limit = tok_cfg.get("model_max_length")
-        if limit is not None and limit > 10**7:  # transformers' "no limit" sentinel
-            limit = None
-    if limit is None:
-        return max_positions
-    if config.get("model_type") in RELATIVE_POSITIONS_ONLY:
-        return int(limit)
-    return min(int(limit), max_positions)
 
 
 def load_model_info(
@@ -364,17 +329,12 @@ def load_model_info(
         )
 
     # (SentenceTransformer reads it only from its own save, with modules.json; prompts, which
-    # TEI reads from this file either way, are read either way too.)
-    truncate_dim = st_config.get("truncate_dim") if modules else None
-    if model_kind != "embedding" or pooling == "splade" or csr is not None:
-        truncate_dim = None  # (SentenceTransformer's setting: sparse encoders have none)
-    elif truncate_dim is not None and (
-            isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int)
-            or truncate_dim <= 0):
-        raise ConfigError(f"{root}/config_sentence_transformers.json: truncate_dim "
-                          f"{truncate_dim!r} is not a positive integer")
+    # TEI reads from this file either way, are read either way too.) Sparse encoders have none.
+    truncate_dim = (read_truncate_dim(st_config, root)
+                    if modules and model_kind == "embedding" and pooling != "splade"
+                    and csr is None else None)
 
-    hidden_size = config_value(config, _HIDDEN_SIZE_KEYS)
+    hidden_size = config_value(config, HIDDEN_SIZE_KEYS)
     if hidden_size <= 0:
         raise ConfigError(f"{root}/config.json: no hidden_size")
     expected_in = hidden_size
@@ -410,7 +370,7 @@ def load_model_info(
         max_input_length=(file_limit if static_dir else
                           # (without modules.json, sentence-transformers reads no
                           # sentence_bert_config.json: the tokenizer's limit holds)
-                          _max_input_length(model_dir, config, position_offset,
+                          max_input_length(model_dir, config, position_offset,
                                             transformer if modules else {})),
         position_offset=position_offset,
         pooling=pooling,

@@ -37,7 +37,7 @@ from backend_worker.models.config import refusal, required_keys
 from backend_worker.models.registry import register
 from backend_worker.rope import flat_rope_settings, rotary
 from shared.errors import ConfigError
-from shared.modelinfo import config_max_positions
+from shared.model_limits import config_max_positions
 
 WEIGHT_MAP = WeightMap(
     rules=(
