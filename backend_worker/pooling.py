@@ -41,13 +41,40 @@ def pool_last_token(
     return hidden.index_select(0, cu_seqlens[1:] - 1).float()
 
 
+def _sums(
+    hidden: torch.Tensor, cu_seqlens: torch.Tensor, lengths: torch.Tensor, weighted: bool = False
+) -> torch.Tensor:
+    """Per-sequence float32 sums of the token vectors; `weighted`: token i (from 1) times i."""
+    segments = token_sequences(cu_seqlens, hidden.shape[0])
+    values = hidden.float()
+    if weighted:
+        positions = torch.arange(hidden.shape[0], device=hidden.device) - cu_seqlens[segments]
+        values = values * (positions + 1).to(torch.float32).unsqueeze(1)
+    sums = hidden.new_zeros(lengths.shape[0], hidden.shape[1], dtype=torch.float32)
+    return sums.index_add_(0, segments, values)
+
+
 def pool_mean(
     hidden: torch.Tensor, cu_seqlens: torch.Tensor, lengths: torch.Tensor
 ) -> torch.Tensor:
-    segments = token_sequences(cu_seqlens, hidden.shape[0])
-    sums = hidden.new_zeros(lengths.shape[0], hidden.shape[1], dtype=torch.float32)
-    sums.index_add_(0, segments, hidden.float())
-    return sums / lengths.unsqueeze(1).to(torch.float32)
+    return _sums(hidden, cu_seqlens, lengths) / lengths.unsqueeze(1).to(torch.float32)
+
+
+def pool_mean_sqrt_len(
+    hidden: torch.Tensor, cu_seqlens: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
+    # sentence-transformers' mean_sqrt_len_tokens: the token sum over sqrt(length).
+    return _sums(hidden, cu_seqlens, lengths) / lengths.unsqueeze(1).to(torch.float32).sqrt()
+
+
+def pool_weighted_mean(
+    hidden: torch.Tensor, cu_seqlens: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
+    """sentence-transformers' weightedmean (SGPT's): token i of a sequence (from 1) weighs i,
+    so later tokens, which a causal model read with more context, count more. The weights are
+    positions in the sequence itself, as sentence-transformers counts them past left padding."""
+    n = lengths.unsqueeze(1).to(torch.float32)
+    return _sums(hidden, cu_seqlens, lengths, weighted=True) / (n * (n + 1) / 2)
 
 
 def pool_max(
@@ -71,6 +98,8 @@ POOLERS: dict[str, PoolFn] = {
     "mean": pool_mean,
     "max": pool_max,
     "last-token": pool_last_token,
+    "mean_sqrt_len_tokens": pool_mean_sqrt_len,
+    "weightedmean": pool_weighted_mean,
 }
 
 

@@ -21,6 +21,7 @@ from typing import Any, Literal, NoReturn
 import msgspec
 
 from shared.errors import ConfigError
+from shared.st_modules import POOLINGS
 
 Dtype = Literal["float16", "float32", "bfloat16"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
@@ -84,7 +85,7 @@ class ServerConfig:
         env="SERVED_MODEL_NAME"))
     pooling: str | None = field(default=None, metadata=_opt(
         "Override the pooling of 1_Pooling/config.json.", env="POOLING",
-        choices=("cls", "mean", "max", "last-token", "splade")))
+        choices=POOLINGS))
     max_concurrent_requests: int = field(default=512, metadata=_opt(
         "Inputs in flight at once; more are answered 429 at once.",
         env="MAX_CONCURRENT_REQUESTS", type=int))

@@ -11,8 +11,10 @@ import msgspec
 
 from shared.errors import ConfigError
 
-Pooling = Literal["cls", "mean", "max", "last-token", "splade"]
-POOLINGS: tuple[str, ...] = ("cls", "mean", "max", "last-token", "splade")
+Pooling = Literal["cls", "mean", "max", "last-token", "splade", "mean_sqrt_len_tokens",
+                  "weightedmean"]
+POOLINGS: tuple[str, ...] = ("cls", "mean", "max", "last-token", "splade",
+                             "mean_sqrt_len_tokens", "weightedmean")
 
 # Classic 1_Pooling keys and the sentence-transformers 6 `pooling_mode` names, mapped to ours.
 _CLASSIC_POOLING_KEYS = {
@@ -92,7 +94,8 @@ def parse_pooling_config(cfg: dict[str, Any], where: Path) -> str:
     if names[0] not in POOLINGS:
         raise ConfigError(
             f"{where}: pooling mode {names[0]!r} is not supported "
-            f"(supported: cls, mean, max, lasttoken); pass --pooling to override"
+            f"(supported: cls, mean, max, lasttoken, mean_sqrt_len_tokens, weightedmean); "
+            "pass --pooling to override"
         )
     if cfg.get("include_prompt", True) is False:
         raise ConfigError(

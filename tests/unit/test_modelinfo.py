@@ -229,19 +229,30 @@ def test_no_pooling_mode_named_is_mean(tmp_path: Path, cfg: dict[str, Any]) -> N
 
 
 @pytest.mark.parametrize(
-    "cfg",
-    [classic_pooling("weightedmean_tokens"), st6_pooling("mean_sqrt_len_tokens")],
-    ids=["weightedmean", "mean_sqrt_len"],
+    ("cfg", "ours"),
+    [(classic_pooling("weightedmean_tokens"), "weightedmean"),
+     (st6_pooling("weightedmean"), "weightedmean"),
+     (classic_pooling("mean_sqrt_len_tokens"), "mean_sqrt_len_tokens"),
+     (st6_pooling("mean_sqrt_len_tokens"), "mean_sqrt_len_tokens")],
+    ids=["weightedmean-classic", "weightedmean-v6", "mean_sqrt_len-classic", "mean_sqrt_len-v6"],
 )
-def test_unsupported_pooling_mode_is_refused(tmp_path: Path, cfg: dict[str, Any]) -> None:
+def test_weighted_and_sqrt_len_poolings_are_read(
+    tmp_path: Path, cfg: dict[str, Any], ours: str
+) -> None:
     root = model_dir(tmp_path, modules=STACK, files={"1_Pooling/config.json": cfg})
+    assert load_model_info(root).pooling == ours
+
+
+def test_unknown_pooling_mode_is_refused(tmp_path: Path) -> None:
+    root = model_dir(tmp_path, modules=STACK,
+                     files={"1_Pooling/config.json": st6_pooling("median")})
     with pytest.raises(ConfigError, match="--pooling"):
         load_model_info(root)
 
 
 def test_pooling_override_rescues_an_unsupported_mode(tmp_path: Path) -> None:
     root = model_dir(tmp_path, modules=STACK,
-                     files={"1_Pooling/config.json": classic_pooling("weightedmean_tokens")})
+                     files={"1_Pooling/config.json": st6_pooling("median")})
     assert load_model_info(root, pooling_override="mean").pooling == "mean"
 
 
