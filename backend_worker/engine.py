@@ -8,6 +8,7 @@ are fixed in `Engine.load`; `embed` has no per-call decisions beyond the batch's
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -221,14 +222,26 @@ class Engine:
         with torch.inference_mode():
             return self._forward(arrays)[0]
 
-    def embed(self, arrays: BatchArrays) -> np.ndarray:
-        """float32 [n, embedding_dim] for the n sequences of a packed batch (not normalised)."""
+    def embed(self, arrays: BatchArrays, pool_from: Sequence[int] = ()) -> np.ndarray:
+        """float32 [n, embedding_dim] for the n sequences of a packed batch (not normalised);
+        `pool_from`: per sequence, the leading tokens (its prompt) that pooling leaves out."""
+        starts = self._pool_starts(arrays, pool_from)
         with torch.inference_mode():
-            graphed = self.replay(arrays, self.pooler)
+            # (the graphs pool every token: a batch that leaves a prompt out runs eagerly)
+            graphed = self.replay(arrays, self.pooler) if starts is None else None
             if graphed is not None:
                 return graphed
             hidden, cu_seqlens = self._forward(arrays)
-            return self.pooler(hidden, cu_seqlens).cpu().numpy()
+            return self.pooler(hidden, cu_seqlens, starts).cpu().numpy()
+
+    def _pool_starts(self, arrays: BatchArrays, pool_from: Sequence[int]) -> torch.Tensor | None:
+        if not any(pool_from):
+            return None
+        starts = np.asarray(pool_from, dtype=np.int64)
+        lengths = np.diff(arrays.cu_seqlens)
+        if starts.shape != lengths.shape or starts.min() < 0 or (starts >= lengths).any():
+            raise ValueError("pool_from needs one start per sequence, each inside it")
+        return torch.from_numpy(starts).to(self.device)
 
     def replay(self, arrays: BatchArrays, reduce: nn.Module) -> np.ndarray | None:
         """`reduce`'s rows for a batch from a captured graph, or None when no graph was

@@ -137,7 +137,7 @@ class Worker:
             served[primary](warmup_arrays(
                 self.config.max_batch_tokens, info.max_input_length,
                 engine.cost_model is protocol.CostModel.PACKED,
-            ))
+            ), [])
             # The batch alone: the router's hang yardstick (Ready.warmup_ms), capture excluded.
             self.warmup_ms = (time.perf_counter() - started) * 1e3
             log.info("warm-up with %d tokens took %.0f ms", self.config.max_batch_tokens,
@@ -193,7 +193,7 @@ class Worker:
             head = self.outputs.get(batch.outputs[0])
             if head is None:
                 raise ValueError(f"this model does not give {batch.outputs[0].name} outputs")
-            rows, dim, *arrays = head(protocol.batch_arrays(buffers))
+            rows, dim, *arrays = head(protocol.batch_arrays(buffers), batch.pool_from)
         except Exception as exc:
             # One bad batch costs only its own requests; the worker keeps serving, unless the
             # failure broke the device itself.
@@ -208,7 +208,8 @@ class Worker:
         self.send(protocol.Result(batch.batch_id, rows, dim, elapsed), *arrays)
 
 
-Head = Callable[[protocol.BatchArrays], tuple]
+# (arrays, pool_from: the Batch's leading tokens per entry that pooling leaves out)
+Head = Callable[[protocol.BatchArrays, list[int]], tuple]
 
 
 def _dense(array: np.ndarray) -> tuple:
@@ -227,14 +228,21 @@ def outputs(engine, head=None, lexical=None) -> dict[protocol.OutputKind, Head]:
     from backend_worker.lexical import run_lexical
 
     served: dict[protocol.OutputKind, Head] = (
-        {protocol.OutputKind.POOLED: lambda arrays: _dense(engine.embed(arrays))}
-        if head is None else {head.output: run_head(engine, head)}
+        {protocol.OutputKind.POOLED:
+         lambda arrays, pool_from: _dense(engine.embed(arrays, pool_from))}
+        if head is None else {head.output: _unpooled(run_head(engine, head))}
     )
     if lexical is not None:
-        served[protocol.OutputKind.SPARSE] = run_lexical(engine, lexical)
-    served[protocol.OutputKind.ALL_TOKENS] = lambda arrays: _dense(
-        engine.hidden_states(arrays).float().cpu().numpy())
+        served[protocol.OutputKind.SPARSE] = _unpooled(run_lexical(engine, lexical))
+    served[protocol.OutputKind.ALL_TOKENS] = _unpooled(lambda arrays: _dense(
+        engine.hidden_states(arrays).float().cpu().numpy()))
     return served
+
+
+def _unpooled(compute: Callable[[protocol.BatchArrays], tuple]) -> Head:
+    """An output of every token, or of a head that pools by itself: a prompt left out of the
+    Pooling module's vector is still part of these (as in sentence-transformers)."""
+    return lambda arrays, pool_from: compute(arrays)
 
 
 def main(argv: list[str] | None = None) -> int:

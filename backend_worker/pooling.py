@@ -18,7 +18,11 @@ from backend_worker.loading import DENSE_WEIGHT_MAP, checkpoint_files, load_stri
 from shared.errors import ConfigError
 from shared.st_modules import DenseSpec
 
-PoolFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (hidden [T, hidden], cu_seqlens [n + 1], lengths [n], firsts [n] or None) -> float32 [n, dim].
+# `firsts`: each sequence's first token's position in the sequence the model read, where
+# pooling starts after a prompt (None: at 0); only weighted pooling reads positions.
+PoolFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
+                  torch.Tensor]
 
 
 def token_sequences(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -30,55 +34,74 @@ def token_sequences(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
 
 
 def pool_cls(
-    hidden: torch.Tensor, cu_seqlens: torch.Tensor, lengths: torch.Tensor
+    hidden: torch.Tensor, cu_seqlens: torch.Tensor, lengths: torch.Tensor,
+    firsts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     return hidden.index_select(0, cu_seqlens[:-1]).float()
 
 
 def pool_last_token(
-    hidden: torch.Tensor, cu_seqlens: torch.Tensor, lengths: torch.Tensor
+    hidden: torch.Tensor, cu_seqlens: torch.Tensor, lengths: torch.Tensor,
+    firsts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     return hidden.index_select(0, cu_seqlens[1:] - 1).float()
 
 
 def _sums(
-    hidden: torch.Tensor, cu_seqlens: torch.Tensor, lengths: torch.Tensor, weighted: bool = False
+    hidden: torch.Tensor, cu_seqlens: torch.Tensor, lengths: torch.Tensor,
+    weighted: bool = False, firsts: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-sequence float32 sums of the token vectors; `weighted`: token i (from 1) times i."""
+    """Per-sequence float32 sums of the token vectors; `weighted`: the token at position i
+    (from 1) of the sequence the model read times i."""
     segments = token_sequences(cu_seqlens, hidden.shape[0])
     values = hidden.float()
     if weighted:
-        positions = torch.arange(hidden.shape[0], device=hidden.device) - cu_seqlens[segments]
+        positions = _positions(cu_seqlens, segments, firsts)
         values = values * (positions + 1).to(torch.float32).unsqueeze(1)
     sums = hidden.new_zeros(lengths.shape[0], hidden.shape[1], dtype=torch.float32)
     return sums.index_add_(0, segments, values)
 
 
 def pool_mean(
-    hidden: torch.Tensor, cu_seqlens: torch.Tensor, lengths: torch.Tensor
+    hidden: torch.Tensor, cu_seqlens: torch.Tensor, lengths: torch.Tensor,
+    firsts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     return _sums(hidden, cu_seqlens, lengths) / lengths.unsqueeze(1).to(torch.float32)
 
 
 def pool_mean_sqrt_len(
-    hidden: torch.Tensor, cu_seqlens: torch.Tensor, lengths: torch.Tensor
+    hidden: torch.Tensor, cu_seqlens: torch.Tensor, lengths: torch.Tensor,
+    firsts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     # sentence-transformers' mean_sqrt_len_tokens: the token sum over sqrt(length).
     return _sums(hidden, cu_seqlens, lengths) / lengths.unsqueeze(1).to(torch.float32).sqrt()
 
 
 def pool_weighted_mean(
-    hidden: torch.Tensor, cu_seqlens: torch.Tensor, lengths: torch.Tensor
+    hidden: torch.Tensor, cu_seqlens: torch.Tensor, lengths: torch.Tensor,
+    firsts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """sentence-transformers' weightedmean (SGPT's): token i of a sequence (from 1) weighs i,
     so later tokens, which a causal model read with more context, count more. The weights are
     positions in the sequence itself, as sentence-transformers counts them past left padding."""
-    n = lengths.unsqueeze(1).to(torch.float32)
-    return _sums(hidden, cu_seqlens, lengths, weighted=True) / (n * (n + 1) / 2)
+    skipped = torch.zeros_like(lengths) if firsts is None else firsts
+    last = skipped + lengths  # (the last token's position, from 1)
+    # the weights' sum: i over skipped < i <= last
+    total = (last * (last + 1) - skipped * (skipped + 1)).to(torch.float32) / 2
+    return _sums(hidden, cu_seqlens, lengths, True, firsts) / total.unsqueeze(1)
+
+
+def _positions(
+    cu_seqlens: torch.Tensor, segments: torch.Tensor, firsts: torch.Tensor | None
+) -> torch.Tensor:
+    """Each flat token's position in its sequence (counted from `firsts`, if given)."""
+    positions = torch.arange(segments.shape[0], device=segments.device) - cu_seqlens[segments]
+    return positions if firsts is None else positions + firsts[segments]
 
 
 def pool_max(
-    hidden: torch.Tensor, cu_seqlens: torch.Tensor, lengths: torch.Tensor
+    hidden: torch.Tensor, cu_seqlens: torch.Tensor, lengths: torch.Tensor,
+    firsts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     segments = token_sequences(cu_seqlens, hidden.shape[0])
     out = hidden.new_empty(lengths.shape[0], hidden.shape[1], dtype=torch.float32)
@@ -88,7 +111,8 @@ def pool_max(
 
 
 def _sparse_only(
-    hidden: torch.Tensor, cu_seqlens: torch.Tensor, lengths: torch.Tensor
+    hidden: torch.Tensor, cu_seqlens: torch.Tensor, lengths: torch.Tensor,
+    firsts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     raise RuntimeError("splade pooling gives sparse vectors: use the SPARSE output (heads.py)")
 
@@ -152,10 +176,19 @@ class Pooler(nn.Module):
             assert isinstance(layer, DenseLayer)
             load_strict(layer.linear, checkpoint_files(spec.path), DENSE_WEIGHT_MAP)
 
-    def forward(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        """hidden [T, hidden] (any float dtype), cu_seqlens int64 [n + 1] -> float32 [n, dim]."""
+    def forward(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor,
+                starts: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [T, hidden] (any float dtype), cu_seqlens int64 [n + 1] -> float32 [n, dim].
+        `starts` (int64 [n], each below its sequence's length): pooling leaves out each
+        sequence's tokens before it (a prompt), as sentence-transformers' include_prompt=false
+        masks them: CLS is then the first token after the prompt."""
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        x = self._pool(hidden, cu_seqlens, lengths)
+        if starts is not None:
+            segments = token_sequences(cu_seqlens, hidden.shape[0])
+            kept = _positions(cu_seqlens, segments, None) >= starts[segments]
+            hidden, lengths = hidden[kept], lengths - starts
+            cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
+        x = self._pool(hidden, cu_seqlens, lengths, starts)
         for layer in self.dense:
             x = layer(x)
         return x

@@ -144,6 +144,7 @@ async def run(config: ServerConfig) -> None:
         default_prompt=default_prompt(info, config),
         # The file's truncation, where it (not the batch budget) is the limit.
         truncation_side=info.truncation_side if limit == info.max_input_length else None,
+        exclude_prompt=not info.include_prompt,
     )
     log.info("serving %s from %s: max input length %d, pooling %s", model.model_id, model.path,
              rules.max_input_length, info.pooling)

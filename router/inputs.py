@@ -33,6 +33,9 @@ class InputRules:
     # The side every cut is made on, whatever a request asks (a static model whose tokenizer
     # file's truncation is the limit: StaticEmbedding cuts there on the file's side).
     truncation_side: str | None = None
+    # The model's Pooling leaves the prompt's tokens out (sentence-transformers'
+    # include_prompt=false): each prompted text says where its pooling starts.
+    exclude_prompt: bool = False
 
 
 def as_input_list(inputs: str | list) -> list[str | list[int]]:
@@ -223,8 +226,11 @@ async def tokenize_inputs(
         # (what sentence-transformers' CrossEncoder does with its default prompt); an empty
         # prompt is none, as there (a system message, even empty, changes the render).
         system = (prompt or None) if tokenizers.conversations else None
+        # (sentence-transformers tracks the prompt only of plain texts, not of conversations)
+        excluded = (prompt if rules.exclude_prompt and system is None
+                    and not any(isinstance(t, tuple) for t in texts) else None)
         encodings = await tokenizers.encode(texts, max_length, direction, system,
-                                            special_tokens)
+                                            special_tokens, excluded)
         for index, enc in zip(text_slots, encodings, strict=True):
             if enc.ids.shape[0] > rules.max_input_length:
                 raise _too_long(enc.ids.shape[0], rules, index)

@@ -44,6 +44,7 @@ class Entry:
     position_offset: int
     output: OutputKind
     future: asyncio.Future
+    pool_from: int = 0  # leading tokens its pooling leaves out (an excluded prompt)
     enqueued_at: float = field(default_factory=time.perf_counter)
     dispatched_at: float = 0.0
     batch: Dispatch | None = None  # set with dispatched_at

@@ -324,7 +324,7 @@ class InferenceService:
         request_id = next(self._request_ids)
         entries = [
             Entry(request_id, enc.ids, enc.type_ids, self.position_offset, output,
-                  loop.create_future())
+                  loop.create_future(), enc.pool_from)
             for enc in encoded
         ]
         for entry in entries:

@@ -23,6 +23,7 @@ import msgspec
 import numpy as np
 
 from router.chat_template import ChatFormatter
+from router.prompt_exclusion import prompt_starts
 from router.schemas import TokenInfo
 from router.static_tokens import StaticTokens
 from shared.conversations import Conversations
@@ -48,6 +49,7 @@ STALL_S_PER_MB = 10.0
 class Encoded(NamedTuple):
     ids: np.ndarray  # int32
     type_ids: np.ndarray  # int32
+    pool_from: int = 0  # leading tokens pooling leaves out (router/prompt_exclusion.py)
 
 
 class Outcome(NamedTuple):
@@ -98,9 +100,11 @@ def _init(tokenizer_path: str, lowercase: bool, model_type: str,
 
 
 def _encode(texts: list[str | tuple[str, str]], max_length: int | None,
-            direction: str, system: str | None = None, special_tokens: bool = True) -> Outcome:
+            direction: str, system: str | None = None, special_tokens: bool = True,
+            excluded_prompt: str | None = None) -> Outcome:
     """Texts or pairs with special tokens unless `special_tokens` is false (or, for a model
-    that takes conversations, each as its conversation after the `system` prompt)."""
+    that takes conversations, each as its conversation after the `system` prompt); texts
+    that start with `excluded_prompt` are pooled from after it."""
     assert _tokenizer is not None, "pool process not initialised"
     try:
         if _static is not None:  # no special tokens; an input without tokens: the empty bag
@@ -115,11 +119,15 @@ def _encode(texts: list[str | tuple[str, str]], max_length: int | None,
             else:
                 _tokenizer.enable_truncation(max_length, direction=direction)
             encodings = _tokenizer.encode_batch(texts, add_special_tokens=special_tokens)
+        starts = (prompt_starts(_tokenizer, excluded_prompt, encodings, direction,
+                                special_tokens)
+                  if excluded_prompt and _chat is None else [0] * len(encodings))
     except Exception as exc:  # the tokenizer's (and the template's) failures are the client's
         return Outcome(None, str(exc))
     return Outcome([
-        Encoded(np.asarray(e.ids, dtype=np.int32), np.asarray(e.type_ids, dtype=np.int32))
-        for e in encodings
+        Encoded(np.asarray(e.ids, dtype=np.int32), np.asarray(e.type_ids, dtype=np.int32),
+                start)
+        for e, start in zip(encodings, starts, strict=True)
     ])
 
 
@@ -295,13 +303,15 @@ class TokenizerPool:
     async def encode(
         self, texts: list[str | tuple[str, str]], max_length: int | None, direction: str,
         system: str | None = None, special_tokens: bool = True,
+        excluded_prompt: str | None = None,
     ) -> list[Encoded]:
         """Tokenize texts or text pairs, with special tokens unless `special_tokens` is false;
         truncate to `max_length` on `direction` if given (pairs: the longest member first, as
         transformers does). With `conversations`, each is written as one, after the `system`
-        prompt if given."""
+        prompt if given. Texts (not pairs) that begin with `excluded_prompt` say where their
+        pooling starts, after it."""
         characters = sum(len(t) if isinstance(t, str) else len(t[0]) + len(t[1]) for t in texts)
-        args = (texts, max_length, direction, system, special_tokens)
+        args = (texts, max_length, direction, system, special_tokens, excluded_prompt)
         if characters <= INLINE_CHARACTERS and _tokenizer is not None:
             # A short request tokenizes in tens of microseconds: cheaper here than the
             # round trip to a pool process (~0.5-1 ms), which is the latency of one query.

@@ -256,6 +256,8 @@ class WorkerPool:
             request_ids=[e.request_id for e in entries],
             outputs=[e.output for e in entries],
             max_len=int(arrays.lengths.max()),
+            pool_from=([e.pool_from for e in entries]
+                       if any(e.pool_from for e in entries) else []),
         )
         tokens = int(arrays.cu_seqlens[-1])
         dispatch = Dispatch(worker.id, batch_id, len(entries), tokens)

@@ -16,6 +16,20 @@ _MAX_POSITIONS_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len")
 # Families with relative positions only (no table): config.json's length (T5's n_positions) is
 # not one transformers knows as a limit, so it does not cap sentence-transformers' own.
 RELATIVE_POSITIONS_ONLY = frozenset({"t5", "mt5"})
+# Families whose position ids start after the padding index (fairseq's convention, kept by
+# MPNet): the router adds pad_token_id + 1 to every position.
+POSITION_OFFSET_MODEL_TYPES = frozenset({"roberta", "xlm-roberta", "camembert", "mpnet"})
+
+
+def first_position(config: dict[str, Any], model_type: str, root: Path) -> int:
+    """The position id of a sequence's first token (what the router adds to 0, 1, ...)."""
+    if model_type not in POSITION_OFFSET_MODEL_TYPES:
+        return 0
+    pad = config.get("pad_token_id", 1)  # transformers' default for these families
+    if not isinstance(pad, int):
+        raise ConfigError(f"{root}/config.json: {model_type} needs an integer pad_token_id "
+                          f"(position ids start after it), found {pad!r}")
+    return pad + 1
 
 
 def config_value(config: dict[str, Any], keys: tuple[str, ...], default: int = 0) -> int:

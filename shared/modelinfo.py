@@ -24,6 +24,7 @@ from shared.logit_score import LogitScore, parse_logit_score
 from shared.model_limits import (
     HIDDEN_SIZE_KEYS,
     config_value,
+    first_position,
     max_input_length,
     read_truncate_dim,
 )
@@ -61,9 +62,6 @@ from shared.static_embedding import (
 
 log = logging.getLogger(__name__)
 
-# Families whose position ids start after the padding index (fairseq's convention, kept by
-# MPNet): the router adds pad_token_id + 1 to every position.
-POSITION_OFFSET_MODEL_TYPES = frozenset({"roberta", "xlm-roberta", "camembert", "mpnet"})
 class ModelInfo(msgspec.Struct, frozen=True):
     """The facts of one model directory, shared by router and worker."""
 
@@ -109,6 +107,9 @@ class ModelInfo(msgspec.Struct, frozen=True):
     # config_sentence_transformers.json's truncate_dim: SentenceTransformer.encode cuts its
     # vectors to this many dimensions unless asked for another width (output_dim).
     truncate_dim: int | None = None
+    # The Pooling module counts the prompt's tokens (include_prompt); false: pooling starts
+    # after them (router/prompt_exclusion.py).
+    include_prompt: bool = True
 
     @property
     def length_unlimited(self) -> bool:
@@ -198,15 +199,10 @@ def load_model_info(
         raise ConfigError(f"{model_dir}: tokenizer.json not found (a fast tokenizer is "
                           f"required){hint}")
     model_type = str(config.get("model_type", ""))
-    position_offset = 0
-    if model_type in POSITION_OFFSET_MODEL_TYPES:
-        pad = config.get("pad_token_id", 1)  # transformers' default for these families
-        if not isinstance(pad, int):
-            raise ConfigError(f"{root}/config.json: {model_type} needs an integer pad_token_id "
-                              f"(position ids start after it), found {pad!r}")
-        position_offset = pad + 1
+    position_offset = first_position(config, model_type, root)
 
     pooling: str | None = None
+    include_prompt = True
     dense: list[DenseSpec] = []
     has_normalize = False
     logit_score: LogitScore | None = None
@@ -246,8 +242,10 @@ def load_model_info(
         if kind in ("StaticEmbedding", ROUTER):
             continue  # (static_module_dir placed it first; parse_router read the Router)
         if kind == "Pooling":
-            if pooling_override is None:  # an override replaces the file, even one we refuse
-                pooling = parse_pooling_config(read_json(path / "config.json"), path)
+            pooling_cfg = read_json(path / "config.json")
+            include_prompt = pooling_cfg.get("include_prompt", True) is not False
+            if pooling_override is None:  # an override replaces the mode, even one we refuse
+                pooling = parse_pooling_config(pooling_cfg, path)
         elif kind == SPLADE_POOLING:
             splade_spec = parse_splade_pooling(path, st_file)
             if pooling_override is None:
@@ -264,6 +262,9 @@ def load_model_info(
             on_sentence_embedding(optional_json(path / "config.json") or {}, path, kind)
             has_normalize = True
         elif kind == SPARSE_AUTO_ENCODER:  # (csr_pipeline placed it: last, after Pooling)
+            if not include_prompt:  # (the head pools by itself: no prompt exclusion there)
+                raise ConfigError(f"{path}: a SparseAutoEncoder after a Pooling with "
+                                  "include_prompt=false is not supported")
             csr = parse_sparse_autoencoder(path, st_file, l2_first=has_normalize)
         else:
             raise ConfigError(
@@ -390,4 +391,5 @@ def load_model_info(
                  and not static_dir else None),
         csr=csr,
         truncate_dim=truncate_dim,
+        include_prompt=include_prompt,
     )

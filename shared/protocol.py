@@ -63,6 +63,8 @@ class Batch(_Message, tag="batch"):
     request_ids: list[int]
     outputs: list[OutputKind]
     max_len: int
+    # Per entry, the leading tokens (a prompt) its pooling leaves out; empty: none anywhere.
+    pool_from: list[int] = []
 
 
 class Result(_Message, tag="result"):

@@ -97,11 +97,6 @@ def parse_pooling_config(cfg: dict[str, Any], where: Path) -> str:
             f"(supported: cls, mean, max, lasttoken, mean_sqrt_len_tokens, weightedmean); "
             "pass --pooling to override"
         )
-    if cfg.get("include_prompt", True) is False:
-        raise ConfigError(
-            f"{where}: include_prompt=false (prompt tokens excluded from pooling) is not "
-            "supported yet"
-        )
     return names[0]
 
 

@@ -2,7 +2,7 @@
 
 The encoder is BERT's, layer for layer; what differs is around it:
 - positions start after the padding index (fairseq's convention): position ids are
-  pad_token_id + 1 + i, which the router adds (shared/modelinfo.py POSITION_OFFSET_MODEL_TYPES),
+  pad_token_id + 1 + i, which the router adds (shared/model_limits.py POSITION_OFFSET_MODEL_TYPES),
   so the position table has pad_token_id + 1 more rows than the longest input;
 - one token type (type_vocab_size 1): the tokenizers of these families give type 0 to both
   segments of a pair;

@@ -226,8 +226,10 @@ def test_an_empty_prompt_is_no_system_message(tmp_path: Path) -> None:
     class Pool:  # the router's own tokenizer, as for a short request
         conversations = True
 
-        async def encode(self, texts, max_length, direction, system=None, special_tokens=True):
-            outcome = tokenization._encode(texts, max_length, direction, system, special_tokens)
+        async def encode(self, texts, max_length, direction, system=None, special_tokens=True,
+                         excluded_prompt=None):
+            outcome = tokenization._encode(texts, max_length, direction, system, special_tokens,
+                                           excluded_prompt)
             assert outcome.error is None, outcome.error
             return outcome.value
 

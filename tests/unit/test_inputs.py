@@ -42,7 +42,8 @@ class FakeTokenizers:
 
     async def encode(self, texts: list[str], max_length: int | None,
                      direction: str, system: str | None = None,
-                     special_tokens: bool = True) -> list[Encoded]:
+                     special_tokens: bool = True,
+                     excluded_prompt: str | None = None) -> list[Encoded]:
         assert system is None, "a prompt goes in front of the text"
         self.calls.append((list(texts), max_length, direction))
         out = []
@@ -173,7 +174,8 @@ def test_a_conversation_model_gets_the_prompt_as_its_system_message() -> None:
 
         async def encode(self, texts: list, max_length: int | None, direction: str,
                          system: str | None = None,
-                         special_tokens: bool = True) -> list[Encoded]:
+                         special_tokens: bool = True,
+                         excluded_prompt: str | None = None) -> list[Encoded]:
             systems.append((list(texts), system))
             ids = np.array([CLS, SEP], dtype=np.int32)
             return [Encoded(ids, np.zeros_like(ids)) for _ in texts]
@@ -197,7 +199,8 @@ def test_a_default_prompt_goes_before_the_query_of_a_pair() -> None:
 
         async def encode(self, texts: list, max_length: int | None, direction: str,
                          system: str | None = None,
-                         special_tokens: bool = True) -> list[Encoded]:
+                         special_tokens: bool = True,
+                         excluded_prompt: str | None = None) -> list[Encoded]:
             seen.append(list(texts))
             ids = np.array([CLS, SEP], dtype=np.int32)
             return [Encoded(ids, np.zeros_like(ids)) for _ in texts]
@@ -335,7 +338,8 @@ def test_tokenizer_errors_propagate() -> None:
 
         async def encode(self, texts: list[str], max_length: int | None,
                          direction: str, system: str | None = None,
-                         special_tokens: bool = True) -> list[Encoded]:
+                         special_tokens: bool = True,
+                         excluded_prompt: str | None = None) -> list[Encoded]:
             raise EmbedServeError(ErrorType.TOKENIZER, "boom")
 
     with pytest.raises(EmbedServeError) as info:

@@ -262,10 +262,17 @@ def test_pooling_override_rescues_an_unsupported_mode(tmp_path: Path) -> None:
      classic_pooling("mean_tokens", include_prompt=False)],
     ids=["st6", "classic"],
 )
-def test_include_prompt_false_is_refused(tmp_path: Path, cfg: dict[str, Any]) -> None:
+def test_include_prompt_false_is_read(tmp_path: Path, cfg: dict[str, Any]) -> None:
     root = model_dir(tmp_path, modules=STACK, files={"1_Pooling/config.json": cfg})
-    with pytest.raises(ConfigError, match="include_prompt"):
-        load_model_info(root)
+    assert load_model_info(root).include_prompt is False
+    # (kept under a --pooling override, which replaces only the mode)
+    assert load_model_info(root, pooling_override="cls").include_prompt is False
+
+
+def test_include_prompt_is_true_by_default(tmp_path: Path) -> None:
+    root = model_dir(tmp_path, modules=STACK,
+                     files={"1_Pooling/config.json": classic_pooling("mean_tokens")})
+    assert load_model_info(root).include_prompt is True
 
 
 def test_a_decision_model_is_refused_by_name(tmp_path: Path) -> None:

@@ -194,3 +194,11 @@ def test_missing_extra_or_wrong_weights_are_refused(
 def test_no_weights_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="2_SparseAutoEncoder: no weights found"):
         build_csr_head(load_model_info(csr_dir(tmp_path)), torch.device("cpu"))
+
+
+def test_a_pooling_that_leaves_the_prompt_out_is_refused(tmp_path: Path) -> None:
+    """The CSR head pools for itself, without the prompt exclusion the Pooler applies."""
+    root = csr_dir(tmp_path, extra={"1_Pooling/config.json":
+                                    st6_pooling("mean", include_prompt=False)})
+    with pytest.raises(ConfigError, match="include_prompt"):
+        load_model_info(root)

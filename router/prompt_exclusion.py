@@ -1,0 +1,49 @@
+"""Where pooling starts in each input, for a model whose Pooling leaves its prompt out
+(sentence-transformers' `include_prompt: false`, INSTRUCTOR-style models).
+
+sentence-transformers measures the prompt once, by tokenizing it alone: its token count, less
+a trailing special token (the [SEP] / EOS the text's own encoding has at its end instead), is
+how many leading tokens of every prompted input its Pooling masks. The count is taken as it
+is, not matched against the input's tokens, because that is what gives its numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Per process (pool processes and the router each hold one tokenizer): prompt -> (leading
+# special tokens, prompt tokens in all).
+_measured: dict[tuple[str, bool], tuple[int, int]] = {}
+
+
+def _measure(tokenizer: Any, prompt: str, special_tokens: bool) -> tuple[int, int]:
+    key = (prompt, special_tokens)
+    if key not in _measured:
+        tokenizer.no_truncation()
+        encoding = tokenizer.encode(prompt, add_special_tokens=special_tokens)
+        mask = encoding.special_tokens_mask
+        count = len(mask) - (1 if mask and mask[-1] else 0)
+        leading = next((i for i, special in enumerate(mask) if not special), len(mask))
+        _measured[key] = (min(leading, count), count)
+    return _measured[key]
+
+
+def prompt_starts(tokenizer: Any, prompt: str, encodings: list[Any], direction: str,
+                  special_tokens: bool = True) -> list[int]:
+    """For each encoding of a prompted text, the index of the first token pooling counts.
+
+    A cut on the left (`truncate_direction: left`) takes the prompt's tokens first, so fewer
+    of them are left to skip; the cut is read from the encoding's overflowing pieces, each of
+    which carries the special tokens again. At least the last token is always pooled: a text
+    cut down to its prompt (or a prompt with no text after it) still gets a vector, where
+    sentence-transformers would pool nothing."""
+    leading, count = _measure(tokenizer, prompt, special_tokens)
+    added = tokenizer.num_special_tokens_to_add(False) if special_tokens else 0
+    starts = []
+    for encoding in encodings:
+        skip = count
+        if direction == "left" and encoding.overflowing:
+            cut = sum(len(piece.ids) - added for piece in encoding.overflowing)
+            skip = leading + max(0, count - leading - cut)
+        starts.append(min(skip, len(encoding.ids) - 1))
+    return starts

