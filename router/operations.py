@@ -218,4 +218,5 @@ def combined(timings: Sequence[Timings]) -> Timings:
         tokenization_ms=sum(t.tokenization_ms for t in timings) / count,
         queue_ms=sum(t.queue_ms for t in timings) / count,
         inference_ms=sum(t.inference_ms for t in timings) / count,
+        admitted_at=min(t.admitted_at for t in timings),
     )

@@ -19,6 +19,9 @@ class Timings:
     tokenization_ms: float
     queue_ms: float
     inference_ms: float
+    # perf_counter() once admitted (after any wait for permits): where TEI's gRPC total_time
+    # starts, so a stream message's wait for other clients' permits is not in it.
+    admitted_at: float
 
 
 @dataclass(frozen=True)

@@ -281,6 +281,7 @@ class InferenceService:
             queue_ms=sum(e.dispatched_at - e.enqueued_at for e in entries) / count * 1e3,
             inference_ms=(sum(f - e.dispatched_at for e, f in entries.items()) / count
                           if entries else done - tokenized) * 1e3,
+            admitted_at=started,
         ))
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:

@@ -46,10 +46,13 @@ def _ns(milliseconds: float) -> int:
     return round(milliseconds * 1e6)
 
 
-def metadata(timings: Timings, started: float) -> pb.Metadata:
+def metadata(timings: Timings, started: float | None = None) -> pb.Metadata:
+    """The reply's Metadata; total_time_ns from `started`, else from the admission (TEI's
+    clock starts after the permit, which a stream's message may have waited for)."""
+    since = timings.admitted_at if started is None else started
     return pb.Metadata(
         compute_chars=timings.characters, compute_tokens=timings.tokens,
-        total_time_ns=round((time.perf_counter() - started) * 1e9),
+        total_time_ns=round((time.perf_counter() - since) * 1e9),
         tokenization_time_ns=_ns(timings.tokenization_ms), queue_time_ns=_ns(timings.queue_ms),
         inference_time_ns=_ns(timings.inference_ms))
 
@@ -87,16 +90,14 @@ class InfoServicer(_Servicer, services.InfoServicer):
 
 class EmbedServicer(_Servicer, services.EmbedServicer):
     async def embed(self, request: pb.EmbedRequest) -> pb.EmbedResponse:
-        started = time.perf_counter()
         result = await self.service.embed(EmbedRequest(
             inputs=request.inputs, truncate=request.truncate, normalize=request.normalize,
             truncation_direction=_direction(request.truncation_direction),
             prompt_name=_prompt_name(request)))
         return pb.EmbedResponse(embeddings=result.vectors[0].tolist(),
-                                metadata=metadata(result.timings, started))
+                                metadata=metadata(result.timings))
 
     async def embed_sparse(self, request: pb.EmbedSparseRequest) -> pb.EmbedSparseResponse:
-        started = time.perf_counter()
         outcome = await operations.embed_sparse(
             self.service, request.inputs, truncate=request.truncate,
             direction=_direction(request.truncation_direction),
@@ -105,10 +106,9 @@ class EmbedServicer(_Servicer, services.EmbedServicer):
         return pb.EmbedSparseResponse(
             sparse_embeddings=[pb.SparseValue(index=i, value=v)
                                for i, v in zip(indices.tolist(), values.tolist(), strict=True)],
-            metadata=metadata(outcome.timings, started))
+            metadata=metadata(outcome.timings))
 
     async def embed_all(self, request: pb.EmbedAllRequest) -> pb.EmbedAllResponse:
-        started = time.perf_counter()
         outcome = await operations.embed_all(
             self.service, request.inputs, truncate=request.truncate,
             direction=_direction(request.truncation_direction),
@@ -116,7 +116,7 @@ class EmbedServicer(_Servicer, services.EmbedServicer):
         return pb.EmbedAllResponse(
             token_embeddings=[pb.TokenEmbedding(embeddings=row)
                               for row in outcome.rows[0].tolist()],
-            metadata=metadata(outcome.timings, started))
+            metadata=metadata(outcome.timings))
 
     Embed = unary(embed)
     EmbedStream = streaming(embed)
@@ -128,13 +128,12 @@ class EmbedServicer(_Servicer, services.EmbedServicer):
 
 class PredictServicer(_Servicer, services.PredictServicer):
     async def _classify(self, inputs: str | list[str], request) -> pb.PredictResponse:
-        started = time.perf_counter()
         [ranked], timings = await operations.classify(
             self.service, self.model, inputs, truncate=request.truncate,
             direction=_direction(request.truncation_direction), raw_scores=request.raw_scores)
         return pb.PredictResponse(
             predictions=[pb.Prediction(score=score, label=label) for score, label in ranked],
-            metadata=metadata(timings, started))
+            metadata=metadata(timings))
 
     async def predict(self, request: pb.PredictRequest) -> pb.PredictResponse:
         return await self._classify(request.inputs, request)
@@ -160,6 +159,8 @@ class RerankServicer(_Servicer, services.RerankServicer):
                 for i in operations.best_first(scores)]
 
     async def rerank(self, request: pb.RerankRequest) -> pb.RerankResponse:
+        # From the call, as TEI's Rerank and RerankStream time theirs (their texts' permits
+        # are waited for inside).
         started = time.perf_counter()
         texts = list(request.texts)
         scores, timings = await operations.rerank(

@@ -77,7 +77,7 @@ def test_schemas_carry_fields_types_and_defaults() -> None:
 
 
 def test_timing_headers_are_those_the_routes_send() -> None:
-    sent = timing_headers(Timings(1, 1, 0.0, 0.0, 0.0), time.perf_counter(), "cpu")
+    sent = timing_headers(Timings(1, 1, 0.0, 0.0, 0.0, 0.0), time.perf_counter(), "cpu")
     assert list(sent) == list(TIMING_HEADERS)
 
 
