@@ -66,7 +66,7 @@ def routes(state: AppState) -> list[Endpoint]:
     async def embeddings(request: Request) -> Response:
         started = time.perf_counter()
         body = await read_json(request, OpenAIEmbedRequest, limit)
-        with service.refusals_counted():
+        with service.refusals_counted(), fields_named(openai_names(body)):
             if body.late_chunking:
                 raise validation("`late_chunking` is not supported: each input is embedded "
                                  "on its own")

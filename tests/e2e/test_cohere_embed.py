@@ -306,6 +306,17 @@ def test_openai_refusals_name_openai_fields(srv, sent, field: str) -> None:
     assert tei_route.json()["error"] == "Input validation error: `inputs` cannot be empty"
 
 
+@pytest.mark.parametrize(("sent", "message"), [
+    ([], "Input validation error: `input` cannot be empty"),
+    ([1, "a"], "`input` must be a text, a list of token ids, or a list of texts and token-id")])
+def test_openai_refusals_with_a_task_name_openai_fields(srv, sent, message: str) -> None:
+    # A task whose prompt applies reads the inputs before the service does: its refusals must
+    # still say `input`, the field the client sent.
+    response = srv.client.post("/v1/embeddings", json={"input": sent, "task": "retrieval.query"})
+    assert response.status_code in (400, 422), response.text
+    assert response.json()["error"]["message"].startswith(message)
+
+
 @pytest.mark.parametrize("kind", ["binary", "ubinary"])
 def test_jina_packed_embedding_types(srv, kind: str) -> None:
     response = srv.client.post("/v1/embeddings", json={"input": TEXTS, "embedding_type": kind})
