@@ -216,7 +216,8 @@ class CohereRerankRequest(msgspec.Struct, kw_only=True):
     # whole, other fields included, with `return_documents`, as Cohere returns them.
     documents: list[str | dict[str, Any]]
     top_n: int | None = None
-    return_documents: bool = False
+    # null, as Cohere's SDK sends an option passed as None, is the default: false.
+    return_documents: bool | None = None
     model: str | None = None
     # Cohere's: each document is cut to its first this many tokens before it is scored (their
     # default, 4096, is past most re-rankers' own limit, where --auto-truncate, on by default,

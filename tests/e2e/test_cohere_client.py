@@ -77,6 +77,9 @@ def test_v1_rerank(reranker) -> None:
     same = client.rerank(query=QUERY, documents=[{"text": d, "title": "t"} for d in DOCS],
                          rank_fields=["text"], max_chunks_per_doc=1)
     assert pairs(same) == expected
+    # The SDK sends an option passed as None as a null, which Cohere's API reads as its default.
+    nulled = client.rerank(query=QUERY, documents=DOCS, return_documents=None)
+    assert pairs(nulled) == expected and all(r.document is None for r in nulled.results)
 
 
 def test_objects_come_back_whole_and_need_a_text(reranker) -> None:
