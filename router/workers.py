@@ -212,11 +212,18 @@ class WorkerPool:
                     continue
                 silent = now - worker.last_seen
                 if silent > self._silence_limit(worker):
-                    worker.kill_reason = (f"hung: silent for {silent:.1f} s"
-                                          if worker.state is WorkerState.READY
-                                          else f"not ready after {silent:.0f} s")
-                    log.error("worker %s is %s; killing it", worker.id, worker.kill_reason)
-                    worker.process.kill()
+                    self._kill(worker, f"hung: silent for {silent:.1f} s"
+                               if worker.state is WorkerState.READY
+                               else f"not ready after {silent:.0f} s")
+
+    @staticmethod
+    def _kill(worker: WorkerHandle, reason: str) -> None:
+        """SIGKILL `worker`; the pidfd then reports the death as usual, `reason` its cause."""
+        if worker.kill_reason is not None or worker.process is None:
+            return
+        worker.kill_reason = reason
+        log.error("worker %s is %s; killing it", worker.id, reason)
+        worker.process.kill()
 
     async def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM every worker (they finish what they hold), SIGKILL after `timeout`."""
@@ -296,7 +303,13 @@ class WorkerPool:
                 if worker is None:
                     log.error("message from unknown worker %r", frames[0].bytes)
                     continue
-                message, buffers = protocol.decode(frames[1:])
+                try:
+                    message, buffers = protocol.decode(frames[1:])
+                except msgspec.DecodeError as exc:
+                    # Whichever batch it answered would wait for ever: the worker goes, its
+                    # batches fail, and it is restarted; the server lives on.
+                    self._kill(worker, f"garbled: it sent an undecodable message ({exc})")
+                    continue
                 worker.last_seen = time.monotonic()
                 self._handle(worker, message, buffers)
         except Exception as exc:
@@ -311,8 +324,16 @@ class WorkerPool:
                     worker.batches_done += 1
                     worker.tokens_done += done.tokens
                     self.metrics.batch_inference.observe(message.compute_ms / 1e3)
-                    rows = protocol.result_rows(message, buffers, done.entries[0].output,
-                                                [e.length for e in done.entries])
+                    try:
+                        rows = protocol.result_rows(message, buffers, done.entries[0].output,
+                                                    [e.length for e in done.entries])
+                        if len(rows) != len(done.entries):
+                            raise ValueError(f"{len(rows)} rows for {len(done.entries)} inputs")
+                    except ValueError as exc:  # its own batch's loss, not the server's
+                        self._fail(done.entries, f"worker {worker.id} sent a malformed "
+                                                 f"result: {exc}")
+                        self.on_change()
+                        return
                     finished = time.perf_counter()
                     for entry, row in zip(done.entries, rows, strict=True):
                         if not entry.future.done():
@@ -337,7 +358,7 @@ class WorkerPool:
                     self._first_ready.set_exception(
                         ConfigError(f"the model cannot be served: {message.message}"))
             case _:
-                raise RuntimeError(f"router got an unexpected {type(message).__name__}")
+                self._kill(worker, f"garbled: it sent a {type(message).__name__}")
         self.on_change()
 
     def _fail_in_flight(self, worker: WorkerHandle, message: str) -> None:

@@ -1,0 +1,105 @@
+"""What the router does with a worker's replies that make no sense: a malformed result fails
+its own batch, an undecodable message gets its worker killed (and restarted), and neither
+stops the server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from router import workers as workers_module
+from router.metrics import Metrics
+from router.queue import Entry
+from router.workers import WorkerPool, WorkerState
+from shared import protocol
+from shared.config import WorkerConfig
+from shared.errors import EmbedServeError
+
+
+def _pool(tmp_path) -> WorkerPool:
+    config = WorkerConfig(worker_id="0", endpoint=f"ipc://{tmp_path}/w.sock",
+                          model_dir="/nowhere", pooling=None, dense_path=None, device="cpu",
+                          dtype=None, max_batch_tokens=64, parent_pid=os.getpid(),
+                          json_output=False)
+    return WorkerPool([config], hang_timeout=60, ready_timeout=60, metrics=Metrics(64))
+
+
+async def _until(condition, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def _exchange(tmp_path, reply) -> tuple[WorkerPool, Entry]:
+    """A pool whose worker 0 (a stand-in process and DEALER) answers one batch with `reply`'s
+    frames; and the entry of that batch."""
+    pool = _pool(tmp_path)
+    loop = asyncio.get_running_loop()
+    loop.add_reader(pool._fd, pool._drain)
+    worker = pool.workers[0]
+    worker.process = subprocess.Popen(["sleep", "60"])
+    worker.pidfd = os.pidfd_open(worker.process.pid)
+    loop.add_reader(worker.pidfd, pool._on_exit, worker)
+    worker.state = WorkerState.READY
+    dealer = pool._context.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.IDENTITY, b"0")
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(worker.config.endpoint)
+    dealer.send_multipart(protocol.encode(protocol.Heartbeat()))
+    await _until(lambda: worker.last_seen > 0)  # the router knows the identity
+    ids = np.array([1, 2, 3], dtype=np.int32)
+    entry = Entry(7, ids, np.zeros(3, np.int32), 0, protocol.OutputKind.POOLED,
+                  loop.create_future())
+    pool.submit(worker, [entry])
+    header, _ = protocol.decode(dealer.recv_multipart())
+    dealer.send_multipart(reply(header))
+    await _until(entry.future.done)
+    dealer.close()
+    return pool, entry
+
+
+@pytest.fixture
+def no_shutdown(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    stopped: list[str] = []
+    monkeypatch.setattr(workers_module, "shut_down_for",
+                        lambda what, exc: stopped.append(f"{what}: {exc!r}"))
+    return stopped
+
+
+def _malformed(header: protocol.Batch) -> list:
+    # Two rows for a batch of one entry.
+    return protocol.encode(protocol.Result(header.batch_id, 2, 4, 1.0),
+                           np.zeros((2, 4), np.float32))
+
+
+def _undecodable(header: protocol.Batch) -> list:
+    return [b"\xc1 not msgpack"]
+
+
+def _unexpected(header: protocol.Batch) -> list:
+    return protocol.encode(header)  # a Batch, which only the router sends
+
+
+@pytest.mark.parametrize("reply", [_malformed, _undecodable, _unexpected])
+def test_a_garbled_reply_fails_its_batch_not_the_server(tmp_path, no_shutdown, reply) -> None:
+    async def scenario() -> None:
+        pool, entry = await _exchange(tmp_path, reply)
+        try:
+            assert no_shutdown == []
+            with pytest.raises(EmbedServeError, match="worker 0"):
+                entry.future.result()
+            assert pool.workers[0].in_flight == {}
+            if reply is not _malformed:  # its batch's answer is lost: the worker must go
+                await _until(lambda: pool.workers[0].state is WorkerState.DEAD)
+        finally:
+            pool._stopping = True
+            pool.close_now()
+
+    asyncio.run(scenario())
