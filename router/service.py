@@ -321,6 +321,10 @@ class InferenceService:
         self, encoded: list[Encoded], output: OutputKind
     ) -> tuple[list[Any], dict[Entry, float]]:
         assert self._queue is not None
+        if not self.workers.any_ready:
+            # Every worker died while this request was tokenized (or waited for permits): the
+            # queue was emptied then, and entries put now would wait for the restart.
+            raise unhealthy("no backend worker is up (the worker died and is restarting)")
         loop = asyncio.get_running_loop()
         request_id = next(self._request_ids)
         entries = [

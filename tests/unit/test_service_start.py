@@ -161,3 +161,27 @@ def test_a_wait_for_permits_is_not_counted_as_tokenization(monkeypatch: pytest.M
         return outcome.timings.tokenization_ms
 
     assert asyncio.run(main()) < 250  # not the 500 ms spent waiting
+
+
+def test_inputs_tokenized_after_the_last_worker_died_are_refused_not_queued() -> None:
+    """The pool's death notice emptied the queue while the request was tokenizing: its entries
+    must not then wait in the queue for a restart that may take long or never succeed."""
+    from router.tokenization import Encoded
+    from shared.errors import EmbedServeError
+
+    async def main() -> None:
+        service = _service(max_input_length=512, max_positions=512)
+        workers = service.workers = _OneWorker(in_flight=0)  # type: ignore[assignment]
+        await service.start(1.0)
+        workers.any_ready = workers.healthy = False  # type: ignore[misc]
+        workers.pick = lambda: None  # type: ignore[method-assign]
+        service.on_workers_changed()  # what the pool calls on the death
+        encoded = [Encoded(np.arange(5, dtype=np.int32), np.zeros(5, dtype=np.int32))]
+        try:
+            with pytest.raises(EmbedServeError, match="no backend worker"):
+                await asyncio.wait_for(service._infer(encoded, protocol.OutputKind.POOLED), 1.0)
+            assert len(service._queue or ()) == 0
+        finally:
+            await service.stop()
+
+    asyncio.run(main())
