@@ -342,6 +342,10 @@ class WorkerPool:
                 done = worker.in_flight.pop(message.batch_id, None)
                 if done is not None:
                     self._fail(done.entries, message.message)
+            case protocol.Ready() if worker.state is WorkerState.DEAD:
+                # Sent just before a death that the pidfd reported first: marked ready, the
+                # dead worker would take batches, and never be restarted.
+                log.warning("worker %s: its READY came after its death", worker.id)
             case protocol.Ready():
                 worker.state = WorkerState.READY
                 worker.ready = message

@@ -103,3 +103,41 @@ def test_a_garbled_reply_fails_its_batch_not_the_server(tmp_path, no_shutdown, r
             pool.close_now()
 
     asyncio.run(scenario())
+
+
+def test_a_ready_read_after_its_workers_death_does_not_revive_it(tmp_path, no_shutdown) -> None:
+    """A worker that says READY and dies at once: the event loop may see the death (pidfd)
+    before the READY waiting on the socket. The dead worker must stay dead, to be restarted,
+    not be marked ready (requests sent to it would fail, and the restart never come)."""
+
+    async def scenario() -> None:
+        pool = _pool(tmp_path)
+        restarted: list[str] = []
+        pool._spawn = lambda worker: restarted.append(worker.id)  # type: ignore[method-assign]
+        worker = pool.workers[0]
+        worker.process = subprocess.Popen(["sleep", "60"])
+        worker.pidfd = os.pidfd_open(worker.process.pid)
+        asyncio.get_running_loop().add_reader(worker.pidfd, pool._on_exit, worker)
+        dealer = pool._context.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.IDENTITY, b"0")
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(worker.config.endpoint)
+        ready = protocol.Ready(
+            worker_id="0", pid=worker.process.pid, device="cpu", dtype="float32",
+            hidden_size=4, embedding_dim=4, vocab_size=10, max_positions=8,
+            cost_model=protocol.CostModel.PACKED, outputs=[protocol.OutputKind.POOLED],
+            warmup_ms=1.0)
+        dealer.send_multipart(protocol.encode(ready))
+        worker.process.kill()
+        try:
+            await _until(lambda: worker.state is WorkerState.DEAD)  # the death, seen first
+            await asyncio.sleep(0.1)  # the READY reaches the router's socket
+            pool._drain()
+            assert not pool.any_ready
+            await _until(lambda: restarted == ["0"], seconds=3)
+        finally:
+            dealer.close()
+            pool._stopping = True
+            pool.close_now()
+
+    asyncio.run(scenario())
