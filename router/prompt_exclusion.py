@@ -2,7 +2,8 @@
 (sentence-transformers' `include_prompt: false`, INSTRUCTOR-style models).
 
 sentence-transformers measures the prompt once, by tokenizing it alone: its token count, less
-a trailing special token (the [SEP] / EOS the text's own encoding has at its end instead), is
+a trailing special token (the [SEP] / EOS the text's own encoding has at its end instead, or a
+special token the prompt itself ends with, as a decoder's BOS-only framing leaves it), is
 how many leading tokens of every prompted input its Pooling masks. The count is taken as it
 is, not matched against the input's tokens, because that is what gives its numbers.
 """
@@ -22,7 +23,10 @@ def _measure(tokenizer: Any, prompt: str, special_tokens: bool) -> tuple[int, in
         tokenizer.no_truncation()
         encoding = tokenizer.encode(prompt, add_special_tokens=special_tokens)
         mask = encoding.special_tokens_mask
-        count = len(mask) - (1 if mask and mask[-1] else 0)
+        # (the mask marks only the post-processor's tokens; sentence-transformers asks whether
+        # the last id is a special token's, wherever it came from)
+        special_ids = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+        count = len(mask) - (1 if mask and (mask[-1] or encoding.ids[-1] in special_ids) else 0)
         leading = next((i for i, special in enumerate(mask) if not special), len(mask))
         _measured[key] = (min(leading, count), count)
     return _measured[key]

@@ -4,6 +4,7 @@ there, for every pooling mode, equal to SentenceTransformer.encode with the prom
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -89,4 +90,34 @@ def test_prompted_and_plain_inputs_share_a_batch(model_dir):
     ours = engine.embed(pack(both), [e.pool_from for e in both])
     theirs = np.concatenate([st_vectors(model_dir, TEXTS[:2], "query"),
                              st_vectors(model_dir, TEXTS[2:], None)])
+    assert np.abs(ours - theirs).max() <= 1e-5
+
+
+def test_a_prompt_that_ends_with_a_special_token_without_a_trailing_one(tmp_path):
+    """A decoder's tokenizer that adds only a BOS: the prompt's own last token, a special one
+    (<eos> here), is what sentence-transformers leaves out of its count, where the tokenizer's
+    special_tokens_mask marks only the BOS."""
+    from sentence_transformers import SentenceTransformer
+
+    from tests.fixtures.decoders import GEMMA_STYLE, make_st_decoder, set_json
+
+    prompts = {"q": "query: <eos>"}
+    root = make_st_decoder(tmp_path / "bos", "qwen2", pooling="mean", style=GEMMA_STYLE,
+                           prompts=prompts, seed=3)
+    tok = json.loads((root / "tokenizer.json").read_text())
+    bos = {"SpecialToken": {"id": "<bos>", "type_id": 0}}
+    tok["post_processor"] = {
+        "type": "TemplateProcessing", "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<bos>": tok["post_processor"]["special_tokens"]["<bos>"]}}
+    (root / "tokenizer.json").write_text(json.dumps(tok))
+    set_json(root / "1_Pooling" / "config.json", include_prompt=False)
+    info = load_model_info(root)
+    encoded = encode(root, TEXTS, prompts["q"], info.max_input_length)
+    ours = Engine.load(info).embed(pack(encoded), [e.pool_from for e in encoded])
+    model = SentenceTransformer(str(root), device="cpu")
+    unnormalized = SentenceTransformer(modules=list(model)[:-1], prompts=prompts, device="cpu")
+    theirs = unnormalized.encode(TEXTS, prompt_name="q", convert_to_numpy=True)
+    assert [e.pool_from for e in encoded] == [7] * len(TEXTS)  # <bos> query : (not <eos>)
     assert np.abs(ours - theirs).max() <= 1e-5
