@@ -126,6 +126,17 @@ def build_info(config: ServerConfig, model: ResolvedModel, info: ModelInfo, dtyp
     )
 
 
+# SentenceTransformer leaves the prompt out of these three by their Hub names, whatever their
+# Pooling file says (they predate include_prompt).
+INSTRUCTOR_MODELS = frozenset({"hkunlp/instructor-base", "hkunlp/instructor-large",
+                               "hkunlp/instructor-xl"})
+
+
+def excludes_prompt(info: ModelInfo, model_id: str) -> bool:
+    """Whether pooling leaves each prompted text's prompt out."""
+    return not info.include_prompt or model_id in INSTRUCTOR_MODELS
+
+
 async def run(config: ServerConfig) -> None:
     _check_grpc_installed(config)
     model = resolve_model(config)
@@ -144,7 +155,7 @@ async def run(config: ServerConfig) -> None:
         default_prompt=default_prompt(info, config),
         # The file's truncation, where it (not the batch budget) is the limit.
         truncation_side=info.truncation_side if limit == info.max_input_length else None,
-        exclude_prompt=not info.include_prompt,
+        exclude_prompt=excludes_prompt(info, model.model_id),
     )
     log.info("serving %s from %s: max input length %d, pooling %s", model.model_id, model.path,
              rules.max_input_length, info.pooling)

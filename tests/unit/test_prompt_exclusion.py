@@ -66,3 +66,18 @@ def test_a_prompt_without_a_trailing_special_token_counts_whole(tokenizer):
     tokenizer.no_truncation()
     encodings = tokenizer.encode_batch([PROMPT + "a"], add_special_tokens=False)
     assert prompt_starts(tokenizer, PROMPT, encodings, "right", special_tokens=False) == [2]
+
+
+def test_instructor_models_leave_the_prompt_out_by_their_hub_name(tmp_path):
+    # As SentenceTransformer(name) does for these three, whatever their Pooling file says.
+    from router.cli import excludes_prompt
+    from shared.modelinfo import load_model_info
+    from tests.unit.test_modelinfo import STACK, classic_pooling, model_dir
+
+    root = model_dir(tmp_path, modules=STACK,
+                     files={"1_Pooling/config.json": classic_pooling("mean_tokens")})
+    info = load_model_info(root)
+    assert info.include_prompt
+    assert excludes_prompt(info, "hkunlp/instructor-large")
+    assert not excludes_prompt(info, str(root))
+    assert not excludes_prompt(info, "someone/my-instructor-large")
