@@ -342,10 +342,13 @@ class WorkerPool:
                 done = worker.in_flight.pop(message.batch_id, None)
                 if done is not None:
                     self._fail(done.entries, message.message)
-            case protocol.Ready() if worker.state is WorkerState.DEAD:
-                # Sent just before a death that the pidfd reported first: marked ready, the
-                # dead worker would take batches, and never be restarted.
-                log.warning("worker %s: its READY came after its death", worker.id)
+            case protocol.Ready() if (worker.state is WorkerState.DEAD or worker.process is None
+                                      or message.pid != worker.process.pid):
+                # Sent just before a death that the pidfd reported first (or by the process
+                # before a restart, its id being the same): marked ready, the dead worker
+                # would take batches, and never be restarted.
+                log.warning("worker %s: a READY from pid %d, which is not its live process",
+                            worker.id, message.pid)
             case protocol.Ready():
                 worker.state = WorkerState.READY
                 worker.ready = message

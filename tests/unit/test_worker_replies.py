@@ -141,3 +141,41 @@ def test_a_ready_read_after_its_workers_death_does_not_revive_it(tmp_path, no_sh
             pool.close_now()
 
     asyncio.run(scenario())
+
+
+def test_a_ready_from_the_process_before_a_restart_is_ignored(tmp_path, no_shutdown) -> None:
+    """The restarted process has the same ZeroMQ identity: a READY its predecessor sent late
+    must not mark the new one ready while it still loads."""
+
+    async def scenario() -> None:
+        pool = _pool(tmp_path)
+        worker = pool.workers[0]
+        worker.process = subprocess.Popen(["sleep", "60"])
+        worker.state = WorkerState.STARTING
+        dealer = pool._context.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.IDENTITY, b"0")
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(worker.config.endpoint)
+
+        def ready(pid: int) -> protocol.Ready:
+            return protocol.Ready(
+                worker_id="0", pid=pid, device="cpu", dtype="float32", hidden_size=4,
+                embedding_dim=4, vocab_size=10, max_positions=8,
+                cost_model=protocol.CostModel.PACKED, outputs=[protocol.OutputKind.POOLED],
+                warmup_ms=1.0)
+
+        try:
+            dealer.send_multipart(protocol.encode(ready(worker.process.pid + 100_000)))
+            await asyncio.sleep(0.1)
+            pool._drain()
+            assert worker.state is WorkerState.STARTING
+            dealer.send_multipart(protocol.encode(ready(worker.process.pid)))
+            await _until(lambda: (pool._drain(), worker.state)[1] is WorkerState.READY)
+        finally:
+            worker.process.kill()
+            worker.process.wait()
+            dealer.close()
+            pool._stopping = True
+            pool.close_now()
+
+    asyncio.run(scenario())
