@@ -163,8 +163,14 @@ def result_rows(
         offsets = np.frombuffer(buffers[0], dtype=np.int32)
         indices = np.frombuffer(buffers[1], dtype=np.int32)
         values = np.frombuffer(buffers[2], dtype=np.float32)
+        if (offsets.shape[0] != len(lengths) + 1 or offsets[0] != 0
+                or (np.diff(offsets) < 0).any()
+                or not offsets[-1] == indices.shape[0] == values.shape[0]):
+            raise ValueError("sparse Result offsets do not match its batch")
         return [(indices[a:b], values[a:b]) for a, b in itertools.pairwise(offsets.tolist())]
     array = result_array(message, buffers)
     if output is OutputKind.ALL_TOKENS:
+        if array.shape[0] != sum(lengths):
+            raise ValueError(f"{array.shape[0]} token rows for {sum(lengths)} tokens")
         return np.split(array, np.cumsum(lengths)[:-1])
     return list(array)

@@ -141,6 +141,27 @@ def test_result_array_wants_one_array_of_the_declared_shape() -> None:
         result_array(RESULT, _as_buffers(np.zeros((3, 3), dtype=np.float32)))
 
 
+def test_result_rows_match_the_batch_or_refuse() -> None:
+    """A worker's Result that does not fit its batch is a ValueError (its own batch's loss,
+    router/workers.py), never rows sliced wrong."""
+    all_tokens = Result(batch_id=1, rows=5, dim=2, compute_ms=1.0)
+    block = np.zeros((5, 2), dtype=np.float32)
+    pieces = protocol.result_rows(all_tokens, _as_buffers(block), OutputKind.ALL_TOKENS, [2, 3])
+    assert [p.shape[0] for p in pieces] == [2, 3]
+    with pytest.raises(ValueError, match="token rows"):
+        protocol.result_rows(all_tokens, _as_buffers(block), OutputKind.ALL_TOKENS, [2, 2])
+    sparse = Result(batch_id=1, rows=2, dim=10, compute_ms=1.0)
+    good = protocol.sparse_arrays([(np.array([1]), np.array([0.5])), (np.array([2, 3]),
+                                                                       np.array([1.0, 2.0]))])
+    assert len(protocol.result_rows(sparse, _as_buffers(*good), OutputKind.SPARSE, [1, 1])) == 2
+    offsets, indices, values = good
+    for bad in ([offsets[:-1], indices, values],                    # one row short
+                [offsets, indices[:-1], values[:-1]],              # fewer entries than said
+                [np.array([0, 2, 1], np.int32), indices, values]):  # not ascending
+        with pytest.raises(ValueError, match="offsets"):
+            protocol.result_rows(sparse, _as_buffers(*bad), OutputKind.SPARSE, [1, 1])
+
+
 @pytest.fixture(params=["inproc", "ipc"])
 def socket_pair(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
         tuple[zmq.Socket, zmq.Socket]]:
