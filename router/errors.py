@@ -54,6 +54,11 @@ class OpenAIErrorBody(msgspec.Struct):
 OPENAI_PATHS = frozenset({"/v1/embeddings", "/embeddings", "/v1/models", "/models"})
 
 
+def openai_shaped(path: str) -> bool:
+    """Whether errors on `path` take OpenAI's shape (its routes, and one model's, /v1/models/x)."""
+    return path in OPENAI_PATHS or path.startswith(("/v1/models/", "/models/"))
+
+
 # Seconds a client is told to wait after a 429; short, since permits free up per batch.
 RETRY_AFTER_SECONDS = "1"
 
@@ -72,7 +77,7 @@ def error_response(
         # a keep-alive client's next request fails on the closed socket.
         headers["connection"] = "close"
     status = STATUS[error.error_type]
-    if path in OPENAI_PATHS:
+    if openai_shaped(path):
         body = msgspec.json.encode(OpenAIErrorBody(
             OpenAIErrorDetail(error.message, error.error_type.value, status)))
     else:

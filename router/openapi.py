@@ -21,7 +21,7 @@ from typing import Any, NoReturn, cast
 
 import msgspec
 
-from router.errors import OPENAI_PATHS, STATUS, ErrorBody, OpenAIErrorBody
+from router.errors import STATUS, ErrorBody, OpenAIErrorBody, openai_shaped
 from router.http import is_open
 from router.routes import AppState, Endpoint
 from shared.errors import ErrorType
@@ -106,7 +106,7 @@ def _status_responses(types: Sequence[ErrorType], error_schema: dict[str, Any],
 
 
 def _operation_id(endpoint: Endpoint) -> str:
-    parts = [part for part in endpoint.path.replace("-", "_").split("/") if part]
+    parts = [part.strip("{}") for part in endpoint.doc_path.replace("-", "_").split("/") if part]
     return "_".join([endpoint.method.lower(), *(parts or ["root"])])
 
 
@@ -124,12 +124,14 @@ def _operation(endpoint: Endpoint, schemas: dict[Any, dict[str, Any]]) -> dict[s
         errors.extend(BODY_ERRORS)
     if not open_route:
         errors.append(ErrorType.UNAUTHORIZED)
-    error_schema = schemas[OpenAIErrorBody if endpoint.path in OPENAI_PATHS else ErrorBody]
+    error_schema = schemas[OpenAIErrorBody if openai_shaped(endpoint.path) else ErrorBody]
     operation: dict[str, Any] = {
         "tags": [endpoint.tag],
         "summary": endpoint.summary,
         "operationId": _operation_id(endpoint),
-        "parameters": [{"$ref": "#/components/parameters/RequestId"}],
+        "parameters": [{"$ref": "#/components/parameters/RequestId"},
+                       *({"name": name, "in": "path", "required": True,
+                          "schema": {"type": "string"}} for name in endpoint.path_parameters)],
     }
     if endpoint.request is not None:
         operation["requestBody"] = {
@@ -154,7 +156,7 @@ def document(endpoints: Sequence[Endpoint]) -> dict[str, Any]:
 
     paths: dict[str, dict[str, Any]] = {}
     for endpoint in sorted(endpoints, key=lambda e: (e.path, e.method)):
-        paths.setdefault(endpoint.path, {})[endpoint.method.lower()] = _operation(
+        paths.setdefault(endpoint.doc_path, {})[endpoint.method.lower()] = _operation(
             endpoint, schemas)
 
     headers: dict[str, Any] = {

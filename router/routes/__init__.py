@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -70,6 +71,15 @@ class Endpoint:
 
     def route(self) -> Route:
         return Route(self.path, self.handler, methods=[self.method])
+
+    @property
+    def doc_path(self) -> str:
+        """The path as OpenAPI writes it: `{model:path}` (Starlette's converter) is `{model}`."""
+        return re.sub(r"\{(\w+):\w+\}", r"{\1}", self.path)
+
+    @property
+    def path_parameters(self) -> list[str]:
+        return re.findall(r"\{(\w+)(?::\w+)?\}", self.path)
 
 
 def _ms(value: float) -> str:

@@ -21,7 +21,7 @@ from router.schemas import (
     OpenAIModelList,
     OpenAIUsage,
 )
-from shared.errors import ErrorType, Field, FieldNames, tei_names, validation
+from shared.errors import EmbedServeError, ErrorType, Field, FieldNames, tei_names, validation
 
 
 def written_as(body: OpenAIEmbedRequest) -> str:
@@ -96,6 +96,14 @@ def routes(state: AppState) -> list[Endpoint]:
     async def models(request: Request) -> Response:
         return json_response(OpenAIModelList(data=[OpenAIModel(id=model_name)]))
 
+    async def model(request: Request) -> Response:
+        # (the openai client's models.retrieve; a model id may hold a "/", hence :path)
+        if request.path_params["model"] != model_name:
+            raise EmbedServeError(ErrorType.NOT_FOUND,
+                                  f"the model {request.path_params['model']!r} does not exist; "
+                                  f"this server serves {model_name!r}")
+        return json_response(OpenAIModel(id=model_name))
+
     errors = (ErrorType.VALIDATION, ErrorType.EMPTY, ErrorType.TOKENIZER, ErrorType.BACKEND,
               ErrorType.OVERLOADED, ErrorType.UNHEALTHY)
     return [
@@ -107,4 +115,8 @@ def routes(state: AppState) -> list[Endpoint]:
                  response=OpenAIModelList, tag="OpenAI"),
         Endpoint("GET", "/models", models, "OpenAI model list (alias)",
                  response=OpenAIModelList, tag="OpenAI"),
+        Endpoint("GET", "/v1/models/{model:path}", model, "OpenAI model: the served model's",
+                 response=OpenAIModel, errors=(ErrorType.NOT_FOUND,), tag="OpenAI"),
+        Endpoint("GET", "/models/{model:path}", model, "OpenAI model (alias)",
+                 response=OpenAIModel, errors=(ErrorType.NOT_FOUND,), tag="OpenAI"),
     ]

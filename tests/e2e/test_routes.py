@@ -149,6 +149,7 @@ def test_openai_errors_have_openai_shape(server, openai_client):
 
 
 def test_openai_models(openai_client, server):
+    import openai
     from openai import OpenAI
 
     [model] = openai_client.models.list().data
@@ -156,6 +157,13 @@ def test_openai_models(openai_client, server):
     # A base_url without /v1 (as /embeddings allows) lists the same model.
     bare = OpenAI(base_url=server.url, api_key="unused", max_retries=0)
     assert bare.models.list().data == [model]
+    # One model by its id (which may hold a "/"), as models.retrieve asks for it.
+    assert openai_client.models.retrieve(model.id) == model
+    assert bare.models.retrieve(model.id) == model
+    with pytest.raises(openai.NotFoundError) as caught:
+        openai_client.models.retrieve("some-org/other-model")
+    assert caught.value.status_code == 404
+    assert set(caught.value.body) == {"message", "type", "code"}  # (the client unwraps "error")
 
 
 def test_jina_fields_name_the_format_or_are_refused(server):
