@@ -169,8 +169,10 @@ def _hub_spec(config: dict[str, Any]) -> EncoderSpec:
 
 def _native_spec(config: dict[str, Any]) -> EncoderSpec:
     """transformers' NomicBertConfig: no biases, gated MLP, rotary over the whole head."""
-    rope = config.get("rope_parameters") or {}
-    rope_type = rope.get("rope_type", "default")
+    # transformers takes a legacy rope_scaling in place of rope_parameters, its "type" as
+    # rope_type.
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         raise refusal(FAMILY, f"rope_parameters rope_type {rope_type!r} (supported: default)")
     heads = int(config["num_attention_heads"])

@@ -340,6 +340,9 @@ REFUSED = [
     ({"model_type": "nomic_bert", **TINY, "intermediate_size": 64, "vocab_size": VOCAB,
       "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1000.0}},
      "rope_type 'dynamic'"),
+    # transformers reads a legacy rope_scaling in place of rope_parameters.
+    ({"model_type": "nomic_bert", **TINY, "intermediate_size": 64, "vocab_size": VOCAB,
+      "rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_type 'linear'"),
     ({"model_type": "nomic_bert", "vocab_size": VOCAB}, "lacks 'num_attention_heads'"),
 ]
 
