@@ -124,7 +124,7 @@ def _native_inv_freq(config: dict[str, Any], head_dim: int) -> torch.Tensor:
         raise refusal(FAMILY, f"rope_scaling {config['rope_scaling']!r} in a model_type 'gte' "
                               "config (transformers reads rope_parameters)")
     rope = config.get("rope_parameters") or {}
-    rope_type = rope.get("rope_type", "default")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))  # "type": legacy spelling
     if rope_type != "default":
         raise refusal(FAMILY, f"rope_parameters rope_type {rope_type!r} (supported: default)")
     theta = rope.get("rope_theta", config.get("rope_theta", 160_000.0))  # GteConfig's default

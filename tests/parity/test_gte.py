@@ -352,6 +352,10 @@ REFUSED = [
     ({"model_type": "gte", **TINY, "intermediate_size": 64, "vocab_size": VOCAB,
       "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
      "rope_type 'linear'"),
+    # transformers reads a legacy "type" as rope_type.
+    ({"model_type": "gte", **TINY, "intermediate_size": 64, "vocab_size": VOCAB,
+      "rope_parameters": {"type": "dynamic", "factor": 2.0, "rope_theta": 1e4}},
+     "rope_type 'dynamic'"),
     ({"model_type": "new", "hidden_size": 32, "vocab_size": VOCAB},
      "lacks 'num_attention_heads'"),
 ]
