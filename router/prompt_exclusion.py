@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from typing import Any
 
-# Per process (pool processes and the router each hold one tokenizer): prompt -> (leading
-# special tokens, prompt tokens in all).
-_measured: dict[tuple[str, bool], tuple[int, int]] = {}
+# (tokenizer id, prompt, special tokens) -> (the tokenizer, its leading special tokens, the
+# prompt's tokens in all). The tokenizer is kept so that its id is never another's: a process
+# holds one in production, tests load several.
+_measured: dict[tuple[int, str, bool], tuple[Any, int, int]] = {}
 
 
 def _measure(tokenizer: Any, prompt: str, special_tokens: bool) -> tuple[int, int]:
-    key = (prompt, special_tokens)
+    key = (id(tokenizer), prompt, special_tokens)
     if key not in _measured:
         tokenizer.no_truncation()
         encoding = tokenizer.encode(prompt, add_special_tokens=special_tokens)
@@ -28,8 +29,9 @@ def _measure(tokenizer: Any, prompt: str, special_tokens: bool) -> tuple[int, in
         special_ids = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
         count = len(mask) - (1 if mask and (mask[-1] or encoding.ids[-1] in special_ids) else 0)
         leading = next((i for i, special in enumerate(mask) if not special), len(mask))
-        _measured[key] = (min(leading, count), count)
-    return _measured[key]
+        _measured[key] = (tokenizer, min(leading, count), count)
+    _, leading, count = _measured[key]
+    return leading, count
 
 
 def prompt_starts(tokenizer: Any, prompt: str, encodings: list[Any], direction: str,

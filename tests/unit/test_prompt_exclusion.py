@@ -81,3 +81,14 @@ def test_instructor_models_leave_the_prompt_out_by_their_hub_name(tmp_path):
     assert excludes_prompt(info, "hkunlp/instructor-large")
     assert not excludes_prompt(info, str(root))
     assert not excludes_prompt(info, "someone/my-instructor-large")
+
+
+def test_each_tokenizer_measures_the_prompt_itself(tokenizer):
+    # A second tokenizer in the same process (tests load several) whose post-processor adds
+    # nothing: its own count, not the first one's.
+    tokenizer.no_truncation()
+    assert prompt_starts(tokenizer, PROMPT, [tokenizer.encode(PROMPT + "a")], "right") == [3]
+    bare = Tokenizer.from_str(tokenizer.to_str())
+    bare.no_padding()
+    bare.post_processor = None
+    assert prompt_starts(bare, PROMPT, [bare.encode(PROMPT + "a b c")], "right") == [2]
