@@ -156,11 +156,17 @@ def is_causal(config: dict[str, Any]) -> bool:
     return True
 
 
+def _window(config: dict[str, Any]) -> int | None:
+    """config.sliding_window; left out, MistralConfig's and Qwen's default, 4096 (null is none)."""
+    window = config.get("sliding_window", 4096)
+    return int(window) if window is not None else None
+
+
 def _windowed_layers(config: dict[str, Any], flavour: Flavour, layers: int) -> list[bool]:
     """Per layer, whether it attends through config.sliding_window (transformers' rules)."""
     model_type = config.get("model_type")
     layer_types = config.get("layer_types")
-    window = config.get("sliding_window")
+    window = _window(config)
     if flavour.sliding == "every_layer":
         if layer_types is not None:
             # transformers' MistralModel ignores layer_types (Ministral's alternating layers).
@@ -257,8 +263,7 @@ class DecoderModel(nn.Module):
                                       f"{heads} heads and head_dim is unset")
                 head_dim = hidden // heads
             causal = is_causal(config)
-            window = config.get("sliding_window")
-            window_size = int(window) if window is not None else None
+            window_size = _window(config)
             windowed = _windowed_layers(config, flavour, int(config["num_hidden_layers"]))
             max_positions = config_max_positions(config)
             return cls(

@@ -1,0 +1,43 @@
+"""Decoder configs (qwen2, qwen3, mistral, llama) that leave a key out: the model we build is
+the one transformers builds from the same config.json, with its config class's default for the
+key (which is not always what another family or another key would suggest)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from backend_worker.attention import PaddedSDPA
+from backend_worker.models.decoder import DecoderModel
+
+GIVEN: dict[str, Any] = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+                         "num_hidden_layers": 2, "num_attention_heads": 4}
+
+
+def built(model_type: str, **keys: Any) -> tuple[Any, DecoderModel]:
+    """(transformers' config, our model on the meta device) for one config.json."""
+    from transformers import AutoConfig
+
+    config = {"model_type": model_type, **GIVEN, **keys}
+    ref = AutoConfig.for_model(**config)
+    with torch.device("meta"):
+        return ref, DecoderModel.from_config(config, PaddedSDPA())
+
+
+@pytest.mark.parametrize(("model_type", "keys"), [
+    ("mistral", {}),
+    ("qwen2", {"use_sliding_window": True, "max_window_layers": 1}),
+    ("qwen3", {"use_sliding_window": True, "max_window_layers": 1, "head_dim": 8}),
+])
+def test_an_omitted_sliding_window_is_the_config_class_default(model_type: str,
+                                                               keys: dict) -> None:
+    """MistralConfig and Qwen's use a 4096-token window when config.json names none (null is
+    no window): inputs past 4096 tokens attend through it."""
+    ref, model = built(model_type, **keys)
+    assert ref.sliding_window == 4096
+    last = model.layers[-1].attention
+    if model_type != "mistral":  # (MistralConfig has no layer_types: every layer)
+        assert ref.layer_types[-1] == "sliding_attention"
+    assert last.mask.window == ref.sliding_window - 1
