@@ -97,7 +97,8 @@ def _sliding_mask(window: int, bidirectional: bool, scale: float) -> MaskSpec:
 def _rope_settings(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Rope settings per layer type, as transformers assembles them: rope_parameters
     (transformers 5) or rope_theta / rope_local_base_freq (older configs), with rope_scaling
-    merged into the global layers' settings in either case."""
+    merged into the global layers' settings in either case; a layer type's rope_theta, where
+    its rope_parameters name none, from the older keys too."""
     params = config.get("rope_parameters")
     if params:
         if not isinstance(params, dict) or not all(
@@ -107,9 +108,12 @@ def _rope_settings(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
                               f"{' and '.join(_LAYER_TYPES)} settings")
         settings = {t: dict(params[t]) for t in _LAYER_TYPES}
     else:
-        settings = {"full_attention": {"rope_theta": config.get("rope_theta")},
-                    "sliding_attention": {"rope_theta": config.get("rope_local_base_freq")}}
+        settings = {t: {} for t in _LAYER_TYPES}
     settings["full_attention"].update(config.get("rope_scaling") or {})
+    for layer_type, key in (("full_attention", "rope_theta"),
+                            ("sliding_attention", "rope_local_base_freq")):
+        if settings[layer_type].get("rope_theta") is None:
+            settings[layer_type]["rope_theta"] = config.get(key)
     for layer_type, theta in _DEFAULT_THETA.items():
         if settings[layer_type].get("rope_theta") is None:
             settings[layer_type]["rope_theta"] = theta

@@ -105,6 +105,16 @@ def test_older_config_format(tmp_path: Path) -> None:
     assert hidden_diff(root, POOLING) <= HIDDEN_TOL
 
 
+def test_rope_parameters_without_a_base_take_the_top_level_ones(tmp_path: Path) -> None:
+    """rope_parameters whose layer types name no rope_theta: transformers fills them from
+    config.json's rope_theta (global) and rope_local_base_freq (local), not its defaults."""
+    root = make(tmp_path / "m", EMBEDDING_GEMMA)
+    set_config(root, rope_parameters={"sliding_attention": {"rope_type": "default"},
+                                      "full_attention": {"rope_type": "default"}},
+               rope_theta=5000.0, rope_local_base_freq=100.0)
+    assert hidden_diff(root, POOLING) <= HIDDEN_TOL
+
+
 @pytest.fixture(scope="module")
 def embedding_gemma(tmp_path_factory) -> Path:
     return make_embedding_gemma(tmp_path_factory.mktemp("st") / "gemma")
