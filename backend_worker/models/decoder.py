@@ -111,6 +111,10 @@ class Flavour:
     # transformers' tie_word_embeddings default for the type (its config class's field), used
     # when config.json leaves the key out: whether the LM head is the embedding matrix.
     tied: bool
+    # The type's config class defaults when config.json leaves the key out (null, or None
+    # here: the head count, hidden_size / heads).
+    kv_heads: int | None = None
+    head_dim: int | None = None
 
     def bias(self, which: Bias, config: dict[str, Any]) -> bool:
         return bool(config.get(which, False)) if isinstance(which, str) else which
@@ -118,11 +122,11 @@ class Flavour:
 
 FLAVOURS: dict[str, Flavour] = {
     "qwen2": Flavour(qkv_bias=True, out_bias=False, mlp_bias=False, qk_norm=False,
-                     sliding="qwen", tied=False),
+                     sliding="qwen", tied=False, kv_heads=32),
     "qwen3": Flavour(qkv_bias="attention_bias", out_bias="attention_bias", mlp_bias=False,
-                     qk_norm=True, sliding="qwen", tied=False),
+                     qk_norm=True, sliding="qwen", tied=False, kv_heads=32, head_dim=128),
     "mistral": Flavour(qkv_bias=False, out_bias=False, mlp_bias=False, qk_norm=False,
-                       sliding="every_layer", tied=False),
+                       sliding="every_layer", tied=False, kv_heads=8),
     "llama": Flavour(qkv_bias="attention_bias", out_bias="attention_bias", mlp_bias="mlp_bias",
                      qk_norm=False, sliding="none", tied=False),
 }
@@ -256,7 +260,7 @@ class DecoderModel(nn.Module):
         with required_keys(model_type):
             hidden = int(config["hidden_size"])
             heads = int(config["num_attention_heads"])
-            head_dim = int(config.get("head_dim") or 0)
+            head_dim = int(config.get("head_dim", flavour.head_dim) or 0)
             if not head_dim:
                 if hidden % heads:
                     raise ConfigError(f"config.json: hidden_size {hidden} is not divisible by "
@@ -271,7 +275,8 @@ class DecoderModel(nn.Module):
                 hidden_size=hidden,
                 masks=[_mask(causal, window_size if w else None) for w in windowed],
                 num_attention_heads=heads,
-                num_key_value_heads=int(config.get("num_key_value_heads") or heads),
+                num_key_value_heads=int(config.get("num_key_value_heads", flavour.kv_heads)
+                                        or heads),
                 head_dim=head_dim,
                 intermediate_size=int(config["intermediate_size"]),
                 hidden_act=hidden_act,

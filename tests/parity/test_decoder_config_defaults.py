@@ -13,14 +13,17 @@ from backend_worker.attention import PaddedSDPA
 from backend_worker.models.decoder import DecoderModel
 
 GIVEN: dict[str, Any] = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
-                         "num_hidden_layers": 2, "num_attention_heads": 4}
+                         "num_hidden_layers": 2, "num_attention_heads": 4,
+                         "num_key_value_heads": 2}
 
 
 def built(model_type: str, **keys: Any) -> tuple[Any, DecoderModel]:
-    """(transformers' config, our model on the meta device) for one config.json."""
+    """(transformers' config, our model on the meta device) for one config.json (GIVEN with
+    `keys`, a None deleting one)."""
     from transformers import AutoConfig
 
     config = {"model_type": model_type, **GIVEN, **keys}
+    config = {key: value for key, value in config.items() if value is not None}
     ref = AutoConfig.for_model(**config)
     with torch.device("meta"):
         return ref, DecoderModel.from_config(config, PaddedSDPA())
@@ -41,3 +44,15 @@ def test_an_omitted_sliding_window_is_the_config_class_default(model_type: str,
     if model_type != "mistral":  # (MistralConfig has no layer_types: every layer)
         assert ref.layer_types[-1] == "sliding_attention"
     assert last.mask.window == ref.sliding_window - 1
+
+
+@pytest.mark.parametrize(("model_type", "heads"),
+                         [("qwen2", 64), ("qwen3", 64), ("mistral", 16), ("llama", 8)])
+def test_omitted_head_sizes_are_the_config_class_defaults(model_type: str, heads: int) -> None:
+    """num_key_value_heads left out is 32 for Qwen and 8 for Mistral (not the head count), and
+    Qwen3's head_dim 128 (not hidden / heads): the checkpoint's q/k/v shapes are those."""
+    ref, model = built(model_type, hidden_size=128, num_attention_heads=heads,
+                       num_key_value_heads=None)
+    attention = model.layers[0].attention
+    assert (attention.kv_heads, attention.head_dim) == (
+        ref.num_key_value_heads, getattr(ref, "head_dim", None) or 128 // heads)
