@@ -34,6 +34,7 @@ from router.service import InferenceService
 from router.tokenization import TokenizerPool
 from router.tracing import Tracing
 from router.workers import WorkerPool
+from shared.classifier import scored_before
 from shared.config import (
     ServerConfig,
     WorkerConfig,
@@ -156,6 +157,7 @@ async def run(config: ServerConfig) -> None:
         # The file's truncation, where it (not the batch budget) is the limit.
         truncation_side=info.truncation_side if limit == info.max_input_length else None,
         exclude_prompt=excludes_prompt(info, model.model_id),
+        scored_before=scored_before(info.config, info.kind) if info.logit_score is None else None,
     )
     log.info("serving %s from %s: max input length %d, pooling %s", model.model_id, model.path,
              rules.max_input_length, info.pooling)

@@ -36,6 +36,20 @@ class InputRules:
     # The model's Pooling leaves the prompt's tokens out (sentence-transformers'
     # include_prompt=false): each prompted text says where its pooling starts.
     exclude_prompt: bool = False
+    # A decoder classifier's pad id, which transformers does not score: a trailing run of it
+    # is dropped from what the worker scores (shared/classifier.py scored_before).
+    scored_before: int | None = None
+
+
+def without_trailing(encoded: Encoded, token_id: int) -> Encoded:
+    """`encoded` less its trailing run of `token_id` (its first token always kept, which is
+    what transformers scores when every token is that id)."""
+    end = len(encoded.ids)
+    while end > 1 and encoded.ids[end - 1] == token_id:
+        end -= 1
+    if end == len(encoded.ids):
+        return encoded
+    return Encoded(encoded.ids[:end], encoded.type_ids[:end], encoded.pool_from)
 
 
 def as_input_list(inputs: str | list) -> list[str | list[int]]:

@@ -29,6 +29,7 @@ from router.inputs import (
     resolve_prompt,
     tokenize_inputs,
     unnormalizable,
+    without_trailing,
 )
 from router.metrics import DROPPED, MODEL_TYPE, Metrics
 from router.query_route import QueryVectors
@@ -265,7 +266,7 @@ class InferenceService:
             if route is not None:  # computed here, at once: no batch, no worker
                 rows = route.vectors(encoded)
             else:
-                rows, entries = await self._infer(encoded, output)
+                rows, entries = await self._infer(self._scored(encoded, output), output)
         done = time.perf_counter()
         if entries:
             self.metrics.answered(kind, started, tokenized, entries)
@@ -310,6 +311,13 @@ class InferenceService:
         if request.normalize:
             vectors = normalize_rows(vectors)
         return EmbedResult(np.ascontiguousarray(vectors, dtype=np.float32), outcome.timings)
+
+    def _scored(self, encoded: list[Encoded], output: OutputKind) -> list[Encoded]:
+        """What the worker computes (the client's tokens are still the ones counted)."""
+        pad = self.rules.scored_before
+        if output is not OutputKind.LOGITS or pad is None:
+            return encoded
+        return [without_trailing(enc, pad) for enc in encoded]
 
     def _empty_bags(self, encoded: list[Encoded]) -> int:
         """Inputs sent as the empty bag's stand-in id alone (clients cannot send that id)."""

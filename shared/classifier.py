@@ -30,6 +30,26 @@ def model_kind_of(config: dict[str, Any]) -> tuple[ModelKind, dict[str, str]]:
     return ("reranker" if len(id2label) == 1 else "classifier"), id2label
 
 
+# The decoder families served with a *ForSequenceClassification head (a last-token score).
+_DECODER_TYPES = frozenset({"qwen2", "qwen3", "mistral", "llama"})
+
+
+def scored_before(config: dict[str, Any], kind: str) -> int | None:
+    """transformers scores a decoder's *ForSequenceClassification (CrossEncoder with it) on
+    each sequence's rightmost token that is not pad_token_id, so a tokenizer that appends that
+    very id (Qwen3-Embedding's appends <|endoftext|>, which fine-tunes name as padding) has the
+    token before it scored. That id, for the router to drop a sequence's trailing run of it:
+    under causal attention the states before it do not change. None where the last token is
+    the scored one (no pad id, no decoder classifier) or attention is bidirectional (dropping
+    tokens would change every state; that config is served as TEI serves it)."""
+    pad = config.get("pad_token_id")
+    if (kind == "embedding" or config.get("model_type") not in _DECODER_TYPES
+            or not isinstance(pad, int) or config.get("use_bidirectional_attention") is True
+            or config.get("is_causal") is False):
+        return None
+    return pad
+
+
 ScoreActivation = Literal["sigmoid", "softmax", "identity", "tanh"]
 _SCORE_ACTIVATIONS: dict[str, ScoreActivation] = {
     "Sigmoid": "sigmoid", "Identity": "identity", "Softmax": "softmax", "Tanh": "tanh"}

@@ -70,9 +70,9 @@ class LastTokenClassifier(LogitsHead):
     """*ForSequenceClassification of the decoders: score (no bias) on each sequence's last
     token.
 
-    NOTE: transformers takes the rightmost token whose id is not pad_token_id; we take the
-    last token. They agree unless a sequence ends with the pad id itself (a tokenizer that
-    appends the same token the config names as padding): the worker sees no token ids here.
+    transformers takes the rightmost token whose id is not pad_token_id; the worker takes the
+    last token: the router drops a trailing run of the pad id first (a tokenizer that appends
+    the token the config names as padding; shared/classifier.py scored_before).
     """
 
     def __init__(self, hidden: int, labels: int) -> None:

@@ -58,3 +58,29 @@ def test_info_reports_last_token_pooling(qwen3) -> None:
     info = srv.client.get("/info").json()
     assert info["model_type"] == {"embedding": {"pooling": "last_token"}}
     assert info["max_input_length"] == 128
+
+
+def test_a_classifier_does_not_score_the_appended_pad_token(tmp_path) -> None:
+    """A decoder classifier whose config names as padding the <|endoftext|> its tokenizer
+    appends (a Qwen3-Embedding fine-tune's): transformers, and CrossEncoder with it, scores
+    the token before it; so does /predict."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from tests.fixtures.decoders import decoder_vocab, make_decoder_dir
+
+    pad = decoder_vocab()["<|endoftext|>"]
+    model = make_decoder_dir(tmp_path / "m", "qwen3", architecture="Qwen3ForSequenceClassification",
+                             overrides={"pad_token_id": pad, "num_labels": 3})
+    hf = AutoModelForSequenceClassification.from_pretrained(str(model)).eval()
+    with serve_model(model, tmp_path) as srv:
+        for text in TEXTS[:3]:
+            tokens = srv.client.post("/tokenize", json={"inputs": text}).json()[0]
+            ids = [token["id"] for token in tokens]
+            assert ids[-1] == pad  # appended, and the config's pad
+            with torch.no_grad():
+                expected = hf(input_ids=torch.tensor([ids])).logits[0].numpy()
+            response = srv.client.post("/predict", json={"inputs": text, "raw_scores": True})
+            assert response.status_code == 200, response.text
+            ours = sorted(response.json(), key=lambda p: p["label"])
+            assert np.abs(np.array([p["score"] for p in ours]) - expected).max() < 1e-4

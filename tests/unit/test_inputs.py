@@ -347,3 +347,22 @@ def test_tokenizer_errors_propagate() -> None:
                                     direction="right", rules=rules(),
                                     tokenizers=Broken()))  # type: ignore[arg-type]
     assert info.value.error_type is ErrorType.TOKENIZER
+
+
+def test_a_trailing_run_of_the_pad_id_is_dropped_for_scoring() -> None:
+    from router.inputs import without_trailing
+    from shared.classifier import scored_before
+
+    def enc(*ids: int) -> Encoded:
+        array = np.array(ids, dtype=np.int32)
+        return Encoded(array, np.zeros_like(array))
+
+    assert without_trailing(enc(5, 6, 9, 9), 9).ids.tolist() == [5, 6]
+    assert without_trailing(enc(9, 5, 6), 9).ids.tolist() == [9, 5, 6]  # only at the end
+    assert without_trailing(enc(9, 9), 9).ids.tolist() == [9]  # transformers scores the first
+    qwen = {"model_type": "qwen3", "pad_token_id": 9}
+    assert scored_before(qwen, "classifier") == 9
+    assert scored_before(qwen, "embedding") is None
+    assert scored_before(qwen | {"is_causal": False}, "reranker") is None
+    assert scored_before({"model_type": "bert", "pad_token_id": 0}, "classifier") is None
+    assert scored_before({"model_type": "llama"}, "classifier") is None
