@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Literal, TypeVar
 
@@ -51,8 +52,11 @@ class Admission:
         self._active = 0
         self._expired = False  # the shutdown grace ran out (drain)
         self._admitted: set[asyncio.Task] = set()  # tasks holding permits (`admitted`)
-        # Set, and replaced by a new one, each time permits come back: wakes the waiters.
-        self._returned = asyncio.Event()
+        # The requests waiting for permits (`patiently`), first come first served as in TEI's
+        # (tokio's) Semaphore: each future is set True once its permits are handed to it, or
+        # False when the drain refuses it. Free permits are the head's while it waits.
+        self._waiting: dict[Permits, deque[tuple[int, asyncio.Future[bool]]]] = {
+            "inference": deque(), "tokenizer": deque()}
         self._idle = asyncio.Event()
         self._idle.set()
         self.draining = False
@@ -67,15 +71,14 @@ class Admission:
         if self.draining:
             raise unhealthy("the server is shutting down")
         check_admissible(inputs, self.max_concurrent_requests)
-        while inputs > self._permits[pool]:
+        if self._waiting[pool] or inputs > self._permits[pool]:
             if not _patient.get():
-                raise overloaded()
-            await self._returned.wait()  # each return of permits wakes every waiter once
-            if self.draining:
-                raise unhealthy("the server is shutting down")
+                raise overloaded()  # as tokio's try_acquire: never ahead of the waiters
+            await self._wait(inputs, pool)  # returns with the permits taken
+        else:
+            self._permits[pool] -= inputs
         task = asyncio.current_task()
         assert task is not None
-        self._permits[pool] -= inputs
         self._active += 1
         self._idle.clear()
         self._admitted.add(task)
@@ -89,21 +92,56 @@ class Admission:
             raise unhealthy(SHUT_DOWN) from None
         finally:
             self._admitted.discard(task)
-            self._permits[pool] += inputs
-            self._returned.set()
-            self._returned = asyncio.Event()
+            self._give_back(inputs, pool)
             self._active -= 1
             if self._active == 0:
                 self._idle.set()
 
+    async def _wait(self, inputs: int, pool: Permits) -> None:
+        """Queue for `inputs` of `pool`'s permits; return once they are handed over (taken)."""
+        waiter = (inputs, asyncio.get_running_loop().create_future())
+        self._waiting[pool].append(waiter)
+        try:
+            handed = await waiter[1]
+        except asyncio.CancelledError:
+            if waiter[1].done() and not waiter[1].cancelled() and waiter[1].result():
+                self._give_back(inputs, pool)  # handed over before it could run
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiting[pool].remove(waiter)
+                self._hand_out(pool)  # the next waiter may fit now
+            raise
+        if not handed or self.draining:  # refused by the drain, or it began since
+            if handed:
+                self._give_back(inputs, pool)
+            raise unhealthy("the server is shutting down")
+
+    def _give_back(self, inputs: int, pool: Permits) -> None:
+        self._permits[pool] += inputs
+        self._hand_out(pool)
+
+    def _hand_out(self, pool: Permits) -> None:
+        """Hand the free permits to the waiters in order, while the head's need fits."""
+        waiting = self._waiting[pool]
+        while waiting and (waiting[0][1].done() or waiting[0][0] <= self._permits[pool]):
+            inputs, future = waiting.popleft()
+            if not future.done():  # a cancelled one leaves on its own
+                self._permits[pool] -= inputs
+                future.set_result(True)
+
     def free(self, pool: Permits = "inference") -> int:
-        """How many of `pool`'s permits `admitted` could hand out now."""
-        return self._permits[pool]
+        """How many of `pool`'s permits `admitted` could hand out now (none while others
+        wait: the free ones are theirs)."""
+        return 0 if self._waiting[pool] else self._permits[pool]
 
     async def drain(self, grace: float) -> None:
         """Refuse new requests; wait (at most `grace` s) for the ones in flight, then answer
         what is left with 503 (not the empty 500 of a handler cancelled at exit)."""
         self.draining = True
+        for waiting in self._waiting.values():  # not admitted: refused as new requests are
+            while waiting:
+                if not (future := waiting.popleft()[1]).done():
+                    future.set_result(False)
         try:
             await asyncio.wait_for(self._idle.wait(), grace)
             return

@@ -150,3 +150,115 @@ def test_past_the_grace_the_admitted_are_answered_503() -> None:
                 pass
 
     run(main())
+
+
+def test_returned_permits_go_to_the_waiter_not_to_a_request_handled_first() -> None:
+    """TEI's semaphore is FIFO: a returned permit is the first waiter's; a request that
+    would not wait (HTTP, unary gRPC) cannot take it before the waiter runs, else steady
+    unary load at capacity starves the streams."""
+    async def main() -> None:
+        admission = Admission(1)
+
+        async def answer() -> str:
+            async with admission.admitted(1):
+                return "answered"
+
+        async with admission.admitted(1):
+            waiter = asyncio.ensure_future(patiently(answer))
+            await started(waiter)
+        # Returned, and the waiter has not run yet: the next request must not take it.
+        with pytest.raises(EmbedServeError) as info:
+            async with admission.admitted(1):
+                pass
+        assert info.value.error_type is ErrorType.OVERLOADED
+        assert admission.free() == 0
+        assert await waiter == "answered"
+        assert admission.free() == 1
+
+    run(main())
+
+
+def test_waiting_messages_are_admitted_first_come_first_served() -> None:
+    """A message that arrives while others wait queues behind them, even when the permits
+    it alone needs are free (tokio's Semaphore is fair, acquire_many included)."""
+    order: list[str] = []
+
+    async def main() -> None:
+        admission = Admission(2)
+        first, second = asyncio.Event(), asyncio.Event()
+        holders = [asyncio.ensure_future(holding(admission, 1, first)),
+                   asyncio.ensure_future(holding(admission, 1, second))]
+        await started(holders[0])
+
+        def answer(name: str, inputs: int):
+            async def admitted() -> None:
+                async with admission.admitted(inputs):
+                    order.append(name)
+            return admitted
+
+        head = asyncio.ensure_future(patiently(answer("head", 2)))
+        await started(head)
+        first.set()
+        await holders[0]  # 1 back: the head's, which needs 2
+        late = asyncio.ensure_future(patiently(answer("late", 1)))
+        await started(late)  # queued behind the head, not admitted with the free permit
+        assert order == []
+        second.set()
+        await asyncio.gather(head, late)
+        assert admission.free() == 2
+
+    run(main())
+    assert order == ["head", "late"]
+
+
+def test_a_cancelled_waiter_leaves_the_queue_and_its_permits() -> None:
+    async def main() -> None:
+        admission = Admission(2)
+        first, second = asyncio.Event(), asyncio.Event()
+        holders = [asyncio.ensure_future(holding(admission, 1, first)),
+                   asyncio.ensure_future(holding(admission, 1, second))]
+        await started(holders[0])
+        admitted = asyncio.Event()
+
+        async def answer(inputs: int) -> None:
+            async with admission.admitted(inputs):
+                admitted.set()
+                await asyncio.sleep(3600)
+
+        head = asyncio.ensure_future(patiently(lambda: answer(2)))
+        await started(head)
+        behind = asyncio.ensure_future(patiently(lambda: answer(1)))
+        await started(behind)
+        first.set()
+        await holders[0]  # 1 back, kept for the head
+        assert not admitted.is_set()
+        head.cancel()  # the permit it was waiting for goes to the next waiter
+        await asyncio.wait_for(admitted.wait(), 1)
+        behind.cancel()
+        second.set()
+        await asyncio.wait([head, behind, holders[1]])
+        assert admission.free() == 2
+
+    run(main())
+
+
+def test_a_waiter_cancelled_once_handed_its_permits_gives_them_back() -> None:
+    async def main() -> None:
+        admission = Admission(1)
+
+        async def answer() -> str:
+            async with admission.admitted(1):
+                return "answered"
+
+        async with admission.admitted(1):
+            handed = asyncio.ensure_future(patiently(answer))
+            await started(handed)
+            behind = asyncio.ensure_future(patiently(answer))
+            await started(behind)
+        handed.cancel()  # the permit is its own now, and it has not run yet
+        assert await behind == "answered"
+        with pytest.raises(asyncio.CancelledError):
+            await handed
+        assert admission.free() == 1
+
+    run(main())
