@@ -60,6 +60,7 @@ class Admission:
         self._idle = asyncio.Event()
         self._idle.set()
         self.draining = False
+        self.deadline: float | None = None  # the loop's time when the drain's grace ends
 
     @contextlib.asynccontextmanager
     async def admitted(self, inputs: int, pool: Permits = "inference") -> AsyncIterator[None]:
@@ -138,6 +139,7 @@ class Admission:
         """Refuse new requests; wait (at most `grace` s) for the ones in flight, then answer
         what is left with 503 (not the empty 500 of a handler cancelled at exit)."""
         self.draining = True
+        self.deadline = asyncio.get_running_loop().time() + grace
         for waiting in self._waiting.values():  # not admitted: refused as new requests are
             while waiting:
                 if not (future := waiting.popleft()[1]).done():

@@ -30,6 +30,9 @@ HEALTH_INTERVAL_SECONDS = 0.2
 # Reflection's current name, which grpcurl, grpcui and Postman ask first; grpcio-reflection
 # serves only v1alpha, whose messages v1 kept unchanged under the new package name.
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+# After the drain, the calls left (open streams) get at least this long to send their last
+# answers before the stop cancels them.
+CLOSE_MIN_S = 1.0
 
 
 def model_services(state: AppState) -> set[str]:
@@ -134,6 +137,10 @@ async def serve(state: AppState, until_stopped: Callable[[], Awaitable[None]]) -
     finally:
         follower.cancel()
         await health_servicer.enter_graceful_shutdown()
-        # In-flight inference is drained by now; this bounds what is left (open streams).
-        await server.stop(config.shutdown_grace)
+        # In-flight inference is drained by now; this bounds what is left (open streams) by
+        # what the drain left of the grace, not by a second grace.
+        deadline = state.service.admission.deadline
+        left = (config.shutdown_grace if deadline is None
+                else deadline - asyncio.get_running_loop().time())
+        await server.stop(max(left, CLOSE_MIN_S))
 
