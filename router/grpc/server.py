@@ -16,6 +16,7 @@ from router.grpc.auth import ApiKeyInterceptor
 from router.grpc.calls import method_handlers
 from router.grpc.protos import pb
 from router.grpc.services import SERVICE_NAMES, servicers
+from router.http_server import CLOSE_MIN_S
 from router.routes import AppState
 from router.tasks import start_supervised
 from shared.errors import ConfigError
@@ -30,9 +31,6 @@ HEALTH_INTERVAL_SECONDS = 0.2
 # Reflection's current name, which grpcurl, grpcui and Postman ask first; grpcio-reflection
 # serves only v1alpha, whose messages v1 kept unchanged under the new package name.
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
-# After the drain, the calls left (open streams) get at least this long to send their last
-# answers before the stop cancels them.
-CLOSE_MIN_S = 1.0
 
 
 def model_services(state: AppState) -> set[str]:
@@ -138,7 +136,8 @@ async def serve(state: AppState, until_stopped: Callable[[], Awaitable[None]]) -
         follower.cancel()
         await health_servicer.enter_graceful_shutdown()
         # In-flight inference is drained by now; this bounds what is left (open streams) by
-        # what the drain left of the grace, not by a second grace.
+        # what the drain left of the grace, not by a second grace (but at least CLOSE_MIN_S
+        # to send the last answers).
         deadline = state.service.admission.deadline
         left = (config.shutdown_grace if deadline is None
                 else deadline - asyncio.get_running_loop().time())
