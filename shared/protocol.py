@@ -163,10 +163,10 @@ def result_rows(
         offsets = np.frombuffer(buffers[0], dtype=np.int32)
         indices = np.frombuffer(buffers[1], dtype=np.int32)
         values = np.frombuffer(buffers[2], dtype=np.float32)
-        if (offsets.shape[0] != len(lengths) + 1 or offsets[0] != 0
+        if (offsets.shape[0] != message.rows + 1 or offsets[0] != 0
                 or (np.diff(offsets) < 0).any()
                 or not offsets[-1] == indices.shape[0] == values.shape[0]):
-            raise ValueError("sparse Result offsets do not match its batch")
+            raise ValueError("sparse Result offsets do not match its rows and entries")
         return [(indices[a:b], values[a:b]) for a, b in itertools.pairwise(offsets.tolist())]
     array = result_array(message, buffers)
     if output is OutputKind.ALL_TOKENS:

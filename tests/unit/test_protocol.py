@@ -155,7 +155,7 @@ def test_result_rows_match_the_batch_or_refuse() -> None:
                                                                        np.array([1.0, 2.0]))])
     assert len(protocol.result_rows(sparse, _as_buffers(*good), OutputKind.SPARSE, [1, 1])) == 2
     offsets, indices, values = good
-    for bad in ([offsets[:-1], indices, values],                    # one row short
+    for bad in ([offsets[:-1], indices, values],                    # a row short of its rows
                 [offsets, indices[:-1], values[:-1]],              # fewer entries than said
                 [np.array([0, 2, 1], np.int32), indices, values]):  # not ascending
         with pytest.raises(ValueError, match="offsets"):
