@@ -28,7 +28,7 @@ from shared.dtypes import default_dtype, emulated_dtype
 from shared.errors import ConfigError
 from shared.logs import setup_logging
 from shared.modelinfo import load_model_info
-from shared.process import die_with_parent
+from shared.process import STOP_SIGNAL, supervised_child
 
 if TYPE_CHECKING:  # imported in load(), after the process is set up
     import torch
@@ -248,7 +248,7 @@ def _unpooled(compute: Callable[[protocol.BatchArrays], tuple]) -> Head:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     config = msgspec.json.decode(argv[0], type=WorkerConfig)
-    die_with_parent(config.parent_pid)
+    supervised_child(config.parent_pid)
     cap_primitive_cache()  # before torch is imported (Worker.load)
     setup_logging(config.json_output, f"worker-{config.worker_id}")
     context = zmq.Context()
@@ -258,12 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     socket.connect(config.endpoint)
     worker = Worker(config, socket)
 
-    def on_term(signum: int, frame: object) -> None:
-        log.info("signal %d: finishing received batches, then exiting", signum)
+    def on_stop(signum: int, frame: object) -> None:
+        log.info("told to stop: finishing received batches, then exiting")
         worker.stopping = True
 
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the router decides when we stop
+    signal.signal(STOP_SIGNAL, on_stop)  # the router's alone (SIGTERM is ignored)
     try:
         info, engine = worker.load()
     except Exception as exc:

@@ -29,7 +29,7 @@ from router.static_tokens import StaticTokens
 from shared.conversations import Conversations
 from shared.errors import EmbedServeError, ErrorType, backend
 from shared.logs import setup_logging
-from shared.process import die_with_parent
+from shared.process import supervised_child
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def _load(tokenizer_path: str, lowercase: bool = False, model_type: str = "",
 def _init(tokenizer_path: str, lowercase: bool, model_type: str,
           conversations: Conversations | None, empty_bag_id: int | None, parent_pid: int,
           json_logs: bool) -> None:
-    die_with_parent(parent_pid)
+    supervised_child(parent_pid)
     setup_logging(json_logs, f"tokenizer-{os.getpid()}")
     _load(tokenizer_path, lowercase, model_type, conversations, empty_bag_id)
 

@@ -13,7 +13,6 @@ import contextlib
 import enum
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from router.tasks import shut_down_for, start_supervised
 from shared import protocol
 from shared.config import WorkerConfig
 from shared.errors import ConfigError, backend
+from shared.process import STOP_SIGNAL
 
 log = logging.getLogger(__name__)
 
@@ -226,13 +226,15 @@ class WorkerPool:
         worker.process.kill()
 
     async def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM every worker (they finish what they hold), SIGKILL after `timeout`."""
+        """Tell every worker to stop (STOP_SIGNAL: they finish what they hold), SIGKILL after
+        `timeout`. Not SIGTERM, which workers ignore: a supervisor that sends it to the whole
+        process group would stop them while the router still drains."""
         self._stopping = True
         live = [(w, w.process) for w in self.workers
                 if w.process is not None and w.process.poll() is None]
         for worker, process in live:
             worker.state = WorkerState.STOPPING
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(STOP_SIGNAL)
         deadline = time.monotonic() + timeout
         for worker, process in live:
             while process.poll() is None and time.monotonic() < deadline:

@@ -42,7 +42,8 @@ class Server:
     shared/dtypes.py). A `--dtype` among `args` wins."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None,
-                 log_path: Path | None = None, dtype: str | None = "float32") -> None:
+                 log_path: Path | None = None, dtype: str | None = "float32",
+                 own_group: bool = False) -> None:
         if dtype is not None and not any(a == "--dtype" or a.startswith("--dtype=")
                                          for a in args):
             args = (*args, "--dtype", dtype)
@@ -56,6 +57,9 @@ class Server:
             stdout=self._log, stderr=subprocess.STDOUT,
             # A test run that dies (timeout, Ctrl-C) must not leave servers behind.
             preexec_fn=partial(die_with_parent, os.getpid()),
+            # `own_group`: a session (and process group) of its own, which a test can signal
+            # as a whole, as systemd or `kill -- -PGID` do.
+            start_new_session=own_group,
         )
         self.client = httpx.Client(base_url=self.url, timeout=60)
 
