@@ -27,7 +27,9 @@ async def _client_gone(request: Request, exc: Exception) -> Response:
 def endpoints(state: AppState) -> list[Endpoint]:
     served = [*tei.routes(state), *heads.routes(state), *openai.routes(state),
               *cohere_embed.routes(state)]
-    return [*served, *root.routes(state, served)]
+    # The platform's routes first: its paths (TF Serving's /v1/models/m, as Vertex's examples
+    # use) are its own, not the openai route /v1/models/{model}'s.
+    return [*root.routes(state, served), *served]
 
 
 def build_app(state: AppState, tracer: Tracer | None = None) -> Starlette:

@@ -43,3 +43,18 @@ def test_the_health_route_is_not_the_prediction_route(predict: str | None) -> No
     # The health route answers without the API key: it must not be where predictions go.
     with pytest.raises(ConfigError, match="is the prediction route"):
         routes(aip_predict_route=predict, aip_health_route=predict or "/vertex")
+
+
+def test_the_platforms_health_path_is_answered_over_the_openai_model_route() -> None:
+    # TF Serving's paths, which Vertex's examples use: /v1/models/m would otherwise be the
+    # openai route /v1/models/{model} (a 404 for another id), failing the platform's probe.
+    from starlette.testclient import TestClient
+
+    from router.app import build_app
+    unserved = cast(Any, _Unserved())
+    config = ServerConfig(aip_predict_route="/v1/models/m:predict",
+                          aip_health_route="/v1/models/m")
+    client = TestClient(build_app(AppState(config, unserved, unserved, unserved)))
+    health = client.get("/health")
+    probe = client.get("/v1/models/m")
+    assert (probe.status_code, probe.content) == (health.status_code, health.content)
