@@ -55,8 +55,10 @@ OPENAI_PATHS = frozenset({"/v1/embeddings", "/embeddings", "/v1/models", "/model
 
 
 def openai_shaped(path: str) -> bool:
-    """Whether errors on `path` take OpenAI's shape (its routes, and one model's, /v1/models/x)."""
-    return path in OPENAI_PATHS or path.startswith(("/v1/models/", "/models/"))
+    """Whether errors on `path` take OpenAI's shape (its routes, and one model's, /v1/models/x;
+    not a TF Serving-style verb such as Vertex's /v1/models/m:predict, which is TEI's)."""
+    return path in OPENAI_PATHS or (path.startswith(("/v1/models/", "/models/"))
+                                    and ":" not in path)
 
 
 # Seconds a client is told to wait after a 429; short, since permits free up per batch.

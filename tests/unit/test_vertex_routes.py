@@ -58,3 +58,11 @@ def test_the_platforms_health_path_is_answered_over_the_openai_model_route() -> 
     health = client.get("/health")
     probe = client.get("/v1/models/m")
     assert (probe.status_code, probe.content) == (health.status_code, health.content)
+
+
+def test_a_tf_serving_verb_path_keeps_teis_error_shape() -> None:
+    # /v1/models/m:predict is Vertex's prediction route there, not an OpenAI model's path.
+    from router.errors import openai_shaped
+
+    assert openai_shaped("/v1/models/some-org/model") and openai_shaped("/models/m")
+    assert not openai_shaped("/v1/models/m:predict")
