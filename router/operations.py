@@ -35,9 +35,10 @@ async def classify(
     truncate: bool | None, direction: str, raw_scores: bool,
 ) -> tuple[list[list[tuple[float, str]]], Timings]:
     """Every label's (score, label) for each input (`as_predict_list`'s shapes), best first."""
-    service.require("classifier")
     with service.refusals_counted():
         batch = as_predict_list(inputs)
+        service.check_batch_size(len(batch))  # (before the model kind, as TEI checks)
+    service.require("classifier")
     outcome = await service.run(batch, OutputKind.LOGITS, truncate=truncate, direction=direction)
     scores = activate(outcome.matrix(), model.activation, raw_scores)
     return [ranked_labels(row, model.id2label) for row in scores], outcome.timings
@@ -144,9 +145,10 @@ async def embed_sparse(
     direction: str, prompt_name: str | None,
 ) -> Outcome:
     """SPLADE: each row is (indices ascending, values) of the non-zero entries."""
-    service.require("splade")
     with service.refusals_counted():
         batch = as_input_list(inputs)
+        service.check_batch_size(len(batch))  # (before the model kind, as TEI checks)
+    service.require("splade")
     return await service.run(batch, OutputKind.SPARSE, truncate=truncate,
                              direction=direction, prompt_name=prompt_name)
 
@@ -156,9 +158,10 @@ async def embed_all(
     direction: str, prompt_name: str | None,
 ) -> Outcome:
     """Each row is the (tokens, hidden) last hidden state of one input."""
-    service.require("hidden states")
     with service.refusals_counted():
         batch = as_input_list(inputs)
+        service.check_batch_size(len(batch))  # (before the model kind, as TEI checks)
+    service.require("hidden states")
     return await service.run(batch, OutputKind.ALL_TOKENS, truncate=truncate,
                              direction=direction, prompt_name=prompt_name)
 

@@ -188,6 +188,15 @@ class InferenceService:
             self.metrics.failed(MODEL_TYPE)
             raise backend(message)
 
+    def check_batch_size(self, count: int) -> None:
+        """--max-client-batch-size, checked before the model kind as TEI checks it; a refused
+        request still counts as received, as TEI counts it (and `run` does)."""
+        try:
+            check_batch_size(count, self.rules)
+        except EmbedServeError:
+            self.metrics.received("batch")
+            raise
+
     @contextlib.contextmanager
     def refusals_counted(self) -> Iterator[None]:
         """Checks made before `run`: their refusals count in te_request_failure as run's do."""
@@ -288,6 +297,9 @@ class InferenceService:
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         """Pooled vectors; a SPLADE model's are its sparse vectors written out in full (vocabulary
         wide), which TEI gives only unnormalized; a CSR model's likewise (hidden_dim wide)."""
+        with self.refusals_counted():
+            inputs = as_input_list(request.inputs)
+            self.check_batch_size(len(inputs))
         self.require("embedding")
         sparse = self.splade or self.csr
         if sparse and request.normalize:
@@ -296,7 +308,6 @@ class InferenceService:
         dimensions = request.dimensions
         with self.refusals_counted():
             check_dimensions(dimensions, self.embedding_dim)
-            inputs = as_input_list(request.inputs)
         if dimensions is None and self.output_dim < self.embedding_dim:
             dimensions = self.output_dim
         outcome = await self.run(

@@ -225,6 +225,19 @@ def test_empty_texts_are_refused_before_the_model_kind_as_in_tei(server):
     assert response.json() == {"error": "`texts` cannot be empty", "error_type": "Empty"}
 
 
+@pytest.mark.parametrize(("path", "body"), [
+    ("/predict", {"inputs": [["x"]] * 65}),
+    ("/embed_sparse", {"inputs": ["x"] * 65}),
+    ("/embed_sparse", {"inputs": []}),
+])
+def test_batch_shape_is_refused_before_the_model_kind_as_in_tei(server, path, body):
+    # TEI checks an empty list and --max-client-batch-size (64 here) in the route, before
+    # the model kind: 400 / 413 (422 here), not 424.
+    response = server.client.post(path, json=body)
+    expected = (400, "Empty") if body["inputs"] == [] else (422, "Validation")
+    assert (response.status_code, response.json()["error_type"]) == expected, response.text
+
+
 def test_a_trailing_slash_is_a_json_404_not_a_redirect(server):
     response = server.client.post("/embed/", json={"inputs": "x"})
     assert response.status_code == 404
