@@ -17,7 +17,7 @@ from starlette.types import Message
 from router.http import OPEN_ROUTES, read_json
 from router.inputs import check_admissible
 from router.routes import AppState, Endpoint, json_response
-from router.schemas import VertexRequest, VertexResponse
+from router.schemas import RerankRequest, VertexRequest, VertexResponse
 from shared.errors import ConfigError, empty
 
 SENTENCE_SIMILARITY = "sentence-similarity"
@@ -74,6 +74,17 @@ def routes(state: AppState, served: list[Endpoint]) -> list[Endpoint]:
     path = target_path(state)
     [target] = [e for e in served if e.method == "POST" and e.path == path]
     limit = state.config.payload_limit
+    by_path = {e.path: e for e in served if e.method == "POST"}
+    # TEI's /vertex: an instance of /rerank's shape goes there, whatever the model (another
+    # kind's is then its 424); any other instance a classifier's or re-ranker's /predict.
+    other = by_path["/predict"] if state.model.kind in ("classifier", "reranker") else target
+
+    def instance_route(instance: bytes) -> Endpoint:
+        try:
+            msgspec.json.decode(instance, type=RerankRequest)
+        except msgspec.DecodeError:  # (ValidationError included)
+            return other
+        return by_path["/rerank"]
 
     async def vertex(request: Request) -> Response:
         body = await read_json(request, _VertexBody, limit)
@@ -82,7 +93,8 @@ def routes(state: AppState, served: list[Endpoint]) -> list[Endpoint]:
         # Each instance takes its own permits: past the limit, some would always get 429s.
         check_admissible(len(body.instances), state.config.max_concurrent_requests)
         answers = await all_or_nothing(
-            target.handler(_with_body(request, bytes(instance))) for instance in body.instances)
+            instance_route(instance).handler(_with_body(request, bytes(instance)))
+            for instance in body.instances)
         # Each answer is the target route's JSON already: embed it as is.
         return json_response({"predictions": [msgspec.Raw(a.body) for a in answers]})
 

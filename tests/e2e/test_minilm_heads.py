@@ -137,6 +137,17 @@ def test_vertex_answers_each_instance_as_the_models_route(classifier, cross_enco
     ranked = cross_encoder.client.post("/vertex", json={"instances": [
         {"query": QUERY, "texts": DOCS}]}).json()["predictions"]
     assert len(ranked) == 1 and len(ranked[0]) == len(DOCS)
+    # As TEI's: a re-ranker's instance of /predict's shape is answered by /predict, and a
+    # classifier's of /rerank's shape by /rerank (its 424).
+    pair = {"inputs": [QUERY, DOCS[0]]}
+    mixed = cross_encoder.client.post("/vertex", json={"instances": [
+        {"query": QUERY, "texts": DOCS[:1]}, pair]})
+    assert mixed.status_code == 200, mixed.text
+    assert mixed.json()["predictions"][1] == cross_encoder.client.post("/predict",
+                                                                       json=pair).json()
+    wrong = classifier.client.post("/vertex", json={"instances": [{"query": QUERY,
+                                                                   "texts": DOCS}]})
+    assert wrong.status_code == 424 and "re-ranker" in wrong.json()["error"], wrong.text
     bad = classifier.client.post("/vertex", json={"instances": [{"inputs": TEXTS[0]},
                                                                 {"nope": 1}]})
     assert bad.status_code == 422 and bad.json()["error_type"] == "Validation"
