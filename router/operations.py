@@ -180,9 +180,10 @@ async def tokenize(
     service: InferenceService, texts: list[str], *, add_special_tokens: bool,
     prompt_name: str | None,
 ) -> list[list[Token]]:
-    texts = _texts_to_tokenize(service, texts, prompt_name)
-    async with service.admission.admitted(len(texts), "tokenizer"):
-        return await service.tokenizers.tokens(texts, add_special_tokens)
+    with service.refusals_counted():  # (TEI counts these failures; no te_request_count)
+        texts = _texts_to_tokenize(service, texts, prompt_name)
+        async with service.admission.admitted(len(texts), "tokenizer"):
+            return await service.tokenizers.tokens(texts, add_special_tokens)
 
 
 async def tokenize_json(
@@ -190,25 +191,27 @@ async def tokenize_json(
     prompt_name: str | None,
 ) -> bytes:
     """`tokenize`'s answer as the JSON array /tokenize sends, written in the tokenizer pool."""
-    texts = _texts_to_tokenize(service, texts, prompt_name)
-    async with service.admission.admitted(len(texts), "tokenizer"):
-        return await service.tokenizers.tokens_json(texts, add_special_tokens)
+    with service.refusals_counted():
+        texts = _texts_to_tokenize(service, texts, prompt_name)
+        async with service.admission.admitted(len(texts), "tokenizer"):
+            return await service.tokenizers.tokens_json(texts, add_special_tokens)
 
 
 async def decode(
     service: InferenceService, batch: list[list[int]], *, skip_special_tokens: bool
 ) -> list[str]:
-    check_batch_size(len(batch), service.rules)
-    vocab = service.rules.vocab_size
-    for ids in batch:
-        if not ids:
-            raise empty("Input validation error: `input_ids` cannot be empty")
-        bad = next((t for t in ids if t < 0 or t >= vocab), None)
-        if bad is not None:
-            raise validation(f"token id {bad} is out of range; the model's vocabulary has "
-                             f"{vocab} tokens")
-    async with service.admission.admitted(len(batch), "tokenizer"):
-        return await service.tokenizers.decode(batch, skip_special_tokens)
+    with service.refusals_counted():  # (TEI counts these failures; no te_request_count)
+        check_batch_size(len(batch), service.rules)
+        vocab = service.rules.vocab_size
+        for ids in batch:
+            if not ids:
+                raise empty("Input validation error: `input_ids` cannot be empty")
+            bad = next((t for t in ids if t < 0 or t >= vocab), None)
+            if bad is not None:
+                raise validation(f"token id {bad} is out of range; the model's vocabulary "
+                                 f"has {vocab} tokens")
+        async with service.admission.admitted(len(batch), "tokenizer"):
+            return await service.tokenizers.decode(batch, skip_special_tokens)
 
 
 def combined(timings: Sequence[Timings]) -> Timings:

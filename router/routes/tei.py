@@ -72,11 +72,12 @@ def routes(state: AppState) -> list[Endpoint]:
     async def decode(request: Request) -> Response:
         body = await read_json(request, DecodeRequest, limit)
         ids = body.ids
-        if not ids:
-            raise empty("Input validation error: `input_ids` cannot be empty")
-        batch = [ids] if all(isinstance(i, int) for i in ids) else ids
-        if not all(isinstance(item, list) for item in batch):
-            raise validation("`ids` must be a list of token ids or a list of such lists")
+        with service.refusals_counted():
+            if not ids:
+                raise empty("Input validation error: `input_ids` cannot be empty")
+            batch = [ids] if all(isinstance(i, int) for i in ids) else ids
+            if not all(isinstance(item, list) for item in batch):
+                raise validation("`ids` must be a list of token ids or a list of such lists")
         return json_response(await unless_disconnected(request, operations.decode(
             service, cast(list[list[int]], batch), skip_special_tokens=body.skip_special_tokens)))
 

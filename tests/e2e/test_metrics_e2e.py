@@ -140,3 +140,23 @@ def test_a_taken_prometheus_port_stops_start_up_with_a_clear_error(tiny_model) -
     assert result.returncode == 1
     assert f"--prometheus-port 127.0.0.1:{port}: Address already in use" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_tokenizer_routes_count_their_refusals_as_tei(metered) -> None:
+    """/tokenize and /decode are no inference requests (te_request_count stays), but their
+    refusals count in te_request_failure, as TEI's handlers and Infer::tokenize/decode do."""
+    srv, _, _ = metered
+    before = srv.metrics()
+    refusals = [("/tokenize", {"inputs": []}), ("/tokenize", {"inputs": ["x"] * 33}),
+                ("/tokenize", {"inputs": "x", "prompt_name": "nope"}),
+                ("/decode", {"ids": []}), ("/decode", {"ids": [[1]] * 33})]
+    for path, body in refusals:
+        answer = srv.client.post(path, json=body)
+        assert 400 <= answer.status_code < 500, (path, body, answer.text)
+    assert srv.client.post("/tokenize", json={"inputs": "x"}).status_code == 200
+    assert srv.client.post("/decode", json={"ids": [1, 2]}).status_code == 200
+    after = srv.metrics()
+    assert total(after, "te_request_failure") - total(before, "te_request_failure") == 5
+    assert after['te_request_failure{err="validation"}'] == \
+        before['te_request_failure{err="validation"}'] + 5
+    assert total(after, "te_request_count") == total(before, "te_request_count")
