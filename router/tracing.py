@@ -15,12 +15,13 @@ batches get one inference span per batch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -108,6 +109,31 @@ class TracingMiddleware:
                 await send(message)
 
             await self.app(scope, receive, send_traced)
+
+
+@contextlib.contextmanager
+def rpc_span(tracer: Tracer, method: str,
+             metadata: Iterable[tuple[str, Any]] | None) -> Iterator[Span]:
+    """A SERVER span around one gRPC call (`method`: its path, /tei.v1.Embed/Embed), a child
+    of the `traceparent` in its metadata, current while the call runs, so the service's phase
+    spans become its children as over HTTP."""
+    carrier = {key: value for key, value in metadata or () if isinstance(value, str)}
+    # (Exceptions do not mark it: an abort with a client's error is one; `rpc_ended` does.)
+    with tracer.start_as_current_span(
+        method, context=_PROPAGATOR.extract(carrier), kind=SpanKind.SERVER,
+        attributes={"rpc.system": "grpc", "rpc.method": method},
+        record_exception=False, set_status_on_exception=False,
+    ) as span:
+        yield span
+
+
+def rpc_ended(span: Span, code: Any) -> None:
+    """The call's status (a grpc.StatusCode; None: OK) on its span, an error only where HTTP
+    would answer 5xx, as TracingMiddleware marks them."""
+    name = getattr(code, "name", "OK")
+    span.set_attribute("rpc.grpc.status_code", name)
+    if name in ("INTERNAL", "UNAVAILABLE", "UNKNOWN", "DATA_LOSS"):
+        span.set_status(Status(StatusCode.ERROR))
 
 
 def _epoch_ns() -> Callable[[float], int]:

@@ -13,6 +13,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from router.admission import patiently
+from router.tracing import rpc_ended, rpc_span
 from shared.errors import EmbedServeError, ErrorType
 
 log = logging.getLogger(__name__)
@@ -78,11 +79,39 @@ def method_handlers(service: Any, servicer: Any,
     for method in service.methods:
         parse = getattr(messages, method.input_type.name).FromString
         factory = FACTORIES[(method.client_streaming, method.server_streaming)]
+        behavior = getattr(servicer, method.name)
+        tracer = servicer.service.tracer  # (None unless --otlp-endpoint: nothing wrapped)
+        if tracer is not None:
+            behavior = _traced(behavior, f"/{service.full_name}/{method.name}", tracer,
+                               method.server_streaming)
         handlers[method.name] = factory(
-            getattr(servicer, method.name),
+            behavior,
             request_deserializer=parse if method.client_streaming else _lenient(parse),
             response_serializer=getattr(messages, method.output_type.name).SerializeToString)
     return handlers
+
+
+def _traced(behavior: Callable[..., Any], path: str, tracer: Any, streams: bool) -> Any:
+    """`behavior` inside a SERVER span (router.tracing.rpc_span) that ends with its status."""
+    if streams:
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            with rpc_span(tracer, path, context.invocation_metadata()) as span:
+                try:
+                    async for reply in behavior(request, context):
+                        yield reply
+                finally:
+                    rpc_ended(span, context.code())
+
+        return stream
+
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        with rpc_span(tracer, path, context.invocation_metadata()) as span:
+            try:
+                return await behavior(request, context)
+            finally:
+                rpc_ended(span, context.code())
+
+    return call
 
 
 def _as_error(exc: Exception, method: str) -> EmbedServeError:

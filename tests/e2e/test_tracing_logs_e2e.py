@@ -127,3 +127,40 @@ def test_every_log_line_is_a_json_object(traced) -> None:
     assert answered["message"].startswith("POST /embed -> 200 in ")
     assert answered["span"]["name"] == "POST /embed"
     assert answered["span"]["trace_id"] == TRACE_ID
+
+
+def test_a_grpc_call_is_one_trace_continuing_the_callers(collector, tmp_path) -> None:
+    """A unary call over --grpc: one SERVER span continuing the `traceparent` metadata, its
+    tokenize / queue / inference spans its children (they were roots of traces of their own)."""
+    from router.grpc.protos import pb, services
+    from tests.e2e.grpc_server import grpc_serving
+
+    received, port = collector
+    trace_id, parent_id = "1af7651916cd43dd8448eb211c80319d", "c7ad6b7169203332"
+    model = make_tiny_bert(tmp_path / "model", max_seq_length=64)
+    with grpc_serving("--model-id", str(model), "--device", "cpu",
+                      "--otlp-endpoint", f"http://127.0.0.1:{port}", log_path=tmp_path / "log",
+                      env={"OTEL_BSP_SCHEDULE_DELAY": "100"}) as rpc:
+        services.EmbedStub(rpc.channel).Embed(
+            pb.EmbedRequest(inputs="hello traced rpc"), timeout=30,
+            metadata=(("traceparent", f"00-{trace_id}-{parent_id}-01"),))
+        streamed = "2af7651916cd43dd8448eb211c80319e"
+        replies = services.EmbedStub(rpc.channel).EmbedStream(
+            iter([pb.EmbedRequest(inputs="one"), pb.EmbedRequest(inputs="two")]), timeout=30,
+            metadata=(("traceparent", f"00-{streamed}-{parent_id}-01"),))
+        assert len(list(replies)) == 2
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (len(received.of_trace(trace_id)) < 4
+                                               or len(received.of_trace(streamed)) < 7):
+            time.sleep(0.1)
+    stream_spans = received.of_trace(streamed)
+    [stream] = [s for s in stream_spans if s.name == "/tei.v1.Embed/EmbedStream"]
+    assert stream.parent_span_id.hex() == parent_id
+    assert sorted(s.name for s in stream_spans if s.parent_span_id == stream.span_id) == \
+        ["inference", "inference", "queue", "queue", "tokenize", "tokenize"]
+    named = {span.name: span for span in received.of_trace(trace_id)}
+    assert sorted(named) == ["/tei.v1.Embed/Embed", "inference", "queue", "tokenize"], named
+    call = named["/tei.v1.Embed/Embed"]
+    assert call.parent_span_id.hex() == parent_id
+    for name in ("tokenize", "queue", "inference"):
+        assert named[name].parent_span_id == call.span_id, name
