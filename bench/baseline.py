@@ -86,7 +86,8 @@ def measure(model_dir: str, device: str, corpus: list[str], corpus_tokens: int,
 def main(argv: list[str]) -> None:
     spec = json.loads(Path(argv[0]).read_text())
     result = measure(spec["model_dir"], spec["device"], spec["corpus"], spec["corpus_tokens"],
-                     spec["queries"], dtype=spec.get("dtype", "float32"))
+                     spec["queries"], batch_size=spec.get("batch_size", 32),
+                     dtype=spec.get("dtype", "float32"))
     Path(argv[1]).write_text(json.dumps(asdict(result)))
 
 

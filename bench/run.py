@@ -60,7 +60,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--queries", type=int, help="query requests per concurrency [2000; 200]")
     p.add_argument("--baseline-queries", type=int,
                    help="single-text encode repetitions [min(queries, 500)]")
-    p.add_argument("--batch", type=int, default=32, help="texts per corpus request [32]")
+    p.add_argument("--batch", type=int, default=32,
+                   help="texts per corpus request, and the baseline's encode batch [32]")
     p.add_argument("--concurrency", type=int, default=8, help="corpus requests in flight [8]")
     p.add_argument("--query-concurrency", type=int, nargs="+", default=[1, 32],
                    help="in-flight levels of the queries workload [1 32]")
@@ -114,14 +115,14 @@ def own_cpu_s() -> float:
 
 
 def run_baseline(model: str, device: str, dtype: str, corpus: workloads.Texts,
-                 queries: list[str]) -> tuple[BaselineResult, float]:
+                 queries: list[str], batch_size: int) -> tuple[BaselineResult, float]:
     """The baseline's result and the other load on the machine meanwhile (cores)."""
     busy0, own0, t0 = machine_busy_s(), own_cpu_s(), time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-baseline-") as tmp:
         spec, out = Path(tmp) / "in.json", Path(tmp) / "out.json"
         spec.write_text(json.dumps({"model_dir": model, "device": device, "dtype": dtype,
                                     "corpus": corpus.texts, "corpus_tokens": corpus.total_tokens,
-                                    "queries": queries}))
+                                    "queries": queries, "batch_size": batch_size}))
         subprocess.run([sys.executable, "-m", "bench.baseline", str(spec), str(out)],
                        cwd=report.REPO, check=True)
         result = load(out)
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"baseline: SentenceTransformer.encode on {args.device} ...", flush=True)
     base, base_other = run_baseline(model, args.device, args.baseline_dtype, corpus,
-                                    queries.texts[:args.baseline_queries])
+                                    queries.texts[:args.baseline_queries], args.batch)
     print(f"  corpus {base.tokens_per_s:,.0f} tokens/s, one query p50 {ms(base.query_p50_s)} ms",
           flush=True)
 
