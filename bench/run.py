@@ -28,6 +28,7 @@ from bench.figures import (
     cpu_text,
     errors_text,
     gpu_verdict,
+    incomplete,
     query_figures,
     stages_text,
     versus_peer,
@@ -165,6 +166,7 @@ def measure_peer(peer: peers.InfinityServer, corpus_bodies: list[tuple[bytes, in
                   for body, n, tok in peers.openai_bodies(query_bodies)]
     run_load(peer.port, corpus_reqs[:2] + query_reqs[:20], 2, 60, dim)  # warm-up
     rows: list[Row] = []
+    facts: list[str] = []
     numbers: dict[str, tuple[float, ...]] = {}
     loads = [(f"{peer.name} corpus ({args.batch} texts/request)", corpus_reqs, args.concurrency),
              *((f"{peer.name} queries (1 text/request)", query_reqs, conc)
@@ -175,6 +177,10 @@ def measure_peer(peer: peers.InfinityServer, corpus_bodies: list[tuple[bytes, in
         res = run_load(peer.port, requests, conc, args.time_limit, dim, args.client_processes)
         cpu, busy = peer.cpu_s() - cpu0, machine_busy_s() - busy0
         other = (busy - cpu - res.client_cpu_s) / res.wall_s
+        problem = incomplete(f"{what} at {conc} in flight", res, len(requests),
+                             args.time_limit)
+        if problem is not None:
+            facts.append(problem)
         if requests is corpus_reqs:
             tps, throughput, versus = corpus_figures(res, base)
             numbers["corpus"] = (tps,)
@@ -188,7 +194,7 @@ def measure_peer(peer: peers.InfinityServer, corpus_bodies: list[tuple[bytes, in
                         cpu_text(res.client_cpu_s, res.wall_s),
                         f"{cpu / res.wall_s:.2f} cores (all its processes)", "", cores(other)))
     return rows, [f"{peer.name}: {peer.versions()}, started as `{' '.join(peer.args[1:])}`; "
-                  f"ready after {ready_s:.1f} s"], numbers
+                  f"ready after {ready_s:.1f} s", *facts], numbers
 
 
 def in_flight_problem(concurrency: int, batch: int, limit: int | None) -> str | None:
@@ -224,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     notes: list[str] = []
     ours: dict[str, tuple[float, ...]] = {}  # by workload: (tokens/s) or (p50 s, req/s)
     others: list[tuple[str, float]] = [("the baseline", base_other)]
+    unfinished: set[str] = set()  # workloads (keys of `ours`) with errors or cut by the limit
     try:
         ready_s = server.wait_healthy()
         info = json.loads(server.info())
@@ -259,9 +266,10 @@ def main(argv: list[str] | None = None) -> int:
             stages_text(m.stages),
             cores(other)))
         others.append(("the HTTP corpus", other))
-        if len(res.latencies_s) < len(corpus_reqs):
-            notes.append(f"corpus: only {len(res.latencies_s)} of {len(corpus_reqs)} requests "
-                         f"succeeded within {args.time_limit:.0f} s")
+        problem = incomplete("the HTTP corpus", res, len(corpus_reqs), args.time_limit)
+        if problem is not None:
+            notes.append(problem)
+            unfinished.add("corpus")
 
         for conc in args.query_concurrency:
             print(f"queries: {len(query_reqs)} single texts, {conc} in flight ...", flush=True)
@@ -278,6 +286,11 @@ def main(argv: list[str] | None = None) -> int:
                 stages_text(m.stages),
                 cores(other)))
             others.append((f"queries at {conc} in flight", other))
+            problem = incomplete(f"queries at {conc} in flight", res, len(query_reqs),
+                                 args.time_limit)
+            if problem is not None:
+                notes.append(problem)
+                unfinished.add(f"queries {conc}")
 
         router_rss = server.router_rss_kib()
         worker_rss = [rss_kib(pid) for pid in server.worker_pids()]
@@ -316,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             "1.00x", "", "", "", cores(base_other)),
     ]
     if args.device.startswith("cuda"):
-        notes.append(gpu_verdict(ours, base.tokens_per_s))
+        notes.append(gpu_verdict(ours, base.tokens_per_s, unfinished))
     for phase, other in others:
         if other > _OTHER_LOAD_WARN:
             notes.append(f"other processes used {other:.2f} cores during {phase}: those numbers "

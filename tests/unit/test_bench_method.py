@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 
 from bench import run, workloads
+from bench.figures import gpu_verdict, incomplete
+from bench.loadgen import LoadResult
 
 
 def test_the_baseline_encodes_with_the_batch_the_table_names(
@@ -28,3 +30,24 @@ def test_the_baseline_encodes_with_the_batch_the_table_names(
     corpus = workloads.Texts(texts=["a text"], tokens=[20])
     run.run_baseline("model", "cpu", "float32", corpus, ["q"], batch_size=64)
     assert seen["batch_size"] == 64  # the row says "SentenceTransformer.encode (batch 64)"
+
+
+def _load(answered: int, errors: dict[str, int] | None = None) -> LoadResult:
+    return LoadResult(latencies_s=[0.001] * answered, errors=dict(errors or {}), start=0.0,
+                      end=1.0)
+
+
+def test_a_row_with_errors_or_unsent_requests_is_named_under_the_table() -> None:
+    assert incomplete("queries at 1 in flight", _load(100), 100, 60) is None
+    errors = incomplete("queries at 1 in flight", _load(98, {"HTTP 503": 2}), 100, 60)
+    assert errors is not None and "98 of 100" in errors and "2 HTTP 503" in errors
+    cut = incomplete("the HTTP corpus", _load(40), 100, 60)
+    assert cut is not None and "40 of 100" in cut and "60 s" in cut
+
+
+def test_a_target_is_not_met_by_a_workload_that_had_errors_or_was_cut() -> None:
+    ours: dict[str, tuple[float, ...]] = {"corpus": (2.0e6,), "queries 1": (1.0e-3, 900.0)}
+    assert "NOT met" not in gpu_verdict(ours, 1.0e5)
+    verdict = gpu_verdict(ours, 1.0e5, incomplete={"corpus", "queries 1"})
+    assert "met)" not in verdict.replace("NOT met", "")
+    assert verdict.count("NOT met") == 3
