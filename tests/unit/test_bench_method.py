@@ -65,3 +65,10 @@ def test_the_baseline_computes_in_the_dtype_the_server_chooses(
     assert run.baseline_dtype("cpu", model) == "float32"
     assert run.baseline_dtype("cuda:0", model) == "float16"
     assert run.parse_args(["--device", "cpu"]).baseline_dtype is None  # decided with the model
+
+
+def test_a_short_latency_is_shown_to_a_hundredth_of_a_millisecond() -> None:
+    from bench.report import ms
+
+    assert ms(0.00246) == "2.46"  # against a 2.5 ms target, "2.5" would say nothing
+    assert ms(0.1467) == "146.7"
