@@ -10,8 +10,11 @@ from bench.report import rate
 from bench.server import CpuSnapshot, StageSnapshot
 
 
-def cpu_text(seconds: float, wall: float) -> str:
-    return f"{seconds:.2f} s = {100 * seconds / wall:.2f}% of a core"
+def cpu_text(seconds: float, wall: float, requests: int) -> str:
+    """The client's CPU, also per answered request: at 1 in flight, the most of a request's
+    latency that was the client's own work."""
+    per = f", {1e6 * seconds / requests:.0f} us/request" if requests else ""
+    return f"{seconds:.2f} s = {100 * seconds / wall:.2f}% of a core{per}"
 
 
 def cpu_split(cpu: CpuSnapshot, wall: float) -> str:

@@ -199,7 +199,7 @@ def measure_peer(peer: peers.InfinityServer, corpus_bodies: list[tuple[bytes, in
         rows.append(Row(what, str(conc), str(len(res.latencies_s)), errors_text(res),
                         throughput, ms(percentile(res.latencies_s, 50)),
                         ms(percentile(res.latencies_s, 99)), versus,
-                        cpu_text(res.client_cpu_s, res.wall_s),
+                        cpu_text(res.client_cpu_s, res.wall_s, len(res.latencies_s)),
                         f"{cpu / res.wall_s:.2f} cores (all its processes)", "", cores(other)))
     return rows, [f"{peer.name}: {peer.versions()}, started as `{' '.join(peer.args[1:])}`; "
                   f"ready after {ready_s:.1f} s", *facts], numbers
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             f"HTTP corpus ({args.batch} texts/request)", str(args.concurrency),
             str(len(res.latencies_s)), errors_text(res), throughput,
             ms(percentile(res.latencies_s, 50)), ms(percentile(res.latencies_s, 99)), versus,
-            cpu_text(res.client_cpu_s, res.wall_s),
+            cpu_text(res.client_cpu_s, res.wall_s, len(res.latencies_s)),
             cpu_split(m.cpu, res.wall_s),
             stages_text(m.stages),
             cores(other)))
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                 "HTTP queries (1 text/request)", str(conc), str(len(res.latencies_s)),
                 errors_text(res), rate(qps, "req/s"), ms(p50),
                 ms(percentile(res.latencies_s, 99)), versus,
-                cpu_text(res.client_cpu_s, res.wall_s),
+                cpu_text(res.client_cpu_s, res.wall_s, len(res.latencies_s)),
                 cpu_split(m.cpu, res.wall_s),
                 stages_text(m.stages),
                 cores(other)))

@@ -72,3 +72,10 @@ def test_a_short_latency_is_shown_to_a_hundredth_of_a_millisecond() -> None:
 
     assert ms(0.00246) == "2.46"  # against a 2.5 ms target, "2.5" would say nothing
     assert ms(0.1467) == "146.7"
+
+
+def test_the_client_cpu_is_also_given_per_request() -> None:
+    from bench.figures import cpu_text
+
+    assert cpu_text(0.11, 2.5, 1000) == "0.11 s = 4.40% of a core, 110 us/request"
+    assert cpu_text(0.0, 1.0, 0) == "0.00 s = 0.00% of a core"
