@@ -36,17 +36,33 @@ command -v nvidia-smi >/dev/null &&
 nproc
 
 echo "== packages"
-missing=()
-for pair in msgspec:msgspec orjson:orjson zmq:pyzmq starlette:starlette hypercorn:hypercorn \
-            swagger_ui:swagger-ui-py opentelemetry.trace:opentelemetry-api \
-            prometheus_client:prometheus-client httpx:httpx pytest:pytest \
-            pytest_timeout:pytest-timeout hypothesis:hypothesis; do
-    "$PY" -c "import ${pair%%:*}" 2>/dev/null || missing+=("${pair##*:}")
-done
+lacking() {  # the packages (module:distribution) the host cannot import, into `missing`
+    missing=()
+    for pair in msgspec:msgspec orjson:orjson zmq:pyzmq starlette:starlette hypercorn:hypercorn \
+                swagger_ui:swagger-ui-py opentelemetry.trace:opentelemetry-api \
+                prometheus_client:prometheus-client httpx:httpx pytest:pytest \
+                pytest_timeout:pytest-timeout hypothesis:hypothesis; do
+        "$PY" -c "import ${pair%%:*}" 2>/dev/null || missing+=("${pair##*:}")
+    done
+}
+lacking
 if (( ${#missing[@]} )); then
     echo "installing from .gpu/wheels: ${missing[*]}"
-    "$PY" -m pip install -q --no-index --find-links "$ROOT/.gpu/wheels" --target "$SITE" \
-        "${missing[@]}" || { echo "cannot install ${missing[*]}"; exit 2; }
+    # pip --target ignores what the host has installed, so it would bring its own copies of
+    # their needs (typing_extensions, packaging, anyio, jinja2...) into .gpu/site, which
+    # PYTHONPATH puts before the host's, under torch and transformers too. Resolve against the
+    # host instead (--dry-run --report: the wheels it lacks or has too old), then install
+    # exactly those, without their needs.
+    report="$ROOT/.gpu/install-report.json"
+    wheels=()
+    timeout -k 5 120 "$PY" -m pip install -q --dry-run --no-index \
+        --find-links "$ROOT/.gpu/wheels" --report "$report" "${missing[@]}" &&
+        mapfile -t wheels < <("$PY" -c 'import json, sys, urllib.parse as u
+for item in json.load(open(sys.argv[1]))["install"]:
+    print(u.unquote(u.urlparse(item["download_info"]["url"]).path))' "$report") &&
+        (( ${#wheels[@]} )) && echo "  ${wheels[*]##*/}" &&
+        timeout -k 5 120 "$PY" -m pip install -q --no-index --no-deps --no-compile \
+            --target "$SITE" "${wheels[@]}" || { echo "cannot install ${missing[*]}"; exit 2; }
 fi
 
 if ! "$PY" -c "import transformers; transformers.GteConfig" 2>/dev/null; then
@@ -54,6 +70,8 @@ if ! "$PY" -c "import transformers; transformers.GteConfig" 2>/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --find-links "$ROOT/.gpu/wheels" --target "$SITE" \
         transformers==5.18.0 || { echo "cannot install transformers 5.18"; exit 2; }
 fi
+lacking
+(( ${#missing[@]} == 0 )) || { echo "still not importable: ${missing[*]}"; exit 2; }
 
 echo "== CUDA tests (at ${SECONDS} s)"
 timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$RESULTS/pytest.log"

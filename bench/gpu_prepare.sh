@@ -13,7 +13,7 @@ PACKAGES=(msgspec orjson pyzmq starlette hypercorn swagger-ui-py opentelemetry-a
           httpx pytest pytest-timeout hypothesis)
 # .gpu/site is what gpu_check.sh installs on a host (or a CPU dry run here): never carried, as
 # it would push the carry past its 64 MiB.
-rm -rf "$OUT/site"
+rm -rf "$OUT/site" "$OUT/install-report.json"
 mkdir -p "$OUT/wheels" "$OUT/tokenizer"
 for version in 3.11 3.12 3.13; do
     "$PY" -m pip download -q --only-binary=:all: --dest "$OUT/wheels" \
