@@ -34,4 +34,8 @@ fi
 for name in tokenizer.json tokenizer_config.json special_tokens_map.json vocab.txt; do
     [[ -f "$model/$name" ]] && cp "$model/$name" "$OUT/tokenizer/"
 done
+# The device gets the working tree without .git: the RESULTS.md entry's commit comes from here
+# (bench/report.py git_commit), as of this run.
+(cd "$ROOT" && "$PY" -c 'from bench.report import git_commit; print(git_commit())') >"$OUT/commit"
+echo "commit $(cat "$OUT/commit")"
 du -sh "$OUT"

@@ -74,6 +74,9 @@ def gpu_model() -> str | None:
 
 
 def git_commit() -> str:
+    """The checkout's commit, +dirty with changes; EMBEDSERVE_COMMIT where there is no git
+    history (the GPU host gets a copy of the working tree without .git: bench/gpu_prepare.sh
+    records it)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -84,7 +87,7 @@ def git_commit() -> str:
         # or every run after the first would call itself dirty.
         dirty = bool(git("status", "--porcelain", "--", ".", ":!bench/RESULTS.md"))
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("EMBEDSERVE_COMMIT") or "unknown"
     return commit + ("+dirty" if dirty else "")
 
 
