@@ -20,6 +20,7 @@ SITE="$ROOT/.gpu/site"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1  # logs reach $OUT as they go
 export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export EMBEDSERVE_BERT_TOKENIZER="$ROOT/.gpu/tokenizer"
+export EMBEDSERVE_FIXTURES="$ROOT/.gpu/fixtures"  # fixture wheels: the host cannot download
 # The working tree came without .git: the commit gpu_prepare.sh saw, for the RESULTS.md entry.
 [[ -f "$ROOT/.gpu/commit" ]] && export EMBEDSERVE_COMMIT="$(cat "$ROOT/.gpu/commit")"
 RESULTS="${OUT:-/tmp}/gpu-check"

