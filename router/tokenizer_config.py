@@ -275,6 +275,26 @@ def _read_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
+_ADDED_TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
+
+
+def _config_added_tokens(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
+    """tokenizer_config.json's `added_tokens_decoder` entries that tokenizer.json's added tokens
+    lack (compared as transformers compares them: content and flags), added as transformers
+    adds them after building the class: in id order, each at its vocabulary id or the next
+    free one."""
+    have = {repr(token) for token in tokenizer.get_added_tokens_decoder().values()}
+    entries = cfg.get("added_tokens_decoder") or {}
+    for _, entry in sorted(entries.items(), key=lambda item: int(item[0])):
+        if not isinstance(entry, dict) or "content" not in entry:
+            continue
+        token = AddedToken(str(entry["content"]),
+                           **{flag: bool(entry[flag]) for flag in _ADDED_TOKEN_FLAGS
+                              if flag in entry})
+        if repr(token) not in have:
+            tokenizer.add_tokens([token])
+
+
 def configure(tokenizer: Tokenizer, model_dir: Path, model_type: str, lowercase: bool) -> str:
     """Make `tokenizer` (model_dir's tokenizer.json) tokenize as sentence-transformers does.
     Returns what tokenizer_config.json changed ("" for nothing), for the log."""
@@ -290,6 +310,7 @@ def configure(tokenizer: Tokenizer, model_dir: Path, model_type: str, lowercase:
         rebuild(tokenizer, cfg)
         if _pipeline(tokenizer) != before:
             changed = f"{name} rebuilds tokenizer.json's normalizer/pre-tokenizer from {cfg_path}"
+    _config_added_tokens(tokenizer, cfg)
     if lowercase:
         _with_lowercase(tokenizer)
     return changed

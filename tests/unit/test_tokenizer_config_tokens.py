@@ -1,0 +1,58 @@
+"""tokenizer_config.json's say over tokenizer.json's added tokens, as transformers 5 (so
+sentence-transformers) applies it: ids, type ids, offsets and /decode against AutoTokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
+
+from tests.fixtures.tokenizer_oracle import assert_tokenizes_as_transformers, write_case
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WORDS = ["x", "y", "[", "]", "<", ">", "new", "extra", "mask"]
+BERT = {"tokenizer_class": "BertTokenizer", "unk_token": "[UNK]", "sep_token": "[SEP]",
+        "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"}
+TEXTS = ["x [NEW] y", "x<extra>y", "<extra>", "[NEW]", "x [MASK] y", "x y"]
+PAIRS = [("x [NEW]", "<extra> y"), ("[MASK]", "y")]
+
+
+def _added(index: int, content: str, special: bool) -> dict[str, Any]:
+    return {str(index): {"content": content, "lstrip": False, "normalized": not special,
+                         "rstrip": False, "single_word": False, "special": special}}
+
+
+def _wordpiece(root: Path) -> Tokenizer:
+    vocab = {t: i for i, t in enumerate([*SPECIALS, *WORDS])}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
+    tok.save(str(root / "tokenizer.json"))
+    return tok
+
+
+@pytest.mark.parametrize("class_name", ["BertTokenizer", "PreTrainedTokenizerFast"])
+def test_added_tokens_decoder_tokens_missing_from_tokenizer_json(tmp_path: Path,
+                                                                 class_name: str) -> None:
+    """Tokens that tokenizer_config.json's added_tokens_decoder holds and tokenizer.json does
+    not are added, as transformers adds them (a special one and a normal one, at ids past the
+    vocabulary), whatever the class."""
+    pytest.importorskip("transformers")
+    size = len(SPECIALS) + len(WORDS)
+
+    def write(root: Path) -> dict[str, Any]:
+        _wordpiece(root)
+        decoder = {k: v for i, t in enumerate(SPECIALS) for k, v in _added(i, t, True).items()}
+        decoder |= _added(size, "[NEW]", True) | _added(size + 1, "<extra>", False)
+        return BERT | {"do_lower_case": True, "added_tokens_decoder": decoder,
+                       "tokenizer_class": class_name}
+
+    root = write_case(tmp_path / "m", write, "bert")
+    expected = "TokenizersBackend" if class_name == "PreTrainedTokenizerFast" else class_name
+    assert_tokenizes_as_transformers(root, "bert", expected, TEXTS, PAIRS)
