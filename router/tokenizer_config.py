@@ -311,6 +311,9 @@ def configure(tokenizer: Tokenizer, model_dir: Path, model_type: str, lowercase:
         if _pipeline(tokenizer) != before:
             changed = f"{name} rebuilds tokenizer.json's normalizer/pre-tokenizer from {cfg_path}"
     _config_added_tokens(tokenizer, cfg)
+    # split_special_tokens: a special token written in a text is tokenized as text (transformers
+    # sets it on the backend for every call, the template's own tokens still added).
+    tokenizer.encode_special_tokens = bool(cfg.get("split_special_tokens", False))
     if lowercase:
         _with_lowercase(tokenizer)
     return changed

@@ -56,3 +56,19 @@ def test_added_tokens_decoder_tokens_missing_from_tokenizer_json(tmp_path: Path,
     root = write_case(tmp_path / "m", write, "bert")
     expected = "TokenizersBackend" if class_name == "PreTrainedTokenizerFast" else class_name
     assert_tokenizes_as_transformers(root, "bert", expected, TEXTS, PAIRS)
+
+
+@pytest.mark.parametrize("class_name", ["BertTokenizer", "PreTrainedTokenizerFast"])
+def test_split_special_tokens_tokenizes_them_as_text(tmp_path: Path, class_name: str) -> None:
+    """tokenizer_config.json's split_special_tokens: "[MASK]" in a text is "[", "mask", "]" for
+    transformers, not the mask token; [CLS] and [SEP] are still added."""
+    pytest.importorskip("transformers")
+
+    def write(root: Path) -> dict[str, Any]:
+        _wordpiece(root)
+        return BERT | {"do_lower_case": True, "split_special_tokens": True,
+                       "tokenizer_class": class_name}
+
+    root = write_case(tmp_path / "m", write, "bert")
+    expected = "TokenizersBackend" if class_name == "PreTrainedTokenizerFast" else class_name
+    assert_tokenizes_as_transformers(root, "bert", expected, TEXTS, PAIRS)
