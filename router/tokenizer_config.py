@@ -300,6 +300,11 @@ def configure(tokenizer: Tokenizer, model_dir: Path, model_type: str, lowercase:
     Returns what tokenizer_config.json changed ("" for nothing), for the log."""
     cfg_path = model_dir / "tokenizer_config.json"
     cfg = _read_config(cfg_path) if cfg_path.is_file() else {}
+    map_path = model_dir / "special_tokens_map.json"
+    if "added_tokens_decoder" not in cfg and map_path.is_file():
+        # transformers 4's files: special_tokens_map.json's named tokens win over
+        # tokenizer_config.json's, as transformers reads them (shared.tokenizer_class)
+        cfg |= _read_config(map_path)
     model_cfg_path = model_dir / "config.json"
     model_cfg = _read_config(model_cfg_path) if model_cfg_path.is_file() else {}
     name = tokenizer_class(cfg, model_type, model_cfg.get("tokenizer_class"))

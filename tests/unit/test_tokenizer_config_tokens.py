@@ -3,6 +3,7 @@ sentence-transformers) applies it: ids, type ids, offsets and /decode against Au
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +73,21 @@ def test_split_special_tokens_tokenizes_them_as_text(tmp_path: Path, class_name:
     root = write_case(tmp_path / "m", write, "bert")
     expected = "TokenizersBackend" if class_name == "PreTrainedTokenizerFast" else class_name
     assert_tokenizes_as_transformers(root, "bert", expected, TEXTS, PAIRS)
+
+
+def test_special_tokens_map_names_the_template_tokens(tmp_path: Path) -> None:
+    """A tokenizer_config.json without added_tokens_decoder (transformers 4's files): the
+    cls_token / sep_token of special_tokens_map.json, not tokenizer_config.json's, close the
+    texts, as transformers reads them."""
+    pytest.importorskip("transformers")
+
+    def write(root: Path) -> dict[str, Any]:
+        _wordpiece(root)
+        (root / "special_tokens_map.json").write_text(json.dumps(
+            {"cls_token": "[PAD]", "sep_token": {"content": "[MASK]", "lstrip": False,
+                                                  "normalized": False, "rstrip": False,
+                                                  "single_word": False}}))
+        return BERT | {"do_lower_case": True}
+
+    root = write_case(tmp_path / "m", write, "bert")
+    assert_tokenizes_as_transformers(root, "bert", "BertTokenizer", ["x y", "y"], [("x", "y")])
