@@ -30,7 +30,7 @@ from tokenizers import (
 
 from shared.errors import ConfigError
 from shared.st_modules import read_json
-from shared.tokenizer_class import tokenizer_class
+from shared.tokenizer_class import CLASS_DEFAULTS, tokenizer_class
 
 log = logging.getLogger(__name__)
 
@@ -276,23 +276,48 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 _ADDED_TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
+# The named special tokens transformers makes sure of (SPECIAL_TOKENS_ATTRIBUTES).
+_NAMED = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
+          "mask_token")
 
 
-def _config_added_tokens(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
-    """tokenizer_config.json's `added_tokens_decoder` entries that tokenizer.json's added tokens
-    lack (compared as transformers compares them: content and flags), added as transformers
-    adds them after building the class: in id order, each at its vocabulary id or the next
-    free one."""
+def _added_token(value: Any, special: bool | None = None) -> AddedToken | None:
+    """An AddedToken of a file's value (a token's text or its AddedToken dict); None for none."""
+    if isinstance(value, dict):
+        if "content" not in value:
+            return None
+        flags = {flag: bool(value[flag]) for flag in _ADDED_TOKEN_FLAGS if flag in value}
+        if special is not None:
+            flags["special"] = special
+        return AddedToken(str(value["content"]), **flags)
+    if isinstance(value, str) and value:
+        return AddedToken(value, special=bool(special))
+    return None
+
+
+def _config_added_tokens(tokenizer: Tokenizer, cfg: dict[str, Any],
+                         named: dict[str, Any]) -> None:
+    """Tokens transformers adds after building the class: tokenizer_config.json's
+    `added_tokens_decoder` entries that tokenizer.json's added tokens lack (compared as
+    transformers compares them: content and flags), in id order, then each named special token
+    (`named`: the class's defaults under the files') and extra special token that is not an
+    added token yet, as a special one; each at its vocabulary id or the next free one."""
     have = {repr(token) for token in tokenizer.get_added_tokens_decoder().values()}
     entries = cfg.get("added_tokens_decoder") or {}
-    for _, entry in sorted(entries.items(), key=lambda item: int(item[0])):
-        if not isinstance(entry, dict) or "content" not in entry:
-            continue
-        token = AddedToken(str(entry["content"]),
-                           **{flag: bool(entry[flag]) for flag in _ADDED_TOKEN_FLAGS
-                              if flag in entry})
-        if repr(token) not in have:
-            tokenizer.add_tokens([token])
+    tokens = [_added_token(entry) for _, entry in sorted(entries.items(),
+                                                         key=lambda item: int(item[0]))]
+    new = [token for token in tokens if token is not None and repr(token) not in have]
+    contents = {token.content for token in tokenizer.get_added_tokens_decoder().values()}
+    contents |= {token.content for token in new}
+    extra = named.get("extra_special_tokens") or named.get("additional_special_tokens") or []
+    for value in [*(named.get(key) for key in _NAMED),
+                  *(extra.values() if isinstance(extra, dict) else extra)]:
+        token = _added_token(value, special=True)
+        if token is not None and token.content not in contents:
+            new.append(token)
+            contents.add(token.content)
+    if new:
+        tokenizer.add_tokens(new)
 
 
 def configure(tokenizer: Tokenizer, model_dir: Path, model_type: str, lowercase: bool) -> str:
@@ -315,7 +340,7 @@ def configure(tokenizer: Tokenizer, model_dir: Path, model_type: str, lowercase:
         rebuild(tokenizer, cfg)
         if _pipeline(tokenizer) != before:
             changed = f"{name} rebuilds tokenizer.json's normalizer/pre-tokenizer from {cfg_path}"
-    _config_added_tokens(tokenizer, cfg)
+    _config_added_tokens(tokenizer, cfg, CLASS_DEFAULTS.get(name, {}) | cfg)
     # split_special_tokens: a special token written in a text is tokenized as text (transformers
     # sets it on the backend for every call, the template's own tokens still added).
     tokenizer.encode_special_tokens = bool(cfg.get("split_special_tokens", False))

@@ -25,7 +25,7 @@ def _added(index: int, content: str, special: bool) -> dict[str, Any]:
                          "rstrip": False, "single_word": False, "special": special}}
 
 
-def _wordpiece(root: Path) -> Tokenizer:
+def _wordpiece(root: Path, added: list[str] = SPECIALS) -> Tokenizer:
     vocab = {t: i for i, t in enumerate([*SPECIALS, *WORDS])}
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -33,7 +33,7 @@ def _wordpiece(root: Path) -> Tokenizer:
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in added])
     tok.save(str(root / "tokenizer.json"))
     return tok
 
@@ -91,3 +91,18 @@ def test_special_tokens_map_names_the_template_tokens(tmp_path: Path) -> None:
 
     root = write_case(tmp_path / "m", write, "bert")
     assert_tokenizes_as_transformers(root, "bert", "BertTokenizer", ["x y", "y"], [("x", "y")])
+
+
+def test_named_special_tokens_missing_from_tokenizer_json_are_added(tmp_path: Path) -> None:
+    """A named special token (the class's default "[MASK]", tokenizer_config.json's mask_token,
+    an additional special token) that tokenizer.json's added tokens lack is matched whole,
+    as transformers adds it, "[NEW]" at the next free id."""
+    pytest.importorskip("transformers")
+
+    def write(root: Path) -> dict[str, Any]:
+        _wordpiece(root, added=["[PAD]", "[UNK]", "[CLS]", "[SEP]"])
+        return {"tokenizer_class": "BertTokenizer", "do_lower_case": True,
+                "pad_token": "[PAD]", "additional_special_tokens": ["<extra>", "[NEW]"]}
+
+    root = write_case(tmp_path / "m", write, "bert")
+    assert_tokenizes_as_transformers(root, "bert", "BertTokenizer", TEXTS, PAIRS)
