@@ -92,6 +92,17 @@ def _bert_template(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
     _cls_sep_template(tokenizer, cfg)
 
 
+def _mpnet(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
+    # MPNetTokenizer sets <s> A </s> / <s> A </s></s> B </s> of its cls_token / sep_token over
+    # the file's post-processor (ids 0 and 2 for a token the vocabulary lacks).
+    _bert(tokenizer, cfg)
+    cls, sep = _token(cfg, "cls_token", "<s>"), _token(cfg, "sep_token", "</s>")
+    cls_id, sep_id = tokenizer.token_to_id(cls), tokenizer.token_to_id(sep)
+    tokenizer.post_processor = processors.RobertaProcessing(
+        (sep, 2 if sep_id is None else sep_id), (cls, 0 if cls_id is None else cls_id),
+        trim_offsets=True, add_prefix_space=False)
+
+
 def _roberta(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
     prefix = bool(cfg.get("add_prefix_space", False))
     sep, cls = _token(cfg, "sep_token", "</s>"), _token(cfg, "cls_token", "<s>")
@@ -241,7 +252,7 @@ def _deberta_v2(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
 
 _REBUILDS = {
     "BertTokenizer": _bert_template, "DistilBertTokenizer": _bert_template,
-    "MPNetTokenizer": _bert,
+    "MPNetTokenizer": _mpnet,
     # (transformers 5 has no ElectraTokenizer: the name resolves to BertTokenizer.)
     "ElectraTokenizer": _bert_template,
     "RobertaTokenizer": _roberta,

@@ -106,3 +106,18 @@ def test_named_special_tokens_missing_from_tokenizer_json_are_added(tmp_path: Pa
 
     root = write_case(tmp_path / "m", write, "bert")
     assert_tokenizes_as_transformers(root, "bert", "BertTokenizer", TEXTS, PAIRS)
+
+
+@pytest.mark.parametrize("named", [{}, {"cls_token": "[CLS]", "sep_token": "[SEP]"}])
+def test_mpnet_closes_texts_with_its_named_tokens(tmp_path: Path, named: dict[str, str]) -> None:
+    """MPNetTokenizer's template is <s> A </s> / <s> A </s></s> B </s> of its cls_token and
+    sep_token (the class's <s> and </s> when none is named), whatever the file's post-processor
+    holds."""
+    pytest.importorskip("transformers")
+
+    def write(root: Path) -> dict[str, Any]:
+        _wordpiece(root, added=[*SPECIALS, "<s>", "</s>"])
+        return {"tokenizer_class": "MPNetTokenizer", "unk_token": "[UNK]", **named}
+
+    root = write_case(tmp_path / "m", write, "mpnet")
+    assert_tokenizes_as_transformers(root, "mpnet", "MPNetTokenizer", TEXTS, PAIRS)
