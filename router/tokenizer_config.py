@@ -307,12 +307,14 @@ def _added_token(value: Any, special: bool | None = None) -> AddedToken | None:
 
 
 def _config_added_tokens(tokenizer: Tokenizer, cfg: dict[str, Any],
-                         named: dict[str, Any]) -> None:
+                         named: dict[str, Any], rows: int | None = None) -> None:
     """Tokens transformers adds after building the class: tokenizer_config.json's
     `added_tokens_decoder` entries that tokenizer.json's added tokens lack (compared as
     transformers compares them: content and flags), in id order, then each named special token
     (`named`: the class's defaults under the files') and extra special token that is not an
-    added token yet, as a special one; each at its vocabulary id or the next free one."""
+    added token yet, as a special one; each at its vocabulary id or the next free one. A token
+    whose new id would be past the model's embedding `rows` (config.json's vocab_size) is left
+    out: transformers' model would fail on it (an index error), where its pieces still serve."""
     have = {repr(token) for token in tokenizer.get_added_tokens_decoder().values()}
     entries = cfg.get("added_tokens_decoder") or {}
     tokens = [_added_token(entry) for _, entry in sorted(entries.items(),
@@ -327,8 +329,18 @@ def _config_added_tokens(tokenizer: Tokenizer, cfg: dict[str, Any],
         if token is not None and token.content not in contents:
             new.append(token)
             contents.add(token.content)
-    if new:
-        tokenizer.add_tokens(new)
+    next_id, kept = tokenizer.get_vocab_size(with_added_tokens=True), []
+    for token in new:
+        if tokenizer.token_to_id(token.content) is None:  # it takes a new id
+            if rows is not None and next_id >= rows:
+                log.warning("tokenizer_config.json's %r would take id %d, past the model's %d "
+                            "embeddings: not added (a text holding it is tokenized in pieces)",
+                            token.content, next_id, rows)
+                continue
+            next_id += 1
+        kept.append(token)
+    if kept:
+        tokenizer.add_tokens(kept)
 
 
 def configure(tokenizer: Tokenizer, model_dir: Path, model_type: str, lowercase: bool) -> str:
@@ -351,7 +363,9 @@ def configure(tokenizer: Tokenizer, model_dir: Path, model_type: str, lowercase:
         rebuild(tokenizer, cfg)
         if _pipeline(tokenizer) != before:
             changed = f"{name} rebuilds tokenizer.json's normalizer/pre-tokenizer from {cfg_path}"
-    _config_added_tokens(tokenizer, cfg, CLASS_DEFAULTS.get(name, {}) | cfg)
+    rows = model_cfg.get("vocab_size")
+    _config_added_tokens(tokenizer, cfg, CLASS_DEFAULTS.get(name, {}) | cfg,
+                         rows if isinstance(rows, int) else None)
     # split_special_tokens: a special token written in a text is tokenized as text (transformers
     # sets it on the backend for every call, the template's own tokens still added).
     tokenizer.encode_special_tokens = bool(cfg.get("split_special_tokens", False))

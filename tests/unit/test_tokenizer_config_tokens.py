@@ -121,3 +121,27 @@ def test_mpnet_closes_texts_with_its_named_tokens(tmp_path: Path, named: dict[st
 
     root = write_case(tmp_path / "m", write, "mpnet")
     assert_tokenizes_as_transformers(root, "mpnet", "MPNetTokenizer", TEXTS, PAIRS)
+
+
+def test_a_token_past_the_models_embeddings_is_not_added(tmp_path: Path) -> None:
+    """A token that would take an id the model has no embedding row for stays unmatched (its
+    pieces are what the model can read), where the rows hold it, it is added."""
+    from router import tokenization
+
+    size = len(SPECIALS) + len(WORDS)
+
+    def write(root: Path) -> dict[str, Any]:
+        _wordpiece(root)
+        return BERT | {"do_lower_case": True, "additional_special_tokens": ["[NEW]"]}
+
+    for rows, whole in ((size, False), (size + 8, True)):
+        root = write_case(tmp_path / str(rows), write, "bert")
+        (root / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": rows}))
+        before = tokenization._tokenizer
+        try:
+            tokenization._load(str(root / "tokenizer.json"))
+            [encoded] = tokenization._encode(["x [NEW] y"], None, "right").value
+        finally:
+            tokenization._tokenizer = before
+        assert max(encoded.ids) < rows
+        assert (size in encoded.ids.tolist()) == whole
