@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, use_span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -117,14 +117,25 @@ def rpc_span(tracer: Tracer, method: str,
     """A SERVER span around one gRPC call (`method`: its path, /tei.v1.Embed/Embed), a child
     of the `traceparent` in its metadata, current while the call runs, so the service's phase
     spans become its children as over HTTP."""
+    with current(rpc_start(tracer, method, metadata), end=True) as span:
+        yield span
+
+
+def rpc_start(tracer: Tracer, method: str, metadata: Iterable[tuple[str, Any]] | None) -> Span:
+    """`rpc_span`'s span, started but not made current (a streaming call makes it current only
+    while its own code runs: see router.grpc.calls)."""
     carrier = {key: value for key, value in metadata or () if isinstance(value, str)}
     # (Exceptions do not mark it: an abort with a client's error is one; `rpc_ended` does.)
-    with tracer.start_as_current_span(
+    return tracer.start_span(
         method, context=_PROPAGATOR.extract(carrier), kind=SpanKind.SERVER,
         attributes={"rpc.system": "grpc", "rpc.method": method},
-        record_exception=False, set_status_on_exception=False,
-    ) as span:
-        yield span
+        record_exception=False, set_status_on_exception=False)
+
+
+def current(span: Span, end: bool = False) -> Any:
+    """`span` current in a with block (ended after it if `end`); exceptions do not mark it."""
+    return use_span(span, end_on_exit=end, record_exception=False,
+                    set_status_on_exception=False)
 
 
 def rpc_ended(span: Span, code: Any) -> None:

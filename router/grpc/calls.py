@@ -13,7 +13,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from router.admission import patiently
-from router.tracing import rpc_ended, rpc_span
+from router.tracing import current, rpc_ended, rpc_span, rpc_start
 from shared.errors import EmbedServeError, ErrorType
 
 log = logging.getLogger(__name__)
@@ -95,12 +95,22 @@ def _traced(behavior: Callable[..., Any], path: str, tracer: Any, streams: bool)
     """`behavior` inside a SERVER span (router.tracing.rpc_span) that ends with its status."""
     if streams:
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            with rpc_span(tracer, path, context.invocation_metadata()) as span:
-                try:
-                    async for reply in behavior(request, context):
-                        yield reply
-                finally:
-                    rpc_ended(span, context.code())
+            # The span is current only while the call's own code runs, not across a yield:
+            # grpc.aio leaves the generator of a call the client cancelled to the garbage
+            # collector, which closes it in another Context, where detaching fails.
+            span = rpc_start(tracer, path, context.invocation_metadata())
+            replies = behavior(request, context).__aiter__()
+            try:
+                while True:
+                    with current(span):
+                        try:
+                            reply = await anext(replies)
+                        except StopAsyncIteration:
+                            break
+                    yield reply
+            finally:
+                rpc_ended(span, context.code())
+                span.end()
 
         return stream
 

@@ -4,6 +4,7 @@ one table of gRPC statuses."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 
@@ -223,3 +224,40 @@ def test_a_stream_not_read_keeps_at_most_its_window_of_answers() -> None:
 
     run(main())
     assert answered <= 16 + 1
+
+
+def test_a_traced_stream_dropped_after_a_reply_ends_its_span_without_a_detach_error(
+        caplog) -> None:
+    """grpc.aio leaves the reply generator of a call the client cancelled to the garbage
+    collector, whose aclose runs in another Context: a span kept current across a `yield` then
+    failed to detach ("Failed to detach context", logged as an error)."""
+    import contextvars
+
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from router.grpc.calls import _traced
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+
+    async def replies(request: object, context: object) -> AsyncIterator[int]:
+        for n in range(3):
+            yield n
+
+    context = SimpleNamespace(invocation_metadata=lambda: (), code=lambda: None)
+    stream = _traced(replies, "/tei.v1.Embed/EmbedStream", provider.get_tracer("t"), True)
+
+    async def call() -> None:
+        gen = stream(None, context)
+        assert await contextvars.copy_context().run(asyncio.ensure_future, gen.__anext__()) == 0
+        # (as the garbage collector's finalizer closes it: in a fresh Context)
+        await contextvars.Context().run(asyncio.ensure_future, gen.aclose())
+
+    with caplog.at_level(logging.ERROR):
+        run(call())
+    assert not [r for r in caplog.records if "detach" in r.getMessage()]
+    [span] = exporter.get_finished_spans()
+    assert span.name == "/tei.v1.Embed/EmbedStream"
