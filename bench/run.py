@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,9 +50,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="tokenizer files for random:SHAPE models [the built-in model's]")
     p.add_argument("--device", default="cpu", help="server and baseline device [cpu]")
     p.add_argument("--baseline-dtype", choices=("float32", "float16", "bfloat16"),
-                   help="SentenceTransformer dtype [embedserve's default for the model and "
-                        "device (shared/dtypes.py): float16 on cuda, bfloat16 on a CPU with "
-                        "native bfloat16, else float32]")
+                   help="SentenceTransformer dtype [the server's: its --server-arg --dtype, "
+                        "else embedserve's default for the model and device (shared/dtypes.py): "
+                        "float16 on cuda, bfloat16 on a CPU with native bfloat16, else float32]")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="extra embedserve argument, repeatable: --server-arg=--dtype=bfloat16")
     p.add_argument("--quick", action="store_true",
@@ -108,12 +109,17 @@ def model_dir(arg: str | None, tokenizer_dir: str | None = None) -> str:
     return str(path)
 
 
-def baseline_dtype(device: str, model: str) -> str:
-    """The dtype embedserve serves `model` in on `device` without --dtype, so that the ratio
-    compares two servings of the same arithmetic."""
+def baseline_dtype(device: str, model: str, server_args: Sequence[str] = ()) -> str:
+    """The dtype embedserve serves `model` in on `device` (a --dtype among `server_args`, else
+    its default), so that the ratio compares two servings of the same arithmetic."""
     from shared.dtypes import default_dtype
     from shared.modelinfo import load_model_info
 
+    for index, arg in enumerate(server_args):
+        if arg.startswith("--dtype="):
+            return arg.partition("=")[2]
+        if arg == "--dtype" and index + 1 < len(server_args):
+            return server_args[index + 1]
     return default_dtype(device.partition(":")[0], model_type=load_model_info(model).model_type)
 
 
@@ -227,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     queries = workloads.queries(factory, args.queries, args.seed)
     hi = min(args.max_tokens or factory.max_length, factory.max_length)
 
-    args.baseline_dtype = args.baseline_dtype or baseline_dtype(args.device, model)
+    args.baseline_dtype = args.baseline_dtype or baseline_dtype(args.device, model,
+                                                                args.server_arg)
     print(f"baseline: SentenceTransformer.encode on {args.device} ...", flush=True)
     base, base_other = run_baseline(model, args.device, args.baseline_dtype, corpus,
                                     queries.texts[:args.baseline_queries], args.batch)

@@ -65,6 +65,9 @@ def test_the_baseline_computes_in_the_dtype_the_server_chooses(
     assert run.baseline_dtype("cpu", model) == "float32"
     assert run.baseline_dtype("cuda:0", model) == "float16"
     assert run.parse_args(["--device", "cpu"]).baseline_dtype is None  # decided with the model
+    # A --dtype the server is given is the baseline's too.
+    assert run.baseline_dtype("cuda:0", model, ["--dtype=bfloat16"]) == "bfloat16"
+    assert run.baseline_dtype("cpu", model, ["--port", "1", "--dtype", "float16"]) == "float16"
 
 
 def test_a_short_latency_is_shown_to_a_hundredth_of_a_millisecond() -> None:
