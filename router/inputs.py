@@ -52,6 +52,19 @@ def without_trailing(encoded: Encoded, token_id: int) -> Encoded:
     return Encoded(encoded.ids[:end], encoded.type_ids[:end], encoded.pool_from)
 
 
+def is_batch(inputs: str | list) -> bool:
+    """TEI's reading of `inputs` (its te_request_count `method`): a list of inputs is a batch,
+    of one too; a text or one list of token ids is a single input."""
+    return not (isinstance(inputs, str) or (bool(inputs) and all(isinstance(x, int)
+                                                                 for x in inputs)))
+
+
+def is_predict_batch(inputs: str | list) -> bool:
+    """/predict's: a list of texts and pairs (`[["a"], ["b", "c"]]`) is a batch; a text, a
+    `[text]` and a pair are one input."""
+    return isinstance(inputs, list) and bool(inputs) and all(isinstance(x, list) for x in inputs)
+
+
 def as_input_list(inputs: str | list) -> list[str | list[int]]:
     """`"a"` / `["a", "b"]` / `[1, 2]` / `[[1, 2], "b"]` -> a list of single inputs."""
     if isinstance(inputs, str):

@@ -17,6 +17,8 @@ from router.inputs import (
     as_predict_list,
     check_batch_size,
     check_characters,
+    is_batch,
+    is_predict_batch,
     resolve_prompt,
 )
 from router.results import Outcome, Timings
@@ -39,7 +41,8 @@ async def classify(
         batch = as_predict_list(inputs)
         service.check_batch_size(len(batch))  # (before the model kind, as TEI checks)
     service.require("classifier")
-    outcome = await service.run(batch, OutputKind.LOGITS, truncate=truncate, direction=direction)
+    outcome = await service.run(batch, OutputKind.LOGITS, truncate=truncate, direction=direction,
+                                batched=is_predict_batch(inputs))
     scores = activate(outcome.matrix(), model.activation, raw_scores)
     return [ranked_labels(row, model.id2label) for row in scores], outcome.timings
 
@@ -74,8 +77,9 @@ async def rerank(
                                       raw_scores=raw_scores, max_chunks=max_chunks)
         if scored is not None:
             return scored
+    # (a re-rank is a batch in te_request_count, however many texts, as TEI counts it)
     outcome = await service.run([(query, text) for text in texts], OutputKind.LOGITS,
-                                truncate=truncate, direction=direction)
+                                truncate=truncate, direction=direction, batched=True)
     return activate(outcome.matrix(), model.activation, raw_scores)[:, 0], outcome.timings
 
 
@@ -121,7 +125,8 @@ async def _rerank_pieces(
     # longer is truncated by that token, not refused (with --auto-truncate false too).
     try:
         outcome = await service.run(pairs, OutputKind.LOGITS, truncate=True,
-                                    direction=direction, client_inputs=len(texts))
+                                    direction=direction, client_inputs=len(texts),
+                                    batched=True)
     except EmbedServeError as exc:
         if exc.field is None or exc.field.index is None:
             raise
@@ -150,7 +155,8 @@ async def embed_sparse(
         service.check_batch_size(len(batch))  # (before the model kind, as TEI checks)
     service.require("splade")
     return await service.run(batch, OutputKind.SPARSE, truncate=truncate,
-                             direction=direction, prompt_name=prompt_name)
+                             direction=direction, prompt_name=prompt_name,
+                             batched=is_batch(inputs))
 
 
 async def embed_all(
@@ -163,7 +169,8 @@ async def embed_all(
         service.check_batch_size(len(batch))  # (before the model kind, as TEI checks)
     service.require("hidden states")
     return await service.run(batch, OutputKind.ALL_TOKENS, truncate=truncate,
-                             direction=direction, prompt_name=prompt_name)
+                             direction=direction, prompt_name=prompt_name,
+                             batched=is_batch(inputs))
 
 
 def _texts_to_tokenize(service: InferenceService, texts: list[str],

@@ -26,6 +26,7 @@ from router.inputs import (
     as_input_list,
     check_batch_size,
     check_dimensions,
+    is_batch,
     resolve_prompt,
     tokenize_inputs,
     unnormalizable,
@@ -215,12 +216,15 @@ class InferenceService:
         direction: str,
         prompt_name: str | None = None,
         client_inputs: int | None = None,
+        batched: bool | None = None,
     ) -> Outcome:
         """Admission, tokenization, batching and inference for one request's inputs.
         `client_inputs`: how many inputs the client sent, where the server made more of them
         (re-rank pieces): that count is the one --max-client-batch-size bounds."""
         client_inputs = client_inputs or len(inputs)
-        method = "single" if client_inputs == 1 else "batch"
+        if batched is None:  # (an API TEI has no counterpart for: by the count)
+            batched = client_inputs != 1
+        method = "batch" if batched else "single"
         self.metrics.received(method)
         try:
             outcome = await self._run(inputs, output, truncate=truncate, direction=direction,
@@ -313,7 +317,7 @@ class InferenceService:
         outcome = await self.run(
             inputs, OutputKind.SPARSE if sparse else OutputKind.POOLED,
             truncate=request.truncate, direction=request.truncation_direction,
-            prompt_name=request.prompt_name,
+            prompt_name=request.prompt_name, batched=is_batch(request.inputs),
         )
         vectors = (densify(outcome.rows, self.embedding_dim) if sparse
                    else outcome.matrix())

@@ -160,3 +160,22 @@ def test_tokenizer_routes_count_their_refusals_as_tei(metered) -> None:
     assert after['te_request_failure{err="validation"}'] == \
         before['te_request_failure{err="validation"}'] + 5
     assert total(after, "te_request_count") == total(before, "te_request_count")
+
+
+def test_the_method_label_is_the_requests_shape_as_teis(metered) -> None:
+    """TEI counts a list of inputs as a batch, of one too, and a text as single."""
+    srv, _, _ = metered
+    before = srv.metrics()
+    for body, route in [({"inputs": ["one text in a list"]}, "/embed"),
+                        ({"inputs": ["one text in a list"]}, "/embed_all"),
+                        ({"inputs": "a text"}, "/embed"),
+                        ({"input": ["one text in a list"]}, "/v1/embeddings")]:
+        assert srv.client.post(route, json=body).status_code == 200
+    after = srv.metrics()
+
+    def grew(key: str) -> float:
+        return after[key] - before[key]
+
+    assert grew('te_request_count{method="batch"}') == 3
+    assert grew('te_request_count{method="single"}') == 1
+    assert grew('te_request_success{method="batch"}') == 3
