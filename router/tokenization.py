@@ -229,11 +229,11 @@ def _chunks(query: str, texts: list[str], max_length: int, limit: int) -> Outcom
     for text, encoding in zip(texts, encodings, strict=True):
         # Read once: each read of `offsets` builds the whole list anew.
         offsets = encoding.offsets
-        # Pieces meet at a token's first character (offsets are character offsets), so the
-        # whitespace between tokens stays with the piece after it and nothing is lost but what
-        # lies past the last piece.
-        starts = [0, *(offsets[i][0] for i in range(room, min(len(offsets), room * limit + 1),
-                                                    room))]
+        # Pieces meet at a token's first character (offsets are character offsets): nothing is
+        # lost but what lies past the last piece. Tokens of one character (NFD's jamo, bytes)
+        # share its offsets: a cut among them is dropped, not an empty piece.
+        starts = sorted({0, *(offsets[i][0] for i in range(room, min(len(offsets),
+                                                                     room * limit + 1), room))})
         ends = [*starts[1:], len(text)]
         pieces.append([text[start:end] for start, end in zip(starts, ends, strict=True)][:limit])
     return Outcome(Chunked(room, pieces))

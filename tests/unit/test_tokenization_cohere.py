@@ -93,3 +93,14 @@ def test_pieces_past_the_limit_are_dropped(tokenizer_path: str) -> None:
 def test_a_query_that_fills_the_window_leaves_no_room(tokenizer_path: str) -> None:
     chunked = tokenization._chunks("one two three four five", ["text"], 8, limit=2).value
     assert chunked == tokenization.Chunked(8 - 3 - 5, None)
+
+
+def test_tokens_of_one_character_give_no_empty_piece(tokenizer_path: str) -> None:
+    # NFD splits each Hangul syllable into three jamo, three tokens that share the syllable's
+    # offsets: a cut among them fell on the piece's own start, an empty piece (scored beside
+    # the query as the document's text, and counted against the limit).
+    text = "a 한국어 b"
+    pieces = tokenization._chunks("q", [text], 1 + 3 + 2, limit=10).value.pieces[0]
+    assert "".join(pieces) == text
+    assert all(pieces), pieces
+    assert tokenization._chunks("q", ["한국"], 1 + 3 + 2, limit=10).value.pieces == [["한", "국"]]
