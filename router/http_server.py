@@ -43,7 +43,7 @@ async def serve_app(app: ASGIApp, hyper: HypercornConfig, sockets: Sockets,
                        shutdown_trigger: Callable[[], Awaitable[object]]) -> None:
     """hypercorn's `serve`, on sockets bound by `bind`, of `app` with bounded sends
     (SendTimeout) and unread bodies dropped (UnreadBody). In that order: UnreadBody's wait for
-    an HTTP/2 upload must not count against the answer's send timeout."""
+    an upload must not count against the answer's send timeout."""
     served = SendTimeout(UnreadBody(app))
     # hypercorn types ASGI scopes and events as TypedDicts, Starlette as plain mappings: the
     # same protocol, which the type checker cannot see.
@@ -82,15 +82,18 @@ class UnreadBody:
 
         async def draining_first(message: Message) -> None:
             last = message["type"] == "http.response.body" and not message.get("more_body")
-            if last and not read_whole and scope.get("http_version") == "2":
-                # hypercorn forgets an HTTP/2 stream once it is answered, and a DATA frame for
-                # it after that ends the whole connection (a KeyError in its reading), with
-                # every other stream on it: the upload is read to its end first.
+            if last and not read_whole:
+                # The upload is read to its end first. On HTTP/2 hypercorn forgets a stream
+                # once it is answered, and a DATA frame for it after that ends the whole
+                # connection (a KeyError in its reading), with every other stream on it. On
+                # HTTP/1.1 hypercorn closes the connection once answered: with the upload
+                # unread, the kernel resets it, and a client still sending (as clients do,
+                # reading the answer after) loses the answer to ECONNRESET.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(BODY_TIMEOUT_S):
                         while not read_whole:
                             await noting()
-            elif last and not read_whole:
+            if last and not read_whole and scope.get("http_version") != "2":
                 # Until the end of the request: hypercorn's own reading may be queued behind
                 # the disconnect, so the drain must outlive this send.
                 task = asyncio.ensure_future(_drop_until_disconnect(receive))

@@ -71,6 +71,29 @@ def test_an_answer_before_the_body_was_read_still_closes_the_connection(pieces_r
     assert seen["closed"], "the connection stayed open after the answer"
 
 
+def test_a_client_that_uploads_its_whole_body_first_gets_the_early_answer() -> None:
+    """As HTTP/1.1 clients do (httpx, requests): send the whole body, then read. Closing the
+    connection with the upload unread made the kernel reset it: the client's send failed
+    (EPIPE / ECONNRESET) and the 413 was lost."""
+    seen: dict[str, object] = {}
+
+    def client(port: int) -> None:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.settimeout(10)
+            chunks = CHUNKS * 10  # 30 MB: more than the sockets' buffers hold
+            sock.sendall(b"POST /embed HTTP/1.1\r\nhost: x\r\ncontent-type: application/json"
+                         b"\r\ncontent-length: %d\r\n\r\n" % sum(map(len, chunks)))
+            try:
+                for chunk in chunks:
+                    sock.sendall(chunk)
+                seen["answer"] = sock.recv(1 << 16)
+            except OSError as exc:
+                seen["answer"] = repr(exc)
+
+    asyncio.run(served(early_answer(0), client))
+    assert str(seen["answer"]).startswith("b'HTTP/1.1 413 "), seen["answer"]
+
+
 def test_over_http2_the_connection_goes_on_serving(monkeypatch: pytest.MonkeyPatch) -> None:
     """On HTTP/2 the queue that filled was the stream's, but the reading it stopped was the
     connection's: no other stream on it would be answered. And a client that uploads its
