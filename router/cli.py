@@ -18,8 +18,8 @@ from router import tasks
 from router.app import build_app, metrics_app
 from router.devices import cpu_threads_per_worker, tokenizer_processes, worker_devices
 from router.http_server import (
-    CLOSE_MIN_S,
     bind,
+    close_budget,
     closed_within,
     hypercorn_config,
     raise_open_files_limit,
@@ -306,11 +306,13 @@ async def _serve(state: AppState, tracer: Tracer | None) -> None:
             await closed_within(
                 loop.create_task(serve_app(build_app(state, tracer=tracer),
                                               hyper, sockets, until_stopped)),
-                drained, max(config.shutdown_grace, CLOSE_MIN_S))
+                drained,
+                lambda: close_budget(service.admission.deadline, config.shutdown_grace))
     finally:
         closed.set()
         if metrics_server is not None:
-            await asyncio.wait({metrics_server}, timeout=config.shutdown_grace)
+            await asyncio.wait({metrics_server}, timeout=close_budget(
+                service.admission.deadline, config.shutdown_grace))
         if not starting.done():
             starting.cancel()
             await asyncio.wait({starting})  # cancel() only asks; cancelled() needs it done

@@ -30,7 +30,11 @@ def hypercorn_config(config: ServerConfig, port: int) -> HypercornConfig:
     hyper.bind = [f"{host}:{port}"]
     hyper.accesslog = None
     hyper.errorlog = logging.getLogger("hypercorn.error")  # our handlers, not a second one
-    hyper.graceful_timeout = config.shutdown_grace
+    # hypercorn's own wait for connections to close, from the drain's end: never shorter than
+    # what closed_within gives them (close_budget), so closed_within, which warns and closes
+    # by force, is what bounds the stop (hypercorn, after its wait, would return leaving them
+    # open).
+    hyper.graceful_timeout = max(config.shutdown_grace, CLOSE_MIN_S)
     # hypercorn closes a keep-alive connection after 1,000 requests by default; TEI does not,
     # and clients that reuse connections would see it as a dropped connection.
     hyper.keep_alive_max_requests = 2**31
@@ -113,6 +117,14 @@ async def _drop_until_disconnect(receive: Receive) -> None:
 CLOSE_MIN_S = 1.0
 
 
+def close_budget(deadline: float | None, grace: float) -> float:
+    """How long connections get to close once drained: what the drain left of the grace
+    (`deadline`, the loop's time when it ends; all of it where nothing drained), not a second
+    grace, but at least CLOSE_MIN_S to write the last answers."""
+    left = grace if deadline is None else deadline - asyncio.get_running_loop().time()
+    return max(left, CLOSE_MIN_S)
+
+
 def _after_forced_close(loop: asyncio.AbstractEventLoop, context: dict) -> None:
     """Once connections were closed by force, their tasks and hypercorn's end cancelled (or in
     the InvalidStateError of a gather hypercorn no longer awaits, or its lifespan's failure to
@@ -124,13 +136,16 @@ def _after_forced_close(loop: asyncio.AbstractEventLoop, context: dict) -> None:
     loop.default_exception_handler(context)
 
 
-async def closed_within(serving: asyncio.Task, drained: asyncio.Event, seconds: float) -> None:
-    """Await the HTTP server; once drained, give it `seconds` to close its connections, then
-    cancel it. hypercorn waits for every open connection to close, so a client that never
-    reads its answer (a write that never completes) would otherwise keep the process alive."""
+async def closed_within(serving: asyncio.Task, drained: asyncio.Event,
+                        budget: Callable[[], float]) -> None:
+    """Await the HTTP server; once drained, give it `budget()` seconds (close_budget) to close
+    its connections, then cancel it. hypercorn waits for every open connection to close, so a
+    client that never reads its answer (a write that never completes) would otherwise keep the
+    process alive."""
     waiter = asyncio.ensure_future(drained.wait())
     try:
         await asyncio.wait({serving, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        seconds = budget()
         if not serving.done():
             await asyncio.wait({serving}, timeout=seconds)
         if not serving.done():

@@ -16,7 +16,7 @@ from router.grpc.auth import ApiKeyInterceptor
 from router.grpc.calls import method_handlers
 from router.grpc.protos import pb
 from router.grpc.services import SERVICE_NAMES, servicers
-from router.http_server import CLOSE_MIN_S
+from router.http_server import close_budget
 from router.routes import AppState
 from router.tasks import start_supervised
 from shared.errors import ConfigError
@@ -138,8 +138,6 @@ async def serve(state: AppState, until_stopped: Callable[[], Awaitable[None]]) -
         # In-flight inference is drained by now; this bounds what is left (open streams) by
         # what the drain left of the grace, not by a second grace (but at least CLOSE_MIN_S
         # to send the last answers).
-        deadline = state.service.admission.deadline
-        left = (config.shutdown_grace if deadline is None
-                else deadline - asyncio.get_running_loop().time())
-        await server.stop(max(left, CLOSE_MIN_S))
+        await server.stop(close_budget(state.service.admission.deadline,
+                                       config.shutdown_grace))
 

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
+from router import http_server
 from router.admission import Admission
 from router.grpc import server as grpc_server
 
@@ -24,7 +25,7 @@ def test_an_open_stream_and_a_request_past_the_grace_stop_within_one_grace(monke
     """A request that outlasts the grace takes all of it in the drain; a stream the client
     keeps open must not then hold the port for a second grace."""
     grace = 1.0
-    monkeypatch.setattr(grpc_server, "CLOSE_MIN_S", 0.1)
+    monkeypatch.setattr(http_server, "CLOSE_MIN_S", 0.1)
 
     def idle_stream_server(state, health_servicer) -> grpc.aio.Server:
         server = grpc.aio.server()
