@@ -40,7 +40,7 @@ def test_an_unread_answer_and_a_request_past_the_grace_stop_within_one_grace(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """A request that outlasts the grace takes all of it in the drain; a client that never
     reads its answer must not then hold the port for a second grace."""
-    grace = 1.0
+    grace = 2.0
     monkeypatch.setattr(http_server, "CLOSE_MIN_S", 0.1)
     monkeypatch.setattr(cli, "build_app", lambda state, tracer: big_answer)
     port = _free_port()
@@ -90,5 +90,5 @@ def test_an_unread_answer_and_a_request_past_the_grace_stop_within_one_grace(
     with caplog.at_level(logging.WARNING, logger="embedserve"):
         elapsed = asyncio.run(asyncio.wait_for(main(), 30))
     assert "closing them" in caplog.text  # closed by force, with the warning
-    # The drain's grace, and CLOSE_MIN_S, not a second grace.
-    assert grace <= elapsed < grace + 0.6, elapsed
+    # The drain's grace, and CLOSE_MIN_S, not a second grace (slack for a loaded machine).
+    assert grace <= elapsed < grace + 1.0, elapsed
