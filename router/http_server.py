@@ -76,9 +76,19 @@ class UnreadBody:
             await self.app(scope, receive, send)
             return
         read_whole = False
+        deadline: float | None = None
+
+        def body_deadline() -> float:
+            # The upload's: BODY_TIMEOUT_S from the start of its reading, shared with the app's
+            # own (read_json), whose 408 must not wait that long a second time.
+            nonlocal deadline
+            if deadline is None:
+                deadline = asyncio.get_running_loop().time() + BODY_TIMEOUT_S
+            return deadline
 
         async def noting() -> Message:
             nonlocal read_whole
+            body_deadline()
             message = await receive()
             read_whole = read_whole or message["type"] == "http.disconnect" or not message.get(
                 "more_body", False)
@@ -94,7 +104,7 @@ class UnreadBody:
                 # unread, the kernel resets it, and a client still sending (as clients do,
                 # reading the answer after) loses the answer to ECONNRESET.
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(BODY_TIMEOUT_S):
+                    async with asyncio.timeout_at(body_deadline()):
                         while not read_whole:
                             await noting()
             if last and not read_whole and scope.get("http_version") != "2":

@@ -8,13 +8,20 @@ import asyncio
 import contextlib
 import socket
 import threading
+import time
 
 import h2.config
 import h2.connection
 import h2.events
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
-from router import http
+from router import http, http_server
+from router.errors import handle_embedserve_error
+from shared.errors import EmbedServeError
 from tests.fixtures.hypercorn import served
 
 # 300 chunks of 10 kB: far more than hypercorn's queue of 10 body messages to the app holds.
@@ -143,3 +150,36 @@ def test_over_http2_the_connection_goes_on_serving(monkeypatch: pytest.MonkeyPat
 
     asyncio.run(served(early_answer(2), client))
     assert statuses == ["413", "413"]
+
+
+def test_a_body_that_timed_out_is_answered_without_a_second_wait(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A body that stops arriving is a 408 once BODY_TIMEOUT_S has passed since its reading
+    began (read_json): the wait for the rest of the upload before that answer must not start a
+    second BODY_TIMEOUT_S (in production, the 408 came after 120 s)."""
+    timeout = 1.0
+    monkeypatch.setattr(http, "BODY_TIMEOUT_S", timeout)
+    monkeypatch.setattr(http_server, "BODY_TIMEOUT_S", timeout)
+
+    async def embed(request: Request) -> Response:
+        await http.read_json(request, dict, 1000)
+        return Response(b"{}", media_type="application/json")
+
+    app = Starlette(routes=[Route("/embed", embed, methods=["POST"])],
+                    exception_handlers={EmbedServeError: handle_embedserve_error})
+    seen: dict[str, object] = {}
+
+    def client(port: int) -> None:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.settimeout(10)
+            start = time.monotonic()
+            sock.sendall(b"POST /embed HTTP/1.1\r\nhost: x\r\ncontent-type: application/json"
+                         b"\r\ncontent-length: 100\r\n\r\n{\"inputs\":")  # and no more
+            answer = b""
+            while not answer.endswith(b"}") and (chunk := sock.recv(1 << 16)):
+                answer += chunk  # (its head goes out at once: the wait is before the body)
+            seen["answer"], seen["after"] = answer, time.monotonic() - start
+
+    asyncio.run(served(app, client))
+    assert str(seen["answer"]).startswith("b'HTTP/1.1 408 "), seen["answer"]
+    assert seen["after"] < 1.6 * timeout, seen["after"]
