@@ -75,7 +75,8 @@ def error_response(
     if error.error_type is ErrorType.UNAUTHORIZED:
         headers["www-authenticate"] = "Bearer"
     if error.error_type in (ErrorType.PAYLOAD_TOO_LARGE, ErrorType.REQUEST_TIMEOUT):
-        # The rest of the body is never read, so the connection cannot be reused: say so, or
+        # The rest of the body may never arrive (a stalled upload; UnreadBody drains a
+        # payload only until its body timeout), so the connection is not reused: say so, or
         # a keep-alive client's next request fails on the closed socket.
         headers["connection"] = "close"
     status = STATUS[error.error_type]
