@@ -54,11 +54,12 @@ class OpenAIErrorBody(msgspec.Struct):
 OPENAI_PATHS = frozenset({"/v1/embeddings", "/embeddings", "/v1/models", "/models"})
 
 
-def openai_shaped(path: str) -> bool:
-    """Whether errors on `path` take OpenAI's shape (its routes, and one model's, /v1/models/x;
-    not a TF Serving-style verb such as Vertex's /v1/models/m:predict, which is TEI's)."""
-    return path in OPENAI_PATHS or (path.startswith(("/v1/models/", "/models/"))
-                                    and ":" not in path)
+def openai_shaped(path: str, method: str) -> bool:
+    """Whether errors of `method path` take OpenAI's shape: its routes, and GET of one model
+    (/v1/models/{id}, whatever the id holds); not a POST there, such as Vertex's
+    AIP_PREDICT_ROUTE /v1/models/m:predict, which is TEI's."""
+    return path in OPENAI_PATHS or (method in ("GET", "HEAD")
+                                    and path.startswith(("/v1/models/", "/models/")))
 
 
 # Seconds a client is told to wait after a 429; short, since permits free up per batch.
@@ -66,7 +67,8 @@ RETRY_AFTER_SECONDS = "1"
 
 
 def error_response(
-    error: EmbedServeError, headers: dict[str, str] | None = None, path: str = ""
+    error: EmbedServeError, headers: dict[str, str] | None = None, path: str = "",
+    method: str = "",
 ) -> Response:
     """The one place an error becomes an HTTP response (status, body shape, headers)."""
     headers = dict(headers or {})
@@ -80,7 +82,7 @@ def error_response(
         # a keep-alive client's next request fails on the closed socket.
         headers["connection"] = "close"
     status = STATUS[error.error_type]
-    if openai_shaped(path):
+    if openai_shaped(path, method):
         body = msgspec.json.encode(OpenAIErrorBody(
             OpenAIErrorDetail(error.message, error.error_type.value, status)))
     else:
@@ -90,13 +92,13 @@ def error_response(
 
 async def handle_embedserve_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, EmbedServeError)
-    return error_response(exc, path=request.url.path)
+    return error_response(exc, path=request.url.path, method=request.method)
 
 
 async def handle_unexpected(request: Request, exc: Exception) -> Response:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(EmbedServeError(ErrorType.INTERNAL, "internal server error"),
-                          path=request.url.path)
+                          path=request.url.path, method=request.method)
 
 
 async def handle_http_exception(request: Request, exc: Exception) -> Response:
@@ -109,4 +111,4 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
                405: f"method {request.method} not allowed on {request.url.path}"}.get(
         exc.status_code, str(exc.detail))
     return error_response(EmbedServeError(error_type, message), dict(exc.headers or {}),
-                          path=request.url.path)
+                          path=request.url.path, method=request.method)

@@ -252,7 +252,7 @@ class ApiKeyMiddleware:
                 message = ("missing Authorization header" if not given
                            else "invalid API key in the Authorization header")
                 response = error_response(EmbedServeError(ErrorType.UNAUTHORIZED, message),
-                                          path=scope["path"])
+                                          path=scope["path"], method=scope["method"])
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

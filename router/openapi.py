@@ -124,7 +124,8 @@ def _operation(endpoint: Endpoint, schemas: dict[Any, dict[str, Any]]) -> dict[s
         errors.extend(BODY_ERRORS)
     if not open_route:
         errors.append(ErrorType.UNAUTHORIZED)
-    error_schema = schemas[OpenAIErrorBody if openai_shaped(endpoint.doc_path) else ErrorBody]
+    error_schema = schemas[OpenAIErrorBody if openai_shaped(endpoint.doc_path, endpoint.method)
+                           else ErrorBody]
     operation: dict[str, Any] = {
         "tags": [endpoint.tag],
         "summary": endpoint.summary,

@@ -57,8 +57,8 @@ OPERATIONS = sorted({(e.method, e.doc_path) for e in unserved_endpoints()},
                     key=lambda o: o[::-1])
 
 
-def assert_error_shape(path: str, body: object) -> None:
-    if openai_shaped(path):
+def assert_error_shape(method: str, path: str, body: object) -> None:
+    if openai_shaped(path, method):
         assert isinstance(body, dict) and set(body) == {"error"}, body
         detail = body["error"]
         assert isinstance(detail, dict) and set(detail) == {"message", "type", "code"}, body
@@ -88,7 +88,7 @@ def test_generated_requests(api, fuzz_server, method, path):
         assert elapsed < LIMIT_S, f"{elapsed:.1f} s for {request}"
         case.validate_response(response, checks=CHECKS)
         if response.status_code >= 400:
-            assert_error_shape(path, response.json())
+            assert_error_shape(method, path, response.json())
 
     check()
 
@@ -112,7 +112,7 @@ def test_oversized_malformed_and_non_json_bodies(fuzz_server, path):
         with httpx.Client(base_url=fuzz_server.url, timeout=LIMIT_S) as client:
             response = client.post(path, content=content, headers=headers)
         assert response.status_code == status, (path, content[:20], response.text)
-        assert_error_shape(path, response.json())
+        assert_error_shape("POST", path, response.json())
 
 
 def test_connection_stays_usable_after_a_413(fuzz_server):

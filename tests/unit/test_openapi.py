@@ -47,7 +47,8 @@ def test_every_endpoint_is_documented_with_its_error_statuses() -> None:
         if not is_open(endpoint.method, endpoint.path):
             expected.add(401)
         assert set(operation["responses"]) == {"200", *map(str, expected)}, endpoint.path
-        error_ref = "OpenAIErrorBody" if openai_shaped(endpoint.doc_path) else "ErrorBody"
+        error_ref = ("OpenAIErrorBody" if openai_shaped(endpoint.doc_path, endpoint.method)
+                     else "ErrorBody")
         for status, response in operation["responses"].items():
             assert "x-request-id" in response["headers"]
             if status != "200":

@@ -61,8 +61,10 @@ def test_the_platforms_health_path_is_answered_over_the_openai_model_route() -> 
 
 
 def test_a_tf_serving_verb_path_keeps_teis_error_shape() -> None:
-    # /v1/models/m:predict is Vertex's prediction route there, not an OpenAI model's path.
+    # POST /v1/models/m:predict is Vertex's prediction route there, not an OpenAI model's
+    # path; GET of any id (":" included) is the OpenAI model route's.
     from router.errors import openai_shaped
 
-    assert openai_shaped("/v1/models/some-org/model") and openai_shaped("/models/m")
-    assert not openai_shaped("/v1/models/m:predict")
+    assert openai_shaped("/v1/models/some-org/model", "GET") and openai_shaped("/models/m", "GET")
+    assert openai_shaped("/v1/models/a:b", "GET")
+    assert not openai_shaped("/v1/models/m:predict", "POST")
