@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
+from shared.decoders import DECODER_TYPES, is_causal
 from shared.errors import ConfigError
 from shared.st_modules import module_kind
 
@@ -30,10 +31,6 @@ def model_kind_of(config: dict[str, Any]) -> tuple[ModelKind, dict[str, str]]:
     return ("reranker" if len(id2label) == 1 else "classifier"), id2label
 
 
-# The decoder families served with a *ForSequenceClassification head (a last-token score).
-_DECODER_TYPES = frozenset({"qwen2", "qwen3", "mistral", "llama"})
-
-
 def scored_before(config: dict[str, Any], kind: str) -> int | None:
     """transformers scores a decoder's *ForSequenceClassification (CrossEncoder with it) on
     each sequence's rightmost token that is not pad_token_id, so a tokenizer that appends that
@@ -43,9 +40,8 @@ def scored_before(config: dict[str, Any], kind: str) -> int | None:
     the scored one (no pad id, no decoder classifier) or attention is bidirectional (dropping
     tokens would change every state; that config is served as TEI serves it)."""
     pad = config.get("pad_token_id")
-    if (kind == "embedding" or config.get("model_type") not in _DECODER_TYPES
-            or not isinstance(pad, int) or config.get("use_bidirectional_attention") is True
-            or config.get("is_causal") is False):
+    if (kind == "embedding" or config.get("model_type") not in DECODER_TYPES
+            or not isinstance(pad, int) or not is_causal(config)):
         return None
     return pad
 

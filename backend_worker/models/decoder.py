@@ -8,10 +8,8 @@ sentence-transformers' 1_Pooling), as *ForSequenceClassification classifiers, an
 re-rankers (*ForCausalLM; backend_worker/logit_score_head.py turns two rows of the LM head into a
 one-label score, which is where tie_word_embeddings matters).
 
-Attention is causal, as in transformers, unless config.json says otherwise: `is_causal: false`
-(transformers 5's switch for decoder-only models) or `use_bidirectional_attention: true` (what
-bidirectional Qwen3 embedders such as voyage-4-nano set, and what TEI reads) make it
-bidirectional.
+Attention is causal unless config.json says otherwise (shared/decoders.py is_causal, which
+the router reads too).
 """
 
 from __future__ import annotations
@@ -36,6 +34,7 @@ from backend_worker.loading import Rule, WeightMap
 from backend_worker.models.config import refusal, required_keys
 from backend_worker.models.registry import register
 from backend_worker.rope import flat_rope_settings, rotary
+from shared.decoders import DECODER_TYPES, is_causal
 from shared.errors import ConfigError
 from shared.model_limits import config_max_positions
 
@@ -130,34 +129,7 @@ FLAVOURS: dict[str, Flavour] = {
     "llama": Flavour(qkv_bias="attention_bias", out_bias="attention_bias", mlp_bias="mlp_bias",
                      qk_norm=False, sliding="none", tied=False),
 }
-
-
-def is_causal(config: dict[str, Any]) -> bool:
-    """Whether attention is causal, from the two switches checkpoints use (see the module
-    docstring); ConfigError when they disagree or when custom code leaves it unsaid."""
-    causal = config.get("is_causal")
-    bidirectional = config.get("use_bidirectional_attention")
-    for key, value in (("is_causal", causal), ("use_bidirectional_attention", bidirectional)):
-        if value is not None and not isinstance(value, bool):
-            raise ConfigError(f"config.json: {key} must be true or false, found {value!r}")
-    if causal is not None and bidirectional is not None and causal == bidirectional:
-        raise ConfigError(f"config.json: is_causal={causal} contradicts "
-                          f"use_bidirectional_attention={bidirectional}")
-    if bidirectional is not None:
-        return not bidirectional
-    if causal is not None:
-        return causal
-    auto_model = (config.get("auto_map") or {}).get("AutoModel")
-    if auto_model:
-        # gte-Qwen2's own modeling code (trust_remote_code) attends bidirectionally while the
-        # stock architecture is causal; serving either guess could be silently wrong.
-        raise ConfigError(
-            f"config.json: {config.get('model_type')} with custom modeling code "
-            f"(auto_map AutoModel {auto_model!r}) does not say whether its attention is causal; "
-            'add "is_causal": false (bidirectional, as gte-Qwen2\'s code does) or '
-            '"is_causal": true to config.json'
-        )
-    return True
+assert FLAVOURS.keys() == DECODER_TYPES, "shared/decoders.py names the same types"
 
 
 def _window(config: dict[str, Any]) -> int | None:
