@@ -37,10 +37,7 @@ async def classify(
     truncate: bool | None, direction: str, raw_scores: bool,
 ) -> tuple[list[list[tuple[float, str]]], Timings]:
     """Every label's (score, label) for each input (`as_predict_list`'s shapes), best first."""
-    with service.refusals_counted():
-        batch = as_predict_list(inputs)
-        service.check_batch_size(len(batch))  # (before the model kind, as TEI checks)
-    service.require("classifier")
+    batch = service.accepted(inputs, as_predict_list, "classifier")
     outcome = await service.run(batch, OutputKind.LOGITS, truncate=truncate, direction=direction,
                                 batched=is_predict_batch(inputs))
     scores = activate(outcome.matrix(), model.activation, raw_scores)
@@ -150,10 +147,7 @@ async def embed_sparse(
     direction: str, prompt_name: str | None,
 ) -> Outcome:
     """SPLADE: each row is (indices ascending, values) of the non-zero entries."""
-    with service.refusals_counted():
-        batch = as_input_list(inputs)
-        service.check_batch_size(len(batch))  # (before the model kind, as TEI checks)
-    service.require("splade")
+    batch = service.accepted(inputs, as_input_list, "splade")
     return await service.run(batch, OutputKind.SPARSE, truncate=truncate,
                              direction=direction, prompt_name=prompt_name,
                              batched=is_batch(inputs))
@@ -164,10 +158,7 @@ async def embed_all(
     direction: str, prompt_name: str | None,
 ) -> Outcome:
     """Each row is the (tokens, hidden) last hidden state of one input."""
-    with service.refusals_counted():
-        batch = as_input_list(inputs)
-        service.check_batch_size(len(batch))  # (before the model kind, as TEI checks)
-    service.require("hidden states")
+    batch = service.accepted(inputs, as_input_list, "hidden states")
     return await service.run(batch, OutputKind.ALL_TOKENS, truncate=truncate,
                              direction=direction, prompt_name=prompt_name,
                              batched=is_batch(inputs))

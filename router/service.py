@@ -13,7 +13,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -189,14 +189,20 @@ class InferenceService:
             self.metrics.failed(MODEL_TYPE)
             raise backend(message)
 
-    def check_batch_size(self, count: int) -> None:
-        """--max-client-batch-size, checked before the model kind as TEI checks it; a refused
-        request still counts as received, as TEI counts it (and `run` does)."""
-        try:
-            check_batch_size(count, self.rules)
-        except EmbedServeError:
-            self.metrics.received("batch")
-            raise
+    def accepted(self, inputs: str | list, parse: Callable[[str | list], list[Any]],
+                 what: str) -> list[Any]:
+        """A request's inputs as `parse` reads them, then --max-client-batch-size, then the
+        model kind (`what` it must give), in TEI's order; the refusals count as run's do (an
+        oversized one also as received, as TEI counts it)."""
+        with self.refusals_counted():
+            batch = parse(inputs)
+            try:
+                check_batch_size(len(batch), self.rules)
+            except EmbedServeError:
+                self.metrics.received("batch")
+                raise
+        self.require(what)
+        return batch
 
     @contextlib.contextmanager
     def refusals_counted(self) -> Iterator[None]:
@@ -301,10 +307,7 @@ class InferenceService:
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         """Pooled vectors; a SPLADE model's are its sparse vectors written out in full (vocabulary
         wide), which TEI gives only unnormalized; a CSR model's likewise (hidden_dim wide)."""
-        with self.refusals_counted():
-            inputs = as_input_list(request.inputs)
-            self.check_batch_size(len(inputs))
-        self.require("embedding")
+        inputs = self.accepted(request.inputs, as_input_list, "embedding")
         sparse = self.splade or self.csr
         if sparse and request.normalize:
             self.metrics.failed(MODEL_TYPE)
