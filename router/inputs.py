@@ -67,12 +67,11 @@ def is_predict_batch(inputs: str | list) -> bool:
 
 def as_input_list(inputs: str | list) -> list[str | list[int]]:
     """`"a"` / `["a", "b"]` / `[1, 2]` / `[[1, 2], "b"]` -> a list of single inputs."""
-    if isinstance(inputs, str):
+    if not is_batch(inputs):
         return [inputs]
+    assert isinstance(inputs, list)  # (a text is never a batch)
     if not inputs:
         raise about(INPUTS, ErrorType.EMPTY, EMPTY)
-    if all(isinstance(x, int) for x in inputs):
-        return [inputs]
     if any(isinstance(x, int) for x in inputs):
         raise about(INPUTS, ErrorType.VALIDATION,
                     "{field} must be a text, a list of token ids, or a list of texts and "
