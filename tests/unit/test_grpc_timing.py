@@ -6,12 +6,15 @@ import asyncio
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
 from router.grpc.protos import pb
 from router.grpc.services import EmbedServicer
-from tests.unit.test_service_start import _OneWorker, _service
+from tests.unit.test_service_start import (
+    holding_every_permit,
+    started_stand_in,
+    tokenized_as_three_tokens,
+)
 
 
 class _Context:
@@ -27,34 +30,16 @@ def test_a_stream_message_waiting_for_permits_starts_its_total_time_once_admitte
         monkeypatch: pytest.MonkeyPatch) -> None:
     """TEI's stream starts a message's clock after its permit: the wait for other clients'
     permits is not in total_time_ns."""
-    from router import service as service_module
-    from router.tokenization import Encoded
-
-    async def tokenize_inputs(inputs, **_):
-        return [Encoded(np.arange(3, dtype=np.int32), np.zeros(3, dtype=np.int32))], 1
-
-    monkeypatch.setattr(service_module, "tokenize_inputs", tokenize_inputs)
+    tokenized_as_three_tokens(monkeypatch)
 
     async def main() -> pb.Metadata:
-        service = _service(max_input_length=512, max_positions=512)
-        service.workers = _OneWorker(in_flight=0)  # type: ignore[assignment]
-        await service.start(1.0)
-
-        async def infer(encoded, output):
-            return [np.ones(32, dtype=np.float32)], {}
-
-        service._infer = infer  # type: ignore[method-assign]
+        service = await started_stand_in()
         state = SimpleNamespace(service=service, model=SimpleNamespace(kind="embedding"),
                                 config=SimpleNamespace(max_concurrent_requests=8,
                                                        grpc_max_parallel_stream_requests=None))
         servicer = EmbedServicer(state)  # type: ignore[arg-type]
         release = asyncio.Event()
-
-        async def hold_every_permit() -> None:
-            async with service.admission.admitted(8):
-                await release.wait()
-
-        holder = asyncio.ensure_future(hold_every_permit())
+        holder = asyncio.ensure_future(holding_every_permit(service, release))
         await asyncio.sleep(0)
         replies = servicer.EmbedStream(_one(pb.EmbedRequest(inputs="x")), _Context())
         first = asyncio.ensure_future(replies.__anext__())

@@ -121,12 +121,9 @@ def test_a_busy_worker_gets_requests_batched_by_the_scheduler() -> None:
     assert [len(batch) for batch in in_the_end] == [2]
 
 
-def test_a_wait_for_permits_is_not_counted_as_tokenization(monkeypatch: pytest.MonkeyPatch
-                                                           ) -> None:
-    """A gRPC stream message that waits for its permits (`patiently`) starts its clock once
-    admitted, as TEI's does: the wait is neither tokenization time nor request duration."""
+def tokenized_as_three_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every request tokenizes to one input of three tokens (no tokenizer pool needed)."""
     from router import service as service_module
-    from router.admission import patiently
     from router.tokenization import Encoded
 
     async def tokenize_inputs(inputs, **_):
@@ -134,22 +131,38 @@ def test_a_wait_for_permits_is_not_counted_as_tokenization(monkeypatch: pytest.M
 
     monkeypatch.setattr(service_module, "tokenize_inputs", tokenize_inputs)
 
+
+async def started_stand_in() -> InferenceService:
+    """A started service whose worker is a stand-in and whose inference answers at once (a
+    32-wide vector of ones): what is left to time is admission and tokenization."""
+    service = _service(max_input_length=512, max_positions=512)
+    service.workers = _OneWorker(in_flight=0)  # type: ignore[assignment]
+    await service.start(1.0)
+
+    async def infer(encoded, output):
+        return [np.ones(32, dtype=np.float32)], {}
+
+    service._infer = infer  # type: ignore[method-assign]
+    return service
+
+
+async def holding_every_permit(service: InferenceService, release: asyncio.Event) -> None:
+    async with service.admission.admitted(8):
+        await release.wait()
+
+
+def test_a_wait_for_permits_is_not_counted_as_tokenization(monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """A gRPC stream message that waits for its permits (`patiently`) starts its clock once
+    admitted, as TEI's does: the wait is neither tokenization time nor request duration."""
+    from router.admission import patiently
+
+    tokenized_as_three_tokens(monkeypatch)
+
     async def main() -> float:
-        service = _service(max_input_length=512, max_positions=512)
-        service.workers = _OneWorker(in_flight=0)  # type: ignore[assignment]
-        await service.start(1.0)
-
-        async def infer(encoded, output):
-            return [np.zeros(32, dtype=np.float32)], {}
-
-        service._infer = infer  # type: ignore[method-assign]
+        service = await started_stand_in()
         release = asyncio.Event()
-
-        async def hold_every_permit() -> None:
-            async with service.admission.admitted(8):
-                await release.wait()
-
-        holder = asyncio.ensure_future(hold_every_permit())
+        holder = asyncio.ensure_future(holding_every_permit(service, release))
         await asyncio.sleep(0)
         waiter = asyncio.ensure_future(patiently(lambda: service.run(
             ["x"], protocol.OutputKind.POOLED, truncate=None, direction="right")))
