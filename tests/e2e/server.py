@@ -95,6 +95,15 @@ class Server:
         return code
 
 
+def gone(pid: int) -> bool:
+    """Whether process `pid` has exited (and been reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
 def wait_for(predicate, timeout: float = 60, interval: float = 0.1) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -9,7 +9,7 @@ import os
 import signal
 import time
 
-from tests.e2e.server import Server, wait_for
+from tests.e2e.server import Server, gone, wait_for
 from tests.e2e.test_embed_parity import LONG
 from tests.e2e.test_lifecycle import _children, until_computing
 
@@ -46,12 +46,5 @@ def test_sigterm_to_the_process_group_drains_every_request(minilm_dir, tmp_path)
         srv.stop()
     log = srv.log()
     assert "died" not in log and "restarting" not in log and "Traceback" not in log, log
-
-    def gone(pid: int) -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        return False
 
     wait_for(lambda: all(map(gone, children)), timeout=15)  # none left behind

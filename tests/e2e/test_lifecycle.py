@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.server import EMBEDSERVE, Server, wait_for
+from tests.e2e.server import EMBEDSERVE, Server, gone, wait_for
 from tests.e2e.test_embed_parity import LONG
 from tests.fixtures.prometheus import total
 
@@ -243,13 +243,6 @@ def test_a_stopped_tokenizer_pool_is_replaced_after_its_stall_limit(fresh_server
     assert limit <= time.monotonic() - started < limit + 10
     assert srv.client.post("/embed", json=long).status_code == 200
 
-    def gone(pid: int) -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        return False
-
     wait_for(lambda: all(map(gone, stopped)), timeout=10)  # killed, not left stopped
 
 
@@ -259,18 +252,7 @@ def test_workers_die_with_the_router(fresh_server):
     assert len(children) >= 2  # the worker and the tokenizer processes
     srv.process.kill()
     srv.process.wait()
-
-    def all_gone() -> bool:
-        alive = []
-        for pid in children:
-            try:
-                os.kill(pid, 0)
-                alive.append(pid)
-            except ProcessLookupError:
-                pass
-        return not alive
-
-    wait_for(all_gone, timeout=15)
+    wait_for(lambda: all(map(gone, children)), timeout=15)
 
 
 def test_ready_timeout_is_a_clear_error(minilm_dir):
