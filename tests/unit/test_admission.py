@@ -88,7 +88,7 @@ def test_patiently_a_request_waits_for_the_permits_others_hold() -> None:
 
 
 def test_a_waiting_request_keeps_waiting_while_the_return_is_too_small() -> None:
-    """Each return wakes the waiter once: it takes the permits only when enough are back."""
+    """A waiting request is handed its permits only once enough are back."""
     async def main() -> None:
         admission = Admission(3)
         first, second = asyncio.Event(), asyncio.Event()
