@@ -315,12 +315,13 @@ def _config_added_tokens(tokenizer: Tokenizer, cfg: dict[str, Any],
     added token yet, as a special one; each at its vocabulary id or the next free one. A token
     whose new id would be past the model's embedding `rows` (config.json's vocab_size) is left
     out: transformers' model would fail on it (an index error), where its pieces still serve."""
-    have = {repr(token) for token in tokenizer.get_added_tokens_decoder().values()}
+    present = tokenizer.get_added_tokens_decoder().values()
+    have = {repr(token) for token in present}
     entries = cfg.get("added_tokens_decoder") or {}
     tokens = [_added_token(entry) for _, entry in sorted(entries.items(),
                                                          key=lambda item: int(item[0]))]
     new = [token for token in tokens if token is not None and repr(token) not in have]
-    contents = {token.content for token in tokenizer.get_added_tokens_decoder().values()}
+    contents = {token.content for token in present}
     contents |= {token.content for token in new}
     extra = named.get("extra_special_tokens") or named.get("additional_special_tokens") or []
     for value in [*(named.get(key) for key in _NAMED),
