@@ -91,13 +91,25 @@ class AttentionLayout:
         if len(kinds) != layers:
             raise ConfigError(f"config.json: layer_types names {len(kinds)} layers, "
                               f"num_hidden_layers is {layers}")
-        local_attention = int(config.get("local_attention", 128))
-        if local_attention < 0:
-            raise ConfigError(f"config.json: local_attention {local_attention} must be >= 0")
-        # transformers (sliding_window = local_attention // 2, compared with <=) and TEI agree:
-        # a local query sees local_attention // 2 keys on each side, and itself.
-        return cls(kinds, local_attention // 2, {kind: _rope_theta(config, kind) for kind in
+        return cls(kinds, _half_window(config), {kind: _rope_theta(config, kind) for kind in
                                                  (GLOBAL, LOCAL)})
+
+
+def _half_window(config: dict[str, Any]) -> int:
+    """The keys a local query sees on each side (and itself): transformers and TEI agree on
+    local_attention // 2, compared with <=. ModernBertConfig's `sliding_window` is a property
+    whose setter makes local_attention twice the value, so a config.json that writes it wins
+    over its local_attention, in either order."""
+    if "sliding_window" in config:
+        window = config["sliding_window"]
+        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+            raise ConfigError(f"config.json: ModernBERT sliding_window {window!r} must be an "
+                              "integer >= 0 (the keys a local layer sees on each side)")
+        return window
+    local_attention = int(config.get("local_attention", 128))
+    if local_attention < 0:
+        raise ConfigError(f"config.json: local_attention {local_attention} must be >= 0")
+    return local_attention // 2
 
 
 def _rope_theta(config: dict[str, Any], kind: str) -> float:

@@ -64,6 +64,9 @@ HIDDEN_CASES: list[tuple[str, dict[str, Any]]] = [
     ("all-global", {"overrides": {"global_attn_every_n_layers": 1}}),
     ("silu", {"overrides": {"hidden_activation": "silu", "norm_eps": 1e-6}}),
     ("hub-v4-config", {}),
+    # ModernBertConfig's sliding_window setter makes local_attention twice it: a config.json
+    # that writes one (here 2 against local_attention 8) has windows of 2 keys each side.
+    ("sliding-window-key", {}),
 ]
 
 
@@ -74,6 +77,8 @@ def test_hidden_states_match_transformers(tmp_path: Path, case: str, kwargs: dic
     root = bare_modernbert(tmp_path / case, seed=len(case), **kwargs)
     if case == "hub-v4-config":
         hub_v4_config(root)
+    if case == "sliding-window-key":
+        rewrite_config(root, sliding_window=2)
     engine = Engine.load(load_model_info(root, pooling_override="mean"))
     arrays, ids = pack(root, TEXTS)
     assert len(set(map(len, ids))) == len(ids), "inputs must differ in length"
@@ -83,6 +88,8 @@ def test_hidden_states_match_transformers(tmp_path: Path, case: str, kwargs: dic
     hf = AutoModel.from_pretrained(str(root)).eval()
     if case == "hub-v4-config":  # transformers read the legacy keys as we do
         assert hf.config.layer_types == ["full_attention", "sliding_attention"] * 2
+    if case == "sliding-window-key":
+        assert hf.config.local_attention == 4
     # ModernBERT takes no token types.
     ref = last_hidden(hf, padded_inputs(arrays, token_types=False))
     diff = (ours - ref).abs().max().item()
@@ -296,6 +303,8 @@ REFUSED: list[tuple[str, dict[str, Any], str]] = [
     ("layer-count", {"layer_types": ["full_attention"] * 3}, r"names 3 layers"),
     ("activation", {"hidden_activation": "gelu_fast"}, r"hidden_activation 'gelu_fast'"),
     ("heads", {"num_attention_heads": 5}, r"not divisible by 5 heads"),
+    # transformers fails on it (None * 2 in the setter).
+    ("null-sliding-window", {"sliding_window": None}, r"sliding_window None must be an integer"),
 ]
 
 
