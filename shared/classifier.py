@@ -25,6 +25,14 @@ def model_kind_of(config: dict[str, Any]) -> tuple[ModelKind, dict[str, str]]:
         id2label = {str(int(k)): str(v) for k, v in (config.get("id2label") or {}).items()}
     except ValueError as exc:
         raise ConfigError(f"config.json: id2label keys must be integers ({exc})") from None
+    # transformers sizes the head by len(id2label) and names output row i id2label[i]: a gap
+    # leaves a row unnamed (its pipeline fails on it) and a label past the end never answered.
+    for i in range(len(id2label)):
+        if str(i) not in id2label:
+            raise ConfigError(
+                f"config.json: id2label names no label for output {i} (its keys must be 0.."
+                f"{len(id2label) - 1}, one per output of the classifier; found "
+                f"{sorted(int(k) for k in id2label)})")
     if not id2label:
         count = int(config.get("num_labels", 2))
         id2label = {str(i): f"LABEL_{i}" for i in range(count)}

@@ -318,3 +318,19 @@ def test_id2label_keys_are_read_as_transformers_reads_them(tmp_path: Path) -> No
     (root / "config.json").write_text(json.dumps(config))
     theirs = AutoConfig.from_pretrained(str(root)).id2label
     assert load_model_info(root).id2label == {str(i): v for i, v in theirs.items()}
+
+
+@pytest.mark.parametrize(("keys", "missing"), [((0, 2, 3, 4, 5), 1), ((1, 2, 3, 4, 5), 0)])
+def test_id2label_that_does_not_name_every_output_is_refused(tmp_path: Path, keys: tuple,
+                                                              missing: int) -> None:
+    """transformers sizes the head by len(id2label) and its pipeline looks each output row i up
+    as id2label[i] (a KeyError where a row has no name): a gap would answer LABEL_i for a row
+    and never the label named past the end."""
+    import json
+
+    root = make_tiny_classifier(tmp_path / "c", LABELS)
+    config = json.loads((root / "config.json").read_text())
+    config["id2label"] = {str(k): label for k, label in zip(keys, LABELS, strict=True)}
+    (root / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=rf"id2label names no label for output {missing} "):
+        load_model_info(root)
