@@ -1,0 +1,80 @@
+"""The HTTP face of the error taxonomy as the external contract (API.md, Errors and Routes)
+states it: each type's status, both body shapes, the headers a refusal carries, and which
+routes answer without an API key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from router.errors import error_response
+from router.http import is_open
+from shared.errors import EmbedServeError, ErrorType
+
+CONTRACT = [
+    (ErrorType.VALIDATION, 422, "Validation"),
+    (ErrorType.TOKENIZER, 422, "Tokenizer"),
+    (ErrorType.EMPTY, 400, "Empty"),
+    (ErrorType.BACKEND, 424, "Backend"),
+    (ErrorType.OVERLOADED, 429, "Overloaded"),
+    (ErrorType.UNHEALTHY, 503, "Unhealthy"),
+    (ErrorType.UNAUTHORIZED, 401, "Unauthorized"),
+    (ErrorType.NOT_FOUND, 404, "NotFound"),
+    (ErrorType.METHOD_NOT_ALLOWED, 405, "MethodNotAllowed"),
+    (ErrorType.PAYLOAD_TOO_LARGE, 413, "PayloadTooLarge"),
+    (ErrorType.UNSUPPORTED_MEDIA_TYPE, 415, "UnsupportedMediaType"),
+    (ErrorType.BAD_REQUEST, 400, "BadRequest"),
+]
+
+
+@pytest.mark.parametrize(("error_type", "status", "name"), CONTRACT)
+def test_each_type_has_its_status_and_tei_body(error_type, status, name) -> None:
+    response = error_response(EmbedServeError(error_type, "why"), path="/embed", method="POST")
+    assert response.status_code == status
+    assert response.media_type == "application/json"
+    assert json.loads(response.body) == {"error": "why", "error_type": name}
+
+
+@pytest.mark.parametrize(("error_type", "status", "name"), CONTRACT)
+def test_openai_routes_wrap_message_code_and_type(error_type, status, name) -> None:
+    for path in ("/v1/embeddings", "/embeddings"):
+        response = error_response(EmbedServeError(error_type, "why"), path=path, method="POST")
+        assert response.status_code == status
+        assert json.loads(response.body) == {
+            "error": {"message": "why", "type": name, "code": status}}
+
+
+@pytest.mark.parametrize("path", ["/embed", "/v1/embeddings", "/v2/rerank"])
+def test_overloaded_says_when_to_retry(path) -> None:
+    # API.md: "fix: also a `Retry-After` header" (TEI's 429 has none).
+    response = error_response(EmbedServeError(ErrorType.OVERLOADED, "Model is overloaded"),
+                              path=path, method="POST")
+    assert response.status_code == 429
+    assert int(response.headers["retry-after"]) > 0
+    other = error_response(EmbedServeError(ErrorType.VALIDATION, "no"), path=path,
+                           method="POST")
+    assert "retry-after" not in other.headers
+
+
+def test_unauthorized_names_the_bearer_scheme() -> None:
+    response = error_response(EmbedServeError(ErrorType.UNAUTHORIZED, "missing"),
+                              path="/info", method="GET")
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("GET", "/health"), ("GET", "/"), ("GET", "/ping"), ("GET", "/metrics"), ("GET", "/docs"),
+    ("GET", "/openapi.json"), ("GET", "/api-doc/openapi.json"),
+])
+def test_routes_open_without_a_key(method, path) -> None:
+    assert is_open(method, path)
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("GET", "/info"), ("POST", "/"), ("POST", "/invocations"), ("POST", "/vertex"),
+    ("POST", "/embed"), ("POST", "/tokenize"), ("POST", "/decode"), ("POST", "/v1/embeddings"),
+    ("GET", "/v1/models"), ("POST", "/v1/rerank"), ("POST", "/v2/embed"),
+])
+def test_every_other_route_needs_the_key(method, path) -> None:
+    assert not is_open(method, path)
