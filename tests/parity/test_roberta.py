@@ -98,6 +98,40 @@ def test_hidden_states_match_transformers(tmp_path: Path, model_type: str,
     assert diff <= HIDDEN_TOL
 
 
+@pytest.mark.parametrize("pad", [1, 0], ids=["pad-id-inside-texts", "pad-token-id-is-bos"])
+def test_hidden_states_match_transformers_where_sequences_hold_the_pad_id(tmp_path: Path,
+                                                                          pad: int) -> None:
+    """transformers numbers a token equal to pad_token_id as padding (position pad_token_id)
+    and the later ones on without it: `<pad>` typed inside a text, or a config whose
+    pad_token_id is <s>, which starts every sequence. Packed by the router's own `pack`."""
+    import asyncio
+
+    from router.queue import Entry
+    from router.workers import pack
+    from shared.protocol import OutputKind
+
+    root = make_tiny(tmp_path / "m", "roberta", "RobertaModel", pad_token_id=pad)
+    info, engine = serve(root, "mean")
+    assert info.position_offset == pad + 1
+    _, ids = pack_offset(root, TEXTS, info.position_offset)
+    sequences = [[*seq[:2], 1, *seq[2:]] if pad == 1 else seq for seq in ids]
+    loop = asyncio.new_event_loop()
+    try:
+        arrays = pack([Entry(0, np.asarray(seq, dtype=np.int32), np.zeros(len(seq), np.int32),
+                             info.position_offset, OutputKind.POOLED, loop.create_future())
+                       for seq in sequences])
+    finally:
+        loop.close()
+    assert all(pad in seq for seq in sequences)
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(root)).eval()
+    theirs = last_hidden(model, padded_inputs(arrays, pad_id=pad, token_types=False))
+    diff = (engine.hidden_states(arrays) - theirs).abs().max().item()
+    print(f"pad_token_id {pad}: max abs diff of last hidden state {diff:.2e}")
+    assert diff <= HIDDEN_TOL
+
+
 @pytest.mark.parametrize(("model_type", "pooling"), [("roberta", "mean"), ("camembert", "cls"),
                                                      ("xlm-roberta", "max")])
 def test_pooled_matches_sentence_transformers(tmp_path: Path, model_type: str,

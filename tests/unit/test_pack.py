@@ -65,9 +65,35 @@ def test_every_array_is_int32_and_contiguous_even_from_int64_entries(
     assert arrays.position_ids.tolist() == [i for ids in specs for i in range(len(ids))]
 
 
+def transformers_positions(e: Entry) -> np.ndarray:
+    """What transformers' create_position_ids_from_input_ids gives one sequence of an offset
+    family (padding_idx = offset - 1): the pad id's own tokens at padding_idx, the others
+    numbered from padding_idx + 1 without them; 0, 1, ... for a family without an offset."""
+    if not e.position_offset:
+        return np.arange(e.length)
+    pad = e.position_offset - 1
+    real = e.input_ids != pad
+    return np.cumsum(real) * real + pad
+
+
+@pytest.mark.parametrize("together", [False, True], ids=["alone", "in-a-batch"])
+def test_a_pad_id_inside_a_sequence_is_numbered_as_transformers_numbers_it(
+        together: bool) -> None:
+    # RoBERTa's pad id 1 typed inside a text ("<pad>"), and a config whose pad_token_id is
+    # <s> (0), which every sequence starts with.
+    inner, at_start = entry([0, 5, 1, 6, 2], offset=2), entry([0, 7, 8, 2], offset=1)
+    batches = [[inner, at_start]] if together else [[inner], [at_start]]
+    positions = np.concatenate([pack(batch).position_ids for batch in batches]).tolist()
+    assert positions == [2, 3, 1, 4, 5, 0, 1, 2, 3]
+    assert positions == np.concatenate([transformers_positions(inner),
+                                        transformers_positions(at_start)]).tolist()
+
+
 entries_strategy = st.lists(
     st.tuples(
-        st.lists(st.integers(0, 2**31 - 1), min_size=1, max_size=20),
+        # (small ids often: an offset family's pad id, offset - 1, inside a sequence)
+        st.lists(st.one_of(st.integers(0, 3), st.integers(0, 2**31 - 1)), min_size=1,
+                 max_size=20),
         st.integers(0, 3),
         st.integers(0, 1),
     ),
@@ -89,8 +115,7 @@ def test_pack_slices_back_into_the_entries(spec: list[tuple[list[int], int, int]
         span = slice(int(cu[i]), int(cu[i + 1]))
         np.testing.assert_array_equal(arrays.input_ids[span], e.input_ids)
         np.testing.assert_array_equal(arrays.token_type_ids[span], e.token_type_ids)
-        np.testing.assert_array_equal(
-            arrays.position_ids[span], np.arange(e.length) + e.position_offset)
+        np.testing.assert_array_equal(arrays.position_ids[span], transformers_positions(e))
     # What pack makes is what the worker accepts.
     header = Batch(batch_id=0, request_ids=[0] * len(entries),
                    outputs=[OutputKind.POOLED] * len(entries), max_len=int(arrays.lengths.max()))
