@@ -52,6 +52,7 @@ from shared.st_modules import (
     parse_dense,
     parse_pooling_config,
     read_json,
+    transformer_settings,
 )
 from shared.static_embedding import (
     NO_LENGTH_LIMIT,
@@ -208,8 +209,7 @@ def load_model_info(
     logit_score: LogitScore | None = None
     splade_spec = SpladeSpec()
     # The Transformer module's settings (read by several of the checks below).
-    transformer = (layout.transformer if layout else
-                   optional_json(root / "sentence_bert_config.json") or {})
+    transformer = layout.transformer if layout else transformer_settings(root)
     st_file = optional_json(root / "config_sentence_transformers.json") or {}
     sparse_pipeline(root, kinds, transformer)  # (refuses its modules anywhere else)
     csr_pipeline(root, kinds)  # (the same for a SparseAutoEncoder)

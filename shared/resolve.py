@@ -23,7 +23,7 @@ _NEEDED = [
     "tokenizer_config.json",
     "special_tokens_map.json",
     "modules.json",
-    "sentence_bert_config.json",
+    "sentence_*_config.json",  # (sentence_bert_config.json; older saves: shared/st_modules.py)
     "config_sentence_transformers.json",
     "*_Pooling/config.json",
     "*Dense*/config.json",

@@ -18,7 +18,7 @@ import msgspec
 
 from shared.errors import ConfigError
 from shared.sparse_encoder import SPLADE_POOLING, is_mlm_transformer
-from shared.st_modules import builtin_module, optional_json, read_json
+from shared.st_modules import builtin_module, optional_json, read_json, transformer_settings
 
 ROUTER = "Router"
 SPARSE_STATIC = "SparseStaticEmbedding"
@@ -61,7 +61,7 @@ def parse_router(root: Path) -> RouterLayout:
         if route_kinds == [SPARSE_STATIC]:
             query = query or route
         elif len(names) == 2 and route_kinds[1] == SPLADE_POOLING and document is None:
-            settings = optional_json(root / names[0] / "sentence_bert_config.json") or {}
+            settings = transformer_settings(root / names[0])
             if is_mlm_transformer(route_kinds[0], settings):
                 document, transformer = route, settings
     if len(structure) != 2 or query is None or document is None:

@@ -61,6 +61,21 @@ def optional_json(path: Path) -> Any | None:
     return read_json(path) if path.is_file() else None
 
 
+# The Transformer module's settings file, by the names sentence-transformers tries in order: older
+# saves named it after the family. The first that holds any setting is read.
+TRANSFORMER_CONFIG_NAMES = tuple(f"sentence_{family}_config.json" for family in (
+    "bert", "roberta", "distilbert", "camembert", "albert", "xlm-roberta", "xlnet"))
+
+
+def transformer_settings(folder: Path) -> dict[str, Any]:
+    """A Transformer module's settings (max_seq_length, do_lower_case, ...) in `folder`."""
+    for name in TRANSFORMER_CONFIG_NAMES:
+        settings = optional_json(folder / name)
+        if settings:
+            return dict(settings)
+    return {}
+
+
 def module_kind(type_path: str) -> str:
     # Classic: "sentence_transformers.models.Pooling";
     # v6: "sentence_transformers.sentence_transformer.modules.pooling.Pooling".

@@ -1,0 +1,61 @@
+"""The Transformer module's settings file (sentence_bert_config.json and its older names) as
+sentence-transformers reads it: what it changes in the vectors, against SentenceTransformer,
+on a tiny random BERT saved as a sentence-transformers folder, fp32 on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from backend_worker.engine import Engine
+from shared.modelinfo import load_model_info
+from tests.fixtures.tiny import make_tiny_bert, pack
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Longer than every limit below, so that where an input is cut shows in its vector.
+TEXTS = [
+    "The weather is lovely today.",
+    "A much longer input, with punctuation; digits 0123456789 and MiXeD case: it spans "
+    "well over forty word pieces so that where it is cut changes its vector.",
+]
+
+
+def _settings(root: Path, **changes: Any) -> None:
+    path = root / "sentence_bert_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+
+
+def _renamed(name: str) -> Callable[[Path], None]:
+    def rename(root: Path) -> None:
+        _settings(root, max_seq_length=8)
+        (root / "sentence_bert_config.json").rename(root / name)
+    return rename
+
+
+CASES: dict[str, tuple[str, Callable[[Path], None]]] = {
+    # Saves of sentence-transformers < 1 named the file after the family; it still reads them.
+    "sentence_roberta_config": ("classic", _renamed("sentence_roberta_config.json")),
+    "sentence_xlm-roberta_config": ("classic", _renamed("sentence_xlm-roberta_config.json")),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_vectors_match_sentence_transformers(tmp_path: Path, case: str) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    st_format, change = CASES[case]
+    root = make_tiny_bert(tmp_path / case, st_format=st_format)  # type: ignore[arg-type]
+    change(root)
+    info = load_model_info(root)
+    arrays, _ = pack(root, TEXTS, max_length=info.max_input_length)
+    ours = Engine.load(info).embed(arrays)
+    ours /= np.linalg.norm(ours, axis=1, keepdims=True)  # (the folder ends with Normalize)
+    ref = SentenceTransformer(str(root), device="cpu").encode(TEXTS, convert_to_numpy=True)
+    assert float(np.abs(ours - ref).max()) <= 1e-5
