@@ -51,7 +51,7 @@ def max_input_length(
     (sentence_bert_config.json) max_seq_length, else tokenizer_config.json's model_max_length,
     capped at the position table (after `position_offset`); the table alone without either."""
     max_positions = config_max_positions(config) - position_offset
-    limit = st_config.get("max_seq_length")
+    limit = settings_limit(st_config)
     if limit is None:
         # sentence-transformers 6 keeps the limit in tokenizer_config.json, as transformers does;
         # without modules.json, SentenceTransformer and CrossEncoder build their Transformer
@@ -65,6 +65,22 @@ def max_input_length(
     if config.get("model_type") in RELATIVE_POSITIONS_ONLY:
         return int(limit)
     return min(int(limit), max_positions)
+
+
+def settings_limit(st_config: dict[str, Any]) -> int | None:
+    """The length the Transformer module's settings (sentence_bert_config.json) cut inputs at:
+    processing_kwargs' max_length, which sentence-transformers passes to every tokenizer call,
+    else the tokenizer's model_max_length from processor_kwargs (tokenizer_args), which wins
+    over max_seq_length, else max_seq_length (shared/st_modules.py refuses their other keys)."""
+    processing = st_config.get("processing_kwargs") or {}
+    processor = st_config.get("processor_kwargs", st_config.get("tokenizer_args")) or {}
+    # (a tokenizer is called with the text's kwargs updated by the common ones)
+    for limit in ((processing.get("common") or {}).get("max_length"),
+                  (processing.get("text") or {}).get("max_length"),
+                  processor.get("model_max_length"), st_config.get("max_seq_length")):
+        if limit is not None:
+            return int(limit)
+    return None
 
 
 def read_truncate_dim(st_config: dict[str, Any], root: Path) -> int | None:

@@ -47,11 +47,13 @@ from shared.st_modules import (
     POOLINGS,
     DenseSpec,
     builtin_module,
+    check_transformer_kwargs,
     on_sentence_embedding,
     optional_json,
     parse_dense,
     parse_pooling_config,
     read_json,
+    transformer_file,
     transformer_settings,
 )
 from shared.static_embedding import (
@@ -210,6 +212,9 @@ def load_model_info(
     splade_spec = SpladeSpec()
     # The Transformer module's settings (read by several of the checks below).
     transformer = layout.transformer if layout else transformer_settings(root)
+    if modules and not static_dir:  # (sentence-transformers reads it only with modules.json)
+        check_transformer_kwargs(transformer, transformer_file(layout.transformer_dir
+                                                               if layout else root))
     st_file = optional_json(root / "config_sentence_transformers.json") or {}
     sparse_pipeline(root, kinds, transformer)  # (refuses its modules anywhere else)
     csr_pipeline(root, kinds)  # (the same for a SparseAutoEncoder)

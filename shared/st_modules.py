@@ -67,13 +67,46 @@ TRANSFORMER_CONFIG_NAMES = tuple(f"sentence_{family}_config.json" for family in 
     "bert", "roberta", "distilbert", "camembert", "albert", "xlm-roberta", "xlnet"))
 
 
+# Keys of the settings' keyword arguments that only say where files come from (sentence-
+# transformers drops trust_remote_code), and what the tokenizer calls may set that we follow.
+_HUB_KWARGS = frozenset({"trust_remote_code", "revision", "token", "use_auth_token", "cache_dir",
+                         "local_files_only", "use_fast"})
+_TEXT_KWARGS = frozenset({"max_length", "padding"})
+
+
+def transformer_file(folder: Path) -> Path:
+    """The Transformer module's settings file in `folder` (sentence_bert_config.json if none)."""
+    for name in TRANSFORMER_CONFIG_NAMES:
+        if optional_json(folder / name):
+            return folder / name
+    return folder / TRANSFORMER_CONFIG_NAMES[0]
+
+
 def transformer_settings(folder: Path) -> dict[str, Any]:
     """A Transformer module's settings (max_seq_length, do_lower_case, ...) in `folder`."""
-    for name in TRANSFORMER_CONFIG_NAMES:
-        settings = optional_json(folder / name)
-        if settings:
-            return dict(settings)
-    return {}
+    return dict(optional_json(transformer_file(folder)) or {})
+
+
+def check_transformer_kwargs(settings: dict[str, Any], where: Path) -> None:
+    """Refuse the settings' keyword arguments that sentence-transformers applies and we do not:
+    config_kwargs change the model itself (its layers, its norms' epsilon), processor_kwargs and
+    processing_kwargs its tokenization. Only the length limits are followed (model_limits.py);
+    model_kwargs (dtype, attention implementation) are the server's own choice."""
+    allowed = {"config_kwargs": _HUB_KWARGS, "config_args": _HUB_KWARGS,
+               "processor_kwargs": _HUB_KWARGS | {"model_max_length"},
+               "tokenizer_args": _HUB_KWARGS | {"model_max_length"}}
+    for key, keep in allowed.items():
+        for name in sorted(set(settings.get(key) or {}) - keep):
+            raise ConfigError(f"{where}: {key} {name!r} is not supported (only a "
+                              "model_max_length of the tokenizer is followed)")
+    for part in ("common", "text"):
+        given = (settings.get("processing_kwargs") or {}).get(part) or {}
+        if given.get("truncation", True) not in (True, "longest_first"):
+            raise ConfigError(f"{where}: processing_kwargs {part} truncation "
+                              f"{given['truncation']!r} is not supported")
+        for name in sorted(set(given) - _TEXT_KWARGS - {"truncation"}):
+            raise ConfigError(f"{where}: processing_kwargs {part} {name!r} is not supported "
+                              "(only max_length is followed)")
 
 
 def module_kind(type_path: str) -> str:

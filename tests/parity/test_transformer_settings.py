@@ -43,6 +43,16 @@ CASES: dict[str, tuple[str, Callable[[Path], None]]] = {
     # Saves of sentence-transformers < 1 named the file after the family; it still reads them.
     "sentence_roberta_config": ("classic", _renamed("sentence_roberta_config.json")),
     "sentence_xlm-roberta_config": ("classic", _renamed("sentence_xlm-roberta_config.json")),
+    # The tokenizer's model_max_length given to it wins over max_seq_length (128 here).
+    "tokenizer_args": ("classic", lambda root: _settings(
+        root, tokenizer_args={"model_max_length": 8, "trust_remote_code": True})),
+    "processor_kwargs": ("v6", lambda root: _settings(
+        root, max_seq_length=128, processor_kwargs={"model_max_length": 8})),
+    # processing_kwargs' max_length goes to every tokenizer call: the common one wins.
+    "processing_kwargs-text": ("v6", lambda root: _settings(
+        root, processing_kwargs={"text": {"max_length": 8}})),
+    "processing_kwargs-common": ("v6", lambda root: _settings(
+        root, processing_kwargs={"text": {"max_length": 12}, "common": {"max_length": 8}})),
 }
 
 
