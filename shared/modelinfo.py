@@ -183,9 +183,18 @@ def load_model_info(
     # the router's tokenizer are read there (model_dir), the other modules from the root.
     static_dir = static_module_dir(root, modules, kinds)
     # An inference-free SPLADE model's document route: its Transformer's folder is the model's.
-    layout = parse_router(root) if ROUTER in kinds else None
-    if layout is not None and len(kinds) != 1:
+    if ROUTER in kinds and len(kinds) != 1:  # (before its files are looked for)
         raise ConfigError(f"{root}/modules.json: a Router must be the only module ({kinds})")
+    layout = parse_router(root) if ROUTER in kinds else None
+    for module, kind in zip(modules, kinds, strict=True):
+        if kind in ("Transformer", MLM_TRANSFORMER) and (
+                (root / module.get("path", "")).resolve() != root.resolve()):
+            # Older repositories keep the transformer in a folder of its own (0_BERT/,
+            # 0_Transformer/): its config.json and weights are the model's, not the root's.
+            raise ConfigError(
+                f"{root}/modules.json: the Transformer module is in {module['path']!r}, not at "
+                "the model's root; that layout is not supported (move its files to the root "
+                "and its path to \"\")")
     model_dir = static_dir or (layout.transformer_dir if layout else root)
     for folder in dict.fromkeys((root, model_dir)):
         if (folder / "adapter_config.json").is_file():
@@ -235,17 +244,8 @@ def load_model_info(
             raise ConfigError(f"{root}/modules.json: {kind} after {previous} is not supported "
                               "(only Transformer, Pooling, Dense..., Normalize in that order)")
         previous = kind
-        if kind in ("Transformer", MLM_TRANSFORMER):
-            if path.resolve() != root.resolve():
-                # Older repositories keep the transformer in a folder of its own (0_BERT/,
-                # 0_Transformer/); config.json and the weights here would be other ones.
-                raise ConfigError(
-                    f"{root}/modules.json: the Transformer module is in {module['path']!r}, not "
-                    "at the model's root; that layout is not supported (move its files to the "
-                    "root and its path to \"\")")
-            continue
-        if kind in ("StaticEmbedding", ROUTER):
-            continue  # (static_module_dir placed it first; parse_router read the Router)
+        if kind in ("Transformer", MLM_TRANSFORMER, "StaticEmbedding", ROUTER):
+            continue  # (checked above; static_module_dir placed it first; parse_router read it)
         if kind == "Pooling":
             pooling_cfg = read_json(path / "config.json")
             include_prompt = pooling_cfg.get("include_prompt", True) is not False

@@ -482,6 +482,28 @@ def test_a_transformer_in_a_folder_of_its_own_is_refused(tmp_path: Path) -> None
     load_model_info(root)  # the root, spelled otherwise
 
 
+def test_an_old_folder_with_its_transformer_in_a_folder_of_its_own_is_refused_by_name(
+        tmp_path: Path) -> None:
+    # As such folders are saved: no config.json, tokenizer or weights at the root at all.
+    root = model_dir(tmp_path / "0_Transformer").parent
+    write(root / "modules.json", [
+        {"idx": 0, "name": "0", "path": "0_Transformer", "type": CLASSIC + "Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": CLASSIC + "Pooling"}])
+    write(root / "1_Pooling/config.json", classic_pooling("mean_tokens"))
+    with pytest.raises(ConfigError, match="the Transformer module is in '0_Transformer'"):
+        load_model_info(root)
+
+
+def test_a_router_after_other_modules_is_refused_by_name(tmp_path: Path) -> None:
+    # sentence-transformers 6 saves such a Router (a Dense per route, say) in 2_Router/.
+    root = model_dir(tmp_path, modules=[*STACK[:2], (
+        "sentence_transformers.base.modules.router.Router", "2_Router")],
+        files={"1_Pooling/config.json": classic_pooling("mean_tokens"),
+               "2_Router/router_config.json": {}})
+    with pytest.raises(ConfigError, match="a Router must be the only module"):
+        load_model_info(root)
+
+
 @pytest.mark.parametrize(("modules", "setting", "expected"), [
     (STACK, True, True), (STACK, False, False), (STACK, None, False),
     (None, True, False),  # no modules.json: sentence-transformers never reads the file
