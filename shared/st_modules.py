@@ -72,6 +72,9 @@ TRANSFORMER_CONFIG_NAMES = tuple(f"sentence_{family}_config.json" for family in 
 _HUB_KWARGS = frozenset({"trust_remote_code", "revision", "token", "use_auth_token", "cache_dir",
                          "local_files_only", "use_fast"})
 _TEXT_KWARGS = frozenset({"max_length", "padding"})
+# Tokenizer settings that change no token of an input (the server packs without padding;
+# decoder embedders' files ask for left padding).
+_LAYOUT_KWARGS = frozenset({"padding_side", "clean_up_tokenization_spaces"})
 
 
 def transformer_file(folder: Path) -> Path:
@@ -93,8 +96,8 @@ def check_transformer_kwargs(settings: dict[str, Any], where: Path) -> None:
     processing_kwargs its tokenization. Only the length limits are followed (model_limits.py);
     model_kwargs (dtype, attention implementation) are the server's own choice."""
     allowed = {"config_kwargs": _HUB_KWARGS, "config_args": _HUB_KWARGS,
-               "processor_kwargs": _HUB_KWARGS | {"model_max_length"},
-               "tokenizer_args": _HUB_KWARGS | {"model_max_length"}}
+               "processor_kwargs": _HUB_KWARGS | _LAYOUT_KWARGS | {"model_max_length"},
+               "tokenizer_args": _HUB_KWARGS | _LAYOUT_KWARGS | {"model_max_length"}}
     for key, keep in allowed.items():
         for name in sorted(set(settings.get(key) or {}) - keep):
             raise ConfigError(f"{where}: {key} {name!r} is not supported (only a "

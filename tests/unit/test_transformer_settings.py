@@ -51,7 +51,7 @@ def test_settings_of_where_files_come_from_and_limits_are_followed(tmp_path: Pat
     root = with_settings(tmp_path, {
         "max_seq_length": 100, "model_args": {"torch_dtype": "float16"},
         "config_args": {"trust_remote_code": True, "revision": "main"},
-        "tokenizer_args": {"model_max_length": 20, "use_fast": True},
+        "tokenizer_args": {"model_max_length": 20, "use_fast": True, "padding_side": "left"},
         "processing_kwargs": {"text": {"padding": True, "truncation": "longest_first"}}})
     assert load_model_info(root).max_input_length == 20
 
