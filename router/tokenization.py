@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 _tokenizer = None
 _chat: ChatFormatter | None = None
 _static: StaticTokens | None = None  # a static model's (ModelInfo.empty_bag_id set)
+_typed = True  # false: every token type sent is 0 (router.tokenizer_config.sends_token_types)
 # Requests with at most this many characters are tokenized in the router process itself.
 INLINE_CHARACTERS = 512
 # A pool call still unanswered after its stall limit (`--tokenizer-timeout`, plus this per MB of
@@ -73,12 +74,12 @@ def _load(tokenizer_path: str, lowercase: bool = False, model_type: str = "",
           conversations: Conversations | None = None, empty_bag_id: int | None = None) -> str:
     """Load this process's tokenizer; returns what tokenizer_config.json changed ("" if
     nothing), for the router to log once (see router.tokenizer_config)."""
-    global _tokenizer, _chat, _static
+    global _tokenizer, _chat, _static, _typed
     # One core per process: rayon threads inside each of N processes would oversubscribe.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from tokenizers import Tokenizer
 
-    from router.tokenizer_config import configure
+    from router.tokenizer_config import configure, sends_token_types
 
     _tokenizer = Tokenizer.from_file(tokenizer_path)
     _tokenizer.no_padding()
@@ -87,6 +88,7 @@ def _load(tokenizer_path: str, lowercase: bool = False, model_type: str = "",
         return ""  # the file as it is (StaticEmbedding's), its truncation included
     _tokenizer.no_truncation()
     changed = configure(_tokenizer, Path(tokenizer_path).parent, model_type, lowercase)
+    _typed = sends_token_types(Path(tokenizer_path).parent)
     _chat = ChatFormatter(conversations, _tokenizer) if conversations is not None else None
     return changed
 
@@ -125,8 +127,8 @@ def _encode(texts: list[str | tuple[str, str]], max_length: int | None,
     except Exception as exc:  # the tokenizer's (and the template's) failures are the client's
         return Outcome(None, str(exc))
     return Outcome([
-        Encoded(np.asarray(e.ids, dtype=np.int32), np.asarray(e.type_ids, dtype=np.int32),
-                start)
+        Encoded(ids := np.asarray(e.ids, dtype=np.int32),
+                np.asarray(e.type_ids, dtype=np.int32) if _typed else np.zeros_like(ids), start)
         for e, start in zip(encodings, starts, strict=True)
     ])
 
@@ -197,9 +199,8 @@ def _first_kept(word_ids: list[int | None], count: int) -> int:
     tokens; from a word's start it gives the same tokens. Where no whole word fits, the cut
     is inside the word."""
     first = len(word_ids) - count
-    start = next((i for i in range(first, len(word_ids))
-                  if word_ids[i] is None or word_ids[i] != word_ids[i - 1]), first)
-    return start
+    return next((i for i in range(first, len(word_ids))
+                 if word_ids[i] is None or word_ids[i] != word_ids[i - 1]), first)
 
 
 class Chunked(NamedTuple):

@@ -373,3 +373,15 @@ def configure(tokenizer: Tokenizer, model_dir: Path, model_type: str, lowercase:
     if lowercase:
         _with_lowercase(tokenizer)
     return changed
+
+
+def sends_token_types(model_dir: Path) -> bool:
+    """Whether the model is given the encoding's token types: false where tokenizer_config.json
+    lists `model_input_names` without "token_type_ids", as transformers then returns none (so
+    SentenceTransformer and CrossEncoder send none) and the model sees type 0 everywhere.
+    NOTE: a file without the key keeps the post-processor's types (TEI's), deliberately:
+    transformers 5 would take its class's default list instead (AlbertTokenizer's and the
+    generic class's lack token types, BertTokenizer's has them), which we do not replicate."""
+    path = model_dir / "tokenizer_config.json"
+    names = _read_config(path).get("model_input_names") if path.is_file() else None
+    return not isinstance(names, list) or "token_type_ids" in names

@@ -334,3 +334,39 @@ def test_id2label_that_does_not_name_every_output_is_refused(tmp_path: Path, key
     (root / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match=rf"id2label names no label for output {missing} "):
         load_model_info(root)
+
+
+def test_pairs_without_token_types_in_model_input_names_score_as_cross_encoder(
+        tmp_path: Path) -> None:
+    """A tokenizer_config.json whose model_input_names leave out token_type_ids: transformers'
+    tokenizer returns none, so CrossEncoder's model sees type 0 in the pair's second text too;
+    the router's tokenization sends the same."""
+    import json
+
+    from sentence_transformers import CrossEncoder
+
+    from router import tokenization
+
+    root = make_tiny_classifier(tmp_path / "reranker", ["score"], seed=1)
+    config = json.loads((root / "tokenizer_config.json").read_text())
+    config["model_input_names"] = ["input_ids", "attention_mask"]
+    (root / "tokenizer_config.json").write_text(json.dumps(config))
+    pairs = [item for item in TEXTS if isinstance(item, tuple)]
+    before = tokenization._tokenizer, tokenization._typed
+    try:
+        tokenization._load(str(root / "tokenizer.json"), False, "bert")
+        encoded = tokenization._encode(pairs, None, "right").value
+    finally:
+        tokenization._tokenizer, tokenization._typed = before
+    cu = np.cumsum([0, *(len(e.ids) for e in encoded)]).astype(np.int32)
+    arrays = protocol.BatchArrays(
+        np.concatenate([e.ids for e in encoded]),
+        np.concatenate([np.arange(len(e.ids), dtype=np.int32) for e in encoded]),
+        np.concatenate([e.type_ids for e in encoded]), cu)
+    _info, engine, head = serve(root)
+    logits = run_head(engine, head)(arrays)[2][:, 0]
+    theirs = CrossEncoder(str(root), device="cpu", activation_fn=torch.nn.Identity())
+    assert "token_type_ids" not in theirs.tokenizer(*pairs[0])
+    expected = theirs.predict(pairs, batch_size=len(pairs))
+    diff = float(np.abs(logits - expected).max())
+    assert diff <= LOGIT_TOL, diff

@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
@@ -294,3 +295,28 @@ def test_the_class_tables_agree_with_transformers_for_every_model_type_served() 
             assert (model_type in _NAMED_CLASS_IGNORED) == (
                 registered is not None
                 and model_type in auto.MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS), model_type
+
+
+@pytest.mark.parametrize(("names", "typed"), [
+    (None, True), (["input_ids", "token_type_ids", "attention_mask"], True),
+    (["input_ids", "attention_mask"], False)])
+def test_model_input_names_without_token_types_send_type_0(
+        tmp_path: Path, names: list[str] | None, typed: bool) -> None:
+    """transformers returns no token_type_ids where model_input_names leaves them out (so the
+    model sees type 0, pairs included); a file that lists them, or says nothing, keeps the
+    post-processor's types."""
+    root = _write(tmp_path, "bert-agree")
+    if names is not None:
+        config = json.loads((root / "tokenizer_config.json").read_text())
+        (root / "tokenizer_config.json").write_text(
+            json.dumps(config | {"model_input_names": names}))
+    before = tokenization._tokenizer, tokenization._typed
+    try:
+        tokenization._load(str(root / "tokenizer.json"), False, "bert")
+        outcome = tokenization._encode(["Hello", ("Hello", "World two")], None, "right")
+    finally:
+        tokenization._tokenizer, tokenization._typed = before
+    single, pair = outcome.value
+    assert single.type_ids.tolist() == [0, 0, 0]
+    assert pair.type_ids.tolist() == [0, 0, 0] + ([1, 1, 1] if typed else [0, 0, 0])
+    assert pair.type_ids.dtype == np.int32
