@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 
 from shared.config import ServerConfig
@@ -27,23 +28,36 @@ _NEEDED = [
     "config_sentence_transformers.json",
     "*_Pooling/config.json",
     "*Dense*/config.json",
-    "*Dense*/model.safetensors",
     "*Normalize*/config.json",
     "*LogitScore*/config.json",
     # A StaticEmbedding kept in a folder of its own (0_StaticEmbedding/, earlier
     # sentence-transformers); at the root its files are the two above and model.safetensors.
     "*StaticEmbedding*/tokenizer.json",
-    "*StaticEmbedding*/model.safetensors",
     # A CrossEncoder that takes chat messages renders them with these (shared/conversations.py).
     "chat_template.jinja",
     "additional_chat_templates/*.jinja",
+    # SparseEncoder's modules (SPLADE, inference-free SPLADE's Router and its routes' folders,
+    # CSR) and BGE-M3's lexical head beside the weights.
+    "*SpladePooling*/config.json",
+    "router_config.json",
+    "*Transformer*/config.json",
+    "*Transformer*/tokenizer.json",
+    "*Transformer*/tokenizer_config.json",
+    "*Transformer*/special_tokens_map.json",
+    "*Transformer*/sentence_bert_config.json",
+    "*StaticEmbedding*/config.json",
+    "*StaticEmbedding*/tokenizer_config.json",
+    "*SparseAutoEncoder*/config.json",
+    "sparse_linear.safetensors",
+    "sparse_linear.pt",
     # (only to refuse such models by name: shared/modelinfo.py)
     "rl_agent_config.json",
     "*adapter_config.json",
 ]
+# Folders whose weights are read: the root and sentence-transformers modules' own folders.
+_WEIGHT_DIRS = ("", "*Dense*", "*Transformer*", "*StaticEmbedding*", "*SparseAutoEncoder*")
 _SAFETENSORS = ["model.safetensors", "model-*.safetensors", "model.safetensors.index.json"]
-_TORCH_BIN = ["pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.json",
-              "*Dense*/pytorch_model.bin"]
+_TORCH_BIN = ["pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.json"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,33 @@ def default_model_dir() -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
+def _weight_patterns(files: list[str] | None) -> list[str]:
+    """Each weight folder's safetensors where it has them, else its pytorch_model.bin (the
+    loader's preference, backend_worker/loading.py), chosen folder by folder: a repository
+    converted at its root only keeps a Dense module's pytorch_model.bin. Both formats where
+    the listing is unknown (the cache decides)."""
+    if files is None:
+        return [f"{d}/{name}" if d else name
+                for d in _WEIGHT_DIRS for name in _SAFETENSORS + _TORCH_BIN]
+    folders: dict[str, set[str]] = {}
+    for file in files:
+        folder, _, name = file.rpartition("/")
+        folders.setdefault(folder, set()).add(name)
+    patterns = []
+    for folder, names in folders.items():
+        if not (folder == "" or any(d and fnmatch(folder, d) for d in _WEIGHT_DIRS)):
+            continue
+        safetensors = any(fnmatch(name, p) for name in names for p in _SAFETENSORS)
+        patterns += [f"{folder}/{p}" if folder else p
+                     for p in (_SAFETENSORS if safetensors else _TORCH_BIN)]
+    return patterns
+
+
+def hub_patterns(files: list[str] | None) -> list[str]:
+    """The files fetched of a repository whose listing is `files` (None: unknown)."""
+    return _NEEDED + _weight_patterns(files)
+
+
 def _from_hub(config: ServerConfig, model_id: str) -> ResolvedModel:
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -69,26 +110,23 @@ def _from_hub(config: ServerConfig, model_id: str) -> ResolvedModel:
 
     if are_progress_bars_disabled():
         enable_progress_bars()
-    patterns = _NEEDED + _SAFETENSORS
     try:
-        try:
-            files = HfApi(token=config.hf_token).list_repo_files(
-                model_id, revision=config.revision
-            )
-            if not any(f.endswith(".safetensors") for f in files):
-                patterns = _NEEDED + _TORCH_BIN
-        except Exception:
-            # Offline (HF_HUB_OFFLINE) or unreachable: the cached snapshot decides below. The
-            # listing only picks file patterns, and an unreachable Hub surfaces as the transport
-            # errors of whichever HTTP library this huggingface_hub uses (httpx2 in 2.x, requests
-            # before), which share no base class we could name here.
-            patterns = _NEEDED + _SAFETENSORS + _TORCH_BIN
+        files: list[str] | None = HfApi(token=config.hf_token).list_repo_files(
+            model_id, revision=config.revision
+        )
+    except Exception:
+        # Offline (HF_HUB_OFFLINE) or unreachable: the cached snapshot decides below. The
+        # listing only picks file patterns, and an unreachable Hub surfaces as the transport
+        # errors of whichever HTTP library this huggingface_hub uses (httpx2 in 2.x, requests
+        # before), which share no base class we could name here.
+        files = None
+    try:
         path = Path(snapshot_download(
             model_id,
             revision=config.revision,
             token=config.hf_token,
             cache_dir=config.huggingface_hub_cache,
-            allow_patterns=patterns,
+            allow_patterns=hub_patterns(files),
         ))
     except LocalEntryNotFoundError as exc:
         raise ConfigError(

@@ -249,35 +249,72 @@ def test_the_files_of_refused_models_are_fetched(tmp_path: Path,
         assert any(fnmatch(adapter, pattern) for pattern in asked), adapter
 
 
+def not_fetched(root: Path, unread: frozenset[str] = frozenset({"README.md"})) -> set[str]:
+    """The files of the model directory `root`, as a Hub listing, that would not come down."""
+    from fnmatch import fnmatch
+
+    from shared.resolve import hub_patterns
+
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    patterns = hub_patterns(files)
+    return {f for f in files if f not in unread and not any(fnmatch(f, p) for p in patterns)}
+
+
 def test_a_causal_reranker_comes_down_whole(tmp_path: Path) -> None:
     """Every file a LogitScore re-ranker is read from (CrossEncoder.save's layout: the module's
     config, the chat templates) is among the files fetched from the Hub."""
-    from fnmatch import fnmatch
-
-    from shared.resolve import _NEEDED, _SAFETENSORS
     from tests.fixtures.causal_reranker import make_causal_reranker
 
     root = make_causal_reranker(tmp_path / "model")
     (root / "additional_chat_templates").mkdir()
     (root / "additional_chat_templates" / "default.jinja").write_text("x")
-    files = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
-    unread = {"README.md", "generation_config.json"}  # (model card, generation defaults)
-    missed = {f for f in files - unread
-              if not any(fnmatch(f, pattern) for pattern in _NEEDED + _SAFETENSORS)}
-    assert not missed
+    # (model card, generation defaults)
+    assert not not_fetched(root, frozenset({"README.md", "generation_config.json"}))
 
 
 @pytest.mark.parametrize("layout", ["root", "0_StaticEmbedding", "model2vec"])
 def test_a_static_model_comes_down_whole(tmp_path: Path, layout: str) -> None:
     """Every file a StaticEmbedding model is read from, in each layout, is fetched."""
-    from fnmatch import fnmatch
-
-    from shared.resolve import _NEEDED, _SAFETENSORS
     from tests.fixtures.static import make_model2vec, make_static
 
     root = (make_model2vec(tmp_path / "m") if layout == "model2vec"
             else make_static(tmp_path / "m", subfolder=layout != "root"))
-    files = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
-    missed = {f for f in files - {"README.md"}
-              if not any(fnmatch(f, pattern) for pattern in _NEEDED + _SAFETENSORS)}
-    assert not missed
+    assert not not_fetched(root)
+
+
+@pytest.mark.parametrize("kind", ["splade", "inference-free", "csr", "bge-m3"])
+def test_a_sparse_model_comes_down_whole(tmp_path: Path, kind: str) -> None:
+    """SparseEncoder's modules (SpladePooling's config, a Router's route folders, a
+    SparseAutoEncoder) and BGE-M3's sparse_linear head come down with the model: they were
+    left behind, so a Hub id failed to start, or served without its lexical weights, where the
+    same directory served locally."""
+    from tests.fixtures.lexical import make_m3
+    from tests.fixtures.sparse import make_csr, make_inference_free, make_sparse_encoder
+
+    make = {"splade": make_sparse_encoder, "inference-free": make_inference_free,
+            "csr": make_csr, "bge-m3": make_m3}[kind]
+    assert not not_fetched(make(tmp_path / "m"))
+
+
+def test_each_folder_comes_down_in_the_weight_format_it_has(tmp_path: Path) -> None:
+    """The weight format is chosen folder by folder: a repository converted to safetensors at
+    its root only keeps its Dense module's pytorch_model.bin, and one with a Dense module in
+    safetensors may keep a pytorch_model.bin at its root. Where a folder has both, only the
+    safetensors come down."""
+    from fnmatch import fnmatch
+
+    from shared.resolve import hub_patterns
+
+    def fetched(files: list[str]) -> set[str]:
+        patterns = hub_patterns(files)
+        return {f for f in files if any(fnmatch(f, p) for p in patterns)}
+
+    dense_bin = ["config.json", "modules.json", "model.safetensors", "pytorch_model.bin",
+                 "2_Dense/config.json", "2_Dense/pytorch_model.bin"]
+    assert fetched(dense_bin) == set(dense_bin) - {"pytorch_model.bin"}
+    root_bin = ["config.json", "pytorch_model.bin", "2_Dense/config.json",
+                "2_Dense/model.safetensors", "2_Dense/pytorch_model.bin"]
+    assert fetched(root_bin) == set(root_bin) - {"2_Dense/pytorch_model.bin"}
+    sharded = ["config.json", "pytorch_model.bin.index.json", "pytorch_model-00001-of-00002.bin",
+               "pytorch_model-00002-of-00002.bin", "onnx/model.safetensors"]
+    assert fetched(sharded) == set(sharded) - {"onnx/model.safetensors"}
