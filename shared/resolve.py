@@ -103,6 +103,23 @@ def hub_patterns(files: list[str] | None) -> list[str]:
     return _NEEDED + _weight_patterns(files)
 
 
+def _cached_revisions(config: ServerConfig, model_id: str) -> str:
+    """What the cache holds of a repository it lacks the asked revision of: its refs (branches,
+    tags, refs/pr/N) and snapshots, where a short hash or a misspelt branch is plain to see
+    (huggingface_hub resolves only a ref's name or a full commit hash)."""
+    from huggingface_hub import constants
+
+    repo = (Path(config.huggingface_hub_cache or constants.HF_HUB_CACHE)
+            / ("models--" + model_id.replace("/", "--")))
+    refs = sorted(p.relative_to(repo / "refs").as_posix()
+                  for p in (repo / "refs").rglob("*") if p.is_file())
+    snapshots = sorted(p.name for p in (repo / "snapshots").glob("*") if p.is_dir())
+    if not snapshots:
+        return f"{repo.parent} "
+    return (f"at revision {config.revision or 'main'!r} (cached in {repo}: refs "
+            f"{', '.join(refs) or 'none'}; snapshots {', '.join(snapshots)}) ")
+
+
 def _from_hub(config: ServerConfig, model_id: str) -> ResolvedModel:
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -131,12 +148,13 @@ def _from_hub(config: ServerConfig, model_id: str) -> ResolvedModel:
     except LocalEntryNotFoundError as exc:
         raise ConfigError(
             f"model {model_id!r} is not a local directory and is not in the Hub cache "
-            f"(offline or unreachable Hub): {exc}"
+            f"{_cached_revisions(config, model_id)}(offline or unreachable Hub): {exc}"
         ) from exc
     except Exception as exc:
         # HTTP status errors, disk errors, and the HTTP library's own transport errors alike:
         # start-up stops with one line naming the model, never a traceback.
-        raise ConfigError(f"cannot fetch model {model_id!r} from the Hub: "
+        raise ConfigError(f"model {model_id!r} is not a local directory ({Path.cwd()} has no "
+                          f"{model_id}) and cannot be fetched from the Hub: "
                           f"{type(exc).__name__}: {exc}") from exc
     return ResolvedModel(model_id=model_id, path=path, sha=path.name)
 

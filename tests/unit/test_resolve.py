@@ -164,6 +164,37 @@ def test_uncached_hub_id_is_a_config_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.usefixtures("offline")
+@pytest.mark.parametrize("revision", ["dev", SHA[:7]])
+def test_an_uncached_revision_names_what_the_cache_holds(tmp_path: Path, revision: str) -> None:
+    """A misspelt branch or a short hash (huggingface_hub resolves only a ref's name or a full
+    hash) of a cached repository: the error names the revision and the refs and snapshots
+    the cache holds, not only "not in the Hub cache"."""
+    write_cached_repo(tmp_path, "org/name")
+    (tmp_path / "models--org--name" / "refs" / "v1.0").write_text(SHA)
+    with pytest.raises(ConfigError, match=rf"org/name.*revision '{revision}'.*refs main, v1\.0; "
+                                          f"snapshots {SHA}"):
+        resolve_model(ServerConfig(model_id="org/name", revision=revision,
+                                   huggingface_hub_cache=str(tmp_path)))
+
+
+@pytest.mark.usefixtures("offline")
+def test_an_uncached_model_names_the_cache_searched(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=f"not in the Hub cache {tmp_path} "):
+        resolve_model(ServerConfig(model_id="org/other", huggingface_hub_cache=str(tmp_path)))
+
+
+def test_a_hub_failure_says_no_local_directory_was_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--model-id models/mine` with no such directory is tried as a Hub id: the Hub's error
+    alone ("Repository Not Found") would hide the mistyped local path."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=rf"'org/name/' is not a local directory "
+                                          rf"\({tmp_path} has no org/name/\).*HFValidationError"):
+        resolve_model(ServerConfig(model_id="org/name/", huggingface_hub_cache=str(tmp_path)))
+
+
+@pytest.mark.usefixtures("offline")
 def test_offline_hub_resolution_never_touches_the_network(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
