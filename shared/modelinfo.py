@@ -62,6 +62,7 @@ from shared.static_embedding import (
     static_module_dir,
     tokenizer_truncation,
 )
+from shared.tokenizer_class import require_fast_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -204,12 +205,7 @@ def load_model_info(
                               "here; merge it into its base model (peft's merge_and_unload, "
                               "then save_pretrained) and serve the merged model")
     config = static_config(static_dir) if static_dir else read_json(model_dir / "config.json")
-    if not (model_dir / "tokenizer.json").is_file():
-        hint = ("; transformers writes one from the slow tokenizer's files: "
-                "AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)"
-                if (model_dir / "tokenizer_config.json").is_file() else "")
-        raise ConfigError(f"{model_dir}: tokenizer.json not found (a fast tokenizer is "
-                          f"required){hint}")
+    require_fast_tokenizer(model_dir)
     model_type = str(config.get("model_type", ""))
     position_offset = first_position(config, model_type, root)
 

@@ -9,8 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from shared.errors import ConfigError
 from shared.st_modules import optional_json
 
+# What a directory without tokenizer.json may hold instead: a slow tokenizer's files.
+_SLOW_TOKENIZER_FILES = ("tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
+                         "sentencepiece.bpe.model", "spiece.model", "tokenizer.model")
 # The tokenizer class transformers registers for a model type: the one it builds when neither
 # tokenizer_config.json nor config.json names one (none for llama: the file is used as it is).
 _DEFAULT_CLASS = {
@@ -78,3 +82,15 @@ def special_tokens(model_dir: Path, model_type: str,
     if "added_tokens_decoder" not in tokenizer_config:
         named.update(optional_json(model_dir / "special_tokens_map.json") or {})
     return named
+
+
+def require_fast_tokenizer(model_dir: Path) -> None:
+    """Refuse a directory without tokenizer.json (as TEI does), naming the slow tokenizer's
+    files it holds instead, from which transformers writes one."""
+    if (model_dir / "tokenizer.json").is_file():
+        return
+    slow = [name for name in _SLOW_TOKENIZER_FILES if (model_dir / name).is_file()]
+    hint = (f"; transformers writes one from the slow tokenizer's {', '.join(slow)}: "
+            "AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)" if slow else "")
+    raise ConfigError(f"{model_dir}: tokenizer.json not found (a fast tokenizer is "
+                      f"required){hint}")

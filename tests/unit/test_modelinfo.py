@@ -504,6 +504,20 @@ def test_a_router_after_other_modules_is_refused_by_name(tmp_path: Path) -> None
         load_model_info(root)
 
 
+@pytest.mark.parametrize("slow", ["vocab.txt", "sentencepiece.bpe.model", "spiece.model"])
+def test_a_slow_tokenizer_alone_is_named_with_how_to_convert_it(tmp_path: Path,
+                                                                 slow: str) -> None:
+    """No tokenizer.json, no tokenizer_config.json, only a slow tokenizer's vocabulary (TEI
+    refuses it too; sentence-transformers converts it): the error names the file found and
+    how to write a tokenizer.json from it."""
+    root = model_dir(tmp_path)
+    (root / "tokenizer.json").unlink()
+    (root / slow).write_text("x")
+    with pytest.raises(ConfigError, match=rf"tokenizer.json not found.*slow tokenizer's {slow}: "
+                                          r"AutoTokenizer.from_pretrained\(DIR\)"):
+        load_model_info(root)
+
+
 @pytest.mark.parametrize(("modules", "setting", "expected"), [
     (STACK, True, True), (STACK, False, False), (STACK, None, False),
     (None, True, False),  # no modules.json: sentence-transformers never reads the file
