@@ -163,7 +163,8 @@ def result_rows(
         offsets = np.frombuffer(buffers[0], dtype=np.int32)
         indices = np.frombuffer(buffers[1], dtype=np.int32)
         values = np.frombuffer(buffers[2], dtype=np.float32)
-        if (offsets.shape[0] != message.rows + 1 or offsets[0] != 0
+        # (rows < 0 first: -1 rows would pass the length check with no offsets to read)
+        if (message.rows < 0 or offsets.shape[0] != message.rows + 1 or offsets[0] != 0
                 or (np.diff(offsets) < 0).any()
                 or not offsets[-1] == indices.shape[0] == values.shape[0]):
             raise ValueError("sparse Result offsets do not match its rows and entries")

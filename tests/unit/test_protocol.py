@@ -162,6 +162,16 @@ def test_result_rows_match_the_batch_or_refuse() -> None:
             protocol.result_rows(sparse, _as_buffers(*bad), OutputKind.SPARSE, [1, 1])
 
 
+def test_a_sparse_result_of_negative_rows_is_refused_as_malformed() -> None:
+    """rows -1 with empty offsets fits the offsets' length check (0 == -1 + 1): reading the
+    first offset then raised an IndexError, which the router's receive loop does not take for
+    its batch's loss (ValueError) and which stopped the whole server."""
+    negative = Result(batch_id=1, rows=-1, dim=10, compute_ms=1.0)
+    empty = [np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32)]
+    with pytest.raises(ValueError, match="offsets"):
+        protocol.result_rows(negative, _as_buffers(*empty), OutputKind.SPARSE, [1])
+
+
 @pytest.fixture(params=["inproc", "ipc"])
 def socket_pair(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
         tuple[zmq.Socket, zmq.Socket]]:
