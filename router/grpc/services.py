@@ -20,7 +20,7 @@ from router.grpc.protos import pb, services
 from router.results import Timings
 from router.routes import AppState
 from router.schemas import EmbedRequest, TruncationDirection
-from shared.errors import EmbedServeError, ErrorType, empty, validation
+from shared.errors import EmbedServeError, ErrorType, backend, empty, validation
 
 SERVICE_NAMES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
 MODEL_TYPES = {"embedding": pb.MODEL_TYPE_EMBEDDING, "classifier": pb.MODEL_TYPE_CLASSIFIER,
@@ -158,11 +158,24 @@ class RerankServicer(_Servicer, services.RerankServicer):
                         text=texts[i] if return_text else None)
                 for i in operations.best_first(scores)]
 
+    def _require_reranker(self) -> None:
+        """The model-kind refusal in the words of TEI's gRPC Rerank and RerankStream: an
+        embedding model is "not a classifier model" there (a classifier, and HTTP's /rerank
+        for either kind: "not a re-ranker model")."""
+        try:
+            self.service.require("reranker")
+        except EmbedServeError:
+            if self.model.kind != "embedding":
+                raise
+            raise backend("model is not a classifier model") from None
+
     async def rerank(self, request: pb.RerankRequest) -> pb.RerankResponse:
         # From the call, as TEI's Rerank and RerankStream time theirs (their texts' permits
         # are waited for inside).
         started = time.perf_counter()
         texts = list(request.texts)
+        if texts:  # (empty texts are refused first, by operations.rerank, as TEI does)
+            self._require_reranker()
         scores, timings = await operations.rerank(
             self.service, self.model, request.query, texts, truncate=request.truncate,
             direction=_direction(request.truncation_direction), raw_scores=request.raw_scores)
@@ -175,7 +188,7 @@ class RerankServicer(_Servicer, services.RerankServicer):
         """One (query, text) per message, scored as the messages arrive; `raw_scores` and
         `return_text` come from the first message (TEI's rule)."""
         started = time.perf_counter()
-        self.service.require("reranker")
+        self._require_reranker()
         limit = self.state.config.payload_limit
         first: list[pb.RerankStreamRequest] = []  # its raw_scores and return_text apply
         texts: list[str] = []  # kept for return_text only: a message is dropped once scored
