@@ -75,11 +75,10 @@ class ServerConfig:
         env="TOKENIZATION_WORKERS", type=int))
     dtype: Dtype | None = field(default=None, metadata=_opt(
         "Weights and compute dtype. Default: float16 on CUDA (bfloat16 for T5 encoders and "
-        "Gemma 2 / 3); on "
-        "CPU bfloat16 where the CPU "
-        "computes it natively (AMX or AVX512-BF16: about 2.8x the float32 speed, cosine >= "
-        "0.9998 against float32), else float32; float32 for static embedding models. float32 "
-        "gives sentence-transformers' numbers, to float32 rounding.",
+        "Gemma 2 / 3); on CPU bfloat16 where the CPU computes it natively (AMX or AVX512-BF16: "
+        "about 2.8x the float32 speed, cosine >= 0.9998 against float32), else float32; "
+        "float32 for static embedding models. float32 gives sentence-transformers' numbers, to "
+        "float32 rounding.",
         env="DTYPE", choices=("float16", "float32", "bfloat16")))
     served_model_name: str | None = field(default=None, metadata=_opt(
         "Name reported in /info and the OpenAI routes. Default: --model-id.",
