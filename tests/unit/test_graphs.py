@@ -118,6 +118,41 @@ def test_every_family_replays_graphs_equal_to_its_eager_forward(tmp_path, family
         np.testing.assert_allclose(packed.embed(arrays), eager.embed(arrays), atol=1e-4)
 
 
+# The graph pieces whose dtypes meet inside a half-precision graph: a float32 content bias cast
+# to the scores' dtype (DeBERTa), capped scores (Gemma 2, in its CUDA default bfloat16), a float
+# position-bias mask and the float16 clamp's device-computed limit (mT5 under --dtype float16),
+# router weights and expert gates (MoE), an int64 id map beside float weights (model2vec).
+HALF_PRECISION_FAMILIES = [("deberta-v3", torch.float16), ("gemma2-capped", torch.bfloat16),
+                           ("mt5-gated", torch.float16), ("nomic-moe", torch.float16),
+                           ("static-model2vec-quantized", torch.float16)]
+
+
+@pytest.mark.parametrize(("family", "dtype"), HALF_PRECISION_FAMILIES,
+                         ids=[family for family, _ in HALF_PRECISION_FAMILIES])
+def test_half_precision_graphs_replay_their_eager_forward(
+    tmp_path, family: str, dtype: torch.dtype,
+) -> None:
+    """A GPU captures graphs in float16 or bfloat16, where the other graph tests run float32:
+    replayed buckets give float32 rows equal to the same engine's eager packed forward, and
+    near the float32 oracle."""
+    model_dir = FAMILIES[family](tmp_path / family)
+    info = load_model_info(model_dir)
+    oracle = Engine.load(info)
+    packed = Engine.load(info, dtype=dtype,
+                         attention=PackedVarlen(torch_varlen_kernel(opaque(cpu_varlen))))
+    arrays, _ = pack_offset(model_dir, MIXED_TEXTS[:3], info.position_offset)
+    eager = packed.embed(arrays)  # before capture: no graph to replay
+    assert packed.capture_graphs(256, strict_capture) and packed.graphs is not None
+    assert packed.graphs.bucket_for(arrays) is not None
+    replayed = packed.embed(arrays)
+    assert replayed.dtype == np.float32
+    np.testing.assert_allclose(replayed, eager, atol=2e-2, rtol=2e-2)
+    want = oracle.embed(arrays)
+    cosines = (replayed * want).sum(1) / (np.linalg.norm(replayed, axis=1)
+                                          * np.linalg.norm(want, axis=1))
+    assert cosines.min() >= 0.999
+
+
 def test_the_padded_path_is_not_captured(tiny_dir: str) -> None:
     engine = Engine.load(load_model_info(tiny_dir), attention=PaddedSDPA())
     assert not engine.capture_graphs(64, eager_capture)
