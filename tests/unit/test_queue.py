@@ -228,3 +228,30 @@ def test_a_batch_has_one_output_kind_and_the_oldest_goes_first(kinds):
         assert sorted(e.request_id for e in answered) == list(range(len(kinds)))
     finally:
         loop.close()
+
+
+def test_a_run_of_abandoned_entries_at_the_head_does_not_pick_the_batch_kind() -> None:
+    """The batch's output kind is the oldest *live* entry's: two abandoned POOLED entries
+    ahead of a live SPARSE one must not leave the SPARSE one out of an empty batch."""
+    with event_loop() as loop:
+        queue = TokenBudgetQueue(100, None, CostModel.PACKED)
+        dead = [make_entry(loop, i, 4) for i in range(2)]
+        live = make_entry(loop, 2, 4, OutputKind.SPARSE)
+        for entry in [*dead, live]:
+            queue.put(entry)
+        for entry in dead:
+            entry.future.cancel()
+        assert queue.take() == [live]
+
+
+def test_clear_hands_back_only_live_entries() -> None:
+    """clear() feeds entries to set_exception when no worker is up: a cancelled future among
+    them would raise InvalidStateError there, so abandoned ones are dropped silently."""
+    with event_loop() as loop:
+        queue = TokenBudgetQueue(100, None, CostModel.PACKED)
+        entries = [make_entry(loop, i, 4) for i in range(3)]
+        for entry in entries:
+            queue.put(entry)
+        entries[1].future.cancel()
+        assert queue.clear() == [entries[0], entries[2]]
+        assert len(queue) == 0
