@@ -263,6 +263,34 @@ def test_text_at_the_character_limit_is_not_cut() -> None:
     assert pool.calls[0][0][0] == "x" * limit
 
 
+def test_text_at_the_character_limit_is_accepted_without_truncation() -> None:
+    """The bound refuses only texts *over* it, whether or not a cut would be allowed."""
+    encoded, _ = tokenize(["x" * (8 * CHARS_PER_TOKEN_LIMIT)])
+    assert encoded[0].ids.tolist() == [CLS, 10 + 8 * CHARS_PER_TOKEN_LIMIT, SEP]
+
+
+def test_the_models_truncation_side_overrides_the_requests() -> None:
+    """A static model cuts on its tokenizer file's side whatever `truncation_direction` says:
+    texts and token ids alike."""
+    pool = FakeTokenizers()
+    left = rules(truncation_side="left")
+    encoded, _ = tokenize(["a b", list(range(10, 20))], truncate=True, direction="right",
+                          input_rules=left, tokenizers=pool)
+    assert pool.calls[0][2] == "left"
+    assert encoded[1].ids.tolist() == list(range(12, 20))
+
+
+def test_a_pair_with_one_empty_text_is_accepted() -> None:
+    """As in TEI, a pair is empty only when both of its texts are."""
+    class Pairs(FakeTokenizers):
+        async def encode(self, texts: list, *args: Any, **kwargs: Any) -> list[Encoded]:
+            return await super().encode([" ".join(t) for t in texts], *args, **kwargs)
+
+    encoded, _ = tokenize([("", "doc"), ("query", "")], tokenizers=Pairs())
+    assert [e.ids.tolist() for e in encoded] == [[CLS, 13, SEP], [CLS, 15, SEP]]
+    assert error_of(tokenize, [("", "")]).error_type is ErrorType.EMPTY
+
+
 # -- tokenize_inputs: token ids ---------------------------------------------------------------
 
 
