@@ -20,6 +20,7 @@ from backend_worker.models.jina import JinaBertModel
 from backend_worker.pooling import Pooler
 from shared.errors import ConfigError
 from shared.modelinfo import load_model_info
+from shared.st_modules import DenseSpec
 from tests.fixtures.tiny import make_tiny_bert, pack
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -316,6 +317,13 @@ def test_splade_pooler_constructs_but_never_pools() -> None:
     with pytest.raises(RuntimeError, match="SPARSE"):
         pooler(torch.zeros(3, 4), torch.tensor([0, 3]))
 
+
+def test_splade_pooling_with_dense_modules_is_refused() -> None:
+    """SPLADE's vectors come from the MLM head, past the Pooler's Dense stack: a Dense module
+    after it would be skipped silently, and the vectors differ from sentence-transformers'."""
+    spec = DenseSpec("2_Dense", 4, 2, True, "torch.nn.modules.linear.Identity")
+    with pytest.raises(ConfigError, match="splade pooling with Dense"):
+        Pooler("splade", [spec])
 
 def test_missing_pooling_is_refused() -> None:
     with pytest.raises(ConfigError, match="--pooling"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from router.results import densify, normalize_rows
+from router.results import Outcome, Timings, densify, normalize_rows
 
 
 def test_rows_are_normalized_as_sentence_transformers_does() -> None:
@@ -29,3 +29,14 @@ def test_sparse_rows_densify_to_vocabulary_wide_float32() -> None:
     dense = densify(rows, 6)
     assert dense.dtype == np.float32
     np.testing.assert_array_equal(dense, [[0, 0.5, 0, 0, 2.0, 0], [0] * 6])
+
+
+def test_one_row_is_still_a_matrix() -> None:
+    """A single input's row comes back as a 1 x dim matrix (its fast path skips np.stack),
+    so callers index rows the same way for one input as for many."""
+    row = np.arange(4, dtype=np.float32)
+    timings = Timings(1, 1, 0.0, 0.0, 0.0, 0.0)
+    one = Outcome([row], timings).matrix()
+    assert one.shape == (1, 4)
+    np.testing.assert_array_equal(one[0], row)
+    assert Outcome([row, row * 2], timings).matrix().shape == (2, 4)
