@@ -6,7 +6,9 @@ is no pickle anywhere on this path.
 
   router -> worker:  Batch  + [input_ids, position_ids, token_type_ids, cu_seqlens]  (int32)
   worker -> router:  Ready  (once, after the model is loaded and warmed up)
-                     Result + [pooled float32 (n, dim)]
+                     Result + [float32 (rows, dim)]: pooled vectors, logits, or every
+                              token's hidden state (ALL_TOKENS); a SPARSE Result carries
+                              [offsets (n+1), indices, values] instead
                      Failed (the batch could not be computed; the worker lives on)
                      Heartbeat (idle, about once a second)
                      Fatal  (the worker cannot start; it exits right after)
@@ -27,7 +29,7 @@ class OutputKind(enum.IntEnum):
 
     POOLED = 0  # one vector per entry (pooling, Dense)
     ALL_TOKENS = 1  # the last hidden state of every token
-    SPARSE = 2  # SPLADE: relu -> log1p -> max over tokens, non-zero entries only
+    SPARSE = 2  # non-zero entries only: SPLADE's MLM head, a CSR head, BGE-M3's lexical weights
     LOGITS = 3  # a classification head's scores
 
 
