@@ -146,8 +146,9 @@ async def embed_sparse(
     service: InferenceService, inputs: str | list, *, truncate: bool | None,
     direction: str, prompt_name: str | None,
 ) -> Outcome:
-    """SPLADE: each row is (indices ascending, values) of the non-zero entries."""
-    batch = service.accepted(inputs, as_input_list, "splade")
+    """Sparse vectors (SPLADE, BGE-M3's lexical weights, a CSR head): each row is (indices
+    ascending, values) of the non-zero entries."""
+    batch = service.accepted(inputs, as_input_list, "sparse")
     return await service.run(batch, OutputKind.SPARSE, truncate=truncate,
                              direction=direction, prompt_name=prompt_name,
                              batched=is_batch(inputs))

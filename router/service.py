@@ -179,7 +179,7 @@ class InferenceService:
             "embedding": (self.model_kind != "embedding", "Model is not an embedding model"),
             "hidden states": (self.model_kind != "embedding" or self.splade or self.static,
                               no_hidden),
-            "splade": (not (self.splade or self.lexical or self.csr),
+            "sparse": (not (self.splade or self.lexical or self.csr),
                        "Model is not an embedding model with SPLADE pooling"),
             "classifier": (self.model_kind == "embedding", "Model is not a classifier model"),
             "reranker": (self.model_kind != "reranker", "model is not a re-ranker model"),
