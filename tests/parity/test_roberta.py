@@ -107,7 +107,7 @@ def test_hidden_states_match_transformers_where_sequences_hold_the_pad_id(tmp_pa
     import asyncio
 
     from router.queue import Entry
-    from router.workers import pack
+    from router.packing import pack
     from shared.protocol import OutputKind
 
     root = make_tiny(tmp_path / "m", "roberta", "RobertaModel", pad_token_id=pad)
