@@ -106,8 +106,8 @@ def test_hidden_states_match_transformers_where_sequences_hold_the_pad_id(tmp_pa
     pad_token_id is <s>, which starts every sequence. Packed by the router's own `pack`."""
     import asyncio
 
-    from router.queue import Entry
     from router.packing import pack
+    from router.queue import Entry
     from shared.protocol import OutputKind
 
     root = make_tiny(tmp_path / "m", "roberta", "RobertaModel", pad_token_id=pad)

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.queue import Entry
 from router.packing import pack
+from router.queue import Entry
 from shared.protocol import Batch, BatchArrays, OutputKind, batch_arrays, decode, encode
 
 _LOOP = asyncio.new_event_loop()  # futures only need a loop to belong to; it never runs
