@@ -197,6 +197,12 @@ def streaming(answer: Callable[[Any, Any], Awaitable[Any]]) -> Callable[..., Asy
     return call
 
 
+def _seen(work: asyncio.Future) -> None:
+    """Read a dropped answer's failure, so that asyncio does not log it as never retrieved."""
+    if not work.cancelled():
+        work.exception()
+
+
 async def in_order(requests: AsyncIterator[Request],
                    answer: Callable[[Request], Awaitable[Reply]],
                    parallelism: int) -> AsyncIterator[Reply]:
@@ -227,8 +233,9 @@ async def in_order(requests: AsyncIterator[Request],
         while not started.empty():
             if (work := started.get_nowait()) is None:
                 continue
-            if work.done() and not work.cancelled():
-                work.exception()  # seen: a sibling's failure already ends the call
+            # A failure is the call's to ignore (a sibling's already ends it), also one that
+            # comes after the cancel: Python 3.11's wait_for can swallow a cancel.
+            work.add_done_callback(_seen)
             work.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await feeder

@@ -4,6 +4,7 @@ one table of gRPC statuses."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
@@ -89,6 +90,37 @@ def test_the_first_failure_ends_the_stream_and_cancels_the_rest() -> None:
 
     assert run(main()) == [0]
     assert sorted(cancelled) == [2, 3]
+
+
+def test_a_cancelled_answer_that_fails_later_is_not_logged_as_never_retrieved() -> None:
+    """An answer may outlive its cancel (Python 3.11's wait_for can swallow one) and fail
+    after the stream ended: nobody awaits it then, so asyncio would log "Task exception was
+    never retrieved" for a failure the call already answered."""
+    unretrieved: list[str] = []
+
+    async def answer(n: int) -> int:
+        if n == 0:
+            await asyncio.sleep(0.01)  # (request 1 is under way by then)
+            raise validation("bad request 0")
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.01)  # the cancel swallowed; the work goes on, then fails
+            raise EmbedServeError(ErrorType.UNHEALTHY, "the worker died") from None
+        return n
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(
+            lambda _, context: unretrieved.append(context["message"]))
+        with pytest.raises(EmbedServeError, match="bad request 0"):
+            async for _ in in_order(_requests([0, 1]), answer, 8):
+                pass
+        await asyncio.sleep(0.05)
+        gc.collect()  # (asyncio logs an unretrieved failure when the task is collected)
+        await asyncio.sleep(0)
+
+    run(main())
+    assert unretrieved == []
 
 
 class Aborted(Exception):
