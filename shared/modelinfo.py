@@ -1,16 +1,18 @@
 """What a model is: everything the router and the worker need to know, read from its files.
 
-Parses config.json and the sentence-transformers files (modules.json, 1_Pooling, Dense modules
-(shared/st_modules.py), Normalize, a LogitScore (shared/logit_score.py), SparseEncoder's modules
-(shared/sparse_encoder.py, shared/sparse_router.py, shared/sparse_autoencoder.py),
-sentence_bert_config.json, config_sentence_transformers.json) in both the classic format and the
-one sentence-transformers 6 writes; a StaticEmbedding (shared/static_embedding.py); BGE-M3's
-lexical weights (shared/lexical.py). Pure data: no torch, no tokenizer.
+Parses config.json and the sentence-transformers files (modules.json (its module list:
+shared/st_pipeline.py), 1_Pooling, Dense modules (shared/st_modules.py), Normalize, a LogitScore
+(shared/logit_score.py), SparseEncoder's modules (shared/sparse_encoder.py,
+shared/sparse_router.py, shared/sparse_autoencoder.py), sentence_bert_config.json,
+config_sentence_transformers.json) in both the classic format and the one sentence-transformers 6
+writes; a StaticEmbedding (shared/static_embedding.py); BGE-M3's lexical weights
+(shared/lexical.py). Pure data: no torch, no tokenizer.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from shared.classifier import ModelKind, ScoreActivation, model_kind_of, score_a
 from shared.conversations import Conversations, read_conversations
 from shared.errors import ConfigError
 from shared.lexical import LexicalWeights, lexical_weights
-from shared.logit_score import LogitScore, parse_logit_score
+from shared.logit_score import LogitScore
 from shared.model_limits import (
     HIDDEN_SIZE_KEYS,
     config_value,
@@ -28,40 +30,20 @@ from shared.model_limits import (
     max_input_length,
     read_truncate_dim,
 )
-from shared.sparse_autoencoder import (
-    SPARSE_AUTO_ENCODER,
-    CsrSpec,
-    check_csr,
-    csr_pipeline,
-    parse_sparse_autoencoder,
-)
-from shared.sparse_encoder import (
-    MLM_TRANSFORMER,
-    SPLADE_POOLING,
-    SpladeSpec,
-    parse_splade_pooling,
-    sparse_pipeline,
-)
-from shared.sparse_router import ROUTER, QueryRoute, parse_router
+from shared.sparse_autoencoder import CsrSpec, check_csr, csr_pipeline
+from shared.sparse_encoder import SpladeSpec, sparse_pipeline
+from shared.sparse_router import QueryRoute
 from shared.st_modules import (
     POOLINGS,
     DenseSpec,
-    builtin_module,
     check_transformer_kwargs,
-    on_sentence_embedding,
     optional_json,
-    parse_dense,
-    parse_pooling_config,
     read_json,
     transformer_file,
     transformer_settings,
 )
-from shared.static_embedding import (
-    NO_LENGTH_LIMIT,
-    static_config,
-    static_module_dir,
-    tokenizer_truncation,
-)
+from shared.st_pipeline import ModelFiles, Pipeline, locate_model_files, read_pipeline
+from shared.static_embedding import NO_LENGTH_LIMIT, static_config, tokenizer_truncation
 from shared.tokenizer_class import require_fast_tokenizer
 
 log = logging.getLogger(__name__)
@@ -162,128 +144,96 @@ class ModelInfo(msgspec.Struct, frozen=True):
         return Path(self.model_dir) / "tokenizer.json"
 
 
-# The order the worker computes a sentence-transformers pipeline in (Dense may repeat).
-_PIPELINE_ORDER = {"Transformer": 0, "StaticEmbedding": 0, "Pooling": 1, "Dense": 2,
-                   "Normalize": 3, "LogitScore": 4}
-
-
 def load_model_info(
     model_dir: str | Path,
     pooling_override: str | None = None,
     dense_path: str | None = None,
 ) -> ModelInfo:
     """Read a model directory. Raises ConfigError with a precise message on anything unusable."""
+    # NOTE: tests assert which error wins where several apply: keep the steps in this order.
     root = Path(model_dir)
+    _refuse_decision_model(root)
+    files = locate_model_files(root)
+    base = _read_base(files)
+    st_file = optional_json(root / "config_sentence_transformers.json") or {}
+    sparse_pipeline(root, files.kinds, base.transformer)  # (refuses its modules anywhere else)
+    csr_pipeline(root, files.kinds)  # (the same for a SparseAutoEncoder)
+    pipeline = read_pipeline(files, base.config, base.transformer, st_file, pooling_override,
+                             dense_path)
+    head = _head(files, base, pipeline, pooling_override)
+    settings = _st_settings(files, st_file, head, pipeline)
+    hidden_size = _hidden_size(root, base.config, pipeline.dense)
+    if pipeline.csr is not None:
+        check_csr(pipeline.csr, root, hidden_size=hidden_size, kind=head.kind,
+                  pooling_override=pooling_override, dense_path=dense_path)
+    conversations = _conversations(files, base, head.kind)
+    return _model_info(files, base, pipeline, head, settings, hidden_size, conversations)
+
+
+@dataclass(frozen=True)
+class _Base:
+    """config.json's facts and the Transformer module's settings."""
+
+    config: dict[str, Any]
+    model_type: str
+    position_offset: int
+    transformer: dict[str, Any]  # sentence_bert_config.json (read by several checks)
+
+
+@dataclass(frozen=True)
+class _Head:
+    """What the model's output is: its kind, labels and pooling."""
+
+    kind: ModelKind
+    id2label: dict[str, str]
+    pooling: str | None
+
+
+@dataclass(frozen=True)
+class _StSettings:
+    """config_sentence_transformers.json as the model's class reads it."""
+
+    st_config: dict[str, Any]  # {} where the class leaves the file unread
+    prompts: dict[str, str]
+    default_prompt_name: str | None
+    truncate_dim: int | None
+
+
+def _refuse_decision_model(root: Path) -> None:
     if (root / "rl_agent_config.json").is_file():
         # (Laya keeps its encoder's config.json in a folder of its own: this comes first.)
         raise ConfigError(f"{root}: a structured decision model (rl_agent_config.json, TEI's "
                           "/v1/decide, e.g. Laya) is not supported")
-    modules = optional_json(root / "modules.json") or []
-    kinds = [builtin_module(root / "modules.json", str(module["type"])) for module in modules]
-    # A StaticEmbedding's folder holds its tokenizer.json and table: the worker's weights and
-    # the router's tokenizer are read there (model_dir), the other modules from the root.
-    static_dir = static_module_dir(root, modules, kinds)
-    # An inference-free SPLADE model's document route: its Transformer's folder is the model's.
-    if ROUTER in kinds and len(kinds) != 1:  # (before its files are looked for)
-        raise ConfigError(f"{root}/modules.json: a Router must be the only module ({kinds})")
-    layout = parse_router(root) if ROUTER in kinds else None
-    for module, kind in zip(modules, kinds, strict=True):
-        if kind in ("Transformer", MLM_TRANSFORMER) and (
-                (root / module.get("path", "")).resolve() != root.resolve()):
-            # Older repositories keep the transformer in a folder of its own (0_BERT/,
-            # 0_Transformer/): its config.json and weights are the model's, not the root's.
-            raise ConfigError(
-                f"{root}/modules.json: the Transformer module is in {module['path']!r}, not at "
-                "the model's root; that layout is not supported (move its files to the root "
-                "and its path to \"\")")
-    model_dir = static_dir or (layout.transformer_dir if layout else root)
-    for folder in dict.fromkeys((root, model_dir)):
-        if (folder / "adapter_config.json").is_file():
-            # transformers (with peft installed) loads the adapter's base model and applies
-            # it: served without it, the vectors would be the base model's, silently.
-            raise ConfigError(f"{folder}: a PEFT adapter (adapter_config.json) is not applied "
-                              "here; merge it into its base model (peft's merge_and_unload, "
-                              "then save_pretrained) and serve the merged model")
+
+
+def _read_base(files: ModelFiles) -> _Base:
+    static_dir, layout, model_dir = files.static_dir, files.layout, files.model_dir
     config = static_config(static_dir) if static_dir else read_json(model_dir / "config.json")
     require_fast_tokenizer(model_dir)
     model_type = str(config.get("model_type", ""))
-    position_offset = first_position(config, model_type, root)
-
-    pooling: str | None = None
-    include_prompt = True
-    dense: list[DenseSpec] = []
-    has_normalize = False
-    logit_score: LogitScore | None = None
-    splade_spec = SpladeSpec()
-    # The Transformer module's settings (read by several of the checks below).
-    transformer = layout.transformer if layout else transformer_settings(root)
-    if modules and not static_dir:  # (sentence-transformers reads it only with modules.json)
+    position_offset = first_position(config, model_type, files.root)
+    transformer = layout.transformer if layout else transformer_settings(files.root)
+    if files.modules and not static_dir:  # (sentence-transformers reads it only with modules.json)
         check_transformer_kwargs(transformer, transformer_file(layout.transformer_dir
-                                                               if layout else root))
-    st_file = optional_json(root / "config_sentence_transformers.json") or {}
-    sparse_pipeline(root, kinds, transformer)  # (refuses its modules anywhere else)
-    csr_pipeline(root, kinds)  # (the same for a SparseAutoEncoder)
-    csr: CsrSpec | None = None
-    previous = ""  # the module before, in the list's order (sentence-transformers ignores idx)
-    for index, (module, kind) in enumerate(zip(modules, kinds, strict=True)):
-        path = root / module.get("path", "")
-        if static_dir and index > 0 and kind not in ("Dense", "Normalize"):
-            # StaticEmbedding's output is already the sentence embedding (the bag's mean).
-            raise ConfigError(f"{root}/modules.json: {kind} after a StaticEmbedding is not "
-                              "supported (only Dense and Normalize may follow it)")
-        if kind in _PIPELINE_ORDER and previous in _PIPELINE_ORDER and (
-                _PIPELINE_ORDER[kind] < _PIPELINE_ORDER[previous]
-                or (kind == previous and kind != "Dense")):
-            # The worker computes Transformer, Pooling, Dense..., Normalize in that order; any
-            # other order (a Dense on the token embeddings, a Dense after Normalize) would be
-            # served without an error and give other vectors than sentence-transformers.
-            raise ConfigError(f"{root}/modules.json: {kind} after {previous} is not supported "
-                              "(only Transformer, Pooling, Dense..., Normalize in that order)")
-        previous = kind
-        if kind in ("Transformer", MLM_TRANSFORMER, "StaticEmbedding", ROUTER):
-            continue  # (checked above; static_module_dir placed it first; parse_router read it)
-        if kind == "Pooling":
-            pooling_cfg = read_json(path / "config.json")
-            include_prompt = pooling_cfg.get("include_prompt", True) is not False
-            if pooling_override is None:  # an override replaces the mode, even one we refuse
-                pooling = parse_pooling_config(pooling_cfg, path)
-        elif kind == SPLADE_POOLING:
-            splade_spec = parse_splade_pooling(path, st_file)
-            if pooling_override is None:
-                pooling = "splade"
-        elif kind == "Dense":
-            dense.append(parse_dense(path))
-        elif kind == "LogitScore":
-            if len(modules) != 2:
-                raise ConfigError(f"{root}/modules.json: LogitScore is supported only right "
-                                  "after the Transformer, as the last module")
-            logit_score = parse_logit_score(root, path, config, transformer)
-        elif kind == "Normalize":
-            # Its config.json (sentence-transformers 6 writes one) may aim it elsewhere.
-            on_sentence_embedding(optional_json(path / "config.json") or {}, path, kind)
-            has_normalize = True
-        elif kind == SPARSE_AUTO_ENCODER:  # (csr_pipeline placed it: last, after Pooling)
-            if not include_prompt:  # (the head pools by itself: no prompt exclusion there)
-                raise ConfigError(f"{path}: a SparseAutoEncoder after a Pooling with "
-                                  "include_prompt=false is not supported")
-            csr = parse_sparse_autoencoder(path, st_file, l2_first=has_normalize)
-        else:
-            raise ConfigError(
-                f"{root}/modules.json: module type {module['type']!r} is not supported "
-                "(supported: Transformer, Pooling, Dense, Normalize; LogitScore; "
-                "StaticEmbedding; MLMTransformer, SpladePooling; SparseAutoEncoder)"
-            )
-    if layout is not None:
-        if pooling_override not in (None, "splade"):
-            raise ConfigError(f"--pooling {pooling_override!r}: an inference-free SPLADE model "
-                              "(a Router of a query and a document route) is served as SPLADE")
-        pooling, splade_spec = "splade", parse_splade_pooling(layout.pooling_dir, st_file)
-    if dense_path is not None:
-        dense = [parse_dense(root / dense_path)]
-    model_kind, id2label = model_kind_of(config)
-    if logit_score is not None:
+                                                               if layout else files.root))
+    return _Base(config=config, model_type=model_type, position_offset=position_offset,
+                 transformer=transformer)
+
+
+def _head(files: ModelFiles, base: _Base, pipeline: Pipeline,
+          pooling_override: str | None) -> _Head:
+    model_kind, id2label = model_kind_of(base.config)
+    if pipeline.logit_score is not None:
         model_kind, id2label = "reranker", {"0": "LABEL_0"}
-    if static_dir:
+    pooling = _pooling(files, base, pipeline.pooling, model_kind, pooling_override)
+    return _Head(kind=model_kind, id2label=id2label, pooling=pooling)
+
+
+def _pooling(files: ModelFiles, base: _Base, pooling: str | None, model_kind: ModelKind,
+             pooling_override: str | None) -> str | None:
+    """The pooling served: the modules', unless overridden, or a fallback where none is set."""
+    root, config, model_type = files.root, base.config, base.model_type
+    if files.static_dir:
         if pooling_override not in (None, "mean"):
             raise ConfigError(f"--pooling {pooling_override!r}: a StaticEmbedding model "
                               "averages its token rows; only mean pooling reproduces it")
@@ -309,12 +259,12 @@ def load_model_info(
                     "a BERT variant, defaulting to cls pooling as TEI does (sentence-transformers "
                     "would pool the mean here: pass --pooling mean for its vectors)")
         pooling = "cls"
+    return pooling
 
-    # The Transformer module's do_lower_case: sentence-transformers lower-cases every text (a
-    # cased tokenizer, or one it lower-cases anyway) before tokenizing. Without modules.json it
-    # builds that module itself, and does not read this file.
-    lowercase = bool(modules) and not static_dir and bool(transformer.get("do_lower_case"))
 
+def _st_settings(files: ModelFiles, st_file: dict[str, Any], head: _Head,
+                 pipeline: Pipeline) -> _StSettings:
+    root, modules, model_kind = files.root, files.modules, head.kind
     st_config = st_file
     if model_kind != "embedding" and (
             not modules or st_config.get("model_type", "SentenceTransformer") != "CrossEncoder"):
@@ -333,9 +283,14 @@ def load_model_info(
     # (SentenceTransformer reads it only from its own save, with modules.json; prompts, which
     # TEI reads from this file either way, are read either way too.) Sparse encoders have none.
     truncate_dim = (read_truncate_dim(st_config, root)
-                    if modules and model_kind == "embedding" and pooling != "splade"
-                    and csr is None else None)
+                    if modules and model_kind == "embedding" and head.pooling != "splade"
+                    and pipeline.csr is None else None)
+    return _StSettings(st_config=st_config, prompts=prompts,
+                       default_prompt_name=default_prompt_name, truncate_dim=truncate_dim)
 
+
+def _hidden_size(root: Path, config: dict[str, Any], dense: list[DenseSpec]) -> int:
+    """config.json's hidden size, checked against the Dense modules' chain of widths."""
     hidden_size = config_value(config, HIDDEN_SIZE_KEYS)
     if hidden_size <= 0:
         raise ConfigError(f"{root}/config.json: no hidden_size")
@@ -346,23 +301,39 @@ def load_model_info(
                 f"{spec.path}: Dense expects {spec.in_features} features, gets {expected_in}"
             )
         expected_in = spec.out_features
-    if csr is not None:
-        check_csr(csr, root, hidden_size=hidden_size, kind=model_kind,
-                  pooling_override=pooling_override, dense_path=dense_path)
+    return hidden_size
 
+
+def _conversations(files: ModelFiles, base: _Base, model_kind: ModelKind) -> Conversations | None:
     # Where the Transformer module declares messages (sentence_bert_config.json).
-    conversations = (read_conversations(root, transformer, model_type,
-                                        config.get("tokenizer_class")) if modules else None)
+    root = files.root
+    conversations = (read_conversations(root, base.transformer, base.model_type,
+                                        base.config.get("tokenizer_class"))
+                     if files.modules else None)
     if conversations is not None and model_kind == "embedding":
         raise ConfigError(f"{root}/sentence_bert_config.json: an embedding model whose "
                           "Transformer module takes messages (chat conversations) is not "
                           "supported")
+    return conversations
+
+
+def _model_info(files: ModelFiles, base: _Base, pipeline: Pipeline, head: _Head,
+                settings: _StSettings, hidden_size: int,
+                conversations: Conversations | None) -> ModelInfo:
+    modules, static_dir, model_dir = files.modules, files.static_dir, files.model_dir
+    config, model_type, transformer = base.config, base.model_type, base.transformer
+    model_kind, pooling, csr = head.kind, head.pooling, pipeline.csr
+    # The Transformer module's do_lower_case: sentence-transformers lower-cases every text (a
+    # cased tokenizer, or one it lower-cases anyway) before tokenizing. Without modules.json it
+    # builds that module itself, and does not read this file.
+    lowercase = bool(modules) and not static_dir and bool(transformer.get("do_lower_case"))
     # A static model's length limit and cut side are its tokenizer file's own truncation.
     file_limit, file_side = tokenizer_truncation(model_dir) if static_dir else (0, None)
     return ModelInfo(
         kind=model_kind,
-        id2label=id2label,
-        activation=score_activation(config, len(id2label), st_config if modules else {}),
+        id2label=head.id2label,
+        activation=score_activation(config, len(head.id2label),
+                                    settings.st_config if modules else {}),
         model_dir=str(model_dir),
         config=config,
         model_type=model_type,
@@ -372,25 +343,25 @@ def load_model_info(
         max_input_length=(file_limit if static_dir else
                           # (without modules.json, sentence-transformers reads no
                           # sentence_bert_config.json: the tokenizer's limit holds)
-                          max_input_length(model_dir, config, position_offset,
+                          max_input_length(model_dir, config, base.position_offset,
                                             transformer if modules else {})),
-        position_offset=position_offset,
+        position_offset=base.position_offset,
         pooling=pooling,
-        dense=dense,
-        has_normalize=has_normalize,
-        prompts=prompts,
-        default_prompt_name=default_prompt_name,
+        dense=pipeline.dense,
+        has_normalize=pipeline.has_normalize,
+        prompts=settings.prompts,
+        default_prompt_name=settings.default_prompt_name,
         lowercase=lowercase,
-        logit_score=logit_score,
+        logit_score=pipeline.logit_score,
         conversations=conversations,
         empty_bag_id=int(config["vocab_size"]) if static_dir else None,
         truncation_side=file_side,
-        splade_spec=splade_spec if pooling == "splade" else SpladeSpec(),
-        query_route=layout.route if layout else None,
+        splade_spec=pipeline.splade_spec if pooling == "splade" else SpladeSpec(),
+        query_route=files.layout.route if files.layout else None,
         lexical=(lexical_weights(model_dir, model_type, config.get("tokenizer_class"))
                  if model_kind == "embedding" and pooling != "splade" and csr is None
                  and not static_dir else None),
         csr=csr,
-        truncate_dim=truncate_dim,
-        include_prompt=include_prompt,
+        truncate_dim=settings.truncate_dim,
+        include_prompt=pipeline.include_prompt,
     )

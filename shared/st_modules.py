@@ -1,5 +1,5 @@
 """sentence-transformers' module files: 1_Pooling and Dense configs, in the classic format and
-the one sentence-transformers 6 writes (the pipeline around them: shared/modelinfo.py)."""
+the one sentence-transformers 6 writes (the pipeline around them: shared/st_pipeline.py)."""
 
 from __future__ import annotations
 
