@@ -32,7 +32,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _first_line(exc: Exception) -> str:
+def first_line(exc: Exception) -> str:
     """What a log line says of a torch error (whose later lines are a C++ backtrace)."""
     text = str(exc)
     return text.splitlines()[0] if text else type(exc).__name__
@@ -84,7 +84,7 @@ def _cannot_run(model: EncoderModel, attention: Attention, device: torch.device)
     except torch.OutOfMemoryError:
         raise  # a full device, not an unsupported kernel: another attention would not help
     except RuntimeError as exc:  # what torch raises for an unsupported dtype, GPU or shape
-        return _first_line(exc)
+        return first_line(exc)
     return None
 
 
@@ -292,7 +292,7 @@ class Engine:
             self.graphs = self._graphed_reduce = None
             self._dense_experts(0)
             log.error("cannot capture CUDA graphs (%s): every batch runs eagerly "
-                      "(--cuda-graphs false skips the attempt)", _first_line(exc))
+                      "(--cuda-graphs false skips the attempt)", first_line(exc))
             return False
         return True
 

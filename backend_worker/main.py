@@ -79,10 +79,12 @@ def device_fault(device: torch.device) -> str | None:
     (an out-of-memory, or a bad batch, leaves the device usable)."""
     import torch
 
+    from backend_worker.engine import first_line
+
     try:
         torch.ones(1, device=device).add_(1).cpu()  # .cpu() waits for the device
     except RuntimeError as exc:  # what torch raises for a CUDA error
-        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return first_line(exc)
     return None
 
 
