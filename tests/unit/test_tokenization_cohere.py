@@ -104,3 +104,14 @@ def test_tokens_of_one_character_give_no_empty_piece(tokenizer_path: str) -> Non
     assert "".join(pieces) == text
     assert all(pieces), pieces
     assert tokenization._chunks("q", ["한국"], 1 + 3 + 2, limit=10).value.pieces == [["한", "국"]]
+
+
+
+@pytest.mark.parametrize("direction", ["right", "left"])
+def test_a_text_of_exactly_count_tokens_is_kept_whole(tokenizer_path: str,
+                                                      direction: str) -> None:
+    # Nothing is cut, so the spaces around its tokens stay too (a cut at the count-th token
+    # would drop them: the offsets do not cover them).
+    text = " hi there "
+    assert len(ids(tokenizer_path, text)) == 2
+    assert tokenization._kept_tokens([text], 2, direction).value == [text]
