@@ -92,3 +92,33 @@ def test_each_tokenizer_measures_the_prompt_itself(tokenizer):
     bare.no_padding()
     bare.post_processor = None
     assert prompt_starts(bare, PROMPT, [bare.encode(PROMPT + "a b c")], "right") == [2]
+
+
+def test_a_prompt_is_measured_apart_with_and_without_special_tokens(tokenizer):
+    # The same tokenizer and prompt, asked both ways: each count is its own (3 with [CLS] and
+    # the trailing [SEP] dropped, 2 without), whichever was measured first.
+    tokenizer.no_truncation()
+    with_special = tokenizer.encode_batch([PROMPT + "a b c"])
+    without = tokenizer.encode_batch([PROMPT + "a b c"], add_special_tokens=False)
+    for _ in range(2):
+        assert prompt_starts(tokenizer, PROMPT, with_special, "right") == [3]
+        assert prompt_starts(tokenizer, PROMPT, without, "right", special_tokens=False) == [2]
+
+
+def test_a_prompt_of_no_tokens_skips_only_the_leading_special_token(tokenizer):
+    # " " tokenizes to nothing: [CLS] [SEP], all special. Pooling skips [CLS] (its [SEP] is
+    # the text's own at the end), and a cut on the left takes text tokens, not [CLS].
+    for max_length in (None, 4):
+        found, tokens = starts(tokenizer, ["a b c d e"], max_length, "left", prompt=" ")
+        assert found == [1]
+        assert tokens[0][:2] == ["[CLS]", "a" if max_length is None else "d"]
+
+
+@pytest.mark.parametrize(("max_length", "expected"), [(7, 2), (6, 1), (5, 0)])
+def test_a_cut_on_the_left_without_special_tokens(tokenizer, max_length, expected):
+    # Encoded without special tokens, the pieces a cut leaves carry none either: each token
+    # of a piece is one the cut took ("query", then ":").
+    tokenizer.enable_truncation(max_length, direction="left")
+    encodings = tokenizer.encode_batch([PROMPT + "a b c d e"], add_special_tokens=False)
+    assert encodings[0].tokens[0] == ["query", ":", "a"][2 - expected]
+    assert prompt_starts(tokenizer, PROMPT, encodings, "left", special_tokens=False) == [expected]
