@@ -111,25 +111,93 @@ def test_a_waiting_request_keeps_waiting_while_the_return_is_too_small() -> None
     run(main())
 
 
-def test_a_drain_refuses_the_requests_waiting_for_permits() -> None:
+@pytest.mark.parametrize("pool", ["inference", "tokenizer"])
+def test_a_drain_refuses_the_requests_waiting_for_permits(pool: str) -> None:
     async def main() -> None:
         admission, release = Admission(1), asyncio.Event()
-        holder = asyncio.ensure_future(holding(admission, 1, release))
+        holder = asyncio.ensure_future(holding(admission, 1, release, pool))
         await started(holder)
+
+        async def answer() -> None:
+            async with admission.admitted(1, pool):  # type: ignore[arg-type]
+                raise AssertionError("admitted during the drain")
+
+        waiter = asyncio.ensure_future(patiently(answer))
+        await started(waiter)
+        drain = asyncio.ensure_future(admission.drain(60))
+        await started(drain)
+        assert waiter.done()  # refused at once, each pool's waiters alike
+        release.set()
+        await asyncio.wait_for(drain, 2)  # done as the last one ends, not after the grace
+        with pytest.raises(EmbedServeError) as info:
+            await waiter
+        assert info.value.error_type is ErrorType.UNHEALTHY
+        assert admission.free(pool) == 1  # (a refused waiter took no permit)
+
+    run(main())
+
+
+def test_a_waiter_handed_its_permits_as_the_drain_begins_is_refused() -> None:
+    """Its permits were handed over, but the drain began before it ran: refused as the
+    drain refuses every new request, its permits given back."""
+    async def main() -> None:
+        admission = Admission(1)
 
         async def answer() -> None:
             async with admission.admitted(1):
                 raise AssertionError("admitted during the drain")
 
-        waiter = asyncio.ensure_future(patiently(answer))
-        await started(waiter)
-        drain = asyncio.ensure_future(admission.drain(5))
-        await started(drain)
-        release.set()
-        await drain
+        async with admission.admitted(1):
+            waiter = asyncio.ensure_future(patiently(answer))
+            await started(waiter)
+        admission.draining = True  # (as `drain` begins) before the waiter runs
         with pytest.raises(EmbedServeError) as info:
             await waiter
         assert info.value.error_type is ErrorType.UNHEALTHY
+        await admission.drain(1)
+        assert admission.free() == 1
+
+    run(main())
+
+
+def test_a_waiter_refused_by_the_drain_and_cancelled_gives_back_nothing() -> None:
+    """Refused (its future False), then cancelled before it ran: it took no permit, so it
+    returns none (the pool would then hand out more permits than it has)."""
+    async def main() -> None:
+        admission, release = Admission(1), asyncio.Event()
+        holder = asyncio.ensure_future(holding(admission, 1, release))
+        await started(holder)
+        waiter = asyncio.ensure_future(patiently(lambda: holding(admission, 1, release)))
+        await started(waiter)
+        drain = asyncio.ensure_future(admission.drain(5))
+        await asyncio.sleep(0)  # the drain refuses the waiter, which has not run since
+        assert not waiter.done()
+        waiter.cancel()
+        release.set()
+        await drain
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert admission.free() == 1
+
+    run(main())
+
+
+def test_no_permit_is_free_while_a_request_waits_for_more() -> None:
+    """One permit is back but the waiting head needs two: it is the head's, not free."""
+    async def main() -> None:
+        admission = Admission(2)
+        first, second = asyncio.Event(), asyncio.Event()
+        holders = [asyncio.ensure_future(holding(admission, 1, first)),
+                   asyncio.ensure_future(holding(admission, 1, second))]
+        await started(holders[0])
+        head = asyncio.ensure_future(patiently(lambda: holding(admission, 2, second)))
+        await started(head)
+        first.set()
+        await holders[0]
+        assert admission.free() == 0
+        second.set()
+        await asyncio.gather(head, holders[1])
+        assert admission.free() == 2
 
     run(main())
 
