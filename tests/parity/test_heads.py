@@ -4,6 +4,7 @@ loading of head keys. Tiny random checkpoints, fp32 on CPU."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -177,6 +178,27 @@ def test_untied_missing_decoder_weight_is_named_not_filled_from_the_embeddings(
     drop_key(model_dir, "cls.predictions.decoder.weight")
     with pytest.raises(ConfigError, match=r"missing.*cls\.predictions\.decoder\.weight"):
         build_head(load_model_info(model_dir, "splade"), torch.device("cpu"))
+
+
+def test_a_config_that_does_not_say_ties_the_decoder(tmp_path: Path) -> None:
+    # transformers' tie_word_embeddings is true by default: without the key and without a
+    # decoder weight of its own, the decoder is the word embeddings, not a missing key.
+    model_dir = make_tiny_mlm(tmp_path / "m", tied=True)
+    config = json.loads((model_dir / "config.json").read_text())
+    del config["tie_word_embeddings"]
+    (model_dir / "config.json").write_text(json.dumps(config))
+    assert isinstance(build_head(load_model_info(model_dir, "splade"), torch.device("cpu")),
+                      SpladeHead)
+
+
+def test_an_untied_decoder_is_found_in_a_pytorch_checkpoint(tmp_path: Path) -> None:
+    # Whether the checkpoint has its own decoder weight is read from pytorch_model.bin too.
+    model_dir = make_tiny_mlm(tmp_path / "m", tied=False)
+    state = load_file(str(model_dir / "model.safetensors"))
+    torch.save(state, model_dir / "pytorch_model.bin")
+    (model_dir / "model.safetensors").unlink()
+    head = build_head(load_model_info(model_dir, "splade"), torch.device("cpu"))
+    assert isinstance(head, SpladeHead)
 
 
 def test_splade_needs_a_masked_lm(tmp_path: Path, classifier_dir: Path) -> None:
