@@ -54,8 +54,12 @@ _NEEDED = [
     "rl_agent_config.json",
     "*adapter_config.json",
 ]
-# Folders whose weights are read: the root and sentence-transformers modules' own folders.
-_WEIGHT_DIRS = ("", "*Dense*", "*Transformer*", "*StaticEmbedding*", "*SparseAutoEncoder*")
+# Folders whose weights are read: the root and sentence-transformers modules' own folders. A
+# Transformer's only where a Router's route keeps it ("document_0_MLMTransformer": the route's
+# name, the module's index, its class): an older repository's own folder (0_Transformer/) is
+# refused by modules.json alone (shared/st_pipeline.py), so its weights would come down unread.
+_WEIGHT_DIRS = ("", "*Dense*", "*_[0-9]*_*Transformer*", "*StaticEmbedding*",
+                "*SparseAutoEncoder*")
 _SAFETENSORS = ["model.safetensors", "model-*.safetensors", "model.safetensors.index.json"]
 _TORCH_BIN = ["pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.json"]
 

@@ -349,3 +349,21 @@ def test_each_folder_comes_down_in_the_weight_format_it_has(tmp_path: Path) -> N
     sharded = ["config.json", "pytorch_model.bin.index.json", "pytorch_model-00001-of-00002.bin",
                "pytorch_model-00002-of-00002.bin", "onnx/model.safetensors"]
     assert fetched(sharded) == set(sharded) - {"onnx/model.safetensors"}
+
+
+def test_a_transformer_folder_of_its_own_comes_down_without_its_weights() -> None:
+    """An older repository's 0_Transformer/ is refused by modules.json alone (the layout is not
+    served): its weights, gigabytes for a large model, are not fetched only to be refused. A
+    Router's route folder (document_0_MLMTransformer/) is the model's, weights included."""
+    from fnmatch import fnmatch
+
+    from shared.resolve import hub_patterns
+
+    files = ["modules.json", "0_Transformer/config.json", "0_Transformer/tokenizer.json",
+             "0_Transformer/pytorch_model.bin", "0_Transformer/model.safetensors",
+             "router_config.json", "document_0_MLMTransformer/model.safetensors",
+             "query_1_Transformer/pytorch_model.bin"]
+    for patterns in (hub_patterns(files), hub_patterns(None)):
+        fetched = {f for f in files if any(fnmatch(f, p) for p in patterns)}
+        assert fetched == set(files) - {"0_Transformer/pytorch_model.bin",
+                                        "0_Transformer/model.safetensors"}
