@@ -95,13 +95,18 @@ def check_transformer_kwargs(settings: dict[str, Any], where: Path) -> None:
     config_kwargs change the model itself (its layers, its norms' epsilon), processor_kwargs and
     processing_kwargs its tokenization. Only the length limits are followed (model_limits.py);
     model_kwargs (dtype, attention implementation) are the server's own choice."""
-    allowed = {"config_kwargs": _HUB_KWARGS, "config_args": _HUB_KWARGS,
-               "processor_kwargs": _HUB_KWARGS | _LAYOUT_KWARGS | {"model_max_length"},
-               "tokenizer_args": _HUB_KWARGS | _LAYOUT_KWARGS | {"model_max_length"}}
-    for key, keep in allowed.items():
+    config_why = "it would change the model; only where its files come from is read"
+    tokenizer_why = ("it would change the tokens; only the tokenizer's model_max_length is "
+                     "followed")
+    allowed = {"config_kwargs": (_HUB_KWARGS, config_why),
+               "config_args": (_HUB_KWARGS, config_why),
+               "processor_kwargs": (_HUB_KWARGS | _LAYOUT_KWARGS | {"model_max_length"},
+                                    tokenizer_why),
+               "tokenizer_args": (_HUB_KWARGS | _LAYOUT_KWARGS | {"model_max_length"},
+                                  tokenizer_why)}
+    for key, (keep, why) in allowed.items():
         for name in sorted(set(settings.get(key) or {}) - keep):
-            raise ConfigError(f"{where}: {key} {name!r} is not supported (only a "
-                              "model_max_length of the tokenizer is followed)")
+            raise ConfigError(f"{where}: {key} {name!r} is not supported ({why})")
     for part in ("common", "text"):
         given = (settings.get("processing_kwargs") or {}).get(part) or {}
         if given.get("truncation", True) not in (True, "longest_first"):

@@ -60,3 +60,17 @@ def test_without_modules_json_the_settings_are_not_read(tmp_path: Path) -> None:
     root = model_dir(tmp_path, files={
         "sentence_bert_config.json": {"config_args": {"num_hidden_layers": 1}}})
     assert load_model_info(root, pooling_override="mean").max_input_length == 128
+
+
+@pytest.mark.parametrize(("settings", "why"), [
+    ({"config_kwargs": {"layer_norm_eps": 0.5}}, "it would change the model; only where its "
+                                                 "files come from is read"),
+    ({"tokenizer_args": {"do_lower_case": True}}, "it would change the tokens; only the "
+                                                  "tokenizer's model_max_length is followed"),
+])
+def test_a_refusal_says_why_for_its_kind_of_settings(
+        tmp_path: Path, settings: dict[str, Any], why: str) -> None:
+    """A config_kwargs key has no model_max_length to follow instead: the refusal said so for
+    every key alike ("only a model_max_length of the tokenizer is followed")."""
+    with pytest.raises(ConfigError, match=re.escape(f"is not supported ({why})")):
+        load_model_info(with_settings(tmp_path, settings))
