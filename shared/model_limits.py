@@ -47,9 +47,11 @@ def config_max_positions(config: dict[str, Any]) -> int:
 def max_input_length(
     model_dir: Path, config: dict[str, Any], position_offset: int, st_config: dict[str, Any],
 ) -> int:
-    """The tokens an input may have, as sentence-transformers takes it: `st_config`'s
-    (sentence_bert_config.json) max_seq_length, else tokenizer_config.json's model_max_length,
-    capped at the position table (after `position_offset`); the table alone without either."""
+    """The tokens an input may have, as sentence-transformers takes it: the limit `st_config`
+    (sentence_bert_config.json) sets (settings_limit: processing_kwargs' max_length, the
+    tokenizer's model_max_length, max_seq_length), else tokenizer_config.json's
+    model_max_length, capped at the position table (after `position_offset`; not for a model
+    of relative positions only); the table alone without either."""
     max_positions = config_max_positions(config) - position_offset
     limit = settings_limit(st_config)
     if limit is None:
