@@ -75,6 +75,9 @@ _TEXT_KWARGS = frozenset({"max_length", "padding"})
 # Tokenizer settings that change no token of an input (the server packs without padding;
 # decoder embedders' files ask for left padding).
 _LAYOUT_KWARGS = frozenset({"padding_side", "clean_up_tokenization_spaces"})
+# Model settings that change no number of one forward pass (a cache, which implementation
+# computes attention, the dtype: the server's own choice, as model_kwargs' are).
+_RUNTIME_KWARGS = frozenset({"use_cache", "attn_implementation", "torch_dtype", "dtype"})
 
 
 def transformer_file(folder: Path) -> Path:
@@ -95,11 +98,12 @@ def check_transformer_kwargs(settings: dict[str, Any], where: Path) -> None:
     config_kwargs change the model itself (its layers, its norms' epsilon), processor_kwargs and
     processing_kwargs its tokenization. Only the length limits are followed (model_limits.py);
     model_kwargs (dtype, attention implementation) are the server's own choice."""
-    config_why = "it would change the model; only where its files come from is read"
+    config_why = ("it would change the model; only where its files come from and how it "
+                  "runs are read")
     tokenizer_why = ("it would change the tokens; only the tokenizer's model_max_length is "
                      "followed")
-    allowed = {"config_kwargs": (_HUB_KWARGS, config_why),
-               "config_args": (_HUB_KWARGS, config_why),
+    allowed = {"config_kwargs": (_HUB_KWARGS | _RUNTIME_KWARGS, config_why),
+               "config_args": (_HUB_KWARGS | _RUNTIME_KWARGS, config_why),
                "processor_kwargs": (_HUB_KWARGS | _LAYOUT_KWARGS | {"model_max_length"},
                                     tokenizer_why),
                "tokenizer_args": (_HUB_KWARGS | _LAYOUT_KWARGS | {"model_max_length"},

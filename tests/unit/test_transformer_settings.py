@@ -50,7 +50,8 @@ def test_the_file_refused_is_the_one_read(tmp_path: Path) -> None:
 def test_settings_of_where_files_come_from_and_limits_are_followed(tmp_path: Path) -> None:
     root = with_settings(tmp_path, {
         "max_seq_length": 100, "model_args": {"torch_dtype": "float16"},
-        "config_args": {"trust_remote_code": True, "revision": "main"},
+        "config_args": {"trust_remote_code": True, "revision": "main", "use_cache": False,
+                        "attn_implementation": "sdpa"},
         "tokenizer_args": {"model_max_length": 20, "use_fast": True, "padding_side": "left"},
         "processing_kwargs": {"text": {"padding": True, "truncation": "longest_first"}}})
     assert load_model_info(root).max_input_length == 20
@@ -64,7 +65,7 @@ def test_without_modules_json_the_settings_are_not_read(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("settings", "why"), [
     ({"config_kwargs": {"layer_norm_eps": 0.5}}, "it would change the model; only where its "
-                                                 "files come from is read"),
+                                                 "files come from and how it runs are read"),
     ({"tokenizer_args": {"do_lower_case": True}}, "it would change the tokens; only the "
                                                   "tokenizer's model_max_length is followed"),
 ])
