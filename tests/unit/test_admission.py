@@ -28,6 +28,16 @@ async def started(task: asyncio.Task) -> None:
     assert not task.done()
 
 
+async def two_holding(admission: Admission, first_needs: int, second_needs: int
+                      ) -> tuple[asyncio.Event, asyncio.Event, list[asyncio.Task]]:
+    """Two requests holding permits until their events are set; the first one admitted."""
+    first, second = asyncio.Event(), asyncio.Event()
+    holders = [asyncio.ensure_future(holding(admission, first_needs, first)),
+               asyncio.ensure_future(holding(admission, second_needs, second))]
+    await started(holders[0])
+    return first, second, holders
+
+
 def test_past_the_permits_a_request_is_refused_at_once() -> None:
     async def main() -> None:
         admission, release = Admission(4), asyncio.Event()
@@ -91,10 +101,7 @@ def test_a_waiting_request_keeps_waiting_while_the_return_is_too_small() -> None
     """A waiting request is handed its permits only once enough are back."""
     async def main() -> None:
         admission = Admission(3)
-        first, second = asyncio.Event(), asyncio.Event()
-        holders = [asyncio.ensure_future(holding(admission, 1, first)),
-                   asyncio.ensure_future(holding(admission, 2, second))]
-        await started(holders[0])
+        first, second, holders = await two_holding(admission, 1, 2)
 
         async def answer() -> int:
             async with admission.admitted(3):
@@ -186,10 +193,7 @@ def test_no_permit_is_free_while_a_request_waits_for_more() -> None:
     """One permit is back but the waiting head needs two: it is the head's, not free."""
     async def main() -> None:
         admission = Admission(2)
-        first, second = asyncio.Event(), asyncio.Event()
-        holders = [asyncio.ensure_future(holding(admission, 1, first)),
-                   asyncio.ensure_future(holding(admission, 1, second))]
-        await started(holders[0])
+        first, second, holders = await two_holding(admission, 1, 1)
         head = asyncio.ensure_future(patiently(lambda: holding(admission, 2, second)))
         await started(head)
         first.set()
@@ -253,10 +257,7 @@ def test_waiting_messages_are_admitted_first_come_first_served() -> None:
 
     async def main() -> None:
         admission = Admission(2)
-        first, second = asyncio.Event(), asyncio.Event()
-        holders = [asyncio.ensure_future(holding(admission, 1, first)),
-                   asyncio.ensure_future(holding(admission, 1, second))]
-        await started(holders[0])
+        first, second, holders = await two_holding(admission, 1, 1)
 
         def answer(name: str, inputs: int):
             async def admitted() -> None:
@@ -282,10 +283,7 @@ def test_waiting_messages_are_admitted_first_come_first_served() -> None:
 def test_a_cancelled_waiter_leaves_the_queue_and_its_permits() -> None:
     async def main() -> None:
         admission = Admission(2)
-        first, second = asyncio.Event(), asyncio.Event()
-        holders = [asyncio.ensure_future(holding(admission, 1, first)),
-                   asyncio.ensure_future(holding(admission, 1, second))]
-        await started(holders[0])
+        first, second, holders = await two_holding(admission, 1, 1)
         admitted = asyncio.Event()
 
         async def answer(inputs: int) -> None:
