@@ -117,7 +117,8 @@ class InferenceService:
                 f"the model takes at most {ready.max_positions} tokens per input (its position "
                 f"table), but the maximum input length is {self.rules.max_input_length}: "
                 f"lower it with --max-batch-tokens {ready.max_positions} --auto-truncate true, "
-                "or fix max_seq_length in the model's sentence_bert_config.json")
+                "or fix the limit in the model's files (max_seq_length in its "
+                "sentence_bert_config.json, or model_max_length)")
         self._queue = TokenBudgetQueue(
             self.max_batch_tokens, self.max_batch_requests, ready.cost_model
         )

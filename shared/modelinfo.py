@@ -305,13 +305,13 @@ def _hidden_size(root: Path, config: dict[str, Any], dense: list[DenseSpec]) -> 
 
 
 def _conversations(files: ModelFiles, base: _Base, model_kind: ModelKind) -> Conversations | None:
-    # Where the Transformer module declares messages (sentence_bert_config.json).
+    # Where the Transformer module declares messages (its settings file).
     root = files.root
     conversations = (read_conversations(root, base.transformer, base.model_type,
                                         base.config.get("tokenizer_class"))
                      if files.modules else None)
     if conversations is not None and model_kind == "embedding":
-        raise ConfigError(f"{root}/sentence_bert_config.json: an embedding model whose "
+        raise ConfigError(f"{transformer_file(root)}: an embedding model whose "
                           "Transformer module takes messages (chat conversations) is not "
                           "supported")
     return conversations

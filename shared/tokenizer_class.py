@@ -92,5 +92,8 @@ def require_fast_tokenizer(model_dir: Path) -> None:
     slow = [name for name in _SLOW_TOKENIZER_FILES if (model_dir / name).is_file()]
     hint = (f"; transformers writes one from the slow tokenizer's {', '.join(slow)}: "
             "AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)" if slow else "")
+    if slow == ["tokenizer_config.json"]:  # (a Hub download brings no vocabulary file)
+        hint += (", DIR a full copy of the repository (this directory has no vocabulary "
+                 "file), then serve that copy")
     raise ConfigError(f"{model_dir}: tokenizer.json not found (a fast tokenizer is "
                       f"required){hint}")

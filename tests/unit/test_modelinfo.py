@@ -504,6 +504,20 @@ def test_a_router_after_other_modules_is_refused_by_name(tmp_path: Path) -> None
         load_model_info(root)
 
 
+def test_without_a_vocabulary_file_the_hint_asks_for_a_full_copy(tmp_path: Path) -> None:
+    """A Hub download of a model without tokenizer.json brings tokenizer_config.json and no
+    vocabulary: from_pretrained on that directory would fail too."""
+    root = model_dir(tmp_path)
+    (root / "tokenizer.json").unlink()
+    (root / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="DIR a full copy of the repository"):
+        load_model_info(root)
+    (root / "vocab.txt").write_text("x")
+    with pytest.raises(ConfigError) as info:
+        load_model_info(root)
+    assert "full copy" not in str(info.value)
+
+
 @pytest.mark.parametrize("slow", ["vocab.txt", "sentencepiece.bpe.model", "spiece.model"])
 def test_a_slow_tokenizer_alone_is_named_with_how_to_convert_it(tmp_path: Path,
                                                                  slow: str) -> None:
