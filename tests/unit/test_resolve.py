@@ -367,3 +367,16 @@ def test_a_transformer_folder_of_its_own_comes_down_without_its_weights() -> Non
         fetched = {f for f in files if any(fnmatch(f, p) for p in patterns)}
         assert fetched == set(files) - {"0_Transformer/pytorch_model.bin",
                                         "0_Transformer/model.safetensors"}
+
+
+def test_a_sharded_safetensors_model_comes_down_with_its_index() -> None:
+    """The loader finds a sharded checkpoint's shards through model.safetensors.index.json."""
+    from fnmatch import fnmatch
+
+    from shared.resolve import hub_patterns
+
+    files = ["config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors",
+             "model-00002-of-00002.safetensors", "pytorch_model.bin"]
+    for patterns in (hub_patterns(files), hub_patterns(None)):
+        fetched = {f for f in files if any(fnmatch(f, p) for p in patterns)}
+        assert fetched >= set(files) - {"pytorch_model.bin"}
