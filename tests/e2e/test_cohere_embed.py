@@ -377,3 +377,15 @@ def test_jina_normalized_and_late_chunking(srv) -> None:
     refused = srv.client.post("/v1/embeddings", json={"input": TEXTS, "late_chunking": True})
     assert refused.status_code == 422
     assert refused.json()["error"]["message"].startswith("`late_chunking` is not supported")
+
+
+def test_max_tokens_from_the_start_keeps_the_end_of_a_very_long_text(srv) -> None:
+    # Past 250 characters a token, the text is bounded before tokenizing: on START's side.
+    text = "hi " * 100 + "z"
+    assert len(srv.client.post("/tokenize", json={"inputs": "z",
+                                                  "add_special_tokens": False}).json()[0]) == 1
+    response = srv.client.post("/v2/embed", json={"texts": [text], "max_tokens": 1,
+                                                  "truncate": "START"})
+    assert response.status_code == 200, response.text
+    assert np.array_equal(np.asarray(response.json()["embeddings"]["float"], dtype=np.float32),
+                          tei(srv, ["z"]))
