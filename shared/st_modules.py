@@ -71,7 +71,7 @@ TRANSFORMER_CONFIG_NAMES = tuple(f"sentence_{family}_config.json" for family in 
 # transformers drops trust_remote_code), and what the tokenizer calls may set that we follow.
 _HUB_KWARGS = frozenset({"trust_remote_code", "revision", "token", "use_auth_token", "cache_dir",
                          "local_files_only", "use_fast"})
-_TEXT_KWARGS = frozenset({"max_length", "padding"})
+_TEXT_KWARGS = frozenset({"max_length", "padding", "padding_side"})
 # Tokenizer settings that change no token of an input (the server packs without padding;
 # decoder embedders' files ask for left padding).
 _LAYOUT_KWARGS = frozenset({"padding_side", "clean_up_tokenization_spaces"})

@@ -53,7 +53,8 @@ def test_settings_of_where_files_come_from_and_limits_are_followed(tmp_path: Pat
         "config_args": {"trust_remote_code": True, "revision": "main", "use_cache": False,
                         "attn_implementation": "sdpa"},
         "tokenizer_args": {"model_max_length": 20, "use_fast": True, "padding_side": "left"},
-        "processing_kwargs": {"text": {"padding": True, "truncation": "longest_first"}}})
+        "processing_kwargs": {"text": {"padding": True, "truncation": "longest_first",
+                                       "padding_side": "left"}}})
     assert load_model_info(root).max_input_length == 20
 
 
