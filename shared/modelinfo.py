@@ -39,8 +39,7 @@ from shared.st_modules import (
     check_transformer_kwargs,
     optional_json,
     read_json,
-    transformer_file,
-    transformer_settings,
+    transformer_settings_file,
 )
 from shared.st_pipeline import ModelFiles, Pipeline, locate_model_files, read_pipeline
 from shared.static_embedding import NO_LENGTH_LIMIT, static_config, tokenizer_truncation
@@ -178,6 +177,7 @@ class _Base:
     model_type: str
     position_offset: int
     transformer: dict[str, Any]  # sentence_bert_config.json (read by several checks)
+    settings_file: Path  # the file `transformer` was read from (or would be)
 
 
 @dataclass(frozen=True)
@@ -212,12 +212,13 @@ def _read_base(files: ModelFiles) -> _Base:
     require_fast_tokenizer(model_dir)
     model_type = str(config.get("model_type", ""))
     position_offset = first_position(config, model_type, files.root)
-    transformer = layout.transformer if layout else transformer_settings(files.root)
+    # (a Router's document route: the settings parse_router read, from the same folder)
+    settings_file, transformer = transformer_settings_file(layout.transformer_dir if layout
+                                                           else files.root)
     if files.modules and not static_dir:  # (sentence-transformers reads it only with modules.json)
-        check_transformer_kwargs(transformer, transformer_file(layout.transformer_dir
-                                                               if layout else files.root))
+        check_transformer_kwargs(transformer, settings_file)
     return _Base(config=config, model_type=model_type, position_offset=position_offset,
-                 transformer=transformer)
+                 transformer=transformer, settings_file=settings_file)
 
 
 def _head(files: ModelFiles, base: _Base, pipeline: Pipeline,
@@ -311,7 +312,7 @@ def _conversations(files: ModelFiles, base: _Base, model_kind: ModelKind) -> Con
                                         base.config.get("tokenizer_class"))
                      if files.modules else None)
     if conversations is not None and model_kind == "embedding":
-        raise ConfigError(f"{transformer_file(root)}: an embedding model whose "
+        raise ConfigError(f"{base.settings_file}: an embedding model whose "
                           "Transformer module takes messages (chat conversations) is not "
                           "supported")
     return conversations

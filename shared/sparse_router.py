@@ -42,7 +42,6 @@ class RouterLayout(msgspec.Struct, frozen=True):
     transformer_dir: Path
     pooling_dir: Path
     route: QueryRoute
-    transformer: dict[str, Any]  # the document Transformer's sentence_bert_config.json
 
 
 def parse_router(root: Path) -> RouterLayout:
@@ -104,5 +103,4 @@ def parse_router(root: Path) -> RouterLayout:
     limit = (query_files["tokenizer_config.json"] or {}).get("model_max_length")
     return RouterLayout(transformer_dir, pooling_dir, QueryRoute(
         query=query, document=document, default=default, weights_path=str(weights),
-        max_length=int(limit) if limit is not None and limit < _NO_LIMIT_SENTINEL else None),
-        transformer)
+        max_length=int(limit) if limit is not None and limit < _NO_LIMIT_SENTINEL else None))

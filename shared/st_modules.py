@@ -80,17 +80,19 @@ _LAYOUT_KWARGS = frozenset({"padding_side", "clean_up_tokenization_spaces"})
 _RUNTIME_KWARGS = frozenset({"use_cache", "attn_implementation", "torch_dtype", "dtype"})
 
 
-def transformer_file(folder: Path) -> Path:
-    """The Transformer module's settings file in `folder` (sentence_bert_config.json if none)."""
+def transformer_settings_file(folder: Path) -> tuple[Path, dict[str, Any]]:
+    """The Transformer module's settings file in `folder` (sentence_bert_config.json if none
+    holds any) and its settings (max_seq_length, do_lower_case, ...), read once."""
     for name in TRANSFORMER_CONFIG_NAMES:
-        if optional_json(folder / name):
-            return folder / name
-    return folder / TRANSFORMER_CONFIG_NAMES[0]
+        settings = optional_json(folder / name)
+        if settings:
+            return folder / name, dict(settings)
+    return folder / TRANSFORMER_CONFIG_NAMES[0], {}
 
 
 def transformer_settings(folder: Path) -> dict[str, Any]:
-    """A Transformer module's settings (max_seq_length, do_lower_case, ...) in `folder`."""
-    return dict(optional_json(transformer_file(folder)) or {})
+    """A Transformer module's settings in `folder`."""
+    return transformer_settings_file(folder)[1]
 
 
 def check_transformer_kwargs(settings: dict[str, Any], where: Path) -> None:
