@@ -104,12 +104,11 @@ def check_transformer_kwargs(settings: dict[str, Any], where: Path) -> None:
                   "runs are read")
     tokenizer_why = ("it would change the tokens; only the tokenizer's model_max_length is "
                      "followed")
-    allowed = {"config_kwargs": (_HUB_KWARGS | _RUNTIME_KWARGS, config_why),
-               "config_args": (_HUB_KWARGS | _RUNTIME_KWARGS, config_why),
-               "processor_kwargs": (_HUB_KWARGS | _LAYOUT_KWARGS | {"model_max_length"},
-                                    tokenizer_why),
-               "tokenizer_args": (_HUB_KWARGS | _LAYOUT_KWARGS | {"model_max_length"},
-                                  tokenizer_why)}
+    model = (_HUB_KWARGS | _RUNTIME_KWARGS, config_why)
+    tokenizer = (_HUB_KWARGS | _LAYOUT_KWARGS | {"model_max_length"}, tokenizer_why)
+    # (each kind of settings under its current name and its older one)
+    allowed = {"config_kwargs": model, "config_args": model,
+               "processor_kwargs": tokenizer, "tokenizer_args": tokenizer}
     for key, (keep, why) in allowed.items():
         for name in sorted(set(settings.get(key) or {}) - keep):
             raise ConfigError(f"{where}: {key} {name!r} is not supported ({why})")
