@@ -50,6 +50,7 @@ async def read_json(request: Request, schema: type[T], limit: int) -> T:
     if content_type != "application/json":
         raise EmbedServeError(ErrorType.UNSUPPORTED_MEDIA_TYPE,
                               "Expected request with `Content-Type: application/json`")
+    refuse_content_coding(request.headers.get("content-encoding"))
     too_large = EmbedServeError(ErrorType.PAYLOAD_TOO_LARGE,
                                 f"request body larger than the payload limit of {limit} bytes")
     declared = request.headers.get("content-length")
@@ -89,6 +90,16 @@ async def read_json(request: Request, schema: type[T], limit: int) -> T:
         raise EmbedServeError(
             ErrorType.BAD_REQUEST, f"Failed to parse the request body as JSON: {reason}"
         ) from None
+
+
+def refuse_content_coding(coding: str | None) -> None:
+    """415 for a body in a content coding (gzip, br, ...): the server decodes none, and reading
+    one as plain JSON would answer a compressed body "malformed JSON (byte 0)", or embed, as
+    if uncompressed, a body whose header says otherwise (RFC 9110 8.4 names 415 for both)."""
+    if coding is not None and coding.strip().lower() not in ("", "identity"):
+        raise EmbedServeError(ErrorType.UNSUPPORTED_MEDIA_TYPE,
+                              f"`Content-Encoding: {coding}` is not supported: send the "
+                              "body uncompressed")
 
 
 class ClientGone(Exception):

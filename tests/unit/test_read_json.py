@@ -40,3 +40,21 @@ def test_a_whole_body_is_read(monkeypatch) -> None:
     monkeypatch.setattr(http, "BODY_TIMEOUT_S", 0.2)
     whole = request_with([b'{"inputs": ', b'"hello"}'], then_hang=False)
     assert asyncio.run(http.read_json(whole, EmbedRequest, 1000)).inputs == "hello"
+
+
+@pytest.mark.parametrize("coding", ["gzip", "GZIP", "br", "deflate, gzip"])
+def test_a_body_in_a_content_coding_is_a_415(coding: str) -> None:
+    # The server decodes no coding: a gzip body read as JSON would be "malformed (byte 0)",
+    # and a plain body labelled gzip would be embedded as if the label were not there.
+    labelled = request_with([b'{"inputs": "hello"}'], then_hang=False)
+    labelled.scope["headers"].append((b"content-encoding", coding.encode()))
+    with pytest.raises(EmbedServeError) as refused:
+        asyncio.run(http.read_json(labelled, EmbedRequest, 1000))
+    assert refused.value.error_type is ErrorType.UNSUPPORTED_MEDIA_TYPE
+    assert f"`Content-Encoding: {coding}` is not supported" in refused.value.message
+
+
+def test_an_identity_content_coding_is_read() -> None:
+    plain = request_with([b'{"inputs": "hello"}'], then_hang=False)
+    plain.scope["headers"].append((b"content-encoding", b"identity"))
+    assert asyncio.run(http.read_json(plain, EmbedRequest, 1000)).inputs == "hello"
