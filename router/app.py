@@ -6,11 +6,11 @@ from opentelemetry.trace import Tracer
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from router.cors import JsonCORSMiddleware
 from router.errors import handle_embedserve_error, handle_http_exception, handle_unexpected
 from router.http import ApiKeyMiddleware, ClientGone, RequestIdMiddleware
 from router.metrics import Metrics
@@ -41,7 +41,7 @@ def build_app(state: AppState, tracer: Tracer | None = None) -> Starlette:
     # that call TEI directly keep working. (Credentials are never allowed, so a page cannot
     # ride on a browser's cookies; --api-key still applies.)
     middleware.append(Middleware(
-        CORSMiddleware,
+        JsonCORSMiddleware,
         allow_origins=list(state.config.cors_allow_origin or ["*"]),
         allow_methods=["GET", "POST", "OPTIONS"],
         allow_headers=["authorization", "content-type", "x-request-id"],

@@ -78,3 +78,41 @@ def test_routes_open_without_a_key(method, path) -> None:
 ])
 def test_every_other_route_needs_the_key(method, path) -> None:
     assert not is_open(method, path)
+
+
+@pytest.mark.parametrize(("origin", "method", "asked_headers", "refused"), [
+    ("https://evil.example", "POST", None, "Disallowed CORS origin"),
+    ("https://app.example", "PUT", None, "Disallowed CORS method"),
+    ("https://app.example", "POST", "x-evil", "Disallowed CORS headers"),
+])
+def test_a_refused_cors_preflight_is_a_json_400(origin, method, asked_headers, refused) -> None:
+    # Starlette answers these text/plain; the contract's errors are all JSON, the refusal of a
+    # preflight too, still with the CORS headers that tell the browser what is allowed.
+    from typing import Any, cast
+
+    from starlette.testclient import TestClient
+
+    from router.app import build_app
+    from router.openapi import _Unserved
+    from router.routes import AppState
+    from shared.config import ServerConfig
+
+    unserved = cast(Any, _Unserved())
+    config = ServerConfig(cors_allow_origin=("https://app.example",), api_key="key")
+    client = TestClient(build_app(AppState(config, unserved, unserved, unserved)))
+    asked = {"origin": origin, "access-control-request-method": method}
+    if asked_headers:
+        asked["access-control-request-headers"] = asked_headers
+    for path, body in (("/embed", {"error": refused, "error_type": "BadRequest"}),
+                       ("/v1/embeddings", {"error": {"message": refused, "type": "BadRequest",
+                                                     "code": 400}})):
+        answer = client.options(path, headers=asked)
+        assert answer.status_code == 400
+        assert answer.headers["content-type"] == "application/json"
+        assert answer.json() == body
+        assert "POST" in answer.headers["access-control-allow-methods"]
+        assert "Origin" in answer.headers["vary"]
+    allowed = client.options("/embed", headers={"origin": "https://app.example",
+                                                "access-control-request-method": "POST"})
+    assert allowed.status_code == 200
+    assert allowed.headers["access-control-allow-origin"] == "https://app.example"
