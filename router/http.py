@@ -247,19 +247,28 @@ def is_open(method: str, path: str) -> bool:
             or (path == "/" and method in ("GET", "HEAD")))
 
 
+def bearer_matches(given: bytes, key: bytes) -> bool:
+    """Whether an `Authorization` value is `key` in the Bearer scheme. The scheme's name is
+    case-insensitive and one or more spaces may follow it (RFC 9110 11.1, 11.4): "bearer KEY",
+    as some clients send it, is the same credential as "Bearer KEY". The key itself is compared
+    in constant time."""
+    scheme, _, token = given.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.lstrip(b" "), key)
+
+
 class ApiKeyMiddleware:
     """`Authorization: Bearer <key>` on every route but the open ones (and `GET /`)."""
 
     def __init__(self, app: ASGIApp, api_key: str, open_probe: str | None = None) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.key = api_key.encode()
         self.open_probe = open_probe  # a platform's own health route (Vertex AI's): GET only
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (scope["type"] == "http" and not is_open(scope["method"], scope["path"])
                 and not (scope["method"] in ("GET", "HEAD") and scope["path"] == self.open_probe)):
             given = Headers(scope=scope).get("authorization", "").encode()
-            if not hmac.compare_digest(given, self.expected):
+            if not bearer_matches(given, self.key):
                 message = ("missing Authorization header" if not given
                            else "invalid API key in the Authorization header")
                 response = error_response(EmbedServeError(ErrorType.UNAUTHORIZED, message),

@@ -6,13 +6,13 @@ tools must not need the key.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 
 from router.grpc.calls import FACTORIES
+from router.http import bearer_matches
 
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
                  "/grpc.reflection.v1.ServerReflection/")
@@ -31,7 +31,7 @@ def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHand
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, api_key: str) -> None:
-        self.expected = f"Bearer {api_key}".encode()
+        self.key = api_key.encode()
 
     async def intercept_service(
         self,
@@ -46,7 +46,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
                       if key == "authorization"), "")
         if isinstance(given, str):
             given = given.encode()
-        if hmac.compare_digest(given, self.expected):
+        if bearer_matches(given, self.key):
             return handler
         return _refusal(handler, "missing authorization metadata" if not given
                         else "invalid API key in the authorization metadata")

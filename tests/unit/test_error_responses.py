@@ -116,3 +116,29 @@ def test_a_refused_cors_preflight_is_a_json_400(origin, method, asked_headers, r
                                                 "access-control-request-method": "POST"})
     assert allowed.status_code == 200
     assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+
+
+@pytest.mark.parametrize(("authorization", "status"), [
+    ("Bearer s3cret", 200), ("bearer s3cret", 200), ("BEARER s3cret", 200),
+    ("Bearer   s3cret", 200),
+    ("", 401), ("s3cret", 401), ("Bearer", 401), ("Bearer ", 401), ("Basic s3cret", 401),
+    ("Bearers3cret", 401), ("Bearer s3cre", 401), ("Bearer s3crett", 401),
+    ("Bearer s3cret x", 401),
+])
+def test_the_bearer_schemes_name_is_case_insensitive(authorization: str, status: int) -> None:
+    # RFC 9110 11.1: "bearer KEY" (as some clients write it) is the same credential; the key
+    # itself must match exactly.
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from router.http import ApiKeyMiddleware
+
+    async def answer(request) -> Response:
+        return Response("ok")
+
+    app = ApiKeyMiddleware(Starlette(routes=[Route("/embed", answer, methods=["POST"])]),
+                           api_key="s3cret")
+    headers = {"authorization": authorization} if authorization else {}
+    assert TestClient(app).post("/embed", headers=headers).status_code == status

@@ -293,3 +293,26 @@ def test_a_traced_stream_dropped_after_a_reply_ends_its_span_without_a_detach_er
     assert not [r for r in caplog.records if "detach" in r.getMessage()]
     [span] = exporter.get_finished_spans()
     assert span.name == "/tei.v1.Embed/EmbedStream"
+
+
+@pytest.mark.parametrize(("authorization", "passes"), [
+    ("Bearer s3cret", True), ("bearer s3cret", True), ("BEARER  s3cret", True),
+    (None, False), ("s3cret", False), ("Basic s3cret", False), ("Bearer s3cre", False),
+])
+def test_the_api_key_metadata_takes_the_bearer_scheme_in_any_case(
+        authorization: str | None, passes: bool) -> None:
+    # As over HTTP: the scheme's name is case-insensitive (RFC 9110 11.1), the key is not.
+    from router.grpc.auth import ApiKeyInterceptor
+
+    async def handle(request, context) -> str:
+        return "answered"
+
+    handler = grpc.unary_unary_rpc_method_handler(handle)
+
+    async def continuation(details) -> grpc.RpcMethodHandler:
+        return handler
+
+    metadata = (("authorization", authorization),) if authorization is not None else ()
+    details = SimpleNamespace(method="/tei.v1.Embed/Embed", invocation_metadata=metadata)
+    chosen = run(ApiKeyInterceptor("s3cret").intercept_service(continuation, details))
+    assert (chosen is handler) is passes
