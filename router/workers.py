@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import enum
 import logging
 import os
@@ -263,8 +264,10 @@ class WorkerPool:
             self._fail(entries, f"worker {worker.id} unreachable: {exc}")
         # libzmq's FD signals an edge, and a send can consume the edge of a reply that already
         # waits: look, and drain on the next loop turn (not here: submit runs inside _drain).
+        # In a context of its own: submit may run in a request's, whose id would otherwise
+        # mark every line the drain logs (a worker ready, killed) and no other request's.
         if cast(int, self._socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-            asyncio.get_running_loop().call_soon(self._drain)
+            asyncio.get_running_loop().call_soon(self._drain, context=contextvars.Context())
 
     def _drain(self) -> None:
         """Handle every message waiting on the socket; the event loop calls this when the
