@@ -17,9 +17,10 @@ class JsonCORSMiddleware(CORSMiddleware):
     CORS headers (which tell a browser what is allowed)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = Headers(scope=scope)
-        # Starlette's test for a preflight, which it answers without calling the app.
-        if not (scope["type"] == "http" and scope["method"] == "OPTIONS"
+        # Starlette's test for a preflight, which it answers without calling the app. (The
+        # type first: a lifespan scope has no headers.)
+        headers = Headers(scope=scope) if scope["type"] == "http" else None
+        if not (headers is not None and scope["method"] == "OPTIONS"
                 and "origin" in headers and "access-control-request-method" in headers):
             await super().__call__(scope, receive, send)
             return

@@ -112,6 +112,12 @@ def test_default_model_without_model_id(fresh_server):
     info = srv.client.get("/info").json()
     assert info["model_id"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert srv.client.post("/embed", json={"inputs": "What is Deep Learning?"}).status_code == 200
+    assert srv.stop() == 0
+    # A plain start, request and stop say nothing alarming (hypercorn's "ASGI Framework
+    # Lifespan error" warning at every start did, when a middleware broke the lifespan).
+    alarming = [line for line in srv.log().splitlines()
+                if " WARNING " in line or " ERROR " in line or "Traceback" in line]
+    assert not alarming, "\n".join(alarming)
 
 
 def test_api_key(fresh_server):

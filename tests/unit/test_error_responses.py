@@ -142,3 +142,35 @@ def test_the_bearer_schemes_name_is_case_insensitive(authorization: str, status:
                            api_key="s3cret")
     headers = {"authorization": authorization} if authorization else {}
     assert TestClient(app).post("/embed", headers=headers).status_code == status
+
+
+def test_the_app_runs_the_lifespan_hypercorn_drives() -> None:
+    # hypercorn sends a lifespan scope (no headers, no method) before serving: a middleware that
+    # reads a request's fields from it fails the lifespan, which hypercorn logs as a warning at
+    # every start ("continuing without Lifespan support").
+    import asyncio
+    from typing import Any, cast
+
+    from router.app import build_app
+    from router.openapi import _Unserved
+    from router.routes import AppState
+    from shared.config import ServerConfig
+
+    unserved = cast(Any, _Unserved())
+    app = build_app(AppState(ServerConfig(cors_allow_origin=("https://app.example",),
+                                          api_key="key"), unserved, unserved, unserved))
+    sent: list[str] = []
+
+    async def lifespan() -> None:
+        events = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+
+        async def receive() -> dict:
+            return next(events)
+
+        async def send(message) -> None:
+            sent.append(message["type"])
+
+        await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)
+
+    asyncio.run(asyncio.wait_for(lifespan(), 5))
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
