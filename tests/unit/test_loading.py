@@ -67,18 +67,25 @@ def test_pristine_model_loads(model_dir: Path) -> None:
 )
 def test_missing_key_is_named(model_dir: Path, key: str) -> None:
     edit_weights(model_dir / "model.safetensors", lambda s: s.pop(key))
-    with pytest.raises(ConfigError, match="missing") as info:
+    # (the message starts with tmp_path, which holds this test's name: match past it)
+    with pytest.raises(ConfigError, match=r"strictly: missing \(") as info:
         load(model_dir)
-    assert key in str(info.value)
+    assert str(info.value).count(key) == 1, "named once (a fused slice: not its whole parameter)"
 
 
 @pytest.mark.parametrize(
     "key",
-    ["encoder.layer.0.attention.self.rotary.weight", "encoder.extra.weight", "lm_head.bias"],
+    ["encoder.layer.0.attention.self.rotary.weight", "encoder.extra.weight", "lm_head.bias",
+     # A known name plus a trailing segment is not that name: templates and ignore patterns
+     # match whole keys, never a prefix.
+     "encoder.layer.0.output.dense.weight.extra", "embeddings.position_ids.extra",
+     # A layer past num_hidden_layers, in a parameter of its own (not fused).
+     "encoder.layer.2.output.dense.weight"],
 )
 def test_unexpected_key_is_named(model_dir: Path, key: str) -> None:
     edit_weights(model_dir / "model.safetensors", lambda s: s.update({key: torch.zeros(3)}))
-    with pytest.raises(ConfigError, match="unexpected") as info:
+    # (the message starts with tmp_path, which holds this test's name: match past it)
+    with pytest.raises(ConfigError, match=r"strictly: unexpected keys: ") as info:
         load(model_dir)
     assert key in str(info.value)
 
@@ -90,6 +97,7 @@ def test_unexpected_key_is_named(model_dir: Path, key: str) -> None:
         ("encoder.layer.1.intermediate.dense.bias", (65,)),
         ("encoder.layer.0.attention.self.value.weight", (32, 31)),  # fused slice, inner dim
         ("encoder.layer.0.attention.self.query.weight", (31, 32)),  # fused slice, outer dim
+        ("encoder.layer.1.intermediate.dense.weight", (32, 64)),  # transposed: same size
     ],
 )
 def test_wrong_shape_is_named(model_dir: Path, key: str, shape: tuple[int, ...]) -> None:
@@ -97,6 +105,7 @@ def test_wrong_shape_is_named(model_dir: Path, key: str, shape: tuple[int, ...])
     with pytest.raises(ConfigError, match="shape mismatch") as info:
         load(model_dir)
     assert key in str(info.value)
+    assert "missing" not in str(info.value), "a refused tensor is reported once"
 
 
 def test_fused_slices_are_checked_one_by_one(model_dir: Path) -> None:
@@ -149,6 +158,7 @@ def test_a_non_float_tensor_is_refused_not_cast(model_dir: Path, key: str,
     with pytest.raises(ConfigError, match="dtype mismatch") as info:
         load(model_dir)
     assert key in str(info.value)
+    assert "missing" not in str(info.value), "a refused tensor is reported once"
 
 
 def test_float_values_for_an_integer_buffer_are_refused_not_truncated(tmp_path: Path) -> None:
@@ -180,6 +190,15 @@ def test_legacy_gamma_beta_names_load_identically(model_dir: Path, pristine: Pat
     assert np.array_equal(load(model_dir).embed(arrays), load(pristine).embed(arrays))
 
 
+def test_keys_nested_under_the_family_prefix_load_identically(model_dir: Path,
+                                                             pristine: Path) -> None:
+    # BertFor* checkpoints nest the encoder in "bert.".
+    edit_weights(model_dir / "model.safetensors",
+                 lambda state: state.update({f"bert.{k}": state.pop(k) for k in list(state)}))
+    arrays, _ = pack(pristine, ["hello world", "the weather is lovely"])
+    assert np.array_equal(load(model_dir).embed(arrays), load(pristine).embed(arrays))
+
+
 def test_dense_module_is_strict(model_dir: Path) -> None:
     dense = model_dir / "2_Dense" / "model.safetensors"
     edit_weights(dense, lambda s: s.update({"residual.weight": torch.zeros(8, 32)}))
@@ -201,7 +220,7 @@ def test_shard_listed_but_absent(model_dir: Path) -> None:
     index = {"weight_map": {"a": "model-00001-of-00002.safetensors",
                             "b": "model-00002-of-00002.safetensors"}}
     (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(ConfigError, match="model-00002-of-00002"):
+    with pytest.raises(ConfigError, match=r"shards listed but not found.*model-00002-of-00002"):
         checkpoint_files(model_dir)
 
 
@@ -213,7 +232,7 @@ def shard(model_dir: Path, weight_map) -> None:
 @pytest.mark.parametrize("weight_map", [{}, ["model-00001-of-00001.safetensors"], {"a": 1}])
 def test_a_malformed_shard_index_is_refused(model_dir: Path, weight_map) -> None:
     shard(model_dir, weight_map)
-    with pytest.raises(ConfigError, match="index"):
+    with pytest.raises(ConfigError, match="shard index"):
         checkpoint_files(model_dir)
 
 
@@ -253,6 +272,59 @@ def test_a_non_tensor_in_a_bin_checkpoint_is_refused(model_dir: Path) -> None:
     torch.save(state, model_dir / "pytorch_model.bin")
     with pytest.raises(ConfigError, match=r"LayerNorm\.weight.*not a tensor"):
         load(model_dir)
+
+
+def test_a_bin_checkpoint_that_is_not_a_state_dict_is_refused(model_dir: Path) -> None:
+    state = load_file(str(model_dir / "model.safetensors"))
+    (model_dir / "model.safetensors").unlink()
+    torch.save(list(state.values()), model_dir / "pytorch_model.bin")
+    with pytest.raises(ConfigError, match="not a state dict"):
+        load(model_dir)
+
+
+class _Opens:
+    """A pickle that runs code when loaded (here: creates a file)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_a_bin_checkpoint_never_runs_its_pickled_code(model_dir: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    (model_dir / "model.safetensors").unlink()
+    torch.save({"embeddings.LayerNorm.weight": _Opens(marker)}, model_dir / "pytorch_model.bin")
+    with pytest.raises(ConfigError, match="cannot read weights"):
+        load(model_dir)
+    assert not marker.exists()
+
+
+def test_a_template_placeholder_is_one_name_segment() -> None:
+    rule = Rule("layers.{i}.out.{w}", "blocks.{i}.down.{w}")
+    assert rule.forward("layers.3.out.weight") == ("blocks.3.down.weight", None, ())
+    assert rule.forward("layers.3.extra.out.weight") is None
+    assert rule.sources_of("blocks.3.extra.down.weight") == []
+
+
+class _Many(torch.nn.Module):
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        for i in range(count):
+            self.register_parameter(f"p{i:02d}", torch.nn.Parameter(torch.zeros(1)))
+
+
+@pytest.mark.parametrize(("held", "named", "more"), [(1, 10, ""), (0, 10, " and 1 more")])
+def test_an_error_names_ten_keys_and_counts_the_rest(tmp_path: Path, held: int, named: int,
+                                                      more: str) -> None:
+    path = tmp_path / "model.safetensors"
+    save_file({f"p{i:02d}": torch.zeros(1) for i in range(held)}, str(path))
+    with pytest.raises(ConfigError, match="missing") as info:
+        load_strict(_Many(11), [path], WeightMap(rules=(Rule("{name}", "{name}"),)))
+    listed = str(info.value).split("fills): ")[1]
+    assert listed.count("p") == named
+    assert listed.endswith(f"p{named + held - 1:02d}{more}")
 
 
 def test_jinabert_v2_is_served_as_jina_not_bert(model_dir: Path) -> None:
