@@ -12,7 +12,14 @@ from hypothesis import strategies as st
 
 from backend_worker.attention import PackedVarlen, PaddedSDPA, torch_varlen_kernel
 from backend_worker.engine import Engine
-from backend_worker.graphs import Bucket, choose_bucket, eager_capture, graph_buckets, pad_to_bucket
+from backend_worker.graphs import (
+    Bucket,
+    GraphedPooling,
+    choose_bucket,
+    eager_capture,
+    graph_buckets,
+    pad_to_bucket,
+)
 from shared.modelinfo import load_model_info
 from shared.protocol import BatchArrays
 from tests.fixtures.capture import opaque, strict_capture
@@ -46,6 +53,22 @@ def test_buckets_respect_the_budget_and_are_ordered_by_cost() -> None:
     assert choose_bucket(buckets, 129, 1) is None  # too big: eager
     assert choose_bucket(buckets, 100, 40) == Bucket(128, 64)
     assert choose_bucket(buckets, 120, 40) is None  # 24 fillers no longer fit in 128 tokens
+
+
+def test_buckets_are_ordered_by_cost_whatever_order_they_are_given_in() -> None:
+    assert graph_buckets(64, tokens=(64, 16), sequences=(8, 2)) == [
+        Bucket(16, 2), Bucket(16, 8), Bucket(64, 2), Bucket(64, 8)]
+    seen: list[int] = []
+
+    def forward(ids, positions, types, cu, max_len: int) -> torch.Tensor:
+        seen.append(max_len)
+        return torch.zeros(cu.shape[0] - 1, 4)
+
+    graphed = GraphedPooling(forward, [Bucket(16, 2), Bucket(64, 8), Bucket(32, 2)],
+                             torch.device("cpu"))
+    # Largest captured first (the later, smaller graphs reuse the pool it sized).
+    assert seen == [64, 32, 16]
+    assert graphed.bucket_for(batch([3])) == Bucket(16, 2)  # the cheapest that fits
 
 
 @settings(max_examples=200, deadline=None)
