@@ -2,11 +2,11 @@
 
 The stubs are generated from the .proto, never written by hand nor committed: tei_pb2.py,
 tei_pb2_grpc.py and tei_pb2.pyi are made next to tei.proto (git ignores them) by grpcio-tools'
-protoc when missing or when the .proto changed since (a sha256 stamp, not file times, which
-installers do not keep). So a checkout, the test suite and the server all build them on first
-import, and nothing can go stale. Why files rather than grpc's in-memory `protos_and_services`:
-that one finds the .proto through sys.path, which editable installs (an import hook) do not
-extend, and the files give editors and type checkers the .pyi.
+protoc when missing or when the .proto, protobuf or grpcio-tools changed since (a sha256 stamp,
+not file times, which installers do not keep). So a checkout, the test suite and the server
+all build them on first import, and nothing can go stale. Why files rather than grpc's
+in-memory `protos_and_services`: that one finds the .proto through sys.path, which editable
+installs (an import hook) do not extend, and the files give editors and type checkers the .pyi.
 
 `python -m router.grpc.protos` generates them ahead of time: run it when installing somewhere
 the package directory is read-only at run time (a container image), so the server only imports.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -41,8 +42,21 @@ STAMP = PACKAGE_DIR / "tei_pb2.sha256"
 GENERATION = b"include-root: package directory"
 
 
+def _generator_versions() -> bytes:
+    """The protobuf runtime and the grpcio-tools the stubs are (or would be) made with: stubs
+    from a newer generator than the runtime refuse to import ("gencode/runtime version"), so a
+    protobuf downgraded (or grpcio-tools changed) after generation makes them stale."""
+    versions = []
+    for name in ("protobuf", "grpcio-tools"):
+        try:
+            versions.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{name} absent")
+    return " ".join(versions).encode()
+
+
 def _proto_hash() -> str:
-    return hashlib.sha256(PROTO.read_bytes() + GENERATION).hexdigest()
+    return hashlib.sha256(PROTO.read_bytes() + GENERATION + _generator_versions()).hexdigest()
 
 
 def stubs_fresh() -> bool:

@@ -136,3 +136,21 @@ def test_messages_fields_and_numbers() -> None:
 def test_enums() -> None:
     assert {name: {v.name: v.number for v in enum.values}
             for name, enum in pb.DESCRIPTOR.enum_types_by_name.items()} == ENUMS
+
+
+def test_stubs_are_stale_once_protobuf_or_grpcio_tools_changes(monkeypatch) -> None:
+    # Stubs made by a newer grpcio-tools than the protobuf runtime refuse to import: a protobuf
+    # downgraded after generation must regenerate them, not fail at the next start.
+    import importlib.metadata
+
+    from router.grpc import protos
+
+    assert protos.stubs_fresh()
+    real = importlib.metadata.version
+    for changed in ("protobuf", "grpcio-tools"):
+        monkeypatch.setattr(importlib.metadata, "version",
+                            lambda name, changed=changed: "0.0.1" if name == changed
+                            else real(name))
+        assert not protos.stubs_fresh(), changed
+    monkeypatch.setattr(importlib.metadata, "version", real)
+    assert protos.stubs_fresh()
