@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 from pathlib import Path
 
 from opentelemetry.trace import Tracer
@@ -31,6 +30,7 @@ from router.query_route import QueryVectors
 from router.routes import AppState
 from router.schemas import ClassifierModelType, EmbeddingModelType, Info, ModelType
 from router.service import InferenceService
+from router.socket_dir import socket_dir
 from router.tokenization import TokenizerPool
 from router.tracing import Tracing
 from router.workers import WorkerPool
@@ -231,24 +231,6 @@ async def run(config: ServerConfig) -> None:
         if tracing is not None:
             tracing.shutdown()
         shutil.rmtree(runtime_dir, ignore_errors=True)
-
-
-def socket_dir(uds_path: str) -> str:
-    """A new directory for the router<->worker sockets beside --uds-path; where none can be made
-    there, in the system's temporary directory. (TEI reads --uds-path only for its Python
-    backend, so TEI deployments may pass any path.)"""
-    prefix = f"{Path(uds_path).name}-"
-    try:
-        return tempfile.mkdtemp(prefix=prefix, dir=str(Path(uds_path).parent))
-    except OSError as exc:
-        log.warning("--uds-path %s: cannot make the socket directory beside it (%s); using %s",
-                    uds_path, exc.strerror, tempfile.gettempdir())
-    try:
-        return tempfile.mkdtemp(prefix=prefix)
-    except OSError as exc:
-        raise ConfigError(f"no directory for the worker sockets can be made beside --uds-path "
-                          f"{uds_path} nor in {tempfile.gettempdir()} ({exc.strerror}): set "
-                          "--uds-path to a path in a writable directory") from None
 
 
 async def _serve(state: AppState, tracer: Tracer | None) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from router.cli import socket_dir
+from router.socket_dir import socket_dir
 from shared.errors import ConfigError
 
 
@@ -33,3 +33,28 @@ def test_no_writable_directory_at_all_is_a_clear_error(tmp_path: Path, monkeypat
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "none"))
     with pytest.raises(ConfigError, match="set --uds-path to a path in a writable directory"):
         socket_dir(str(tmp_path / "missing" / "tei-server"))
+
+
+def test_socket_directories_of_exited_routers_are_removed(tmp_path: Path) -> None:
+    # A SIGKILLed router cannot remove its socket directory: the next one started beside it
+    # removes those whose router is gone, and no other.
+    import os
+    import subprocess
+    import sys
+
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait()
+    stale = tmp_path / f"tei-server-{exited.pid}-abc123"
+    stale.mkdir()
+    (stale / "workers.sock").touch()
+    kept = [tmp_path / f"tei-server-{os.getppid()}-def456",  # a live router's
+            tmp_path / "tei-server-k2j3h4",  # named before the pid was part of the name
+            tmp_path / f"other-{exited.pid}-abc123"]  # not a socket directory of this path
+    for path in kept:
+        path.mkdir()
+    not_a_directory = tmp_path / f"tei-server-{exited.pid}-file"
+    not_a_directory.touch()
+    made = Path(socket_dir(str(tmp_path / "tei-server")))
+    assert made.name.startswith(f"tei-server-{os.getpid()}-")
+    assert not stale.exists()
+    assert all(path.is_dir() for path in kept) and not_a_directory.is_file()
