@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
@@ -107,6 +108,7 @@ def test_cores_are_split_between_cpu_workers(monkeypatch):
     (128, ["cuda:0"] * 8, 96),
     (2, ["cuda:0"], 1),
     (4, ["cuda:0", "cuda:1", "cuda:2", "cuda:3"], 1),
+    (16, ["cuda:0", "cpu"], 4),  # any CPU worker computes on every core: still a few
 ])
 def test_tokenizer_processes_follow_cores_and_devices(monkeypatch, cores, placed, expected):
     monkeypatch.setattr(devices.os, "sched_getaffinity", lambda pid: set(range(cores)))
@@ -120,3 +122,11 @@ def test_no_nvidia_driver_means_no_probe(monkeypatch):
     monkeypatch.setattr(devices.Path, "exists", lambda self: False)
     monkeypatch.setattr(devices.subprocess, "run", lambda *a, **k: pytest.fail("probed"))
     assert devices.cuda_device_count() == 0
+
+
+def test_the_probe_count_is_its_last_line(monkeypatch):
+    # torch may print (a driver warning) before the count: only the last line is the count.
+    monkeypatch.setattr(devices.Path, "is_dir", lambda self: True)
+    monkeypatch.setattr(devices.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
+        a, 0, stdout="CUDA initialization: a warning\n2\n", stderr=""))
+    assert devices.cuda_device_count() == 2
