@@ -143,6 +143,30 @@ def test_rope_scaling_wins_over_rope_parameters(tmp_path: Path) -> None:
     assert (ours - transformers_hidden(root, ids)).abs().max().item() <= HIDDEN_TOL
 
 
+def test_a_top_level_original_max_position_embeddings_wins_over_the_rope_dicts(
+    tmp_path: Path,
+) -> None:
+    """transformers lets config.json's own original_max_position_embeddings override the one
+    inside llama3's rope settings: the context the frequencies are scaled against."""
+    root = make_decoder_dir(tmp_path / "m", "llama", overrides={"rope_parameters": LLAMA3_ROPE})
+    inside, _ = engine_hidden(root)
+    set_config(root, original_max_position_embeddings=64)
+    ours, ids = engine_hidden(root)
+    assert (ours - inside).abs().max().item() > 1e-2  # 64, not the 16 inside, is used
+    assert (ours - transformers_hidden(root, ids)).abs().max().item() <= HIDDEN_TOL
+
+
+def test_a_top_level_rope_theta_in_the_older_config_format(tmp_path: Path) -> None:
+    """Hub configs older than transformers 5 give rope_theta beside no rope dict at all."""
+    theta = {"rope_type": "default", "rope_theta": 500.0}
+    root = make_decoder_dir(tmp_path / "m", "llama", overrides={"rope_parameters": theta})
+    ref, ids = engine_hidden(root)
+    set_config(root, rope_parameters=None, rope_scaling=None, rope_theta=500.0)
+    ours, _ = engine_hidden(root)
+    assert (ours - ref).abs().max().item() == 0.0
+    assert (ours - transformers_hidden(root, ids)).abs().max().item() <= HIDDEN_TOL
+
+
 def test_use_bidirectional_attention_means_is_causal_false(tmp_path: Path) -> None:
     """Qwen3 embedders that attend bidirectionally say use_bidirectional_attention (TEI reads
     it; transformers reads is_causal): both switches give transformers' bidirectional model."""
