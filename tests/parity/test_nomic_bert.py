@@ -358,5 +358,5 @@ def test_a_missing_tensor_is_named(tmp_path: Path) -> None:
     tensors = hub_tensors(config, seed=8)
     del tensors["encoder.layers.1.attn.out_proj.bias"]
     root = write_checkpoint(tmp_path / "m", config, tensors)
-    with pytest.raises(ConfigError, match=r"missing.*encoder\.layers\.1\.attn\.out_proj\.bias"):
+    with pytest.raises(ConfigError, match=r"missing \(.*encoder\.layers\.1\.attn\.out_proj\.bias"):
         Engine.load(load_model_info(root, pooling_override="mean"))
