@@ -121,3 +121,16 @@ def test_a_prompt_that_ends_with_a_special_token_without_a_trailing_one(tmp_path
     theirs = unnormalized.encode(TEXTS, prompt_name="q", convert_to_numpy=True)
     assert [e.pool_from for e in encoded] == [7] * len(TEXTS)  # <bos> query : (not <eos>)
     assert np.abs(ours - theirs).max() <= 1e-5
+
+
+@pytest.mark.parametrize("pool_from", [[5, 0], [0, 7], [-1, 0], [1]],
+                         ids=["all-prompt-first", "all-prompt-last", "negative", "one-short"])
+def test_a_start_outside_its_sequence_is_refused(tmp_path, pool_from):
+    """A prompt as long as its input would leave nothing to pool (a mean of no tokens)."""
+    engine = Engine.load(load_model_info(make_tiny_bert(tmp_path / "m", pooling="mean")))
+    arrays = BatchArrays(np.arange(5, 17, dtype=np.int32),
+                         np.concatenate([np.arange(5), np.arange(7)]).astype(np.int32),
+                         np.zeros(12, dtype=np.int32), np.array([0, 5, 12], dtype=np.int32))
+    engine.embed(arrays, [4, 6])  # the last token of each is still pooled
+    with pytest.raises(ValueError, match="pool_from needs one start per sequence, each inside"):
+        engine.embed(arrays, pool_from)

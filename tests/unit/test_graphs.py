@@ -176,6 +176,58 @@ def test_half_precision_graphs_replay_their_eager_forward(
     assert cosines.min() >= 0.999
 
 
+def test_a_batch_that_leaves_a_prompt_out_runs_eagerly_beside_the_graphs(tiny_dir: str) -> None:
+    """The graphs pool every token: a batch whose pooling leaves a prompt out must not replay
+    one, though a bucket fits it (its vectors would average the prompt in)."""
+    info = load_model_info(tiny_dir)
+    eager = Engine.load(info)
+    packed = Engine.load(info, attention=PackedVarlen(torch_varlen_kernel(cpu_varlen)))
+    assert packed.capture_graphs(256, eager_capture) and packed.graphs is not None
+    arrays, _ = pack(tiny_dir, list(MIXED_TEXTS[:3]))
+    assert packed.graphs.bucket_for(arrays) is not None
+    pool_from = [2, 0, 1]
+    ours = packed.embed(arrays, pool_from)
+    np.testing.assert_allclose(ours, eager.embed(arrays, pool_from), atol=1e-5)
+    assert not np.allclose(ours, packed.embed(arrays), atol=1e-3)  # the prompt counts
+
+
+def _out_of_range(name: str, value: int):
+    def edit(arrays: BatchArrays) -> BatchArrays:
+        values = getattr(arrays, name).copy()
+        values[1] = value
+        return arrays._replace(**{name: values})
+    return edit
+
+
+@pytest.mark.parametrize("graphed", [False, True], ids=["eager", "graphed"])
+@pytest.mark.parametrize(("edit", "message"), [
+    (_out_of_range("input_ids", 99999), r"input_ids out of range \[0, \d+\)"),
+    (_out_of_range("input_ids", -1), r"input_ids out of range \[0, \d+\)"),
+    (_out_of_range("position_ids", 128), r"position_ids out of range \[0, 128\)"),
+    (_out_of_range("token_type_ids", 2), r"token_type_ids out of range \[0, 2\)"),
+    (lambda a: a._replace(cu_seqlens=a.cu_seqlens - np.int32(1) * (np.arange(3) == 2)),
+     "cu_seqlens does not cover input_ids"),
+    (lambda a: a._replace(cu_seqlens=np.array([0, 5, 5, 12], dtype=np.int32)),
+     "every sequence >= 1 token"),
+    (lambda a: a._replace(cu_seqlens=np.array([1, 5, 12], dtype=np.int32)),
+     "every sequence >= 1 token"),
+], ids=["id-past-vocab", "id-negative", "position", "token-type", "uncovered", "empty", "offset"])
+def test_a_batch_breaking_the_routers_invariants_is_refused_by_name(
+    tiny_dir: str, graphed: bool, edit, message: str,
+) -> None:
+    """Checked on the host on either path: on CUDA an index out of range is a device assert
+    that kills the worker, not an error for one batch."""
+    packed = Engine.load(load_model_info(tiny_dir),
+                         attention=PackedVarlen(torch_varlen_kernel(cpu_varlen)))
+    if graphed:
+        assert packed.capture_graphs(64, eager_capture)
+    arrays = edit(batch([5, 7]))
+    if graphed:
+        assert packed.graphs is not None and packed.graphs.bucket_for(arrays) is not None
+    with pytest.raises(ValueError, match=message):
+        packed.embed(arrays)
+
+
 def test_the_padded_path_is_not_captured(tiny_dir: str) -> None:
     engine = Engine.load(load_model_info(tiny_dir), attention=PaddedSDPA())
     assert not engine.capture_graphs(64, eager_capture)
