@@ -56,6 +56,7 @@ def test_a_batch_that_fits_is_not_copied() -> None:
     (384, torch.float32, 4096), (384, torch.bfloat16, 8192),  # all-MiniLM-L6-v2
     (768, torch.float32, 2048), (768, torch.bfloat16, 4096),  # bge-base
     (32, torch.float32, 65536),
+    (8192, torch.float32, 512),  # the floor: smaller chunks lose to per-layer overhead
 ])
 def test_chunk_size_follows_the_activation_size(hidden: int, dtype: torch.dtype,
                                                 tokens: int) -> None:
@@ -73,7 +74,11 @@ def test_chunked_vectors_are_the_unchunked_ones(tmp_path) -> None:
     engine.chunk_tokens = None
     whole, whole_hidden = engine.embed(arrays), engine.hidden_states(arrays).numpy()
     engine.chunk_tokens = 100
-    assert len(split_by_tokens(arrays, 100)) > 10
+    chunks = len(split_by_tokens(arrays, 100))
+    assert chunks > 10
+    forwards: list[int] = []
+    engine.model.register_forward_hook(lambda module, args, out: forwards.append(1))
     np.testing.assert_allclose(engine.embed(arrays), whole, rtol=1e-5, atol=1e-6)
+    assert len(forwards) == chunks  # one forward per chunk, none of the whole batch
     np.testing.assert_allclose(engine.hidden_states(arrays).numpy(), whole_hidden,
                                rtol=1e-5, atol=1e-5)
