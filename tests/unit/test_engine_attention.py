@@ -294,6 +294,22 @@ def test_rotary_built_under_the_meta_device_has_values() -> None:
     assert rotary.tables(torch.tensor([3]), torch.float32).cos.isfinite().all()
 
 
+
+def test_a_varlen_kernel_without_a_scale_parameter_declines_a_scaled_mask() -> None:
+    """A torch whose varlen_attn takes no `scale` cannot express the family's scale: the
+    kernel says so (None: the padded path answers) instead of calling it with one."""
+    from backend_worker.attention import torch_varlen_kernel
+
+    def no_scale(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False):
+        return cpu_varlen(q, k, v, cu_q, cu_k, max_q, max_k)
+
+    kernel = torch_varlen_kernel(no_scale)
+    assert kernel is not None
+    q = k = v = torch.randn(5, 4, DIM)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    assert kernel(q, k, v, cu, 3, MaskSpec()) is not None
+    assert kernel(q, k, v, cu, 3, MaskSpec(scale=0.3)) is None
+
 def _refusing_kernel(q, k, v, cu_seqlens, max_len, mask):
     return None  # a kernel that expresses nothing: every layer takes the fallback
 
