@@ -39,6 +39,21 @@ def test_float32_on_cuda_attends_padded_and_half_precision_packed() -> None:
     assert not torch.cuda.is_initialized()
 
 
+def test_flash_attn_is_preferred_where_it_is_installed(monkeypatch) -> None:
+    # flash-attn runs ALiBi and softcap packed, which torch's varlen_attn does not.
+    import backend_worker.attention as attention
+
+    def flash(*args, **kwargs): ...
+
+    def torch_varlen(*args, **kwargs): ...
+
+    monkeypatch.setattr(attention, "flash_attn_kernel", lambda: flash)
+    monkeypatch.setattr(attention, "torch_varlen_kernel", lambda: torch_varlen)
+    assert attention_candidates("cuda", torch.float16)[0].kernel is flash
+    monkeypatch.setattr(attention, "flash_attn_kernel", lambda: None)  # not installed
+    assert attention_candidates("cuda", torch.float16)[0].kernel is torch_varlen
+
+
 def flash_on_an_old_gpu(*args, **kwargs):
     raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.\nException raised")
 
