@@ -54,13 +54,11 @@ def rope_type(settings: dict[str, Any]) -> str:
     return str(settings.get("rope_type", settings.get("type", "default")))
 
 
-def rotary(settings: dict[str, Any], head_dim: int, max_positions: int, where: str,
-           partial: bool = False) -> Rotary:
+def rotary(settings: dict[str, Any], head_dim: int, max_positions: int, where: str) -> Rotary:
     """The Rotary for one settings dict; `where` names the setting in error messages.
 
-    `partial`: whether the family rotates only the first partial_rotary_factor of each head
-    (transformers' Llama, Qwen, Mistral and Gemma code rotates every feature, and fails on a
-    shorter table, so for them a factor other than 1 is refused).
+    Every feature of each head is rotated: transformers' Llama, Qwen, Mistral and Gemma code
+    does so and fails on a shorter table, so a partial_rotary_factor other than 1 is refused.
     """
     kind = rope_type(settings)
     allowed = _KEYS.get(kind)
@@ -73,11 +71,10 @@ def rotary(settings: dict[str, Any], head_dim: int, max_positions: int, where: s
     try:
         base = float(settings["rope_theta"])
         fraction = float(settings.get("partial_rotary_factor", 1.0))
-        if fraction != 1.0 and not partial:
+        if fraction != 1.0:
             raise ConfigError(f"{where}: partial_rotary_factor {fraction} is not supported "
                               "for this model type")
-        rotary_dim = int(head_dim * fraction)
-        inv_freq = rope_inv_freq(rotary_dim, base)
+        inv_freq = rope_inv_freq(head_dim, base)
         if kind == "linear":
             inv_freq = inv_freq / float(settings["factor"])
         elif kind == "llama3":

@@ -62,11 +62,6 @@ class MaskSpec:
     softcap: float | None = None
 
     @property
-    def plain(self) -> bool:
-        return (not self.causal and self.window is None and self.bias is None
-                and self.content is None and self.softcap is None)
-
-    @property
     def positional(self) -> MaskSpec:
         """This spec without its content bias: what depends on positions alone."""
         return self if self.content is None else replace(self, content=None)
