@@ -42,7 +42,10 @@ def remove_stale(parent: Path, name: str) -> None:
     whose router has exited without removing it. Only a SIGKILL or a crash leaves one, but a
     host whose routers are killed now and then (a test suite, an OOM killer) would otherwise
     gather them for ever. A pid now reused by another process keeps its directory: harmless."""
-    pattern = re.compile(rf"{re.escape(name)}-(\d+)-[^/]+")
+    # The suffix exactly as mkdtemp makes it (8 of [a-z0-9_]), no more: with any suffix, the
+    # directory `x-5-PID-abcd1234` of a live router of --uds-path .../x-5 would read as one of
+    # .../x made by pid 5. (Should mkdtemp's names change, nothing matches: nothing removed.)
+    pattern = re.compile(rf"{re.escape(name)}-(\d+)-[a-z0-9_]{{8}}")
     for entry in parent.iterdir():
         found = pattern.fullmatch(entry.name)
         if (found and int(found[1]) != os.getpid() and not _alive(int(found[1]))

@@ -44,17 +44,33 @@ def test_socket_directories_of_exited_routers_are_removed(tmp_path: Path) -> Non
 
     exited = subprocess.Popen([sys.executable, "-c", "pass"])
     exited.wait()
-    stale = tmp_path / f"tei-server-{exited.pid}-abc123"
+    stale = tmp_path / f"tei-server-{exited.pid}-abc12345"
     stale.mkdir()
     (stale / "workers.sock").touch()
-    kept = [tmp_path / f"tei-server-{os.getppid()}-def456",  # a live router's
+    kept = [tmp_path / f"tei-server-{os.getppid()}-def45678",  # a live router's
             tmp_path / "tei-server-k2j3h4",  # named before the pid was part of the name
-            tmp_path / f"other-{exited.pid}-abc123"]  # not a socket directory of this path
+            tmp_path / f"other-{exited.pid}-abc12345"]  # not a socket directory of this path
     for path in kept:
         path.mkdir()
-    not_a_directory = tmp_path / f"tei-server-{exited.pid}-file"
+    not_a_directory = tmp_path / f"tei-server-{exited.pid}-file1234"
     not_a_directory.touch()
     made = Path(socket_dir(str(tmp_path / "tei-server")))
     assert made.name.startswith(f"tei-server-{os.getpid()}-")
     assert not stale.exists()
     assert all(path.is_dir() for path in kept) and not_a_directory.is_file()
+
+
+def test_a_live_router_of_a_longer_uds_path_keeps_its_socket_directory(tmp_path: Path) -> None:
+    # --uds-path .../tei-server-N makes `tei-server-N-PID-XXXXXXXX`: to a router of
+    # .../tei-server that name reads `tei-server-` + pid N + a suffix, and pid N may well have
+    # exited. The directory is a live router's all the same.
+    import os
+    import subprocess
+    import sys
+
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait()
+    other = Path(socket_dir(str(tmp_path / f"tei-server-{exited.pid}")))
+    assert other.name.startswith(f"tei-server-{exited.pid}-{os.getpid()}-")
+    socket_dir(str(tmp_path / "tei-server"))
+    assert other.is_dir()
