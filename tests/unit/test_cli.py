@@ -74,3 +74,66 @@ def test_a_live_router_of_a_longer_uds_path_keeps_its_socket_directory(tmp_path:
     assert other.name.startswith(f"tei-server-{exited.pid}-{os.getpid()}-")
     socket_dir(str(tmp_path / "tei-server"))
     assert other.is_dir()
+
+
+def test_a_socket_directory_still_locked_is_kept_whatever_its_pid(tmp_path: Path) -> None:
+    # A router in another pid namespace (another container sharing /tmp): its pid is dead
+    # here, or another process's, but the directory is in use and its lock says so.
+    import fcntl
+    import os
+    import subprocess
+    import sys
+
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait()
+    live = tmp_path / f"tei-server-{exited.pid}-abc12345"
+    live.mkdir()
+    fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # as its router holds it
+        socket_dir(str(tmp_path / "tei-server"))
+        assert live.is_dir()
+    finally:
+        os.close(fd)
+    socket_dir(str(tmp_path / "tei-server"))  # its router gone: removed
+    assert not live.exists()
+
+
+def test_a_socket_directory_is_locked_from_the_moment_others_can_see_it(tmp_path: Path) -> None:
+    import fcntl
+    import os
+
+    made = socket_dir(str(tmp_path / "tei-server"))
+    assert [path.name for path in tmp_path.iterdir()] == [Path(made).name]
+    fd = os.open(made, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
+
+
+def test_a_symlink_or_a_vanished_entry_is_left_alone(tmp_path: Path, monkeypatch) -> None:
+    import subprocess
+    import sys
+
+    from router import socket_dir as module
+
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait()
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    link = tmp_path / f"tei-server-{exited.pid}-abc12345"
+    link.symlink_to(target)
+    gone = tmp_path / f"tei-server-{exited.pid}-gone1234"
+    gone.mkdir()
+
+    def vanishing(pid: int) -> bool:  # another router removes it meanwhile
+        if gone.exists():
+            gone.rmdir()
+        return False
+
+    monkeypatch.setattr(module, "_alive", vanishing)
+    made = Path(socket_dir(str(tmp_path / "tei-server")))
+    assert made.parent == tmp_path  # not a fallback to the temporary directory
+    assert target.is_dir() and link.is_symlink()
