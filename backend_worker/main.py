@@ -274,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
             log.exception("cannot load the model")
         worker.send(protocol.Fatal(config.worker_id, f"{type(exc).__name__}: {exc}"))
         socket.close(linger=2000)
+        # Waits (up to the linger) until the Fatal is out: the process leaves by os._exit
+        # (__main__), which would drop a message zmq's I/O thread has not sent yet.
+        context.term()
         return 1
     worker.send(protocol.Ready(
         worker_id=config.worker_id,

@@ -89,3 +89,46 @@ def test_the_serve_loop_ends_once_the_device_is_lost(monkeypatch: pytest.MonkeyP
 
 def test_a_usable_device_has_no_fault() -> None:
     assert device_fault(torch.device("cpu")) is None
+
+
+# The worker process as the router starts it, its model load failing at once.
+_FAILING_WORKER = """
+import runpy, sys
+from backend_worker import main
+from shared.errors import ConfigError
+def load(self):
+    raise ConfigError("no weights here")
+main.Worker.load = load
+sys.argv = ["backend_worker", sys.argv[1]]
+runpy.run_module("backend_worker", run_name="__main__")
+"""
+
+
+def test_a_worker_that_cannot_load_delivers_its_fatal_before_leaving(tmp_path) -> None:
+    # The worker leaves by os._exit, which does not wait for zmq's I/O thread: its Fatal
+    # (why the model cannot be served, the router's only word of it) must be out before.
+    # The router binds only once the worker has failed, so a Fatal still queued is seen lost.
+    import subprocess
+    import sys
+
+    endpoint = f"ipc://{tmp_path}/workers.sock"
+    config = msgspec.structs.replace(CONFIG, endpoint=endpoint, parent_pid=os.getpid())
+    worker = subprocess.Popen(
+        [sys.executable, "-c", _FAILING_WORKER, msgspec.json.encode(config).decode()],
+        stderr=subprocess.PIPE, text=True)
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    try:
+        assert worker.stderr is not None
+        for line in worker.stderr:
+            if "cannot load the model" in line:
+                break
+        router.bind(endpoint)
+        assert router.poll(5000), "no Fatal came"
+        message, _ = protocol.decode(router.recv_multipart()[1:])
+        assert isinstance(message, protocol.Fatal) and "no weights here" in message.message
+        assert worker.wait(timeout=10) == 1
+    finally:
+        worker.kill()
+        router.close(linger=0)
+        context.term()
