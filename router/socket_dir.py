@@ -3,6 +3,7 @@ every way out; and those left by routers that could not remove theirs (SIGKILL, 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -48,7 +49,8 @@ def _made_and_held(prefix: str, parent: str) -> str:
     hidden = tempfile.mkdtemp(prefix=f".{prefix}", dir=parent)
     fd = os.open(hidden, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
+        with contextlib.suppress(OSError):  # a filesystem without locks: the pid alone then
+            fcntl.flock(fd, fcntl.LOCK_SH)  # tells (remove_stale), as it did before the lock
         path = os.path.join(os.path.dirname(hidden), os.path.basename(hidden)[1:])
         os.rename(hidden, path)
     except OSError:

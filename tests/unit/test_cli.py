@@ -137,3 +137,17 @@ def test_a_symlink_or_a_vanished_entry_is_left_alone(tmp_path: Path, monkeypatch
     made = Path(socket_dir(str(tmp_path / "tei-server")))
     assert made.parent == tmp_path  # not a fallback to the temporary directory
     assert target.is_dir() and link.is_symlink()
+
+
+def test_a_filesystem_without_locks_still_gets_its_socket_directory(
+        tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    from router import socket_dir as module
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(module.fcntl, "flock", no_locks)
+    made = Path(socket_dir(str(tmp_path / "tei-server")))
+    assert made.parent == tmp_path and made.is_dir()
