@@ -79,7 +79,7 @@ def remove_stale(parent: Path, name: str) -> None:
         return
     for entry in entries:
         found = pattern.fullmatch(entry.name)
-        if found and int(found[1]) != os.getpid() and not _alive(int(found[1])):
+        if found and not _alive(int(found[1])):  # (this process's own pid is alive)
             try:
                 _remove_if_unlocked(entry)
             except OSError:  # gone meanwhile (another router removed it), or not ours to see
