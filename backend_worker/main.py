@@ -158,13 +158,20 @@ class Worker:
                              (time.perf_counter() - started) * 1e3)
         return info, engine
 
-    def serve(self, engine) -> None:
+    def serve(self, engine, wakeup: int | None = None) -> None:
+        """Compute batches until stopped (drained), the router is gone or the device is lost.
+        `wakeup`, from `stop_on_signal`, ends a wait as the stop signal comes."""
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
+        if wakeup is not None:
+            poller.register(wakeup, zmq.POLLIN)
         last_sent = time.monotonic()
         heap = HeapTrimmer()
         while True:
-            if not poller.poll(0 if self.stopping else _POLL_MS):
+            ready = dict(poller.poll(0 if self.stopping else _POLL_MS))
+            if wakeup is not None and wakeup in ready:
+                os.read(wakeup, 64)  # a byte per signal: emptied, so the next wait can wait
+            if self.socket not in ready:
                 if self.stopping:
                     return  # drained: nothing left to compute
                 heap.idle()  # no batch for _POLL_MS: a good moment to give memory back
@@ -247,6 +254,23 @@ def _unpooled(compute: Callable[[protocol.BatchArrays], tuple]) -> Head:
     return lambda arrays, pool_from: compute(arrays)
 
 
+def stop_on_signal(worker: Worker) -> int:
+    """Make STOP_SIGNAL (the router's alone: SIGTERM is ignored) stop `worker` once it has
+    computed the batches it received. Returns a pipe's read end that the signal makes readable:
+    Python runs a handler only between bytecodes, and pyzmq resumes an interrupted poll, so
+    without it an idle worker heard the signal only at its poll's timeout (up to 200 ms)."""
+    def on_stop(signum: int, frame: object) -> None:
+        log.info("told to stop: finishing received batches, then exiting")
+        worker.stopping = True
+
+    read, write = os.pipe()
+    for end in (read, write):
+        os.set_blocking(end, False)  # set_wakeup_fd's condition; reads of an empty pipe return
+    signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    signal.signal(STOP_SIGNAL, on_stop)
+    return read
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     config = msgspec.json.decode(argv[0], type=WorkerConfig)
@@ -259,12 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     socket.setsockopt(zmq.LINGER, 2000)
     socket.connect(config.endpoint)
     worker = Worker(config, socket)
-
-    def on_stop(signum: int, frame: object) -> None:
-        log.info("told to stop: finishing received batches, then exiting")
-        worker.stopping = True
-
-    signal.signal(STOP_SIGNAL, on_stop)  # the router's alone (SIGTERM is ignored)
+    wakeup = stop_on_signal(worker)
     try:
         info, engine = worker.load()
     except Exception as exc:
@@ -292,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         warmup_ms=worker.warmup_ms,
     ))
     log.info("ready on %s (%s)", engine.device_name, engine.dtype_name)
-    worker.serve(engine)
+    worker.serve(engine, wakeup)
     socket.close(linger=2000)  # the failed batch's answer still goes out
     context.term()
     return 0 if worker.device_lost is None else 1

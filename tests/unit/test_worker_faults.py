@@ -1,5 +1,6 @@
 """A failed batch costs its own requests; one that broke the device also ends the worker, for
-the router to restart it (a poisoned CUDA context would fail every later batch too)."""
+the router to restart it (a poisoned CUDA context would fail every later batch too). The serve
+loop's other ends: a lost router and the stop signal."""
 
 from __future__ import annotations
 
@@ -130,5 +131,38 @@ def test_a_worker_that_cannot_load_delivers_its_fatal_before_leaving(tmp_path) -
         assert worker.wait(timeout=10) == 1
     finally:
         worker.kill()
+        router.close(linger=0)
+        context.term()
+
+
+def test_the_stop_signal_ends_an_idle_wait_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The router waits for its workers to stop (a rolling restart waits with it): an idle
+    worker hears the signal as it comes, not at its poll's timeout, here made 30 s."""
+    import signal
+    import time
+
+    from shared.process import STOP_SIGNAL
+
+    monkeypatch.setattr(worker_main, "_POLL_MS", 30_000)
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.bind("inproc://stop")
+    dealer = context.socket(zmq.DEALER)
+    dealer.connect("inproc://stop")
+    previous = signal.getsignal(STOP_SIGNAL)
+    previous_wakeup = signal.set_wakeup_fd(-1)
+    worker = Worker(msgspec.structs.replace(CONFIG, parent_pid=os.getppid()), dealer)
+    wakeup = worker_main.stop_on_signal(worker)
+    try:
+        threading.Timer(0.3, os.kill, (os.getpid(), STOP_SIGNAL)).start()
+        started = time.monotonic()
+        worker.serve(SimpleNamespace(device=torch.device("cpu")), wakeup)  # the main thread's
+        assert worker.stopping
+        assert time.monotonic() - started < 15, "the stop waited for the poll's timeout"
+    finally:
+        signal.signal(STOP_SIGNAL, previous)
+        os.close(signal.set_wakeup_fd(previous_wakeup))  # the pipe's write end
+        os.close(wakeup)
+        dealer.close(linger=0)
         router.close(linger=0)
         context.term()
