@@ -32,6 +32,7 @@ packed.py (varlen kernels, the CUDA path); this file chooses between them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -69,6 +70,8 @@ __all__ = [
     "length_groups", "query_blocks", "select_attention", "torch_varlen_kernel",
 ]
 
+log = logging.getLogger(__name__)
+
 
 # The varlen kernels (flash-attn's and torch's, which is FlashAttention inside) compute in these
 # dtypes only: a float32 model on CUDA attends through padded SDPA.
@@ -82,6 +85,11 @@ def _packed_cuda(dtype: torch.dtype) -> Attention | None:
         kernel = make()
         if kernel is not None:
             return PackedVarlen(kernel)
+    # torch 2.9 (our floor) has no varlen_attn: said, since it costs the packed path and with
+    # it the CUDA graphs of short requests.
+    log.warning("no packed attention kernel: torch %s has no torch.nn.attention.varlen "
+                "(torch >= 2.10) and flash-attn is not installed; attention runs padded, "
+                "without CUDA graphs", torch.__version__)
     return None
 
 

@@ -59,6 +59,25 @@ def test_flash_attn_is_preferred_where_it_is_installed(monkeypatch) -> None:
     assert attention_candidates("cuda", torch.float16)[0].kernel is torch_varlen
 
 
+def test_a_torch_without_varlen_and_no_flash_attn_is_said_at_start(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """torch 2.9, the floor, has no varlen_attn: a GPU worker then attends padded and captures
+    no graphs, and the log says why (a float32 one is padded by choice, and says nothing)."""
+    import backend_worker.attention as attention
+
+    monkeypatch.setattr(attention, "flash_attn_kernel", lambda: None)
+    monkeypatch.setattr(attention, "torch_varlen_kernel", lambda: None)
+    with caplog.at_level(logging.WARNING, logger="backend_worker.attention"):
+        assert kinds(attention_candidates("cuda", torch.float32)) == [PaddedSDPA]
+        assert not caplog.records
+        assert kinds(attention_candidates("cuda", torch.bfloat16)) == [PaddedSDPA]
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert "no torch.nn.attention.varlen (torch >= 2.10)" in record.getMessage()
+    assert "flash-attn is not installed" in record.getMessage()
+
+
 def flash_on_an_old_gpu(*args, **kwargs):
     raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.\nException raised")
 
