@@ -145,7 +145,8 @@ def _servicer(error: Exception | None):
         if error is not None:
             raise error
         return pb.EmbedResponse(embeddings=[1.0], metadata=pb.Metadata(
-            compute_tokens=3, total_time_ns=7_900_000))
+            compute_chars=11, compute_tokens=3, total_time_ns=7_900_000,
+            tokenization_time_ns=1_200_000, queue_time_ns=2_999_999, inference_time_ns=4_000_000))
 
     return SimpleNamespace(state=SimpleNamespace(compute_type="cpu"), stream_parallelism=2,
                            unary=unary(answer), streaming=streaming(answer))
@@ -179,9 +180,11 @@ def test_unary_replies_carry_the_compute_headers() -> None:
     servicer, context = _servicer(None), FakeContext()
     reply = run(servicer.unary(servicer, None, context))
     assert list(reply.embeddings) == [1.0]
-    headers = dict(context.headers)
-    assert headers["x-compute-tokens"] == "3" and headers["x-total-time"] == "7"
-    assert headers["x-compute-type"] == "cpu"
+    # As TEI sends them: whole milliseconds, x-compute-time the total time.
+    assert dict(context.headers) == {
+        "x-compute-type": "cpu", "x-compute-time": "7", "x-total-time": "7",
+        "x-compute-characters": "11", "x-compute-tokens": "3", "x-tokenization-time": "1",
+        "x-queue-time": "2", "x-inference-time": "4"}
 
 
 def test_a_stream_failure_becomes_the_status_after_the_earlier_replies() -> None:
