@@ -154,3 +154,64 @@ def test_stubs_are_stale_once_protobuf_or_grpcio_tools_changes(monkeypatch) -> N
         assert not protos.stubs_fresh(), changed
     monkeypatch.setattr(importlib.metadata, "version", real)
     assert protos.stubs_fresh()
+
+
+def test_stubs_are_stale_once_a_generated_file_is_missing(monkeypatch) -> None:
+    from router.grpc import protos
+
+    monkeypatch.setattr(protos, "GENERATED", (*protos.GENERATED, "tei_pb2_missing.py"))
+    assert not protos.stubs_fresh()
+
+
+def test_fresh_stubs_are_imported_as_they_are(monkeypatch) -> None:
+    # Not regenerated at each start: the package directory may be read-only there.
+    from router.grpc import protos
+
+    def generate() -> None:
+        raise AssertionError("fresh stubs regenerated")
+
+    monkeypatch.setattr(protos, "generate", generate)
+    protos.ensure_stubs()
+
+
+def test_a_read_only_package_directory_says_how_to_generate_the_stubs(monkeypatch) -> None:
+    import pytest
+
+    from router.grpc import protos
+
+    def generate() -> None:
+        raise PermissionError("denied")
+
+    monkeypatch.setattr(protos, "stubs_fresh", lambda: False)
+    monkeypatch.setattr(protos, "generate", generate)
+    with pytest.raises(ImportError) as info:
+        protos.ensure_stubs()
+    assert str(info.value).endswith(" (denied): run `python -m router.grpc.protos` once as the "
+                                    "user that installed embedserve")
+
+
+def test_generate_makes_the_stubs_and_their_stamp_last(monkeypatch, tmp_path) -> None:
+    import shutil
+
+    import pytest
+
+    from router.grpc import protos
+
+    shutil.copy(protos.PROTO, tmp_path / "tei.proto")
+    monkeypatch.setattr(protos, "PACKAGE_DIR", tmp_path)
+    monkeypatch.setattr(protos, "PROTO", tmp_path / "tei.proto")
+    monkeypatch.setattr(protos, "STAMP", tmp_path / "tei_pb2.sha256")
+    assert not protos.stubs_fresh()
+    protos.generate()
+    assert protos.stubs_fresh()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["tei.proto", "tei_pb2.sha256", *protos.GENERATED])  # no scratch directory left
+    lines = (tmp_path / "tei_pb2_grpc.py").read_text().splitlines()
+    assert protos.PACKAGE_IMPORT in lines and protos.FLAT_IMPORT not in lines
+    # A .proto protoc refuses: its words, and no stamp vouching for stale files.
+    (tmp_path / "tei.proto").write_text('syntax = "proto3";\nmessage {\n')
+    with pytest.raises(RuntimeError) as info:
+        protos.generate()
+    assert str(info.value).startswith(f"protoc failed on {tmp_path / 'tei.proto'}:\n")
+    assert "tei.proto:" in str(info.value).split("\n", 1)[1]
+    assert not protos.stubs_fresh()
