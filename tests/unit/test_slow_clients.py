@@ -201,3 +201,23 @@ def test_drops_are_warned_at_most_once_an_interval_and_none_goes_untold(
     # (call_later may fire up to the loop's clock resolution early)
     assert second.created - first.created >= http.DROP_REPORT_S - 0.01
     assert timeout._pending is None  # nothing more to tell after the burst
+
+
+@pytest.mark.parametrize(("size", "more", "flags"), [
+    (2 * http.SEND_PIECE, False, [True, False]), (2 * http.SEND_PIECE + 1, False,
+                                                  [True, True, False]),
+    (2 * http.SEND_PIECE, True, [True, True])])
+def test_only_the_last_piece_of_an_answers_end_ends_it(
+        size: int, more: bool, flags: list[bool]) -> None:
+    sent: list[dict] = []
+
+    async def recorded(message) -> None:
+        sent.append(message)
+
+    async def app(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"x" * size, "more_body": more})
+
+    asyncio.run(http.SendTimeout(app)({"type": "http"}, None, recorded))  # type: ignore[arg-type]
+    assert [m.get("more_body", False) for m in sent[1:]] == flags
+
