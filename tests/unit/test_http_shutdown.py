@@ -92,3 +92,43 @@ def test_an_unread_answer_and_a_request_past_the_grace_stop_within_one_grace(
     assert "closing them" in caplog.text  # closed by force, with the warning
     # The drain's grace, and CLOSE_MIN_S, not a second grace (slack for a loaded machine).
     assert grace <= elapsed < grace + 1.0, elapsed
+
+
+def serving_state(start) -> SimpleNamespace:
+    config = cli.parse_config(["--hostname", "127.0.0.1", "--port", str(_free_port()),
+                               "--shutdown-grace", "1"])
+
+    async def nothing(*args: object) -> None:
+        pass
+
+    service = SimpleNamespace(admission=Admission(1), start=start, stop=nothing)
+    return SimpleNamespace(config=config, service=service)
+
+
+def test_a_failed_start_closes_the_port_and_is_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "build_app", lambda state, tracer: big_answer)
+
+    async def failing(timeout: float) -> None:
+        raise cli.ConfigError("the model cannot be served")
+
+    with pytest.raises(cli.ConfigError) as failed:
+        asyncio.run(asyncio.wait_for(cli._serve(serving_state(failing), None), 30))
+    assert str(failed.value) == "the model cannot be served"
+
+
+def test_a_closed_terminal_stops_the_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    # SIGHUP, whose default action would end the process without the drain.
+    monkeypatch.setattr(cli, "build_app", lambda state, tracer: big_answer)
+    started = asyncio.Event()
+
+    async def start(timeout: float) -> None:
+        started.set()
+
+    async def main() -> None:
+        serving = asyncio.ensure_future(cli._serve(serving_state(start), None))
+        await started.wait()
+        await asyncio.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGHUP)
+        await serving
+
+    asyncio.run(asyncio.wait_for(main(), 30))
