@@ -151,3 +151,198 @@ def test_a_filesystem_without_locks_still_gets_its_socket_directory(
     monkeypatch.setattr(module.fcntl, "flock", no_locks)
     made = Path(socket_dir(str(tmp_path / "tei-server")))
     assert made.parent == tmp_path and made.is_dir()
+
+
+def exited_pid() -> int:
+    import subprocess
+    import sys
+
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait()
+    return exited.pid
+
+
+def test_the_fallback_removes_the_stale_directories_of_the_temporary_directory(
+        tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    stale = tmp_path / "tmp" / f"tei-server-{exited_pid()}-abc12345"
+    stale.mkdir()
+    made = Path(socket_dir(str(tmp_path / "missing" / "tei-server")))
+    assert made.parent == tmp_path / "tmp" and not stale.exists()
+
+
+def test_another_users_or_a_live_pids_directory_is_kept(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    stale = tmp_path / f"tei-server-{exited_pid()}-abc12345"
+    stale.mkdir()
+    real_uid = os.getuid()
+    monkeypatch.setattr(os, "getuid", lambda: real_uid + 1)  # the directory is another user's
+    socket_dir(str(tmp_path / "tei-server"))
+    assert stale.is_dir()
+    monkeypatch.setattr(os, "getuid", lambda: real_uid)
+
+    def another_users(pid: int, signal: int) -> None:
+        raise PermissionError  # a live process of another user
+
+    monkeypatch.setattr(os, "kill", another_users)
+    socket_dir(str(tmp_path / "tei-server"))
+    assert stale.is_dir()
+
+
+def test_an_unlistable_directory_is_left_alone(tmp_path: Path, monkeypatch) -> None:
+    def unlistable(self: Path):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "iterdir", unlistable)
+    made = Path(socket_dir(str(tmp_path / "tei-server")))
+    assert made.parent == tmp_path  # not a fallback to the temporary directory
+
+
+def test_a_directory_that_cannot_be_named_leaves_nothing_behind(
+        tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+
+    def refused(source: str, destination: str) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "rename", refused)
+    with pytest.raises(ConfigError):
+        socket_dir(str(tmp_path / "tei-server"))
+    assert [p.name for p in tmp_path.iterdir()] == ["tmp"]
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_only_mkdtemps_eight_character_suffix_marks_a_socket_directory(tmp_path: Path) -> None:
+    pid = exited_pid()
+    others = [tmp_path / f"tei-server-{pid}-abc123456", tmp_path / f"tei-server-{pid}-abc1234"]
+    for path in others:
+        path.mkdir()
+    socket_dir(str(tmp_path / "tei-server"))
+    assert all(path.is_dir() for path in others)
+
+
+def model_info(**fields):
+    from shared.modelinfo import ModelInfo
+
+    facts = {"model_dir": "/m", "config": {}, "model_type": "bert", "architectures": [],
+             "hidden_size": 8, "vocab_size": 100, "max_input_length": 512, "position_offset": 0,
+             "pooling": "last-token", "dense": [], "has_normalize": False,
+             "prompts": {"query": "query: ", "doc": "doc: "}, "default_prompt_name": "doc"}
+    return ModelInfo(**{**facts, **fields})
+
+
+def test_the_models_limit_is_kept_up_to_the_batch_budget() -> None:
+    from router.cli import max_input_length
+    from shared.config import ServerConfig
+
+    info = model_info(max_input_length=512)
+    assert max_input_length(info, ServerConfig(max_batch_tokens=512, auto_truncate=False)) == 512
+    assert max_input_length(info, ServerConfig(max_batch_tokens=511, auto_truncate=True)) == 511
+    with pytest.raises(ConfigError) as refused:
+        max_input_length(info, ServerConfig(max_batch_tokens=511, auto_truncate=False))
+    assert str(refused.value).startswith(
+        "The maximum input length is `512` which exceeds `--max-batch-tokens=511`.")
+
+
+def test_the_default_prompt_a_flag_names_wins_over_the_models() -> None:
+    from router.cli import default_prompt
+    from shared.config import ServerConfig
+
+    info = model_info()
+    assert default_prompt(info, ServerConfig()) == "doc: "
+    assert default_prompt(info, ServerConfig(default_prompt_name="query")) == "query: "
+    assert default_prompt(info, ServerConfig(default_prompt="hi: ")) == "hi: "
+    assert default_prompt(model_info(default_prompt_name=None), ServerConfig()) is None
+    with pytest.raises(ConfigError) as refused:
+        default_prompt(info, ServerConfig(default_prompt_name="passage"))
+    assert str(refused.value).startswith("`default-prompt-name` is set to `passage` but it was "
+                                         "not found in the Sentence Transformers prompts.")
+
+
+def test_info_names_the_model_its_kind_and_its_sha(monkeypatch) -> None:
+    from router.cli import build_info
+    from router.inputs import InputRules
+    from shared.config import ServerConfig
+    from shared.resolve import ResolvedModel
+
+    rules = InputRules(max_input_length=512, max_client_batch_size=32, vocab_size=100,
+                       prompts={}, default_prompt=None)
+    model = ResolvedModel("org/m", Path("/m"), None)
+    monkeypatch.setenv("EMBEDSERVE_GIT_SHA", "")
+    info = build_info(ServerConfig(revision="v2"), model, model_info(), "float32", rules, 1)
+    assert (info.model_id, info.served_model_name, info.model_sha, info.sha) == (
+        "org/m", "org/m", "v2", None)
+    assert info.model_type.embedding is not None
+    assert info.model_type.embedding.pooling == "last_token"  # TEI's name
+    assert info.embedding_dimension == 8
+    named = build_info(ServerConfig(served_model_name="mine"),
+                       ResolvedModel("org/m", Path("/m"), "abc"), model_info(), "float32",
+                       rules, 1)
+    assert (named.served_model_name, named.model_sha) == ("mine", "abc")
+    labels = {"0": "no", "1": "yes"}
+    for kind in ("classifier", "reranker"):
+        info = build_info(ServerConfig(), model, model_info(kind=kind, id2label=labels),
+                          "float32", rules, 1)
+        assert info.embedding_dimension is None
+        assert getattr(info.model_type, kind).label2id == {"no": 0, "yes": 1}
+
+
+def test_main_exits_2_on_a_bad_configuration_and_130_on_an_interrupt(
+        monkeypatch, capsys) -> None:
+    import uvloop
+
+    from router import cli
+
+    assert cli.main(["--max-batch-tokens", "0"]) == 2
+    assert capsys.readouterr().err.endswith("error: --max-batch-tokens must be > 0\n")
+
+    def interrupted(coroutine) -> None:
+        coroutine.close()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "setup_logging", lambda *args, **kwargs: None)
+    monkeypatch.setattr(cli, "raise_open_files_limit", lambda: None)
+    monkeypatch.setattr(uvloop, "run", interrupted)
+    assert cli.main(["--port", "0"]) == 130
+
+
+def test_main_exits_1_when_a_supervised_task_failed(monkeypatch) -> None:
+    import uvloop
+
+    from router import cli, tasks
+
+    monkeypatch.setattr(cli, "setup_logging", lambda *args, **kwargs: None)
+    monkeypatch.setattr(cli, "raise_open_files_limit", lambda: None)
+    monkeypatch.setattr(uvloop, "run", lambda coroutine: coroutine.close())
+    assert cli.main(["--port", "0"]) == 0
+    monkeypatch.setattr(tasks, "failures", ["the batcher"])
+    assert cli.main(["--port", "0"]) == 1
+
+
+def test_embedserve_grpc_is_embedserve_with_grpc(monkeypatch) -> None:
+    import sys
+
+    from router import cli
+
+    monkeypatch.setattr(sys, "argv", ["embedserve-grpc", "--port", "50051"])
+    monkeypatch.setattr(cli, "main", lambda argv: argv)
+    assert cli.grpc_main() == ["--grpc", "--port", "50051"]
+
+
+def test_grpc_needs_its_extra_only_when_asked_for(monkeypatch) -> None:
+    import sys
+
+    from router import cli
+    from shared.config import ServerConfig
+
+    monkeypatch.setitem(sys.modules, "router.grpc.server", None)  # import fails
+    cli._check_grpc_installed(ServerConfig())
+    with pytest.raises(ConfigError) as refused:
+        cli._check_grpc_installed(ServerConfig(grpc=True))
+    assert str(refused.value).startswith("--grpc needs the grpc extra")
+
