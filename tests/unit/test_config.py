@@ -28,6 +28,10 @@ def test_defaults_are_teis() -> None:
     assert config.otlp_service_name == "text-embeddings-inference.server"
     assert config.model_id is None
     assert config.cors_allow_origin is None
+    # Ours.
+    assert (config.worker_timeout, config.tokenizer_timeout, config.worker_ready_timeout,
+            config.shutdown_grace) == (30.0, 30.0, 300.0, 30.0)
+    assert (config.device, config.workers_per_device, config.cuda_graphs) == ("auto", 1, True)
 
 
 def test_parse_config_reads_os_environ_when_none_given(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -230,7 +234,7 @@ def test_observability_flags_are_accepted() -> None:
         == 9100
 
 
-@pytest.mark.parametrize("port", ["0", "70000", "-1"])
+@pytest.mark.parametrize("port", ["0", "65536", "70000", "-1"])
 def test_prometheus_port_out_of_range_is_refused(port: str) -> None:
     with pytest.raises(ConfigError, match="--prometheus-port"):
         parse_config(["--prometheus-port", port], {})
@@ -326,3 +330,4 @@ def test_abbreviated_flags_are_refused(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as done:
         parse(*argv)
     assert done.value.code == 2
+
