@@ -46,8 +46,10 @@ DROP_REPORT_S = 60.0
 
 async def read_json(request: Request, schema: type[T], limit: int) -> T:
     """Decode a JSON body into `schema`, refusing it past `limit` bytes without buffering it."""
+    # TEI's rule (axum's Json): application/json, or a JSON-suffixed type (application/x+json).
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type != "application/json":
+    if content_type != "application/json" and not (
+            content_type.startswith("application/") and content_type.endswith("+json")):
         raise EmbedServeError(ErrorType.UNSUPPORTED_MEDIA_TYPE,
                               "Expected request with `Content-Type: application/json`")
     refuse_content_coding(request.headers.get("content-encoding"))

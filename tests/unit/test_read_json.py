@@ -75,12 +75,15 @@ def refusal(body: bytes, limit: int = 1000, **headers: str) -> EmbedServeError:
 
 
 @pytest.mark.parametrize("content_type", ["application/json; charset=utf-8",
-                                          "Application/JSON", " application/json ;charset=UTF-8"])
+                                          "Application/JSON", " application/json ;charset=UTF-8",
+                                          "application/vnd.api+json", "application/merge+JSON"])
 def test_a_json_content_type_is_read_with_parameters_and_in_any_case(content_type: str) -> None:
+    # As TEI's axum reads them: JSON-suffixed types (RFC 6839) too.
     assert read(b'{"inputs": "hello"}', content_type=content_type).inputs == "hello"
 
 
-@pytest.mark.parametrize("content_type", ["text/plain", "application/jsonl", "charset=utf-8"])
+@pytest.mark.parametrize("content_type", ["text/plain", "application/jsonl", "charset=utf-8",
+                                          "text/vnd.x+json", "application/json+xml"])
 def test_another_content_type_is_a_415(content_type: str) -> None:
     refused = refusal(b'{"inputs": "hello"}', content_type=content_type)
     assert refused.error_type is ErrorType.UNSUPPORTED_MEDIA_TYPE
