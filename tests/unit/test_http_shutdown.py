@@ -131,4 +131,10 @@ def test_a_closed_terminal_stops_the_server(monkeypatch: pytest.MonkeyPatch) -> 
         os.kill(os.getpid(), signal.SIGHUP)
         await serving
 
-    asyncio.run(asyncio.wait_for(main(), 30))
+    # Were SIGHUP not the server's, this no-op would take it: the test times out, and the
+    # signal's default action does not end pytest itself.
+    unhandled = signal.signal(signal.SIGHUP, lambda signum, frame: None)
+    try:
+        asyncio.run(asyncio.wait_for(main(), 30))
+    finally:
+        signal.signal(signal.SIGHUP, unhandled)
