@@ -138,17 +138,9 @@ def excludes_prompt(info: ModelInfo, model_id: str) -> bool:
     return not info.include_prompt or model_id in INSTRUCTOR_MODELS
 
 
-async def run(config: ServerConfig) -> None:
-    _check_grpc_installed(config)
-    model = resolve_model(config)
-    info = load_model_info(model.path, config.pooling, config.dense_path)
-    if info.pooling is None and info.kind == "embedding":  # a classifier's head pools itself
-        raise ConfigError(
-            "The `--pooling` arg is not set and we could not find a pooling configuration "
-            "(`1_Pooling/config.json`) for this model."
-        )
+def input_rules(config: ServerConfig, model: ResolvedModel, info: ModelInfo) -> InputRules:
     limit = max_input_length(info, config)
-    rules = InputRules(
+    return InputRules(
         max_input_length=limit,
         max_client_batch_size=config.max_client_batch_size,
         vocab_size=info.vocab_size,
@@ -159,14 +151,14 @@ async def run(config: ServerConfig) -> None:
         exclude_prompt=excludes_prompt(info, model.model_id),
         scored_before=scored_before(info.config, info.kind) if info.logit_score is None else None,
     )
-    log.info("serving %s from %s: max input length %d, pooling %s", model.model_id, model.path,
-             rules.max_input_length, info.pooling)
-    devices = worker_devices(config)
-    cpu_workers = sum(d == "cpu" for d in devices)
-    tokenizers = tokenizer_processes(config, devices)
-    # Made once nothing above can refuse the configuration; removed on every way out below.
-    runtime_dir = socket_dir(config.uds_path)
-    worker_configs = [
+
+
+def worker_settings(config: ServerConfig, model: ResolvedModel, devices: list[str],
+                    runtime_dir: str) -> list[WorkerConfig]:
+    """One worker per device entry, all on the socket in `runtime_dir`; CPU workers split the
+    cores between them unless --worker-threads says how many each takes."""
+    cpu_workers = sum(device == "cpu" for device in devices)
+    return [
         WorkerConfig(
             worker_id=str(index),
             endpoint=f"ipc://{runtime_dir}/workers.sock",
@@ -184,6 +176,25 @@ async def run(config: ServerConfig) -> None:
         )
         for index, device in enumerate(devices)
     ]
+
+
+async def run(config: ServerConfig) -> None:
+    _check_grpc_installed(config)
+    model = resolve_model(config)
+    info = load_model_info(model.path, config.pooling, config.dense_path)
+    if info.pooling is None and info.kind == "embedding":  # a classifier's head pools itself
+        raise ConfigError(
+            "The `--pooling` arg is not set and we could not find a pooling configuration "
+            "(`1_Pooling/config.json`) for this model."
+        )
+    rules = input_rules(config, model, info)
+    log.info("serving %s from %s: max input length %d, pooling %s", model.model_id, model.path,
+             rules.max_input_length, info.pooling)
+    devices = worker_devices(config)
+    tokenizers = tokenizer_processes(config, devices)
+    # Made once nothing above can refuse the configuration; removed on every way out below.
+    runtime_dir = socket_dir(config.uds_path)
+    worker_configs = worker_settings(config, model, devices, runtime_dir)
     log.info("workers: %s", ", ".join(f"{c.worker_id}={c.device}" for c in worker_configs))
     metrics = Metrics(rules.max_input_length)
     tracing = (Tracing(config.otlp_endpoint, config.otlp_service_name, package_version())

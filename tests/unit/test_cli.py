@@ -249,6 +249,38 @@ def test_the_models_limit_is_kept_up_to_the_batch_budget() -> None:
         "The maximum input length is `512` which exceeds `--max-batch-tokens=511`.")
 
 
+def test_the_files_truncation_side_holds_only_where_its_limit_is_the_limit() -> None:
+    # A limit cut to the batch budget is the server's, not the tokenizer file's: the request's
+    # side then decides.
+    from router.cli import input_rules
+    from shared.config import ServerConfig
+    from shared.resolve import ResolvedModel
+
+    model = ResolvedModel("m", Path("/m"), None)
+    info = model_info(max_input_length=512, truncation_side="left")
+    assert input_rules(ServerConfig(max_batch_tokens=512), model, info).truncation_side == "left"
+    cut = input_rules(ServerConfig(max_batch_tokens=256, auto_truncate=True), model, info)
+    assert (cut.max_input_length, cut.truncation_side) == (256, None)
+
+
+def test_cpu_workers_take_the_threads_asked_for_or_share_the_cores(monkeypatch) -> None:
+    from router import cli
+    from shared.config import ServerConfig
+    from shared.resolve import ResolvedModel
+
+    monkeypatch.setattr(cli, "cpu_threads_per_worker", lambda workers: 12 // workers)
+    model = ResolvedModel("m", Path("/models/m"), None)
+    devices = ["cpu", "cpu", "cuda:0"]
+    shared = cli.worker_settings(ServerConfig(), model, devices, "/run/x")
+    assert [w.threads for w in shared] == [6, 6, None]  # a GPU worker's threads are torch's
+    assert [(w.worker_id, w.device) for w in shared] == [("0", "cpu"), ("1", "cpu"),
+                                                         ("2", "cuda:0")]
+    assert {w.endpoint for w in shared} == {"ipc:///run/x/workers.sock"}
+    assert {w.model_dir for w in shared} == {"/models/m"}
+    asked = cli.worker_settings(ServerConfig(worker_threads=3), model, devices, "/run/x")
+    assert [w.threads for w in asked] == [3, 3, None]
+
+
 def test_the_default_prompt_a_flag_names_wins_over_the_models() -> None:
     from router.cli import default_prompt
     from shared.config import ServerConfig
