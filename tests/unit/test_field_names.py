@@ -66,4 +66,6 @@ def test_cohere_rerank_names_the_query_and_the_document() -> None:
 
     assert cohere_rerank_names(Field("texts")) == "`documents`"
     assert cohere_rerank_names(Field("inputs", 3)) == "`query` and `documents[3]`"
+    # (the inputs as a whole: the documents, as `texts` are)
+    assert cohere_rerank_names(Field("inputs")) == "`documents`"
     assert cohere_rerank_names(Field("prompt_name")) == "`prompt_name`"

@@ -34,3 +34,13 @@ def test_jinas_two_spellings_of_the_format_may_both_be_sent_when_they_agree() ->
     with pytest.raises(EmbedServeError, match="disagree"):
         written_as(OpenAIEmbedRequest(input="a", encoding_type="ubinary",
                                       embedding_type="binary"))
+
+
+def test_an_unsupported_format_is_named_as_sent() -> None:
+    with pytest.raises(EmbedServeError) as refused:
+        written_as(OpenAIEmbedRequest(input="a", encoding_type="int8", embedding_type="int8"))
+    assert refused.value.message == ("`embedding_type` 'int8' is not supported: choose among "
+                                     "float, base64, binary, ubinary")
+    with pytest.raises(EmbedServeError) as refused:
+        written_as(OpenAIEmbedRequest(input="a", encoding_type="int8"))
+    assert refused.value.message.startswith("`encoding_type` 'int8' is not supported")
