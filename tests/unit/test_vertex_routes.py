@@ -28,6 +28,15 @@ def test_the_platforms_paths_answer_as_vertex_and_health() -> None:
     assert len(routes(aip_predict_route="/vertex", aip_health_route="/ping")) == len(routes())
 
 
+@pytest.mark.parametrize("health", ["/health", "/ping", "/"])
+def test_a_health_route_the_api_has_adds_no_second_route(health: str) -> None:
+    # (a second GET /ping would describe it in /openapi.json as Vertex's route, not TEI's)
+    unserved = cast(Any, _Unserved())
+    built = endpoints(AppState(ServerConfig(aip_health_route=health), unserved, unserved,
+                               unserved))
+    assert len(built) == len(routes())
+
+
 @pytest.mark.parametrize(("setting", "path"), [
     ("aip_predict_route", "/embed"), ("aip_predict_route", "/"),
     ("aip_predict_route", "/docs"), ("aip_health_route", "/info"),
