@@ -181,6 +181,36 @@ def test_a_ready_from_the_process_before_a_restart_is_ignored(tmp_path, no_shutd
 
     asyncio.run(scenario())
 
+
+def test_a_drain_reads_on_past_a_strangers_message_and_an_undecodable_one(tmp_path) -> None:
+    async def scenario() -> None:
+        pool = _pool(tmp_path)  # (no reader on its FD: one drain, called below)
+        worker = pool.workers[0]
+        dealers = []
+        for identity in (b"9", b"0"):
+            dealer = pool._context.socket(zmq.DEALER)
+            dealer.setsockopt(zmq.IDENTITY, identity)
+            dealer.setsockopt(zmq.LINGER, 0)
+            dealer.connect(worker.config.endpoint)
+            dealers.append(dealer)
+        stranger, own = dealers
+        try:
+            stranger.send_multipart(protocol.encode(protocol.Heartbeat()))
+            await asyncio.sleep(0.3)  # first in line
+            own.send_multipart([b"\xc1 not msgpack"])
+            own.send_multipart(protocol.encode(protocol.Heartbeat()))
+            await asyncio.sleep(0.3)
+            pool._drain()
+            assert worker.last_seen > 0  # the heartbeat behind both was read
+        finally:
+            for dealer in dealers:
+                dealer.close()
+            pool._stopping = True
+            pool.close_now()
+
+    asyncio.run(scenario())
+
+
 # The worker socket's messages are handled outside any request's context: a reply that
 # `submit` finds waiting is drained on a later loop turn, and what that drain logs (a worker
 # ready, killed, garbled) belongs to no request, whichever request's batch was sent.
