@@ -12,6 +12,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.metrics import (
+    BATCH_SIZE_BUCKETS,
+    BATCH_TOKENS_BUCKETS,
     DURATION_BUCKETS,
     FAILURE_LABELS,
     Metrics,
@@ -97,6 +99,15 @@ def test_buckets_suit_milliseconds_and_the_model_limit() -> None:
     assert all(b > a for a, b in itertools.pairwise(DURATION_BUCKETS))
     assert input_length_buckets(512) == (*(2.0**k for k in range(9)), 512.0)
     assert input_length_buckets(300)[-2:] == (256.0, 300.0)
+    assert input_length_buckets(10**6)[-3:] == (262144.0, 524288.0, 1e6)  # 2**19, TEI's last
+
+
+def test_batch_buckets_are_teis_powers_of_two() -> None:
+    # TEI: exponential_buckets(1, 2, 13) for a batch's size, (1, 2, 21) for its tokens.
+    assert (len(BATCH_SIZE_BUCKETS), BATCH_SIZE_BUCKETS[0], BATCH_SIZE_BUCKETS[-1]) == (
+        13, 1.0, 4096.0)
+    assert (len(BATCH_TOKENS_BUCKETS), BATCH_TOKENS_BUCKETS[0], BATCH_TOKENS_BUCKETS[-1]) == (
+        21, 1.0, 1048576.0)
 
 
 def test_an_answered_request_records_per_request_and_per_input_timings() -> None:
@@ -145,6 +156,13 @@ def test_failures_are_counted_under_tei_labels() -> None:
     assert values['te_request_failure{err="overloaded"}'] == 1
     assert values['te_request_failure{err="tokenization"}'] == 1
     assert values['te_request_failure{err="inference"}'] == 0
+    metrics.failed_with(ErrorType.BACKEND)
+    metrics.failed_with(ErrorType.UNHEALTHY)
+    metrics.failed_with(ErrorType.BAD_REQUEST)  # none of TEI's: named as it is
+    values = samples(metrics.render().decode())
+    assert values['te_request_failure{err="inference"}'] == 1
+    assert values['te_request_failure{err="unhealthy"}'] == 1
+    assert values['te_request_failure{err="badrequest"}'] == 1
 
 
 def test_queue_size_and_batches_are_reported() -> None:
@@ -164,10 +182,11 @@ def test_worker_families_read_the_pool_records() -> None:
     ready, dead = handle("0", WorkerState.READY), handle("1", WorkerState.DEAD)
     ready.batches_done, ready.tokens_done = 4, 123
     ready.in_flight[7] = InFlight([], 10)
-    dead.restarts = 2
+    dead.restarts, dead.failures = 2, 5
     metrics = Metrics(max_input_length=512)
-    metrics.watch_workers([ready, dead])
+    metrics.watch_workers([ready, dead, handle("2", WorkerState.STARTING)])
     values = samples(metrics.render().decode())
+    assert values['te_worker_up{worker="2"}'] == 0
     assert values['te_worker_up{worker="0"}'] == 1 and values['te_worker_up{worker="1"}'] == 0
     assert values['te_worker_state{state="ready",worker="0"}'] == 1
     assert values['te_worker_state{state="dead",worker="0"}'] == 0
@@ -191,3 +210,11 @@ def test_label_values_are_escaped() -> None:
     metrics = Metrics(max_input_length=512)
     metrics.watch_workers([handle('a"b\\c', WorkerState.READY)])
     assert 'te_worker_up{worker="a\\"b\\\\c"} 1.0' in metrics.render().decode()
+
+
+def test_help_texts_are_escaped() -> None:
+    from prometheus_client import CollectorRegistry, Counter
+
+    registry = CollectorRegistry()
+    Counter("te_odd", "a back\\slash\nand a new line", registry=registry)
+    assert "# HELP te_odd a back\\\\slash\\nand a new line" in render(registry).decode()
