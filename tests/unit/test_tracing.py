@@ -163,3 +163,90 @@ def test_a_request_the_router_answers_itself_has_tokenize_and_inference_spans(ex
     assert dict(inference.attributes or {}) == {"inputs": 2, "worker": "router"}
     assert inference.end_time is not None and inference.start_time is not None
     assert abs((inference.end_time - inference.start_time) / 1e6 - 1.0) < 0.01
+
+
+def test_the_request_span_names_its_route(client, exporter) -> None:
+    client.post("/embed")
+    [request] = by_name(exporter.get_finished_spans())["POST /embed"]
+    assert {key: request.attributes[key] for key in ("http.request.method", "url.path",
+                                                     "http.route")} == {
+        "http.request.method": "POST", "url.path": "/embed", "http.route": "/embed"}
+
+
+def test_a_trace_id_with_leading_zeros_keeps_its_32_digits_in_log_lines(client) -> None:
+    trace_id = "00000000000000000000000000abcdef"
+    client.post("/embed", headers={"traceparent": f"00-{trace_id}-{PARENT_ID}-01"})
+    assert client.seen["log_span"].trace_id == trace_id
+
+
+@pytest.mark.parametrize(("status", "error"), [(500, True), (499, False), (404, False)])
+def test_only_a_5xx_is_the_servers_error_and_header_names_match_in_any_case(
+        exporter, status: int, error: bool) -> None:
+    async def app(scope, receive, send) -> None:  # raw ASGI: header names as the app spells them
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"X-Inference-Time", b"7")]})
+        await send({"type": "http.response.body", "body": b""})
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    client = TestClient(TracingMiddleware(app, provider.get_tracer("test")))
+    assert client.post("/embed").status_code == status
+    [request] = exporter.get_finished_spans()
+    assert request.attributes["inference_time_ms"] == 7
+    assert request.status.status_code is (StatusCode.ERROR if error else StatusCode.UNSET)
+
+
+def test_the_queue_span_runs_from_the_first_input_queued_to_the_last_dispatched(
+        exporter) -> None:
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    t0 = time.perf_counter()
+    batch = Dispatch("0", 1, 2, 12)
+    finished = {entry(5, t0 + 0.001, t0 + 0.004, batch): t0 + 0.010,
+                entry(7, t0 + 0.003, t0 + 0.004, batch): t0 + 0.010}
+    # (the service hands its encodings over whoever answered: entries mean the workers did)
+    record_phases(provider.get_tracer("test"), t0, t0 + 0.001, finished, (t0 + 0.011, []))
+    spans = by_name(exporter.get_finished_spans())
+    assert dict(spans["inference"][0].attributes or {})["worker"] == "0"
+    [queue] = spans["queue"]
+    assert queue.end_time - queue.start_time == pytest.approx(3e6, abs=1e3)  # 1 -> 4 ms
+
+
+def test_a_grpc_call_span_continues_the_callers_trace_and_ends_with_its_status(
+        exporter) -> None:
+    import grpc
+
+    from router.tracing import rpc_ended, rpc_span
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    codes = [None, *grpc.StatusCode]
+    for code in codes:
+        with rpc_span(tracer, "/tei.v1.Embed/Embed", [("traceparent", TRACEPARENT),
+                                                     ("x-data-bin", b"\x00")]) as span:
+            rpc_ended(span, code)
+    spans = exporter.get_finished_spans()
+    assert len(spans) == len(codes)
+    for span, code in zip(spans, codes, strict=True):
+        assert span.kind is SpanKind.SERVER and span.name == "/tei.v1.Embed/Embed"
+        assert f"{span.context.trace_id:032x}" == TRACE_ID
+        name = "OK" if code is None else code.name
+        assert dict(span.attributes or {}) == {
+            "rpc.system": "grpc", "rpc.method": "/tei.v1.Embed/Embed",
+            "rpc.grpc.status_code": name}
+        assert span.status.status_code is (
+            StatusCode.ERROR if name in ("INTERNAL", "UNAVAILABLE", "UNKNOWN", "DATA_LOSS")
+            else StatusCode.UNSET), name
+
+
+def test_the_provider_names_the_service_and_its_version() -> None:
+    from router.tracing import Tracing
+
+    tracing = Tracing("http://127.0.0.1:1", "my-embedder", "1.2.3")
+    try:
+        attributes = tracing.provider.resource.attributes
+        assert (attributes["service.name"], attributes["service.version"]) == (
+            "my-embedder", "1.2.3")
+    finally:
+        tracing.shutdown()
