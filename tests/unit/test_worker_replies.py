@@ -38,7 +38,8 @@ async def _until(condition, seconds: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def _exchange(tmp_path, reply) -> tuple[WorkerPool, Entry]:
+async def _exchange(tmp_path, reply, output: protocol.OutputKind = protocol.OutputKind.POOLED
+                    ) -> tuple[WorkerPool, Entry]:
     """A pool whose worker 0 (a stand-in process and DEALER) answers one batch with `reply`'s
     frames; and the entry of that batch."""
     pool = _pool(tmp_path)
@@ -56,8 +57,7 @@ async def _exchange(tmp_path, reply) -> tuple[WorkerPool, Entry]:
     dealer.send_multipart(protocol.encode(protocol.Heartbeat()))
     await _until(lambda: worker.last_seen > 0)  # the router knows the identity
     ids = np.array([1, 2, 3], dtype=np.int32)
-    entry = Entry(7, ids, np.zeros(3, np.int32), 0, protocol.OutputKind.POOLED,
-                  loop.create_future())
+    entry = Entry(7, ids, np.zeros(3, np.int32), 0, output, loop.create_future())
     pool.submit(worker, [entry])
     header, _ = protocol.decode(dealer.recv_multipart())
     dealer.send_multipart(reply(header))
@@ -99,6 +99,24 @@ def test_a_garbled_reply_fails_its_batch_not_the_server(tmp_path, no_shutdown, r
             assert pool.workers[0].in_flight == {}
             if reply is not _malformed:  # its batch's answer is lost: the worker must go
                 await _until(lambda: pool.workers[0].state is WorkerState.DEAD)
+        finally:
+            pool._stopping = True
+            pool.close_now()
+
+    asyncio.run(scenario())
+
+
+def test_a_result_is_read_as_its_batchs_output_asks(tmp_path, no_shutdown) -> None:
+    """Every token's vector, for an entry of three tokens: one block of three rows."""
+
+    def tokens(header: protocol.Batch) -> list:
+        return protocol.encode(protocol.Result(header.batch_id, 3, 4, 1.0),
+                               np.arange(12, dtype=np.float32).reshape(3, 4))
+
+    async def scenario() -> None:
+        pool, entry = await _exchange(tmp_path, tokens, protocol.OutputKind.ALL_TOKENS)
+        try:
+            assert entry.future.result()[0].tolist() == np.arange(12).reshape(3, 4).tolist()
         finally:
             pool._stopping = True
             pool.close_now()
