@@ -181,3 +181,75 @@ def test_dimensions_asked_for_win_over_the_models_truncate_dim(
     assert (asked.shape, default.shape) == ((1, 24), (1, 16))
     # Cut, then normalized.
     np.testing.assert_allclose(np.linalg.norm(asked, axis=1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize(("kind", "model", "refusal"), [
+    ("hidden states", "static", "`embed_all` is not available for static embedding models (no "
+     "token embeddings)"),
+    ("hidden states", "splade", "`embed_all` is not available for SPLADE models"),
+    ("sparse", "csr", None),
+    ("sparse", "lexical", None),
+    ("sparse", "embedding", "Model is not an embedding model with SPLADE pooling"),
+    ("classifier", "reranker", None),
+    ("classifier", "embedding", "Model is not a classifier model"),
+    ("reranker", "classifier", "model is not a re-ranker model"),
+])
+def test_a_route_is_refused_as_tei_refuses_it_and_counted_as_the_model_type(
+        kind: str, model: str, refusal: str | None) -> None:
+    service = _service(max_input_length=512, max_positions=512)
+    if model in ("reranker", "classifier"):
+        service.model_kind = model
+    elif model != "embedding":
+        setattr(service, model, True)
+    try:
+        service.require(kind)
+        message = None
+    except EmbedServeError as exc:
+        message = exc.message
+    assert message == refusal
+    values = samples(service.metrics.render().decode())
+    assert values['te_request_failure{err="model_type"}'] == (refusal is not None)
+
+
+def test_a_refusal_in_run_is_counted_by_its_kind(monkeypatch: pytest.MonkeyPatch) -> None:
+    tokenized_as(monkeypatch, 3)
+
+    async def main() -> str:
+        service = await started_stand_in()
+        try:
+            with pytest.raises(EmbedServeError, match="batch size 33 > maximum"):
+                await service.run(["a"] * 33, protocol.OutputKind.POOLED, truncate=None,
+                                  direction="right")
+            return service.metrics.render().decode()
+        finally:
+            await service.stop()
+
+    values = samples(asyncio.run(main()))
+    assert values['te_request_failure{err="validation"}'] == 1
+    assert values['te_request_success{method="batch"}'] == 0
+
+
+def test_a_request_cancelled_before_its_answer_is_counted_as_dropped(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    tokenized_as(monkeypatch, 3)
+
+    async def main() -> str:
+        service = await started_stand_in()
+
+        async def infer(encoded, output):
+            await asyncio.Event().wait()  # never answered
+
+        service._infer = infer  # type: ignore[method-assign]
+        request = asyncio.ensure_future(service.run(
+            ["a"], protocol.OutputKind.POOLED, truncate=None, direction="right"))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        await service.stop()
+        return service.metrics.render().decode()
+
+    values = samples(asyncio.run(main()))
+    assert values['te_request_failure{err="dropped"}'] == 1
+    assert values['te_request_success{method="single"}'] == 0
