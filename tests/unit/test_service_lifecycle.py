@@ -12,7 +12,7 @@ from router.metrics import Metrics
 from router.service import InferenceService
 from router.tokenization import Encoded
 from shared import protocol
-from shared.errors import EmbedServeError
+from shared.errors import EmbedServeError, backend
 from tests.fixtures.prometheus import samples
 from tests.unit.test_service_start import _OneWorker, _service, _Tokenizers, _Workers
 
@@ -147,3 +147,30 @@ def test_stop_ends_the_scheduler_and_closes_the_tokenizers() -> None:
         return service._scheduler.cancelled(), tokenizers.closed
 
     assert asyncio.run(main()) == (True, True)
+
+
+def test_a_failed_input_abandons_its_siblings() -> None:
+    """All-or-nothing: the request fails, and its other inputs are dropped unseen. (Each
+    input's entry carries the model's position offset.)"""
+
+    async def main() -> tuple[str, list[bool]]:
+        service = _service(max_input_length=512, max_positions=512)
+        workers = service.workers = _OneWorker(in_flight=0)  # type: ignore[assignment]
+        service.position_offset = 2  # (RoBERTa's padding_idx + 1)
+        await service.start(1.0)
+        request = asyncio.ensure_future(
+            service._infer(_encoded(3, 4), protocol.OutputKind.POOLED))
+        await asyncio.sleep(0)
+        [batch] = workers.batches
+        assert [(e.position_offset, e.output) for e in batch] == [
+            (2, protocol.OutputKind.POOLED)] * 2
+        batch[0].future.set_exception(backend("boom"))
+        try:
+            await request
+            message = "answered"
+        except EmbedServeError as exc:
+            message = exc.message
+        await service.stop()
+        return message, [entry.future.cancelled() for entry in batch]
+
+    assert asyncio.run(main()) == ("boom", [False, True])

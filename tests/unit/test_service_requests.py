@@ -178,3 +178,61 @@ def test_a_traced_request_records_its_phases(monkeypatch: pytest.MonkeyPatch) ->
 
     asyncio.run(main())
     assert [args[0] for args in recorded] == [tracer]
+
+
+def _embed(monkeypatch: pytest.MonkeyPatch, request: Any, **model: Any) -> tuple[Any, list, str]:
+    """(embed's answer or refusal message, the output kinds inferred, the metrics): a model
+    whose inference gives every input the sparse row {1: 0.5}."""
+    asked_of_tokenizer(monkeypatch, 3)
+    kinds: list = []
+
+    async def main() -> tuple[Any, str]:
+        service = await started_stand_in()
+        for name, value in model.items():
+            setattr(service, name, value)
+
+        async def infer(encoded, output):
+            kinds.append(output)
+            return [(np.array([1], dtype=np.int32), np.array([0.5], dtype=np.float32))], {}
+
+        service._infer = infer  # type: ignore[method-assign]
+        try:
+            answer = (await service.embed(request)).vectors
+        except EmbedServeError as exc:
+            answer = exc.message
+        finally:
+            await service.stop()
+        return answer, service.metrics.render().decode()
+
+    answer, metrics = asyncio.run(main())
+    return answer, kinds, metrics
+
+
+def test_a_csr_models_vectors_are_its_sparse_rows_written_out(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from router.schemas import EmbedRequest
+
+    vectors, kinds, metrics = _embed(monkeypatch, EmbedRequest(inputs=["a"], normalize=False),
+                                     csr=True)
+    expected = np.zeros((1, 32), dtype=np.float32)
+    expected[0, 1] = 0.5
+    np.testing.assert_array_equal(vectors, expected)
+    assert kinds == [protocol.OutputKind.SPARSE]
+    # A list of one input is a batch, as TEI counts it.
+    assert samples(metrics)['te_request_count{method="batch"}'] == 1
+
+
+@pytest.mark.parametrize(("request_fields", "model", "refusal", "err"), [
+    ({"normalize": True}, {"csr": True},
+     "`normalize` is not available for sparse (CSR) models", "model_type"),
+    ({"dimensions": 33}, {}, "Input validation error: `dimensions` should be smaller than "
+     "the maximum embedding dimension.", "validation"),
+])
+def test_embeds_refusals_are_counted(monkeypatch: pytest.MonkeyPatch, request_fields: dict,
+                                     model: dict, refusal: str, err: str) -> None:
+    from router.schemas import EmbedRequest
+
+    message, kinds, metrics = _embed(monkeypatch, EmbedRequest(inputs="a", **request_fields),
+                                     **model)
+    assert (message, kinds) == (refusal, [])
+    assert samples(metrics)[f'te_request_failure{{err="{err}"}}'] == 1

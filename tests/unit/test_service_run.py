@@ -4,6 +4,7 @@ reports (per input means), the tokens it counts, and what `accepted` refuses and
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import types
 from typing import Any
 
@@ -253,3 +254,20 @@ def test_a_request_cancelled_before_its_answer_is_counted_as_dropped(
     values = samples(asyncio.run(main()))
     assert values['te_request_failure{err="dropped"}'] == 1
     assert values['te_request_success{method="single"}'] == 0
+
+
+def test_only_scored_inputs_lose_their_trailing_pad_ids() -> None:
+    service = _service(max_input_length=512, max_positions=512)
+    service.rules = dataclasses.replace(service.rules, scored_before=0)
+    padded = [Encoded(np.array([5, 6, 0, 0], dtype=np.int32), np.zeros(4, dtype=np.int32))]
+    assert service._scored(padded, protocol.OutputKind.POOLED) is padded
+    scored = service._scored(padded, protocol.OutputKind.LOGITS)
+    assert [enc.ids.tolist() for enc in scored] == [[5, 6]]
+
+
+def test_only_an_input_of_the_bag_id_alone_is_an_empty_bag() -> None:
+    service = _service(max_input_length=512, max_positions=512)
+    service.empty_bag_id = 99
+    inputs = [Encoded(np.array(ids, dtype=np.int32), np.zeros(len(ids), dtype=np.int32))
+              for ids in ([99], [99, 5], [5])]
+    assert service._empty_bags(inputs) == 1
