@@ -28,7 +28,7 @@ class QueryVectors:
 
         try:
             tensors = load_file(route.weights_path)
-        except (TypeError, ValueError) as exc:  # numpy has no bfloat16
+        except (TypeError, ValueError, AttributeError) as exc:  # numpy has no bfloat16, float8
             raise ConfigError(f"{route.weights_path}: not read ({exc}); the query route's "
                               "weights are read as float16/32/64") from exc
         weight = tensors.get("weight")
