@@ -79,3 +79,54 @@ def test_other_models_load_unchanged_after_a_static_one(tmp_path: Path) -> None:
     tokenization._load(str(bert.tokenizer_path), model_type="bert")
     ids = tokenization._encode(["hello"], None, "right").value[0].ids
     assert len(ids) == 3  # [CLS] hello [SEP]
+
+
+class _Tokenizer:
+    """A stand-in tokenizers.Tokenizer: records its truncation and encode calls."""
+
+    def __init__(self, truncation: dict | None) -> None:
+        self.truncation = truncation
+        self.calls: list[tuple] = []
+
+    def enable_truncation(self, *args, **kwargs) -> None:
+        self.calls.append(("enable_truncation", args, kwargs))
+
+    def no_truncation(self) -> None:
+        self.calls.append(("no_truncation",))
+
+    def encode_batch(self, texts, add_special_tokens) -> list:
+        self.calls.append(("encode_batch", texts, add_special_tokens))
+        return []
+
+
+FILES = {"max_length": 8, "stride": 0, "strategy": "longest_first", "direction": "left"}
+
+
+@pytest.mark.parametrize(("truncation", "max_length", "cut"), [
+    (FILES, 8, ("enable_truncation", (), FILES)),  # the file's own, on its side
+    (FILES, 9, ("enable_truncation", (), FILES)),
+    (FILES, None, ("enable_truncation", (), FILES)),
+    (FILES, 7, ("enable_truncation", (7,), {"direction": "right"})),
+    (None, 7, ("enable_truncation", (7,), {"direction": "right"})),
+    (None, None, ("no_truncation",)),
+])
+def test_each_encoding_is_cut_by_the_shorter_of_the_files_and_the_routers_limits(
+        truncation: dict | None, max_length: int | None, cut: tuple) -> None:
+    from router.static_tokens import StaticTokens
+
+    tokenizer = _Tokenizer(truncation)
+    StaticTokens(tokenizer, 50).encodings(["a", ("b", "c")], max_length, "right")
+    assert tokenizer.calls == [cut, ("encode_batch", ["a", ("b", "c")], False)]
+
+
+def test_an_id_past_the_table_is_refused_and_no_ids_are_the_empty_bag() -> None:
+    from types import SimpleNamespace
+
+    from router.static_tokens import StaticTokens
+
+    tokens = StaticTokens(_Tokenizer(None), 50)
+    assert tokens.bag_ids(SimpleNamespace(ids=[])).tolist() == [50]
+    assert tokens.bag_ids(SimpleNamespace(ids=[3, 49])).tolist() == [3, 49]
+    with pytest.raises(ValueError) as refused:
+        tokens.bag_ids(SimpleNamespace(ids=[3, 50]))
+    assert str(refused.value) == "token id 50 has no row in the model's 50-row embedding table"
