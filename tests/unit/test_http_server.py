@@ -169,3 +169,41 @@ def test_a_forced_close_is_warned(caplog: pytest.LogCaptureFixture) -> None:
         asyncio.run(asyncio.wait_for(_closed(serving(), 0.0, 0.1), 10))
     assert [r.getMessage() for r in caplog.records] == [
         "connections still open 0.1 s after the drain: closing them"]
+
+
+@pytest.mark.parametrize(("http_version", "pieces", "drops"), [
+    ("1.1", 1, 1), ("2", 1, 0), ("1.1", 2, 1)])
+def test_an_upload_unread_past_its_deadline_is_dropped_until_disconnect_on_http1_only(
+        monkeypatch: pytest.MonkeyPatch, http_version: str, pieces: int, drops: int) -> None:
+    """The answer's last piece goes once the upload's deadline passed; over HTTP/1.1 one task
+    of its own (held by UnreadBody) reads on until the client's disconnect, over HTTP/2 none
+    does."""
+    monkeypatch.setattr(http_server, "BODY_TIMEOUT_S", 0.1)
+    sent: list[str] = []
+    disconnected = asyncio.Event()
+
+    async def app(scope, receive, send) -> None:
+        await receive()  # a first piece of the upload, then an early answer
+        await send({"type": "http.response.start", "status": 413, "headers": []})
+        for more in range(pieces - 1, -1, -1):
+            await send({"type": "http.response.body", "body": b"{}", "more_body": bool(more)})
+
+    async def receive() -> dict:
+        if disconnected.is_set():
+            return {"type": "http.disconnect"}
+        await asyncio.sleep(0.01)
+        return {"type": "http.request", "body": b"x", "more_body": True}
+
+    async def send(message) -> None:
+        sent.append(message["type"])
+
+    async def main() -> tuple[int, int]:
+        unread = http_server.UnreadBody(app)
+        await unread({"type": "http", "http_version": http_version}, receive, send)
+        dropping = len(unread._draining)
+        disconnected.set()
+        await asyncio.sleep(0.05)
+        return dropping, len(unread._draining)
+
+    assert asyncio.run(asyncio.wait_for(main(), 10)) == (drops, 0)
+    assert sent == ["http.response.start"] + ["http.response.body"] * pieces
