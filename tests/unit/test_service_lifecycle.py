@@ -30,7 +30,10 @@ class _BusyWorker(_OneWorker):
 
 class _ClosedTokenizers(_Tokenizers):
     def __init__(self) -> None:
-        self.closed = False
+        self.started = self.closed = False
+
+    async def start(self) -> None:
+        self.started = True
 
     def close(self) -> None:
         self.closed = True
@@ -135,18 +138,19 @@ def test_abandoned_inputs_give_a_worker_no_empty_batch() -> None:
     assert asyncio.run(main()) == []
 
 
-def test_stop_ends_the_scheduler_and_closes_the_tokenizers() -> None:
-    async def main() -> tuple[bool, bool]:
+def test_start_starts_the_tokenizers_and_stop_ends_the_scheduler_and_closes_them() -> None:
+    async def main() -> tuple[bool, bool, bool]:
         service = _service(max_input_length=512, max_positions=512)
         service.workers = _OneWorker(in_flight=0)  # type: ignore[assignment]
         tokenizers = service.tokenizers = _ClosedTokenizers()  # type: ignore[assignment]
         await service.start(1.0)
+        started = tokenizers.started
         await service.stop()
         await asyncio.sleep(0)
         assert service._scheduler is not None
-        return service._scheduler.cancelled(), tokenizers.closed
+        return started, service._scheduler.cancelled(), tokenizers.closed
 
-    assert asyncio.run(main()) == (True, True)
+    assert asyncio.run(main()) == (True, True, True)
 
 
 def test_a_failed_input_abandons_its_siblings() -> None:
