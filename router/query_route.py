@@ -24,10 +24,13 @@ class QueryVectors:
 
     def __init__(self, route: QueryRoute, max_active_dims: int | None, vocab_size: int,
                  rules: InputRules) -> None:
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
         try:
             tensors = load_file(route.weights_path)
+        except (SafetensorError, OSError) as exc:  # cut short, corrupt, unreadable
+            raise ConfigError(f"{route.weights_path}: not read ({exc})") from exc
         except (TypeError, ValueError, AttributeError) as exc:  # numpy has no bfloat16, float8
             raise ConfigError(f"{route.weights_path}: not read ({exc}); the query route's "
                               "weights are read as float16/32/64") from exc

@@ -48,6 +48,18 @@ def test_float8_weights_are_refused_by_name(tmp_path: Path) -> None:
         "); the query route's weights are read as float16/32/64")
 
 
+def test_a_file_cut_short_is_refused_by_name(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({"weight": np.ones(4, dtype=np.float32)}, str(path))
+    path.write_bytes(path.read_bytes()[:-5])  # a copy that stopped early
+    with pytest.raises(ConfigError) as refused:
+        _vectors(path)
+    assert str(refused.value).startswith(f"{path}: not read (")
+    assert "float16/32/64" not in str(refused.value)
+
+
 def test_float_weights_are_read_as_float32(tmp_path: Path) -> None:
     from safetensors.numpy import save_file
 
