@@ -184,11 +184,15 @@ def _check_listed(index: Path, listed: set[str], shards: list[Path]) -> None:
 
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, CPU tensor) for every tensor of the files, read lazily, one file at a time."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     for path in files:
         if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
+            try:
+                opened = safe_open(str(path), framework="pt", device="cpu")
+            except (SafetensorError, OSError) as exc:  # a copy cut short, a corrupt header
+                raise ConfigError(f"{path}: cannot read weights: {exc}") from exc
+            with opened as handle:
                 for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
                     yield key, handle.get_tensor(key)
         else:

@@ -292,6 +292,16 @@ class _Opens:
         return (open, (str(self.path), "w"))
 
 
+def test_a_checkpoint_cut_short_is_refused_by_name(model_dir: Path) -> None:
+    # An interrupted copy or download: refused as a configuration error (the worker's Fatal
+    # names the file), not a traceback from safetensors.
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ConfigError) as refused:
+        load(model_dir)
+    assert str(refused.value).startswith(f"{weights}: cannot read weights: ")
+
+
 def test_a_bin_checkpoint_never_runs_its_pickled_code(model_dir: Path, tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     (model_dir / "model.safetensors").unlink()
