@@ -130,7 +130,10 @@ def batch_arrays(buffers: list[memoryview]) -> BatchArrays:
     if len(buffers) != 4:
         raise ValueError(f"a Batch carries 4 arrays, got {len(buffers)}")
     ids, pos, types, cu = (np.frombuffer(b, dtype=np.int32) for b in buffers)
-    if not (ids.shape == pos.shape == types.shape) or cu[-1] != ids.shape[0]:
+    # (cu_seqlens from 0, never decreasing: otherwise the entries would silently skip or
+    # reread tokens; empty, it has no last offset to read)
+    if (not (ids.shape == pos.shape == types.shape) or cu.shape[0] == 0 or cu[0] != 0
+            or cu[-1] != ids.shape[0] or (np.diff(cu) < 0).any()):
         raise ValueError("inconsistent Batch arrays")
     return BatchArrays(ids, pos, types, cu)
 
@@ -138,6 +141,8 @@ def batch_arrays(buffers: list[memoryview]) -> BatchArrays:
 def result_array(message: Result, buffers: list[memoryview]) -> np.ndarray:
     if len(buffers) != 1:
         raise ValueError(f"a Result carries 1 array, got {len(buffers)}")
+    if message.rows < 0 or message.dim < 0:  # reshape would read -1 as "whatever fits"
+        raise ValueError(f"a Result of {message.rows} x {message.dim}")
     return np.frombuffer(buffers[0], dtype=np.float32).reshape(message.rows, message.dim)
 
 

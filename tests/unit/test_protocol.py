@@ -123,6 +123,29 @@ def test_batch_arrays_rejects_cu_seqlens_not_covering_the_tokens() -> None:
         batch_arrays(_as_buffers(ids, pos, types, bad_cu))
 
 
+@pytest.mark.parametrize("cu", [[1, 3, 5, 9], [0, 5, 3, 9], []],
+                         ids=["not-from-zero", "decreasing", "empty"])
+def test_batch_arrays_rejects_cu_seqlens_that_skip_or_reread_tokens(cu: list[int]) -> None:
+    """Offsets that end at the token count but start past 0 (the first tokens of no entry) or
+    go back (an entry of negative length, the next rereading tokens) are malformed, as a
+    sparse Result's offsets are; an empty one was an IndexError."""
+    ids, pos, types, _ = batch_payload()
+    with pytest.raises(ValueError, match=r"^inconsistent Batch arrays$"):
+        batch_arrays(_as_buffers(ids, pos, types, np.array(cu, dtype=np.int32)))
+
+
+@pytest.mark.parametrize(("rows", "dim"), [(-1, 2), (3, -1)])
+def test_result_array_refuses_a_negative_shape(rows: int, dim: int) -> None:
+    """numpy reads -1 in a shape as "whatever fits": a Result declaring -1 rows (or columns)
+    was read as the buffer's 3 x 2 instead of refused as malformed."""
+    message = Result(batch_id=7, rows=rows, dim=dim, compute_ms=1.25)
+    buffers = _as_buffers(np.zeros((3, 2), dtype=np.float32))
+    with pytest.raises(ValueError, match=rf"^a Result of {rows} x {dim}$"):
+        result_array(message, buffers)
+    with pytest.raises(ValueError, match=rf"^a Result of {rows} x {dim}$"):
+        protocol.result_rows(message, buffers, OutputKind.POOLED, [1, 1, 1])
+
+
 def test_result_array_reshapes() -> None:
     rows = np.arange(6, dtype=np.float32).reshape(3, 2)
     message, buffers = decode(encode(RESULT, rows))
