@@ -1,0 +1,75 @@
+"""The heads compute in float32 whatever the model's dtype (backend_worker/head_modules.py,
+lexical.py, experts.py): bfloat16 hidden states give what their float32 values give, and a
+mixture-of-experts routes a bfloat16 model's tokens on float32 router logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backend_worker.experts import MixtureOfExperts
+from backend_worker.head_modules import ClassifierHead, SpladeHead
+from backend_worker.lexical import LexicalHead
+
+HIDDEN, VOCAB = 16, 40
+CU = torch.tensor([0, 3, 7, 12], dtype=torch.int64)
+
+
+def _random(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    return module.eval()
+
+
+def _hidden(seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(int(CU[-1]), HIDDEN, generator=generator).to(torch.bfloat16)
+
+
+def _same(got: tuple, want: tuple) -> None:
+    assert got[:2] == want[:2]
+    for a, b in zip(got[2:], want[2:], strict=True):
+        assert a.dtype == b.dtype
+        assert (a == b).all()
+
+
+@pytest.mark.parametrize("head", [
+    ClassifierHead(HIDDEN, 3),
+    SpladeHead(HIDDEN, VOCAB, "gelu", 1e-12),
+], ids=["classifier", "splade"])
+def test_a_head_casts_low_precision_hidden_states_to_float32(head: torch.nn.Module) -> None:
+    head = _random(head, 1)
+    hidden = _hidden()
+    with torch.inference_mode():
+        got = head.result(hidden, CU)  # type: ignore[operator]
+        want = head.result(hidden.float(), CU)  # type: ignore[operator]
+    assert got[-1].dtype.name == "float32"  # the logits, or the sparse values
+    _same(got, want)
+
+
+def test_lexical_weights_cast_low_precision_hidden_states_to_float32() -> None:
+    head = _random(LexicalHead(HIDDEN, VOCAB, [0, 2]), 2)
+    hidden = _hidden(1)
+    ids = torch.tensor([0, 5, 5, 2, 7, 9, 5, 3, 0, 1, 3, 3])
+    with torch.inference_mode():
+        got = head.result(hidden, ids, CU)
+        want = head.result(hidden.float(), ids, CU)
+    assert got[-1].dtype.name == "float32"
+    _same(got, want)
+
+
+def test_a_bfloat16_mixture_routes_on_float32_logits() -> None:
+    """Rounded to bfloat16, near-tied router logits swap order and send tokens to other
+    experts than the float32 oracle does (nomic-ai's code rounds them; we do not)."""
+    experts, top_k = 8, 2
+    moe = _random(MixtureOfExperts(HIDDEN, 8, experts, top_k, "gelu"), 3).to(torch.bfloat16)
+    x = torch.randn(2048, HIDDEN, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    with torch.inference_mode():
+        weights, chosen = moe.route(x)
+        probabilities = (x.float() @ moe.router.float().T).softmax(dim=-1)
+    want_weights, want_chosen = probabilities.topk(top_k, dim=-1)
+    assert weights.dtype == torch.bfloat16
+    assert torch.equal(chosen, want_chosen)
+    assert torch.equal(weights, want_weights.to(torch.bfloat16))
