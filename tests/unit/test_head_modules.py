@@ -10,6 +10,7 @@ import torch
 from backend_worker.experts import MixtureOfExperts
 from backend_worker.head_modules import ClassifierHead, SpladeHead
 from backend_worker.lexical import LexicalHead
+from shared.sparse_encoder import SpladeSpec
 
 HIDDEN, VOCAB = 16, 40
 CU = torch.tensor([0, 3, 7, 12], dtype=torch.int64)
@@ -73,3 +74,21 @@ def test_a_bfloat16_mixture_routes_on_float32_logits() -> None:
     assert weights.dtype == torch.bfloat16
     assert torch.equal(chosen, want_chosen)
     assert torch.equal(weights, want_weights.to(torch.bfloat16))
+
+
+def test_max_active_dims_one_short_of_the_vocabulary_drops_the_smallest_entry() -> None:
+    """Every logit positive (a large decoder bias): max_active_dims = vocabulary - 1 keeps all
+    but each row's smallest entry, as SparseEncoder's top-k does."""
+    head = _random(SpladeHead(HIDDEN, VOCAB, "gelu", 1e-12), 5)
+    with torch.no_grad():
+        head.decoder.bias.fill_(20.0)
+    hidden = _hidden(2).float()
+    with torch.inference_mode():
+        full = head(hidden, CU)
+        head.spec = SpladeSpec(max_active_dims=VOCAB - 1)
+        kept = head(hidden, CU)
+    assert bool((full > 0).all())
+    want = full.clone()
+    want[torch.arange(full.shape[0]), full.argmin(dim=1)] = 0
+    assert torch.equal(kept, want)
+    assert ((kept > 0).sum(dim=1) == VOCAB - 1).all()
