@@ -4,12 +4,14 @@ mixture-of-experts routes a bfloat16 model's tokens on float32 router logits."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from backend_worker.experts import MixtureOfExperts
-from backend_worker.head_modules import ClassifierHead, SpladeHead
+from backend_worker.head_modules import ClassifierHead, LogitsHead, SpladeHead
 from backend_worker.lexical import LexicalHead
+from shared import protocol
 from shared.sparse_encoder import SpladeSpec
 
 HIDDEN, VOCAB = 16, 40
@@ -92,3 +94,15 @@ def test_max_active_dims_one_short_of_the_vocabulary_drops_the_smallest_entry() 
     want[torch.arange(full.shape[0]), full.argmin(dim=1)] = 0
     assert torch.equal(kept, want)
     assert ((kept > 0).sum(dim=1) == VOCAB - 1).all()
+
+
+def test_logits_frames_are_one_contiguous_block() -> None:
+    """A replayed graph's logits may be a view with other strides: the frame is made contiguous
+    (protocol.encode refuses anything else), values and shape unchanged."""
+    block = np.arange(24, dtype=np.float32).reshape(4, 6)
+    view = block[:, ::2]
+    rows, dim, frame = LogitsHead.frames(view)
+    assert (rows, dim) == (4, 3)
+    assert frame.flags.c_contiguous
+    assert np.array_equal(frame, view)
+    protocol.encode(protocol.Result(1, rows, dim, 0.0), frame)
