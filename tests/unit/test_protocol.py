@@ -185,6 +185,22 @@ def test_result_rows_match_the_batch_or_refuse() -> None:
             protocol.result_rows(sparse, _as_buffers(*bad), OutputKind.SPARSE, [1, 1])
 
 
+def test_sparse_arrays_are_the_wire_dtypes_whatever_the_rows_are() -> None:
+    """int64 indices and float64 values (numpy's defaults) go out as int32 and float32, the
+    dtypes result_rows reads them as; no rows: three empty frames of those dtypes."""
+    offsets, indices, values = protocol.sparse_arrays(
+        [(np.array([4, 9], np.int64), np.array([0.25, 2.5])), (np.array([], np.int64),
+                                                              np.array([])),
+         (np.array([1], np.int64), np.array([1.5]))])
+    assert (offsets.dtype, indices.dtype, values.dtype) == (np.int32, np.int32, np.float32)
+    assert offsets.tolist() == [0, 2, 2, 3]
+    assert indices.tolist() == [4, 9, 1]
+    assert values.tolist() == [0.25, 2.5, 1.5]
+    empty = protocol.sparse_arrays([])
+    assert [(a.dtype, a.shape) for a in empty] == [(np.int32, (1,)), (np.int32, (0,)),
+                                                  (np.float32, (0,))]
+
+
 def test_a_sparse_result_of_negative_rows_is_refused_as_malformed() -> None:
     """rows -1 with empty offsets fits the offsets' length check (0 == -1 + 1): reading the
     first offset then raised an IndexError, which the router's receive loop does not take for
