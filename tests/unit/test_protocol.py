@@ -185,6 +185,22 @@ def test_result_rows_match_the_batch_or_refuse() -> None:
             protocol.result_rows(sparse, _as_buffers(*bad), OutputKind.SPARSE, [1, 1])
 
 
+@pytest.mark.parametrize("frames", [
+    [[1, 2, 3], [4, 5, 6], [0.5, 1.0, 1.5]],
+    [[0, 4, 3], [4, 5, 6], [0.5, 1.0, 1.5]],
+    [[0, 1, 3], [4, 5, 6], [0.5, 1.0]],
+    [[0, 1, 3], [4, 5, 6], [0.5, 1.0, 1.5], [7]],
+], ids=["offsets-not-from-0", "a-row-of-negative-length", "a-value-short", "a-fourth-frame"])
+def test_a_sparse_result_that_does_not_add_up_is_refused(frames: list) -> None:
+    """Each malformation alone (the rest consistent: 2 rows, 3 entries) is a ValueError, never
+    rows read from the wrong entries."""
+    sparse = Result(batch_id=1, rows=2, dim=10, compute_ms=1.0)
+    arrays = [np.array(f, np.float32 if i == 2 else np.int32) for i, f in enumerate(frames)]
+    with pytest.raises(ValueError, match=r"^(sparse Result offsets do not match its rows and "
+                                         r"entries|a sparse Result carries 3 arrays, got 4)$"):
+        protocol.result_rows(sparse, _as_buffers(*arrays), OutputKind.SPARSE, [1, 1])
+
+
 def test_sparse_arrays_are_the_wire_dtypes_whatever_the_rows_are() -> None:
     """int64 indices and float64 values (numpy's defaults) go out as int32 and float32, the
     dtypes result_rows reads them as; no rows: three empty frames of those dtypes."""
