@@ -166,3 +166,22 @@ def test_other_checkpoint_layouts_give_the_same_head(tmp_path: Path, layout: str
         torch.save(state, str(model_dir / layout))
     head = build_head(load_model_info(model_dir), torch.device("cpu"))
     assert torch.equal(head.score.weight, expected)
+
+
+@pytest.mark.parametrize("bad", ["int", "columns"])
+def test_an_lm_head_of_another_dtype_or_width_is_refused_by_name(tmp_path: Path, bad: str) -> None:
+    """Integer rows would be cast to float32 without a word, and rows of another width than
+    hidden_size would fail later without naming the tensor."""
+    model_dir = make_causal_reranker(tmp_path / "m")
+    state = load_file(str(model_dir / "model.safetensors"))
+    weight = state["lm_head.weight"]
+    hidden = weight.shape[1]
+    state["lm_head.weight"] = (weight.to(torch.int32) if bad == "int"
+                               else torch.cat([weight, weight[:, :1]], dim=1).contiguous())
+    save_file(state, str(model_dir / "model.safetensors"))
+    info = load_model_info(model_dir)
+    with pytest.raises(ConfigError) as caught:
+        build_head(info, torch.device("cpu"))
+    assert str(caught.value) == (
+        f"{model_dir}: lm_head.weight is torch.int32, not floating point" if bad == "int"
+        else f"{model_dir}: lm_head.weight has {hidden + 1} columns, hidden_size is {hidden}")
