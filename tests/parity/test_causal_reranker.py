@@ -185,3 +185,23 @@ def test_an_lm_head_of_another_dtype_or_width_is_refused_by_name(tmp_path: Path,
     assert str(caught.value) == (
         f"{model_dir}: lm_head.weight is torch.int32, not floating point" if bad == "int"
         else f"{model_dir}: lm_head.weight has {hidden + 1} columns, hidden_size is {hidden}")
+
+
+def test_an_lm_head_not_a_matrix_or_a_tie_not_a_bool_is_refused(tmp_path: Path) -> None:
+    model_dir = make_causal_reranker(tmp_path / "m")
+    path = model_dir / "model.safetensors"
+    state = load_file(str(path))
+    shape = tuple(state["lm_head.weight"].shape)
+    state["lm_head.weight"] = state["lm_head.weight"].flatten().contiguous()
+    save_file(state, str(path))
+    with pytest.raises(ConfigError) as caught:
+        build_head(load_model_info(model_dir), torch.device("cpu"))
+    assert str(caught.value) == (f"{path}: lm_head.weight has shape ({shape[0] * shape[1]},), "
+                                 "not vocabulary x hidden")
+    del state["lm_head.weight"]
+    save_file(state, str(path))
+    set_json(model_dir / "config.json", tie_word_embeddings="yes")
+    with pytest.raises(ConfigError) as caught:
+        build_head(load_model_info(model_dir), torch.device("cpu"))
+    assert str(caught.value) == ("config.json: tie_word_embeddings must be true or false, "
+                                 "found 'yes'")
