@@ -17,7 +17,6 @@ from router.tokenization import Encoded
 from shared import protocol
 from shared.errors import EmbedServeError
 from tests.fixtures.prometheus import samples
-from tests.unit.test_service_run import _Done
 from tests.unit.test_service_start import started_stand_in
 
 
@@ -97,28 +96,6 @@ def test_the_query_route_tokenizes_by_its_rules_without_special_tokens(
     assert values["te_request_input_length_count"] == 2
     assert values["te_request_input_length_sum"] == 7
     assert values["te_request_inference_duration_sum"] == pytest.approx(0.75)
-
-
-def test_inputs_answered_by_workers_count_their_queue_times(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    asked_of_tokenizer(monkeypatch, 3, 4)
-
-    async def main() -> str:
-        service = await started_stand_in()
-        finished = {_Done(10.5, 11.0): 12.0, _Done(10.5, 12.0): 14.0}
-
-        async def infer(encoded, output):
-            return [np.ones(32, dtype=np.float32)] * 2, finished
-
-        service._infer = infer  # type: ignore[method-assign]
-        clock = iter((10.0, 10.5, 14.0))
-        monkeypatch.setattr(service_module, "time",
-                            types.SimpleNamespace(perf_counter=lambda: next(clock)))
-        await _run(service)
-        return service.metrics.render().decode()
-
-    values = samples(asyncio.run(main()))
-    assert values["te_request_queue_duration_sum"] == pytest.approx(1.0)  # (0.5 + 1.5) / 2
 
 
 def test_scored_inputs_count_as_predict(monkeypatch: pytest.MonkeyPatch) -> None:

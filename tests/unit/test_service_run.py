@@ -56,17 +56,20 @@ def test_queue_and_inference_times_are_means_over_the_inputs(
         service._infer = infer  # type: ignore[method-assign]
         clock(monkeypatch, 10.0, 10.5, 14.0)
         try:
-            return (await service.run(["a", "b"], protocol.OutputKind.POOLED, truncate=None,
-                                      direction="right")).timings
+            outcome = await service.run(["a", "b"], protocol.OutputKind.POOLED, truncate=None,
+                                        direction="right")
+            return outcome.timings, service.metrics.render().decode()
         finally:
             await service.stop()
 
-    timings = asyncio.run(main())
+    timings, metrics = asyncio.run(main())
     assert (timings.characters, timings.tokens) == (7, 7)
     assert timings.tokenization_ms == pytest.approx(500.0)
     assert timings.queue_ms == pytest.approx(1000.0)  # (0.5 s + 1.5 s) / 2
     assert timings.inference_ms == pytest.approx(1500.0)  # (1 s + 2 s) / 2
     assert timings.admitted_at == 10.0
+    # The request's queue time in the metrics is the same mean.
+    assert samples(metrics)["te_request_queue_duration_sum"] == pytest.approx(1.0)
 
 
 def test_an_answer_computed_here_counts_from_tokenization_to_done(
