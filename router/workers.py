@@ -361,6 +361,9 @@ class WorkerPool:
 
     def close_now(self) -> None:
         """Last resort at exit: no worker may outlive the router."""
+        # Nor come back: a worker killed here is no death to restart it from (an exit after a
+        # failed start reaches this without stop()).
+        self._stopping = True
         for worker in self.workers:
             if worker.process is not None and worker.process.poll() is None:
                 worker.process.kill()

@@ -134,7 +134,6 @@ def test_a_batch_header_and_records_and_its_result(tmp_path) -> None:
             assert values["te_batch_inference_duration_sum"] == 0.25
         finally:
             dealer.close()
-            pool._stopping = True
             pool.close_now()
 
     asyncio.run(scenario())
@@ -212,13 +211,12 @@ def test_a_death_fails_its_batches_and_restarts_it_with_back_off(tmp_path, monke
             pool._restart(worker)
             assert (worker.restarts, len(spawned)) == (2, 3)
         finally:
-            pool._stopping = True
             pool.close_now()
 
     asyncio.run(scenario())
 
 
-@pytest.mark.parametrize("stopping", ["the pool", "the worker"])
+@pytest.mark.parametrize("stopping", ["the pool", "the worker", "closed at exit"])
 def test_a_death_while_stopping_is_not_restarted(tmp_path, stopping: str) -> None:
     async def scenario() -> None:
         pool = _pool(tmp_path)
@@ -231,14 +229,16 @@ def test_a_death_while_stopping_is_not_restarted(tmp_path, stopping: str) -> Non
         worker.state = WorkerState.READY
         if stopping == "the pool":
             pool._stopping = True
-        else:
+        elif stopping == "the worker":
             worker.state = WorkerState.STOPPING
         try:
-            worker.process.kill()
+            if stopping == "closed at exit":  # after a failed start: no stop() before
+                pool.close_now()
+            else:
+                worker.process.kill()
             await _until(lambda: worker.state is WorkerState.DEAD)
             assert (worker.failures, delays) == (0, [])
         finally:
-            pool._stopping = True
             pool.close_now()
 
     asyncio.run(scenario())
@@ -285,7 +285,6 @@ def test_the_watchdog_kills_silent_workers_only(tmp_path) -> None:
             assert [w.process.poll() for w in pool.workers] == [-9, -9, None, None]
         finally:
             watchdog.cancel()
-            pool._stopping = True
             pool.close_now()
 
     asyncio.run(scenario())
@@ -346,7 +345,6 @@ def test_start_waits_for_the_first_ready_or_fatal(tmp_path) -> None:
             if worker.process is not None:
                 worker.process.kill()
                 worker.process.wait()
-            pool._stopping = True
             pool.close_now()
 
     asyncio.run(scenario())
@@ -395,7 +393,6 @@ def test_replies_for_abandoned_inputs_free_their_slots_and_wake_the_scheduler(
             assert (worker.in_flight, worker.batches_done, stopped) == ({}, 2, [])
         finally:
             dealer.close()
-            pool._stopping = True
             pool.close_now()
 
     asyncio.run(scenario())

@@ -100,7 +100,6 @@ def test_a_garbled_reply_fails_its_batch_not_the_server(tmp_path, no_shutdown, r
             if reply is not _malformed:  # its batch's answer is lost: the worker must go
                 await _until(lambda: pool.workers[0].state is WorkerState.DEAD)
         finally:
-            pool._stopping = True
             pool.close_now()
 
     asyncio.run(scenario())
@@ -118,7 +117,6 @@ def test_a_result_is_read_as_its_batchs_output_asks(tmp_path, no_shutdown) -> No
         try:
             assert entry.future.result()[0].tolist() == np.arange(12).reshape(3, 4).tolist()
         finally:
-            pool._stopping = True
             pool.close_now()
 
     asyncio.run(scenario())
@@ -156,7 +154,6 @@ def test_a_ready_read_after_its_workers_death_does_not_revive_it(tmp_path, no_sh
             await _until(lambda: restarted == ["0"], seconds=3)
         finally:
             dealer.close()
-            pool._stopping = True
             pool.close_now()
 
     asyncio.run(scenario())
@@ -194,7 +191,6 @@ def test_a_ready_from_the_process_before_a_restart_is_ignored(tmp_path, no_shutd
             worker.process.kill()
             worker.process.wait()
             dealer.close()
-            pool._stopping = True
             pool.close_now()
 
     asyncio.run(scenario())
@@ -223,7 +219,6 @@ def test_a_drain_reads_on_past_a_strangers_message_and_an_undecodable_one(tmp_pa
         finally:
             for dealer in dealers:
                 dealer.close()
-            pool._stopping = True
             pool.close_now()
 
     asyncio.run(scenario())
@@ -265,7 +260,6 @@ def test_a_drain_scheduled_by_a_requests_submit_runs_outside_that_request(tmp_pa
             assert spans == [None]
         finally:
             dealer.close()
-            pool._stopping = True
             pool.close_now()
 
     asyncio.run(scenario())
