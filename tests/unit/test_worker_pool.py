@@ -15,24 +15,12 @@ import numpy as np
 import pytest
 import zmq
 
-from router.metrics import Metrics
 from router.queue import Dispatch, Entry
 from router.workers import InFlight, WorkerPool, WorkerState
 from shared import protocol
-from shared.config import WorkerConfig
 from shared.errors import ConfigError, EmbedServeError
 from tests.fixtures.prometheus import samples
-from tests.unit.test_worker_replies import _until
-
-
-def _pool(tmp_path, workers: int = 1, hang_timeout: float = 60,
-          ready_timeout: float = 60) -> WorkerPool:
-    configs = [WorkerConfig(worker_id=str(i), endpoint=f"ipc://{tmp_path}/w.sock",
-                            model_dir="/nowhere", pooling=None, dense_path=None, device="cpu",
-                            dtype=None, max_batch_tokens=64, parent_pid=os.getpid(),
-                            json_output=False) for i in range(workers)]
-    return WorkerPool(configs, hang_timeout=hang_timeout, ready_timeout=ready_timeout,
-                      metrics=Metrics(64))
+from tests.unit.test_worker_replies import _pool, _until
 
 
 def _ready(pid: int, warmup_ms: float = 1.0) -> protocol.Ready:

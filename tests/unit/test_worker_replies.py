@@ -23,12 +23,14 @@ from shared.errors import EmbedServeError
 from shared.logs import LogSpan, current_span
 
 
-def _pool(tmp_path) -> WorkerPool:
-    config = WorkerConfig(worker_id="0", endpoint=f"ipc://{tmp_path}/w.sock",
-                          model_dir="/nowhere", pooling=None, dense_path=None, device="cpu",
-                          dtype=None, max_batch_tokens=64, parent_pid=os.getpid(),
-                          json_output=False)
-    return WorkerPool([config], hang_timeout=60, ready_timeout=60, metrics=Metrics(64))
+def _pool(tmp_path, workers: int = 1, hang_timeout: float = 60,
+          ready_timeout: float = 60) -> WorkerPool:
+    configs = [WorkerConfig(worker_id=str(i), endpoint=f"ipc://{tmp_path}/w.sock",
+                            model_dir="/nowhere", pooling=None, dense_path=None, device="cpu",
+                            dtype=None, max_batch_tokens=64, parent_pid=os.getpid(),
+                            json_output=False) for i in range(workers)]
+    return WorkerPool(configs, hang_timeout=hang_timeout, ready_timeout=ready_timeout,
+                      metrics=Metrics(64))
 
 
 async def _until(condition, seconds: float = 5.0) -> None:
