@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -167,15 +167,10 @@ def _check_listed(index: Path, listed: set[str], shards: list[Path]) -> None:
     the data; .bin shards would have to be unpickled whole, so they are not checked here.)"""
     if not all(shard.suffix == ".safetensors" for shard in shards):
         return
-    from safetensors import safe_open
-
     held: set[str] = set()
     for shard in shards:
-        try:
-            with safe_open(str(shard), framework="pt", device="cpu") as handle:
-                held.update(handle.keys())
-        except Exception as exc:
-            raise ConfigError(f"{shard}: cannot read weights: {exc}") from exc
+        with _open_safetensors(shard) as handle:
+            held.update(handle.keys())
     absent = listed - held
     if absent:
         raise ConfigError(f"{index}: listed but in no shard (an incomplete download?): "
@@ -184,15 +179,9 @@ def _check_listed(index: Path, listed: set[str], shards: list[Path]) -> None:
 
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, CPU tensor) for every tensor of the files, read lazily, one file at a time."""
-    from safetensors import SafetensorError, safe_open
-
     for path in files:
         if path.suffix == ".safetensors":
-            try:
-                opened = safe_open(str(path), framework="pt", device="cpu")
-            except (SafetensorError, OSError) as exc:  # a copy cut short, a corrupt header
-                raise ConfigError(f"{path}: cannot read weights: {exc}") from exc
-            with opened as handle:
+            with _open_safetensors(path) as handle:
                 for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
                     yield key, handle.get_tensor(key)
         else:
@@ -204,6 +193,17 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                     raise ConfigError(f"{path}: {key!r} is a {type(value).__name__}, not a "
                                       "tensor (a nested or non-weight state dict?)")
                 yield key, value
+
+
+def _open_safetensors(path: Path) -> Any:
+    """safetensors' handle on `path`; a file it cannot open (a copy cut short, a corrupt
+    header) is refused by name."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as exc:
+        raise ConfigError(f"{path}: cannot read weights: {exc}") from exc
 
 
 def _torch_load(path: Path) -> object:
