@@ -242,11 +242,6 @@ class CohereUsage(msgspec.Struct):
     total_tokens: int
 
 
-class CohereRerankResponse(msgspec.Struct):
-    id: str  # the request's x-request-id (Cohere answers an id; their SDK reads it if present)
-    results: list[CohereResult]
-    model: str
-    usage: CohereUsage
 
 
 class CohereContent(msgspec.Struct, kw_only=True):
@@ -297,6 +292,14 @@ class CohereBilledUnits(msgspec.Struct):
 class CohereMeta(msgspec.Struct):
     api_version: CohereApiVersion
     billed_units: CohereBilledUnits
+
+
+class CohereRerankResponse(msgspec.Struct):
+    id: str  # the request's x-request-id (Cohere answers an id; their SDK reads it if present)
+    results: list[CohereResult]
+    model: str
+    usage: CohereUsage  # Jina's
+    meta: CohereMeta  # Cohere's: billed_units counts the tokens, not Cohere's "search units"
 
 
 # Cohere's two answers, told apart by their `response_type`.

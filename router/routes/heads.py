@@ -16,6 +16,9 @@ from router.http import read_json, unless_disconnected
 from router.results import Outcome, Timings
 from router.routes import AppState, Endpoint, fields_named, json_response, timing_headers
 from router.schemas import (
+    CohereApiVersion,
+    CohereBilledUnits,
+    CohereMeta,
     CohereRerankRequest,
     CohereRerankResponse,
     CohereResult,
@@ -98,7 +101,7 @@ def routes(state: AppState) -> list[Endpoint]:
                  for i in order]
         return json_response(ranks, timing_headers(timings, started, state.compute_type))
 
-    async def cohere_rerank(request: Request) -> Response:
+    async def cohere_rerank(request: Request, version: str) -> Response:
         started = time.perf_counter()
         body = await read_json(request, CohereRerankRequest, limit)
         with service.refusals_counted():
@@ -119,10 +122,17 @@ def routes(state: AppState) -> list[Endpoint]:
         results = [CohereResult(int(i), values[i],
                                 as_object(body.documents[i]) if body.return_documents else None)
                    for i in order[: body.top_n]]
+        meta = CohereMeta(CohereApiVersion(version), CohereBilledUnits(timings.tokens))
         return json_response(
-            CohereRerankResponse(request.state.request_id, results,
-                                 state.info.served_model_name, CohereUsage(timings.tokens)),
+            CohereRerankResponse(request.state.request_id, results, state.info.served_model_name,
+                                 CohereUsage(timings.tokens), meta),
             timing_headers(timings, started, state.compute_type))
+
+    async def cohere_rerank_v1(request: Request) -> Response:
+        return await cohere_rerank(request, "1")
+
+    async def cohere_rerank_v2(request: Request) -> Response:
+        return await cohere_rerank(request, "2")
 
     async def per_input(request: Request, operation: PerInput) -> Outcome:
         """The shared part of /embed_sparse and /embed_all: same body, one operation."""
@@ -152,10 +162,10 @@ def routes(state: AppState) -> list[Endpoint]:
                  PredictRequest, list[Prediction], ERRORS, inference=True),
         Endpoint("POST", "/rerank", rerank, "Score texts against a query, best first",
                  RerankRequest, list[Rank], ERRORS, inference=True),
-        Endpoint("POST", "/v1/rerank", cohere_rerank, "Cohere/Jina re-rank shape",
+        Endpoint("POST", "/v1/rerank", cohere_rerank_v1, "Cohere/Jina re-rank shape",
                  CohereRerankRequest, CohereRerankResponse, ERRORS, tag="Cohere/Jina",
                  inference=True),
-        Endpoint("POST", "/v2/rerank", cohere_rerank, "Cohere/Jina re-rank shape (v2 path)",
+        Endpoint("POST", "/v2/rerank", cohere_rerank_v2, "Cohere/Jina re-rank shape (v2 path)",
                  CohereRerankRequest, CohereRerankResponse, ERRORS, tag="Cohere/Jina",
                  inference=True),
         Endpoint("POST", "/embed_sparse", embed_sparse,

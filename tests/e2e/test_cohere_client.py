@@ -52,11 +52,13 @@ def pairs(response) -> list[tuple[int, float]]:
     return [(r.index, r.relevance_score) for r in response.results]
 
 
-def check_reply(response, srv: Server) -> None:
-    # Cohere's id (the request's x-request-id) and the Jina-shaped extras the SDK keeps.
+def check_reply(response, srv: Server, version: str) -> None:
+    # Cohere's id (the request's x-request-id) and meta, and the Jina-shaped extras the SDK keeps.
     assert isinstance(response.id, str) and len(response.id) == 32
     assert response.model == srv.client.get("/info", headers=AUTH).json()["model_id"]
     assert response.usage["total_tokens"] > 0
+    assert response.meta.api_version.version == version
+    assert response.meta.billed_units.input_tokens == response.usage["total_tokens"]
 
 
 def test_v1_rerank(reranker) -> None:
@@ -66,7 +68,7 @@ def test_v1_rerank(reranker) -> None:
     assert isinstance(response, cohere.RerankResponse)
     assert pairs(response) == expected  # the same float32 numbers, the same order
     assert all(r.document is None for r in response.results)
-    check_reply(response, reranker)
+    check_reply(response, reranker, "1")
 
     top = client.rerank(query=QUERY, documents=[{"text": d} for d in DOCS], top_n=2,
                         return_documents=True, model="rerank-english-v3.0")
@@ -103,7 +105,7 @@ def test_v2_rerank(reranker) -> None:
     response = client.rerank(model="rerank-v3.5", query=QUERY, documents=DOCS, top_n=3)
     assert isinstance(response, cohere.V2RerankResponse)
     assert pairs(response) == expected[:3]
-    check_reply(response, reranker)
+    check_reply(response, reranker, "2")
     everything = client.rerank(model="any", query=QUERY, documents=DOCS, top_n=len(DOCS) + 5)
     assert pairs(everything) == expected
     # The call langchain-cohere's CohereRerank makes: unset options sent as nulls.

@@ -88,6 +88,7 @@ def test_cohere_rerank_answers_the_top_n_with_the_documents(asked: list, path: s
     response = client.post(path, json=body, headers={"x-request-id": "r3"})
     assert ok(response) == {
         "id": "r3", "model": "org/model", "usage": {"total_tokens": 7},
+        "meta": {"api_version": {"version": path[2]}, "billed_units": {"input_tokens": 7}},
         "results": [{"index": 1, "relevance_score": 0.75, "document": {"text": "b", "id": 7}},
                     {"index": 2, "relevance_score": 0.5, "document": {"text": "c"}}]}
     assert response.headers["x-compute-tokens"] == "7"
