@@ -206,7 +206,8 @@ class Worker:
         except Exception as exc:
             # One bad batch costs only its own requests; the worker keeps serving, unless the
             # failure broke the device itself.
-            log.exception("batch %d failed", batch.batch_id)
+            log.exception("batch %d failed (requests: %s)", batch.batch_id,
+                          ", ".join(batch.request_ids) or "none named")
             self.send(protocol.Failed(batch.batch_id, f"inference failed: {exc}"))
             self.device_lost = device_fault(engine.device)
             if self.device_lost is not None:

@@ -38,7 +38,7 @@ class Dispatch:
 class Entry:
     """One input of one request, tokenized and waiting for its result."""
 
-    request_id: int
+    request_id: str  # its request's x-request-id ("" outside an HTTP request: gRPC)
     input_ids: np.ndarray  # int32, special tokens included
     token_type_ids: np.ndarray  # int32
     position_offset: int
@@ -57,6 +57,11 @@ class Entry:
     def abandoned(self) -> bool:
         # The request gave up (client went away, or a sibling input failed the request).
         return self.future.done()
+
+
+def request_ids(entries: list[Entry]) -> list[str]:
+    """The requests a batch holds, each once, in order (entries without one left out)."""
+    return [i for i in dict.fromkeys(e.request_id for e in entries) if i]
 
 
 def batch_cost(lengths: list[int], cost_model: CostModel) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -41,6 +40,7 @@ from router.tasks import start_supervised
 from router.tokenization import Encoded, TokenizerPool
 from router.tracing import record_phases
 from router.workers import WorkerPool
+from shared import logs
 from shared.errors import ConfigError, EmbedServeError, backend, unhealthy
 from shared.protocol import OutputKind
 
@@ -102,7 +102,6 @@ class InferenceService:
         self.admission = Admission(max_concurrent_requests)
         self._queue: TokenBudgetQueue | None = None
         self._wake = asyncio.Event()
-        self._request_ids = itertools.count()
         self._scheduler: asyncio.Task | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -353,7 +352,8 @@ class InferenceService:
             # queue was emptied then, and entries put now would wait for the restart.
             raise unhealthy("no backend worker is up (the worker died and is restarting)")
         loop = asyncio.get_running_loop()
-        request_id = next(self._request_ids)
+        span = logs.current_span.get()
+        request_id = span.request_id if span is not None else ""
         entries = [
             Entry(request_id, enc.ids, enc.type_ids, self.position_offset, output,
                   loop.create_future(), enc.pool_from)

@@ -26,7 +26,7 @@ import zmq
 
 from router.metrics import Metrics
 from router.packing import pack
-from router.queue import Dispatch, Entry
+from router.queue import Dispatch, Entry, request_ids
 from router.tasks import shut_down_for, start_supervised
 from shared import protocol
 from shared.config import WorkerConfig
@@ -238,7 +238,7 @@ class WorkerPool:
         self._next_batch_id += 1
         header = protocol.Batch(
             batch_id=batch_id,
-            request_ids=[e.request_id for e in entries],
+            request_ids=request_ids(entries),
             outputs=[e.output for e in entries],
             max_len=int(arrays.lengths.max()),
             pool_from=([e.pool_from for e in entries]
@@ -350,7 +350,10 @@ class WorkerPool:
 
     def _fail_in_flight(self, worker: WorkerHandle, message: str) -> None:
         batches, worker.in_flight = worker.in_flight, {}
-        for batch in batches.values():
+        for batch_id, batch in batches.items():
+            # What ties the clients' failed requests to this death in the log.
+            log.error("batch %d lost with worker %s (requests: %s)", batch_id, worker.id,
+                      ", ".join(request_ids(batch.entries)) or "none named")
             self._fail(batch.entries, message)
 
     @staticmethod

@@ -62,7 +62,9 @@ class Ready(_Message, tag="ready"):
 
 class Batch(_Message, tag="batch"):
     batch_id: int
-    request_ids: list[int]
+    # The x-request-ids of its entries' requests, each once: named in the worker's log when the
+    # batch fails, beside the error those requests are answered.
+    request_ids: list[str]
     outputs: list[OutputKind]
     max_len: int
     # Per entry, the leading tokens (a prompt) its pooling leaves out; empty: none anywhere.

@@ -117,7 +117,7 @@ def test_hidden_states_match_transformers_where_sequences_hold_the_pad_id(tmp_pa
     sequences = [[*seq[:2], 1, *seq[2:]] if pad == 1 else seq for seq in ids]
     loop = asyncio.new_event_loop()
     try:
-        arrays = pack([Entry(0, np.asarray(seq, dtype=np.int32), np.zeros(len(seq), np.int32),
+        arrays = pack([Entry("", np.asarray(seq, dtype=np.int32), np.zeros(len(seq), np.int32),
                              info.position_offset, OutputKind.POOLED, loop.create_future())
                        for seq in sequences])
     finally:

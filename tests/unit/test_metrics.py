@@ -54,7 +54,7 @@ def types(text: str) -> dict[str, str]:
 
 def entry(length: int, enqueued: float, dispatched: float) -> Entry:
     ids = np.zeros(length, dtype=np.int32)
-    made = Entry(0, ids, ids, 0, OutputKind.POOLED, cast(Any, None))
+    made = Entry("", ids, ids, 0, OutputKind.POOLED, cast(Any, None))
     made.enqueued_at, made.dispatched_at = enqueued, dispatched
     return made
 

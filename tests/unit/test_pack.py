@@ -19,7 +19,7 @@ _LOOP = asyncio.new_event_loop()  # futures only need a loop to belong to; it ne
 def entry(ids: list[int], types: list[int] | None = None, offset: int = 0,
           dtype: type = np.int32) -> Entry:
     return Entry(
-        request_id=0,
+        request_id="",
         input_ids=np.asarray(ids, dtype=dtype),
         token_type_ids=np.asarray(types if types is not None else [0] * len(ids), dtype=dtype),
         position_offset=offset,
@@ -117,7 +117,7 @@ def test_pack_slices_back_into_the_entries(spec: list[tuple[list[int], int, int]
         np.testing.assert_array_equal(arrays.token_type_ids[span], e.token_type_ids)
         np.testing.assert_array_equal(arrays.position_ids[span], transformers_positions(e))
     # What pack makes is what the worker accepts.
-    header = Batch(batch_id=0, request_ids=[0] * len(entries),
+    header = Batch(batch_id=0, request_ids=[],
                    outputs=[OutputKind.POOLED] * len(entries), max_len=int(arrays.lengths.max()))
     _, buffers = decode([f if isinstance(f, bytes) else f.tobytes()
                          for f in encode(header, *arrays)])

@@ -29,7 +29,7 @@ from shared.protocol import (
 READY = Ready(worker_id="w0", pid=1234, device="cuda:0", dtype="float16", hidden_size=384,
               embedding_dim=384, vocab_size=30522, max_positions=512,
               cost_model=CostModel.PADDED, outputs=[OutputKind.POOLED], warmup_ms=812.5)
-BATCH = Batch(batch_id=7, request_ids=[3, 4, 5], outputs=[OutputKind.POOLED] * 3, max_len=4)
+BATCH = Batch(batch_id=7, request_ids=["r3", "r4"], outputs=[OutputKind.POOLED] * 3, max_len=4)
 RESULT = Result(batch_id=7, rows=3, dim=2, compute_ms=1.25)
 FAILED = Failed(batch_id=7, message="CUDA out of memory")
 FATAL = Fatal(worker_id="w1", message="no such architecture")

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.queue import LOOKAHEAD, Entry, TokenBudgetQueue, batch_cost
+from router.queue import LOOKAHEAD, Entry, TokenBudgetQueue, batch_cost, request_ids
 from shared.protocol import CostModel, OutputKind
 
 COST_MODELS = [CostModel.PACKED, CostModel.PADDED]
@@ -27,10 +27,11 @@ def event_loop() -> Iterator[asyncio.AbstractEventLoop]:
         loop.close()
 
 
-def make_entry(loop: asyncio.AbstractEventLoop, request_id: int, length: int,
+def make_entry(loop: asyncio.AbstractEventLoop, request_id: int | str, length: int,
                output: OutputKind = OutputKind.POOLED) -> Entry:
     return Entry(
-        request_id=request_id,
+        # Most tests label entries with integers, to sort them by; the server's are x-request-ids.
+        request_id=request_id,  # type: ignore[arg-type]
         input_ids=np.zeros(length, dtype=np.int32),
         token_type_ids=np.zeros(length, dtype=np.int32),
         position_offset=0,
@@ -255,3 +256,13 @@ def test_clear_hands_back_only_live_entries() -> None:
         entries[1].future.cancel()
         assert queue.clear() == [entries[0], entries[2]]
         assert len(queue) == 0
+
+
+def test_request_ids_names_each_request_once_in_order() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        entries = [make_entry(loop, i, 1) for i in ("b", "a", "b", "", "c", "a")]
+        assert request_ids(entries) == ["b", "a", "c"]
+        assert request_ids([make_entry(loop, "", 1)]) == []
+    finally:
+        loop.close()

@@ -11,7 +11,7 @@ import numpy as np
 from router.metrics import Metrics
 from router.service import InferenceService
 from router.tokenization import Encoded
-from shared import protocol
+from shared import logs, protocol
 from shared.errors import EmbedServeError, backend
 from tests.fixtures.prometheus import samples
 from tests.unit.test_service_start import _OneWorker, _service, _Tokenizers, _Workers
@@ -93,12 +93,13 @@ def test_a_request_while_draining_is_refused_as_the_server_shutting_down() -> No
 
 def test_waiting_inputs_stay_queued_while_a_worker_is_up_and_go_once_a_slot_frees() -> None:
     """A change in the workers (here a slot freed) wakes the scheduler; only when no worker is
-    up are the waiting inputs failed."""
+    up are the waiting inputs failed. The inputs carry their request's x-request-id."""
 
-    async def main() -> tuple[int, int, list[int], bool]:
+    async def main() -> tuple[int, int, list[int], bool, set[str]]:
         service = _service(max_input_length=512, max_positions=512)
         workers = service.workers = _BusyWorker()  # type: ignore[assignment]
         await service.start(1.0)
+        logs.current_span.set(logs.LogSpan("POST /embed", "req-9"))  # as RequestIdMiddleware
         request = asyncio.ensure_future(
             service._infer(_encoded(3, 4), protocol.OutputKind.POOLED))
         for _ in range(3):
@@ -115,9 +116,9 @@ def test_waiting_inputs_stay_queued_while_a_worker_is_up_and_go_once_a_slot_free
         request.cancel()
         await service.stop()
         return (int(metrics["te_queue_size"]), waiting, [len(b) for b in workers.batches],
-                done)
+                done, {e.request_id for b in workers.batches for e in b})
 
-    assert asyncio.run(main()) == (2, 2, [2], False)
+    assert asyncio.run(main()) == (2, 2, [2], False, {"req-9"})
 
 
 def test_abandoned_inputs_give_a_worker_no_empty_batch() -> None:

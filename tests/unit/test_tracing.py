@@ -34,7 +34,7 @@ TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
 
 def entry(length: int, enqueued: float, dispatched: float, batch: Dispatch) -> Entry:
     ids = np.zeros(length, dtype=np.int32)
-    made = Entry(0, ids, ids, 0, OutputKind.POOLED, cast(Any, None))
+    made = Entry("", ids, ids, 0, OutputKind.POOLED, cast(Any, None))
     made.enqueued_at, made.dispatched_at, made.batch = enqueued, dispatched, batch
     return made
 

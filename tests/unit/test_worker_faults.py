@@ -40,14 +40,15 @@ def _batch() -> tuple[protocol.Batch, list[memoryview]]:
     ids = np.array([101, 7, 102], dtype=np.int32)
     arrays = (ids, np.arange(3, dtype=np.int32), np.zeros(3, dtype=np.int32),
               np.array([0, 3], dtype=np.int32))
-    header = protocol.Batch(batch_id=5, request_ids=[1], outputs=[protocol.OutputKind.POOLED],
+    header = protocol.Batch(batch_id=5, request_ids=["r1"], outputs=[protocol.OutputKind.POOLED],
                             max_len=3)
     return header, [memoryview(a) for a in arrays]
 
 
 @pytest.mark.parametrize("fault", [None, "CUDA error: an illegal memory access"])
 def test_a_failed_batch_is_answered_and_a_broken_device_is_noted(
-        monkeypatch: pytest.MonkeyPatch, fault: str | None) -> None:
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        fault: str | None) -> None:
     monkeypatch.setattr(worker_main, "device_fault", lambda device: fault)
     socket = _Socket()
     worker = Worker(CONFIG, socket)  # type: ignore[arg-type]
@@ -57,6 +58,7 @@ def test_a_failed_batch_is_answered_and_a_broken_device_is_noted(
     assert isinstance(answer, protocol.Failed) and answer.batch_id == 5
     assert "illegal memory access" in answer.message
     assert worker.device_lost == fault
+    assert "batch 5 failed (requests: r1)" in caplog.messages
 
 
 def test_the_serve_loop_ends_once_the_device_is_lost(monkeypatch: pytest.MonkeyPatch) -> None:

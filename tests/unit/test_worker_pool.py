@@ -30,9 +30,9 @@ def _ready(pid: int, warmup_ms: float = 1.0) -> protocol.Ready:
         outputs=[protocol.OutputKind.POOLED], warmup_ms=warmup_ms)
 
 
-def _entry(length: int, pool_from: int = 0) -> Entry:
+def _entry(length: int, pool_from: int = 0, request_id: str = "") -> Entry:
     ids = np.arange(1, length + 1, dtype=np.int32)
-    return Entry(7, ids, np.zeros(length, np.int32), 0, protocol.OutputKind.POOLED,
+    return Entry(request_id, ids, np.zeros(length, np.int32), 0, protocol.OutputKind.POOLED,
                  asyncio.get_running_loop().create_future(), pool_from=pool_from)
 
 
@@ -96,17 +96,18 @@ def test_a_batch_header_and_records_and_its_result(tmp_path) -> None:
         try:
             dealer.send_multipart(protocol.encode(protocol.Heartbeat()))
             await _until(lambda: worker.last_seen > 0)
-            short, long = _entry(3), _entry(5, pool_from=2)
+            short, long = _entry(3, request_id="r1"), _entry(5, pool_from=2, request_id="r1")
             pool.submit(worker, [short, long])
             header, _ = protocol.decode(dealer.recv_multipart())
             assert (header.batch_id, header.max_len, header.pool_from) == (0, 5, [0, 2])
+            assert header.request_ids == ["r1"]
             assert short.batch == long.batch == Dispatch("0", 0, 2, 8)
             assert 0 < short.dispatched_at == long.dispatched_at <= time.perf_counter()
             assert worker.outstanding_tokens == 8
             alone = _entry(4)
             pool.submit(worker, [alone])
             header, _ = protocol.decode(dealer.recv_multipart())
-            assert (header.batch_id, header.pool_from) == (1, [])
+            assert (header.batch_id, header.pool_from, header.request_ids) == (1, [], [])
             values = samples(pool.metrics.render().decode())
             assert values["te_batch_next_size_sum"] == 3
             assert values["te_batch_next_tokens_sum"] == 12
@@ -143,7 +144,8 @@ def test_a_batch_for_a_worker_not_connected_fails_at_once(tmp_path) -> None:
     asyncio.run(scenario())
 
 
-def test_a_death_fails_its_batches_and_restarts_it_with_back_off(tmp_path, monkeypatch) -> None:
+def test_a_death_fails_its_batches_and_restarts_it_with_back_off(
+        tmp_path, monkeypatch, caplog) -> None:
     """The real _spawn with stand-in processes: one killed, then one that exits 0."""
     commands = [["sleep", "60"], ["sh", "-c", "exit 0"], ["sleep", "60"]]
     spawned: list[list[str]] = []
@@ -170,11 +172,13 @@ def test_a_death_fails_its_batches_and_restarts_it_with_back_off(tmp_path, monke
                 WorkerState.STARTING, None, None)
             assert worker.last_seen > 0
             worker.state = WorkerState.READY
-            entry = _entry(3)
+            entry = _entry(3, request_id="r1")
             worker.in_flight[0] = InFlight([entry], 3)
             worker.process.kill()  # type: ignore[union-attr]
             await _until(lambda: worker.state is WorkerState.DEAD)
             assert _error(entry) == "worker 0 died (signal 9) while computing"
+            # The log ties the clients' failed requests to the death.
+            assert "batch 0 lost with worker 0 (requests: r1)" in caplog.messages
             assert (worker.in_flight, worker.failures, delays) == ({}, 1, [0.5])
             assert changes
             pool._restart(worker)
@@ -191,9 +195,10 @@ def test_a_death_fails_its_batches_and_restarts_it_with_back_off(tmp_path, monke
             pool._kill(worker, "hung: silent for 9.0 s")
             pool._kill(worker, "garbled")  # the first reason stays
             entry = _entry(3)
-            worker.in_flight[0] = InFlight([entry], 3)
+            worker.in_flight[4] = InFlight([entry], 3)
             await _until(lambda: worker.state is WorkerState.DEAD)
             assert _error(entry) == "worker 0 died (hung: silent for 9.0 s) while computing"
+            assert "batch 4 lost with worker 0 (requests: none named)" in caplog.messages
             assert delays == [0.5, 1.0, 2.0]
             pool._stopping = True
             pool._restart(worker)

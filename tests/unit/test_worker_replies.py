@@ -59,7 +59,7 @@ async def _exchange(tmp_path, reply, output: protocol.OutputKind = protocol.Outp
     dealer.send_multipart(protocol.encode(protocol.Heartbeat()))
     await _until(lambda: worker.last_seen > 0)  # the router knows the identity
     ids = np.array([1, 2, 3], dtype=np.int32)
-    entry = Entry(7, ids, np.zeros(3, np.int32), 0, output, loop.create_future())
+    entry = Entry("r7", ids, np.zeros(3, np.int32), 0, output, loop.create_future())
     pool.submit(worker, [entry])
     header, _ = protocol.decode(dealer.recv_multipart())
     dealer.send_multipart(reply(header))
@@ -250,7 +250,7 @@ def test_a_drain_scheduled_by_a_requests_submit_runs_outside_that_request(tmp_pa
         try:
             dealer.send_multipart(protocol.encode(protocol.Heartbeat()))
             await _until(lambda: pool._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN)
-            entry = Entry(7, np.array([1, 2, 3], np.int32), np.zeros(3, np.int32), 0,
+            entry = Entry("r7", np.array([1, 2, 3], np.int32), np.zeros(3, np.int32), 0,
                           protocol.OutputKind.POOLED, asyncio.get_running_loop().create_future())
 
             async def request() -> None:  # as the router's request middleware sets it
