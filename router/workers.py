@@ -310,6 +310,9 @@ class WorkerPool:
                         if len(rows) != len(done.entries):
                             raise ValueError(f"{len(rows)} rows for {len(done.entries)} inputs")
                     except ValueError as exc:  # its own batch's loss, not the server's
+                        log.error("batch %d: worker %s sent a malformed result (%s; requests: "
+                                  "%s)", message.batch_id, worker.id, exc,
+                                  ", ".join(request_ids(done.entries)) or "none named")
                         self._fail(done.entries, f"worker {worker.id} sent a malformed "
                                                  f"result: {exc}")
                         self.on_change()

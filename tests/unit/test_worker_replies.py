@@ -91,7 +91,8 @@ def _unexpected(header: protocol.Batch) -> list:
 
 
 @pytest.mark.parametrize("reply", [_malformed, _undecodable, _unexpected])
-def test_a_garbled_reply_fails_its_batch_not_the_server(tmp_path, no_shutdown, reply) -> None:
+def test_a_garbled_reply_fails_its_batch_not_the_server(
+        tmp_path, no_shutdown, caplog, reply) -> None:
     async def scenario() -> None:
         pool, entry = await _exchange(tmp_path, reply)
         try:
@@ -101,6 +102,9 @@ def test_a_garbled_reply_fails_its_batch_not_the_server(tmp_path, no_shutdown, r
             assert pool.workers[0].in_flight == {}
             if reply is not _malformed:  # its batch's answer is lost: the worker must go
                 await _until(lambda: pool.workers[0].state is WorkerState.DEAD)
+            else:
+                assert ("batch 0: worker 0 sent a malformed result (2 rows for 1 inputs; "
+                        "requests: r7)") in caplog.messages
         finally:
             pool.close_now()
 
