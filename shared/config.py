@@ -231,6 +231,9 @@ class ServerConfig:
                                   f"--device {self.device}")
         if self.tokenization_workers is not None and self.tokenization_workers <= 0:
             raise ConfigError("--tokenization-workers must be > 0")
+        if not self.hostname:
+            raise ConfigError("--hostname (HOSTNAME) is empty: give an address, e.g. 0.0.0.0 "
+                              "(all IPv4 interfaces), :: (IPv6) or 127.0.0.1")
         if self.otlp_endpoint is not None:
             url = urllib.parse.urlsplit(self.otlp_endpoint)
             try:
@@ -379,6 +382,10 @@ def parse_config(
             value = _from_env(f, environ)
         if value is dataclasses.MISSING:
             continue
+        if f.name == "hostname":
+            # Spaces around an address (`HOSTNAME=" ::1"` in a compose file) are no part of it:
+            # kept, the bind failed with "Name or service not known".
+            value = value.strip()
         if f.name == "otlp_endpoint" and "://" not in value:
             # `otel-collector:4317`, as collectors' docs write it: the gRPC port, plaintext.
             value = f"http://{value}"

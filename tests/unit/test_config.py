@@ -257,6 +257,10 @@ def test_hostname_env_that_is_a_container_name_is_not_an_address() -> None:
     assert parse(HOSTNAME="embedserve-5d8f7-xk2p9").hostname == "0.0.0.0"
     assert parse(HOSTNAME="127.0.0.1").hostname == "127.0.0.1"
     assert parse(HOSTNAME="::1").hostname == "::1"
+    assert parse(HOSTNAME=" 127.0.0.1 ").hostname == "127.0.0.1"
+    assert parse("--hostname", " ::1").hostname == "::1"
+    with pytest.raises(ConfigError, match=r"--hostname \(HOSTNAME\) is empty"):
+        parse("--hostname", " ")
     assert parse("--hostname", "localhost", HOSTNAME="pod-name").hostname == "localhost"
 
 
