@@ -184,6 +184,8 @@ def bind(hyper: HypercornConfig, flag: str) -> Sockets:
     no write timeout: such a connection would otherwise hold its answer for ever."""
     try:
         sockets = hyper.create_sockets()
+    except socket.gaierror as exc:  # the address is a name nothing resolves
+        raise ConfigError(f"--hostname {hyper.bind[0]}: {exc.strerror or exc}") from None
     except OSError as exc:
         raise ConfigError(f"{flag} {hyper.bind[0]}: {exc.strerror or exc}") from None
     if hasattr(socket, "TCP_USER_TIMEOUT"):

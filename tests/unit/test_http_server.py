@@ -131,6 +131,12 @@ def test_a_port_taken_fails_the_start_naming_the_flag() -> None:
     assert str(raised.value) == f"--port 127.0.0.1:{port}: Address already in use"
 
 
+def test_a_hostname_nothing_resolves_fails_the_start_naming_that_flag() -> None:
+    hyper = http_server.hypercorn_config(_config("--hostname", "no-such-host.invalid"), 3000)
+    with pytest.raises(ConfigError, match=r"^--hostname no-such-host\.invalid:3000: "):
+        http_server.bind(hyper, "--port")
+
+
 @pytest.mark.parametrize(("limits", "raised_to"), [
     ((1024, 4096), (4096, 4096)), ((resource.RLIM_INFINITY, 4096), None),
     ((4096, 4096), None)])
