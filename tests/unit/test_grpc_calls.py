@@ -282,7 +282,8 @@ def test_a_traced_stream_dropped_after_a_reply_ends_its_span_without_a_detach_er
         for n in range(3):
             yield n
 
-    context = SimpleNamespace(invocation_metadata=lambda: (), code=lambda: None)
+    context = SimpleNamespace(invocation_metadata=lambda: (), code=lambda: None,
+                              time_remaining=lambda: None)
     stream = _traced(replies, "/tei.v1.Embed/EmbedStream", provider.get_tracer("t"), True)
 
     async def call() -> None:
@@ -296,6 +297,8 @@ def test_a_traced_stream_dropped_after_a_reply_ends_its_span_without_a_detach_er
     assert not [r for r in caplog.records if "detach" in r.getMessage()]
     [span] = exporter.get_finished_spans()
     assert span.name == "/tei.v1.Embed/EmbedStream"
+    # Closed before its end: the client went away (not OK, though no status was set).
+    assert (span.attributes or {})["rpc.grpc.status_code"] == "CANCELLED"
 
 
 @pytest.mark.parametrize(("authorization", "passes"), [

@@ -51,8 +51,8 @@ class _Work:
                                                admitted_at=time.perf_counter()))
 
 
-def _state(work: _Work) -> SimpleNamespace:
-    service = SimpleNamespace(tracer=None, embed=work.embed, admission=None)
+def _state(work: _Work, tracer: Any = None) -> SimpleNamespace:
+    service = SimpleNamespace(tracer=tracer, embed=work.embed, admission=None)
     return SimpleNamespace(
         service=service, model=SimpleNamespace(kind="embedding"), compute_type="cpu",
         config=SimpleNamespace(api_key=None, payload_limit=2_000_000,
@@ -68,10 +68,10 @@ async def _until(check, timeout: float = 5.0) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _serving(work: _Work) -> AsyncIterator[int]:
+async def _serving(work: _Work, tracer: Any = None) -> AsyncIterator[int]:
     """The server's port; on the way out every answer a call started was cancelled, not left
     running, and the server still answers."""
-    server = grpc_server.build_server(_state(work), health.aio.HealthServicer())  # type: ignore[arg-type]
+    server = grpc_server.build_server(_state(work, tracer), health.aio.HealthServicer())  # type: ignore[arg-type]
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
@@ -85,9 +85,11 @@ async def _serving(work: _Work) -> AsyncIterator[int]:
         await server.stop(None)
 
 
-async def _served(work: _Work, client: Callable[[Any], Awaitable[None]]) -> None:
+async def _served(work: _Work, client: Callable[[Any], Awaitable[None]],
+                  tracer: Any = None) -> None:
     """`client(stub)` with a grpc.aio stub of the server's Embed service."""
-    async with _serving(work) as port, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with (_serving(work, tracer) as port,
+                grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel):
         await client(services.EmbedStub(channel))
 
 
@@ -168,3 +170,39 @@ def test_a_stream_the_client_cancels_after_a_reply_drops_its_answers_in_flight(q
 
     asyncio.run(_served(work, client))
     assert work.started == work.cancelled >= 2
+
+
+def test_the_span_of_a_call_its_client_abandoned_has_its_status_not_ok(quiet) -> None:
+    """With --otlp-endpoint: grpc.aio cancels the handler and sends nothing, so the call's
+    status stays unset, which the span recorded as OK."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    work = _Work()
+
+    async def client(stub) -> None:
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.Embed(pb.EmbedRequest(inputs="slow"), timeout=0.2)
+        await _until(lambda: work.cancelled == 1)
+        call = stub.Embed(pb.EmbedRequest(inputs="slow"), timeout=30)
+        await _until(lambda: work.started == 2)
+        call.cancel()
+        await _until(lambda: work.cancelled == 2)
+        stream = stub.EmbedStream([pb.EmbedRequest(inputs=FAST)]
+                                  + [pb.EmbedRequest(inputs="slow")] * 3)
+        await stream.read()
+        await _until(lambda: work.started >= 4)
+        stream.cancel()
+        await _until(lambda: len(exporter.get_finished_spans()) == 3)
+
+    asyncio.run(_served(work, client, provider.get_tracer("test")))
+    statuses = [(span.name, (span.attributes or {}).get("rpc.grpc.status_code"))
+                for span in exporter.get_finished_spans()]
+    assert statuses == [("/tei.v1.Embed/Embed", "DEADLINE_EXCEEDED"),
+                        ("/tei.v1.Embed/Embed", "CANCELLED"),
+                        ("/tei.v1.Embed/EmbedStream", "CANCELLED"),
+                        ("/tei.v1.Embed/Embed", "OK")]  # (the check that it answers on)
