@@ -1,4 +1,5 @@
-"""The baseline: `SentenceTransformer.encode` in-process on the same model, device and texts.
+"""The baseline: `SentenceTransformer.encode` in-process on the same model, device and texts, or
+for the re-rank benchmark (bench/rerank.py) `CrossEncoder.predict` on the same pairs.
 
 Run as its own process (`python -m bench.baseline IN.json OUT.json`) by bench/run.py, before the
 server starts: the two never share the cores, and the harness process never imports torch, so
@@ -83,8 +84,75 @@ def measure(model_dir: str, device: str, corpus: list[str], corpus_tokens: int,
     )
 
 
+@dataclass(frozen=True)
+class RerankBaselineResult:
+    """CrossEncoder.predict over every pair (throughput), then one query's k pairs per call."""
+
+    all_s: float
+    pairs: int
+    tokens: int
+    query_latencies_s: list[float]
+    torch_version: str
+    torch_threads: int
+    st_version: str
+
+    @property
+    def pairs_per_s(self) -> float:
+        return self.pairs / self.all_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.all_s
+
+    @property
+    def query_p50_s(self) -> float:
+        return percentile(self.query_latencies_s, 50)
+
+    @property
+    def queries_per_s(self) -> float:
+        return len(self.query_latencies_s) / sum(self.query_latencies_s)
+
+
+def measure_rerank(model_dir: str, device: str, queries: list[str], documents: list[list[str]],
+                   tokens: int, latency_queries: int, batch_size: int = 32,
+                   dtype: str = "float32") -> RerankBaselineResult:
+    import sentence_transformers
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    model = CrossEncoder(model_dir, device=device)
+    model.to(getattr(torch, dtype)).eval()  # as `measure` casts SentenceTransformer
+    by_query = [[(q, d) for d in docs] for q, docs in zip(queries, documents, strict=True)]
+
+    def predict(pairs: list[tuple[str, str]]) -> Any:
+        return model.predict(pairs, batch_size=batch_size, convert_to_numpy=True,
+                             show_progress_bar=False)
+
+    for pairs in by_query[:3]:  # warm-up
+        predict(pairs)
+    every = [pair for pairs in by_query for pair in pairs]
+    t0 = time.perf_counter()
+    predict(every)
+    all_s = time.perf_counter() - t0
+    latencies = []
+    for pairs in by_query[:latency_queries]:
+        t0 = time.perf_counter()
+        predict(pairs)
+        latencies.append(time.perf_counter() - t0)
+    return RerankBaselineResult(
+        all_s=all_s, pairs=len(every), tokens=tokens, query_latencies_s=latencies,
+        torch_version=torch.__version__, torch_threads=torch.get_num_threads(),
+        st_version=sentence_transformers.__version__)
+
+
 def main(argv: list[str]) -> None:
     spec = json.loads(Path(argv[0]).read_text())
+    if spec.get("task") == "rerank":
+        reranked = measure_rerank(spec["model_dir"], spec["device"], spec["queries"],
+                                  spec["documents"], spec["tokens"], spec["latency_queries"],
+                                  batch_size=spec["batch_size"], dtype=spec["dtype"])
+        Path(argv[1]).write_text(json.dumps(asdict(reranked)))
+        return
     result = measure(spec["model_dir"], spec["device"], spec["corpus"], spec["corpus_tokens"],
                      spec["queries"], batch_size=spec.get("batch_size", 32),
                      dtype=spec.get("dtype", "float32"))
@@ -93,6 +161,10 @@ def main(argv: list[str]) -> None:
 
 def load(path: Path) -> BaselineResult:
     return BaselineResult(**json.loads(path.read_text()))
+
+
+def load_rerank(path: Path) -> RerankBaselineResult:
+    return RerankBaselineResult(**json.loads(path.read_text()))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ peer server, against issue 6's GPU targets)."""
 
 from __future__ import annotations
 
-from bench.baseline import BaselineResult
+from bench.baseline import BaselineResult, RerankBaselineResult
 from bench.loadgen import LoadResult, percentile
 from bench.report import rate
 from bench.server import CpuSnapshot, StageSnapshot
@@ -51,6 +51,23 @@ def query_figures(res: LoadResult, base: BaselineResult) -> tuple[float, float, 
     p50, qps = percentile(res.latencies_s, 50), len(res.latencies_s) / res.wall_s
     return p50, qps, (f"p50 {p50 / base.query_p50_s:.2f}x, "
                       f"req/s {qps / base.queries_per_s:.2f}x encode")
+
+
+def rerank_throughput_figures(res: LoadResult, base: RerankBaselineResult
+                              ) -> tuple[float, str, str]:
+    """A rerank throughput row's pairs/s, its throughput cell and its vs-baseline cell (pairs/s;
+    the tokens are the same pairs', so the tokens/s ratio is the same number)."""
+    pps = res.texts / res.wall_s
+    return (pps, f"{rate(res.tokens / res.wall_s, 'tok/s')} ({rate(pps, 'pairs/s')})",
+            f"{pps / base.pairs_per_s:.2f}x predict pairs/s")
+
+
+def rerank_latency_figures(res: LoadResult, base: RerankBaselineResult
+                           ) -> tuple[float, float, str]:
+    """A one-rerank-at-a-time row's p50 (s), its requests/s and its vs-baseline cell."""
+    p50, qps = percentile(res.latencies_s, 50), len(res.latencies_s) / res.wall_s
+    return p50, qps, (f"p50 {p50 / base.query_p50_s:.2f}x, "
+                      f"req/s {qps / base.queries_per_s:.2f}x predict")
 
 
 def versus_peer(ours: dict[str, tuple[float, ...]], theirs: dict[str, tuple[float, ...]],

@@ -99,13 +99,18 @@ def _check_shape(body: bytes, texts: int, dim: int | None) -> str | None:
         vectors = [item.get("embedding") for item in vectors["data"]]
     if not isinstance(vectors, list) or len(vectors) != texts:
         return "wrong number of vectors"
+    if vectors and isinstance(vectors[0], dict) and "index" in vectors[0]:  # /rerank's ranks
+        if sorted(rank.get("index") for rank in vectors) != list(range(texts)):
+            return "wrong rerank indices"
+        return None
     if dim is not None and any(len(v) != dim for v in vectors):
         return "wrong dimension"
     return None
 
 
 async def _connection(port: int, requests: list[Request], next_index: list[int],
-                      deadline: float, dim: int | None, result: LoadResult) -> None:
+                      deadline: float, dim: int | None, result: LoadResult,
+                      check_all: bool) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     checked = False
     try:
@@ -136,7 +141,7 @@ async def _connection(port: int, requests: list[Request], next_index: list[int],
                 key = f"HTTP {status}"
                 result.errors[key] = result.errors.get(key, 0) + 1
                 continue
-            if not checked:
+            if check_all or not checked:
                 checked = True
                 problem = _check_shape(body, req.texts, dim)
                 if problem:
@@ -150,13 +155,13 @@ async def _connection(port: int, requests: list[Request], next_index: list[int],
 
 
 async def _run(port: int, requests: list[Request], concurrency: int, time_limit_s: float,
-               dim: int | None) -> LoadResult:
+               dim: int | None, check_all: bool = False) -> LoadResult:
     result = LoadResult()
     next_index = [0]  # shared by the tasks of this process; one event loop, no lock needed
     cpu0 = time.process_time()
     result.start = time.monotonic()
     deadline = result.start + time_limit_s
-    tasks = [_connection(port, requests, next_index, deadline, dim, result)
+    tasks = [_connection(port, requests, next_index, deadline, dim, result, check_all)
              for _ in range(concurrency)]
     outcomes = await asyncio.gather(*tasks, return_exceptions=True)
     result.end = time.monotonic()
@@ -168,7 +173,8 @@ async def _run(port: int, requests: list[Request], concurrency: int, time_limit_
     return result
 
 
-def _run_in_process(args: tuple[int, list[Request], int, float, int | None]) -> LoadResult:
+def _run_in_process(args: tuple[int, list[Request], int, float, int | None, bool]
+                    ) -> LoadResult:
     try:
         import uvloop  # the server's dependency; a cheaper event loop for the client too
 
@@ -178,15 +184,17 @@ def _run_in_process(args: tuple[int, list[Request], int, float, int | None]) -> 
 
 
 def run_load(port: int, requests: list[Request], concurrency: int, time_limit_s: float,
-             dim: int | None = None, processes: int = 1) -> LoadResult:
+             dim: int | None = None, processes: int = 1, check_all: bool = False) -> LoadResult:
     """Send `requests` over `concurrency` keep-alive connections; stop when all are answered
-    or `time_limit_s` has passed (requests in flight then are still awaited)."""
+    or `time_limit_s` has passed (requests in flight then are still awaited). The first answer
+    of each connection is checked for shape, or every answer with `check_all` (a JSON decode
+    per answer: cheap next to a rerank of many pairs, not next to one short query)."""
     processes = max(1, min(processes, concurrency))
     if processes == 1:
-        return _run_in_process((port, requests, concurrency, time_limit_s, dim))
+        return _run_in_process((port, requests, concurrency, time_limit_s, dim, check_all))
     # Process i takes every processes-th request and its share of the connections.
     jobs = [(port, requests[i::processes], concurrency // processes
-             + (1 if i < concurrency % processes else 0), time_limit_s, dim)
+             + (1 if i < concurrency % processes else 0), time_limit_s, dim, check_all)
             for i in range(processes)]
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
         parts = pool.map(_run_in_process, jobs)

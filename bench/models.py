@@ -5,6 +5,13 @@ positions, CLS pooling, Normalize) with seeded random weights and the BERT uncas
 tokenizer of the built-in all-MiniLM-L6-v2 (the same 30,522-token vocabulary): the H100
 reference numbers (float16) quoted in comments and bench/RESULTS.md were measured on this
 shape. Built once per directory with transformers.
+
+Cross-encoders for the re-rank benchmark (bench/rerank.py) are one-label
+`BertForSequenceClassification` directories, which embedserve and sentence-transformers'
+`CrossEncoder` both load as a re-ranker (sigmoid of the one logit): `minilm-cross-encoder` is the
+built-in all-MiniLM-L6-v2 encoder (trained weights) plus a seeded head, the shape of
+cross-encoder/ms-marco-MiniLM-L6-v2; `bge-reranker-base` is a random BERT of
+BAAI/bge-reranker-base's size (768 hidden, 12 layers, 512 positions; the real one is XLM-R).
 """
 
 from __future__ import annotations
@@ -70,6 +77,55 @@ def random_model(shape: str, root: Path, tokenizer_dir: Path, seed: int = 0) -> 
     if config_path.is_file():
         tok_config = json.loads(config_path.read_text())
         tok_config["model_max_length"] = max_len
+        config_path.write_text(json.dumps(tok_config))
+    staging.rename(path)
+    return path
+
+
+# One-label classifier shapes: None is the built-in encoder's own (trained) weights.
+CROSS_ENCODERS: dict[str, dict[str, Any] | None] = {
+    "minilm-cross-encoder": None,
+    "bge-reranker-base": SHAPES["bge-base"],
+}
+
+
+def cross_encoder(shape: str, root: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A one-label sequence-classification directory of `shape` under root (reused when built):
+    seeded head weights, on the encoder of `tokenizer_dir` or on random weights of the shape."""
+    if shape not in CROSS_ENCODERS:
+        raise SystemExit(f"unknown cross-encoder shape {shape!r} "
+                         f"(known: {', '.join(CROSS_ENCODERS)})")
+    path = root / f"random-{shape}"
+    if (path / "config.json").is_file():
+        return path
+    import torch
+    import transformers
+
+    staging = path.with_name(path.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    torch.manual_seed(seed)
+    dims = CROSS_ENCODERS[shape]
+    model: Any
+    if dims is None:
+        model = transformers.BertForSequenceClassification.from_pretrained(
+            str(tokenizer_dir), num_labels=1)
+    else:
+        vocab = json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"]
+        config = transformers.BertConfig(vocab_size=len(vocab), **dims)
+        config.num_labels = 1
+        model = transformers.BertForSequenceClassification(config)
+    with torch.no_grad():  # a head with some spread, so the scores are not all alike
+        model.classifier.weight.normal_(0, 0.5)
+        model.classifier.bias.normal_(0, 0.1)
+    model.save_pretrained(str(staging), safe_serialization=True)
+    for name in _TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copy(tokenizer_dir / name, staging / name)
+    config_path = staging / "tokenizer_config.json"
+    if dims is not None and config_path.is_file():
+        tok_config = json.loads(config_path.read_text())
+        tok_config["model_max_length"] = dims["max_position_embeddings"]
         config_path.write_text(json.dumps(tok_config))
     staging.rename(path)
     return path

@@ -118,7 +118,7 @@ def title_now() -> str:
     return datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
 
 
-def command_line(argv: list[str]) -> str:
+def command_line(argv: list[str], module: str = "bench.run") -> str:
     """The command as it can be re-run: the interpreter relative to the checkout when it is the
     project's venv, else as it was (the GPU host runs its own Python)."""
     python = Path(sys.executable)
@@ -126,13 +126,14 @@ def command_line(argv: list[str]) -> str:
         shown = str(python.relative_to(REPO))
     except ValueError:
         shown = str(python)
-    return shlex.join([shown, "-m", "bench.run", *argv])
+    return shlex.join([shown, "-m", module, *argv])
 
 
 def append(path: Path, text: str) -> None:
     new = not path.exists()
     with path.open("a", encoding="utf-8") as f:
         if new:
-            f.write("# Benchmark results\n\nAppended by `python -m bench.run`; newest last. "
-                    "Compare runs by their ratios against the baseline of the same run.\n")
+            f.write("# Benchmark results\n\nAppended by `python -m bench.run` (and "
+                    "`bench.rerank`); newest last. Compare runs by their ratios against the "
+                    "baseline of the same run.\n")
         f.write("\n" + text)

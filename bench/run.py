@@ -16,9 +16,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from bench import peers, report, workloads
 from bench.baseline import BaselineResult, load
@@ -37,6 +38,8 @@ from bench.figures import (
 from bench.loadgen import LoadResult, Request, build_request, percentile, run_load
 from bench.report import Row, ms, rate
 from bench.server import CpuSnapshot, Server, StageSnapshot, machine_busy_s, rss_kib
+
+T = TypeVar("T")
 
 # Other load above this (in cores) during a phase gets a warning under the table.
 _OTHER_LOAD_WARN = 0.15
@@ -129,20 +132,26 @@ def own_cpu_s() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def baseline_process(spec: dict[str, Any], loader: Callable[[Path], T]) -> tuple[T, float]:
+    """`python -m bench.baseline` on `spec` in its own process: its result (read by `loader`)
+    and the other load on the machine meanwhile (cores)."""
+    busy0, own0, t0 = machine_busy_s(), own_cpu_s(), time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="bench-baseline-") as tmp:
+        spec_path, out = Path(tmp) / "in.json", Path(tmp) / "out.json"
+        spec_path.write_text(json.dumps(spec))
+        subprocess.run([sys.executable, "-m", "bench.baseline", str(spec_path), str(out)],
+                       cwd=report.REPO, check=True)
+        result = loader(out)
+    wall = time.monotonic() - t0
+    return result, (machine_busy_s() - busy0 - (own_cpu_s() - own0)) / wall
+
+
 def run_baseline(model: str, device: str, dtype: str, corpus: workloads.Texts,
                  queries: list[str], batch_size: int) -> tuple[BaselineResult, float]:
     """The baseline's result and the other load on the machine meanwhile (cores)."""
-    busy0, own0, t0 = machine_busy_s(), own_cpu_s(), time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="bench-baseline-") as tmp:
-        spec, out = Path(tmp) / "in.json", Path(tmp) / "out.json"
-        spec.write_text(json.dumps({"model_dir": model, "device": device, "dtype": dtype,
-                                    "corpus": corpus.texts, "corpus_tokens": corpus.total_tokens,
-                                    "queries": queries, "batch_size": batch_size}))
-        subprocess.run([sys.executable, "-m", "bench.baseline", str(spec), str(out)],
-                       cwd=report.REPO, check=True)
-        result = load(out)
-    wall = time.monotonic() - t0
-    return result, (machine_busy_s() - busy0 - (own_cpu_s() - own0)) / wall
+    return baseline_process({"model_dir": model, "device": device, "dtype": dtype,
+                             "corpus": corpus.texts, "corpus_tokens": corpus.total_tokens,
+                             "queries": queries, "batch_size": batch_size}, load)
 
 
 @dataclass(frozen=True)
@@ -157,10 +166,10 @@ class Measured:
 
 
 def measure(server: Server, requests: list[Request], concurrency: int,
-            args: argparse.Namespace, dim: int | None) -> Measured:
+            args: argparse.Namespace, dim: int | None, check_all: bool = False) -> Measured:
     stages0, before, busy0 = server.stages(), server.cpu(), machine_busy_s()
     result = run_load(server.port, requests, concurrency, args.time_limit, dim,
-                      args.client_processes)
+                      args.client_processes, check_all)
     cpu, busy = server.cpu() - before, machine_busy_s() - busy0
     return Measured(result, cpu, server.stages() - stages0,
                     (busy - cpu.tree_s - result.client_cpu_s) / result.wall_s)

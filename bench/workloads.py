@@ -66,6 +66,16 @@ class TextFactory:
             raise ValueError("no sampleable tokens in the vocabulary")
         return ids
 
+    def count_pairs(self, query: str, documents: list[str]) -> list[int]:
+        """Tokens per (query, document) pair as the server computes them, truncated."""
+        encodings = self._tokenizer.encode_batch([(query, d) for d in documents],
+                                                 add_special_tokens=True)
+        return [min(len(e.ids), self.max_length) for e in encodings]
+
+    def pair_extra(self) -> int:
+        """Tokens a pair's specials add to both texts' own counts (BERT: 3 - 2 * 2 = -1)."""
+        return (self._tokenizer.num_special_tokens_to_add(is_pair=True) - 2 * self._special)
+
     def count(self, texts: list[str]) -> list[int]:
         """Tokens per text as the server computes them (special tokens in, truncated)."""
         encodings = self._tokenizer.encode_batch(texts, add_special_tokens=True)
@@ -118,3 +128,45 @@ def embed_bodies(texts: Texts, batch: int) -> list[tuple[bytes, int, int]]:
         body = json.dumps({"inputs": chunk}, ensure_ascii=False).encode()
         out.append((body, len(chunk), sum(texts.tokens[start:start + batch])))
     return out
+
+
+@dataclass(frozen=True)
+class Reranks:
+    """Rerank requests: one query and k documents each, with each pair's tokens as the server
+    counts them (query and document together, specials included)."""
+
+    queries: list[str]
+    documents: list[list[str]]
+    pair_tokens: list[list[int]]
+
+    @property
+    def pairs(self) -> int:
+        return sum(len(docs) for docs in self.documents)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(sum(tokens) for tokens in self.pair_tokens)
+
+
+def rerank_document_max(factory: TextFactory, doc_max: int, query_max: int = 10) -> int:
+    """The longest document (alone, specials included) whose pair with the longest query still
+    fits the model's max input length, capped at `doc_max`: no pair is truncated."""
+    fit = factory.max_length - query_max - factory.pair_extra()
+    return min(doc_max, fit)
+
+
+def reranks(factory: TextFactory, count: int, k: int, doc_max: int, seed: int) -> Reranks:
+    """`count` requests of one U[6, 10]-token query and `k` documents of U[16, doc_max] tokens,
+    doc_max lowered until every pair fits (`rerank_document_max`)."""
+    hi = rerank_document_max(factory, doc_max)
+    qs = queries(factory, count, seed)
+    docs = factory.make(count * k, 16, hi, seed + 2)
+    documents = [docs.texts[i * k:(i + 1) * k] for i in range(count)]
+    return Reranks(qs.texts, documents,
+                   [factory.count_pairs(q, d) for q, d in zip(qs.texts, documents, strict=True)])
+
+
+def rerank_bodies(work: Reranks) -> list[tuple[bytes, int, int]]:
+    """TEI /rerank bodies ({"query", "texts"}), with their pair and token counts."""
+    return [(json.dumps({"query": q, "texts": d}, ensure_ascii=False).encode(), len(d), sum(t))
+            for q, d, t in zip(work.queries, work.documents, work.pair_tokens, strict=True)]
