@@ -30,7 +30,7 @@ from bench.figures import (
 from bench.loadgen import build_request, percentile, run_load
 from bench.report import Row, ms, rate
 from bench.run import (
-    _OTHER_LOAD_WARN,
+    OTHER_LOAD_WARN,
     Measured,
     baseline_dtype,
     baseline_process,
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                                  args.time_limit)
             if problem is not None:
                 notes.append(problem)
-            if m.other > _OTHER_LOAD_WARN:
+            if m.other > OTHER_LOAD_WARN:
                 notes.append(f"other processes used {m.other:.2f} cores during /rerank at {conc}"
                              " in flight: those numbers are not from a quiet machine")
         router_rss = server.router_rss_kib()
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         notes.append(f"{len(problems)} WARNING/ERROR lines in the server log ({server.log_path}),"
                      f" first: {problems[0][:200]!r}")
-    if base_other > _OTHER_LOAD_WARN:
+    if base_other > OTHER_LOAD_WARN:
         notes.append(f"other processes used {base_other:.2f} cores during the baseline")
 
     facts = [

@@ -42,7 +42,7 @@ from bench.server import CpuSnapshot, Server, StageSnapshot, machine_busy_s, rss
 T = TypeVar("T")
 
 # Other load above this (in cores) during a phase gets a warning under the table.
-_OTHER_LOAD_WARN = 0.15
+OTHER_LOAD_WARN = 0.15
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda"):
         notes.append(gpu_verdict(ours, base.tokens_per_s, unfinished))
     for phase, other in others:
-        if other > _OTHER_LOAD_WARN:
+        if other > OTHER_LOAD_WARN:
             notes.append(f"other processes used {other:.2f} cores during {phase}: those numbers "
                          "are not from a quiet machine")
     facts = [
