@@ -51,9 +51,7 @@ def random_model(shape: str, root: Path, tokenizer_dir: Path, seed: int = 0) -> 
     staging = path.with_name(path.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    for name in _TOKENIZER_FILES:
-        if (tokenizer_dir / name).is_file():
-            shutil.copy(tokenizer_dir / name, staging / name)
+    _copy_tokenizer(tokenizer_dir, staging)
     vocab = json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"]
     torch.manual_seed(seed)
     config = transformers.BertConfig(vocab_size=len(vocab), **SHAPES[shape])
@@ -104,28 +102,54 @@ def cross_encoder(shape: str, root: Path, tokenizer_dir: Path, seed: int = 0) ->
     staging = path.with_name(path.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    torch.manual_seed(seed)
     dims = CROSS_ENCODERS[shape]
-    model: Any
     if dims is None:
-        model = transformers.BertForSequenceClassification.from_pretrained(
-            str(tokenizer_dir), num_labels=1)
-    else:
-        vocab = json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"]
-        config = transformers.BertConfig(vocab_size=len(vocab), **dims)
-        config.num_labels = 1
-        model = transformers.BertForSequenceClassification(config)
-    with torch.no_grad():  # a head with some spread, so the scores are not all alike
-        model.classifier.weight.normal_(0, 0.5)
-        model.classifier.bias.normal_(0, 0.1)
+        with_seeded_head(tokenizer_dir, staging, {0: "LABEL_0"}, seed)
+        staging.rename(path)
+        return path
+    torch.manual_seed(seed)
+    vocab = json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"]
+    config = transformers.BertConfig(vocab_size=len(vocab), **dims)
+    config.num_labels = 1
+    model = transformers.BertForSequenceClassification(config)
+    _spread_head(model)
     model.save_pretrained(str(staging), safe_serialization=True)
-    for name in _TOKENIZER_FILES:
-        if (tokenizer_dir / name).is_file():
-            shutil.copy(tokenizer_dir / name, staging / name)
+    _copy_tokenizer(tokenizer_dir, staging)
     config_path = staging / "tokenizer_config.json"
-    if dims is not None and config_path.is_file():
+    if config_path.is_file():
         tok_config = json.loads(config_path.read_text())
         tok_config["model_max_length"] = dims["max_position_embeddings"]
         config_path.write_text(json.dumps(tok_config))
     staging.rename(path)
     return path
+
+
+def with_seeded_head(encoder_dir: Path, dest: Path, labels: dict[int, str], seed: int) -> Path:
+    """`encoder_dir`'s trained BERT encoder with a seeded classification head of `labels` (one
+    label: a cross-encoder) and its tokenizer, saved in `dest`: heads checked, or timed, on real
+    encoder weights."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.BertForSequenceClassification.from_pretrained(
+        str(encoder_dir), num_labels=len(labels), id2label=labels,
+        label2id={v: k for k, v in labels.items()})
+    _spread_head(model)
+    model.save_pretrained(str(dest), safe_serialization=True)
+    _copy_tokenizer(encoder_dir, dest)
+    return dest
+
+
+def _spread_head(model: Any) -> None:
+    import torch
+
+    with torch.no_grad():  # a head with some spread, so the scores are not all alike
+        model.classifier.weight.normal_(0, 0.5)
+        model.classifier.bias.normal_(0, 0.1)
+
+
+def _copy_tokenizer(source: Path, dest: Path) -> None:
+    for name in _TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy(source / name, dest / name)

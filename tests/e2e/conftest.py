@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.models import with_seeded_head
 from shared.resolve import default_model_dir
 from tests.e2e.server import serving
 
@@ -61,21 +62,7 @@ LABELS = {0: "anger", 1: "joy", 2: "fear", 3: "surprise", 4: "neutral"}
 def minilm_with_head(minilm_dir: Path, root: Path, labels: dict[int, str]) -> Path:
     """MiniLM's trained encoder plus a seeded classification head: a 5-label classifier,
     or with one label a cross-encoder, so heads are checked on trained encoder weights."""
-    import torch
-    from transformers import BertForSequenceClassification
-
-    torch.manual_seed(len(labels))
-    model = BertForSequenceClassification.from_pretrained(
-        str(minilm_dir), num_labels=len(labels), id2label=labels,
-        label2id={v: k for k, v in labels.items()})
-    with torch.no_grad():  # a head with some spread, so the scores are not all alike
-        model.classifier.weight.normal_(0, 0.5)
-        model.classifier.bias.normal_(0, 0.1)
-    model.save_pretrained(root, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "vocab.txt"):
-        shutil.copy(minilm_dir / name, root / name)
-    return root
+    return with_seeded_head(minilm_dir, root, labels, seed=len(labels))
 
 
 @pytest.fixture(scope="session")
