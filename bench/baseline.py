@@ -18,23 +18,14 @@ from typing import Any
 from bench.loadgen import percentile
 
 
-@dataclass(frozen=True)
-class BaselineResult:
-    corpus_s: float
-    corpus_texts: int
-    corpus_tokens: int
+@dataclass(frozen=True, kw_only=True)
+class _Timed:
+    """What both baselines time one query at a time, and what they ran on."""
+
     query_latencies_s: list[float]
     torch_version: str
     torch_threads: int
     st_version: str
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.corpus_tokens / self.corpus_s
-
-    @property
-    def texts_per_s(self) -> float:
-        return self.corpus_texts / self.corpus_s
 
     @property
     def query_p50_s(self) -> float:
@@ -44,6 +35,21 @@ class BaselineResult:
     def queries_per_s(self) -> float:
         """One query after another: the rate a single caller gets."""
         return len(self.query_latencies_s) / sum(self.query_latencies_s)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BaselineResult(_Timed):
+    corpus_s: float
+    corpus_texts: int
+    corpus_tokens: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.corpus_tokens / self.corpus_s
+
+    @property
+    def texts_per_s(self) -> float:
+        return self.corpus_texts / self.corpus_s
 
 
 def measure(model_dir: str, device: str, corpus: list[str], corpus_tokens: int,
@@ -84,17 +90,13 @@ def measure(model_dir: str, device: str, corpus: list[str], corpus_tokens: int,
     )
 
 
-@dataclass(frozen=True)
-class RerankBaselineResult:
+@dataclass(frozen=True, kw_only=True)
+class RerankBaselineResult(_Timed):
     """CrossEncoder.predict over every pair (throughput), then one query's k pairs per call."""
 
     all_s: float
     pairs: int
     tokens: int
-    query_latencies_s: list[float]
-    torch_version: str
-    torch_threads: int
-    st_version: str
 
     @property
     def pairs_per_s(self) -> float:
@@ -103,14 +105,6 @@ class RerankBaselineResult:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.all_s
-
-    @property
-    def query_p50_s(self) -> float:
-        return percentile(self.query_latencies_s, 50)
-
-    @property
-    def queries_per_s(self) -> float:
-        return len(self.query_latencies_s) / sum(self.query_latencies_s)
 
 
 def measure_rerank(model_dir: str, device: str, queries: list[str], documents: list[list[str]],

@@ -36,6 +36,8 @@ from bench.run import (
     baseline_process,
     in_flight_problem,
     measure,
+    publish,
+    server_fact,
 )
 from bench.server import Server, rss_kib
 
@@ -199,16 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         ("baseline", f"sentence-transformers {base.st_version} CrossEncoder.predict, torch "
                      f"{base.torch_version} ({base.torch_threads} threads), "
                      f"{args.baseline_dtype}, batch {args.batch}, run before the server started"),
-        ("server", f"ready after {ready_s:.1f} s; router RSS after the load "
-                   f"{router_rss / 1024:.0f} MiB (workers: "
-                   f"{', '.join(f'{r / 1024:.0f} MiB' for r in worker_rss) or 'n/a'})"),
+        ("server", server_fact(ready_s, router_rss, worker_rss)),
     ]
     title = f"{report.title_now()}: rerank{' (quick)' if args.quick else ''}"
-    text = report.render(title, facts, rows, notes)
-    print("\n" + text)
-    if not args.no_append:
-        report.append(args.results, text)
-        print(f"appended to {args.results}")
+    publish(report.render(title, facts, rows, notes), args)
     return 0
 
 

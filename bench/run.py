@@ -371,17 +371,25 @@ def main(argv: list[str] | None = None) -> int:
         ("baseline", f"sentence-transformers {base.st_version}, torch {base.torch_version} "
                      f"({base.torch_threads} threads), {args.baseline_dtype}, "
                      "run before the server started"),
-        ("server", f"ready after {ready_s:.1f} s; router RSS after the load "
-                   f"{router_rss / 1024:.0f} MiB (workers: "
-                   f"{', '.join(f'{r / 1024:.0f} MiB' for r in worker_rss) or 'n/a'})"),
+        ("server", server_fact(ready_s, router_rss, worker_rss)),
     ]
     title = f"{report.title_now()}{' (quick)' if args.quick else ''}"
-    text = report.render(title, facts, rows, notes)
+    publish(report.render(title, facts, rows, notes), args)
+    return 0
+
+
+def server_fact(ready_s: float, router_rss_kib: int, worker_rss_kib: list[int]) -> str:
+    workers = ", ".join(f"{r / 1024:.0f} MiB" for r in worker_rss_kib) or "n/a"
+    return (f"ready after {ready_s:.1f} s; router RSS after the load "
+            f"{router_rss_kib / 1024:.0f} MiB (workers: {workers})")
+
+
+def publish(text: str, args: argparse.Namespace) -> None:
+    """Print the run's entry, and append it to --results unless --no-append."""
     print("\n" + text)
     if not args.no_append:
         report.append(args.results, text)
         print(f"appended to {args.results}")
-    return 0
 
 
 if __name__ == "__main__":
