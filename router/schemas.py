@@ -242,8 +242,6 @@ class CohereUsage(msgspec.Struct):
     total_tokens: int
 
 
-
-
 class CohereContent(msgspec.Struct, kw_only=True):
     type: str
     text: str | None = None

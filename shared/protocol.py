@@ -62,8 +62,8 @@ class Ready(_Message, tag="ready"):
 
 class Batch(_Message, tag="batch"):
     batch_id: int
-    # The x-request-ids of its entries' requests, each once: named in the worker's log when the
-    # batch fails, beside the error those requests are answered.
+    # The x-request-ids of its entries' requests, each once: the worker's log names them when
+    # the batch fails, so that the clients' failed requests can be found there.
     request_ids: list[str]
     outputs: list[OutputKind]
     max_len: int
