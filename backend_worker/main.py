@@ -23,12 +23,12 @@ import zmq
 
 from backend_worker.memory import HeapTrimmer, cap_primitive_cache
 from shared import protocol
-from shared.config import WorkerConfig
 from shared.dtypes import default_dtype, emulated_dtype
 from shared.errors import ConfigError
 from shared.logs import setup_logging
 from shared.modelinfo import load_model_info
 from shared.process import STOP_SIGNAL, supervised_child
+from shared.protocol import WorkerConfig
 
 if TYPE_CHECKING:  # imported in load(), after the process is set up
     import torch

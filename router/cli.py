@@ -37,7 +37,6 @@ from router.workers import WorkerPool
 from shared.classifier import scored_before
 from shared.config import (
     ServerConfig,
-    WorkerConfig,
     container_hostname,
     package_version,
     parse_config,
@@ -46,6 +45,7 @@ from shared.dtypes import default_dtype
 from shared.errors import ConfigError
 from shared.logs import setup_logging, unknown_log_level
 from shared.modelinfo import ModelInfo, load_model_info
+from shared.protocol import WorkerConfig
 from shared.resolve import ResolvedModel, resolve_model
 
 log = logging.getLogger("embedserve")

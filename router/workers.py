@@ -29,9 +29,9 @@ from router.packing import pack
 from router.queue import Dispatch, Entry, request_ids
 from router.tasks import shut_down_for, start_supervised
 from shared import protocol
-from shared.config import WorkerConfig
 from shared.errors import ConfigError, backend
 from shared.process import STOP_SIGNAL
+from shared.protocol import WorkerConfig
 
 log = logging.getLogger(__name__)
 

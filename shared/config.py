@@ -2,8 +2,8 @@
 
 Each field carries its flag, env var and help text as metadata, so `--help`, the env lookup and
 the documentation cannot drift apart. The environment is read once, in `parse_config`; the
-resulting object is passed to each process (the worker gets a `WorkerConfig`), never looked up
-through globals.
+resulting object is passed to each process (a worker gets a `shared.protocol.WorkerConfig`),
+never looked up through globals.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn
-
-import msgspec
 
 from shared.errors import ConfigError
 from shared.st_modules import POOLINGS
@@ -263,23 +261,6 @@ class ServerConfig:
                                   "starting with /")
         if self.default_prompt is not None and self.default_prompt_name is not None:
             raise ConfigError("--default-prompt and --default-prompt-name are mutually exclusive")
-
-
-class WorkerConfig(msgspec.Struct, frozen=True):
-    """What a backend worker process needs, handed to it as JSON on its command line."""
-
-    worker_id: str
-    endpoint: str
-    model_dir: str
-    pooling: str | None
-    dense_path: str | None
-    device: str
-    dtype: str | None
-    max_batch_tokens: int
-    parent_pid: int
-    json_output: bool
-    threads: int | None = None  # torch intra-op threads; None: torch's default
-    cuda_graphs: bool = True
 
 
 def _flags(f: dataclasses.Field) -> tuple[str, ...]:

@@ -1,5 +1,8 @@
 """The typed wire protocol between the router and the backend workers.
 
+A worker starts with its `WorkerConfig`, JSON on its command line; everything after goes over
+its ZeroMQ socket.
+
 A message is one msgpack header frame (a tagged msgspec Struct, so its kind is explicit) followed
 by raw buffer frames: numpy arrays sent without copying and read back with `np.frombuffer`. There
 is no pickle anywhere on this path.
@@ -22,6 +25,23 @@ from typing import NamedTuple
 
 import msgspec
 import numpy as np
+
+
+class WorkerConfig(msgspec.Struct, frozen=True):
+    """What a backend worker process needs, handed to it as JSON on its command line."""
+
+    worker_id: str
+    endpoint: str
+    model_dir: str
+    pooling: str | None
+    dense_path: str | None
+    device: str
+    dtype: str | None
+    max_batch_tokens: int
+    parent_pid: int
+    json_output: bool
+    threads: int | None = None  # torch intra-op threads; None: torch's default
+    cuda_graphs: bool = True
 
 
 class OutputKind(enum.IntEnum):

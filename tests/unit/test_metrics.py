@@ -22,9 +22,8 @@ from router.metrics import (
 )
 from router.queue import Entry
 from router.workers import InFlight, WorkerHandle, WorkerState
-from shared.config import WorkerConfig
 from shared.errors import ErrorType
-from shared.protocol import OutputKind
+from shared.protocol import OutputKind, WorkerConfig
 from tests.fixtures.prometheus import samples
 
 TEI_FAMILIES = {

@@ -17,7 +17,7 @@ import zmq
 from backend_worker import main as worker_main
 from backend_worker.main import Worker, device_fault
 from shared import protocol
-from shared.config import WorkerConfig
+from shared.protocol import WorkerConfig
 
 CONFIG = WorkerConfig(worker_id="0", endpoint="ipc:///nowhere", model_dir="/nowhere",
                       pooling=None, dense_path=None, device="cpu", dtype=None,

@@ -18,9 +18,9 @@ from router.metrics import Metrics
 from router.queue import Entry
 from router.workers import WorkerPool, WorkerState
 from shared import protocol
-from shared.config import WorkerConfig
 from shared.errors import EmbedServeError
 from shared.logs import LogSpan, current_span
+from shared.protocol import WorkerConfig
 
 
 def _pool(tmp_path, workers: int = 1, hang_timeout: float = 60,
