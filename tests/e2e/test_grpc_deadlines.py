@@ -79,11 +79,14 @@ def test_a_stream_past_its_deadline_while_waiting_for_permits(server: GrpcServer
     assert held == [150]  # the permits went on to the holder's messages
     assert len(stub.Embed(LONG, timeout=10).embeddings) > 0
     after = _settled(server)
-    # Its messages in flight (the stream's parallelism: up to 2) were dropped, not computed.
+    # Its messages in flight at the deadline (the stream's parallelism: up to 2) were dropped,
+    # not computed, or (a race) answered just as the deadline passed, a reply the client never
+    # read but the server counted as a success; nothing else of its 200 ran.
     dropped = (after['te_request_failure{err="dropped"}']
                - before['te_request_failure{err="dropped"}'])
-    assert 1 <= dropped <= 2
-    assert total(after, "te_request_success") - total(before, "te_request_success") == 151 + replies
+    unread = (total(after, "te_request_success") - total(before, "te_request_success")
+              - 151 - replies)
+    assert unread >= 0 and 1 <= dropped + unread <= 2, (dropped, unread)
     _quiet(server)
 
 
