@@ -80,13 +80,14 @@ def test_a_stream_past_its_deadline_while_waiting_for_permits(server: GrpcServer
     assert len(stub.Embed(LONG, timeout=10).embeddings) > 0
     after = _settled(server)
     # Its messages in flight at the deadline (the stream's parallelism: up to 2) were dropped,
-    # not computed, or (a race) answered just as the deadline passed, a reply the client never
-    # read but the server counted as a success; nothing else of its 200 ran.
+    # not computed. Replies that raced the deadline were answered, counted as successes, and
+    # never read: one whose slot had just gone to the next message, one on the wire. Nothing
+    # else of its 200 ran.
     dropped = (after['te_request_failure{err="dropped"}']
                - before['te_request_failure{err="dropped"}'])
     unread = (total(after, "te_request_success") - total(before, "te_request_success")
               - 151 - replies)
-    assert unread >= 0 and 1 <= dropped + unread <= 2, (dropped, unread)
+    assert dropped <= 2 and unread >= 0 and 1 <= dropped + unread <= 4, (dropped, unread)
     _quiet(server)
 
 
@@ -97,8 +98,14 @@ def test_a_stream_cancelled_after_its_first_reply_drops_the_rest(server: GrpcSer
     next(call)
     call.cancel()
     after = _settled(server)
+    received = total(after, "te_request_count") - total(before, "te_request_count")
     answered = total(after, "te_request_success") - total(before, "te_request_success")
-    assert answered < 10, after  # not the 200 the stream would have sent
-    assert after['te_request_failure{err="dropped"}'] > before['te_request_failure{err="dropped"}']
+    dropped = (after['te_request_failure{err="dropped"}']
+               - before['te_request_failure{err="dropped"}'])
+    assert received < 10, after  # the server read on no further: not the stream's 200
+    # Each message it read was answered or dropped, none failed otherwise. How many were still
+    # in flight at the cancel (dropped) is a race: on a fast turn all of them were answered, to
+    # a client that no longer read.
+    assert answered >= 1 and answered + dropped == received, (received, answered, dropped)
     assert len(stub.Embed(LONG, timeout=10).embeddings) > 0
     _quiet(server)
