@@ -197,7 +197,15 @@ class SendTimeout:
         self._dropped, self._reported = 0, time.monotonic()
 
 
+# Echoed and logged: a client's id is kept only when it is short visible ASCII (no control
+# characters to forge log lines with, no 60 KB log lines).
 _SAFE_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+
+
+def request_id_for(given: str) -> str:
+    """A request's id: the client's (`x-request-id`, over HTTP or gRPC) when it is safe to echo
+    and log, else a new one."""
+    return given if _SAFE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
 
 class RequestIdMiddleware:
@@ -212,10 +220,7 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        given = Headers(scope=scope).get("x-request-id", "")
-        # Echoed and logged: a client's id is kept only when it is short visible ASCII (no
-        # control characters to forge log lines with, no 60 KB log lines).
-        request_id = given if _SAFE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        request_id = request_id_for(Headers(scope=scope).get("x-request-id", ""))
         scope.setdefault("state", {})["request_id"] = request_id
         status = 0
 

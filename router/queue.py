@@ -38,7 +38,7 @@ class Dispatch:
 class Entry:
     """One input of one request, tokenized and waiting for its result."""
 
-    request_id: str  # its request's x-request-id ("" outside an HTTP request: gRPC)
+    request_id: str  # its request's (or gRPC call's) x-request-id ("" outside one)
     input_ids: np.ndarray  # int32, special tokens included
     token_type_ids: np.ndarray  # int32
     position_offset: int

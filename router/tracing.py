@@ -15,10 +15,9 @@ batches get one inference span per batch.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, use_span
@@ -111,19 +110,11 @@ class TracingMiddleware:
             await self.app(scope, receive, send_traced)
 
 
-@contextlib.contextmanager
-def rpc_span(tracer: Tracer, method: str,
-             metadata: Iterable[tuple[str, Any]] | None) -> Iterator[Span]:
-    """A SERVER span around one gRPC call (`method`: its path, /tei.v1.Embed/Embed), a child
-    of the `traceparent` in its metadata, current while the call runs, so the service's phase
-    spans become its children as over HTTP."""
-    with current(rpc_start(tracer, method, metadata), end=True) as span:
-        yield span
-
-
 def rpc_start(tracer: Tracer, method: str, metadata: Iterable[tuple[str, Any]] | None) -> Span:
-    """`rpc_span`'s span, started but not made current (a streaming call makes it current only
-    while its own code runs: see router.grpc.calls)."""
+    """A SERVER span for one gRPC call (`method`: its path, /tei.v1.Embed/Embed), a child of
+    the `traceparent` in its metadata, started but not made current: router.grpc.observed makes
+    it current while the call's own code runs, so the service's phase spans become its children
+    as over HTTP."""
     carrier = {key: value for key, value in metadata or () if isinstance(value, str)}
     # (Exceptions do not mark it: an abort with a client's error is one; `rpc_ended` does.)
     return tracer.start_span(

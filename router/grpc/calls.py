@@ -13,7 +13,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from router.admission import patiently
-from router.tracing import current, rpc_ended, rpc_span, rpc_start
+from router.grpc.observed import observed
 from shared.errors import EmbedServeError, ErrorType
 
 log = logging.getLogger(__name__)
@@ -79,76 +79,14 @@ def method_handlers(service: Any, servicer: Any,
     for method in service.methods:
         parse = getattr(messages, method.input_type.name).FromString
         factory = FACTORIES[(method.client_streaming, method.server_streaming)]
-        behavior = getattr(servicer, method.name)
-        tracer = servicer.service.tracer  # (None unless --otlp-endpoint: nothing wrapped)
-        if tracer is not None:
-            behavior = _traced(behavior, f"/{service.full_name}/{method.name}", tracer,
-                               method.server_streaming)
+        # (The tracer is None unless --otlp-endpoint.)
+        behavior = observed(getattr(servicer, method.name), f"/{service.full_name}/{method.name}",
+                            method.server_streaming, servicer.service.tracer)
         handlers[method.name] = factory(
             behavior,
             request_deserializer=parse if method.client_streaming else _lenient(parse),
             response_serializer=getattr(messages, method.output_type.name).SerializeToString)
     return handlers
-
-
-def _traced(behavior: Callable[..., Any], path: str, tracer: Any, streams: bool) -> Any:
-    """`behavior` inside a SERVER span (router.tracing.rpc_span) that ends with its status."""
-    if streams:
-        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            # The span is current only while the call's own code runs, not across a yield:
-            # grpc.aio leaves the generator of a call the client cancelled to the garbage
-            # collector, which closes it in another Context, where detaching fails.
-            span = rpc_start(tracer, path, context.invocation_metadata())
-            replies = behavior(request, context).__aiter__()
-            code = None
-            try:
-                while True:
-                    with current(span):
-                        try:
-                            reply = await anext(replies)
-                        except StopAsyncIteration:
-                            break
-                    yield reply
-            except (asyncio.CancelledError, GeneratorExit):
-                # Cancelled while working, or closed while waiting for the client to read
-                # (the garbage collector's aclose): the client went away.
-                code = _abandoned(context)
-                raise
-            finally:
-                rpc_ended(span, code or context.code())
-                span.end()
-
-        return stream
-
-    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        with rpc_span(tracer, path, context.invocation_metadata()) as span:
-            code = None
-            try:
-                return await behavior(request, context)
-            except asyncio.CancelledError:
-                code = _abandoned(context)
-                raise
-            finally:
-                rpc_ended(span, code or context.code())
-
-    return call
-
-
-# A call cancelled this close to its deadline was cancelled by it. The client's grpc cancels
-# (RST_STREAM) when its own timer fires, which the server's copy of the deadline (arrival plus
-# grpc-timeout) trails by the one-way latency the cancel then takes: it arrives at about the
-# server's deadline whatever the latency, often first (up to 7 ms before on localhost, 2 cores).
-_DEADLINE_SLACK_S = 0.1
-
-
-def _abandoned(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-    """The status of a call cancelled under its handler: grpc.aio cancels it when the client
-    cancels or its deadline passes, and sends nothing, so `context.code()` is still None (which
-    a span would record as OK). Which of the two it was, by the deadline (None: none)."""
-    remaining = context.time_remaining()
-    if remaining is not None and remaining <= _DEADLINE_SLACK_S:
-        return grpc.StatusCode.DEADLINE_EXCEEDED
-    return grpc.StatusCode.CANCELLED
 
 
 def _as_error(exc: Exception, method: str) -> EmbedServeError:

@@ -5,6 +5,7 @@ reflection, the lifecycle and the error statuses."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -187,6 +188,23 @@ def test_embed_stream_answers_in_input_order(embedder, embed_stub) -> None:
     for reply, text, row in zip(replies, TEXTS, theirs, strict=True):
         close(reply.embeddings, row)
         assert reply.metadata.compute_chars == len(text)
+
+
+def test_each_call_has_a_request_id_in_its_trailing_metadata(embed_stub) -> None:
+    """The client's x-request-id, else a new one, as HTTP's header: with the status too."""
+    def echoed(metadata) -> str:
+        [request_id] = [value for key, value in metadata if key == "x-request-id"]
+        return request_id
+
+    _, call = embed_stub.Embed.with_call(pb.EmbedRequest(inputs="a"),
+                                         metadata=(("x-request-id", "grpc-7"),))
+    assert echoed(call.trailing_metadata()) == "grpc-7"
+    _, call = embed_stub.Embed.with_call(pb.EmbedRequest(inputs="a"))
+    assert re.fullmatch(r"[0-9a-f]{32}", echoed(call.trailing_metadata()))
+    with pytest.raises(grpc.RpcError) as info:
+        embed_stub.Embed(pb.EmbedRequest(inputs=""), metadata=(("x-request-id", "grpc-8"),))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert echoed(info.value.trailing_metadata()) == "grpc-8"
 
 
 def test_embed_all_and_its_stream_equal_http(embedder, embed_stub) -> None:

@@ -272,7 +272,7 @@ def test_a_traced_stream_dropped_after_a_reply_ends_its_span_without_a_detach_er
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from router.grpc.calls import _traced
+    from router.grpc.observed import observed
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
@@ -283,8 +283,8 @@ def test_a_traced_stream_dropped_after_a_reply_ends_its_span_without_a_detach_er
             yield n
 
     context = SimpleNamespace(invocation_metadata=lambda: (), code=lambda: None,
-                              time_remaining=lambda: None)
-    stream = _traced(replies, "/tei.v1.Embed/EmbedStream", provider.get_tracer("t"), True)
+                              time_remaining=lambda: None, set_trailing_metadata=lambda m: None)
+    stream = observed(replies, "/tei.v1.Embed/EmbedStream", True, provider.get_tracer("t"))
 
     async def call() -> None:
         gen = stream(None, context)
@@ -293,7 +293,7 @@ def test_a_traced_stream_dropped_after_a_reply_ends_its_span_without_a_detach_er
         await contextvars.Context().run(asyncio.ensure_future, gen.aclose())
 
     with caplog.at_level(logging.ERROR):
-        run(call())
+        run(call())  # (the log span too: resetting it there would raise ValueError)
     assert not [r for r in caplog.records if "detach" in r.getMessage()]
     [span] = exporter.get_finished_spans()
     assert span.name == "/tei.v1.Embed/EmbedStream"
