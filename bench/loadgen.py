@@ -97,6 +97,8 @@ def _check_shape(body: bytes, texts: int, dim: int | None) -> str | None:
     vectors = json.loads(body)
     if isinstance(vectors, dict) and isinstance(vectors.get("data"), list):  # OpenAI's shape
         vectors = [item.get("embedding") for item in vectors["data"]]
+    if isinstance(vectors, dict) and isinstance(vectors.get("results"), list):  # Cohere's ranks
+        vectors = vectors["results"]
     if not isinstance(vectors, list) or len(vectors) != texts:
         return "wrong number of vectors"
     if vectors and isinstance(vectors[0], dict) and "index" in vectors[0]:  # /rerank's ranks

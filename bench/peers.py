@@ -7,7 +7,8 @@ neither of which the development machine can fetch.
 
 Infinity is run as its users run it: `infinity_emb v2` with its defaults (torch engine, dtype
 auto) on the same model directory, device and batch size, answering the OpenAI-shaped
-`POST /embeddings` that the workloads are rewritten into.
+`POST /embeddings` (bench.run) or the Cohere-shaped `POST /rerank` (bench.rerank) that the
+workloads are rewritten into.
 """
 
 from __future__ import annotations
@@ -28,6 +29,18 @@ def openai_bodies(bodies: list[tuple[bytes, int, int]]) -> list[tuple[bytes, int
     return [(json.dumps({"input": json.loads(body)["inputs"], "model": SERVED_NAME},
                         ensure_ascii=False).encode(), texts, tokens)
             for body, texts, tokens in bodies]
+
+
+def rerank_bodies(bodies: list[tuple[bytes, int, int]]) -> list[tuple[bytes, int, int]]:
+    """TEI /rerank bodies ({"query", "texts"}) as Infinity's (Cohere-shaped) /rerank bodies:
+    the same query and documents, every document ranked, none returned."""
+    def rewritten(body: bytes) -> bytes:
+        tei = json.loads(body)
+        return json.dumps({"query": tei["query"], "documents": tei["texts"],
+                           "return_documents": False, "model": SERVED_NAME},
+                          ensure_ascii=False).encode()
+
+    return [(rewritten(body), texts, tokens) for body, texts, tokens in bodies]
 
 
 class InfinityServer(ServerProcess):

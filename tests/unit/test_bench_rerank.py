@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from bench import rerank, run, workloads
+from bench import peers, rerank, run, workloads
 from bench.baseline import RerankBaselineResult
 from bench.figures import rerank_latency_figures, rerank_throughput_figures
 from bench.loadgen import LoadResult, _check_shape
@@ -59,6 +59,41 @@ def test_an_answer_without_every_document_ranked_once_is_an_error() -> None:
     twice = [*ranks[:2], {"index": 2, "score": 0.0}]
     twice[1] = {"index": 2, "score": 0.5}
     assert _check_shape(json.dumps(twice).encode(), 3, None) == "wrong rerank indices"
+
+
+def test_infinity_gets_the_same_query_and_documents_in_cohere_shape(
+        factory: workloads.TextFactory) -> None:
+    bodies = workloads.rerank_bodies(workloads.reranks(factory, 3, 4, 64, seed=0))
+    rewritten = peers.rerank_bodies(bodies)
+    for (ours, n, tok), (theirs, their_n, their_tok) in zip(bodies, rewritten, strict=True):
+        tei = json.loads(ours)
+        assert json.loads(theirs) == {"query": tei["query"], "documents": tei["texts"],
+                                      "return_documents": False, "model": peers.SERVED_NAME}
+        assert (their_n, their_tok) == (n, tok)
+
+
+def test_cohere_shaped_ranks_are_checked_as_tei_shaped_ones() -> None:
+    results = [{"relevance_score": 0.9, "index": 1, "document": None},
+               {"relevance_score": 0.2, "index": 0, "document": None}]
+    assert _check_shape(json.dumps({"results": results}).encode(), 2, None) is None
+    assert _check_shape(json.dumps({"results": results[:1]}).encode(), 2,
+                        None) == "wrong number of vectors"
+    results[1]["index"] = 1
+    assert _check_shape(json.dumps({"results": results}).encode(), 2,
+                        None) == "wrong rerank indices"
+
+
+def test_embedserve_against_infinity_reads_as_ratios() -> None:
+    ours = {"throughput": 60.0, "p50": 0.5, "req/s": 2.0}
+    theirs = {"throughput": 30.0, "p50": 1.5, "req/s": 0.5}
+    assert rerank.versus_infinity(ours, theirs, 8) == (
+        "embedserve against Infinity under the same load: at 8 in flight 2.00x the pairs/s; "
+        "at 1 in flight p50 0.33x, req/s 4.00x")
+
+
+def test_an_infinity_path_that_is_not_an_executable_is_refused_at_once(tmp_path) -> None:
+    with pytest.raises(SystemExit):
+        rerank.parse_args(["--infinity", str(tmp_path / "missing")])
 
 
 def _base() -> RerankBaselineResult:
