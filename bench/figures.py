@@ -84,6 +84,14 @@ def versus_peer(ours: dict[str, tuple[float, ...]], theirs: dict[str, tuple[floa
     return f"embedserve against {name} under the same load: " + "; ".join(parts)
 
 
+def versus_peer_rerank(ours: dict[str, float], theirs: dict[str, float], name: str,
+                       conc: int) -> str:
+    """embedserve's /rerank against another server's, as ratios."""
+    return (f"embedserve against {name} under the same load: at {conc} in flight "
+            f"{ours['throughput'] / theirs['throughput']:.2f}x the pairs/s; at 1 in flight "
+            f"p50 {ours['p50'] / theirs['p50']:.2f}x, req/s {ours['req/s'] / theirs['req/s']:.2f}x")
+
+
 # Issue 6's bar on one H100 (bge-base shape, U[16,512] corpus): HTTP corpus throughput, its
 # ratio to SentenceTransformer.encode in the same run, one short query's p50 at 1 in flight.
 GPU_TARGETS = {"corpus_tokens_per_s": 1.2e6, "corpus_vs_encode": 8.0, "query_p50_s": 2.5e-3}

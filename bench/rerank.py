@@ -40,7 +40,7 @@ from bench.run import (
     publish,
     server_fact,
 )
-from bench.server import Server, machine_busy_s, rss_kib
+from bench.server import Server, rss_kib
 
 DEFAULT_MODEL = "random:minilm-cross-encoder"
 
@@ -130,54 +130,6 @@ def baseline_rows(base: RerankBaselineResult, other: float, k: int, batch: int) 
     ]
 
 
-def measure_infinity(model: str, bodies: list[tuple[bytes, int, int]], args: argparse.Namespace,
-                     base: RerankBaselineResult) -> tuple[list[Row], list[str], dict[str, float]]:
-    """Infinity's /rerank under the two loads embedserve had: its rows, facts, and its pairs/s
-    ("throughput") and one-at-a-time p50 and req/s ("p50", "req/s")."""
-    peer = peers.InfinityServer(args.infinity, model, args.device, args.batch)
-    try:
-        ready_s = peer.wait_healthy()
-        print(f"{peer.name} up on :{peer.port} after {ready_s:.1f} s", flush=True)
-        requests = [build_request(peer.port, "/rerank", body, n, tok)
-                    for body, n, tok in peers.rerank_bodies(bodies)]
-        run_load(peer.port, requests[:4], 2, 120, check_all=True)  # warm-up, not measured
-        rows: list[Row] = []
-        facts: list[str] = []
-        numbers: dict[str, float] = {}
-        for reqs, conc in ((requests, args.concurrency), (requests[:args.latency_requests], 1)):
-            print(f"{peer.name} rerank: {len(reqs)} requests, {conc} in flight ...", flush=True)
-            cpu0, busy0 = peer.cpu_s(), machine_busy_s()
-            res = run_load(peer.port, reqs, conc, args.time_limit, check_all=True)
-            cpu, busy = peer.cpu_s() - cpu0, machine_busy_s() - busy0
-            if conc == 1:
-                numbers["p50"], numbers["req/s"], versus = rerank_latency_figures(res, base)
-                throughput = rate(numbers["req/s"], "req/s")
-            else:
-                numbers["throughput"], throughput, versus = rerank_throughput_figures(res, base)
-            problem = incomplete(f"{peer.name} /rerank at {conc} in flight", res, len(reqs),
-                                 args.time_limit)
-            if problem is not None:
-                facts.append(problem)
-            rows.append(Row(f"{peer.name} /rerank ({args.k} docs/request)", str(conc),
-                            str(len(res.latencies_s)), errors_text(res), throughput,
-                            ms(percentile(res.latencies_s, 50)),
-                            ms(percentile(res.latencies_s, 99)), versus,
-                            cpu_text(res.client_cpu_s, res.wall_s, len(res.latencies_s)),
-                            f"{cpu / res.wall_s:.2f} cores (all its processes)", "",
-                            cores((busy - cpu - res.client_cpu_s) / res.wall_s)))
-    finally:
-        peer.stop()
-    facts.insert(0, f"{peer.name}: {peer.versions()}, started as `{' '.join(peer.args[1:])}`; "
-                    f"ready after {ready_s:.1f} s")
-    return rows, facts, numbers
-
-
-def versus_infinity(ours: dict[str, float], theirs: dict[str, float], conc: int) -> str:
-    return (f"embedserve against Infinity under the same load: at {conc} in flight "
-            f"{ours['throughput'] / theirs['throughput']:.2f}x the pairs/s; at 1 in flight "
-            f"p50 {ours['p50'] / theirs['p50']:.2f}x, req/s {ours['req/s'] / theirs['req/s']:.2f}x")
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -243,14 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(f"other processes used {base_other:.2f} cores during the baseline")
     if args.infinity:
         # Only now: on a small machine two servers at once would measure each other.
-        try:
-            peer_rows, peer_facts, theirs = measure_infinity(model, bodies, args, base)
-        except Exception as exc:  # embedserve's table is still worth printing and keeping
-            said = " ".join(str(exc).split())  # one markdown line, its log tail included
-            notes.append(f"Infinity not measured: {type(exc).__name__}: {said}"[:2000])
-        else:
-            rows += peer_rows
-            notes += [*peer_facts, versus_infinity(ours, theirs, args.concurrency)]
+        peer_rows, peer_notes = peers.measured(
+            "Infinity", lambda: peers.measure_infinity_rerank(model, bodies, args, base, ours))
+        rows += peer_rows
+        notes += peer_notes
 
     facts = [
         ("machine", report.machine(args.device)),

@@ -33,7 +33,6 @@ from bench.figures import (
     incomplete,
     query_figures,
     stages_text,
-    versus_peer,
 )
 from bench.loadgen import LoadResult, Request, build_request, percentile, run_load
 from bench.report import Row, ms, rate
@@ -175,51 +174,6 @@ def measure(server: Server, requests: list[Request], concurrency: int,
                     (busy - cpu.tree_s - result.client_cpu_s) / result.wall_s)
 
 
-def measure_peer(peer: peers.InfinityServer, corpus_bodies: list[tuple[bytes, int, int]],
-                 query_bodies: list[tuple[bytes, int, int]], args: argparse.Namespace,
-                 dim: int | None, base: BaselineResult
-                 ) -> tuple[list[Row], list[str], dict[str, tuple[float, ...]]]:
-    """The HTTP workloads against another server: rows beside embedserve's, facts, and the
-    numbers by workload (as `main` keeps embedserve's)."""
-    ready_s = peer.wait_healthy()
-    print(f"{peer.name} up on :{peer.port} after {ready_s:.1f} s", flush=True)
-    corpus_reqs = [build_request(peer.port, peer.path, body, n, tok)
-                   for body, n, tok in peers.openai_bodies(corpus_bodies)]
-    query_reqs = [build_request(peer.port, peer.path, body, n, tok)
-                  for body, n, tok in peers.openai_bodies(query_bodies)]
-    run_load(peer.port, corpus_reqs[:2] + query_reqs[:20], 2, 60, dim)  # warm-up
-    rows: list[Row] = []
-    facts: list[str] = []
-    numbers: dict[str, tuple[float, ...]] = {}
-    loads = [(f"{peer.name} corpus ({args.batch} texts/request)", corpus_reqs, args.concurrency),
-             *((f"{peer.name} queries (1 text/request)", query_reqs, conc)
-               for conc in args.query_concurrency)]
-    for what, requests, conc in loads:
-        print(f"{what}, {conc} in flight ...", flush=True)
-        cpu0, busy0 = peer.cpu_s(), machine_busy_s()
-        res = run_load(peer.port, requests, conc, args.time_limit, dim, args.client_processes)
-        cpu, busy = peer.cpu_s() - cpu0, machine_busy_s() - busy0
-        other = (busy - cpu - res.client_cpu_s) / res.wall_s
-        problem = incomplete(f"{what} at {conc} in flight", res, len(requests),
-                             args.time_limit)
-        if problem is not None:
-            facts.append(problem)
-        if requests is corpus_reqs:
-            tps, throughput, versus = corpus_figures(res, base)
-            numbers["corpus"] = (tps,)
-        else:
-            p50, qps, versus = query_figures(res, base)
-            numbers[f"queries {conc}"] = (p50, qps)
-            throughput = rate(qps, "req/s")
-        rows.append(Row(what, str(conc), str(len(res.latencies_s)), errors_text(res),
-                        throughput, ms(percentile(res.latencies_s, 50)),
-                        ms(percentile(res.latencies_s, 99)), versus,
-                        cpu_text(res.client_cpu_s, res.wall_s, len(res.latencies_s)),
-                        f"{cpu / res.wall_s:.2f} cores (all its processes)", "", cores(other)))
-    return rows, [f"{peer.name}: {peer.versions()}, started as `{' '.join(peer.args[1:])}`; "
-                  f"ready after {ready_s:.1f} s", *facts], numbers
-
-
 def in_flight_problem(concurrency: int, batch: int, limit: int | None) -> str | None:
     """Why the corpus load would be partly refused, or None. The server counts inputs in flight
     (--max-concurrent-requests) and answers 429 to a request that does not fit: those would be
@@ -330,19 +284,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.infinity:
         # Only now: on a small machine two servers at once would measure each other.
-        try:
-            peer = peers.InfinityServer(args.infinity, model, args.device, args.batch)
-            try:
-                peer_rows, peer_facts, theirs = measure_peer(peer, corpus_bodies, query_bodies,
-                                                             args, dim, base)
-            finally:
-                peer.stop()
-        except Exception as exc:  # embedserve's table is still worth printing and keeping
-            said = " ".join(str(exc).split())  # one markdown line, its log tail included
-            notes.append(f"Infinity not measured: {type(exc).__name__}: {said}"[:2000])
-        else:
-            rows += peer_rows
-            notes += [*peer_facts, versus_peer(ours, theirs, peer.name)]
+        peer_rows, peer_notes = peers.measured("Infinity", lambda: peers.measure_infinity(
+            model, corpus_bodies, query_bodies, args, dim, base, ours))
+        rows += peer_rows
+        notes += peer_notes
 
     rows[:0] = [
         Row(f"SentenceTransformer.encode corpus (batch {args.batch})", "", str(base.corpus_texts),

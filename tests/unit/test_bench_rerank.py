@@ -11,7 +11,7 @@ import pytest
 
 from bench import peers, rerank, run, workloads
 from bench.baseline import RerankBaselineResult
-from bench.figures import rerank_latency_figures, rerank_throughput_figures
+from bench.figures import rerank_latency_figures, rerank_throughput_figures, versus_peer_rerank
 from bench.loadgen import LoadResult, _check_shape
 from shared.resolve import default_model_dir
 
@@ -86,7 +86,7 @@ def test_cohere_shaped_ranks_are_checked_as_tei_shaped_ones() -> None:
 def test_embedserve_against_infinity_reads_as_ratios() -> None:
     ours = {"throughput": 60.0, "p50": 0.5, "req/s": 2.0}
     theirs = {"throughput": 30.0, "p50": 1.5, "req/s": 0.5}
-    assert rerank.versus_infinity(ours, theirs, 8) == (
+    assert versus_peer_rerank(ours, theirs, "Infinity", 8) == (
         "embedserve against Infinity under the same load: at 8 in flight 2.00x the pairs/s; "
         "at 1 in flight p50 0.33x, req/s 4.00x")
 
