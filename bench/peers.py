@@ -7,9 +7,9 @@ harness is given its executable (`--infinity PATH`). TEI ships as a Rust binary 
 neither of which the development machine can fetch.
 
 Infinity is run as its users run it: `infinity_emb v2` with its defaults (torch engine, dtype
-auto: float32 on a CPU) on the same model directory, device and batch size, answering the OpenAI-shaped
-`POST /embeddings` (bench.run) or the Cohere-shaped `POST /rerank` (bench.rerank) that the
-workloads are rewritten into.
+auto: float32 on a CPU) on the same model directory, device and batch size, answering the
+OpenAI-shaped `POST /embeddings` (bench.run) or the Cohere-shaped `POST /rerank` (bench.rerank)
+that the workloads are rewritten into.
 """
 
 from __future__ import annotations
