@@ -6,26 +6,35 @@ tools must not need the key.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 
 from router.grpc.calls import FACTORIES
+from router.grpc.observed import observed
 from router.http import bearer_matches
 
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
                  "/grpc.reflection.v1.ServerReflection/")
 
 
-def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as `handler` that answers UNAUTHENTICATED at once."""
+def _refusal(handler: grpc.RpcMethodHandler, message: str,
+             path: str) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as `handler` that answers UNAUTHENTICATED at once, with a
+    request id and an access line as any call has (HTTP's 401s have them too)."""
 
     async def refuse(request, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    factory = FACTORIES[(handler.request_streaming, handler.response_streaming)]
-    return factory(refuse, request_deserializer=handler.request_deserializer,
+    async def refuse_stream(request, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # (never reached: the abort ends the call)
+
+    streams = handler.response_streaming
+    factory = FACTORIES[(handler.request_streaming, streams)]
+    return factory(observed(refuse_stream if streams else refuse, path, streams, None),
+                   request_deserializer=handler.request_deserializer,
                    response_serializer=handler.response_serializer)
 
 
@@ -49,4 +58,4 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         if bearer_matches(given, self.key):
             return handler
         return _refusal(handler, "missing authorization metadata" if not given
-                        else "invalid API key in the authorization metadata")
+                        else "invalid API key in the authorization metadata", details.method)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
+import logging
 from types import SimpleNamespace
 
 import grpc
@@ -16,8 +18,34 @@ class _Aborted(Exception):
 
 
 class _Context:
+    def __init__(self) -> None:
+        self.status: grpc.StatusCode | None = None
+        self.trailing: tuple = ()
+
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.status = code
         raise _Aborted(code, details)
+
+    def invocation_metadata(self) -> tuple:
+        return (("x-request-id", "r-9"),)
+
+    def set_trailing_metadata(self, metadata: tuple) -> None:
+        self.trailing = metadata
+
+    def code(self) -> grpc.StatusCode | None:
+        return self.status
+
+
+def _answer(behavior, context: _Context) -> None:
+    """Run a refusal's behavior, unary or streaming, to its end."""
+    async def run() -> None:
+        if inspect.isasyncgenfunction(behavior):
+            async for _ in behavior(None, context):
+                pass
+        else:
+            await behavior(None, context)
+
+    asyncio.run(run())
 
 
 async def _handle(request, context) -> str:
@@ -63,7 +91,7 @@ def test_a_refusal_says_whether_the_key_was_missing_or_wrong(metadata: tuple,
                                                              message: str) -> None:
     refusal = _chosen("/tei.v1.Embed/Embed", metadata)
     with pytest.raises(_Aborted) as info:
-        asyncio.run(refusal.unary_unary(None, _Context()))  # type: ignore[attr-defined]
+        _answer(refusal.unary_unary, _Context())  # type: ignore[attr-defined]
     assert info.value.args == (grpc.StatusCode.UNAUTHENTICATED, message)
 
 
@@ -92,6 +120,16 @@ def test_a_refusal_has_the_shape_and_codecs_of_the_refused_method(factory,
         handler.request_streaming, handler.response_streaming)
     assert refusal.request_deserializer is decode  # type: ignore[union-attr]
     assert refusal.response_serializer is encode  # type: ignore[union-attr]
+    context = _Context()
     with pytest.raises(_Aborted) as info:
-        asyncio.run(getattr(refusal, attribute)(None, _Context()))
+        _answer(getattr(refusal, attribute), context)
     assert info.value.args[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert context.trailing == (("x-request-id", "r-9"),)  # as any call's
+
+
+def test_a_refusal_has_an_access_line_at_debug(caplog: pytest.LogCaptureFixture) -> None:
+    refusal = _chosen("/tei.v1.Embed/Embed")
+    with caplog.at_level(logging.DEBUG, logger="embedserve.access"), pytest.raises(_Aborted):
+        _answer(refusal.unary_unary, _Context())  # type: ignore[attr-defined]
+    assert [m.rsplit(" in ", 1)[0] for m in caplog.messages] == [
+        "/tei.v1.Embed/Embed -> UNAUTHENTICATED"]
