@@ -123,9 +123,9 @@ def rpc_start(tracer: Tracer, method: str, metadata: Iterable[tuple[str, Any]] |
         record_exception=False, set_status_on_exception=False)
 
 
-def current(span: Span, end: bool = False) -> Any:
-    """`span` current in a with block (ended after it if `end`); exceptions do not mark it."""
-    return use_span(span, end_on_exit=end, record_exception=False,
+def current(span: Span) -> Any:
+    """`span` current in a with block, not ended after it; exceptions do not mark it."""
+    return use_span(span, end_on_exit=False, record_exception=False,
                     set_status_on_exception=False)
 
 
