@@ -41,6 +41,8 @@ def _abandoned(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
 
 
 class _Call:
+    """One call's id, log span and (traced) span, from its arrival to its status."""
+
     def __init__(self, path: str, context: grpc.aio.ServicerContext, tracer: Any) -> None:
         self.path = path
         self.started = time.perf_counter()
