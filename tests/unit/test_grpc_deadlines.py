@@ -172,7 +172,8 @@ def test_a_stream_the_client_cancels_after_a_reply_drops_its_answers_in_flight(q
     assert work.started == work.cancelled >= 2
 
 
-def test_the_span_of_a_call_its_client_abandoned_has_its_status_not_ok(quiet) -> None:
+def test_the_span_of_a_call_its_client_abandoned_has_its_status_not_ok(
+        quiet, caplog: pytest.LogCaptureFixture) -> None:
     """With --otlp-endpoint: grpc.aio cancels the handler and sends nothing, so the call's
     status stays unset, which the span recorded as OK."""
     from opentelemetry.sdk.trace import TracerProvider
@@ -199,10 +200,15 @@ def test_the_span_of_a_call_its_client_abandoned_has_its_status_not_ok(quiet) ->
         stream.cancel()
         await _until(lambda: len(exporter.get_finished_spans()) == 3)
 
-    asyncio.run(_served(work, client, provider.get_tracer("test")))
+    with caplog.at_level(logging.DEBUG, logger="embedserve.access"):
+        asyncio.run(_served(work, client, provider.get_tracer("test")))
     statuses = [(span.name, (span.attributes or {}).get("rpc.grpc.status_code"))
                 for span in exporter.get_finished_spans()]
     assert statuses == [("/tei.v1.Embed/Embed", "DEADLINE_EXCEEDED"),
                         ("/tei.v1.Embed/Embed", "CANCELLED"),
                         ("/tei.v1.Embed/EmbedStream", "CANCELLED"),
                         ("/tei.v1.Embed/Embed", "OK")]  # (the check that it answers on)
+    # The access lines (LOG_LEVEL=debug) say the same.
+    access = [r.getMessage().rsplit(" in ", 1)[0] for r in caplog.records
+              if r.name == "embedserve.access"]
+    assert access == [f"{name} -> {status}" for name, status in statuses]
