@@ -34,7 +34,7 @@ from bench.figures import (
     versus_peer,
     versus_peer_rerank,
 )
-from bench.loadgen import build_request, percentile, run_load
+from bench.loadgen import LoadResult, Request, build_request, percentile, run_load
 from bench.report import Row, ms, rate
 from bench.server import ServerProcess, cpu_seconds, descendants, machine_busy_s
 
@@ -96,7 +96,7 @@ class InfinityServer(ServerProcess):
 
 
 def measured(name: str, measure: Callable[[], tuple[list[Row], list[str]]]
-                  ) -> tuple[list[Row], list[str]]:
+             ) -> tuple[list[Row], list[str]]:
     """`measure()`'s rows and notes of another server, or none and a note saying why it was not
     measured: embedserve's table is still worth printing and keeping."""
     try:
@@ -119,31 +119,54 @@ def measure_infinity(model: str, corpus_bodies: list[tuple[bytes, int, int]],
     return rows, [*facts, versus_peer(ours, theirs, peer.name)]
 
 
+def _started(peer: InfinityServer) -> str:
+    """Wait until `peer` is up; the fact naming it, how it was started and how long it took."""
+    ready_s = peer.wait_healthy()
+    print(f"{peer.name} up on :{peer.port} after {ready_s:.1f} s", flush=True)
+    return (f"{peer.name}: {peer.versions()}, started as `{' '.join(peer.args[1:])}`; "
+            f"ready after {ready_s:.1f} s")
+
+
+def _load(peer: InfinityServer, requests: list[Request], conc: int, args: argparse.Namespace,
+          dim: int | None = None, check_all: bool = False) -> tuple[LoadResult, float, float]:
+    """One workload against `peer`: the load's result, the cores the peer used (all its
+    processes) and the cores other processes used meanwhile."""
+    cpu0, busy0 = peer.cpu_s(), machine_busy_s()
+    res = run_load(peer.port, requests, conc, args.time_limit, dim, args.client_processes,
+                   check_all)
+    cpu, busy = peer.cpu_s() - cpu0, machine_busy_s() - busy0
+    return res, cpu / res.wall_s, (busy - cpu - res.client_cpu_s) / res.wall_s
+
+
+def _row(what: str, conc: int, res: LoadResult, throughput: str, versus: str, cpu: float,
+         other: float) -> Row:
+    return Row(what, str(conc), str(len(res.latencies_s)), errors_text(res), throughput,
+               ms(percentile(res.latencies_s, 50)), ms(percentile(res.latencies_s, 99)), versus,
+               cpu_text(res.client_cpu_s, res.wall_s, len(res.latencies_s)),
+               f"{cpu:.2f} cores (all its processes)", "", cores(other))
+
+
 def measure_peer(peer: InfinityServer, corpus_bodies: list[tuple[bytes, int, int]],
                  query_bodies: list[tuple[bytes, int, int]], args: argparse.Namespace,
                  dim: int | None, base: BaselineResult
                  ) -> tuple[list[Row], list[str], dict[str, tuple[float, ...]]]:
     """The HTTP workloads against another server: rows beside embedserve's, facts, and the
     numbers by workload (as `main` keeps embedserve's)."""
-    ready_s = peer.wait_healthy()
-    print(f"{peer.name} up on :{peer.port} after {ready_s:.1f} s", flush=True)
+    started = _started(peer)
     corpus_reqs = [build_request(peer.port, peer.path, body, n, tok)
                    for body, n, tok in openai_bodies(corpus_bodies)]
     query_reqs = [build_request(peer.port, peer.path, body, n, tok)
                   for body, n, tok in openai_bodies(query_bodies)]
     run_load(peer.port, corpus_reqs[:2] + query_reqs[:20], 2, 60, dim)  # warm-up
     rows: list[Row] = []
-    facts: list[str] = []
+    facts = [started]
     numbers: dict[str, tuple[float, ...]] = {}
     loads = [(f"{peer.name} corpus ({args.batch} texts/request)", corpus_reqs, args.concurrency),
              *((f"{peer.name} queries (1 text/request)", query_reqs, conc)
                for conc in args.query_concurrency)]
     for what, requests, conc in loads:
         print(f"{what}, {conc} in flight ...", flush=True)
-        cpu0, busy0 = peer.cpu_s(), machine_busy_s()
-        res = run_load(peer.port, requests, conc, args.time_limit, dim, args.client_processes)
-        cpu, busy = peer.cpu_s() - cpu0, machine_busy_s() - busy0
-        other = (busy - cpu - res.client_cpu_s) / res.wall_s
+        res, cpu, other = _load(peer, requests, conc, args, dim)
         problem = incomplete(f"{what} at {conc} in flight", res, len(requests),
                              args.time_limit)
         if problem is not None:
@@ -155,13 +178,8 @@ def measure_peer(peer: InfinityServer, corpus_bodies: list[tuple[bytes, int, int
             p50, qps, versus = query_figures(res, base)
             numbers[f"queries {conc}"] = (p50, qps)
             throughput = rate(qps, "req/s")
-        rows.append(Row(what, str(conc), str(len(res.latencies_s)), errors_text(res),
-                        throughput, ms(percentile(res.latencies_s, 50)),
-                        ms(percentile(res.latencies_s, 99)), versus,
-                        cpu_text(res.client_cpu_s, res.wall_s, len(res.latencies_s)),
-                        f"{cpu / res.wall_s:.2f} cores (all its processes)", "", cores(other)))
-    return rows, [f"{peer.name}: {peer.versions()}, started as `{' '.join(peer.args[1:])}`; "
-                  f"ready after {ready_s:.1f} s", *facts], numbers
+        rows.append(_row(what, conc, res, throughput, versus, cpu, other))
+    return rows, facts, numbers
 
 
 def measure_infinity_rerank(model: str, bodies: list[tuple[bytes, int, int]],
@@ -171,19 +189,16 @@ def measure_infinity_rerank(model: str, bodies: list[tuple[bytes, int, int]],
     ratios to `ours` (pairs/s "throughput"; one at a time, "p50" and "req/s")."""
     peer = InfinityServer(args.infinity, model, args.device, args.batch)
     try:
-        ready_s = peer.wait_healthy()
-        print(f"{peer.name} up on :{peer.port} after {ready_s:.1f} s", flush=True)
+        started = _started(peer)
         requests = [build_request(peer.port, "/rerank", body, n, tok)
                     for body, n, tok in rerank_bodies(bodies)]
         run_load(peer.port, requests[:4], 2, 120, check_all=True)  # warm-up, not measured
         rows: list[Row] = []
-        facts: list[str] = []
+        facts = [started]
         numbers: dict[str, float] = {}
         for reqs, conc in ((requests, args.concurrency), (requests[:args.latency_requests], 1)):
             print(f"{peer.name} rerank: {len(reqs)} requests, {conc} in flight ...", flush=True)
-            cpu0, busy0 = peer.cpu_s(), machine_busy_s()
-            res = run_load(peer.port, reqs, conc, args.time_limit, check_all=True)
-            cpu, busy = peer.cpu_s() - cpu0, machine_busy_s() - busy0
+            res, cpu, other = _load(peer, reqs, conc, args, check_all=True)
             if conc == 1:
                 numbers["p50"], numbers["req/s"], versus = rerank_latency_figures(res, base)
                 throughput = rate(numbers["req/s"], "req/s")
@@ -193,15 +208,8 @@ def measure_infinity_rerank(model: str, bodies: list[tuple[bytes, int, int]],
                                  args.time_limit)
             if problem is not None:
                 facts.append(problem)
-            rows.append(Row(f"{peer.name} /rerank ({args.k} docs/request)", str(conc),
-                            str(len(res.latencies_s)), errors_text(res), throughput,
-                            ms(percentile(res.latencies_s, 50)),
-                            ms(percentile(res.latencies_s, 99)), versus,
-                            cpu_text(res.client_cpu_s, res.wall_s, len(res.latencies_s)),
-                            f"{cpu / res.wall_s:.2f} cores (all its processes)", "",
-                            cores((busy - cpu - res.client_cpu_s) / res.wall_s)))
+            rows.append(_row(f"{peer.name} /rerank ({args.k} docs/request)", conc, res,
+                             throughput, versus, cpu, other))
     finally:
         peer.stop()
-    facts.insert(0, f"{peer.name}: {peer.versions()}, started as `{' '.join(peer.args[1:])}`; "
-                    f"ready after {ready_s:.1f} s")
     return rows, [*facts, versus_peer_rerank(ours, numbers, peer.name, args.concurrency)]
