@@ -29,9 +29,9 @@ class _VertexBody(msgspec.Struct):
     instances: list[msgspec.Raw]
 
 
-def target_path(state: AppState) -> str:
+def target_path(state: AppState, task: str | None = None) -> str:
     """classifier -> /predict, re-ranker -> /rerank, SPLADE or CSR -> /embed_sparse, else /embed
-    (or /similarity when TASK=sentence-similarity)."""
+    (or /similarity when `task` is sentence-similarity)."""
     model = state.model
     if model.kind == "classifier":
         return "/predict"
@@ -41,7 +41,7 @@ def target_path(state: AppState) -> str:
     # whose every attribute is truthy.)
     if model.pooling == "splade" or model.sparse_vectors == "csr":
         return "/embed_sparse"
-    return "/similarity" if state.config.task == SENTENCE_SIMILARITY else "/embed"
+    return "/similarity" if task == SENTENCE_SIMILARITY else "/embed"
 
 
 async def all_or_nothing(work: Iterable[Awaitable[T]]) -> list[T]:
@@ -71,13 +71,15 @@ def _with_body(request: Request, body: bytes) -> Request:
 
 
 def routes(state: AppState, served: list[Endpoint]) -> list[Endpoint]:
-    path = target_path(state)
+    path = target_path(state, state.config.task)
     [target] = [e for e in served if e.method == "POST" and e.path == path]
     limit = state.config.payload_limit
     by_path = {e.path: e for e in served if e.method == "POST"}
     # TEI's /vertex: an instance of /rerank's shape goes there, whatever the model (another
-    # kind's is then its 424); any other instance a classifier's or re-ranker's /predict.
-    other = by_path["/predict"] if state.model.kind in ("classifier", "reranker") else target
+    # kind's is then its 424); any other instance a classifier's or re-ranker's /predict, an
+    # embedding model's /embed (/embed_sparse): TASK is POST /'s alone, not /vertex's.
+    vertex_path = target_path(state)
+    other = by_path["/predict" if state.model.kind == "reranker" else vertex_path]
 
     def instance_route(instance: bytes) -> Endpoint:
         try:
@@ -108,7 +110,8 @@ def routes(state: AppState, served: list[Endpoint]) -> list[Endpoint]:
         raise ConfigError(f"AIP_HEALTH_ROUTE={health} is the prediction route: choose another "
                           "path in the Vertex AI model's container spec")
     vertex_routes = [
-        Endpoint("POST", route, vertex, f"Vertex AI: each of `instances` answered as POST {path}",
+        Endpoint("POST", route, vertex,
+                 f"Vertex AI: each of `instances` answered as POST {vertex_path}",
                  VertexRequest, VertexResponse, target.errors, tag="Vertex")
         for route in dict.fromkeys(("/vertex", predict)) if route]
     if health is not None and health not in HEALTH_PATHS:

@@ -157,6 +157,19 @@ def test_vertex_answers_each_instance_by_its_shape(asked: list) -> None:
         400, {"error": "`instances` cannot be empty", "error_type": "Empty"})
 
 
+@pytest.mark.parametrize(("pooling", "answer"), [
+    ("mean", [[[3.0, 4.0]]]),
+    ("splade", [[[{"index": 2, "value": 0.5}, {"index": 5, "value": 1.5}]]]),
+])
+def test_vertex_embeds_whatever_post_root_answers(asked: list, pooling: str,
+                                                  answer: list) -> None:
+    # TASK picks what POST / and /invocations answer; TEI's /vertex sends an embedding model's
+    # instances to /embed (/embed_sparse for SPLADE) whatever TASK says.
+    client, _ = serve(task="sentence-similarity", pooling=pooling)
+    assert ok(client.post("/vertex", json={"instances": [{"inputs": "a"}]})) == {
+        "predictions": answer}
+
+
 def test_vertex_refuses_more_instances_than_are_admitted_at_once(asked: list) -> None:
     client, _ = serve()  # (--max-concurrent-requests 512)
     instances = [{"inputs": "a"}] * 513
