@@ -195,6 +195,11 @@ class Prediction(msgspec.Struct):
     label: str
 
 
+# /predict's answer, as documented: one input's predictions, or a batch's list of those (TEI's
+# untagged PredictResponse). msgspec allows one array type in a union, so the items are either.
+PredictResponse = list[Prediction | list[Prediction]]
+
+
 class RerankRequest(msgspec.Struct, kw_only=True):
     query: str
     texts: list[str]

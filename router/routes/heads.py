@@ -26,6 +26,7 @@ from router.schemas import (
     EmbedAllRequest,
     Prediction,
     PredictRequest,
+    PredictResponse,
     Rank,
     RerankRequest,
     SparseValue,
@@ -159,7 +160,7 @@ def routes(state: AppState) -> list[Endpoint]:
         Endpoint("POST", "/predict", predict,
                  "Classify a text or text pair: every label's score, best first (a batch "
                  "of inputs answers a list of such lists)",
-                 PredictRequest, list[Prediction], ERRORS, inference=True),
+                 PredictRequest, PredictResponse, ERRORS, inference=True),
         Endpoint("POST", "/rerank", rerank, "Score texts against a query, best first",
                  RerankRequest, list[Rank], ERRORS, inference=True),
         Endpoint("POST", "/v1/rerank", cohere_rerank_v1, "Cohere/Jina re-rank shape",

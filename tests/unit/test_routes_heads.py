@@ -66,6 +66,18 @@ def test_predict_passes_its_fields_and_answers_a_batch_as_a_list(asked: list, in
     assert asked == [("classify", inputs, {**PASSED, "raw_scores": True})]
 
 
+@pytest.mark.parametrize("path", ["/predict", "/"])
+def test_predict_answers_fit_the_documented_schema(asked: list, path: str) -> None:
+    import jsonschema
+
+    client, _ = serve(kind="classifier")
+    document = ok(client.get("/openapi.json"))
+    schema = {**document["paths"][path]["post"]["responses"]["200"]["content"][
+        "application/json"]["schema"], "components": document["components"]}
+    for inputs in ("a", ["a", "b"], [["a"], ["b", "c"]]):  # a text, a pair, a batch
+        jsonschema.validate(ok(client.post(path, json={"inputs": inputs})), schema)
+
+
 def test_rerank_answers_best_first_with_the_texts_asked(asked: list) -> None:
     client, _ = serve(kind="reranker")
     body = {"query": "q", "texts": ["a", "b", "c"], "raw_scores": True, "return_text": True,
