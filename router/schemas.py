@@ -112,14 +112,6 @@ class TokenInfo(msgspec.Struct):
     stop: int | None
 
 
-class VertexRequest(msgspec.Struct):
-    instances: list[EmbedRequest]
-
-
-class VertexResponse(msgspec.Struct):
-    predictions: list[list[list[float]]]
-
-
 class OpenAIEmbedRequest(msgspec.Struct, kw_only=True):
     input: str | list[str | int | list[int]]
     model: str | None = None

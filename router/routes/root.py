@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Iterable
+from types import GenericAlias
 from typing import TypeVar
 
 import msgspec
@@ -17,7 +18,7 @@ from starlette.types import Message
 from router.http import OPEN_ROUTES, read_json
 from router.inputs import check_admissible
 from router.routes import AppState, Endpoint, json_response
-from router.schemas import RerankRequest, VertexRequest, VertexResponse
+from router.schemas import RerankRequest
 from shared.errors import ConfigError, empty
 
 SENTENCE_SIMILARITY = "sentence-similarity"
@@ -80,6 +81,14 @@ def routes(state: AppState, served: list[Endpoint]) -> list[Endpoint]:
     # embedding model's /embed (/embed_sparse): TASK is POST /'s alone, not /vertex's.
     vertex_path = target_path(state)
     other = by_path["/predict" if state.model.kind == "reranker" else vertex_path]
+    # The document shows the instances the model is for: a re-ranker's /rerank ones (its
+    # /predict ones, and another model's /rerank ones, are in the summary: msgspec's schemas
+    # cannot name a union of two untagged bodies).
+    documented = by_path["/rerank"] if state.model.kind == "reranker" else other
+    vertex_request = msgspec.defstruct(
+        "VertexRequest", [("instances", GenericAlias(list, documented.request))])
+    vertex_response = msgspec.defstruct(
+        "VertexResponse", [("predictions", GenericAlias(list, documented.response))])
 
     def instance_route(instance: bytes) -> Endpoint:
         try:
@@ -111,8 +120,9 @@ def routes(state: AppState, served: list[Endpoint]) -> list[Endpoint]:
                           "path in the Vertex AI model's container spec")
     vertex_routes = [
         Endpoint("POST", route, vertex,
-                 f"Vertex AI: each of `instances` answered as POST {vertex_path}",
-                 VertexRequest, VertexResponse, target.errors, tag="Vertex")
+                 f"Vertex AI: each of `instances` answered as POST {other.path}, or as POST "
+                 "/rerank where it has /rerank's shape",
+                 vertex_request, vertex_response, documented.errors, tag="Vertex")
         for route in dict.fromkeys(("/vertex", predict)) if route]
     if health is not None and health not in HEALTH_PATHS:
         [probe] = [e for e in served if e.method == "GET" and e.path == "/health"]

@@ -182,6 +182,27 @@ def test_vertex_embeds_whatever_post_root_answers(asked: list, pooling: str,
         "predictions": answer}
 
 
+@pytest.mark.parametrize(("kind", "pooling", "instance"), [
+    ("classifier", "cls", {"inputs": [["a", "b"], ["c"]]}),
+    ("reranker", "cls", {"query": "q", "texts": ["a", "b"]}),
+    ("embedding", "splade", {"inputs": "a"}),
+    ("embedding", "mean", {"inputs": ["a", "b"]}),
+])
+def test_vertex_documents_the_served_models_instances(asked: list, kind: str, pooling: str,
+                                                      instance: dict) -> None:
+    import jsonschema
+
+    client, _ = serve(kind=kind, pooling=pooling)
+    document = ok(client.get("/openapi.json"))
+    post = document["paths"]["/vertex"]["post"]
+    body = {"instances": [instance]}
+    jsonschema.validate(body, {**post["requestBody"]["content"]["application/json"]["schema"],
+                               "components": document["components"]})
+    jsonschema.validate(ok(client.post("/vertex", json=body)), {
+        **post["responses"]["200"]["content"]["application/json"]["schema"],
+        "components": document["components"]})
+
+
 def test_vertex_refuses_more_instances_than_are_admitted_at_once(asked: list) -> None:
     client, _ = serve()  # (--max-concurrent-requests 512)
     instances = [{"inputs": "a"}] * 513
