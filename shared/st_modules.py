@@ -120,6 +120,48 @@ def check_transformer_kwargs(settings: dict[str, Any], where: Path) -> None:
         for name in sorted(set(given) - _TEXT_KWARGS - {"truncation"}):
             raise ConfigError(f"{where}: processing_kwargs {part} {name!r} is not supported "
                               "(only max_length is followed)")
+    check_transformer_outputs(settings, where)
+
+
+# sentence-transformers' TRANSFORMER_TASK_DEFAULTS: per transformer_task, the output of the
+# model's forward a Transformer module reads, and the feature it fills with it.
+TASK_OUTPUTS = {
+    "feature-extraction": ("last_hidden_state", "token_embeddings"),
+    "fill-mask": ("logits", "token_embeddings"),
+    "sequence-classification": ("logits", "scores"),
+    "text-generation": ("logits", "causal_logits"),
+}
+
+
+def check_transformer_outputs(settings: dict[str, Any], where: Path) -> None:
+    """Refuse a modality_config (sentence-transformers 6) whose text or message inputs read
+    another output of the model than their task's own: sentence-transformers follows it (the
+    second-to-last layer's hidden states, BERT's pooler output as the sentence embedding,
+    ...), the worker always computes the task's own output. Without a modality_config
+    sentence-transformers reads the task's defaults."""
+    modalities = settings.get("modality_config")
+    if modalities is None:
+        return
+    task = settings.get("transformer_task")
+    # (an MLMTransformer's task defaults to fill-mask, a Transformer's to feature-extraction:
+    # where it is not written, the outputs of any task served here are its own)
+    allowed = [TASK_OUTPUTS[task]] if task in TASK_OUTPUTS else list(TASK_OUTPUTS.values())
+    target = settings.get("module_output_name")
+    for modality in ("text", "message"):
+        params = modalities.get(modality) if isinstance(modalities, dict) else {}
+        if params is None:
+            continue
+        method, read = ((params.get("method"), params.get("method_output_name"))
+                        if isinstance(params, dict) else (None, None))
+        named = read
+        if isinstance(read, list) and len(read) == 1:  # (each name indexes the output in turn)
+            read = read[0]
+        if method != "forward" or (read, target) not in allowed:
+            under = f" under transformer_task {task!r}" if task is not None else ""
+            raise ConfigError(
+                f"{where}: modality_config {modality} reads {method!r}'s output {named!r} into "
+                f"{target!r}{under}, which is not supported (supported: "
+                f"{' / '.join(f'{r} into {t}' for r, t in allowed)}, of forward)")
 
 
 def module_kind(type_path: str) -> str:
