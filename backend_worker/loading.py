@@ -131,8 +131,10 @@ class WeightMap:
                 yield key[len(prefix):]
 
 
-# A sentence-transformers Dense module directory holds one nn.Linear saved as "linear.*".
-DENSE_WEIGHT_MAP = WeightMap(rules=(Rule("linear.{w}", "{w}"),))
+# A sentence-transformers Dense module directory holds its nn.Linear as "linear.*", and with
+# use_residual where the sizes differ, the projection of its input as "residual.weight".
+DENSE_WEIGHT_MAP = WeightMap(rules=(Rule("linear.{w}", "linear.{w}"),
+                                    Rule("residual.weight", "residual.weight")))
 
 
 def checkpoint_files(model_dir: str | Path) -> list[Path]:

@@ -128,15 +128,23 @@ POOLERS: dict[str, PoolFn] = {
 
 
 class DenseLayer(nn.Module):
-    """A sentence-transformers Dense module: Linear then activation."""
+    """A sentence-transformers Dense module: Linear then activation, plus its input with
+    use_residual (projected, without a bias, where the sizes differ), as Dense.forward adds it.
+    Its parameters carry the module's own checkpoint names (linear.*, residual.weight)."""
 
     def __init__(self, spec: DenseSpec) -> None:
         super().__init__()
         self.linear = nn.Linear(spec.in_features, spec.out_features, bias=spec.bias)
         self.act = activation(spec.activation, where=f"{spec.path}: Dense activation")
+        self.adds_input = spec.residual
+        self.residual = (nn.Linear(spec.in_features, spec.out_features, bias=False)
+                         if spec.residual and spec.in_features != spec.out_features else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.linear(x))
+        out = self.act(self.linear(x))
+        if not self.adds_input:
+            return out
+        return out + (x if self.residual is None else self.residual(x))
 
 
 class Pooler(nn.Module):
@@ -174,7 +182,7 @@ class Pooler(nn.Module):
         """Fill the Dense layers from their module directories, strictly."""
         for spec, layer in zip(self._specs, self.dense, strict=True):
             assert isinstance(layer, DenseLayer)
-            load_strict(layer.linear, checkpoint_files(spec.path), DENSE_WEIGHT_MAP)
+            load_strict(layer, checkpoint_files(spec.path), DENSE_WEIGHT_MAP)
 
     def forward(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor,
                 starts: torch.Tensor | None = None) -> torch.Tensor:

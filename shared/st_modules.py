@@ -41,13 +41,15 @@ DENSE_ACTIVATIONS = {"Identity": "identity", "Tanh": "tanh", "ReLU": "relu", "GE
 
 
 class DenseSpec(msgspec.Struct, frozen=True):
-    """One sentence-transformers Dense module (a linear layer plus an activation)."""
+    """One sentence-transformers Dense module (a linear layer plus an activation; with
+    `residual`, its input added back, through a bias-free projection when the sizes differ)."""
 
     path: str
     in_features: int
     out_features: int
     bias: bool
     activation: str
+    residual: bool = False
 
 
 def read_json(path: Path) -> Any:
@@ -215,10 +217,6 @@ def on_sentence_embedding(cfg: dict[str, Any], module_dir: Path, kind: str) -> N
 def parse_dense(module_dir: Path) -> DenseSpec:
     cfg = read_json(module_dir / "config.json")
     on_sentence_embedding(cfg, module_dir, "Dense")
-    if cfg.get("use_residual"):
-        # sentence-transformers 6 can add the input back (with a projection when the sizes
-        # differ); serving it as a plain Dense would give silently wrong vectors.
-        raise ConfigError(f"{module_dir}: Dense with use_residual=true is not supported yet")
     # Dense.load: without the key, the constructor's default (Tanh). A path outside torch is
     # the repository's code (run only with trust_remote_code, Tanh without it): refused below.
     act_path = cfg.get("activation_function", "torch.nn.modules.activation.Tanh")
@@ -232,4 +230,6 @@ def parse_dense(module_dir: Path) -> DenseSpec:
         out_features=int(cfg["out_features"]),
         bias=bool(cfg.get("bias", True)),
         activation=act,
+        # sentence-transformers 6: the input added back after the activation.
+        residual=bool(cfg.get("use_residual", False)),
     )

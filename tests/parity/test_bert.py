@@ -75,6 +75,9 @@ ST_CASES = [
     # (id, make_tiny_bert kwargs)
     ("mean-v6", {"pooling": "mean"}),
     ("cls-dense-v6", {"pooling": "cls", "dense_out": 16}),
+    # sentence-transformers 6's use_residual: the input added back, projected (32 -> 16) or not.
+    ("cls-dense-residual-projected", {"pooling": "cls", "dense_out": 16, "dense_residual": True}),
+    ("mean-dense-residual", {"pooling": "mean", "dense_out": 32, "dense_residual": True}),
     ("max-v6", {"pooling": "max"}),
     ("lasttoken-v6", {"pooling": "lasttoken"}),
     ("weightedmean-v6", {"pooling": "weightedmean"}),

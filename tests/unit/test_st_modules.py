@@ -33,11 +33,12 @@ def test_a_dense_without_a_bias_key_has_a_bias(tmp_path: Path) -> None:
         4, 2, True, "tanh")
 
 
-def test_a_dense_adding_its_input_back_is_refused(tmp_path: Path) -> None:
+def test_a_dense_adding_its_input_back_says_so(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(
         {"in_features": 4, "out_features": 4, "use_residual": True}))
-    with pytest.raises(ConfigError, match="use_residual"):
-        parse_dense(tmp_path)
+    assert parse_dense(tmp_path).residual
+    (tmp_path / "config.json").write_text(json.dumps({"in_features": 4, "out_features": 4}))
+    assert not parse_dense(tmp_path).residual
 
 
 def test_an_empty_settings_file_gives_way_to_the_next_name(tmp_path: Path) -> None:
