@@ -157,8 +157,10 @@ def _spec(config: dict[str, Any]) -> EncoderSpec:
         vocab_size=int(config["vocab_size"]), hidden_size=hidden,
         num_layers=int(config["num_hidden_layers"]), num_heads=heads, head_dim=head_dim,
         intermediate_size=int(config["intermediate_size"]),
-        max_positions=int(config.get("max_position_embeddings", 8192 if native else 512)),
-        type_vocab_size=int(config.get("type_vocab_size", 1 if native else 2)),
+        # Where config.json leaves them out, the config classes' defaults: GteConfig's, and
+        # NewConfig's (Alibaba's remote code, which sentence-transformers runs: 2048 and 1).
+        max_positions=int(config.get("max_position_embeddings", 8192 if native else 2048)),
+        type_vocab_size=int(config.get("type_vocab_size", 1)),
         eps=float(config.get("layer_norm_eps", 1e-12)), inv_freq=inv_freq, act=act,
         gated=True, gate_first=False, qkv_bias=True, out_bias=True, up_bias=False,
         down_bias=True,

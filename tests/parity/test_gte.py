@@ -365,3 +365,16 @@ REFUSED = [
 def test_unsupported_configs_are_refused(config: dict, message: str) -> None:
     with torch.device("meta"), pytest.raises(ConfigError, match=message):
         model_class(config).from_config(config, select_attention("cpu"))
+
+
+@pytest.mark.parametrize(("model_type", "positions"), [("new", 2048), ("gte", 8192)])
+def test_left_out_sizes_are_the_config_classes_defaults(model_type: str, positions: int) -> None:
+    # Alibaba's NewConfig (the remote code sentence-transformers runs) defaults to 2048
+    # positions and one token type, GteConfig to 8192 and one: a config.json without the
+    # keys is read as they read it.
+    config = {k: v for k, v in gte_new_config(model_type=model_type, rope_scaling=None).items()
+              if k not in ("max_position_embeddings", "type_vocab_size")}
+    with torch.device("meta"):
+        model = model_class(config).from_config(config, select_attention("cpu"))
+    assert model.max_positions == positions
+    assert model.embeddings.token_type.weight.shape[0] == 1
