@@ -36,7 +36,6 @@ if TYPE_CHECKING:  # imported in load(), after the process is set up
 log = logging.getLogger("embedserve.worker")
 
 _POLL_MS = 200
-_HEARTBEAT_S = 1.0
 
 
 def warmup_arrays(max_batch_tokens: int, max_len: int, packed: bool) -> protocol.BatchArrays:
@@ -178,7 +177,7 @@ class Worker:
                 if os.getppid() != self.config.parent_pid:
                     log.error("router is gone; exiting")
                     return
-                if time.monotonic() - last_sent >= _HEARTBEAT_S:
+                if time.monotonic() - last_sent >= protocol.HEARTBEAT_S:
                     self.send(protocol.Heartbeat())
                     last_sent = time.monotonic()
                 continue

@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 # One batch computing and one staged per worker: the device never waits on the socket.
 SLOTS_PER_WORKER = 2
 RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+# The shortest silence taken for a hang, whatever --worker-timeout says: an idle worker is
+# silent for a heartbeat interval and a little more (its poll, a heap trim) between heartbeats,
+# and a shorter limit would kill it, idle, again and again.
+MIN_SILENCE_S = 2 * protocol.HEARTBEAT_S
 
 
 class WorkerState(enum.Enum):
@@ -174,7 +178,7 @@ class WorkerPool:
         # A full batch may legitimately take long on a slow device: never less than 10x the
         # warm-up batch, which had exactly --max-batch-tokens tokens.
         warmup_s = worker.ready.warmup_ms / 1e3 if worker.ready else 0.0
-        return max(self._hang_timeout, 10 * warmup_s)
+        return max(self._hang_timeout, 10 * warmup_s, MIN_SILENCE_S)
 
     async def _watch(self) -> None:
         """Kill workers that went silent; the pidfd then reports the death as usual."""

@@ -185,7 +185,8 @@ class ServerConfig:
         "CPU workers.", env="WORKER_THREADS", type=int))
     worker_timeout: float = field(default=30.0, metadata=_opt(
         "Seconds a worker may stay silent (no heartbeat, no result) before it is deemed hung, "
-        "killed and restarted; raised automatically to 10x its warm-up batch time.",
+        "killed and restarted; raised automatically to 10x its warm-up batch time, and to 2 s "
+        "(an idle worker heartbeats about once a second).",
         env="WORKER_TIMEOUT", type=float))
     tokenizer_timeout: float = field(default=30.0, metadata=_opt(
         "Seconds a tokenizer process may take on a call (plus 10 s per MB of text, its own and "

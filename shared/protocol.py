@@ -103,6 +103,11 @@ class Failed(_Message, tag="failed"):
     message: str
 
 
+# An idle worker's Heartbeats come at least this far apart (it looks between its waits for a
+# batch, so somewhat later): the router's shortest silence that can mean a hang is above it.
+HEARTBEAT_S = 1.0
+
+
 class Heartbeat(_Message, tag="heartbeat"):
     """Sent by an idle worker about once a second: silence means it is stuck or stopped."""
 

@@ -278,11 +278,12 @@ def test_sigkill_of_one_of_two_workers_under_load(start):
 
 
 def test_a_hung_worker_is_detected_killed_and_replaced(start):
-    # A small batch budget keeps the warm-up short, so the silence limit (the larger of
-    # --worker-timeout and 10x the warm-up batch) stays far below the default 30 s.
+    # A small batch budget keeps the warm-up short, so the silence limit (the largest of
+    # --worker-timeout, 10x the warm-up batch and two heartbeats) stays far below the default
+    # 30 s.
     srv = start("--worker-timeout", "1.5", "--max-batch-tokens", "512")
     [warmup_ms] = map(float, re.findall(r"warm-up with 512 tokens took (\d+) ms", srv.log()))
-    limit = max(1.5, 10 * warmup_ms / 1e3)
+    limit = max(1.5, 10 * warmup_ms / 1e3, 2.0)
     [pid] = srv.worker_pids()
     os.kill(pid, signal.SIGSTOP)  # alive but silent: only the heartbeat can tell
     started = time.monotonic()
