@@ -145,7 +145,8 @@ class Admission:
                 if not (future := waiting.popleft()[1]).done():
                     future.set_result(False)
         try:
-            await asyncio.wait_for(self._idle.wait(), grace)
+            if not self._idle.is_set():  # (wait_for's 0 s times out even on a set event)
+                await asyncio.wait_for(self._idle.wait(), grace)
             return
         except TimeoutError:
             log.warning("%d requests still in flight after %g s; answering them 503",

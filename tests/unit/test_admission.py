@@ -328,3 +328,20 @@ def test_a_waiter_cancelled_once_handed_its_permits_gives_them_back() -> None:
         assert admission.free() == 1
 
     run(main())
+
+
+def test_a_drain_with_nothing_in_flight_is_over_at_once_without_a_warning(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """--shutdown-grace 0 with no request in flight: nothing to answer 503, nothing to warn
+    of (asyncio.wait_for with a timeout of 0 times out even on a set event)."""
+
+    async def main() -> bool:
+        admission = Admission(2)
+        loop = asyncio.get_running_loop()
+        started_at = loop.time()
+        await admission.drain(0)
+        return admission._expired or loop.time() - started_at > 0.5
+
+    with caplog.at_level("WARNING", logger="router.admission"):
+        assert run(main()) is False
+    assert caplog.records == []
