@@ -23,6 +23,7 @@ import msgspec
 import numpy as np
 
 from router.chat_template import ChatFormatter
+from router.decode_spaces import clean_up_spaces, cleans_up_spaces
 from router.prompt_exclusion import prompt_starts
 from router.schemas import TokenInfo
 from router.static_tokens import StaticTokens
@@ -39,6 +40,7 @@ _tokenizer = None
 _chat: ChatFormatter | None = None
 _static: StaticTokens | None = None  # a static model's (ModelInfo.empty_bag_id set)
 _typed = True  # false: every token type sent is 0 (router.tokenizer_config.sends_token_types)
+_clean_up = False  # /decode's text cleaned up as transformers does (router/decode_spaces.py)
 # Requests with at most this many characters are tokenized in the router process itself.
 INLINE_CHARACTERS = 512
 # A pool call still unanswered after its stall limit (`--tokenizer-timeout`, plus this per MB of
@@ -74,7 +76,7 @@ def _load(tokenizer_path: str, lowercase: bool = False, model_type: str = "",
           conversations: Conversations | None = None, empty_bag_id: int | None = None) -> str:
     """Load this process's tokenizer; returns what tokenizer_config.json changed ("" if
     nothing), for the router to log once (see router.tokenizer_config)."""
-    global _tokenizer, _chat, _static, _typed
+    global _tokenizer, _chat, _static, _typed, _clean_up
     # One core per process: rayon threads inside each of N processes would oversubscribe.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from tokenizers import Tokenizer
@@ -83,6 +85,7 @@ def _load(tokenizer_path: str, lowercase: bool = False, model_type: str = "",
 
     _tokenizer = Tokenizer.from_file(tokenizer_path)
     _tokenizer.no_padding()
+    _clean_up = cleans_up_spaces(_tokenizer, Path(tokenizer_path).parent)
     _static = StaticTokens(_tokenizer, empty_bag_id) if empty_bag_id is not None else None
     if _static is not None:
         return ""  # the file as it is (StaticEmbedding's), its truncation included
@@ -243,9 +246,10 @@ def _chunks(query: str, texts: list[str], max_length: int, limit: int) -> Outcom
 def _decode(ids: list[list[int]], skip_special_tokens: bool) -> Outcome:
     assert _tokenizer is not None, "pool process not initialised"
     try:
-        return Outcome(_tokenizer.decode_batch(ids, skip_special_tokens=skip_special_tokens))
+        texts = _tokenizer.decode_batch(ids, skip_special_tokens=skip_special_tokens)
     except Exception as exc:
         return Outcome(None, str(exc))
+    return Outcome([clean_up_spaces(text) for text in texts] if _clean_up else texts)
 
 
 def _ping() -> int:
