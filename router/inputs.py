@@ -225,9 +225,11 @@ async def tokenize_inputs(
                 raise validation("`prompt_name` cannot be set with dual inputs")
             if not any(item):  # as in TEI, a pair is empty only when both texts are
                 raise about(Field("inputs", index), ErrorType.EMPTY, EMPTY)
+            # The client's characters, as for a single text and as TEI counts a pair's (its
+            # compute_chars): before the character cut.
+            characters += len(item[0]) + len(item[1])
             first, second = (_cut(text, char_limit, truncate, direction, index)
                              for text in item)
-            characters += len(first) + len(second)
             if prompt and not tokenizers.conversations:
                 # sentence-transformers' CrossEncoder puts its (default) prompt before the query.
                 first = prompt + first

@@ -291,6 +291,19 @@ def test_a_pair_with_one_empty_text_is_accepted() -> None:
     assert error_of(tokenize, [("", "")]).error_type is ErrorType.EMPTY
 
 
+
+def test_a_pair_cut_at_the_character_limit_counts_the_clients_characters() -> None:
+    """As a single text does, and as TEI counts a pair's compute_chars (gRPC Rerank and
+    PredictPair Metadata, x-compute-characters): the texts sent, not what is left of them
+    after the character cut."""
+    class Pairs(FakeTokenizers):
+        async def encode(self, texts: list, *args: Any, **kwargs: Any) -> list[Encoded]:
+            return await super().encode([" ".join(t) for t in texts], *args, **kwargs)
+
+    long = "x" * (8 * CHARS_PER_TOKEN_LIMIT + 100)
+    _, characters = tokenize([("q", long), long], truncate=True, tokenizers=Pairs())
+    assert characters == 1 + len(long) + len(long)
+
 # -- tokenize_inputs: token ids ---------------------------------------------------------------
 
 
