@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from router.grpc.auth import ApiKeyInterceptor
 from router.grpc.calls import method_handlers
@@ -31,6 +33,28 @@ HEALTH_INTERVAL_SECONDS = 0.2
 # Reflection's current name, which grpcurl, grpcui and Postman ask first; grpcio-reflection
 # serves only v1alpha, whose messages v1 kept unchanged under the new package name.
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+class _MethodsFound:
+    """The descriptor pool that reflection answers from, also finding the file of a method
+    (`tei.v1.Embed.EmbedStream`), as tonic's reflection (TEI's) does and `grpcurl describe
+    <method>` asks: the pool alone finds services, messages, fields and enums only
+    (grpc/grpc#34743), so grpcio-reflection answered NOT_FOUND."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pool, name)
+
+    def FindFileContainingSymbol(self, symbol: str) -> Any:  # (the pool's name)
+        service, _, method = symbol.rpartition(".")
+        try:
+            if method in self.pool.FindServiceByName(service).methods_by_name:
+                symbol = service
+        except KeyError:
+            pass  # not a method: the pool's own answer (KeyError: NOT_FOUND)
+        return self.pool.FindFileContainingSymbol(symbol)
 
 
 def model_services(state: AppState) -> set[str]:
@@ -71,9 +95,11 @@ def build_server(state: AppState, health_servicer: health.aio.HealthServicer) ->
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     listed = [*named, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
               reflection.SERVICE_NAME]
-    reflection.enable_server_reflection(listed, server)
+    reflector = reflection.aio.ReflectionServicer(
+        listed, pool=_MethodsFound(descriptor_pool.Default()))
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflector, server)
     v1 = grpc.stream_stream_rpc_method_handler(
-        reflection.aio.ReflectionServicer(listed).ServerReflectionInfo,
+        reflector.ServerReflectionInfo,
         request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
         response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
     server.add_generic_rpc_handlers(

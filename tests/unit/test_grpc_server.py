@@ -9,7 +9,9 @@ from types import SimpleNamespace
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 
 from router.grpc import server as grpc_server
 from router.grpc.protos import pb
@@ -79,6 +81,38 @@ def test_a_message_past_the_payload_limit_is_refused() -> None:
 
     # The small one reaches the servicer (whose stand-in service has no tokenizer: INTERNAL).
     assert asyncio.run(main()) == (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL)
+
+
+@pytest.mark.parametrize("reflection", ["v1alpha", "v1"])
+def test_reflection_finds_the_file_of_a_method(reflection: str) -> None:
+    """`grpcurl describe tei.v1.Embed.EmbedStream` asks for the file containing the method, as
+    TEI's (tonic's) reflection answers; grpcio-reflection's pool finds services and messages
+    only (grpc/grpc#34743). Unknown methods stay NOT_FOUND."""
+    async def main() -> list[str | int]:
+        server = grpc_server.build_server(_state(), health.aio.HealthServicer())  # type: ignore[arg-type]
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                info = channel.stream_stream(
+                    f"/grpc.reflection.{reflection}.ServerReflection/ServerReflectionInfo",
+                    request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                    response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+                symbols = ["tei.v1.Embed.EmbedStream", "tei.v1.Rerank.RerankStream",
+                           "grpc.health.v1.Health.Check", "tei.v1.Embed.Nope", "tei.v1.Nope.Embed"]
+                answers = [answer async for answer in info(iter(
+                    reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)
+                    for symbol in symbols), timeout=10)]
+        finally:
+            await server.stop(None)
+        return [descriptor_pb2.FileDescriptorProto.FromString(
+                    answer.file_descriptor_response.file_descriptor_proto[0]).name
+                if answer.HasField("file_descriptor_response")
+                else answer.error_response.error_code for answer in answers]
+
+    not_found = grpc.StatusCode.NOT_FOUND.value[0]
+    assert asyncio.run(main()) == ["tei.proto", "tei.proto", "grpc_health/v1/health.proto",
+                                   not_found, not_found]
 
 
 def test_health_from_the_start_to_the_shutdown() -> None:
