@@ -157,17 +157,12 @@ def _tokens(texts: list[str], add_special_tokens: bool) -> Outcome:
         byte_at = [0]
         for char in text:
             byte_at.append(byte_at[-1] + len(char.encode()))
-        tokens = []
-        for token_id, token, special, (start, stop) in zip(
-            encoding.ids, encoding.tokens, encoding.special_tokens_mask, encoding.offsets,
-            strict=True,
-        ):
-            if special:
-                tokens.append(Token(token_id, token, True, None, None))
-            else:
-                tokens.append(Token(token_id, text[start:stop], False, byte_at[start],
-                                    byte_at[stop]))
-        result.append(tokens)
+        result.append([
+            Token(token_id, token, True, None, None) if special
+            else Token(token_id, text[start:stop], False, byte_at[start], byte_at[stop])
+            for token_id, token, special, (start, stop) in zip(
+                encoding.ids, encoding.tokens, encoding.special_tokens_mask, encoding.offsets,
+                strict=True)])
     return Outcome(result)
 
 
