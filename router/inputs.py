@@ -121,9 +121,9 @@ def check_dimensions(dimensions: int | None, embedding_dim: int) -> None:
 
 
 def unnormalizable(splade: bool) -> EmbedServeError:
-    """TEI's 424 for `normalize` asked of a sparse model's vectors."""
-    return about(NORMALIZE, ErrorType.BACKEND, "{field} is not available for SPLADE models"
-                 if splade else "{field} is not available for sparse (CSR) models")
+    """TEI's 424 for `normalize` asked of a sparse model's vectors (in its words)."""
+    return about(NORMALIZE, ErrorType.BACKEND, "Backend error: {field} is not available for "
+                 + ("SPLADE models" if splade else "sparse (CSR) models"))
 
 
 def check_admissible(count: int, max_concurrent_requests: int) -> None:

@@ -171,7 +171,8 @@ class InferenceService:
     # -- requests ----------------------------------------------------------------------------
 
     def require(self, route_needs: str) -> None:
-        """424 when a route does not fit the served model (TEI's messages)."""
+        """424 when a route does not fit the served model, in TEI's words (its
+        TextEmbeddingsError::Backend, whose text starts "Backend error: ")."""
         no_hidden = ("`embed_all` is not available for SPLADE models" if self.splade else
                      "`embed_all` is not available for static embedding models (no token "
                      "embeddings)" if self.static else "Model is not an embedding model")
@@ -187,7 +188,7 @@ class InferenceService:
         refused, message = refusal[route_needs]
         if refused:
             self.metrics.failed(MODEL_TYPE)
-            raise backend(message)
+            raise backend(f"Backend error: {message}")
 
     def accepted(self, inputs: str | list, parse: Callable[[str | list], list[Any]],
                  what: str) -> list[Any]:

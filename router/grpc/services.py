@@ -159,15 +159,14 @@ class RerankServicer(_Servicer, services.RerankServicer):
                 for i in operations.best_first(scores)]
 
     def _require_reranker(self) -> None:
-        """The model-kind refusal in the words of TEI's gRPC Rerank and RerankStream: an
-        embedding model is "not a classifier model" there (a classifier, and HTTP's /rerank
-        for either kind: "not a re-ranker model")."""
+        """The model-kind refusal in the words of TEI's gRPC Rerank and RerankStream, which
+        write their own status (no "Backend error: "): an embedding model is "not a
+        classifier model" there, a classifier "not a re-ranker model"."""
         try:
             self.service.require("reranker")
         except EmbedServeError:
-            if self.model.kind != "embedding":
-                raise
-            raise backend("model is not a classifier model") from None
+            kind = "classifier" if self.model.kind == "embedding" else "re-ranker"
+            raise backend(f"model is not a {kind} model") from None
 
     async def rerank(self, request: pb.RerankRequest) -> pb.RerankResponse:
         # From the call, as TEI's Rerank and RerankStream time theirs (their texts' permits

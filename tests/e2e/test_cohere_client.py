@@ -256,5 +256,5 @@ def test_not_a_reranker_is_a_424(tmp_path) -> None:
         cohere.ClientV2(api_key="unused", base_url=srv.url).rerank(
             model="any", query=QUERY, documents=DOCS)
     assert refused.value.status_code == 424
-    assert refused.value.body == {"error": "model is not a re-ranker model",
+    assert refused.value.body == {"error": "Backend error: model is not a re-ranker model",
                                   "error_type": "Backend"}

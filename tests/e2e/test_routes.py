@@ -207,11 +207,14 @@ def test_embed_all_gives_every_tokens_hidden_state(server, st_minilm):
     assert int(response.headers["x-compute-tokens"]) == sum(len(t) for t in ours)
 
 
+# TEI's words: its TextEmbeddingsError::Backend's "Backend error: " first.
 @pytest.mark.parametrize(("path", "body", "message"), [
-    ("/predict", {"inputs": "x"}, "Model is not a classifier model"),
-    ("/rerank", {"query": "q", "texts": ["a"]}, "model is not a re-ranker model"),
-    ("/v1/rerank", {"query": "q", "documents": ["a"]}, "model is not a re-ranker model"),
-    ("/embed_sparse", {"inputs": "x"}, "Model is not an embedding model with SPLADE pooling"),
+    ("/predict", {"inputs": "x"}, "Backend error: Model is not a classifier model"),
+    ("/rerank", {"query": "q", "texts": ["a"]}, "Backend error: model is not a re-ranker model"),
+    ("/v1/rerank", {"query": "q", "documents": ["a"]},
+     "Backend error: model is not a re-ranker model"),
+    ("/embed_sparse", {"inputs": "x"},
+     "Backend error: Model is not an embedding model with SPLADE pooling"),
 ])
 def test_routes_of_other_model_kinds_answer_424(server, path, body, message):
     response = server.client.post(path, json=body)

@@ -201,7 +201,7 @@ def test_a_csr_models_vectors_are_its_sparse_rows_written_out(
 
 @pytest.mark.parametrize(("request_fields", "model", "refusal", "err"), [
     ({"normalize": True}, {"csr": True},
-     "`normalize` is not available for sparse (CSR) models", "model_type"),
+     "Backend error: `normalize` is not available for sparse (CSR) models", "model_type"),
     ({"dimensions": 33}, {}, "Input validation error: `dimensions` should be smaller than "
      "the maximum embedding dimension.", "validation"),
 ])

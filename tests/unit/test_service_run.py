@@ -187,16 +187,19 @@ def test_dimensions_asked_for_win_over_the_models_truncate_dim(
     np.testing.assert_allclose(np.linalg.norm(asked, axis=1), 1.0, rtol=1e-6)
 
 
+# TEI's words, its TextEmbeddingsError::Backend's "Backend error: " first (a live TEI 1.9.3
+# answers /embed_sparse of a dense model "Backend error: Model is not an embedding model with
+# SPLADE pooling").
 @pytest.mark.parametrize(("kind", "model", "refusal"), [
-    ("hidden states", "static", "`embed_all` is not available for static embedding models (no "
-     "token embeddings)"),
-    ("hidden states", "splade", "`embed_all` is not available for SPLADE models"),
+    ("hidden states", "static", "Backend error: `embed_all` is not available for static "
+     "embedding models (no token embeddings)"),
+    ("hidden states", "splade", "Backend error: `embed_all` is not available for SPLADE models"),
     ("sparse", "csr", None),
     ("sparse", "lexical", None),
-    ("sparse", "embedding", "Model is not an embedding model with SPLADE pooling"),
+    ("sparse", "embedding", "Backend error: Model is not an embedding model with SPLADE pooling"),
     ("classifier", "reranker", None),
-    ("classifier", "embedding", "Model is not a classifier model"),
-    ("reranker", "classifier", "model is not a re-ranker model"),
+    ("classifier", "embedding", "Backend error: Model is not a classifier model"),
+    ("reranker", "classifier", "Backend error: model is not a re-ranker model"),
 ])
 def test_a_route_is_refused_as_tei_refuses_it_and_counted_as_the_model_type(
         kind: str, model: str, refusal: str | None) -> None:
