@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from router.tokenization import Encoded, TokenizerPool
-from shared.errors import EmbedServeError, ErrorType, Field, about, validation
+from shared.errors import BatchSizeError, EmbedServeError, ErrorType, Field, about, validation
 
 INPUTS = Field("inputs")
 PROMPT_NAME = Field("prompt_name")
@@ -106,7 +106,7 @@ def _sequence(texts: list[str]) -> str | Pair:
 
 def check_batch_size(count: int, rules: InputRules) -> None:
     if count > rules.max_client_batch_size:
-        raise validation(
+        raise BatchSizeError(
             f"batch size {count} > maximum allowed batch size {rules.max_client_batch_size}"
         )
 

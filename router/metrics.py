@@ -26,7 +26,7 @@ from prometheus_client.utils import floatToGoString
 from starlette.requests import Request
 from starlette.responses import Response
 
-from shared.errors import ErrorType
+from shared.errors import BatchSizeError, EmbedServeError, ErrorType
 
 if TYPE_CHECKING:
     from router.queue import Entry
@@ -51,6 +51,7 @@ FAILURE_LABELS: dict[ErrorType, str] = {
     ErrorType.UNHEALTHY: "unhealthy",
 }
 MODEL_TYPE = "model_type"  # a route that does not fit the served model
+BATCH_SIZE = "batch_size"  # more inputs than --max-client-batch-size (TEI's own label)
 DROPPED = "dropped"  # the client went away (or a sibling input failed) before the answer
 WORKER_STATES = ("starting", "ready", "dead", "stopping")
 
@@ -112,7 +113,7 @@ class Metrics:
         # Label children resolved once (`labels()` costs a lock and a dict walk per request).
         self._received = {m: self.request_count.labels(m) for m in METHODS}
         self._succeeded = {m: self.request_success.labels(m) for m in METHODS}
-        for err in (*dict.fromkeys(FAILURE_LABELS.values()), MODEL_TYPE, DROPPED):
+        for err in (*dict.fromkeys(FAILURE_LABELS.values()), MODEL_TYPE, BATCH_SIZE, DROPPED):
             self.request_failure.labels(err)
         self.request = _Phase("te_request", "a request", registry, averaged=True)
         self.inputs = {"embed": _Inputs("embed", "to embed", registry),
@@ -145,6 +146,14 @@ class Metrics:
     def failed_with(self, error_type: ErrorType) -> None:
         # Only the inference types reach here; any other is named as it is, never hidden.
         self.failed(FAILURE_LABELS.get(error_type, error_type.value.lower()))
+
+    def refused(self, error: EmbedServeError) -> None:
+        """A request failed with `error`: counted by its type, except an oversized client
+        batch, which TEI's handlers count as `batch_size`, not `validation`."""
+        if isinstance(error, BatchSizeError):
+            self.failed(BATCH_SIZE)
+        else:
+            self.failed_with(error.error_type)
 
     def admitted(self, kind: str, inputs: int) -> None:
         """A request's `inputs` for `kind` (embed or predict) got their permits."""

@@ -211,7 +211,7 @@ class InferenceService:
         try:
             yield
         except EmbedServeError as exc:
-            self.metrics.failed_with(exc.error_type)
+            self.metrics.refused(exc)
             raise
 
     async def run(
@@ -237,7 +237,7 @@ class InferenceService:
             outcome = await self._run(inputs, output, truncate=truncate, direction=direction,
                                       prompt_name=prompt_name, client_inputs=client_inputs)
         except EmbedServeError as exc:
-            self.metrics.failed_with(exc.error_type)
+            self.metrics.refused(exc)
             raise
         except asyncio.CancelledError:
             self.metrics.failed(DROPPED)

@@ -95,6 +95,14 @@ def validation(message: str) -> EmbedServeError:
     return EmbedServeError(ErrorType.VALIDATION, message)
 
 
+class BatchSizeError(EmbedServeError):
+    """More inputs than --max-client-batch-size: a validation error to the client, but TEI
+    counts it apart, as te_request_failure{err="batch_size"}."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorType.VALIDATION, message)
+
+
 def empty(message: str) -> EmbedServeError:
     return EmbedServeError(ErrorType.EMPTY, message)
 

@@ -191,7 +191,7 @@ def test_max_tokens_per_doc_keeps_the_batch_checks_and_their_count(tmp_path) -> 
         assert response.status_code == 422
         assert "batch size 7 > maximum allowed batch size 4" in response.json()["error"]
         values = srv.metrics()
-        assert values['te_request_failure{err="validation"}'] == 1
+        assert values['te_request_failure{err="batch_size"}'] == 1
         # Pieces count against --max-concurrent-requests, documents against the batch size.
         documents = {"query": QUERY, "documents": [LONG * 4] * 4, "max_chunks_per_doc": 3}
         response = srv.client.post("/v1/rerank", json=documents)

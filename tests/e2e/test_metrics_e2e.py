@@ -91,7 +91,9 @@ def test_counts_match_the_traffic_across_two_workers(metered) -> None:
     assert values['te_request_count{method="batch"}'] == batches + 1
     assert values['te_request_success{method="single"}'] == singles
     assert values['te_request_success{method="batch"}'] == batches
-    assert values['te_request_failure{err="validation"}'] == 3
+    # The oversized batch under TEI's own label, apart from the other validation errors.
+    assert values['te_request_failure{err="validation"}'] == 2
+    assert values['te_request_failure{err="batch_size"}'] == 1
     assert values['te_request_failure{err="model_type"}'] == 1
     assert values['te_request_failure{err="inference"}'] == 0
     assert values["te_request_duration_count"] == singles + batches
@@ -158,7 +160,9 @@ def test_tokenizer_routes_count_their_refusals_as_tei(metered) -> None:
     after = srv.metrics()
     assert total(after, "te_request_failure") - total(before, "te_request_failure") == 5
     assert after['te_request_failure{err="validation"}'] == \
-        before['te_request_failure{err="validation"}'] + 5
+        before['te_request_failure{err="validation"}'] + 3
+    assert after['te_request_failure{err="batch_size"}'] == \
+        before['te_request_failure{err="batch_size"}'] + 2
     assert total(after, "te_request_count") == total(before, "te_request_count")
 
 

@@ -71,7 +71,7 @@ def test_every_family_is_there_from_the_start_with_zero_values() -> None:
     for method in ("single", "batch"):
         assert values[f'te_request_count{{method="{method}"}}'] == 0
         assert values[f'te_request_success{{method="{method}"}}'] == 0
-    for err in {*FAILURE_LABELS.values(), "model_type", "dropped"}:
+    for err in {*FAILURE_LABELS.values(), "model_type", "dropped", "batch_size"}:
         assert values[f'te_request_failure{{err="{err}"}}'] == 0
     assert values["te_embed_count"] == values["te_predict_count"] == 0
     assert values['te_request_duration_bucket{le="+Inf"}'] == 0

@@ -155,7 +155,9 @@ def test_an_oversized_batch_counts_as_received_and_failed() -> None:
         service.accepted(["a"] * 33, list, "embedding")
     values = samples(service.metrics.render().decode())
     assert values['te_request_count{method="batch"}'] == 1
-    assert values['te_request_failure{err="validation"}'] == 1
+    # TEI's label for this refusal, apart from the other validation errors.
+    assert values['te_request_failure{err="batch_size"}'] == 1
+    assert values['te_request_failure{err="validation"}'] == 0
 
 
 def test_a_route_the_model_does_not_serve_is_refused_after_the_inputs_are_read() -> None:
@@ -232,7 +234,7 @@ def test_a_refusal_in_run_is_counted_by_its_kind(monkeypatch: pytest.MonkeyPatch
             await service.stop()
 
     values = samples(asyncio.run(main()))
-    assert values['te_request_failure{err="validation"}'] == 1
+    assert values['te_request_failure{err="batch_size"}'] == 1
     assert values['te_request_success{method="batch"}'] == 0
 
 
