@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -33,6 +33,12 @@ if TYPE_CHECKING:
     from router.workers import WorkerHandle
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# prometheus-client keeps every value in a file of PROMETHEUS_MULTIPROC_DIR where that variable
+# is set (for another Python service sharing the environment): start-up then failed where the
+# directory is missing, and left a file per process where it is not. Every value here is the
+# router's own, so they are kept in memory whatever the environment says.
+values.ValueClass = values.MutexValue
 
 # TEI's buckets: durations (seconds) grow by 1.5x from 15 us to about 15 s, which resolves
 # sub-millisecond queue times as well as multi-second batches.

@@ -217,3 +217,26 @@ def test_help_texts_are_escaped() -> None:
     registry = CollectorRegistry()
     Counter("te_odd", "a back\\slash\nand a new line", registry=registry)
     assert "# HELP te_odd a back\\\\slash\\nand a new line" in render(registry).decode()
+
+
+def test_a_multiprocess_directory_in_the_environment_is_not_used(tmp_path) -> None:
+    """PROMETHEUS_MULTIPROC_DIR (set for other Python services in a shared environment) turns
+    prometheus-client's values into files in that directory at import: start-up failed where it
+    does not exist, and left a file per process where it does. Every value is the router's own
+    (module docstring), so the variable is not followed."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("from router.metrics import Metrics\n"
+              "m = Metrics(max_input_length=512)\n"
+              "m.received('single')\n"
+              "print(m.render().decode())\n")
+    for directory in (tmp_path / "missing", tmp_path):
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+        result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                                text=True, timeout=60, check=False,
+                                cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+        assert result.returncode == 0, result.stderr
+        assert samples(result.stdout)['te_request_count{method="single"}'] == 1
+    assert list(tmp_path.iterdir()) == []
