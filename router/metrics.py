@@ -16,6 +16,7 @@ exact names.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -57,7 +58,8 @@ FAILURE_LABELS: dict[ErrorType, str] = {
     ErrorType.UNHEALTHY: "unhealthy",
 }
 MODEL_TYPE = "model_type"  # a route that does not fit the served model
-BATCH_SIZE = "batch_size"  # more inputs than --max-client-batch-size (TEI's own label)
+BATCH_SIZE = BatchSizeError.counted_as  # more inputs than --max-client-batch-size
+TOKENIZATION = FAILURE_LABELS[ErrorType.TOKENIZER]
 DROPPED = "dropped"  # the client went away (or a sibling input failed) before the answer
 WORKER_STATES = ("starting", "ready", "dead", "stopping")
 
@@ -154,10 +156,10 @@ class Metrics:
         self.failed(FAILURE_LABELS.get(error_type, error_type.value.lower()))
 
     def refused(self, error: EmbedServeError) -> None:
-        """A request failed with `error`: counted by its type, except an oversized client
-        batch, which TEI's handlers count as `batch_size`, not `validation`."""
-        if isinstance(error, BatchSizeError):
-            self.failed(BATCH_SIZE)
+        """A request failed with `error`: counted by its type, unless TEI counts it apart (an
+        oversized client batch as `batch_size`; `tokenization_refusals`)."""
+        if error.counted_as is not None:
+            self.failed(error.counted_as)
         else:
             self.failed_with(error.error_type)
 
@@ -207,6 +209,18 @@ class Metrics:
 
     async def endpoint(self, request: Request) -> Response:
         return Response(self.render(), media_type=CONTENT_TYPE)
+
+
+@contextlib.contextmanager
+def tokenization_refusals() -> Iterator[None]:
+    """Refusals inside make te_request_failure{err="tokenization"}, whatever their type: TEI's
+    Infer counts whatever its encode refuses so (a prompt name the model lacks, an input past
+    the limit without truncation), not as validation."""
+    try:
+        yield
+    except EmbedServeError as exc:
+        exc.counted_as = TOKENIZATION
+        raise
 
 
 class _WorkerCollector(Collector):

@@ -21,6 +21,7 @@ from router.inputs import (
     is_predict_batch,
     resolve_prompt,
 )
+from router.metrics import tokenization_refusals
 from router.results import Outcome, Timings
 from router.scores import activate, ranked_labels
 from router.service import InferenceService
@@ -171,7 +172,8 @@ def _texts_to_tokenize(service: InferenceService, texts: list[str],
         raise empty("Input validation error: `inputs` cannot be empty")
     check_batch_size(len(texts), service.rules)
     check_characters(texts, service.rules)
-    prompt = resolve_prompt(prompt_name, service.rules)
+    with tokenization_refusals():  # (as Infer::tokenize counts a prompt it lacks)
+        prompt = resolve_prompt(prompt_name, service.rules)
     return texts if prompt is None else [prompt + text for text in texts]
 
 

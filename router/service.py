@@ -31,7 +31,7 @@ from router.inputs import (
     unnormalizable,
     without_trailing,
 )
-from router.metrics import DROPPED, MODEL_TYPE, Metrics
+from router.metrics import DROPPED, MODEL_TYPE, Metrics, tokenization_refusals
 from router.query_route import QueryVectors
 from router.queue import Entry, TokenBudgetQueue
 from router.results import EmbedResult, Outcome, Timings, densify, normalize_rows
@@ -261,24 +261,26 @@ class InferenceService:
             raise unhealthy("no backend worker is ready (the model is loading or restarting)")
         check_batch_size(client_inputs, self.rules)
         # (route: the query route of an inference-free SPLADE model, when the request takes it)
-        route, prompt = (self.queries.choose(prompt_name) if self.queries is not None
-                         else (None, resolve_prompt(prompt_name, self.rules)))
+        with tokenization_refusals():  # (TEI finds the prompt in its tokenization)
+            route, prompt = (self.queries.choose(prompt_name) if self.queries is not None
+                             else (None, resolve_prompt(prompt_name, self.rules)))
         kind = "predict" if output is OutputKind.LOGITS else "embed"
         async with self.admission.admitted(len(inputs)):
             # After any wait for permits (a gRPC stream message's), where TEI starts its clock:
             # the wait is neither tokenization nor part of te_request_duration.
             started = time.perf_counter()
             self.metrics.admitted(kind, len(inputs))
-            encoded, characters = await tokenize_inputs(
-                inputs,
-                prompt=prompt,
-                explicit_prompt=prompt_name is not None,
-                truncate=self.auto_truncate if truncate is None else truncate,
-                direction=direction.lower(),
-                rules=route.rules if route is not None else self.rules,
-                tokenizers=self.tokenizers,
-                special_tokens=route is None,
-            )
+            with tokenization_refusals():
+                encoded, characters = await tokenize_inputs(
+                    inputs,
+                    prompt=prompt,
+                    explicit_prompt=prompt_name is not None,
+                    truncate=self.auto_truncate if truncate is None else truncate,
+                    direction=direction.lower(),
+                    rules=route.rules if route is not None else self.rules,
+                    tokenizers=self.tokenizers,
+                    special_tokens=route is None,
+                )
             tokenized = time.perf_counter()
             for enc in encoded:
                 self.metrics.input_length.observe(len(enc.ids))

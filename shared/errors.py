@@ -59,6 +59,10 @@ class EmbedServeError(Exception):
     the shared service refuses in TEI's words without knowing which API a request came in by,
     and each route renders the refusal in its own."""
 
+    # Its te_request_failure label where that is not its type's (TEI counts some refusals
+    # apart: an oversized batch, whatever its tokenization refuses).
+    counted_as: str | None = None
+
     def __init__(self, error_type: ErrorType, message: str, field: Field | None = None,
                  template: str | None = None) -> None:
         super().__init__(message)
@@ -98,6 +102,8 @@ def validation(message: str) -> EmbedServeError:
 class BatchSizeError(EmbedServeError):
     """More inputs than --max-client-batch-size: a validation error to the client, but TEI
     counts it apart, as te_request_failure{err="batch_size"}."""
+
+    counted_as = "batch_size"
 
     def __init__(self, message: str) -> None:
         super().__init__(ErrorType.VALIDATION, message)

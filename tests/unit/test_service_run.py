@@ -279,3 +279,27 @@ def test_only_an_input_of_the_bag_id_alone_is_an_empty_bag() -> None:
     inputs = [Encoded(np.array(ids, dtype=np.int32), np.zeros(len(ids), dtype=np.int32))
               for ids in ([99], [99, 5], [5])]
     assert service._empty_bags(inputs) == 1
+
+
+@pytest.mark.parametrize(("inputs", "prompt_name", "refusal"), [
+    ([[1] * 600], None, "must have less than 512 tokens"),
+    (["a"], "nope", "not found in the Sentence Transformers prompts"),
+])
+def test_what_tokenization_refuses_counts_as_tokenization(inputs: list, prompt_name: str | None,
+                                                          refusal: str) -> None:
+    """TEI's Infer counts whatever its encode refuses (an input past the limit without
+    truncation, a prompt name the model lacks) as err="tokenization", not validation."""
+    async def main() -> str:
+        service = await started_stand_in()
+        service.rules = InputRules(512, 32, 100, {"query": "q: "}, None)
+        try:
+            with pytest.raises(EmbedServeError, match=refusal):
+                await service.run(inputs, protocol.OutputKind.POOLED, truncate=False,
+                                  direction="right", prompt_name=prompt_name)
+            return service.metrics.render().decode()
+        finally:
+            await service.stop()
+
+    values = samples(asyncio.run(main()))
+    assert values['te_request_failure{err="tokenization"}'] == 1
+    assert values['te_request_failure{err="validation"}'] == 0
