@@ -39,10 +39,17 @@ _POLL_MS = 200
 
 
 def warmup_arrays(max_batch_tokens: int, max_len: int, packed: bool) -> protocol.BatchArrays:
-    """One batch costing exactly `max_batch_tokens` (or the most a padded batch can hold)."""
+    """One batch costing exactly `max_batch_tokens` (padded: within a token per sequence)."""
     max_len = min(max_len, max_batch_tokens)
     count, rest = divmod(max_batch_tokens, max_len)
     lengths = [max_len] * count + ([rest] if packed and rest else [])
+    if not packed and rest:
+        # The router fills a padded batch to longest * count <= the budget with any lengths
+        # (two of 500 under 1000, max_len 512), where whole max_len sequences may cost half
+        # of it: one sequence more, evenly shorter, when that costs more.
+        shorter = max_batch_tokens // (count + 1)
+        if shorter * (count + 1) > max_len * count:
+            lengths = [shorter] * (count + 1)
     cu = np.zeros(len(lengths) + 1, dtype=np.int32)
     np.cumsum(lengths, out=cu[1:])
     total = int(cu[-1])

@@ -36,3 +36,18 @@ def test_warm_up_batch_costs_exactly_the_budget(budget: int, max_len: int, packe
         assert lengths.sum() == budget
     else:  # padded cost: longest * count, never above the budget
         assert lengths.max() * len(lengths) <= budget
+
+
+@pytest.mark.parametrize(("budget", "max_len"), [(1000, 512), (1023, 512), (1500, 512),
+                                                 (2561, 512), (16384, 512), (700, 256)])
+def test_padded_warm_up_costs_what_the_router_may_send(budget: int, max_len: int) -> None:
+    """The router fills a padded batch up to longest * count <= the budget with sequences of
+    any length (two of 500 tokens under 1000, max_len 512): the warm-up batch, which must be
+    the largest it sends (memory, and the router's hang yardstick), costs as much, within one
+    token per sequence; one 512-token sequence, half of it, was what warm-up ran."""
+    arrays = warmup_arrays(budget, max_len, False)
+    lengths = arrays.cu_seqlens[1:] - arrays.cu_seqlens[:-1]
+    cost = int(lengths.max()) * len(lengths)
+    assert lengths.max() <= max_len
+    assert budget - len(lengths) <= cost <= budget
+    assert lengths.sum() == cost  # equal lengths: every padded row is a real token
