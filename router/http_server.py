@@ -96,7 +96,11 @@ class UnreadBody:
 
         async def draining_first(message: Message) -> None:
             last = message["type"] == "http.response.body" and not message.get("more_body")
-            if last and not read_whole:
+            # The head waits too: a head saying `connection: close` (413, 408) has h11 expect
+            # nothing more from the client once the upload ends, so a next request already
+            # sent behind it (pipelined, or sent before reading) is a protocol error, and
+            # hypercorn ends the connection without the answer's body.
+            if (last or message["type"] == "http.response.start") and not read_whole:
                 # The upload is read to its end first. On HTTP/2 hypercorn forgets a stream
                 # once it is answered, and a DATA frame for it after that ends the whole
                 # connection (a KeyError in its reading), with every other stream on it. On

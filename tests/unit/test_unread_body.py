@@ -183,3 +183,36 @@ def test_a_body_that_timed_out_is_answered_without_a_second_wait(
     asyncio.run(served(app, client))
     assert str(seen["answer"]).startswith("b'HTTP/1.1 408 "), seen["answer"]
     assert seen["after"] < 1.6 * timeout, seen["after"]
+
+
+def test_a_refused_upload_followed_by_the_next_request_gets_its_whole_answer() -> None:
+    """A 413 says `connection: close`. Its head, sent before the upload was read to its end,
+    had h11 expect nothing more from the client once that upload ended: the next request
+    already sent behind it (a pipelining client's; a keep-alive client's sent before reading)
+    was a protocol error that ended the connection, and the 413's body with it."""
+    async def embed(request: Request) -> Response:
+        await http.read_json(request, dict, 1000)
+        return Response(b"{}", media_type="application/json")
+
+    app = Starlette(routes=[Route("/embed", embed, methods=["POST"])],
+                    exception_handlers={EmbedServeError: handle_embedserve_error})
+    seen: dict[str, bytes] = {}
+
+    def client(port: int) -> None:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.settimeout(10)
+            body = b"x" * 5_000_000  # more than one read of the socket: answered mid-way
+            sock.sendall(b"POST /embed HTTP/1.1\r\nhost: x\r\ncontent-type: application/json"
+                         b"\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+                         + b"GET /embed HTTP/1.1\r\nhost: x\r\n\r\n")
+            answer = b""
+            with contextlib.suppress(OSError):
+                while chunk := sock.recv(1 << 16):
+                    answer += chunk
+            seen["answer"] = answer
+
+    asyncio.run(served(app, client))
+    head, _, body = seen["answer"].partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 "), seen["answer"]
+    assert b"connection: close" in head
+    assert body.startswith(b'{"error":"request body larger than the payload limit'), seen["answer"]
