@@ -104,6 +104,11 @@ def refuse_content_coding(coding: str | None) -> None:
                               "body uncompressed")
 
 
+async def _until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 class ClientGone(Exception):
     """The client closed the connection before its answer was ready."""
 
@@ -155,6 +160,39 @@ class SendTimeout:
             await self.app(scope, receive, send)
             return
         dropped = False
+        # HTTP/2's: the client's disconnect. Once its connection is closed, hypercorn's sending
+        # task has ended and a piece sent after would wait for SEND_TIMEOUT_S, held whole;
+        # over HTTP/1.1 it is dropped at once. The app may have received it already (the 499
+        # of work it cancelled); else it is watched for once the body goes (by then the upload
+        # was read, or its time was up, as UnreadBody holds the head until then).
+        left = asyncio.Event()
+        watching: list[asyncio.Future] = []
+
+        async def receiving() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                left.set()
+            return message
+
+        async def taken(piece: Message) -> bool:
+            """Send `piece`; False where the client left first."""
+            if scope.get("http_version") != "2":
+                await send(piece)
+                return True
+            if not watching:
+                watching.extend(asyncio.ensure_future(w) for w in (
+                    _until_disconnect(receiving), left.wait()))
+            sending = asyncio.ensure_future(send(piece))
+            try:
+                await asyncio.wait({sending, watching[1]}, return_when=asyncio.FIRST_COMPLETED)
+            except BaseException:  # (the timeout's cancellation)
+                sending.cancel()
+                raise
+            if sending.done():
+                sending.result()  # its failure, if any
+                return True
+            sending.cancel()
+            return False
 
         async def send_in_pieces(message: Message) -> None:
             nonlocal dropped
@@ -172,13 +210,19 @@ class SendTimeout:
                     "more_body": more or at + SEND_PIECE < len(body)}
                 try:
                     async with asyncio.timeout(SEND_TIMEOUT_S):
-                        await send(piece)
+                        if not await taken(piece):
+                            dropped = True  # nobody to tell: the client left
+                            return
                 except TimeoutError:
                     dropped = True
                     self._report()
                     return
 
-        await self.app(scope, receive, send_in_pieces)
+        try:
+            await self.app(scope, receiving, send_in_pieces)
+        finally:
+            for watch in watching:
+                watch.cancel()
 
     def _report(self) -> None:
         """Count a drop; warn now, or at the end of the quiet interval if a warning went out

@@ -92,6 +92,44 @@ def test_http2_stream_of_a_client_that_does_not_read_is_dropped() -> None:
     assert finished and finished[0] - started < TIMEOUT_S * 4
 
 
+
+@pytest.mark.parametrize("seen", [True, False])
+def test_http2_answer_of_a_client_gone_is_dropped_at_once(
+        caplog: pytest.LogCaptureFixture, seen: bool) -> None:
+    """Once an HTTP/2 connection is closed, hypercorn's sending task has ended: an answer sent
+    after that (the 499 of work cancelled on the disconnect, which the app has `seen`; an
+    answer ready just after it) waited for SEND_TIMEOUT_S, held whole, and was then warned of
+    as not taken. Over HTTP/1.1 it is dropped at once."""
+    took: list[float] = []
+
+    async def app(scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        if seen:  # as unless_disconnected, or read_json mid-upload
+            while (await receive())["type"] != "http.disconnect":
+                pass
+        else:
+            await asyncio.sleep(0.3)  # the client is gone meanwhile
+        started = time.monotonic()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"x" * ANSWER})
+        took.append(time.monotonic() - started)
+
+    def client(port: int) -> None:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.initiate_connection()
+            conn.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "http"),
+                                  (":authority", "x")], end_stream=True)
+            sock.sendall(conn.data_to_send())
+        time.sleep(TIMEOUT_S * 2)
+
+    with caplog.at_level("WARNING", logger="router.http"):
+        asyncio.run(served(app, client))
+    assert took and took[0] < TIMEOUT_S / 2, took
+    assert not caplog.records
+
+
 def test_the_open_files_soft_limit_is_raised_to_the_hard_one() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard < 64:
