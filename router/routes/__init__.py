@@ -122,7 +122,15 @@ _encoder = msgspec.json.Encoder(enc_hook=_numpy_json)
 
 def json_response(body: Any, headers: dict[str, str] | None = None) -> Response:
     """A JSON answer; numpy arrays anywhere in `body` are written as JSON arrays."""
-    return Response(_encoder.encode(body), media_type="application/json", headers=headers)
+    try:
+        encoded = _encoder.encode(body)
+    except RecursionError:
+        # An object of the request echoed (a Cohere document, with `return_documents`) sits
+        # deeper in the answer than in the request: at the depth the decoder still took, the
+        # encoder can run out of recursion (read_json's own refusal, a level or two later).
+        raise EmbedServeError(ErrorType.BAD_REQUEST, "the request body is nested too deeply "
+                              "to be echoed in the answer") from None
+    return Response(encoded, media_type="application/json", headers=headers)
 
 
 @contextlib.contextmanager

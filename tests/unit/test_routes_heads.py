@@ -128,6 +128,24 @@ def test_cohere_rerank_refusals(asked: list, field: str, value: Any, message: st
     assert asked == []
 
 
+
+def test_a_document_too_deep_to_echo_is_a_400_not_a_500(asked: list) -> None:
+    """A document object is echoed with `return_documents` one level deeper than it was read:
+    at the depth the decoder still took, the encoder ran out of recursion (a 500, with two
+    tracebacks). Every depth is answered, or refused as a client's fault."""
+    client, _ = serve(kind="reranker")
+    statuses = set()
+    for depth in range(900, 1000):  # around the interpreter's recursion limit (1000)
+        document = '{"text":"b","x":' + '{"a":' * depth + "1" + "}" * depth + "}"
+        answer = client.post("/v2/rerank", headers={"content-type": "application/json"},
+                             content='{"query":"q","return_documents":true,"documents":['
+                             + document + "]}")
+        statuses.add(answer.status_code)
+        if answer.status_code == 400:
+            assert "nested too deeply" in answer.json()["error"]
+    assert statuses == {200, 400}
+
+
 def test_embed_sparse_and_embed_all_pass_their_fields(asked: list) -> None:
     client, _ = serve()
     body = {"inputs": ["a", "b"], "prompt_name": "query", **OPTIONS}
