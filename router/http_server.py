@@ -11,9 +11,14 @@ import resource
 import socket
 from collections.abc import Awaitable, Callable
 
+import h2.errors
+import h2.events
+import h2.exceptions
+import hypercorn.protocol
 from hypercorn.asyncio.run import worker_serve
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
+from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.utils import LifespanFailureError, wrap_app
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -41,6 +46,32 @@ def hypercorn_config(config: ServerConfig, port: int) -> HypercornConfig:
     # TEI sends no `server` header: nothing to tell a scanner, one header less to write.
     hyper.include_server_header = False
     return hyper
+
+
+class _H2Protocol(H2Protocol):
+    """hypercorn's HTTP/2, but DATA for a stream already answered, which hypercorn forgets
+    once answered, is dropped and the stream reset (NO_ERROR: stop sending, the answer is
+    whole; RFC 9113 8.1), where hypercorn's reading raised a KeyError that ended the
+    connection, with every other stream on it (behind a proxy, other clients' requests).
+    UnreadBody reads an upload to its end before the answer, but only until its deadline: a
+    stalled upload answered 408 that then resumed ended its connection so."""
+
+    async def _handle_events(self, events: list[h2.events.Event]) -> None:
+        for event in events:  # one by one: a stream is known once its headers are handled
+            if (isinstance(event, h2.events.DataReceived)
+                    and event.stream_id not in self.streams):
+                # Its flow control given back, or the connection's window would shrink.
+                self.connection.acknowledge_received_data(event.flow_controlled_length,
+                                                          event.stream_id)
+                with contextlib.suppress(h2.exceptions.StreamClosedError):
+                    self.connection.reset_stream(event.stream_id, h2.errors.ErrorCodes.NO_ERROR)
+            else:
+                await super()._handle_events([event])
+        await self._flush()
+
+
+# hypercorn makes its connections' protocol by this name (hypercorn.protocol.ProtocolWrapper).
+hypercorn.protocol.H2Protocol = _H2Protocol  # type: ignore[misc]
 
 
 async def serve_app(app: ASGIApp, hyper: HypercornConfig, sockets: Sockets,

@@ -216,3 +216,57 @@ def test_a_refused_upload_followed_by_the_next_request_gets_its_whole_answer() -
     assert head.startswith(b"HTTP/1.1 413 "), seen["answer"]
     assert b"connection: close" in head
     assert body.startswith(b'{"error":"request body larger than the payload limit'), seen["answer"]
+
+
+def test_over_http2_an_upload_resumed_past_its_deadline_leaves_the_connection_serving(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """UnreadBody reads an upload to its end before the answer, but only until the body's
+    deadline: a stalled upload is answered 408, and hypercorn forgets the stream. DATA for it
+    after that, the upload resuming, was a KeyError in hypercorn's reading that ended the
+    connection, with every other stream on it (behind a proxy, other clients' requests)."""
+    timeout = 0.5
+    monkeypatch.setattr(http, "BODY_TIMEOUT_S", timeout)
+    monkeypatch.setattr(http_server, "BODY_TIMEOUT_S", timeout)
+
+    async def embed(request: Request) -> Response:
+        await http.read_json(request, dict, 100_000)
+        return Response(b"{}", media_type="application/json")
+
+    app = Starlette(routes=[Route("/embed", embed, methods=["POST"])],
+                    exception_handlers={EmbedServeError: handle_embedserve_error})
+    statuses: dict[int, str] = {}
+
+    def client(port: int) -> None:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.settimeout(0.2)
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.initiate_connection()
+            headers = [(":method", "POST"), (":path", "/embed"), (":scheme", "http"),
+                       (":authority", "x"), ("content-type", "application/json")]
+
+            def exchange(seconds: float) -> None:
+                sock.sendall(conn.data_to_send())
+                until = time.monotonic() + seconds
+                while time.monotonic() < until and 3 not in statuses:
+                    try:
+                        data = sock.recv(1 << 16)
+                    except TimeoutError:
+                        continue
+                    if not data:
+                        statuses[0] = "connection closed"
+                        return
+                    for event in conn.receive_data(data):
+                        if isinstance(event, h2.events.ResponseReceived):
+                            statuses[event.stream_id] = dict(event.headers)[b":status"].decode()
+                    sock.sendall(conn.data_to_send())
+
+            conn.send_headers(1, headers)
+            conn.send_data(1, b'{"inputs":')  # and then nothing, for longer than the deadline
+            exchange(timeout * 3)
+            conn.send_data(1, b'"a"}', end_stream=True)  # the upload resumes
+            conn.send_headers(3, headers)  # and another request on the connection
+            conn.send_data(3, b"{}", end_stream=True)
+            exchange(5)
+
+    asyncio.run(served(app, client))
+    assert statuses == {1: "408", 3: "200"}
