@@ -124,6 +124,24 @@ def _cached_revisions(config: ServerConfig, model_id: str) -> str:
             f"{', '.join(refs) or 'none'}; snapshots {', '.join(snapshots)}) ")
 
 
+def _cached_listing(config: ServerConfig, model_id: str) -> list[str] | None:
+    """The repository's files as the cache keeps its listing, where it does (huggingface_hub
+    2.x, written by the download that filled the snapshot). Offline, huggingface_hub refuses a
+    snapshot that lacks a file the patterns select from that listing: the patterns must be the
+    ones the online start fetched with (one weight format per folder), or every model
+    downloaded online would be refused offline for the other format's files. None: no listing
+    kept (an older huggingface_hub, which then checks nothing, or a cache filled otherwise)."""
+    try:
+        from huggingface_hub import get_cached_repo_tree
+    except ImportError:
+        return None
+    try:
+        return [file.path for file in get_cached_repo_tree(
+            model_id, revision=config.revision, cache_dir=config.huggingface_hub_cache)]
+    except Exception:  # (none cached, an invalid id: snapshot_download says which below)
+        return None
+
+
 def _from_hub(config: ServerConfig, model_id: str) -> ResolvedModel:
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -140,7 +158,7 @@ def _from_hub(config: ServerConfig, model_id: str) -> ResolvedModel:
         # listing only picks file patterns, and an unreachable Hub surfaces as the transport
         # errors of whichever HTTP library this huggingface_hub uses (httpx2 in 2.x, requests
         # before), which share no base class we could name here.
-        files = None
+        files = _cached_listing(config, model_id)
     try:
         path = Path(snapshot_download(
             model_id,
