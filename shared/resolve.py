@@ -191,10 +191,16 @@ def resolve_model(config: ServerConfig) -> ResolvedModel:
                 "(scripts/serve does) or pass --model-id"
             )
         return ResolvedModel(model_id=DEFAULT_MODEL_ID, path=path, sha=None)
-    local = Path(config.model_id).expanduser()
-    if local.is_dir():
+    try:
+        local = Path(config.model_id).expanduser()
+        is_dir, exists = local.is_dir(), local.exists()
+    except (OSError, RuntimeError) as exc:
+        # stat's EACCES (a parent the server may not enter: a model under /home, which the
+        # systemd unit's ProtectHome hides) and `~user` for no such user raise, not False.
+        raise ConfigError(f"--model-id {config.model_id!r}: cannot look at it: {exc}") from exc
+    if is_dir:
         return ResolvedModel(model_id=config.model_id, path=local.resolve(), sha=None)
-    if local.exists():
+    if exists:
         raise ConfigError(f"--model-id {config.model_id!r}: not a model directory")
     if config.model_id.startswith((".", "/", "~")):
         raise ConfigError(f"--model-id {config.model_id!r}: no such directory")

@@ -54,6 +54,28 @@ def test_a_file_is_not_a_model_directory(tmp_path: Path) -> None:
         resolve_model(ServerConfig(model_id=str(file)))
 
 
+def test_an_unreadable_path_is_a_config_error(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A directory the server may not enter (a model under /home, which the systemd unit's
+    ProtectHome hides; a parent without x permission): stat's EACCES, and `~user` for no such
+    user, were a traceback, not the one-line refusal."""
+    import errno
+
+    locked = tmp_path / "locked"
+    real_stat = Path.stat
+
+    def stat(self: Path, **kwargs: bool):
+        if str(self).startswith(str(locked)):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_stat(self, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    with pytest.raises(ConfigError, match=r"--model-id '.*locked/model'.*Permission denied"):
+        resolve_model(ServerConfig(model_id=str(locked / "model")))
+    with pytest.raises(ConfigError, match="--model-id '~no-such-user-x/model'"):
+        resolve_model(ServerConfig(model_id="~no-such-user-x/model"))
+
+
 # -- the built-in default model ---------------------------------------------------------------
 
 
