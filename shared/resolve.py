@@ -143,11 +143,13 @@ def _cached_listing(config: ServerConfig, model_id: str) -> list[str] | None:
 
 
 def _from_hub(config: ServerConfig, model_id: str) -> ResolvedModel:
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
     from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
 
-    if are_progress_bars_disabled():
+    # (HF_HUB_DISABLE_PROGRESS_BARS=1 keeps them off: huggingface_hub refuses to turn them on
+    # then, with a warning on stderr)
+    if are_progress_bars_disabled() and not constants.HF_HUB_DISABLE_PROGRESS_BARS:
         enable_progress_bars()
     try:
         files: list[str] | None = HfApi(token=config.hf_token).list_repo_files(

@@ -110,3 +110,28 @@ def test_an_interrupted_download_is_still_refused_offline(tmp_path: Path) -> Non
         pytest.skip("this huggingface_hub keeps no listing: the snapshot is served as it is")
     with pytest.raises(ConfigError, match=r"org/name.*model\.safetensors"):
         resolve_model(ServerConfig(model_id="org/name", huggingface_hub_cache=str(tmp_path)))
+
+
+@pytest.mark.usefixtures("offline")
+def test_progress_bars_disabled_by_the_environment_stay_off_without_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HF_HUB_DISABLE_PROGRESS_BARS=1 (a service's journal spared them): turning the bars back
+    on was refused by huggingface_hub with a UserWarning on stderr at every start."""
+    import warnings
+
+    import huggingface_hub.constants
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+
+    tqdm_module = __import__("huggingface_hub.utils.tqdm", fromlist=["_"])
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_PROGRESS_BARS", True)
+    monkeypatch.setattr(tqdm_module, "HF_HUB_DISABLE_PROGRESS_BARS", True)
+    monkeypatch.setattr(tqdm_module, "progress_bar_states", {})
+    disable_progress_bars()
+    snapshot = cache_as_an_online_start_left_it(tmp_path, LISTING, FETCHED)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolved = resolve_model(ServerConfig(model_id="org/name",
+                                              huggingface_hub_cache=str(tmp_path)))
+    assert resolved.path == snapshot
+    assert are_progress_bars_disabled()
