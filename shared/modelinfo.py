@@ -273,7 +273,9 @@ def _st_settings(files: ModelFiles, st_file: dict[str, Any], head: _Head,
         # from its own save: with modules.json, and "CrossEncoder" as the file's model_type
         # (another is converted, the file left unread).
         st_config = {}
-    prompts = {str(k): str(v) for k, v in (st_config.get("prompts") or {}).items()}
+    # A prompt saved as null is "", as sentence-transformers reads it (_validate_prompts).
+    prompts = {str(k): "" if v is None else str(v)
+               for k, v in (st_config.get("prompts") or {}).items()}
     default_prompt_name = st_config.get("default_prompt_name")
     if default_prompt_name is not None and default_prompt_name not in prompts:
         raise ConfigError(

@@ -400,6 +400,16 @@ def test_null_prompts_are_empty(tmp_path: Path) -> None:
     assert info.default_prompt_name is None
 
 
+def test_a_null_prompt_is_the_empty_prompt(tmp_path: Path) -> None:
+    """sentence-transformers reads a prompt saved as null as "" (its _validate_prompts): an
+    inference-free SPLADE model's "query" prompt so saved is no prompt, not the text "None"."""
+    root = model_dir(tmp_path, files={"config_sentence_transformers.json": {
+        "prompts": {"query": None, "passage": "p: "}, "default_prompt_name": "query"}})
+    info = load_model_info(root)
+    assert info.prompts == {"query": "", "passage": "p: "}
+    assert info.default_prompt_name == "query"
+
+
 # -- Dense ------------------------------------------------------------------------------------
 
 
