@@ -57,6 +57,36 @@ def _token_text(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
+def _model_specific_tokens(root: Path, tokenizer_config: dict[str, Any]) -> dict[str, str]:
+    """The named tokens besides the standard seven that transformers 5 also puts in a
+    tokenizer's special_tokens_map, so in every template's variables (its
+    PreTrainedTokenizerBase._from_pretrained and __init__): tokenizer_config.json's other
+    `*_token` keys holding a text, and its `extra_special_tokens` when a dict of named tokens
+    (`additional_special_tokens` as its old name); over special_tokens_map.json's `*_token`
+    keys, where that file is read (no `added_tokens_decoder`), whose dict (`extra_special_tokens`)
+    wins over them all."""
+    def named(mapping: dict[str, Any], kinds: tuple[type, ...]) -> dict[str, str]:
+        return {key: text for key, value in mapping.items()
+                if key.endswith("_token") and key not in SPECIAL_TOKEN_NAMES
+                and isinstance(value, kinds) and (text := _token_text(value)) is not None}
+
+    def extra(mapping: dict[str, Any]) -> dict[str, str]:
+        value = mapping.get("extra_special_tokens") or mapping.get("additional_special_tokens")
+        if not isinstance(value, dict):
+            return {}
+        return {str(k): text for k, v in value.items() if (text := _token_text(v)) is not None}
+
+    legacy: dict[str, Any] = {}
+    if "added_tokens_decoder" not in tokenizer_config:
+        legacy = optional_json(root / "special_tokens_map.json") or {}
+    # (tokenizer_config.json's AddedToken dicts are not tokens there: only texts count)
+    found = named(legacy, (str, dict))
+    found.update(named(tokenizer_config, (str,)))
+    found.update(extra(tokenizer_config))
+    found.update(extra({"extra_special_tokens": legacy.get("extra_special_tokens")}))
+    return found
+
+
 def _template(root: Path, tokenizer_config: dict[str, Any]) -> tuple[str | None, bool]:
     """The template transformers 5 gives the tokenizer, and whether it holds several.
 
@@ -135,4 +165,5 @@ def read_conversations(root: Path, st_config: dict[str, Any], model_type: str = 
     named = special_tokens(root, model_type, config_class)
     specials = {name: text for name in SPECIAL_TOKEN_NAMES
                 if (text := _token_text(named.get(name))) is not None}
+    specials.update(_model_specific_tokens(root, tokenizer_config))
     return Conversations(template, message_format, kwargs, specials, restore)

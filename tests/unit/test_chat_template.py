@@ -467,3 +467,32 @@ def test_special_tokens_reach_the_template_as_transformers_resolves_them(
     tail = {"map": "|<|im_end|>|[UNK]", "class-default": "||",
             "named-class-default": "|<|endoftext|>|<|endoftext|>"}[layout]
     assert rendered.endswith(tail), rendered[-40:]
+
+
+@pytest.mark.parametrize("layout", ["config", "extra-dict", "map"])
+def test_model_specific_tokens_reach_the_template_as_transformers_gives_them(
+        tmp_path: Path, layout: str) -> None:
+    """transformers 5 names to a template, besides the seven standard special tokens, the
+    model-specific ones (tokenizer_config.json's other `*_token` texts, its dict of
+    `extra_special_tokens`, special_tokens_map.json's `*_token` keys): a template that reads
+    one (here in the tail, where the score is read) rendered it empty, another score."""
+    import json
+
+    template = TEMPLATE.replace("<|im_start|>assistant\n",
+                                "<|im_start|>assistant\n{{ answer_token }}")
+    root = make_causal_reranker(tmp_path / "m", template=template)
+    path = root / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    if layout == "config":
+        config["answer_token"] = "yes"
+        config["flag_token"] = True  # (not a token: no variable)
+    elif layout == "extra-dict":
+        config["extra_special_tokens"] = {"answer_token": "yes"}
+    else:
+        config.pop("added_tokens_decoder", None)
+        (root / "special_tokens_map.json").write_text(json.dumps(
+            {"answer_token": {"content": "yes", "special": True}}))
+    path.write_text(json.dumps(config))
+    expected = theirs(root, PAIRS)
+    assert ours(root, PAIRS) == expected
+    assert all(ids[-1] == expected[0][-1] for ids in expected)  # the tail, cut or not
