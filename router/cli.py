@@ -32,6 +32,7 @@ from router.schemas import ClassifierModelType, EmbeddingModelType, Info, ModelT
 from router.service import InferenceService
 from router.socket_dir import socket_dir
 from router.tokenization import TokenizerPool
+from router.tokenizer_config import left_truncation_note
 from router.tracing import Tracing
 from router.workers import WorkerPool
 from shared.classifier import scored_before
@@ -190,6 +191,8 @@ async def run(config: ServerConfig) -> None:
     rules = input_rules(config, model, info)
     log.info("serving %s from %s: max input length %d, pooling %s", model.model_id, model.path,
              rules.max_input_length, info.pooling)
+    if rules.truncation_side is None and (note := left_truncation_note(model.path)):
+        log.warning("%s", note)
     devices = worker_devices(config)
     tokenizers = tokenizer_processes(config, devices)
     # Made once nothing above can refuse the configuration; removed on every way out below.

@@ -320,3 +320,25 @@ def test_model_input_names_without_token_types_send_type_0(
     assert single.type_ids.tolist() == [0, 0, 0]
     assert pair.type_ids.tolist() == [0, 0, 0] + ([1, 1, 1] if typed else [0, 0, 0])
     assert pair.type_ids.dtype == np.int32
+
+
+@pytest.mark.parametrize("side", ["left", "right", None])
+def test_a_left_truncation_side_is_warned_of(tmp_path: Path, side: str | None) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    from router.tokenizer_config import left_truncation_note
+    from tests.fixtures.tiny import make_tiny_bert
+
+    root = make_tiny_bert(tmp_path / "m", max_seq_length=8)
+    path = root / "tokenizer_config.json"
+    if side is not None:
+        path.write_text(json.dumps(json.loads(path.read_text()) | {"truncation_side": side}))
+    # The premise: sentence-transformers follows the file (a left side keeps the text's end).
+    text = "alpha beta gamma delta epsilon zeta eta theta iota kappa"
+    ids = SentenceTransformer(str(root), device="cpu").tokenize([text])["input_ids"][0].tolist()
+    whole = Tokenizer.from_file(str(root / "tokenizer.json")).encode(text).ids
+    assert ids[1:-1] == (whole[-7:-1] if side == "left" else whole[1:7])
+    note = left_truncation_note(root)
+    assert (note is not None) == (side == "left")
+    if note is not None:
+        assert "truncation_side" in note and "truncation_direction" in note
