@@ -210,14 +210,22 @@ def _llama(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
 
 
 def _qwen2(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:
-    # The template's byte-level step takes add_prefix_space from tokenizer_config.json; the
-    # rest of it (Qwen's Split, then bytes without ByteLevel's own regex) is what real files
-    # hold, and is kept as the file has it (a file without the Split still splits into words).
-    pre = tokenizer.pre_tokenizer
-    for step in _steps(pre):
-        if isinstance(step, pre_tokenizers.ByteLevel):
-            step.add_prefix_space = bool(cfg.get("add_prefix_space") or False)
-    tokenizer.pre_tokenizer = pre
+    # Qwen2Tokenizer keeps only the file's vocabulary and merges (and its post-processor): its
+    # normalizer is NFC and its pre-tokenizer Qwen's Split, then bytes without ByteLevel's own
+    # regex, add_prefix_space from tokenizer_config.json, whatever the file holds. Real Qwen
+    # files hold the same; one with GPT-2's byte-level split (digits grouped) or without NFC
+    # gives other ids alone. (trim_offsets, which a pre-tokenizer does not read, as real files
+    # have it: a real file is then left as it is.)
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=bool(cfg.get("add_prefix_space") or False),
+                                 trim_offsets=False, use_regex=False)])
+
+
+# transformers 5.25's models/qwen2/tokenization_qwen2.py PRETOKENIZE_REGEX.
+_QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
+                r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 
 def _deberta_v2(tokenizer: Tokenizer, cfg: dict[str, Any]) -> None:

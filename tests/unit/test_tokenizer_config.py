@@ -342,3 +342,31 @@ def test_a_left_truncation_side_is_warned_of(tmp_path: Path, side: str | None) -
     assert (note is not None) == (side == "left")
     if note is not None:
         assert "truncation_side" in note and "truncation_direction" in note
+
+
+def test_qwen2_class_splits_and_normalizes_as_its_template(tmp_path: Path) -> None:
+    """Qwen2Tokenizer takes only the vocabulary and merges from tokenizer.json: its normalizer
+    is NFC and its pre-tokenizer Qwen's Split then bytes, whatever the file holds. A file with
+    GPT-2's byte-level split (digits grouped, so "12" merges) and no normalizer ("e" + U+0301
+    stays two characters) tokenizes otherwise alone."""
+    transformers = pytest.importorskip("transformers")
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {t: i for i, t in enumerate(["<|endoftext|>", *alphabet, "12", "Ã©"])}
+    tok = Tokenizer(models.BPE(vocab, [("1", "2"), ("Ã", "©")]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|endoftext|>", "bos_token": None}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    texts = ["price 12 caf\u00e9", "cafe\u0301 1234"]
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    expected = [hf(text)["input_ids"] for text in texts]
+    before = tokenization._tokenizer
+    try:
+        tokenization._load(str(tmp_path / "tokenizer.json"), False, "qwen3")
+        assert tokenization._tokenizer is not None
+        ours = [tokenization._tokenizer.encode(text).ids for text in texts]
+    finally:
+        tokenization._tokenizer = before
+    assert ours == expected
+    assert [tok.encode(text).ids for text in texts] != expected  # what the rebuild changes
