@@ -32,7 +32,6 @@ from router.schemas import ClassifierModelType, EmbeddingModelType, Info, ModelT
 from router.service import InferenceService
 from router.socket_dir import socket_dir
 from router.tokenization import TokenizerPool
-from router.tokenizer_config import left_truncation_note
 from router.tracing import Tracing
 from router.workers import WorkerPool
 from shared.classifier import scored_before
@@ -48,6 +47,7 @@ from shared.logs import setup_logging, unknown_log_level
 from shared.modelinfo import ModelInfo, load_model_info
 from shared.protocol import WorkerConfig
 from shared.resolve import ResolvedModel, resolve_model
+from shared.st_modules import optional_json
 
 log = logging.getLogger("embedserve")
 
@@ -132,6 +132,19 @@ def build_info(config: ServerConfig, model: ResolvedModel, info: ModelInfo, dtyp
 # Pooling file says (they predate include_prompt).
 INSTRUCTOR_MODELS = frozenset({"hkunlp/instructor-base", "hkunlp/instructor-large",
                                "hkunlp/instructor-xl"})
+
+
+def left_truncation_note(model_dir: Path) -> str | None:
+    """What to warn of where tokenizer_config.json sets `truncation_side: left`: transformers
+    (so sentence-transformers) then cuts a long input's start, but here the request's
+    `truncation_direction` decides (TEI's, default right)."""
+    path = model_dir / "tokenizer_config.json"
+    settings = optional_json(path)
+    if not isinstance(settings, dict) or settings.get("truncation_side") != "left":
+        return None
+    return (f"{path} sets truncation_side \"left\": sentence-transformers cuts long inputs at "
+            "their start, this server on the side a request's truncation_direction names "
+            "(Right unless it says Left)")
 
 
 def excludes_prompt(info: ModelInfo, model_id: str) -> bool:

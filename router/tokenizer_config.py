@@ -383,18 +383,6 @@ def configure(tokenizer: Tokenizer, model_dir: Path, model_type: str, lowercase:
     return changed
 
 
-def left_truncation_note(model_dir: Path) -> str | None:
-    """What to warn of where tokenizer_config.json sets `truncation_side: left`: transformers
-    (so sentence-transformers) then cuts a long input's start, but here the request's
-    `truncation_direction` decides (TEI's, default right)."""
-    path = model_dir / "tokenizer_config.json"
-    if not path.is_file() or _read_config(path).get("truncation_side") != "left":
-        return None
-    return (f"{path} sets truncation_side \"left\": sentence-transformers cuts long inputs at "
-            "their start, this server on the side a request's truncation_direction names "
-            "(Right unless it says Left)")
-
-
 def sends_token_types(model_dir: Path) -> bool:
     """Whether the model is given the encoding's token types: false where tokenizer_config.json
     lists `model_input_names` without "token_type_ids", as transformers then returns none (so

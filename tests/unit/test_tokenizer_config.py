@@ -326,7 +326,7 @@ def test_model_input_names_without_token_types_send_type_0(
 def test_a_left_truncation_side_is_warned_of(tmp_path: Path, side: str | None) -> None:
     from sentence_transformers import SentenceTransformer
 
-    from router.tokenizer_config import left_truncation_note
+    from router.cli import left_truncation_note
     from tests.fixtures.tiny import make_tiny_bert
 
     root = make_tiny_bert(tmp_path / "m", max_seq_length=8)
