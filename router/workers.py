@@ -143,7 +143,12 @@ class WorkerPool:
         args = [sys.executable, "-m", "backend_worker",
                 msgspec.json.encode(worker.config).decode()]
         worker.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
-        worker.pidfd = os.pidfd_open(worker.process.pid)
+        try:
+            worker.pidfd = os.pidfd_open(worker.process.pid)
+        except OSError:  # (EMFILE) unwatched, its death would go unseen: no such worker
+            worker.process.kill()
+            worker.process.wait()
+            raise
         asyncio.get_running_loop().add_reader(worker.pidfd, self._on_exit, worker)
         log.info("worker %s started (pid %d)", worker.id, worker.process.pid)
 
@@ -162,15 +167,26 @@ class WorkerPool:
         if self._stopping or was is WorkerState.STOPPING:
             log.info("worker %s stopped (%s)", worker.id, how)
             return
+        self._restart_later(worker, f"died ({how})")
+
+    def _restart_later(self, worker: WorkerHandle, what: str) -> None:
         worker.failures += 1
         delay = RESTART_BACKOFF[min(worker.failures - 1, len(RESTART_BACKOFF) - 1)]
-        log.error("worker %s died (%s); restarting in %.1f s", worker.id, how, delay)
-        loop.call_later(delay, self._restart, worker)
+        log.error("worker %s %s; restarting in %.1f s", worker.id, what, delay)
+        asyncio.get_running_loop().call_later(delay, self._restart, worker)
 
     def _restart(self, worker: WorkerHandle) -> None:
         if not self._stopping and worker.state is WorkerState.DEAD:
             worker.restarts += 1
-            self._spawn(worker)
+            try:
+                self._spawn(worker)
+            except OSError as exc:
+                # fork or pidfd_open can fail for a while (EAGAIN at a pids limit, ENOMEM,
+                # EMFILE). Raised out of this callback, it left the worker "starting" with no
+                # process, never restarted: /health 503 for ever, and no worker at all once
+                # each had met it. It is a failed start: tried again after the back-off.
+                worker.state = WorkerState.DEAD
+                self._restart_later(worker, f"could not be started ({exc})")
 
     def _silence_limit(self, worker: WorkerHandle) -> float:
         if worker.state is WorkerState.STARTING:

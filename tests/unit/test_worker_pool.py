@@ -390,3 +390,49 @@ def test_replies_for_abandoned_inputs_free_their_slots_and_wake_the_scheduler(
 
     asyncio.run(scenario())
 
+
+
+@pytest.mark.parametrize("failing", ["Popen", "pidfd_open"])
+def test_a_restart_that_cannot_spawn_is_tried_again_with_back_off(
+        tmp_path, monkeypatch, failing: str) -> None:
+    """fork can fail for a while (EAGAIN at a container's pids limit, ENOMEM) and so can
+    pidfd_open (EMFILE): the worker stays DEAD and its restart comes again after the next
+    back-off, instead of a worker left 'starting' for ever (and a process left unwatched)."""
+    popen, pidfd_open = subprocess.Popen, os.pidfd_open
+    started: list[subprocess.Popen] = []
+    attempts = [0]
+
+    def stand_in(args, **kwargs):
+        attempts[0] += 1
+        if failing == "Popen" and attempts[0] == 1:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        started.append(popen(["sleep", "60"], **kwargs))
+        return started[-1]
+
+    def no_fd(pid: int) -> int:
+        if attempts[0] == 1:
+            raise OSError(24, "Too many open files")
+        return pidfd_open(pid)
+
+    monkeypatch.setattr(subprocess, "Popen", stand_in)
+    if failing == "pidfd_open":
+        monkeypatch.setattr(os, "pidfd_open", no_fd)
+
+    async def scenario() -> None:
+        pool = _pool(tmp_path)
+        delays = _restart_delays(pool, asyncio.get_running_loop())
+        worker = pool.workers[0]
+        worker.state, worker.failures = WorkerState.DEAD, 1
+        try:
+            pool._restart(worker)
+            assert (worker.state, worker.failures, delays) == (WorkerState.DEAD, 2, [1.0])
+            if failing == "pidfd_open":  # the process it could not watch does not live on
+                assert started[0].wait(timeout=10) == -9
+            pool._restart(worker)
+            assert worker.state is WorkerState.STARTING and worker.pidfd is not None
+            assert worker.process is started[-1] and worker.process.poll() is None
+            assert worker.restarts == 2
+        finally:
+            pool.close_now()
+
+    asyncio.run(scenario())
