@@ -24,6 +24,7 @@ import numpy as np
 
 from router.chat_template import ChatFormatter
 from router.decode_spaces import clean_up_spaces, cleans_up_spaces
+from router.pair_cut import truncating
 from router.prompt_exclusion import prompt_starts
 from router.schemas import TokenInfo
 from router.static_tokens import StaticTokens
@@ -119,10 +120,8 @@ def _encode(texts: list[str | tuple[str, str]], max_length: int | None,
         if _chat is not None:
             encodings = _chat.encode(texts, system, max_length, direction)
         else:
-            if max_length is None:
-                _tokenizer.no_truncation()
-            else:
-                _tokenizer.enable_truncation(max_length, direction=direction)
+            # (long pairs first cut to what truncation keeps: see router/pair_cut.py)
+            texts = truncating(_tokenizer, texts, max_length, direction)
             encodings = _tokenizer.encode_batch(texts, add_special_tokens=special_tokens)
         starts = (prompt_starts(_tokenizer, excluded_prompt, encodings, direction,
                                 special_tokens)
