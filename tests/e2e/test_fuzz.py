@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -26,6 +28,7 @@ from schemathesis.specs.openapi.checks import (
 from router.errors import openai_shaped
 from router.openapi import unserved_endpoints
 from tests.e2e.server import Server
+from tests.fixtures.heads import LABELS, make_tiny_classifier
 
 # Seconds one request may take: the largest valid batch (32 inputs) of the built-in MiniLM on
 # a CPU answers in well under this.
@@ -36,11 +39,34 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_headers_conformance, response_schema_conformance]
 
 
+# The kinds fuzzed: the built-in MiniLM, and a tiny classifier and re-ranker, whose servers
+# document `/`, `/invocations` and `/vertex` with /predict's and /rerank's schemas and answer
+# 424 on the embedding routes. Each: a request a healthy server answers, and what its answer
+# holds.
+KINDS: dict[str, tuple[str, dict[str, object], Callable[[Any], bool]]] = {
+    "embedding": ("/embed", {"inputs": "still here"}, lambda answer: len(answer[0]) == 384),
+    "classifier": ("/predict", {"inputs": "still here"},
+                   lambda answer: {p["label"] for p in answer} == set(LABELS)),
+    "reranker": ("/rerank", {"query": "still", "texts": ["here", "there"]},
+                 lambda answer: {r["index"] for r in answer} == {0, 1}),
+}
+
+
+@pytest.fixture(scope="module", params=list(KINDS))
+def kind(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def fuzz_server(tmp_path_factory):
-    """The built-in MiniLM with the default client limits (batch size 32, 2 MB bodies)."""
-    log = tmp_path_factory.mktemp("fuzz") / "server.log"
-    srv = Server("--max-batch-tokens", "2048", log_path=log).wait_healthy()
+def fuzz_server(kind, tmp_path_factory):
+    """A server of `kind` with the default client limits (batch size 32, 2 MB bodies)."""
+    root = tmp_path_factory.mktemp(f"fuzz-{kind}")
+    model: tuple[str, ...] = ()
+    if kind != "embedding":
+        labels = LABELS if kind == "classifier" else ["score"]
+        model = ("--model-id", str(make_tiny_classifier(root / "model", labels)))
+    srv = Server(*model, "--max-batch-tokens", "2048",
+                 log_path=root / "server.log").wait_healthy()
     yield srv
     assert srv.stop() == 0, srv.log()
 
@@ -115,20 +141,22 @@ def test_oversized_malformed_and_non_json_bodies(fuzz_server, path):
         assert_error_shape("POST", path, response.json())
 
 
-def test_connection_stays_usable_after_a_413(fuzz_server):
+def test_connection_stays_usable_after_a_413(fuzz_server, kind):
     # The server does not read an oversized body, so it must close the connection and say so
     # (`Connection: close`); a keep-alive client then reconnects instead of failing.
+    path, body, _ = KINDS[kind]
     with httpx.Client(base_url=fuzz_server.url, timeout=LIMIT_S) as client:
         for _ in range(30):
-            refused = client.post("/embed", content=OVERSIZED,
+            refused = client.post(path, content=OVERSIZED,
                                   headers={"content-type": "application/json"})
             assert refused.status_code == 413
             assert refused.headers["connection"] == "close"
-            assert client.post("/embed", json={"inputs": "a"}).status_code == 200
+            assert client.post(path, json=body).status_code == 200
 
 
-def test_server_survives_the_fuzzing(fuzz_server):
+def test_server_survives_the_fuzzing(fuzz_server, kind):
     assert fuzz_server.process.poll() is None, fuzz_server.log()
     assert fuzz_server.client.get("/health").status_code == 200
-    embedded = fuzz_server.client.post("/embed", json={"inputs": "still here"})
-    assert embedded.status_code == 200 and len(embedded.json()[0]) == 384
+    path, body, holds = KINDS[kind]
+    answered = fuzz_server.client.post(path, json=body)
+    assert answered.status_code == 200 and holds(answered.json()), answered.text
