@@ -65,6 +65,16 @@ def test_http1_connection_of_a_client_that_does_not_read_is_ended() -> None:
     assert received < ANSWER / 2
 
 
+def _h2_get(sock: socket.socket) -> h2.connection.H2Connection:
+    """An HTTP/2 connection on `sock` that has sent one `GET /` (stream 1)."""
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "http"),
+                          (":authority", "x")], end_stream=True)
+    sock.sendall(conn.data_to_send())
+    return conn
+
+
 def test_http2_stream_of_a_client_that_does_not_read_is_dropped() -> None:
     finished: list[float] = []
     started = 0.0
@@ -72,11 +82,7 @@ def test_http2_stream_of_a_client_that_does_not_read_is_dropped() -> None:
     def client(port: int) -> None:
         nonlocal started
         with socket.create_connection(("127.0.0.1", port)) as sock:
-            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-            conn.initiate_connection()
-            conn.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "http"),
-                                  (":authority", "x")], end_stream=True)
-            sock.sendall(conn.data_to_send())
+            conn = _h2_get(sock)
             started = time.monotonic()
             sock.settimeout(0.2)
             # The socket is read, but no flow-control window is granted: the answer can only
@@ -117,11 +123,7 @@ def test_http2_answer_of_a_client_gone_is_dropped_at_once(
 
     def client(port: int) -> None:
         with socket.create_connection(("127.0.0.1", port)) as sock:
-            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-            conn.initiate_connection()
-            conn.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "http"),
-                                  (":authority", "x")], end_stream=True)
-            sock.sendall(conn.data_to_send())
+            _h2_get(sock)
         time.sleep(TIMEOUT_S * 2)
 
     with caplog.at_level("WARNING", logger="router.http"):
