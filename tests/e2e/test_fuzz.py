@@ -83,6 +83,12 @@ OPERATIONS = sorted({(e.method, e.doc_path) for e in unserved_endpoints()},
                     key=lambda o: o[::-1])
 
 
+# Headers that frame the message, which the HTTP client owns: a generated `Content-Length:
+# +NS"X` makes a malformed message, which hypercorn refuses with its own empty 400 before any
+# route (as TEI's hyper does; README), not a request of the documented API.
+FRAMING = {"content-length", "transfer-encoding", "host", "connection", "upgrade", "expect"}
+
+
 def assert_error_shape(method: str, path: str, body: object) -> None:
     if openai_shaped(path, method):
         assert isinstance(body, dict) and set(body) == {"error"}, body
@@ -103,6 +109,9 @@ def test_generated_requests(api, fuzz_server, method, path):
     @settings(max_examples=EXAMPLES, deadline=None, database=None, print_blob=True,
               suppress_health_check=list(HealthCheck))
     def check(case: schemathesis.Case) -> None:
+        if case.headers:
+            for name in [n for n in case.headers if n.lower() in FRAMING]:
+                del case.headers[name]
         request = case.as_curl_command()
         started = time.monotonic()
         try:
