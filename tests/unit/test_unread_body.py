@@ -29,6 +29,17 @@ CHUNKS = [b"x" * 10_000] * 300
 WIRE = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in CHUNKS) + b"0\r\n\r\n"
 
 
+def json_reader(limit: int) -> Starlette:
+    """POST /embed reading its JSON body (at most `limit` bytes) as the routes do, answering
+    `{}`; refusals in the router's JSON error shape."""
+    async def embed(request: Request) -> Response:
+        await http.read_json(request, dict, limit)
+        return Response(b"{}", media_type="application/json")
+
+    return Starlette(routes=[Route("/embed", embed, methods=["POST"])],
+                     exception_handlers={EmbedServeError: handle_embedserve_error})
+
+
 def early_answer(pieces_read: int):
     async def app(scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -161,12 +172,7 @@ def test_a_body_that_timed_out_is_answered_without_a_second_wait(
     monkeypatch.setattr(http, "BODY_TIMEOUT_S", timeout)
     monkeypatch.setattr(http_server, "BODY_TIMEOUT_S", timeout)
 
-    async def embed(request: Request) -> Response:
-        await http.read_json(request, dict, 1000)
-        return Response(b"{}", media_type="application/json")
-
-    app = Starlette(routes=[Route("/embed", embed, methods=["POST"])],
-                    exception_handlers={EmbedServeError: handle_embedserve_error})
+    app = json_reader(1000)
     seen: dict[str, object] = {}
 
     def client(port: int) -> None:
@@ -190,12 +196,7 @@ def test_a_refused_upload_followed_by_the_next_request_gets_its_whole_answer() -
     had h11 expect nothing more from the client once that upload ended: the next request
     already sent behind it (a pipelining client's; a keep-alive client's sent before reading)
     was a protocol error that ended the connection, and the 413's body with it."""
-    async def embed(request: Request) -> Response:
-        await http.read_json(request, dict, 1000)
-        return Response(b"{}", media_type="application/json")
-
-    app = Starlette(routes=[Route("/embed", embed, methods=["POST"])],
-                    exception_handlers={EmbedServeError: handle_embedserve_error})
+    app = json_reader(1000)
     seen: dict[str, bytes] = {}
 
     def client(port: int) -> None:
@@ -228,12 +229,7 @@ def test_over_http2_an_upload_resumed_past_its_deadline_leaves_the_connection_se
     monkeypatch.setattr(http, "BODY_TIMEOUT_S", timeout)
     monkeypatch.setattr(http_server, "BODY_TIMEOUT_S", timeout)
 
-    async def embed(request: Request) -> Response:
-        await http.read_json(request, dict, 100_000)
-        return Response(b"{}", media_type="application/json")
-
-    app = Starlette(routes=[Route("/embed", embed, methods=["POST"])],
-                    exception_handlers={EmbedServeError: handle_embedserve_error})
+    app = json_reader(100_000)
     statuses: dict[int, str] = {}
 
     def client(port: int) -> None:
