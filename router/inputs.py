@@ -9,7 +9,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from router.tokenization import Encoded, TokenizerPool
-from shared.errors import BatchSizeError, EmbedServeError, ErrorType, Field, about, validation
+from shared.errors import (
+    TEI_BACKEND,
+    BatchSizeError,
+    EmbedServeError,
+    ErrorType,
+    Field,
+    about,
+    validation,
+)
 
 INPUTS = Field("inputs")
 PROMPT_NAME = Field("prompt_name")
@@ -122,7 +130,7 @@ def check_dimensions(dimensions: int | None, embedding_dim: int) -> None:
 
 def unnormalizable(splade: bool) -> EmbedServeError:
     """TEI's 424 for `normalize` asked of a sparse model's vectors (in its words)."""
-    return about(NORMALIZE, ErrorType.BACKEND, "Backend error: {field} is not available for "
+    return about(NORMALIZE, ErrorType.BACKEND, TEI_BACKEND + "{field} is not available for "
                  + ("SPLADE models" if splade else "sparse (CSR) models"))
 
 

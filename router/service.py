@@ -41,7 +41,7 @@ from router.tokenization import Encoded, TokenizerPool
 from router.tracing import record_phases
 from router.workers import WorkerPool
 from shared import logs
-from shared.errors import ConfigError, EmbedServeError, backend, unhealthy
+from shared.errors import TEI_BACKEND, ConfigError, EmbedServeError, backend, unhealthy
 from shared.protocol import OutputKind
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ class InferenceService:
         refused, message = refusal[route_needs]
         if refused:
             self.metrics.failed(MODEL_TYPE)
-            raise backend(f"Backend error: {message}")
+            raise backend(TEI_BACKEND + message)
 
     def accepted(self, inputs: str | list, parse: Callable[[str | list], list[Any]],
                  what: str) -> list[Any]:

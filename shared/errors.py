@@ -117,6 +117,11 @@ def backend(message: str) -> EmbedServeError:
     return EmbedServeError(ErrorType.BACKEND, message)
 
 
+# How TEI writes its TextEmbeddingsError::Backend, whose refusals of a route the served model
+# does not fit (and of `normalize` for sparse vectors) we give in its words.
+TEI_BACKEND = "Backend error: "
+
+
 def tokenizer(message: str) -> EmbedServeError:
     return EmbedServeError(ErrorType.TOKENIZER, message)
 
