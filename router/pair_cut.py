@@ -12,7 +12,7 @@ keeps, so the pair truncates to the same tokens with a few overflowing pieces at
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeGuard
 
 # Tokens kept past what is needed: where a word is cut inside (a word longer than the cut),
 # the piece left may tokenize again into a token or two more or fewer.
@@ -59,14 +59,16 @@ def truncating(tokenizer: Any, texts: list[str | tuple[str, str]], max_length: i
     tokenizer.no_truncation()
     if max_length is None:
         return texts
-    long = [item for item in texts
-            if isinstance(item, tuple) and max(map(len, item)) > max_length]
+
+    def is_long(item: str | tuple[str, str]) -> TypeGuard[tuple[str, str]]:
+        return isinstance(item, tuple) and max(map(len, item)) > max_length
+
+    long = [item for item in texts if is_long(item)]
     if long:
         members = list(dict.fromkeys(member for pair in long for member in pair))
         encodings = dict(zip(members, tokenizer.encode_batch(members, add_special_tokens=False),
                              strict=True))
-        texts = [_cut_pair(item, encodings, max_length, direction)
-                 if isinstance(item, tuple) and max(map(len, item)) > max_length else item
+        texts = [_cut_pair(item, encodings, max_length, direction) if is_long(item) else item
                  for item in texts]
     tokenizer.enable_truncation(max_length, direction=direction)
     return texts
